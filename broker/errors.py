@@ -1,0 +1,113 @@
+"""One JSON error shape for the API, HTML error pages for the browser."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, g, jsonify, render_template, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("broker.errors")
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message", "details"}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+def from_validation_error(exc: ValidationError, status: int = 422) -> ApiError:
+    """Turn a pydantic ValidationError into a 422 naming each bad field."""
+    details = [
+        {
+            "field": ".".join(str(p) for p in err["loc"]) or None,
+            "message": err["msg"],
+            "type": err["type"],
+        }
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    return ApiError(status, "validation_error", "The request is not valid.", details)
+
+
+def wants_json() -> bool:
+    """Answer JSON for the API, the hooks and clients that ask for it; HTML for pages."""
+    if request.path.startswith(("/api/", "/hooks/", "/readyz", "/livez")):
+        return True
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return (
+        best == "application/json"
+        and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+    )
+
+
+def _json(status: int, code: str, message: str, details: Any = None, headers=None):  # type: ignore[no-untyped-def]
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    response = jsonify({"error": body})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _snake(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("'", "").replace("-", "_")
+
+
+def handle_api_error(exc: ApiError):  # type: ignore[no-untyped-def]
+    """Render an ApiError (as HTML when a page raised it)."""
+    if wants_json():
+        return _json(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    html = render_template("error.html", status=exc.status, message=exc.message)
+    return html, exc.status, exc.headers
+
+
+def handle_validation_error(exc: ValidationError):  # type: ignore[no-untyped-def]
+    """Answer a request model's validation failure with 422 and field details."""
+    return handle_api_error(from_validation_error(exc))
+
+
+def handle_http_exception(exc: HTTPException):  # type: ignore[no-untyped-def]
+    """Render werkzeug's HTTP errors (404, 405, 413, …) in the caller's format."""
+    status = exc.code or 500
+    headers = dict(exc.get_headers()) if status in (405, 429) else {}
+    headers.pop("Content-Type", None)
+    message = exc.description or exc.name
+    if wants_json():
+        return _json(status, _snake(exc.name), message, headers=headers)
+    return render_template("error.html", status=status, message=message), status, headers
+
+
+def handle_unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+    """Log an unexpected error with its request id and answer a plain 500, never a trace."""
+    if isinstance(exc, HTTPException):
+        return handle_http_exception(exc)
+    log.exception("unhandled error request_id=%s", g.get("request_id"))
+    message = f"Something went wrong on our side. Quote request id {g.get('request_id', '-')}."
+    if wants_json():
+        return _json(500, "internal_error", message)
+    return render_template("error.html", status=500, message=message), 500
+
+
+def init_app(app: Flask) -> None:
+    """Register the error handlers."""
+    app.register_error_handler(ApiError, handle_api_error)
+    app.register_error_handler(ValidationError, handle_validation_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)

@@ -1,0 +1,134 @@
+"""Shared fixtures: a migrated real database (SQLite or PostgreSQL), the app, its clients.
+
+The database comes from BROKER_TEST_DATABASE_URL when set (CI's PostgreSQL pass), else a
+SQLite file in a temporary folder. The schema is built once per session by the Alembic
+migrations (so tests run against what production runs), and emptied after every test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient
+
+from broker import create_app
+from broker.db import db
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip a test whose dependency is missing, with its reason; in CI, fail it instead."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The URL of the database the suite runs on."""
+    url = os.environ.get("BROKER_TEST_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{tmp_path_factory.mktemp('db')}/broker-test.sqlite3"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A PostgreSQL URL for tests that need PostgreSQL itself (skip or, in CI, fail without)."""
+    url = os.environ.get("BROKER_TEST_POSTGRES_URL") or os.environ.get("BROKER_TEST_DATABASE_URL")
+    require(bool(url and url.startswith("postgresql")), "needs BROKER_TEST_POSTGRES_URL")
+    assert url
+    return url
+
+
+def base_config(database_url: str, instance_path: str, **overrides: Any) -> dict[str, Any]:
+    """Return the test configuration every app in the suite starts from."""
+    config: dict[str, Any] = {
+        "ENV": "testing",
+        "TESTING": True,
+        "SECRET_KEY": "test-secret-key-not-for-production",
+        "DATABASE_URL": database_url,
+        "LOG_LEVEL": "WARNING",
+        "WORKER_INLINE": False,
+        "INSTANCE_PATH": instance_path,
+    }
+    config.update(overrides)
+    return config
+
+
+def _reset_schema(url: str) -> None:
+    """Drop every table so the migrations start from an empty database."""
+    engine = sa.create_engine(url)
+    try:
+        meta = sa.MetaData()
+        meta.reflect(engine)
+        with engine.begin() as conn:
+            meta.drop_all(conn)
+            conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Build the schema once per session by running every migration."""
+    from flask_migrate import upgrade
+
+    _reset_schema(database_url)
+    app = create_app(base_config(database_url, str(tmp_path_factory.mktemp("instance"))))
+    with app.app_context():
+        upgrade()
+        db.engine.dispose()
+    return database_url
+
+
+def _empty_tables(app: Flask) -> None:
+    with app.app_context():
+        tables = [t for t in reversed(db.metadata.sorted_tables)]
+        with db.engine.begin() as conn:
+            if conn.dialect.name == "postgresql" and tables:
+                names = ", ".join(f'"{t.name}"' for t in tables)
+                conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+            else:
+                for table in tables:
+                    conn.execute(table.delete())
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def make_app(migrated: str, tmp_path: pytest.TempPathFactory) -> Iterator[Callable[..., Flask]]:
+    """Build apps on the migrated test database; every table is emptied after the test."""
+    apps: list[Flask] = []
+
+    def factory(**overrides: Any) -> Flask:
+        app = create_app(base_config(migrated, str(tmp_path), **overrides))
+        apps.append(app)
+        return app
+
+    yield factory
+    if apps:
+        _empty_tables(apps[0])
+        for app in apps[1:]:
+            with app.app_context():
+                db.engine.dispose()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    """The broker app with the test configuration."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client for the app."""
+    return app.test_client()

@@ -1,0 +1,73 @@
+"""A non-editable install (a wheel) carries the templates and static files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_ships_templates_and_renders_them_from_elsewhere(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "--target", "wheel", "--directory", dist],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = dist.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "broker/templates/base.html" in names
+    assert "broker/static/css/app.css" in names
+    assert any(n.startswith("broker/migrations/versions/") for n in names)
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = textwrap.dedent(
+        f"""
+        from broker import create_app
+        app = create_app({{"ENV": "testing", "SECRET_KEY": "x", "INSTANCE_PATH": {str(tmp_path)!r},
+                          "DATABASE_URL": "sqlite://"}})
+        assert app.template_folder.startswith({str(site)!r}), app.template_folder
+        page = app.test_client().get("/")
+        assert page.status_code == 200 and "<title>Upload broker</title>" in page.text
+        css = app.test_client().get("/static/css/app.css")
+        assert css.status_code == 200 and b"--accent" in css.data
+        css.close()
+        print("rendered")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=elsewhere,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "rendered"
+
+
+def test_production_with_default_secret_fails_fast_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"],
+        cwd=ROOT,
+        env={
+            "BROKER_ENV": "production",
+            "BROKER_INSTANCE_PATH": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "upload broker refuses to start: BROKER_SECRET_KEY is the insecure default; "
+        "set a long random value"
+    ]
