@@ -48,8 +48,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     errors.init_app(app)
 
-    from broker import health, web
+    from broker import api, health, web
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
     return app

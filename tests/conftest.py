@@ -18,6 +18,7 @@ from flask.testing import FlaskClient
 
 from broker import create_app
 from broker.db import db
+from tests.openapi_check import SpecCheckingClient
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -111,6 +112,7 @@ def make_app(migrated: str, tmp_path: pytest.TempPathFactory) -> Iterator[Callab
 
     def factory(**overrides: Any) -> Flask:
         app = create_app(base_config(migrated, str(tmp_path), **overrides))
+        app.test_client_class = SpecCheckingClient
         apps.append(app)
         return app
 
