@@ -183,5 +183,12 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    print(markdown_table())
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the settings table between the README's settings markers."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = "<!-- settings:start -->", "<!-- settings:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{start}\n{markdown_table()}\n{end}{tail}")
