@@ -42,11 +42,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     finalize(app.config, app.instance_path)
 
-    from broker import db, errors, logs
+    from broker import db, errors, logs, security
 
     logs.init_app(app)
     db.init_app(app)
     errors.init_app(app)
+    security.init_app(app)
 
     from broker import api, health, web
 
