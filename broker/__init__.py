@@ -49,6 +49,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     security.init_app(app)
 
+    from broker import cloudflare
+
+    cloudflare.init_app(app)
+
     from broker import api, health, web
 
     app.register_blueprint(health.bp)

@@ -1,0 +1,723 @@
+"""The one HTTP client for every Cloudflare Images endpoint the broker uses.
+
+`CloudflareImages` speaks the v4 envelope over a pooled `requests.Session`, turns every failure
+into a typed `CloudflareError`, puts a timeout on every call, spends the shared upstream budget
+before each attempt, and retries only what is safe to retry:
+
+- idempotent calls (GET, PUT, PATCH, DELETE) on connection errors, 429 and 5xx, with capped
+  exponential backoff and full jitter, honouring `Retry-After`;
+- a POST only when it provably never reached Cloudflare (connect refused / connect timeout) or
+  Cloudflare refused it unprocessed (429). A POST that may have been processed is never re-sent:
+  a second `direct_upload` would create a second draft.
+
+The app's shared client lives in `app.extensions["cloudflare"]` (see `init_app`/`get_client`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger("broker.cloudflare")
+
+EXTENSION_KEY = "cloudflare"
+# Cloudflare's own upload limit plus room for the multipart envelope.
+MAX_BLOB_BYTES = 11 * 1024 * 1024
+
+
+class Priority(enum.IntEnum):
+    """Who is waiting for an upstream call: a person (interactive) or the worker (background)."""
+
+    INTERACTIVE = 0
+    BACKGROUND = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class UpstreamError(Exception):
+    """Base of every failure to get an answer from Cloudflare (including our own budget)."""
+
+    retry_after: float | None = None
+
+
+class CloudflareError(UpstreamError):
+    """Cloudflare answered with an error (or not at all); `status` 0 means no HTTP answer."""
+
+    def __init__(
+        self,
+        status: int,
+        code: int | None,
+        message: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"Cloudflare {status} code={code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.errors = errors or []
+        self.retry_after = retry_after
+
+
+class CloudflareAuthError(CloudflareError):
+    """The token or account is wrong or lacks Images permission (401/403, codes 10000, 5403)."""
+
+
+class CloudflareNotFound(CloudflareError):
+    """The image, variant or key does not exist (404)."""
+
+
+class CloudflareConflict(CloudflareError):
+    """The resource already exists, e.g. a reused custom id (409, code 5409)."""
+
+
+class CloudflareBadRequest(CloudflareError):
+    """Cloudflare refused the request's content (other 4xx)."""
+
+
+class CloudflareRateLimited(CloudflareError):
+    """Cloudflare answered 429; every call is blocked until `retry_after` seconds pass."""
+
+
+class CloudflareUnavailable(CloudflareError):
+    """Cloudflare failed (5xx), or the connection failed before an answer."""
+
+
+class CloudflareTimeout(CloudflareUnavailable):
+    """No answer within the timeout."""
+
+
+class Budget(Protocol):
+    """What the client needs from the shared request budget (see broker.budget)."""
+
+    def acquire(self, priority: Priority) -> None:
+        """Spend one call or raise BudgetExhausted."""
+
+    def pause(self, seconds: float) -> None:
+        """Stop every process from calling upstream for `seconds` (after a 429)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed results
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image record (`draft` is true while a direct upload has not received its file)."""
+
+    id: str
+    filename: str | None = None
+    creator: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    require_signed_urls: bool = False
+    uploaded: datetime | None = None
+    variants: list[str] = field(default_factory=list)
+    draft: bool = False
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Image:
+        """Build from the API's JSON (`requireSignedURLs`, RFC 3339 `uploaded`, …)."""
+        meta = data.get("meta")
+        return cls(
+            id=str(data.get("id") or ""),
+            filename=data.get("filename"),
+            creator=data.get("creator"),
+            meta=meta if isinstance(meta, dict) else {},
+            require_signed_urls=bool(data.get("requireSignedURLs", False)),
+            uploaded=_parse_time(data.get("uploaded")),
+            variants=[v for v in data.get("variants") or [] if isinstance(v, str)],
+            draft=bool(data.get("draft", False)),
+        )
+
+
+@dataclass(frozen=True)
+class DirectUpload:
+    """A one-time upload URL and the id of the draft image behind it."""
+
+    id: str
+    upload_url: str
+
+
+@dataclass(frozen=True)
+class ImagePage:
+    """One page of the v2 listing; `continuation_token` is None on the last page."""
+
+    images: list[Image]
+    continuation_token: str | None
+
+
+@dataclass(frozen=True)
+class SigningKeyValue:
+    """A delivery signing key as Cloudflare stores it (the value is a secret)."""
+
+    name: str
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named resize preset."""
+
+    id: str
+    fit: str
+    width: int
+    height: int
+    metadata: str = "none"
+    never_require_signed_urls: bool = False
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Variant:
+        """Build from the API's JSON (`options`, `neverRequireSignedURLs`)."""
+        options = data.get("options") or {}
+        return cls(
+            id=str(data.get("id") or ""),
+            fit=str(options.get("fit") or "scale-down"),
+            width=int(options.get("width") or 0),
+            height=int(options.get("height") or 0),
+            metadata=str(options.get("metadata") or "none"),
+            never_require_signed_urls=bool(data.get("neverRequireSignedURLs", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Stats:
+    """How many images the account holds and may hold."""
+
+    current: int
+    allowed: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def rfc3339(moment: datetime) -> str:
+    """Format a timezone-aware moment as Cloudflare expects it (`2024-01-02T03:04:05Z`)."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Read `Retry-After` as delta seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now())
+
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE"})
+
+
+def _never_sent(exc: requests.ConnectionError) -> bool:
+    """Tell whether a connection error happened before any byte of the request left."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)
+    from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+    return isinstance(reason, NewConnectionError | NameResolutionError)
+
+
+def _error_class(status: int, code: int | None) -> type[CloudflareError]:
+    if status in (401, 403) or code in (10000, 10001, 5403, 9109):
+        return CloudflareAuthError
+    if status == 429:
+        return CloudflareRateLimited
+    if status == 404:
+        return CloudflareNotFound
+    if status == 409 or code == 5409:
+        return CloudflareConflict
+    if status >= 500:
+        return CloudflareUnavailable
+    return CloudflareBadRequest
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+class CloudflareImages:
+    """Typed, budgeted, retrying access to the Cloudflare Images API of one account."""
+
+    def __init__(
+        self,
+        api_base: str,
+        account_id: str,
+        api_token: str,
+        *,
+        timeout: float = 10.0,
+        session: requests.Session | None = None,
+        budget: Budget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        max_retries: int = 3,
+        backoff_base: float = 0.25,
+        backoff_cap: float = 4.0,
+        account_hash: str | None = None,
+        delivery_base: str = "https://imagedelivery.net",
+        pool_size: int = 32,
+    ) -> None:
+        self.api_base = api_base.rstrip("/")
+        self.account_id = account_id
+        self.account_hash = account_hash
+        self.delivery_base = delivery_base.rstrip("/")
+        self.timeout = timeout
+        self.budget = budget
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._sleep = sleep
+        self._token = api_token
+        self._random = random.Random()
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+        self.session = session
+
+    def __repr__(self) -> str:
+        # The token must never reach a log line, traceback or debugger print.
+        return f"<CloudflareImages {self.api_base} account={self.account_id}>"
+
+    def close(self) -> None:
+        """Release the pooled connections."""
+        self.session.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def images_base(self) -> str:
+        """Base URL of the account's Images endpoints."""
+        return f"{self.api_base}/accounts/{quote(self.account_id, safe='')}/images"
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        delay = min(self.backoff_cap, self.backoff_base * (2**attempt))
+        delay = self._random.uniform(0, delay)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        priority: Priority = Priority.INTERACTIVE,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        files: Any = None,
+        raw: bool = False,
+        stream: bool = False,
+    ) -> Any:
+        """Call `path` (relative to the account's images base) and return the envelope's result.
+
+        With `raw=True` return the `requests.Response` of a successful call instead.
+        """
+        method = method.upper()
+        url = f"{self.images_base}{path}"
+        idempotent = method in _IDEMPOTENT
+        attempt = 0
+        while True:
+            if self.budget is not None:
+                self.budget.acquire(priority)
+            started = time.monotonic()
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    json=json_body,
+                    files=files,
+                    headers={
+                        "Authorization": f"Bearer {self._token}",
+                        "Accept": "application/json",
+                    },
+                    timeout=self.timeout,
+                    stream=stream,
+                    allow_redirects=False,
+                )
+            except requests.ConnectionError as exc:
+                retryable = idempotent or _never_sent(exc)
+                timed_out = isinstance(exc, requests.ConnectTimeout)
+                log.warning(
+                    "cloudflare %s %s connection failed attempt=%d retryable=%s: %s",
+                    method,
+                    path,
+                    attempt + 1,
+                    retryable,
+                    type(exc).__name__,
+                )
+                if retryable and attempt < self.max_retries:
+                    self._sleep(self._backoff(attempt, None))
+                    attempt += 1
+                    continue
+                cls = CloudflareTimeout if timed_out else CloudflareUnavailable
+                raise cls(
+                    0, None, f"connection to Cloudflare failed ({type(exc).__name__})"
+                ) from None
+            except requests.Timeout:
+                # A read timeout: the request was sent and may have been processed.
+                log.warning("cloudflare %s %s timed out after %.1fs", method, path, self.timeout)
+                raise CloudflareTimeout(
+                    0, None, f"Cloudflare did not answer within {self.timeout:g}s"
+                ) from None
+            elapsed_ms = (time.monotonic() - started) * 1000
+            log.debug(
+                "cloudflare %s %s -> %d in %.0fms", method, path, response.status_code, elapsed_ms
+            )
+            if response.status_code < 400 and raw:
+                return response
+            try:
+                return self._result(response)
+            except (CloudflareRateLimited, CloudflareUnavailable) as err:
+                response.close()
+                if isinstance(err, CloudflareRateLimited) and self.budget is not None:
+                    self.budget.pause(err.retry_after if err.retry_after is not None else 300)
+                    raise
+                retryable = idempotent or isinstance(err, CloudflareRateLimited)
+                wait = self._backoff(attempt, err.retry_after)
+                if not retryable or attempt >= self.max_retries or wait > self.backoff_cap * 2:
+                    raise
+                log.warning(
+                    "cloudflare %s %s -> %d, retrying in %.2fs", method, path, err.status, wait
+                )
+                self._sleep(wait)
+                attempt += 1
+
+    def _result(self, response: requests.Response) -> Any:
+        """Unwrap the v4 envelope or raise the typed error it carries."""
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if status < 400 and isinstance(body, dict) and body.get("success", True):
+            return body.get("result")
+        errors: list[dict[str, Any]] = []
+        if isinstance(body, dict) and isinstance(body.get("errors"), list):
+            errors = [e for e in body["errors"] if isinstance(e, dict)]
+        code = errors[0].get("code") if errors else None
+        code = code if isinstance(code, int) else None
+        message = str(errors[0].get("message")) if errors else (response.reason or "error")
+        if status < 400:
+            status = 502  # success: false on a 2xx; treat as an upstream failure
+        raise _error_class(status, code)(
+            status, code, message, errors=errors, retry_after=retry_after
+        )
+
+    # -- images --------------------------------------------------------------------------------
+
+    def direct_upload(
+        self,
+        *,
+        creator: str | None,
+        expiry: datetime,
+        metadata: dict[str, Any] | None = None,
+        require_signed_urls: bool = True,
+        custom_id: str | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> DirectUpload:
+        """Create a draft image and its one-time upload URL (`POST /v2/direct_upload`)."""
+        fields: list[tuple[str, tuple[None, str]]] = [
+            ("expiry", (None, rfc3339(expiry))),
+            ("requireSignedURLs", (None, "true" if require_signed_urls else "false")),
+        ]
+        if creator is not None:
+            fields.append(("creator", (None, creator)))
+        if metadata:
+            fields.append(("metadata", (None, json.dumps(metadata, separators=(",", ":")))))
+        if custom_id is not None:
+            fields.append(("id", (None, custom_id)))
+        result = self.request("POST", "/v2/direct_upload", files=fields, priority=priority)
+        return DirectUpload(id=str(result["id"]), upload_url=str(result["uploadURL"]))
+
+    def upload_image(
+        self,
+        *,
+        file: bytes | None = None,
+        filename: str = "image",
+        url: str | None = None,
+        creator: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        require_signed_urls: bool = False,
+        custom_id: str | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> Image:
+        """Upload an image from bytes or a URL in one call (`POST /v1`)."""
+        if (file is None) == (url is None):
+            raise ValueError("give exactly one of file or url")
+        fields: list[tuple[str, Any]] = [
+            ("requireSignedURLs", (None, "true" if require_signed_urls else "false"))
+        ]
+        if file is not None:
+            fields.append(("file", (filename, file)))
+        if url is not None:
+            fields.append(("url", (None, url)))
+        if creator is not None:
+            fields.append(("creator", (None, creator)))
+        if metadata:
+            fields.append(("metadata", (None, json.dumps(metadata, separators=(",", ":")))))
+        if custom_id is not None:
+            fields.append(("id", (None, custom_id)))
+        return Image.from_api(self.request("POST", "/v1", files=fields, priority=priority))
+
+    def get_image(self, image_id: str, *, priority: Priority = Priority.INTERACTIVE) -> Image:
+        """Fetch an image's details (`GET /v1/{id}`); `draft` tells whether the file arrived."""
+        return Image.from_api(self.request("GET", f"/v1/{_path(image_id)}", priority=priority))
+
+    def list_images_v2(
+        self,
+        *,
+        continuation_token: str | None = None,
+        per_page: int = 1000,
+        sort_order: str = "desc",
+        creator: str | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> ImagePage:
+        """List one page of uploaded images (`GET /v2`; drafts are not listed)."""
+        params: dict[str, Any] = {"per_page": per_page, "sort_order": sort_order}
+        if continuation_token:
+            params["continuation_token"] = continuation_token
+        if creator is not None:
+            params["creator"] = creator
+        result = self.request("GET", "/v2", params=params, priority=priority) or {}
+        return ImagePage(
+            images=[Image.from_api(i) for i in result.get("images") or []],
+            continuation_token=result.get("continuation_token") or None,
+        )
+
+    def iter_images_v2(self, **kwargs: Any) -> Iterator[Image]:
+        """Yield every listed image, following continuation tokens."""
+        token: str | None = None
+        while True:
+            page = self.list_images_v2(continuation_token=token, **kwargs)
+            yield from page.images
+            token = page.continuation_token
+            if not token:
+                return
+
+    def update_image(
+        self,
+        image_id: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        require_signed_urls: bool | None = None,
+        creator: str | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> Image:
+        """Change an image (`PATCH /v1/{id}`; `metadata` replaces the old one, not merges)."""
+        body: dict[str, Any] = {}
+        if metadata is not None:
+            body["metadata"] = metadata
+        if require_signed_urls is not None:
+            body["requireSignedURLs"] = require_signed_urls
+        if creator is not None:
+            body["creator"] = creator
+        result = self.request("PATCH", f"/v1/{_path(image_id)}", json_body=body, priority=priority)
+        return Image.from_api(result)
+
+    def delete_image(self, image_id: str, *, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Delete an image (`DELETE /v1/{id}`); raises CloudflareNotFound when it is gone."""
+        self.request("DELETE", f"/v1/{_path(image_id)}", priority=priority)
+
+    def get_blob(
+        self,
+        image_id: str,
+        *,
+        priority: Priority = Priority.INTERACTIVE,
+        max_bytes: int = MAX_BLOB_BYTES,
+    ) -> bytes:
+        """Download the original image bytes (`GET /v1/{id}/blob`), refusing oversized bodies."""
+        response = self.open_blob(image_id, priority=priority)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_content(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise CloudflareBadRequest(502, None, f"blob larger than {max_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            response.close()
+
+    def open_blob(
+        self, image_id: str, *, priority: Priority = Priority.INTERACTIVE
+    ) -> requests.Response:
+        """Open a streaming response of the original bytes; the caller must close it."""
+        return self.request(
+            "GET", f"/v1/{_path(image_id)}/blob", priority=priority, raw=True, stream=True
+        )
+
+    def stats(self, *, priority: Priority = Priority.INTERACTIVE) -> Stats:
+        """Return the account's image count and allowance (`GET /v1/stats`)."""
+        count = (self.request("GET", "/v1/stats", priority=priority) or {}).get("count") or {}
+        return Stats(current=int(count.get("current") or 0), allowed=int(count.get("allowed") or 0))
+
+    # -- signing keys --------------------------------------------------------------------------
+
+    @staticmethod
+    def _keys(result: Any) -> list[SigningKeyValue]:
+        keys = (result or {}).get("keys") or []
+        return [SigningKeyValue(name=str(k["name"]), value=str(k["value"])) for k in keys]
+
+    def list_signing_keys(
+        self, *, priority: Priority = Priority.INTERACTIVE
+    ) -> list[SigningKeyValue]:
+        """Return every delivery signing key with its value (`GET /v1/keys`)."""
+        return self._keys(self.request("GET", "/v1/keys", priority=priority))
+
+    def create_signing_key(
+        self, name: str, *, priority: Priority = Priority.INTERACTIVE
+    ) -> list[SigningKeyValue]:
+        """Create (or regenerate) the key `name` and return all keys (`PUT /v1/keys/{name}`)."""
+        return self._keys(self.request("PUT", f"/v1/keys/{_path(name)}", priority=priority))
+
+    def delete_signing_key(
+        self, name: str, *, priority: Priority = Priority.INTERACTIVE
+    ) -> list[SigningKeyValue]:
+        """Delete the key `name` and return the remaining keys (`DELETE /v1/keys/{name}`)."""
+        return self._keys(self.request("DELETE", f"/v1/keys/{_path(name)}", priority=priority))
+
+    # -- variants ------------------------------------------------------------------------------
+
+    def list_variants(self, *, priority: Priority = Priority.INTERACTIVE) -> list[Variant]:
+        """Return every variant (`GET /v1/variants`)."""
+        result = self.request("GET", "/v1/variants", priority=priority) or {}
+        variants = result.get("variants") or {}
+        if isinstance(variants, dict):
+            return [Variant.from_api({"id": name, **(v or {})}) for name, v in variants.items()]
+        return [Variant.from_api(v) for v in variants]
+
+    def get_variant(self, variant_id: str, *, priority: Priority = Priority.INTERACTIVE) -> Variant:
+        """Return one variant (`GET /v1/variants/{id}`)."""
+        result = self.request("GET", f"/v1/variants/{_path(variant_id)}", priority=priority)
+        return Variant.from_api((result or {}).get("variant") or {})
+
+    def create_variant(
+        self,
+        id: str,
+        fit: str,
+        width: int,
+        height: int,
+        metadata: str = "none",
+        never_require_signed_urls: bool = False,
+        *,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> Variant:
+        """Create a variant (`POST /v1/variants`)."""
+        body = {
+            "id": id,
+            "options": {"fit": fit, "width": width, "height": height, "metadata": metadata},
+            "neverRequireSignedURLs": never_require_signed_urls,
+        }
+        result = self.request("POST", "/v1/variants", json_body=body, priority=priority)
+        return Variant.from_api((result or {}).get("variant") or {})
+
+    def update_variant(
+        self,
+        id: str,
+        fit: str,
+        width: int,
+        height: int,
+        metadata: str = "none",
+        never_require_signed_urls: bool | None = None,
+        *,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> Variant:
+        """Change a variant's options (`PATCH /v1/variants/{id}`)."""
+        body: dict[str, Any] = {
+            "options": {"fit": fit, "width": width, "height": height, "metadata": metadata}
+        }
+        if never_require_signed_urls is not None:
+            body["neverRequireSignedURLs"] = never_require_signed_urls
+        result = self.request(
+            "PATCH", f"/v1/variants/{_path(id)}", json_body=body, priority=priority
+        )
+        return Variant.from_api((result or {}).get("variant") or {})
+
+    def delete_variant(self, variant_id: str, *, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Delete a variant (`DELETE /v1/variants/{id}`; `public` cannot be deleted)."""
+        self.request("DELETE", f"/v1/variants/{_path(variant_id)}", priority=priority)
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def delivery_url(self, image_id: str, variant: str) -> str:
+        """Return the unsigned delivery URL of an image's variant."""
+        if not self.account_hash:
+            raise RuntimeError("BROKER_CLOUDFLARE_ACCOUNT_HASH is not set")
+        return (
+            f"{self.delivery_base}/{self.account_hash}/{_path(image_id)}/{quote(variant, safe='')}"
+        )
+
+
+def _path(segment: str) -> str:
+    """Quote an id for a URL path; custom ids may hold `/` subpaths, which stay as they are."""
+    return quote(segment, safe="/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flask wiring (no module globals: the client lives in app.extensions)
+
+
+def client_from_config(config: Any, budget: Budget | None = None) -> CloudflareImages:
+    """Build a client from the app's BROKER_CLOUDFLARE_* settings."""
+    return CloudflareImages(
+        config["CLOUDFLARE_API_BASE"],
+        config.get("CLOUDFLARE_ACCOUNT_ID") or "",
+        config.get("CLOUDFLARE_API_TOKEN") or "",
+        timeout=float(config.get("CLOUDFLARE_TIMEOUT") or 10.0),
+        budget=budget,
+        account_hash=config.get("CLOUDFLARE_ACCOUNT_HASH"),
+        delivery_base=config.get("CLOUDFLARE_DELIVERY_BASE") or "https://imagedelivery.net",
+    )
+
+
+def init_app(app: Any) -> None:
+    """Create the app's shared client (using the budget in `app.extensions`, if any)."""
+    app.extensions[EXTENSION_KEY] = client_from_config(app.config, app.extensions.get("budget"))
+
+
+def get_client() -> CloudflareImages:
+    """Return the current app's shared Cloudflare client."""
+    from flask import current_app
+
+    return current_app.extensions[EXTENSION_KEY]
