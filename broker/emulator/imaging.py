@@ -1,0 +1,186 @@
+"""Decoding uploads and rendering variants with Pillow (no Flask here).
+
+Uploads are sniffed by decoding, never by file name or content type. Pillow's own
+decompression-bomb check is bypassed on purpose: its threshold (~89 MP) is below Cloudflare's
+100 MP limit, and the explicit side/pixel limits below are checked before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from broker.emulator.errors import CfError
+
+MAX_BYTES = 10 * 1024 * 1024
+MAX_SIDE = 12_000
+MAX_PIXELS = 100_000_000
+
+RASTER_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "SVG": "image/svg+xml",
+}
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "SVG": "svg"}
+FORMAT_FOR_CONTENT_TYPE = {v: k for k, v in CONTENT_TYPES.items()}
+COPYRIGHT_TAG = 0x8298
+FITS = ("scale-down", "contain", "cover", "crop", "pad")
+METADATA_MODES = ("keep", "copyright", "none")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What decoding an upload found."""
+
+    format: str
+    width: int | None
+    height: int | None
+
+    @property
+    def content_type(self) -> str:
+        """Return the MIME type of the format."""
+        return CONTENT_TYPES[self.format]
+
+
+def _open_raster(data: bytes) -> Image.Image:
+    """Open JPEG/PNG/GIF/WebP bytes lazily, without Pillow's global bomb check."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in RASTER_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        result = accept(prefix) if accept else True
+        if not result or isinstance(result, str):
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, OSError, ValueError, IndexError, TypeError, EOFError):
+            continue
+    raise CfError(5455, "Bad request: unsupported image format")
+
+
+def _svg_info(data: bytes) -> ImageInfo | None:
+    head = data[:1024].lstrip()
+    if not (head.startswith(b"<") and b"<svg" in data[:4096]):
+        return None
+    try:
+        # Uploaded SVG is untrusted, but ElementTree never fetches external entities and the
+        # bundled expat refuses entity-expansion bombs; the tree is only inspected, not served.
+        root = ET.fromstring(data)  # noqa: S314
+    except ET.ParseError:
+        return None
+    if root.tag not in ("svg", "{http://www.w3.org/2000/svg}svg"):
+        return None
+    return ImageInfo("SVG", None, None)
+
+
+def inspect_image(data: bytes) -> ImageInfo:
+    """Decode an upload fully and check Cloudflare's limits; raise CfError when it is refused."""
+    if len(data) > MAX_BYTES:
+        raise CfError(5413, "Image exceeds the 10 MB size limit")
+    svg = _svg_info(data)
+    if svg is not None:
+        return svg
+    img = _open_raster(data)
+    try:
+        width, height = img.size
+        if width > MAX_SIDE or height > MAX_SIDE:
+            raise CfError(5400, f"Image dimensions exceed {MAX_SIDE} px per side")
+        if width * height > MAX_PIXELS:
+            raise CfError(5400, "Image exceeds the 100 megapixel limit")
+        try:
+            img.load()
+        except Exception as exc:  # any decoder failure means "not a usable image"
+            raise CfError(5455, "Bad request: image could not be decoded") from exc
+        return ImageInfo(str(img.format), width, height)
+    finally:
+        img.close()
+
+
+def _geometry(w: int, h: int, fit: str, bw: int, bh: int) -> tuple[int, int, int, int]:
+    """Return (resized w, resized h, output w, output h) for a fit mode."""
+    fx, fy = bw / w, bh / h
+    if fit == "scale-down":
+        s = min(1.0, fx, fy)
+    elif fit in ("contain", "pad"):
+        s = min(fx, fy)
+    elif fit == "cover":
+        s = max(fx, fy)
+    else:  # crop: cover that never enlarges
+        s = min(1.0, max(fx, fy))
+    rw, rh = max(1, round(w * s)), max(1, round(h * s))
+    if fit == "pad":
+        return rw, rh, bw, bh
+    if fit in ("cover", "crop"):
+        return rw, rh, min(bw, rw), min(bh, rh)
+    return rw, rh, rw, rh
+
+
+def _normalise_mode(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGB", "RGBA", "L"):
+        return img
+    has_alpha = img.mode in ("LA", "PA", "RGBa", "La") or "transparency" in img.info
+    return img.convert("RGBA" if has_alpha else "RGB")
+
+
+def _exif_for(img: Image.Image, mode: str) -> bytes | None:
+    if mode == "none":
+        return None
+    exif = img.getexif()
+    if mode == "copyright":
+        kept = Image.Exif()
+        if COPYRIGHT_TAG in exif:
+            kept[COPYRIGHT_TAG] = exif[COPYRIGHT_TAG]
+        exif = kept
+    return exif.tobytes() if len(exif) else None
+
+
+def render(
+    data: bytes, fmt: str, fit: str, width: int, height: int, metadata: str
+) -> tuple[bytes, str]:
+    """Transform original bytes for a variant; return (bytes, content type).
+
+    The output keeps the original format (Cloudflare would negotiate AVIF/WebP; the emulator
+    stays predictable). SVG is served as uploaded, as Cloudflare does not resize it.
+    """
+    if fmt == "SVG":
+        return data, CONTENT_TYPES["SVG"]
+    src = _open_raster(data)
+    try:
+        src.seek(0)  # animated GIF/WebP: the first frame only
+        exif_source = src
+        oriented = ImageOps.exif_transpose(src)
+        if oriented is not src:
+            exif_source = oriented
+        img = _normalise_mode(oriented)
+        rw, rh, ow, oh = _geometry(img.width, img.height, fit, width, height)
+        if (rw, rh) != img.size:
+            img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+        if fit == "pad":
+            canvas = Image.new(img.mode, (ow, oh), "white")
+            canvas.paste(img, ((ow - rw) // 2, (oh - rh) // 2))
+            img = canvas
+        elif (ow, oh) != (rw, rh):
+            left, top = (rw - ow) // 2, (rh - oh) // 2
+            img = img.crop((left, top, left + ow, top + oh))
+        exif = _exif_for(exif_source, metadata)
+        out = io.BytesIO()
+        params: dict[str, object] = {}
+        if exif and fmt in ("JPEG", "PNG", "WEBP"):
+            params["exif"] = exif
+        if fmt == "JPEG":
+            if img.mode not in ("RGB", "L"):
+                img = img.convert("RGB")
+            img.save(out, "JPEG", quality=85, **params)
+        elif fmt == "WEBP":
+            img.save(out, "WEBP", quality=85, **params)
+        else:
+            img.save(out, fmt, **params)
+        return out.getvalue(), CONTENT_TYPES[fmt]
+    finally:
+        src.close()

@@ -1,0 +1,164 @@
+"""Start an emulator over real HTTP inside a test process: `with EmulatorServer() as emu: ...`."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from flask import Flask
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from broker.emulator import create_app
+from broker.emulator.control import Fault
+from broker.emulator.core import EXTENSION_KEY, Emulator
+
+
+class EmulatorServer:
+    """An emulator on a free port of 127.0.0.1, served by a threaded server in a daemon thread.
+
+    Controls are enabled by default. Without `data_dir` a temporary folder is used and removed
+    on `stop()`.
+    """
+
+    def __init__(
+        self, data_dir: str | Path | None = None, config: dict[str, Any] | None = None
+    ) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="cf-emulator-")
+            data_dir = self._tmp.name
+        settings: dict[str, Any] = {"DATA_DIR": str(data_dir), "CONTROL_ENABLED": True}
+        settings.update(config or {})
+        self.app: Flask = create_app(settings)
+        self._keep_public_url = bool((config or {}).get("PUBLIC_URL"))
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    @property
+    def emulator(self) -> Emulator:
+        """Return the in-process emulator object (store, controls, notifier)."""
+        return self.app.extensions[EXTENSION_KEY]
+
+    @property
+    def account_id(self) -> str:
+        """Return the emulated account id."""
+        return self.emulator.account_id
+
+    @property
+    def api_token(self) -> str:
+        """Return the API token the emulator accepts."""
+        return self.emulator.api_token
+
+    @property
+    def account_hash(self) -> str:
+        """Return the account hash used in upload and delivery URLs."""
+        return self.emulator.account_hash
+
+    @property
+    def api_base(self) -> str:
+        """Return the REST base URL, as given to the SDK's `base_url`."""
+        return f"{self.url}/client/v4"
+
+    def start(self) -> EmulatorServer:
+        """Bind a free port, point PUBLIC_URL at it and start serving."""
+        if self._server is not None:
+            return self
+        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        if not self._keep_public_url:
+            # Upload and delivery URLs in answers must point at this very server.
+            self.app.config["PUBLIC_URL"] = self.url
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="cf-images-emulator", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close the store and remove a temporary data folder."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.emulator.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> EmulatorServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # Controls, in process (they work even when CONTROL_ENABLED is off).
+
+    def counters(self) -> dict[str, int]:
+        """Return the per-endpoint request counters."""
+        return self.emulator.controls.counters()
+
+    def reset_counters(self) -> None:
+        """Zero the request counters."""
+        self.emulator.controls.reset_counters()
+
+    def inject_fault(
+        self,
+        endpoint: str = "*",
+        *,
+        status: int | None = None,
+        latency_ms: int = 0,
+        error_rate: float = 1.0,
+        drop: bool = False,
+        count: int | None = None,
+    ) -> str:
+        """Make requests to `endpoint` fail or slow down; return the fault id."""
+        fault = Fault(endpoint, status, latency_ms, error_rate, drop, count)
+        return self.emulator.controls.add_fault(fault).id
+
+    def clear_faults(self) -> None:
+        """Remove every injected fault."""
+        self.emulator.controls.clear_faults()
+
+    def advance(self, seconds: float) -> None:
+        """Move the emulator's clock forward by `seconds`."""
+        self.emulator.controls.advance(seconds)
+
+    def reset(self) -> None:
+        """Clear counters, faults, rate-limit state and clock offset."""
+        self.emulator.controls.reset()
+
+
+def make_image(
+    width: int = 64,
+    height: int = 48,
+    fmt: str = "PNG",
+    color: tuple[int, int, int] = (200, 30, 30),
+    exif: dict[int, str] | None = None,
+) -> bytes:
+    """Return a real encoded image of the given size (for uploads in tests)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    with Image.new("RGB", (width, height), color) as img:
+        params: dict[str, Any] = {}
+        if exif:
+            tags = Image.Exif()
+            for tag, value in exif.items():
+                tags[tag] = value
+            params["exif"] = tags.tobytes()
+        img.save(out, fmt, **params)
+    return out.getvalue()
