@@ -49,8 +49,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     security.init_app(app)
 
-    from broker import cloudflare
+    from broker import budget, cloudflare
 
+    budget.init_app(app)
     cloudflare.init_app(app)
 
     from broker import api, health, web

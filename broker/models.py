@@ -11,7 +11,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from flask_login import UserMixin
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from broker.db import UTCDateTime, db, utcnow
 
@@ -58,3 +58,90 @@ class User(UserMixin, db.Model):  # type: ignore[name-defined,misc]
     def end_sessions(self) -> None:
         """Invalidate every session and remember cookie of this user."""
         self.session_token = _session_token()
+
+
+# -- uploads (broker/uploads.py) and the upstream budget (broker/budget.py) --------------------
+
+
+def _upload_id() -> str:
+    """The broker's own id of an upload: what the API shows, distinct from Cloudflare's id."""
+    return secrets.token_hex(16)
+
+
+class Upload(db.Model):  # type: ignore[name-defined,misc]
+    """One direct upload slot and, once the file arrived, the image behind it.
+
+    `status` moves pending → ready | expired | rejected, and any → deleted; change it only
+    through broker.uploads (which records the transition times and refuses to go backwards).
+    """
+
+    __tablename__ = "uploads"
+    __table_args__ = (
+        sa.Index("ix_uploads_user_created", "user_id", "created_at", "id"),
+        sa.Index("ix_uploads_user_status", "user_id", "status"),
+        sa.Index("ix_uploads_status_next_check", "status", "next_check_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=_upload_id)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    # Cloudflare's image id (system UUID or a custom id, which may be up to 1024 chars).
+    image_id: Mapped[str] = mapped_column(sa.String(1024), unique=True)
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    require_signed_urls: Mapped[bool] = mapped_column(default=True)
+    # The metadata as sent to Cloudflare, the broker's own keys included.
+    meta: Mapped[dict | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    filename: Mapped[str | None] = mapped_column(sa.String(255))
+    uploaded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    variants: Mapped[list | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    reject_reason: Mapped[str | None] = mapped_column(sa.String(255))
+    # When the worker should next ask Cloudflare whether the file arrived.
+    next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    check_attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class IdempotencyKey(db.Model):  # type: ignore[name-defined,misc]
+    """A client's `Idempotency-Key` and the answer it got, replayed for 24 hours."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (sa.UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(sa.String(255))
+    # method + path + SHA-256 of the body: the same key with another request is refused.
+    fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    # None while the first request is still running.
+    response_status: Mapped[int | None] = mapped_column()
+    response_body: Mapped[str | None] = mapped_column(sa.Text)
+    response_headers: Mapped[dict | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class UpstreamBudgetState(db.Model):  # type: ignore[name-defined,misc]
+    """One row per budget scope: the lock every process takes, and the 429 pause."""
+
+    __tablename__ = "upstream_budget_state"
+
+    scope: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    # Bumped by every acquire: the write that serialises acquires across processes.
+    seq: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    paused_until_ms: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+
+
+class UpstreamBudgetBucket(db.Model):  # type: ignore[name-defined,misc]
+    """Calls made in one slice of the budget window (the window is a sum of slices)."""
+
+    __tablename__ = "upstream_budget_buckets"
+
+    scope: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    start: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    calls: Mapped[int] = mapped_column(default=0)

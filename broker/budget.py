@@ -1,0 +1,249 @@
+"""The upstream request budget, shared by every broker process through the database.
+
+Cloudflare allows 1200 API calls per 5 minutes per token and answers a 429 that blocks *every*
+call for the next 5 minutes when that is exceeded. The broker keeps its own, lower budget
+(`BROKER_UPSTREAM_BUDGET` calls per `BROKER_UPSTREAM_BUDGET_WINDOW` seconds) so it never gets
+there, whatever number of web and worker processes run:
+
+- the window is split into slices (buckets); a call is allowed when the calls of every bucket
+  overlapping the last window, plus this one, stay within the limit. Counting whole buckets
+  over-counts slightly, never under-counts, so the real sliding-window count stays under it;
+- interactive calls (a person waiting for an upload URL) may use the whole budget, background
+  calls (the worker polling) stop `BROKER_UPSTREAM_BACKGROUND_RESERVE` calls earlier;
+- a 429 from Cloudflare pauses every process until its `Retry-After` has passed.
+
+Each acquire is one short transaction on its own connection that first *writes* the scope's
+state row, which serialises acquires on SQLite (the write lock) and PostgreSQL (the row lock)
+alike, then reads the counts and records the call. Callers must not hold a write transaction
+of their own across an upstream call (SQLite has one writer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from broker.cloudflare import Priority, UpstreamError
+
+log = logging.getLogger("broker.budget")
+
+EXTENSION_KEY = "budget"
+DEFAULT_SCOPE = "cloudflare"
+BUCKETS_PER_WINDOW = 10
+
+_state = sa.table(
+    "upstream_budget_state",
+    sa.column("scope", sa.String),
+    sa.column("seq", sa.BigInteger),
+    sa.column("paused_until_ms", sa.BigInteger),
+)
+_buckets = sa.table(
+    "upstream_budget_buckets",
+    sa.column("scope", sa.String),
+    sa.column("start", sa.BigInteger),
+    sa.column("calls", sa.Integer),
+)
+
+
+class BudgetExhausted(UpstreamError):
+    """No upstream call may be made now; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float, reason: str = "budget") -> None:
+        super().__init__(f"upstream budget {reason}: retry after {retry_after:.0f}s")
+        self.retry_after = retry_after
+        self.reason = reason  # "budget" (spent) or "paused" (after a 429)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A snapshot of the budget, for metrics and the admin page."""
+
+    used: int
+    limit: int
+    reserve: int
+    window: int
+    paused_for: float
+
+
+class UpstreamBudget:
+    """A sliding-window call budget with priorities and a shared pause, kept in the database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        limit: int = 1000,
+        window: int = 300,
+        reserve: int = 200,
+        scope: str = DEFAULT_SCOPE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if limit < 1 or window < 1 or not 0 <= reserve < limit:
+            raise ValueError("budget needs limit ≥ 1, window ≥ 1 and 0 ≤ reserve < limit")
+        self.engine = engine
+        self.limit = limit
+        self.window = window
+        self.reserve = reserve
+        self.scope = scope
+        self.clock = clock
+        # Whole seconds keep bucket keys exact integers on every backend.
+        self.bucket = max(1, math.ceil(window / BUCKETS_PER_WINDOW))
+
+    def __repr__(self) -> str:
+        return f"<UpstreamBudget {self.limit}/{self.window}s reserve={self.reserve}>"
+
+    def _cap(self, priority: Priority) -> int:
+        return self.limit if priority == Priority.INTERACTIVE else self.limit - self.reserve
+
+    def _lock(self, conn: Connection) -> int:
+        """Take the scope's lock by writing its state row (creating it when missing)."""
+        bumped = conn.execute(
+            sa.update(_state).where(_state.c.scope == self.scope).values(seq=_state.c.seq + 1)
+        )
+        if bumped.rowcount:
+            paused = conn.execute(
+                sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
+            ).scalar_one()
+            return int(paused or 0)
+        conn.execute(sa.insert(_state).values(scope=self.scope, seq=1, paused_until_ms=0))
+        return 0
+
+    def _transaction(self, work: Callable[[Connection], Any]) -> Any:
+        """Run `work` in its own short transaction; retry once if two processes create the row."""
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _window_start(self, now: float) -> int:
+        """The first bucket that may still hold calls made within the last window."""
+        first = math.floor((now - self.window) / self.bucket) * self.bucket
+        return int(first)
+
+    def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Spend one call of the budget, or raise BudgetExhausted with when to retry."""
+        now = self.clock()
+
+        def work(conn: Connection) -> None:
+            paused_until_ms = self._lock(conn)
+            if paused_until_ms > now * 1000:
+                raise BudgetExhausted(math.ceil(paused_until_ms / 1000 - now), "paused")
+            first = self._window_start(now)
+            rows = conn.execute(
+                sa.select(_buckets.c.start, _buckets.c.calls)
+                .where(_buckets.c.scope == self.scope, _buckets.c.start >= first)
+                .order_by(_buckets.c.start)
+            ).all()
+            used = sum(int(calls) for _, calls in rows)
+            cap = self._cap(priority)
+            if used + 1 > cap:
+                raise BudgetExhausted(self._retry_after(rows, used, cap, now))
+            current = int(now // self.bucket) * self.bucket
+            updated = conn.execute(
+                sa.update(_buckets)
+                .where(_buckets.c.scope == self.scope, _buckets.c.start == current)
+                .values(calls=_buckets.c.calls + 1)
+            )
+            if not updated.rowcount:
+                conn.execute(sa.insert(_buckets).values(scope=self.scope, start=current, calls=1))
+                # A new bucket is rare (once per slice): a good moment to drop expired ones.
+                conn.execute(
+                    sa.delete(_buckets).where(
+                        _buckets.c.scope == self.scope, _buckets.c.start < first
+                    )
+                )
+
+        try:
+            self._transaction(work)
+        except BudgetExhausted as exc:
+            log.warning(
+                "upstream budget refused a %s call (%s), retry in %ss",
+                priority.name.lower(),
+                exc.reason,
+                exc.retry_after,
+            )
+            raise
+
+    def _retry_after(self, rows: list[Any], used: int, cap: int, now: float) -> float:
+        """Seconds until enough old buckets leave the window for one more call."""
+        excess = used + 1 - cap
+        for start, calls in rows:
+            excess -= int(calls)
+            if excess <= 0:
+                # The bucket counts until the window no longer overlaps it.
+                return max(1, math.ceil(int(start) + self.bucket + self.window - now))
+        return float(self.window)
+
+    def pause(self, seconds: float) -> None:
+        """Stop every process from calling upstream for `seconds` (Cloudflare said 429)."""
+        until_ms = int((self.clock() + max(0.0, seconds)) * 1000)
+
+        def work(conn: Connection) -> None:
+            current = self._lock(conn)
+            if until_ms > current:
+                conn.execute(
+                    sa.update(_state)
+                    .where(_state.c.scope == self.scope)
+                    .values(paused_until_ms=until_ms)
+                )
+
+        self._transaction(work)
+        log.warning("upstream calls paused for %.0fs after a 429", seconds)
+
+    def status(self) -> BudgetStatus:
+        """Return how much of the window is used and how long a pause has left."""
+        now = self.clock()
+        with self.engine.connect() as conn:
+            used = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(_buckets.c.calls), 0)).where(
+                    _buckets.c.scope == self.scope, _buckets.c.start >= self._window_start(now)
+                )
+            ).scalar_one()
+            paused = conn.execute(
+                sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
+            ).scalar()
+        return BudgetStatus(
+            used=int(used),
+            limit=self.limit,
+            reserve=self.reserve,
+            window=self.window,
+            paused_for=max(0.0, (paused or 0) / 1000 - now),
+        )
+
+
+def budget_from_config(engine: Engine, config: Any) -> UpstreamBudget:
+    """Build the budget from the app's BROKER_UPSTREAM_* settings."""
+    return UpstreamBudget(
+        engine,
+        limit=int(config["UPSTREAM_BUDGET"]),
+        window=int(config["UPSTREAM_BUDGET_WINDOW"]),
+        reserve=int(config["UPSTREAM_BACKGROUND_RESERVE"]),
+    )
+
+
+def init_app(app: Any) -> None:
+    """Create the app's budget in `app.extensions["budget"]` (before the Cloudflare client)."""
+    from broker.db import db
+
+    with app.app_context():
+        engine = db.engine
+    app.extensions[EXTENSION_KEY] = budget_from_config(engine, app.config)
+
+
+def get_budget() -> UpstreamBudget:
+    """Return the current app's shared budget."""
+    from flask import current_app
+
+    return current_app.extensions[EXTENSION_KEY]

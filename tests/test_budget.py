@@ -1,0 +1,155 @@
+"""The shared upstream budget: limits, priorities, the 429 pause, several processes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from flask import Flask
+
+from broker.budget import BudgetExhausted, UpstreamBudget
+from broker.cloudflare import Priority
+from broker.db import db
+
+
+class Clock:
+    """A settable clock for the budget (never sleep in tests)."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _budget(app: Flask, clock: Clock, **kwargs: int) -> UpstreamBudget:
+    with app.app_context():
+        engine = db.engine
+    settings = {"limit": 10, "window": 100, "reserve": 3, **kwargs}
+    return UpstreamBudget(engine, clock=clock, **settings)
+
+
+def test_interactive_calls_may_use_the_whole_budget(app: Flask) -> None:
+    clock = Clock()
+    budget = _budget(app, clock)
+    for _ in range(10):
+        budget.acquire(Priority.INTERACTIVE)
+    with pytest.raises(BudgetExhausted) as exc:
+        budget.acquire(Priority.INTERACTIVE)
+    assert exc.value.reason == "budget"
+    assert 0 < exc.value.retry_after <= 110
+    assert budget.status().used == 10
+
+
+def test_background_calls_stop_at_the_reserve(app: Flask) -> None:
+    clock = Clock()
+    budget = _budget(app, clock)
+    for _ in range(7):
+        budget.acquire(Priority.BACKGROUND)
+    with pytest.raises(BudgetExhausted):
+        budget.acquire(Priority.BACKGROUND)
+    # The reserve is still there for a person waiting on an upload URL.
+    for _ in range(3):
+        budget.acquire(Priority.INTERACTIVE)
+    with pytest.raises(BudgetExhausted):
+        budget.acquire(Priority.INTERACTIVE)
+
+
+def test_calls_leave_the_window_and_retry_after_says_when(app: Flask) -> None:
+    clock = Clock(1_700_000_000.0)
+    budget = _budget(app, clock)
+    for _ in range(5):
+        budget.acquire()
+    clock.now += 50
+    for _ in range(5):
+        budget.acquire()
+    with pytest.raises(BudgetExhausted) as exc:
+        budget.acquire()
+    clock.now += exc.value.retry_after
+    budget.acquire()  # the first five have left the window
+    for _ in range(4):
+        budget.acquire()
+    with pytest.raises(BudgetExhausted):
+        budget.acquire()
+
+
+def test_never_more_than_the_limit_in_any_sliding_window(app: Flask) -> None:
+    """Bursts at a bucket edge cannot double the rate the way fixed windows can."""
+    clock = Clock(1_700_000_000.0)
+    budget = _budget(app, clock, limit=20, window=60, reserve=0)
+    granted: list[float] = []
+    for _ in range(600):
+        try:
+            budget.acquire()
+            granted.append(clock.now)
+        except BudgetExhausted:
+            pass
+        clock.now += 0.7
+    for t in granted:
+        assert sum(1 for g in granted if t - 60 < g <= t) <= 20
+    assert len(granted) > 100
+
+
+def test_a_429_pauses_every_call_until_retry_after(app: Flask) -> None:
+    clock = Clock()
+    budget = _budget(app, clock)
+    budget.pause(30)
+    with pytest.raises(BudgetExhausted) as exc:
+        budget.acquire(Priority.INTERACTIVE)
+    assert exc.value.reason == "paused"
+    assert exc.value.retry_after == 30
+    assert budget.status().paused_for == 30
+    clock.now += 30
+    budget.acquire()
+    assert budget.status().used == 1
+
+
+def test_a_shorter_pause_does_not_shorten_a_longer_one(app: Flask) -> None:
+    clock = Clock()
+    budget = _budget(app, clock)
+    budget.pause(300)
+    budget.pause(5)
+    clock.now += 10
+    with pytest.raises(BudgetExhausted):
+        budget.acquire()
+
+
+def test_the_budget_holds_across_two_apps_on_one_database(
+    make_app: Callable[..., Flask],
+) -> None:
+    """Two app instances (two processes in production) share one budget through the database."""
+    clock = Clock()
+    first = _budget(make_app(), clock, limit=40, reserve=0)
+    second = _budget(make_app(), clock, limit=40, reserve=0)
+    granted: list[int] = []
+    refused: list[int] = []
+
+    def spend(budget: UpstreamBudget) -> None:
+        for _ in range(30):
+            try:
+                budget.acquire()
+                granted.append(1)
+            except BudgetExhausted:
+                refused.append(1)
+
+    threads = [threading.Thread(target=spend, args=(b,)) for b in (first, second, first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 40
+    assert len(refused) == 80
+    assert first.status().used == second.status().used == 40
+
+
+def test_the_apps_budget_comes_from_the_settings(make_app: Callable[..., Flask]) -> None:
+    app = make_app(UPSTREAM_BUDGET=50, UPSTREAM_BUDGET_WINDOW=60, UPSTREAM_BACKGROUND_RESERVE=5)
+    budget = app.extensions["budget"]
+    assert (budget.limit, budget.window, budget.reserve) == (50, 60, 5)
+    assert app.extensions["cloudflare"].budget is budget
+
+
+def test_refuses_a_reserve_as_large_as_the_limit(app: Flask) -> None:
+    with pytest.raises(ValueError):
+        _budget(app, Clock(), limit=5, reserve=5)
