@@ -8,6 +8,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import requests
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -72,8 +73,12 @@ class EmulatorServer:
         if not self._keep_public_url:
             # Upload and delivery URLs in answers must point at this very server.
             self.app.config["PUBLIC_URL"] = self.url
+        # A short poll interval keeps stop() (and so every test using a server) fast.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="cf-images-emulator", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name="cf-images-emulator",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -138,6 +143,58 @@ class EmulatorServer:
     def reset(self) -> None:
         """Clear counters, faults, rate-limit state and clock offset."""
         self.emulator.controls.reset()
+
+    def client(self) -> ImagesClient:
+        """Return an authenticated REST client for this server (close it when done)."""
+        return ImagesClient(self)
+
+
+class ImagesClient:
+    """A minimal bearer-authenticated client for the emulator's Images REST API (tests only)."""
+
+    def __init__(self, server: EmulatorServer) -> None:
+        self.server = server
+        self.base = f"{server.url}/client/v4/accounts/{server.account_id}/images"
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {server.api_token}"
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Call `base + path` and return the response with its body already read."""
+        kwargs.setdefault("timeout", 10)
+        with self.session.request(method, self.base + path, **kwargs) as resp:
+            resp.content  # noqa: B018 - read the body before the connection is released
+            return resp
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        """GET a path of the API."""
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        """POST to a path of the API."""
+        return self.request("POST", path, **kwargs)
+
+    def upload(self, data: bytes, filename: str = "pic.png", **fields: Any) -> dict[str, Any]:
+        """Upload through v1 and return the Image, asserting success."""
+        resp = self.post("/v1", files={"file": (filename, data)}, data=fields)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["result"]
+
+    def direct_upload(self, **fields: Any) -> dict[str, Any]:
+        """Create a direct upload (multipart) and return `{id, uploadURL}`, asserting success."""
+        # An empty extra part forces multipart even without fields, as the SDK sends.
+        resp = self.post("/v2/direct_upload", files={"_": (None, "")}, data=fields)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["result"]
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.session.close()
+
+    def __enter__(self) -> ImagesClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def make_image(
