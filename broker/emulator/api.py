@@ -334,7 +334,7 @@ def image_blob(image_id: str) -> Response:
     if image.draft:
         raise CfError(5404, "Image not found: the upload is still pending")
     data = current_emulator().store.read_blob(image_id)
-    return Response(data, mimetype=image.content_type or "application/octet-stream")
+    return Response(data, content_type=image.content_type or "application/octet-stream")
 
 
 # Direct creator upload.

@@ -121,7 +121,7 @@ def delivery(account_hash: str, image_id: str, variant: str) -> Response:
     if not _signed_ok(image, named):
         raise DeliveryError(403, 9425, "Access denied: a valid signed URL is required")
     body, content_type, hit = _output(image, named)
-    resp = Response(body, mimetype=content_type)
+    resp = Response(body, content_type=content_type)
     if image.require_signed and not named.never_require_signed:
         exp = int(dict(parse_qsl(request.query_string.decode("latin-1")))["exp"])
         max_age = max(0, min(PUBLIC_MAX_AGE, exp - int(emu.now().timestamp())))
