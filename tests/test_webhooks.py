@@ -1,0 +1,316 @@
+"""Outgoing webhooks: Standard Webhooks signing, the retry schedule, delivery over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy as sa
+import time_machine
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from broker import webhooks
+from broker.db import db
+from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from tests.webhook_receiver import receiver_fixture
+
+_receiver = receiver_fixture  # the `receiver` fixture, for this module
+
+# -- signing -------------------------------------------------------------------------------------
+
+
+def test_secret_format():
+    secret = webhooks.generate_secret()
+    assert secret.startswith("whsec_")
+    assert len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24
+    assert webhooks.generate_secret() != secret
+
+
+def test_signature_verifies_with_the_standardwebhooks_library():
+    secret = webhooks.generate_secret()
+    body = b'{"type":"upload.completed","data":{"upload":{"id":"up_1"}}}'
+    ts = int(time.time())
+    headers = {
+        "webhook-id": "msg_abc",
+        "webhook-timestamp": str(ts),
+        "webhook-signature": webhooks.sign(secret, "msg_abc", ts, body),
+    }
+    assert Webhook(secret).verify(body, headers)["type"] == "upload.completed"
+    assert webhooks.verify(secret, "msg_abc", ts, body, headers["webhook-signature"])
+
+
+@pytest.mark.parametrize("part", ["body", "id", "timestamp", "signature"])
+def test_one_byte_tampering_fails_verification(part):
+    secret = webhooks.generate_secret()
+    body = b'{"type":"upload.completed"}'
+    ts = int(time.time())
+    headers = {
+        "webhook-id": "msg_abc",
+        "webhook-timestamp": str(ts),
+        "webhook-signature": webhooks.sign(secret, "msg_abc", ts, body),
+    }
+    if part == "body":
+        body = body[:-2] + b"X}"
+    elif part == "id":
+        headers["webhook-id"] = "msg_abd"
+    elif part == "timestamp":
+        headers["webhook-timestamp"] = str(ts - 1)
+    else:
+        raw = bytearray(base64.b64decode(headers["webhook-signature"][3:]))
+        raw[0] ^= 1
+        headers["webhook-signature"] = "v1," + base64.b64encode(bytes(raw)).decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(body, headers)
+
+
+def test_known_vector():
+    # The Standard Webhooks reference vector (libraries' own test suites).
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = '{"test": 2432232314}'
+    sig = webhooks.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+    assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_rotation_window_signs_with_both_secrets():
+    endpoint = WebhookEndpoint(secret=webhooks.generate_secret(), events="*")
+    old = endpoint.secret
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    new = webhooks.rotate_secret(endpoint, window=3600, now=now)
+    assert webhooks.signing_secrets(endpoint, now) == [new, old]
+    assert webhooks.signing_secrets(endpoint, now + timedelta(hours=2)) == [new]
+    header = webhooks.signature_header([new, old], "msg_1", 1, b"{}")
+    assert webhooks.verify(old, "msg_1", 1, b"{}", header, now=1)
+    assert webhooks.verify(new, "msg_1", 1, b"{}", header, now=1)
+
+
+# -- schedule ------------------------------------------------------------------------------------
+
+
+def test_retry_schedule():
+    expected = [5, 300, 1800, 7200, 18000, 36000, 36000]
+    rng = random.Random(1)
+    for n, base in enumerate(expected, start=1):
+        delay = webhooks.retry_delay(n, rng=rng)
+        assert delay is not None and base * 0.9 <= delay <= base * 1.1
+    assert webhooks.retry_delay(8) is None
+    assert webhooks.max_attempts() == 8
+    # Retry-After is honoured as a minimum, capped at a day.
+    assert webhooks.retry_delay(1, retry_after=120, rng=rng) == 120
+    assert webhooks.retry_delay(1, retry_after=10**9, rng=rng) == 86400
+
+
+def test_event_types_are_validated():
+    assert webhooks.normalise_events(["upload.completed,upload.expired"]) == (
+        "upload.completed upload.expired"
+    )
+    with pytest.raises(ValueError):
+        webhooks.normalise_events(["upload.nope"])
+    with pytest.raises(ValueError):
+        webhooks.normalise_events([])
+
+
+# -- delivery over real HTTP ---------------------------------------------------------------------
+
+START = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def _upload():
+    return SimpleNamespace(
+        public_id="up_test1",
+        image_id="img-1",
+        status="ready",
+        created_at=START,
+        filename="cat.png",
+        variants=["https://x/thumb"],
+        meta={"k": "v"},
+    )
+
+
+@pytest.fixture
+def wh_app(make_app):
+    return make_app(WEBHOOK_ALLOW_PRIVATE=True)
+
+
+def _add(app, url, events=("*",)):
+    with app.app_context():
+        endpoint, secret = webhooks.add_endpoint(db.session, url, events, app.config, now=START)
+        db.session.commit()
+        return endpoint.id, secret
+
+
+def _emit(app, event_type="upload.completed"):
+    with app.app_context():
+        event = webhooks.emit(db.session, event_type, _upload(), now=START)
+        db.session.commit()
+        return event.msg_id
+
+
+def _deliver(app, owner="w1", now=START):
+    with app.app_context():
+        return webhooks.deliver_due(db.session, owner, app.config, now=now)
+
+
+def _delivery(app):
+    with app.app_context():
+        return db.session.scalars(sa.select(WebhookDelivery)).one()
+
+
+def test_delivery_is_signed_and_verified_by_the_receiver(wh_app, receiver):
+    _, secret = _add(wh_app, receiver.url)
+    receiver.secret = secret
+    with time_machine.travel(START, tick=False):
+        msg_id = _emit(wh_app)
+        assert _deliver(wh_app) == 1
+    [got] = receiver.requests
+    assert got.verified is True, got.error
+    assert got.msg_id == msg_id
+    assert got.json["type"] == "upload.completed"
+    assert got.json["data"]["upload"]["id"] == "up_test1"
+    assert got.json["timestamp"] == "2030-05-01T12:00:00Z"
+    assert got.headers["webhook-timestamp"] == str(int(START.timestamp()))
+    d = _delivery(wh_app)
+    assert (d.status, d.attempts, d.last_status_code) == ("succeeded", 1, 204)
+    with wh_app.app_context():
+        [a] = db.session.scalars(sa.select(WebhookAttempt)).all()
+        assert (a.number, a.status_code, a.error) == (1, 204, None)
+
+
+def test_only_subscribed_active_endpoints_get_events(wh_app, receiver):
+    _add(wh_app, receiver.url, ["upload.expired"])
+    _emit(wh_app, "upload.completed")
+    with wh_app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookDelivery)) == 0
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookEvent)) == 1
+
+
+def test_retry_schedule_under_frozen_time(wh_app, receiver):
+    """Every failure is retried on schedule (5 s … 10 h), then the delivery fails."""
+    _, secret = _add(wh_app, receiver.url)
+    receiver.secret = secret
+    receiver.default = (500, {})
+    with time_machine.travel(START, tick=False) as traveller:
+        msg_id = _emit(wh_app)
+        now = START
+        for n, base in enumerate([5, 300, 1800, 7200, 18000, 36000, 36000], start=1):
+            assert _deliver(wh_app, now=now) == 1
+            d = _delivery(wh_app)
+            assert d.status == "pending" and d.attempts == n
+            wait = (d.next_attempt_at - now).total_seconds()
+            assert base * 0.9 <= wait <= base * 1.1
+            # Not due a moment before.
+            assert _deliver(wh_app, now=d.next_attempt_at - timedelta(seconds=1)) == 0
+            now = d.next_attempt_at
+            traveller.move_to(now)
+        assert _deliver(wh_app, now=now) == 1
+        assert _deliver(wh_app, now=now + timedelta(days=2)) == 0
+    d = _delivery(wh_app)
+    assert (d.status, d.attempts, d.last_status_code) == ("failed", 8, 500)
+    assert len(receiver.requests) == 8
+    assert {r.msg_id for r in receiver.requests} == {msg_id}
+    assert all(r.verified for r in receiver.requests)
+    # webhook-timestamp is per attempt.
+    assert len({r.headers["webhook-timestamp"] for r in receiver.requests}) == 8
+    with wh_app.app_context():
+        numbers = db.session.scalars(sa.select(WebhookAttempt.number)).all()
+        assert sorted(numbers) == list(range(1, 9))
+
+
+def test_410_disables_the_endpoint(wh_app, receiver):
+    endpoint_id, _ = _add(wh_app, receiver.url)
+    receiver.respond(410)
+    _emit(wh_app)
+    _emit(wh_app, "upload.expired")
+    _deliver(wh_app)
+    with wh_app.app_context():
+        endpoint = db.session.get(WebhookEndpoint, endpoint_id)
+        assert endpoint.active is False and "410" in endpoint.disabled_reason
+        statuses = sorted(db.session.scalars(sa.select(WebhookDelivery.status)))
+    # The second delivery is not attempted while the endpoint is disabled.
+    assert statuses == ["failed", "pending"]
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(wh_app, receiver, status):
+    _add(wh_app, receiver.url)
+    receiver.respond((status, {"Retry-After": "900"}))
+    _emit(wh_app)
+    _deliver(wh_app)
+    d = _delivery(wh_app)
+    assert d.status == "pending"
+    assert (d.next_attempt_at - START).total_seconds() == 900
+
+
+def test_redirects_are_not_followed(wh_app, receiver):
+    _add(wh_app, receiver.url)
+    receiver.respond((307, {"Location": receiver.url + "/elsewhere"}))
+    _emit(wh_app)
+    _deliver(wh_app)
+    d = _delivery(wh_app)
+    assert (d.status, d.last_status_code, d.attempts) == ("pending", 307, 1)
+    assert [r.path for r in receiver.requests] == ["/hook"]
+
+
+def test_unreachable_receiver_is_a_logged_failed_attempt(wh_app):
+    _add(wh_app, "http://127.0.0.1:9/hook")
+    _emit(wh_app)
+    _deliver(wh_app)
+    d = _delivery(wh_app)
+    assert d.status == "pending" and d.last_status_code is None and d.last_error
+
+
+def test_ssrf_is_checked_at_delivery_too(make_app, receiver):
+    app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
+    _add(app, receiver.url)
+    _emit(app)
+    strict = make_app(WEBHOOK_ALLOW_PRIVATE=False)
+    _deliver(strict)
+    d = _delivery(strict)
+    assert d.status == "pending" and d.last_error.startswith("blocked")
+    assert receiver.requests == []
+
+
+def test_saving_a_private_endpoint_is_refused(app):
+    with app.app_context(), pytest.raises(webhooks.ssrf.BlockedAddress):
+        webhooks.add_endpoint(db.session, "https://192.168.1.1/x", ["*"], app.config)
+
+
+def test_redeliver_keeps_the_webhook_id(wh_app, receiver):
+    _add(wh_app, receiver.url)
+    msg_id = _emit(wh_app)
+    _deliver(wh_app)
+    with wh_app.app_context():
+        d = db.session.scalars(sa.select(WebhookDelivery)).one()
+        webhooks.redeliver(d, now=START + timedelta(hours=1))
+        db.session.commit()
+    _deliver(wh_app, now=START + timedelta(hours=1))
+    assert [r.msg_id for r in receiver.requests] == [msg_id, msg_id]
+    with wh_app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookAttempt)) == 2
+
+
+def test_a_lost_lease_is_reclaimed_with_the_same_webhook_id(wh_app, receiver):
+    """A worker that claimed and died: after the lease the next worker delivers the event."""
+    _add(wh_app, receiver.url)
+    msg_id = _emit(wh_app)
+    with wh_app.app_context():
+        assert webhooks.claim_due(db.session, "dead-worker", START) != []
+    assert _deliver(wh_app, owner="w2", now=START + timedelta(seconds=10)) == 0
+    later = START + timedelta(seconds=webhooks.LEASE_SECONDS + 1)
+    assert _deliver(wh_app, owner="w2", now=later) == 1
+    assert [r.msg_id for r in receiver.requests] == [msg_id]
+
+
+def test_payload_is_the_exact_signed_body(wh_app, receiver):
+    _add(wh_app, receiver.url)
+    _emit(wh_app)
+    _deliver(wh_app)
+    with wh_app.app_context():
+        event = db.session.scalars(sa.select(WebhookEvent)).one()
+    assert receiver.requests[0].body == event.payload.encode()
+    assert set(json.loads(event.payload)) == {"type", "timestamp", "data"}
