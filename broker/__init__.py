@@ -47,6 +47,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     logs.init_app(app)
     db.init_app(app)
     errors.init_app(app)
+
+    from broker import auth, extensions
+
+    extensions.init_app(app)
+    auth.init_app(app)
     security.init_app(app)
 
     from broker import budget, cloudflare

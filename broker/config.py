@@ -80,6 +80,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Allow self-registration; default on in development, off in production.",
     ),
     Setting(
+        "AUTH_RATE_LIMIT",
+        "10 per minute",
+        "Login and token-creation attempts allowed per IP and per username (Flask-Limiter syntax).",
+    ),
+    Setting("API_TOKEN_TTL_DAYS", 90, "Lifetime of a new API bearer token, in days."),
+    Setting(
         "RATELIMIT_STORAGE_URI",
         "memory://",
         "Flask-Limiter storage; use `redis://…` when several instances run.",

@@ -60,6 +60,34 @@ class User(UserMixin, db.Model):  # type: ignore[name-defined,misc]
         self.session_token = _session_token()
 
 
+def _token_public_id() -> str:
+    """A non-guessable id to name an API token in URLs (never the secret itself)."""
+    return "tok_" + secrets.token_hex(12)
+
+
+class ApiToken(db.Model):  # type: ignore[name-defined,misc]
+    """A bearer token of a user's device; only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(sa.String(32), unique=True, default=_token_public_id)
+    user_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(sa.String(100))
+    # hex SHA-256 of the whole token: a stolen database cannot be replayed as tokens.
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    # the first characters of the token, shown in lists so a user can tell tokens apart.
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
 class SigningKey(db.Model):  # type: ignore[name-defined,misc]
     """A delivery URL signing key mirrored from Cloudflare (`GET /v1/keys`); the value is secret.
 

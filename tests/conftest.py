@@ -8,6 +8,7 @@ migrations (so tests run against what production runs), and emptied after every 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -134,3 +135,91 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 def client(app: Flask) -> FlaskClient:
     """A test client for the app."""
     return app.test_client()
+
+
+# --- Authentication -------------------------------------------------------------------------
+
+_CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+@pytest.fixture
+def make_user(app: Flask) -> Callable[..., Any]:
+    """Create and commit a user; returns the User DETACHED (expunged, every column loaded).
+
+    Read its attributes freely (id, public_id, username, …); to change it, load it again inside
+    an app context: `db.session.get(User, user.id)`. Works with users of any app of the test,
+    since every app shares the one database.
+    """
+    from broker.auth import users
+    from broker.models import User
+
+    def factory(
+        username: str = "alice", password: str = "correct horse battery", *, is_admin: bool = False
+    ) -> User:
+        with app.app_context():
+            user = users.create_user(username, password, is_admin=is_admin)
+            db.session.commit()
+            db.session.refresh(user)
+            db.session.expunge(user)
+            return user
+
+    return factory
+
+
+def _csrf_from(html: str) -> str:
+    match = _CSRF_META.search(html)
+    assert match, "no CSRF token on the page"
+    return match.group(1)
+
+
+@pytest.fixture
+def login() -> Callable[..., Any]:
+    """Log a test client in through the real login form; returns the login POST's response."""
+
+    def do_login(  # type: ignore[no-untyped-def]
+        client: FlaskClient, username: str = "alice", password: str = "correct horse battery"
+    ):
+        page = client.get("/auth/login")
+        assert page.status_code == 200, page.status_code
+        token = _csrf_from(page.get_data(as_text=True))
+        response = client.post(
+            "/auth/login",
+            data={"username": username, "password": password, "csrf_token": token},
+        )
+        assert response.status_code == 302, f"login failed: {response.status_code}"
+        return response
+
+    return do_login
+
+
+@pytest.fixture
+def csrf_headers() -> Callable[[FlaskClient], dict[str, str]]:
+    """Return `{"X-CSRFToken": …}` for the client's current (logged-in or anonymous) session."""
+
+    def headers(client: FlaskClient) -> dict[str, str]:
+        page = client.get("/auth/account")
+        if page.status_code != 200:
+            page = client.get("/auth/login")
+        return {"X-CSRFToken": _csrf_from(page.get_data(as_text=True))}
+
+    return headers
+
+
+@pytest.fixture
+def bearer() -> Callable[..., dict[str, str]]:
+    """Issue a fresh API token for a user (User or username); returns the Authorization header."""
+    from broker.auth import tokens, users
+    from broker.models import User
+
+    def issue(app: Flask, user_or_username: Any) -> dict[str, str]:
+        with app.app_context():
+            if isinstance(user_or_username, User):
+                user = db.session.get(User, user_or_username.id)
+            else:
+                user = users.find_user(str(user_or_username))
+            assert user is not None, f"no user {user_or_username!r}"
+            issued = tokens.issue(user, "pytest")
+            db.session.commit()
+            return {"Authorization": f"Bearer {issued.secret}"}
+
+    return issue

@@ -12,3 +12,4 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 # Resource modules register their routes on `bp` when imported.
 from broker.api import docs  # noqa: E402, F401
+from broker.api import auth  # noqa: E402, F401

@@ -1,0 +1,146 @@
+"""API authentication: create, list and revoke bearer tokens; who am I."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from flask import current_app
+from flask_login import current_user
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.api import bp
+from broker.api.spec import endpoint
+from broker.auth import current_api_token, limits, tokens, users
+from broker.db import db
+from broker.errors import ApiError
+from broker.extensions import csrf
+
+TAGS = ("auth",)
+
+
+class CreateToken(BaseModel):
+    """Credentials and a device name; the answer carries the token once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+    device_name: str = Field(min_length=1, max_length=100, description="Shown in token lists.")
+    expires_in_days: int | None = Field(
+        default=None, ge=1, le=365, description="Default: BROKER_API_TOKEN_TTL_DAYS."
+    )
+
+
+class TokenOut(BaseModel):
+    """An API token as listed (never the secret)."""
+
+    id: str
+    device_name: str
+    prefix: str = Field(description="The first characters of the token.")
+    created_at: datetime
+    expires_at: datetime
+    last_used_at: datetime | None
+    current: bool = Field(description="True for the token that authenticated this request.")
+
+
+class TokenCreated(TokenOut):
+    """A new token: `token` is shown only in this answer."""
+
+    token: str = Field(description="The bearer token `brk_…`; store it now, it is not shown again.")
+
+
+class TokenList(BaseModel):
+    """The caller's usable tokens, newest first."""
+
+    tokens: list[TokenOut]
+
+
+class Me(BaseModel):
+    """The authenticated user."""
+
+    public_id: str
+    username: str
+    is_admin: bool
+
+
+def _out(row, current_id: int | None, cls=TokenOut, **extra):  # type: ignore[no-untyped-def]
+    return cls(
+        id=row.public_id,
+        device_name=row.name,
+        prefix=row.prefix,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+        current=row.id == current_id,
+        **extra,
+    )
+
+
+def _current_id() -> int | None:
+    token = current_api_token()
+    return token.id if token is not None else None
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/auth/tokens",
+    body=CreateToken,
+    responses={201: TokenCreated},
+    auth=False,
+    tags=TAGS,
+)
+@limits.per_ip
+@limits.per_username
+def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
+    """Exchange a username and password for a bearer token (shown once)."""
+    user = users.authenticate(body.username, body.password)
+    if user is None:
+        db.session.rollback()
+        raise ApiError(401, "invalid_credentials", "Invalid username or password.")
+    days = body.expires_in_days or int(current_app.config["API_TOKEN_TTL_DAYS"])
+    issued = tokens.issue(user, body.device_name.strip() or "device", ttl=timedelta(days=days))
+    db.session.commit()
+    out = _out(issued.token, None, TokenCreated, token=issued.secret)
+    return out, 201, {"Cache-Control": "no-store"}
+
+
+# Credentials in the body, no cookie is used: nothing for a cross-site request to ride on.
+csrf.exempt(create_token)
+
+
+@endpoint(bp, "GET", "/auth/tokens", responses={200: TokenList}, tags=TAGS)
+def list_tokens() -> TokenList:
+    """List the caller's usable API tokens."""
+    current_id = _current_id()
+    user = current_user._get_current_object()
+    return TokenList(tokens=[_out(t, current_id) for t in tokens.active_tokens(user)])
+
+
+@endpoint(bp, "DELETE", "/auth/tokens/current", responses={204: None}, tags=TAGS)
+def revoke_current_token():  # type: ignore[no-untyped-def]
+    """Revoke the token this request was made with (log the device out)."""
+    token = current_api_token()
+    if token is None:
+        raise ApiError(404, "not_found", "This request was not made with an API token.")
+    tokens.revoke(token)
+    db.session.commit()
+    return "", 204
+
+
+@endpoint(bp, "DELETE", "/auth/tokens/<token_id>", responses={204: None}, tags=TAGS)
+def revoke_token(token_id: str):  # type: ignore[no-untyped-def]
+    """Revoke one of the caller's tokens (another user's token: 404)."""
+    token = tokens.find_own(current_user._get_current_object(), token_id)
+    if token is None:
+        raise ApiError(404, "not_found", "No such token.")
+    tokens.revoke(token)
+    db.session.commit()
+    return "", 204
+
+
+@endpoint(bp, "GET", "/me", responses={200: Me}, tags=TAGS)
+def me() -> Me:
+    """Return the authenticated user."""
+    user = current_user._get_current_object()
+    return Me(public_id=user.public_id, username=user.username, is_admin=user.is_admin)

@@ -1,0 +1,162 @@
+"""Authentication: browser sessions (flask-login + CSRF), bearer tokens for apps, the admin role.
+
+Public interface:
+- `bp`: the "auth" blueprint (login, logout, register, account pages under /auth).
+- `login_required` (flask-login's), `admin_required`: guard views; API views answer JSON 401/403.
+- `csrf_token()`: the CSRF token for templates and page JavaScript (`X-CSRFToken` header).
+- `current_api_token()`: the ApiToken of a bearer-authenticated request, else None.
+
+Rules enforced here: a request with an `Authorization` header is authenticated ONLY by that
+header (the session and remember cookies are ignored), which is why such requests are exempt
+from CSRF; every other POST/PUT/PATCH/DELETE needs a valid CSRF token (form field or
+`X-CSRFToken` header), including JSON calls to the API made with the session cookie.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from flask import Blueprint, Flask, current_app, flash, g, redirect, request, url_for
+from flask_login import current_user, login_required
+from flask_wtf.csrf import CSRFError, generate_csrf
+
+from broker.db import db
+from broker.errors import ApiError, handle_api_error, wants_json
+from broker.extensions import csrf, login_manager
+from broker.models import ApiToken, User
+
+__all__ = ["admin_required", "bp", "csrf_token", "current_api_token", "login_required"]
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def csrf_token() -> str:
+    """Return the CSRF token of the current session (for forms, meta tags and page scripts)."""
+    return generate_csrf()
+
+
+def current_api_token() -> ApiToken | None:
+    """Return the token that authenticated this request, or None for cookie sessions."""
+    current_user._get_current_object()  # make sure the loaders ran
+    return g.get("api_token")
+
+
+def _bearer_secret() -> str | None:
+    """Return the token of an `Authorization: Bearer …` header, else None."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def _is_bearer_request() -> bool:
+    return _bearer_secret() is not None
+
+
+@login_manager.user_loader
+def load_user_from_session(session_token: str) -> User | None:
+    """Load the session's (or remember cookie's) user by the rotating session token."""
+    if "Authorization" in request.headers:
+        return None  # an Authorization header is the only credential considered
+    user = db.session.scalar(sa.select(User).where(User.session_token == session_token))
+    return user if user is not None and user.is_active else None
+
+
+@login_manager.request_loader
+def load_user_from_request(req: Any) -> User | None:
+    """Authenticate `Authorization: Bearer brk_…` (None for a missing, bad or dead token)."""
+    from broker.auth import tokens
+
+    secret = _bearer_secret()
+    if secret is None:
+        return None
+    token = tokens.authenticate(secret)
+    if token is None:
+        return None
+    g.api_token = token
+    return token.user
+
+
+def _authenticate_header_first() -> None:
+    """Resolve the user from the Authorization header alone, before any cookie is considered."""
+    if "Authorization" not in request.headers:
+        return
+    # flask-login reads a remember cookie before its request loader; deciding here, first,
+    # guarantees that a request carrying a header is judged by the header only.
+    user = load_user_from_request(request)
+    g._login_user = user if user is not None else login_manager.anonymous_user()
+
+
+def _csrf_protect() -> None:
+    """Require a CSRF token on cookie-authenticated writes; bearer requests carry no cookies."""
+    if not request.endpoint or _is_bearer_request():
+        return
+    if request.method not in current_app.config["WTF_CSRF_METHODS"]:
+        return
+    # An anonymous request has no ambient authority to abuse. The login and registration
+    # forms still check their own token (FlaskForm), which stops login CSRF.
+    if not current_user.is_authenticated:
+        return
+    csrf.protect(apply_exemptions=True)
+
+
+def _csrf_error(exc: CSRFError):  # type: ignore[no-untyped-def]
+    """Refuse a write without a valid CSRF token (403, JSON for the API)."""
+    return handle_api_error(
+        ApiError(
+            403,
+            "csrf_failed",
+            "The CSRF token is missing or invalid; reload the page and try again.",
+        )
+    )
+
+
+@login_manager.unauthorized_handler
+def unauthorized():  # type: ignore[no-untyped-def]
+    """Answer JSON 401 for the API, redirect pages to the login form."""
+    if wants_json():
+        raise ApiError(
+            401,
+            "unauthorized",
+            "Authentication required: send 'Authorization: Bearer <token>' or log in.",
+            headers={"WWW-Authenticate": 'Bearer realm="api"'},
+        )
+    flash(login_manager.login_message, login_manager.login_message_category)
+    target = request.full_path if request.query_string else request.path
+    return redirect(url_for("auth.login", next=target))
+
+
+def admin_required(view: F) -> F:
+    """Let only administrators through (401 when anonymous, 403 JSON/HTML otherwise)."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not current_user.is_authenticated:
+            return login_manager.unauthorized()
+        if not current_user.is_admin:
+            raise ApiError(403, "forbidden", "This needs an administrator account.")
+        return view(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def init_app(app: Flask) -> None:
+    """Wire authentication into `app` (after broker.extensions.init_app)."""
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please log in to see that page."
+    login_manager.login_message_category = "info"
+    # Header auth goes first so CSRF and views see the right user.
+    app.before_request(_authenticate_header_first)
+    app.before_request(_csrf_protect)
+    app.register_error_handler(CSRFError, _csrf_error)
+    app.jinja_env.globals["csrf_token"] = csrf_token
+    app.register_blueprint(bp)
+
+
+from broker.auth import views  # noqa: E402, F401

@@ -1,0 +1,61 @@
+"""The browser forms of the auth pages (Flask-WTF: CSRF field included)."""
+
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from wtforms import BooleanField, EmailField, PasswordField, StringField
+from wtforms.validators import DataRequired, EqualTo, Length, Optional, Regexp, ValidationError
+
+from broker.auth import passwords
+
+
+def _password_rules(form: FlaskForm, field: PasswordField) -> None:
+    problem = passwords.password_problem(field.data or "")
+    if problem:
+        raise ValidationError(problem)
+
+
+class LoginForm(FlaskForm):
+    """Username, password, remember me."""
+
+    username = StringField("Username", validators=[DataRequired(), Length(max=64)])
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=passwords.MAX_LENGTH)]
+    )
+    remember = BooleanField("Keep me logged in on this device (30 days)")
+
+
+class RegisterForm(FlaskForm):
+    """A new account."""
+
+    username = StringField("Username", validators=[DataRequired(), Length(min=3, max=64)])
+    email = EmailField(
+        "Email (optional)",
+        validators=[
+            Optional(),
+            Length(max=254),
+            Regexp(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", message="Enter an email address."),
+        ],
+    )
+    password = PasswordField("Password", validators=[DataRequired(), _password_rules])
+    confirm = PasswordField(
+        "Repeat password",
+        validators=[DataRequired(), EqualTo("password", message="The passwords differ.")],
+    )
+
+
+class ChangePasswordForm(FlaskForm):
+    """The current password and a new one."""
+
+    current = PasswordField(
+        "Current password", validators=[DataRequired(), Length(max=passwords.MAX_LENGTH)]
+    )
+    password = PasswordField("New password", validators=[DataRequired(), _password_rules])
+    confirm = PasswordField(
+        "Repeat new password",
+        validators=[DataRequired(), EqualTo("password", message="The passwords differ.")],
+    )
+
+
+class ActionForm(FlaskForm):
+    """A button-only form (logout, revoke): just the CSRF token."""

@@ -1,0 +1,122 @@
+"""API bearer tokens: issue (shown once), look up by SHA-256, expire, revoke.
+
+A token is `brk_` + 43 URL-safe characters (256 random bits). Only its SHA-256 is stored, so a
+copy of the database cannot be replayed; lookups go by that hash (an index hit that reveals
+nothing about the secret), and the match is confirmed with a constant-time comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+
+from broker.db import db, utcnow
+from broker.models import ApiToken, User
+
+PREFIX = "brk_"
+DEFAULT_TTL = timedelta(days=90)
+# last_used_at is written at most this often, so each API call does not cost a write.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A freshly issued token: the secret (shown once) and its stored row."""
+
+    secret: str
+    token: ApiToken
+
+
+def digest(secret: str) -> str:
+    """Return the hex SHA-256 stored for `secret`."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def issue(
+    user: User, name: str, *, ttl: timedelta = DEFAULT_TTL, now: datetime | None = None
+) -> IssuedToken:
+    """Create a token for `user` (added to the session; the caller commits)."""
+    now = now or utcnow()
+    secret = PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(
+        user_id=user.id,
+        name=name,
+        token_hash=digest(secret),
+        prefix=secret[: len(PREFIX) + 6],
+        created_at=now,
+        expires_at=now + ttl,
+    )
+    db.session.add(token)
+    db.session.flush()
+    return IssuedToken(secret, token)
+
+
+def is_usable(token: ApiToken, now: datetime | None = None) -> bool:
+    """Tell whether `token` is neither revoked nor expired."""
+    now = now or utcnow()
+    return token.revoked_at is None and token.expires_at > now
+
+
+def authenticate(secret: str, now: datetime | None = None) -> ApiToken | None:
+    """Return the usable token whose secret this is, else None; records when it was last used."""
+    if not secret.startswith(PREFIX) or len(secret) > 200:
+        return None
+    now = now or utcnow()
+    hashed = digest(secret)
+    token = db.session.scalar(sa.select(ApiToken).where(ApiToken.token_hash == hashed))
+    if token is None or not hmac.compare_digest(token.token_hash, hashed):
+        return None
+    if not is_usable(token, now) or not token.user.is_active:
+        return None
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        token.last_used_at = now
+        db.session.commit()
+    return token
+
+
+def active_tokens(user: User, now: datetime | None = None) -> list[ApiToken]:
+    """Return `user`'s tokens that are neither revoked nor expired, newest first."""
+    now = now or utcnow()
+    return list(
+        db.session.scalars(
+            sa.select(ApiToken)
+            .where(
+                ApiToken.user_id == user.id,
+                ApiToken.revoked_at.is_(None),
+                ApiToken.expires_at > now,
+            )
+            .order_by(ApiToken.created_at.desc(), ApiToken.id.desc())
+        )
+    )
+
+
+def find_own(user: User, public_id: str) -> ApiToken | None:
+    """Return `user`'s unrevoked token with this public id (another user's token: None)."""
+    return db.session.scalar(
+        sa.select(ApiToken).where(
+            ApiToken.public_id == public_id,
+            ApiToken.user_id == user.id,
+            ApiToken.revoked_at.is_(None),
+        )
+    )
+
+
+def revoke(token: ApiToken, now: datetime | None = None) -> None:
+    """Revoke one token (the caller commits)."""
+    if token.revoked_at is None:
+        token.revoked_at = now or utcnow()
+
+
+def revoke_all(user: User, now: datetime | None = None) -> int:
+    """Revoke every token of `user` (the caller commits); return how many were revoked."""
+    result = db.session.execute(
+        sa.update(ApiToken)
+        .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now or utcnow())
+    )
+    return result.rowcount or 0

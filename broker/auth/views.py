@@ -1,0 +1,160 @@
+"""The auth pages: login, logout, register, account (change password, revoke tokens)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flask import abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask_login import current_user, login_required, login_user, logout_user
+from sqlalchemy.exc import IntegrityError
+
+from broker.auth import bp, limits, passwords, tokens, users
+from broker.auth.forms import ActionForm, ChangePasswordForm, LoginForm, RegisterForm
+from broker.db import db
+
+INVALID_LOGIN = "Invalid username or password."
+
+
+def safe_next(target: str | None) -> str | None:
+    """Return `target` if it is a path on this site, else None (no open redirects)."""
+    if not target or len(target) > 2048 or not target.startswith("/"):
+        return None
+    # "//host" and "/\host" are other sites to a browser; control characters get stripped.
+    if target.startswith("//") or "\\" in target or any(ord(c) < 32 or c == "\x7f" for c in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return None
+    return target
+
+
+def _start_session(user, remember: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Log `user` in on a brand-new session (no value of the old one survives: no fixation)."""
+    session.clear()
+    login_user(user, remember=remember)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limits.per_ip
+@limits.per_username
+def login():  # type: ignore[no-untyped-def]
+    """Show the login form; log the user in on a valid submission."""
+    target = safe_next(request.args.get("next"))
+    if current_user.is_authenticated:
+        return redirect(target or url_for("web.index"))
+    form = LoginForm()
+    status = 200
+    if form.validate_on_submit():
+        user = users.authenticate(form.username.data or "", form.password.data or "")
+        if user is not None:
+            _start_session(user, remember=bool(form.remember.data))
+            db.session.commit()
+            return redirect(target or url_for("web.index"))
+        db.session.rollback()
+        form.form_errors.append(INVALID_LOGIN)
+        status = 401
+    elif request.method == "POST":
+        status = 400
+    return render_template(
+        "auth/login.html",
+        form=form,
+        next=target,
+        registration=current_app.config["REGISTRATION"],
+    ), status
+
+
+@bp.post("/logout")
+def logout():  # type: ignore[no-untyped-def]
+    """End every session, remember cookie and the current browser session of the user."""
+    if current_user.is_authenticated:
+        user = current_user._get_current_object()
+        user.end_sessions()
+        db.session.commit()
+    session.clear()
+    logout_user()  # after clear(): flask-login marks the remember cookie for deletion
+    flash("You are logged out.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/register", methods=["GET", "POST"])
+@limits.per_ip
+def register():  # type: ignore[no-untyped-def]
+    """Create an account (only when BROKER_REGISTRATION is on) and log it in."""
+    if not current_app.config["REGISTRATION"]:
+        abort(404)
+    form = RegisterForm()
+    status = 200
+    if form.validate_on_submit():
+        try:
+            user = users.create_user(
+                form.username.data or "", form.password.data or "", email=form.email.data
+            )
+            db.session.commit()
+        except users.AccountError as exc:
+            db.session.rollback()
+            getattr(form, exc.field).errors.append(exc.message)
+        except IntegrityError:  # a concurrent registration took the name first
+            db.session.rollback()
+            form.username.errors.append("That username is taken.")
+        else:
+            _start_session(user)
+            user.last_login_at = user.created_at
+            db.session.commit()
+            flash("Welcome! Your account is ready.", "info")
+            return redirect(url_for("web.index"))
+        status = 422
+    elif request.method == "POST":
+        status = 422
+    return render_template("auth/register.html", form=form), status
+
+
+def _account_page(password_form: ChangePasswordForm | None = None, status: int = 200):  # type: ignore[no-untyped-def]
+    user = current_user._get_current_object()
+    return render_template(
+        "auth/account.html",
+        user=user,
+        tokens=tokens.active_tokens(user),
+        password_form=password_form or ChangePasswordForm(),
+        action_form=ActionForm(),
+    ), status
+
+
+@bp.get("/account")
+@login_required
+def account():  # type: ignore[no-untyped-def]
+    """Show the account: details, password change, the API tokens with revoke buttons."""
+    return _account_page()
+
+
+@bp.post("/account/password")
+@login_required
+def change_password():  # type: ignore[no-untyped-def]
+    """Change the password; ends every other session and revokes every API token."""
+    form = ChangePasswordForm()
+    user = current_user._get_current_object()
+    if not form.validate_on_submit():
+        return _account_page(form, 422)
+    if not passwords.verify_password(user.password_hash, form.current.data or ""):
+        form.current.errors.append("That is not your current password.")
+        return _account_page(form, 422)
+    users.set_password(user, form.password.data or "")
+    db.session.commit()
+    # The id in this browser's cookie was just rotated; carry on in a fresh session.
+    _start_session(user)
+    flash("Password changed. Other sessions and all API tokens were ended.", "info")
+    return redirect(url_for("auth.account"))
+
+
+@bp.post("/account/tokens/<token_id>/revoke")
+@login_required
+def revoke_token(token_id: str):  # type: ignore[no-untyped-def]
+    """Revoke one of the user's API tokens (another user's token: 404)."""
+    if not ActionForm().validate_on_submit():
+        abort(400)
+    token = tokens.find_own(current_user._get_current_object(), token_id)
+    if token is None:
+        abort(404)
+    tokens.revoke(token)
+    db.session.commit()
+    flash(f"Token “{token.name}” revoked.", "info")
+    return redirect(url_for("auth.account"))
