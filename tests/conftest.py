@@ -106,13 +106,39 @@ def _empty_tables(app: Flask) -> None:
         db.engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[Any]:
+    """One Cloudflare Images emulator over real HTTP for the session (apps point at it)."""
+    from broker.emulator.testing import EmulatorServer
+
+    with EmulatorServer() as server:
+        yield server
+
+
+def emulator_config(emulator: Any) -> dict[str, Any]:
+    """Return the broker settings that point an app at `emulator`."""
+    return {
+        "CLOUDFLARE_API_BASE": f"{emulator.url}/client/v4",
+        "CLOUDFLARE_ACCOUNT_ID": emulator.account_id,
+        "CLOUDFLARE_API_TOKEN": emulator.api_token,
+        "CLOUDFLARE_ACCOUNT_HASH": emulator.account_hash,
+        "CLOUDFLARE_DELIVERY_BASE": emulator.url,
+        "CLOUDFLARE_UPLOAD_ORIGIN": emulator.url,
+    }
+
+
 @pytest.fixture
-def make_app(migrated: str, tmp_path: pytest.TempPathFactory) -> Iterator[Callable[..., Flask]]:
-    """Build apps on the migrated test database; every table is emptied after the test."""
+def make_app(
+    migrated: str, tmp_path: pytest.TempPathFactory, emulator: Any
+) -> Iterator[Callable[..., Flask]]:
+    """Build apps on the migrated test database, pointed at the emulator (its counters, faults
+    and clock reset for each test); every table is emptied after the test."""
     apps: list[Flask] = []
+    emulator.reset()
 
     def factory(**overrides: Any) -> Flask:
-        app = create_app(base_config(migrated, str(tmp_path), **overrides))
+        config = {**emulator_config(emulator), **overrides}
+        app = create_app(base_config(migrated, str(tmp_path), **config))
         app.test_client_class = SpecCheckingClient
         apps.append(app)
         return app

@@ -1,0 +1,326 @@
+"""/api/v1/uploads: ask for a direct upload URL, list, show and delete one's uploads.
+
+Another user's upload is 404 on every route (not 403: its existence is not revealed);
+admins see every upload.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from flask import Response, current_app, request, url_for
+from flask_login import current_user
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from broker import idempotency, uploads
+from broker.api import bp
+from broker.api.spec import ErrorResponse, endpoint
+from broker.cloudflare import get_client
+from broker.db import db
+from broker.errors import ApiError
+from broker.models import Upload, User
+
+Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
+ERRORS: dict[int, type[BaseModel] | None] = {
+    401: ErrorResponse,
+    404: ErrorResponse,
+    422: ErrorResponse,
+}
+UPSTREAM_ERRORS: dict[int, type[BaseModel] | None] = {
+    502: ErrorResponse,
+    503: ErrorResponse,
+    504: ErrorResponse,
+}
+
+
+class CreateUpload(BaseModel):
+    """Options for a new upload slot; every field is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[str, Any] | None = Field(
+        None,
+        description="Your key/value data stored with the image (≤ 1024 bytes as JSON, "
+        "including the broker's own key).",
+    )
+    require_signed_urls: StrictBool | None = Field(
+        None, description="Serve the image only through signed URLs (default from config)."
+    )
+    expires_in: int | None = Field(
+        None,
+        ge=uploads.MIN_EXPIRY,
+        le=uploads.MAX_EXPIRY,
+        description="Seconds the upload URL stays valid.",
+    )
+    id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="A custom image id (not a UUID, no leading/trailing '/'); "
+        "needs require_signed_urls: false.",
+    )
+
+
+class UploadOut(BaseModel):
+    """An upload as the API shows it."""
+
+    id: str
+    image_id: str
+    owner: str = Field(description="The uploader's public user id (Cloudflare's `creator`).")
+    status: Status
+    require_signed_urls: bool
+    metadata: dict[str, Any]
+    created_at: datetime
+    expires_at: datetime
+    status_changed_at: datetime
+    completed_at: datetime | None = None
+    filename: str | None = None
+    uploaded_at: datetime | None = None
+    reject_reason: str | None = None
+
+    @classmethod
+    def of(cls, upload: Upload) -> UploadOut:
+        """Render an Upload row."""
+        return cls(
+            id=upload.id,
+            image_id=upload.image_id,
+            owner=upload.user.public_id,
+            status=upload.status,  # type: ignore[arg-type]
+            require_signed_urls=upload.require_signed_urls,
+            metadata=uploads.public_metadata(upload.meta),
+            created_at=upload.created_at,
+            expires_at=upload.expires_at,
+            status_changed_at=upload.status_changed_at,
+            completed_at=upload.completed_at,
+            filename=upload.filename,
+            uploaded_at=upload.uploaded_at,
+            reject_reason=upload.reject_reason,
+        )
+
+
+class UploadCreated(UploadOut):
+    """A new upload: POST the file (multipart field `file`) to `upload_url`, once."""
+
+    upload_url: str = Field(description="One-time URL the client posts the file to.")
+
+
+class UploadPage(BaseModel):
+    """A page of uploads, newest first."""
+
+    items: list[UploadOut]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class ListUploads(BaseModel):
+    """Filters and paging of the upload list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Status | None = None
+    cursor: str | None = Field(None, max_length=512)
+    limit: int = Field(50, ge=1, le=200)
+    scope: Literal["mine", "all"] = Field("mine", description="`all` is for admins.")
+    user: str | None = Field(None, max_length=32, description="Admins: one user's public id.")
+
+
+class UserLimits(BaseModel):
+    """A user's upload limits; null means the configured default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_pending_uploads: int | None = Field(None, ge=0, le=100_000)
+    max_uploads_per_day: int | None = Field(None, ge=0, le=1_000_000)
+
+
+class UserLimitsOut(UserLimits):
+    """A user's overrides and the limits that apply."""
+
+    user: str
+    effective_max_pending_uploads: int
+    effective_max_uploads_per_day: int
+
+
+def _user() -> User:
+    return current_user._get_current_object()  # type: ignore[attr-defined,no-any-return]
+
+
+def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> Response:
+    body = current_app.json.dumps(payload.model_dump(mode="json", by_alias=True))
+    response = current_app.response_class(body, status=status, mimetype="application/json")
+    response.headers.update(headers)
+    return response
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/uploads",
+    body=CreateUpload,
+    responses={
+        201: UploadCreated,
+        400: ErrorResponse,
+        409: ErrorResponse,
+        429: ErrorResponse,
+        **ERRORS,
+        **UPSTREAM_ERRORS,
+    },
+    tags=("uploads",),
+)
+def create_upload(body: CreateUpload) -> Response:
+    """Create a one-time direct upload URL stamped with the caller as creator."""
+    user = _user()
+    config = current_app.config
+    params = uploads.UploadParams(
+        metadata=body.metadata,
+        require_signed_urls=(
+            bool(config["REQUIRE_SIGNED_URLS"])
+            if body.require_signed_urls is None
+            else body.require_signed_urls
+        ),
+        expires_in=int(
+            config["UPLOAD_DEFAULT_EXPIRY"] if body.expires_in is None else body.expires_in
+        ),
+        custom_id=body.id,
+    )
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        fp = idempotency.fingerprint("POST", request.path, request.get_json(silent=True))
+        stored = idempotency.begin(user, key, fp)
+        if stored is not None:
+            replay = current_app.response_class(
+                stored.body, status=stored.status, mimetype="application/json"
+            )
+            replay.headers.update(stored.headers)
+            replay.headers["Idempotent-Replayed"] = "true"
+            return replay
+    client = get_client()
+    try:
+        upload, upload_url = uploads.create_upload(user, params, client, config=config)
+        db.session.flush()
+        payload = UploadCreated(**UploadOut.of(upload).model_dump(), upload_url=upload_url)
+        headers = {"Location": url_for("api.get_upload", upload_id=upload.id)}
+        response = _json_response(payload, 201, headers)
+        if key is not None:
+            idempotency.finish(user, key, 201, response.get_data(as_text=True), headers)
+        try:
+            db.session.commit()
+        except Exception:
+            db.session.rollback()
+            uploads.discard_draft(client, upload.image_id)
+            raise
+    except Exception:
+        if key is not None:
+            idempotency.abandon(user, key)
+        raise
+    return response
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/uploads",
+    query=ListUploads,
+    responses={200: UploadPage, 403: ErrorResponse, **ERRORS},
+    tags=("uploads",),
+)
+def list_uploads(query: ListUploads) -> UploadPage:
+    """List your uploads, newest first (admins: `scope=all`, optionally one `user`)."""
+    user = _user()
+    user_id: int | None = user.id
+    if query.scope == "all" or query.user is not None:
+        if not user.is_admin:
+            raise ApiError(403, "forbidden", "Only admins may list other users' uploads.")
+        user_id = None
+        if query.user is not None:
+            owner = db.session.scalar(db.select(User).where(User.public_id == query.user))
+            if owner is None:
+                return UploadPage(items=[], next_cursor=None)
+            user_id = owner.id
+    rows, cursor = uploads.list_uploads(
+        user_id=user_id, status=query.status, cursor=query.cursor, limit=query.limit
+    )
+    return UploadPage(items=[UploadOut.of(u) for u in rows], next_cursor=cursor)
+
+
+def _visible(upload_id: str) -> Upload:
+    upload = uploads.find_upload(_user(), upload_id)
+    if upload is None:
+        raise ApiError(404, "not_found", "No such upload.")
+    return upload
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/uploads/<upload_id>",
+    responses={200: UploadOut, **ERRORS},
+    tags=("uploads",),
+)
+def get_upload(upload_id: str) -> UploadOut:
+    """Show one of your uploads."""
+    return UploadOut.of(_visible(upload_id))
+
+
+@endpoint(
+    bp,
+    "DELETE",
+    "/uploads/<upload_id>",
+    responses={200: UploadOut, **ERRORS, **UPSTREAM_ERRORS},
+    tags=("uploads",),
+)
+def delete_upload(upload_id: str) -> UploadOut:
+    """Delete the image at Cloudflare and mark the upload deleted."""
+    upload = _visible(upload_id)
+    uploads.delete_upload(upload, get_client())
+    db.session.commit()
+    return UploadOut.of(upload)
+
+
+def _limits_out(user: User) -> UserLimitsOut:
+    pending, daily = uploads.limits_for(user, current_app.config)
+    return UserLimitsOut(
+        user=user.public_id,
+        max_pending_uploads=user.max_pending_uploads,
+        max_uploads_per_day=user.max_uploads_per_day,
+        effective_max_pending_uploads=pending,
+        effective_max_uploads_per_day=daily,
+    )
+
+
+def _admin_target(public_id: str) -> User:
+    if not _user().is_admin:
+        raise ApiError(403, "forbidden", "Only admins may change upload limits.")
+    target = db.session.scalar(db.select(User).where(User.public_id == public_id))
+    if target is None:
+        raise ApiError(404, "not_found", "No such user.")
+    return target
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/users/<public_id>/upload-limits",
+    responses={200: UserLimitsOut, 403: ErrorResponse, **ERRORS},
+    tags=("admin",),
+)
+def get_upload_limits(public_id: str) -> UserLimitsOut:
+    """Show a user's upload limits (admins only)."""
+    return _limits_out(_admin_target(public_id))
+
+
+@endpoint(
+    bp,
+    "PUT",
+    "/users/<public_id>/upload-limits",
+    body=UserLimits,
+    responses={200: UserLimitsOut, 403: ErrorResponse, **ERRORS},
+    tags=("admin",),
+)
+def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:
+    """Set or clear a user's upload limit overrides (admins only)."""
+    target = _admin_target(public_id)
+    target.max_pending_uploads = body.max_pending_uploads
+    target.max_uploads_per_day = body.max_uploads_per_day
+    db.session.commit()
+    return _limits_out(target)

@@ -1,0 +1,113 @@
+"""Turn upstream and domain failures into the API's error answers (one mapping for every view).
+
+Registered on the API blueprint, so any /api/v1 view that lets a `CloudflareError`,
+`BudgetExhausted`, `UploadError` or `IdempotencyError` escape answers the same way:
+
+- Cloudflare refuses our credentials/account → 502 `upstream_auth` (an operator must act);
+- no answer in time → 504 `upstream_timeout`;
+- our budget is spent, or Cloudflare said 429 → 503 with `Retry-After`;
+- Cloudflare failed (5xx, connection) → 502 `upstream_unavailable`;
+- Cloudflare refused the content → 422 naming the field when we can tell it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from broker.budget import BudgetExhausted
+from broker.cloudflare import (
+    CloudflareAuthError,
+    CloudflareBadRequest,
+    CloudflareConflict,
+    CloudflareRateLimited,
+    CloudflareTimeout,
+    CloudflareUnavailable,
+    UpstreamError,
+)
+from broker.errors import ApiError, handle_api_error
+from broker.idempotency import IdempotencyError
+from broker.uploads import UploadError
+
+# Cloudflare error codes that point at one request field.
+_FIELD_FOR_CODE = {5411: "id", 5400: None, 5413: "file", 5455: "file"}
+DEFAULT_RETRY_AFTER = 60
+
+
+def _retry_after(value: float | None) -> dict[str, str]:
+    seconds = DEFAULT_RETRY_AFTER if value is None else max(1, math.ceil(value))
+    return {"Retry-After": str(seconds)}
+
+
+def upstream_api_error(exc: UpstreamError) -> ApiError:
+    """Map an upstream failure to the API's answer."""
+    if isinstance(exc, BudgetExhausted):
+        return ApiError(
+            503,
+            "upstream_busy",
+            "The image service is busy; retry after the given time.",
+            details={"reason": exc.reason},
+            headers=_retry_after(exc.retry_after),
+        )
+    if isinstance(exc, CloudflareRateLimited):
+        return ApiError(
+            503,
+            "upstream_rate_limited",
+            "The image service asked us to slow down; retry after the given time.",
+            headers=_retry_after(exc.retry_after),
+        )
+    if isinstance(exc, CloudflareAuthError):
+        return ApiError(
+            502,
+            "upstream_auth",
+            "Cloudflare refused the broker's credentials or account; an operator must fix them.",
+        )
+    if isinstance(exc, CloudflareTimeout):
+        return ApiError(504, "upstream_timeout", "The image service did not answer in time.")
+    if isinstance(exc, CloudflareUnavailable):
+        return ApiError(502, "upstream_unavailable", "The image service failed; try again.")
+    if isinstance(exc, CloudflareConflict):
+        return ApiError(
+            409, "image_id_taken", "An image with this id already exists.", _field("id", exc)
+        )
+    if isinstance(exc, CloudflareBadRequest):
+        field = _FIELD_FOR_CODE.get(exc.code or 0)
+        return ApiError(
+            422,
+            "upstream_rejected",
+            f"Cloudflare refused the request: {exc.message}",
+            _field(field, exc),
+        )
+    return ApiError(502, "upstream_error", "The image service answered unexpectedly.")
+
+
+def _field(field: str | None, exc: Any) -> list[dict[str, Any]]:
+    return [{"field": field, "message": str(exc.message), "type": f"cloudflare_{exc.code}"}]
+
+
+def upload_api_error(exc: UploadError) -> ApiError:
+    """Map a refused upload request (validation, limits) to the API's answer."""
+    details = None
+    if exc.field:
+        details = [{"field": exc.field, "message": exc.message, "type": "value_error"}]
+    headers = _retry_after(exc.retry_after) if exc.retry_after is not None else None
+    return ApiError(exc.status, exc.code, exc.message, details, headers)
+
+
+def _on_upstream(exc: UpstreamError):  # type: ignore[no-untyped-def]
+    return handle_api_error(upstream_api_error(exc))
+
+
+def _on_upload(exc: UploadError):  # type: ignore[no-untyped-def]
+    return handle_api_error(upload_api_error(exc))
+
+
+def _on_idempotency(exc: IdempotencyError):  # type: ignore[no-untyped-def]
+    return handle_api_error(ApiError(exc.status, exc.code, exc.message))
+
+
+def register(bp: Any) -> None:
+    """Install the mappings on a blueprint."""
+    bp.register_error_handler(UpstreamError, _on_upstream)
+    bp.register_error_handler(UploadError, _on_upload)
+    bp.register_error_handler(IdempotencyError, _on_idempotency)

@@ -1,0 +1,422 @@
+"""The upload state machine: create drafts at Cloudflare, then move them forward, never back.
+
+    pending → ready | expired | rejected,   and any → deleted
+
+Views, CLI commands and the worker call these functions and own the commit. Every transition
+goes through `_transition`, which records the time and is where outgoing events are written in
+the same transaction (`webhooks.emit(db.session, type, upload)`, see the EMIT hooks).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from broker.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
+from broker.db import db, utcnow
+from broker.models import Upload, User
+
+log = logging.getLogger("broker.uploads")
+
+PENDING, READY, EXPIRED, REJECTED, DELETED = "pending", "ready", "expired", "rejected", "deleted"
+STATUSES = (PENDING, READY, EXPIRED, REJECTED, DELETED)
+# Allowed moves; staying in the same state is a no-op, anything else is refused.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    PENDING: frozenset({READY, EXPIRED, REJECTED, DELETED}),
+    READY: frozenset({DELETED}),
+    EXPIRED: frozenset({DELETED}),
+    REJECTED: frozenset({DELETED}),
+    DELETED: frozenset(),
+}
+
+MIN_EXPIRY = 120
+MAX_EXPIRY = 21600
+# Cloudflare checks the bounds when the request arrives, not when we computed it: stay a few
+# seconds inside them so latency or clock skew cannot turn a valid request into a 400.
+EXPIRY_MARGIN = 5
+MAX_METADATA_BYTES = 1024
+# The broker's own key in every image's metadata: lets a v2 listing or a notification be
+# matched to its upload without a lookup by image id.
+BROKER_META_KEY = "broker_upload_id"
+# When the worker first checks whether the file arrived (it reschedules itself after that).
+FIRST_CHECK_DELAY = timedelta(seconds=30)
+DAY = timedelta(hours=24)
+
+
+class UploadError(Exception):
+    """A request the domain refuses; `status`/`code` become the API's answer."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+
+class InvalidTransition(Exception):
+    """An upload was asked to move backwards (or out of a final state)."""
+
+
+@dataclass(frozen=True)
+class UploadParams:
+    """What a caller may choose about a new upload (validated shapes; rules checked here)."""
+
+    metadata: dict[str, Any] | None = None
+    require_signed_urls: bool = True
+    expires_in: int = 1800
+    custom_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure rules
+
+
+def metadata_size(meta: dict[str, Any]) -> int:
+    """Bytes of `meta` as compact UTF-8 JSON, the measure of Cloudflare's 1024-byte limit."""
+    return len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def build_metadata(user_meta: dict[str, Any] | None, upload_id: str) -> dict[str, Any]:
+    """Add the broker's keys to the caller's metadata, refusing reserved keys and overflow."""
+    user_meta = dict(user_meta or {})
+    if BROKER_META_KEY in user_meta:
+        raise UploadError(
+            422, "validation_error", f"'{BROKER_META_KEY}' is reserved", field="metadata"
+        )
+    meta = {**user_meta, BROKER_META_KEY: upload_id}
+    size = metadata_size(meta)
+    if size > MAX_METADATA_BYTES:
+        room = MAX_METADATA_BYTES - metadata_size({BROKER_META_KEY: upload_id})
+        raise UploadError(
+            422,
+            "validation_error",
+            f"metadata is {metadata_size(user_meta)} bytes as JSON; at most {room} bytes "
+            "fit beside the broker's own keys",
+            field="metadata",
+        )
+    return meta
+
+
+def public_metadata(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The caller's metadata without the broker's own keys."""
+    return {k: v for k, v in (meta or {}).items() if k != BROKER_META_KEY}
+
+
+def effective_expiry(now: datetime, expires_in: int) -> datetime:
+    """The moment sent to Cloudflare as `expiry`: whole seconds, inside its bounds."""
+    if not MIN_EXPIRY <= expires_in <= MAX_EXPIRY:
+        raise UploadError(
+            422,
+            "validation_error",
+            f"expires_in must be between {MIN_EXPIRY} and {MAX_EXPIRY} seconds",
+            field="expires_in",
+        )
+    seconds = min(max(expires_in, MIN_EXPIRY + EXPIRY_MARGIN), MAX_EXPIRY - EXPIRY_MARGIN)
+    return now.replace(microsecond=0) + timedelta(seconds=seconds)
+
+
+_UUID = re.compile(
+    r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$", re.IGNORECASE
+)
+
+
+def custom_id_problem(custom_id: str) -> str | None:
+    """Say what breaks Cloudflare's custom id rules, or None when the id is acceptable."""
+    if not custom_id:
+        return "id must not be empty"
+    if len(custom_id) > 1024:
+        return "id must be at most 1024 characters"
+    if custom_id.startswith("/") or custom_id.endswith("/"):
+        return "id cannot start or end with /"
+    if _UUID.match(custom_id):
+        return "id cannot be a UUID"
+    if any(segment in ("", ".", "..") for segment in custom_id.split("/")):
+        return "id cannot contain empty, . or .. path segments"
+    if any(ord(c) < 0x20 or c in "?#\\\x7f" for c in custom_id):
+        return "id contains characters that cannot appear in a URL path"
+    return None
+
+
+def check_custom_id(custom_id: str, require_signed_urls: bool) -> None:
+    """Apply Cloudflare's custom id rules before spending an upstream call on them."""
+    problem = custom_id_problem(custom_id)
+    if problem:
+        raise UploadError(422, "validation_error", problem, field="id")
+    if require_signed_urls:
+        raise UploadError(
+            422,
+            "validation_error",
+            "a custom id cannot be used with signed URLs; send require_signed_urls: false",
+            field="id",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+def limits_for(user: User, config: Any) -> tuple[int, int]:
+    """Return the user's (pending drafts, uploads per 24 h) limits, overrides first."""
+    pending = user.max_pending_uploads
+    daily = user.max_uploads_per_day
+    return (
+        int(config["MAX_PENDING_UPLOADS"] if pending is None else pending),
+        int(config["MAX_UPLOADS_PER_DAY"] if daily is None else daily),
+    )
+
+
+def check_limits(user: User, config: Any, now: datetime) -> None:
+    """Refuse a new upload over the user's pending or daily limit (429 with Retry-After)."""
+    max_pending, max_daily = limits_for(user, config)
+    live_pending = sa.select(Upload.expires_at).where(
+        Upload.user_id == user.id, Upload.status == PENDING, Upload.expires_at > now
+    )
+    pending = db.session.scalar(sa.select(sa.func.count()).select_from(live_pending.subquery()))
+    if pending >= max_pending:
+        # A slot frees for sure when the oldest live draft's URL expires.
+        first_expiry = db.session.scalar(
+            live_pending.order_by(Upload.expires_at).offset(max(0, pending - max_pending)).limit(1)
+        )
+        retry = _seconds_until(first_expiry, now)
+        raise UploadError(
+            429,
+            "too_many_pending_uploads",
+            f"You have {pending} uploads waiting for a file (limit {max_pending}); "
+            "finish or delete one first.",
+            retry_after=retry,
+        )
+    since = now - DAY
+    recent = sa.select(Upload.created_at).where(
+        Upload.user_id == user.id, Upload.created_at > since
+    )
+    today = db.session.scalar(sa.select(sa.func.count()).select_from(recent.subquery()))
+    if today >= max_daily:
+        oldest = db.session.scalar(
+            recent.order_by(Upload.created_at).offset(max(0, today - max_daily)).limit(1)
+        )
+        retry = _seconds_until(oldest + DAY if oldest else None, now)
+        raise UploadError(
+            429,
+            "daily_upload_limit",
+            f"You created {today} uploads in the last 24 hours (limit {max_daily}).",
+            retry_after=retry,
+        )
+
+
+def _seconds_until(moment: datetime | None, now: datetime) -> int:
+    if moment is None:
+        return 60
+    return max(1, int((moment - now).total_seconds() + 0.999))
+
+
+# ---------------------------------------------------------------------------------------------
+# Create
+
+
+def new_upload_id() -> str:
+    """Return a fresh broker upload id."""
+    from broker.models import _upload_id
+
+    return _upload_id()
+
+
+def create_upload(
+    user: User,
+    params: UploadParams,
+    client: CloudflareImages,
+    *,
+    config: Any,
+    now: datetime | None = None,
+) -> tuple[Upload, str]:
+    """Ask Cloudflare for a direct upload URL for `user` and add the pending Upload row.
+
+    Returns the (uncommitted) upload and its one-time upload URL. Nothing is written when
+    Cloudflare refuses or fails, so no row ever claims a draft that does not exist.
+    """
+    now = now or utcnow()
+    if params.custom_id is not None:
+        check_custom_id(params.custom_id, params.require_signed_urls)
+    expiry = effective_expiry(now, params.expires_in)
+    upload_id = new_upload_id()
+    meta = build_metadata(params.metadata, upload_id)
+    check_limits(user, config, now)
+    # Release the read transaction: the upstream call must not hold database locks.
+    db.session.rollback()
+    draft = client.direct_upload(
+        creator=user.public_id,
+        expiry=expiry,
+        metadata=meta,
+        require_signed_urls=params.require_signed_urls,
+        custom_id=params.custom_id,
+        priority=Priority.INTERACTIVE,
+    )
+    upload = Upload(
+        id=upload_id,
+        user_id=user.id,
+        image_id=draft.id,
+        status=PENDING,
+        require_signed_urls=params.require_signed_urls,
+        meta=meta,
+        created_at=now,
+        expires_at=expiry,
+        status_changed_at=now,
+        next_check_at=now + FIRST_CHECK_DELAY,
+        check_attempts=0,
+    )
+    db.session.add(upload)
+    # EMIT: webhooks.emit(db.session, "upload.created", upload)
+    log.info("upload created id=%s image=%s user=%s", upload.id, draft.id, user.public_id)
+    return upload, draft.upload_url
+
+
+def discard_draft(client: CloudflareImages, image_id: str) -> None:
+    """Best effort: delete a draft whose row could not be stored (it would expire anyway)."""
+    try:
+        client.delete_image(image_id, priority=Priority.BACKGROUND)
+    except Exception:  # the draft expires by itself; never mask the original error
+        log.warning("could not discard orphan draft image=%s", image_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transitions
+
+
+def _transition(upload: Upload, new: str, now: datetime | None) -> bool:
+    """Move `upload` to `new`; False when it is already there; InvalidTransition if backwards."""
+    if upload.status == new:
+        return False
+    if new not in TRANSITIONS.get(upload.status, frozenset()):
+        raise InvalidTransition(f"upload {upload.id}: {upload.status} → {new} is not allowed")
+    upload.status = new
+    upload.status_changed_at = now or utcnow()
+    upload.next_check_at = None
+    upload.lease_owner = None
+    upload.lease_until = None
+    return True
+
+
+def mark_ready(upload: Upload, image: Image, *, now: datetime | None = None) -> bool:
+    """Record that the file arrived: filename, upload time and variants from Cloudflare."""
+    if image.draft:
+        raise ValueError("the image is still a draft")
+    now = now or utcnow()
+    changed = _transition(upload, READY, now)
+    if changed:
+        upload.completed_at = now
+        upload.filename = image.filename
+        upload.uploaded_at = image.uploaded
+        upload.variants = list(image.variants)
+        # EMIT: webhooks.emit(db.session, "upload.ready", upload)
+    return changed
+
+
+def mark_expired(upload: Upload, *, now: datetime | None = None) -> bool:
+    """Record that the upload URL expired without a file."""
+    changed = _transition(upload, EXPIRED, now)
+    # EMIT (if changed): webhooks.emit(db.session, "upload.expired", upload)
+    return changed
+
+
+def mark_rejected(upload: Upload, reason: str, *, now: datetime | None = None) -> bool:
+    """Record that Cloudflare refused the file (too large, bad format, …)."""
+    changed = _transition(upload, REJECTED, now)
+    if changed:
+        upload.reject_reason = reason[:255]
+        # EMIT: webhooks.emit(db.session, "upload.rejected", upload)
+    return changed
+
+
+def mark_deleted(upload: Upload, *, now: datetime | None = None) -> bool:
+    """Record that the image is gone at Cloudflare."""
+    changed = _transition(upload, DELETED, now)
+    # EMIT (if changed): webhooks.emit(db.session, "upload.deleted", upload)
+    return changed
+
+
+def delete_upload(upload: Upload, client: CloudflareImages, *, now: datetime | None = None) -> bool:
+    """Delete the image at Cloudflare (gone already is fine), then mark the upload deleted."""
+    if upload.status == DELETED:
+        return False
+    with contextlib.suppress(CloudflareNotFound):  # already gone is what we want
+        client.delete_image(upload.image_id, priority=Priority.INTERACTIVE)
+    return mark_deleted(upload, now=now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries
+
+
+def find_upload(user: User, upload_id: str) -> Upload | None:
+    """Return the upload if `user` may see it (owner, or an admin); else None (→ 404)."""
+    if len(upload_id) > 64:
+        return None
+    upload = db.session.get(Upload, upload_id)
+    if upload is None or (upload.user_id != user.id and not user.is_admin):
+        return None
+    return upload
+
+
+def encode_cursor(upload: Upload) -> str:
+    """An opaque cursor pointing just after `upload` in newest-first order."""
+    raw = json.dumps([upload.created_at.isoformat(), upload.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Read a cursor made by `encode_cursor`; UploadError 422 when it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, upload_id = json.loads(raw)
+        moment = datetime.fromisoformat(created)
+        if moment.tzinfo is None or not isinstance(upload_id, str):
+            raise ValueError
+        return moment, upload_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise UploadError(422, "validation_error", "invalid cursor", field="cursor") from None
+
+
+def list_uploads(
+    *,
+    user_id: int | None,
+    status: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[list[Upload], str | None]:
+    """Return a page of uploads (newest first) and the cursor of the next page, if any."""
+    query = sa.select(Upload)
+    if user_id is not None:
+        query = query.where(Upload.user_id == user_id)
+    if status is not None:
+        query = query.where(Upload.status == status)
+    if cursor:
+        created, upload_id = decode_cursor(cursor)
+        query = query.where(
+            sa.or_(
+                Upload.created_at < created,
+                sa.and_(Upload.created_at == created, Upload.id < upload_id),
+            )
+        )
+    query = query.order_by(Upload.created_at.desc(), Upload.id.desc()).limit(limit + 1)
+    rows = list(db.session.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1]) if more and rows else None
