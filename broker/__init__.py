@@ -59,11 +59,20 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     budget.init_app(app)
     cloudflare.init_app(app)
 
+    from broker import keys, variants
+
+    keys.init_app(app)
+    variants.init_app(app)
+
     from broker import api, health, web
 
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
+
+    from broker.web import delivery
+
+    app.register_blueprint(delivery.bp)
 
     from broker import cli
 

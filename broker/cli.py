@@ -7,6 +7,8 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
-    groups: list = []
+    from broker.delivery_cli import keys_cli, variants_cli
+
+    groups: list = [keys_cli, variants_cli]
     for group in groups:
         app.cli.add_command(group)
