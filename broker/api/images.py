@@ -1,0 +1,157 @@
+"""Signed delivery URLs of the caller's images: one at a time or up to 1000 in one request."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from flask_login import current_user
+from pydantic import BaseModel, Field
+
+from broker import delivery
+from broker.api import bp
+from broker.api.spec import ErrorDetail, ErrorResponse, endpoint
+from broker.errors import ApiError
+
+MAX_BATCH = 1000
+
+
+class UrlQuery(BaseModel):
+    """Which variant, and for how long (seconds; default and maximum set by the operator)."""
+
+    variant: str = Field(max_length=99)
+    ttl: int | None = None
+
+
+class SignedUrl(BaseModel):
+    """A delivery URL; `expires_at` is null for URLs that need no signature (public images)."""
+
+    url: str
+    expires_at: datetime | None
+
+
+class UrlRequest(BaseModel):
+    """One image variant of a batch."""
+
+    id: str = Field(max_length=64)
+    variant: str = Field(max_length=99)
+
+
+class UrlBatch(BaseModel):
+    """Up to 1000 image variants to mint URLs for, with one lifetime for all."""
+
+    items: list[UrlRequest] = Field(min_length=1, max_length=MAX_BATCH)
+    ttl: int | None = None
+
+
+class UrlResult(BaseModel):
+    """The URL of one batch item, or why there is none (`not_found`, `not_ready`)."""
+
+    id: str
+    variant: str
+    url: str | None = None
+    expires_at: datetime | None = None
+    error: ErrorDetail | None = None
+
+
+class UrlBatchResult(BaseModel):
+    """The batch's results, in the order asked."""
+
+    items: list[UrlResult]
+
+
+def _caller() -> delivery.Caller:
+    return delivery.Caller(current_user.id, bool(current_user.is_admin))
+
+
+def _lifetime(ttl: int | None) -> int:
+    try:
+        return delivery.lifetime(ttl)
+    except ValueError as exc:
+        raise ApiError(
+            422,
+            "validation_error",
+            "The request is not valid.",
+            [{"field": "ttl", "message": str(exc), "type": "out_of_range"}],
+        ) from None
+
+
+def _variant(name: str, field: str = "variant") -> delivery.Variant:
+    try:
+        return delivery.lookup_variant(name)
+    except delivery.UnknownVariant:
+        raise ApiError(
+            422,
+            "unknown_variant",
+            f"Unknown variant {name!r}.",
+            [{"field": field, "message": "not a declared variant", "type": "unknown_variant"}],
+        ) from None
+
+
+def _no_key() -> ApiError:
+    return ApiError(503, "no_signing_key", "No signing key is available yet; try again later.")
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/images/<upload_id>/url",
+    query=UrlQuery,
+    responses={200: SignedUrl, 404: ErrorResponse, 409: ErrorResponse, 422: ErrorResponse},
+    tags=("images",),
+)
+def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
+    """Mint a delivery URL for one of the caller's images."""
+    variant = _variant(query.variant)
+    ttl = _lifetime(query.ttl)
+    try:
+        row = delivery.load_one(upload_id, _caller())
+        minted = delivery.Minter(ttl, time.time()).mint(row, variant)
+    except delivery.NotFound:
+        raise ApiError(404, "not_found", "No such image.") from None
+    except delivery.NotReady as exc:
+        raise ApiError(
+            409, "not_ready", f"The image is {exc.status}.", {"status": exc.status}
+        ) from None
+    except delivery.NoSigningKey:
+        raise _no_key() from None
+    return SignedUrl(url=minted.url, expires_at=minted.expires_at)
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/images/urls",
+    body=UrlBatch,
+    responses={200: UrlBatchResult, 422: ErrorResponse},
+    tags=("images",),
+)
+def image_urls(body: UrlBatch) -> UrlBatchResult:
+    """Mint delivery URLs for up to 1000 image variants in one request."""
+    wanted = [_variant(item.variant, f"items.{i}.variant") for i, item in enumerate(body.items)]
+    minter = delivery.Minter(_lifetime(body.ttl), time.time())
+    rows = delivery.load_many((item.id for item in body.items), _caller())
+    results = []
+    for item, variant in zip(body.items, wanted, strict=True):
+        row = rows.get(item.id)
+        try:
+            if row is None:
+                raise delivery.NotFound(item.id)
+            minted = minter.mint(row, variant)
+        except delivery.NotFound:
+            error = ErrorDetail(code="not_found", message="No such image.")
+        except delivery.NotReady as exc:
+            error = ErrorDetail(
+                code="not_ready", message=f"The image is {exc.status}.", details=exc.status
+            )
+        except delivery.NoSigningKey:
+            raise _no_key() from None
+        else:
+            results.append(
+                UrlResult(
+                    id=item.id, variant=item.variant, url=minted.url, expires_at=minted.expires_at
+                )
+            )
+            continue
+        results.append(UrlResult(id=item.id, variant=item.variant, error=error))
+    return UrlBatchResult(items=results)

@@ -1,0 +1,50 @@
+"""`/i/<id>/<variant>`: a stable image address that redirects to a freshly signed URL.
+
+So `<img src="/i/…">` works in the gallery and in apps (session cookie or bearer token), while
+the browser caches the redirect for a little less than the signature's remaining life.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response
+from flask_login import current_user
+
+from broker import delivery
+from broker.errors import ApiError
+
+bp = Blueprint("delivery", __name__)
+
+# Never let a cached redirect point at a URL about to expire: keep this much of its life back
+# (at most half of it) for clock skew between us and Cloudflare and for the image fetch itself.
+SAFETY_MARGIN = 300
+
+
+@bp.get("/i/<upload_id>/<variant>")
+def image(upload_id: str, variant: str) -> Response:
+    """Redirect to a signed delivery URL of one of the caller's images."""
+    if not current_user.is_authenticated:
+        raise ApiError(401, "unauthorized", "Log in to see this image.")
+    try:
+        wanted = delivery.lookup_variant(variant)
+        row = delivery.load_one(upload_id, delivery.Caller(current_user.id, current_user.is_admin))
+        now = time.time()
+        ttl = delivery.lifetime(None)
+        minted = delivery.Minter(ttl, now).mint(row, wanted)
+    except (delivery.UnknownVariant, delivery.NotFound):
+        raise ApiError(404, "not_found", "No such image.") from None
+    except delivery.NotReady as exc:
+        raise ApiError(409, "not_ready", f"The image is {exc.status}.") from None
+    except delivery.NoSigningKey:
+        raise ApiError(503, "no_signing_key", "Images cannot be shown right now.") from None
+    remaining = int(minted.expires_at.timestamp() - now) if minted.expires_at else ttl
+    max_age = max(0, remaining - min(SAFETY_MARGIN, remaining // 2))
+    return Response(
+        status=302,
+        headers={
+            "Location": minted.url,
+            "Cache-Control": f"private, max-age={max_age}",
+            "Vary": "Cookie, Authorization",
+        },
+    )
