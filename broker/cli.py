@@ -10,5 +10,8 @@ def init_app(app: Flask) -> None:
     from broker.delivery_cli import keys_cli, variants_cli
 
     groups: list = [keys_cli, variants_cli]
+    from broker.auth.cli import tokens_cli, users_cli
+
+    groups += [users_cli, tokens_cli]
     for group in groups:
         app.cli.add_command(group)

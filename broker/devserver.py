@@ -58,7 +58,11 @@ def _start_emulator(instance_path: Path) -> str | None:
 
 def _prepare(app: Flask) -> list[str]:
     """Get the app ready for a demo (demo account, worker thread); return lines to print."""
-    return []
+    from broker.auth.demo import ensure_demo_user
+
+    lines: list[str] = []
+    lines += ensure_demo_user(app)
+    return lines
 
 
 def main() -> int:

@@ -1,0 +1,123 @@
+"""`flask users …` and `flask tokens …`: manage accounts and API tokens from the shell."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from broker.auth import tokens, users
+from broker.db import db
+from broker.models import User
+
+users_cli = AppGroup("users", help="Manage accounts.")
+tokens_cli = AppGroup("tokens", help="Manage API bearer tokens.")
+
+
+def _get_user(username: str) -> User:
+    user = users.find_user(username)
+    if user is None:
+        raise click.ClickException(f"no user named {username!r}")
+    return user
+
+
+def _new_password() -> str:
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+@users_cli.command("create")
+@click.argument("username")
+@click.option("--admin", is_flag=True, help="Make the user an administrator.")
+@click.option("--email", default=None, help="Optional email address.")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from standard input (scripts) instead of prompting.",
+)
+def create_user_command(
+    username: str, admin: bool, email: str | None, password_stdin: bool
+) -> None:
+    """Create an account (asks for the password)."""
+    password = click.get_text_stream("stdin").readline().rstrip("\n") if password_stdin else None
+    try:
+        user = users.create_user(username, password or _new_password(), email=email, is_admin=admin)
+        db.session.commit()
+    except users.AccountError as exc:
+        db.session.rollback()
+        raise click.ClickException(f"{exc.field}: {exc.message}") from None
+    role = "administrator" if admin else "user"
+    click.echo(f"Created {role} {user.username} ({user.public_id}).")
+
+
+@users_cli.command("set-password")
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def set_password_command(username: str, password_stdin: bool) -> None:
+    """Set a user's password; ends their sessions and revokes their API tokens."""
+    user = _get_user(username)
+    password = click.get_text_stream("stdin").readline().rstrip("\n") if password_stdin else None
+    try:
+        users.set_password(user, password or _new_password())
+        db.session.commit()
+    except users.AccountError as exc:
+        db.session.rollback()
+        raise click.ClickException(f"{exc.field}: {exc.message}") from None
+    click.echo(f"Password of {user.username} changed; sessions ended, API tokens revoked.")
+
+
+@users_cli.command("deactivate")
+@click.argument("username")
+def deactivate_command(username: str) -> None:
+    """Lock an account out: no login, sessions ended, API tokens revoked."""
+    user = _get_user(username)
+    users.deactivate(user)
+    db.session.commit()
+    click.echo(f"Deactivated {user.username}.")
+
+
+@users_cli.command("activate")
+@click.argument("username")
+def activate_command(username: str) -> None:
+    """Let a deactivated account log in again (its old tokens stay revoked)."""
+    user = _get_user(username)
+    user.active = True
+    db.session.commit()
+    click.echo(f"Activated {user.username}.")
+
+
+@tokens_cli.command("create")
+@click.argument("username")
+@click.option("--name", default="cli", show_default=True, help="Device or purpose of the token.")
+@click.option("--days", type=click.IntRange(1, 365), default=None, help="Lifetime in days.")
+def create_token_command(username: str, name: str, days: int | None) -> None:
+    """Issue an API token for a user and print it once."""
+    user = _get_user(username)
+    if not user.is_active:
+        raise click.ClickException(f"{user.username} is deactivated")
+    ttl = timedelta(days=days or int(current_app.config["API_TOKEN_TTL_DAYS"]))
+    issued = tokens.issue(user, name, ttl=ttl)
+    db.session.commit()
+    click.echo(issued.secret)
+    click.echo(
+        f"Token {issued.token.public_id} for {user.username}, expires "
+        f"{issued.token.expires_at:%Y-%m-%d}. It is shown only now.",
+        err=True,
+    )
+
+
+@tokens_cli.command("revoke")
+@click.argument("token_id")
+def revoke_token_command(token_id: str) -> None:
+    """Revoke an API token by its id (tok_…)."""
+    import sqlalchemy as sa
+
+    from broker.models import ApiToken
+
+    token = db.session.scalar(sa.select(ApiToken).where(ApiToken.public_id == token_id))
+    if token is None:
+        raise click.ClickException(f"no token {token_id!r}")
+    tokens.revoke(token)
+    db.session.commit()
+    click.echo(f"Revoked {token_id}.")
