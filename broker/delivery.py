@@ -153,3 +153,22 @@ class Minter:
             raise NoSigningKey()
         to_sign = f"{path}?exp={self.exp}"
         return Minted(f"{origin}{to_sign}&sig={self.signer.signature(to_sign)}", self.expires_at)
+
+
+def prepare_upstream() -> list[str]:
+    """Create or update the declared variants and mirror the signing keys (dev server start);
+    return banner lines. Failures are reported, not raised: the pages still work without."""
+    from broker.cloudflare import UpstreamError, get_client
+
+    client = get_client()
+    try:
+        done = variants.sync_variants(client, variants.declared_variants())
+        synced = keys.sync_keys(client)
+        db.session.commit()
+    except UpstreamError as exc:
+        db.session.rollback()
+        return [f"Variants/signing keys not synced ({exc}); run `flask variants sync`."]
+    names = ", ".join(d.name for d in done) or "none"
+    signer = keys.active_key()
+    key = f"signing key {signer.name}" if signer else "no signing key"
+    return [f"Variants: {names}; {key} ({len(synced.added)} new)."]

@@ -62,6 +62,9 @@ def _prepare(app: Flask) -> list[str]:
 
     lines: list[str] = []
     lines += ensure_demo_user(app)
+    from broker.delivery import prepare_upstream
+
+    lines += prepare_upstream()
     return lines
 
 

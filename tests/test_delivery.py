@@ -430,3 +430,25 @@ def test_no_signing_key_answers_503(
     response = mint(app, secret, upload_id, "thumb")
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "no_signing_key"
+
+
+def test_dev_server_start_up_syncs_variants_and_keys(
+    make_app: Callable[..., Flask], emulator: EmulatorServer
+) -> None:
+    from broker.delivery import prepare_upstream
+
+    settings = {
+        "CLOUDFLARE_API_BASE": emulator.api_base,
+        "CLOUDFLARE_ACCOUNT_ID": emulator.account_id,
+        "CLOUDFLARE_API_TOKEN": emulator.api_token,
+        "CLOUDFLARE_ACCOUNT_HASH": emulator.account_hash,
+    }
+    app = make_app(**settings)
+    with app.app_context():
+        assert prepare_upstream() == ["Variants: thumb, medium; signing key default (1 new)."]
+        assert keys.current_signer() is not None
+    assert {"thumb", "medium"} <= {v.id for v in emulator.emulator.store.list_variants()}
+    broken = make_app(**{**settings, "CLOUDFLARE_API_TOKEN": "wrong"})
+    with broken.app_context():
+        (line,) = prepare_upstream()
+        assert "not synced" in line and "wrong" not in line
