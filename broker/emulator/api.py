@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from typing import Any
@@ -120,26 +121,31 @@ def upload_v1() -> Response:
     return envelope(emu.image_json(image))
 
 
-def _per_page(default: int = DEFAULT_PER_PAGE) -> int:
-    raw = request.args.get("per_page")
+def _whole_number(name: str, default: int) -> int:
+    """Read a whole-number query parameter; the SDK may send `10.0` for 10."""
+    raw = request.args.get(name)
     if raw is None:
         return default
     try:
         value = float(raw)
     except ValueError as exc:
-        raise CfError(5400, "per_page must be a number") from exc
-    if value != int(value) or not MIN_PER_PAGE <= value <= MAX_PER_PAGE:
-        raise CfError(5400, f"per_page must be between {MIN_PER_PAGE} and {MAX_PER_PAGE}")
+        raise CfError(5400, f"{name} must be a number") from exc
+    if not math.isfinite(value) or value != int(value):
+        raise CfError(5400, f"{name} must be a whole number")
     return int(value)
+
+
+def _per_page() -> int:
+    value = _whole_number("per_page", DEFAULT_PER_PAGE)
+    if not MIN_PER_PAGE <= value <= MAX_PER_PAGE:
+        raise CfError(5400, f"per_page must be between {MIN_PER_PAGE} and {MAX_PER_PAGE}")
+    return value
 
 
 @bp.get("/v1")
 def list_v1() -> Response:
     """List images page by page (deprecated by Cloudflare, still served)."""
-    try:
-        page = int(float(request.args.get("page", "1")))
-    except ValueError as exc:
-        raise CfError(5400, "page must be a number") from exc
+    page = _whole_number("page", 1)
     if page < 1:
         raise CfError(5400, "page must be >= 1")
     per_page = _per_page()
