@@ -152,8 +152,9 @@ def list_v1() -> Response:
     emu = current_emulator()
     images = list(emu.store.list_images(creator=request.args.get("creator"), descending=True))
     chunk = images[(page - 1) * per_page : page * per_page]
+    names = emu.variant_ids()
     return envelope(
-        {"images": [emu.image_json(i) for i in chunk]},
+        {"images": [emu.image_json(i, names) for i in chunk]},
         result_info={
             "page": page,
             "per_page": per_page,
@@ -286,7 +287,9 @@ def list_v2() -> Response:
             break
         page.append(image)
     next_token = f"{page[-1].uploaded_ms:x}-{page[-1].seq:x}" if more and page else None
-    return envelope({"images": [emu.image_json(i) for i in page], "continuation_token": next_token})
+    names = emu.variant_ids()
+    images = [emu.image_json(i, names) for i in page]
+    return envelope({"images": images, "continuation_token": next_token})
 
 
 def _image_or_404(image_id: str) -> Any:

@@ -73,8 +73,12 @@ class Emulator:
         """Return the delivery URL of an image variant (unsigned)."""
         return f"{self.public_url()}/{self.account_hash}/{quote(image_id, safe='/')}/{variant}"
 
-    def image_json(self, image: ImageRecord) -> dict[str, Any]:
-        """Return the wire Image object."""
+    def image_json(
+        self, image: ImageRecord, variant_ids: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Return the wire Image object (pass `variant_ids` when rendering many images)."""
+        if variant_ids is None:
+            variant_ids = self.variant_ids()
         body: dict[str, Any] = {"id": image.id}
         if image.filename is not None:
             body["filename"] = image.filename
@@ -83,11 +87,15 @@ class Emulator:
             meta=image.meta,
             requireSignedURLs=image.require_signed,
             uploaded=rfc3339_ms(image.uploaded_ms),
-            variants=[self.delivery_url(image.id, v.id) for v in self.store.list_variants()],
+            variants=[self.delivery_url(image.id, v) for v in variant_ids],
         )
         if image.draft:
             body["draft"] = True
         return body
+
+    def variant_ids(self) -> list[str]:
+        """Return the names of every variant, in creation order."""
+        return [v.id for v in self.store.list_variants()]
 
 
 def rfc3339_ms(ms: int) -> str:
