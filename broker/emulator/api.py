@@ -13,6 +13,7 @@ from flask import Blueprint, Response, g, request
 
 from broker.emulator.core import API_BLUEPRINT, current_emulator
 from broker.emulator.errors import CfError, envelope
+from broker.emulator.filters import matches, parse_meta_filters
 from broker.emulator.imaging import MAX_BYTES, inspect_image
 from broker.emulator.store import AlreadyExists, NewImage, TooMany, VariantRecord
 from broker.emulator.validation import (
@@ -34,9 +35,6 @@ bp = Blueprint(API_BLUEPRINT, __name__, url_prefix="/client/v4/accounts/<account
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 URL_FETCH_TIMEOUT = 10.0
 MIN_PER_PAGE, MAX_PER_PAGE, DEFAULT_PER_PAGE = 10, 10_000, 1000
-MAX_META_FILTERS = 5
-MAX_META_DEPTH = 5
-_FILTER_RE = re.compile(r"^meta\.(.+)\[([a-z]+)(?::([a-z]+))?\]$")
 _TOKEN_RE = re.compile(r"^([0-9a-f]{1,14})-([0-9a-f]{1,14})$")
 
 
@@ -164,101 +162,6 @@ def list_v1() -> Response:
     )
 
 
-def _lookup(meta: Any, path: list[str]) -> Any:
-    for part in path:
-        if not isinstance(meta, dict) or part not in meta:
-            return _MISSING
-        meta = meta[part]
-    return meta
-
-
-_MISSING = object()
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _match_one(value: Any, op: str, kind: str | None, arg: str) -> bool:
-    if op in ("gt", "gte", "lt", "lte"):
-        num = _number(value)
-        if num is None:
-            return False
-        target = float(arg)
-        return {
-            "gt": num > target,
-            "gte": num >= target,
-            "lt": num < target,
-            "lte": num <= target,
-        }[op]
-    if kind == "number":
-        num = _number(value)
-        return num is not None and num == float(arg)
-    if kind == "boolean":
-        return isinstance(value, bool) and value == (arg == "true")
-    if kind == "string":
-        return isinstance(value, str) and value == arg
-    return not isinstance(value, dict | list) and _text(value) == arg
-
-
-def _meta_filters() -> list[tuple[list[str], str, str | None, list[str]]]:
-    """Parse `meta.<field>[<op>]` query parameters (eq, in, gt, gte, lt, lte, typed)."""
-    filters = []
-    for key, arg in request.args.items(multi=True):
-        if not key.startswith("meta."):
-            continue
-        match = _FILTER_RE.match(key)
-        if not match:
-            raise CfError(5400, f"Invalid metadata filter {key!r}")
-        field, op, kind = match.groups()
-        path = field.split(".")
-        valid_kinds = {
-            "eq": (None, "string", "number", "boolean"),
-            "in": (None, "string", "number"),
-        }.get(op, (None, "number"))
-        if op not in ("eq", "in", "gt", "gte", "lt", "lte") or kind not in valid_kinds:
-            raise CfError(5400, f"Invalid metadata filter operator in {key!r}")
-        if len(path) > MAX_META_DEPTH or "" in path:
-            raise CfError(5400, f"Metadata filter {key!r} nests too deep")
-        values = arg.split("|") if op == "in" else [arg]
-        if op == "in" and len(values) > 10:
-            raise CfError(5400, "At most 10 values in an `in` filter")
-        if op in ("gt", "gte", "lt", "lte") or kind == "number":
-            try:
-                [float(v) for v in values]
-            except ValueError as exc:
-                raise CfError(5400, f"Metadata filter {key!r} needs a number") from exc
-        if kind == "boolean" and arg not in ("true", "false"):
-            raise CfError(5400, f"Metadata filter {key!r} needs true or false")
-        filters.append((path, op, kind, values))
-    if len(filters) > MAX_META_FILTERS:
-        raise CfError(5400, f"At most {MAX_META_FILTERS} metadata filters")
-    return filters
-
-
-def _passes(
-    meta: dict[str, Any], filters: list[tuple[list[str], str, str | None, list[str]]]
-) -> bool:
-    for path, op, kind, values in filters:
-        value = _lookup(meta, path)
-        if value is _MISSING:
-            return False
-        base = "eq" if op == "in" else op
-        if not any(_match_one(value, base, kind, v) for v in values):
-            return False
-    return True
-
-
 @bp.get("/v2")
 def list_v2() -> Response:
     """List images with a continuation token, by upload time, filtered by creator and metadata."""
@@ -273,14 +176,14 @@ def list_v2() -> Response:
         if not match:
             raise CfError(5400, "Invalid continuation_token")
         after = (int(match.group(1), 16), int(match.group(2), 16))
-    filters = _meta_filters()
+    filters = parse_meta_filters(request.args.items(multi=True))
     emu = current_emulator()
     page = []
     more = False
     for image in emu.store.list_images(
         creator=request.args.get("creator"), descending=sort_order == "desc", after=after
     ):
-        if filters and not _passes(image.meta, filters):
+        if filters and not matches(image.meta, filters):
             continue
         if len(page) == per_page:
             more = True

@@ -214,6 +214,7 @@ bp = Blueprint("emulator_control", __name__, url_prefix="/_emulator")
 
 
 def _controls() -> Controls:
+    # Imported here: core imports this module for Controls.
     from broker.emulator.core import current_emulator
 
     return current_emulator().controls
