@@ -21,6 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from broker import webhooks
 from broker.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
 from broker.db import db, utcnow
 from broker.models import Upload, User
@@ -131,7 +132,9 @@ def effective_expiry(now: datetime, expires_in: int) -> datetime:
             field="expires_in",
         )
     seconds = min(max(expires_in, MIN_EXPIRY + EXPIRY_MARGIN), MAX_EXPIRY - EXPIRY_MARGIN)
-    return now.replace(microsecond=0) + timedelta(seconds=seconds)
+    # Round up to whole seconds (RFC 3339 without fractions): never shorter than asked.
+    start = now.replace(microsecond=0) + timedelta(seconds=1 if now.microsecond else 0)
+    return start + timedelta(seconds=seconds)
 
 
 _UUID = re.compile(
@@ -325,14 +328,15 @@ def mark_ready(upload: Upload, image: Image, *, now: datetime | None = None) -> 
         upload.filename = image.filename
         upload.uploaded_at = image.uploaded
         upload.variants = list(image.variants)
-        # EMIT: webhooks.emit(db.session, "upload.ready", upload)
+        webhooks.emit(db.session, "upload.completed", upload, now=now)
     return changed
 
 
 def mark_expired(upload: Upload, *, now: datetime | None = None) -> bool:
     """Record that the upload URL expired without a file."""
     changed = _transition(upload, EXPIRED, now)
-    # EMIT (if changed): webhooks.emit(db.session, "upload.expired", upload)
+    if changed:
+        webhooks.emit(db.session, "upload.expired", upload, now=now)
     return changed
 
 
@@ -341,14 +345,15 @@ def mark_rejected(upload: Upload, reason: str, *, now: datetime | None = None) -
     changed = _transition(upload, REJECTED, now)
     if changed:
         upload.reject_reason = reason[:255]
-        # EMIT: webhooks.emit(db.session, "upload.rejected", upload)
+        webhooks.emit(db.session, "upload.rejected", upload, now=now)
     return changed
 
 
 def mark_deleted(upload: Upload, *, now: datetime | None = None) -> bool:
     """Record that the image is gone at Cloudflare."""
     changed = _transition(upload, DELETED, now)
-    # EMIT (if changed): webhooks.emit(db.session, "upload.deleted", upload)
+    if changed:
+        webhooks.emit(db.session, "upload.deleted", upload, now=now)
     return changed
 
 
