@@ -1,0 +1,275 @@
+"""The Cloudflare Images client against the emulator over real HTTP: every endpoint, typed
+errors, retries only where safe, Retry-After, timeouts, the budget, and a token never shown."""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image as PILImage
+
+from broker.budget import BudgetExhausted
+from broker.cloudflare import (
+    CloudflareAuthError,
+    CloudflareBadRequest,
+    CloudflareConflict,
+    CloudflareImages,
+    CloudflareNotFound,
+    CloudflareRateLimited,
+    CloudflareTimeout,
+    CloudflareUnavailable,
+    Priority,
+    parse_retry_after,
+    rfc3339,
+)
+
+
+class RecordingBudget:
+    """A budget stand-in that records what the client asks of it."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.acquired: list[Priority] = []
+        self.paused: list[float] = []
+        self.refuse = refuse
+
+    def acquire(self, priority: Priority) -> None:
+        if self.refuse:
+            raise BudgetExhausted(42)
+        self.acquired.append(priority)
+
+    def pause(self, seconds: float) -> None:
+        self.paused.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    """The backoff delays the client asked for (it never really sleeps in tests)."""
+    return []
+
+
+@pytest.fixture
+def cf(emulator: Any, sleeps: list[float]) -> CloudflareImages:
+    """A client for the session's emulator, with counters and faults reset."""
+    emulator.reset()
+    return CloudflareImages(
+        emulator.api_base,
+        emulator.account_id,
+        emulator.api_token,
+        timeout=5,
+        sleep=sleeps.append,
+        account_hash=emulator.account_hash,
+        delivery_base=emulator.url,
+    )
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (16, 16), "red").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _in(minutes: int) -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=minutes)
+
+
+def test_direct_upload_then_details_list_blob_edit_delete(cf: CloudflareImages) -> None:
+    draft = cf.direct_upload(
+        creator="u_1", expiry=_in(30), metadata={"a": {"b": 1}}, require_signed_urls=True
+    )
+    image = cf.get_image(draft.id)
+    assert image.draft and image.creator == "u_1" and image.meta == {"a": {"b": 1}}
+    assert image.require_signed_urls
+    assert draft.id not in {i.id for i in cf.iter_images_v2(creator="u_1")}
+
+    sent = requests.post(
+        draft.upload_url, files={"file": ("a.png", _png(), "image/png")}, timeout=5
+    )
+    assert sent.status_code == 200
+    image = cf.get_image(draft.id, priority=Priority.BACKGROUND)
+    assert not image.draft and image.filename == "a.png"
+    assert image.uploaded is not None and image.uploaded.tzinfo is not None
+    assert image.variants and all(v.startswith(cf.delivery_base) for v in image.variants)
+    assert cf.get_blob(draft.id) == _png()
+
+    page = cf.list_images_v2(per_page=10, creator="u_1")
+    assert draft.id in {i.id for i in page.images}
+    edited = cf.update_image(draft.id, metadata={"x": "y"}, require_signed_urls=False)
+    assert edited.meta == {"x": "y"} and not edited.require_signed_urls
+
+    cf.delete_image(draft.id)
+    with pytest.raises(CloudflareNotFound) as exc:
+        cf.get_image(draft.id)
+    assert exc.value.status == 404 and exc.value.code == 5404
+
+
+def test_v1_upload_keys_variants_stats(cf: CloudflareImages) -> None:
+    image = cf.upload_image(file=_png(), filename="b.png", creator="u_2", custom_id="cf/b")
+    assert image.id == "cf/b" and not image.draft
+    with pytest.raises(ValueError):
+        cf.upload_image()
+    assert cf.stats().current >= 1 and cf.stats().allowed > 0
+
+    names = {k.name for k in cf.create_signing_key("rotated")}
+    assert {"rotated"} <= names
+    keys = cf.list_signing_keys()
+    assert all(k.value for k in keys)
+    assert keys[0].value not in repr(keys[0])  # secrets stay out of logs and tracebacks
+    assert "rotated" not in {k.name for k in cf.delete_signing_key("rotated")}
+
+    created = cf.create_variant("thumbx", "cover", 64, 32, never_require_signed_urls=True)
+    assert (created.fit, created.width, created.height) == ("cover", 64, 32)
+    assert created.never_require_signed_urls
+    assert cf.get_variant("thumbx") == created
+    assert cf.update_variant("thumbx", "contain", 10, 10).fit == "contain"
+    assert "thumbx" in {v.id for v in cf.list_variants()}
+    cf.delete_variant("thumbx")
+    with pytest.raises(CloudflareNotFound):
+        cf.get_variant("thumbx")
+    assert cf.delivery_url("cf/b", "public").endswith("/cf/b/public")
+    cf.delete_image("cf/b")
+
+
+def test_refusals_are_typed(cf: CloudflareImages, emulator: Any) -> None:
+    with pytest.raises(CloudflareBadRequest) as exc:
+        cf.direct_upload(creator="u", expiry=_in(30), custom_id="mine", require_signed_urls=True)
+    assert exc.value.code == 5411
+    cf.direct_upload(creator="u", expiry=_in(30), custom_id="taken", require_signed_urls=False)
+    with pytest.raises(CloudflareConflict):
+        cf.direct_upload(creator="u", expiry=_in(30), custom_id="taken", require_signed_urls=False)
+
+    wrong = CloudflareImages(cf.api_base, emulator.account_id, "not-the-token", timeout=5)
+    with pytest.raises(CloudflareAuthError) as auth:
+        wrong.stats()
+    assert auth.value.status == 401
+    other = CloudflareImages(cf.api_base, "another-account", emulator.api_token, timeout=5)
+    with pytest.raises(CloudflareAuthError):
+        other.stats()
+
+
+def test_idempotent_calls_retry_5xx_with_capped_jittered_backoff(
+    cf: CloudflareImages, emulator: Any, sleeps: list[float]
+) -> None:
+    emulator.inject_fault("stats", status=503, count=2)
+    assert cf.stats().allowed > 0
+    assert emulator.counters()["stats"] == 3
+    assert len(sleeps) == 2 and all(0 <= s <= cf.backoff_cap for s in sleeps)
+
+
+def test_retries_give_up_after_max_retries(
+    cf: CloudflareImages, emulator: Any, sleeps: list[float]
+) -> None:
+    emulator.inject_fault("image_details", status=500)
+    with pytest.raises(CloudflareUnavailable) as exc:
+        cf.get_image("anything")
+    assert exc.value.status == 500
+    assert emulator.counters()["image_details"] == cf.max_retries + 1
+    assert len(sleeps) == cf.max_retries
+
+
+def test_a_post_is_never_resent_once_it_may_have_arrived(
+    cf: CloudflareImages, emulator: Any, sleeps: list[float]
+) -> None:
+    emulator.inject_fault("direct_upload", status=500, count=1)
+    with pytest.raises(CloudflareUnavailable):
+        cf.direct_upload(creator="u", expiry=_in(30))
+    emulator.inject_fault("direct_upload", drop=True, count=1)
+    with pytest.raises(CloudflareUnavailable):
+        cf.direct_upload(creator="u", expiry=_in(30))
+    assert emulator.counters()["direct_upload"] == 2
+    assert sleeps == []
+
+
+def test_a_post_that_never_left_is_retried(sleeps: list[float]) -> None:
+    """Connection refused: nothing reached Cloudflare, so trying again is safe."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cf = CloudflareImages(f"http://127.0.0.1:{port}/client/v4", "a", "t", sleep=sleeps.append)
+    with pytest.raises(CloudflareUnavailable) as exc:
+        cf.direct_upload(creator="u", expiry=_in(30))
+    assert exc.value.status == 0
+    assert len(sleeps) == cf.max_retries
+
+
+def test_429_honours_retry_after(cf: CloudflareImages, emulator: Any, sleeps: list[float]) -> None:
+    emulator.inject_fault("keys_list", status=429, count=1)
+    assert cf.list_signing_keys()
+    assert sleeps == [1.0]  # the emulator's Retry-After, not the smaller jittered backoff
+
+
+def test_429_with_a_budget_pauses_it_and_raises(cf: CloudflareImages, emulator: Any) -> None:
+    budget = RecordingBudget()
+    cf.budget = budget
+    emulator.inject_fault("stats", status=429, count=1)
+    with pytest.raises(CloudflareRateLimited) as exc:
+        cf.stats(priority=Priority.BACKGROUND)
+    assert exc.value.retry_after == 1.0
+    assert budget.paused == [1.0]
+    assert budget.acquired == [Priority.BACKGROUND]
+    assert emulator.counters()["stats"] == 1
+
+
+def test_every_attempt_spends_the_budget_and_a_refusal_calls_nobody(
+    cf: CloudflareImages, emulator: Any
+) -> None:
+    budget = RecordingBudget()
+    cf.budget = budget
+    emulator.inject_fault("stats", status=500, count=1)
+    cf.stats()
+    assert budget.acquired == [Priority.INTERACTIVE, Priority.INTERACTIVE]
+    cf.budget = RecordingBudget(refuse=True)
+    with pytest.raises(BudgetExhausted) as exc:
+        cf.stats()
+    assert exc.value.retry_after == 42
+    assert emulator.counters()["stats"] == 2
+
+
+def test_slow_answers_time_out(emulator: Any) -> None:
+    emulator.reset()
+    cf = CloudflareImages(emulator.api_base, emulator.account_id, emulator.api_token, timeout=0.2)
+    emulator.inject_fault("stats", latency_ms=800, count=1)
+    with pytest.raises(CloudflareTimeout):
+        cf.stats()
+    assert emulator.counters()["stats"] == 1  # a read timeout is not retried
+
+
+def test_the_token_never_shows(cf: CloudflareImages, emulator: Any, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="broker")
+    emulator.inject_fault("stats", status=500, count=1)
+    cf.stats()
+    with pytest.raises(CloudflareNotFound):
+        cf.get_image("missing")
+    assert emulator.api_token not in repr(cf)
+    assert emulator.api_token not in caplog.text
+    assert caplog.text  # something was logged, just not the token
+
+
+def test_non_json_failures_still_become_typed_errors(cf: CloudflareImages, emulator: Any) -> None:
+    emulator.inject_fault("stats", drop=True)
+    with pytest.raises(CloudflareUnavailable):
+        cf.stats()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [(None, None), ("", None), ("7", 7.0), ("-3", 0.0), ("soon", None)],
+)
+def test_parse_retry_after(header: str | None, expected: float | None) -> None:
+    assert parse_retry_after(header) == expected
+
+
+def test_parse_retry_after_http_date() -> None:
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now=lambda: 1445412480.0) == 30.0
+
+
+def test_rfc3339_is_utc_whole_seconds() -> None:
+    moment = datetime(2024, 1, 2, 4, 4, 5, 999, tzinfo=UTC)
+    assert rfc3339(moment) == "2024-01-02T04:04:05Z"
+    with pytest.raises(ValueError):
+        rfc3339(datetime(2024, 1, 2))
