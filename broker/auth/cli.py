@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 
 import click
@@ -40,7 +41,7 @@ def create_user_command(
     username: str, admin: bool, email: str | None, password_stdin: bool
 ) -> None:
     """Create an account (asks for the password)."""
-    password = click.get_text_stream("stdin").readline().rstrip("\n") if password_stdin else None
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     try:
         user = users.create_user(username, password or _new_password(), email=email, is_admin=admin)
         db.session.commit()
@@ -57,7 +58,7 @@ def create_user_command(
 def set_password_command(username: str, password_stdin: bool) -> None:
     """Set a user's password; ends their sessions and revokes their API tokens."""
     user = _get_user(username)
-    password = click.get_text_stream("stdin").readline().rstrip("\n") if password_stdin else None
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     try:
         users.set_password(user, password or _new_password())
         db.session.commit()

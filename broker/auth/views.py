@@ -128,6 +128,7 @@ def account():  # type: ignore[no-untyped-def]
 
 @bp.post("/account/password")
 @login_required
+@limits.per_ip
 def change_password():  # type: ignore[no-untyped-def]
     """Change the password; ends every other session and revokes every API token."""
     form = ChangePasswordForm()

@@ -1,0 +1,124 @@
+"""Argon2id parameters, rehash on login, and the account CLI."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from argon2 import PasswordHasher, Type, extract_parameters
+
+from broker.auth import passwords, users
+from broker.db import db
+from broker.models import ApiToken, User
+
+PASSWORD = "correct horse battery"
+
+
+def test_production_hash_is_argon2id_with_owasp_minimums():
+    """m ≥ 19 MiB, t ≥ 2, Argon2id — checked on a real production hash."""
+    params = extract_parameters(passwords.PRODUCTION.hash("some password here"))
+    assert params.type is Type.ID
+    assert params.memory_cost >= 19 * 1024
+    assert params.time_cost >= 2
+    assert params.parallelism >= 1
+
+
+def test_apps_outside_testing_use_the_production_parameters(make_app):
+    """Only ENV=testing gets the cheap profile; development uses production parameters."""
+    dev = make_app(ENV="development")
+    with dev.app_context():
+        assert passwords.hasher() is passwords.PRODUCTION
+        stored = passwords.hash_password("some password here")
+    assert stored.startswith("$argon2id$")
+    assert extract_parameters(stored).memory_cost >= 19 * 1024
+    assert passwords.hasher() is passwords.PRODUCTION  # no app: production
+    testing = make_app()
+    with testing.app_context():
+        assert extract_parameters(passwords.hash_password("x" * 12)).type is Type.ID
+
+
+def test_login_rehashes_when_parameters_change(app, make_user):
+    """A hash made with old parameters is replaced by one with the current ones at login."""
+    user = make_user()
+    old = PasswordHasher(time_cost=1, memory_cost=16, parallelism=1, type=Type.ID).hash(PASSWORD)
+    with app.app_context():
+        db.session.get(User, user.id).password_hash = old
+        db.session.commit()
+        assert passwords.needs_rehash(old)
+        assert users.authenticate("alice", PASSWORD) is not None
+        db.session.commit()
+        new = db.session.get(User, user.id).password_hash
+        assert new != old and not passwords.needs_rehash(new)
+        assert passwords.verify_password(new, PASSWORD)
+        # a wrong password leaves the hash alone
+        assert users.authenticate("alice", "wrong password!!") is None
+        assert db.session.get(User, user.id).password_hash == new
+
+
+def test_unreadable_hash_never_authenticates(app, make_user):
+    """A corrupt stored hash is a failed login, not a 500."""
+    user = make_user()
+    with app.app_context():
+        db.session.get(User, user.id).password_hash = "not-a-hash"
+        db.session.commit()
+        assert users.authenticate("alice", PASSWORD) is None
+        assert passwords.needs_rehash("not-a-hash")
+
+
+def test_password_hash_is_salted(app):
+    """The same password hashes differently each time."""
+    with app.app_context():
+        assert passwords.hash_password(PASSWORD) != passwords.hash_password(PASSWORD)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_manages_users_and_tokens(app):
+    """users create / set-password / deactivate and tokens create / revoke."""
+    runner = app.test_cli_runner()
+    created = runner.invoke(
+        args=["users", "create", "Root", "--admin", "--password-stdin"], input=PASSWORD + "\n"
+    )
+    assert created.exit_code == 0, created.output
+    assert "administrator Root" in created.output
+    duplicate = runner.invoke(
+        args=["users", "create", "root", "--password-stdin"], input=PASSWORD + "\n"
+    )
+    assert duplicate.exit_code != 0 and "taken" in duplicate.output
+    weak = runner.invoke(args=["users", "create", "bob", "--password-stdin"], input="short\n")
+    assert weak.exit_code != 0 and "12 characters" in weak.output
+
+    issued = runner.invoke(args=["tokens", "create", "root", "--name", "ci", "--days", "7"])
+    assert issued.exit_code == 0, issued.output
+    secret = issued.stdout.strip()
+    assert secret.startswith("brk_")
+    client = app.test_client()
+    me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"})
+    assert me.get_json()["is_admin"] is True
+
+    changed = runner.invoke(
+        args=["users", "set-password", "ROOT", "--password-stdin"], input="another long password\n"
+    )
+    assert changed.exit_code == 0, changed.output
+    assert (
+        client.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    )
+
+    second = runner.invoke(args=["tokens", "create", "root"]).stdout.strip()
+    with app.app_context():
+        token_id = db.session.scalar(
+            sa.select(ApiToken.public_id).where(ApiToken.revoked_at.is_(None))
+        )
+    revoked = runner.invoke(args=["tokens", "revoke", token_id])
+    assert revoked.exit_code == 0
+    assert (
+        client.get("/api/v1/me", headers={"Authorization": f"Bearer {second}"}).status_code == 401
+    )
+
+    third = runner.invoke(args=["tokens", "create", "root"]).stdout.strip()
+    deactivated = runner.invoke(args=["users", "deactivate", "root"])
+    assert deactivated.exit_code == 0
+    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {third}"}).status_code == 401
+    refused = runner.invoke(args=["tokens", "create", "root"])
+    assert refused.exit_code != 0 and "deactivated" in refused.output
+    missing = runner.invoke(args=["users", "deactivate", "nobody"])
+    assert missing.exit_code != 0 and "no user" in missing.output
