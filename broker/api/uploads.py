@@ -22,16 +22,18 @@ from broker.errors import ApiError
 from broker.models import Upload, User
 
 Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
-ERRORS: dict[int, type[BaseModel] | None] = {
-    401: ErrorResponse,
-    404: ErrorResponse,
-    422: ErrorResponse,
-}
-UPSTREAM_ERRORS: dict[int, type[BaseModel] | None] = {
-    502: ErrorResponse,
-    503: ErrorResponse,
-    504: ErrorResponse,
-}
+
+
+def _errors(*statuses: int) -> dict[int, type[BaseModel] | None]:
+    """Document these error statuses (each answered with the one ErrorResponse shape)."""
+    return dict.fromkeys(statuses, ErrorResponse)
+
+
+# Upstream trouble: 502 auth/failure, 503 budget or Cloudflare's 429, 504 timeout.
+UPSTREAM = (502, 503, 504)
+# Shared with other upload views (broker/api/completion.py).
+ERRORS = _errors(401, 404, 422)
+UPSTREAM_ERRORS = _errors(*UPSTREAM)
 
 
 class CreateUpload(BaseModel):
@@ -159,11 +161,7 @@ def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> 
     body=CreateUpload,
     responses={
         201: UploadCreated,
-        400: ErrorResponse,
-        409: ErrorResponse,
-        429: ErrorResponse,
-        **ERRORS,
-        **UPSTREAM_ERRORS,
+        **_errors(400, 401, 409, 422, 429, *UPSTREAM),
     },
     tags=("uploads",),
 )
@@ -221,7 +219,7 @@ def create_upload(body: CreateUpload) -> Response:
     "GET",
     "/uploads",
     query=ListUploads,
-    responses={200: UploadPage, 403: ErrorResponse, **ERRORS},
+    responses={200: UploadPage, **_errors(401, 403, 422)},
     tags=("uploads",),
 )
 def list_uploads(query: ListUploads) -> UploadPage:
@@ -254,7 +252,7 @@ def _visible(upload_id: str) -> Upload:
     bp,
     "GET",
     "/uploads/<upload_id>",
-    responses={200: UploadOut, **ERRORS},
+    responses={200: UploadOut, **_errors(401, 404)},
     tags=("uploads",),
 )
 def get_upload(upload_id: str) -> UploadOut:
@@ -266,7 +264,7 @@ def get_upload(upload_id: str) -> UploadOut:
     bp,
     "DELETE",
     "/uploads/<upload_id>",
-    responses={200: UploadOut, **ERRORS, **UPSTREAM_ERRORS},
+    responses={200: UploadOut, **_errors(401, 404, *UPSTREAM)},
     tags=("uploads",),
 )
 def delete_upload(upload_id: str) -> UploadOut:
@@ -301,7 +299,7 @@ def _admin_target(public_id: str) -> User:
     bp,
     "GET",
     "/users/<public_id>/upload-limits",
-    responses={200: UserLimitsOut, 403: ErrorResponse, **ERRORS},
+    responses={200: UserLimitsOut, **_errors(401, 403, 404)},
     tags=("admin",),
 )
 def get_upload_limits(public_id: str) -> UserLimitsOut:
@@ -314,7 +312,7 @@ def get_upload_limits(public_id: str) -> UserLimitsOut:
     "PUT",
     "/users/<public_id>/upload-limits",
     body=UserLimits,
-    responses={200: UserLimitsOut, 403: ErrorResponse, **ERRORS},
+    responses={200: UserLimitsOut, **_errors(401, 403, 404, 422)},
     tags=("admin",),
 )
 def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:

@@ -1,0 +1,109 @@
+"""Every status the uploads endpoints document is produced here, and every answer validates
+against the OpenAPI document (the SpecCheckingClient checks each response it sees)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from broker.api.spec import openapi_document
+
+OPERATIONS = {
+    ("post", "/api/v1/uploads"),
+    ("get", "/api/v1/uploads"),
+    ("get", "/api/v1/uploads/{upload_id}"),
+    ("delete", "/api/v1/uploads/{upload_id}"),
+    ("get", "/api/v1/users/{public_id}/upload-limits"),
+    ("put", "/api/v1/users/{public_id}/upload-limits"),
+}
+
+
+def test_every_documented_status_is_answered_and_valid(
+    make_app, make_user, bearer, emulator
+) -> None:
+    app = make_app(MAX_PENDING_UPLOADS=3, CLOUDFLARE_TIMEOUT=0.3)
+    client = app.test_client()
+    alice = make_user("alice")
+    auth = bearer(app, alice)
+    admin = bearer(app, make_user("root", is_admin=True))
+    seen: dict[tuple[str, str], set[int]] = defaultdict(set)
+
+    def call(method: str, template: str, path: str | None = None, **kwargs: Any) -> Any:
+        response = client.open(path or template, method=method.upper(), **kwargs)
+        seen[(method, template)].add(response.status_code)
+        return response
+
+    post, one = "/api/v1/uploads", "/api/v1/uploads/{upload_id}"
+    # First, while the budget is not paused: DELETE's 502 and 504.
+    seen[("delete", one)] |= _delete_upstream_statuses(make_app, make_user, bearer, emulator)
+    limits = "/api/v1/users/{public_id}/upload-limits"
+    mine = call("post", post, json={}, headers=auth).get_json()
+    item = one.replace("{upload_id}", mine["id"])
+    call("post", post, json={}, headers={**auth, "Idempotency-Key": ""})  # 400
+    call("post", post, json={})  # 401
+    call("post", post, json={"id": "dup", "require_signed_urls": False}, headers=auth)
+    call("post", post, json={"id": "dup", "require_signed_urls": False}, headers=auth)  # 409
+    call("post", post, json={"expires_in": 1}, headers=auth)  # 422
+    call("post", post, json={}, headers=auth)
+    call("post", post, json={}, headers=auth)  # 429: three pending
+    call("delete", one, item, headers=auth)
+    emulator.inject_fault("direct_upload", status=500, count=1)
+    call("post", post, json={}, headers=auth)  # 502
+    emulator.inject_fault("direct_upload", latency_ms=900, count=1)
+    call("post", post, json={}, headers=auth)  # 504
+    emulator.inject_fault("direct_upload", status=429, count=1)
+    call("post", post, json={}, headers=auth)  # 503
+
+    call("get", post, headers=auth)
+    call("get", post)
+    call("get", post, "/api/v1/uploads?scope=all", headers=auth)
+    call("get", post, "/api/v1/uploads?limit=0", headers=auth)
+
+    call("get", one, item, headers=auth)
+    call("get", one, item)
+    call("get", one, one.replace("{upload_id}", "nope"), headers=auth)
+
+    call("delete", one, item)
+    call("delete", one, one.replace("{upload_id}", "nope"), headers=auth)
+    listed = client.get(post, headers=auth).get_json()["items"]
+    targets = [u for u in listed if u["status"] == "pending"]
+    # The 429 above paused the shared budget: DELETE now answers 503 without calling upstream.
+    call("delete", one, one.replace("{upload_id}", targets[0]["id"]), headers=auth)
+
+    mine_limits = limits.replace("{public_id}", alice.public_id)
+    call("get", limits, mine_limits, headers=admin)
+    call("get", limits, mine_limits)
+    call("get", limits, mine_limits, headers=auth)
+    call("get", limits, limits.replace("{public_id}", "u_nobody"), headers=admin)
+    call("put", limits, mine_limits, json={"max_pending_uploads": 5}, headers=admin)
+    call("put", limits, mine_limits, json={})
+    call("put", limits, mine_limits, json={}, headers=auth)
+    call("put", limits, limits.replace("{public_id}", "u_nobody"), json={}, headers=admin)
+    call("put", limits, mine_limits, json={"max_pending_uploads": -1}, headers=admin)
+
+    documented = _documented()
+    for op in OPERATIONS:
+        assert seen[op] == documented[op], f"{op}: answered {seen[op]}, documented {documented[op]}"
+
+
+def _delete_upstream_statuses(make_app, make_user, bearer, emulator) -> set[int]:
+    """DELETE's 502 and 504, on a second app sharing the database."""
+    app = make_app(CLOUDFLARE_TIMEOUT=0.3)
+    client = app.test_client()
+    auth = bearer(app, make_user("bob"))
+    created = client.post("/api/v1/uploads", json={}, headers=auth).get_json()
+    path = f"/api/v1/uploads/{created['id']}"
+    statuses = set()
+    emulator.inject_fault("image_delete", status=401, count=1)
+    statuses.add(client.delete(path, headers=auth).status_code)
+    emulator.inject_fault("image_delete", latency_ms=900, count=1)
+    statuses.add(client.delete(path, headers=auth).status_code)
+    return statuses
+
+
+def _documented() -> dict[tuple[str, str], set[int]]:
+    doc = openapi_document()
+    return {
+        (method, path): {int(s) for s in doc["paths"][path][method]["responses"] if s != "default"}
+        for method, path in OPERATIONS
+    }
