@@ -405,6 +405,7 @@ def list_uploads(
     status: str | None = None,
     cursor: str | None = None,
     limit: int = 50,
+    include_deleted: bool = True,
 ) -> tuple[list[Upload], str | None]:
     """Return a page of uploads (newest first) and the cursor of the next page, if any."""
     query = sa.select(Upload)
@@ -412,6 +413,8 @@ def list_uploads(
         query = query.where(Upload.user_id == user_id)
     if status is not None:
         query = query.where(Upload.status == status)
+    if not include_deleted:
+        query = query.where(Upload.status != "deleted")
     if cursor:
         created, upload_id = decode_cursor(cursor)
         query = query.where(
