@@ -74,6 +74,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(delivery.bp)
 
+    from broker import hooks
+
+    hooks.init_app(app)
+
     from broker import cli
 
     cli.init_app(app)

@@ -13,5 +13,9 @@ def init_app(app: Flask) -> None:
     from broker.auth.cli import tokens_cli, users_cli
 
     groups += [users_cli, tokens_cli]
+    from broker.webhooks_cli import webhooks_cli
+    from broker.worker import worker_command
+
+    groups += [webhooks_cli, worker_command]
     for group in groups:
         app.cli.add_command(group)

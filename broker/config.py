@@ -122,6 +122,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Allow webhook endpoints on loopback/private addresses (development and tests only).",
     ),
     Setting("WEBHOOK_TIMEOUT", 15.0, "Seconds before an outgoing webhook attempt times out."),
+    Setting(
+        "VERIFY_BATCH_INTERVAL",
+        1.5,
+        "Least seconds between a worker's completion checks; due uploads in between share one `GET /v2` listing.",
+    ),
+    Setting(
+        "UPLOAD_ALLOWED_FORMATS",
+        None,
+        "Policy on completed originals: formats allowed after decoding (e.g. `JPEG,PNG,WEBP`); others are deleted and `rejected`.",
+    ),
+    Setting("UPLOAD_MAX_BYTES", None, "Policy: largest original in bytes; bigger ones are rejected."),
+    Setting(
+        "UPLOAD_MAX_DIMENSION", None, "Policy: longest side in pixels; bigger originals are rejected."
+    ),
+    Setting("KEYS_SYNC_INTERVAL", 3600, "Seconds between the worker's signing-key syncs."),
     Setting("SIGNED_URL_TTL", 3600, "Default lifetime in seconds of minted delivery URLs."),
     Setting("SIGNED_URL_MAX_TTL", 604800, "Longest lifetime a client may ask for (7 days)."),
     Setting(

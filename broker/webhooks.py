@@ -138,21 +138,24 @@ def _iso(value: Any) -> Any:
 
 
 def upload_data(upload: Any) -> dict[str, Any]:
-    """Return the `data.upload` object of an event (what the app's backend needs to know)."""
+    """Return the `data.upload` object of an event (the API's upload shape, plus variants)."""
+    from broker.uploads import public_metadata
+
     user = getattr(upload, "user", None)
     fields = {
-        "id": getattr(upload, "public_id", None) or getattr(upload, "id", None),
-        "image_id": getattr(upload, "image_id", None),
-        "user_id": getattr(user, "public_id", None) if user is not None else None,
-        "status": getattr(upload, "status", None),
+        "id": upload.id,
+        "image_id": upload.image_id,
+        "owner": getattr(user, "public_id", None),
+        "status": upload.status,
+        "require_signed_urls": getattr(upload, "require_signed_urls", None),
+        "metadata": public_metadata(getattr(upload, "meta", None)),
         "created_at": getattr(upload, "created_at", None),
         "expires_at": getattr(upload, "expires_at", None),
-        "completed_at": getattr(upload, "completed_at", None),
         "status_changed_at": getattr(upload, "status_changed_at", None),
+        "completed_at": getattr(upload, "completed_at", None),
         "filename": getattr(upload, "filename", None),
         "uploaded_at": getattr(upload, "uploaded_at", None),
-        "variants": getattr(upload, "variants", None),
-        "meta": getattr(upload, "meta", None),
+        "variants": getattr(upload, "variants", None) or [],
         "reject_reason": getattr(upload, "reject_reason", None),
     }
     return {k: _iso(v) for k, v in fields.items()}

@@ -121,7 +121,7 @@ START = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
 
 def _upload():
     return SimpleNamespace(
-        public_id="up_test1",
+        id="up_test1",
         image_id="img-1",
         status="ready",
         created_at=START,

@@ -15,5 +15,6 @@ from broker.api import docs  # noqa: E402, F401
 from broker.api import auth  # noqa: E402, F401
 from broker.api import images  # noqa: E402, F401
 from broker.api import uploads, upstream  # noqa: E402, F401
+from broker.api import completion, webhooks  # noqa: E402, F401
 
 upstream.register(bp)

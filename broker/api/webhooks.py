@@ -1,0 +1,346 @@
+"""/api/v1/webhooks: admins register endpoints, rotate secrets, inspect and redeliver deliveries."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import sqlalchemy as sa
+from flask import current_app
+from flask_login import current_user
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker import ssrf, webhooks
+from broker.api import bp
+from broker.api.spec import ErrorResponse, endpoint
+from broker.db import db, utcnow
+from broker.errors import ApiError
+from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+
+EventType = Literal["upload.completed", "upload.expired", "upload.rejected", "upload.deleted", "*"]
+ERRORS: dict[int, type[BaseModel] | None] = {
+    401: ErrorResponse,
+    403: ErrorResponse,
+    404: ErrorResponse,
+    422: ErrorResponse,
+}
+
+
+class EndpointIn(BaseModel):
+    """A new webhook endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2048, description="https URL receiving the events.")
+    events: list[EventType] = Field(min_length=1, description="Event types, or `*` for all.")
+    description: str = Field(default="", max_length=255)
+
+
+class EndpointPatch(BaseModel):
+    """Changes to an endpoint; omitted fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, max_length=2048)
+    events: list[EventType] | None = Field(default=None, min_length=1)
+    description: str | None = Field(default=None, max_length=255)
+    active: bool | None = None
+
+
+class EndpointOut(BaseModel):
+    """A webhook endpoint (its secret is shown only when created or rotated)."""
+
+    id: str
+    url: str
+    events: list[str]
+    description: str
+    active: bool
+    disabled_reason: str | None = None
+    previous_secret_until: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, e: WebhookEndpoint) -> EndpointOut:
+        """Render an endpoint row."""
+        return cls(
+            id=e.public_id,
+            url=e.url,
+            events=e.events.split(),
+            description=e.description,
+            active=e.active,
+            disabled_reason=e.disabled_reason,
+            previous_secret_until=e.previous_secret_until,
+            created_at=e.created_at,
+            updated_at=e.updated_at,
+        )
+
+
+class EndpointCreated(EndpointOut):
+    """A new endpoint and its signing secret: store it now, it is not shown again."""
+
+    secret: str
+
+
+class EndpointList(BaseModel):
+    """Every registered endpoint."""
+
+    items: list[EndpointOut]
+
+
+class RotateIn(BaseModel):
+    """How long the old secret keeps signing next to the new one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_seconds: int = Field(default=86400, ge=0, le=7 * 86400)
+
+
+class SecretOut(BaseModel):
+    """A rotated secret (shown once) and until when the previous one still signs."""
+
+    id: str
+    secret: str
+    previous_secret_until: datetime | None
+
+
+class AttemptOut(BaseModel):
+    """One logged delivery attempt."""
+
+    number: int
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+
+
+class DeliveryOut(BaseModel):
+    """One event on its way to one endpoint."""
+
+    id: int
+    endpoint: str
+    event_type: str
+    webhook_id: str
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    attempt_log: list[AttemptOut] | None = None
+
+
+class DeliveryList(BaseModel):
+    """Deliveries, newest first."""
+
+    items: list[DeliveryOut]
+
+
+class DeliveryQuery(BaseModel):
+    """Filters for the delivery list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: str | None = None
+    status: Literal["pending", "succeeded", "failed"] | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+
+
+def _admin() -> None:
+    if not current_user.is_admin:
+        raise ApiError(403, "forbidden", "This needs an administrator account.")
+
+
+def _endpoint(public_id: str) -> WebhookEndpoint:
+    e = db.session.scalar(sa.select(WebhookEndpoint).where(WebhookEndpoint.public_id == public_id))
+    if e is None:
+        raise ApiError(404, "not_found", "No such webhook endpoint.")
+    return e
+
+
+def _checked(url: str) -> None:
+    try:
+        webhooks.check_target(url, current_app.config)
+    except ssrf.BlockedAddress as exc:
+        raise ApiError(422, "url_not_allowed", str(exc), details={"field": "url"}) from None
+
+
+def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> DeliveryOut:
+    """Render a delivery (optionally with its attempt log)."""
+    event = db.session.get(WebhookEvent, d.event_id)
+    endpoint_row = db.session.get(WebhookEndpoint, d.endpoint_id)
+    assert event is not None and endpoint_row is not None
+    log = None
+    if with_attempts:
+        rows = db.session.scalars(
+            sa.select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id == d.id)
+            .order_by(WebhookAttempt.number)
+        )
+        log = [
+            AttemptOut(
+                number=a.number,
+                started_at=a.started_at,
+                duration_ms=a.duration_ms,
+                status_code=a.status_code,
+                error=a.error,
+            )
+            for a in rows
+        ]
+    return DeliveryOut(
+        id=d.id,
+        endpoint=endpoint_row.public_id,
+        event_type=event.type,
+        webhook_id=event.msg_id,
+        status=d.status,  # type: ignore[arg-type]
+        attempts=d.attempts,
+        next_attempt_at=d.next_attempt_at,
+        last_status_code=d.last_status_code,
+        last_error=d.last_error,
+        created_at=d.created_at,
+        completed_at=d.completed_at,
+        attempt_log=log,
+    )
+
+
+@endpoint(
+    bp, "GET", "/webhooks/endpoints", responses={200: EndpointList, **ERRORS}, tags=("admin",)
+)
+def list_webhook_endpoints() -> EndpointList:
+    """List webhook endpoints (admins only)."""
+    _admin()
+    rows = db.session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id))
+    return EndpointList(items=[EndpointOut.of(e) for e in rows])
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/webhooks/endpoints",
+    body=EndpointIn,
+    responses={201: EndpointCreated, **ERRORS},
+    tags=("admin",),
+)
+def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
+    """Register a webhook endpoint; the answer holds its secret, shown only this once."""
+    _admin()
+    _checked(body.url)
+    e, secret = webhooks.add_endpoint(
+        db.session, body.url, list(body.events), current_app.config, description=body.description
+    )
+    db.session.commit()
+    return EndpointCreated(**EndpointOut.of(e).model_dump(), secret=secret), 201
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/webhooks/endpoints/<endpoint_id>",
+    responses={200: EndpointOut, **ERRORS},
+    tags=("admin",),
+)
+def get_webhook_endpoint(endpoint_id: str) -> EndpointOut:
+    """Show one webhook endpoint (admins only)."""
+    _admin()
+    return EndpointOut.of(_endpoint(endpoint_id))
+
+
+@endpoint(
+    bp,
+    "PATCH",
+    "/webhooks/endpoints/<endpoint_id>",
+    body=EndpointPatch,
+    responses={200: EndpointOut, **ERRORS},
+    tags=("admin",),
+)
+def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOut:
+    """Change an endpoint's URL, events, description, or enable/disable it."""
+    _admin()
+    e = _endpoint(endpoint_id)
+    if body.url is not None:
+        _checked(body.url)
+        e.url = body.url
+    if body.events is not None:
+        e.events = webhooks.normalise_events(list(body.events))
+    if body.description is not None:
+        e.description = body.description
+    if body.active is not None:
+        webhooks.set_active(e, body.active, None)
+        if body.active:
+            webhooks.notify_worker()
+    e.updated_at = utcnow()
+    db.session.commit()
+    return EndpointOut.of(e)
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/webhooks/endpoints/<endpoint_id>/rotate-secret",
+    body=RotateIn,
+    responses={200: SecretOut, **ERRORS},
+    tags=("admin",),
+)
+def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
+    """Give an endpoint a new secret; the old one keeps signing during the window."""
+    _admin()
+    e = _endpoint(endpoint_id)
+    secret = webhooks.rotate_secret(e, window=body.window_seconds)
+    db.session.commit()
+    return SecretOut(id=e.public_id, secret=secret, previous_secret_until=e.previous_secret_until)
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/webhooks/deliveries",
+    query=DeliveryQuery,
+    responses={200: DeliveryList, **ERRORS},
+    tags=("admin",),
+)
+def list_webhook_deliveries(query: DeliveryQuery) -> DeliveryList:
+    """List webhook deliveries, newest first (admins only)."""
+    _admin()
+    stmt = sa.select(WebhookDelivery).order_by(WebhookDelivery.id.desc()).limit(query.limit)
+    if query.endpoint:
+        stmt = stmt.where(WebhookDelivery.endpoint_id == _endpoint(query.endpoint).id)
+    if query.status:
+        stmt = stmt.where(WebhookDelivery.status == query.status)
+    return DeliveryList(items=[delivery_out(d) for d in db.session.scalars(stmt)])
+
+
+def _delivery(delivery_id: str) -> WebhookDelivery:
+    d = db.session.get(WebhookDelivery, int(delivery_id)) if delivery_id.isdigit() else None
+    if d is None:
+        raise ApiError(404, "not_found", "No such delivery.")
+    return d
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/webhooks/deliveries/<delivery_id>",
+    responses={200: DeliveryOut, **ERRORS},
+    tags=("admin",),
+)
+def get_webhook_delivery(delivery_id: str) -> DeliveryOut:
+    """Show one delivery with every attempt (admins only)."""
+    _admin()
+    return delivery_out(_delivery(delivery_id), with_attempts=True)
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/webhooks/deliveries/<delivery_id>/redeliver",
+    responses={202: DeliveryOut, **ERRORS},
+    tags=("admin",),
+)
+def redeliver_webhook(delivery_id: str) -> tuple[DeliveryOut, int]:
+    """Queue a delivery again now (same webhook-id, fresh retry schedule)."""
+    _admin()
+    d = _delivery(delivery_id)
+    webhooks.redeliver(d)
+    db.session.commit()
+    return delivery_out(d), 202

@@ -1,0 +1,374 @@
+"""Completion detection: find out, cheaply and quickly, when each pending upload got its file.
+
+Three signals lead to one verification against Cloudflare: the client's `/complete` call and
+Cloudflare's notification are *hints* (they only make the upload due now), and the worker's
+own capped-exponential schedule covers silent clients. Only the worker changes state, after
+verifying:
+
+- many due uploads → one `GET /v2` listing (newest first; drafts are not listed) verifies them
+  all at once, and also completes any other pending upload that shows up in it;
+- a single due upload → one `GET /v1/{id}`;
+- past `expires_at` + grace and still a draft → `expired`, and the draft is deleted upstream.
+
+Listings are spaced at least `VERIFY_BATCH_INTERVAL` seconds apart per worker, so a burst of
+hints costs one call, and every call is made at background priority through the shared budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from broker import leases, uploads
+from broker.cloudflare import (
+    CloudflareImages,
+    CloudflareNotFound,
+    Image,
+    Priority,
+    UpstreamError,
+)
+from broker.db import utcnow
+from broker.models import Upload
+
+log = logging.getLogger("broker.completion")
+
+# Seconds between checks of a silent client's upload: 5, 10, 20, then every 30 (from creation).
+CHECK_BASE = 5
+CHECK_CAP = 30
+LEASE_SECONDS = 60
+CLAIM_LIMIT = 500
+LIST_PER_PAGE = 1000
+# Uploads not covered by a listing page (older than its last image) checked one by one per pass.
+MAX_SINGLE_CHECKS = 10
+IN_CHUNK = 400  # ids per SQL IN (…) list
+
+
+def check_delay(attempts: int) -> float:
+    """Return seconds until the next check after `attempts` checks (capped exponential)."""
+    return float(min(CHECK_CAP, CHECK_BASE * (2 ** min(attempts, 16))))
+
+
+def hint(upload: Upload, *, now: datetime | None = None) -> bool:
+    """Make a pending upload due for verification now (client or Cloudflare said it is done)."""
+    if upload.status != uploads.PENDING:
+        return False
+    now = now or utcnow()
+    if upload.next_check_at is None or upload.next_check_at > now:
+        upload.next_check_at = now
+    from broker.webhooks import notify_worker
+
+    notify_worker()
+    return True
+
+
+# -- policy checks on the original -----------------------------------------------------------
+
+
+def policy_enabled(config: Any) -> bool:
+    """Tell whether any policy check on the original is configured."""
+    return bool(
+        config.get("UPLOAD_ALLOWED_FORMATS")
+        or config.get("UPLOAD_MAX_BYTES")
+        or config.get("UPLOAD_MAX_DIMENSION")
+    )
+
+
+def policy_problem(data: bytes, config: Any) -> str | None:
+    """Return why the original breaks the configured policy (by decoding it), or None."""
+    max_bytes = config.get("UPLOAD_MAX_BYTES")
+    if max_bytes and len(data) > int(max_bytes):
+        return f"file is {len(data)} bytes; the limit is {int(max_bytes)}"
+    allowed = config.get("UPLOAD_ALLOWED_FORMATS")
+    max_dim = config.get("UPLOAD_MAX_DIMENSION")
+    if not allowed and not max_dim:
+        return None
+    fmt, size = _sniff(data)
+    if allowed:
+        wanted = {f.strip().upper() for f in str(allowed).replace(",", " ").split() if f.strip()}
+        wanted |= {"JPEG"} if "JPG" in wanted else set()
+        if fmt is None or fmt not in wanted:
+            return f"format {fmt or 'unknown'} is not allowed ({', '.join(sorted(wanted))})"
+    if max_dim and size is not None and max(size) > int(max_dim):
+        return f"image is {size[0]}x{size[1]}; the limit is {int(max_dim)} px per side"
+    return None
+
+
+def _sniff(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
+    """Decode the real format and size (never trusting the name); SVG is recognised by text."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as img:
+            img.verify()
+            return (img.format or None), img.size
+    except Exception:
+        head = data[:1024].lstrip().lower()
+        if head.startswith(b"<?xml") or head.startswith(b"<svg") or b"<svg" in head:
+            return "SVG", None
+        return None, None
+
+
+# -- finishing one upload -------------------------------------------------------------------------
+
+
+def finish_ready(
+    upload: Upload, image: Image, client: CloudflareImages, config: Any, now: datetime
+) -> str:
+    """Record a completed image (after the optional policy check); return the new status."""
+    if policy_enabled(config):
+        try:
+            data = client.get_blob(upload.image_id, priority=Priority.BACKGROUND)
+        except CloudflareNotFound:
+            uploads.mark_deleted(upload, now=now)
+            return upload.status
+        problem = policy_problem(data, config)
+        if problem:
+            with contextlib.suppress(CloudflareNotFound):
+                client.delete_image(upload.image_id, priority=Priority.BACKGROUND)
+            uploads.mark_rejected(upload, problem, now=now)
+            log.info("upload rejected id=%s: %s", upload.id, problem)
+            return upload.status
+    uploads.mark_ready(upload, image, now=now)
+    log.info("upload ready id=%s image=%s", upload.id, upload.image_id)
+    return upload.status
+
+
+def _reschedule(upload: Upload, now: datetime, owner: str) -> None:
+    if upload.lease_owner != owner or upload.status != uploads.PENDING:
+        return
+    upload.check_attempts = (upload.check_attempts or 0) + 1
+    upload.next_check_at = now + timedelta(seconds=check_delay(upload.check_attempts))
+    upload.lease_owner = None
+    upload.lease_until = None
+
+
+def _back_off(session: Session, ids: Sequence[int | str], owner: str, seconds: float, now) -> None:
+    """Give back leases after an upstream failure and retry those uploads a little later."""
+    if ids:
+        session.execute(
+            sa.update(Upload)
+            .where(Upload.id.in_(list(ids)), Upload.lease_owner == owner)
+            .values(
+                lease_owner=None,
+                lease_until=None,
+                next_check_at=now + timedelta(seconds=max(1.0, seconds)),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    session.commit()
+
+
+# -- the worker's jobs -------------------------------------------------------------------------
+
+
+@dataclass
+class Verifier:
+    """Per-worker state of completion detection (when the last listing was made)."""
+
+    last_listing: datetime | None = None
+    listings: int = 0
+    singles: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _grace(config: Any) -> timedelta:
+    return timedelta(seconds=float(config.get("EXPIRY_GRACE", 300)))
+
+
+def verify_due(
+    session: Session,
+    client: CloudflareImages,
+    config: Any,
+    owner: str,
+    *,
+    now: datetime | None = None,
+    state: Verifier | None = None,
+) -> int:
+    """Verify the uploads that are due; return how many changed state."""
+    now = now or utcnow()
+    state = state or Verifier()
+    interval = timedelta(seconds=float(config.get("VERIFY_BATCH_INTERVAL", 1.5)))
+    if state.last_listing is not None and now - state.last_listing < interval:
+        return 0
+    ids = leases.claim(
+        session,
+        Upload,
+        where=[
+            Upload.status == uploads.PENDING,
+            Upload.next_check_at <= now,
+            Upload.expires_at > now - _grace(config),
+        ],
+        order_by=[Upload.next_check_at, Upload.id],
+        limit=CLAIM_LIMIT,
+        owner=owner,
+        now=now,
+        lease_seconds=LEASE_SECONDS,
+    )
+    if not ids:
+        return 0
+    state.last_listing = now
+    if len(ids) == 1:
+        return _verify_single(session, client, config, owner, ids[0], now, state)
+    return _verify_listing(session, client, config, owner, ids, now, state)
+
+
+def _verify_single(session, client, config, owner, upload_id, now, state) -> int:
+    upload = session.get(Upload, upload_id)
+    if upload is None:
+        return 0
+    image_id = upload.image_id
+    session.commit()
+    state.singles += 1
+    try:
+        image = client.get_image(image_id, priority=Priority.BACKGROUND)
+    except CloudflareNotFound:
+        image = None
+    except UpstreamError as exc:
+        log.warning("verification of %s postponed: %s", upload_id, exc)
+        _back_off(session, [upload_id], owner, exc.retry_after or 10, now)
+        return 0
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.lease_owner != owner:
+        session.rollback()
+        return 0
+    changed = 0
+    if image is None:
+        # Gone upstream before it was ever completed: nothing will arrive any more.
+        changed = int(uploads.mark_expired(upload, now=now))
+    elif image.draft:
+        _reschedule(upload, now, owner)
+    else:
+        finish_ready(upload, image, client, config, now)
+        changed = 1
+    session.commit()
+    return changed
+
+
+def _verify_listing(session, client, config, owner, ids, now, state) -> int:
+    state.listings += 1
+    try:
+        page = client.list_images_v2(
+            per_page=LIST_PER_PAGE, sort_order="desc", priority=Priority.BACKGROUND
+        )
+    except UpstreamError as exc:
+        log.warning("batched verification postponed: %s", exc)
+        _back_off(session, ids, owner, exc.retry_after or 10, now)
+        return 0
+    found = {image.id: image for image in page.images}
+    # With more pages, only images uploaded after the page's last one are known to be listed.
+    covered_since = None
+    if page.continuation_token and page.images:
+        covered_since = min((i.uploaded for i in page.images if i.uploaded), default=None)
+    # Other pending uploads completed meanwhile show up too: take them now, at no extra cost.
+    extra_ids: list[Any] = []
+    found_ids = list(found)
+    for start in range(0, len(found_ids), IN_CHUNK):
+        chunk = found_ids[start : start + IN_CHUNK]
+        extra_ids += leases.claim(
+            session,
+            Upload,
+            where=[
+                Upload.status == uploads.PENDING,
+                Upload.image_id.in_(chunk),
+                Upload.id.notin_(list(ids)),
+            ],
+            order_by=[Upload.id],
+            limit=len(chunk),
+            owner=owner,
+            now=now,
+            lease_seconds=LEASE_SECONDS,
+        )
+    changed = 0
+    unsure: list[Any] = []
+    for upload_id in [*ids, *extra_ids]:
+        upload = session.get(Upload, upload_id)
+        if upload is None or upload.lease_owner != owner or upload.status != uploads.PENDING:
+            continue
+        image = found.get(upload.image_id)
+        if image is not None and not image.draft:
+            try:
+                finish_ready(upload, image, client, config, now)
+                changed += 1
+            except UpstreamError as exc:
+                session.rollback()
+                _back_off(session, [upload_id], owner, exc.retry_after or 10, now)
+                continue
+        elif covered_since is not None and upload.created_at < covered_since:
+            unsure.append(upload_id)
+            continue
+        else:
+            _reschedule(upload, now, owner)
+        session.commit()
+    for upload_id in unsure[:MAX_SINGLE_CHECKS]:
+        changed += _verify_single(session, client, config, owner, upload_id, now, state)
+    for upload_id in unsure[MAX_SINGLE_CHECKS:]:
+        upload = session.get(Upload, upload_id)
+        if upload is not None:
+            _reschedule(upload, now, owner)
+    session.commit()
+    return changed
+
+
+def expire_due(
+    session: Session,
+    client: CloudflareImages,
+    config: Any,
+    owner: str,
+    *,
+    now: datetime | None = None,
+    limit: int = 50,
+) -> int:
+    """Expire uploads still drafts past `expires_at` + grace (deleting the draft, best effort)."""
+    now = now or utcnow()
+    ids = leases.claim(
+        session,
+        Upload,
+        where=[Upload.status == uploads.PENDING, Upload.expires_at <= now - _grace(config)],
+        order_by=[Upload.expires_at, Upload.id],
+        limit=limit,
+        owner=owner,
+        now=now,
+        lease_seconds=LEASE_SECONDS,
+    )
+    changed = 0
+    for upload_id in ids:
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            continue
+        image_id = upload.image_id
+        session.commit()
+        try:
+            image: Image | None = client.get_image(image_id, priority=Priority.BACKGROUND)
+        except CloudflareNotFound:
+            image = None
+        except UpstreamError as exc:
+            log.warning("expiry of %s postponed: %s", upload_id, exc)
+            _back_off(session, ids[ids.index(upload_id) :], owner, exc.retry_after or 30, now)
+            return changed
+        if image is not None and image.draft:
+            try:
+                client.delete_image(image_id, priority=Priority.BACKGROUND)
+            except (CloudflareNotFound, UpstreamError) as exc:
+                log.info("draft %s not deleted upstream (%s); it expires anyway", image_id, exc)
+        upload = session.get(Upload, upload_id)
+        if upload is None or upload.lease_owner != owner:
+            session.rollback()
+            continue
+        if image is not None and not image.draft:
+            # The file arrived at the last moment: that is a completion, not an expiry.
+            finish_ready(upload, image, client, config, now)
+        else:
+            uploads.mark_expired(upload, now=now)
+            log.info("upload expired id=%s", upload.id)
+        changed += 1
+        session.commit()
+    return changed

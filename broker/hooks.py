@@ -1,0 +1,60 @@
+"""Inbound webhooks: Cloudflare's direct-upload notification, as a hint only.
+
+Cloudflare authenticates its notification with nothing but a static shared secret in
+`cf-webhook-auth` (no HMAC, no timestamp), so the body is never trusted: a valid call only makes
+the named upload due for verification, and the worker confirms with Cloudflare before anything
+changes. A wrong or missing secret changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import sqlalchemy as sa
+from flask import Blueprint, current_app, request
+
+from broker import completion
+from broker.db import db
+from broker.errors import ApiError
+from broker.models import Upload
+
+log = logging.getLogger("broker.hooks")
+
+bp = Blueprint("hooks", __name__, url_prefix="/hooks")
+
+MAX_BODY = 64 * 1024
+
+
+@bp.post("/cloudflare")
+def cloudflare_notification():  # type: ignore[no-untyped-def]
+    """Take Cloudflare's upload notification as a hint to verify that upload now."""
+    expected = current_app.config.get("CLOUDFLARE_WEBHOOK_SECRET") or ""
+    given = request.headers.get("cf-webhook-auth", "")
+    # Compare even when unconfigured so timing says nothing; an empty secret never matches.
+    ok = hmac.compare_digest(given.encode(), expected.encode())
+    if not expected or not ok:
+        raise ApiError(401, "unauthorized", "Invalid or missing cf-webhook-auth.")
+    if (request.content_length or 0) > MAX_BODY:
+        raise ApiError(413, "too_large", "Notification body too large.")
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+    image_id = data.get("imageId") or (data.get("image") or {}).get("id")
+    if not isinstance(image_id, str) or not image_id or len(image_id) > 1024:
+        return {"status": "ignored"}, 202
+    upload = db.session.scalar(sa.select(Upload).where(Upload.image_id == image_id))
+    if upload is None:
+        return {"status": "ignored"}, 202
+    hinted = completion.hint(upload)
+    db.session.commit()
+    log.info("cloudflare notification for upload %s (hint=%s)", upload.id, hinted)
+    return {"status": "accepted"}, 202
+
+
+def init_app(app) -> None:  # type: ignore[no-untyped-def]
+    """Register the blueprint, exempt from CSRF (it carries no cookie; the secret authenticates)."""
+    from broker.extensions import csrf
+
+    csrf.exempt(bp)
+    app.register_blueprint(bp)

@@ -1,0 +1,141 @@
+"""`flask webhooks …`: register endpoints, rotate secrets, inspect and redeliver deliveries."""
+
+from __future__ import annotations
+
+import click
+import sqlalchemy as sa
+from flask import current_app
+from flask.cli import with_appcontext
+
+from broker import ssrf, webhooks
+from broker.db import db
+from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+
+
+def _endpoint(public_id: str) -> WebhookEndpoint:
+    e = db.session.scalar(sa.select(WebhookEndpoint).where(WebhookEndpoint.public_id == public_id))
+    if e is None:
+        raise click.ClickException(f"no webhook endpoint {public_id}")
+    return e
+
+
+@click.group("webhooks")
+def webhooks_cli() -> None:
+    """Manage outgoing webhook endpoints and deliveries."""
+
+
+@webhooks_cli.command("add")
+@click.argument("url")
+@click.option(
+    "--events",
+    "events",
+    multiple=True,
+    required=True,
+    help="Event types (repeat or comma-separate), or '*': " + ", ".join(webhooks.EVENT_TYPES),
+)
+@click.option("--description", default="", help="A note for admins.")
+@with_appcontext
+def add_command(url: str, events: tuple[str, ...], description: str) -> None:
+    """Register URL for events; prints its signing secret once."""
+    try:
+        endpoint, secret = webhooks.add_endpoint(
+            db.session, url, events, current_app.config, description=description
+        )
+    except (ssrf.BlockedAddress, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    db.session.commit()
+    click.echo(f"endpoint {endpoint.public_id} {endpoint.url} events={endpoint.events}")
+    click.echo(f"secret (shown once, store it now): {secret}")
+
+
+@webhooks_cli.command("list")
+@with_appcontext
+def list_command() -> None:
+    """List endpoints with their state."""
+    for e in db.session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id)):
+        state = "active" if e.active else f"disabled ({e.disabled_reason})"
+        click.echo(f"{e.public_id}  {state}  events={e.events}  {e.url}")
+
+
+@webhooks_cli.command("rotate-secret")
+@click.argument("endpoint_id")
+@click.option("--window", default=86400, show_default=True, help="Seconds the old secret signs.")
+@with_appcontext
+def rotate_command(endpoint_id: str, window: int) -> None:
+    """Give an endpoint a new secret (printed once); the old one signs during the window."""
+    e = _endpoint(endpoint_id)
+    secret = webhooks.rotate_secret(e, window=window)
+    db.session.commit()
+    click.echo(f"new secret (shown once): {secret}")
+    click.echo(f"previous secret keeps signing until {e.previous_secret_until:%Y-%m-%d %H:%M:%SZ}")
+
+
+@webhooks_cli.command("disable")
+@click.argument("endpoint_id")
+@with_appcontext
+def disable_command(endpoint_id: str) -> None:
+    """Stop delivering to an endpoint (its pending deliveries wait)."""
+    webhooks.set_active(_endpoint(endpoint_id), False, "disabled by an admin")
+    db.session.commit()
+    click.echo(f"disabled {endpoint_id}")
+
+
+@webhooks_cli.command("enable")
+@click.argument("endpoint_id")
+@with_appcontext
+def enable_command(endpoint_id: str) -> None:
+    """Resume delivering to an endpoint."""
+    webhooks.set_active(_endpoint(endpoint_id), True, None)
+    db.session.commit()
+    click.echo(f"enabled {endpoint_id}")
+
+
+@webhooks_cli.command("deliveries")
+@click.option("--endpoint", "endpoint_id", default=None, help="Only this endpoint.")
+@click.option("--status", type=click.Choice(["pending", "succeeded", "failed"]), default=None)
+@click.option("--limit", default=50, show_default=True)
+@click.option("--attempts", is_flag=True, help="Show every attempt.")
+@with_appcontext
+def deliveries_command(
+    endpoint_id: str | None, status: str | None, limit: int, attempts: bool
+) -> None:
+    """List deliveries, newest first."""
+    stmt = (
+        sa.select(WebhookDelivery, WebhookEvent, WebhookEndpoint)
+        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    )
+    if endpoint_id:
+        stmt = stmt.where(WebhookEndpoint.public_id == endpoint_id)
+    if status:
+        stmt = stmt.where(WebhookDelivery.status == status)
+    for d, ev, e in db.session.execute(stmt):
+        click.echo(
+            f"{d.id}  {d.status:<9} {ev.type:<17} {ev.msg_id}  -> {e.public_id}  "
+            f"attempts={d.attempts} last={d.last_status_code or d.last_error or '-'}"
+        )
+        if attempts:
+            for a in db.session.scalars(
+                sa.select(WebhookAttempt)
+                .where(WebhookAttempt.delivery_id == d.id)
+                .order_by(WebhookAttempt.number)
+            ):
+                click.echo(
+                    f"    #{a.number} {a.started_at:%Y-%m-%d %H:%M:%S} {a.duration_ms}ms "
+                    f"{a.status_code or ''} {a.error or ''}"
+                )
+
+
+@webhooks_cli.command("redeliver")
+@click.argument("delivery_id", type=int)
+@with_appcontext
+def redeliver_command(delivery_id: int) -> None:
+    """Queue a delivery again now (same webhook-id)."""
+    d = db.session.get(WebhookDelivery, delivery_id)
+    if d is None:
+        raise click.ClickException(f"no delivery {delivery_id}")
+    webhooks.redeliver(d)
+    db.session.commit()
+    click.echo(f"delivery {delivery_id} queued")

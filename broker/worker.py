@@ -1,0 +1,232 @@
+"""The background worker: claims due work from the database with leases and does it.
+
+    flask --app broker worker          # production: one or more processes
+    BROKER_WORKER_INLINE=1             # development: a thread of the web process (make run)
+
+Jobs (each guarded, so one failing job never stops the others):
+- `deliver_webhooks`: outgoing events (broker.webhooks);
+- `verify_uploads`: completion detection for due uploads (broker.completion);
+- `expire_uploads`: drafts past their expiry + grace become `expired`;
+- `sync_keys`: mirror Cloudflare's signing keys (broker.keys.sync_keys), hourly.
+
+Tests drive `run_once(app, now=...)` step by step; `run_forever` loops until its stop event is
+set (SIGTERM in `flask worker`), then gives back what it has not started and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import click
+from flask import Flask
+from flask.cli import with_appcontext
+
+from broker.db import db, utcnow
+
+log = logging.getLogger("broker.worker")
+
+EXTENSION_KEY = "worker"
+# SIGTERM must lead to exit within this many seconds (one webhook attempt takes at most 15 s).
+SHUTDOWN_DEADLINE = 30
+
+
+def _new_worker_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{threading.get_ident() % 100000}"
+
+
+@dataclass
+class Job:
+    """One kind of work and how often to look for it (0 = every pass)."""
+
+    name: str
+    run: Callable[[Worker, datetime], int]
+    every: float = 0.0
+
+
+@dataclass
+class Worker:
+    """One worker's identity, per-job bookkeeping and stop flag."""
+
+    app: Flask
+    worker_id: str = field(default_factory=_new_worker_id)
+    stop: threading.Event = field(default_factory=threading.Event)
+    last_run: dict[str, datetime] = field(default_factory=dict)
+    verifier: Any = None
+
+    def __post_init__(self) -> None:
+        from broker.completion import Verifier
+
+        self.verifier = self.verifier or Verifier()
+
+    @property
+    def jobs(self) -> list[Job]:
+        """Return the jobs in the order one pass runs them."""
+        keys_every = float(self.app.config.get("KEYS_SYNC_INTERVAL") or 3600)
+        return [
+            Job("verify_uploads", _verify_uploads),
+            Job("expire_uploads", _expire_uploads, every=10),
+            Job("deliver_webhooks", _deliver_webhooks),
+            Job("sync_keys", _sync_keys, every=keys_every),
+        ]
+
+    def run_once(self, now: datetime | None = None) -> dict[str, int]:
+        """Run every due job once; return how much each one did."""
+        done: dict[str, int] = {}
+        with self.app.app_context():
+            for job in self.jobs:
+                if self.stop.is_set():
+                    break
+                moment = now or utcnow()
+                last = self.last_run.get(job.name)
+                if job.every and last is not None and (moment - last).total_seconds() < job.every:
+                    continue
+                self.last_run[job.name] = moment
+                try:
+                    done[job.name] = job.run(self, moment)
+                except Exception:
+                    db.session.rollback()
+                    log.exception("worker job %s failed", job.name)
+                    done[job.name] = 0
+            db.session.remove()
+        return done
+
+    def run_forever(self) -> None:
+        """Loop until `stop` is set, idling between passes that found nothing to do."""
+        from broker.webhooks import wake
+
+        poll = float(self.app.config.get("WORKER_POLL_INTERVAL") or 1.0)
+        log.info("worker %s started", self.worker_id)
+        while not self.stop.is_set():
+            done = self.run_once()
+            if self.stop.is_set():
+                break
+            if not any(done.values()):
+                # Short naps keep /complete hints and fresh events quick; `wake` cuts them short.
+                wake.wait(poll)
+                wake.clear()
+        log.info("worker %s stopped", self.worker_id)
+
+
+def _verify_uploads(worker: Worker, now: datetime) -> int:
+    from broker import completion
+    from broker.cloudflare import get_client
+
+    return completion.verify_due(
+        db.session,
+        get_client(),
+        worker.app.config,
+        worker.worker_id,
+        now=now,
+        state=worker.verifier,
+    )
+
+
+def _expire_uploads(worker: Worker, now: datetime) -> int:
+    from broker import completion
+    from broker.cloudflare import get_client
+
+    return completion.expire_due(
+        db.session, get_client(), worker.app.config, worker.worker_id, now=now
+    )
+
+
+def _deliver_webhooks(worker: Worker, now: datetime) -> int:
+    from broker import webhooks
+
+    return webhooks.deliver_due(
+        db.session, worker.worker_id, worker.app.config, now=now, stop=worker.stop
+    )
+
+
+def _sync_keys(worker: Worker, now: datetime) -> int:
+    """Slot for the signed-URL engineer's key sync; runs hourly when broker.keys provides it."""
+    try:
+        from broker.keys import sync_keys
+    except ImportError:
+        return 0
+    from broker.cloudflare import get_client
+
+    result = sync_keys(get_client(), now=now)
+    db.session.commit()
+    return int(bool(getattr(result, "changed", False)))
+
+
+def get_worker(app: Flask) -> Worker:
+    """Return the app's default worker (created on first use)."""
+    worker = app.extensions.get(EXTENSION_KEY)
+    if worker is None:
+        worker = app.extensions[EXTENSION_KEY] = Worker(app)
+    return worker
+
+
+def run_once(
+    app: Flask, now: datetime | None = None, worker_id: str | None = None
+) -> dict[str, int]:
+    """Run one pass of every due job (tests pass `now` to drive time)."""
+    worker = get_worker(app) if worker_id is None else _named(app, worker_id)
+    return worker.run_once(now)
+
+
+def _named(app: Flask, worker_id: str) -> Worker:
+    workers = app.extensions.setdefault("workers", {})
+    if worker_id not in workers:
+        workers[worker_id] = Worker(app, worker_id=worker_id)
+    return workers[worker_id]
+
+
+def run_forever(app: Flask, stop_event: threading.Event, worker_id: str | None = None) -> None:
+    """Work until `stop_event` is set."""
+    worker = Worker(app, worker_id=worker_id or _new_worker_id(), stop=stop_event)
+    worker.run_forever()
+
+
+def start_inline(app: Flask) -> tuple[threading.Thread, threading.Event]:
+    """Start the worker in a daemon thread of this process (development's `make run`)."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_forever, args=(app, stop), name="broker-worker", daemon=True
+    )
+    thread.start()
+    return thread, stop
+
+
+@click.command("worker")
+@click.option("--once", is_flag=True, help="Run one pass and exit (for cron or debugging).")
+@with_appcontext
+def worker_command(once: bool) -> None:
+    """Run the background worker until SIGTERM/SIGINT (finishes or releases its work first)."""
+    from flask import current_app
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if once:
+        click.echo(run_once(app))
+        return
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("worker got signal %s: finishing current work", signum)
+        stop.set()
+        from broker.webhooks import wake
+
+        wake.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    thread = threading.Thread(target=run_forever, args=(app, stop), name="broker-worker")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        if stop.is_set():
+            thread.join(SHUTDOWN_DEADLINE - 1)
+            break
+    if thread.is_alive():
+        log.error("worker did not stop within %ss; exiting anyway", SHUTDOWN_DEADLINE)
+        os._exit(1)
