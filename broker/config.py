@@ -119,7 +119,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "WEBHOOK_ALLOW_PRIVATE",
         False,
-        "Allow webhook endpoints on loopback/private addresses (development and tests only).",
+        "Allow webhook endpoints on loopback addresses, http included (development and tests only).",
     ),
     Setting("WEBHOOK_TIMEOUT", 15.0, "Seconds before an outgoing webhook attempt times out."),
     Setting(

@@ -109,6 +109,13 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 @dataclass(frozen=True)
 class Target:
     """A checked URL: where to connect (`address`), and the name to send as Host and SNI."""
@@ -136,7 +143,8 @@ def check_url(
 ) -> Target:
     """Validate a webhook URL and resolve it; raise BlockedAddress unless it is safe to call.
 
-    `allow_private` (development and tests only) lets loopback/private receivers through.
+    `allow_private` (development and tests only) lets loopback receivers through, nothing else
+    (a metadata or LAN address stays refused even then).
     """
     try:
         parts = urlsplit(url)
@@ -168,10 +176,9 @@ def check_url(
             raise BlockedAddress(f"cannot resolve {host}: {exc}") from None
         if not addresses:
             raise BlockedAddress(f"cannot resolve {host}")
-    if not allow_private:
-        bad = [a for a in addresses if not is_public_address(a)]
-        if bad:
-            raise BlockedAddress(f"{host} resolves to a non-public address ({bad[0]})")
+    bad = [a for a in addresses if not (is_public_address(a) or (allow_private and _loopback(a)))]
+    if bad:
+        raise BlockedAddress(f"{host} resolves to a non-public address ({bad[0]})")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query

@@ -139,3 +139,9 @@ def test_redirects_are_not_followed(receiver):
     resp = ssrf.post_pinned(target, b"{}", {}, timeout=5)
     assert resp.status == 302
     assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize("host", ["10.0.0.1", "169.254.169.254", "192.168.1.1", "[fd00::1]"])
+def test_allow_private_still_refuses_everything_but_loopback(host):
+    with pytest.raises(ssrf.BlockedAddress):
+        ssrf.check_url(f"http://{host}/h", allow_private=True, require_https=False)
