@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import sys
 import threading
 from pathlib import Path
@@ -36,6 +37,10 @@ def _start_emulator(instance_path: Path) -> str | None:
         log.warning("no Cloudflare account configured and no emulator available")
         return None
     base = f"http://{HOST}:{EMULATOR_PORT}"
+    # The emulator notifies the broker of finished uploads, as Cloudflare's webhook would.
+    notify_secret = os.environ.setdefault(
+        "BROKER_CLOUDFLARE_WEBHOOK_SECRET", secrets.token_urlsafe(24)
+    )
     emulator = create_emulator(
         {
             "DATA_DIR": str(instance_path / "emulator"),
@@ -43,6 +48,8 @@ def _start_emulator(instance_path: Path) -> str | None:
             "ACCOUNT_ID": "emulator-account",
             "API_TOKEN": "emulator-token",
             "CONTROL_ENABLED": True,
+            "NOTIFY_URL": f"http://{HOST}:{BROKER_PORT}/hooks/cloudflare",
+            "NOTIFY_SECRET": notify_secret,
         }
     )
     server = make_server(HOST, EMULATOR_PORT, emulator, threaded=True)
@@ -65,6 +72,11 @@ def _prepare(app: Flask) -> list[str]:
     from broker.delivery import prepare_upstream
 
     lines += prepare_upstream()
+    if app.config.get("WORKER_INLINE"):
+        from broker.worker import start_inline
+
+        start_inline(app)
+        lines.append("Worker: inline thread (completion checks, webhooks, key sync)")
     return lines
 
 
