@@ -10,8 +10,10 @@ verifying:
 - a single due upload → one `GET /v1/{id}`;
 - past `expires_at` + grace and still a draft → `expired`, and the draft is deleted upstream.
 
-Listings are spaced at least `VERIFY_BATCH_INTERVAL` seconds apart per worker, so a burst of
-hints costs one call, and every call is made at background priority through the shared budget.
+A due check waits up to `VERIFY_BATCH_WINDOW` seconds (counted from when the oldest due upload
+became due) so that the hints arriving meanwhile share its call: the number of calls follows
+the number of windows, not of uploads. Every call is made at background priority through the
+shared budget.
 """
 
 from __future__ import annotations
@@ -196,17 +198,22 @@ def verify_due(
     """Verify the uploads that are due; return how many changed state."""
     now = now or utcnow()
     state = state or Verifier()
-    interval = timedelta(seconds=float(config.get("VERIFY_BATCH_INTERVAL", 1.5)))
-    if state.last_listing is not None and now - state.last_listing < interval:
+    due = [
+        Upload.status == uploads.PENDING,
+        Upload.next_check_at <= now,
+        Upload.expires_at > now - _grace(config),
+    ]
+    window = timedelta(seconds=float(config.get("VERIFY_BATCH_WINDOW", 1.5)))
+    oldest = session.scalar(
+        sa.select(sa.func.min(Upload.next_check_at)).where(*due, leases.claimable(Upload, now))
+    )
+    session.commit()
+    if oldest is None or now - oldest < window:
         return 0
     ids = leases.claim(
         session,
         Upload,
-        where=[
-            Upload.status == uploads.PENDING,
-            Upload.next_check_at <= now,
-            Upload.expires_at > now - _grace(config),
-        ],
+        where=due,
         order_by=[Upload.next_check_at, Upload.id],
         limit=CLAIM_LIMIT,
         owner=owner,

@@ -123,9 +123,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("WEBHOOK_TIMEOUT", 15.0, "Seconds before an outgoing webhook attempt times out."),
     Setting(
-        "VERIFY_BATCH_INTERVAL",
+        "VERIFY_BATCH_WINDOW",
         1.5,
-        "Least seconds between a worker's completion checks; due uploads in between share one `GET /v2` listing.",
+        "Seconds a due completion check waits so the checks due meanwhile share one `GET /v2` listing.",
     ),
     Setting(
         "UPLOAD_ALLOWED_FORMATS",

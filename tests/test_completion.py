@@ -51,6 +51,11 @@ def _send_file(upload, fmt="PNG", size=(64, 48)):
     return resp
 
 
+def _later(seconds: float = 2.0):
+    """A moment past the batching window, when due checks are made."""
+    return utcnow() + timedelta(seconds=seconds)
+
+
 def _api_calls(emulator):
     """Upstream API calls made for completion (not file uploads, not the hourly key sync)."""
     skip = {"upload_url", "keys_list"}
@@ -76,7 +81,7 @@ def test_complete_then_worker_verifies_and_delivers(setup, receiver, emulator):
     response = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
     assert response.status_code == 202  # no file yet
     emulator.reset_counters()
-    worker.run_once(app)
+    worker.run_once(app, now=_later())
     assert _upload(app, up["id"]).status == "pending"  # verified: still a draft
 
     _send_file(up)
@@ -121,7 +126,7 @@ def test_many_pending_uploads_share_one_listing(setup, receiver, emulator):
         db.session.execute(sa.update(Upload).values(next_check_at=utcnow()))
         db.session.commit()
     emulator.reset_counters()
-    worker.run_once(app)
+    worker.run_once(app, now=_later())
     counters = _api_calls(emulator)
     assert sum(counters.values()) == 1, counters  # a single GET /v2 verified all six
     statuses = [_upload(app, up["id"]).status for up in ups]
@@ -142,7 +147,7 @@ def test_listing_completes_pending_uploads_that_were_not_even_due(setup, emulato
     _send_file(c)
     client.post(f"/api/v1/uploads/{a['id']}/complete", headers=auth)
     client.post(f"/api/v1/uploads/{b['id']}/complete", headers=auth)
-    worker.run_once(app)
+    worker.run_once(app, now=_later())
     assert _upload(app, c["id"]).status == "ready"  # seen in the same listing
 
 
@@ -154,9 +159,21 @@ def test_silent_client_is_found_by_the_schedule(setup, receiver):
     worker.run_once(app, now=now)  # not due yet
     assert _upload(app, up["id"]).status == "pending"
     row = _upload(app, up["id"])
-    worker.run_once(app, now=row.next_check_at + timedelta(seconds=1))
+    worker.run_once(app, now=row.next_check_at + timedelta(seconds=2))
     assert _upload(app, up["id"]).status == "ready"
     assert [r.json["type"] for r in receiver.requests] == ["upload.completed"]
+
+
+def test_a_due_check_waits_for_the_batching_window(setup, emulator):
+    app, client, auth = setup
+    up = _create(client, auth)
+    _send_file(up)
+    client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
+    emulator.reset_counters()
+    worker.run_once(app, now=_later(0.5))
+    assert _upload(app, up["id"]).status == "pending" and _api_calls(emulator) == {}
+    worker.run_once(app, now=_later(1.6))
+    assert _upload(app, up["id"]).status == "ready"
 
 
 def test_backoff_is_capped_exponential():
@@ -188,7 +205,7 @@ def test_cloudflare_hook_is_only_a_hint(setup, emulator):
     )
     assert response.status_code == 202
     assert _upload(app, up["id"]).next_check_at <= utcnow()
-    worker.run_once(app)
+    worker.run_once(app, now=_later())
     assert _upload(app, up["id"]).status == "pending"
     assert _events(app) == []
     # Unknown images and junk are ignored without error.
@@ -223,7 +240,7 @@ def test_emulator_notification_over_http_leads_to_completion(setup, emulator, re
         server.shutdown()
         thread.join(10)
     assert _upload(app, up["id"]).next_check_at <= utcnow()
-    worker.run_once(app)
+    worker.run_once(app, now=_later())
     assert _upload(app, up["id"]).status == "ready"
     assert [r.json["type"] for r in receiver.requests] == ["upload.completed"]
 
@@ -234,7 +251,7 @@ def test_expired_draft_becomes_expired_once(setup, receiver, emulator):
     row = _upload(app, up["id"])
     late = row.expires_at + timedelta(seconds=app.config["EXPIRY_GRACE"] + 1)
     with time_machine.travel(late, tick=True):
-        worker.run_once(app)
+        worker.run_once(app, now=_later())
         worker.run_once(app, now=utcnow() + timedelta(seconds=30))
     row = _upload(app, up["id"])
     assert row.status == "expired"
@@ -252,7 +269,7 @@ def test_file_arriving_just_before_expiry_is_a_completion(setup, receiver):
     row = _upload(app, up["id"])
     late = row.expires_at + timedelta(seconds=app.config["EXPIRY_GRACE"] + 1)
     with time_machine.travel(late, tick=True):
-        worker.run_once(app)
+        worker.run_once(app, now=_later())
     assert _upload(app, up["id"]).status == "ready"
 
 
@@ -266,7 +283,7 @@ def test_policy_rejects_and_deletes_the_image(make_app, make_user, bearer, recei
     up = _create(client, auth)
     _send_file(up, fmt="PNG")
     client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
-    worker.run_once(app)
+    worker.run_once(app, now=_later())
     row = _upload(app, up["id"])
     assert row.status == "rejected" and "PNG" in row.reject_reason
     assert emulator.emulator.store.get_image(up["image_id"]) is None
@@ -290,7 +307,7 @@ def test_deleting_an_upload_emits_upload_deleted(setup, receiver):
     app, client, auth = setup
     up = _create(client, auth)
     assert client.delete(f"/api/v1/uploads/{up['id']}", headers=auth).status_code == 200
-    worker.run_once(app)
+    worker.run_once(app, now=_later())
     assert [r.json["type"] for r in receiver.requests] == ["upload.deleted"]
 
 
