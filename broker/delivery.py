@@ -6,18 +6,19 @@ database query per request (one for a whole batch) and never calls Cloudflare.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from flask import current_app
 
 from broker import keys, variants
 from broker.db import db
-from broker.models import Upload
-from broker.signing import Delivery, Signer, Variant, bucketed_expiry, check_ttl, needs_signature
+from broker.models import Upload, User
+from broker.signing import Delivery, Signer, Variant, bucketed_expiry, check_ttl, quote_id
 
 # The columns minting needs: no ORM objects, no joined user, so a batch stays cheap.
 _COLUMNS = (
@@ -28,6 +29,17 @@ _COLUMNS = (
     Upload.require_signed_urls,
     Upload.variants,
 )
+
+
+class UploadRef(NamedTuple):
+    """The columns of an upload that minting needs (a plain tuple: fast attribute access)."""
+
+    id: str
+    user_id: int
+    image_id: str
+    status: str
+    require_signed_urls: bool
+    variants: list[str] | None
 
 
 class NotFound(Exception):
@@ -50,8 +62,7 @@ class NoSigningKey(Exception):
     """A private image needs a signature but no signing key is stored (run `flask keys sync`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Minted:
+class Minted(NamedTuple):
     """A delivery URL and when it stops working (None: unsigned, it never expires)."""
 
     url: str
@@ -88,10 +99,14 @@ def expiry(ttl: int, now: float) -> int:
     )
 
 
+# Delivery origins parsed once per distinct setting, not once per request.
+_from_settings = functools.lru_cache(maxsize=16)(Delivery.from_settings)
+
+
 def fallback_delivery() -> Delivery:
     """Return where images without a stored variant URL are served (from the settings)."""
     config = current_app.config
-    return Delivery.from_settings(
+    return _from_settings(
         config["CLOUDFLARE_DELIVERY_BASE"], config.get("CLOUDFLARE_ACCOUNT_HASH") or ""
     )
 
@@ -102,23 +117,67 @@ def _visible(stmt: sa.Select[Any], caller: Caller) -> sa.Select[Any]:
     return stmt
 
 
-def load_one(upload_id: str, caller: Caller) -> sa.Row[Any]:
+@functools.cache
+def _one_statement(is_admin: bool) -> sa.Select[Any]:
+    """Build the single-upload query once: the redirect runs it on every image shown."""
+    stmt = sa.select(*_COLUMNS).where(Upload.id == sa.bindparam("upload_id"))
+    if not is_admin:
+        stmt = stmt.where(Upload.user_id == sa.bindparam("user_id"))
+    return stmt
+
+
+def load_one(upload_id: str, caller: Caller) -> UploadRef:
     """Load one upload the caller may see (NotFound otherwise), with one indexed query."""
-    row = db.session.execute(
-        _visible(sa.select(*_COLUMNS).where(Upload.id == upload_id), caller)
-    ).first()
+    params = {"upload_id": upload_id, "user_id": caller.user_id}
+    # Core execution on the session's connection: plain rows need none of the ORM machinery.
+    row = db.session.connection().execute(_one_statement(caller.is_admin), params).first()
     if row is None or row.status == "deleted":
         raise NotFound(upload_id)
-    return row
+    return UploadRef._make(row)
 
 
-def load_many(upload_ids: Iterable[str], caller: Caller) -> dict[str, sa.Row[Any]]:
+@functools.cache
+def _session_statement() -> sa.Select[Any]:
+    """Build the query that authenticates a session token and loads an upload together."""
+    visible = sa.and_(
+        Upload.id == sa.bindparam("upload_id"),
+        sa.or_(Upload.user_id == User.id, User.is_admin.is_(True)),
+    )
+    return (
+        sa.select(User.id, User.is_admin, *_COLUMNS)
+        .select_from(User)
+        .outerjoin(Upload, visible)
+        .where(User.session_token == sa.bindparam("token"), User.active.is_(True))
+    )
+
+
+def load_for_session(session_token: str, upload_id: str) -> tuple[Caller, UploadRef | None] | None:
+    """Authenticate a session token and load an upload it may see, in one indexed query.
+
+    Returns None when the token belongs to no active user (the caller falls back to the
+    regular login path), else the caller and the upload (None: not visible or deleted).
+    """
+    params = {"upload_id": upload_id, "token": session_token}
+    # A short connection of its own, outside the ORM session: no session transaction to set
+    # up and tear down for one read (this runs for every image a gallery page shows).
+    with db.engine.connect() as conn:
+        row = conn.execute(_session_statement(), params).first()
+    if row is None:
+        return None
+    caller = Caller(row[0], bool(row[1]))
+    if row[2] is None or row.status == "deleted":
+        return caller, None
+    return caller, UploadRef._make(row[2:])
+
+
+def load_many(upload_ids: Iterable[str], caller: Caller) -> dict[str, UploadRef]:
     """Load the uploads the caller may see among `upload_ids`, in one query, by id."""
     wanted = list(dict.fromkeys(upload_ids))
     if not wanted:
         return {}
     stmt = _visible(sa.select(*_COLUMNS).where(Upload.id.in_(wanted)), caller)
-    return {row.id: row for row in db.session.execute(stmt)}
+    make = UploadRef._make
+    return {row[0]: make(row) for row in db.session.execute(stmt)}
 
 
 class Minter:
@@ -129,30 +188,46 @@ class Minter:
         self.expires_at = datetime.fromtimestamp(self.exp, UTC)
         self.signer = signer if signer is not None else keys.current_signer()
         self.fallback = fallback_delivery()
+        # The last delivery parsed from a stored URL, with its `origin + prefix + "/"`: an
+        # account's images share it, so a batch parses one URL instead of a thousand.
+        self._last: tuple[str, Delivery] | None = None
 
-    def delivery(self, row: sa.Row[Any]) -> Delivery:
+    def delivery(self, row: UploadRef, quoted_id: str | None = None) -> Delivery:
         """Return where the row's image is served: from its stored URLs, else the settings."""
         stored: Sequence[str] | None = row.variants
-        if stored:
-            found = Delivery.from_variant_url(stored[0], row.image_id)
-            if found is not None:
-                return found
-        return self.fallback
+        if not stored:
+            return self.fallback
+        first = stored[0]
+        last = self._last
+        if last is not None:
+            base = last[0]
+            if first.startswith(base) and first.startswith(
+                f"{quoted_id or quote_id(row.image_id)}/", len(base)
+            ):
+                return last[1]
+        found = Delivery.from_variant_url(first, row.image_id)
+        if found is None:
+            return self.fallback
+        self._last = (f"{found.origin}{found.prefix}/", found)
+        return found
 
-    def mint(self, row: sa.Row[Any], variant: Variant) -> Minted:
+    def mint(self, row: UploadRef, variant: Variant) -> Minted:
         """Return the URL of one image variant (NotFound, NotReady or NoSigningKey)."""
-        if row.status != "ready":
-            if row.status == "deleted":
+        status = row.status
+        if status != "ready":
+            if status == "deleted":
                 raise NotFound(row.id)
-            raise NotReady(row.status)
-        where = self.delivery(row)
-        path, origin = where.path(row.image_id, variant.name), where.origin
-        if not needs_signature(row.require_signed_urls, variant):
-            return Minted(origin + path, None)
-        if self.signer is None:
+            raise NotReady(status)
+        quoted = quote_id(row.image_id)
+        where = self.delivery(row, quoted)
+        path = f"{where.prefix}/{quoted}/{variant.name}"
+        if not row.require_signed_urls or variant.never_signed:
+            return Minted(where.origin + path, None)
+        signer = self.signer
+        if signer is None:
             raise NoSigningKey()
         to_sign = f"{path}?exp={self.exp}"
-        return Minted(f"{origin}{to_sign}&sig={self.signer.signature(to_sign)}", self.expires_at)
+        return Minted(f"{where.origin}{to_sign}&sig={signer.signature(to_sign)}", self.expires_at)
 
 
 def prepare_upstream() -> list[str]:

@@ -452,3 +452,35 @@ def test_dev_server_start_up_syncs_variants_and_keys(
     with broken.app_context():
         (line,) = prepare_upstream()
         assert "not synced" in line and "wrong" not in line
+
+
+def test_redirect_session_fast_path_follows_the_login_rules(broker: Flask) -> None:
+    owner_id, owner_secret = make_user(broker, "alice")
+    admin_id, _ = make_user(broker, "root", admin=True)
+    upload_id = make_image(broker, owner_id, size=(100, 100))
+
+    def session_client(user_id: int) -> Any:
+        client = broker.test_client()
+        with broker.app_context():
+            token = db.session.get(User, user_id).session_token
+        with client.session_transaction() as session:
+            session["_user_id"] = token
+        return client
+
+    owner = session_client(owner_id)
+    assert owner.get(f"/i/{upload_id}/thumb").status_code == 302
+    assert session_client(admin_id).get(f"/i/{upload_id}/thumb").status_code == 302
+    assert owner.get("/i/nope/thumb").status_code == 404
+    # An Authorization header is the only credential considered, even beside a good cookie.
+    assert owner.get(f"/i/{upload_id}/thumb", headers=auth("brk_wrong")).status_code == 401
+    assert owner.get(f"/i/{upload_id}/thumb", headers=auth(owner_secret)).status_code == 302
+    with broker.app_context():
+        user = db.session.get(User, owner_id)
+        user.end_sessions()
+        db.session.commit()
+    assert owner.get(f"/i/{upload_id}/thumb").status_code == 401
+    owner = session_client(owner_id)
+    with broker.app_context():
+        db.session.get(User, owner_id).active = False
+        db.session.commit()
+    assert owner.get(f"/i/{upload_id}/thumb").status_code == 401

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request, session
 from flask_login import current_user
 
 from broker import delivery
 from broker.errors import ApiError
+from broker.extensions import login_manager
 
 bp = Blueprint("delivery", __name__)
 
@@ -21,14 +22,41 @@ bp = Blueprint("delivery", __name__)
 SAFETY_MARGIN = 300
 
 
+def _session_token() -> str | None:
+    """Return the flask-login session token when this request is judged by its cookie alone."""
+    if "Authorization" in request.headers or login_manager.session_protection == "strong":
+        return None  # header auth, or protection checks the fast path would skip
+    token = session.get("_user_id")
+    return token if isinstance(token, str) and token else None
+
+
+def _load(upload_id: str) -> delivery.UploadRef:
+    """Authenticate the caller and load the upload they may see (NotFound otherwise).
+
+    A browser showing a gallery asks for dozens of images at once, so a session cookie is
+    checked in the same indexed query that loads the upload, the same rule broker.auth
+    applies (active user with that session token). Bearer tokens, remember cookies and
+    unknown tokens take the regular flask-login path.
+    """
+    token = _session_token()
+    if token is not None:
+        found = delivery.load_for_session(token, upload_id)
+        if found is not None:
+            row = found[1]
+            if row is None:
+                raise delivery.NotFound(upload_id)
+            return row
+    if not current_user.is_authenticated:
+        raise ApiError(401, "unauthorized", "Log in to see this image.")
+    return delivery.load_one(upload_id, delivery.Caller(current_user.id, current_user.is_admin))
+
+
 @bp.get("/i/<upload_id>/<variant>")
 def image(upload_id: str, variant: str) -> Response:
     """Redirect to a signed delivery URL of one of the caller's images."""
-    if not current_user.is_authenticated:
-        raise ApiError(401, "unauthorized", "Log in to see this image.")
     try:
         wanted = delivery.lookup_variant(variant)
-        row = delivery.load_one(upload_id, delivery.Caller(current_user.id, current_user.is_admin))
+        row = _load(upload_id)
         now = time.time()
         ttl = delivery.lifetime(None)
         minted = delivery.Minter(ttl, now).mint(row, wanted)
