@@ -89,6 +89,7 @@ async function api(method, path, body) {
 function render(item) {
   const el = item.el;
   el.dataset.state = item.state;
+  if (item.uploadId) el.dataset.uploadId = item.uploadId; else delete el.dataset.uploadId;
   el.querySelector(".name").textContent = item.file.name;
   el.querySelector(".size").textContent = humanSize(item.file.size);
   const labels = {

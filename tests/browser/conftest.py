@@ -1,0 +1,114 @@
+"""Real headless Chromium (Debian's build) against the broker and the emulator on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from tests.conftest import require
+
+CHROMIUM = os.environ.get("BROKER_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
+
+
+@dataclass
+class LiveBroker:
+    """A broker served over real HTTP with its worker running, as `make run` does."""
+
+    app: Flask
+    url: str
+    _stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Stop the worker and the server."""
+        for stop in reversed(self._stop):
+            stop()
+
+
+@pytest.fixture
+def live_broker(make_app: Callable[..., Flask]) -> Iterator[LiveBroker]:
+    """Serve the broker on 127.0.0.1 with an inline worker thread."""
+    from broker.delivery import prepare_upstream
+    from broker.worker import start_inline
+
+    app = make_app(WORKER_POLL_INTERVAL=0.05)
+    with app.app_context():
+        # What `make run` does at start: declared variants upstream, signing keys mirrored.
+        problems = [line for line in prepare_upstream() if "fail" in line.lower()]
+        assert not problems, problems
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, name="live-broker", daemon=True)
+    serving.start()
+    worker, stop_worker = start_inline(app)
+    live = LiveBroker(app=app, url=f"http://127.0.0.1:{server.server_port}")
+
+    def stop_all() -> None:
+        stop_worker.set()
+        worker.join(timeout=30)
+        server.shutdown()
+        server.server_close()
+        serving.join(timeout=10)
+
+    live._stop.append(stop_all)
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Launch Debian's Chromium headless through Playwright (no browser download)."""
+    require(
+        bool(shutil.which(CHROMIUM)) or Path(CHROMIUM).exists(), f"needs Chromium at {CHROMIUM}"
+    )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh browser context and page; CSP violations and console errors are recorded."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.console_messages_seen = []  # type: ignore[attr-defined]
+    page.on("console", lambda m: page.console_messages_seen.append((m.type, m.text)))
+    # Collect CSP violations the page reports, whatever the console says.
+    page.add_init_script(
+        "window.__csp = [];"
+        "document.addEventListener('securitypolicyviolation',"
+        " e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    yield page
+    context.close()
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """Save a full-page screenshot under test-artifacts/ for review."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
