@@ -233,12 +233,29 @@ def budget_from_config(engine: Engine, config: Any) -> UpstreamBudget:
     )
 
 
+def budget_engine(url: str) -> Engine:
+    """A small engine of the budget's own.
+
+    Acquires happen while a request may hold a connection of the main pool; drawing the
+    budget's connection from that same pool could deadlock once every pooled connection is
+    held by a thread waiting for a second one.
+    """
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 10})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_size=2, max_overflow=30, pool_pre_ping=True)
+
+
 def init_app(app: Any) -> None:
     """Create the app's budget in `app.extensions["budget"]` (before the Cloudflare client)."""
-    from broker.db import db
-
-    with app.app_context():
-        engine = db.engine
+    engine = budget_engine(app.config["SQLALCHEMY_DATABASE_URI"])
     app.extensions[EXTENSION_KEY] = budget_from_config(engine, app.config)
 
 

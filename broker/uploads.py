@@ -193,17 +193,18 @@ def check_limits(user: User, config: Any, now: datetime) -> None:
     live_pending = sa.select(Upload.expires_at).where(
         Upload.user_id == user.id, Upload.status == PENDING, Upload.expires_at > now
     )
-    pending = db.session.scalar(sa.select(sa.func.count()).select_from(live_pending.subquery()))
+    # Counts stop at the limit: the cost stays bounded however many rows a user has.
+    pending = db.session.scalar(
+        sa.select(sa.func.count()).select_from(live_pending.limit(max_pending).subquery())
+    )
     if pending >= max_pending:
         # A slot frees for sure when the oldest live draft's URL expires.
-        first_expiry = db.session.scalar(
-            live_pending.order_by(Upload.expires_at).offset(max(0, pending - max_pending)).limit(1)
-        )
+        first_expiry = db.session.scalar(live_pending.order_by(Upload.expires_at).limit(1))
         retry = _seconds_until(first_expiry, now)
         raise UploadError(
             429,
             "too_many_pending_uploads",
-            f"You have {pending} uploads waiting for a file (limit {max_pending}); "
+            f"You have {max_pending} uploads waiting for a file, your limit; "
             "finish or delete one first.",
             retry_after=retry,
         )
@@ -211,16 +212,16 @@ def check_limits(user: User, config: Any, now: datetime) -> None:
     recent = sa.select(Upload.created_at).where(
         Upload.user_id == user.id, Upload.created_at > since
     )
-    today = db.session.scalar(sa.select(sa.func.count()).select_from(recent.subquery()))
+    today = db.session.scalar(
+        sa.select(sa.func.count()).select_from(recent.limit(max_daily).subquery())
+    )
     if today >= max_daily:
-        oldest = db.session.scalar(
-            recent.order_by(Upload.created_at).offset(max(0, today - max_daily)).limit(1)
-        )
+        oldest = db.session.scalar(recent.order_by(Upload.created_at).limit(1))
         retry = _seconds_until(oldest + DAY if oldest else None, now)
         raise UploadError(
             429,
             "daily_upload_limit",
-            f"You created {today} uploads in the last 24 hours (limit {max_daily}).",
+            f"You created {max_daily} uploads in the last 24 hours, your limit.",
             retry_after=retry,
         )
 
@@ -262,10 +263,13 @@ def create_upload(
     upload_id = new_upload_id()
     meta = build_metadata(params.metadata, upload_id)
     check_limits(user, config, now)
-    # Release the read transaction: the upstream call must not hold database locks.
+    user_id, creator = user.id, user.public_id
+    # Hand the connection back before the upstream call: no locks or "idle in transaction"
+    # while Cloudflare answers, and no second pooled connection held by this thread.
+    # (Touching `user` after this would reload it, so its values were read above.)
     db.session.rollback()
     draft = client.direct_upload(
-        creator=user.public_id,
+        creator=creator,
         expiry=expiry,
         metadata=meta,
         require_signed_urls=params.require_signed_urls,
@@ -274,7 +278,7 @@ def create_upload(
     )
     upload = Upload(
         id=upload_id,
-        user_id=user.id,
+        user_id=user_id,
         image_id=draft.id,
         status=PENDING,
         require_signed_urls=params.require_signed_urls,
@@ -287,7 +291,7 @@ def create_upload(
     )
     db.session.add(upload)
     # EMIT: webhooks.emit(db.session, "upload.created", upload)
-    log.info("upload created id=%s image=%s user=%s", upload.id, draft.id, user.public_id)
+    log.info("upload created id=%s image=%s user=%s", upload_id, draft.id, creator)
     return upload, draft.upload_url
 
 

@@ -144,6 +144,8 @@ def make_app(
         return app
 
     yield factory
+    for app in apps:
+        app.extensions["budget"].engine.dispose()  # the budget's own pool (broker/budget.py)
     if apps:
         _empty_tables(apps[0])
         for app in apps[1:]:
