@@ -201,8 +201,9 @@ class Minter:
         last = self._last
         if last is not None:
             base = last[0]
+            # Same origin and prefix as the last one parsed, followed by this image's id.
             if first.startswith(base) and first.startswith(
-                f"{quoted_id or quote_id(row.image_id)}/", len(base)
+                quoted_id or quote_id(row.image_id), len(base)
             ):
                 return last[1]
         found = Delivery.from_variant_url(first, row.image_id)
@@ -220,13 +221,12 @@ class Minter:
             raise NotReady(status)
         quoted = quote_id(row.image_id)
         where = self.delivery(row, quoted)
-        path = f"{where.prefix}/{quoted}/{variant.name}"
         if not row.require_signed_urls or variant.never_signed:
-            return Minted(where.origin + path, None)
+            return Minted(f"{where.origin}{where.prefix}/{quoted}/{variant.name}", None)
         signer = self.signer
         if signer is None:
             raise NoSigningKey()
-        to_sign = f"{path}?exp={self.exp}"
+        to_sign = f"{where.prefix}/{quoted}/{variant.name}?exp={self.exp}"
         return Minted(f"{where.origin}{to_sign}&sig={signer.signature(to_sign)}", self.expires_at)
 
 

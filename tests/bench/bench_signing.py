@@ -123,9 +123,10 @@ def bench_inprocess(app: Flask, ids: list[str]) -> tuple[float, float]:
             f"{minter.delivery(r).path(r.image_id, 'thumb')}?exp={minter.exp}".encode()
             for r in rows
         ]
-        rounds = 100
+        # Many short interleaved runs, best of each: the floor under a noisy, shared machine.
+        rounds = 10
         best_mint = best_bare = float("inf")
-        for _ in range(3):
+        for _ in range(30):
             started = time.perf_counter()
             for _ in range(rounds):
                 for row in rows:
@@ -141,20 +142,33 @@ def bench_inprocess(app: Flask, ids: list[str]) -> tuple[float, float]:
 
 
 def bench_batch(app: Flask, ids: list[str], bearer: str) -> float:
-    """Return the median server time (ms) of a 1000-pair batch request."""
-    client = app.test_client()
-    body = {"items": [{"id": i, "variant": "thumb"} for i in ids]}
-    headers = {"Authorization": f"Bearer {bearer}"}
-    times = []
-    for run in range(25):
+    """Return the median server time (ms) of a 1000-pair batch request.
+
+    Timed around the app's WSGI callable, so the test client's own work (encoding the request,
+    decoding the answer) is not counted; everything the server does (routing, auth, parsing,
+    the query, minting, serialising) is.
+    """
+    inner = app.wsgi_app
+    times: list[float] = []
+
+    def timed(environ: dict[str, Any], start_response: Any) -> Any:
         started = time.perf_counter()
-        response = client.post("/api/v1/images/urls", json=body, headers=headers)
-        elapsed = (time.perf_counter() - started) * 1000
-        assert response.status_code == 200, response.get_data(as_text=True)
-        assert len(response.get_json()["items"]) == N_IMAGES
-        if run >= 5:  # warm-up first
-            times.append(elapsed)
-    return statistics.median(times)
+        body = list(inner(environ, start_response))
+        times.append((time.perf_counter() - started) * 1000)
+        return body
+
+    app.wsgi_app = timed  # type: ignore[method-assign]
+    client = app.test_client()
+    payload = {"items": [{"id": i, "variant": "thumb"} for i in ids]}
+    headers = {"Authorization": f"Bearer {bearer}"}
+    try:
+        for _ in range(25):
+            response = client.post("/api/v1/images/urls", json=payload, headers=headers)
+            assert response.status_code == 200, response.get_data(as_text=True)
+            assert len(response.get_json()["items"]) == N_IMAGES
+    finally:
+        app.wsgi_app = inner  # type: ignore[method-assign]
+    return statistics.median(times[5:])  # the first runs warm caches up
 
 
 def _free_port() -> int:
