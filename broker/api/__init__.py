@@ -11,10 +11,14 @@ from flask import Blueprint
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 # Resource modules register their routes on `bp` when imported.
-from broker.api import docs  # noqa: E402, F401
-from broker.api import auth  # noqa: E402, F401
-from broker.api import images  # noqa: E402, F401
-from broker.api import uploads, upstream  # noqa: E402, F401
-from broker.api import completion, webhooks  # noqa: E402, F401
+from broker.api import (  # noqa: E402, F401  # noqa: E402, F401
+    auth,
+    completion,
+    docs,
+    images,
+    uploads,
+    upstream,
+    webhooks,
+)
 
 upstream.register(bp)
