@@ -11,7 +11,7 @@ from flask import Blueprint
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 # Resource modules register their routes on `bp` when imported.
-from broker.api import (  # noqa: E402, F401  # noqa: E402, F401
+from broker.api import (  # noqa: E402, F401
     auth,
     completion,
     docs,
