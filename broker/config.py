@@ -147,7 +147,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "VARIANTS",
         "thumb:256x256:cover,medium:1024x1024:scale-down",
-        "Variants the app needs, `name:WxH:fit` comma-separated; synced upstream.",
+        "Variants the app needs, `name:WxH:fit[:metadata=…][:never-signed]` comma-separated; synced upstream by `flask variants sync`.",
     ),
     Setting(
         "KEY_ROTATION_GRACE", 86400, "Seconds an old signing key is kept after `flask keys rotate`."
