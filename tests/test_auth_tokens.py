@@ -255,3 +255,11 @@ def test_token_rows_cascade_with_their_user(app, make_user, bearer):
         db.session.delete(db.session.get(User, user.id))
         db.session.commit()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(ApiToken)) == 0
+
+
+def test_bearer_requests_get_no_session_cookie(app, client, make_user, bearer):
+    """An app using a token is never handed a session cookie (nothing to ride on later)."""
+    make_user()
+    response = client.get("/api/v1/me", headers=bearer(app, "alice"))
+    assert response.status_code == 200
+    assert "Set-Cookie" not in response.headers
