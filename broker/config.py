@@ -132,9 +132,13 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Policy on completed originals: formats allowed after decoding (e.g. `JPEG,PNG,WEBP`); others are deleted and `rejected`.",
     ),
-    Setting("UPLOAD_MAX_BYTES", None, "Policy: largest original in bytes; bigger ones are rejected."),
     Setting(
-        "UPLOAD_MAX_DIMENSION", None, "Policy: longest side in pixels; bigger originals are rejected."
+        "UPLOAD_MAX_BYTES", None, "Policy: largest original in bytes; bigger ones are rejected."
+    ),
+    Setting(
+        "UPLOAD_MAX_DIMENSION",
+        None,
+        "Policy: longest side in pixels; bigger originals are rejected.",
     ),
     Setting("KEYS_SYNC_INTERVAL", 3600, "Seconds between the worker's signing-key syncs."),
     Setting("SIGNED_URL_TTL", 3600, "Default lifetime in seconds of minted delivery URLs."),

@@ -72,9 +72,7 @@ class ApiToken(db.Model):  # type: ignore[name-defined,misc]
 
     id: Mapped[int] = mapped_column(primary_key=True)
     public_id: Mapped[str] = mapped_column(sa.String(32), unique=True, default=_token_public_id)
-    user_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("users.id", ondelete="CASCADE"), index=True
-    )
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(sa.String(100))
     # hex SHA-256 of the whole token: a stolen database cannot be replayed as tokens.
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
