@@ -171,7 +171,7 @@ async function start(item) {
     setState(item, "requesting");
     const { data } = await api("POST", "/api/v1/uploads", {});
     item.uploadId = data.id;
-    if (item.state === "cancelled") return;
+    if (item.state === "cancelled") { discard(item); return; }
     setState(item, "uploading", { progress: 0 });
     await sendFile(item, data.upload_url);
     setState(item, "processing", { progress: 100 });
@@ -191,6 +191,13 @@ function pump() {
   for (const item of waiting.slice(0, Math.max(0, CONCURRENCY - running))) start(item);
 }
 
+function discard(item) {
+  // Give the unused upload slot back (it counts against the pending limit); best effort.
+  if (!item.uploadId || item.discarded === item.uploadId) return;
+  item.discarded = item.uploadId;
+  api("DELETE", `/api/v1/uploads/${encodeURIComponent(item.uploadId)}`).catch(() => {});
+}
+
 function add(file) {
   const el = template.content.firstElementChild.cloneNode(true);
   const item = { key: nextKey++, file, el, state: "waiting", progress: 0, uploadId: null, xhr: null, running: false, error: null };
@@ -198,9 +205,11 @@ function add(file) {
   el.querySelector(".cancel").addEventListener("click", () => {
     if (item.xhr) item.xhr.abort();
     setState(item, "cancelled");
+    discard(item);
   });
   el.querySelector(".retry").addEventListener("click", () => {
-    // Upload links are single-use: a retry asks for a fresh one.
+    // Upload links are single-use: a retry asks for a fresh one and frees the old slot.
+    if (item.state !== "expired") discard(item);
     Object.assign(item, { uploadId: null, error: null, progress: 0 });
     el.querySelector("img.thumb").removeAttribute("src");
     setState(item, "waiting");

@@ -198,3 +198,32 @@ def _image_id(live: Any, upload_id: str) -> str:
 
     with live.app.app_context():
         return db.session.get(Upload, upload_id).image_id
+
+
+def test_cancel_gives_the_upload_slot_back(live_broker, make_user, emulator, page):
+    make_user("dave", PASSWORD)
+    _log_in(page, live_broker.url, "dave")
+    emulator.inject_fault("upload_url", latency_ms=3000)
+    page.locator("#file-input").set_input_files(
+        files=[{"name": "never.png", "mimeType": "image/png", "buffer": _png(120, 80)}]
+    )
+    item = _item(page, "never.png")
+    page.wait_for_selector('li.queue-item[data-state="uploading"]')
+    upload_id = item.get_attribute("data-upload-id")
+    # The page deletes the unused slot so it does not count against the pending limit.
+    with page.expect_response(
+        lambda r: r.request.method == "DELETE" and r.url.endswith(f"/uploads/{upload_id}")
+    ) as deleted:
+        item.get_by_role("button", name="Cancel").click()
+    assert deleted.value.status == 200
+    page.wait_for_selector('li.queue-item[data-state="cancelled"]')
+    expect(page.locator("#live")).to_contain_text("never.png was cancelled")
+    assert _status(live_broker, upload_id) == "deleted"
+
+
+def _status(live: Any, upload_id: str) -> str:
+    from broker.db import db
+    from broker.models import Upload
+
+    with live.app.app_context():
+        return db.session.get(Upload, upload_id).status
