@@ -33,5 +33,7 @@ USER broker
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2).status == 200 else 1)"]
-# Apply migrations, then serve with threaded workers (the work is I/O-bound).
-CMD ["sh", "-c", "flask db upgrade && exec gunicorn --bind 0.0.0.0:8000 --workers ${WEB_CONCURRENCY:-2} --threads ${GUNICORN_THREADS:-8} --worker-class gthread --access-logfile - wsgi:app"]
+# Apply migrations, make sure the declared variants and signing keys are there (a Cloudflare
+# hiccup must not keep the site down: the worker syncs keys again), then serve with threaded
+# workers (the work is I/O-bound). Run the worker from the same image: `… upload-broker flask worker`.
+CMD ["sh", "-c", "flask db upgrade && { flask variants sync && flask keys sync || echo 'upstream sync failed; continuing' >&2; } && exec gunicorn --bind 0.0.0.0:8000 --workers ${WEB_CONCURRENCY:-2} --threads ${GUNICORN_THREADS:-8} --worker-class gthread --access-logfile - wsgi:app"]
