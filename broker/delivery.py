@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from broker import keys, variants
+from broker.auth import session_user_clause
 from broker.db import db
 from broker.models import Upload, User
 from broker.signing import Delivery, Signer, Variant, bucketed_expiry, check_ttl, quote_id
@@ -147,7 +148,7 @@ def _session_statement() -> sa.Select[Any]:
         sa.select(User.id, User.is_admin, *_COLUMNS)
         .select_from(User)
         .outerjoin(Upload, visible)
-        .where(User.session_token == sa.bindparam("token"), User.active.is_(True))
+        .where(session_user_clause(sa.bindparam("token")))
     )
 
 

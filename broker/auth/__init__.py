@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from flask import Blueprint, Flask, current_app, flash, g, redirect, request, url_for
+from flask import Blueprint, Flask, current_app, flash, g, redirect, request, session, url_for
 from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError, generate_csrf
 
@@ -59,13 +59,39 @@ def _is_bearer_request() -> bool:
     return _bearer_secret() is not None
 
 
+def session_user_clause(session_token: Any) -> sa.ColumnElement[bool]:
+    """Return the SQL condition "this User row is the active owner of `session_token`".
+
+    The one rule a session or remember cookie is judged by; `broker.delivery` embeds it in the
+    `/i/` redirect's query, so both paths accept and refuse exactly the same users.
+    """
+    return sa.and_(User.session_token == session_token, User.active.is_(True))
+
+
+def fast_session_token() -> str | None:
+    """Return the session's token when flask-login would judge this request by the session
+    cookie through `load_user_from_session` alone, else None (use `current_user`).
+
+    None when an Authorization header is present (it is the only credential considered) and
+    under "strong" session protection (flask-login then compares the client identifier first,
+    which only its own path does). A token that matches no active user must also fall back,
+    since flask-login then tries the remember cookie.
+    """
+    if "Authorization" in request.headers:
+        return None
+    mode = current_app.config.get("SESSION_PROTECTION", login_manager.session_protection)
+    if mode == "strong":
+        return None
+    token = session.get("_user_id")
+    return token if isinstance(token, str) and token else None
+
+
 @login_manager.user_loader
 def load_user_from_session(session_token: str) -> User | None:
     """Load the session's (or remember cookie's) user by the rotating session token."""
     if "Authorization" in request.headers:
         return None  # an Authorization header is the only credential considered
-    user = db.session.scalar(sa.select(User).where(User.session_token == session_token))
-    return user if user is not None and user.is_active else None
+    return db.session.scalar(sa.select(User).where(session_user_clause(session_token)))
 
 
 @login_manager.request_loader

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, request, session
+from flask import Blueprint, Response
 from flask_login import current_user
 
 from broker import delivery
+from broker.auth import fast_session_token
 from broker.errors import ApiError
-from broker.extensions import login_manager
 
 bp = Blueprint("delivery", __name__)
 
@@ -22,23 +22,16 @@ bp = Blueprint("delivery", __name__)
 SAFETY_MARGIN = 300
 
 
-def _session_token() -> str | None:
-    """Return the flask-login session token when this request is judged by its cookie alone."""
-    if "Authorization" in request.headers or login_manager.session_protection == "strong":
-        return None  # header auth, or protection checks the fast path would skip
-    token = session.get("_user_id")
-    return token if isinstance(token, str) and token else None
-
-
 def _load(upload_id: str) -> delivery.UploadRef:
     """Authenticate the caller and load the upload they may see (NotFound otherwise).
 
     A browser showing a gallery asks for dozens of images at once, so a session cookie is
-    checked in the same indexed query that loads the upload, the same rule broker.auth
-    applies (active user with that session token). Bearer tokens, remember cookies and
-    unknown tokens take the regular flask-login path.
+    checked in the same indexed query that loads the upload, with broker.auth's own rule
+    (`session_user_clause`); `fast_session_token` says when that rule alone decides. Bearer
+    tokens, strong session protection, remember cookies and unknown tokens take the regular
+    flask-login path.
     """
-    token = _session_token()
+    token = fast_session_token()
     if token is not None:
         found = delivery.load_for_session(token, upload_id)
         if found is not None:
