@@ -40,7 +40,8 @@ def cloudflare_notification():  # type: ignore[no-untyped-def]
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "The body must be a JSON object.")
-    image_id = data.get("imageId") or (data.get("image") or {}).get("id")
+    image = data.get("image")
+    image_id = data.get("imageId") or (image.get("id") if isinstance(image, dict) else None)
     if not isinstance(image_id, str) or not image_id or len(image_id) > 1024:
         return {"status": "ignored"}, 202
     upload = db.session.scalar(sa.select(Upload).where(Upload.image_id == image_id))

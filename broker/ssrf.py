@@ -169,7 +169,10 @@ def check_url(
         try:
             host.encode("ascii")
         except UnicodeEncodeError:
-            host = host.encode("idna").decode("ascii")
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:  # empty or overlong label, lone surrogate: not a host name
+                raise BlockedAddress("the URL's host is not a valid domain name") from None
         try:
             addresses = resolver(host, port)
         except (OSError, UnicodeError) as exc:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import http.server
+import shutil
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 from flask import Flask
 
+from broker import ssrf
 from broker.db import db, utcnow
 from broker.models import Upload
 
@@ -130,3 +138,137 @@ def test_every_api_route_answers_anonymous_callers_with_json_401(
         r for r in _routes(app) if r[0] in PUBLIC_API - {"api.create_token"}
     ]:
         assert client.open(path, method=method).status_code == 200, endpoint
+
+
+# --- 3. SSRF guard ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ä..example.com/hook",  # an empty IDNA label
+        "https://" + "ä" * 70 + ".example.com/hook",  # an IDNA label over 63 characters
+        "https://\udcff.example.com/hook",  # a lone surrogate
+    ],
+)
+def test_urls_the_idna_codec_cannot_encode_are_refused_not_crashed(url: str) -> None:
+    """check_url answers BlockedAddress (a clean 422 upstream), never a raw UnicodeError."""
+    with pytest.raises(ssrf.BlockedAddress):
+        ssrf.check_url(url)
+
+
+def test_admin_api_refuses_a_bad_idna_webhook_url_with_422(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any], bearer: Callable[..., Any]
+) -> None:
+    """The API's SSRF check turns an unencodable host into 422 url_not_allowed, not a 500."""
+    app = make_app()
+    root = make_user("root", PASSWORD, is_admin=True)
+    headers = bearer(app, root)
+    client = app.test_client()
+    for url in ("https://ä..example.com/hook", "https://" + "ä" * 70 + ".example.com/"):
+        response = client.post(
+            "/api/v1/webhooks/endpoints", json={"url": url, "events": ["*"]}, headers=headers
+        )
+        assert response.status_code == 422, response.get_data(as_text=True)
+        assert response.get_json()["error"]["code"] == "url_not_allowed"
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_receiver(tmp_path: Path) -> Iterator[tuple[int, Path, list[str]]]:
+    """An HTTPS server on 127.0.0.1 with a certificate for `hook.test` from a private CA.
+
+    Yields (port, CA file, server names the clients sent via SNI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test CA")
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "k", "csr", "crt"))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+             "-out", str(ca), "-days", "2", "-subj", "/CN=review test CA")  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+             "-subj", "/CN=hook.test")  # fmt: skip
+    ext = tmp_path / "ext"
+    ext.write_text("subjectAltName=DNS:hook.test\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    names: list[str] = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    context.sni_callback = lambda sock, name, ctx: names.append(name or "")  # type: ignore[assignment,misc,return-value]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], ca, names
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pinned_https_checks_the_certificate_against_the_original_host_name(
+    tls_receiver: tuple[int, Path, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Connecting to the checked IP still sends SNI and verifies the certificate for the name."""
+    port, ca, names = tls_receiver
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+
+    def pinned(host: str) -> ssrf.Target:
+        return ssrf.Target(scheme="https", host=host, port=port, address="127.0.0.1", path="/h")
+
+    ok = ssrf.post_pinned(pinned("hook.test"), b"{}", {}, timeout=5)
+    assert (ok.status, ok.body) == (200, b"ok")
+    assert names == ["hook.test"]
+    with pytest.raises(Exception, match=r"(?i)hostname|match"):
+        ssrf.post_pinned(pinned("other.test"), b"{}", {}, timeout=5)
+    assert names[-1] == "other.test"
+    untrusted = tmp_path / "empty.pem"
+    untrusted.write_text("")
+    monkeypatch.setenv("SSL_CERT_FILE", str(untrusted))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    with pytest.raises(Exception, match=r"(?i)certificate verify failed"):
+        ssrf.post_pinned(pinned("hook.test"), b"{}", {}, timeout=5)
+
+
+# --- the inbound Cloudflare hook -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", ["x", ["id"], 7, True])
+def test_cloudflare_hook_ignores_a_non_object_image_field(
+    make_app: Callable[..., Flask], image: Any
+) -> None:
+    """`{"image": "x"}` with the right secret is junk to ignore (202), not a 500."""
+    app = make_app(CLOUDFLARE_WEBHOOK_SECRET="hook-secret-for-tests")
+    response = app.test_client().post(
+        "/hooks/cloudflare",
+        json={"image": image},
+        headers={"cf-webhook-auth": "hook-secret-for-tests"},
+    )
+    assert response.status_code == 202
+    assert response.get_json() == {"status": "ignored"}
+
+
+@pytest.mark.parametrize("sent", [None, "", "anything"])
+def test_cloudflare_hook_refuses_everything_when_no_secret_is_configured(
+    make_app: Callable[..., Flask], sent: str | None
+) -> None:
+    """No BROKER_CLOUDFLARE_WEBHOOK_SECRET: every call is 401 (an empty header matches nothing)."""
+    app = make_app(CLOUDFLARE_WEBHOOK_SECRET=None)
+    headers = {} if sent is None else {"cf-webhook-auth": sent}
+    response = app.test_client().post("/hooks/cloudflare", json={"imageId": "x"}, headers=headers)
+    assert response.status_code == 401
+    assert response.get_json()["error"]["code"] == "unauthorized"
