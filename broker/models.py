@@ -153,6 +153,23 @@ class Upload(db.Model):  # type: ignore[name-defined,misc]
     user: Mapped[User] = relationship(lazy="joined")
 
 
+class UploadReservation(db.Model):  # type: ignore[name-defined,misc]
+    """A slot of a user's upload limits held while Cloudflare is asked for a draft.
+
+    Taken under the user's lock before the upstream call and replaced by the Upload row (same
+    id) in the transaction that stores it, or removed when the call fails: concurrent creates
+    cannot overshoot the limits, and no lock is held while Cloudflare answers. A reservation
+    left by a killed process stops counting at `expires_at`.
+    """
+
+    __tablename__ = "upload_reservations"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class IdempotencyKey(db.Model):  # type: ignore[name-defined,misc]
     """A client's `Idempotency-Key` and the answer it got, replayed for 24 hours."""
 

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from broker import webhooks
 from broker.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
 from broker.db import db, utcnow
-from broker.models import Upload, User
+from broker.models import Upload, UploadReservation, User
 
 log = logging.getLogger("broker.uploads")
 
@@ -51,6 +51,9 @@ BROKER_META_KEY = "broker_upload_id"
 # When the worker first checks whether the file arrived (it reschedules itself after that).
 FIRST_CHECK_DELAY = timedelta(seconds=30)
 DAY = timedelta(hours=24)
+# How long a create's reservation holds a slot: no create lives this long (upstream timeout
+# times retries), so only a killed process's reservation ever reaches it.
+RESERVATION_TTL = timedelta(minutes=2)
 
 
 class UploadError(Exception):
@@ -188,18 +191,36 @@ def limits_for(user: User, config: Any) -> tuple[int, int]:
 
 
 def check_limits(user: User, config: Any, now: datetime) -> None:
-    """Refuse a new upload over the user's pending or daily limit (429 with Retry-After)."""
-    max_pending, max_daily = limits_for(user, config)
-    live_pending = sa.select(Upload.expires_at).where(
-        Upload.user_id == user.id, Upload.status == PENDING, Upload.expires_at > now
+    """Refuse a new upload over the user's pending or daily limit (429 with Retry-After).
+
+    Counts live reservations (creates still waiting for Cloudflare) with the uploads. A
+    check on its own is only advisory: `reserve_slot` is what makes it hold under concurrency.
+    """
+    _check_limits(user.id, *limits_for(user, config), now, reserved=0)
+
+
+def _check_limits(
+    user_id: int, max_pending: int, max_daily: int, now: datetime, *, reserved: int
+) -> None:
+    """Refuse when the user's uploads plus reservations exceed the limits.
+
+    `reserved` is how many of the counted reservations belong to the caller itself (0 or 1):
+    the caller's own slot is allowed as long as the total stays within the limit.
+    """
+    live_reservations = sa.select(UploadReservation.expires_at.label("moment")).where(
+        UploadReservation.user_id == user_id, UploadReservation.expires_at > now
     )
-    # Counts stop at the limit: the cost stays bounded however many rows a user has.
-    pending = db.session.scalar(
-        sa.select(sa.func.count()).select_from(live_pending.limit(max_pending).subquery())
+    live_pending = (
+        sa.select(Upload.expires_at.label("moment"))
+        .where(Upload.user_id == user_id, Upload.status == PENDING, Upload.expires_at > now)
+        .union_all(live_reservations)
+        .subquery()
     )
-    if pending >= max_pending:
-        # A slot frees for sure when the oldest live draft's URL expires.
-        first_expiry = db.session.scalar(live_pending.order_by(Upload.expires_at).limit(1))
+    # Counts stop just past the limit: the cost stays bounded however many rows a user has.
+    pending = _bounded_count(live_pending, max_pending + reserved)
+    if pending - reserved >= max_pending:
+        # A slot frees for sure when the oldest live draft's URL (or a reservation) expires.
+        first_expiry = db.session.scalar(sa.select(sa.func.min(live_pending.c.moment)))
         retry = _seconds_until(first_expiry, now)
         raise UploadError(
             429,
@@ -209,14 +230,19 @@ def check_limits(user: User, config: Any, now: datetime) -> None:
             retry_after=retry,
         )
     since = now - DAY
-    recent = sa.select(Upload.created_at).where(
-        Upload.user_id == user.id, Upload.created_at > since
+    recent = (
+        sa.select(Upload.created_at.label("moment"))
+        .where(Upload.user_id == user_id, Upload.created_at > since)
+        .union_all(
+            sa.select(UploadReservation.created_at.label("moment")).where(
+                UploadReservation.user_id == user_id, UploadReservation.expires_at > now
+            )
+        )
+        .subquery()
     )
-    today = db.session.scalar(
-        sa.select(sa.func.count()).select_from(recent.limit(max_daily).subquery())
-    )
-    if today >= max_daily:
-        oldest = db.session.scalar(recent.order_by(Upload.created_at).limit(1))
+    today = _bounded_count(recent, max_daily + reserved)
+    if today - reserved >= max_daily:
+        oldest = db.session.scalar(sa.select(sa.func.min(recent.c.moment)))
         retry = _seconds_until(oldest + DAY if oldest else None, now)
         raise UploadError(
             429,
@@ -224,6 +250,56 @@ def check_limits(user: User, config: Any, now: datetime) -> None:
             f"You created {max_daily} uploads in the last 24 hours, your limit.",
             retry_after=retry,
         )
+
+
+def _bounded_count(rows: sa.Subquery, limit: int) -> int:
+    """Count `rows`, stopping at `limit` (enough to compare with it)."""
+    limited = sa.select(rows.c.moment).limit(max(limit, 0)).subquery()
+    return int(db.session.scalar(sa.select(sa.func.count()).select_from(limited)) or 0)
+
+
+def reserve_slot(user: User, config: Any, upload_id: str, now: datetime) -> None:
+    """Hold one slot of `user`'s limits for `upload_id` (committed), or raise UploadError 429.
+
+    The check and the reservation are one transaction serialised per user: on PostgreSQL by
+    the user's row lock, on SQLite by the database's write lock, which the first DELETE takes
+    before anything is counted. It is committed before the caller goes upstream, so no lock
+    is held while Cloudflare answers.
+    """
+    user_id = user.id
+    max_pending, max_daily = limits_for(user, config)
+    db.session.rollback()
+    if db.session.get_bind().dialect.name != "sqlite":
+        db.session.execute(sa.select(User.id).where(User.id == user_id).with_for_update())
+    # Under the lock: a killed process's reservations are dropped here, keeping the table small.
+    db.session.execute(
+        sa.delete(UploadReservation).where(
+            UploadReservation.user_id == user_id, UploadReservation.expires_at <= now
+        )
+    )
+    db.session.add(
+        UploadReservation(
+            id=upload_id, user_id=user_id, created_at=now, expires_at=now + RESERVATION_TTL
+        )
+    )
+    try:
+        db.session.flush()
+        _check_limits(user_id, max_pending, max_daily, now, reserved=1)
+    except BaseException:
+        db.session.rollback()
+        raise
+    db.session.commit()
+
+
+def release_slot(upload_id: str) -> None:
+    """Give back the slot of a create that failed (commits; best effort, it expires anyway)."""
+    try:
+        db.session.rollback()
+        db.session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
+        db.session.commit()
+    except Exception:  # never mask the create's own error; the reservation expires by itself
+        db.session.rollback()
+        log.warning("could not release the reservation of upload %s", upload_id, exc_info=True)
 
 
 def _seconds_until(moment: datetime | None, now: datetime) -> int:
@@ -253,8 +329,10 @@ def create_upload(
 ) -> tuple[Upload, str]:
     """Ask Cloudflare for a direct upload URL for `user` and add the pending Upload row.
 
-    Returns the (uncommitted) upload and its one-time upload URL. Nothing is written when
-    Cloudflare refuses or fails, so no row ever claims a draft that does not exist.
+    Returns the (uncommitted) upload and its one-time upload URL. A slot of the user's limits
+    is reserved (and committed) first; when Cloudflare refuses or fails it is given back, so no
+    row ever claims a draft that does not exist. If the caller's commit fails it must call
+    `abandon_create`.
     """
     now = now or utcnow()
     if params.custom_id is not None:
@@ -262,20 +340,22 @@ def create_upload(
     expiry = effective_expiry(now, params.expires_in)
     upload_id = new_upload_id()
     meta = build_metadata(params.metadata, upload_id)
-    check_limits(user, config, now)
     user_id, creator = user.id, user.public_id
-    # Hand the connection back before the upstream call: no locks or "idle in transaction"
-    # while Cloudflare answers, and no second pooled connection held by this thread.
-    # (Touching `user` after this would reload it, so its values were read above.)
-    db.session.rollback()
-    draft = client.direct_upload(
-        creator=creator,
-        expiry=expiry,
-        metadata=meta,
-        require_signed_urls=params.require_signed_urls,
-        custom_id=params.custom_id,
-        priority=Priority.INTERACTIVE,
-    )
+    # Commits the reservation: no lock or "idle in transaction" while Cloudflare answers, and
+    # no second pooled connection held by this thread. (`user` reloads if touched after this.)
+    reserve_slot(user, config, upload_id, now)
+    try:
+        draft = client.direct_upload(
+            creator=creator,
+            expiry=expiry,
+            metadata=meta,
+            require_signed_urls=params.require_signed_urls,
+            custom_id=params.custom_id,
+            priority=Priority.INTERACTIVE,
+        )
+    except BaseException:
+        release_slot(upload_id)
+        raise
     upload = Upload(
         id=upload_id,
         user_id=user_id,
@@ -289,10 +369,19 @@ def create_upload(
         next_check_at=now + FIRST_CHECK_DELAY,
         check_attempts=0,
     )
+    # The row takes over the reservation's slot in the caller's transaction. (Before `add`:
+    # the row's INSERT then happens in the caller's flush, which knows how to undo a create.)
+    db.session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
     db.session.add(upload)
     # EMIT: webhooks.emit(db.session, "upload.created", upload)
     log.info("upload created id=%s image=%s user=%s", upload_id, draft.id, creator)
     return upload, draft.upload_url
+
+
+def abandon_create(client: CloudflareImages, upload_id: str, image_id: str) -> None:
+    """Undo a create whose row could not be stored: give back its slot, discard its draft."""
+    release_slot(upload_id)
+    discard_draft(client, image_id)
 
 
 def discard_draft(client: CloudflareImages, image_id: str) -> None:

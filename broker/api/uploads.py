@@ -195,17 +195,19 @@ def create_upload(body: CreateUpload) -> Response:
     client = get_client()
     try:
         upload, upload_url = uploads.create_upload(user, params, client, config=config)
-        db.session.flush()
-        payload = UploadCreated(**UploadOut.of(upload).model_dump(), upload_url=upload_url)
-        headers = {"Location": url_for("api.get_upload", upload_id=upload.id)}
-        response = _json_response(payload, 201, headers)
-        if key is not None:
-            idempotency.finish(user, key, 201, response.get_data(as_text=True), headers)
+        upload_id, image_id = upload.id, upload.image_id
         try:
+            db.session.flush()
+            payload = UploadCreated(**UploadOut.of(upload).model_dump(), upload_url=upload_url)
+            headers = {"Location": url_for("api.get_upload", upload_id=upload_id)}
+            response = _json_response(payload, 201, headers)
+            if key is not None:
+                idempotency.finish(user, key, 201, response.get_data(as_text=True), headers)
             db.session.commit()
         except Exception:
+            # Nothing half-done: no row, no reservation, no draft left behind.
             db.session.rollback()
-            uploads.discard_draft(client, upload.image_id)
+            uploads.abandon_create(client, upload_id, image_id)
             raise
     except Exception:
         if key is not None:

@@ -1,0 +1,133 @@
+"""Per-user upload limits hold exactly under concurrent creates, and a failed create leaves
+nothing behind: no Upload row, no reservation, no draft at Cloudflare."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+import requests
+import sqlalchemy as sa
+from flask import Flask
+from werkzeug.serving import make_server
+
+from broker import uploads
+from broker.db import db, utcnow
+from broker.models import Upload, UploadReservation, User
+
+URL = "/api/v1/uploads"
+IN_FLIGHT = 12
+
+
+@contextmanager
+def live_server(app: Flask) -> Iterator[str]:
+    """Serve `app` over real HTTP on a free loopback port (threaded, like gunicorn's gthread)."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+
+
+def _concurrent_creates(url: str, auth: dict[str, str], count: int) -> list[int]:
+    """POST `count` creates at once from `count` threads; return their statuses."""
+    gate = threading.Barrier(count)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        with requests.Session() as session:
+            gate.wait(30)
+            response = session.post(f"{url}{URL}", json={}, headers=auth, timeout=60)
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(statuses) == count, "a create did not finish"
+    return sorted(statuses)
+
+
+def _counts(app: Flask) -> tuple[int, int]:
+    with app.app_context():
+        pending = db.session.scalar(
+            sa.select(sa.func.count()).select_from(Upload).where(Upload.status == "pending")
+        )
+        reserved = db.session.scalar(sa.select(sa.func.count()).select_from(UploadReservation))
+        return int(pending or 0), int(reserved or 0)
+
+
+@pytest.mark.parametrize("limit", ["MAX_PENDING_UPLOADS", "MAX_UPLOADS_PER_DAY"])
+def test_concurrent_creates_by_one_user_stop_exactly_at_the_limit(
+    make_app, make_user, bearer, emulator, limit
+) -> None:
+    app = make_app(**{"MAX_PENDING_UPLOADS": 1000, "MAX_UPLOADS_PER_DAY": 1000, limit: 3})
+    auth = bearer(app, make_user("alice"))
+    # Every create waits upstream, so all of them are in flight at once: a check that is not
+    # serialised with the reservation would let each of them through.
+    emulator.inject_fault("direct_upload", latency_ms=300)
+    with live_server(app) as url:
+        statuses = _concurrent_creates(url, auth, IN_FLIGHT)
+    assert statuses == [201] * 3 + [429] * (IN_FLIGHT - 3)
+    assert _counts(app) == (3, 0)
+    assert emulator.counters().get("direct_upload") == 3
+
+
+def test_a_failed_create_gives_its_slot_back(app, client, make_user, bearer, emulator) -> None:
+    app.config["MAX_PENDING_UPLOADS"] = 1
+    auth = bearer(app, make_user("alice"))
+    emulator.inject_fault("direct_upload", status=500, count=1)
+    assert client.post(URL, json={}, headers=auth).status_code == 502
+    assert _counts(app) == (0, 0)
+    assert client.post(URL, json={}, headers=auth).status_code == 201
+    assert client.post(URL, json={}, headers=auth).status_code == 429
+    assert _counts(app) == (1, 0)
+
+
+def test_a_row_that_cannot_be_stored_leaves_no_reservation_or_draft(
+    app, client, make_user, bearer, emulator
+) -> None:
+    auth = bearer(app, make_user("alice"))
+    body = {"id": "holiday/1", "require_signed_urls": False}
+    first = client.post(URL, json=body, headers=auth)
+    assert first.status_code == 201
+    # Cloudflare forgets the image, so it accepts the custom id again, but our row keeps it:
+    # storing the second row fails after Cloudflare made its draft.
+    with emulator.client() as cf:
+        assert cf.request("DELETE", "/v1/holiday/1").status_code == 200
+    second = client.post(URL, json=body, headers=auth)
+    assert second.status_code == 500
+    assert _counts(app) == (1, 0)
+    with emulator.client() as cf:
+        assert cf.get("/v1/holiday/1").status_code == 404  # the orphan draft was discarded
+
+
+def test_a_killed_creates_reservation_stops_counting_when_it_expires(
+    app, make_user, emulator
+) -> None:
+    now = utcnow()
+    with app.app_context():
+        user = db.session.get(User, make_user("alice").id)
+        user.max_pending_uploads = 1
+        db.session.commit()
+        uploads.reserve_slot(user, app.config, "first", now)  # never finished or released
+        with pytest.raises(uploads.UploadError) as refused:
+            uploads.reserve_slot(user, app.config, "second", now + timedelta(seconds=1))
+        assert refused.value.status == 429
+        assert refused.value.retry_after == uploads.RESERVATION_TTL.total_seconds() - 1
+        later = now + uploads.RESERVATION_TTL
+        uploads.reserve_slot(user, app.config, "third", later)
+        kept = db.session.scalars(sa.select(UploadReservation.id)).all()
+        assert kept == ["third"]  # the stale one was dropped under the user's lock
