@@ -76,6 +76,9 @@ def init_app(app: Flask) -> None:
     url = app.config["SQLALCHEMY_DATABASE_URI"]
     options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
     options.setdefault("pool_pre_ping", not url.startswith("sqlite"))
+    # A failed statement's message (logged with its traceback) would otherwise carry the bound
+    # values: webhook secrets, signing-key values, password and token hashes.
+    options.setdefault("hide_parameters", True)
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     db.init_app(app)
     migrate.init_app(app, db)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 
 from broker import ssrf
@@ -272,3 +273,31 @@ def test_cloudflare_hook_refuses_everything_when_no_secret_is_configured(
     response = app.test_client().post("/hooks/cloudflare", json={"imageId": "x"}, headers=headers)
     assert response.status_code == 401
     assert response.get_json()["error"]["code"] == "unauthorized"
+
+
+# --- 4. secrets never logged -----------------------------------------------------------------
+
+
+def test_database_errors_do_not_carry_bound_values(app: Flask) -> None:
+    """A failing statement's message (logged with the traceback of a 500) hides its parameters,
+    so a webhook secret or signing key being written never reaches the log."""
+    secret = "whsec_c2VjcmV0LXRoYXQtbXVzdC1ub3QtbGVhaw=="
+    with app.app_context():
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            db.session.execute(sa.text("INSERT INTO no_such_table VALUES (:v)"), {"v": secret})
+        db.session.rollback()
+    assert secret not in str(caught.value)
+    assert secret not in repr(caught.value)
+
+
+def test_issued_token_repr_hides_the_secret(app: Flask, make_user: Callable[..., Any]) -> None:
+    """`repr(IssuedToken)` (e.g. in a log line or a traceback) never shows the bearer secret."""
+    from broker.auth import tokens
+    from broker.models import User
+
+    user = make_user()
+    with app.app_context():
+        issued = tokens.issue(db.session.get(User, user.id), "repr")
+        assert issued.secret.startswith("brk_")
+        assert issued.secret not in repr(issued) and issued.secret not in str(issued)
+        db.session.rollback()

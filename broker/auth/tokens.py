@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -28,7 +28,7 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 class IssuedToken:
     """A freshly issued token: the secret (shown once) and its stored row."""
 
-    secret: str
+    secret: str = field(repr=False)  # a repr may end up in a log line
     token: ApiToken
 
 
