@@ -301,3 +301,33 @@ def test_issued_token_repr_hides_the_secret(app: Flask, make_user: Callable[...,
         assert issued.secret.startswith("brk_")
         assert issued.secret not in repr(issued) and issued.secret not in str(issued)
         db.session.rollback()
+
+
+# --- 5. no 500 for odd input -------------------------------------------------------------------
+
+JSON_BODIES = [1, "s", [1], None, {"username": 5, "password": [1], "csrf_token": 7}]
+
+
+@pytest.mark.parametrize("body", JSON_BODIES)
+def test_browser_forms_treat_a_json_body_as_an_empty_form(
+    make_app: Callable[..., Flask],
+    make_user: Callable[..., Any],
+    login: Callable[..., Any],
+    csrf_headers: Callable[..., dict[str, str]],
+    body: Any,
+) -> None:
+    """Flask-WTF fed JSON values of any type to the form fields (500); now it is an empty form:
+    the usual 400/422 refusal, and nothing changes."""
+    app = make_app(RATELIMIT_ENABLED=False)
+    make_user()
+    anonymous = app.test_client()
+    for path in ("/auth/login", "/auth/register"):
+        response = anonymous.post(path, json=body)
+        assert response.status_code in (400, 422), (path, response.status_code)
+    client = app.test_client()
+    login(client, "alice", PASSWORD)
+    headers = csrf_headers(client)
+    for path in ("/auth/account/password", "/auth/account/tokens/x1/revoke", "/auth/logout"):
+        response = client.post(path, json=body, headers=headers)
+        assert response.status_code < 500, (path, response.status_code)
+    assert client.get("/api/v1/me").status_code == 401  # the logout went through

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from flask import request
 from flask_wtf import FlaskForm
+from werkzeug.datastructures import ImmutableMultiDict
 from wtforms import BooleanField, EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, EqualTo, Length, Optional, Regexp, ValidationError
 
 from broker.auth import passwords
+
+
+class BrowserForm(FlaskForm):
+    """A FlaskForm that reads only form-encoded bodies.
+
+    Flask-WTF would otherwise feed a JSON body to the fields, and JSON values of any type
+    (numbers, lists, a bare `1`) crash the validators with a 500; a JSON post is an empty form.
+    """
+
+    class Meta:
+        def wrap_formdata(self, form: Any, formdata: Any) -> Any:
+            if (
+                request.method != "GET"
+                and request.is_json
+                and not request.form
+                and not request.files
+            ):
+                return ImmutableMultiDict()
+            return FlaskForm.Meta.wrap_formdata(self, form, formdata)  # type: ignore[arg-type]
 
 
 def _password_rules(form: FlaskForm, field: PasswordField) -> None:
@@ -15,7 +38,7 @@ def _password_rules(form: FlaskForm, field: PasswordField) -> None:
         raise ValidationError(problem)
 
 
-class LoginForm(FlaskForm):
+class LoginForm(BrowserForm):
     """Username, password, remember me."""
 
     username = StringField("Username", validators=[DataRequired(), Length(max=64)])
@@ -25,7 +48,7 @@ class LoginForm(FlaskForm):
     remember = BooleanField("Keep me logged in on this device (30 days)")
 
 
-class RegisterForm(FlaskForm):
+class RegisterForm(BrowserForm):
     """A new account."""
 
     username = StringField("Username", validators=[DataRequired(), Length(min=3, max=64)])
@@ -44,7 +67,7 @@ class RegisterForm(FlaskForm):
     )
 
 
-class ChangePasswordForm(FlaskForm):
+class ChangePasswordForm(BrowserForm):
     """The current password and a new one."""
 
     current = PasswordField(
@@ -57,5 +80,5 @@ class ChangePasswordForm(FlaskForm):
     )
 
 
-class ActionForm(FlaskForm):
+class ActionForm(BrowserForm):
     """A button-only form (logout, revoke): just the CSRF token."""
