@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
+import sqlalchemy as sa
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_login import current_user, login_required
 
-from broker import uploads
+from broker import uploads, webhooks
+from broker.auth import admin_required
+from broker.db import db
+from broker.models import Upload, User, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 bp = Blueprint("web", __name__)
 
 GALLERY_PAGE_SIZE = 24
+ADMIN_DELIVERIES = 25
 
 
 @bp.get("/")
@@ -67,18 +81,36 @@ def _detail_variant(config: dict) -> str:  # type: ignore[type-arg]
 
 
 @bp.get("/admin")
-@login_required
+@admin_required
 def admin():  # type: ignore[no-untyped-def]
-    """Show operators the users, webhook endpoints and latest deliveries."""
-    if not current_user.is_admin:
-        abort(403)
-    import sqlalchemy as sa
-
-    from broker.db import db
-    from broker.models import Upload, User
-
-    users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
+    """Show operators the uploads, users, webhook endpoints and latest deliveries."""
     counts = dict(
         db.session.execute(sa.select(Upload.status, sa.func.count()).group_by(Upload.status)).all()
     )
-    return render_template("web/admin.html", users=users, counts=counts)
+    users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
+    endpoints = db.session.scalars(
+        sa.select(WebhookEndpoint).order_by(WebhookEndpoint.created_at.desc())
+    ).all()
+    rows = db.session.execute(
+        sa.select(WebhookDelivery, WebhookEvent.type, WebhookEndpoint.url)
+        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(ADMIN_DELIVERIES)
+    ).all()
+    return render_template(
+        "web/admin.html", users=users, counts=counts, endpoints=endpoints, deliveries=rows
+    )
+
+
+@bp.post("/admin/deliveries/<int:delivery_id>/redeliver")
+@admin_required
+def admin_redeliver(delivery_id: int):  # type: ignore[no-untyped-def]
+    """Queue a webhook delivery again (same webhook-id, fresh retry schedule)."""
+    delivery = db.session.get(WebhookDelivery, delivery_id)
+    if delivery is None:
+        abort(404)
+    webhooks.redeliver(delivery)
+    db.session.commit()
+    flash(f"Delivery {delivery_id} queued again.", "info")
+    return redirect(url_for("web.admin"))

@@ -1,0 +1,128 @@
+"""The server-rendered pages: access rules, the gallery's scope and paging, the admin page."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from broker import webhooks
+from broker.db import db
+from broker.models import WebhookDelivery
+
+
+@pytest.fixture
+def two_users(make_user):
+    return make_user("alice"), make_user("mallory")
+
+
+def _create_upload(client, bearer_headers, **body):
+    response = client.post("/api/v1/uploads", json=body, headers=bearer_headers)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["id"]
+
+
+@pytest.mark.parametrize("path", ["/upload", "/gallery", "/gallery/abc", "/admin"])
+def test_pages_need_login(client, path):
+    response = client.get(path)
+    assert response.status_code == 302
+    assert "/auth/login" in response.headers["Location"]
+
+
+def test_landing_redirects_signed_in_users_to_upload(client, make_user, login):
+    make_user("alice")
+    assert client.get("/").status_code == 200
+    login(client, "alice")
+    assert client.get("/").headers["Location"].endswith("/upload")
+
+
+def test_upload_page_has_csrf_meta_and_module_script_only(client, make_user, login):
+    make_user("alice")
+    login(client, "alice")
+    page = client.get("/upload").get_data(as_text=True)
+    assert re.search(r'<meta name="csrf-token" content="[^"]+">', page)
+    assert '<script type="module" src="/static/js/upload.js">' in page
+    assert re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page) is None  # no inline script
+
+
+def test_gallery_lists_only_own_pending_and_ready_uploads(app, client, two_users, login, bearer):
+    alice, mallory = two_users
+    mine = _create_upload(client, bearer(app, alice))
+    gone = _create_upload(client, bearer(app, alice))
+    theirs = _create_upload(client, bearer(app, mallory))
+    assert client.delete(f"/api/v1/uploads/{gone}", headers=bearer(app, alice)).status_code == 200
+
+    login(client, "alice")
+    page = client.get("/gallery").get_data(as_text=True)
+    assert f'data-upload-id="{mine}"' in page
+    assert "badge-pending" in page  # not ready yet: a badge, no thumbnail
+    assert f'data-upload-id="{gone}"' not in page
+    assert f'data-upload-id="{theirs}"' not in page
+    assert client.get(f"/gallery/{mine}").status_code == 200
+    assert client.get(f"/gallery/{theirs}").status_code == 404
+
+
+def test_gallery_pages_with_a_cursor_and_refuses_a_forged_one(
+    app, client, make_user, login, bearer
+):
+    from broker.web import GALLERY_PAGE_SIZE
+
+    user = make_user("alice")
+    app.config["MAX_PENDING_UPLOADS"] = GALLERY_PAGE_SIZE + 5
+    headers = bearer(app, user)
+    ids = [_create_upload(client, headers) for _ in range(GALLERY_PAGE_SIZE + 1)]
+    login(client, "alice")
+    first = client.get("/gallery").get_data(as_text=True)
+    assert first.count("data-upload-id=") == GALLERY_PAGE_SIZE
+    assert f'data-upload-id="{ids[-1]}"' in first  # newest first
+    older = re.search(r'href="(/gallery\?before=[^"]+)" rel="next"', first)
+    assert older
+    second = client.get(older.group(1).replace("&amp;", "&")).get_data(as_text=True)
+    assert second.count("data-upload-id=") == 1
+    assert f'data-upload-id="{ids[0]}"' in second
+    assert client.get("/gallery?before=not-a-cursor").status_code == 400
+
+
+def test_admin_page_is_for_admins_only(client, make_user, login):
+    make_user("alice")
+    login(client, "alice")
+    assert client.get("/admin").status_code == 403
+
+
+def test_admin_sees_deliveries_and_redelivers_with_csrf(
+    make_app, make_user, login, csrf_headers, bearer
+):
+    app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
+    client = app.test_client()
+    make_user("root", is_admin=True)
+    alice = make_user("alice")
+    with app.app_context():
+        webhooks.add_endpoint(db.session, "http://127.0.0.1:9/hook", ["*"], app.config)
+        db.session.commit()
+    upload_id = _create_upload(client, bearer(app, alice))
+    assert (
+        client.delete(f"/api/v1/uploads/{upload_id}", headers=bearer(app, alice)).status_code == 200
+    )
+    with app.app_context():
+        delivery = db.session.scalars(db.select(WebhookDelivery)).one()
+        delivery.status, delivery.attempts = "failed", 8
+        db.session.commit()
+        delivery_id = delivery.id
+
+    login(client, "root")
+    page = client.get("/admin").get_data(as_text=True)
+    assert "http://127.0.0.1:9/hook" in page
+    assert f'data-delivery-id="{delivery_id}"' in page and "upload.deleted" in page
+
+    refused = client.post(f"/admin/deliveries/{delivery_id}/redeliver")
+    assert refused.status_code in (400, 403)
+    token = csrf_headers(client)["X-CSRFToken"]
+    done = client.post(f"/admin/deliveries/{delivery_id}/redeliver", data={"csrf_token": token})
+    assert done.status_code == 302
+    with app.app_context():
+        again = db.session.get(WebhookDelivery, delivery_id)
+        assert (again.status, again.attempts) == ("pending", 0)
+    assert (
+        client.post("/admin/deliveries/999999/redeliver", data={"csrf_token": token}).status_code
+        == 404
+    )
