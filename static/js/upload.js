@@ -94,7 +94,8 @@ function render(item) {
   el.querySelector(".size").textContent = humanSize(item.file.size);
   const labels = {
     waiting: "Waiting", checking: "Checking", requesting: "Getting an upload link",
-    uploading: `Uploading ${item.progress} %`, processing: "Processing", ready: "Ready",
+    uploading: item.progress < 100 ? `Uploading ${item.progress} %` : "Uploading 100 %: waiting for the image service",
+    processing: "Processing", ready: "Ready",
     failed: `Failed: ${item.error}`, refused: `Refused: ${item.error}`, expired: "Expired: the upload link ran out",
     cancelled: "Cancelled",
   };
