@@ -123,6 +123,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("WEBHOOK_TIMEOUT", 15.0, "Seconds before an outgoing webhook attempt times out."),
     Setting(
+        "MAX_CONTENT_LENGTH",
+        1024 * 1024,
+        "Largest request body in bytes the broker reads (413 beyond); files never pass through it.",
+    ),
+    Setting(
         "VERIFY_BATCH_WINDOW",
         1.5,
         "Seconds a due completion check waits so the checks due meanwhile share one `GET /v2` listing.",
@@ -197,6 +202,18 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
         raise ConfigError(f"Cloudflare settings missing: {', '.join(missing)}")
     if config.get("WEBHOOK_ALLOW_PRIVATE"):
         raise ConfigError("BROKER_WEBHOOK_ALLOW_PRIVATE is for development and tests only")
+    if config.get("DEBUG") or config.get("TESTING"):
+        raise ConfigError("DEBUG and TESTING (FLASK_DEBUG, BROKER_DEBUG) must be off in production")
+    if config.get("WTF_CSRF_ENABLED") is False:
+        raise ConfigError("CSRF protection cannot be turned off in production")
+    # The API token travels to the API base; an http:// URL (the emulator's) would expose it.
+    plain = [
+        f"BROKER_{k}"
+        for k in ("CLOUDFLARE_API_BASE", "CLOUDFLARE_DELIVERY_BASE", "CLOUDFLARE_UPLOAD_ORIGIN")
+        if not str(config.get(k) or "").lower().startswith("https://")
+    ]
+    if plain:
+        raise ConfigError(f"{', '.join(plain)} must be https:// URLs in production")
 
 
 def markdown_table() -> str:

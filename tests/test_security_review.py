@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import re
 import shutil
 import ssl
 import subprocess
@@ -76,13 +77,14 @@ PUBLIC_API = {"api.openapi_json", "api.docs_page", "api.create_token"}
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
+_VARIABLE = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?\w+>")
+
+
 def _routes(app: Flask) -> list[tuple[str, str, str]]:
     """Return (endpoint, method, concrete path) for every rule, path variables filled in."""
     out = []
     for rule in app.url_map.iter_rules():
-        path = rule.rule
-        for arg in rule.arguments:
-            path = path.replace(f"<{arg}>", "x1").replace(f"<path:{arg}>", "x1")
+        path = _VARIABLE.sub(lambda m: "1" if m.group(1) == "int" else "x1", rule.rule)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             out.append((rule.endpoint, method, path))
     return out
@@ -331,3 +333,54 @@ def test_browser_forms_treat_a_json_body_as_an_empty_form(
         response = client.post(path, json=body, headers=headers)
         assert response.status_code < 500, (path, response.status_code)
     assert client.get("/api/v1/me").status_code == 401  # the logout went through
+
+
+# --- 6. production configuration ---------------------------------------------------------------
+
+
+def _production(**overrides: Any) -> dict[str, Any]:
+    from broker.config import DEFAULTS
+
+    return dict(
+        DEFAULTS,
+        ENV="production",
+        SECRET_KEY="s" * 40,
+        CLOUDFLARE_ACCOUNT_ID="a",
+        CLOUDFLARE_API_TOKEN="t",
+        CLOUDFLARE_ACCOUNT_HASH="h",
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"DEBUG": True}, "DEBUG"),
+        ({"TESTING": True}, "TESTING"),
+        ({"WTF_CSRF_ENABLED": False}, "CSRF"),
+        ({"WEBHOOK_ALLOW_PRIVATE": True}, "WEBHOOK_ALLOW_PRIVATE"),
+        ({"CLOUDFLARE_API_BASE": "http://127.0.0.1:8788/client/v4"}, "CLOUDFLARE_API_BASE"),
+        ({"CLOUDFLARE_DELIVERY_BASE": "http://127.0.0.1:8788"}, "CLOUDFLARE_DELIVERY_BASE"),
+        ({"CLOUDFLARE_UPLOAD_ORIGIN": "http://127.0.0.1:8788"}, "CLOUDFLARE_UPLOAD_ORIGIN"),
+    ],
+)
+def test_production_refuses_unsafe_settings(overrides: dict[str, Any], named: str) -> None:
+    """Debug/testing mode, CSRF off, private webhooks and plain-http (emulator) Cloudflare URLs
+    are refused in production, naming the setting."""
+    from broker.config import ConfigError, finalize
+
+    finalize(_production(), "/tmp")  # the baseline is accepted
+    with pytest.raises(ConfigError, match=named):
+        finalize(_production(**overrides), "/tmp")
+
+
+def test_request_bodies_are_capped(make_app: Callable[..., Flask]) -> None:
+    """An anonymous caller cannot make the broker buffer an unbounded JSON body: 413 JSON."""
+    app = make_app()
+    assert app.config["MAX_CONTENT_LENGTH"] == 1024 * 1024
+    big = b'{"username": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    response = app.test_client().post(
+        "/api/v1/auth/tokens", data=big, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "request_entity_too_large"
