@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from broker.cloudflare import Priority, UpstreamError
+from broker.sqlite_writes import gate_sqlite_writes
 
 log = logging.getLogger("broker.budget")
 
@@ -132,49 +133,81 @@ class UpstreamBudget:
         first = math.floor((now - self.window) / self.bucket) * self.bucket
         return int(first)
 
+    def _spend(
+        self, conn: Connection, now: float, paused_until_ms: int, priority: Priority
+    ) -> None:
+        """Record one call in the current bucket, or raise BudgetExhausted (scope lock held)."""
+        if paused_until_ms > now * 1000:
+            raise BudgetExhausted(math.ceil(paused_until_ms / 1000 - now), "paused")
+        first = self._window_start(now)
+        rows = conn.execute(
+            sa.select(_buckets.c.start, _buckets.c.calls)
+            .where(_buckets.c.scope == self.scope, _buckets.c.start >= first)
+            .order_by(_buckets.c.start)
+        ).all()
+        used = sum(int(calls) for _, calls in rows)
+        cap = self._cap(priority)
+        if used + 1 > cap:
+            raise BudgetExhausted(self._retry_after(rows, used, cap, now))
+        current = int(now // self.bucket) * self.bucket
+        updated = conn.execute(
+            sa.update(_buckets)
+            .where(_buckets.c.scope == self.scope, _buckets.c.start == current)
+            .values(calls=_buckets.c.calls + 1)
+        )
+        if not updated.rowcount:
+            conn.execute(sa.insert(_buckets).values(scope=self.scope, start=current, calls=1))
+            # A new bucket is rare (once per slice): a good moment to drop expired ones.
+            conn.execute(
+                sa.delete(_buckets).where(_buckets.c.scope == self.scope, _buckets.c.start < first)
+            )
+
+    def _refused(self, exc: BudgetExhausted, priority: Priority) -> None:
+        log.warning(
+            "upstream budget refused a %s call (%s), retry in %ss",
+            priority.name.lower(),
+            exc.reason,
+            exc.retry_after,
+        )
+
     def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
         """Spend one call of the budget, or raise BudgetExhausted with when to retry."""
         now = self.clock()
 
         def work(conn: Connection) -> None:
-            paused_until_ms = self._lock(conn)
-            if paused_until_ms > now * 1000:
-                raise BudgetExhausted(math.ceil(paused_until_ms / 1000 - now), "paused")
-            first = self._window_start(now)
-            rows = conn.execute(
-                sa.select(_buckets.c.start, _buckets.c.calls)
-                .where(_buckets.c.scope == self.scope, _buckets.c.start >= first)
-                .order_by(_buckets.c.start)
-            ).all()
-            used = sum(int(calls) for _, calls in rows)
-            cap = self._cap(priority)
-            if used + 1 > cap:
-                raise BudgetExhausted(self._retry_after(rows, used, cap, now))
-            current = int(now // self.bucket) * self.bucket
-            updated = conn.execute(
-                sa.update(_buckets)
-                .where(_buckets.c.scope == self.scope, _buckets.c.start == current)
-                .values(calls=_buckets.c.calls + 1)
-            )
-            if not updated.rowcount:
-                conn.execute(sa.insert(_buckets).values(scope=self.scope, start=current, calls=1))
-                # A new bucket is rare (once per slice): a good moment to drop expired ones.
-                conn.execute(
-                    sa.delete(_buckets).where(
-                        _buckets.c.scope == self.scope, _buckets.c.start < first
-                    )
-                )
+            self._spend(conn, now, self._lock(conn), priority)
 
         try:
             self._transaction(work)
         except BudgetExhausted as exc:
-            log.warning(
-                "upstream budget refused a %s call (%s), retry in %ss",
-                priority.name.lower(),
-                exc.reason,
-                exc.retry_after,
-            )
+            self._refused(exc, priority)
             raise
+
+    def acquire_in(self, conn: Connection, priority: Priority = Priority.INTERACTIVE) -> bool:
+        """Spend one call inside the caller's own write transaction on the same database.
+
+        Saves a transaction of its own where the caller writes anyway (an upload's slot
+        reservation). The call counts only if the caller commits, and the scope's lock is held
+        until then, so commit promptly. False (nothing spent) when `conn` is on another database
+        or the scope's row does not exist yet: then use `acquire`. BudgetExhausted as `acquire`.
+        """
+        if conn.engine.url != self.engine.url:
+            return False
+        now = self.clock()
+        bumped = conn.execute(
+            sa.update(_state).where(_state.c.scope == self.scope).values(seq=_state.c.seq + 1)
+        )
+        if not bumped.rowcount:
+            return False  # creating the row may race with another process: `acquire` retries
+        paused = conn.execute(
+            sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
+        ).scalar_one()
+        try:
+            self._spend(conn, now, int(paused or 0), priority)
+        except BudgetExhausted as exc:
+            self._refused(exc, priority)
+            raise
+        return True
 
     def _retry_after(self, rows: list[Any], used: int, cap: int, now: float) -> float:
         """Seconds until enough old buckets leave the window for one more call."""
@@ -249,6 +282,7 @@ def budget_engine(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
 
+        gate_sqlite_writes(engine)
         return engine
     return sa.create_engine(url, pool_size=2, max_overflow=30, pool_pre_ping=True)
 

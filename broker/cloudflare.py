@@ -345,17 +345,20 @@ class CloudflareImages:
         files: Any = None,
         raw: bool = False,
         stream: bool = False,
+        prepaid: bool = False,
     ) -> Any:
         """Call `path` (relative to the account's images base) and return the envelope's result.
 
-        With `raw=True` return the `requests.Response` of a successful call instead.
+        With `raw=True` return the `requests.Response` of a successful call instead. With
+        `prepaid=True` the caller already spent the budget for the first attempt (see
+        `UpstreamBudget.acquire_in`); retries spend their own.
         """
         method = method.upper()
         url = f"{self.images_base}{path}"
         idempotent = method in _IDEMPOTENT
         attempt = 0
         while True:
-            if self.budget is not None:
+            if self.budget is not None and not (prepaid and attempt == 0):
                 self.budget.acquire(priority)
             started = time.monotonic()
             try:
@@ -454,6 +457,7 @@ class CloudflareImages:
         require_signed_urls: bool = True,
         custom_id: str | None = None,
         priority: Priority = Priority.INTERACTIVE,
+        prepaid: bool = False,
     ) -> DirectUpload:
         """Create a draft image and its one-time upload URL (`POST /v2/direct_upload`)."""
         fields: list[tuple[str, tuple[None, str]]] = [
@@ -466,7 +470,9 @@ class CloudflareImages:
             fields.append(("metadata", (None, json.dumps(metadata, separators=(",", ":")))))
         if custom_id is not None:
             fields.append(("id", (None, custom_id)))
-        result = self.request("POST", "/v2/direct_upload", files=fields, priority=priority)
+        result = self.request(
+            "POST", "/v2/direct_upload", files=fields, priority=priority, prepaid=prepaid
+        )
         return DirectUpload(id=str(result["id"]), upload_url=str(result["uploadURL"]))
 
     def upload_image(

@@ -11,6 +11,8 @@ from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
 
+from broker.sqlite_writes import gate_sqlite_writes
+
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent / "migrations")
 
 # Stable constraint names so Alembic can alter them on every backend (SQLite batch mode too).
@@ -85,3 +87,4 @@ def init_app(app: Flask) -> None:
     if url.startswith("sqlite"):
         with app.app_context():
             sa.event.listen(db.engine, "connect", _sqlite_pragmas)
+            gate_sqlite_writes(db.engine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 
 from broker import webhooks
 from broker.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
-from broker.db import db, utcnow
+from broker.db import UTCDateTime, db, utcnow
 from broker.models import Upload, UploadReservation, User
 
 log = logging.getLogger("broker.uploads")
@@ -199,6 +200,40 @@ def check_limits(user: User, config: Any, now: datetime) -> None:
     _check_limits(user.id, *limits_for(user, config), now, reserved=0)
 
 
+@functools.cache
+def _usage_query() -> sa.Select[tuple[int, int, int]]:
+    """One statement counting a user's live drafts, last-24-h uploads and live reservations.
+
+    Built once: constructing SQLAlchemy statements costs more than running this one. Upload
+    counts stop at `cap_*` so they stay cheap however many rows a user has.
+    """
+    user_id = sa.bindparam("user_id", type_=sa.Integer)
+    now = sa.bindparam("now", type_=UTCDateTime())
+    pending = (
+        sa.select(Upload.id)
+        .where(Upload.user_id == user_id, Upload.status == PENDING, Upload.expires_at > now)
+        .limit(sa.bindparam("cap_pending", type_=sa.Integer))
+        .subquery()
+    )
+    recent = (
+        sa.select(Upload.id)
+        .where(
+            Upload.user_id == user_id,
+            Upload.created_at > sa.bindparam("since", type_=UTCDateTime()),
+        )
+        .limit(sa.bindparam("cap_daily", type_=sa.Integer))
+        .subquery()
+    )
+    reserved = sa.select(sa.func.count()).where(
+        UploadReservation.user_id == user_id, UploadReservation.expires_at > now
+    )
+    return sa.select(
+        sa.select(sa.func.count()).select_from(pending).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(recent).scalar_subquery(),
+        reserved.scalar_subquery(),
+    )
+
+
 def _check_limits(
     user_id: int, max_pending: int, max_daily: int, now: datetime, *, reserved: int
 ) -> None:
@@ -207,18 +242,25 @@ def _check_limits(
     `reserved` is how many of the counted reservations belong to the caller itself (0 or 1):
     the caller's own slot is allowed as long as the total stays within the limit.
     """
-    live_reservations = sa.select(UploadReservation.expires_at.label("moment")).where(
-        UploadReservation.user_id == user_id, UploadReservation.expires_at > now
-    )
-    live_pending = (
-        sa.select(Upload.expires_at.label("moment"))
-        .where(Upload.user_id == user_id, Upload.status == PENDING, Upload.expires_at > now)
-        .union_all(live_reservations)
-        .subquery()
-    )
-    # Counts stop just past the limit: the cost stays bounded however many rows a user has.
-    pending = _bounded_count(live_pending, max_pending + reserved)
-    if pending - reserved >= max_pending:
+    since = now - DAY
+    pending, today, reservations = db.session.execute(
+        _usage_query(),
+        {
+            "user_id": user_id,
+            "now": now,
+            "since": since,
+            "cap_pending": max(max_pending, 0),
+            "cap_daily": max(max_daily, 0),
+        },
+    ).one()
+    others = reservations - reserved
+    if pending + others >= max_pending:
+        live_pending = (
+            sa.select(Upload.expires_at.label("moment"))
+            .where(Upload.user_id == user_id, Upload.status == PENDING, Upload.expires_at > now)
+            .union_all(_live_reservations(user_id, now, UploadReservation.expires_at))
+            .subquery()
+        )
         # A slot frees for sure when the oldest live draft's URL (or a reservation) expires.
         first_expiry = db.session.scalar(sa.select(sa.func.min(live_pending.c.moment)))
         retry = _seconds_until(first_expiry, now)
@@ -229,19 +271,13 @@ def _check_limits(
             "finish or delete one first.",
             retry_after=retry,
         )
-    since = now - DAY
-    recent = (
-        sa.select(Upload.created_at.label("moment"))
-        .where(Upload.user_id == user_id, Upload.created_at > since)
-        .union_all(
-            sa.select(UploadReservation.created_at.label("moment")).where(
-                UploadReservation.user_id == user_id, UploadReservation.expires_at > now
-            )
+    if today + others >= max_daily:
+        recent = (
+            sa.select(Upload.created_at.label("moment"))
+            .where(Upload.user_id == user_id, Upload.created_at > since)
+            .union_all(_live_reservations(user_id, now, UploadReservation.created_at))
+            .subquery()
         )
-        .subquery()
-    )
-    today = _bounded_count(recent, max_daily + reserved)
-    if today - reserved >= max_daily:
         oldest = db.session.scalar(sa.select(sa.func.min(recent.c.moment)))
         retry = _seconds_until(oldest + DAY if oldest else None, now)
         raise UploadError(
@@ -252,19 +288,23 @@ def _check_limits(
         )
 
 
-def _bounded_count(rows: sa.Subquery, limit: int) -> int:
-    """Count `rows`, stopping at `limit` (enough to compare with it)."""
-    limited = sa.select(rows.c.moment).limit(max(limit, 0)).subquery()
-    return int(db.session.scalar(sa.select(sa.func.count()).select_from(limited)) or 0)
+def _live_reservations(user_id: int, now: datetime, column: Any) -> sa.Select[Any]:
+    return sa.select(column.label("moment")).where(
+        UploadReservation.user_id == user_id, UploadReservation.expires_at > now
+    )
 
 
-def reserve_slot(user: User, config: Any, upload_id: str, now: datetime) -> None:
+def reserve_slot(
+    user: User, config: Any, upload_id: str, now: datetime, *, budget: Any = None
+) -> bool:
     """Hold one slot of `user`'s limits for `upload_id` (committed), or raise UploadError 429.
 
     The check and the reservation are one transaction serialised per user: on PostgreSQL by
     the user's row lock, on SQLite by the database's write lock, which the first DELETE takes
     before anything is counted. It is committed before the caller goes upstream, so no lock
-    is held while Cloudflare answers.
+    is held while Cloudflare answers. With `budget` (an UpstreamBudget) the upstream call is
+    paid for in the same transaction when possible (one write instead of two per create);
+    returns whether it was (BudgetExhausted when it is spent: nothing is reserved then).
     """
     user_id = user.id
     max_pending, max_daily = limits_for(user, config)
@@ -285,10 +325,14 @@ def reserve_slot(user: User, config: Any, upload_id: str, now: datetime) -> None
     try:
         db.session.flush()
         _check_limits(user_id, max_pending, max_daily, now, reserved=1)
+        # Last: on PostgreSQL the budget's row lock is shared by every process; hold it briefly.
+        acquire_in = getattr(budget, "acquire_in", None)
+        prepaid = bool(acquire_in and acquire_in(db.session.connection(), Priority.INTERACTIVE))
     except BaseException:
         db.session.rollback()
         raise
     db.session.commit()
+    return prepaid
 
 
 def release_slot(upload_id: str) -> None:
@@ -343,7 +387,7 @@ def create_upload(
     user_id, creator = user.id, user.public_id
     # Commits the reservation: no lock or "idle in transaction" while Cloudflare answers, and
     # no second pooled connection held by this thread. (`user` reloads if touched after this.)
-    reserve_slot(user, config, upload_id, now)
+    prepaid = reserve_slot(user, config, upload_id, now, budget=client.budget)
     try:
         draft = client.direct_upload(
             creator=creator,
@@ -352,6 +396,7 @@ def create_upload(
             require_signed_urls=params.require_signed_urls,
             custom_id=params.custom_id,
             priority=Priority.INTERACTIVE,
+            prepaid=prepaid,
         )
     except BaseException:
         release_slot(upload_id)
