@@ -220,7 +220,9 @@ def test_emulator_notification_over_http_leads_to_completion(setup, emulator, re
     """Cloudflare (the emulator) notifies the broker over real HTTP; the worker verifies."""
     app, client, auth = setup
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     notifier = emulator.emulator.notifier
     old = notifier.url, notifier.secret

@@ -87,7 +87,10 @@ def receiver_fixture() -> Iterator[Receiver]:
     state = Receiver()
     server = make_server("127.0.0.1", 0, state.app, threaded=True)
     state.url = f"http://127.0.0.1:{server.server_port}/hook"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the serve loop's next poll: the default 0.5 s, paid by every test.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     try:
         yield state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -11,10 +12,51 @@ from typing import Any
 import requests
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.wrappers import Response
+from werkzeug.wsgi import ClosingIterator
 
 from broker.emulator import create_app
 from broker.emulator.control import Fault
 from broker.emulator.core import EXTENSION_KEY, Emulator
+
+log = logging.getLogger("broker.emulator.testing")
+
+
+class _InFlight:
+    """WSGI wrapper counting requests being handled, so `stop()` can wait for them.
+
+    Closing the store under a request still running (a latency fault outliving a client's
+    timeout) would fail that request with "Cannot operate on a closed database" at teardown.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._changed = threading.Condition()
+        self._active = 0
+        self._closing = False
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        with self._changed:
+            if self._closing:
+                refuse = Response("emulator stopping", status=503, headers={"Connection": "close"})
+                return refuse(environ, start_response)
+            self._active += 1
+        try:
+            return ClosingIterator(self.app(environ, start_response), self._finished)
+        except BaseException:
+            self._finished()
+            raise
+
+    def _finished(self) -> None:
+        with self._changed:
+            self._active -= 1
+            self._changed.notify_all()
+
+    def close_and_wait(self, timeout: float) -> bool:
+        """Refuse new requests, then wait for running ones; False if some outlived `timeout`."""
+        with self._changed:
+            self._closing = True
+            return self._changed.wait_for(lambda: self._active == 0, timeout)
 
 
 class EmulatorServer:
@@ -36,6 +78,7 @@ class EmulatorServer:
         self.app: Flask = create_app(settings)
         self._keep_public_url = bool((config or {}).get("PUBLIC_URL"))
         self._server: BaseWSGIServer | None = None
+        self._in_flight: _InFlight | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
 
@@ -68,7 +111,8 @@ class EmulatorServer:
         """Bind a free port, point PUBLIC_URL at it and start serving."""
         if self._server is not None:
             return self
-        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self._in_flight = _InFlight(self.app)
+        self._server = make_server("127.0.0.1", 0, self._in_flight, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         if not self._keep_public_url:
             # Upload and delivery URLs in answers must point at this very server.
@@ -84,9 +128,13 @@ class EmulatorServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving, close the store and remove a temporary data folder."""
+        """Stop serving, wait for running requests, close the store, remove a temporary folder."""
         if self._server is not None:
             self._server.shutdown()
+            # Handler threads are daemons the server does not join: wait for their requests
+            # (keep-alive connections may still bring new ones; those are refused).
+            if self._in_flight is not None and not self._in_flight.close_and_wait(timeout=30):
+                log.warning("emulator stopped with requests still running")
             self._server.server_close()
             self._server = None
         if self._thread is not None:
