@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from broker.config import DEFAULTS, finalize
 
@@ -41,10 +43,19 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.from_mapping(test_config)
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     finalize(app.config, app.instance_path)
+    if app.config["PROXY_COUNT"]:
+        # Trust exactly that many proxies' forwarding headers; never a client's own.
+        hops = int(app.config["PROXY_COUNT"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
     from broker import db, errors, logs, security
 
     logs.init_app(app)
+    if app.config["ENV"] == "production" and app.config["RATELIMIT_STORAGE_URI"] == "memory://":
+        logging.getLogger("broker").warning(
+            "BROKER_RATELIMIT_STORAGE_URI is memory://: each process counts login attempts on "
+            "its own; use redis:// when more than one process serves requests"
+        )
     db.init_app(app)
     errors.init_app(app)
 

@@ -86,6 +86,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("API_TOKEN_TTL_DAYS", 90, "Lifetime of a new API bearer token, in days."),
     Setting(
+        "PROXY_COUNT",
+        0,
+        "Reverse proxies in front of the broker whose `X-Forwarded-For`/`-Proto`/`-Host` are trusted (client IPs for rate limits, https detection).",
+    ),
+    Setting(
         "RATELIMIT_STORAGE_URI",
         "memory://",
         "Flask-Limiter storage; use `redis://…` when several instances run.",
@@ -166,6 +171,10 @@ SETTINGS: tuple[Setting, ...] = (
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
 
+# Sessions and CSRF tokens are only as strong as this key (e.g. `secrets.token_urlsafe(32)`).
+MIN_SECRET_KEY_LENGTH = 32
+
+
 class ConfigError(RuntimeError):
     """The configuration cannot run safely; the message says which setting to fix."""
 
@@ -193,6 +202,10 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
         return
     if config["SECRET_KEY"] in (None, "", DEFAULT_SECRET_KEY):
         raise ConfigError("BROKER_SECRET_KEY is the insecure default; set a long random value")
+    if len(str(config["SECRET_KEY"])) < MIN_SECRET_KEY_LENGTH:
+        raise ConfigError(
+            f"BROKER_SECRET_KEY is too short; use at least {MIN_SECRET_KEY_LENGTH} random characters"
+        )
     missing = [
         f"BROKER_{k}"
         for k in ("CLOUDFLARE_ACCOUNT_ID", "CLOUDFLARE_API_TOKEN", "CLOUDFLARE_ACCOUNT_HASH")

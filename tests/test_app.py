@@ -115,3 +115,52 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [s.name for s in SETTINGS if f"`BROKER_{s.name}`" not in readme]
     assert missing == []
+
+
+def _production(tmp_path, **extra):
+    config = {
+        "ENV": "production",
+        "SECRET_KEY": "s" * 40,
+        "INSTANCE_PATH": str(tmp_path),
+        "DATABASE_URL": "sqlite://",
+        "CLOUDFLARE_ACCOUNT_ID": "a",
+        "CLOUDFLARE_API_TOKEN": "t",
+        "CLOUDFLARE_ACCOUNT_HASH": "h",
+    }
+    config.update(extra)
+    return create_app(config)
+
+
+def test_production_refuses_a_short_secret(tmp_path):
+    with pytest.raises(ConfigError, match="too short"):
+        _production(tmp_path, SECRET_KEY="only-twenty-chars-xx")
+
+
+def test_production_warns_about_per_process_rate_limit_counters(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="broker"):
+        _production(tmp_path)
+    assert any("memory://" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="broker"):
+        _production(tmp_path, RATELIMIT_STORAGE_URI="redis://127.0.0.1:6379")
+    assert not any("memory://" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("proxies", "seen"), [(0, "127.0.0.1"), (1, "203.0.113.9")])
+def test_forwarded_client_address_is_trusted_only_behind_configured_proxies(
+    make_app, proxies, seen
+):
+    app = make_app(PROXY_COUNT=proxies)
+
+    @app.get("/_test/addr")
+    def addr():  # type: ignore[no-untyped-def]
+        from flask import request
+
+        return request.remote_addr or ""
+
+    response = app.test_client().get(
+        "/_test/addr",
+        headers={"X-Forwarded-For": "203.0.113.9"},
+        environ_base={"REMOTE_ADDR": "127.0.0.1"},
+    )
+    assert response.text == seen
