@@ -140,10 +140,15 @@ class EmulatorServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.emulator.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        try:
+            self.emulator.close()
+        finally:
+            # Even when closing failed: a TemporaryDirectory left to the garbage collector warns
+            # from its finalizer, which pytest (warnings are errors) reports against a random
+            # later test as "Exception ignored in: <finalize object …; dead>".
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
 
     def __enter__(self) -> EmulatorServer:
         return self.start()
