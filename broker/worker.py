@@ -75,6 +75,7 @@ class Worker:
             Job("expire_uploads", _expire_uploads, every=10),
             Job("deliver_webhooks", _deliver_webhooks),
             Job("sync_keys", _sync_keys, every=keys_every),
+            Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
         ]
 
     def run_once(self, now: datetime | None = None) -> dict[str, int]:
@@ -147,16 +148,22 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
 
 
 def _sync_keys(worker: Worker, now: datetime) -> int:
-    """Slot for the signed-URL engineer's key sync; runs hourly when broker.keys provides it."""
-    try:
-        from broker.keys import sync_keys
-    except ImportError:
-        return 0
+    """Mirror the account's signing keys (and purge retired ones past their grace)."""
     from broker.cloudflare import get_client
+    from broker.keys import sync_keys
 
     result = sync_keys(get_client(), now=now)
     db.session.commit()
     return int(bool(getattr(result, "changed", False)))
+
+
+def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
+    """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
+    from broker.idempotency import purge_expired
+
+    purged = purge_expired(now)
+    db.session.commit()
+    return purged
 
 
 def get_worker(app: Flask) -> Worker:

@@ -305,3 +305,20 @@ def test_admin_api(make_app, make_user, bearer, receiver):
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookAttempt)) == 1
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookEvent)) == 1
+
+
+def test_worker_forgets_idempotency_keys_after_24_hours(app, make_user, bearer):
+    user = make_user("alice")
+    client = app.test_client()
+    headers = {**bearer(app, user), "Idempotency-Key": "k-1"}
+    assert client.post("/api/v1/uploads", json={}, headers=headers).status_code == 201
+    from broker.models import IdempotencyKey
+
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(IdempotencyKey)) == 1
+    now = utcnow()
+    assert worker.run_once(app, now=now + timedelta(hours=23))["purge_idempotency_keys"] == 0
+    later = worker.run_once(app, now=now + timedelta(hours=25), worker_id="second")
+    assert later["purge_idempotency_keys"] == 1
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(IdempotencyKey)) == 0
