@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from broker.db import db, utcnow
+from broker.errors import ApiError
 from broker.models import IdempotencyKey, User
 
 KEEP_FOR = timedelta(hours=24)
@@ -32,14 +33,8 @@ MAX_KEY_LENGTH = 255
 REPLAYED_HEADERS = ("Location",)
 
 
-class IdempotencyError(Exception):
+class IdempotencyError(ApiError):
     """The key cannot be used for this request (409 in progress, 422 reused, 400 malformed)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

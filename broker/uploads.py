@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from broker import webhooks
 from broker.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
 from broker.db import UTCDateTime, db, utcnow
+from broker.errors import ApiError
 from broker.models import Upload, UploadReservation, User
 
 log = logging.getLogger("broker.uploads")
@@ -57,8 +58,8 @@ DAY = timedelta(hours=24)
 RESERVATION_TTL = timedelta(minutes=2)
 
 
-class UploadError(Exception):
-    """A request the domain refuses; `status`/`code` become the API's answer."""
+class UploadError(ApiError):
+    """A request the domain refuses: an ApiError naming the bad `field`, with `Retry-After`."""
 
     def __init__(
         self,
@@ -69,10 +70,11 @@ class UploadError(Exception):
         field: str | None = None,
         retry_after: int | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+        details = None
+        if field:
+            details = [{"field": field, "message": message, "type": "value_error"}]
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(status, code, message, details, headers)
         self.field = field
         self.retry_after = retry_after
 

@@ -1,7 +1,8 @@
-"""Turn upstream and domain failures into the API's error answers (one mapping for every view).
+"""Turn upstream failures into the API's error answers (one mapping for every view).
 
-Registered on the API blueprint, so any /api/v1 view that lets a `CloudflareError`,
-`BudgetExhausted`, `UploadError` or `IdempotencyError` escape answers the same way:
+Registered on the API blueprint, so any /api/v1 view that lets a `CloudflareError` or
+`BudgetExhausted` escape answers the same way (domain refusals such as `UploadError` are
+`ApiError`s already):
 
 - Cloudflare refuses our credentials/account → 502 `upstream_auth` (an operator must act);
 - no answer in time → 504 `upstream_timeout`;
@@ -26,8 +27,6 @@ from broker.cloudflare import (
     UpstreamError,
 )
 from broker.errors import ApiError, handle_api_error
-from broker.idempotency import IdempotencyError
-from broker.uploads import UploadError
 
 # Cloudflare error codes that point at one request field.
 _FIELD_FOR_CODE = {5411: "id", 5400: None, 5413: "file", 5455: "file"}
@@ -85,29 +84,10 @@ def _field(field: str | None, exc: Any) -> list[dict[str, Any]]:
     return [{"field": field, "message": str(exc.message), "type": f"cloudflare_{exc.code}"}]
 
 
-def upload_api_error(exc: UploadError) -> ApiError:
-    """Map a refused upload request (validation, limits) to the API's answer."""
-    details = None
-    if exc.field:
-        details = [{"field": exc.field, "message": exc.message, "type": "value_error"}]
-    headers = _retry_after(exc.retry_after) if exc.retry_after is not None else None
-    return ApiError(exc.status, exc.code, exc.message, details, headers)
-
-
 def _on_upstream(exc: UpstreamError):  # type: ignore[no-untyped-def]
     return handle_api_error(upstream_api_error(exc))
 
 
-def _on_upload(exc: UploadError):  # type: ignore[no-untyped-def]
-    return handle_api_error(upload_api_error(exc))
-
-
-def _on_idempotency(exc: IdempotencyError):  # type: ignore[no-untyped-def]
-    return handle_api_error(ApiError(exc.status, exc.code, exc.message))
-
-
 def register(bp: Any) -> None:
-    """Install the mappings on a blueprint."""
+    """Install the mapping on a blueprint."""
     bp.register_error_handler(UpstreamError, _on_upstream)
-    bp.register_error_handler(UploadError, _on_upload)
-    bp.register_error_handler(IdempotencyError, _on_idempotency)
