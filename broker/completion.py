@@ -40,6 +40,7 @@ from broker.cloudflare import (
 )
 from broker.db import utcnow
 from broker.models import Upload
+from broker.webhooks import notify_worker
 
 log = logging.getLogger("broker.completion")
 
@@ -66,8 +67,6 @@ def hint(upload: Upload, *, now: datetime | None = None) -> bool:
     now = now or utcnow()
     if upload.next_check_at is None or upload.next_check_at > now:
         upload.next_check_at = now
-    from broker.webhooks import notify_worker
-
     notify_worker()
     return True
 
@@ -183,7 +182,7 @@ class Verifier:
 
 
 def _grace(config: Any) -> timedelta:
-    return timedelta(seconds=float(config.get("EXPIRY_GRACE", 300)))
+    return timedelta(seconds=float(config["EXPIRY_GRACE"]))
 
 
 def verify_due(
@@ -203,7 +202,7 @@ def verify_due(
         Upload.next_check_at <= now,
         Upload.expires_at > now - _grace(config),
     ]
-    window = timedelta(seconds=float(config.get("VERIFY_BATCH_WINDOW", 1.5)))
+    window = timedelta(seconds=float(config["VERIFY_BATCH_WINDOW"]))
     oldest = session.scalar(
         sa.select(sa.func.min(Upload.next_check_at)).where(*due, leases.claimable(Upload, now))
     )

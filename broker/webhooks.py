@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from broker import leases, ssrf
+from broker.cloudflare import parse_retry_after
 from broker.db import utcnow
 from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
@@ -328,8 +329,6 @@ def attempt(
     timestamp: int | None = None,
 ) -> Outcome:
     """POST one signed message (SSRF-checked again now, pinned to the checked address)."""
-    from broker.cloudflare import parse_retry_after
-
     timestamp = int(time.time()) if timestamp is None else timestamp
     started = time.monotonic()
     headers = {
@@ -348,9 +347,7 @@ def attempt(
     except ssrf.BlockedAddress as exc:
         return Outcome(False, None, f"blocked: {exc}"[:500], None, False, elapsed())
     try:
-        resp = ssrf.post_pinned(
-            target, body, headers, timeout=float(config.get("WEBHOOK_TIMEOUT", 15.0))
-        )
+        resp = ssrf.post_pinned(target, body, headers, timeout=float(config["WEBHOOK_TIMEOUT"]))
     except Exception as exc:  # any transport failure is one failed attempt, never a crash
         return Outcome(False, None, f"{type(exc).__name__}: {exc}"[:500], None, False, elapsed())
     status = resp.status

@@ -26,9 +26,11 @@ from datetime import datetime
 from typing import Any
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from broker import completion, idempotency, keys, webhooks
+from broker.cloudflare import get_client
 from broker.db import db, utcnow
 
 log = logging.getLogger("broker.worker")
@@ -59,12 +61,7 @@ class Worker:
     worker_id: str = field(default_factory=_new_worker_id)
     stop: threading.Event = field(default_factory=threading.Event)
     last_run: dict[str, datetime] = field(default_factory=dict)
-    verifier: Any = None
-
-    def __post_init__(self) -> None:
-        from broker.completion import Verifier
-
-        self.verifier = self.verifier or Verifier()
+    verifier: completion.Verifier = field(default_factory=completion.Verifier)
 
     @property
     def jobs(self) -> list[Job]:
@@ -101,8 +98,6 @@ class Worker:
 
     def run_forever(self) -> None:
         """Loop until `stop` is set, idling between passes that found nothing to do."""
-        from broker.webhooks import wake
-
         poll = float(self.app.config.get("WORKER_POLL_INTERVAL") or 1.0)
         log.info("worker %s started", self.worker_id)
         while not self.stop.is_set():
@@ -111,15 +106,12 @@ class Worker:
                 break
             if not any(done.values()):
                 # Short naps keep /complete hints and fresh events quick; `wake` cuts them short.
-                wake.wait(poll)
-                wake.clear()
+                webhooks.wake.wait(poll)
+                webhooks.wake.clear()
         log.info("worker %s stopped", self.worker_id)
 
 
 def _verify_uploads(worker: Worker, now: datetime) -> int:
-    from broker import completion
-    from broker.cloudflare import get_client
-
     return completion.verify_due(
         db.session,
         get_client(),
@@ -131,17 +123,12 @@ def _verify_uploads(worker: Worker, now: datetime) -> int:
 
 
 def _expire_uploads(worker: Worker, now: datetime) -> int:
-    from broker import completion
-    from broker.cloudflare import get_client
-
     return completion.expire_due(
         db.session, get_client(), worker.app.config, worker.worker_id, now=now
     )
 
 
 def _deliver_webhooks(worker: Worker, now: datetime) -> int:
-    from broker import webhooks
-
     return webhooks.deliver_due(
         db.session, worker.worker_id, worker.app.config, now=now, stop=worker.stop
     )
@@ -149,19 +136,14 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
 
 def _sync_keys(worker: Worker, now: datetime) -> int:
     """Mirror the account's signing keys (and purge retired ones past their grace)."""
-    from broker.cloudflare import get_client
-    from broker.keys import sync_keys
-
-    result = sync_keys(get_client(), now=now)
+    result = keys.sync_keys(get_client(), now=now)
     db.session.commit()
-    return int(bool(getattr(result, "changed", False)))
+    return int(result.changed)
 
 
 def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
     """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
-    from broker.idempotency import purge_expired
-
-    purged = purge_expired(now)
+    purged = idempotency.purge_expired(now)
     db.session.commit()
     return purged
 
@@ -210,8 +192,6 @@ def start_inline(app: Flask) -> tuple[threading.Thread, threading.Event]:
 @with_appcontext
 def worker_command(once: bool) -> None:
     """Run the background worker until SIGTERM/SIGINT (finishes or releases its work first)."""
-    from flask import current_app
-
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if once:
         click.echo(run_once(app))
@@ -221,9 +201,7 @@ def worker_command(once: bool) -> None:
     def _stop(signum: int, _frame: Any) -> None:
         log.info("worker got signal %s: finishing current work", signum)
         stop.set()
-        from broker.webhooks import wake
-
-        wake.set()
+        webhooks.notify_worker()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
