@@ -3,8 +3,8 @@
     pending → ready | expired | rejected,   and any → deleted
 
 Views, CLI commands and the worker call these functions and own the commit. Every transition
-goes through `_transition`, which records the time and is where outgoing events are written in
-the same transaction (`webhooks.emit(db.session, type, upload)`, see the EMIT hooks).
+goes through `_transition`, which records the time; each `mark_*` then writes its outgoing
+event in the same transaction (`webhooks.emit(db.session, type, upload)`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from broker import webhooks
 from broker.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
 from broker.db import UTCDateTime, db, utcnow
 from broker.errors import ApiError
-from broker.models import Upload, UploadReservation, User
+from broker.models import Upload, UploadReservation, User, _upload_id
 
 log = logging.getLogger("broker.uploads")
 
@@ -193,15 +193,6 @@ def limits_for(user: User, config: Any) -> tuple[int, int]:
     )
 
 
-def check_limits(user: User, config: Any, now: datetime) -> None:
-    """Refuse a new upload over the user's pending or daily limit (429 with Retry-After).
-
-    Counts live reservations (creates still waiting for Cloudflare) with the uploads. A
-    check on its own is only advisory: `reserve_slot` is what makes it hold under concurrency.
-    """
-    _check_limits(user.id, *limits_for(user, config), now, reserved=0)
-
-
 @functools.cache
 def _usage_query() -> sa.Select[tuple[int, int, int]]:
     """One statement counting a user's live drafts, last-24-h uploads and live reservations.
@@ -360,8 +351,6 @@ def _seconds_until(moment: datetime | None, now: datetime) -> int:
 
 def new_upload_id() -> str:
     """Return a fresh broker upload id."""
-    from broker.models import _upload_id
-
     return _upload_id()
 
 
@@ -420,7 +409,6 @@ def create_upload(
     # the row's INSERT then happens in the caller's flush, which knows how to undo a create.)
     db.session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
     db.session.add(upload)
-    # EMIT: webhooks.emit(db.session, "upload.created", upload)
     log.info("upload created id=%s image=%s user=%s", upload_id, draft.id, creator)
     return upload, draft.upload_url
 

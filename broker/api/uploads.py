@@ -33,7 +33,6 @@ def _errors(*statuses: int) -> dict[int, type[BaseModel] | None]:
 UPSTREAM = (502, 503, 504)
 # Shared with other upload views (broker/api/completion.py).
 ERRORS = _errors(401, 404, 422)
-UPSTREAM_ERRORS = _errors(*UPSTREAM)
 
 
 class CreateUpload(BaseModel):

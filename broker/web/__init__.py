@@ -6,7 +6,6 @@ import sqlalchemy as sa
 from flask import (
     Blueprint,
     abort,
-    current_app,
     flash,
     redirect,
     render_template,
@@ -15,7 +14,7 @@ from flask import (
 )
 from flask_login import current_user, login_required
 
-from broker import uploads, webhooks
+from broker import uploads, variants, webhooks
 from broker.auth import admin_required
 from broker.db import db
 from broker.models import Upload, User, WebhookDelivery, WebhookEndpoint, WebhookEvent
@@ -67,16 +66,12 @@ def image_detail(upload_id: str):  # type: ignore[no-untyped-def]
     row = uploads.find_upload(current_user, upload_id)
     if row is None:
         abort(404)
-    return render_template(
-        "web/image.html", upload=row, detail_variant=_detail_variant(current_app.config)
-    )
+    return render_template("web/image.html", upload=row, detail_variant=_detail_variant())
 
 
-def _detail_variant(config: dict) -> str:  # type: ignore[type-arg]
+def _detail_variant() -> str:
     """Pick the larger declared variant for the detail view (`medium` by default)."""
-    from broker.signing import parse_variants
-
-    names = [v.name for v in parse_variants(config["VARIANTS"])]
+    names = [v.name for v in variants.declared_variants()]
     return "medium" if "medium" in names else (names[-1] if names else "public")
 
 
