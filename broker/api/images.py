@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from broker import delivery, variants
 from broker.api import bp
-from broker.api.spec import ErrorDetail, ErrorResponse, endpoint
+from broker.api.spec import ErrorDetail, endpoint, errors
 from broker.errors import ApiError
 
 MAX_BATCH = 1000
@@ -97,7 +97,7 @@ def _no_key() -> ApiError:
     "GET",
     "/images/<upload_id>/url",
     query=UrlQuery,
-    responses={200: SignedUrl, 404: ErrorResponse, 409: ErrorResponse, 422: ErrorResponse},
+    responses={200: SignedUrl, **errors(404, 409, 422)},
     tags=("images",),
 )
 def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
@@ -123,7 +123,7 @@ def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
     "POST",
     "/images/urls",
     body=UrlBatch,
-    responses={200: UrlBatchResult, 422: ErrorResponse},
+    responses={200: UrlBatchResult, **errors(422)},
     tags=("images",),
 )
 def image_urls(body: UrlBatch) -> UrlBatchResult:

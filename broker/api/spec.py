@@ -39,6 +39,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def errors(*statuses: int) -> dict[int, type[BaseModel] | None]:
+    """Document these error statuses, each answered with the one ErrorResponse shape."""
+    return dict.fromkeys(statuses, ErrorResponse)
+
+
 @dataclass
 class Operation:
     """One documented API operation."""

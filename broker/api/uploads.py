@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from broker import idempotency, uploads
 from broker.api import bp
-from broker.api.spec import ErrorResponse, endpoint
+from broker.api.spec import endpoint, errors
 from broker.cloudflare import get_client
 from broker.db import db
 from broker.errors import ApiError
@@ -24,15 +24,10 @@ from broker.models import Upload, User
 Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
 
 
-def _errors(*statuses: int) -> dict[int, type[BaseModel] | None]:
-    """Document these error statuses (each answered with the one ErrorResponse shape)."""
-    return dict.fromkeys(statuses, ErrorResponse)
-
-
 # Upstream trouble: 502 auth/failure, 503 budget or Cloudflare's 429, 504 timeout.
 UPSTREAM = (502, 503, 504)
 # Shared with other upload views (broker/api/completion.py).
-ERRORS = _errors(401, 404, 422)
+ERRORS = errors(401, 404, 422)
 
 
 class CreateUpload(BaseModel):
@@ -160,7 +155,7 @@ def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> 
     body=CreateUpload,
     responses={
         201: UploadCreated,
-        **_errors(400, 401, 409, 422, 429, *UPSTREAM),
+        **errors(400, 401, 409, 422, 429, *UPSTREAM),
     },
     tags=("uploads",),
 )
@@ -220,7 +215,7 @@ def create_upload(body: CreateUpload) -> Response:
     "GET",
     "/uploads",
     query=ListUploads,
-    responses={200: UploadPage, **_errors(401, 403, 422)},
+    responses={200: UploadPage, **errors(401, 403, 422)},
     tags=("uploads",),
 )
 def list_uploads(query: ListUploads) -> UploadPage:
@@ -253,7 +248,7 @@ def _visible(upload_id: str) -> Upload:
     bp,
     "GET",
     "/uploads/<upload_id>",
-    responses={200: UploadOut, **_errors(401, 404)},
+    responses={200: UploadOut, **errors(401, 404)},
     tags=("uploads",),
 )
 def get_upload(upload_id: str) -> UploadOut:
@@ -265,7 +260,7 @@ def get_upload(upload_id: str) -> UploadOut:
     bp,
     "DELETE",
     "/uploads/<upload_id>",
-    responses={200: UploadOut, **_errors(401, 404, *UPSTREAM)},
+    responses={200: UploadOut, **errors(401, 404, *UPSTREAM)},
     tags=("uploads",),
 )
 def delete_upload(upload_id: str) -> UploadOut:
@@ -300,7 +295,7 @@ def _admin_target(public_id: str) -> User:
     bp,
     "GET",
     "/users/<public_id>/upload-limits",
-    responses={200: UserLimitsOut, **_errors(401, 403, 404)},
+    responses={200: UserLimitsOut, **errors(401, 403, 404)},
     tags=("admin",),
 )
 def get_upload_limits(public_id: str) -> UserLimitsOut:
@@ -313,7 +308,7 @@ def get_upload_limits(public_id: str) -> UserLimitsOut:
     "PUT",
     "/users/<public_id>/upload-limits",
     body=UserLimits,
-    responses={200: UserLimitsOut, **_errors(401, 403, 404, 422)},
+    responses={200: UserLimitsOut, **errors(401, 403, 404, 422)},
     tags=("admin",),
 )
 def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:

@@ -12,18 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker import ssrf, webhooks
 from broker.api import bp
-from broker.api.spec import ErrorResponse, endpoint
+from broker.api.spec import endpoint, errors
 from broker.db import db, utcnow
 from broker.errors import ApiError
 from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 EventType = Literal["upload.completed", "upload.expired", "upload.rejected", "upload.deleted", "*"]
-ERRORS: dict[int, type[BaseModel] | None] = {
-    401: ErrorResponse,
-    403: ErrorResponse,
-    404: ErrorResponse,
-    422: ErrorResponse,
-}
+ERRORS = errors(401, 403, 404, 422)
 
 
 class EndpointIn(BaseModel):
