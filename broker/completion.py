@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -171,16 +169,6 @@ def _back_off(session: Session, ids: Sequence[int | str], owner: str, seconds: f
 # -- the worker's jobs -------------------------------------------------------------------------
 
 
-@dataclass
-class Verifier:
-    """Per-worker state of completion detection (when the last listing was made)."""
-
-    last_listing: datetime | None = None
-    listings: int = 0
-    singles: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 def _grace(config: Any) -> timedelta:
     return timedelta(seconds=float(config["EXPIRY_GRACE"]))
 
@@ -192,11 +180,9 @@ def verify_due(
     owner: str,
     *,
     now: datetime | None = None,
-    state: Verifier | None = None,
 ) -> int:
     """Verify the uploads that are due; return how many changed state."""
     now = now or utcnow()
-    state = state or Verifier()
     due = [
         Upload.status == uploads.PENDING,
         Upload.next_check_at <= now,
@@ -221,19 +207,17 @@ def verify_due(
     )
     if not ids:
         return 0
-    state.last_listing = now
     if len(ids) == 1:
-        return _verify_single(session, client, config, owner, ids[0], now, state)
-    return _verify_listing(session, client, config, owner, ids, now, state)
+        return _verify_single(session, client, config, owner, ids[0], now)
+    return _verify_listing(session, client, config, owner, ids, now)
 
 
-def _verify_single(session, client, config, owner, upload_id, now, state) -> int:
+def _verify_single(session, client, config, owner, upload_id, now) -> int:
     upload = session.get(Upload, upload_id)
     if upload is None:
         return 0
     image_id = upload.image_id
     session.commit()
-    state.singles += 1
     try:
         image = client.get_image(image_id, priority=Priority.BACKGROUND)
     except CloudflareNotFound:
@@ -259,8 +243,7 @@ def _verify_single(session, client, config, owner, upload_id, now, state) -> int
     return changed
 
 
-def _verify_listing(session, client, config, owner, ids, now, state) -> int:
-    state.listings += 1
+def _verify_listing(session, client, config, owner, ids, now) -> int:
     try:
         page = client.list_images_v2(
             per_page=LIST_PER_PAGE, sort_order="desc", priority=Priority.BACKGROUND
@@ -315,7 +298,7 @@ def _verify_listing(session, client, config, owner, ids, now, state) -> int:
             _reschedule(upload, now, owner)
         session.commit()
     for upload_id in unsure[:MAX_SINGLE_CHECKS]:
-        changed += _verify_single(session, client, config, owner, upload_id, now, state)
+        changed += _verify_single(session, client, config, owner, upload_id, now)
     for upload_id in unsure[MAX_SINGLE_CHECKS:]:
         upload = session.get(Upload, upload_id)
         if upload is not None:

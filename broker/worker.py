@@ -61,7 +61,6 @@ class Worker:
     worker_id: str = field(default_factory=_new_worker_id)
     stop: threading.Event = field(default_factory=threading.Event)
     last_run: dict[str, datetime] = field(default_factory=dict)
-    verifier: completion.Verifier = field(default_factory=completion.Verifier)
 
     @property
     def jobs(self) -> list[Job]:
@@ -113,12 +112,7 @@ class Worker:
 
 def _verify_uploads(worker: Worker, now: datetime) -> int:
     return completion.verify_due(
-        db.session,
-        get_client(),
-        worker.app.config,
-        worker.worker_id,
-        now=now,
-        state=worker.verifier,
+        db.session, get_client(), worker.app.config, worker.worker_id, now=now
     )
 
 
