@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from broker.config import DEFAULTS, finalize
+from broker.config import DEFAULTS, DEV_EMULATOR_FILE, finalize
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -39,6 +40,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config is None:
         app.config.from_pyfile("config.py", silent=True)
         app.config.from_prefixed_env("BROKER")
+        if app.config["ENV"] == "development" and not app.config.get("CLOUDFLARE_ACCOUNT_ID"):
+            app.config.from_file(DEV_EMULATOR_FILE, load=json.load, silent=True)
     else:
         app.config.from_mapping(test_config)
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)

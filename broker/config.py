@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import click
+
 DEFAULT_SECRET_KEY = "dev-insecure-change-me"  # noqa: S105 (refused outside development)
 
 
@@ -171,12 +173,19 @@ SETTINGS: tuple[Setting, ...] = (
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
 
+# `make run` writes its emulator's Cloudflare settings here (in the instance folder) so that
+# `flask …` commands in development reach the same emulator.
+DEV_EMULATOR_FILE = "dev-emulator.json"
+
 # Sessions and CSRF tokens are only as strong as this key (e.g. `secrets.token_urlsafe(32)`).
 MIN_SECRET_KEY_LENGTH = 32
 
 
-class ConfigError(RuntimeError):
-    """The configuration cannot run safely; the message says which setting to fix."""
+class ConfigError(click.ClickException):
+    """The configuration cannot run safely; the message says which setting to fix.
+
+    A ClickException so that `flask …` commands print the one line, not a traceback.
+    """
 
 
 def finalize(config: dict[str, Any], instance_path: str) -> None:

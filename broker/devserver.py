@@ -8,6 +8,7 @@ the broker at it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -18,7 +19,7 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.serving import make_server
 
-from broker.config import ConfigError
+from broker.config import DEV_EMULATOR_FILE, ConfigError
 
 log = logging.getLogger("broker.devserver")
 
@@ -54,12 +55,19 @@ def _start_emulator(instance_path: Path) -> str | None:
     )
     server = make_server(HOST, EMULATOR_PORT, emulator, threaded=True)
     threading.Thread(target=server.serve_forever, name="emulator", daemon=True).start()
-    os.environ.setdefault("BROKER_CLOUDFLARE_API_BASE", f"{base}/client/v4")
-    os.environ.setdefault("BROKER_CLOUDFLARE_ACCOUNT_ID", "emulator-account")
-    os.environ.setdefault("BROKER_CLOUDFLARE_API_TOKEN", "emulator-token")
-    os.environ.setdefault("BROKER_CLOUDFLARE_ACCOUNT_HASH", emulator.config["ACCOUNT_HASH"])
-    os.environ.setdefault("BROKER_CLOUDFLARE_DELIVERY_BASE", base)
-    os.environ.setdefault("BROKER_CLOUDFLARE_UPLOAD_ORIGIN", base)
+    settings = {
+        "CLOUDFLARE_API_BASE": f"{base}/client/v4",
+        "CLOUDFLARE_ACCOUNT_ID": "emulator-account",
+        "CLOUDFLARE_API_TOKEN": "emulator-token",
+        "CLOUDFLARE_ACCOUNT_HASH": emulator.config["ACCOUNT_HASH"],
+        "CLOUDFLARE_DELIVERY_BASE": base,
+        "CLOUDFLARE_UPLOAD_ORIGIN": base,
+    }
+    for key, value in settings.items():
+        os.environ.setdefault(f"BROKER_{key}", value)
+    # `flask --app broker …` commands run beside `make run` read this (development only), so
+    # `keys sync`, `variants sync` or `worker --once` reach the same emulator.
+    (instance_path / DEV_EMULATOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return base
 
 

@@ -260,8 +260,8 @@ def _check_limits(
         raise UploadError(
             429,
             "too_many_pending_uploads",
-            f"You have {max_pending} uploads waiting for a file, your limit; "
-            "finish or delete one first.",
+            f"You have {max_pending} upload{'' if max_pending == 1 else 's'} waiting for a "
+            "file, your limit; finish or delete one first.",
             retry_after=retry,
         )
     if today + others >= max_daily:

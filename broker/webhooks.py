@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -224,11 +225,23 @@ def notify_worker() -> None:
 # -- endpoints ---------------------------------------------------------------------------------
 
 
+LOCAL_RECEIVER_HINT = (
+    "a receiver on this machine (loopback only) can be allowed in development and tests "
+    "with BROKER_WEBHOOK_ALLOW_PRIVATE=true"
+)
+
+
 def check_target(url: str, config: dict[str, Any]) -> ssrf.Target:
     """Apply the SSRF guard for this app's configuration; raise ssrf.BlockedAddress."""
     allow_private = bool(config.get("WEBHOOK_ALLOW_PRIVATE"))
     require_https = config.get("ENV") != "development" and not allow_private
-    return ssrf.check_url(url, allow_private=allow_private, require_https=require_https)
+    try:
+        return ssrf.check_url(url, allow_private=allow_private, require_https=require_https)
+    except ssrf.BlockedAddress as exc:
+        if allow_private or config.get("ENV") == "production":
+            raise
+        # The usual first try is a receiver on localhost: say how to allow it, and only that.
+        raise ssrf.BlockedAddress(f"{exc}; {LOCAL_RECEIVER_HINT}") from None
 
 
 def normalise_events(events: Sequence[str]) -> str:
@@ -345,6 +358,11 @@ def attempt(
     try:
         target = check_target(endpoint_url, config)
     except ssrf.BlockedAddress as exc:
+        # An endpoint that became unsafe (DNS now points inside) needs an operator's eyes.
+        # Log the host only: a webhook URL's path or query may carry the receiver's own secret.
+        log.warning(
+            "webhook to %s refused by the SSRF guard: %s", urlsplit(endpoint_url).hostname, exc
+        )
         return Outcome(False, None, f"blocked: {exc}"[:500], None, False, elapsed())
     try:
         resp = ssrf.post_pinned(target, body, headers, timeout=float(config["WEBHOOK_TIMEOUT"]))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from flask import Flask
 
 from broker import create_app
-from broker.config import SETTINGS, ConfigError
+from broker.config import DEV_EMULATOR_FILE, SETTINGS, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,3 +167,52 @@ def test_forwarded_client_address_is_trusted_only_behind_configured_proxies(
         environ_base={"REMOTE_ADDR": "127.0.0.1"},
     )
     assert response.text == seen
+
+
+def _config_of_cli_app(tmp_path, **env):
+    script = (
+        "import json; from broker import create_app; c = create_app().config; "
+        "print(json.dumps([c['CLOUDFLARE_API_BASE'], c['CLOUDFLARE_ACCOUNT_ID']]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "BROKER_INSTANCE_PATH": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_cli_in_development_reaches_make_runs_emulator(tmp_path):
+    (tmp_path / DEV_EMULATOR_FILE).write_text(
+        json.dumps(
+            {
+                "CLOUDFLARE_API_BASE": "http://127.0.0.1:8788/client/v4",
+                "CLOUDFLARE_ACCOUNT_ID": "emulator-account",
+            }
+        )
+    )
+    assert _config_of_cli_app(tmp_path) == ["http://127.0.0.1:8788/client/v4", "emulator-account"]
+    # A real account in the environment wins, and production never reads the file.
+    real = _config_of_cli_app(tmp_path, BROKER_CLOUDFLARE_ACCOUNT_ID="real")
+    assert real == ["https://api.cloudflare.com/client/v4", "real"]
+
+
+def test_flask_command_refuses_bad_config_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "broker", "worker", "--once"],
+        cwd=tmp_path,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "BROKER_ENV": "production",
+            "BROKER_INSTANCE_PATH": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "Error: BROKER_SECRET_KEY is the insecure default; set a long random value"
+    ]

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 import time_machine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from broker import webhooks
+from broker import ssrf, webhooks
 from broker.db import db
 from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.webhook_receiver import receiver_fixture
@@ -314,3 +314,11 @@ def test_payload_is_the_exact_signed_body(wh_app, receiver):
         event = db.session.scalars(sa.select(WebhookEvent)).one()
     assert receiver.requests[0].body == event.payload.encode()
     assert set(json.loads(event.payload)) == {"type", "timestamp", "data"}
+
+
+def test_refusal_outside_production_says_how_to_allow_a_local_receiver():
+    with pytest.raises(ssrf.BlockedAddress, match="BROKER_WEBHOOK_ALLOW_PRIVATE=true"):
+        webhooks.check_target("http://127.0.0.1:9/hook", {"ENV": "development"})
+    with pytest.raises(ssrf.BlockedAddress) as refused:
+        webhooks.check_target("https://127.0.0.1/hook", {"ENV": "production"})
+    assert "ALLOW_PRIVATE" not in str(refused.value)

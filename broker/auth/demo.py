@@ -19,7 +19,7 @@ def ensure_demo_user(app: Flask) -> list[str]:
     if users.find_user(DEMO_USERNAME) is not None:
         return [
             f"Demo account: {DEMO_USERNAME} (its password was printed when it was created;"
-            f" reset with `flask --app broker users set-password {DEMO_USERNAME}`)"
+            f" reset with `.venv/bin/flask --app broker users set-password {DEMO_USERNAME}`)"
         ]
     password = "-".join(secrets.token_urlsafe(6) for _ in range(3))
     users.create_user(DEMO_USERNAME, password)
