@@ -158,7 +158,8 @@ def _checked(url: str) -> None:
     try:
         webhooks.check_target(url, current_app.config)
     except ssrf.BlockedAddress as exc:
-        raise ApiError(422, "url_not_allowed", str(exc), details={"field": "url"}) from None
+        detail = {"field": "url", "message": str(exc), "type": "url_not_allowed"}
+        raise ApiError(422, "url_not_allowed", str(exc), [detail]) from None
 
 
 def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> DeliveryOut:
