@@ -7,15 +7,10 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
-    from broker.delivery_cli import keys_cli, variants_cli
-
-    groups: list = [keys_cli, variants_cli]
     from broker.auth.cli import tokens_cli, users_cli
-
-    groups += [users_cli, tokens_cli]
+    from broker.delivery_cli import keys_cli, variants_cli
     from broker.webhooks_cli import webhooks_cli
     from broker.worker import worker_command
 
-    groups += [webhooks_cli, worker_command]
-    for group in groups:
+    for group in (keys_cli, variants_cli, users_cli, tokens_cli, webhooks_cli, worker_command):
         app.cli.add_command(group)
