@@ -8,7 +8,7 @@ from flask import Flask
 def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
     from broker.auth.cli import tokens_cli, users_cli
-    from broker.delivery_cli import keys_cli, variants_cli
+    from broker.keys_cli import keys_cli, variants_cli
     from broker.webhooks_cli import webhooks_cli
     from broker.worker import worker_command
 

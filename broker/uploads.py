@@ -498,6 +498,12 @@ def delete_upload(upload: Upload, client: CloudflareImages, *, now: datetime | N
 # Queries
 
 
+def status_counts() -> dict[str, int]:
+    """Count uploads by status (for operators)."""
+    rows = db.session.execute(sa.select(Upload.status, sa.func.count()).group_by(Upload.status))
+    return {status: count for status, count in rows}
+
+
 def find_upload(user: User, upload_id: str) -> Upload | None:
     """Return the upload if `user` may see it (owner, or an admin); else None (→ 404)."""
     if len(upload_id) > 64:

@@ -258,6 +258,38 @@ def normalise_events(events: Sequence[str]) -> str:
     return " ".join(wanted)
 
 
+def find_endpoint(session: Session, public_id: str) -> WebhookEndpoint | None:
+    """Return the endpoint with this public id, if any."""
+    return session.scalar(sa.select(WebhookEndpoint).where(WebhookEndpoint.public_id == public_id))
+
+
+def list_endpoints(session: Session) -> list[WebhookEndpoint]:
+    """Return every endpoint, oldest first."""
+    return list(session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id)))
+
+
+def recent_deliveries(
+    session: Session,
+    *,
+    endpoint: WebhookEndpoint | None = None,
+    status: str | None = None,
+    limit: int = 50,
+) -> list[tuple[WebhookDelivery, WebhookEvent, WebhookEndpoint]]:
+    """Return deliveries newest first, each with its event and endpoint (one query)."""
+    stmt = (
+        sa.select(WebhookDelivery, WebhookEvent, WebhookEndpoint)
+        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    )
+    if endpoint is not None:
+        stmt = stmt.where(WebhookDelivery.endpoint_id == endpoint.id)
+    if status:
+        stmt = stmt.where(WebhookDelivery.status == status)
+    return [(d, ev, e) for d, ev, e in session.execute(stmt)]
+
+
 def add_endpoint(
     session: Session,
     url: str,

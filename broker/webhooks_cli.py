@@ -9,11 +9,11 @@ from flask.cli import with_appcontext
 
 from broker import ssrf, webhooks
 from broker.db import db
-from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
 def _endpoint(public_id: str) -> WebhookEndpoint:
-    e = db.session.scalar(sa.select(WebhookEndpoint).where(WebhookEndpoint.public_id == public_id))
+    e = webhooks.find_endpoint(db.session, public_id)
     if e is None:
         raise click.ClickException(f"no webhook endpoint {public_id}")
     return e
@@ -52,7 +52,7 @@ def add_command(url: str, events: tuple[str, ...], description: str) -> None:
 @with_appcontext
 def list_command() -> None:
     """List endpoints with their state."""
-    for e in db.session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id)):
+    for e in webhooks.list_endpoints(db.session):
         state = "active" if e.active else f"disabled ({e.disabled_reason})"
         click.echo(f"{e.public_id}  {state}  events={e.events}  {e.url}")
 
@@ -100,18 +100,11 @@ def deliveries_command(
     endpoint_id: str | None, status: str | None, limit: int, attempts: bool
 ) -> None:
     """List deliveries, newest first."""
-    stmt = (
-        sa.select(WebhookDelivery, WebhookEvent, WebhookEndpoint)
-        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
-        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
-        .order_by(WebhookDelivery.id.desc())
-        .limit(limit)
-    )
-    if endpoint_id:
-        stmt = stmt.where(WebhookEndpoint.public_id == endpoint_id)
-    if status:
-        stmt = stmt.where(WebhookDelivery.status == status)
-    for d, ev, e in db.session.execute(stmt):
+    endpoint = _endpoint(endpoint_id) if endpoint_id else None
+    rows = webhooks.recent_deliveries(db.session, endpoint=endpoint, status=status, limit=limit)
+    if not rows:
+        click.echo("no deliveries")
+    for d, ev, e in rows:
         click.echo(
             f"{d.id}  {d.status:<9} {ev.type:<17} {ev.msg_id}  -> {e.public_id}  "
             f"attempts={d.attempts} last={d.last_status_code or d.last_error or '-'}"

@@ -148,7 +148,7 @@ def _admin() -> None:
 
 
 def _endpoint(public_id: str) -> WebhookEndpoint:
-    e = db.session.scalar(sa.select(WebhookEndpoint).where(WebhookEndpoint.public_id == public_id))
+    e = webhooks.find_endpoint(db.session, public_id)
     if e is None:
         raise ApiError(404, "not_found", "No such webhook endpoint.")
     return e
@@ -206,8 +206,7 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
 def list_webhook_endpoints() -> EndpointList:
     """List webhook endpoints (admins only)."""
     _admin()
-    rows = db.session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id))
-    return EndpointList(items=[EndpointOut.of(e) for e in rows])
+    return EndpointList(items=[EndpointOut.of(e) for e in webhooks.list_endpoints(db.session)])
 
 
 @endpoint(
@@ -298,12 +297,13 @@ def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
 def list_webhook_deliveries(query: DeliveryQuery) -> DeliveryList:
     """List webhook deliveries, newest first (admins only)."""
     _admin()
-    stmt = sa.select(WebhookDelivery).order_by(WebhookDelivery.id.desc()).limit(query.limit)
-    if query.endpoint:
-        stmt = stmt.where(WebhookDelivery.endpoint_id == _endpoint(query.endpoint).id)
-    if query.status:
-        stmt = stmt.where(WebhookDelivery.status == query.status)
-    return DeliveryList(items=[delivery_out(d) for d in db.session.scalars(stmt)])
+    rows = webhooks.recent_deliveries(
+        db.session,
+        endpoint=_endpoint(query.endpoint) if query.endpoint else None,
+        status=query.status,
+        limit=query.limit,
+    )
+    return DeliveryList(items=[delivery_out(d) for d, _, _ in rows])
 
 
 def _delivery(delivery_id: str) -> WebhookDelivery:

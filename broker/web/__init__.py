@@ -17,7 +17,7 @@ from flask_login import current_user, login_required
 from broker import uploads, variants, webhooks
 from broker.auth import admin_required
 from broker.db import db
-from broker.models import Upload, User, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.models import User, WebhookDelivery
 
 bp = Blueprint("web", __name__)
 
@@ -79,22 +79,13 @@ def _detail_variant() -> str:
 @admin_required
 def admin():  # type: ignore[no-untyped-def]
     """Show operators the uploads, users, webhook endpoints and latest deliveries."""
-    counts = dict(
-        db.session.execute(sa.select(Upload.status, sa.func.count()).group_by(Upload.status)).all()
-    )
     users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
-    endpoints = db.session.scalars(
-        sa.select(WebhookEndpoint).order_by(WebhookEndpoint.created_at.desc())
-    ).all()
-    rows = db.session.execute(
-        sa.select(WebhookDelivery, WebhookEvent.type, WebhookEndpoint.url)
-        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
-        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
-        .order_by(WebhookDelivery.id.desc())
-        .limit(ADMIN_DELIVERIES)
-    ).all()
     return render_template(
-        "web/admin.html", users=users, counts=counts, endpoints=endpoints, deliveries=rows
+        "web/admin.html",
+        counts=uploads.status_counts(),
+        users=users,
+        endpoints=webhooks.list_endpoints(db.session),
+        deliveries=webhooks.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),
     )
 
 
