@@ -88,6 +88,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("API_TOKEN_TTL_DAYS", 90, "Lifetime of a new API bearer token, in days."),
     Setting(
+        "METRICS_TOKEN",
+        None,
+        "Bearer token a Prometheus scraper sends to `GET /metrics`; unset, the endpoint is off (404). Never logged.",
+    ),
+    Setting(
         "PROXY_COUNT",
         0,
         "Reverse proxies in front of the broker whose `X-Forwarded-For`/`-Proto`/`-Host` are trusted (client IPs for rate limits, https detection).",

@@ -268,6 +268,14 @@ def list_endpoints(session: Session) -> list[WebhookEndpoint]:
     return list(session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id)))
 
 
+def delivery_counts(session: Session) -> dict[str, int]:
+    """Count deliveries by status (for operators)."""
+    rows = session.execute(
+        sa.select(WebhookDelivery.status, sa.func.count()).group_by(WebhookDelivery.status)
+    )
+    return {status: count for status, count in rows}
+
+
 def recent_deliveries(
     session: Session,
     *,
