@@ -14,7 +14,9 @@ DEFAULTS: dict[str, Any] = {
     "API_TOKEN": "emulator-token",
     # Real account hashes are 22 URL-safe characters.
     "ACCOUNT_HASH": "emuhash000000000000000",
-    "PUBLIC_URL": "http://127.0.0.1:8788",
+    # Empty: links use the host the request came to (right for any port); set it when clients
+    # must see another address than the API caller does.
+    "PUBLIC_URL": "",
     "NOTIFY_URL": None,
     "NOTIFY_SECRET": None,
     "NOTIFY_TIMEOUT": 5.0,
