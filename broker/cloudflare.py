@@ -273,6 +273,23 @@ def _error_class(status: int, code: int | None) -> type[CloudflareError]:
 # The client
 
 
+def _image_fields(
+    creator: str | None,
+    metadata: dict[str, Any] | None,
+    custom_id: str | None,
+    require_signed_urls: bool,
+) -> list[tuple[str, tuple[None, str]]]:
+    """Return the multipart fields v1 upload and v2 direct upload share."""
+    fields = [("requireSignedURLs", (None, "true" if require_signed_urls else "false"))]
+    if creator is not None:
+        fields.append(("creator", (None, creator)))
+    if metadata:
+        fields.append(("metadata", (None, json.dumps(metadata, separators=(",", ":")))))
+    if custom_id is not None:
+        fields.append(("id", (None, custom_id)))
+    return fields
+
+
 class CloudflareImages:
     """Typed, budgeted, retrying access to the Cloudflare Images API of one account."""
 
@@ -460,16 +477,10 @@ class CloudflareImages:
         prepaid: bool = False,
     ) -> DirectUpload:
         """Create a draft image and its one-time upload URL (`POST /v2/direct_upload`)."""
-        fields: list[tuple[str, tuple[None, str]]] = [
+        fields = [
             ("expiry", (None, rfc3339(expiry))),
-            ("requireSignedURLs", (None, "true" if require_signed_urls else "false")),
+            *_image_fields(creator, metadata, custom_id, require_signed_urls),
         ]
-        if creator is not None:
-            fields.append(("creator", (None, creator)))
-        if metadata:
-            fields.append(("metadata", (None, json.dumps(metadata, separators=(",", ":")))))
-        if custom_id is not None:
-            fields.append(("id", (None, custom_id)))
         result = self.request(
             "POST", "/v2/direct_upload", files=fields, priority=priority, prepaid=prepaid
         )
@@ -491,18 +502,9 @@ class CloudflareImages:
         if (file is None) == (url is None):
             raise ValueError("give exactly one of file or url")
         fields: list[tuple[str, Any]] = [
-            ("requireSignedURLs", (None, "true" if require_signed_urls else "false"))
+            ("file", (filename, file)) if file is not None else ("url", (None, url)),
+            *_image_fields(creator, metadata, custom_id, require_signed_urls),
         ]
-        if file is not None:
-            fields.append(("file", (filename, file)))
-        if url is not None:
-            fields.append(("url", (None, url)))
-        if creator is not None:
-            fields.append(("creator", (None, creator)))
-        if metadata:
-            fields.append(("metadata", (None, json.dumps(metadata, separators=(",", ":")))))
-        if custom_id is not None:
-            fields.append(("id", (None, custom_id)))
         return Image.from_api(self.request("POST", "/v1", files=fields, priority=priority))
 
     def get_image(self, image_id: str, *, priority: Priority = Priority.INTERACTIVE) -> Image:
