@@ -145,6 +145,7 @@ def _reschedule(upload: Upload, now: datetime, owner: str) -> None:
     if upload.lease_owner != owner or upload.status != uploads.PENDING:
         return
     upload.check_attempts = (upload.check_attempts or 0) + 1
+    upload.last_checked_at = now
     upload.next_check_at = now + timedelta(seconds=check_delay(upload.check_attempts))
     upload.lease_owner = None
     upload.lease_until = None

@@ -147,6 +147,9 @@ class Upload(db.Model):  # type: ignore[name-defined,misc]
     # When the worker should next ask Cloudflare whether the file arrived.
     next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     check_attempts: Mapped[int] = mapped_column(default=0)
+    # When Cloudflare last said "still a draft": later than the client's file POST means the
+    # file never arrived (rather than "not verified yet").
+    last_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

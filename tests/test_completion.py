@@ -329,3 +329,15 @@ def test_outbox_row_is_written_with_the_state_change(setup):
         db.session.commit()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookEvent)) == 1
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookDelivery)) == 1
+
+
+def test_answer_tells_never_arrived_from_not_yet_verified(setup):
+    app, client, auth = setup
+    up = _create(client, auth)
+    first = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth).get_json()
+    assert first["status"] == "pending" and first["last_checked_at"] is None  # not checked yet
+    checked_at = _later()
+    worker.run_once(app, now=checked_at)
+    again = client.get(f"/api/v1/uploads/{up['id']}", headers=auth).get_json()
+    assert again["status"] == "pending"  # Cloudflare still has no file: the POST never arrived
+    assert again["last_checked_at"] == checked_at.isoformat().replace("+00:00", "Z")

@@ -74,6 +74,11 @@ class UploadOut(BaseModel):
     filename: str | None = None
     uploaded_at: datetime | None = None
     reject_reason: str | None = None
+    last_checked_at: datetime | None = Field(
+        None,
+        description="When Cloudflare last reported the upload still waiting for its file; "
+        "`pending` with this later than your file POST means the file did not arrive.",
+    )
 
     @classmethod
     def of(cls, upload: Upload) -> UploadOut:
@@ -92,6 +97,7 @@ class UploadOut(BaseModel):
             filename=upload.filename,
             uploaded_at=upload.uploaded_at,
             reject_reason=upload.reject_reason,
+            last_checked_at=upload.last_checked_at,
         )
 
 
