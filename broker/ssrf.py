@@ -7,10 +7,13 @@ answer that changes between the check and the connection (DNS rebinding) cannot 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
@@ -213,7 +216,7 @@ def post_pinned(
     all_headers = {**headers, "Host": target.host_header}
     deadline = urllib3.Timeout(connect=timeout, read=timeout, total=timeout)
     if target.scheme == "https":
-        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+        pool: urllib3.HTTPConnectionPool = _WatchedHTTPSPool(
             target.address,
             target.port,
             server_hostname=target.host,
@@ -224,9 +227,14 @@ def post_pinned(
             maxsize=1,
         )
     else:
-        pool = urllib3.HTTPConnectionPool(
+        pool = _WatchedHTTPPool(
             target.address, target.port, timeout=deadline, retries=False, maxsize=1
         )
+    # Socket timeouts bound each read, not the whole answer: a receiver trickling a byte at a
+    # time could hold a worker for hours. The watchdog cuts the connection at the deadline.
+    watchdog = threading.Timer(timeout, _cut, args=(pool,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         resp = pool.urlopen(
             "POST",
@@ -245,4 +253,33 @@ def post_pinned(
             resp.close()
         return PinnedResponse(status=resp.status, headers=dict(resp.headers.items()), body=data)
     finally:
+        watchdog.cancel()
         pool.close()
+
+
+class _Watched:
+    """Remembers the connections a pool opens, so a watchdog can cut them."""
+
+    opened: list[Any]
+
+    def _new_conn(self):  # type: ignore[no-untyped-def]
+        conn = super()._new_conn()  # type: ignore[misc]
+        self.__dict__.setdefault("opened", []).append(conn)
+        return conn
+
+
+class _WatchedHTTPPool(_Watched, urllib3.HTTPConnectionPool):
+    pass
+
+
+class _WatchedHTTPSPool(_Watched, urllib3.HTTPSConnectionPool):
+    pass
+
+
+def _cut(pool: urllib3.HTTPConnectionPool) -> None:
+    """Shut down every socket `pool` opened (the attempt then fails with a connection error)."""
+    for conn in getattr(pool, "opened", []):
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -145,3 +145,37 @@ def test_redirects_are_not_followed(receiver):
 def test_allow_private_still_refuses_everything_but_loopback(host):
     with pytest.raises(ssrf.BlockedAddress):
         ssrf.check_url(f"http://{host}/h", allow_private=True, require_https=False)
+
+
+def test_a_receiver_trickling_its_answer_is_cut_at_the_deadline():
+    """Per-read timeouts alone would let a byte every 0.3 s hold the worker for ~12 s."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Slow: yes\r\n\r\nok"
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in answer:  # bounded: ~12 s at most, ends early once the client hangs up
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.3)  # the slow peer's pace, not the test waiting
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    target = ssrf.check_url(
+        f"http://127.0.0.1:{port}/hook", allow_private=True, require_https=False
+    )
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 (urllib3 names the cut connection variously)
+        ssrf.post_pinned(target, b"{}", {}, timeout=0.5)
+    assert time.monotonic() - started < 3
+    server.join(timeout=15)
+    listener.close()
