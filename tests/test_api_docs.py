@@ -78,3 +78,15 @@ def test_spec_checking_client_catches_undocumented_shapes(demo_api):
 
     with pytest.raises(AssertionError, match="not in the OpenAPI document"):
         demo_api.test_client().get("/api/v1/demo/ping-wrong")
+
+
+def test_admin_endpoints_refuse_non_admins_before_reading_the_body(app, make_user, bearer):
+    user = make_user("alice")
+    client = app.test_client()
+    # A body that would be a 422 for an admin: a non-admin learns nothing about the schema.
+    refused = client.post("/api/v1/webhooks/endpoints", json={"nope": 1}, headers=bearer(app, user))
+    assert refused.status_code == 403
+    assert refused.get_json()["error"]["code"] == "forbidden"
+    doc = client.get("/api/v1/openapi.json").get_json()
+    op = doc["paths"]["/api/v1/webhooks/endpoints"]["post"]
+    assert op["description"].startswith("Administrators only")

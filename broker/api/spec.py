@@ -57,6 +57,7 @@ class Operation:
     query: type[BaseModel] | None
     responses: dict[int, type[BaseModel] | None]
     auth: bool
+    admin: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     prefix: str = ""
 
@@ -115,6 +116,12 @@ def require_user() -> None:
         )
 
 
+def require_admin() -> None:
+    """Refuse a caller who is not an administrator with the API's JSON 403."""
+    if not current_user.is_admin:
+        raise ApiError(403, "forbidden", "This needs an administrator account.")
+
+
 def endpoint(
     bp: Blueprint,
     method: str,
@@ -124,16 +131,22 @@ def endpoint(
     body: type[BaseModel] | None = None,
     query: type[BaseModel] | None = None,
     auth: bool = True,
+    admin: bool = False,
     tags: tuple[str, ...] = (),
     summary: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a JSON view on `bp` and document it in the OpenAPI registry."""
+    """Register a JSON view on `bp` and document it in the OpenAPI registry.
+
+    `admin=True` refuses non-admins with 403 before the body is even read.
+    """
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
         def wrapped(**kwargs: Any) -> Any:
-            if auth:
+            if auth or admin:
                 require_user()
+            if admin:
+                require_admin()
             if body is not None:
                 kwargs["body"] = parse_json(body)
             if query is not None:
@@ -151,7 +164,8 @@ def endpoint(
                 body=body,
                 query=query,
                 responses=responses,
-                auth=auth,
+                auth=auth or admin,
+                admin=admin,
                 prefix=bp.url_prefix or "",
             )
         )
@@ -188,6 +202,8 @@ def openapi_document(title: str = "Upload broker API", version: str = "1") -> di
             "tags": list(op.tags),
             "responses": {},
         }
+        if op.admin:
+            item["description"] = "Administrators only (403 for everyone else)."
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in re.findall(r"{([^}]+)}", op.path)

@@ -289,8 +289,6 @@ def _limits_out(user: User) -> UserLimitsOut:
 
 
 def _admin_target(public_id: str) -> User:
-    if not _user().is_admin:
-        raise ApiError(403, "forbidden", "Only admins may change upload limits.")
     target = db.session.scalar(db.select(User).where(User.public_id == public_id))
     if target is None:
         raise ApiError(404, "not_found", "No such user.")
@@ -302,6 +300,7 @@ def _admin_target(public_id: str) -> User:
     "GET",
     "/users/<public_id>/upload-limits",
     responses={200: UserLimitsOut, **errors(401, 403, 404)},
+    admin=True,
     tags=("admin",),
 )
 def get_upload_limits(public_id: str) -> UserLimitsOut:
@@ -315,6 +314,7 @@ def get_upload_limits(public_id: str) -> UserLimitsOut:
     "/users/<public_id>/upload-limits",
     body=UserLimits,
     responses={200: UserLimitsOut, **errors(401, 403, 404, 422)},
+    admin=True,
     tags=("admin",),
 )
 def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:

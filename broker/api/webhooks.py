@@ -7,7 +7,6 @@ from typing import Literal
 
 import sqlalchemy as sa
 from flask import current_app
-from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker import ssrf, webhooks
@@ -142,11 +141,6 @@ class DeliveryQuery(BaseModel):
     limit: int = Field(default=50, ge=1, le=500)
 
 
-def _admin() -> None:
-    if not current_user.is_admin:
-        raise ApiError(403, "forbidden", "This needs an administrator account.")
-
-
 def _endpoint(public_id: str) -> WebhookEndpoint:
     e = webhooks.find_endpoint(db.session, public_id)
     if e is None:
@@ -201,11 +195,15 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
 
 
 @endpoint(
-    bp, "GET", "/webhooks/endpoints", responses={200: EndpointList, **ERRORS}, tags=("admin",)
+    bp,
+    "GET",
+    "/webhooks/endpoints",
+    responses={200: EndpointList, **ERRORS},
+    admin=True,
+    tags=("admin",),
 )
 def list_webhook_endpoints() -> EndpointList:
     """List webhook endpoints (admins only)."""
-    _admin()
     return EndpointList(items=[EndpointOut.of(e) for e in webhooks.list_endpoints(db.session)])
 
 
@@ -215,11 +213,11 @@ def list_webhook_endpoints() -> EndpointList:
     "/webhooks/endpoints",
     body=EndpointIn,
     responses={201: EndpointCreated, **ERRORS},
+    admin=True,
     tags=("admin",),
 )
 def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
     """Register a webhook endpoint; the answer holds its secret, shown only this once."""
-    _admin()
     _checked(body.url)
     e, secret = webhooks.add_endpoint(
         db.session, body.url, list(body.events), current_app.config, description=body.description
@@ -233,11 +231,11 @@ def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
     "GET",
     "/webhooks/endpoints/<endpoint_id>",
     responses={200: EndpointOut, **ERRORS},
+    admin=True,
     tags=("admin",),
 )
 def get_webhook_endpoint(endpoint_id: str) -> EndpointOut:
     """Show one webhook endpoint (admins only)."""
-    _admin()
     return EndpointOut.of(_endpoint(endpoint_id))
 
 
@@ -247,11 +245,11 @@ def get_webhook_endpoint(endpoint_id: str) -> EndpointOut:
     "/webhooks/endpoints/<endpoint_id>",
     body=EndpointPatch,
     responses={200: EndpointOut, **ERRORS},
+    admin=True,
     tags=("admin",),
 )
 def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOut:
     """Change an endpoint's URL, events, description, or enable/disable it."""
-    _admin()
     e = _endpoint(endpoint_id)
     if body.url is not None:
         _checked(body.url)
@@ -275,11 +273,11 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
     "/webhooks/endpoints/<endpoint_id>/rotate-secret",
     body=RotateIn,
     responses={200: SecretOut, **ERRORS},
+    admin=True,
     tags=("admin",),
 )
 def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     """Give an endpoint a new secret; the old one keeps signing during the window."""
-    _admin()
     e = _endpoint(endpoint_id)
     secret = webhooks.rotate_secret(e, window=body.window_seconds)
     db.session.commit()
@@ -292,11 +290,11 @@ def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     "/webhooks/deliveries",
     query=DeliveryQuery,
     responses={200: DeliveryList, **ERRORS},
+    admin=True,
     tags=("admin",),
 )
 def list_webhook_deliveries(query: DeliveryQuery) -> DeliveryList:
     """List webhook deliveries, newest first (admins only)."""
-    _admin()
     rows = webhooks.recent_deliveries(
         db.session,
         endpoint=_endpoint(query.endpoint) if query.endpoint else None,
@@ -318,11 +316,11 @@ def _delivery(delivery_id: str) -> WebhookDelivery:
     "GET",
     "/webhooks/deliveries/<delivery_id>",
     responses={200: DeliveryOut, **ERRORS},
+    admin=True,
     tags=("admin",),
 )
 def get_webhook_delivery(delivery_id: str) -> DeliveryOut:
     """Show one delivery with every attempt (admins only)."""
-    _admin()
     return delivery_out(_delivery(delivery_id), with_attempts=True)
 
 
@@ -331,11 +329,11 @@ def get_webhook_delivery(delivery_id: str) -> DeliveryOut:
     "POST",
     "/webhooks/deliveries/<delivery_id>/redeliver",
     responses={202: DeliveryOut, **ERRORS},
+    admin=True,
     tags=("admin",),
 )
 def redeliver_webhook(delivery_id: str) -> tuple[DeliveryOut, int]:
     """Queue a delivery again now (same webhook-id, fresh retry schedule)."""
-    _admin()
     d = _delivery(delivery_id)
     webhooks.redeliver(d)
     db.session.commit()
