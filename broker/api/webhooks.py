@@ -148,12 +148,16 @@ def _endpoint(public_id: str) -> WebhookEndpoint:
     return e
 
 
+def _url_refused(exc: ssrf.BlockedAddress) -> ApiError:
+    detail = {"field": "url", "message": str(exc), "type": "url_not_allowed"}
+    return ApiError(422, "url_not_allowed", str(exc), [detail])
+
+
 def _checked(url: str) -> None:
     try:
         webhooks.check_target(url, current_app.config)
     except ssrf.BlockedAddress as exc:
-        detail = {"field": "url", "message": str(exc), "type": "url_not_allowed"}
-        raise ApiError(422, "url_not_allowed", str(exc), [detail]) from None
+        raise _url_refused(exc) from None
 
 
 def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> DeliveryOut:
@@ -218,10 +222,16 @@ def list_webhook_endpoints() -> EndpointList:
 )
 def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
     """Register a webhook endpoint; the answer holds its secret, shown only this once."""
-    _checked(body.url)
-    e, secret = webhooks.add_endpoint(
-        db.session, body.url, list(body.events), current_app.config, description=body.description
-    )
+    try:  # add_endpoint runs the SSRF check (DNS included) once
+        e, secret = webhooks.add_endpoint(
+            db.session,
+            body.url,
+            list(body.events),
+            current_app.config,
+            description=body.description,
+        )
+    except ssrf.BlockedAddress as exc:
+        raise _url_refused(exc) from None
     db.session.commit()
     return EndpointCreated(**EndpointOut.of(e).model_dump(), secret=secret), 201
 
