@@ -51,6 +51,16 @@ def postgres_url() -> str:
     return url
 
 
+# The least a production configuration needs; tests add or override what they probe.
+PRODUCTION_SETTINGS: dict[str, Any] = {
+    "ENV": "production",
+    "SECRET_KEY": "s" * 40,
+    "CLOUDFLARE_ACCOUNT_ID": "a",
+    "CLOUDFLARE_API_TOKEN": "t",
+    "CLOUDFLARE_ACCOUNT_HASH": "h",
+}
+
+
 def base_config(database_url: str, instance_path: str, **overrides: Any) -> dict[str, Any]:
     """Return the test configuration every app in the suite starts from."""
     config: dict[str, Any] = {

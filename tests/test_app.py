@@ -14,8 +14,20 @@ from flask import Flask
 
 from broker import create_app
 from broker.config import DEV_EMULATOR_FILE, SETTINGS, ConfigError
+from tests.conftest import PRODUCTION_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _production(tmp_path, **extra):
+    return create_app(
+        {
+            **PRODUCTION_SETTINGS,
+            "INSTANCE_PATH": str(tmp_path),
+            "DATABASE_URL": "sqlite://",
+            **extra,
+        }
+    )
 
 
 def test_livez_touches_nothing(client):
@@ -100,16 +112,7 @@ def test_production_refuses_missing_cloudflare_settings(tmp_path):
 
 
 def test_production_with_real_settings_starts(tmp_path):
-    app = create_app(
-        {
-            "ENV": "production",
-            "SECRET_KEY": "s" * 40,
-            "INSTANCE_PATH": str(tmp_path),
-            "CLOUDFLARE_ACCOUNT_ID": "a",
-            "CLOUDFLARE_API_TOKEN": "t",
-            "CLOUDFLARE_ACCOUNT_HASH": "h",
-        }
-    )
+    app = _production(tmp_path)
     assert app.config["SESSION_COOKIE_SECURE"] is True
     assert app.config["REGISTRATION"] is False
 
@@ -118,20 +121,6 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [s.name for s in SETTINGS if f"`BROKER_{s.name}`" not in readme]
     assert missing == []
-
-
-def _production(tmp_path, **extra):
-    config = {
-        "ENV": "production",
-        "SECRET_KEY": "s" * 40,
-        "INSTANCE_PATH": str(tmp_path),
-        "DATABASE_URL": "sqlite://",
-        "CLOUDFLARE_ACCOUNT_ID": "a",
-        "CLOUDFLARE_API_TOKEN": "t",
-        "CLOUDFLARE_ACCOUNT_HASH": "h",
-    }
-    config.update(extra)
-    return create_app(config)
 
 
 def test_production_refuses_a_short_secret(tmp_path):

@@ -355,15 +355,9 @@ def test_registration_can_be_turned_off(make_app):
 def test_registration_defaults_off_in_production():
     """Production turns self-registration off unless asked."""
     from broker.config import DEFAULTS, finalize
+    from tests.conftest import PRODUCTION_SETTINGS
 
-    config = dict(
-        DEFAULTS,
-        ENV="production",
-        SECRET_KEY="s" * 40,
-        CLOUDFLARE_ACCOUNT_ID="a",
-        CLOUDFLARE_API_TOKEN="t",
-        CLOUDFLARE_ACCOUNT_HASH="h",
-    )
+    config = {**DEFAULTS, **PRODUCTION_SETTINGS}
     finalize(config, "/tmp")
     assert config["REGISTRATION"] is False
     assert config["SESSION_COOKIE_SECURE"] and config["REMEMBER_COOKIE_SECURE"]

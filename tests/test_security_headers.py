@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from broker import create_app
 from broker.security import content_security_policy, origin_of
+from tests.conftest import PRODUCTION_SETTINGS
 
 
 def _directives(csp: str) -> dict[str, str]:
@@ -39,15 +40,7 @@ def test_csp_allows_only_self_and_the_upload_and_delivery_origins(make_app):
 
 def test_hsts_outside_development(tmp_path):
     app = create_app(
-        {
-            "ENV": "production",
-            "SECRET_KEY": "s" * 40,
-            "INSTANCE_PATH": str(tmp_path),
-            "DATABASE_URL": "sqlite://",
-            "CLOUDFLARE_ACCOUNT_ID": "a",
-            "CLOUDFLARE_API_TOKEN": "t",
-            "CLOUDFLARE_ACCOUNT_HASH": "h",
-        }
+        {**PRODUCTION_SETTINGS, "INSTANCE_PATH": str(tmp_path), "DATABASE_URL": "sqlite://"}
     )
     response = app.test_client().get("/livez")
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")

@@ -340,16 +340,9 @@ def test_browser_forms_treat_a_json_body_as_an_empty_form(
 
 def _production(**overrides: Any) -> dict[str, Any]:
     from broker.config import DEFAULTS
+    from tests.conftest import PRODUCTION_SETTINGS
 
-    return dict(
-        DEFAULTS,
-        ENV="production",
-        SECRET_KEY="s" * 40,
-        CLOUDFLARE_ACCOUNT_ID="a",
-        CLOUDFLARE_API_TOKEN="t",
-        CLOUDFLARE_ACCOUNT_HASH="h",
-        **overrides,
-    )
+    return {**DEFAULTS, **PRODUCTION_SETTINGS, **overrides}
 
 
 @pytest.mark.parametrize(
