@@ -38,7 +38,7 @@ bench: $(STAMP)
 	@status=0; for f in tests/bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || status=1; done; exit $$status
 
 readme: $(STAMP)
-	$(BIN)/python -c 'from broker.config import update_readme; update_readme()'
+	$(BIN)/python -c 'from broker.platform.config import update_readme; update_readme()'
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

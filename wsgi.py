@@ -3,7 +3,7 @@
 import sys
 
 from broker import create_app
-from broker.config import ConfigError
+from broker.platform.config import ConfigError
 
 try:
     app = create_app()

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from broker.config import DEFAULTS, DEV_EMULATOR_FILE, finalize
+from broker.platform.config import DEFAULTS, DEV_EMULATOR_FILE, finalize
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -51,7 +51,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         hops = int(app.config["PROXY_COUNT"])
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
-    from broker import db, errors, logs, security
+    from broker.platform import db, errors, extensions, headers, health, logs
 
     logs.init_app(app)
     if app.config["ENV"] == "production" and app.config["RATELIMIT_STORAGE_URI"] == "memory://":
@@ -59,40 +59,51 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             "BROKER_RATELIMIT_STORAGE_URI is memory://: each process counts login attempts on "
             "its own; use redis:// when more than one process serves requests"
         )
+    _import_models()
     db.init_app(app)
     errors.init_app(app)
-
-    from broker import auth, extensions
-
     extensions.init_app(app)
+    headers.init_app(app)
+
+    from broker import auth
+    from broker.images import keys, variants
+    from broker.upstream import budget, cloudflare
+
     auth.init_app(app)
-    security.init_app(app)
-
-    from broker import budget, cloudflare
-
     budget.init_app(app)
     cloudflare.init_app(app)
-
-    from broker import keys, variants
-
     keys.init_app(app)
     variants.init_app(app)
 
-    from broker import api, health, web
+    from broker import api, cli, web
+    from broker.images import redirect
+    from broker.uploads import lifecycle, notifications
+    from broker.webhooks import endpoints
 
+    _import_api_routes()
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
-
-    from broker.web import delivery
-
-    app.register_blueprint(delivery.bp)
-
-    from broker import hooks
-
-    hooks.init_app(app)
-
-    from broker import cli
-
+    app.register_blueprint(redirect.bp)
+    notifications.init_app(app)
+    for collect in (lifecycle.metric_lines, endpoints.metric_lines, budget.metric_lines):
+        health.register_metrics(app, collect)
     cli.init_app(app)
     return app
+
+
+def _import_models() -> None:
+    """Register every feature's tables on the one metadata (migrations and tests read it)."""
+    from broker.auth import models as _auth  # noqa: F401
+    from broker.images import models as _images  # noqa: F401
+    from broker.uploads import models as _uploads  # noqa: F401
+    from broker.upstream import models as _upstream  # noqa: F401
+    from broker.webhooks import models as _webhooks  # noqa: F401
+
+
+def _import_api_routes() -> None:
+    """Attach each feature's /api/v1 routes to the API blueprint before it is registered."""
+    from broker.auth import api as _auth  # noqa: F401
+    from broker.images import api as _images  # noqa: F401
+    from broker.uploads import api as _uploads  # noqa: F401
+    from broker.webhooks import api as _webhooks  # noqa: F401

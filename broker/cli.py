@@ -8,8 +8,8 @@ from flask import Flask
 def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
     from broker.auth.cli import tokens_cli, users_cli
-    from broker.keys_cli import keys_cli, variants_cli
-    from broker.webhooks_cli import webhooks_cli
+    from broker.images.cli import keys_cli, variants_cli
+    from broker.webhooks.cli import webhooks_cli
     from broker.worker import worker_command
 
     for group in (keys_cli, variants_cli, users_cli, tokens_cli, webhooks_cli, worker_command):

@@ -19,7 +19,10 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.serving import make_server
 
-from broker.config import DEV_EMULATOR_FILE, ConfigError
+from broker.images import keys, variants
+from broker.platform.config import DEV_EMULATOR_FILE, ConfigError
+from broker.platform.db import db
+from broker.upstream.cloudflare import UpstreamError, get_client
 
 log = logging.getLogger("broker.devserver")
 
@@ -77,7 +80,6 @@ def _prepare(app: Flask) -> list[str]:
 
     lines: list[str] = []
     lines += ensure_demo_user(app)
-    from broker.delivery import prepare_upstream
 
     lines += prepare_upstream()
     if app.config.get("WORKER_INLINE"):
@@ -123,3 +125,20 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def prepare_upstream() -> list[str]:
+    """Create or update the declared variants and mirror the signing keys (dev server start);
+    return banner lines. Failures are reported, not raised: the pages still work without."""
+    client = get_client()
+    try:
+        done = variants.sync_variants(client, variants.declared_variants())
+        synced = keys.sync_keys(client)
+        db.session.commit()
+    except UpstreamError as exc:
+        db.session.rollback()
+        return [f"Variants/signing keys not synced ({exc}); run `flask variants sync`."]
+    names = ", ".join(d.name for d in done) or "none"
+    signer = keys.active_key()
+    key = f"signing key {signer.name}" if signer else "no signing key"
+    return [f"Variants: {names}; {key} ({len(synced.added)} new)."]

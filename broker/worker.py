@@ -4,10 +4,10 @@
     BROKER_WORKER_INLINE=1             # development: a thread of the web process (make run)
 
 Jobs (each guarded, so one failing job never stops the others):
-- `deliver_webhooks`: outgoing events (broker.webhooks);
-- `verify_uploads`: completion detection for due uploads (broker.completion);
+- `deliver_webhooks`: outgoing events (broker.webhooks.sending);
+- `verify_uploads`: completion detection for due uploads (broker.uploads.completion);
 - `expire_uploads`: drafts past their expiry + grace become `expired`;
-- `sync_keys`: mirror Cloudflare's signing keys (broker.keys.sync_keys), hourly.
+- `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly.
 
 Tests drive `run_once(app, now=...)` step by step; `run_forever` loops until its stop event is
 set (SIGTERM in `flask worker`), then gives back what it has not started and returns.
@@ -29,9 +29,12 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from broker import completion, idempotency, keys, webhooks
-from broker.cloudflare import get_client
-from broker.db import db, utcnow
+from broker.images import keys
+from broker.platform import wakeup
+from broker.platform.db import db, utcnow
+from broker.uploads import completion, idempotency
+from broker.upstream.cloudflare import get_client
+from broker.webhooks import sending
 
 log = logging.getLogger("broker.worker")
 
@@ -105,8 +108,8 @@ class Worker:
                 break
             if not any(done.values()):
                 # Short naps keep /complete hints and fresh events quick; `wake` cuts them short.
-                webhooks.wake.wait(poll)
-                webhooks.wake.clear()
+                wakeup.wake.wait(poll)
+                wakeup.wake.clear()
         log.info("worker %s stopped", self.worker_id)
 
 
@@ -123,7 +126,7 @@ def _expire_uploads(worker: Worker, now: datetime) -> int:
 
 
 def _deliver_webhooks(worker: Worker, now: datetime) -> int:
-    return webhooks.deliver_due(
+    return sending.deliver_due(
         db.session, worker.worker_id, worker.app.config, now=now, stop=worker.stop
     )
 
@@ -195,7 +198,7 @@ def worker_command(once: bool) -> None:
     def _stop(signum: int, _frame: Any) -> None:
         log.info("worker got signal %s: finishing current work", signum)
         stop.set()
-        webhooks.notify_worker()
+        wakeup.notify_worker()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -18,7 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from broker import create_app
-from broker.db import db
+from broker.platform.db import db
 from tests.openapi_check import SpecCheckingClient
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -189,7 +189,7 @@ def make_user(app: Flask) -> Callable[..., Any]:
     since every app shares the one database.
     """
     from broker.auth import users
-    from broker.models import User
+    from broker.auth.models import User
 
     def factory(
         username: str = "alice", password: str = "correct horse battery", *, is_admin: bool = False
@@ -247,7 +247,7 @@ def csrf_headers() -> Callable[[FlaskClient], dict[str, str]]:
 def bearer() -> Callable[..., dict[str, str]]:
     """Issue a fresh API token for a user (User or username); returns the Authorization header."""
     from broker.auth import tokens, users
-    from broker.models import User
+    from broker.auth.models import User
 
     def issue(app: Flask, user_or_username: Any) -> dict[str, str]:
         with app.app_context():

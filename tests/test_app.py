@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 
 from broker import create_app
-from broker.config import DEV_EMULATOR_FILE, SETTINGS, ConfigError
+from broker.platform.config import DEV_EMULATOR_FILE, SETTINGS, ConfigError
 from tests.conftest import PRODUCTION_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent

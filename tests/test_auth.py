@@ -6,8 +6,8 @@ import re
 
 import sqlalchemy as sa
 
-from broker.db import db
-from broker.models import ApiToken, User
+from broker.auth.models import ApiToken, User
+from broker.platform.db import db
 
 
 def test_login_and_me_with_session_cookie(app, client, make_user, login):
@@ -354,7 +354,7 @@ def test_registration_can_be_turned_off(make_app):
 
 def test_registration_defaults_off_in_production():
     """Production turns self-registration off unless asked."""
-    from broker.config import DEFAULTS, finalize
+    from broker.platform.config import DEFAULTS, finalize
     from tests.conftest import PRODUCTION_SETTINGS
 
     config = {**DEFAULTS, **PRODUCTION_SETTINGS}

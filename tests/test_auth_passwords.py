@@ -6,8 +6,8 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher, Type, extract_parameters
 
 from broker.auth import passwords, users
-from broker.db import db
-from broker.models import ApiToken, User
+from broker.auth.models import ApiToken, User
+from broker.platform.db import db
 
 PASSWORD = "correct horse battery"
 

@@ -8,8 +8,8 @@ import pytest
 import sqlalchemy as sa
 import time_machine
 
-from broker.db import db
-from broker.models import ApiToken
+from broker.auth.models import ApiToken
+from broker.platform.db import db
 
 PASSWORD = "correct horse battery"
 
@@ -247,7 +247,7 @@ def test_each_app_gets_fresh_rate_limit_storage(make_app, make_user):
 
 def test_token_rows_cascade_with_their_user(app, make_user, bearer):
     """Deleting a user deletes their tokens."""
-    from broker.models import User
+    from broker.auth.models import User
 
     user = make_user()
     bearer(app, user)

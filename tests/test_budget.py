@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 from flask import Flask
 
-from broker.budget import BudgetExhausted, UpstreamBudget
-from broker.cloudflare import Priority
-from broker.db import db
+from broker.platform.db import db
+from broker.upstream.budget import BudgetExhausted, UpstreamBudget
+from broker.upstream.cloudflare import Priority
 
 
 class Clock:

@@ -12,8 +12,8 @@ import pytest
 import requests
 from PIL import Image as PILImage
 
-from broker.budget import BudgetExhausted
-from broker.cloudflare import (
+from broker.upstream.budget import BudgetExhausted
+from broker.upstream.cloudflare import (
     CloudflareAuthError,
     CloudflareBadRequest,
     CloudflareConflict,

@@ -12,10 +12,13 @@ import sqlalchemy as sa
 import time_machine
 from werkzeug.serving import make_server
 
-from broker import completion, webhooks, worker
-from broker.db import db, utcnow
+from broker import worker
 from broker.emulator.testing import make_image
-from broker.models import Upload, WebhookDelivery, WebhookEvent
+from broker.platform.db import db, utcnow
+from broker.uploads import completion
+from broker.uploads.models import Upload
+from broker.webhooks import endpoints
+from broker.webhooks.models import WebhookDelivery, WebhookEvent
 from tests.webhook_receiver import receiver_fixture
 
 _receiver = receiver_fixture  # the `receiver` fixture, for this module
@@ -30,7 +33,7 @@ def setup(make_app, make_user, bearer, receiver):
     user = make_user("alice")
     auth = bearer(app, user)
     with app.app_context():
-        _, secret = webhooks.add_endpoint(db.session, receiver.url, ["*"], app.config)
+        _, secret = endpoints.add_endpoint(db.session, receiver.url, ["*"], app.config)
         db.session.commit()
     receiver.secret = secret
     return app, app.test_client(), auth
@@ -279,7 +282,7 @@ def test_policy_rejects_and_deletes_the_image(make_app, make_user, bearer, recei
     app = make_app(WEBHOOK_ALLOW_PRIVATE=True, UPLOAD_ALLOWED_FORMATS="JPEG,WEBP")
     auth = bearer(app, make_user("alice"))
     with app.app_context():
-        _, receiver.secret = webhooks.add_endpoint(db.session, receiver.url, ["*"], app.config)
+        _, receiver.secret = endpoints.add_endpoint(db.session, receiver.url, ["*"], app.config)
         db.session.commit()
     client = app.test_client()
     up = _create(client, auth)
@@ -318,14 +321,14 @@ def test_outbox_row_is_written_with_the_state_change(setup):
     app, client, auth = setup
     up = _create(client, auth)
     with app.app_context():
-        from broker import uploads
+        from broker.uploads import lifecycle
 
         row = db.session.get(Upload, up["id"])
-        uploads.mark_expired(row)
+        lifecycle.mark_expired(row)
         db.session.rollback()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookEvent)) == 0
         row = db.session.get(Upload, up["id"])
-        uploads.mark_expired(row)
+        lifecycle.mark_expired(row)
         db.session.commit()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookEvent)) == 1
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookDelivery)) == 1

@@ -16,12 +16,14 @@ import sqlalchemy as sa
 from flask import Flask
 from PIL import Image as PILImage
 
-from broker import keys
 from broker.auth import tokens
-from broker.cloudflare import get_client
-from broker.db import db, utcnow
+from broker.auth.models import User
 from broker.emulator.testing import EmulatorServer
-from broker.models import SigningKey, Upload, User
+from broker.images import keys
+from broker.images.models import SigningKey
+from broker.platform.db import db, utcnow
+from broker.uploads.models import Upload
+from broker.upstream.cloudflare import get_client
 
 VARIANTS = "thumb:256x256:cover,medium:1024x1024:scale-down,avatar:64x64:cover:never-signed"
 
@@ -409,7 +411,7 @@ def test_variants_cli_syncs_and_lists(broker: Flask, emulator: EmulatorServer) -
 
 
 def test_bad_variant_declaration_stops_start_up(make_app: Callable[..., Flask]) -> None:
-    from broker.config import ConfigError
+    from broker.platform.config import ConfigError
 
     with pytest.raises(ConfigError, match="BROKER_VARIANTS"):
         make_app(VARIANTS="thumb:big")
@@ -435,7 +437,7 @@ def test_no_signing_key_answers_503(
 def test_dev_server_start_up_syncs_variants_and_keys(
     make_app: Callable[..., Flask], emulator: EmulatorServer
 ) -> None:
-    from broker.delivery import prepare_upstream
+    from broker.devserver import prepare_upstream
 
     settings = {
         "CLOUDFLARE_API_BASE": emulator.api_base,

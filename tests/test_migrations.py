@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from broker.db import MIGRATIONS_DIR, db
+from broker.platform.db import MIGRATIONS_DIR, db
 
 
 def test_migrations_match_models(app):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker import create_app
-from broker.security import content_security_policy, origin_of
+from broker.platform.headers import content_security_policy, origin_of
 from tests.conftest import PRODUCTION_SETTINGS
 
 

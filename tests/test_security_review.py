@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from broker import ssrf
-from broker.db import db, utcnow
-from broker.models import Upload
+from broker.platform.db import db, utcnow
+from broker.uploads.models import Upload
+from broker.webhooks import ssrf
 
 PASSWORD = "correct horse battery"
 
@@ -295,7 +295,7 @@ def test_database_errors_do_not_carry_bound_values(app: Flask) -> None:
 def test_issued_token_repr_hides_the_secret(app: Flask, make_user: Callable[..., Any]) -> None:
     """`repr(IssuedToken)` (e.g. in a log line or a traceback) never shows the bearer secret."""
     from broker.auth import tokens
-    from broker.models import User
+    from broker.auth.models import User
 
     user = make_user()
     with app.app_context():
@@ -339,7 +339,7 @@ def test_browser_forms_treat_a_json_body_as_an_empty_form(
 
 
 def _production(**overrides: Any) -> dict[str, Any]:
-    from broker.config import DEFAULTS
+    from broker.platform.config import DEFAULTS
     from tests.conftest import PRODUCTION_SETTINGS
 
     return {**DEFAULTS, **PRODUCTION_SETTINGS, **overrides}
@@ -360,7 +360,7 @@ def _production(**overrides: Any) -> dict[str, Any]:
 def test_production_refuses_unsafe_settings(overrides: dict[str, Any], named: str) -> None:
     """Debug/testing mode, CSRF off, private webhooks and plain-http (emulator) Cloudflare URLs
     are refused in production, naming the setting."""
-    from broker.config import ConfigError, finalize
+    from broker.platform.config import ConfigError, finalize
 
     finalize(_production(), "/tmp")  # the baseline is accepted
     with pytest.raises(ConfigError, match=named):

@@ -7,8 +7,8 @@ import hmac
 
 import pytest
 
-from broker import signing
-from broker.signing import Delivery, Signer, Variant
+from broker.images import signing
+from broker.images.signing import Delivery, Signer, Variant
 
 VECTOR_KEY = "YOUR_KEY_FROM_IMAGES_DASHBOARD"
 VECTOR_HASH = "cheeW4oKsx5ljh8e8BoL2A"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from broker.sqlite_writes import GatedConnection, gate_for, gate_sqlite_writes
+from broker.platform.sqlite_writes import GatedConnection, gate_for, gate_sqlite_writes
 
 THREADS = 8
 TRANSACTIONS = 25

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker import ssrf
+from broker.webhooks import ssrf
 from tests.webhook_receiver import receiver_fixture
 
 _receiver = receiver_fixture  # the `receiver` fixture, for this module

@@ -14,9 +14,10 @@ import sqlalchemy as sa
 from flask import Flask
 from werkzeug.serving import make_server
 
-from broker import uploads
-from broker.db import db, utcnow
-from broker.models import Upload, UploadReservation, User
+from broker.auth.models import User
+from broker.platform.db import db, utcnow
+from broker.uploads import lifecycle
+from broker.uploads.models import Upload, UploadReservation
 
 URL = "/api/v1/uploads"
 IN_FLIGHT = 12
@@ -122,12 +123,12 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         user = db.session.get(User, make_user("alice").id)
         user.max_pending_uploads = 1
         db.session.commit()
-        uploads.reserve_slot(user, app.config, "first", now)  # never finished or released
-        with pytest.raises(uploads.UploadError) as refused:
-            uploads.reserve_slot(user, app.config, "second", now + timedelta(seconds=1))
+        lifecycle.reserve_slot(user, app.config, "first", now)  # never finished or released
+        with pytest.raises(lifecycle.UploadError) as refused:
+            lifecycle.reserve_slot(user, app.config, "second", now + timedelta(seconds=1))
         assert refused.value.status == 429
-        assert refused.value.retry_after == uploads.RESERVATION_TTL.total_seconds() - 1
-        later = now + uploads.RESERVATION_TTL
-        uploads.reserve_slot(user, app.config, "third", later)
+        assert refused.value.retry_after == lifecycle.RESERVATION_TTL.total_seconds() - 1
+        later = now + lifecycle.RESERVATION_TTL
+        lifecycle.reserve_slot(user, app.config, "third", later)
         kept = db.session.scalars(sa.select(UploadReservation.id)).all()
         assert kept == ["third"]  # the stale one was dropped under the user's lock

@@ -12,9 +12,10 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
-from broker import idempotency
-from broker.db import db
-from broker.models import IdempotencyKey, Upload, User
+from broker.auth.models import User
+from broker.platform.db import db
+from broker.uploads import idempotency
+from broker.uploads.models import IdempotencyKey, Upload
 
 URL = "/api/v1/uploads"
 

@@ -11,9 +11,10 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask
 
-from broker.budget import get_budget
-from broker.db import db, utcnow
-from broker.models import ApiToken, Upload, UploadReservation
+from broker.auth.models import ApiToken
+from broker.platform.db import db, utcnow
+from broker.uploads.models import Upload, UploadReservation
+from broker.upstream.budget import get_budget
 
 URL = "/api/v1/uploads"
 _WRITES = ("INSERT", "UPDATE", "DELETE")

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from broker import webhooks
-from broker.db import db
-from broker.models import WebhookDelivery
+from broker.platform.db import db
+from broker.webhooks import endpoints
+from broker.webhooks.models import WebhookDelivery
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_admin_sees_deliveries_and_redelivers_with_csrf(
     make_user("root", is_admin=True)
     alice = make_user("alice")
     with app.app_context():
-        webhooks.add_endpoint(db.session, "http://127.0.0.1:9/hook", ["*"], app.config)
+        endpoints.add_endpoint(db.session, "http://127.0.0.1:9/hook", ["*"], app.config)
         db.session.commit()
     upload_id = _create_upload(client, bearer(app, alice))
     assert (

@@ -7,16 +7,15 @@ import json
 import random
 import time
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
 import time_machine
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from broker import ssrf, webhooks
-from broker.db import db
-from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.platform.db import db
+from broker.webhooks import endpoints, outbox, schedule, sending, signing, ssrf
+from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.webhook_receiver import receiver_fixture
 
 _receiver = receiver_fixture  # the `receiver` fixture, for this module
@@ -25,34 +24,34 @@ _receiver = receiver_fixture  # the `receiver` fixture, for this module
 
 
 def test_secret_format():
-    secret = webhooks.generate_secret()
+    secret = signing.generate_secret()
     assert secret.startswith("whsec_")
     assert len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24
-    assert webhooks.generate_secret() != secret
+    assert signing.generate_secret() != secret
 
 
 def test_signature_verifies_with_the_standardwebhooks_library():
-    secret = webhooks.generate_secret()
+    secret = signing.generate_secret()
     body = b'{"type":"upload.completed","data":{"upload":{"id":"up_1"}}}'
     ts = int(time.time())
     headers = {
         "webhook-id": "msg_abc",
         "webhook-timestamp": str(ts),
-        "webhook-signature": webhooks.sign(secret, "msg_abc", ts, body),
+        "webhook-signature": signing.sign(secret, "msg_abc", ts, body),
     }
     assert Webhook(secret).verify(body, headers)["type"] == "upload.completed"
-    assert webhooks.verify(secret, "msg_abc", ts, body, headers["webhook-signature"])
+    assert signing.verify(secret, "msg_abc", ts, body, headers["webhook-signature"])
 
 
 @pytest.mark.parametrize("part", ["body", "id", "timestamp", "signature"])
 def test_one_byte_tampering_fails_verification(part):
-    secret = webhooks.generate_secret()
+    secret = signing.generate_secret()
     body = b'{"type":"upload.completed"}'
     ts = int(time.time())
     headers = {
         "webhook-id": "msg_abc",
         "webhook-timestamp": str(ts),
-        "webhook-signature": webhooks.sign(secret, "msg_abc", ts, body),
+        "webhook-signature": signing.sign(secret, "msg_abc", ts, body),
     }
     if part == "body":
         body = body[:-2] + b"X}"
@@ -72,20 +71,20 @@ def test_known_vector():
     # The Standard Webhooks reference vector (libraries' own test suites).
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     body = '{"test": 2432232314}'
-    sig = webhooks.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+    sig = signing.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
     assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
 def test_rotation_window_signs_with_both_secrets():
-    endpoint = WebhookEndpoint(secret=webhooks.generate_secret(), events="*")
+    endpoint = WebhookEndpoint(secret=signing.generate_secret(), events="*")
     old = endpoint.secret
     now = datetime(2030, 1, 1, tzinfo=UTC)
-    new = webhooks.rotate_secret(endpoint, window=3600, now=now)
-    assert webhooks.signing_secrets(endpoint, now) == [new, old]
-    assert webhooks.signing_secrets(endpoint, now + timedelta(hours=2)) == [new]
-    header = webhooks.signature_header([new, old], "msg_1", 1, b"{}")
-    assert webhooks.verify(old, "msg_1", 1, b"{}", header, now=1)
-    assert webhooks.verify(new, "msg_1", 1, b"{}", header, now=1)
+    new = endpoints.rotate_secret(endpoint, window=3600, now=now)
+    assert signing.signing_secrets(endpoint, now) == [new, old]
+    assert signing.signing_secrets(endpoint, now + timedelta(hours=2)) == [new]
+    header = signing.signature_header([new, old], "msg_1", 1, b"{}")
+    assert signing.verify(old, "msg_1", 1, b"{}", header, now=1)
+    assert signing.verify(new, "msg_1", 1, b"{}", header, now=1)
 
 
 # -- schedule ------------------------------------------------------------------------------------
@@ -95,23 +94,23 @@ def test_retry_schedule():
     expected = [5, 300, 1800, 7200, 18000, 36000, 36000]
     rng = random.Random(1)
     for n, base in enumerate(expected, start=1):
-        delay = webhooks.retry_delay(n, rng=rng)
+        delay = schedule.retry_delay(n, rng=rng)
         assert delay is not None and base * 0.9 <= delay <= base * 1.1
-    assert webhooks.retry_delay(8) is None
-    assert webhooks.max_attempts() == 8
+    assert schedule.retry_delay(8) is None
+    assert schedule.max_attempts() == 8
     # Retry-After is honoured as a minimum, capped at a day.
-    assert webhooks.retry_delay(1, retry_after=120, rng=rng) == 120
-    assert webhooks.retry_delay(1, retry_after=10**9, rng=rng) == 86400
+    assert schedule.retry_delay(1, retry_after=120, rng=rng) == 120
+    assert schedule.retry_delay(1, retry_after=10**9, rng=rng) == 86400
 
 
 def test_event_types_are_validated():
-    assert webhooks.normalise_events(["upload.completed,upload.expired"]) == (
+    assert endpoints.normalise_events(["upload.completed,upload.expired"]) == (
         "upload.completed upload.expired"
     )
     with pytest.raises(ValueError):
-        webhooks.normalise_events(["upload.nope"])
+        endpoints.normalise_events(["upload.nope"])
     with pytest.raises(ValueError):
-        webhooks.normalise_events([])
+        endpoints.normalise_events([])
 
 
 # -- delivery over real HTTP ---------------------------------------------------------------------
@@ -119,16 +118,10 @@ def test_event_types_are_validated():
 START = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
 
 
-def _upload():
-    return SimpleNamespace(
-        id="up_test1",
-        image_id="img-1",
-        status="ready",
-        created_at=START,
-        filename="cat.png",
-        variants=["https://x/thumb"],
-        meta={"k": "v"},
-    )
+def _upload_data():
+    """The `data` of an upload event as the uploads feature writes it (the outbox stores it)."""
+    upload = {"id": "up_test1", "image_id": "img-1", "status": "ready", "filename": "cat.png"}
+    return {"upload": {**upload, "variants": ["https://x/thumb"], "metadata": {"k": "v"}}}
 
 
 @pytest.fixture
@@ -138,21 +131,21 @@ def wh_app(make_app):
 
 def _add(app, url, events=("*",)):
     with app.app_context():
-        endpoint, secret = webhooks.add_endpoint(db.session, url, events, app.config, now=START)
+        endpoint, secret = endpoints.add_endpoint(db.session, url, events, app.config, now=START)
         db.session.commit()
         return endpoint.id, secret
 
 
 def _emit(app, event_type="upload.completed"):
     with app.app_context():
-        event = webhooks.emit(db.session, event_type, _upload(), now=START)
+        event = outbox.emit(db.session, event_type, _upload_data(), subject="up_test1", now=START)
         db.session.commit()
         return event.msg_id
 
 
 def _deliver(app, owner="w1", now=START):
     with app.app_context():
-        return webhooks.deliver_due(db.session, owner, app.config, now=now)
+        return sending.deliver_due(db.session, owner, app.config, now=now)
 
 
 def _delivery(app):
@@ -276,8 +269,8 @@ def test_ssrf_is_checked_at_delivery_too(make_app, receiver):
 
 
 def test_saving_a_private_endpoint_is_refused(app):
-    with app.app_context(), pytest.raises(webhooks.ssrf.BlockedAddress):
-        webhooks.add_endpoint(db.session, "https://192.168.1.1/x", ["*"], app.config)
+    with app.app_context(), pytest.raises(ssrf.BlockedAddress):
+        endpoints.add_endpoint(db.session, "https://192.168.1.1/x", ["*"], app.config)
 
 
 def test_redeliver_keeps_the_webhook_id(wh_app, receiver):
@@ -286,7 +279,7 @@ def test_redeliver_keeps_the_webhook_id(wh_app, receiver):
     _deliver(wh_app)
     with wh_app.app_context():
         d = db.session.scalars(sa.select(WebhookDelivery)).one()
-        webhooks.redeliver(d, now=START + timedelta(hours=1))
+        endpoints.redeliver(d, now=START + timedelta(hours=1))
         db.session.commit()
     _deliver(wh_app, now=START + timedelta(hours=1))
     assert [r.msg_id for r in receiver.requests] == [msg_id, msg_id]
@@ -299,9 +292,9 @@ def test_a_lost_lease_is_reclaimed_with_the_same_webhook_id(wh_app, receiver):
     _add(wh_app, receiver.url)
     msg_id = _emit(wh_app)
     with wh_app.app_context():
-        assert webhooks.claim_due(db.session, "dead-worker", START) != []
+        assert sending.claim_due(db.session, "dead-worker", START) != []
     assert _deliver(wh_app, owner="w2", now=START + timedelta(seconds=10)) == 0
-    later = START + timedelta(seconds=webhooks.LEASE_SECONDS + 1)
+    later = START + timedelta(seconds=sending.LEASE_SECONDS + 1)
     assert _deliver(wh_app, owner="w2", now=later) == 1
     assert [r.msg_id for r in receiver.requests] == [msg_id]
 
@@ -318,7 +311,7 @@ def test_payload_is_the_exact_signed_body(wh_app, receiver):
 
 def test_refusal_outside_production_says_how_to_allow_a_local_receiver():
     with pytest.raises(ssrf.BlockedAddress, match="BROKER_WEBHOOK_ALLOW_PRIVATE=true"):
-        webhooks.check_target("http://127.0.0.1:9/hook", {"ENV": "development"})
+        endpoints.check_target("http://127.0.0.1:9/hook", {"ENV": "development"})
     with pytest.raises(ssrf.BlockedAddress) as refused:
-        webhooks.check_target("https://127.0.0.1/hook", {"ENV": "production"})
+        endpoints.check_target("https://127.0.0.1/hook", {"ENV": "production"})
     assert "ALLOW_PRIVATE" not in str(refused.value)

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from broker import leases, webhooks, worker
-from broker.db import db, utcnow
-from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker import worker
+from broker.platform import leases, wakeup
+from broker.platform.db import db, utcnow
+from broker.webhooks import endpoints, outbox, sending
+from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.webhook_receiver import receiver_fixture
 
 _receiver = receiver_fixture  # the `receiver` fixture, for this module
@@ -26,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _fill(app, receiver_url, n):
     with app.app_context():
-        webhooks.add_endpoint(db.session, receiver_url, ["*"], app.config)
+        endpoints.add_endpoint(db.session, receiver_url, ["*"], app.config)
         for i in range(n):
-            webhooks.emit(db.session, "upload.deleted", None, data={"n": i})
+            outbox.emit(db.session, "upload.deleted", {"n": i})
         db.session.commit()
 
 
@@ -149,7 +151,7 @@ def test_worker_killed_mid_delivery_still_delivers_with_same_id(make_app, receiv
         assert d.status == "pending" and d.lease_owner is not None  # held by the dead worker
     # Nobody else takes it while the lease lasts; afterwards the next worker does.
     assert worker.run_once(app, worker_id="w2")["deliver_webhooks"] == 0
-    later = utcnow() + timedelta(seconds=webhooks.LEASE_SECONDS + 1)
+    later = utcnow() + timedelta(seconds=sending.LEASE_SECONDS + 1)
     assert worker.run_once(app, now=later, worker_id="w2")["deliver_webhooks"] == 1
     ids = [r.msg_id for r in receiver.requests]
     assert len(ids) == 2 and ids[0] == ids[1]
@@ -181,7 +183,7 @@ def test_stop_releases_unstarted_deliveries(make_app, receiver):
     stop = threading.Event()
     stop.set()
     with app.app_context():
-        webhooks.deliver_due(db.session, "w1", app.config, stop=stop)
+        sending.deliver_due(db.session, "w1", app.config, stop=stop)
         rows = db.session.scalars(sa.select(WebhookDelivery)).all()
         assert all(d.lease_owner is None and d.status == "pending" for d in rows)
 
@@ -194,7 +196,7 @@ def test_inline_worker_thread_delivers_without_polling_delay(make_app, receiver)
         assert receiver.arrived.wait(20)
     finally:
         stop.set()
-        webhooks.notify_worker()
+        wakeup.notify_worker()
         thread.join(30)
     assert not thread.is_alive()
 
@@ -215,7 +217,7 @@ def test_cli_add_list_rotate_disable_deliveries_redeliver(make_app, receiver):
     with app.app_context():
         e = db.session.scalars(sa.select(WebhookEndpoint)).one()
         assert e.previous_secret and e.previous_secret_until
-        webhooks.emit(db.session, "upload.completed", None, data={"x": 1})
+        outbox.emit(db.session, "upload.completed", {"x": 1})
         db.session.commit()
     worker.run_once(app)
     out = runner.invoke(args=["webhooks", "deliveries", "--attempts"]).output
@@ -277,7 +279,7 @@ def test_admin_api(make_app, make_user, bearer, receiver):
     assert new_secret != body["secret"]
 
     with app.app_context():
-        webhooks.emit(db.session, "upload.completed", None, data={"x": 1})
+        outbox.emit(db.session, "upload.completed", {"x": 1})
         db.session.commit()
     worker.run_once(app)
     # Both old and new secret verify during the window.
@@ -312,7 +314,7 @@ def test_worker_forgets_idempotency_keys_after_24_hours(app, make_user, bearer):
     client = app.test_client()
     headers = {**bearer(app, user), "Idempotency-Key": "k-1"}
     assert client.post("/api/v1/uploads", json={}, headers=headers).status_code == 201
-    from broker.models import IdempotencyKey
+    from broker.uploads.models import IdempotencyKey
 
     with app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(IdempotencyKey)) == 1

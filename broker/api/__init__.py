@@ -1,7 +1,13 @@
-"""The JSON API for browser pages and mobile apps, under /api/v1.
+"""The JSON API for browser pages and mobile apps, under /api/v1: the shared plumbing.
 
-Each resource lives in its own module and declares its views with `spec.endpoint`, so the
-OpenAPI document is generated from the same models that validate the requests.
+- `bp`: the "api" blueprint every feature's routes attach to.
+- `spec.endpoint`: declares a route once; the same pydantic models validate the request and
+  write its entry in the OpenAPI document (`/api/v1/openapi.json`, rendered at `/api/v1/docs`).
+- `upstream_errors`: the one mapping of upstream failures to API answers.
+
+The routes themselves live with their feature (`broker.uploads.api`, `broker.webhooks.api`,
+`broker.images.api`, `broker.auth.api`); `broker.create_app` imports them before it registers
+`bp`. This package imports no feature.
 """
 
 from __future__ import annotations
@@ -10,15 +16,6 @@ from flask import Blueprint
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-# Resource modules register their routes on `bp` when imported.
-from broker.api import (  # noqa: E402, F401
-    auth,
-    completion,
-    docs,
-    images,
-    uploads,
-    upstream,
-    webhooks,
-)
+from broker.api import docs, upstream_errors  # noqa: E402, F401  (routes and handlers on bp)
 
-upstream.register(bp)
+upstream_errors.register(bp)

@@ -22,7 +22,7 @@ from flask_login import current_user
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from broker.errors import ApiError, from_validation_error
+from broker.platform.errors import ApiError, from_validation_error
 
 
 class ErrorDetail(BaseModel):

@@ -23,10 +23,10 @@ from flask import Blueprint, Flask, current_app, flash, g, redirect, request, se
 from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError, generate_csrf
 
-from broker.db import db
-from broker.errors import ApiError, handle_api_error, wants_json
-from broker.extensions import csrf, login_manager
-from broker.models import ApiToken, User
+from broker.auth.models import ApiToken, User
+from broker.platform.db import db
+from broker.platform.errors import ApiError, handle_api_error, wants_json
+from broker.platform.extensions import csrf, login_manager
 
 __all__ = ["admin_required", "bp", "csrf_token", "current_api_token", "login_required"]
 
@@ -62,7 +62,7 @@ def _is_bearer_request() -> bool:
 def session_user_clause(session_token: Any) -> sa.ColumnElement[bool]:
     """Return the SQL condition "this User row is the active owner of `session_token`".
 
-    The one rule a session or remember cookie is judged by; `broker.delivery` embeds it in the
+    The one rule a session or remember cookie is judged by; `broker.images.urls` embeds it in the
     `/i/` redirect's query, so both paths accept and refuse exactly the same users.
     """
     return sa.and_(User.session_token == session_token, User.active.is_(True))
@@ -173,7 +173,7 @@ def admin_required(view: F) -> F:
 
 
 def init_app(app: Flask) -> None:
-    """Wire authentication into `app` (after broker.extensions.init_app)."""
+    """Wire authentication into `app` (after broker.platform.extensions.init_app)."""
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in to see that page."
     login_manager.login_message_category = "info"

@@ -10,8 +10,8 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from broker.auth import tokens, users
-from broker.db import db
-from broker.models import User
+from broker.auth.models import User
+from broker.platform.db import db
 
 users_cli = AppGroup("users", help="Manage accounts.")
 tokens_cli = AppGroup("tokens", help="Manage API bearer tokens.")
@@ -114,7 +114,7 @@ def revoke_token_command(token_id: str) -> None:
     """Revoke an API token by its id (tok_…)."""
     import sqlalchemy as sa
 
-    from broker.models import ApiToken
+    from broker.auth.models import ApiToken
 
     token = db.session.scalar(sa.select(ApiToken).where(ApiToken.public_id == token_id))
     if token is None:

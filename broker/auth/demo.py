@@ -7,7 +7,7 @@ import secrets
 from flask import Flask
 
 from broker.auth import users
-from broker.db import db
+from broker.platform.db import db
 
 DEMO_USERNAME = "demo"
 

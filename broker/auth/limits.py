@@ -6,7 +6,7 @@ from flask import current_app, request
 from flask_limiter.util import get_remote_address
 from werkzeug.wrappers import Response
 
-from broker.extensions import limiter
+from broker.platform.extensions import limiter
 
 
 def auth_limit() -> str:

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from broker.db import db, utcnow
-from broker.models import ApiToken, User
+from broker.auth.models import ApiToken, User
+from broker.platform.db import db, utcnow
 
 PREFIX = "brk_"
 DEFAULT_TTL = timedelta(days=90)

@@ -11,8 +11,8 @@ import unicodedata
 import sqlalchemy as sa
 
 from broker.auth import passwords, tokens
-from broker.db import db, utcnow
-from broker.models import User
+from broker.auth.models import User
+from broker.platform.db import db, utcnow
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,63}$")
 USERNAME_RULES = "3-64 letters, digits, '.', '_' or '-', starting with a letter or digit."

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.auth import bp, limits, passwords, tokens, users
 from broker.auth.forms import ActionForm, ChangePasswordForm, LoginForm, RegisterForm
-from broker.db import db
+from broker.platform.db import db
 
 INVALID_LOGIN = "Invalid username or password."
 

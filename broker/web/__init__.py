@@ -14,10 +14,13 @@ from flask import (
 )
 from flask_login import current_user, login_required
 
-from broker import uploads, variants, webhooks
 from broker.auth import admin_required
-from broker.db import db
-from broker.models import User, WebhookDelivery
+from broker.auth.models import User
+from broker.images import variants
+from broker.platform.db import db
+from broker.uploads import lifecycle
+from broker.webhooks import endpoints
+from broker.webhooks.models import WebhookDelivery
 
 bp = Blueprint("web", __name__)
 
@@ -46,13 +49,13 @@ def gallery():  # type: ignore[no-untyped-def]
     """List the user's images, newest first, a page at a time."""
     before = request.args.get("before") or None
     try:
-        rows, next_cursor = uploads.list_uploads(
+        rows, next_cursor = lifecycle.list_uploads(
             user_id=current_user.id,
             cursor=before,
             limit=GALLERY_PAGE_SIZE,
             include_deleted=False,
         )
-    except uploads.UploadError:
+    except lifecycle.UploadError:
         abort(400, "That page link is not valid.")
     return render_template(
         "web/gallery.html", uploads=rows, next_cursor=next_cursor, newer=before is not None
@@ -63,7 +66,7 @@ def gallery():  # type: ignore[no-untyped-def]
 @login_required
 def image_detail(upload_id: str):  # type: ignore[no-untyped-def]
     """Show one image with its larger variant, copy-link and delete."""
-    row = uploads.find_upload(current_user, upload_id)
+    row = lifecycle.find_upload(current_user, upload_id)
     if row is None:
         abort(404)
     return render_template("web/image.html", upload=row, detail_variant=_detail_variant())
@@ -82,10 +85,10 @@ def admin():  # type: ignore[no-untyped-def]
     users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
     return render_template(
         "web/admin.html",
-        counts=uploads.status_counts(),
+        counts=lifecycle.status_counts(),
         users=users,
-        endpoints=webhooks.list_endpoints(db.session),
-        deliveries=webhooks.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),
+        endpoints=endpoints.list_endpoints(db.session),
+        deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),
     )
 
 
@@ -96,7 +99,7 @@ def admin_redeliver(delivery_id: int):  # type: ignore[no-untyped-def]
     delivery = db.session.get(WebhookDelivery, delivery_id)
     if delivery is None:
         abort(404)
-    webhooks.redeliver(delivery)
+    endpoints.redeliver(delivery)
     db.session.commit()
     flash(f"Delivery {delivery_id} queued again.", "info")
     return redirect(url_for("web.admin"))

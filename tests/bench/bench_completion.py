@@ -94,10 +94,11 @@ def main() -> int:
 
     from flask_migrate import upgrade
 
-    from broker import create_app, webhooks, worker
+    from broker import create_app, worker
     from broker.auth import tokens, users
-    from broker.db import db
     from broker.emulator.testing import EmulatorServer, make_image
+    from broker.platform.db import db
+    from broker.webhooks import endpoints
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     tmp = tempfile.mkdtemp(prefix="bench-completion-")
@@ -150,7 +151,7 @@ def main() -> int:
             user = users.create_user("bench", "bench password long enough")
             db.session.commit()
             auth = {"Authorization": f"Bearer {tokens.issue(user, 'bench').secret}"}
-            _, receiver.secret = webhooks.add_endpoint(db.session, hook_url, ["*"], app.config)
+            _, receiver.secret = endpoints.add_endpoint(db.session, hook_url, ["*"], app.config)
             db.session.commit()
         client = app.test_client()
 

@@ -80,8 +80,10 @@ def seed(app: Flask) -> dict[str, Any]:
     from flask_migrate import upgrade
 
     from broker.auth import tokens
-    from broker.db import db, utcnow
-    from broker.models import SigningKey, Upload, User
+    from broker.auth.models import User
+    from broker.images.models import SigningKey
+    from broker.platform.db import db, utcnow
+    from broker.uploads.models import Upload
 
     with app.app_context():
         upgrade()
@@ -112,7 +114,7 @@ def seed(app: Flask) -> dict[str, Any]:
 
 def bench_inprocess(app: Flask, ids: list[str]) -> tuple[float, float]:
     """Return (URLs/s through Minter.mint, bare hmac.new/s over the same strings)."""
-    from broker import delivery
+    from broker.images import urls as delivery
 
     with app.app_context():
         rows = list(delivery.load_many(ids, delivery.Caller(0, True)).values())

@@ -36,7 +36,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from broker.cloudflare import CloudflareImages  # noqa: E402
+from broker.upstream.cloudflare import CloudflareImages  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOKEN = "bench-emulator-token"
@@ -107,7 +107,7 @@ def prepare_broker(settings: dict[str, Any]) -> str:
 
     from broker import create_app
     from broker.auth import tokens, users
-    from broker.db import db
+    from broker.platform.db import db
 
     app = create_app(dict(settings))
     with app.app_context():

@@ -47,7 +47,7 @@ class LiveBroker:
 @pytest.fixture
 def live_broker(make_app: Callable[..., Flask]) -> Iterator[LiveBroker]:
     """Serve the broker on 127.0.0.1 with an inline worker thread."""
-    from broker.delivery import prepare_upstream
+    from broker.devserver import prepare_upstream
     from broker.worker import start_inline
 
     app = make_app(WORKER_POLL_INTERVAL=0.05)

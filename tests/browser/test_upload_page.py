@@ -193,8 +193,8 @@ def test_keyboard_only_file_picker_and_cancel(live_broker, make_user, emulator, 
 
 
 def _image_id(live: Any, upload_id: str) -> str:
-    from broker.db import db
-    from broker.models import Upload
+    from broker.platform.db import db
+    from broker.uploads.models import Upload
 
     with live.app.app_context():
         return db.session.get(Upload, upload_id).image_id
@@ -222,8 +222,8 @@ def test_cancel_gives_the_upload_slot_back(live_broker, make_user, emulator, pag
 
 
 def _status(live: Any, upload_id: str) -> str:
-    from broker.db import db
-    from broker.models import Upload
+    from broker.platform.db import db
+    from broker.uploads.models import Upload
 
     with live.app.app_context():
         return db.session.get(Upload, upload_id).status

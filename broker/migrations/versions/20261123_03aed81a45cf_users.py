@@ -8,7 +8,7 @@ Create Date: 2026-11-23 06:34:38.532746
 from alembic import op
 import sqlalchemy as sa
 
-import broker.db  # noqa: F401  (custom column types)
+import broker.platform.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -32,8 +32,8 @@ def upgrade():
     sa.Column('session_token', sa.String(length=64), nullable=False),
     sa.Column('max_pending_uploads', sa.Integer(), nullable=True),
     sa.Column('max_uploads_per_day', sa.Integer(), nullable=True),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_login_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_login_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_users')),
     sa.UniqueConstraint('public_id', name=op.f('uq_users_public_id')),
     sa.UniqueConstraint('session_token', name=op.f('uq_users_session_token')),

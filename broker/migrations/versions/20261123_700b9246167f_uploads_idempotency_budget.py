@@ -8,7 +8,7 @@ Create Date: 2026-11-23 06:42:03.282963
 from alembic import op
 import sqlalchemy as sa
 
-import broker.db  # noqa: F401  (custom column types)
+import broker.platform.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -40,8 +40,8 @@ def upgrade():
     sa.Column('response_status', sa.Integer(), nullable=True),
     sa.Column('response_body', sa.Text(), nullable=True),
     sa.Column('response_headers', sa.JSON(), nullable=True),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', broker.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_idempotency_keys_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_idempotency_keys')),
     sa.UniqueConstraint('user_id', 'key', name='uq_idempotency_keys_user_key')
@@ -56,18 +56,18 @@ def upgrade():
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('require_signed_urls', sa.Boolean(), nullable=False),
     sa.Column('meta', sa.JSON(), nullable=True),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('status_changed_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('completed_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('status_changed_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('completed_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('filename', sa.String(length=255), nullable=True),
-    sa.Column('uploaded_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('uploaded_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('variants', sa.JSON(), nullable=True),
     sa.Column('reject_reason', sa.String(length=255), nullable=True),
-    sa.Column('next_check_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_check_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('check_attempts', sa.Integer(), nullable=False),
     sa.Column('lease_owner', sa.String(length=64), nullable=True),
-    sa.Column('lease_until', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_until', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_uploads_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_uploads')),
     sa.UniqueConstraint('image_id', name=op.f('uq_uploads_image_id'))

@@ -8,7 +8,7 @@ Create Date: 2026-11-23 07:08:34.290768
 from alembic import op
 import sqlalchemy as sa
 
-import broker.db  # noqa: F401  (custom column types)
+import broker.platform.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -23,8 +23,8 @@ def upgrade():
     op.create_table('upload_reservations',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('user_id', sa.Integer(), nullable=False),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', broker.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_upload_reservations_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_upload_reservations'))
     )

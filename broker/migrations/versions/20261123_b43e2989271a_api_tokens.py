@@ -8,7 +8,7 @@ Create Date: 2026-11-23 06:41:38.089739
 from alembic import op
 import sqlalchemy as sa
 
-import broker.db  # noqa: F401  (custom column types)
+import broker.platform.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -27,10 +27,10 @@ def upgrade():
     sa.Column('name', sa.String(length=100), nullable=False),
     sa.Column('token_hash', sa.String(length=64), nullable=False),
     sa.Column('prefix', sa.String(length=16), nullable=False),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_used_at', broker.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('revoked_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_used_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_api_tokens_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_tokens')),
     sa.UniqueConstraint('public_id', name=op.f('uq_api_tokens_public_id')),

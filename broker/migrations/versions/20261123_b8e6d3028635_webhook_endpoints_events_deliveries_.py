@@ -8,7 +8,7 @@ Create Date: 2026-11-23 06:41:51.800420
 from alembic import op
 import sqlalchemy as sa
 
-import broker.db  # noqa: F401  (custom column types)
+import broker.platform.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -28,11 +28,11 @@ def upgrade():
     sa.Column('events', sa.String(length=255), nullable=False),
     sa.Column('secret', sa.String(length=128), nullable=False),
     sa.Column('previous_secret', sa.String(length=128), nullable=True),
-    sa.Column('previous_secret_until', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('previous_secret_until', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('active', sa.Boolean(), nullable=False),
     sa.Column('disabled_reason', sa.String(length=255), nullable=True),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', broker.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_endpoints')),
     sa.UniqueConstraint('public_id', name=op.f('uq_webhook_endpoints_public_id'))
     )
@@ -42,7 +42,7 @@ def upgrade():
     sa.Column('type', sa.String(length=40), nullable=False),
     sa.Column('payload', sa.Text(), nullable=False),
     sa.Column('subject', sa.String(length=64), nullable=True),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_events')),
     sa.UniqueConstraint('msg_id', name=op.f('uq_webhook_events_msg_id'))
     )
@@ -55,13 +55,13 @@ def upgrade():
     sa.Column('endpoint_id', sa.Integer(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('next_attempt_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_attempt_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('lease_owner', sa.String(length=64), nullable=True),
-    sa.Column('lease_until', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_until', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_status_code', sa.Integer(), nullable=True),
     sa.Column('last_error', sa.String(length=500), nullable=True),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('completed_at', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('completed_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['endpoint_id'], ['webhook_endpoints.id'], name=op.f('fk_webhook_deliveries_endpoint_id_webhook_endpoints'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['event_id'], ['webhook_events.id'], name=op.f('fk_webhook_deliveries_event_id_webhook_events'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_deliveries')),
@@ -76,7 +76,7 @@ def upgrade():
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('delivery_id', sa.Integer(), nullable=False),
     sa.Column('number', sa.Integer(), nullable=False),
-    sa.Column('started_at', broker.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
     sa.Column('duration_ms', sa.Integer(), nullable=False),
     sa.Column('status_code', sa.Integer(), nullable=True),
     sa.Column('error', sa.String(length=500), nullable=True),

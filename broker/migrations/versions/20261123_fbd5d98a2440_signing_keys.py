@@ -8,7 +8,7 @@ Create Date: 2026-11-23 06:41:57.978978
 from alembic import op
 import sqlalchemy as sa
 
-import broker.db  # noqa: F401  (custom column types)
+import broker.platform.db  # noqa: F401  (custom column types)
 
 
 # revision identifiers, used by Alembic.
@@ -24,9 +24,9 @@ def upgrade():
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('name', sa.String(length=32), nullable=False),
     sa.Column('value', sa.String(length=255), nullable=False),
-    sa.Column('created_at', broker.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('retired_at', broker.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('delete_after', broker.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', broker.platform.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('retired_at', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('delete_after', broker.platform.db.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_signing_keys')),
     sa.UniqueConstraint('name', name=op.f('uq_signing_keys_name'))
     )

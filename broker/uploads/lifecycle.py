@@ -4,7 +4,7 @@
 
 Views, CLI commands and the worker call these functions and own the commit. Every transition
 goes through `_transition`, which records the time; each `mark_*` then writes its outgoing
-event in the same transaction (`webhooks.emit(db.session, type, upload)`).
+event in the same transaction (the outbox, `broker.webhooks.outbox`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from broker import webhooks
-from broker.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
-from broker.db import UTCDateTime, db, utcnow
-from broker.errors import ApiError
-from broker.models import Upload, UploadReservation, User, _upload_id
+from broker.auth.models import User
+from broker.platform import health
+from broker.platform.db import UTCDateTime, db, utcnow
+from broker.platform.errors import ApiError
+from broker.uploads.models import Upload, UploadReservation, _upload_id
+from broker.upstream.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
+from broker.webhooks import outbox
 
 log = logging.getLogger("broker.uploads")
 
@@ -126,6 +128,36 @@ def build_metadata(user_meta: dict[str, Any] | None, upload_id: str) -> dict[str
 def public_metadata(meta: dict[str, Any] | None) -> dict[str, Any]:
     """The caller's metadata without the broker's own keys."""
     return {k: v for k, v in (meta or {}).items() if k != BROKER_META_KEY}
+
+
+def public_fields(upload: Upload) -> dict[str, Any]:
+    """The upload as its owner sees it: API answers and webhook events share this one shape."""
+    return {
+        "id": upload.id,
+        "image_id": upload.image_id,
+        "owner": upload.user.public_id,
+        "status": upload.status,
+        "require_signed_urls": upload.require_signed_urls,
+        "metadata": public_metadata(upload.meta),
+        "created_at": upload.created_at,
+        "expires_at": upload.expires_at,
+        "status_changed_at": upload.status_changed_at,
+        "completed_at": upload.completed_at,
+        "filename": upload.filename,
+        "uploaded_at": upload.uploaded_at,
+        "variants": upload.variants or [],
+        "reject_reason": upload.reject_reason,
+        "last_checked_at": upload.last_checked_at,
+    }
+
+
+def _emit(upload: Upload, event_type: str, now: datetime | None) -> None:
+    """Write `event_type` about `upload` to the outbox, in the caller's transaction."""
+    fields = public_fields(upload)
+    # An event reports a state change; when the broker last polled is no part of it.
+    del fields["last_checked_at"]
+    data = {"upload": {name: outbox.iso(value) for name, value in fields.items()}}
+    outbox.emit(db.session, event_type, data, subject=upload.id, now=now)
 
 
 def effective_expiry(now: datetime, expires_in: int) -> datetime:
@@ -456,7 +488,7 @@ def mark_ready(upload: Upload, image: Image, *, now: datetime | None = None) -> 
         upload.filename = image.filename
         upload.uploaded_at = image.uploaded
         upload.variants = list(image.variants)
-        webhooks.emit(db.session, "upload.completed", upload, now=now)
+        _emit(upload, "upload.completed", now)
     return changed
 
 
@@ -464,7 +496,7 @@ def mark_expired(upload: Upload, *, now: datetime | None = None) -> bool:
     """Record that the upload URL expired without a file."""
     changed = _transition(upload, EXPIRED, now)
     if changed:
-        webhooks.emit(db.session, "upload.expired", upload, now=now)
+        _emit(upload, "upload.expired", now)
     return changed
 
 
@@ -473,7 +505,7 @@ def mark_rejected(upload: Upload, reason: str, *, now: datetime | None = None) -
     changed = _transition(upload, REJECTED, now)
     if changed:
         upload.reject_reason = reason[:255]
-        webhooks.emit(db.session, "upload.rejected", upload, now=now)
+        _emit(upload, "upload.rejected", now)
     return changed
 
 
@@ -481,7 +513,7 @@ def mark_deleted(upload: Upload, *, now: datetime | None = None) -> bool:
     """Record that the image is gone at Cloudflare."""
     changed = _transition(upload, DELETED, now)
     if changed:
-        webhooks.emit(db.session, "upload.deleted", upload, now=now)
+        _emit(upload, "upload.deleted", now)
     return changed
 
 
@@ -502,6 +534,13 @@ def status_counts() -> dict[str, int]:
     """Count uploads by status (for operators)."""
     rows = db.session.execute(sa.select(Upload.status, sa.func.count()).group_by(Upload.status))
     return {status: count for status, count in rows}
+
+
+def metric_lines() -> list[str]:
+    """The uploads gauge of `/metrics`: every status, zero included."""
+    counts = status_counts()
+    by_status = {status: counts.get(status, 0) for status in STATUSES}
+    return health.gauge("broker_uploads", "Uploads by status.", by_status)
 
 
 def find_upload(user: User, upload_id: str) -> Upload | None:

@@ -21,9 +21,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from broker.db import db, utcnow
-from broker.errors import ApiError
-from broker.models import IdempotencyKey, User
+from broker.auth.models import User
+from broker.platform.db import db, utcnow
+from broker.platform.errors import ApiError
+from broker.uploads.models import IdempotencyKey
 
 KEEP_FOR = timedelta(hours=24)
 # A claim older than this belongs to a request that died (worker killed mid-call): no request

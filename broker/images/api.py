@@ -8,10 +8,11 @@ from datetime import datetime
 from flask_login import current_user
 from pydantic import BaseModel, Field
 
-from broker import delivery, variants
 from broker.api import bp
 from broker.api.spec import ErrorDetail, endpoint, errors
-from broker.errors import ApiError
+from broker.images import urls as delivery
+from broker.images import variants
+from broker.platform.errors import ApiError
 
 MAX_BATCH = 1000
 

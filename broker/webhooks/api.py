@@ -9,12 +9,13 @@ import sqlalchemy as sa
 from flask import current_app
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker import ssrf, webhooks
 from broker.api import bp
 from broker.api.spec import endpoint, errors
-from broker.db import db, utcnow
-from broker.errors import ApiError
-from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.platform import wakeup
+from broker.platform.db import db, utcnow
+from broker.platform.errors import ApiError
+from broker.webhooks import endpoints, ssrf
+from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 EventType = Literal["upload.completed", "upload.expired", "upload.rejected", "upload.deleted", "*"]
 ERRORS = errors(401, 403, 404, 422)
@@ -142,7 +143,7 @@ class DeliveryQuery(BaseModel):
 
 
 def _endpoint(public_id: str) -> WebhookEndpoint:
-    e = webhooks.find_endpoint(db.session, public_id)
+    e = endpoints.find_endpoint(db.session, public_id)
     if e is None:
         raise ApiError(404, "not_found", "No such webhook endpoint.")
     return e
@@ -155,7 +156,7 @@ def _url_refused(exc: ssrf.BlockedAddress) -> ApiError:
 
 def _checked(url: str) -> None:
     try:
-        webhooks.check_target(url, current_app.config)
+        endpoints.check_target(url, current_app.config)
     except ssrf.BlockedAddress as exc:
         raise _url_refused(exc) from None
 
@@ -208,7 +209,7 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
 )
 def list_webhook_endpoints() -> EndpointList:
     """List webhook endpoints (admins only)."""
-    return EndpointList(items=[EndpointOut.of(e) for e in webhooks.list_endpoints(db.session)])
+    return EndpointList(items=[EndpointOut.of(e) for e in endpoints.list_endpoints(db.session)])
 
 
 @endpoint(
@@ -223,7 +224,7 @@ def list_webhook_endpoints() -> EndpointList:
 def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
     """Register a webhook endpoint; the answer holds its secret, shown only this once."""
     try:  # add_endpoint runs the SSRF check (DNS included) once
-        e, secret = webhooks.add_endpoint(
+        e, secret = endpoints.add_endpoint(
             db.session,
             body.url,
             list(body.events),
@@ -265,13 +266,13 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
         _checked(body.url)
         e.url = body.url
     if body.events is not None:
-        e.events = webhooks.normalise_events(list(body.events))
+        e.events = endpoints.normalise_events(list(body.events))
     if body.description is not None:
         e.description = body.description
     if body.active is not None:
-        webhooks.set_active(e, body.active, None)
+        endpoints.set_active(e, body.active, None)
         if body.active:
-            webhooks.notify_worker()
+            wakeup.notify_worker()
     e.updated_at = utcnow()
     db.session.commit()
     return EndpointOut.of(e)
@@ -289,7 +290,7 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
 def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     """Give an endpoint a new secret; the old one keeps signing during the window."""
     e = _endpoint(endpoint_id)
-    secret = webhooks.rotate_secret(e, window=body.window_seconds)
+    secret = endpoints.rotate_secret(e, window=body.window_seconds)
     db.session.commit()
     return SecretOut(id=e.public_id, secret=secret, previous_secret_until=e.previous_secret_until)
 
@@ -305,7 +306,7 @@ def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
 )
 def list_webhook_deliveries(query: DeliveryQuery) -> DeliveryList:
     """List webhook deliveries, newest first (admins only)."""
-    rows = webhooks.recent_deliveries(
+    rows = endpoints.recent_deliveries(
         db.session,
         endpoint=_endpoint(query.endpoint) if query.endpoint else None,
         status=query.status,
@@ -345,6 +346,6 @@ def get_webhook_delivery(delivery_id: str) -> DeliveryOut:
 def redeliver_webhook(delivery_id: str) -> tuple[DeliveryOut, int]:
     """Queue a delivery again now (same webhook-id, fresh retry schedule)."""
     d = _delivery(delivery_id)
-    webhooks.redeliver(d)
+    endpoints.redeliver(d)
     db.session.commit()
     return delivery_out(d), 202

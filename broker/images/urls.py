@@ -15,11 +15,12 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from flask import current_app
 
-from broker import keys, variants
 from broker.auth import session_user_clause
-from broker.db import db
-from broker.models import Upload, User
-from broker.signing import Delivery, Signer, Variant, bucketed_expiry, check_ttl, quote_id
+from broker.auth.models import User
+from broker.images import keys, variants
+from broker.images.signing import Delivery, Signer, Variant, bucketed_expiry, check_ttl, quote_id
+from broker.platform.db import db
+from broker.uploads.models import Upload
 
 # The columns minting needs: no ORM objects, no joined user, so a batch stays cheap.
 _COLUMNS = (
@@ -229,22 +230,3 @@ class Minter:
             raise NoSigningKey()
         to_sign = f"{where.prefix}/{quoted}/{variant.name}?exp={self.exp}"
         return Minted(f"{where.origin}{to_sign}&sig={signer.signature(to_sign)}", self.expires_at)
-
-
-def prepare_upstream() -> list[str]:
-    """Create or update the declared variants and mirror the signing keys (dev server start);
-    return banner lines. Failures are reported, not raised: the pages still work without."""
-    from broker.cloudflare import UpstreamError, get_client
-
-    client = get_client()
-    try:
-        done = variants.sync_variants(client, variants.declared_variants())
-        synced = keys.sync_keys(client)
-        db.session.commit()
-    except UpstreamError as exc:
-        db.session.rollback()
-        return [f"Variants/signing keys not synced ({exc}); run `flask variants sync`."]
-    names = ", ".join(d.name for d in done) or "none"
-    signer = keys.active_key()
-    key = f"signing key {signer.name}" if signer else "no signing key"
-    return [f"Variants: {names}; {key} ({len(synced.added)} new)."]

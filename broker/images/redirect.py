@@ -11,9 +11,9 @@ import time
 from flask import Blueprint, Response
 from flask_login import current_user
 
-from broker import delivery
 from broker.auth import fast_session_token
-from broker.errors import ApiError
+from broker.images import urls as delivery
+from broker.platform.errors import ApiError
 
 bp = Blueprint("delivery", __name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 from flask.cli import AppGroup
 
-from broker import keys, variants
-from broker.cloudflare import UpstreamError, get_client
-from broker.db import db, utcnow
+from broker.images import keys, variants
+from broker.platform.db import db, utcnow
+from broker.upstream.cloudflare import UpstreamError, get_client
 
 keys_cli = AppGroup("keys", help="Delivery URL signing keys (values are never shown).")
 variants_cli = AppGroup("variants", help="The image variants the app declares.")

@@ -103,7 +103,7 @@ class CloudflareTimeout(CloudflareUnavailable):
 
 
 class Budget(Protocol):
-    """What the client needs from the shared request budget (see broker.budget)."""
+    """What the client needs from the shared request budget (see broker.upstream.budget)."""
 
     def acquire(self, priority: Priority) -> None:
         """Spend one call or raise BudgetExhausted."""

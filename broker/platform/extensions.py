@@ -1,6 +1,6 @@
 """Flask extensions, created unbound and wired to each app by `init_app`.
 
-    from broker.extensions import csrf, limiter, login_manager
+    from broker.platform.extensions import csrf, limiter, login_manager
 
 `csrf.exempt(view_or_blueprint)` opts a view out of CSRF (inbound webhooks);
 `limiter.limit("10 per minute")` rate-limits a view.

@@ -11,9 +11,10 @@ from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
 
-from broker.sqlite_writes import gate_sqlite_writes
+from broker.platform.sqlite_writes import gate_sqlite_writes
 
-MIGRATIONS_DIR = str(Path(__file__).resolve().parent / "migrations")
+# The migrations span every feature's tables, so they sit at the package root.
+MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 
 # Stable constraint names so Alembic can alter them on every backend (SQLite batch mode too).
 NAMING_CONVENTION = {
@@ -73,8 +74,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 def init_app(app: Flask) -> None:
     """Bind the database and migrations to the app; SQLite gets WAL and foreign keys."""
-    from broker import models  # noqa: F401  (register the tables on Base.metadata)
-
     url = app.config["SQLALCHEMY_DATABASE_URI"]
     options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
     options.setdefault("pool_pre_ping", not url.startswith("sqlite"))

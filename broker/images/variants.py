@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 
-from broker.cloudflare import CloudflareImages, Priority
-from broker.cloudflare import Variant as UpstreamVariant
-from broker.config import ConfigError
-from broker.signing import PUBLIC_VARIANT, Variant, parse_variants
+from broker.images.signing import PUBLIC_VARIANT, Variant, parse_variants
+from broker.platform.config import ConfigError
+from broker.upstream.cloudflare import CloudflareImages, Priority
+from broker.upstream.cloudflare import Variant as UpstreamVariant
 
 log = logging.getLogger("broker.variants")
 

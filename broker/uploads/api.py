@@ -1,4 +1,4 @@
-"""/api/v1/uploads: ask for a direct upload URL, list, show and delete one's uploads.
+"""/api/v1/uploads: ask for a direct upload URL, list, show, delete and complete one's uploads.
 
 Another user's upload is 404 on every route (not 403: its existence is not revealed);
 admins see every upload.
@@ -13,20 +13,20 @@ from flask import Response, current_app, request, url_for
 from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from broker import idempotency, uploads
 from broker.api import bp
 from broker.api.spec import endpoint, errors
-from broker.cloudflare import get_client
-from broker.db import db
-from broker.errors import ApiError
-from broker.models import Upload, User
+from broker.auth.models import User
+from broker.platform.db import db
+from broker.platform.errors import ApiError
+from broker.uploads import completion, idempotency, lifecycle
+from broker.uploads.models import Upload
+from broker.upstream.cloudflare import get_client
 
 Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
 
 
 # Upstream trouble: 502 auth/failure, 503 budget or Cloudflare's 429, 504 timeout.
 UPSTREAM = (502, 503, 504)
-# Shared with other upload views (broker/api/completion.py).
 ERRORS = errors(401, 404, 422)
 
 
@@ -45,8 +45,8 @@ class CreateUpload(BaseModel):
     )
     expires_in: int | None = Field(
         None,
-        ge=uploads.MIN_EXPIRY,
-        le=uploads.MAX_EXPIRY,
+        ge=lifecycle.MIN_EXPIRY,
+        le=lifecycle.MAX_EXPIRY,
         description="Seconds the upload URL stays valid.",
     )
     id: str | None = Field(
@@ -83,22 +83,8 @@ class UploadOut(BaseModel):
     @classmethod
     def of(cls, upload: Upload) -> UploadOut:
         """Render an Upload row."""
-        return cls(
-            id=upload.id,
-            image_id=upload.image_id,
-            owner=upload.user.public_id,
-            status=upload.status,  # type: ignore[arg-type]
-            require_signed_urls=upload.require_signed_urls,
-            metadata=uploads.public_metadata(upload.meta),
-            created_at=upload.created_at,
-            expires_at=upload.expires_at,
-            status_changed_at=upload.status_changed_at,
-            completed_at=upload.completed_at,
-            filename=upload.filename,
-            uploaded_at=upload.uploaded_at,
-            reject_reason=upload.reject_reason,
-            last_checked_at=upload.last_checked_at,
-        )
+        fields = lifecycle.public_fields(upload)
+        return cls(**{name: fields[name] for name in cls.model_fields})
 
 
 class UploadCreated(UploadOut):
@@ -169,7 +155,7 @@ def create_upload(body: CreateUpload) -> Response:
     """Create a one-time direct upload URL stamped with the caller as creator."""
     user = _user()
     config = current_app.config
-    params = uploads.UploadParams(
+    params = lifecycle.UploadParams(
         metadata=body.metadata,
         require_signed_urls=(
             bool(config["REQUIRE_SIGNED_URLS"])
@@ -194,7 +180,7 @@ def create_upload(body: CreateUpload) -> Response:
             return replay
     client = get_client()
     try:
-        upload, upload_url = uploads.create_upload(user, params, client, config=config)
+        upload, upload_url = lifecycle.create_upload(user, params, client, config=config)
         upload_id, image_id = upload.id, upload.image_id
         try:
             db.session.flush()
@@ -207,7 +193,7 @@ def create_upload(body: CreateUpload) -> Response:
         except Exception:
             # Nothing half-done: no row, no reservation, no draft left behind.
             db.session.rollback()
-            uploads.abandon_create(client, upload_id, image_id)
+            lifecycle.abandon_create(client, upload_id, image_id)
             raise
     except Exception:
         if key is not None:
@@ -237,14 +223,14 @@ def list_uploads(query: ListUploads) -> UploadPage:
             if owner is None:
                 return UploadPage(items=[], next_cursor=None)
             user_id = owner.id
-    rows, cursor = uploads.list_uploads(
+    rows, cursor = lifecycle.list_uploads(
         user_id=user_id, status=query.status, cursor=query.cursor, limit=query.limit
     )
     return UploadPage(items=[UploadOut.of(u) for u in rows], next_cursor=cursor)
 
 
 def _visible(upload_id: str) -> Upload:
-    upload = uploads.find_upload(_user(), upload_id)
+    upload = lifecycle.find_upload(_user(), upload_id)
     if upload is None:
         raise ApiError(404, "not_found", "No such upload.")
     return upload
@@ -272,13 +258,13 @@ def get_upload(upload_id: str) -> UploadOut:
 def delete_upload(upload_id: str) -> UploadOut:
     """Delete the image at Cloudflare and mark the upload deleted."""
     upload = _visible(upload_id)
-    uploads.delete_upload(upload, get_client())
+    lifecycle.delete_upload(upload, get_client())
     db.session.commit()
     return UploadOut.of(upload)
 
 
 def _limits_out(user: User) -> UserLimitsOut:
-    pending, daily = uploads.limits_for(user, current_app.config)
+    pending, daily = lifecycle.limits_for(user, current_app.config)
     return UserLimitsOut(
         user=user.public_id,
         max_pending_uploads=user.max_pending_uploads,
@@ -324,3 +310,24 @@ def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:
     target.max_uploads_per_day = body.max_uploads_per_day
     db.session.commit()
     return _limits_out(target)
+
+
+# How long a client should wait before asking again (or fetching the upload).
+RETRY_AFTER = "1"
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/uploads/<upload_id>/complete",
+    responses={200: UploadOut, 202: UploadOut, **ERRORS},
+    tags=("uploads",),
+)
+def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | Response:
+    """Tell the broker the file was sent; answers the state now (202 while still pending)."""
+    upload = _visible(upload_id)
+    if upload.status != lifecycle.PENDING:
+        return UploadOut.of(upload), 200, {}
+    completion.hint(upload)  # also wakes an in-process worker
+    db.session.commit()
+    return UploadOut.of(upload), 202, {"Retry-After": RETRY_AFTER}

@@ -28,17 +28,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from broker import leases, uploads
-from broker.cloudflare import (
+from broker.platform import leases
+from broker.platform.db import utcnow
+from broker.platform.wakeup import notify_worker
+from broker.uploads import lifecycle
+from broker.uploads.models import Upload
+from broker.upstream.cloudflare import (
     CloudflareImages,
     CloudflareNotFound,
     Image,
     Priority,
     UpstreamError,
 )
-from broker.db import utcnow
-from broker.models import Upload
-from broker.webhooks import notify_worker
 
 log = logging.getLogger("broker.completion")
 
@@ -60,7 +61,7 @@ def check_delay(attempts: int) -> float:
 
 def hint(upload: Upload, *, now: datetime | None = None) -> bool:
     """Make a pending upload due for verification now (client or Cloudflare said it is done)."""
-    if upload.status != uploads.PENDING:
+    if upload.status != lifecycle.PENDING:
         return False
     now = now or utcnow()
     if upload.next_check_at is None or upload.next_check_at > now:
@@ -127,22 +128,22 @@ def finish_ready(
         try:
             data = client.get_blob(upload.image_id, priority=Priority.BACKGROUND)
         except CloudflareNotFound:
-            uploads.mark_deleted(upload, now=now)
+            lifecycle.mark_deleted(upload, now=now)
             return upload.status
         problem = policy_problem(data, config)
         if problem:
             with contextlib.suppress(CloudflareNotFound):
                 client.delete_image(upload.image_id, priority=Priority.BACKGROUND)
-            uploads.mark_rejected(upload, problem, now=now)
+            lifecycle.mark_rejected(upload, problem, now=now)
             log.info("upload rejected id=%s: %s", upload.id, problem)
             return upload.status
-    uploads.mark_ready(upload, image, now=now)
+    lifecycle.mark_ready(upload, image, now=now)
     log.info("upload ready id=%s image=%s", upload.id, upload.image_id)
     return upload.status
 
 
 def _reschedule(upload: Upload, now: datetime, owner: str) -> None:
-    if upload.lease_owner != owner or upload.status != uploads.PENDING:
+    if upload.lease_owner != owner or upload.status != lifecycle.PENDING:
         return
     upload.check_attempts = (upload.check_attempts or 0) + 1
     upload.last_checked_at = now
@@ -185,7 +186,7 @@ def verify_due(
     """Verify the uploads that are due; return how many changed state."""
     now = now or utcnow()
     due = [
-        Upload.status == uploads.PENDING,
+        Upload.status == lifecycle.PENDING,
         Upload.next_check_at <= now,
         Upload.expires_at > now - _grace(config),
     ]
@@ -234,7 +235,7 @@ def _verify_single(session, client, config, owner, upload_id, now) -> int:
     changed = 0
     if image is None:
         # Gone upstream before it was ever completed: nothing will arrive any more.
-        changed = int(uploads.mark_expired(upload, now=now))
+        changed = int(lifecycle.mark_expired(upload, now=now))
     elif image.draft:
         _reschedule(upload, now, owner)
     else:
@@ -267,7 +268,7 @@ def _verify_listing(session, client, config, owner, ids, now) -> int:
             session,
             Upload,
             where=[
-                Upload.status == uploads.PENDING,
+                Upload.status == lifecycle.PENDING,
                 Upload.image_id.in_(chunk),
                 Upload.id.notin_(list(ids)),
             ],
@@ -281,7 +282,7 @@ def _verify_listing(session, client, config, owner, ids, now) -> int:
     unsure: list[Any] = []
     for upload_id in [*ids, *extra_ids]:
         upload = session.get(Upload, upload_id)
-        if upload is None or upload.lease_owner != owner or upload.status != uploads.PENDING:
+        if upload is None or upload.lease_owner != owner or upload.status != lifecycle.PENDING:
             continue
         image = found.get(upload.image_id)
         if image is not None and not image.draft:
@@ -322,7 +323,7 @@ def expire_due(
     ids = leases.claim(
         session,
         Upload,
-        where=[Upload.status == uploads.PENDING, Upload.expires_at <= now - _grace(config)],
+        where=[Upload.status == lifecycle.PENDING, Upload.expires_at <= now - _grace(config)],
         order_by=[Upload.expires_at, Upload.id],
         limit=limit,
         owner=owner,
@@ -357,7 +358,7 @@ def expire_due(
             # The file arrived at the last moment: that is a completion, not an expiry.
             finish_ready(upload, image, client, config, now)
         else:
-            uploads.mark_expired(upload, now=now)
+            lifecycle.mark_expired(upload, now=now)
             log.info("upload expired id=%s", upload.id)
         changed += 1
         session.commit()

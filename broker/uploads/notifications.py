@@ -14,10 +14,10 @@ import logging
 import sqlalchemy as sa
 from flask import Blueprint, current_app, request
 
-from broker import completion
-from broker.db import db
-from broker.errors import ApiError
-from broker.models import Upload
+from broker.platform.db import db
+from broker.platform.errors import ApiError
+from broker.uploads import completion
+from broker.uploads.models import Upload
 
 log = logging.getLogger("broker.hooks")
 
@@ -55,7 +55,7 @@ def cloudflare_notification():  # type: ignore[no-untyped-def]
 
 def init_app(app) -> None:  # type: ignore[no-untyped-def]
     """Register the blueprint, exempt from CSRF (it carries no cookie; the secret authenticates)."""
-    from broker.extensions import csrf
+    from broker.platform.extensions import csrf
 
     csrf.exempt(bp)
     app.register_blueprint(bp)

@@ -26,10 +26,15 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from sqlalchemy.exc import IntegrityError
 
-from broker.cloudflare import CloudflareImages, CloudflareNotFound, Priority, SigningKeyValue
-from broker.db import db, utcnow
-from broker.models import SigningKey
-from broker.signing import Signer
+from broker.images.models import SigningKey
+from broker.images.signing import Signer
+from broker.platform.db import db, utcnow
+from broker.upstream.cloudflare import (
+    CloudflareImages,
+    CloudflareNotFound,
+    Priority,
+    SigningKeyValue,
+)
 
 log = logging.getLogger("broker.keys")
 

@@ -11,9 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from broker.api import bp
 from broker.api.spec import endpoint
 from broker.auth import current_api_token, limits, tokens, users
-from broker.db import db
-from broker.errors import ApiError
-from broker.extensions import csrf
+from broker.platform.db import db
+from broker.platform.errors import ApiError
+from broker.platform.extensions import csrf
 
 TAGS = ("auth",)
 

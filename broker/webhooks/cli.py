@@ -7,13 +7,13 @@ import sqlalchemy as sa
 from flask import current_app
 from flask.cli import with_appcontext
 
-from broker import ssrf, webhooks
-from broker.db import db
-from broker.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from broker.platform.db import db
+from broker.webhooks import endpoints, outbox, ssrf
+from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
 def _endpoint(public_id: str) -> WebhookEndpoint:
-    e = webhooks.find_endpoint(db.session, public_id)
+    e = endpoints.find_endpoint(db.session, public_id)
     if e is None:
         raise click.ClickException(f"no webhook endpoint {public_id}")
     return e
@@ -31,14 +31,14 @@ def webhooks_cli() -> None:
     "events",
     multiple=True,
     required=True,
-    help="Event types (repeat or comma-separate), or '*': " + ", ".join(webhooks.EVENT_TYPES),
+    help="Event types (repeat or comma-separate), or '*': " + ", ".join(outbox.EVENT_TYPES),
 )
 @click.option("--description", default="", help="A note for admins.")
 @with_appcontext
 def add_command(url: str, events: tuple[str, ...], description: str) -> None:
     """Register URL for events; prints its signing secret once."""
     try:
-        endpoint, secret = webhooks.add_endpoint(
+        endpoint, secret = endpoints.add_endpoint(
             db.session, url, events, current_app.config, description=description
         )
     except (ssrf.BlockedAddress, ValueError) as exc:
@@ -52,7 +52,7 @@ def add_command(url: str, events: tuple[str, ...], description: str) -> None:
 @with_appcontext
 def list_command() -> None:
     """List endpoints with their state."""
-    for e in webhooks.list_endpoints(db.session):
+    for e in endpoints.list_endpoints(db.session):
         state = "active" if e.active else f"disabled ({e.disabled_reason})"
         click.echo(f"{e.public_id}  {state}  events={e.events}  {e.url}")
 
@@ -64,7 +64,7 @@ def list_command() -> None:
 def rotate_command(endpoint_id: str, window: int) -> None:
     """Give an endpoint a new secret (printed once); the old one signs during the window."""
     e = _endpoint(endpoint_id)
-    secret = webhooks.rotate_secret(e, window=window)
+    secret = endpoints.rotate_secret(e, window=window)
     db.session.commit()
     click.echo(f"new secret (shown once): {secret}")
     click.echo(f"previous secret keeps signing until {e.previous_secret_until:%Y-%m-%d %H:%M:%SZ}")
@@ -75,7 +75,7 @@ def rotate_command(endpoint_id: str, window: int) -> None:
 @with_appcontext
 def disable_command(endpoint_id: str) -> None:
     """Stop delivering to an endpoint (its pending deliveries wait)."""
-    webhooks.set_active(_endpoint(endpoint_id), False, "disabled by an admin")
+    endpoints.set_active(_endpoint(endpoint_id), False, "disabled by an admin")
     db.session.commit()
     click.echo(f"disabled {endpoint_id}")
 
@@ -85,7 +85,7 @@ def disable_command(endpoint_id: str) -> None:
 @with_appcontext
 def enable_command(endpoint_id: str) -> None:
     """Resume delivering to an endpoint."""
-    webhooks.set_active(_endpoint(endpoint_id), True, None)
+    endpoints.set_active(_endpoint(endpoint_id), True, None)
     db.session.commit()
     click.echo(f"enabled {endpoint_id}")
 
@@ -101,7 +101,7 @@ def deliveries_command(
 ) -> None:
     """List deliveries, newest first."""
     endpoint = _endpoint(endpoint_id) if endpoint_id else None
-    rows = webhooks.recent_deliveries(db.session, endpoint=endpoint, status=status, limit=limit)
+    rows = endpoints.recent_deliveries(db.session, endpoint=endpoint, status=status, limit=limit)
     if not rows:
         click.echo("no deliveries")
     for d, ev, e in rows:
@@ -129,6 +129,6 @@ def redeliver_command(delivery_id: int) -> None:
     d = db.session.get(WebhookDelivery, delivery_id)
     if d is None:
         raise click.ClickException(f"no delivery {delivery_id}")
-    webhooks.redeliver(d)
+    endpoints.redeliver(d)
     db.session.commit()
     click.echo(f"delivery {delivery_id} queued")

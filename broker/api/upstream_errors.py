@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from broker.budget import BudgetExhausted
-from broker.cloudflare import (
+from broker.platform.errors import ApiError, handle_api_error
+from broker.upstream.budget import BudgetExhausted
+from broker.upstream.cloudflare import (
     CloudflareAuthError,
     CloudflareBadRequest,
     CloudflareConflict,
@@ -26,7 +27,6 @@ from broker.cloudflare import (
     CloudflareUnavailable,
     UpstreamError,
 )
-from broker.errors import ApiError, handle_api_error
 
 # Cloudflare error codes that point at one request field.
 _FIELD_FOR_CODE = {5411: "id", 5400: None, 5413: "file", 5455: "file"}

@@ -31,8 +31,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from broker.cloudflare import Priority, UpstreamError
-from broker.sqlite_writes import gate_sqlite_writes
+from broker.platform import health
+from broker.platform.sqlite_writes import gate_sqlite_writes
+from broker.upstream.cloudflare import Priority, UpstreamError
 
 log = logging.getLogger("broker.budget")
 
@@ -298,3 +299,23 @@ def get_budget() -> UpstreamBudget:
     from flask import current_app
 
     return current_app.extensions[EXTENSION_KEY]
+
+
+def metric_lines() -> list[str]:
+    """The upstream budget's gauges of `/metrics`: use, limit and any pause."""
+    status = get_budget().status()
+    return [
+        *health.gauge(
+            "broker_upstream_budget_used",
+            "Cloudflare calls counted in the current window.",
+            status.used,
+        ),
+        *health.gauge(
+            "broker_upstream_budget_limit", "Cloudflare calls allowed per window.", status.limit
+        ),
+        *health.gauge(
+            "broker_upstream_paused_seconds",
+            "Seconds left of a pause after Cloudflare's 429.",
+            round(status.paused_for, 1),
+        ),
+    ]

@@ -1,0 +1,86 @@
+"""Accounts and bearer tokens, as typed SQLAlchemy models.
+
+Every change here needs an Alembic migration (`flask --app broker db migrate -m "…"`);
+tests fail when the migrations and the models drift apart.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+import sqlalchemy as sa
+from flask_login import UserMixin
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from broker.platform.db import UTCDateTime, db, utcnow
+
+
+def _public_id() -> str:
+    """A stable, non-guessable user id that is safe to hand to Cloudflare as `creator`."""
+    return "u_" + secrets.token_hex(12)
+
+
+def _session_token() -> str:
+    """A fresh value for the id flask-login keeps in the session; rotating it ends sessions."""
+    return secrets.token_urlsafe(24)
+
+
+class User(UserMixin, db.Model):  # type: ignore[name-defined,misc]
+    """An end user (or admin) of the broker."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(sa.String(32), unique=True, default=_public_id)
+    username: Mapped[str] = mapped_column(sa.String(64))
+    # casefolded username: the unique key, so "Alice" and "alice" cannot both exist.
+    username_key: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    email: Mapped[str | None] = mapped_column(sa.String(254))
+    password_hash: Mapped[str] = mapped_column(sa.String(255))
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    active: Mapped[bool] = mapped_column(default=True)
+    session_token: Mapped[str] = mapped_column(sa.String(64), unique=True, default=_session_token)
+    max_pending_uploads: Mapped[int | None] = mapped_column()
+    max_uploads_per_day: Mapped[int | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def is_active(self) -> bool:  # type: ignore[override]
+        """Tell flask-login whether this user may be logged in."""
+        return self.active
+
+    def get_id(self) -> str:
+        """Return the rotating session token, not the primary key (so sessions can be ended)."""
+        return self.session_token
+
+    def end_sessions(self) -> None:
+        """Invalidate every session and remember cookie of this user."""
+        self.session_token = _session_token()
+
+
+def _token_public_id() -> str:
+    """A non-guessable id to name an API token in URLs (never the secret itself)."""
+    return "tok_" + secrets.token_hex(12)
+
+
+class ApiToken(db.Model):  # type: ignore[name-defined,misc]
+    """A bearer token of a user's device; only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(sa.String(32), unique=True, default=_token_public_id)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(100))
+    # hex SHA-256 of the whole token: a stolen database cannot be replayed as tokens.
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    # the first characters of the token, shown in lists so a user can tell tokens apart.
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(lazy="joined")

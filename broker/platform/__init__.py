@@ -1,0 +1,15 @@
+"""The shared platform every feature stands on; it imports no feature.
+
+- `config`: the one table of every `BROKER_*` setting, and the refusals of unsafe production
+  settings.
+- `db`: the SQLAlchemy binding, `utcnow`, `UTCDateTime`, and the one transaction rule.
+- `sqlite_writes`: one writer at a time per process on SQLite.
+- `errors`: `ApiError` and `DomainError`, the one JSON error shape, HTML error pages.
+- `extensions`: CSRF, flask-login and the rate limiter, created unbound.
+- `logs`: one log line per request with its request id.
+- `headers`: the security headers and the strict Content-Security-Policy.
+- `leases`: claim rows for one worker at a time (`FOR UPDATE SKIP LOCKED` or compare-and-set).
+- `wakeup`: the in-process worker's wake-up call.
+- `health`: `/livez`, `/readyz` and the Prometheus `/metrics` page, whose gauges the features
+  register with `metrics.register_gauge`.
+"""

@@ -1,0 +1,70 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import sqlalchemy as sa
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
+
+from broker.platform.db import db
+
+# Each feature's gauges, as functions returning Prometheus text lines (see `register_metrics`).
+METRICS_KEY = "broker.metrics"
+MetricLines = Callable[[], Iterable[str]]
+
+bp = Blueprint("health", __name__)
+
+
+def register_metrics(app: Flask, collect: MetricLines) -> None:
+    """Add a feature's gauges to `/metrics`, after those registered before."""
+    app.extensions.setdefault(METRICS_KEY, []).append(collect)
+
+
+def gauge(name: str, description: str, samples: Mapping[str, float] | float) -> list[str]:
+    """Render one gauge: a single value, or one sample per `status` label."""
+    lines = [f"# HELP {name} {description}", f"# TYPE {name} gauge"]
+    if isinstance(samples, Mapping):
+        lines += [f'{name}{{status="{label}"}} {value}' for label, value in samples.items()]
+    else:
+        lines.append(f"{name} {samples}")
+    return lines
+
+
+log = logging.getLogger("broker.health")
+
+
+@bp.get("/livez")
+def livez():  # type: ignore[no-untyped-def]
+    """Say the process is up; touches nothing else."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():  # type: ignore[no-untyped-def]
+    """Say whether the database answers; 503 with the reason when it does not."""
+    try:
+        db.session.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # any driver error means not ready
+        log.warning("readiness check failed: %s", type(exc).__name__)
+        db.session.rollback()
+        return jsonify({"status": "unavailable", "reason": "database unreachable"}), 503
+    return jsonify({"status": "ok", "database": "ok"})
+
+
+@bp.get("/metrics")
+def metrics():  # type: ignore[no-untyped-def]
+    """Expose the features' gauges (uploads, webhook deliveries, budget) as Prometheus text.
+
+    Off (404) until BROKER_METRICS_TOKEN is set; scrapers send it as a bearer token.
+    """
+    token = current_app.config.get("METRICS_TOKEN")
+    if not token:
+        abort(404)
+    sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(sent.encode(), str(token).encode()):
+        return Response("unauthorized\n", 401, {"WWW-Authenticate": 'Bearer realm="metrics"'})
+    lines = [line for collect in current_app.extensions.get(METRICS_KEY, ()) for line in collect()]
+    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

@@ -1,0 +1,99 @@
+"""Uploads, limit reservations and Idempotency-Key answers, as typed SQLAlchemy models.
+
+Every change here needs an Alembic migration (`flask --app broker db migrate -m "…"`);
+tests fail when the migrations and the models drift apart.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from broker.auth.models import User
+from broker.platform.db import UTCDateTime, db, utcnow
+
+
+def _upload_id() -> str:
+    """The broker's own id of an upload: what the API shows, distinct from Cloudflare's id."""
+    return secrets.token_hex(16)
+
+
+class Upload(db.Model):  # type: ignore[name-defined,misc]
+    """One direct upload slot and, once the file arrived, the image behind it.
+
+    `status` moves pending → ready | expired | rejected, and any → deleted; change it only
+    through broker.uploads (which records the transition times and refuses to go backwards).
+    """
+
+    __tablename__ = "uploads"
+    __table_args__ = (
+        sa.Index("ix_uploads_user_created", "user_id", "created_at", "id"),
+        sa.Index("ix_uploads_user_status", "user_id", "status"),
+        sa.Index("ix_uploads_status_next_check", "status", "next_check_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=_upload_id)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    # Cloudflare's image id (system UUID or a custom id, which may be up to 1024 chars).
+    image_id: Mapped[str] = mapped_column(sa.String(1024), unique=True)
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    require_signed_urls: Mapped[bool] = mapped_column(default=True)
+    # The metadata as sent to Cloudflare, the broker's own keys included.
+    meta: Mapped[dict | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    filename: Mapped[str | None] = mapped_column(sa.String(255))
+    uploaded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    variants: Mapped[list | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    reject_reason: Mapped[str | None] = mapped_column(sa.String(255))
+    # When the worker should next ask Cloudflare whether the file arrived.
+    next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    check_attempts: Mapped[int] = mapped_column(default=0)
+    # When Cloudflare last said "still a draft": later than the client's file POST means the
+    # file never arrived (rather than "not verified yet").
+    last_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class UploadReservation(db.Model):  # type: ignore[name-defined,misc]
+    """A slot of a user's upload limits held while Cloudflare is asked for a draft.
+
+    Taken under the user's lock before the upstream call and replaced by the Upload row (same
+    id) in the transaction that stores it, or removed when the call fails: concurrent creates
+    cannot overshoot the limits, and no lock is held while Cloudflare answers. A reservation
+    left by a killed process stops counting at `expires_at`.
+    """
+
+    __tablename__ = "upload_reservations"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class IdempotencyKey(db.Model):  # type: ignore[name-defined,misc]
+    """A client's `Idempotency-Key` and the answer it got, replayed for 24 hours."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (sa.UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(sa.String(255))
+    # method + path + SHA-256 of the body: the same key with another request is refused.
+    fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    # None while the first request is still running.
+    response_status: Mapped[int | None] = mapped_column()
+    response_body: Mapped[str | None] = mapped_column(sa.Text)
+    response_headers: Mapped[dict | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -1,0 +1,159 @@
+"""Webhook endpoints: registration behind the SSRF guard, secrets and their rotation, listing
+and the operator's views of deliveries (redeliver, counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from broker.platform import health
+from broker.platform.db import db, utcnow
+from broker.platform.wakeup import notify_worker
+from broker.webhooks import ssrf
+from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.webhooks.outbox import EVENT_TYPES
+from broker.webhooks.signing import generate_secret
+
+LOCAL_RECEIVER_HINT = (
+    "a receiver on this machine (loopback only) can be allowed in development and tests "
+    "with BROKER_WEBHOOK_ALLOW_PRIVATE=true"
+)
+
+
+def check_target(url: str, config: dict[str, Any]) -> ssrf.Target:
+    """Apply the SSRF guard for this app's configuration; raise ssrf.BlockedAddress."""
+    allow_private = bool(config.get("WEBHOOK_ALLOW_PRIVATE"))
+    require_https = config.get("ENV") != "development" and not allow_private
+    try:
+        return ssrf.check_url(url, allow_private=allow_private, require_https=require_https)
+    except ssrf.BlockedAddress as exc:
+        if allow_private or config.get("ENV") == "production":
+            raise
+        # The usual first try is a receiver on localhost: say how to allow it, and only that.
+        raise ssrf.BlockedAddress(f"{exc}; {LOCAL_RECEIVER_HINT}") from None
+
+
+def normalise_events(events: Sequence[str]) -> str:
+    """Validate event types and return them space-separated (`*` means all)."""
+    wanted = []
+    for raw in events:
+        for name in raw.replace(",", " ").split():
+            if name != "*" and name not in EVENT_TYPES:
+                raise ValueError(f"unknown event type {name!r}; known: {', '.join(EVENT_TYPES)}")
+            if name not in wanted:
+                wanted.append(name)
+    if not wanted:
+        raise ValueError("give at least one event type")
+    return " ".join(wanted)
+
+
+def find_endpoint(session: Session, public_id: str) -> WebhookEndpoint | None:
+    """Return the endpoint with this public id, if any."""
+    return session.scalar(sa.select(WebhookEndpoint).where(WebhookEndpoint.public_id == public_id))
+
+
+def list_endpoints(session: Session) -> list[WebhookEndpoint]:
+    """Return every endpoint, oldest first."""
+    return list(session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id)))
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    """Count deliveries by status (for operators)."""
+    rows = session.execute(
+        sa.select(WebhookDelivery.status, sa.func.count()).group_by(WebhookDelivery.status)
+    )
+    return {status: count for status, count in rows}
+
+
+def metric_lines() -> list[str]:
+    """The webhook deliveries gauge of `/metrics`."""
+    counts = dict(sorted(delivery_counts(db.session).items()))
+    return health.gauge(
+        "broker_webhook_deliveries", "Outgoing webhook deliveries by status.", counts
+    )
+
+
+def recent_deliveries(
+    session: Session,
+    *,
+    endpoint: WebhookEndpoint | None = None,
+    status: str | None = None,
+    limit: int = 50,
+) -> list[tuple[WebhookDelivery, WebhookEvent, WebhookEndpoint]]:
+    """Return deliveries newest first, each with its event and endpoint (one query)."""
+    stmt = (
+        sa.select(WebhookDelivery, WebhookEvent, WebhookEndpoint)
+        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    )
+    if endpoint is not None:
+        stmt = stmt.where(WebhookDelivery.endpoint_id == endpoint.id)
+    if status:
+        stmt = stmt.where(WebhookDelivery.status == status)
+    return [(d, ev, e) for d, ev, e in session.execute(stmt)]
+
+
+def add_endpoint(
+    session: Session,
+    url: str,
+    events: Sequence[str],
+    config: dict[str, Any],
+    *,
+    description: str = "",
+    now: datetime | None = None,
+) -> tuple[WebhookEndpoint, str]:
+    """Register an endpoint after the SSRF check; return it and its secret (shown only once)."""
+    check_target(url, config)
+    secret = generate_secret()
+    now = now or utcnow()
+    endpoint = WebhookEndpoint(
+        url=url,
+        events=normalise_events(events),
+        description=description,
+        secret=secret,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(endpoint)
+    session.flush()
+    return endpoint, secret
+
+
+def rotate_secret(
+    endpoint: WebhookEndpoint, *, window: float = 86400, now: datetime | None = None
+) -> str:
+    """Give `endpoint` a new secret; the old one keeps signing for `window` seconds."""
+    now = now or utcnow()
+    new = generate_secret()
+    endpoint.previous_secret = endpoint.secret
+    endpoint.previous_secret_until = now + timedelta(seconds=window)
+    endpoint.secret = new
+    endpoint.updated_at = now
+    return new
+
+
+def set_active(
+    endpoint: WebhookEndpoint, active: bool, reason: str | None, *, now: datetime | None = None
+) -> None:
+    """Enable or disable `endpoint` (disabled endpoints keep their pending deliveries)."""
+    endpoint.active = active
+    endpoint.disabled_reason = None if active else (reason or "disabled by an admin")
+    endpoint.updated_at = now or utcnow()
+
+
+def redeliver(delivery: WebhookDelivery, *, now: datetime | None = None) -> None:
+    """Queue `delivery` again now, with a fresh retry schedule and the same `webhook-id`."""
+    delivery.status = "pending"
+    delivery.attempts = 0
+    delivery.next_attempt_at = now or utcnow()
+    delivery.completed_at = None
+    delivery.lease_owner = None
+    delivery.lease_until = None
+    notify_worker()
