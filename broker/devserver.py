@@ -133,12 +133,12 @@ def prepare_upstream() -> list[str]:
     client = get_client()
     try:
         done = variants.sync_variants(client, variants.declared_variants())
-        synced = keys.sync_keys(client)
+        synced = keys.sync_keys(db.session, client)
         db.session.commit()
     except UpstreamError as exc:
         db.session.rollback()
         return [f"Variants/signing keys not synced ({exc}); run `flask variants sync`."]
     names = ", ".join(d.name for d in done) or "none"
-    signer = keys.active_key()
+    signer = keys.active_key(db.session)
     key = f"signing key {signer.name}" if signer else "no signing key"
     return [f"Variants: {names}; {key} ({len(synced.added)} new)."]

@@ -133,14 +133,14 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
 
 def _sync_keys(worker: Worker, now: datetime) -> int:
     """Mirror the account's signing keys (and purge retired ones past their grace)."""
-    result = keys.sync_keys(get_client(), now=now)
+    result = keys.sync_keys(db.session, get_client(), now=now)
     db.session.commit()
     return int(result.changed)
 
 
 def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
     """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
-    purged = idempotency.purge_expired(now)
+    purged = idempotency.purge_expired(db.session, now)
     db.session.commit()
     return purged
 

@@ -195,7 +195,7 @@ def make_user(app: Flask) -> Callable[..., Any]:
         username: str = "alice", password: str = "correct horse battery", *, is_admin: bool = False
     ) -> User:
         with app.app_context():
-            user = users.create_user(username, password, is_admin=is_admin)
+            user = users.create_user(db.session, username, password, is_admin=is_admin)
             db.session.commit()
             db.session.refresh(user)
             db.session.expunge(user)
@@ -254,9 +254,9 @@ def bearer() -> Callable[..., dict[str, str]]:
             if isinstance(user_or_username, User):
                 user = db.session.get(User, user_or_username.id)
             else:
-                user = users.find_user(str(user_or_username))
+                user = users.find_user(db.session, str(user_or_username))
             assert user is not None, f"no user {user_or_username!r}"
-            issued = tokens.issue(user, "pytest")
+            issued = tokens.issue(db.session, user, "pytest")
             db.session.commit()
             return {"Authorization": f"Bearer {issued.secret}"}
 

@@ -235,7 +235,7 @@ def test_deactivation_ends_sessions_and_tokens(app, client, make_user, login, be
     header = bearer(app, "alice")
     old_session = _session_cookie(client)
     with app.app_context():
-        users.deactivate(users.find_user("alice"))
+        users.deactivate(db.session, users.find_user(db.session, "alice"))
         db.session.commit()
     assert not _is_logged_in(client)
     assert not _is_logged_in(_client_with_session(app, old_session))
@@ -321,7 +321,7 @@ def test_username_uniqueness_ignores_case(app, client, make_user):
     assert 'aria-invalid="true"' in html
     with app.app_context():
         try:
-            users.create_user("Alice", PASSWORD)
+            users.create_user(db.session, "Alice", PASSWORD)
             raise AssertionError("created a duplicate")
         except users.AccountError as exc:
             assert exc.field == "username"

@@ -43,13 +43,13 @@ def test_login_rehashes_when_parameters_change(app, make_user):
         db.session.get(User, user.id).password_hash = old
         db.session.commit()
         assert passwords.needs_rehash(old)
-        assert users.authenticate("alice", PASSWORD) is not None
+        assert users.authenticate(db.session, "alice", PASSWORD) is not None
         db.session.commit()
         new = db.session.get(User, user.id).password_hash
         assert new != old and not passwords.needs_rehash(new)
         assert passwords.verify_password(new, PASSWORD)
         # a wrong password leaves the hash alone
-        assert users.authenticate("alice", "wrong password!!") is None
+        assert users.authenticate(db.session, "alice", "wrong password!!") is None
         assert db.session.get(User, user.id).password_hash == new
 
 
@@ -59,7 +59,7 @@ def test_unreadable_hash_never_authenticates(app, make_user):
     with app.app_context():
         db.session.get(User, user.id).password_hash = "not-a-hash"
         db.session.commit()
-        assert users.authenticate("alice", PASSWORD) is None
+        assert users.authenticate(db.session, "alice", PASSWORD) is None
         assert passwords.needs_rehash("not-a-hash")
 
 

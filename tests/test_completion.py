@@ -324,11 +324,11 @@ def test_outbox_row_is_written_with_the_state_change(setup):
         from broker.uploads import lifecycle
 
         row = db.session.get(Upload, up["id"])
-        lifecycle.mark_expired(row)
+        lifecycle.mark_expired(db.session, row)
         db.session.rollback()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookEvent)) == 0
         row = db.session.get(Upload, up["id"])
-        lifecycle.mark_expired(row)
+        lifecycle.mark_expired(db.session, row)
         db.session.commit()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookEvent)) == 1
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookDelivery)) == 1

@@ -66,7 +66,7 @@ def make_user(app: Flask, name: str, *, admin: bool = False) -> tuple[int, str]:
         user = User(username=name, username_key=name, password_hash="x", is_admin=admin)
         db.session.add(user)
         db.session.flush()
-        secret = tokens.issue(user, "test").secret
+        secret = tokens.issue(db.session, user, "test").secret
         db.session.commit()
         return user.id, secret
 
@@ -188,13 +188,13 @@ def test_rotation_signs_with_the_new_key_and_old_urls_work_until_the_old_key_is_
     upload_id = make_image(broker, user_id)
     old_url = mint(broker, secret, upload_id, "thumb").get_json()["url"]
     with broker.app_context():
-        old_key = keys.active_key()
+        old_key = keys.active_key(db.session)
         assert old_key is not None
         old_name = old_key.name
     result = broker.test_cli_runner().invoke(args=["keys", "rotate", "--grace", "600"])
     assert result.exit_code == 0, result.output
     with broker.app_context():
-        new_key = keys.active_key()
+        new_key = keys.active_key(db.session)
         assert new_key is not None and new_key.name != old_name
         assert new_key.value not in result.output
         new_signer = keys.Signer(new_key.name, new_key.value)
@@ -217,9 +217,9 @@ def test_rotation_signs_with_the_new_key_and_old_urls_work_until_the_old_key_is_
 
     # Within the grace period a sync keeps the old key; after it, the key is deleted.
     with broker.app_context():
-        assert keys.sync_keys(get_client()).purged == []
+        assert keys.sync_keys(db.session, get_client()).purged == []
         later = utcnow() + timedelta(seconds=601)
-        assert keys.sync_keys(get_client(), now=later).purged == [old_name]
+        assert keys.sync_keys(db.session, get_client(), now=later).purged == [old_name]
         db.session.commit()
     assert old_name not in {name for name, _ in emulator.emulator.store.list_keys()}
     assert fetch(http, old_url).status_code == 403
@@ -230,16 +230,16 @@ def test_sync_mirrors_keys_changed_upstream(broker: Flask, emulator: EmulatorSer
     store = emulator.emulator.store
     store.put_key("extra1")
     with broker.app_context():
-        result = keys.sync_keys(get_client())
+        result = keys.sync_keys(db.session, get_client())
         db.session.commit()
         assert result.added == ["extra1"]
-        assert keys.active_key().name == "extra1"
+        assert keys.active_key(db.session).name == "extra1"
     store.delete_key("extra1")
     with broker.app_context():
-        assert keys.sync_keys(get_client()).removed == ["extra1"]
+        assert keys.sync_keys(db.session, get_client()).removed == ["extra1"]
         db.session.commit()
-        assert keys.active_key().name == "default"
-        assert keys.sync_keys(get_client()).changed is False
+        assert keys.active_key(db.session).name == "default"
+        assert keys.sync_keys(db.session, get_client()).changed is False
 
 
 def test_another_users_image_is_404_on_every_route(broker: Flask) -> None:

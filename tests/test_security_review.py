@@ -299,7 +299,7 @@ def test_issued_token_repr_hides_the_secret(app: Flask, make_user: Callable[...,
 
     user = make_user()
     with app.app_context():
-        issued = tokens.issue(db.session.get(User, user.id), "repr")
+        issued = tokens.issue(db.session, db.session.get(User, user.id), "repr")
         assert issued.secret.startswith("brk_")
         assert issued.secret not in repr(issued) and issued.secret not in str(issued)
         db.session.rollback()

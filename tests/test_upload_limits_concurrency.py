@@ -123,12 +123,16 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         user = db.session.get(User, make_user("alice").id)
         user.max_pending_uploads = 1
         db.session.commit()
-        lifecycle.reserve_slot(user, app.config, "first", now)  # never finished or released
+        lifecycle.reserve_slot_and_commit(
+            db.session, user, app.config, "first", now
+        )  # never finished or released
         with pytest.raises(lifecycle.UploadError) as refused:
-            lifecycle.reserve_slot(user, app.config, "second", now + timedelta(seconds=1))
-        assert refused.value.status == 429
+            lifecycle.reserve_slot_and_commit(
+                db.session, user, app.config, "second", now + timedelta(seconds=1)
+            )
+        assert refused.value.as_api_error().status == 429
         assert refused.value.retry_after == lifecycle.RESERVATION_TTL.total_seconds() - 1
         later = now + lifecycle.RESERVATION_TTL
-        lifecycle.reserve_slot(user, app.config, "third", later)
+        lifecycle.reserve_slot_and_commit(db.session, user, app.config, "third", later)
         kept = db.session.scalars(sa.select(UploadReservation.id)).all()
         assert kept == ["third"]  # the stale one was dropped under the user's lock

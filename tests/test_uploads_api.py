@@ -192,7 +192,10 @@ def test_same_key_while_the_first_runs_is_409(app, client, alice, emulator) -> N
     with app.test_request_context():
         # The first request has claimed the key and is waiting on Cloudflare.
         fp = idempotency.fingerprint("POST", URL, body)
-        assert idempotency.begin(db.session.get(User, user.id), "slow", fp) is None
+        assert (
+            idempotency.claim_and_commit(db.session, db.session.get(User, user.id), "slow", fp)
+            is None
+        )
     response = client.post(URL, json=body, headers={**auth, "Idempotency-Key": "slow"})
     assert response.status_code == 409
     assert response.get_json()["error"]["code"] == "idempotency_in_progress"
@@ -205,7 +208,9 @@ def test_a_claim_left_by_a_dead_request_is_taken_over(app, client, alice, emulat
     with app.test_request_context():
         fp = idempotency.fingerprint("POST", URL, body)
         long_ago = idempotency.utcnow() - idempotency.ABANDONED_AFTER * 2
-        idempotency.begin(db.session.get(User, user.id), "dead", fp, now=long_ago)
+        idempotency.claim_and_commit(
+            db.session, db.session.get(User, user.id), "dead", fp, now=long_ago
+        )
     response = client.post(URL, json=body, headers={**auth, "Idempotency-Key": "dead"})
     assert response.status_code == 201
 
@@ -232,7 +237,7 @@ def test_expired_keys_are_purged(app, client, alice, emulator) -> None:
     client.post(URL, json={}, headers={**auth, "Idempotency-Key": "old"})
     with app.app_context():
         later = idempotency.utcnow() + idempotency.KEEP_FOR * 2
-        assert idempotency.purge_expired(later) == 1
+        assert idempotency.purge_expired(db.session, later) == 1
         db.session.commit()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(IdempotencyKey)) == 0
 

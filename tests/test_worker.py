@@ -45,7 +45,7 @@ def _double_claim(first, second, receiver):
         with app.app_context():
             barrier.wait()
             while True:
-                got = leases.claim(
+                got = leases.claim_and_commit(
                     db.session,
                     WebhookDelivery,
                     where=[WebhookDelivery.status == "pending"],

@@ -1,8 +1,8 @@
 """Turn upstream failures into the API's error answers (one mapping for every view).
 
 Registered on the API blueprint, so any /api/v1 view that lets a `CloudflareError` or
-`BudgetExhausted` escape answers the same way (domain refusals such as `UploadError` are
-`ApiError`s already):
+`BudgetExhausted` escape answers the same way (domain refusals, `DomainError`s, are mapped by
+`broker.platform.errors`):
 
 - Cloudflare refuses our credentials/account → 502 `upstream_auth` (an operator must act);
 - no answer in time → 504 `upstream_timeout`;
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+from flask.typing import ResponseReturnValue
 
 from broker.platform.errors import ApiError, handle_api_error
 from broker.upstream.budget import BudgetExhausted
@@ -84,7 +86,7 @@ def _field(field: str | None, exc: Any) -> list[dict[str, Any]]:
     return [{"field": field, "message": str(exc.message), "type": f"cloudflare_{exc.code}"}]
 
 
-def _on_upstream(exc: UpstreamError):  # type: ignore[no-untyped-def]
+def _on_upstream(exc: UpstreamError) -> ResponseReturnValue:
     return handle_api_error(upstream_api_error(exc))
 
 

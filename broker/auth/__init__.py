@@ -102,9 +102,13 @@ def load_user_from_request(req: Any) -> User | None:
     secret = _bearer_secret()
     if secret is None:
         return None
-    token = tokens.authenticate(secret)
+    token = tokens.authenticate(db.session, secret)
     if token is None:
         return None
+    # Authentication is a unit of work of its own: the last-used stamp must not wait on (or be
+    # rolled back with) whatever the view does next.
+    if db.session.dirty:
+        db.session.commit()
     g.api_token = token
     return token.user
 

@@ -94,12 +94,14 @@ def _current_id() -> int | None:
 @limits.per_username
 def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     """Exchange a username and password for a bearer token (shown once)."""
-    user = users.authenticate(body.username, body.password)
+    user = users.authenticate(db.session, body.username, body.password)
     if user is None:
         db.session.rollback()
         raise ApiError(401, "invalid_credentials", "Invalid username or password.")
     days = body.expires_in_days or int(current_app.config["API_TOKEN_TTL_DAYS"])
-    issued = tokens.issue(user, body.device_name.strip() or "device", ttl=timedelta(days=days))
+    issued = tokens.issue(
+        db.session, user, body.device_name.strip() or "device", ttl=timedelta(days=days)
+    )
     db.session.commit()
     out = _out(issued.token, None, TokenCreated, token=issued.secret)
     return out, 201, {"Cache-Control": "no-store"}
@@ -114,7 +116,7 @@ def list_tokens() -> TokenList:
     """List the caller's usable API tokens."""
     current_id = _current_id()
     user = current_user._get_current_object()
-    return TokenList(tokens=[_out(t, current_id) for t in tokens.active_tokens(user)])
+    return TokenList(tokens=[_out(t, current_id) for t in tokens.active_tokens(db.session, user)])
 
 
 @endpoint(bp, "DELETE", "/auth/tokens/current", responses={204: None}, tags=TAGS)
@@ -131,7 +133,7 @@ def revoke_current_token():  # type: ignore[no-untyped-def]
 @endpoint(bp, "DELETE", "/auth/tokens/<token_id>", responses={204: None}, tags=TAGS)
 def revoke_token(token_id: str):  # type: ignore[no-untyped-def]
     """Revoke one of the caller's tokens (another user's token: 404)."""
-    token = tokens.find_own(current_user._get_current_object(), token_id)
+    token = tokens.find_own(db.session, current_user._get_current_object(), token_id)
     if token is None:
         raise ApiError(404, "not_found", "No such token.")
     tokens.revoke(token)

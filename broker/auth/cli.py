@@ -18,7 +18,7 @@ tokens_cli = AppGroup("tokens", help="Manage API bearer tokens.")
 
 
 def _get_user(username: str) -> User:
-    user = users.find_user(username)
+    user = users.find_user(db.session, username)
     if user is None:
         raise click.ClickException(f"no user named {username!r}")
     return user
@@ -43,7 +43,9 @@ def create_user_command(
     """Create an account (asks for the password)."""
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     try:
-        user = users.create_user(username, password or _new_password(), email=email, is_admin=admin)
+        user = users.create_user(
+            db.session, username, password or _new_password(), email=email, is_admin=admin
+        )
         db.session.commit()
     except users.AccountError as exc:
         db.session.rollback()
@@ -60,7 +62,7 @@ def set_password_command(username: str, password_stdin: bool) -> None:
     user = _get_user(username)
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     try:
-        users.set_password(user, password or _new_password())
+        users.set_password(db.session, user, password or _new_password())
         db.session.commit()
     except users.AccountError as exc:
         db.session.rollback()
@@ -73,7 +75,7 @@ def set_password_command(username: str, password_stdin: bool) -> None:
 def deactivate_command(username: str) -> None:
     """Lock an account out: no login, sessions ended, API tokens revoked."""
     user = _get_user(username)
-    users.deactivate(user)
+    users.deactivate(db.session, user)
     db.session.commit()
     click.echo(f"Deactivated {user.username}.")
 
@@ -98,7 +100,7 @@ def create_token_command(username: str, name: str, days: int | None) -> None:
     if not user.is_active:
         raise click.ClickException(f"{user.username} is deactivated")
     ttl = timedelta(days=days or int(current_app.config["API_TOKEN_TTL_DAYS"]))
-    issued = tokens.issue(user, name, ttl=ttl)
+    issued = tokens.issue(db.session, user, name, ttl=ttl)
     db.session.commit()
     click.echo(issued.secret)
     click.echo(

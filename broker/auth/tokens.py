@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from broker.auth.models import ApiToken, User
-from broker.platform.db import db, utcnow
+from broker.platform.db import utcnow
 
 PREFIX = "brk_"
 DEFAULT_TTL = timedelta(days=90)
@@ -38,7 +39,12 @@ def digest(secret: str) -> str:
 
 
 def issue(
-    user: User, name: str, *, ttl: timedelta = DEFAULT_TTL, now: datetime | None = None
+    session: Session,
+    user: User,
+    name: str,
+    *,
+    ttl: timedelta = DEFAULT_TTL,
+    now: datetime | None = None,
 ) -> IssuedToken:
     """Create a token for `user` (added to the session; the caller commits)."""
     now = now or utcnow()
@@ -51,8 +57,8 @@ def issue(
         created_at=now,
         expires_at=now + ttl,
     )
-    db.session.add(token)
-    db.session.flush()
+    session.add(token)
+    session.flush()
     return IssuedToken(secret, token)
 
 
@@ -62,28 +68,28 @@ def is_usable(token: ApiToken, now: datetime | None = None) -> bool:
     return token.revoked_at is None and token.expires_at > now
 
 
-def authenticate(secret: str, now: datetime | None = None) -> ApiToken | None:
-    """Return the usable token whose secret this is, else None; records when it was last used."""
+def authenticate(session: Session, secret: str, now: datetime | None = None) -> ApiToken | None:
+    """Return the usable token whose secret this is, else None; stamps when it was last used
+    (at most once a minute, so most requests write nothing; the caller commits)."""
     if not secret.startswith(PREFIX) or len(secret) > 200:
         return None
     now = now or utcnow()
     hashed = digest(secret)
-    token = db.session.scalar(sa.select(ApiToken).where(ApiToken.token_hash == hashed))
+    token = session.scalar(sa.select(ApiToken).where(ApiToken.token_hash == hashed))
     if token is None or not hmac.compare_digest(token.token_hash, hashed):
         return None
     if not is_usable(token, now) or not token.user.is_active:
         return None
     if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
         token.last_used_at = now
-        db.session.commit()
     return token
 
 
-def active_tokens(user: User, now: datetime | None = None) -> list[ApiToken]:
+def active_tokens(session: Session, user: User, now: datetime | None = None) -> list[ApiToken]:
     """Return `user`'s tokens that are neither revoked nor expired, newest first."""
     now = now or utcnow()
     return list(
-        db.session.scalars(
+        session.scalars(
             sa.select(ApiToken)
             .where(
                 ApiToken.user_id == user.id,
@@ -95,9 +101,9 @@ def active_tokens(user: User, now: datetime | None = None) -> list[ApiToken]:
     )
 
 
-def find_own(user: User, public_id: str) -> ApiToken | None:
+def find_own(session: Session, user: User, public_id: str) -> ApiToken | None:
     """Return `user`'s unrevoked token with this public id (another user's token: None)."""
-    return db.session.scalar(
+    return session.scalar(
         sa.select(ApiToken).where(
             ApiToken.public_id == public_id,
             ApiToken.user_id == user.id,
@@ -112,9 +118,9 @@ def revoke(token: ApiToken, now: datetime | None = None) -> None:
         token.revoked_at = now or utcnow()
 
 
-def revoke_all(user: User, now: datetime | None = None) -> int:
+def revoke_all(session: Session, user: User, now: datetime | None = None) -> int:
     """Revoke every token of `user` (the caller commits); return how many were revoked."""
-    result = db.session.execute(
+    result = session.execute(
         sa.update(ApiToken)
         .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=now or utcnow())

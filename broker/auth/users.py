@@ -9,10 +9,11 @@ import re
 import unicodedata
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from broker.auth import passwords, tokens
 from broker.auth.models import User
-from broker.platform.db import db, utcnow
+from broker.platform.db import utcnow
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,63}$")
 USERNAME_RULES = "3-64 letters, digits, '.', '_' or '-', starting with a letter or digit."
@@ -32,19 +33,24 @@ def username_key(username: str) -> str:
     return unicodedata.normalize("NFKC", username).casefold()
 
 
-def find_user(username: str) -> User | None:
+def find_user(session: Session, username: str) -> User | None:
     """Return the user with this username, ignoring case."""
-    return db.session.scalar(sa.select(User).where(User.username_key == username_key(username)))
+    return session.scalar(sa.select(User).where(User.username_key == username_key(username)))
 
 
 def create_user(
-    username: str, password: str, *, email: str | None = None, is_admin: bool = False
+    session: Session,
+    username: str,
+    password: str,
+    *,
+    email: str | None = None,
+    is_admin: bool = False,
 ) -> User:
     """Create an account (the caller commits); refuse bad or taken usernames and weak passwords."""
     username = username.strip()
     if not USERNAME_RE.fullmatch(username):
         raise AccountError("username", USERNAME_RULES)
-    if find_user(username) is not None:
+    if find_user(session, username) is not None:
         raise AccountError("username", "That username is taken.")
     problem = passwords.password_problem(password)
     if problem:
@@ -56,14 +62,14 @@ def create_user(
         password_hash=passwords.hash_password(password),
         is_admin=is_admin,
     )
-    db.session.add(user)
-    db.session.flush()
+    session.add(user)
+    session.flush()
     return user
 
 
-def authenticate(username: str, password: str) -> User | None:
+def authenticate(session: Session, username: str, password: str) -> User | None:
     """Return the active user these credentials belong to (rehashing if needed), else None."""
-    user = find_user(username) if len(username) <= 64 else None
+    user = find_user(session, username) if len(username) <= 64 else None
     if len(password) > passwords.MAX_LENGTH:
         return None
     if not passwords.verify_password(user.password_hash if user else None, password):
@@ -77,18 +83,18 @@ def authenticate(username: str, password: str) -> User | None:
     return user
 
 
-def set_password(user: User, password: str) -> None:
+def set_password(session: Session, user: User, password: str) -> None:
     """Set a new password; end every session and revoke every token of the user."""
     problem = passwords.password_problem(password)
     if problem:
         raise AccountError("password", problem)
     user.password_hash = passwords.hash_password(password)
     user.end_sessions()
-    tokens.revoke_all(user)
+    tokens.revoke_all(session, user)
 
 
-def deactivate(user: User) -> None:
+def deactivate(session: Session, user: User) -> None:
     """Lock the account out: no login, sessions ended, tokens revoked."""
     user.active = False
     user.end_sessions()
-    tokens.revoke_all(user)
+    tokens.revoke_all(session, user)

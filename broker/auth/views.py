@@ -45,7 +45,7 @@ def login():  # type: ignore[no-untyped-def]
     form = LoginForm()
     status = 200
     if form.validate_on_submit():
-        user = users.authenticate(form.username.data or "", form.password.data or "")
+        user = users.authenticate(db.session, form.username.data or "", form.password.data or "")
         if user is not None:
             _start_session(user, remember=bool(form.remember.data))
             db.session.commit()
@@ -87,7 +87,10 @@ def register():  # type: ignore[no-untyped-def]
     if form.validate_on_submit():
         try:
             user = users.create_user(
-                form.username.data or "", form.password.data or "", email=form.email.data
+                db.session,
+                form.username.data or "",
+                form.password.data or "",
+                email=form.email.data,
             )
             db.session.commit()
         except users.AccountError as exc:
@@ -113,7 +116,7 @@ def _account_page(password_form: ChangePasswordForm | None = None, status: int =
     return render_template(
         "auth/account.html",
         user=user,
-        tokens=tokens.active_tokens(user),
+        tokens=tokens.active_tokens(db.session, user),
         password_form=password_form or ChangePasswordForm(),
         action_form=ActionForm(),
     ), status
@@ -138,7 +141,7 @@ def change_password():  # type: ignore[no-untyped-def]
     if not passwords.verify_password(user.password_hash, form.current.data or ""):
         form.current.errors.append("That is not your current password.")
         return _account_page(form, 422)
-    users.set_password(user, form.password.data or "")
+    users.set_password(db.session, user, form.password.data or "")
     db.session.commit()
     # The id in this browser's cookie was just rotated; carry on in a fresh session.
     _start_session(user)
@@ -152,7 +155,7 @@ def revoke_token(token_id: str):  # type: ignore[no-untyped-def]
     """Revoke one of the user's API tokens (another user's token: 404)."""
     if not ActionForm().validate_on_submit():
         abort(400)
-    token = tokens.find_own(current_user._get_current_object(), token_id)
+    token = tokens.find_own(db.session, current_user._get_current_object(), token_id)
     if token is None:
         abort(404)
     tokens.revoke(token)

@@ -21,7 +21,7 @@ def _upstream_failed(exc: UpstreamError) -> click.ClickException:
 def keys_sync() -> None:
     """Mirror the account's signing keys and delete retired keys past their grace period."""
     try:
-        result = keys.sync_keys(get_client())
+        result = keys.sync_keys(db.session, get_client())
     except UpstreamError as exc:
         db.session.rollback()
         raise _upstream_failed(exc) from None
@@ -42,7 +42,7 @@ def keys_sync() -> None:
 def keys_rotate(grace: int | None) -> None:
     """Create a new signing key, sign with it from now on, retire the old ones."""
     try:
-        new = keys.rotate_key(get_client(), grace=grace)
+        new = keys.rotate_key(db.session, get_client(), grace=grace)
     except UpstreamError as exc:
         db.session.rollback()
         raise _upstream_failed(exc) from None
@@ -53,7 +53,7 @@ def keys_rotate(grace: int | None) -> None:
 @keys_cli.command("list")
 def keys_list() -> None:
     """Show the stored keys: name, fingerprint, state (never the value)."""
-    rows = keys.list_keys()
+    rows = keys.list_keys(db.session)
     if not rows:
         click.echo("no signing keys stored; run `flask keys sync`")
         return

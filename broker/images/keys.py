@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from flask import Flask, current_app
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from broker.images.models import SigningKey
 from broker.images.signing import Signer
@@ -69,9 +70,11 @@ class KeySync:
         return bool(self.added or self.updated or self.removed or self.purged)
 
 
-def _reconcile(upstream: Sequence[SigningKeyValue], now: datetime, result: KeySync) -> None:
+def _reconcile(
+    session: Session, upstream: Sequence[SigningKeyValue], now: datetime, result: KeySync
+) -> None:
     """Make the table mirror `upstream` (in its creation order), keeping retirement state."""
-    stored = {k.name: k for k in db.session.scalars(sa.select(SigningKey))}
+    stored = {k.name: k for k in session.scalars(sa.select(SigningKey))}
     seen = set()
     for key in upstream:
         seen.add(key.name)
@@ -80,8 +83,8 @@ def _reconcile(upstream: Sequence[SigningKeyValue], now: datetime, result: KeySy
             try:
                 # Another process may insert the same key at the same moment: a savepoint keeps
                 # the unique violation from spoiling the caller's transaction.
-                with db.session.begin_nested():
-                    db.session.add(SigningKey(name=key.name, value=key.value, created_at=now))
+                with session.begin_nested():
+                    session.add(SigningKey(name=key.name, value=key.value, created_at=now))
                 result.added.append(key.name)
             except IntegrityError:
                 continue
@@ -94,14 +97,14 @@ def _reconcile(upstream: Sequence[SigningKeyValue], now: datetime, result: KeySy
             result.updated.append(key.name)
     for name, row in stored.items():
         if name not in seen:
-            db.session.delete(row)
+            session.delete(row)
             result.removed.append(name)
-    db.session.flush()
+    session.flush()
 
 
-def _due(now: datetime) -> list[SigningKey]:
+def _due(session: Session, now: datetime) -> list[SigningKey]:
     return list(
-        db.session.scalars(
+        session.scalars(
             sa.select(SigningKey).where(SigningKey.delete_after <= now).order_by(SigningKey.id)
         )
     )
@@ -116,30 +119,32 @@ def _delete_upstream(client: CloudflareImages, rows: Sequence[SigningKey]) -> li
     return [row.name for row in rows]
 
 
-def purge_retired_keys(client: CloudflareImages, now: datetime | None = None) -> list[str]:
+def purge_retired_keys(
+    session: Session, client: CloudflareImages, now: datetime | None = None
+) -> list[str]:
     """Delete retired keys whose grace period is over, upstream then here; return their names."""
-    due = _due(now or utcnow())
+    due = _due(session, now or utcnow())
     purged = _delete_upstream(client, due)
     for row in due:
-        db.session.delete(row)
-    db.session.flush()
+        session.delete(row)
+    session.flush()
     return purged
 
 
-def sync_keys(client: CloudflareImages, now: datetime | None = None) -> KeySync:
+def sync_keys(session: Session, client: CloudflareImages, now: datetime | None = None) -> KeySync:
     """Purge keys past their grace period, then mirror the upstream key list into the table.
 
     Every upstream call happens before the first write, so the transaction holds no write
     lock while waiting on Cloudflare (SQLite has a single writer).
     """
     now = now or utcnow()
-    due = _due(now)
+    due = _due(session, now)
     result = KeySync(purged=_delete_upstream(client, due))
     upstream = client.list_signing_keys(priority=Priority.BACKGROUND)
     for row in due:
-        db.session.delete(row)
-    db.session.flush()
-    _reconcile(upstream, now, result)
+        session.delete(row)
+    session.flush()
+    _reconcile(session, upstream, now, result)
     if result.changed:
         log.info(
             "signing keys synced: added=%s updated=%s removed=%s purged=%s",
@@ -153,7 +158,10 @@ def sync_keys(client: CloudflareImages, now: datetime | None = None) -> KeySync:
 
 
 def rotate_key(
-    client: CloudflareImages, now: datetime | None = None, grace: float | None = None
+    session: Session,
+    client: CloudflareImages,
+    now: datetime | None = None,
+    grace: float | None = None,
 ) -> SigningKey:
     """Create a new key upstream and sign with it from now on; retire the others for `grace`
     seconds (default `BROKER_KEY_ROTATION_GRACE`), after which they are deleted."""
@@ -163,22 +171,22 @@ def rotate_key(
     name = new_key_name(now)
     keys = client.create_signing_key(name)
     result = KeySync()
-    _reconcile(keys, now, result)
-    new = db.session.scalars(sa.select(SigningKey).where(SigningKey.name == name)).one()
-    for row in db.session.scalars(
+    _reconcile(session, keys, now, result)
+    new = session.scalars(sa.select(SigningKey).where(SigningKey.name == name)).one()
+    for row in session.scalars(
         sa.select(SigningKey).where(SigningKey.retired_at.is_(None), SigningKey.id != new.id)
     ):
         row.retired_at = now
         row.delete_after = now + timedelta(seconds=grace)
-    db.session.flush()
+    session.flush()
     log.info("signing key rotated: %s signs now, old keys deleted after %ss", name, grace)
     invalidate_cache()
     return new
 
 
-def active_key() -> SigningKey | None:
+def active_key(session: Session) -> SigningKey | None:
     """Return the key that signs new URLs: the newest one not retired (else the newest one)."""
-    return db.session.scalars(
+    return session.scalars(
         sa.select(SigningKey)
         .order_by(
             SigningKey.retired_at.is_not(None),
@@ -189,10 +197,10 @@ def active_key() -> SigningKey | None:
     ).first()
 
 
-def list_keys() -> list[SigningKey]:
+def list_keys(session: Session) -> list[SigningKey]:
     """Return every stored key, the signing one first."""
     return list(
-        db.session.scalars(
+        session.scalars(
             sa.select(SigningKey).order_by(
                 SigningKey.retired_at.is_not(None),
                 SigningKey.created_at.desc(),
@@ -218,7 +226,8 @@ class KeyCache:
             return self._signer
         with self._lock:
             if time.monotonic() - self._loaded >= self.ttl:
-                row = active_key()
+                # A process-wide cache, read from whichever request finds it stale.
+                row = active_key(db.session)
                 ident = (row.name, row.value) if row is not None else None
                 if ident != self._ident:
                     self._signer = Signer(*ident) if ident is not None else None

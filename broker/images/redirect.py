@@ -12,7 +12,8 @@ from flask import Blueprint, Response
 from flask_login import current_user
 
 from broker.auth import fast_session_token
-from broker.images import urls as delivery
+from broker.images import urls
+from broker.platform.db import db
 from broker.platform.errors import ApiError
 
 bp = Blueprint("delivery", __name__)
@@ -22,7 +23,7 @@ bp = Blueprint("delivery", __name__)
 SAFETY_MARGIN = 300
 
 
-def _load(upload_id: str) -> delivery.UploadRef:
+def _load(upload_id: str) -> urls.UploadRef:
     """Authenticate the caller and load the upload they may see (NotFound otherwise).
 
     A browser showing a gallery asks for dozens of images at once, so a session cookie is
@@ -33,31 +34,31 @@ def _load(upload_id: str) -> delivery.UploadRef:
     """
     token = fast_session_token()
     if token is not None:
-        found = delivery.load_for_session(token, upload_id)
+        found = urls.load_for_session(token, upload_id)
         if found is not None:
             row = found[1]
             if row is None:
-                raise delivery.NotFound(upload_id)
+                raise urls.NotFound(upload_id)
             return row
     if not current_user.is_authenticated:
         raise ApiError(401, "unauthorized", "Log in to see this image.")
-    return delivery.load_one(upload_id, delivery.Caller(current_user.id, current_user.is_admin))
+    return urls.load_one(db.session, upload_id, urls.Caller(current_user.id, current_user.is_admin))
 
 
 @bp.get("/i/<upload_id>/<variant>")
 def image(upload_id: str, variant: str) -> Response:
     """Redirect to a signed delivery URL of one of the caller's images."""
     try:
-        wanted = delivery.lookup_variant(variant)
+        wanted = urls.lookup_variant(variant)
         row = _load(upload_id)
         now = time.time()
-        ttl = delivery.lifetime(None)
-        minted = delivery.Minter(ttl, now).mint(row, wanted)
-    except (delivery.UnknownVariant, delivery.NotFound):
+        ttl = urls.lifetime(None)
+        minted = urls.Minter(ttl, now).mint(row, wanted)
+    except (urls.UnknownVariant, urls.NotFound):
         raise ApiError(404, "not_found", "No such image.") from None
-    except delivery.NotReady as exc:
+    except urls.NotReady as exc:
         raise ApiError(409, "not_ready", f"The image is {exc.status}.") from None
-    except delivery.NoSigningKey:
+    except urls.NoSigningKey:
         raise ApiError(503, "no_signing_key", "Images cannot be shown right now.") from None
     remaining = int(minted.expires_at.timestamp() - now) if minted.expires_at else ttl
     max_age = max(0, remaining - min(SAFETY_MARGIN, remaining // 2))

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from flask import current_app
+from sqlalchemy.orm import Session
 
 from broker.auth import session_user_clause
 from broker.auth.models import User
@@ -128,11 +129,11 @@ def _one_statement(is_admin: bool) -> sa.Select[Any]:
     return stmt
 
 
-def load_one(upload_id: str, caller: Caller) -> UploadRef:
+def load_one(session: Session, upload_id: str, caller: Caller) -> UploadRef:
     """Load one upload the caller may see (NotFound otherwise), with one indexed query."""
     params = {"upload_id": upload_id, "user_id": caller.user_id}
     # Core execution on the session's connection: plain rows need none of the ORM machinery.
-    row = db.session.connection().execute(_one_statement(caller.is_admin), params).first()
+    row = session.connection().execute(_one_statement(caller.is_admin), params).first()
     if row is None or row.status == "deleted":
         raise NotFound(upload_id)
     return UploadRef._make(row)
@@ -172,14 +173,14 @@ def load_for_session(session_token: str, upload_id: str) -> tuple[Caller, Upload
     return caller, UploadRef._make(row[2:])
 
 
-def load_many(upload_ids: Iterable[str], caller: Caller) -> dict[str, UploadRef]:
+def load_many(session: Session, upload_ids: Iterable[str], caller: Caller) -> dict[str, UploadRef]:
     """Load the uploads the caller may see among `upload_ids`, in one query, by id."""
     wanted = list(dict.fromkeys(upload_ids))
     if not wanted:
         return {}
     stmt = _visible(sa.select(*_COLUMNS).where(Upload.id.in_(wanted)), caller)
     make = UploadRef._make
-    return {row[0]: make(row) for row in db.session.execute(stmt)}
+    return {row[0]: make(row) for row in session.execute(stmt)}
 
 
 class Minter:

@@ -1,12 +1,28 @@
-"""The database: SQLAlchemy 2.x declarative base, Flask-SQLAlchemy binding, Alembic migrations."""
+"""The database: SQLAlchemy 2.x declarative base, Flask-SQLAlchemy binding, Alembic migrations.
+
+The one transaction rule, followed by every feature:
+
+- Domain functions take the `session` they work in and never commit (nor roll back).
+- The unit of work belongs to whoever called them: a view, a CLI command, or a worker job (the
+  `*_due` functions the worker runs, which finish each item in its own transaction). It commits
+  once its work is whole, and rolls back on failure.
+- A step that must commit part-way says so in its name, `…_and_commit`, and is called by the
+  owner: a limit reservation held while Cloudflare answers (`reserve_slot_and_commit`), an
+  `Idempotency-Key` claim (`claim_and_commit`), a worker's lease (`leases.claim_and_commit`).
+- Work done outside the database inside a unit of work (a draft created at Cloudflare) registers
+  its undo with `undo_on_failure`; the owner's `commit_or_undo` commits, or rolls back and runs
+  the undos newest first.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, g
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
@@ -33,7 +49,36 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+
+# What every model subclasses. Flask-SQLAlchemy builds `db.Model` from Base when `db` is made;
+# to the type checker it is Base, whose typed declarative API is all the models use.
+if TYPE_CHECKING:
+    Model = Base
+else:
+    Model = db.Model
 migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
+
+
+def undo_on_failure(undo: Callable[[], None]) -> None:
+    """Register how to undo work done outside the database if this request's commit fails."""
+    g.setdefault("undo_on_failure", []).append(undo)
+
+
+def commit_or_undo() -> None:
+    """Commit the request's unit of work; on failure roll back, run the undos, and re-raise."""
+    try:
+        db.session.commit()
+    except BaseException:
+        rollback_and_undo()
+        raise
+    g.pop("undo_on_failure", None)
+
+
+def rollback_and_undo() -> None:
+    """Roll the request's unit of work back and undo its outside work, newest first."""
+    db.session.rollback()
+    for undo in reversed(g.pop("undo_on_failure", [])):
+        undo()
 
 
 def utcnow() -> datetime:

@@ -1,7 +1,13 @@
-"""One JSON error shape for the API, HTML error pages for the browser."""
+"""One JSON error shape for the API, HTML error pages for the browser.
+
+Domain code raises `DomainError`s, which know nothing of HTTP: each names its kind of refusal,
+and `HTTP_STATUS` below is the one place that turns a kind into a status. Views may raise
+`ApiError` directly for what only HTTP knows (401, 403, 404 of a route).
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import Any
 
@@ -29,6 +35,52 @@ class ApiError(Exception):
         self.message = message
         self.details = details
         self.headers = headers or {}
+
+
+class Refusal(enum.Enum):
+    """What kind of refusal a domain error is; `HTTP_STATUS` maps each to its answer."""
+
+    MALFORMED = "malformed"  # the request cannot be read as meant
+    CONFLICT = "conflict"  # it clashes with work in progress; retry shortly
+    INVALID = "invalid"  # well-formed, but a rule refuses it
+    LIMIT_REACHED = "limit_reached"  # a limit is spent; retry after `retry_after`
+
+
+HTTP_STATUS = {
+    Refusal.MALFORMED: 400,
+    Refusal.CONFLICT: 409,
+    Refusal.INVALID: 422,
+    Refusal.LIMIT_REACHED: 429,
+}
+
+
+class DomainError(Exception):
+    """A refusal by domain code: its kind, a snake_case `code`, a message for people, the
+    request `field` at fault (if one is), and seconds until a retry may succeed (if known)."""
+
+    def __init__(
+        self,
+        kind: Refusal,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    def as_api_error(self) -> ApiError:
+        """Return the HTTP answer of this refusal."""
+        details = None
+        if self.field:
+            details = [{"field": self.field, "message": self.message, "type": "value_error"}]
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return ApiError(HTTP_STATUS[self.kind], self.code, self.message, details, headers)
 
 
 def from_validation_error(exc: ValidationError, status: int = 422) -> ApiError:
@@ -78,6 +130,11 @@ def handle_api_error(exc: ApiError):  # type: ignore[no-untyped-def]
     return html, exc.status, exc.headers
 
 
+def handle_domain_error(exc: DomainError):  # type: ignore[no-untyped-def]
+    """Answer a domain refusal with the status its kind maps to."""
+    return handle_api_error(exc.as_api_error())
+
+
 def handle_validation_error(exc: ValidationError):  # type: ignore[no-untyped-def]
     """Answer a request model's validation failure with 422 and field details."""
     return handle_api_error(from_validation_error(exc))
@@ -108,6 +165,7 @@ def handle_unexpected(exc: Exception):  # type: ignore[no-untyped-def]
 def init_app(app: Flask) -> None:
     """Register the error handlers."""
     app.register_error_handler(ApiError, handle_api_error)
+    app.register_error_handler(DomainError, handle_domain_error)
     app.register_error_handler(ValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterable, Mapping
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
+from sqlalchemy.orm import Session
 
 from broker.platform.db import db
 
 # Each feature's gauges, as functions returning Prometheus text lines (see `register_metrics`).
 METRICS_KEY = "broker.metrics"
-MetricLines = Callable[[], Iterable[str]]
+MetricLines = Callable[[Session], Iterable[str]]
 
 bp = Blueprint("health", __name__)
 
@@ -66,5 +67,9 @@ def metrics():  # type: ignore[no-untyped-def]
     sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(sent.encode(), str(token).encode()):
         return Response("unauthorized\n", 401, {"WWW-Authenticate": 'Bearer realm="metrics"'})
-    lines = [line for collect in current_app.extensions.get(METRICS_KEY, ()) for line in collect()]
+    lines = [
+        line
+        for collect in current_app.extensions.get(METRICS_KEY, ())
+        for line in collect(db.session)
+    ]
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

@@ -5,6 +5,8 @@ workers never wait on or take the same row. SQLite (one writer at a time): pick 
 take each with a compare-and-set UPDATE that only succeeds while the row is still unleased; the
 database serialises the writes, so exactly one worker wins each row. A lease that runs out (the
 worker was killed) makes the row claimable again.
+
+Both steps commit (hence their names): a lease is worth something only once other workers see it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def claimable(model: Any, now: datetime) -> sa.ColumnElement[bool]:
     return sa.or_(model.lease_until.is_(None), model.lease_until <= now)
 
 
-def claim(
+def claim_and_commit(
     session: Session,
     model: Any,
     *,
@@ -75,7 +77,7 @@ def claim(
     return won
 
 
-def release(session: Session, model: Any, ids: Sequence[int], owner: str) -> None:
+def release_and_commit(session: Session, model: Any, ids: Sequence[int], owner: str) -> None:
     """Give back leases `owner` still holds on `ids` (on shutdown), and commit."""
     if ids:
         session.execute(

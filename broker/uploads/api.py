@@ -6,6 +6,8 @@ admins see every upload.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from broker.api import bp
 from broker.api.spec import endpoint, errors
 from broker.auth.models import User
-from broker.platform.db import db
+from broker.platform.db import commit_or_undo, db, rollback_and_undo, undo_on_failure
 from broker.platform.errors import ApiError
 from broker.uploads import completion, idempotency, lifecycle
 from broker.uploads.models import Upload
@@ -140,6 +142,46 @@ def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> 
     return response
 
 
+def idempotent(view: Callable[..., Response]) -> Callable[..., Response]:
+    """Own the unit of work of an unsafe view and honour its `Idempotency-Key`.
+
+    With a key: the key is claimed before the view runs (409 while another request holds it),
+    a finished request's answer is replayed (`Idempotent-Replayed: true`; 422 for another body),
+    and the view's answer is stored in the view's own transaction. Without a key it only owns
+    the unit of work: commit once the view returned, or roll back and run its undos.
+    """
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Response:
+        user = _user()
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            fp = idempotency.fingerprint("POST", request.path, request.get_json(silent=True))
+            stored = idempotency.claim_and_commit(db.session, user, key, fp)
+            if stored is not None:
+                replay = current_app.response_class(
+                    stored.body, status=stored.status, mimetype="application/json"
+                )
+                replay.headers.update(stored.headers)
+                replay.headers["Idempotent-Replayed"] = "true"
+                return replay
+        try:
+            response = view(*args, **kwargs)
+            if key is not None:
+                body = response.get_data(as_text=True)
+                headers = dict(response.headers)
+                idempotency.store_answer(db.session, user, key, response.status_code, body, headers)
+            commit_or_undo()
+        except Exception:
+            rollback_and_undo()
+            if key is not None:
+                idempotency.release_and_commit(db.session, user, key)
+            raise
+        return response
+
+    return wrapper
+
+
 @endpoint(
     bp,
     "POST",
@@ -151,6 +193,7 @@ def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> 
     },
     tags=("uploads",),
 )
+@idempotent
 def create_upload(body: CreateUpload) -> Response:
     """Create a one-time direct upload URL stamped with the caller as creator."""
     user = _user()
@@ -167,39 +210,19 @@ def create_upload(body: CreateUpload) -> Response:
         ),
         custom_id=body.id,
     )
-    key = request.headers.get("Idempotency-Key")
-    if key is not None:
-        fp = idempotency.fingerprint("POST", request.path, request.get_json(silent=True))
-        stored = idempotency.begin(user, key, fp)
-        if stored is not None:
-            replay = current_app.response_class(
-                stored.body, status=stored.status, mimetype="application/json"
-            )
-            replay.headers.update(stored.headers)
-            replay.headers["Idempotent-Replayed"] = "true"
-            return replay
+    new = lifecycle.plan_upload(user, params)
     client = get_client()
-    try:
-        upload, upload_url = lifecycle.create_upload(user, params, client, config=config)
-        upload_id, image_id = upload.id, upload.image_id
-        try:
-            db.session.flush()
-            payload = UploadCreated(**UploadOut.of(upload).model_dump(), upload_url=upload_url)
-            headers = {"Location": url_for("api.get_upload", upload_id=upload_id)}
-            response = _json_response(payload, 201, headers)
-            if key is not None:
-                idempotency.finish(user, key, 201, response.get_data(as_text=True), headers)
-            db.session.commit()
-        except Exception:
-            # Nothing half-done: no row, no reservation, no draft left behind.
-            db.session.rollback()
-            lifecycle.abandon_create(client, upload_id, image_id)
-            raise
-    except Exception:
-        if key is not None:
-            idempotency.abandon(user, key)
-        raise
-    return response
+    # Commits the reservation: no lock or open transaction while Cloudflare answers.
+    prepaid = lifecycle.reserve_slot_and_commit(
+        db.session, user, config, new.id, new.now, budget=client.budget
+    )
+    undo_on_failure(lambda: lifecycle.release_slot_and_commit(db.session, new.id))
+    upload, upload_url = lifecycle.create_upload(db.session, new, client, prepaid=prepaid)
+    undo_on_failure(lambda: lifecycle.discard_draft(client, upload.image_id))
+    db.session.flush()
+    payload = UploadCreated(**UploadOut.of(upload).model_dump(), upload_url=upload_url)
+    headers = {"Location": url_for("api.get_upload", upload_id=new.id)}
+    return _json_response(payload, 201, headers)
 
 
 @endpoint(
@@ -224,13 +247,13 @@ def list_uploads(query: ListUploads) -> UploadPage:
                 return UploadPage(items=[], next_cursor=None)
             user_id = owner.id
     rows, cursor = lifecycle.list_uploads(
-        user_id=user_id, status=query.status, cursor=query.cursor, limit=query.limit
+        db.session, user_id=user_id, status=query.status, cursor=query.cursor, limit=query.limit
     )
     return UploadPage(items=[UploadOut.of(u) for u in rows], next_cursor=cursor)
 
 
 def _visible(upload_id: str) -> Upload:
-    upload = lifecycle.find_upload(_user(), upload_id)
+    upload = lifecycle.find_upload(db.session, _user(), upload_id)
     if upload is None:
         raise ApiError(404, "not_found", "No such upload.")
     return upload
@@ -258,7 +281,7 @@ def get_upload(upload_id: str) -> UploadOut:
 def delete_upload(upload_id: str) -> UploadOut:
     """Delete the image at Cloudflare and mark the upload deleted."""
     upload = _visible(upload_id)
-    lifecycle.delete_upload(upload, get_client())
+    lifecycle.delete_upload(db.session, upload, get_client())
     db.session.commit()
     return UploadOut.of(upload)
 

@@ -14,6 +14,10 @@ A due check waits up to `VERIFY_BATCH_WINDOW` seconds (counted from when the old
 became due) so that the hints arriving meanwhile share its call: the number of calls follows
 the number of windows, not of uploads. Every call is made at background priority through the
 shared budget.
+
+`verify_due` and `expire_due` are worker jobs: each owns its transactions (a lease claim, then
+one commit per verified batch), as the transaction rule in `broker.platform.db` allows a job.
+Everything else here works in the caller's session and never commits.
 """
 
 from __future__ import annotations
@@ -121,23 +125,28 @@ def _sniff(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
 
 
 def finish_ready(
-    upload: Upload, image: Image, client: CloudflareImages, config: Any, now: datetime
+    session: Session,
+    upload: Upload,
+    image: Image,
+    client: CloudflareImages,
+    config: Any,
+    now: datetime,
 ) -> str:
     """Record a completed image (after the optional policy check); return the new status."""
     if policy_enabled(config):
         try:
             data = client.get_blob(upload.image_id, priority=Priority.BACKGROUND)
         except CloudflareNotFound:
-            lifecycle.mark_deleted(upload, now=now)
+            lifecycle.mark_deleted(session, upload, now=now)
             return upload.status
         problem = policy_problem(data, config)
         if problem:
             with contextlib.suppress(CloudflareNotFound):
                 client.delete_image(upload.image_id, priority=Priority.BACKGROUND)
-            lifecycle.mark_rejected(upload, problem, now=now)
+            lifecycle.mark_rejected(session, upload, problem, now=now)
             log.info("upload rejected id=%s: %s", upload.id, problem)
             return upload.status
-    lifecycle.mark_ready(upload, image, now=now)
+    lifecycle.mark_ready(session, upload, image, now=now)
     log.info("upload ready id=%s image=%s", upload.id, upload.image_id)
     return upload.status
 
@@ -183,7 +192,8 @@ def verify_due(
     *,
     now: datetime | None = None,
 ) -> int:
-    """Verify the uploads that are due; return how many changed state."""
+    """Worker job: verify the uploads that are due (committing as it goes); return how many
+    changed state."""
     now = now or utcnow()
     due = [
         Upload.status == lifecycle.PENDING,
@@ -197,7 +207,7 @@ def verify_due(
     session.commit()
     if oldest is None or now - oldest < window:
         return 0
-    ids = leases.claim(
+    ids = leases.claim_and_commit(
         session,
         Upload,
         where=due,
@@ -235,11 +245,11 @@ def _verify_single(session, client, config, owner, upload_id, now) -> int:
     changed = 0
     if image is None:
         # Gone upstream before it was ever completed: nothing will arrive any more.
-        changed = int(lifecycle.mark_expired(upload, now=now))
+        changed = int(lifecycle.mark_expired(session, upload, now=now))
     elif image.draft:
         _reschedule(upload, now, owner)
     else:
-        finish_ready(upload, image, client, config, now)
+        finish_ready(session, upload, image, client, config, now)
         changed = 1
     session.commit()
     return changed
@@ -264,7 +274,7 @@ def _verify_listing(session, client, config, owner, ids, now) -> int:
     found_ids = list(found)
     for start in range(0, len(found_ids), IN_CHUNK):
         chunk = found_ids[start : start + IN_CHUNK]
-        extra_ids += leases.claim(
+        extra_ids += leases.claim_and_commit(
             session,
             Upload,
             where=[
@@ -287,7 +297,7 @@ def _verify_listing(session, client, config, owner, ids, now) -> int:
         image = found.get(upload.image_id)
         if image is not None and not image.draft:
             try:
-                finish_ready(upload, image, client, config, now)
+                finish_ready(session, upload, image, client, config, now)
                 changed += 1
             except UpstreamError as exc:
                 session.rollback()
@@ -318,9 +328,10 @@ def expire_due(
     now: datetime | None = None,
     limit: int = 50,
 ) -> int:
-    """Expire uploads still drafts past `expires_at` + grace (deleting the draft, best effort)."""
+    """Worker job: expire uploads still drafts past `expires_at` + grace, deleting the draft
+    (best effort) and committing each; return how many expired."""
     now = now or utcnow()
-    ids = leases.claim(
+    ids = leases.claim_and_commit(
         session,
         Upload,
         where=[Upload.status == lifecycle.PENDING, Upload.expires_at <= now - _grace(config)],
@@ -356,9 +367,9 @@ def expire_due(
             continue
         if image is not None and not image.draft:
             # The file arrived at the last moment: that is a completion, not an expiry.
-            finish_ready(upload, image, client, config, now)
+            finish_ready(session, upload, image, client, config, now)
         else:
-            lifecycle.mark_expired(upload, now=now)
+            lifecycle.mark_expired(session, upload, now=now)
             log.info("upload expired id=%s", upload.id)
         changed += 1
         session.commit()

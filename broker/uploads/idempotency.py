@@ -3,11 +3,14 @@
 A retried request (the phone lost its connection after the broker created the upload) must
 get the same upload back, not a second draft. Keys are per user. Flow:
 
-1. `begin()` claims the key in its own committed row *before* any upstream call, so a second
-   request with the same key, arriving while the first runs, is told 409;
+1. `claim_and_commit` claims the key in its own committed row *before* any upstream call, so a
+   second request with the same key, arriving while the first runs, is told 409;
 2. a finished key with the same request fingerprint is replayed; another body is told 422;
-3. `finish()` stores the answer in the caller's transaction (with the upload row), `abandon()`
-   drops the claim when the request failed, so the client may retry with the same key.
+3. `store_answer` stores the answer in the caller's transaction (with the upload row);
+   `release_and_commit` drops the claim when the request failed, so the client may retry with
+   the same key.
+
+`broker.uploads.api.idempotent` wraps an API view in all of this and owns its unit of work.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from broker.auth.models import User
-from broker.platform.db import db, utcnow
-from broker.platform.errors import ApiError
+from broker.platform.db import utcnow
+from broker.platform.errors import DomainError, Refusal
 from broker.uploads.models import IdempotencyKey
 
 KEEP_FOR = timedelta(hours=24)
@@ -34,8 +38,8 @@ MAX_KEY_LENGTH = 255
 REPLAYED_HEADERS = ("Location",)
 
 
-class IdempotencyError(ApiError):
-    """The key cannot be used for this request (409 in progress, 422 reused, 400 malformed)."""
+class IdempotencyError(DomainError):
+    """The key cannot be used for this request: still in progress, reused, or malformed."""
 
 
 @dataclass(frozen=True)
@@ -57,28 +61,31 @@ def check_key(key: str) -> str:
     """Validate the header's value: 1..255 printable ASCII characters."""
     if not key or len(key) > MAX_KEY_LENGTH or not all(0x20 < ord(c) < 0x7F for c in key):
         raise IdempotencyError(
-            400,
+            Refusal.MALFORMED,
             "invalid_idempotency_key",
             f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.",
         )
     return key
 
 
-def begin(user: User, key: str, fp: str, *, now: datetime | None = None) -> StoredResponse | None:
+def claim_and_commit(
+    session: Session, user: User, key: str, fp: str, *, now: datetime | None = None
+) -> StoredResponse | None:
     """Claim `key` for this request (committed at once), or return the answer to replay."""
     now = now or utcnow()
     check_key(key)
+    user_id = user.id  # read before the rollback below expires `user`
     for _ in range(3):
-        db.session.rollback()
-        row = db.session.scalar(
+        session.rollback()
+        row = session.scalar(
             sa.select(IdempotencyKey).where(
-                IdempotencyKey.user_id == user.id, IdempotencyKey.key == key
+                IdempotencyKey.user_id == user_id, IdempotencyKey.key == key
             )
         )
         if row is None:
-            db.session.add(
+            session.add(
                 IdempotencyKey(
-                    user_id=user.id,
+                    user_id=user_id,
                     key=key,
                     fingerprint=fp,
                     created_at=now,
@@ -86,33 +93,33 @@ def begin(user: User, key: str, fp: str, *, now: datetime | None = None) -> Stor
                 )
             )
             try:
-                db.session.commit()
+                session.commit()
                 return None
             except IntegrityError:  # another request claimed it meanwhile: look again
                 continue
         if row.expires_at <= now:
-            db.session.delete(row)
-            db.session.commit()
+            session.delete(row)
+            session.commit()
             continue
         if row.fingerprint != fp:
             raise IdempotencyError(
-                422,
+                Refusal.INVALID,
                 "idempotency_key_reused",
                 "This Idempotency-Key was used with a different request; use a new key.",
             )
         if row.response_status is None:
             if row.created_at > now - ABANDONED_AFTER:
                 raise IdempotencyError(
-                    409,
+                    Refusal.CONFLICT,
                     "idempotency_in_progress",
                     "A request with this Idempotency-Key is still running; retry shortly.",
                 )
-            claimed = db.session.execute(
+            claimed = session.execute(
                 sa.update(IdempotencyKey)
                 .where(IdempotencyKey.id == row.id, IdempotencyKey.created_at == row.created_at)
                 .values(created_at=now)
             )
-            db.session.commit()
+            session.commit()
             if claimed.rowcount:
                 return None
             continue
@@ -120,36 +127,39 @@ def begin(user: User, key: str, fp: str, *, now: datetime | None = None) -> Stor
             row.response_status, row.response_body or "", row.response_headers or {}
         )
     raise IdempotencyError(
-        409, "idempotency_in_progress", "This Idempotency-Key is busy; retry shortly."
+        Refusal.CONFLICT, "idempotency_in_progress", "This Idempotency-Key is busy; retry shortly."
     )
 
 
-def finish(user: User, key: str, status: int, body: str, headers: dict[str, str]) -> None:
+def store_answer(
+    session: Session, user: User, key: str, status: int, body: str, headers: dict[str, str]
+) -> None:
     """Store the answer with the caller's transaction (the caller commits)."""
     kept = {k: v for k, v in headers.items() if k in REPLAYED_HEADERS}
-    db.session.execute(
+    session.execute(
         sa.update(IdempotencyKey)
         .where(IdempotencyKey.user_id == user.id, IdempotencyKey.key == key)
         .values(response_status=status, response_body=body, response_headers=kept)
     )
 
 
-def abandon(user: User, key: str) -> None:
+def release_and_commit(session: Session, user: User, key: str) -> None:
     """Drop the claim of a request that failed, so the same key may be retried (commits)."""
-    db.session.rollback()
-    db.session.execute(
+    user_id = user.id  # read before the rollback expires `user`
+    session.rollback()
+    session.execute(
         sa.delete(IdempotencyKey).where(
-            IdempotencyKey.user_id == user.id,
+            IdempotencyKey.user_id == user_id,
             IdempotencyKey.key == key,
             IdempotencyKey.response_status.is_(None),
         )
     )
-    db.session.commit()
+    session.commit()
 
 
-def purge_expired(now: datetime | None = None) -> int:
+def purge_expired(session: Session, now: datetime | None = None) -> int:
     """Delete keys past their 24 hours (the worker calls this; the caller commits)."""
-    result = db.session.execute(
+    result = session.execute(
         sa.delete(IdempotencyKey).where(IdempotencyKey.expires_at <= (now or utcnow()))
     )
     return int(result.rowcount or 0)

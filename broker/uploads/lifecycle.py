@@ -21,11 +21,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from broker.auth.models import User
 from broker.platform import health
-from broker.platform.db import UTCDateTime, db, utcnow
-from broker.platform.errors import ApiError
+from broker.platform.db import UTCDateTime, utcnow
+from broker.platform.errors import DomainError, Refusal
 from broker.uploads.models import Upload, UploadReservation, _upload_id
 from broker.upstream.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
 from broker.webhooks import outbox
@@ -60,25 +61,8 @@ DAY = timedelta(hours=24)
 RESERVATION_TTL = timedelta(minutes=2)
 
 
-class UploadError(ApiError):
-    """A request the domain refuses: an ApiError naming the bad `field`, with `Retry-After`."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        retry_after: int | None = None,
-    ) -> None:
-        details = None
-        if field:
-            details = [{"field": field, "message": message, "type": "value_error"}]
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        super().__init__(status, code, message, details, headers)
-        self.field = field
-        self.retry_after = retry_after
+class UploadError(DomainError):
+    """A new upload, or a listing, that the rules refuse (invalid input or a spent limit)."""
 
 
 class InvalidTransition(Exception):
@@ -109,14 +93,17 @@ def build_metadata(user_meta: dict[str, Any] | None, upload_id: str) -> dict[str
     user_meta = dict(user_meta or {})
     if BROKER_META_KEY in user_meta:
         raise UploadError(
-            422, "validation_error", f"'{BROKER_META_KEY}' is reserved", field="metadata"
+            Refusal.INVALID,
+            "validation_error",
+            f"'{BROKER_META_KEY}' is reserved",
+            field="metadata",
         )
     meta = {**user_meta, BROKER_META_KEY: upload_id}
     size = metadata_size(meta)
     if size > MAX_METADATA_BYTES:
         room = MAX_METADATA_BYTES - metadata_size({BROKER_META_KEY: upload_id})
         raise UploadError(
-            422,
+            Refusal.INVALID,
             "validation_error",
             f"metadata is {metadata_size(user_meta)} bytes as JSON; at most {room} bytes "
             "fit beside the broker's own keys",
@@ -151,20 +138,20 @@ def public_fields(upload: Upload) -> dict[str, Any]:
     }
 
 
-def _emit(upload: Upload, event_type: str, now: datetime | None) -> None:
+def _emit(session: Session, upload: Upload, event_type: str, now: datetime | None) -> None:
     """Write `event_type` about `upload` to the outbox, in the caller's transaction."""
     fields = public_fields(upload)
     # An event reports a state change; when the broker last polled is no part of it.
     del fields["last_checked_at"]
     data = {"upload": {name: outbox.iso(value) for name, value in fields.items()}}
-    outbox.emit(db.session, event_type, data, subject=upload.id, now=now)
+    outbox.emit(session, event_type, data, subject=upload.id, now=now)
 
 
 def effective_expiry(now: datetime, expires_in: int) -> datetime:
     """The moment sent to Cloudflare as `expiry`: whole seconds, inside its bounds."""
     if not MIN_EXPIRY <= expires_in <= MAX_EXPIRY:
         raise UploadError(
-            422,
+            Refusal.INVALID,
             "validation_error",
             f"expires_in must be between {MIN_EXPIRY} and {MAX_EXPIRY} seconds",
             field="expires_in",
@@ -201,10 +188,10 @@ def check_custom_id(custom_id: str, require_signed_urls: bool) -> None:
     """Apply Cloudflare's custom id rules before spending an upstream call on them."""
     problem = custom_id_problem(custom_id)
     if problem:
-        raise UploadError(422, "validation_error", problem, field="id")
+        raise UploadError(Refusal.INVALID, "validation_error", problem, field="id")
     if require_signed_urls:
         raise UploadError(
-            422,
+            Refusal.INVALID,
             "validation_error",
             "a custom id cannot be used with signed URLs; send require_signed_urls: false",
             field="id",
@@ -260,7 +247,13 @@ def _usage_query() -> sa.Select[tuple[int, int, int]]:
 
 
 def _check_limits(
-    user_id: int, max_pending: int, max_daily: int, now: datetime, *, reserved: int
+    session: Session,
+    user_id: int,
+    max_pending: int,
+    max_daily: int,
+    now: datetime,
+    *,
+    reserved: int,
 ) -> None:
     """Refuse when the user's uploads plus reservations exceed the limits.
 
@@ -268,7 +261,7 @@ def _check_limits(
     the caller's own slot is allowed as long as the total stays within the limit.
     """
     since = now - DAY
-    pending, today, reservations = db.session.execute(
+    pending, today, reservations = session.execute(
         _usage_query(),
         {
             "user_id": user_id,
@@ -287,10 +280,10 @@ def _check_limits(
             .subquery()
         )
         # A slot frees for sure when the oldest live draft's URL (or a reservation) expires.
-        first_expiry = db.session.scalar(sa.select(sa.func.min(live_pending.c.moment)))
+        first_expiry = session.scalar(sa.select(sa.func.min(live_pending.c.moment)))
         retry = _seconds_until(first_expiry, now)
         raise UploadError(
-            429,
+            Refusal.LIMIT_REACHED,
             "too_many_pending_uploads",
             f"You have {max_pending} upload{'' if max_pending == 1 else 's'} waiting for a "
             "file, your limit; finish or delete one first.",
@@ -303,10 +296,10 @@ def _check_limits(
             .union_all(_live_reservations(user_id, now, UploadReservation.created_at))
             .subquery()
         )
-        oldest = db.session.scalar(sa.select(sa.func.min(recent.c.moment)))
+        oldest = session.scalar(sa.select(sa.func.min(recent.c.moment)))
         retry = _seconds_until(oldest + DAY if oldest else None, now)
         raise UploadError(
-            429,
+            Refusal.LIMIT_REACHED,
             "daily_upload_limit",
             f"You created {max_daily} uploads in the last 24 hours, your limit.",
             retry_after=retry,
@@ -319,8 +312,8 @@ def _live_reservations(user_id: int, now: datetime, column: Any) -> sa.Select[An
     )
 
 
-def reserve_slot(
-    user: User, config: Any, upload_id: str, now: datetime, *, budget: Any = None
+def reserve_slot_and_commit(
+    session: Session, user: User, config: Any, upload_id: str, now: datetime, *, budget: Any = None
 ) -> bool:
     """Hold one slot of `user`'s limits for `upload_id` (committed), or raise UploadError 429.
 
@@ -333,41 +326,41 @@ def reserve_slot(
     """
     user_id = user.id
     max_pending, max_daily = limits_for(user, config)
-    db.session.rollback()
-    if db.session.get_bind().dialect.name != "sqlite":
-        db.session.execute(sa.select(User.id).where(User.id == user_id).with_for_update())
+    session.rollback()
+    if session.get_bind().dialect.name != "sqlite":
+        session.execute(sa.select(User.id).where(User.id == user_id).with_for_update())
     # Under the lock: a killed process's reservations are dropped here, keeping the table small.
-    db.session.execute(
+    session.execute(
         sa.delete(UploadReservation).where(
             UploadReservation.user_id == user_id, UploadReservation.expires_at <= now
         )
     )
-    db.session.add(
+    session.add(
         UploadReservation(
             id=upload_id, user_id=user_id, created_at=now, expires_at=now + RESERVATION_TTL
         )
     )
     try:
-        db.session.flush()
-        _check_limits(user_id, max_pending, max_daily, now, reserved=1)
+        session.flush()
+        _check_limits(session, user_id, max_pending, max_daily, now, reserved=1)
         # Last: on PostgreSQL the budget's row lock is shared by every process; hold it briefly.
         acquire_in = getattr(budget, "acquire_in", None)
-        prepaid = bool(acquire_in and acquire_in(db.session.connection(), Priority.INTERACTIVE))
+        prepaid = bool(acquire_in and acquire_in(session.connection(), Priority.INTERACTIVE))
     except BaseException:
-        db.session.rollback()
+        session.rollback()
         raise
-    db.session.commit()
+    session.commit()
     return prepaid
 
 
-def release_slot(upload_id: str) -> None:
+def release_slot_and_commit(session: Session, upload_id: str) -> None:
     """Give back the slot of a create that failed (commits; best effort, it expires anyway)."""
     try:
-        db.session.rollback()
-        db.session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
-        db.session.commit()
+        session.rollback()
+        session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
+        session.commit()
     except Exception:  # never mask the create's own error; the reservation expires by itself
-        db.session.rollback()
+        session.rollback()
         log.warning("could not release the reservation of upload %s", upload_id, exc_info=True)
 
 
@@ -386,69 +379,82 @@ def new_upload_id() -> str:
     return _upload_id()
 
 
-def create_upload(
-    user: User,
-    params: UploadParams,
-    client: CloudflareImages,
-    *,
-    config: Any,
-    now: datetime | None = None,
-) -> tuple[Upload, str]:
-    """Ask Cloudflare for a direct upload URL for `user` and add the pending Upload row.
+@dataclass(frozen=True)
+class NewUpload:
+    """A create that passed the rules: its id, owner, Cloudflare's `expiry`, full metadata."""
 
-    Returns the (uncommitted) upload and its one-time upload URL. A slot of the user's limits
-    is reserved (and committed) first; when Cloudflare refuses or fails it is given back, so no
-    row ever claims a draft that does not exist. If the caller's commit fails it must call
-    `abandon_create`.
+    id: str
+    user_id: int
+    creator: str
+    params: UploadParams
+    expiry: datetime
+    meta: dict[str, Any]
+    now: datetime
+
+
+def plan_upload(user: User, params: UploadParams, *, now: datetime | None = None) -> NewUpload:
+    """Check a create against the rules (custom id, expiry, metadata) before anything is held.
+
+    The owner's ids are read now: once the reservation commits, touching `user` would reload it
+    and hold a connection in a transaction while Cloudflare answers.
     """
     now = now or utcnow()
     if params.custom_id is not None:
         check_custom_id(params.custom_id, params.require_signed_urls)
-    expiry = effective_expiry(now, params.expires_in)
     upload_id = new_upload_id()
-    meta = build_metadata(params.metadata, upload_id)
-    user_id, creator = user.id, user.public_id
-    # Commits the reservation: no lock or "idle in transaction" while Cloudflare answers, and
-    # no second pooled connection held by this thread. (`user` reloads if touched after this.)
-    prepaid = reserve_slot(user, config, upload_id, now, budget=client.budget)
-    try:
-        draft = client.direct_upload(
-            creator=creator,
-            expiry=expiry,
-            metadata=meta,
-            require_signed_urls=params.require_signed_urls,
-            custom_id=params.custom_id,
-            priority=Priority.INTERACTIVE,
-            prepaid=prepaid,
-        )
-    except BaseException:
-        release_slot(upload_id)
-        raise
-    upload = Upload(
+    return NewUpload(
         id=upload_id,
-        user_id=user_id,
+        user_id=user.id,
+        creator=user.public_id,
+        params=params,
+        expiry=effective_expiry(now, params.expires_in),
+        meta=build_metadata(params.metadata, upload_id),
+        now=now,
+    )
+
+
+def create_upload(
+    session: Session,
+    new: NewUpload,
+    client: CloudflareImages,
+    *,
+    prepaid: bool = False,
+) -> tuple[Upload, str]:
+    """Ask Cloudflare for the direct upload URL of `new` and add its pending Upload row.
+
+    Call it after `reserve_slot_and_commit(…, new.id, …)`; the row takes over the reservation's
+    slot in the caller's transaction. Returns the (uncommitted) upload and its one-time URL.
+    When the caller's unit of work fails, the slot goes back with `release_slot_and_commit` and
+    the draft with `discard_draft`, so no row ever claims a draft that does not exist.
+    """
+    params = new.params
+    draft = client.direct_upload(
+        creator=new.creator,
+        expiry=new.expiry,
+        metadata=new.meta,
+        require_signed_urls=params.require_signed_urls,
+        custom_id=params.custom_id,
+        priority=Priority.INTERACTIVE,
+        prepaid=prepaid,
+    )
+    upload = Upload(
+        id=new.id,
+        user_id=new.user_id,
         image_id=draft.id,
         status=PENDING,
         require_signed_urls=params.require_signed_urls,
-        meta=meta,
-        created_at=now,
-        expires_at=expiry,
-        status_changed_at=now,
-        next_check_at=now + FIRST_CHECK_DELAY,
+        meta=new.meta,
+        created_at=new.now,
+        expires_at=new.expiry,
+        status_changed_at=new.now,
+        next_check_at=new.now + FIRST_CHECK_DELAY,
         check_attempts=0,
     )
-    # The row takes over the reservation's slot in the caller's transaction. (Before `add`:
-    # the row's INSERT then happens in the caller's flush, which knows how to undo a create.)
-    db.session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
-    db.session.add(upload)
-    log.info("upload created id=%s image=%s user=%s", upload_id, draft.id, creator)
+    # Before `add`: the row's INSERT then happens in the caller's flush, after this DELETE.
+    session.execute(sa.delete(UploadReservation).where(UploadReservation.id == new.id))
+    session.add(upload)
+    log.info("upload created id=%s image=%s user=%s", new.id, draft.id, new.creator)
     return upload, draft.upload_url
-
-
-def abandon_create(client: CloudflareImages, upload_id: str, image_id: str) -> None:
-    """Undo a create whose row could not be stored: give back its slot, discard its draft."""
-    release_slot(upload_id)
-    discard_draft(client, image_id)
 
 
 def discard_draft(client: CloudflareImages, image_id: str) -> None:
@@ -477,7 +483,9 @@ def _transition(upload: Upload, new: str, now: datetime | None) -> bool:
     return True
 
 
-def mark_ready(upload: Upload, image: Image, *, now: datetime | None = None) -> bool:
+def mark_ready(
+    session: Session, upload: Upload, image: Image, *, now: datetime | None = None
+) -> bool:
     """Record that the file arrived: filename, upload time and variants from Cloudflare."""
     if image.draft:
         raise ValueError("the image is still a draft")
@@ -488,66 +496,70 @@ def mark_ready(upload: Upload, image: Image, *, now: datetime | None = None) -> 
         upload.filename = image.filename
         upload.uploaded_at = image.uploaded
         upload.variants = list(image.variants)
-        _emit(upload, "upload.completed", now)
+        _emit(session, upload, "upload.completed", now)
     return changed
 
 
-def mark_expired(upload: Upload, *, now: datetime | None = None) -> bool:
+def mark_expired(session: Session, upload: Upload, *, now: datetime | None = None) -> bool:
     """Record that the upload URL expired without a file."""
     changed = _transition(upload, EXPIRED, now)
     if changed:
-        _emit(upload, "upload.expired", now)
+        _emit(session, upload, "upload.expired", now)
     return changed
 
 
-def mark_rejected(upload: Upload, reason: str, *, now: datetime | None = None) -> bool:
+def mark_rejected(
+    session: Session, upload: Upload, reason: str, *, now: datetime | None = None
+) -> bool:
     """Record that Cloudflare refused the file (too large, bad format, …)."""
     changed = _transition(upload, REJECTED, now)
     if changed:
         upload.reject_reason = reason[:255]
-        _emit(upload, "upload.rejected", now)
+        _emit(session, upload, "upload.rejected", now)
     return changed
 
 
-def mark_deleted(upload: Upload, *, now: datetime | None = None) -> bool:
+def mark_deleted(session: Session, upload: Upload, *, now: datetime | None = None) -> bool:
     """Record that the image is gone at Cloudflare."""
     changed = _transition(upload, DELETED, now)
     if changed:
-        _emit(upload, "upload.deleted", now)
+        _emit(session, upload, "upload.deleted", now)
     return changed
 
 
-def delete_upload(upload: Upload, client: CloudflareImages, *, now: datetime | None = None) -> bool:
+def delete_upload(
+    session: Session, upload: Upload, client: CloudflareImages, *, now: datetime | None = None
+) -> bool:
     """Delete the image at Cloudflare (gone already is fine), then mark the upload deleted."""
     if upload.status == DELETED:
         return False
     with contextlib.suppress(CloudflareNotFound):  # already gone is what we want
         client.delete_image(upload.image_id, priority=Priority.INTERACTIVE)
-    return mark_deleted(upload, now=now)
+    return mark_deleted(session, upload, now=now)
 
 
 # ---------------------------------------------------------------------------------------------
 # Queries
 
 
-def status_counts() -> dict[str, int]:
+def status_counts(session: Session) -> dict[str, int]:
     """Count uploads by status (for operators)."""
-    rows = db.session.execute(sa.select(Upload.status, sa.func.count()).group_by(Upload.status))
+    rows = session.execute(sa.select(Upload.status, sa.func.count()).group_by(Upload.status))
     return {status: count for status, count in rows}
 
 
-def metric_lines() -> list[str]:
+def metric_lines(session: Session) -> list[str]:
     """The uploads gauge of `/metrics`: every status, zero included."""
-    counts = status_counts()
+    counts = status_counts(session)
     by_status = {status: counts.get(status, 0) for status in STATUSES}
     return health.gauge("broker_uploads", "Uploads by status.", by_status)
 
 
-def find_upload(user: User, upload_id: str) -> Upload | None:
+def find_upload(session: Session, user: User, upload_id: str) -> Upload | None:
     """Return the upload if `user` may see it (owner, or an admin); else None (→ 404)."""
     if len(upload_id) > 64:
         return None
-    upload = db.session.get(Upload, upload_id)
+    upload = session.get(Upload, upload_id)
     if upload is None or (upload.user_id != user.id and not user.is_admin):
         return None
     return upload
@@ -569,10 +581,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
             raise ValueError
         return moment, upload_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise UploadError(422, "validation_error", "invalid cursor", field="cursor") from None
+        raise UploadError(
+            Refusal.INVALID, "validation_error", "invalid cursor", field="cursor"
+        ) from None
 
 
 def list_uploads(
+    session: Session,
     *,
     user_id: int | None,
     status: str | None = None,
@@ -597,7 +612,7 @@ def list_uploads(
             )
         )
     query = query.order_by(Upload.created_at.desc(), Upload.id.desc()).limit(limit + 1)
-    rows = list(db.session.scalars(query))
+    rows = list(session.scalars(query))
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, encode_cursor(rows[-1]) if more and rows else None

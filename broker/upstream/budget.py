@@ -301,7 +301,7 @@ def get_budget() -> UpstreamBudget:
     return current_app.extensions[EXTENSION_KEY]
 
 
-def metric_lines() -> list[str]:
+def metric_lines(session: object) -> list[str]:
     """The upstream budget's gauges of `/metrics`: use, limit and any pause."""
     status = get_budget().status()
     return [

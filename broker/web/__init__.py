@@ -50,6 +50,7 @@ def gallery():  # type: ignore[no-untyped-def]
     before = request.args.get("before") or None
     try:
         rows, next_cursor = lifecycle.list_uploads(
+            db.session,
             user_id=current_user.id,
             cursor=before,
             limit=GALLERY_PAGE_SIZE,
@@ -66,7 +67,7 @@ def gallery():  # type: ignore[no-untyped-def]
 @login_required
 def image_detail(upload_id: str):  # type: ignore[no-untyped-def]
     """Show one image with its larger variant, copy-link and delete."""
-    row = lifecycle.find_upload(current_user, upload_id)
+    row = lifecycle.find_upload(db.session, current_user, upload_id)
     if row is None:
         abort(404)
     return render_template("web/image.html", upload=row, detail_variant=_detail_variant())
@@ -85,7 +86,7 @@ def admin():  # type: ignore[no-untyped-def]
     users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
     return render_template(
         "web/admin.html",
-        counts=lifecycle.status_counts(),
+        counts=lifecycle.status_counts(db.session),
         users=users,
         endpoints=endpoints.list_endpoints(db.session),
         deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from broker.platform import health
-from broker.platform.db import db, utcnow
+from broker.platform.db import utcnow
 from broker.platform.wakeup import notify_worker
 from broker.webhooks import ssrf
 from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
@@ -70,9 +70,9 @@ def delivery_counts(session: Session) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
-def metric_lines() -> list[str]:
+def metric_lines(session: Session) -> list[str]:
     """The webhook deliveries gauge of `/metrics`."""
-    counts = dict(sorted(delivery_counts(db.session).items()))
+    counts = dict(sorted(delivery_counts(session).items()))
     return health.gauge(
         "broker_webhook_deliveries", "Outgoing webhook deliveries by status.", counts
     )

@@ -95,7 +95,7 @@ def attempt(
 def claim_due(session: Session, owner: str, now: datetime, limit: int = 20) -> list[int]:
     """Lease up to `limit` due deliveries of active endpoints to `owner`."""
     active = sa.select(WebhookEndpoint.id).where(WebhookEndpoint.active.is_(True))
-    return leases.claim(
+    return leases.claim_and_commit(
         session,
         WebhookDelivery,
         where=[
@@ -120,7 +120,10 @@ def deliver_one(
     now: datetime | None = None,
     rng: random.Random | None = None,
 ) -> str | None:
-    """Make one attempt of a delivery `owner` holds; record it; return the new status."""
+    """Make one attempt of a delivery `owner` holds; record and commit it; return the new status.
+
+    Part of the `deliver_due` job: the attempt's record commits before the next one starts.
+    """
     now = now or utcnow()
     delivery = session.get(WebhookDelivery, delivery_id)
     if delivery is None or delivery.lease_owner != owner or delivery.status != "pending":
@@ -212,13 +215,14 @@ def deliver_due(
     limit: int = 20,
     stop: threading.Event | None = None,
 ) -> int:
-    """Claim and attempt due deliveries; on `stop`, give back what was not tried. Return count."""
+    """Worker job: claim and attempt due deliveries, each in its own transaction; on `stop`,
+    give back what was not tried. Return how many were attempted."""
     now = now or utcnow()
     ids = claim_due(session, owner, now, limit)
     done = 0
     for index, delivery_id in enumerate(ids):
         if stop is not None and stop.is_set():
-            leases.release(session, WebhookDelivery, ids[index:], owner)
+            leases.release_and_commit(session, WebhookDelivery, ids[index:], owner)
             break
         try:
             deliver_one(session, delivery_id, owner, config, now=now)

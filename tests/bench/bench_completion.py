@@ -148,9 +148,9 @@ def main() -> int:
         )
         with app.app_context():
             upgrade()
-            user = users.create_user("bench", "bench password long enough")
+            user = users.create_user(db.session, "bench", "bench password long enough")
             db.session.commit()
-            auth = {"Authorization": f"Bearer {tokens.issue(user, 'bench').secret}"}
+            auth = {"Authorization": f"Bearer {tokens.issue(db.session, user, 'bench').secret}"}
             _, receiver.secret = endpoints.add_endpoint(db.session, hook_url, ["*"], app.config)
             db.session.commit()
         client = app.test_client()

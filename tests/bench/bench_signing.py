@@ -106,7 +106,7 @@ def seed(app: Flask) -> dict[str, Any]:
             db.session.add(upload)
             db.session.flush()
             ids.append(upload.id)
-        secret = tokens.issue(user, "bench").secret
+        secret = tokens.issue(db.session, user, "bench").secret
         session_token = user.session_token
         db.session.commit()
     return {"ids": ids, "bearer": secret, "session_token": session_token}
@@ -114,12 +114,13 @@ def seed(app: Flask) -> dict[str, Any]:
 
 def bench_inprocess(app: Flask, ids: list[str]) -> tuple[float, float]:
     """Return (URLs/s through Minter.mint, bare hmac.new/s over the same strings)."""
-    from broker.images import urls as delivery
+    from broker.images import urls
+    from broker.platform.db import db
 
     with app.app_context():
-        rows = list(delivery.load_many(ids, delivery.Caller(0, True)).values())
-        variant = delivery.lookup_variant("thumb")
-        minter = delivery.Minter(3600, time.time())
+        rows = list(urls.load_many(db.session, ids, urls.Caller(0, True)).values())
+        variant = urls.lookup_variant("thumb")
+        minter = urls.Minter(3600, time.time())
         key = b"k" * 43
         strings = [
             f"{minter.delivery(r).path(r.image_id, 'thumb')}?exp={minter.exp}".encode()

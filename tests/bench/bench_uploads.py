@@ -113,9 +113,11 @@ def prepare_broker(settings: dict[str, Any]) -> str:
     with app.app_context():
         upgrade()
         # A fresh user per run: BENCH_DATABASE_URL may point at a database used before.
-        user = users.create_user(f"bench{secrets.token_hex(4)}", "bench password long enough")
+        user = users.create_user(
+            db.session, f"bench{secrets.token_hex(4)}", "bench password long enough"
+        )
         db.session.commit()
-        secret = tokens.issue(user, "bench").secret
+        secret = tokens.issue(db.session, user, "bench").secret
         db.session.commit()
         db.engine.dispose()
     return secret
