@@ -162,7 +162,7 @@ def run_once(
 
 
 def _named(app: Flask, worker_id: str) -> Worker:
-    workers = app.extensions.setdefault("workers", {})
+    workers: dict[str, Worker] = app.extensions.setdefault("workers", {})
     if worker_id not in workers:
         workers[worker_id] = Worker(app, worker_id=worker_id)
     return workers[worker_id]

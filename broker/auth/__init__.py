@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, current_app, flash, g, redirect, request, session, url_for
+from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 from flask_wtf.csrf import CSRFError, generate_csrf
 
@@ -43,7 +44,8 @@ def csrf_token() -> str:
 def current_api_token() -> ApiToken | None:
     """Return the token that authenticated this request, or None for cookie sessions."""
     current_user._get_current_object()  # make sure the loaders ran
-    return g.get("api_token")
+    token: ApiToken | None = g.get("api_token")
+    return token
 
 
 def _bearer_secret() -> str | None:
@@ -136,7 +138,7 @@ def _csrf_protect() -> None:
     csrf.protect(apply_exemptions=True)
 
 
-def _csrf_error(exc: CSRFError):  # type: ignore[no-untyped-def]
+def _csrf_error(exc: CSRFError) -> ResponseReturnValue:
     """Refuse a write without a valid CSRF token (403, JSON for the API)."""
     return handle_api_error(
         ApiError(
@@ -148,7 +150,7 @@ def _csrf_error(exc: CSRFError):  # type: ignore[no-untyped-def]
 
 
 @login_manager.unauthorized_handler
-def unauthorized():  # type: ignore[no-untyped-def]
+def unauthorized() -> ResponseReturnValue:
     """Answer JSON 401 for the API, redirect pages to the login form."""
     if wants_json():
         raise ApiError(
@@ -173,7 +175,7 @@ def admin_required(view: F) -> F:
             raise ApiError(403, "forbidden", "This needs an administrator account.")
         return view(*args, **kwargs)
 
-    return wrapped  # type: ignore[return-value]
+    return cast(F, wrapped)
 
 
 def init_app(app: Flask) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from flask import current_app
 from flask_login import current_user
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from broker.api import bp
 from broker.api.spec import endpoint
 from broker.auth import current_api_token, limits, tokens, users
+from broker.auth.models import ApiToken
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 from broker.platform.extensions import csrf
@@ -63,7 +65,10 @@ class Me(BaseModel):
     is_admin: bool
 
 
-def _out(row, current_id: int | None, cls=TokenOut, **extra):  # type: ignore[no-untyped-def]
+_Out = TypeVar("_Out", bound=TokenOut)
+
+
+def _out(row: ApiToken, current_id: int | None, cls: type[_Out], **extra: Any) -> _Out:
     return cls(
         id=row.public_id,
         device_name=row.name,
@@ -116,11 +121,12 @@ def list_tokens() -> TokenList:
     """List the caller's usable API tokens."""
     current_id = _current_id()
     user = current_user._get_current_object()
-    return TokenList(tokens=[_out(t, current_id) for t in tokens.active_tokens(db.session, user)])
+    rows = tokens.active_tokens(db.session, user)
+    return TokenList(tokens=[_out(t, current_id, TokenOut) for t in rows])
 
 
 @endpoint(bp, "DELETE", "/auth/tokens/current", responses={204: None}, tags=TAGS)
-def revoke_current_token():  # type: ignore[no-untyped-def]
+def revoke_current_token() -> tuple[str, int]:
     """Revoke the token this request was made with (log the device out)."""
     token = current_api_token()
     if token is None:
@@ -131,7 +137,7 @@ def revoke_current_token():  # type: ignore[no-untyped-def]
 
 
 @endpoint(bp, "DELETE", "/auth/tokens/<token_id>", responses={204: None}, tags=TAGS)
-def revoke_token(token_id: str):  # type: ignore[no-untyped-def]
+def revoke_token(token_id: str) -> tuple[str, int]:
     """Revoke one of the caller's tokens (another user's token: 404)."""
     token = tokens.find_own(db.session, current_user._get_current_object(), token_id)
     if token is None:

@@ -20,7 +20,7 @@ class BrowserForm(FlaskForm):
     (numbers, lists, a bare `1`) crash the validators with a 500; a JSON post is an empty form.
     """
 
-    class Meta:
+    class Meta(FlaskForm.Meta):
         def wrap_formdata(self, form: Any, formdata: Any) -> Any:
             if (
                 request.method != "GET"
@@ -29,7 +29,7 @@ class BrowserForm(FlaskForm):
                 and not request.files
             ):
                 return ImmutableMultiDict()
-            return FlaskForm.Meta.wrap_formdata(self, form, formdata)  # type: ignore[arg-type]
+            return super().wrap_formdata(form, formdata)
 
 
 def _password_rules(form: FlaskForm, field: PasswordField) -> None:

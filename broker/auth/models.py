@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from flask_login import UserMixin
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from broker.platform.db import UTCDateTime, db, utcnow
+from broker.platform.db import Model, UTCDateTime, utcnow
 
 
 def _public_id() -> str:
@@ -26,7 +26,7 @@ def _session_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-class User(UserMixin, db.Model):  # type: ignore[name-defined,misc]
+class User(UserMixin, Model):
     """An end user (or admin) of the broker."""
 
     __tablename__ = "users"
@@ -47,7 +47,7 @@ class User(UserMixin, db.Model):  # type: ignore[name-defined,misc]
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
-    def is_active(self) -> bool:  # type: ignore[override]
+    def is_active(self) -> bool:
         """Tell flask-login whether this user may be logged in."""
         return self.active
 
@@ -65,7 +65,7 @@ def _token_public_id() -> str:
     return "tok_" + secrets.token_hex(12)
 
 
-class ApiToken(db.Model):  # type: ignore[name-defined,misc]
+class ApiToken(Model):
     """A bearer token of a user's device; only the SHA-256 of the secret is stored."""
 
     __tablename__ = "api_tokens"

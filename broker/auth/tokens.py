@@ -12,12 +12,12 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from broker.auth.models import ApiToken, User
-from broker.platform.db import utcnow
+from broker.platform.db import Session, utcnow
 
 PREFIX = "brk_"
 DEFAULT_TTL = timedelta(days=90)
@@ -125,4 +125,4 @@ def revoke_all(session: Session, user: User, now: datetime | None = None) -> int
         .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=now or utcnow())
     )
-    return result.rowcount or 0
+    return cast(sa.CursorResult[Any], result).rowcount or 0

@@ -9,11 +9,10 @@ import re
 import unicodedata
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from broker.auth import passwords, tokens
 from broker.auth.models import User
-from broker.platform.db import utcnow
+from broker.platform.db import Session, utcnow
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,63}$")
 USERNAME_RULES = "3-64 letters, digits, '.', '_' or '-', starting with a letter or digit."

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import cast
 from urllib.parse import urlsplit
 
 from flask import abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy.exc import IntegrityError
 
 from broker.auth import bp, limits, passwords, tokens, users
 from broker.auth.forms import ActionForm, ChangePasswordForm, LoginForm, RegisterForm
+from broker.auth.models import User
 from broker.platform.db import db
 
 INVALID_LOGIN = "Invalid username or password."
@@ -28,7 +31,7 @@ def safe_next(target: str | None) -> str | None:
     return target
 
 
-def _start_session(user, remember: bool = False) -> None:  # type: ignore[no-untyped-def]
+def _start_session(user: User, remember: bool = False) -> None:
     """Log `user` in on a brand-new session (no value of the old one survives: no fixation)."""
     session.clear()
     login_user(user, remember=remember)
@@ -37,7 +40,7 @@ def _start_session(user, remember: bool = False) -> None:  # type: ignore[no-unt
 @bp.route("/login", methods=["GET", "POST"])
 @limits.per_ip
 @limits.per_username
-def login():  # type: ignore[no-untyped-def]
+def login() -> ResponseReturnValue:
     """Show the login form; log the user in on a valid submission."""
     target = safe_next(request.args.get("next"))
     if current_user.is_authenticated:
@@ -64,7 +67,7 @@ def login():  # type: ignore[no-untyped-def]
 
 
 @bp.post("/logout")
-def logout():  # type: ignore[no-untyped-def]
+def logout() -> ResponseReturnValue:
     """End every session, remember cookie and the current browser session of the user."""
     if current_user.is_authenticated:
         user = current_user._get_current_object()
@@ -78,7 +81,7 @@ def logout():  # type: ignore[no-untyped-def]
 
 @bp.route("/register", methods=["GET", "POST"])
 @limits.per_ip
-def register():  # type: ignore[no-untyped-def]
+def register() -> ResponseReturnValue:
     """Create an account (only when BROKER_REGISTRATION is on) and log it in."""
     if not current_app.config["REGISTRATION"]:
         abort(404)
@@ -98,7 +101,8 @@ def register():  # type: ignore[no-untyped-def]
             getattr(form, exc.field).errors.append(exc.message)
         except IntegrityError:  # a concurrent registration took the name first
             db.session.rollback()
-            form.username.errors.append("That username is taken.")
+            # A validated field's errors are a list.
+            cast(list[str], form.username.errors).append("That username is taken.")
         else:
             _start_session(user)
             user.last_login_at = user.created_at
@@ -111,7 +115,9 @@ def register():  # type: ignore[no-untyped-def]
     return render_template("auth/register.html", form=form), status
 
 
-def _account_page(password_form: ChangePasswordForm | None = None, status: int = 200):  # type: ignore[no-untyped-def]
+def _account_page(
+    password_form: ChangePasswordForm | None = None, status: int = 200
+) -> ResponseReturnValue:
     user = current_user._get_current_object()
     return render_template(
         "auth/account.html",
@@ -124,7 +130,7 @@ def _account_page(password_form: ChangePasswordForm | None = None, status: int =
 
 @bp.get("/account")
 @login_required
-def account():  # type: ignore[no-untyped-def]
+def account() -> ResponseReturnValue:
     """Show the account: details, password change, the API tokens with revoke buttons."""
     return _account_page()
 
@@ -132,14 +138,14 @@ def account():  # type: ignore[no-untyped-def]
 @bp.post("/account/password")
 @login_required
 @limits.per_ip
-def change_password():  # type: ignore[no-untyped-def]
+def change_password() -> ResponseReturnValue:
     """Change the password; ends every other session and revokes every API token."""
     form = ChangePasswordForm()
     user = current_user._get_current_object()
     if not form.validate_on_submit():
         return _account_page(form, 422)
     if not passwords.verify_password(user.password_hash, form.current.data or ""):
-        form.current.errors.append("That is not your current password.")
+        cast(list[str], form.current.errors).append("That is not your current password.")
         return _account_page(form, 422)
     users.set_password(db.session, user, form.password.data or "")
     db.session.commit()
@@ -151,7 +157,7 @@ def change_password():  # type: ignore[no-untyped-def]
 
 @bp.post("/account/tokens/<token_id>/revoke")
 @login_required
-def revoke_token(token_id: str):  # type: ignore[no-untyped-def]
+def revoke_token(token_id: str) -> ResponseReturnValue:
     """Revoke one of the user's API tokens (another user's token: 404)."""
     if not ActionForm().validate_on_submit():
         abort(400)

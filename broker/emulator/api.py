@@ -15,7 +15,7 @@ from broker.emulator.core import API_BLUEPRINT, current_emulator
 from broker.emulator.errors import CfError, envelope
 from broker.emulator.filters import matches, parse_meta_filters
 from broker.emulator.imaging import MAX_BYTES, inspect_image
-from broker.emulator.store import AlreadyExists, NewImage, TooMany, VariantRecord
+from broker.emulator.store import AlreadyExists, ImageRecord, NewImage, TooMany, VariantRecord
 from broker.emulator.validation import (
     MAX_FILENAME,
     check_creator,
@@ -178,7 +178,7 @@ def list_v2() -> Response:
         after = (int(match.group(1), 16), int(match.group(2), 16))
     filters = parse_meta_filters(request.args.items(multi=True))
     emu = current_emulator()
-    page = []
+    page: list[ImageRecord] = []
     more = False
     for image in emu.store.list_images(
         creator=request.args.get("creator"), descending=sort_order == "desc", after=after

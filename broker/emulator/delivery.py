@@ -9,7 +9,9 @@ from __future__ import annotations
 from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, request
+from flask.sansio.blueprints import BlueprintSetupState
 from werkzeug.routing import BaseConverter
+from werkzeug.wrappers import Response as BaseResponse
 
 from broker.emulator.core import DELIVERY_BLUEPRINT, current_emulator
 from broker.emulator.imaging import EXTENSIONS, FORMAT_FOR_CONTENT_TYPE, render
@@ -27,8 +29,8 @@ class AccountHashConverter(BaseConverter):
 
 
 @bp.record_once
-def _register_converter(state: object) -> None:
-    state.app.url_map.converters["account_hash"] = AccountHashConverter  # type: ignore[attr-defined]
+def _register_converter(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters["account_hash"] = AccountHashConverter
 
 
 PUBLIC_MAX_AGE = 172_800  # Cloudflare's default browser TTL for Images: two days.
@@ -107,7 +109,7 @@ def _output(image: ImageRecord, variant: VariantRecord) -> tuple[bytes, str, boo
 
 
 @bp.get("/<account_hash:account_hash>/<path:image_id>/<variant>")
-def delivery(account_hash: str, image_id: str, variant: str) -> Response:
+def delivery(account_hash: str, image_id: str, variant: str) -> BaseResponse:
     """Serve an image transformed per a named variant; private images need a signed URL."""
     emu = current_emulator()
     if account_hash != emu.account_hash:
@@ -121,7 +123,7 @@ def delivery(account_hash: str, image_id: str, variant: str) -> Response:
     if not _signed_ok(image, named):
         raise DeliveryError(403, 9425, "Access denied: a valid signed URL is required")
     body, content_type, hit = _output(image, named)
-    resp = Response(body, content_type=content_type)
+    resp: BaseResponse = Response(body, content_type=content_type)
     if image.require_signed and not named.never_require_signed:
         exp = int(dict(parse_qsl(request.query_string.decode("latin-1")))["exp"])
         max_age = max(0, min(PUBLIC_MAX_AGE, exp - int(emu.now().timestamp())))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from broker.api import bp
 from broker.api.spec import ErrorDetail, endpoint, errors
 from broker.images import urls, variants
+from broker.images.signing import Variant
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 
@@ -77,7 +78,7 @@ def _lifetime(ttl: int | None) -> int:
         ) from None
 
 
-def _variant(name: str, field: str = "variant") -> urls.Variant:
+def _variant(name: str, field: str = "variant") -> Variant:
     try:
         return urls.lookup_variant(name)
     except urls.UnknownVariant:
@@ -134,7 +135,7 @@ def image_urls(body: UrlBatch) -> UrlBatchResult:
     for i, item in enumerate(body.items):
         variant = known.get(item.variant)
         if variant is None:
-            _variant(item.variant, f"items.{i}.variant")  # raises the 422
+            variant = _variant(item.variant, f"items.{i}.variant")  # raises the 422
         wanted.append(variant)
     minter = urls.Minter(_lifetime(body.ttl), time.time())
     rows = urls.load_many(db.session, (item.id for item in body.items), _caller())

@@ -25,11 +25,10 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from flask import Flask, current_app
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from broker.images.models import SigningKey
 from broker.images.signing import Signer
-from broker.platform.db import db, utcnow
+from broker.platform.db import Session, db, utcnow
 from broker.upstream.cloudflare import (
     CloudflareImages,
     CloudflareNotFound,
@@ -247,7 +246,8 @@ def init_app(app: Flask) -> None:
 
 def current_signer() -> Signer | None:
     """Return the current app's signer for new URLs (cached; None when no key is stored)."""
-    return current_app.extensions[EXTENSION_KEY].get()
+    cache: KeyCache = current_app.extensions[EXTENSION_KEY]
+    return cache.get()
 
 
 def invalidate_cache() -> None:

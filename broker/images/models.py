@@ -11,10 +11,10 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from broker.platform.db import UTCDateTime, db, utcnow
+from broker.platform.db import Model, UTCDateTime, utcnow
 
 
-class SigningKey(db.Model):  # type: ignore[name-defined,misc]
+class SigningKey(Model):
     """A delivery URL signing key mirrored from Cloudflare (`GET /v1/keys`); the value is secret.
 
     The key that signs is the newest one not retired; a retired key stays (and keeps verifying

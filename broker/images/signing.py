@@ -146,7 +146,8 @@ class Signer:
         """Return the lowercase hex HMAC-SHA256 of `string_to_sign`."""
         mac = self._mac.copy()
         mac.update(string_to_sign.encode())
-        return mac.hexdigest()
+        digest: str = mac.hexdigest()
+        return digest
 
     def __repr__(self) -> str:
         return f"Signer({self.name!r})"  # never the key's value

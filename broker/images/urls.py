@@ -14,13 +14,12 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from flask import current_app
-from sqlalchemy.orm import Session
 
 from broker.auth import session_user_clause
 from broker.auth.models import User
 from broker.images import keys, variants
 from broker.images.signing import Delivery, Signer, Variant, bucketed_expiry, check_ttl, quote_id
-from broker.platform.db import db
+from broker.platform.db import Session, db
 from broker.uploads.models import Upload
 
 # The columns minting needs: no ORM objects, no joined user, so a batch stays cheap.
@@ -114,14 +113,14 @@ def fallback_delivery() -> Delivery:
     )
 
 
-def _visible(stmt: sa.Select[Any], caller: Caller) -> sa.Select[Any]:
+def _visible(stmt: sa.Select[*tuple[Any, ...]], caller: Caller) -> sa.Select[*tuple[Any, ...]]:
     if not caller.is_admin:
         stmt = stmt.where(Upload.user_id == caller.user_id)
     return stmt
 
 
 @functools.cache
-def _one_statement(is_admin: bool) -> sa.Select[Any]:
+def _one_statement(is_admin: bool) -> sa.Select[*tuple[Any, ...]]:
     """Build the single-upload query once: the redirect runs it on every image shown."""
     stmt = sa.select(*_COLUMNS).where(Upload.id == sa.bindparam("upload_id"))
     if not is_admin:
@@ -140,7 +139,7 @@ def load_one(session: Session, upload_id: str, caller: Caller) -> UploadRef:
 
 
 @functools.cache
-def _session_statement() -> sa.Select[Any]:
+def _session_statement() -> sa.Select[*tuple[Any, ...]]:
     """Build the query that authenticates a session token and loads an upload together."""
     visible = sa.and_(
         Upload.id == sa.bindparam("upload_id"),

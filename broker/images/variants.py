@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from flask import Flask, current_app
 
@@ -44,12 +45,12 @@ def init_app(app: Flask) -> None:
 
 def declared_variants() -> tuple[Variant, ...]:
     """Return the variants declared in `BROKER_VARIANTS`, in their order."""
-    return current_app.extensions[EXTENSION_KEY][0]
+    return cast(tuple[Variant, ...], current_app.extensions[EXTENSION_KEY][0])
 
 
 def known_variants() -> dict[str, Variant]:
     """Return the variants URLs may be minted for, by name (the declared ones and `public`)."""
-    return current_app.extensions[EXTENSION_KEY][1]
+    return cast(dict[str, Variant], current_app.extensions[EXTENSION_KEY][1])
 
 
 def _matches(up: UpstreamVariant, want: Variant) -> bool:

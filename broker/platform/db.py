@@ -19,13 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import sqlalchemy as sa
 from flask import Flask, g
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, scoped_session
+from sqlalchemy.orm import Session as OrmSession
 
 from broker.platform.sqlite_writes import gate_sqlite_writes
 
@@ -49,6 +50,7 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
 
 # What every model subclasses. Flask-SQLAlchemy builds `db.Model` from Base when `db` is made;
 # to the type checker it is Base, whose typed declarative API is all the models use.
@@ -56,7 +58,10 @@ if TYPE_CHECKING:
     Model = Base
 else:
     Model = db.Model
-migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
+
+# What a domain function's `session` is: views, commands and jobs pass `db.session`, the scoped
+# proxy of the current Session (tests may pass a Session itself).
+Session: TypeAlias = OrmSession | scoped_session[Any]
 
 
 def undo_on_failure(undo: Callable[[], None]) -> None:
@@ -105,7 +110,7 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Turn on WAL and foreign keys for every SQLite connection."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

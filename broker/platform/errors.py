@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, g, jsonify, render_template, request
+from flask import Flask, Response, g, jsonify, render_template, request
+from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -107,7 +109,13 @@ def wants_json() -> bool:
     )
 
 
-def _json(status: int, code: str, message: str, details: Any = None, headers=None):  # type: ignore[no-untyped-def]
+def _json(
+    status: int,
+    code: str,
+    message: str,
+    details: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     body: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         body["details"] = details
@@ -122,7 +130,7 @@ def _snake(name: str) -> str:
     return name.lower().replace(" ", "_").replace("'", "").replace("-", "_")
 
 
-def handle_api_error(exc: ApiError):  # type: ignore[no-untyped-def]
+def handle_api_error(exc: ApiError) -> ResponseReturnValue:
     """Render an ApiError (as HTML when a page raised it)."""
     if wants_json():
         return _json(exc.status, exc.code, exc.message, exc.details, exc.headers)
@@ -130,17 +138,17 @@ def handle_api_error(exc: ApiError):  # type: ignore[no-untyped-def]
     return html, exc.status, exc.headers
 
 
-def handle_domain_error(exc: DomainError):  # type: ignore[no-untyped-def]
+def handle_domain_error(exc: DomainError) -> ResponseReturnValue:
     """Answer a domain refusal with the status its kind maps to."""
     return handle_api_error(exc.as_api_error())
 
 
-def handle_validation_error(exc: ValidationError):  # type: ignore[no-untyped-def]
+def handle_validation_error(exc: ValidationError) -> ResponseReturnValue:
     """Answer a request model's validation failure with 422 and field details."""
     return handle_api_error(from_validation_error(exc))
 
 
-def handle_http_exception(exc: HTTPException):  # type: ignore[no-untyped-def]
+def handle_http_exception(exc: HTTPException) -> ResponseReturnValue:
     """Render werkzeug's HTTP errors (404, 405, 413, …) in the caller's format."""
     status = exc.code or 500
     headers = dict(exc.get_headers()) if status in (405, 429) else {}
@@ -151,7 +159,7 @@ def handle_http_exception(exc: HTTPException):  # type: ignore[no-untyped-def]
     return render_template("error.html", status=status, message=message), status, headers
 
 
-def handle_unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+def handle_unexpected(exc: Exception) -> ResponseReturnValue:
     """Log an unexpected error with its request id and answer a plain 500, never a trace."""
     if isinstance(exc, HTTPException):
         return handle_http_exception(exc)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+
+from broker.platform.db import Session
 
 
 def claimable(model: Any, now: datetime) -> sa.ColumnElement[bool]:
@@ -34,7 +35,7 @@ def claim_and_commit(
     owner: str,
     now: datetime,
     lease_seconds: float,
-) -> list[int]:
+) -> list[Any]:
     """Lease up to `limit` rows matching `where` to `owner`; commit and return their ids."""
     cond = sa.and_(*where, claimable(model, now))
     until = now + timedelta(seconds=lease_seconds)
@@ -63,7 +64,7 @@ def claim_and_commit(
     )
     # End the read transaction first: a stale SQLite snapshot cannot be upgraded to a writer.
     session.commit()
-    won: list[int] = []
+    won: list[Any] = []
     for row_id in candidates:
         result = session.execute(
             sa.update(model)
@@ -71,7 +72,7 @@ def claim_and_commit(
             .values(**stamp)
             .execution_options(synchronize_session=False)
         )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
+        if cast(sa.CursorResult[Any], result).rowcount == 1:
             won.append(row_id)
     session.commit()
     return won

@@ -66,7 +66,7 @@ def gate_for(database: str) -> WriteGate:
 
 def _file_key(database: Any) -> str:
     """Name the file the same way whichever engine (relative or absolute path) opened it."""
-    name = os.fspath(database)
+    name: str | bytes = os.fspath(database)
     if isinstance(name, bytes):
         name = name.decode()
     if name == ":memory:" or name.startswith("file:"):
@@ -83,7 +83,7 @@ class GatedCursor(sqlite3.Cursor):
         """Run `sql`, taking the gate first when it writes."""
         self.connection._before(sql)
         try:
-            return super().execute(sql, parameters)  # type: ignore[return-value]
+            return super().execute(sql, parameters)
         finally:
             self.connection._after()
 
@@ -91,7 +91,7 @@ class GatedCursor(sqlite3.Cursor):
         """Run `sql` for each parameter set, taking the gate first when it writes."""
         self.connection._before(sql)
         try:
-            return super().executemany(sql, seq_of_parameters)  # type: ignore[return-value]
+            return super().executemany(sql, seq_of_parameters)
         finally:
             self.connection._after()
 
@@ -106,11 +106,11 @@ class GatedConnection(sqlite3.Connection):
         # Wait on the gate as long as SQLite itself would wait for its lock.
         self._gate_timeout = float(kwargs.get("timeout", 5.0))
 
-    def cursor(self, factory: Any = GatedCursor) -> Any:  # type: ignore[override]
+    def cursor(self, factory: Any = GatedCursor) -> Any:
         """Return a cursor that gates writes."""
         return super().cursor(factory)
 
-    def execute(self, sql: str, parameters: Any = (), /) -> Any:  # type: ignore[override]
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
         """Run `sql` on a new gated cursor."""
         return self.cursor().execute(sql, parameters)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from flask import Response, current_app, request, url_for
 from flask_login import current_user
@@ -132,7 +132,7 @@ class UserLimitsOut(UserLimits):
 
 
 def _user() -> User:
-    return current_user._get_current_object()  # type: ignore[attr-defined,no-any-return]
+    return cast(User, current_user._get_current_object())
 
 
 def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> Response:
@@ -298,7 +298,7 @@ def _limits_out(user: User) -> UserLimitsOut:
 
 
 def _admin_target(public_id: str) -> User:
-    target = db.session.scalar(db.select(User).where(User.public_id == public_id))
+    target: User | None = db.session.scalar(db.select(User).where(User.public_id == public_id))
     if target is None:
         raise ApiError(404, "not_found", "No such user.")
     return target

@@ -30,10 +30,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from broker.platform import leases
-from broker.platform.db import utcnow
+from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.uploads import lifecycle
 from broker.uploads.models import Upload
@@ -161,7 +160,9 @@ def _reschedule(upload: Upload, now: datetime, owner: str) -> None:
     upload.lease_until = None
 
 
-def _back_off(session: Session, ids: Sequence[int | str], owner: str, seconds: float, now) -> None:
+def _back_off(
+    session: Session, ids: Sequence[int | str], owner: str, seconds: float, now: datetime
+) -> None:
     """Give back leases after an upstream failure and retry those uploads a little later."""
     if ids:
         session.execute(
@@ -224,7 +225,14 @@ def verify_due(
     return _verify_listing(session, client, config, owner, ids, now)
 
 
-def _verify_single(session, client, config, owner, upload_id, now) -> int:
+def _verify_single(
+    session: Session,
+    client: CloudflareImages,
+    config: Any,
+    owner: str,
+    upload_id: str,
+    now: datetime,
+) -> int:
     upload = session.get(Upload, upload_id)
     if upload is None:
         return 0
@@ -255,7 +263,14 @@ def _verify_single(session, client, config, owner, upload_id, now) -> int:
     return changed
 
 
-def _verify_listing(session, client, config, owner, ids, now) -> int:
+def _verify_listing(
+    session: Session,
+    client: CloudflareImages,
+    config: Any,
+    owner: str,
+    ids: Sequence[str],
+    now: datetime,
+) -> int:
     try:
         page = client.list_images_v2(
             per_page=LIST_PER_PAGE, sort_order="desc", priority=Priority.BACKGROUND

@@ -19,14 +19,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from broker.auth.models import User
-from broker.platform.db import utcnow
+from broker.platform.db import Session, utcnow
 from broker.platform.errors import DomainError, Refusal
 from broker.uploads.models import IdempotencyKey
 
@@ -120,7 +119,7 @@ def claim_and_commit(
                 .values(created_at=now)
             )
             session.commit()
-            if claimed.rowcount:
+            if cast(sa.CursorResult[Any], claimed).rowcount:
                 return None
             continue
         return StoredResponse(
@@ -162,4 +161,4 @@ def purge_expired(session: Session, now: datetime | None = None) -> int:
     result = session.execute(
         sa.delete(IdempotencyKey).where(IdempotencyKey.expires_at <= (now or utcnow()))
     )
-    return int(result.rowcount or 0)
+    return int(cast(sa.CursorResult[Any], result).rowcount or 0)

@@ -21,11 +21,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from broker.auth.models import User
 from broker.platform import health
-from broker.platform.db import UTCDateTime, utcnow
+from broker.platform.db import Session, UTCDateTime, utcnow
 from broker.platform.errors import DomainError, Refusal
 from broker.uploads.models import Upload, UploadReservation, _upload_id
 from broker.upstream.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
@@ -213,7 +212,7 @@ def limits_for(user: User, config: Any) -> tuple[int, int]:
 
 
 @functools.cache
-def _usage_query() -> sa.Select[tuple[int, int, int]]:
+def _usage_query() -> sa.Select[int, int, int]:
     """One statement counting a user's live drafts, last-24-h uploads and live reservations.
 
     Built once: constructing SQLAlchemy statements costs more than running this one. Upload

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from broker.auth.models import User
-from broker.platform.db import UTCDateTime, db, utcnow
+from broker.platform.db import Model, UTCDateTime, utcnow
 
 
 def _upload_id() -> str:
@@ -21,7 +22,7 @@ def _upload_id() -> str:
     return secrets.token_hex(16)
 
 
-class Upload(db.Model):  # type: ignore[name-defined,misc]
+class Upload(Model):
     """One direct upload slot and, once the file arrived, the image behind it.
 
     `status` moves pending → ready | expired | rejected, and any → deleted; change it only
@@ -42,14 +43,14 @@ class Upload(db.Model):  # type: ignore[name-defined,misc]
     status: Mapped[str] = mapped_column(sa.String(16), default="pending")
     require_signed_urls: Mapped[bool] = mapped_column(default=True)
     # The metadata as sent to Cloudflare, the broker's own keys included.
-    meta: Mapped[dict | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    meta: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     filename: Mapped[str | None] = mapped_column(sa.String(255))
     uploaded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    variants: Mapped[list | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    variants: Mapped[list[str] | None] = mapped_column(sa.JSON)
     reject_reason: Mapped[str | None] = mapped_column(sa.String(255))
     # When the worker should next ask Cloudflare whether the file arrived.
     next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -63,7 +64,7 @@ class Upload(db.Model):  # type: ignore[name-defined,misc]
     user: Mapped[User] = relationship(lazy="joined")
 
 
-class UploadReservation(db.Model):  # type: ignore[name-defined,misc]
+class UploadReservation(Model):
     """A slot of a user's upload limits held while Cloudflare is asked for a draft.
 
     Taken under the user's lock before the upstream call and replaced by the Upload row (same
@@ -80,7 +81,7 @@ class UploadReservation(db.Model):  # type: ignore[name-defined,misc]
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class IdempotencyKey(db.Model):  # type: ignore[name-defined,misc]
+class IdempotencyKey(Model):
     """A client's `Idempotency-Key` and the answer it got, replayed for 24 hours."""
 
     __tablename__ = "idempotency_keys"
@@ -94,6 +95,6 @@ class IdempotencyKey(db.Model):  # type: ignore[name-defined,misc]
     # None while the first request is still running.
     response_status: Mapped[int | None] = mapped_column()
     response_body: Mapped[str | None] = mapped_column(sa.Text)
-    response_headers: Mapped[dict | None] = mapped_column(sa.JSON)  # type: ignore[type-arg]
+    response_headers: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

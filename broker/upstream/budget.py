@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -210,7 +210,7 @@ class UpstreamBudget:
             raise
         return True
 
-    def _retry_after(self, rows: list[Any], used: int, cap: int, now: float) -> float:
+    def _retry_after(self, rows: Sequence[Any], used: int, cap: int, now: float) -> float:
         """Seconds until enough old buckets leave the window for one more call."""
         excess = used + 1 - cap
         for start, calls in rows:
@@ -298,7 +298,7 @@ def get_budget() -> UpstreamBudget:
     """Return the current app's shared budget."""
     from flask import current_app
 
-    return current_app.extensions[EXTENSION_KEY]
+    return cast(UpstreamBudget, current_app.extensions[EXTENSION_KEY])
 
 
 def metric_lines(session: object) -> list[str]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import quote
 
 import requests
@@ -591,9 +591,10 @@ class CloudflareImages:
         self, image_id: str, *, priority: Priority = Priority.INTERACTIVE
     ) -> requests.Response:
         """Open a streaming response of the original bytes; the caller must close it."""
-        return self.request(
+        response = self.request(
             "GET", f"/v1/{_path(image_id)}/blob", priority=priority, raw=True, stream=True
         )
+        return cast(requests.Response, response)
 
     def stats(self, *, priority: Priority = Priority.INTERACTIVE) -> Stats:
         """Return the account's image count and allowance (`GET /v1/stats`)."""
@@ -728,4 +729,4 @@ def get_client() -> CloudflareImages:
     """Return the current app's shared Cloudflare client."""
     from flask import current_app
 
-    return current_app.extensions[EXTENSION_KEY]
+    return cast(CloudflareImages, current_app.extensions[EXTENSION_KEY])

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from broker.platform.db import db
+from broker.platform.db import Model
 
 
-class UpstreamBudgetState(db.Model):  # type: ignore[name-defined,misc]
+class UpstreamBudgetState(Model):
     """One row per budget scope: the lock every process takes, and the 429 pause."""
 
     __tablename__ = "upstream_budget_state"
@@ -23,7 +23,7 @@ class UpstreamBudgetState(db.Model):  # type: ignore[name-defined,misc]
     paused_until_ms: Mapped[int] = mapped_column(sa.BigInteger, default=0)
 
 
-class UpstreamBudgetBucket(db.Model):  # type: ignore[name-defined,misc]
+class UpstreamBudgetBucket(Model):
     """Calls made in one slice of the budget window (the window is a sum of slices)."""
 
     __tablename__ = "upstream_budget_buckets"

@@ -12,6 +12,7 @@ from flask import (
     request,
     url_for,
 )
+from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
 from broker.auth import admin_required
@@ -29,7 +30,7 @@ ADMIN_DELIVERIES = 25
 
 
 @bp.get("/")
-def index():  # type: ignore[no-untyped-def]
+def index() -> ResponseReturnValue:
     """Send signed-in users to the upload page; show the landing page to everyone else."""
     if current_user.is_authenticated:
         return redirect(url_for("web.upload"))
@@ -38,14 +39,14 @@ def index():  # type: ignore[no-untyped-def]
 
 @bp.get("/upload")
 @login_required
-def upload():  # type: ignore[no-untyped-def]
+def upload() -> ResponseReturnValue:
     """Show the drag-and-drop upload page."""
     return render_template("web/upload.html")
 
 
 @bp.get("/gallery")
 @login_required
-def gallery():  # type: ignore[no-untyped-def]
+def gallery() -> ResponseReturnValue:
     """List the user's images, newest first, a page at a time."""
     before = request.args.get("before") or None
     try:
@@ -65,7 +66,7 @@ def gallery():  # type: ignore[no-untyped-def]
 
 @bp.get("/gallery/<upload_id>")
 @login_required
-def image_detail(upload_id: str):  # type: ignore[no-untyped-def]
+def image_detail(upload_id: str) -> ResponseReturnValue:
     """Show one image with its larger variant, copy-link and delete."""
     row = lifecycle.find_upload(db.session, current_user, upload_id)
     if row is None:
@@ -81,7 +82,7 @@ def _detail_variant() -> str:
 
 @bp.get("/admin")
 @admin_required
-def admin():  # type: ignore[no-untyped-def]
+def admin() -> ResponseReturnValue:
     """Show operators the uploads, users, webhook endpoints and latest deliveries."""
     users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
     return render_template(
@@ -95,7 +96,7 @@ def admin():  # type: ignore[no-untyped-def]
 
 @bp.post("/admin/deliveries/<int:delivery_id>/redeliver")
 @admin_required
-def admin_redeliver(delivery_id: int):  # type: ignore[no-untyped-def]
+def admin_redeliver(delivery_id: int) -> ResponseReturnValue:
     """Queue a webhook delivery again (same webhook-id, fresh retry schedule)."""
     delivery = db.session.get(WebhookDelivery, delivery_id)
     if delivery is None:

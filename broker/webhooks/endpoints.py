@@ -9,10 +9,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from broker.platform import health
-from broker.platform.db import utcnow
+from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.webhooks import ssrf
 from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent

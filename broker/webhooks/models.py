@@ -12,7 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from broker.platform.db import UTCDateTime, db, utcnow
+from broker.platform.db import Model, UTCDateTime, utcnow
 
 
 def _endpoint_id() -> str:
@@ -24,7 +24,7 @@ def _message_id() -> str:
     return "msg_" + secrets.token_urlsafe(18)
 
 
-class WebhookEndpoint(db.Model):  # type: ignore[name-defined,misc]
+class WebhookEndpoint(Model):
     """A receiver of outgoing events, registered by an admin, with its signing secret(s)."""
 
     __tablename__ = "webhook_endpoints"
@@ -45,7 +45,7 @@ class WebhookEndpoint(db.Model):  # type: ignore[name-defined,misc]
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class WebhookEvent(db.Model):  # type: ignore[name-defined,misc]
+class WebhookEvent(Model):
     """An outgoing event (outbox row), written in the transaction of the change it reports."""
 
     __tablename__ = "webhook_events"
@@ -59,7 +59,7 @@ class WebhookEvent(db.Model):  # type: ignore[name-defined,misc]
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class WebhookDelivery(db.Model):  # type: ignore[name-defined,misc]
+class WebhookDelivery(Model):
     """One event on its way to one endpoint: status, retry schedule and the worker's lease."""
 
     __tablename__ = "webhook_deliveries"
@@ -86,7 +86,7 @@ class WebhookDelivery(db.Model):  # type: ignore[name-defined,misc]
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class WebhookAttempt(db.Model):  # type: ignore[name-defined,misc]
+class WebhookAttempt(Model):
     """The log line of one delivery attempt: when, how long, what answered."""
 
     __tablename__ = "webhook_attempts"

@@ -9,9 +9,8 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
-from broker.platform.db import utcnow
+from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
 

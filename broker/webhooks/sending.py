@@ -15,10 +15,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from broker.platform import leases
-from broker.platform.db import utcnow
+from broker.platform.db import Session, utcnow
 from broker.upstream.cloudflare import parse_retry_after
 from broker.webhooks import ssrf
 from broker.webhooks.endpoints import check_target, set_active

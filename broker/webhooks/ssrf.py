@@ -262,7 +262,8 @@ class _Watched:
 
     opened: list[Any]
 
-    def _new_conn(self):  # type: ignore[no-untyped-def]
+    def _new_conn(self) -> Any:
+        # A mixin: the pool class it is mixed into has `_new_conn`.
         conn = super()._new_conn()  # type: ignore[misc]
         self.__dict__.setdefault("opened", []).append(conn)
         return conn
