@@ -1,25 +1,35 @@
-"""Shared fixtures: a migrated real database (SQLite or PostgreSQL), the app, its clients.
+"""Fixtures every test package shares: a migrated real database (SQLite or PostgreSQL), the
+app, its clients, the emulator, users, tokens, sessions and the webhook `receiver`.
 
 The database comes from BROKER_TEST_DATABASE_URL when set (CI's PostgreSQL pass), else a
 SQLite file in a temporary folder. The schema is built once per session by the Alembic
 migrations (so tests run against what production runs), and emptied after every test.
+
+The builders behind the fixtures live in `tests/factories.py`; a package's own conftest holds
+only what that package's tests share.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
 from broker import create_app
 from broker.platform.db import db
-from tests.openapi_check import SpecCheckingClient
+from tests import factories
+from tests.factories import emulator_config
+from tests.support.openapi_check import SpecCheckingClient
+
+# The recording webhook receiver (`receiver`), for webhooks, uploads and worker tests.
+pytest_plugins = ["tests.support.webhook_receiver"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -49,16 +59,6 @@ def postgres_url() -> str:
     require(bool(url and url.startswith("postgresql")), "needs BROKER_TEST_POSTGRES_URL")
     assert url
     return url
-
-
-# The least a production configuration needs; tests add or override what they probe.
-PRODUCTION_SETTINGS: dict[str, Any] = {
-    "ENV": "production",
-    "SECRET_KEY": "s" * 40,
-    "CLOUDFLARE_ACCOUNT_ID": "a",
-    "CLOUDFLARE_API_TOKEN": "t",
-    "CLOUDFLARE_ACCOUNT_HASH": "h",
-}
 
 
 def base_config(database_url: str, instance_path: str, **overrides: Any) -> dict[str, Any]:
@@ -125,16 +125,22 @@ def emulator() -> Iterator[Any]:
         yield server
 
 
-def emulator_config(emulator: Any) -> dict[str, Any]:
-    """Return the broker settings that point an app at `emulator`."""
-    return {
-        "CLOUDFLARE_API_BASE": f"{emulator.url}/client/v4",
-        "CLOUDFLARE_ACCOUNT_ID": emulator.account_id,
-        "CLOUDFLARE_API_TOKEN": emulator.api_token,
-        "CLOUDFLARE_ACCOUNT_HASH": emulator.account_hash,
-        "CLOUDFLARE_DELIVERY_BASE": emulator.url,
-        "CLOUDFLARE_UPLOAD_ORIGIN": emulator.url,
-    }
+@pytest.fixture
+def fresh_emulator(tmp_path: Path) -> Iterator[Any]:
+    """An emulator of this test's own (data under `tmp_path`), for tests that change what the
+    account holds (keys, variants) or need a pristine one; a package selects it as its
+    `emulator` in its conftest."""
+    from broker.emulator.testing import EmulatorServer
+
+    with EmulatorServer(tmp_path / "emulator") as server:
+        yield server
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    """A plain HTTP session with no credentials, as a browser fetching images."""
+    with requests.Session() as session:
+        yield session
 
 
 @pytest.fixture
@@ -175,89 +181,35 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-# --- Authentication -------------------------------------------------------------------------
-
-_CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+# --- users, tokens, sessions (see tests/factories.py) -----------------------------------------
 
 
 @pytest.fixture
 def make_user(app: Flask) -> Callable[..., Any]:
-    """Create and commit a user; returns the User DETACHED (expunged, every column loaded).
+    """`make_user(username="alice", password=PASSWORD, *, is_admin=False)`: a committed user,
+    detached (see `factories.create_user`)."""
 
-    Read its attributes freely (id, public_id, username, …); to change it, load it again inside
-    an app context: `db.session.get(User, user.id)`. Works with users of any app of the test,
-    since every app shares the one database.
-    """
-    from broker.auth import users
-    from broker.auth.models import User
+    def make(
+        username: str = "alice", password: str = factories.PASSWORD, *, is_admin: bool = False
+    ) -> Any:
+        return factories.create_user(app, username, password, is_admin=is_admin)
 
-    def factory(
-        username: str = "alice", password: str = "correct horse battery", *, is_admin: bool = False
-    ) -> User:
-        with app.app_context():
-            user = users.create_user(db.session, username, password, is_admin=is_admin)
-            db.session.commit()
-            db.session.refresh(user)
-            db.session.expunge(user)
-            return user
-
-    return factory
-
-
-def _csrf_from(html: str) -> str:
-    match = _CSRF_META.search(html)
-    assert match, "no CSRF token on the page"
-    return match.group(1)
+    return make
 
 
 @pytest.fixture
 def login() -> Callable[..., Any]:
-    """Log a test client in through the real login form; returns the login POST's response."""
-
-    def do_login(  # type: ignore[no-untyped-def]
-        client: FlaskClient, username: str = "alice", password: str = "correct horse battery"
-    ):
-        page = client.get("/auth/login")
-        assert page.status_code == 200, page.status_code
-        token = _csrf_from(page.get_data(as_text=True))
-        response = client.post(
-            "/auth/login",
-            data={"username": username, "password": password, "csrf_token": token},
-        )
-        assert response.status_code == 302, f"login failed: {response.status_code}"
-        return response
-
-    return do_login
+    """`login(client, username="alice", password=PASSWORD)`: log in through the real form."""
+    return factories.log_in
 
 
 @pytest.fixture
 def csrf_headers() -> Callable[[FlaskClient], dict[str, str]]:
-    """Return `{"X-CSRFToken": …}` for the client's current (logged-in or anonymous) session."""
-
-    def headers(client: FlaskClient) -> dict[str, str]:
-        page = client.get("/auth/account")
-        if page.status_code != 200:
-            page = client.get("/auth/login")
-        return {"X-CSRFToken": _csrf_from(page.get_data(as_text=True))}
-
-    return headers
+    """`csrf_headers(client)`: `{"X-CSRFToken": …}` for the client's current session."""
+    return factories.csrf_headers
 
 
 @pytest.fixture
 def bearer() -> Callable[..., dict[str, str]]:
-    """Issue a fresh API token for a user (User or username); returns the Authorization header."""
-    from broker.auth import tokens, users
-    from broker.auth.models import User
-
-    def issue(app: Flask, user_or_username: Any) -> dict[str, str]:
-        with app.app_context():
-            if isinstance(user_or_username, User):
-                user = db.session.get(User, user_or_username.id)
-            else:
-                user = users.find_user(db.session, str(user_or_username))
-            assert user is not None, f"no user {user_or_username!r}"
-            issued = tokens.issue(db.session, user, "pytest")
-            db.session.commit()
-            return {"Authorization": f"Bearer {issued.secret}"}
-
-    return issue
+    """`bearer(app, user_or_username)`: a fresh API token's Authorization header."""
+    return factories.issue_token

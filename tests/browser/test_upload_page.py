@@ -14,10 +14,9 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from tests.browser.conftest import screenshot
+from tests.factories import PASSWORD
 
 pytestmark = pytest.mark.browser
-
-PASSWORD = "correct horse battery"
 
 
 def _png(width: int, height: int, color: tuple[int, int, int] = (40, 120, 200)) -> bytes:

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import queue
 import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from broker.emulator.testing import EmulatorServer, ImagesClient, make_image
+from tests.support.webhook_receiver import Receiver
 
 
 def _code(resp: requests.Response) -> int:
@@ -213,46 +209,20 @@ def test_concurrent_posts_to_one_link_have_one_winner(api: ImagesClient) -> None
     assert sorted(results) == [200] + [409] * 7
 
 
-class _Receiver:
-    """A tiny HTTP server recording the notifications it receives."""
-
-    def __init__(self) -> None:
-        self.received: queue.Queue[tuple[dict[str, str], dict[str, Any]]] = queue.Queue()
-        self.server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    @Request.application
-    def _app(self, request: Request) -> Response:
-        self.received.put((dict(request.headers), json.loads(request.get_data())))
-        return Response("ok")
-
-
-@pytest.fixture
-def receiver() -> Iterator[_Receiver]:
-    rec = _Receiver()
-    rec.thread.start()
-    yield rec
-    rec.server.shutdown()
-    rec.server.server_close()
-    rec.thread.join()
-
-
-def test_notifications_on_success_and_failure(tmp_path: Path, receiver: _Receiver) -> None:
+def test_notifications_on_success_and_failure(tmp_path: Path, receiver: Receiver) -> None:
     config = {"NOTIFY_URL": receiver.url, "NOTIFY_SECRET": "s3cret"}
     with EmulatorServer(tmp_path, config) as emulator, emulator.client() as api:
         draft = api.direct_upload()
         assert _send(draft["uploadURL"], b"junk").status_code == 415
-        headers, failure = receiver.received.get(timeout=5)
-        assert headers["Cf-Webhook-Auth"] == "s3cret"
+        failed = receiver.wait_for(1)[0]
+        failure = failed.json
+        assert failed.headers["cf-webhook-auth"] == "s3cret"
         assert failure["imageId"] == draft["id"] and failure["success"] is False
         assert failure["errors"][0]["code"] == 5455
         assert failure["image"]["draft"] is True
 
         assert _send(draft["uploadURL"], make_image()).status_code == 200
-        headers, success = receiver.received.get(timeout=5)
+        success = receiver.wait_for(2)[1].json
         assert success["success"] is True and success["event"] == "upload.success"
         assert success["image"]["id"] == draft["id"] and "draft" not in success["image"]
 

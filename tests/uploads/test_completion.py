@@ -1,62 +1,28 @@
 """Completion detection end to end: emulator over real HTTP, the worker driven step by step,
-outgoing webhooks to a real local receiver verified with the `standardwebhooks` library."""
+outgoing webhooks to a real local receiver verified with the `standardwebhooks` library.
+(Cloudflare's notifications, the hint that makes an upload due: test_notifications.py.)"""
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
-import pytest
-import requests
 import sqlalchemy as sa
 import time_machine
-from werkzeug.serving import make_server
 
 from broker import worker
 from broker.emulator.testing import make_image
 from broker.platform.db import db, utcnow
 from broker.uploads import completion
 from broker.uploads.models import Upload
-from broker.webhooks import endpoints
 from broker.webhooks.models import WebhookDelivery, WebhookEvent
-from tests.webhook_receiver import receiver_fixture
-
-_receiver = receiver_fixture  # the `receiver` fixture, for this module
-
-CF_SECRET = "cf-notify-secret-for-tests"
-
-
-@pytest.fixture
-def setup(make_app, make_user, bearer, receiver):
-    """An app pointed at the emulator, Alice's bearer header, and an endpoint on the receiver."""
-    app = make_app(WEBHOOK_ALLOW_PRIVATE=True, CLOUDFLARE_WEBHOOK_SECRET=CF_SECRET)
-    user = make_user("alice")
-    auth = bearer(app, user)
-    with app.app_context():
-        _, secret = endpoints.add_endpoint(db.session, receiver.url, ["*"], app.config)
-        db.session.commit()
-    receiver.secret = secret
-    return app, app.test_client(), auth
-
-
-def _create(client, auth, **body):
-    response = client.post("/api/v1/uploads", json=body, headers=auth)
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()
-
-
-def _send_file(upload, fmt="PNG", size=(64, 48)):
-    data = make_image(*size, fmt=fmt)
-    resp = requests.post(
-        upload["upload_url"], files={"file": (f"cat.{fmt.lower()}", data)}, timeout=10
-    )
-    assert resp.status_code == 200, resp.text
-    return resp
-
-
-def _later(seconds: float = 2.0):
-    """A moment past the batching window, when due checks are made."""
-    return utcnow() + timedelta(seconds=seconds)
+from tests.factories import (
+    add_webhook_endpoint,
+    create_upload,
+    later,
+    load_upload,
+    send_file,
+    webhook_events,
+)
 
 
 def _api_calls(emulator):
@@ -65,33 +31,20 @@ def _api_calls(emulator):
     return {k: v for k, v in emulator.counters().items() if k not in skip and v}
 
 
-def _upload(app, upload_id):
-    with app.app_context():
-        return db.session.get(Upload, upload_id)
-
-
-def _events(app, type_=None):
-    with app.app_context():
-        stmt = sa.select(WebhookEvent)
-        if type_:
-            stmt = stmt.where(WebhookEvent.type == type_)
-        return list(db.session.scalars(stmt))
-
-
 def test_complete_then_worker_verifies_and_delivers(setup, receiver, emulator):
     app, client, auth = setup
-    up = _create(client, auth)
+    up = create_upload(client, auth)
     response = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
     assert response.status_code == 202  # no file yet
     emulator.reset_counters()
-    worker.run_once(app, now=_later())
-    assert _upload(app, up["id"]).status == "pending"  # verified: still a draft
+    worker.run_once(app, now=later())
+    assert load_upload(app, up["id"]).status == "pending"  # verified: still a draft
 
-    _send_file(up)
+    send_file(up)
     response = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
     assert response.status_code == 202 and response.headers["Retry-After"] == "1"
     worker.run_once(app, now=utcnow() + timedelta(seconds=2))
-    row = _upload(app, up["id"])
+    row = load_upload(app, up["id"])
     assert row.status == "ready"
     assert row.filename == "cat.png" and row.uploaded_at is not None and row.variants
     assert _api_calls(emulator) == {"image_details": 2}  # one details call per check
@@ -109,7 +62,7 @@ def test_complete_then_worker_verifies_and_delivers(setup, receiver, emulator):
 
 def test_complete_is_owner_only(setup, make_user, bearer):
     app, client, auth = setup
-    up = _create(client, auth)
+    up = create_upload(client, auth)
     bob = bearer(app, make_user("bob"))
     assert client.post(f"/api/v1/uploads/{up['id']}/complete", headers=bob).status_code == 404
     assert client.post("/api/v1/uploads/nope/complete", headers=auth).status_code == 404
@@ -118,9 +71,9 @@ def test_complete_is_owner_only(setup, make_user, bearer):
 
 def test_many_pending_uploads_share_one_listing(setup, receiver, emulator):
     app, client, auth = setup
-    ups = [_create(client, auth) for _ in range(6)]
+    ups = [create_upload(client, auth) for _ in range(6)]
     for up in ups[:4]:
-        _send_file(up)
+        send_file(up)
     # Two clients say so; the other two completed silently; two never send a file.
     for up in ups[:2]:
         client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
@@ -129,138 +82,71 @@ def test_many_pending_uploads_share_one_listing(setup, receiver, emulator):
         db.session.execute(sa.update(Upload).values(next_check_at=utcnow()))
         db.session.commit()
     emulator.reset_counters()
-    worker.run_once(app, now=_later())
+    worker.run_once(app, now=later())
     counters = _api_calls(emulator)
     assert sum(counters.values()) == 1, counters  # a single GET /v2 verified all six
-    statuses = [_upload(app, up["id"]).status for up in ups]
+    statuses = [load_upload(app, up["id"]).status for up in ups]
     assert statuses == ["ready"] * 4 + ["pending"] * 2
     assert len(receiver.requests) == 4
     assert all(r.verified for r in receiver.requests)
     # The drafts were rescheduled with backoff, not left due.
     for up in ups[4:]:
-        row = _upload(app, up["id"])
+        row = load_upload(app, up["id"])
         assert row.next_check_at > utcnow() and row.check_attempts == 1
 
 
 def test_listing_completes_pending_uploads_that_were_not_even_due(setup, emulator):
     app, client, auth = setup
-    a, b, c = (_create(client, auth) for _ in range(3))
-    _send_file(a)
-    _send_file(b)
-    _send_file(c)
+    a, b, c = (create_upload(client, auth) for _ in range(3))
+    send_file(a)
+    send_file(b)
+    send_file(c)
     client.post(f"/api/v1/uploads/{a['id']}/complete", headers=auth)
     client.post(f"/api/v1/uploads/{b['id']}/complete", headers=auth)
-    worker.run_once(app, now=_later())
-    assert _upload(app, c["id"]).status == "ready"  # seen in the same listing
+    worker.run_once(app, now=later())
+    assert load_upload(app, c["id"]).status == "ready"  # seen in the same listing
 
 
 def test_silent_client_is_found_by_the_schedule(setup, receiver):
     app, client, auth = setup
-    up = _create(client, auth)
-    _send_file(up)
+    up = create_upload(client, auth)
+    send_file(up)
     now = utcnow()
     worker.run_once(app, now=now)  # not due yet
-    assert _upload(app, up["id"]).status == "pending"
-    row = _upload(app, up["id"])
+    assert load_upload(app, up["id"]).status == "pending"
+    row = load_upload(app, up["id"])
     worker.run_once(app, now=row.next_check_at + timedelta(seconds=2))
-    assert _upload(app, up["id"]).status == "ready"
+    assert load_upload(app, up["id"]).status == "ready"
     assert [r.json["type"] for r in receiver.requests] == ["upload.completed"]
 
 
 def test_a_due_check_waits_for_the_batching_window(setup, emulator):
     app, client, auth = setup
-    up = _create(client, auth)
-    _send_file(up)
+    up = create_upload(client, auth)
+    send_file(up)
     client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
     emulator.reset_counters()
-    worker.run_once(app, now=_later(0.5))
-    assert _upload(app, up["id"]).status == "pending" and _api_calls(emulator) == {}
-    worker.run_once(app, now=_later(1.6))
-    assert _upload(app, up["id"]).status == "ready"
+    worker.run_once(app, now=later(0.5))
+    assert load_upload(app, up["id"]).status == "pending" and _api_calls(emulator) == {}
+    worker.run_once(app, now=later(1.6))
+    assert load_upload(app, up["id"]).status == "ready"
 
 
 def test_backoff_is_capped_exponential():
     assert [completion.check_delay(n) for n in range(6)] == [5, 10, 20, 30, 30, 30]
 
 
-def test_cloudflare_hook_with_wrong_secret_changes_nothing(setup):
-    app, client, auth = setup
-    up = _create(client, auth)
-    before = _upload(app, up["id"]).next_check_at
-    body = {"imageId": up["image_id"], "success": True}
-    for headers in ({}, {"cf-webhook-auth": "wrong"}, {"cf-webhook-auth": CF_SECRET + "x"}):
-        response = client.post("/hooks/cloudflare", json=body, headers=headers)
-        assert response.status_code == 401
-        assert response.get_json()["error"]["code"] == "unauthorized"
-    row = _upload(app, up["id"])
-    assert row.next_check_at == before and row.status == "pending"
-    assert _events(app) == []
-
-
-def test_cloudflare_hook_is_only_a_hint(setup, emulator):
-    """A valid notification for an upload with no file changes no state: it is verified."""
-    app, client, auth = setup
-    up = _create(client, auth)
-    response = client.post(
-        "/hooks/cloudflare",
-        json={"imageId": up["image_id"], "success": True},
-        headers={"cf-webhook-auth": CF_SECRET},
-    )
-    assert response.status_code == 202
-    assert _upload(app, up["id"]).next_check_at <= utcnow()
-    worker.run_once(app, now=_later())
-    assert _upload(app, up["id"]).status == "pending"
-    assert _events(app) == []
-    # Unknown images and junk are ignored without error.
-    for payload in ({"imageId": "nope"}, {"x": 1}):
-        response = client.post(
-            "/hooks/cloudflare", json=payload, headers={"cf-webhook-auth": CF_SECRET}
-        )
-        assert response.status_code == 202
-
-
-def test_emulator_notification_over_http_leads_to_completion(setup, emulator, receiver):
-    """Cloudflare (the emulator) notifies the broker over real HTTP; the worker verifies."""
-    app, client, auth = setup
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
-    thread.start()
-    notifier = emulator.emulator.notifier
-    old = notifier.url, notifier.secret
-    notifier.url = f"http://127.0.0.1:{server.server_port}/hooks/cloudflare"
-    notifier.secret = CF_SECRET
-    try:
-        up = _create(client, auth)
-        with app.app_context():
-            db.session.execute(
-                sa.update(Upload).values(next_check_at=utcnow() + timedelta(hours=1))
-            )
-            db.session.commit()
-        _send_file(up)
-        notifier.join(10)
-    finally:
-        notifier.url, notifier.secret = old
-        server.shutdown()
-        thread.join(10)
-    assert _upload(app, up["id"]).next_check_at <= utcnow()
-    worker.run_once(app, now=_later())
-    assert _upload(app, up["id"]).status == "ready"
-    assert [r.json["type"] for r in receiver.requests] == ["upload.completed"]
-
-
 def test_expired_draft_becomes_expired_once(setup, receiver, emulator):
     app, client, auth = setup
-    up = _create(client, auth, expires_in=120)
-    row = _upload(app, up["id"])
+    up = create_upload(client, auth, expires_in=120)
+    row = load_upload(app, up["id"])
     late = row.expires_at + timedelta(seconds=app.config["EXPIRY_GRACE"] + 1)
     with time_machine.travel(late, tick=True):
-        worker.run_once(app, now=_later())
+        worker.run_once(app, now=later())
         worker.run_once(app, now=utcnow() + timedelta(seconds=30))
-    row = _upload(app, up["id"])
+    row = load_upload(app, up["id"])
     assert row.status == "expired"
-    assert len(_events(app, "upload.expired")) == 1
+    assert len(webhook_events(app, "upload.expired")) == 1
     assert [r.json["type"] for r in receiver.requests] == ["upload.expired"]
     assert receiver.requests[0].verified
     # The draft was deleted upstream (best effort).
@@ -269,27 +155,25 @@ def test_expired_draft_becomes_expired_once(setup, receiver, emulator):
 
 def test_file_arriving_just_before_expiry_is_a_completion(setup, receiver):
     app, client, auth = setup
-    up = _create(client, auth, expires_in=120)
-    _send_file(up)
-    row = _upload(app, up["id"])
+    up = create_upload(client, auth, expires_in=120)
+    send_file(up)
+    row = load_upload(app, up["id"])
     late = row.expires_at + timedelta(seconds=app.config["EXPIRY_GRACE"] + 1)
     with time_machine.travel(late, tick=True):
-        worker.run_once(app, now=_later())
-    assert _upload(app, up["id"]).status == "ready"
+        worker.run_once(app, now=later())
+    assert load_upload(app, up["id"]).status == "ready"
 
 
 def test_policy_rejects_and_deletes_the_image(make_app, make_user, bearer, receiver, emulator):
     app = make_app(WEBHOOK_ALLOW_PRIVATE=True, UPLOAD_ALLOWED_FORMATS="JPEG,WEBP")
     auth = bearer(app, make_user("alice"))
-    with app.app_context():
-        _, receiver.secret = endpoints.add_endpoint(db.session, receiver.url, ["*"], app.config)
-        db.session.commit()
+    _, receiver.secret = add_webhook_endpoint(app, receiver.url)
     client = app.test_client()
-    up = _create(client, auth)
-    _send_file(up, fmt="PNG")
+    up = create_upload(client, auth)
+    send_file(up, fmt="PNG")
     client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
-    worker.run_once(app, now=_later())
-    row = _upload(app, up["id"])
+    worker.run_once(app, now=later())
+    row = load_upload(app, up["id"])
     assert row.status == "rejected" and "PNG" in row.reject_reason
     assert emulator.emulator.store.get_image(up["image_id"]) is None
     assert [r.json["type"] for r in receiver.requests] == ["upload.rejected"]
@@ -310,16 +194,16 @@ def test_policy_limits_size_and_dimensions():
 
 def test_deleting_an_upload_emits_upload_deleted(setup, receiver):
     app, client, auth = setup
-    up = _create(client, auth)
+    up = create_upload(client, auth)
     assert client.delete(f"/api/v1/uploads/{up['id']}", headers=auth).status_code == 200
-    worker.run_once(app, now=_later())
+    worker.run_once(app, now=later())
     assert [r.json["type"] for r in receiver.requests] == ["upload.deleted"]
 
 
 def test_outbox_row_is_written_with_the_state_change(setup):
     """The event exists exactly when the transition committed (rolled back → no event)."""
     app, client, auth = setup
-    up = _create(client, auth)
+    up = create_upload(client, auth)
     with app.app_context():
         from broker.uploads import lifecycle
 
@@ -336,10 +220,10 @@ def test_outbox_row_is_written_with_the_state_change(setup):
 
 def test_answer_tells_never_arrived_from_not_yet_verified(setup):
     app, client, auth = setup
-    up = _create(client, auth)
+    up = create_upload(client, auth)
     first = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth).get_json()
     assert first["status"] == "pending" and first["last_checked_at"] is None  # not checked yet
-    checked_at = _later()
+    checked_at = later()
     worker.run_once(app, now=checked_at)
     again = client.get(f"/api/v1/uploads/{up['id']}", headers=auth).get_json()
     assert again["status"] == "pending"  # Cloudflare still has no file: the POST never arrived

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 import time_machine
+from flask import Flask
 
 from broker.auth.models import ApiToken
 from broker.platform.db import db
-
-PASSWORD = "correct horse battery"
+from tests.factories import PASSWORD
 
 
 def _create(client, username="alice", password=PASSWORD, **extra):
@@ -263,3 +265,16 @@ def test_bearer_requests_get_no_session_cookie(app, client, make_user, bearer):
     response = client.get("/api/v1/me", headers=bearer(app, "alice"))
     assert response.status_code == 200
     assert "Set-Cookie" not in response.headers
+
+
+def test_issued_token_repr_hides_the_secret(app: Flask, make_user: Callable[..., Any]) -> None:
+    """`repr(IssuedToken)` (e.g. in a log line or a traceback) never shows the bearer secret."""
+    from broker.auth import tokens
+    from broker.auth.models import User
+
+    user = make_user()
+    with app.app_context():
+        issued = tokens.issue(db.session, db.session.get(User, user.id), "repr")
+        assert issued.secret.startswith("brk_")
+        assert issued.secret not in repr(issued) and issued.secret not in str(issued)
+        db.session.rollback()

@@ -1,42 +1,68 @@
-"""Per-user upload limits hold exactly under concurrent creates, and a failed create leaves
-nothing behind: no Upload row, no reservation, no draft at Cloudflare."""
+"""Per-user upload limits: the pending and daily limits with their Retry-After and the admin's
+overrides; limits hold exactly under concurrent creates, and a failed create leaves nothing
+behind: no Upload row, no reservation, no draft at Cloudflare."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
-from werkzeug.serving import make_server
 
 from broker.auth.models import User
 from broker.platform.db import db, utcnow
 from broker.uploads import lifecycle
 from broker.uploads.models import Upload, UploadReservation
+from tests.factories import live_server, post_upload
 
 URL = "/api/v1/uploads"
 IN_FLIGHT = 12
 
 
-@contextmanager
-def live_server(app: Flask) -> Iterator[str]:
-    """Serve `app` over real HTTP on a free loopback port (threaded, like gunicorn's gthread)."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
+def test_pending_limit_answers_429_with_retry_after(make_app, make_user, bearer, emulator) -> None:
+    app = make_app(MAX_PENDING_UPLOADS=2)
+    client = app.test_client()
+    auth = bearer(app, make_user("dave"))
+    first = post_upload(client, auth, expires_in=300).get_json()
+    post_upload(client, auth)
+    refused = post_upload(client, auth)
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["code"] == "too_many_pending_uploads"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 301
+    assert emulator.counters()["direct_upload"] == 2
+    assert client.delete(f"{URL}/{first['id']}", headers=auth).status_code == 200
+    assert post_upload(client, auth).status_code == 201
+
+
+def test_daily_limit_and_admin_overrides(make_app, make_user, bearer, emulator) -> None:
+    app = make_app(MAX_UPLOADS_PER_DAY=2)
+    client = app.test_client()
+    erin = make_user("erin")
+    auth = bearer(app, erin)
+    admin = bearer(app, make_user("root", is_admin=True))
+    for _ in range(2):
+        created = post_upload(client, auth).get_json()
+        client.delete(f"{URL}/{created['id']}", headers=auth)  # deleted uploads still count
+    refused = post_upload(client, auth)
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["code"] == "daily_upload_limit"
+    assert 86000 < int(refused.headers["Retry-After"]) <= 86400
+
+    limits = f"/api/v1/users/{erin.public_id}/upload-limits"
+    assert client.put(limits, json={"max_uploads_per_day": 10}, headers=auth).status_code == 403
+    changed = client.put(limits, json={"max_uploads_per_day": 10}, headers=admin)
+    assert changed.status_code == 200
+    assert changed.get_json()["effective_max_uploads_per_day"] == 10
+    assert changed.get_json()["effective_max_pending_uploads"] == 20
+    assert post_upload(client, auth).status_code == 201
+
+    assert client.get(limits, headers=admin).get_json()["max_uploads_per_day"] == 10
+    assert client.get("/api/v1/users/u_nobody/upload-limits", headers=admin).status_code == 404
+    assert client.put(limits, json={"max_pending_uploads": 0}, headers=admin).status_code == 200
+    assert post_upload(client, auth).status_code == 429
 
 
 def _concurrent_creates(url: str, auth: dict[str, str], count: int) -> list[int]:

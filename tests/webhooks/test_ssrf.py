@@ -1,13 +1,20 @@
-"""The SSRF guard: address classification, odd encodings, resolve-and-pin."""
+"""The SSRF guard: address classification, odd encodings, names IDNA cannot encode,
+resolve-and-pin, TLS checked against the original host name, deadlines."""
 
 from __future__ import annotations
+
+import http.server
+import shutil
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.webhooks import ssrf
-from tests.webhook_receiver import receiver_fixture
-
-_receiver = receiver_fixture  # the `receiver` fixture, for this module
 
 MUST_REFUSE = [
     "10.254.0.0",
@@ -37,6 +44,8 @@ MUST_REFUSE = [
     "::127.0.0.1",
     "::",
 ]
+
+
 MUST_ALLOW = ["1.1.1.1", "2001:4860:4860::8888", "8.8.8.8", "2606:4700:4700::1111"]
 
 
@@ -105,6 +114,20 @@ def test_bad_urls_are_refused(url):
         ssrf.check_url(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ä..example.com/hook",  # an empty IDNA label
+        "https://" + "ä" * 70 + ".example.com/hook",  # an IDNA label over 63 characters
+        "https://\udcff.example.com/hook",  # a lone surrogate
+    ],
+)
+def test_urls_the_idna_codec_cannot_encode_are_refused_not_crashed(url: str) -> None:
+    """check_url answers BlockedAddress (a clean 422 upstream), never a raw UnicodeError."""
+    with pytest.raises(ssrf.BlockedAddress):
+        ssrf.check_url(url)
+
+
 def test_allow_private_lets_loopback_through_for_tests():
     target = ssrf.check_url("http://127.0.0.1:8000/h", allow_private=True, require_https=False)
     assert (target.address, target.port, target.host_header) == (
@@ -145,6 +168,77 @@ def test_redirects_are_not_followed(receiver):
 def test_allow_private_still_refuses_everything_but_loopback(host):
     with pytest.raises(ssrf.BlockedAddress):
         ssrf.check_url(f"http://{host}/h", allow_private=True, require_https=False)
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_receiver(tmp_path: Path) -> Iterator[tuple[int, Path, list[str]]]:
+    """An HTTPS server on 127.0.0.1 with a certificate for `hook.test` from a private CA.
+
+    Yields (port, CA file, server names the clients sent via SNI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test CA")
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "k", "csr", "crt"))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+             "-out", str(ca), "-days", "2", "-subj", "/CN=review test CA")  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+             "-subj", "/CN=hook.test")  # fmt: skip
+    ext = tmp_path / "ext"
+    ext.write_text("subjectAltName=DNS:hook.test\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    names: list[str] = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    context.sni_callback = lambda sock, name, ctx: names.append(name or "")  # type: ignore[assignment,misc,return-value]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], ca, names
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pinned_https_checks_the_certificate_against_the_original_host_name(
+    tls_receiver: tuple[int, Path, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Connecting to the checked IP still sends SNI and verifies the certificate for the name."""
+    port, ca, names = tls_receiver
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+
+    def pinned(host: str) -> ssrf.Target:
+        return ssrf.Target(scheme="https", host=host, port=port, address="127.0.0.1", path="/h")
+
+    ok = ssrf.post_pinned(pinned("hook.test"), b"{}", {}, timeout=5)
+    assert (ok.status, ok.body) == (200, b"ok")
+    assert names == ["hook.test"]
+    with pytest.raises(Exception, match=r"(?i)hostname|match"):
+        ssrf.post_pinned(pinned("other.test"), b"{}", {}, timeout=5)
+    assert names[-1] == "other.test"
+    untrusted = tmp_path / "empty.pem"
+    untrusted.write_text("")
+    monkeypatch.setenv("SSL_CERT_FILE", str(untrusted))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    with pytest.raises(Exception, match=r"(?i)certificate verify failed"):
+        ssrf.post_pinned(pinned("hook.test"), b"{}", {}, timeout=5)
 
 
 def test_a_receiver_trickling_its_answer_is_cut_at_the_deadline():

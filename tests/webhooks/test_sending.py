@@ -1,119 +1,20 @@
-"""Outgoing webhooks: Standard Webhooks signing, the retry schedule, delivery over real HTTP."""
+"""Sending: deliveries over real HTTP to a receiver that verifies them, retries on schedule,
+Retry-After, 410, redirects, leases, redelivery, a stopping worker."""
 
 from __future__ import annotations
 
-import base64
 import json
-import random
-import time
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 import time_machine
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from broker.platform.db import db
-from broker.webhooks import endpoints, outbox, schedule, sending, signing, ssrf
+from broker.webhooks import endpoints, outbox, sending
 from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
-from tests.webhook_receiver import receiver_fixture
-
-_receiver = receiver_fixture  # the `receiver` fixture, for this module
-
-# -- signing -------------------------------------------------------------------------------------
-
-
-def test_secret_format():
-    secret = signing.generate_secret()
-    assert secret.startswith("whsec_")
-    assert len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24
-    assert signing.generate_secret() != secret
-
-
-def test_signature_verifies_with_the_standardwebhooks_library():
-    secret = signing.generate_secret()
-    body = b'{"type":"upload.completed","data":{"upload":{"id":"up_1"}}}'
-    ts = int(time.time())
-    headers = {
-        "webhook-id": "msg_abc",
-        "webhook-timestamp": str(ts),
-        "webhook-signature": signing.sign(secret, "msg_abc", ts, body),
-    }
-    assert Webhook(secret).verify(body, headers)["type"] == "upload.completed"
-    assert signing.verify(secret, "msg_abc", ts, body, headers["webhook-signature"])
-
-
-@pytest.mark.parametrize("part", ["body", "id", "timestamp", "signature"])
-def test_one_byte_tampering_fails_verification(part):
-    secret = signing.generate_secret()
-    body = b'{"type":"upload.completed"}'
-    ts = int(time.time())
-    headers = {
-        "webhook-id": "msg_abc",
-        "webhook-timestamp": str(ts),
-        "webhook-signature": signing.sign(secret, "msg_abc", ts, body),
-    }
-    if part == "body":
-        body = body[:-2] + b"X}"
-    elif part == "id":
-        headers["webhook-id"] = "msg_abd"
-    elif part == "timestamp":
-        headers["webhook-timestamp"] = str(ts - 1)
-    else:
-        raw = bytearray(base64.b64decode(headers["webhook-signature"][3:]))
-        raw[0] ^= 1
-        headers["webhook-signature"] = "v1," + base64.b64encode(bytes(raw)).decode()
-    with pytest.raises(WebhookVerificationError):
-        Webhook(secret).verify(body, headers)
-
-
-def test_known_vector():
-    # The Standard Webhooks reference vector (libraries' own test suites).
-    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-    body = '{"test": 2432232314}'
-    sig = signing.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
-    assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-
-
-def test_rotation_window_signs_with_both_secrets():
-    endpoint = WebhookEndpoint(secret=signing.generate_secret(), events="*")
-    old = endpoint.secret
-    now = datetime(2030, 1, 1, tzinfo=UTC)
-    new = endpoints.rotate_secret(endpoint, window=3600, now=now)
-    assert signing.signing_secrets(endpoint, now) == [new, old]
-    assert signing.signing_secrets(endpoint, now + timedelta(hours=2)) == [new]
-    header = signing.signature_header([new, old], "msg_1", 1, b"{}")
-    assert signing.verify(old, "msg_1", 1, b"{}", header, now=1)
-    assert signing.verify(new, "msg_1", 1, b"{}", header, now=1)
-
-
-# -- schedule ------------------------------------------------------------------------------------
-
-
-def test_retry_schedule():
-    expected = [5, 300, 1800, 7200, 18000, 36000, 36000]
-    rng = random.Random(1)
-    for n, base in enumerate(expected, start=1):
-        delay = schedule.retry_delay(n, rng=rng)
-        assert delay is not None and base * 0.9 <= delay <= base * 1.1
-    assert schedule.retry_delay(8) is None
-    assert schedule.max_attempts() == 8
-    # Retry-After is honoured as a minimum, capped at a day.
-    assert schedule.retry_delay(1, retry_after=120, rng=rng) == 120
-    assert schedule.retry_delay(1, retry_after=10**9, rng=rng) == 86400
-
-
-def test_event_types_are_validated():
-    assert endpoints.normalise_events(["upload.completed,upload.expired"]) == (
-        "upload.completed upload.expired"
-    )
-    with pytest.raises(ValueError):
-        endpoints.normalise_events(["upload.nope"])
-    with pytest.raises(ValueError):
-        endpoints.normalise_events([])
-
-
-# -- delivery over real HTTP ---------------------------------------------------------------------
+from tests.factories import add_webhook_endpoint, queue_events
 
 START = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -127,13 +28,6 @@ def _upload_data():
 @pytest.fixture
 def wh_app(make_app):
     return make_app(WEBHOOK_ALLOW_PRIVATE=True)
-
-
-def _add(app, url, events=("*",)):
-    with app.app_context():
-        endpoint, secret = endpoints.add_endpoint(db.session, url, events, app.config, now=START)
-        db.session.commit()
-        return endpoint.id, secret
 
 
 def _emit(app, event_type="upload.completed"):
@@ -154,7 +48,7 @@ def _delivery(app):
 
 
 def test_delivery_is_signed_and_verified_by_the_receiver(wh_app, receiver):
-    _, secret = _add(wh_app, receiver.url)
+    _, secret = add_webhook_endpoint(wh_app, receiver.url, now=START)
     receiver.secret = secret
     with time_machine.travel(START, tick=False):
         msg_id = _emit(wh_app)
@@ -174,7 +68,7 @@ def test_delivery_is_signed_and_verified_by_the_receiver(wh_app, receiver):
 
 
 def test_only_subscribed_active_endpoints_get_events(wh_app, receiver):
-    _add(wh_app, receiver.url, ["upload.expired"])
+    add_webhook_endpoint(wh_app, receiver.url, ["upload.expired"], now=START)
     _emit(wh_app, "upload.completed")
     with wh_app.app_context():
         assert db.session.scalar(sa.select(sa.func.count()).select_from(WebhookDelivery)) == 0
@@ -183,7 +77,7 @@ def test_only_subscribed_active_endpoints_get_events(wh_app, receiver):
 
 def test_retry_schedule_under_frozen_time(wh_app, receiver):
     """Every failure is retried on schedule (5 s … 10 h), then the delivery fails."""
-    _, secret = _add(wh_app, receiver.url)
+    _, secret = add_webhook_endpoint(wh_app, receiver.url, now=START)
     receiver.secret = secret
     receiver.default = (500, {})
     with time_machine.travel(START, tick=False) as traveller:
@@ -214,7 +108,7 @@ def test_retry_schedule_under_frozen_time(wh_app, receiver):
 
 
 def test_410_disables_the_endpoint(wh_app, receiver):
-    endpoint_id, _ = _add(wh_app, receiver.url)
+    endpoint_id, _ = add_webhook_endpoint(wh_app, receiver.url, now=START)
     receiver.respond(410)
     _emit(wh_app)
     _emit(wh_app, "upload.expired")
@@ -230,7 +124,7 @@ def test_410_disables_the_endpoint(wh_app, receiver):
 
 @pytest.mark.parametrize("status", [429, 503])
 def test_retry_after_is_honoured(wh_app, receiver, status):
-    _add(wh_app, receiver.url)
+    add_webhook_endpoint(wh_app, receiver.url, now=START)
     receiver.respond((status, {"Retry-After": "900"}))
     _emit(wh_app)
     _deliver(wh_app)
@@ -240,7 +134,7 @@ def test_retry_after_is_honoured(wh_app, receiver, status):
 
 
 def test_redirects_are_not_followed(wh_app, receiver):
-    _add(wh_app, receiver.url)
+    add_webhook_endpoint(wh_app, receiver.url, now=START)
     receiver.respond((307, {"Location": receiver.url + "/elsewhere"}))
     _emit(wh_app)
     _deliver(wh_app)
@@ -250,7 +144,7 @@ def test_redirects_are_not_followed(wh_app, receiver):
 
 
 def test_unreachable_receiver_is_a_logged_failed_attempt(wh_app):
-    _add(wh_app, "http://127.0.0.1:9/hook")
+    add_webhook_endpoint(wh_app, "http://127.0.0.1:9/hook", now=START)
     _emit(wh_app)
     _deliver(wh_app)
     d = _delivery(wh_app)
@@ -259,7 +153,7 @@ def test_unreachable_receiver_is_a_logged_failed_attempt(wh_app):
 
 def test_ssrf_is_checked_at_delivery_too(make_app, receiver):
     app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
-    _add(app, receiver.url)
+    add_webhook_endpoint(app, receiver.url, now=START)
     _emit(app)
     strict = make_app(WEBHOOK_ALLOW_PRIVATE=False)
     _deliver(strict)
@@ -268,13 +162,8 @@ def test_ssrf_is_checked_at_delivery_too(make_app, receiver):
     assert receiver.requests == []
 
 
-def test_saving_a_private_endpoint_is_refused(app):
-    with app.app_context(), pytest.raises(ssrf.BlockedAddress):
-        endpoints.add_endpoint(db.session, "https://192.168.1.1/x", ["*"], app.config)
-
-
 def test_redeliver_keeps_the_webhook_id(wh_app, receiver):
-    _add(wh_app, receiver.url)
+    add_webhook_endpoint(wh_app, receiver.url, now=START)
     msg_id = _emit(wh_app)
     _deliver(wh_app)
     with wh_app.app_context():
@@ -289,7 +178,7 @@ def test_redeliver_keeps_the_webhook_id(wh_app, receiver):
 
 def test_a_lost_lease_is_reclaimed_with_the_same_webhook_id(wh_app, receiver):
     """A worker that claimed and died: after the lease the next worker delivers the event."""
-    _add(wh_app, receiver.url)
+    add_webhook_endpoint(wh_app, receiver.url, now=START)
     msg_id = _emit(wh_app)
     with wh_app.app_context():
         assert sending.claim_due(db.session, "dead-worker", START) != []
@@ -300,7 +189,7 @@ def test_a_lost_lease_is_reclaimed_with_the_same_webhook_id(wh_app, receiver):
 
 
 def test_payload_is_the_exact_signed_body(wh_app, receiver):
-    _add(wh_app, receiver.url)
+    add_webhook_endpoint(wh_app, receiver.url, now=START)
     _emit(wh_app)
     _deliver(wh_app)
     with wh_app.app_context():
@@ -309,9 +198,13 @@ def test_payload_is_the_exact_signed_body(wh_app, receiver):
     assert set(json.loads(event.payload)) == {"type", "timestamp", "data"}
 
 
-def test_refusal_outside_production_says_how_to_allow_a_local_receiver():
-    with pytest.raises(ssrf.BlockedAddress, match="BROKER_WEBHOOK_ALLOW_PRIVATE=true"):
-        endpoints.check_target("http://127.0.0.1:9/hook", {"ENV": "development"})
-    with pytest.raises(ssrf.BlockedAddress) as refused:
-        endpoints.check_target("https://127.0.0.1/hook", {"ENV": "production"})
-    assert "ALLOW_PRIVATE" not in str(refused.value)
+def test_stop_releases_unstarted_deliveries(make_app, receiver):
+    app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
+    add_webhook_endpoint(app, receiver.url)
+    queue_events(app, 3)
+    stop = threading.Event()
+    stop.set()
+    with app.app_context():
+        sending.deliver_due(db.session, "w1", app.config, stop=stop)
+        rows = db.session.scalars(sa.select(WebhookDelivery)).all()
+        assert all(d.lease_owner is None and d.status == "pending" for d in rows)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from broker.api import spec
 from broker.api.spec import endpoint
-from tests.openapi_check import _compiled
+from tests.support.openapi_check import _compiled
 
 
 class Ping(BaseModel):

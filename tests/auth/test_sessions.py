@@ -1,13 +1,19 @@
-"""Authentication: sessions, CSRF, bearer tokens, the admin role."""
+"""Browser sessions: the login, logout, registration and account pages, remember-me, `next`,
+what ends a session, the login forms' odd input, the demo account."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
+from flask import Flask
 
 from broker.auth.models import ApiToken, User
 from broker.platform.db import db
+from tests.factories import PASSWORD, csrf_from, csrf_token, log_in, production_settings
 
 
 def test_login_and_me_with_session_cookie(app, client, make_user, login):
@@ -23,51 +29,7 @@ def test_login_and_me_with_session_cookie(app, client, make_user, login):
     }
 
 
-def test_anonymous_api_call_gets_json_401(client):
-    """No credentials: JSON 401, never a redirect."""
-    response = client.get("/api/v1/me")
-    assert response.status_code == 401
-    assert response.get_json()["error"]["code"] == "unauthorized"
-    assert "Bearer" in response.headers["WWW-Authenticate"]
-
-
-def test_cookie_authed_api_write_needs_csrf(app, client, make_user, login, csrf_headers, bearer):
-    """A cookie-authenticated DELETE without X-CSRFToken is refused; with it, it goes through."""
-    make_user()
-    login(client, "alice", "correct horse battery")
-    header = bearer(app, "alice")
-    with app.app_context():
-        token_id = db.session.scalar(sa.select(ApiToken.public_id))
-    refused = client.delete(f"/api/v1/auth/tokens/{token_id}")
-    assert refused.status_code == 403
-    assert refused.get_json()["error"]["code"] == "csrf_failed"
-    accepted = client.delete(f"/api/v1/auth/tokens/{token_id}", headers=csrf_headers(client))
-    assert accepted.status_code == 204
-    assert client.get("/api/v1/me", headers=header).status_code == 401
-
-
-def test_bearer_write_needs_no_csrf(app, make_user):
-    """A bearer-authenticated DELETE carries no CSRF token and is accepted."""
-    make_user()
-    client = app.test_client()
-    created = client.post(
-        "/api/v1/auth/tokens",
-        json={"username": "ALICE", "password": "correct horse battery", "device_name": "phone"},
-    )
-    assert created.status_code == 201
-    secret = created.get_json()["token"]
-    assert secret.startswith("brk_")
-    headers = {"Authorization": f"Bearer {secret}"}
-    assert client.get("/api/v1/me", headers=headers).status_code == 200
-    assert client.delete("/api/v1/auth/tokens/current", headers=headers).status_code == 204
-    assert client.get("/api/v1/me", headers=headers).status_code == 401
-    with app.app_context():
-        assert db.session.scalar(sa.select(sa.func.count()).select_from(User)) == 1
-
-
 # --- sessions --------------------------------------------------------------------------------
-
-PASSWORD = "correct horse battery"
 
 
 def _session_cookie(client) -> str:
@@ -97,7 +59,7 @@ def test_login_page_is_accessible_and_login_starts_a_new_session(app, client, ma
     assert not re.search(r"\son[a-z]+=", html), "inline event handler"
     with client.session_transaction() as sess:
         sess["planted"] = "by an attacker"
-    token = html.split('name="csrf-token" content="')[1].split('"')[0]
+    token = csrf_from(html)
     response = client.post(
         "/auth/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token}
     )
@@ -111,8 +73,7 @@ def test_login_page_is_accessible_and_login_starts_a_new_session(app, client, ma
 def test_wrong_password_is_refused_with_a_generic_message(client, make_user):
     """Wrong password and unknown user get the same answer; the error is announced."""
     make_user()
-    page = client.get("/auth/login").get_data(as_text=True)
-    token = page.split('name="csrf-token" content="')[1].split('"')[0]
+    token = csrf_from(client.get("/auth/login").get_data(as_text=True))
     for username in ("alice", "nobody"):
         response = client.post(
             "/auth/login", data={"username": username, "password": "wrong!", "csrf_token": token}
@@ -143,12 +104,7 @@ def test_cookie_authed_page_post_without_csrf_is_refused(client, make_user, logi
 def test_logout_ends_every_session_and_remember_cookie(app, client, make_user, login, csrf_headers):
     """A copy of the old session cookie and the remember cookie no longer authenticate."""
     make_user()
-    page = client.get("/auth/login").get_data(as_text=True)
-    token = page.split('name="csrf-token" content="')[1].split('"')[0]
-    client.post(
-        "/auth/login",
-        data={"username": "alice", "password": PASSWORD, "remember": "y", "csrf_token": token},
-    )
+    log_in(client, "alice", PASSWORD, remember=True)
     old_session = _session_cookie(client)
     remember = client.get_cookie("remember_token")
     assert remember is not None
@@ -174,12 +130,7 @@ def test_remember_cookie_lasts_at_most_30_days(client, make_user):
     from datetime import UTC, datetime, timedelta
 
     make_user()
-    page = client.get("/auth/login").get_data(as_text=True)
-    token = page.split('name="csrf-token" content="')[1].split('"')[0]
-    client.post(
-        "/auth/login",
-        data={"username": "alice", "password": PASSWORD, "remember": "y", "csrf_token": token},
-    )
+    log_in(client, "alice", PASSWORD, remember=True)
     remember = client.get_cookie("remember_token")
     assert remember is not None and remember.expires is not None
     assert remember.expires <= datetime.now(UTC) + timedelta(days=30, minutes=1)
@@ -187,7 +138,7 @@ def test_remember_cookie_lasts_at_most_30_days(client, make_user):
 
 
 def test_password_change_ends_other_sessions_and_revokes_tokens(
-    app, client, make_user, login, csrf_headers, bearer
+    app, client, make_user, login, bearer
 ):
     """Changing the password: old cookies and all tokens stop working; this browser stays in."""
     make_user()
@@ -200,7 +151,7 @@ def test_password_change_ends_other_sessions_and_revokes_tokens(
             "current": "not it at all",
             "password": "a brand new passphrase",
             "confirm": "a brand new passphrase",
-            **_form_csrf(client, csrf_headers),
+            "csrf_token": csrf_token(client),
         },
     )
     assert wrong.status_code == 422
@@ -211,7 +162,7 @@ def test_password_change_ends_other_sessions_and_revokes_tokens(
             "current": PASSWORD,
             "password": "a brand new passphrase",
             "confirm": "a brand new passphrase",
-            **_form_csrf(client, csrf_headers),
+            "csrf_token": csrf_token(client),
         },
     )
     assert response.status_code == 302
@@ -220,10 +171,6 @@ def test_password_change_ends_other_sessions_and_revokes_tokens(
     assert client.get("/api/v1/me", headers=header).status_code == 401
     fresh = app.test_client()
     login(fresh, "alice", "a brand new passphrase")
-
-
-def _form_csrf(client, csrf_headers) -> dict[str, str]:
-    return {"csrf_token": csrf_headers(client)["X-CSRFToken"]}
 
 
 def test_deactivation_ends_sessions_and_tokens(app, client, make_user, login, bearer):
@@ -263,8 +210,7 @@ def test_next_is_honoured_only_for_same_site_paths(client, make_user):
     }
     for nxt, expected in cases.items():
         c = client.application.test_client()
-        page = c.get("/auth/login", query_string={"next": nxt}).get_data(as_text=True)
-        token = page.split('name="csrf-token" content="')[1].split('"')[0]
+        token = csrf_from(c.get("/auth/login", query_string={"next": nxt}).get_data(as_text=True))
         response = c.post(
             "/auth/login",
             query_string={"next": nxt},
@@ -288,7 +234,7 @@ def test_pages_redirect_anonymous_users_to_login_with_next(client):
 def _register(client, username: str, password: str = PASSWORD, confirm: str | None = None):
     page = client.get("/auth/register")
     assert page.status_code == 200
-    token = page.get_data(as_text=True).split('name="csrf-token" content="')[1].split('"')[0]
+    token = csrf_from(page.get_data(as_text=True))
     return client.post(
         "/auth/register",
         data={
@@ -354,10 +300,9 @@ def test_registration_can_be_turned_off(make_app):
 
 def test_registration_defaults_off_in_production():
     """Production turns self-registration off unless asked."""
-    from broker.platform.config import DEFAULTS, finalize
-    from tests.conftest import PRODUCTION_SETTINGS
+    from broker.platform.config import finalize
 
-    config = {**DEFAULTS, **PRODUCTION_SETTINGS}
+    config = production_settings()
     finalize(config, "/tmp")
     assert config["REGISTRATION"] is False
     assert config["SESSION_COOKIE_SECURE"] and config["REMEMBER_COOKIE_SECURE"]
@@ -366,9 +311,7 @@ def test_registration_defaults_off_in_production():
 # --- account page ----------------------------------------------------------------------------
 
 
-def test_account_page_lists_and_revokes_own_tokens(
-    app, client, make_user, login, bearer, csrf_headers
-):
+def test_account_page_lists_and_revokes_own_tokens(app, client, make_user, login, bearer):
     """The account page shows active tokens by prefix and revokes them; others' are 404."""
     make_user()
     make_user("mallory")
@@ -386,53 +329,13 @@ def test_account_page_lists_and_revokes_own_tokens(
             sa.select(ApiToken.public_id).join(User).where(User.username == "mallory")
         )
     assert own in html and theirs not in html
-    form = _form_csrf(client, csrf_headers)
+    form = {"csrf_token": csrf_token(client)}
     assert client.post(f"/auth/account/tokens/{theirs}/revoke", data=form).status_code == 404
     assert client.post(f"/auth/account/tokens/{own}/revoke", data=form).status_code == 302
     assert client.get("/api/v1/me", headers=header).status_code == 401
 
 
 # --- admin role ------------------------------------------------------------------------------
-
-
-def test_admin_required_for_api_and_pages(make_app, make_user, login, bearer):
-    """Anonymous: 401 JSON / login redirect; non-admin: 403; admin: through."""
-    from flask import Blueprint
-
-    from broker.auth import admin_required
-
-    bp = Blueprint("admin_probe", __name__)
-
-    @bp.get("/api/test/admin")
-    @admin_required
-    def api_probe():  # type: ignore[no-untyped-def]
-        return {"ok": True}
-
-    @bp.get("/test/admin")
-    @admin_required
-    def page_probe():  # type: ignore[no-untyped-def]
-        return "admin page"
-
-    app = make_app()
-    app.register_blueprint(bp)
-    make_user("alice")
-    make_user("root", is_admin=True)
-    anon = app.test_client()
-    assert anon.get("/api/test/admin").status_code == 401
-    assert anon.get("/api/test/admin").get_json()["error"]["code"] == "unauthorized"
-    assert anon.get("/test/admin").status_code == 302
-    user = bearer(app, "alice")
-    forbidden = anon.get("/api/test/admin", headers=user)
-    assert forbidden.status_code == 403
-    assert forbidden.get_json()["error"]["code"] == "forbidden"
-    assert anon.get("/api/test/admin", headers=bearer(app, "root")).get_json() == {"ok": True}
-    browser = app.test_client()
-    login(browser, "alice", PASSWORD)
-    assert browser.get("/test/admin").status_code == 403
-    admin_browser = app.test_client()
-    login(admin_browser, "root", PASSWORD)
-    assert admin_browser.get("/test/admin").get_data(as_text=True) == "admin page"
-    assert admin_browser.get("/api/v1/me").get_json()["is_admin"] is True
 
 
 def test_demo_user_is_created_once_in_development(make_app):
@@ -455,3 +358,34 @@ def test_demo_user_is_created_once_in_development(make_app):
         json={"username": "demo", "password": password, "device_name": "x"},
     )
     assert created.status_code == 201
+
+
+# --- odd input to the forms ------------------------------------------------------------------
+
+
+JSON_BODIES = [1, "s", [1], None, {"username": 5, "password": [1], "csrf_token": 7}]
+
+
+@pytest.mark.parametrize("body", JSON_BODIES)
+def test_browser_forms_treat_a_json_body_as_an_empty_form(
+    make_app: Callable[..., Flask],
+    make_user: Callable[..., Any],
+    login: Callable[..., Any],
+    csrf_headers: Callable[..., dict[str, str]],
+    body: Any,
+) -> None:
+    """Flask-WTF fed JSON values of any type to the form fields (500); now it is an empty form:
+    the usual 400/422 refusal, and nothing changes."""
+    app = make_app(RATELIMIT_ENABLED=False)
+    make_user()
+    anonymous = app.test_client()
+    for path in ("/auth/login", "/auth/register"):
+        response = anonymous.post(path, json=body)
+        assert response.status_code in (400, 422), (path, response.status_code)
+    client = app.test_client()
+    login(client, "alice", PASSWORD)
+    headers = csrf_headers(client)
+    for path in ("/auth/account/password", "/auth/account/tokens/x1/revoke", "/auth/logout"):
+        response = client.post(path, json=body, headers=headers)
+        assert response.status_code < 500, (path, response.status_code)
+    assert client.get("/api/v1/me").status_code == 401  # the logout went through

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from broker import create_app
 from broker.platform.headers import content_security_policy, origin_of
-from tests.conftest import PRODUCTION_SETTINGS
+from tests.factories import production_app
 
 
 def _directives(csp: str) -> dict[str, str]:
@@ -39,9 +38,7 @@ def test_csp_allows_only_self_and_the_upload_and_delivery_origins(make_app):
 
 
 def test_hsts_outside_development(tmp_path):
-    app = create_app(
-        {**PRODUCTION_SETTINGS, "INSTANCE_PATH": str(tmp_path), "DATABASE_URL": "sqlite://"}
-    )
+    app = production_app(tmp_path)
     response = app.test_client().get("/livez")
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,11 +54,25 @@ class Receiver:
     release: threading.Event = field(default_factory=threading.Event)
     arrived: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
 
     def respond(self, *answers: int | tuple[int, dict[str, str]]) -> None:
         """Script the next answers (status, or (status, headers))."""
         for a in answers:
             self.script.append(a if isinstance(a, tuple) else (a, {}))
+
+    def wait_for(self, count: int, timeout: float = 5) -> list[Received]:
+        """Wait until `count` requests have arrived (fail after `timeout`); return them all."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while len(self.requests) < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"{len(self.requests)} of {count} requests arrived"
+                self.changed.wait(remaining)
+            return list(self.requests)
 
     def app(self, environ: dict[str, Any], start_response: Any) -> Any:
         """Record the request, verify it, answer the scripted response."""
@@ -75,6 +90,7 @@ class Receiver:
         with self.lock:
             self.requests.append(Received(request.path, headers, body, verified, error))
             status, extra = self.script.pop(0) if self.script else self.default
+            self.changed.notify_all()
         self.arrived.set()
         if self.block is not None and self.block.is_set():
             self.release.wait(60)

@@ -1,8 +1,37 @@
-"""The Prometheus metrics endpoint."""
+"""The health probes (`/livez`, `/readyz`) and the Prometheus `/metrics` page."""
 
 from __future__ import annotations
 
 import re
+
+from broker import create_app
+
+
+def test_livez_touches_nothing(client):
+    response = client.get("/livez")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz_reports_database(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json()["database"] == "ok"
+
+
+def test_readyz_503_when_database_unreachable(tmp_path):
+    app = create_app(
+        {
+            "ENV": "testing",
+            "SECRET_KEY": "x",
+            "INSTANCE_PATH": str(tmp_path),
+            # a folder that does not exist: SQLite cannot open the file
+            "DATABASE_URL": f"sqlite:///{tmp_path}/missing/dir/db.sqlite3",
+        }
+    )
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json() == {"status": "unavailable", "reason": "database unreachable"}
 
 
 def test_metrics_is_off_without_a_token(client):

@@ -7,19 +7,13 @@ import re
 import pytest
 
 from broker.platform.db import db
-from broker.webhooks import endpoints
 from broker.webhooks.models import WebhookDelivery
+from tests.factories import add_webhook_endpoint, create_upload, csrf_token
 
 
 @pytest.fixture
 def two_users(make_user):
     return make_user("alice"), make_user("mallory")
-
-
-def _create_upload(client, bearer_headers, **body):
-    response = client.post("/api/v1/uploads", json=body, headers=bearer_headers)
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["id"]
 
 
 @pytest.mark.parametrize("path", ["/upload", "/gallery", "/gallery/abc", "/admin"])
@@ -47,9 +41,9 @@ def test_upload_page_has_csrf_meta_and_module_script_only(client, make_user, log
 
 def test_gallery_lists_only_own_pending_and_ready_uploads(app, client, two_users, login, bearer):
     alice, mallory = two_users
-    mine = _create_upload(client, bearer(app, alice))
-    gone = _create_upload(client, bearer(app, alice))
-    theirs = _create_upload(client, bearer(app, mallory))
+    mine = create_upload(client, bearer(app, alice))["id"]
+    gone = create_upload(client, bearer(app, alice))["id"]
+    theirs = create_upload(client, bearer(app, mallory))["id"]
     assert client.delete(f"/api/v1/uploads/{gone}", headers=bearer(app, alice)).status_code == 200
 
     login(client, "alice")
@@ -70,7 +64,7 @@ def test_gallery_pages_with_a_cursor_and_refuses_a_forged_one(
     user = make_user("alice")
     app.config["MAX_PENDING_UPLOADS"] = GALLERY_PAGE_SIZE + 5
     headers = bearer(app, user)
-    ids = [_create_upload(client, headers) for _ in range(GALLERY_PAGE_SIZE + 1)]
+    ids = [create_upload(client, headers)["id"] for _ in range(GALLERY_PAGE_SIZE + 1)]
     login(client, "alice")
     first = client.get("/gallery").get_data(as_text=True)
     assert first.count("data-upload-id=") == GALLERY_PAGE_SIZE
@@ -89,17 +83,13 @@ def test_admin_page_is_for_admins_only(client, make_user, login):
     assert client.get("/admin").status_code == 403
 
 
-def test_admin_sees_deliveries_and_redelivers_with_csrf(
-    make_app, make_user, login, csrf_headers, bearer
-):
+def test_admin_sees_deliveries_and_redelivers_with_csrf(make_app, make_user, login, bearer):
     app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
     client = app.test_client()
     make_user("root", is_admin=True)
     alice = make_user("alice")
-    with app.app_context():
-        endpoints.add_endpoint(db.session, "http://127.0.0.1:9/hook", ["*"], app.config)
-        db.session.commit()
-    upload_id = _create_upload(client, bearer(app, alice))
+    add_webhook_endpoint(app, "http://127.0.0.1:9/hook")
+    upload_id = create_upload(client, bearer(app, alice))["id"]
     assert (
         client.delete(f"/api/v1/uploads/{upload_id}", headers=bearer(app, alice)).status_code == 200
     )
@@ -116,7 +106,7 @@ def test_admin_sees_deliveries_and_redelivers_with_csrf(
 
     refused = client.post(f"/admin/deliveries/{delivery_id}/redeliver")
     assert refused.status_code in (400, 403)
-    token = csrf_headers(client)["X-CSRFToken"]
+    token = csrf_token(client)
     done = client.post(f"/admin/deliveries/{delivery_id}/redeliver", data={"csrf_token": token})
     assert done.status_code == 302
     with app.app_context():

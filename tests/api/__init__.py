@@ -1,0 +1,1 @@
+"""Tests of broker.api: the OpenAPI document, `@endpoint` and the docs page."""

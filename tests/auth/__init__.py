@@ -1,0 +1,1 @@
+"""Tests of broker.auth: sessions, CSRF, passwords, bearer tokens, route guards, the CLI."""

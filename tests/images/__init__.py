@@ -1,0 +1,1 @@
+"""Tests of broker.images: URL signing, keys, variants, minted URLs and the /i/ redirect."""

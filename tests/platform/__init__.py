@@ -1,0 +1,1 @@
+"""Tests of broker.platform: settings, database, errors, logs, headers, leases, health."""

@@ -1,0 +1,76 @@
+"""Settings: the production refusals of unsafe or missing values, the README's settings table,
+the request body cap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from broker import create_app
+from broker.platform.config import SETTINGS, ConfigError, finalize
+from tests.factories import production_app, production_settings
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_production_refuses_default_secret(tmp_path):
+    with pytest.raises(ConfigError, match="SECRET_KEY is the insecure default"):
+        create_app({"ENV": "production", "INSTANCE_PATH": str(tmp_path)})
+
+
+def test_production_refuses_missing_cloudflare_settings(tmp_path):
+    with pytest.raises(ConfigError, match="BROKER_CLOUDFLARE_ACCOUNT_ID"):
+        create_app({"ENV": "production", "SECRET_KEY": "s" * 40, "INSTANCE_PATH": str(tmp_path)})
+
+
+def test_production_with_real_settings_starts(tmp_path):
+    app = production_app(tmp_path)
+    assert app.config["SESSION_COOKIE_SECURE"] is True
+    assert app.config["REGISTRATION"] is False
+
+
+def test_production_refuses_a_short_secret(tmp_path):
+    with pytest.raises(ConfigError, match="too short"):
+        production_app(tmp_path, SECRET_KEY="only-twenty-chars-xx")
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.name for s in SETTINGS if f"`BROKER_{s.name}`" not in readme]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"DEBUG": True}, "DEBUG"),
+        ({"TESTING": True}, "TESTING"),
+        ({"WTF_CSRF_ENABLED": False}, "CSRF"),
+        ({"WEBHOOK_ALLOW_PRIVATE": True}, "WEBHOOK_ALLOW_PRIVATE"),
+        ({"CLOUDFLARE_API_BASE": "http://127.0.0.1:8788/client/v4"}, "CLOUDFLARE_API_BASE"),
+        ({"CLOUDFLARE_DELIVERY_BASE": "http://127.0.0.1:8788"}, "CLOUDFLARE_DELIVERY_BASE"),
+        ({"CLOUDFLARE_UPLOAD_ORIGIN": "http://127.0.0.1:8788"}, "CLOUDFLARE_UPLOAD_ORIGIN"),
+    ],
+)
+def test_production_refuses_unsafe_settings(overrides: dict[str, Any], named: str) -> None:
+    """Debug/testing mode, CSRF off, private webhooks and plain-http (emulator) Cloudflare URLs
+    are refused in production, naming the setting."""
+    finalize(production_settings(), "/tmp")  # the baseline is accepted
+    with pytest.raises(ConfigError, match=named):
+        finalize(production_settings(**overrides), "/tmp")
+
+
+def test_request_bodies_are_capped(make_app: Callable[..., Flask]) -> None:
+    """An anonymous caller cannot make the broker buffer an unbounded JSON body: 413 JSON."""
+    app = make_app()
+    assert app.config["MAX_CONTENT_LENGTH"] == 1024 * 1024
+    big = b'{"username": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    response = app.test_client().post(
+        "/api/v1/auth/tokens", data=big, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "request_entity_too_large"

@@ -1,0 +1,1 @@
+"""Test helpers that are not tests: the OpenAPI-checking client, the webhook receiver."""

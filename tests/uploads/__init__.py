@@ -1,0 +1,1 @@
+"""Tests of broker.uploads: the API, limits, idempotency, completion, notifications."""

@@ -1,0 +1,1 @@
+"""Tests of broker.upstream: the Cloudflare Images client and the shared upstream budget."""

@@ -1,0 +1,1 @@
+"""Tests of broker.web: the server-rendered pages."""

@@ -1,0 +1,1 @@
+"""Tests of broker.webhooks: signing, schedule, endpoints, sending, SSRF guard, API, CLI."""
