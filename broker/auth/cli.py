@@ -11,7 +11,8 @@ from flask.cli import AppGroup
 
 from broker.auth import tokens, users
 from broker.auth.models import User
-from broker.platform.db import db
+from broker.platform.db import db, utcnow
+from broker.platform.text import table, utc_minute
 
 users_cli = AppGroup("users", help="Manage accounts.")
 tokens_cli = AppGroup("tokens", help="Manage API bearer tokens.")
@@ -41,6 +42,11 @@ def create_user_command(
     username: str, admin: bool, email: str | None, password_stdin: bool
 ) -> None:
     """Create an account (asks for the password)."""
+    try:
+        # A taken or malformed name is refused before anyone types a password for it.
+        users.check_new_username(db.session, username)
+    except users.AccountError as exc:
+        raise click.ClickException(f"{exc.field}: {exc.message}") from None
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     try:
         user = users.create_user(
@@ -52,6 +58,30 @@ def create_user_command(
         raise click.ClickException(f"{exc.field}: {exc.message}") from None
     role = "administrator" if admin else "user"
     click.echo(f"Created {role} {user.username} ({user.public_id}).")
+
+
+@users_cli.command("list")
+def list_users_command() -> None:
+    """List the accounts: name, public id, role, state, when created and last logged in."""
+    rows = users.list_users(db.session)
+    if not rows:
+        click.echo("no users; create one with `flask users create NAME`")
+        return
+    lines = table(
+        ("USERNAME", "PUBLIC ID", "ROLE", "STATE", "CREATED", "LAST LOGIN"),
+        [
+            (
+                user.username,
+                user.public_id,
+                "admin" if user.is_admin else "user",
+                "active" if user.active else "deactivated",
+                utc_minute(user.created_at),
+                utc_minute(user.last_login_at),
+            )
+            for user in rows
+        ],
+    )
+    click.echo("\n".join(lines))
 
 
 @users_cli.command("set-password")
@@ -108,6 +138,33 @@ def create_token_command(username: str, name: str, days: int | None) -> None:
         f"{issued.token.expires_at:%Y-%m-%d}. It is shown only now.",
         err=True,
     )
+
+
+@tokens_cli.command("list")
+@click.argument("username")
+def list_tokens_command(username: str) -> None:
+    """List a user's API tokens with the ids `tokens revoke` takes, newest first."""
+    user = _get_user(username)
+    rows = tokens.all_tokens(db.session, user)
+    if not rows:
+        click.echo(f"{user.username} has no API tokens")
+        return
+    now = utcnow()
+    lines = table(
+        ("ID", "NAME", "STATE", "CREATED", "EXPIRES", "LAST USED"),
+        [
+            (
+                token.public_id,
+                token.name,
+                tokens.token_state(token, now),
+                utc_minute(token.created_at),
+                utc_minute(token.expires_at),
+                utc_minute(token.last_used_at),
+            )
+            for token in rows
+        ],
+    )
+    click.echo("\n".join(lines))
 
 
 @tokens_cli.command("revoke")

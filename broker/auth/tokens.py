@@ -101,6 +101,24 @@ def active_tokens(session: Session, user: User, now: datetime | None = None) -> 
     )
 
 
+def all_tokens(session: Session, user: User) -> list[ApiToken]:
+    """Return every token of `user`, revoked and expired ones too, newest first."""
+    return list(
+        session.scalars(
+            sa.select(ApiToken)
+            .where(ApiToken.user_id == user.id)
+            .order_by(ApiToken.created_at.desc(), ApiToken.id.desc())
+        )
+    )
+
+
+def token_state(token: ApiToken, now: datetime | None = None) -> str:
+    """Say whether `token` is `active`, `revoked` or `expired`."""
+    if token.revoked_at is not None:
+        return "revoked"
+    return "active" if is_usable(token, now) else "expired"
+
+
 def find_own(session: Session, user: User, public_id: str) -> ApiToken | None:
     """Return `user`'s unrevoked token with this public id (another user's token: None)."""
     return session.scalar(

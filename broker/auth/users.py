@@ -37,6 +37,21 @@ def find_user(session: Session, username: str) -> User | None:
     return session.scalar(sa.select(User).where(User.username_key == username_key(username)))
 
 
+def list_users(session: Session) -> list[User]:
+    """Return every account, in username order (for operators)."""
+    return list(session.scalars(sa.select(User).order_by(User.username_key)))
+
+
+def check_new_username(session: Session, username: str) -> str:
+    """Return the username stripped if a new account may take it; else raise AccountError."""
+    username = username.strip()
+    if not USERNAME_RE.fullmatch(username):
+        raise AccountError("username", USERNAME_RULES)
+    if find_user(session, username) is not None:
+        raise AccountError("username", "That username is taken.")
+    return username
+
+
 def create_user(
     session: Session,
     username: str,
@@ -46,11 +61,7 @@ def create_user(
     is_admin: bool = False,
 ) -> User:
     """Create an account (the caller commits); refuse bad or taken usernames and weak passwords."""
-    username = username.strip()
-    if not USERNAME_RE.fullmatch(username):
-        raise AccountError("username", USERNAME_RULES)
-    if find_user(session, username) is not None:
-        raise AccountError("username", "That username is taken.")
+    username = check_new_username(session, username)
     problem = passwords.password_problem(password)
     if problem:
         raise AccountError("password", problem)

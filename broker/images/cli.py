@@ -6,7 +6,8 @@ import click
 from flask.cli import AppGroup
 
 from broker.images import keys, variants
-from broker.platform.db import db, utcnow
+from broker.platform.db import db
+from broker.platform.text import table, utc_minute
 from broker.upstream.cloudflare import UpstreamError, get_client
 
 keys_cli = AppGroup("keys", help="Delivery URL signing keys (values are never shown).")
@@ -52,19 +53,27 @@ def keys_rotate(grace: int | None) -> None:
 
 @keys_cli.command("list")
 def keys_list() -> None:
-    """Show the stored keys: name, fingerprint, state (never the value)."""
+    """Show the stored keys: name, fingerprint, state and dates in UTC (never the value)."""
     rows = keys.list_keys(db.session)
     if not rows:
         click.echo("no signing keys stored; run `flask keys sync`")
         return
-    now = utcnow()
-    for i, row in enumerate(rows):
-        if row.retired_at is None:
-            state = "signing" if i == 0 else "standby"
-        else:
-            left = int((row.delete_after - now).total_seconds()) if row.delete_after else 0
-            state = f"retired, deleted in {max(0, left)}s"
-        click.echo(f"{row.name:<20} {keys.fingerprint(row.value)}  {state}")
+    states = ["signing" if i == 0 else "standby" for i in range(len(rows))]
+    lines = table(
+        ("NAME", "FINGERPRINT", "STATE", "ADDED", "RETIRED", "DELETED AFTER"),
+        [
+            (
+                row.name,
+                keys.fingerprint(row.value),
+                "retired" if row.retired_at is not None else state,
+                utc_minute(row.created_at),
+                utc_minute(row.retired_at),
+                utc_minute(row.delete_after),
+            )
+            for row, state in zip(rows, states, strict=True)
+        ],
+    )
+    click.echo("\n".join(lines))
 
 
 @variants_cli.command("sync")

@@ -10,6 +10,7 @@
 - `headers`: the security headers and the strict Content-Security-Policy.
 - `leases`: claim rows for one worker at a time (`FOR UPDATE SKIP LOCKED` or compare-and-set).
 - `wakeup`: the in-process worker's wake-up call.
+- `text`: UTC times and aligned tables for the operators' commands.
 - `health`: `/livez`, `/readyz` and the Prometheus `/metrics` page, whose gauges the features
   register with `metrics.register_gauge`.
 """

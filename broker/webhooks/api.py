@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-import sqlalchemy as sa
 from flask import current_app
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +14,7 @@ from broker.platform import wakeup
 from broker.platform.db import db, utcnow
 from broker.platform.errors import ApiError
 from broker.webhooks import endpoints, ssrf
-from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 EventType = Literal["upload.completed", "upload.expired", "upload.rejected", "upload.deleted", "*"]
 ERRORS = errors(401, 403, 404, 422)
@@ -117,7 +116,7 @@ class DeliveryOut(BaseModel):
     event_type: str
     webhook_id: str
     status: Literal["pending", "succeeded", "failed"]
-    attempts: int
+    attempts: int = Field(description="Attempts made, all of them (a redelivery adds to them).")
     next_attempt_at: datetime | None
     last_status_code: int | None
     last_error: str | None
@@ -168,11 +167,6 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
     assert event is not None and endpoint_row is not None
     log = None
     if with_attempts:
-        rows = db.session.scalars(
-            sa.select(WebhookAttempt)
-            .where(WebhookAttempt.delivery_id == d.id)
-            .order_by(WebhookAttempt.number)
-        )
         log = [
             AttemptOut(
                 number=a.number,
@@ -181,7 +175,7 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
                 status_code=a.status_code,
                 error=a.error,
             )
-            for a in rows
+            for a in endpoints.attempt_log(db.session, d.id)
         ]
     return DeliveryOut(
         id=d.id,
@@ -189,7 +183,7 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
         event_type=event.type,
         webhook_id=event.msg_id,
         status=d.status,  # type: ignore[arg-type]
-        attempts=d.attempts,
+        attempts=endpoints.attempts_made(db.session, [d.id])[d.id],
         next_attempt_at=d.next_attempt_at,
         last_status_code=d.last_status_code,
         last_error=d.last_error,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import click
-import sqlalchemy as sa
 from flask import current_app
 from flask.cli import with_appcontext
 
 from broker.platform.db import db
 from broker.webhooks import endpoints, outbox, ssrf
-from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from broker.webhooks.models import DELIVERY_STATUSES, WebhookDelivery, WebhookEndpoint
 
 
 def _endpoint(public_id: str) -> WebhookEndpoint:
@@ -92,7 +91,7 @@ def enable_command(endpoint_id: str) -> None:
 
 @webhooks_cli.command("deliveries")
 @click.option("--endpoint", "endpoint_id", default=None, help="Only this endpoint.")
-@click.option("--status", type=click.Choice(["pending", "succeeded", "failed"]), default=None)
+@click.option("--status", type=click.Choice(DELIVERY_STATUSES), default=None)
 @click.option("--limit", default=50, show_default=True)
 @click.option("--attempts", is_flag=True, help="Show every attempt.")
 @with_appcontext
@@ -104,17 +103,16 @@ def deliveries_command(
     rows = endpoints.recent_deliveries(db.session, endpoint=endpoint, status=status, limit=limit)
     if not rows:
         click.echo("no deliveries")
+    made = endpoints.attempts_made(db.session, [d.id for d, _, _ in rows])
     for d, ev, e in rows:
+        # All attempts, as listed below; the retry schedule restarts at a redeliver.
+        since = f" ({d.attempts} since redeliver)" if d.attempts != made[d.id] else ""
         click.echo(
             f"{d.id}  {d.status:<9} {ev.type:<17} {ev.msg_id}  -> {e.public_id}  "
-            f"attempts={d.attempts} last={d.last_status_code or d.last_error or '-'}"
+            f"attempts={made[d.id]}{since} last={d.last_status_code or d.last_error or '-'}"
         )
         if attempts:
-            for a in db.session.scalars(
-                sa.select(WebhookAttempt)
-                .where(WebhookAttempt.delivery_id == d.id)
-                .order_by(WebhookAttempt.number)
-            ):
+            for a in endpoints.attempt_log(db.session, d.id):
                 click.echo(
                     f"    #{a.number} {a.started_at:%Y-%m-%d %H:%M:%S} {a.duration_ms}ms "
                     f"{a.status_code or ''} {a.error or ''}"

@@ -14,7 +14,13 @@ from broker.platform import health
 from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.webhooks import ssrf
-from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.webhooks.models import (
+    DELIVERY_STATUSES,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
 from broker.webhooks.outbox import EVENT_TYPES
 from broker.webhooks.signing import generate_secret
 
@@ -70,11 +76,38 @@ def delivery_counts(session: Session) -> dict[str, int]:
 
 
 def metric_lines(session: Session) -> list[str]:
-    """The webhook deliveries gauge of `/metrics`."""
-    counts = dict(sorted(delivery_counts(session).items()))
+    """The webhook deliveries gauge of `/metrics`: every status, zero included (an alert on
+    `failed` must find its series before the first failure)."""
+    counts = delivery_counts(session)
+    by_status = {status: counts.get(status, 0) for status in DELIVERY_STATUSES}
     return health.gauge(
-        "broker_webhook_deliveries", "Outgoing webhook deliveries by status.", counts
+        "broker_webhook_deliveries", "Outgoing webhook deliveries by status.", by_status
     )
+
+
+def attempt_log(session: Session, delivery_id: int) -> list[WebhookAttempt]:
+    """Return every logged attempt of a delivery, first to last (redeliveries included)."""
+    return list(
+        session.scalars(
+            sa.select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id == delivery_id)
+            .order_by(WebhookAttempt.number)
+        )
+    )
+
+
+def attempts_made(session: Session, delivery_ids: Sequence[int]) -> dict[int, int]:
+    """Count the logged attempts of each delivery, across redeliveries (what the log lists;
+    `WebhookDelivery.attempts` counts only those since the last (re)queue, for the schedule)."""
+    if not delivery_ids:
+        return {}
+    rows = session.execute(
+        sa.select(WebhookAttempt.delivery_id, sa.func.count())
+        .where(WebhookAttempt.delivery_id.in_(list(delivery_ids)))
+        .group_by(WebhookAttempt.delivery_id)
+    )
+    counts = {delivery_id: count for delivery_id, count in rows}
+    return {delivery_id: counts.get(delivery_id, 0) for delivery_id in delivery_ids}
 
 
 def recent_deliveries(

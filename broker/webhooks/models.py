@@ -59,6 +59,10 @@ class WebhookEvent(Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+# Every status a delivery can have (operators' views list each one, zero included).
+DELIVERY_STATUSES = ("pending", "succeeded", "failed")
+
+
 class WebhookDelivery(Model):
     """One event on its way to one endpoint: status, retry schedule and the worker's lease."""
 

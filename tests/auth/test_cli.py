@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import sqlalchemy as sa
 
-from broker.auth.models import ApiToken
+from broker.auth.models import ApiToken, User
 from broker.platform.db import db
 from tests.factories import PASSWORD
 
@@ -59,3 +61,90 @@ def test_cli_manages_users_and_tokens(app):
     assert refused.exit_code != 0 and "deactivated" in refused.output
     missing = runner.invoke(args=["users", "deactivate", "nobody"])
     assert missing.exit_code != 0 and "no user" in missing.output
+
+
+def test_users_create_with_a_taken_name_fails_before_asking_for_a_password(app):
+    """The operator learns the name is taken (or malformed) before typing a password twice."""
+    runner = app.test_cli_runner()
+    first = runner.invoke(args=["users", "create", "alice", "--password-stdin"], input=PASSWORD)
+    assert first.exit_code == 0, first.output
+    taken = runner.invoke(args=["users", "create", "ALICE"], input="")
+    assert taken.exit_code == 1
+    assert "username: That username is taken." in taken.output
+    assert "Password" not in taken.output
+    malformed = runner.invoke(args=["users", "create", "a b"], input="")
+    assert malformed.exit_code == 1 and "Password" not in malformed.output
+    assert "letters, digits" in malformed.output
+    # A free name still asks (twice) and creates the account.
+    fresh = runner.invoke(args=["users", "create", "bob"], input=f"{PASSWORD}\n{PASSWORD}\n")
+    assert fresh.exit_code == 0, fresh.output
+    assert fresh.output.count("Password") == 1 and "Created user bob" in fresh.output
+
+
+def test_users_list_shows_every_account_with_role_and_state(app):
+    """`users list`: one line per account, admins and deactivated ones marked."""
+    runner = app.test_cli_runner()
+    assert "no users" in runner.invoke(args=["users", "list"]).output
+    for args in (["carol", "--admin"], ["alice"], ["bob"]):
+        created = runner.invoke(
+            args=["users", "create", *args, "--password-stdin"], input=PASSWORD + "\n"
+        )
+        assert created.exit_code == 0, created.output
+    runner.invoke(args=["users", "deactivate", "bob"])
+    with app.app_context():
+        ids = dict(db.session.execute(sa.select(User.username, User.public_id)).all())
+
+    listed = runner.invoke(args=["users", "list"])
+    assert listed.exit_code == 0, listed.output
+    header, *lines = listed.output.splitlines()
+    assert header.split() == [
+        "USERNAME",
+        "PUBLIC",
+        "ID",
+        "ROLE",
+        "STATE",
+        "CREATED",
+        "LAST",
+        "LOGIN",
+    ]
+    rows = [line.split() for line in lines]
+    assert [r[:4] for r in rows] == [
+        ["alice", ids["alice"], "user", "active"],
+        ["bob", ids["bob"], "user", "deactivated"],
+        ["carol", ids["carol"], "admin", "active"],
+    ]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", r[4]) and r[6] == "-" for r in rows)
+
+
+def test_tokens_list_shows_the_ids_that_revoke_takes(app):
+    """`tokens list USER`: every token of that user with its state; its ids revoke it."""
+    runner = app.test_cli_runner()
+    for name in ("alice", "bob"):
+        runner.invoke(args=["users", "create", name, "--password-stdin"], input=PASSWORD + "\n")
+    assert "alice has no API tokens" in runner.invoke(args=["tokens", "list", "alice"]).output
+    phone = runner.invoke(args=["tokens", "create", "alice", "--name", "phone"]).stdout.strip()
+    runner.invoke(args=["tokens", "create", "alice", "--name", "laptop"])
+    runner.invoke(args=["tokens", "create", "bob", "--name", "bobs-phone"])
+    client = app.test_client()
+    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {phone}"}).status_code == 200
+
+    listed = runner.invoke(args=["tokens", "list", "alice"])
+    assert listed.exit_code == 0, listed.output
+    header, *lines = listed.output.splitlines()
+    assert header.split()[:3] == ["ID", "NAME", "STATE"]
+    rows = {line.split()[1]: line.split() for line in lines}
+    assert set(rows) == {"phone", "laptop"}  # bob's token is not alice's business
+    assert all(r[0].startswith("tok_") and r[2] == "active" for r in rows.values())
+    assert rows["laptop"][-1] == "-" and rows["phone"][-1] != "-"  # phone was just used
+    assert phone not in listed.output  # ids only, never the secret
+
+    revoked = runner.invoke(args=["tokens", "revoke", rows["phone"][0]])
+    assert revoked.exit_code == 0, revoked.output
+    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {phone}"}).status_code == 401
+    again = {
+        line.split()[1]: line.split()[2]
+        for line in runner.invoke(args=["tokens", "list", "alice"]).output.splitlines()[1:]
+    }
+    assert again == {"phone": "revoked", "laptop": "active"}
+    missing = runner.invoke(args=["tokens", "list", "nobody"])
+    assert missing.exit_code == 1 and "no user named 'nobody'" in missing.output

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import requests
@@ -55,8 +55,26 @@ def test_rotation_signs_with_the_new_key_and_old_urls_work_until_the_old_key_is_
     assert fetch(http, new_url).status_code == 200
 
     listed = broker.test_cli_runner().invoke(args=["keys", "list"])
-    assert "signing" in listed.output and "retired, deleted in" in listed.output
+    assert listed.exit_code == 0, listed.output
     assert old.value not in listed.output and new_key.value not in listed.output
+    # Dates in UTC, never seconds: when the old key was retired and when it goes.
+    header, *lines = listed.output.splitlines()
+    assert header.split() == [
+        "NAME",
+        "FINGERPRINT",
+        "STATE",
+        "ADDED",
+        "RETIRED",
+        "DELETED",
+        "AFTER",
+    ]
+    by_name = {line.split()[0]: line.split()[1:] for line in lines}
+    assert by_name[new_key.name][1] == "signing" and by_name[new_key.name][-2:] == ["-", "-"]
+    assert by_name[old_name][1] == "retired"
+    retired = datetime.strptime(" ".join(by_name[old_name][4:6]), "%Y-%m-%d %H:%MZ")
+    deleted = datetime.strptime(" ".join(by_name[old_name][6:8]), "%Y-%m-%d %H:%MZ")
+    assert retired.replace(tzinfo=UTC) == old.retired_at.replace(second=0, microsecond=0)
+    assert timedelta(seconds=540) <= deleted - retired <= timedelta(seconds=660)
 
     # Within the grace period a sync keeps the old key; after it, the key is deleted.
     with broker.app_context():
