@@ -1,230 +1,213 @@
-// The upload page: a queue of files sent straight to Cloudflare (or the emulator), at most three
-// at a time. Each file is checked here first, then gets a one-time upload URL from the broker,
-// is POSTed with real progress, completed, followed until ready and shown through /i/<id>/thumb.
+// The upload page: files picked, dropped or pasted join a queue (queue.js: each file once, at
+// most three at a time); each is checked here first, gets a one-time upload URL from the broker,
+// is sent straight to the image service with real progress and completed (client.js), then shown
+// through /i/<id>/thumb. Everything here is DOM: rendering, focus and announcements.
 
-const MAX_BYTES = 10 * 1024 * 1024;
-const MAX_SIDE = 12000;
-const MAX_PIXELS = 100_000_000;
+import { connect } from "./client.js";
+import { UploadQueue, FINAL, RETRYABLE } from "./queue.js";
+import { check, humanSize, sniffFormat } from "./checks.js";
+
 const CONCURRENCY = 3;
-const FORMATS = {
-  "image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/webp": "WebP", "image/svg+xml": "SVG",
+const ACTIVE_LABELS = {
+  starting: "Waiting", checking: "Checking", requesting: "Getting an upload link",
+  processing: "Processing",
 };
 
-const csrfToken = document.querySelector('meta[name="csrf-token"]')?.content ?? "";
+const broker = connect({ csrfToken: document.querySelector('meta[name="csrf-token"]')?.content ?? "" });
 const queueEl = document.getElementById("queue");
 const liveEl = document.getElementById("live");
 const dropEl = document.getElementById("dropzone");
 const pickerEl = document.getElementById("file-input");
 const template = document.getElementById("item-template");
+const overallEl = document.getElementById("overall");
+const overallBar = document.getElementById("overall-bar");
+const overallText = document.getElementById("overall-text");
+const clearButton = document.getElementById("clear-finished");
 
-const items = [];
-let nextKey = 1;
+const rows = new Map(); // entry key → {el, preview URL, upload id}
 
+let announceTimer = null;
 function announce(message) {
   // Replace the text so screen readers read each change once.
   liveEl.textContent = "";
-  window.setTimeout(() => { liveEl.textContent = message; }, 50);
+  window.clearTimeout(announceTimer);
+  announceTimer = window.setTimeout(() => { liveEl.textContent = message; }, 50);
 }
 
-function humanSize(bytes) {
-  if (bytes < 1024) return `${bytes} B`;
-  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(0)} KB`;
-  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
-}
-
-async function sniffFormat(file) {
-  // Trust the bytes, not the name or the browser's guess from the extension.
-  const head = new Uint8Array(await file.slice(0, 512).arrayBuffer());
-  const starts = (...bytes) => bytes.every((b, i) => head[i] === b);
-  if (starts(0xff, 0xd8, 0xff)) return "image/jpeg";
-  if (starts(0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a)) return "image/png";
-  if (starts(0x47, 0x49, 0x46, 0x38)) return "image/gif";
-  if (starts(0x52, 0x49, 0x46, 0x46) && head[8] === 0x57 && head[9] === 0x45 && head[10] === 0x42 && head[11] === 0x50) return "image/webp";
-  const text = new TextDecoder("utf-8", { fatal: false }).decode(head).trimStart().toLowerCase();
-  if (text.startsWith("<svg") || (text.startsWith("<?xml") && text.includes("<svg"))) return "image/svg+xml";
-  return null;
-}
-
-function readDimensions(file) {
-  return new Promise((resolve) => {
-    const url = URL.createObjectURL(file);
-    const img = new Image();
-    img.onload = () => { URL.revokeObjectURL(url); resolve({ width: img.naturalWidth, height: img.naturalHeight, url: null }); };
-    img.onerror = () => { URL.revokeObjectURL(url); resolve(null); };
-    img.src = url;
-  });
-}
-
-async function check(file) {
-  if (file.size === 0) return "The file is empty.";
-  if (file.size > MAX_BYTES) return `Too large: ${humanSize(file.size)} (the limit is 10 MB).`;
-  const format = await sniffFormat(file);
-  if (!format) return "Not a supported image: use JPEG, PNG, GIF, WebP or SVG.";
-  const size = await readDimensions(file);
-  if (!size || (format !== "image/svg+xml" && (!size.width || !size.height))) {
-    return `The ${FORMATS[format]} file could not be read as an image.`;
+function label(entry) {
+  const percent = entry.file.size ? Math.min(100, Math.round((entry.loaded / entry.file.size) * 100)) : 100;
+  switch (entry.state) {
+    case "waiting": return "Waiting";
+    case "active":
+      if (entry.phase === "uploading") return percent < 100 ? `Uploading ${percent} %` : "Uploading 100 %: waiting for the image service";
+      return ACTIVE_LABELS[entry.phase] ?? "Working";
+    case "ready": return "Ready";
+    case "failed": return `Failed: ${entry.error}`;
+    case "refused": return `Refused: ${entry.error}`;
+    case "expired": return "Expired: the upload link ran out";
+    case "cancelled": return "Cancelled";
+    default: return entry.state;
   }
-  if (size.width > MAX_SIDE || size.height > MAX_SIDE) return `Too big: ${size.width}×${size.height} px (at most 12,000 px a side).`;
-  if (size.width * size.height > MAX_PIXELS) return "Too big: more than 100 megapixels.";
-  return null;
 }
 
-async function api(method, path, body) {
-  const response = await fetch(path, {
-    method,
-    credentials: "same-origin",
-    headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken, Accept: "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  let data = null;
-  try { data = await response.json(); } catch { data = null; }
-  if (!response.ok && response.status !== 202) {
-    const message = data?.error?.message ?? `The broker answered ${response.status}.`;
-    const retryAfter = response.headers.get("Retry-After");
-    throw new Error(retryAfter ? `${message} Try again in ${retryAfter} s.` : message);
-  }
-  return { status: response.status, data };
+function visibleButton(el) {
+  return [...el.querySelectorAll("button")].find((b) => !b.hidden) ?? null;
 }
 
-function render(item) {
-  const el = item.el;
-  el.dataset.state = item.state;
-  if (item.uploadId) el.dataset.uploadId = item.uploadId; else delete el.dataset.uploadId;
-  el.querySelector(".name").textContent = item.file.name;
-  el.querySelector(".size").textContent = humanSize(item.file.size);
-  const labels = {
-    waiting: "Waiting", checking: "Checking", requesting: "Getting an upload link",
-    uploading: item.progress < 100 ? `Uploading ${item.progress} %` : "Uploading 100 %: waiting for the image service",
-    processing: "Processing", ready: "Ready",
-    failed: `Failed: ${item.error}`, refused: `Refused: ${item.error}`, expired: "Expired: the upload link ran out",
-    cancelled: "Cancelled",
-  };
-  el.querySelector(".state").textContent = labels[item.state];
+function render(entry) {
+  const row = rows.get(entry.key);
+  if (!row) return;
+  const { el } = row;
+  const hadFocus = el.contains(document.activeElement) && document.activeElement !== el;
+  el.dataset.state = entry.state === "active" ? (entry.phase === "uploading" ? "uploading" : entry.phase === "processing" ? "processing" : "checking") : entry.state;
+  if (row.uploadId) el.dataset.uploadId = row.uploadId; else delete el.dataset.uploadId;
+  el.querySelector(".state").textContent = label(entry);
   const bar = el.querySelector("progress");
-  bar.value = item.progress;
-  bar.hidden = item.state !== "uploading";
-  bar.setAttribute("aria-valuetext", `${item.progress} %`);
-  el.querySelector(".cancel").hidden = !["waiting", "checking", "requesting", "uploading", "processing"].includes(item.state);
-  el.querySelector(".retry").hidden = !["failed", "expired", "cancelled"].includes(item.state);
-  const thumb = el.querySelector("img.thumb");
-  if (item.state === "ready" && item.uploadId && !thumb.src) {
-    thumb.src = `/i/${encodeURIComponent(item.uploadId)}/thumb`;
-    thumb.alt = `Thumbnail of ${item.file.name}`;
-    thumb.hidden = false;
+  const percent = entry.file.size ? Math.min(100, Math.round((entry.loaded / entry.file.size) * 100)) : 0;
+  bar.value = percent;
+  bar.hidden = !(entry.state === "active" && entry.phase === "uploading");
+  bar.setAttribute("aria-valuetext", `${percent} %`);
+  el.querySelector(".cancel").hidden = FINAL.includes(entry.state);
+  el.querySelector(".retry").hidden = !RETRYABLE.includes(entry.state);
+  if (entry.state === "ready" && row.uploadId && !row.served) {
+    // The image service's own thumbnail replaces the local preview.
+    row.served = true;
+    showPreview(row, `/i/${encodeURIComponent(row.uploadId)}/thumb`, `Thumbnail of ${entry.file.name}`);
+  }
+  // A button that just disappeared must not drop keyboard focus on <body>.
+  if (hadFocus && !el.contains(document.activeElement)) (visibleButton(el) ?? el).focus();
+  if (!el.contains(document.activeElement) && hadFocus) el.focus();
+}
+
+function showPreview(row, src, alt) {
+  const img = row.el.querySelector("img.thumb");
+  img.onload = () => { img.hidden = false; row.el.querySelector(".preview-label").hidden = true; };
+  img.onerror = () => { img.hidden = true; row.el.querySelector(".preview-label").hidden = false; };
+  img.alt = alt;
+  img.src = src;
+  if (row.previewUrl && !src.startsWith("blob:")) {
+    const old = row.previewUrl;
+    row.previewUrl = null;
+    img.addEventListener("load", () => URL.revokeObjectURL(old), { once: true });
   }
 }
 
-function setState(item, state, extra = {}) {
-  Object.assign(item, { state }, extra);
-  render(item);
-  const spoken = { ready: "is ready", refused: `was refused: ${item.error}`, failed: `failed: ${item.error}`, expired: "expired", cancelled: "was cancelled", uploading: "is uploading", processing: "is processing" };
-  if (spoken[state] && !(state === "uploading" && item.progress > 0)) announce(`${item.file.name} ${spoken[state]}`);
-  pump();
+function renderOverall() {
+  const p = queue.progress();
+  overallEl.hidden = queue.entries.length === 0;
+  clearButton.hidden = !queue.entries.some((e) => FINAL.includes(e.state));
+  overallBar.value = p.percent;
+  overallBar.setAttribute("aria-valuetext", `${p.percent} %`);
+  overallText.textContent = `${p.done} of ${p.files} file${p.files === 1 ? "" : "s"} uploaded · ${humanSize(p.sent)} of ${humanSize(p.bytes)} (${p.percent} %)`;
+  overallEl.dataset.percent = String(p.percent);
 }
 
-function sendFile(item, uploadUrl) {
-  return new Promise((resolve, reject) => {
-    const xhr = new XMLHttpRequest();
-    item.xhr = xhr;
-    xhr.open("POST", uploadUrl);
-    xhr.upload.onprogress = (event) => {
-      if (!event.lengthComputable) return;
-      item.progress = Math.min(100, Math.round((event.loaded / event.total) * 100));
-      render(item);
-    };
-    xhr.onload = () => {
-      item.xhr = null;
-      if (xhr.status >= 200 && xhr.status < 300) return resolve();
-      let message = `upload answered ${xhr.status}`;
-      try { message = JSON.parse(xhr.responseText).errors?.[0]?.message ?? message; } catch { /* keep the status */ }
-      reject(new Error(xhr.status === 410 ? "the upload link expired" : message));
-    };
-    xhr.onerror = () => { item.xhr = null; reject(new Error("the connection to the upload server failed")); };
-    xhr.onabort = () => { item.xhr = null; reject(new DOMException("cancelled", "AbortError")); };
-    const form = new FormData();
-    form.append("file", item.file, item.file.name);
-    xhr.send(form);
-  });
-}
+const SPOKEN = {
+  ready: () => "is ready", refused: (e) => `was refused: ${e.error}`, failed: (e) => `failed: ${e.error}`,
+  expired: () => "expired", cancelled: () => "was cancelled",
+};
 
-async function follow(item) {
-  // Ask the broker to verify now; then follow the state with a gentle backoff.
-  let { status, data } = await api("POST", `/api/v1/uploads/${encodeURIComponent(item.uploadId)}/complete`);
-  let delay = 500;
-  while (status === 202 || data?.status === "pending") {
-    if (item.state === "cancelled") return;
-    await new Promise((r) => window.setTimeout(r, delay));
-    delay = Math.min(delay * 2, 5000);
-    ({ status, data } = await api("GET", `/api/v1/uploads/${encodeURIComponent(item.uploadId)}`));
+function onChange(entry) {
+  if (!rows.has(entry.key)) addRow(entry);
+  const row = rows.get(entry.key);
+  if (row && row.spoken !== `${entry.attempt}:${entry.state}:${entry.phase}`) {
+    row.spoken = `${entry.attempt}:${entry.state}:${entry.phase}`;
+    if (SPOKEN[entry.state]) announce(`${entry.file.name} ${SPOKEN[entry.state](entry)}`);
+    else if (entry.phase === "uploading" && entry.loaded === 0) announce(`${entry.file.name} is uploading`);
   }
-  if (data.status === "ready") setState(item, "ready");
-  else if (data.status === "expired") setState(item, "expired");
-  else setState(item, "failed", { error: data.reject_reason ?? `the upload ended ${data.status}` });
+  render(entry);
+  renderOverall();
 }
 
-async function start(item) {
-  item.running = true;
+function discard(row) {
+  // Give an unused upload slot back (it counts against the pending limit); best effort.
+  if (!row.uploadId || row.discarded === row.uploadId) return;
+  row.discarded = row.uploadId;
+  broker.deleteUpload(row.uploadId).catch(() => {});
+}
+
+async function run(entry, attempt) {
+  const row = rows.get(entry.key);
+  const { signal } = attempt;
+  attempt.report("checking");
+  const problem = await check(entry.file);
+  if (problem) return { state: "refused", error: problem };
+  signal.throwIfAborted();
+  attempt.report("requesting");
+  let upload;
   try {
-    setState(item, "checking");
-    const problem = await check(item.file);
-    if (problem) { setState(item, "refused", { error: problem }); return; }
-    if (item.state === "cancelled") return;
-    setState(item, "requesting");
-    const { data } = await api("POST", "/api/v1/uploads", {});
-    item.uploadId = data.id;
-    if (item.state === "cancelled") { discard(item); return; }
-    setState(item, "uploading", { progress: 0 });
-    await sendFile(item, data.upload_url);
-    setState(item, "processing", { progress: 100 });
-    await follow(item);
+    upload = await broker.createUpload({ signal });
   } catch (error) {
-    if (error.name === "AbortError" || item.state === "cancelled") setState(item, "cancelled");
-    else setState(item, "failed", { error: error.message });
-  } finally {
-    item.running = false;
-    pump();
+    if (error.retryAfter) error.message = `${error.message} Try again in ${error.retryAfter} s.`;
+    throw error;
   }
+  row.uploadId = upload.id;
+  row.served = false;
+  if (signal.aborted) { discard(row); signal.throwIfAborted(); }
+  attempt.report("uploading", { loaded: 0 });
+  await broker.sendFile(upload.upload_url, entry.file, { signal, onProgress: (sent) => attempt.progress(sent) });
+  attempt.report("processing", { loaded: entry.file.size });
+  const done = await broker.waitUntilSettled(upload.id, { signal });
+  if (done.status === "ready") return { state: "ready" };
+  if (done.status === "expired") return { state: "expired" };
+  return { state: "failed", error: done.reject_reason ?? `the upload ended ${done.status}` };
 }
 
-function pump() {
-  const running = items.filter((i) => i.running).length;
-  const waiting = items.filter((i) => i.state === "waiting" && !i.running);
-  for (const item of waiting.slice(0, Math.max(0, CONCURRENCY - running))) start(item);
-}
+const queue = new UploadQueue({ limit: CONCURRENCY, run, onChange });
 
-function discard(item) {
-  // Give the unused upload slot back (it counts against the pending limit); best effort.
-  if (!item.uploadId || item.discarded === item.uploadId) return;
-  item.discarded = item.uploadId;
-  api("DELETE", `/api/v1/uploads/${encodeURIComponent(item.uploadId)}`).catch(() => {});
-}
-
-function add(file) {
+function addRow(entry) {
   const el = template.content.firstElementChild.cloneNode(true);
-  const item = { key: nextKey++, file, el, state: "waiting", progress: 0, uploadId: null, xhr: null, running: false, error: null };
-  el.dataset.key = String(item.key);
+  const row = { el, previewUrl: null, uploadId: null, served: false, spoken: null };
+  rows.set(entry.key, row);
+  el.dataset.key = String(entry.key);
+  el.querySelector(".name").textContent = entry.file.name;
+  el.querySelector(".size").textContent = humanSize(entry.file.size);
+  el.querySelector(".cancel").setAttribute("aria-label", `Cancel ${entry.file.name}`);
+  el.querySelector(".retry").setAttribute("aria-label", `Retry ${entry.file.name}`);
   el.querySelector(".cancel").addEventListener("click", () => {
-    if (item.xhr) item.xhr.abort();
-    setState(item, "cancelled");
-    discard(item);
+    queue.cancel(entry.key);
+    discard(row);
+    el.querySelector(".retry").focus();
   });
   el.querySelector(".retry").addEventListener("click", () => {
     // Upload links are single-use: a retry asks for a fresh one and frees the old slot.
-    if (item.state !== "expired") discard(item);
-    Object.assign(item, { uploadId: null, error: null, progress: 0 });
-    el.querySelector("img.thumb").removeAttribute("src");
-    setState(item, "waiting");
+    if (entry.state !== "expired") discard(row);
+    row.uploadId = null;
+    queue.retry(entry.key);
+    (visibleButton(el) ?? el).focus();
   });
-  items.push(item);
   queueEl.append(el);
-  render(item);
+  preview(entry, row);
+}
+
+async function preview(entry, row) {
+  // A local preview at once where the browser can show the format (not HEIC in most browsers).
+  const label = row.el.querySelector(".preview-label");
+  const format = await sniffFormat(entry.file).catch(() => null);
+  label.textContent = format ? format.label : "?";
+  if (!format?.browserCanShow || row.served) return;
+  row.previewUrl = URL.createObjectURL(entry.file);
+  showPreview(row, row.previewUrl, `Preview of ${entry.file.name}`);
 }
 
 function addAll(fileList) {
-  const files = Array.from(fileList);
-  files.forEach(add);
-  if (files.length) announce(`${files.length} file${files.length > 1 ? "s" : ""} added`);
-  pump();
+  const files = Array.from(fileList ?? []);
+  if (!files.length) return;
+  queue.add(files); // onChange builds each row before the queue starts any of them
+  announce(`${files.length} file${files.length > 1 ? "s" : ""} added`);
+}
+
+function clearFinished() {
+  const removed = queue.clearFinished();
+  for (const entry of removed) {
+    const row = rows.get(entry.key);
+    if (row?.previewUrl) URL.revokeObjectURL(row.previewUrl);
+    row?.el.remove();
+    rows.delete(entry.key);
+  }
+  renderOverall();
+  announce(`${removed.length} finished row${removed.length === 1 ? "" : "s"} cleared`);
+  dropEl.focus();
 }
 
 pickerEl.addEventListener("change", () => { addAll(pickerEl.files); pickerEl.value = ""; });
@@ -238,4 +221,13 @@ dropEl.addEventListener("drop", (event) => addAll(event.dataTransfer.files));
 dropEl.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); pickerEl.click(); }
 });
-dropEl.addEventListener("click", (event) => { if (event.target === dropEl) pickerEl.click(); });
+dropEl.addEventListener("click", () => pickerEl.click());
+document.addEventListener("paste", (event) => {
+  // Images pasted anywhere on the page (a screenshot, a copied image) join the queue; text
+  // pasted into a field is left alone.
+  const files = [...(event.clipboardData?.files ?? [])];
+  if (!files.length) return;
+  event.preventDefault();
+  addAll(files);
+});
+clearButton.addEventListener("click", clearFinished);

@@ -1,0 +1,94 @@
+// What the upload page checks before asking for an upload link, mirroring the image service's
+// limits: the format by its bytes (never the name or the browser's guess), at most 10 MB, and
+// readable dimensions within 12,000 px a side and 100 megapixels. HEIC/HEIF is recognised by its
+// `ftyp` brands; browsers that cannot decode it leave its dimensions to the image service.
+
+export const MAX_BYTES = 10 * 1024 * 1024;
+export const MAX_SIDE = 12000;
+export const MAX_PIXELS = 100_000_000;
+
+// ISO-BMFF brands of HEIC/HEIF stills and sequences; AVIF (`avif`, `avis`) shares the container
+// but is not accepted by the image service outside Enterprise plans.
+const HEIC_BRANDS = new Set(["heic", "heix", "hevc", "hevx", "heim", "heis", "hevm", "hevs"]);
+const HEIF_GENERIC_BRANDS = new Set(["mif1", "msf1"]);
+const AVIF_BRANDS = new Set(["avif", "avis"]);
+
+const FORMATS = {
+  "image/jpeg": { label: "JPEG", browserCanShow: true },
+  "image/png": { label: "PNG", browserCanShow: true },
+  "image/gif": { label: "GIF", browserCanShow: true },
+  "image/webp": { label: "WebP", browserCanShow: true },
+  "image/svg+xml": { label: "SVG", browserCanShow: true },
+  "image/heic": { label: "HEIC", browserCanShow: false },
+};
+
+/** Return the ftyp brands (major first) of an ISO-BMFF file head, or null. */
+export function ftypBrands(head) {
+  const ascii = (from, to) => String.fromCharCode(...head.subarray(from, to));
+  if (head.length < 16 || ascii(4, 8) !== "ftyp") return null;
+  const boxSize = ((head[0] << 24) | (head[1] << 16) | (head[2] << 8) | head[3]) >>> 0;
+  const end = Math.min(head.length, boxSize >= 16 ? boxSize : 16);
+  const brands = [ascii(8, 12)];
+  for (let at = 16; at + 4 <= end; at += 4) brands.push(ascii(at, at + 4));
+  return brands;
+}
+
+/** Recognise the format from the first bytes; return {mime, label, browserCanShow} or null. */
+export function formatOf(head) {
+  const starts = (...bytes) => bytes.every((b, i) => head[i] === b);
+  let mime = null;
+  if (starts(0xff, 0xd8, 0xff)) mime = "image/jpeg";
+  else if (starts(0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a)) mime = "image/png";
+  else if (starts(0x47, 0x49, 0x46, 0x38)) mime = "image/gif";
+  else if (starts(0x52, 0x49, 0x46, 0x46) && head[8] === 0x57 && head[9] === 0x45 && head[10] === 0x42 && head[11] === 0x50) mime = "image/webp";
+  else {
+    const brands = ftypBrands(head);
+    if (brands) {
+      const heic = brands.some((b) => HEIC_BRANDS.has(b));
+      const avif = brands.some((b) => AVIF_BRANDS.has(b));
+      if (heic || (!avif && brands.some((b) => HEIF_GENERIC_BRANDS.has(b)))) mime = "image/heic";
+    } else {
+      const text = new TextDecoder("utf-8", { fatal: false }).decode(head).trimStart().toLowerCase();
+      if (text.startsWith("<svg") || (text.startsWith("<?xml") && text.includes("<svg"))) mime = "image/svg+xml";
+    }
+  }
+  return mime ? { mime, ...FORMATS[mime] } : null;
+}
+
+/** Read a file's head and recognise its format. */
+export async function sniffFormat(file) {
+  return formatOf(new Uint8Array(await file.slice(0, 512).arrayBuffer()));
+}
+
+export function humanSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(0)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function readDimensions(file) {
+  return new Promise((resolve) => {
+    const url = URL.createObjectURL(file);
+    const img = new Image();
+    img.onload = () => { URL.revokeObjectURL(url); resolve({ width: img.naturalWidth, height: img.naturalHeight }); };
+    img.onerror = () => { URL.revokeObjectURL(url); resolve(null); };
+    img.src = url;
+  });
+}
+
+/** Return why the image service would refuse `file`, or null when it looks acceptable. */
+export async function check(file) {
+  if (file.size === 0) return "The file is empty.";
+  if (file.size > MAX_BYTES) return `Too large: ${humanSize(file.size)} (the limit is 10 MB).`;
+  const format = await sniffFormat(file);
+  if (!format) return "Not a supported image: use JPEG, PNG, GIF, WebP, SVG or HEIC.";
+  const size = await readDimensions(file);
+  if (!size) {
+    // HEIC: most browsers cannot decode it; the image service checks it on arrival.
+    return format.browserCanShow ? `The ${format.label} file could not be read as an image.` : null;
+  }
+  if (format.mime !== "image/svg+xml" && (!size.width || !size.height)) return `The ${format.label} file could not be read as an image.`;
+  if (size.width > MAX_SIDE || size.height > MAX_SIDE) return `Too big: ${size.width}×${size.height} px (at most 12,000 px a side).`;
+  if (size.width * size.height > MAX_PIXELS) return "Too big: more than 100 megapixels.";
+  return null;
+}
