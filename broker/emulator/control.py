@@ -1,4 +1,5 @@
-"""Test and benchmark controls: request counters, fault injection, the rate-limit model, the clock.
+"""Test and benchmark controls: request counters (with how many run at once), fault injection,
+the rate-limit model, the clock.
 
 All of it lives on one `Controls` object per app and is reachable over HTTP under `/_emulator/`
 only when `CONTROL_ENABLED` is set.
@@ -88,6 +89,8 @@ class Controls:
         self._offset = timedelta()
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
+        self._in_flight: Counter[str] = Counter()
+        self._peaks: Counter[str] = Counter()
         self._faults: list[Fault] = []
         self.limiter = RateLimiter(rate_limit, rate_window)
         self._random = random.Random()
@@ -125,10 +128,27 @@ class Controls:
         with self._lock:
             return dict(self._counters)
 
+    def enter(self, endpoint: str) -> None:
+        """Note that a request to `endpoint` is being handled (until `leave`)."""
+        with self._lock:
+            self._in_flight[endpoint] += 1
+            self._peaks[endpoint] = max(self._peaks[endpoint], self._in_flight[endpoint])
+
+    def leave(self, endpoint: str) -> None:
+        """Note that a request to `endpoint` is done."""
+        with self._lock:
+            self._in_flight[endpoint] -= 1
+
+    def peak_in_flight(self) -> dict[str, int]:
+        """Return, per endpoint, the most requests handled at once since the last reset."""
+        with self._lock:
+            return dict(self._peaks)
+
     def reset_counters(self) -> None:
-        """Zero every counter."""
+        """Zero every counter and peak (a peak restarts from the requests now in flight)."""
         with self._lock:
             self._counters.clear()
+            self._peaks = Counter({k: v for k, v in self._in_flight.items() if v > 0})
 
     # Faults.
 
@@ -229,15 +249,18 @@ def _only_when_enabled() -> None:
 @bp.get("/counters")
 def counters() -> Any:
     """Return the per-endpoint request counters."""
-    snapshot = _controls().counters()
-    return jsonify(counters=snapshot, total=sum(snapshot.values()))
+    controls = _controls()
+    snapshot = controls.counters()
+    return jsonify(
+        counters=snapshot, total=sum(snapshot.values()), peak_in_flight=controls.peak_in_flight()
+    )
 
 
 @bp.post("/counters/reset")
 def reset_counters() -> Any:
     """Zero the request counters."""
     _controls().reset_counters()
-    return jsonify(counters={}, total=0)
+    return jsonify(counters={}, total=0, peak_in_flight=_controls().peak_in_flight())
 
 
 @bp.get("/faults")

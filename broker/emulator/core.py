@@ -11,10 +11,10 @@ import socket
 import time
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from broker.emulator.control import Clock, Controls
@@ -158,6 +158,8 @@ def _before_request() -> Response | None:
     emu = current_emulator()
     name = endpoint_name()
     emu.controls.count(name)
+    emu.controls.enter(name)
+    g.emulator_endpoint = name
     for fault in emu.controls.pick_faults(name):
         if fault.latency_ms:
             time.sleep(fault.latency_ms / 1000)
@@ -174,6 +176,12 @@ def _before_request() -> Response | None:
             err.headers["Retry-After"] = str(retry_after)
             raise err
     return None
+
+
+def _after_request_done(exc: BaseException | None) -> None:
+    name = g.pop("emulator_endpoint", None)
+    if name is not None:
+        current_emulator().controls.leave(name)
 
 
 def _handle_cf_error(err: CfError) -> Response:
@@ -218,10 +226,28 @@ def _handle_unexpected(exc: Exception) -> Response:
     return CfError(5500, "Internal error").response()
 
 
+class EmulatorRequest(Request):
+    """A request that closes every file spool it opened, also when the client went away in the
+    middle of a body (werkzeug closes only the files of a form it finished parsing)."""
+
+    def _get_file_stream(self, *args: Any, **kwargs: Any) -> IO[bytes]:
+        stream = super()._get_file_stream(*args, **kwargs)
+        self.__dict__.setdefault("_spools", []).append(stream)
+        return stream
+
+    def close(self) -> None:
+        """Close the parsed files and any spool left by a form that was cut off."""
+        super().close()
+        for stream in self.__dict__.pop("_spools", []):
+            stream.close()
+
+
 def install(app: Flask, emulator: Emulator) -> None:
     """Attach the emulator and its shared hooks and error handlers to `app`."""
     app.extensions[EXTENSION_KEY] = emulator
+    app.request_class = EmulatorRequest
     app.before_request(_before_request)
+    app.teardown_request(_after_request_done)
     app.register_error_handler(CfError, _handle_cf_error)
     app.register_error_handler(HTTPException, _handle_http_error)
     app.register_error_handler(Exception, _handle_unexpected)

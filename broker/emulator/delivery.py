@@ -14,7 +14,7 @@ from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response as BaseResponse
 
 from broker.emulator.core import DELIVERY_BLUEPRINT, current_emulator
-from broker.emulator.imaging import EXTENSIONS, FORMAT_FOR_CONTENT_TYPE, render
+from broker.emulator.imaging import EXTENSIONS, FORMAT_FOR_CONTENT_TYPE, output_content_type, render
 from broker.emulator.signing import verify
 from broker.emulator.store import ImageRecord, VariantRecord, atomic_write
 
@@ -91,9 +91,8 @@ def _output(image: ImageRecord, variant: VariantRecord) -> tuple[bytes, str, boo
     store = current_emulator().store
     fmt = FORMAT_FOR_CONTENT_TYPE.get(image.content_type or "", "PNG")
     path = store.image_cache_dir(image.id) / f"{variant.id}-{variant.digest()}.{EXTENSIONS[fmt]}"
-    content_type = image.content_type or "application/octet-stream"
     try:
-        return path.read_bytes(), content_type, True
+        return path.read_bytes(), output_content_type(fmt), True
     except FileNotFoundError:
         pass
     body, content_type = render(

@@ -3,6 +3,8 @@
 Uploads are sniffed by decoding, never by file name or content type. Pillow's own
 decompression-bomb check is bypassed on purpose: its threshold (~89 MP) is below Cloudflare's
 100 MP limit, and the explicit side/pixel limits below are checked before any pixel is decoded.
+HEIC/HEIF (what iPhones take; Cloudflare accepts it as input) is decoded by pillow-heif; its
+variants are delivered as JPEG, since browsers other than Safari cannot show HEIC.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+import pillow_heif
 from PIL import Image, ImageOps
 
 from broker.emulator.errors import CfError
@@ -19,15 +22,30 @@ MAX_BYTES = 10 * 1024 * 1024
 MAX_SIDE = 12_000
 MAX_PIXELS = 100_000_000
 
-RASTER_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
+RASTER_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "HEIF")
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
     "PNG": "image/png",
     "GIF": "image/gif",
     "WEBP": "image/webp",
     "SVG": "image/svg+xml",
+    "HEIF": "image/heic",
 }
-EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "SVG": "svg"}
+# The format variants of an original are rendered in: the original's, except HEIC.
+OUTPUT_FORMATS = {"HEIF": "JPEG"}
+EXTENSIONS = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "SVG": "svg",
+    "HEIF": "jpg",
+}
+# ISO-BMFF `ftyp` brands of HEIC/HEIF; AVIF shares the container and generic brands but is not
+# accepted (Cloudflare takes AVIF input on Enterprise plans only).
+HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"})
+HEIF_GENERIC_BRANDS = frozenset({b"mif1", b"msf1"})
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
 FORMAT_FOR_CONTENT_TYPE = {v: k for k, v in CONTENT_TYPES.items()}
 COPYRIGHT_TAG = 0x8298
 FITS = ("scale-down", "contain", "cover", "crop", "pad")
@@ -48,11 +66,42 @@ class ImageInfo:
         return CONTENT_TYPES[self.format]
 
 
+def output_content_type(fmt: str) -> str:
+    """Return the content type variants of a `fmt` original are delivered in."""
+    return CONTENT_TYPES[OUTPUT_FORMATS.get(fmt, fmt)]
+
+
+def ftyp_brands(data: bytes) -> list[bytes]:
+    """Return the `ftyp` brands (major first) of an ISO-BMFF file, or [] if it is not one."""
+    if len(data) < 16 or data[4:8] != b"ftyp":
+        return []
+    size = int.from_bytes(data[:4], "big")
+    end = min(len(data), size if size >= 16 else 16)
+    return [data[8:12]] + [data[i : i + 4] for i in range(16, end - 3, 4)]
+
+
+def is_heic(data: bytes) -> bool:
+    """Tell whether the bytes carry HEIC/HEIF brands (and are not AVIF)."""
+    brands = set(ftyp_brands(data))
+    return bool(brands & HEIC_BRANDS) or bool(
+        brands & HEIF_GENERIC_BRANDS and not brands & AVIF_BRANDS
+    )
+
+
+def register_heif() -> None:
+    """Teach Pillow to open HEIC/HEIF (idempotent; done on first use, not at import)."""
+    if "HEIF" not in Image.OPEN:
+        pillow_heif.register_heif_opener()
+
+
 def _open_raster(data: bytes) -> Image.Image:
-    """Open JPEG/PNG/GIF/WebP bytes lazily, without Pillow's global bomb check."""
+    """Open JPEG/PNG/GIF/WebP/HEIC bytes lazily, without Pillow's global bomb check."""
     Image.init()
+    register_heif()
     prefix = data[:16]
     for fmt in RASTER_FORMATS:
+        if fmt == "HEIF" and not is_heic(data):
+            continue
         factory, accept = Image.OPEN[fmt]
         result = accept(prefix) if accept else True
         if not result or isinstance(result, str):
@@ -146,8 +195,10 @@ def render(
     """Transform original bytes for a variant; return (bytes, content type).
 
     The output keeps the original format (Cloudflare would negotiate AVIF/WebP; the emulator
-    stays predictable). SVG is served as uploaded, as Cloudflare does not resize it.
+    stays predictable), except HEIC, rendered as JPEG. SVG is served as uploaded, as Cloudflare
+    does not resize it.
     """
+    fmt = OUTPUT_FORMATS.get(fmt, fmt)
     if fmt == "SVG":
         return data, CONTENT_TYPES["SVG"]
     src = _open_raster(data)

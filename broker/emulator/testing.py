@@ -167,6 +167,10 @@ class EmulatorServer:
         """Return the per-endpoint request counters."""
         return self.emulator.controls.counters()
 
+    def peak_in_flight(self) -> dict[str, int]:
+        """Return, per endpoint, the most requests the emulator handled at once."""
+        return self.emulator.controls.peak_in_flight()
+
     def reset_counters(self) -> None:
         """Zero the request counters."""
         self.emulator.controls.reset_counters()
@@ -262,6 +266,9 @@ def make_image(
 
     from PIL import Image
 
+    from broker.emulator.imaging import register_heif
+
+    register_heif()  # so fmt="HEIF" writes HEIC
     out = io.BytesIO()
     with Image.new("RGB", (width, height), color) as img:
         params: dict[str, Any] = {}
