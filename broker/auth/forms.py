@@ -82,3 +82,13 @@ class ChangePasswordForm(BrowserForm):
 
 class ActionForm(BrowserForm):
     """A button-only form (logout, revoke): just the CSRF token."""
+
+
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+class CreateTokenForm(BrowserForm):
+    """A name for a new API token."""
+
+    name = StringField("Token name", validators=[DataRequired(), Length(max=100)], filters=[_strip])

@@ -1,17 +1,34 @@
-"""The auth pages: login, logout, register, account (change password, revoke tokens)."""
+"""The auth pages: login, logout, register, account (change password, create and revoke tokens)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import cast
 from urllib.parse import urlsplit
 
-from flask import abort, current_app, flash, redirect, render_template, request, session, url_for
+from flask import (
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy.exc import IntegrityError
 
 from broker.auth import bp, limits, passwords, tokens, users
-from broker.auth.forms import ActionForm, ChangePasswordForm, LoginForm, RegisterForm
+from broker.auth.forms import (
+    ActionForm,
+    ChangePasswordForm,
+    CreateTokenForm,
+    LoginForm,
+    RegisterForm,
+)
 from broker.auth.models import User
 from broker.platform.db import db
 
@@ -116,7 +133,11 @@ def register() -> ResponseReturnValue:
 
 
 def _account_page(
-    password_form: ChangePasswordForm | None = None, status: int = 200
+    password_form: ChangePasswordForm | None = None,
+    status: int = 200,
+    *,
+    token_form: CreateTokenForm | None = None,
+    new_token: tokens.IssuedToken | None = None,
 ) -> ResponseReturnValue:
     user = current_user._get_current_object()
     return render_template(
@@ -124,6 +145,8 @@ def _account_page(
         user=user,
         tokens=tokens.active_tokens(db.session, user),
         password_form=password_form or ChangePasswordForm(),
+        token_form=token_form or CreateTokenForm(formdata=None),
+        new_token=new_token,
         action_form=ActionForm(),
     ), status
 
@@ -153,6 +176,30 @@ def change_password() -> ResponseReturnValue:
     _start_session(user)
     flash("Password changed. Other sessions and all API tokens were ended.", "info")
     return redirect(url_for("auth.account"))
+
+
+@bp.post("/account/tokens")
+@login_required
+def create_token() -> ResponseReturnValue:
+    """Create an API token for the signed-in user and show its secret this once."""
+    form = CreateTokenForm()
+    if not form.validate_on_submit():
+        return _account_page(token_form=form, status=422)
+    days = int(current_app.config["API_TOKEN_TTL_DAYS"])
+    issued = tokens.issue(
+        db.session,
+        current_user._get_current_object(),
+        form.name.data or "",
+        ttl=timedelta(days=days),
+    )
+    db.session.commit()
+    # The secret is in this page only: not in a flash message (the session cookie is signed,
+    # not encrypted) and not in any cache.
+    response = make_response(
+        _account_page(token_form=CreateTokenForm(formdata=None), new_token=issued)
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.post("/account/tokens/<token_id>/revoke")

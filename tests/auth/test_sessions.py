@@ -335,6 +335,52 @@ def test_account_page_lists_and_revokes_own_tokens(app, client, make_user, login
     assert client.get("/api/v1/me", headers=header).status_code == 401
 
 
+def test_account_page_creates_a_token_shown_once(app, client, make_user, login):
+    """A token made on the account page works at once, is shown only in that answer (never
+    cached, never stored in the session), and needs the CSRF token and a name."""
+    make_user()
+    make_user("mallory")
+    login(client, "alice", PASSWORD)
+    token = csrf_token(client)
+    refused = client.post("/auth/account/tokens", data={"name": "laptop"})
+    assert refused.status_code == 403  # the app-wide CSRF check, before the view
+    nameless = client.post("/auth/account/tokens", data={"name": "   ", "csrf_token": token})
+    assert nameless.status_code == 422
+    assert 'aria-invalid="true"' in nameless.get_data(as_text=True)
+    too_long = client.post("/auth/account/tokens", data={"name": "x" * 101, "csrf_token": token})
+    assert too_long.status_code == 422
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(ApiToken)) == 0
+
+    created = client.post("/auth/account/tokens", data={"name": " My phone ", "csrf_token": token})
+    assert created.status_code == 200
+    assert created.headers["Cache-Control"] == "no-store"
+    html = created.get_data(as_text=True)
+    secret = re.search(r'id="new-token" type="text" value="(brk_[^"]+)"', html)
+    assert secret, html
+    header = {"Authorization": f"Bearer {secret.group(1)}"}
+    me = client.get("/api/v1/me", headers=header)
+    assert me.status_code == 200 and me.get_json()["username"] == "alice"
+    with app.app_context():
+        row = db.session.scalar(sa.select(ApiToken))
+        assert row is not None and row.name == "My phone" and row.user.username == "alice"
+        assert row.token_hash != secret.group(1)  # stored hashed, as every token
+    # Shown once: the next visit lists it by prefix only.
+    again = client.get("/auth/account").get_data(as_text=True)
+    assert secret.group(1) not in again and secret.group(1)[:10] in again
+    assert secret.group(1) not in str(client.get_cookie("session"))
+
+
+def test_account_page_revoke_asks_for_confirmation(app, client, make_user, login, bearer):
+    """Each Revoke button belongs to a form the page script confirms before sending."""
+    make_user()
+    bearer(app, "alice")
+    login(client, "alice", PASSWORD)
+    html = client.get("/auth/account").get_data(as_text=True)
+    assert 'class="inline-form revoke-form"' in html and 'data-token-name="pytest"' in html
+    assert 'id="confirm-revoke"' in html and "js/account.js" in html
+
+
 # --- admin role ------------------------------------------------------------------------------
 
 
