@@ -51,9 +51,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         hops = int(app.config["PROXY_COUNT"])
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
-    from broker.platform import db, errors, extensions, headers, health, logs
+    from broker.platform import db, errors, extensions, headers, health, json_input, logs, routing
 
     logs.init_app(app)
+    json_input.init_app(app)
+    routing.init_app(app)
     if app.config["ENV"] == "production" and app.config["RATELIMIT_STORAGE_URI"] == "memory://":
         logging.getLogger("broker").warning(
             "BROKER_RATELIMIT_STORAGE_URI is memory://: each process counts login attempts on "

@@ -1,4 +1,9 @@
-"""Logging: one line per request with method, path, status, duration and request id."""
+"""Logging: one line per request with method, path, status, duration and request id.
+
+Every broker log line goes through `LineFormatter`, which escapes control characters in the
+message: a value taken from a request (a path with `%0A` in it, a header, a filename) can never
+start a line of its own and forge an entry.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +21,34 @@ log = logging.getLogger("broker.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(text: str) -> str:
+    """Return `text` with every control character written as a visible escape (`\\n`, `\\x1b`)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class LineFormatter(logging.Formatter):
+    """Format a record's message as one line: control characters escaped. A traceback, which
+    the formatter appends itself, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """Interpolate the record with its message escaped (the record itself is not changed)."""
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.message = escape(record.message)
+        return super().formatMessage(safe)
+
+
 def _configure(level: str) -> None:
     root = logging.getLogger("broker")
     root.setLevel(level.upper())
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(LineFormatter(LINE_FORMAT))
         root.addHandler(handler)
 
 

@@ -94,7 +94,7 @@ def admin() -> ResponseReturnValue:
     )
 
 
-@bp.post("/admin/deliveries/<int:delivery_id>/redeliver")
+@bp.post("/admin/deliveries/<id:delivery_id>/redeliver")
 @admin_required
 def admin_redeliver(delivery_id: int) -> ResponseReturnValue:
     """Queue a webhook delivery again (same webhook-id, fresh retry schedule)."""

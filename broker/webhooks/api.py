@@ -309,8 +309,8 @@ def list_webhook_deliveries(query: DeliveryQuery) -> DeliveryList:
     return DeliveryList(items=[delivery_out(d) for d, _, _ in rows])
 
 
-def _delivery(delivery_id: str) -> WebhookDelivery:
-    d = db.session.get(WebhookDelivery, int(delivery_id)) if delivery_id.isdigit() else None
+def _delivery(delivery_id: int) -> WebhookDelivery:
+    d = db.session.get(WebhookDelivery, delivery_id)
     if d is None:
         raise ApiError(404, "not_found", "No such delivery.")
     return d
@@ -319,12 +319,12 @@ def _delivery(delivery_id: str) -> WebhookDelivery:
 @endpoint(
     bp,
     "GET",
-    "/webhooks/deliveries/<delivery_id>",
+    "/webhooks/deliveries/<id:delivery_id>",
     responses={200: DeliveryOut, **ERRORS},
     admin=True,
     tags=("admin",),
 )
-def get_webhook_delivery(delivery_id: str) -> DeliveryOut:
+def get_webhook_delivery(delivery_id: int) -> DeliveryOut:
     """Show one delivery with every attempt (admins only)."""
     return delivery_out(_delivery(delivery_id), with_attempts=True)
 
@@ -332,12 +332,12 @@ def get_webhook_delivery(delivery_id: str) -> DeliveryOut:
 @endpoint(
     bp,
     "POST",
-    "/webhooks/deliveries/<delivery_id>/redeliver",
+    "/webhooks/deliveries/<id:delivery_id>/redeliver",
     responses={202: DeliveryOut, **ERRORS},
     admin=True,
     tags=("admin",),
 )
-def redeliver_webhook(delivery_id: str) -> tuple[DeliveryOut, int]:
+def redeliver_webhook(delivery_id: int) -> tuple[DeliveryOut, int]:
     """Queue a delivery again now (same webhook-id, fresh retry schedule)."""
     d = _delivery(delivery_id)
     endpoints.redeliver(d)

@@ -33,7 +33,7 @@ def _routes(app: Flask) -> list[tuple[str, str, str]]:
     """Return (endpoint, method, concrete path) for every rule, path variables filled in."""
     out = []
     for rule in app.url_map.iter_rules():
-        path = _VARIABLE.sub(lambda m: "1" if m.group(1) == "int" else "x1", rule.rule)
+        path = _VARIABLE.sub(lambda m: "1" if m.group(1) in ("int", "id") else "x1", rule.rule)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             out.append((rule.endpoint, method, path))
     return out

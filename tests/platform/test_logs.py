@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 
+from broker.platform.logs import LineFormatter
+
 
 def test_request_id_is_generated_and_logged(client, caplog):
     with caplog.at_level(logging.INFO, logger="broker.request"):
@@ -21,3 +23,19 @@ def test_request_id_honoured_when_plain_replaced_when_not(client):
     )
     forged = client.get("/livez", headers={"X-Request-ID": "x 200 FAKE=1 " + "y" * 200})
     assert re.fullmatch(r"[0-9a-f]{32}", forged.headers["X-Request-ID"])
+
+
+def test_a_newline_in_the_path_cannot_forge_a_log_line(make_app, caplog):
+    """`%0A` in the path is logged as a visible `\\n`: the request is one line, not two."""
+    app = make_app(LOG_LEVEL="INFO")
+    handler = next(h for h in logging.getLogger("broker").handlers)
+    assert isinstance(handler.formatter, LineFormatter)
+    forged = "/x%0A2026-11-29 12:00:00,000 INFO broker.request GET /admin 200 1.0ms%0D%1B[2J"
+    with caplog.at_level(logging.INFO, logger="broker.request"):
+        app.test_client().get(forged)
+    records = [r for r in caplog.records if r.name == "broker.request"]
+    assert len(records) == 1
+    line = handler.formatter.format(records[0])
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    escaped = "/x\\n2026-11-29 12:00:00,000 INFO broker.request GET /admin 200 1.0ms\\r\\x1b[2J"
+    assert escaped in line

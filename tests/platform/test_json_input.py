@@ -1,0 +1,124 @@
+"""One strict JSON reader: every malformed body is a 400 or a 422 on every route, never a 500."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from broker.platform.db import db
+from broker.uploads.models import Upload
+
+PASSWORD = "correct horse battery"
+CF_SECRET = "cf-hook-secret"
+JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+# 1000 levels in 2 KB: enough to overflow the json module's recursion (RecursionError).
+DEEP = "[" * 1000 + "]" * 1000
+
+
+@pytest.fixture
+def hostile_app(make_app: Callable[..., Flask]) -> Flask:
+    """An app with Cloudflare's notification secret set, so /hooks/cloudflare reads bodies."""
+    return make_app(CLOUDFLARE_WEBHOOK_SECRET=CF_SECRET)
+
+
+def _routes(headers: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """Every route that reads a JSON body, with the headers that get it read."""
+    return [
+        ("/api/v1/auth/tokens", {}),  # anonymous: the rate limiter's key function reads it first
+        ("/auth/login", {}),  # the login form (Flask-WTF reads a JSON body as the form)
+        ("/api/v1/uploads", headers),
+        ("/api/v1/images/urls", headers),
+        ("/hooks/cloudflare", {"cf-webhook-auth": CF_SECRET}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        DEEP,
+        '{"username": ' + DEEP + "}",
+        '{"metadata": ' + "{" + '"a": {' * 40 + "}" * 41 + "}",  # well-formed but 42 levels deep
+        b"\xff\xfe\x00",  # not UTF-8/16/32
+        b'{"username": "\xc3\x28"}',  # invalid UTF-8 inside a string
+        '{"username": "alice"',  # truncated
+    ],
+    ids=["deep", "deep-in-object", "over-depth-limit", "bad-encoding", "bad-utf8", "truncated"],
+)
+def test_unreadable_bodies_are_400_invalid_json_on_every_route(
+    hostile_app: Flask,
+    make_user: Callable[..., Any],
+    bearer: Callable[..., dict[str, str]],
+    body: str | bytes,
+) -> None:
+    """Deep nesting, bad encodings and broken syntax answer 400 invalid_json, authenticated or
+    not, through the API, the login form and the inbound hook alike (never a 500)."""
+    user = make_user()
+    auth = bearer(hostile_app, user)
+    client = hostile_app.test_client()
+    for path, headers in _routes(auth):
+        response = client.post(path, data=body, headers={**JSON, **headers})
+        assert response.status_code == 400, (path, response.status_code)
+        if path != "/auth/login":  # a page: it shows the form again, as for any bad post
+            assert response.get_json()["error"]["code"] == "invalid_json", path
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"metadata": {"a": "\\udc00"}}', "metadata.a"),
+        ('{"metadata": {"\\ud800x": "b"}}', "metadata"),
+        ('{"metadata": {"a": NaN}}', "metadata.a"),
+        ('{"metadata": {"a": [1, Infinity]}}', "metadata.a.1"),
+        ('{"metadata": {"a": -Infinity}}', "metadata.a"),
+        ('{"metadata": {"a": 1e999}}', "metadata.a"),  # overflows a float to infinity
+    ],
+    ids=["lone-surrogate", "surrogate-key", "nan", "infinity", "minus-infinity", "overflow"],
+)
+def test_values_no_field_may_hold_are_422_and_store_nothing(
+    hostile_app: Flask,
+    make_user: Callable[..., Any],
+    bearer: Callable[..., dict[str, str]],
+    body: str,
+    field: str,
+) -> None:
+    """Lone surrogates and non-finite numbers in metadata answer 422 naming the field, and no
+    upload is created (SQLite used to store NaN as null; PostgreSQL answered 500)."""
+    user = make_user()
+    client = hostile_app.test_client()
+    response = client.post(
+        "/api/v1/uploads", data=body, headers={**JSON, **bearer(hostile_app, user)}
+    )
+    assert response.status_code == 422, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error"
+    assert error["details"][0]["field"] == field
+    with hostile_app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Upload)) == 0
+
+
+def test_the_login_limiter_keys_a_hostile_body_by_ip(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any]
+) -> None:
+    """The login form's limiter reads the username from a JSON body before the view runs; an
+    unreadable body is keyed by the client's IP instead of crashing, and still counts."""
+    app = make_app(AUTH_RATE_LIMIT="2 per minute")
+    make_user()
+    client = app.test_client()
+    statuses = [client.post("/auth/login", data=DEEP, headers=JSON).status_code for _ in range(3)]
+    assert statuses == [400, 400, 429]
+
+
+def test_good_bodies_still_work(
+    hostile_app: Flask, make_user: Callable[..., Any], bearer: Callable[..., dict[str, str]]
+) -> None:
+    """The strict reader takes ordinary JSON (nested metadata, unicode, big integers)."""
+    user = make_user()
+    body = {"metadata": {"album": "été ☀", "n": 12345678901234567890, "tags": [{"a": 1.5}]}}
+    client = hostile_app.test_client()
+    response = client.post("/api/v1/uploads", json=body, headers=bearer(hostile_app, user))
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert response.get_json()["metadata"] == body["metadata"]
