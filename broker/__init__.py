@@ -51,7 +51,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         hops = int(app.config["PROXY_COUNT"])
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
-    from broker.platform import db, errors, extensions, headers, health, json_input, logs, routing
+    from broker.platform import (
+        db,
+        encryption,
+        errors,
+        extensions,
+        headers,
+        health,
+        json_input,
+        logs,
+        routing,
+    )
 
     logs.init_app(app)
     json_input.init_app(app)
@@ -63,6 +73,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         )
     _import_models()
     db.init_app(app)
+    encryption.init_app(app)
     errors.init_app(app)
     extensions.init_app(app)
     headers.init_app(app)

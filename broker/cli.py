@@ -9,8 +9,17 @@ def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
     from broker.auth.cli import tokens_cli, users_cli
     from broker.images.cli import keys_cli, variants_cli
+    from broker.platform.cli import encryption_cli
     from broker.webhooks.cli import webhooks_cli
     from broker.worker import worker_command
 
-    for group in (keys_cli, variants_cli, users_cli, tokens_cli, webhooks_cli, worker_command):
+    for group in (
+        encryption_cli,
+        keys_cli,
+        variants_cli,
+        users_cli,
+        tokens_cli,
+        webhooks_cli,
+        worker_command,
+    ):
         app.cli.add_command(group)

@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from broker import create_app
 from broker.platform.db import db
 from tests import factories
-from tests.factories import emulator_config
+from tests.factories import TEST_ENCRYPTION_KEY, emulator_config
 from tests.support.openapi_check import SpecCheckingClient
 
 # The recording webhook receiver (`receiver`), for webhooks, uploads and worker tests.
@@ -71,6 +71,7 @@ def base_config(database_url: str, instance_path: str, **overrides: Any) -> dict
         "LOG_LEVEL": "WARNING",
         "WORKER_INLINE": False,
         "INSTANCE_PATH": instance_path,
+        "ENCRYPTION_KEYS": [TEST_ENCRYPTION_KEY],
     }
     config.update(overrides)
     return config

@@ -30,10 +30,14 @@ PASSWORD = "correct horse battery"
 
 # --- settings ---------------------------------------------------------------------------------
 
+# The key every test app encrypts stored secrets with (a fixed Fernet key, for tests only).
+TEST_ENCRYPTION_KEY = "dGVzdC1lbmNyeXB0aW9uLWtleS0zMi1ieXRlcyEhISE="
+
 # The least a production configuration needs; tests add or override what they probe.
 PRODUCTION_SETTINGS: dict[str, Any] = {
     "ENV": "production",
     "SECRET_KEY": "s" * 40,
+    "ENCRYPTION_KEYS": [TEST_ENCRYPTION_KEY],
     "CLOUDFLARE_ACCOUNT_ID": "a",
     "CLOUDFLARE_API_TOKEN": "t",
     "CLOUDFLARE_ACCOUNT_HASH": "h",

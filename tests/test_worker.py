@@ -3,6 +3,7 @@ worker thread, `flask worker --once`. (Leases: tests/platform; each job: its fea
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +40,8 @@ def _env(app, tmp_path):
         BROKER_WEBHOOK_ALLOW_PRIVATE="true",
         BROKER_WORKER_POLL_INTERVAL="0.2",
         BROKER_LOG_LEVEL="INFO",
+        # The same key as the test's app: the worker decrypts the endpoint's secret to sign.
+        BROKER_ENCRYPTION_KEYS=json.dumps(app.config["ENCRYPTION_KEYS"]),
     )
     for key in (
         "CLOUDFLARE_API_BASE",

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.platform.db import Model, UTCDateTime, utcnow
+from broker.platform.encryption import EncryptedText
 
 
 class SigningKey(Model):
@@ -25,7 +26,8 @@ class SigningKey(Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(32), unique=True)
-    value: Mapped[str] = mapped_column(sa.String(255))
+    # Signing needs the raw value: stored encrypted (broker.platform.encryption).
+    value: Mapped[str] = mapped_column(EncryptedText)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delete_after: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -5,8 +5,12 @@
 - `db`: the SQLAlchemy binding, `utcnow`, `UTCDateTime`, and the one transaction rule.
 - `sqlite_writes`: one writer at a time per process on SQLite.
 - `errors`: `ApiError` and `DomainError`, the one JSON error shape, HTML error pages.
+- `json_input`: the one strict JSON reader of request bodies (400 unreadable, 422 unacceptable).
+- `routing`: URL converters; `<id:…>` parses a row id once (ASCII digits, 64-bit, else 404).
+- `encryption`: `EncryptedText` columns under `BROKER_ENCRYPTION_KEYS` (Fernet, rotatable);
+  `cli`: `flask encryption generate-key | reencrypt`.
 - `extensions`: CSRF, flask-login and the rate limiter, created unbound.
-- `logs`: one log line per request with its request id.
+- `logs`: one log line per request with its request id; every message escaped to one line.
 - `headers`: the security headers and the strict Content-Security-Policy.
 - `leases`: claim rows for one worker at a time (`FOR UPDATE SKIP LOCKED` or compare-and-set).
 - `wakeup`: the in-process worker's wake-up call.

@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from broker.platform.encryption import key_problem, parse_keys
+
 DEFAULT_SECRET_KEY = "dev-insecure-change-me"  # noqa: S105 (refused outside development)
 
 
@@ -44,6 +46,11 @@ SETTINGS: tuple[Setting, ...] = (
         "DATABASE_URL",
         None,
         "SQLAlchemy URL; default `sqlite:///<instance>/broker.sqlite3`. PostgreSQL: `postgresql+psycopg://user:pw@host/db`.",
+    ),
+    Setting(
+        "ENCRYPTION_KEYS",
+        None,
+        "Fernet keys, newest first (JSON list or comma-separated), that encrypt webhook secrets and signing-key values in the database; required in production. Elsewhere a key is generated into `instance/dev-encryption.key`.",
     ),
     Setting("LOG_LEVEL", "INFO", "Log level of the `broker` loggers."),
     Setting(
@@ -212,6 +219,9 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     config["REMEMBER_COOKIE_HTTPONLY"] = True
     config["REMEMBER_COOKIE_SAMESITE"] = "Lax"
     config["REMEMBER_COOKIE_SECURE"] = env == "production"
+    problem = key_problem(parse_keys(config.get("ENCRYPTION_KEYS")))
+    if problem:
+        raise ConfigError(problem)
     if env != "production":
         return
     if config["SECRET_KEY"] in (None, "", DEFAULT_SECRET_KEY):
@@ -241,6 +251,10 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     ]
     if plain:
         raise ConfigError(f"{', '.join(plain)} must be https:// URLs in production")
+    if not parse_keys(config.get("ENCRYPTION_KEYS")):
+        raise ConfigError(
+            "BROKER_ENCRYPTION_KEYS is missing; set a key from `flask encryption generate-key`"
+        )
 
 
 def markdown_table() -> str:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.platform.db import Model, UTCDateTime, utcnow
+from broker.platform.encryption import EncryptedText
 
 
 def _endpoint_id() -> str:
@@ -35,9 +36,9 @@ class WebhookEndpoint(Model):
     description: Mapped[str] = mapped_column(sa.String(255), default="")
     # Space-separated event types this endpoint subscribes to.
     events: Mapped[str] = mapped_column(sa.String(255))
-    # whsec_… secrets; HMAC needs the raw value, so they cannot be stored hashed.
-    secret: Mapped[str] = mapped_column(sa.String(128))
-    previous_secret: Mapped[str | None] = mapped_column(sa.String(128))
+    # whsec_… secrets; HMAC needs the raw value, so they are stored encrypted, not hashed.
+    secret: Mapped[str] = mapped_column(EncryptedText)
+    previous_secret: Mapped[str | None] = mapped_column(EncryptedText)
     previous_secret_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     active: Mapped[bool] = mapped_column(default=True)
     disabled_reason: Mapped[str | None] = mapped_column(sa.String(255))

@@ -1,0 +1,25 @@
+"""`flask encryption …`: make keys for BROKER_ENCRYPTION_KEYS, re-encrypt under the newest."""
+
+from __future__ import annotations
+
+import click
+from flask.cli import AppGroup
+
+from broker.platform import encryption
+from broker.platform.db import db
+
+encryption_cli = AppGroup("encryption", help="Keys that encrypt stored secrets.")
+
+
+@encryption_cli.command("generate-key")
+def generate_key_command() -> None:
+    """Print a new key to put first in BROKER_ENCRYPTION_KEYS."""
+    click.echo(encryption.generate_key())
+
+
+@encryption_cli.command("reencrypt")
+def reencrypt_command() -> None:
+    """Re-encrypt every stored secret under the newest key (then older keys can be dropped)."""
+    with db.engine.begin() as connection:
+        count = encryption.reencrypt(connection, db.metadata, encryption.current_keyring())
+    click.echo(f"re-encrypted {count} value(s) under the newest key")
