@@ -58,7 +58,7 @@ function render(entry) {
   const row = rows.get(entry.key);
   if (!row) return;
   const { el } = row;
-  const hadFocus = el.contains(document.activeElement) && document.activeElement !== el;
+  const focused = el.contains(document.activeElement) && document.activeElement !== el ? document.activeElement : null;
   el.dataset.state = entry.state === "active" ? (entry.phase === "uploading" ? "uploading" : entry.phase === "processing" ? "processing" : "checking") : entry.state;
   if (row.uploadId) el.dataset.uploadId = row.uploadId; else delete el.dataset.uploadId;
   el.querySelector(".state").textContent = label(entry);
@@ -74,9 +74,9 @@ function render(entry) {
     row.served = true;
     showPreview(row, `/i/${encodeURIComponent(row.uploadId)}/thumb`, `Thumbnail of ${entry.file.name}`);
   }
-  // A button that just disappeared must not drop keyboard focus on <body>.
-  if (hadFocus && !el.contains(document.activeElement)) (visibleButton(el) ?? el).focus();
-  if (!el.contains(document.activeElement) && hadFocus) el.focus();
+  // A focused button that just disappeared must not leave keyboard focus on nothing visible:
+  // it moves to the row's other button, else to the row itself.
+  if (focused?.hidden) (visibleButton(el) ?? el).focus();
 }
 
 function showPreview(row, src, alt) {
@@ -136,7 +136,8 @@ async function run(entry, attempt) {
   attempt.report("requesting");
   let upload;
   try {
-    upload = await broker.createUpload({ signal });
+    // Not aborted midway: a slot the broker did create must be known, to be given back.
+    upload = await broker.createUpload();
   } catch (error) {
     if (error.retryAfter) error.message = `${error.message} Try again in ${error.retryAfter} s.`;
     throw error;
