@@ -154,7 +154,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "UPLOAD_ALLOWED_FORMATS",
         None,
-        "Policy on completed originals: formats allowed after decoding (e.g. `JPEG,PNG,WEBP`); others are deleted and `rejected`.",
+        "Policy on completed originals: formats allowed after decoding (e.g. `JPEG,PNG,WEBP,HEIC`); others are deleted and `rejected`.",
     ),
     Setting(
         "UPLOAD_MAX_BYTES", None, "Policy: largest original in bytes; bigger ones are rejected."

@@ -98,6 +98,7 @@ def policy_problem(data: bytes, config: Any) -> str | None:
     if allowed:
         wanted = {f.strip().upper() for f in str(allowed).replace(",", " ").split() if f.strip()}
         wanted |= {"JPEG"} if "JPG" in wanted else set()
+        wanted |= {"HEIF"} if "HEIC" in wanted else set()
         if fmt is None or fmt not in wanted:
             return f"format {fmt or 'unknown'} is not allowed ({', '.join(sorted(wanted))})"
     if max_dim and size is not None and max(size) > int(max_dim):
@@ -107,7 +108,12 @@ def policy_problem(data: bytes, config: Any) -> str | None:
 
 def _sniff(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
     """Decode the real format and size (never trusting the name); SVG is recognised by text."""
+    import pillow_heif
     from PIL import Image as PILImage
+
+    # HEIC (iPhone photos, accepted by Cloudflare) decodes once pillow-heif is registered.
+    if "HEIF" not in PILImage.OPEN:
+        pillow_heif.register_heif_opener()
 
     try:
         with PILImage.open(io.BytesIO(data)) as img:

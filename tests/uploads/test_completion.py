@@ -192,6 +192,21 @@ def test_policy_limits_size_and_dimensions():
     )
 
 
+def test_policy_decodes_heic(monkeypatch):
+    """An iPhone's HEIC is decoded by the policy check, even in a process where nothing had
+    taught Pillow HEIC yet (the emulator's tests may have, so that is undone here first)."""
+    from PIL import Image
+
+    heic = make_image(300, 200, fmt="HEIF")
+    monkeypatch.delitem(Image.OPEN, "HEIF")
+    monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
+    assert completion.policy_problem(heic, {"UPLOAD_ALLOWED_FORMATS": "heic"}) is None
+    assert "HEIF" in Image.OPEN
+    assert completion.policy_problem(heic, {"UPLOAD_MAX_DIMENSION": 256}).startswith("image is")
+    refused = completion.policy_problem(heic, {"UPLOAD_ALLOWED_FORMATS": "JPEG"})
+    assert refused.startswith("format HEIF is not allowed")
+
+
 def test_deleting_an_upload_emits_upload_deleted(setup, receiver):
     app, client, auth = setup
     up = create_upload(client, auth)
