@@ -23,11 +23,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     BROKER_ENV=production \
     BROKER_INSTANCE_PATH=/var/lib/broker \
-    FLASK_APP=broker
+    FLASK_APP=broker \
+    PORT=8000
 RUN groupadd --system broker && useradd --system --gid broker --home-dir /var/lib/broker broker \
  && mkdir -p /var/lib/broker /app && chown broker:broker /var/lib/broker
 COPY --from=build /opt/venv /opt/venv
-COPY wsgi.py /app/wsgi.py
+COPY wsgi.py gunicorn.conf.py /app/
 WORKDIR /app
 USER broker
 EXPOSE 8000
@@ -35,5 +36,6 @@ HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2).status == 200 else 1)"]
 # Apply migrations, make sure the declared variants and signing keys are there (a Cloudflare
 # hiccup must not keep the site down: the worker syncs keys again), then serve with threaded
-# workers (the work is I/O-bound). Run the worker from the same image: `… upload-broker flask worker`.
-CMD ["sh", "-c", "flask db upgrade && { flask variants sync && flask keys sync || echo 'upstream sync failed; continuing' >&2; } && exec gunicorn --bind 0.0.0.0:8000 --workers ${WEB_CONCURRENCY:-2} --threads ${GUNICORN_THREADS:-8} --worker-class gthread --access-logfile - wsgi:app"]
+# workers (gunicorn.conf.py: the work is I/O-bound). Run the worker from the same image:
+# `… upload-broker flask worker`; compose.yaml runs the whole system from it.
+CMD ["sh", "-c", "flask db upgrade && { flask variants sync && flask keys sync || echo 'upstream sync failed; continuing' >&2; } && exec gunicorn -c gunicorn.conf.py wsgi:app"]

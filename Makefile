@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format install clean bench readme
+.PHONY: run test test-system lint format install clean bench readme
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"' || \
@@ -25,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole topology as real processes (PostgreSQL, Redis, emulator, 2 web, 3 workers) under
+# faults; needs BROKER_TEST_POSTGRES_URL and redis-server. Apart from `make test`; CI runs both.
+test-system: $(STAMP)
+	$(BIN)/python -m pytest tests/system $(PYTEST_ARGS)
 
 # Style, the architecture (import-linter contracts) and the types (mypy); see pyproject.toml.
 lint: $(STAMP)

@@ -6,14 +6,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-# Test folders that are not a broker package: the pages driven in real Chromium.
-HARNESSES = {"browser"}
+# Test folders that are not a broker package: the pages driven in real Chromium, and the
+# whole topology as real processes.
+HARNESSES = {"browser", "system"}
 # Test modules at the top of tests/, each with what it tests.
 TOP_LEVEL = {
     "test_app.py": "broker/__init__.py",  # create_app()
     "test_devserver.py": "broker/devserver.py",
     "test_worker.py": "broker/worker.py",
     "test_packaging.py": "pyproject.toml",
+    "test_deployment.py": "compose.yaml",
     "test_layout.py": "tests/__init__.py",
 }
 

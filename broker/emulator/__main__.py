@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["EMULATOR_DATA_DIR"] = args.data_dir
     if args.control:
         os.environ["EMULATOR_CONTROL_ENABLED"] = "true"
-    if "EMULATOR_PUBLIC_URL" not in os.environ:
+    # Port 0 (the OS picks one) leaves it to the host each request came to.
+    if "EMULATOR_PUBLIC_URL" not in os.environ and args.port != 0:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # noqa: S104
         os.environ["EMULATOR_PUBLIC_URL"] = f"http://{host}:{args.port}"
     run_simple(args.host, args.port, create_app(), threaded=True)

@@ -1,0 +1,35 @@
+"""Gunicorn settings of the broker's web tier: `gunicorn -c gunicorn.conf.py wsgi:app`.
+
+compose.yaml, the Dockerfile and the system test (tests/system) start every web instance with
+exactly this command; what differs between them comes from the environment:
+
+- the address: gunicorn's own `PORT` (binds 0.0.0.0:$PORT) or `GUNICORN_CMD_ARGS="--bind …"`
+  (the system test hands over a socket it bound itself: `--bind fd://N`);
+- `WEB_CONCURRENCY` processes (default 2) of `GUNICORN_THREADS` threads (default 8) each.
+"""
+
+import os
+import tempfile
+
+# The work is I/O-bound (the database, Cloudflare): threads, not more processes.
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+
+# On SIGTERM a web process finishes its requests within the same 30 s the background worker
+# takes to finish or give back its work (broker.worker.SHUTDOWN_DEADLINE), so one stop timeout
+# (compose's stop_grace_period) covers both.
+graceful_timeout = 30
+# A request thread silent this long is stuck (an upstream call times out after 10 s).
+timeout = 60
+keepalive = 5
+
+# Each instance its own control socket (`gunicornc -s PATH status`): two instances on one host
+# must not take over each other's. The master's pid names it unless the operator does.
+control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET") or os.path.join(
+    tempfile.gettempdir(), f"broker-web-{os.getpid()}.ctl"
+)
+
+# Logs on stderr (the container's log); one access line per request.
+accesslog = "-"
+errorlog = "-"
