@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
+from cryptography.fernet import Fernet
 
 from broker.emulator.testing import make_image
 from tests.conftest import require
@@ -341,6 +342,7 @@ def run(
                 {
                     "BROKER_ENV": "testing",
                     "BROKER_SECRET_KEY": secrets.token_urlsafe(32),
+                    "BROKER_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
                     "BROKER_DATABASE_URL": postgres_url,
                     "BROKER_INSTANCE_PATH": str(work / "instance"),
                     "BROKER_LOG_LEVEL": "INFO",
