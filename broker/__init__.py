@@ -52,6 +52,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
     from broker.platform import (
+        cors,
         db,
         encryption,
         errors,
@@ -77,6 +78,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     extensions.init_app(app)
     headers.init_app(app)
+    cors.init_app(app)  # before auth: a preflight carries no credentials to check
 
     from broker import auth
     from broker.images import keys, variants

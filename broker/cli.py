@@ -7,7 +7,7 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
-    from broker.auth.cli import tokens_cli, users_cli
+    from broker.auth.cli import service_keys_cli, tokens_cli, users_cli
     from broker.images.cli import keys_cli, variants_cli
     from broker.platform.cli import encryption_cli
     from broker.webhooks.cli import webhooks_cli
@@ -19,6 +19,7 @@ def init_app(app: Flask) -> None:
         variants_cli,
         users_cli,
         tokens_cli,
+        service_keys_cli,
         webhooks_cli,
         worker_command,
     ):

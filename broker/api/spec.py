@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from flask_login import current_user
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
@@ -60,6 +60,7 @@ class Operation:
     admin: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     prefix: str = ""
+    scope: str | None = None
 
 
 OPERATIONS: list[Operation] = []
@@ -118,6 +119,28 @@ def require_admin() -> None:
         raise ApiError(403, "forbidden", "This needs an administrator account.")
 
 
+def require_scope(scope: str | None, admin: bool) -> None:
+    """Hold a scoped credential (a service key) to the route's scope: 403 without it.
+
+    `broker.auth` leaves a service key's scopes in `g.credential_scopes` (None for a user's own
+    credentials, which carry all of the user's rights). A route without a scope refuses every
+    service key; on an admin route the scope stands in for the admin role; elsewhere the key
+    must name the user it acts for.
+    """
+    granted: frozenset[str] | None = g.get("credential_scopes")
+    if granted is None:
+        return
+    if scope is None or scope not in granted:
+        needed = f"the scope {scope}" if scope else "a user's own credentials"
+        raise ApiError(403, "insufficient_scope", f"This route needs {needed}.")
+    if not admin and not current_user.is_authenticated:
+        raise ApiError(
+            400,
+            "on_behalf_of_required",
+            "A service key acts for one of your users: name them in the On-Behalf-Of header.",
+        )
+
+
 def endpoint(
     bp: Blueprint,
     method: str,
@@ -130,19 +153,24 @@ def endpoint(
     admin: bool = False,
     tags: tuple[str, ...] = (),
     summary: str | None = None,
+    scope: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a JSON view on `bp` and document it in the OpenAPI registry.
 
-    `admin=True` refuses non-admins with 403 before the body is even read.
+    `admin=True` refuses non-admins with 403 before the body is even read. `scope` is what a
+    service key needs to call the route (see `require_scope`).
     """
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
         def wrapped(**kwargs: Any) -> Any:
-            if auth or admin:
-                require_user()
-            if admin:
-                require_admin()
+            if g.get("credential_scopes") is not None:
+                require_scope(scope, admin)
+            else:
+                if auth or admin:
+                    require_user()
+                if admin:
+                    require_admin()
             if body is not None:
                 kwargs["body"] = parse_json(body)
             if query is not None:
@@ -163,6 +191,7 @@ def endpoint(
                 auth=auth or admin,
                 admin=admin,
                 prefix=bp.url_prefix or "",
+                scope=scope,
             )
         )
         return wrapped
@@ -224,6 +253,8 @@ def openapi_document(title: str = "Upload broker API", version: str = "1") -> di
         }
         if op.auth:
             item["security"] = [{"bearer": []}, {"session": []}]
+            if op.scope:
+                item["security"].append({"serviceKey": [op.scope]})
         else:
             item["security"] = []
         paths.setdefault(op.prefix + op.path, {})[op.method] = item
@@ -234,7 +265,18 @@ def openapi_document(title: str = "Upload broker API", version: str = "1") -> di
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "brk_… API token"},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "brk_… API token, or a JWT of the configured OpenID Connect "
+                    "issuer",
+                },
+                "serviceKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "bsk_… service key of the app's backend, with the app's user "
+                    "in the On-Behalf-Of header; needs the scope listed",
+                },
                 "session": {"type": "apiKey", "in": "cookie", "name": "session"},
             },
         },

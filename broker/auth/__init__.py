@@ -6,6 +6,12 @@ Public interface:
 - `csrf_token()`: the CSRF token for templates and page JavaScript (`X-CSRFToken` header).
 - `current_api_token()`: the ApiToken of a bearer-authenticated request, else None.
 
+Bearer credentials, told apart by their form: `brk_…` API tokens (`tokens`), `bsk_…` service keys
+of the app's backend acting for the app's user named in `On-Behalf-Of` (`service_keys`, API
+routes only), and JWTs of the app's OpenID Connect issuer (`oidc`, when configured). The last two
+act as accounts of the app's own users (`external`). A service key's scopes are left in
+`g.credential_scopes`, which `broker.api.spec.endpoint` holds each route to.
+
 Rules enforced here: a request with an `Authorization` header is authenticated ONLY by that
 header (the session and remember cookies are ignored), which is why such requests are exempt
 from CSRF; every other POST/PUT/PATCH/DELETE needs a valid CSRF token (form field or
@@ -15,6 +21,7 @@ from CSRF; every other POST/PUT/PATCH/DELETE needs a valid CSRF token (form fiel
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -34,6 +41,8 @@ __all__ = ["admin_required", "bp", "csrf_token", "current_api_token", "login_req
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("broker.auth")
 
 
 def csrf_token() -> str:
@@ -98,21 +107,79 @@ def load_user_from_session(session_token: str) -> User | None:
 
 @login_manager.request_loader
 def load_user_from_request(req: Any) -> User | None:
-    """Authenticate `Authorization: Bearer brk_…` (None for a missing, bad or dead token)."""
-    from broker.auth import tokens
+    """Authenticate the bearer credential: an API token `brk_…`, a service key `bsk_…` acting
+    for one of the app's users, or a JWT from the app's OpenID Connect issuer (None for a
+    missing, bad or dead one)."""
+    from broker.auth import service_keys, tokens
 
     secret = _bearer_secret()
     if secret is None:
         return None
-    token = tokens.authenticate(db.session, secret)
-    if token is None:
-        return None
+    if secret.startswith(service_keys.PREFIX):
+        user = _service_key_user(secret)
+    elif secret.startswith(tokens.PREFIX):
+        token = tokens.authenticate(db.session, secret)
+        g.api_token = token
+        user = token.user if token is not None else None
+    else:
+        user = _identity_provider_user(secret)
     # Authentication is a unit of work of its own: the last-used stamp must not wait on (or be
     # rolled back with) whatever the view does next.
     if db.session.dirty:
         db.session.commit()
-    g.api_token = token
-    return token.user
+    return user
+
+
+def _service_key_user(secret: str) -> User | None:
+    """Authenticate a service key on the API; return the user it acts for (None: the key alone)."""
+    from broker.auth import external, service_keys
+
+    if not request.path.startswith("/api/"):
+        return None  # a backend's key, for the API only: no pages, no /i/ redirects
+    key = service_keys.authenticate(db.session, secret)
+    if key is None:
+        return None
+    g.service_key = key
+    g.credential_scopes = service_keys.scopes_of(key)
+    subject = request.headers.get(service_keys.ON_BEHALF_OF)
+    if subject is None:
+        return None
+    if not external.valid_subject(subject):
+        raise ApiError(
+            400,
+            "invalid_on_behalf_of",
+            f"{service_keys.ON_BEHALF_OF} names your user by an id of 1-255 printable characters.",
+        )
+    return _usable(external.account_and_commit(db.session, key.issuer, subject))
+
+
+def _identity_provider_user(token: str) -> User | None:
+    """Authenticate a JWT of the configured OpenID Connect issuer; return its subject's account."""
+    from broker.auth import external, oidc
+
+    verifier: oidc.Verifier | None = current_app.extensions.get("oidc")
+    if verifier is None:
+        return None
+    try:
+        identity = verifier.verify(token)
+    except oidc.IssuerUnavailable as exc:
+        log.warning("identity provider unavailable: %s", exc)
+        raise ApiError(
+            503,
+            "identity_provider_unavailable",
+            "The identity provider's keys cannot be fetched right now; try again shortly.",
+            headers={"Retry-After": "5"},
+        ) from None
+    if identity is None:
+        return None
+    return _usable(external.account_and_commit(db.session, identity.issuer, identity.subject))
+
+
+def _usable(user: User) -> User:
+    """Refuse an external account an administrator deactivated."""
+    if not user.is_active:
+        raise ApiError(403, "account_deactivated", "This account is deactivated.")
+    return user
 
 
 def _authenticate_header_first() -> None:
@@ -180,6 +247,9 @@ def admin_required(view: F) -> F:
 
 def init_app(app: Flask) -> None:
     """Wire authentication into `app` (after broker.platform.extensions.init_app)."""
+    from broker.auth import oidc
+
+    oidc.init_app(app)
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in to see that page."
     login_manager.login_message_category = "info"

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from flask import current_app
 from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api import bp
-from broker.api.spec import endpoint
-from broker.auth import current_api_token, limits, tokens, users
-from broker.auth.models import ApiToken
+from broker.api.spec import endpoint, errors
+from broker.auth import current_api_token, limits, service_keys, tokens, users
+from broker.auth.models import ApiToken, ServiceKey
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 from broker.platform.extensions import csrf
@@ -147,8 +147,119 @@ def revoke_token(token_id: str) -> tuple[str, int]:
     return "", 204
 
 
-@endpoint(bp, "GET", "/me", responses={200: Me}, tags=TAGS)
+@endpoint(bp, "GET", "/me", responses={200: Me}, tags=TAGS, scope="uploads:read")
 def me() -> Me:
     """Return the authenticated user."""
     user = current_user._get_current_object()
     return Me(public_id=user.public_id, username=user.username, is_admin=user.is_admin)
+
+
+# --- Service keys (administrators) ----------------------------------------------------------
+
+
+class CreateServiceKey(BaseModel):
+    """A name, the scopes, and optionally the namespace of the external user ids it acts for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="What the key is for.")
+    scopes: list[str] = Field(
+        min_length=1,
+        max_length=len(service_keys.SCOPES),
+        description="Any of: " + "; ".join(f"`{k}`: {v}" for k, v in service_keys.SCOPES.items()),
+    )
+    issuer: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Namespace of the external user ids the key acts for (default "
+        f"`{service_keys.DEFAULT_ISSUER}`; your OpenID Connect issuer shares its accounts).",
+    )
+
+
+class ServiceKeyOut(BaseModel):
+    """A service key as listed (never the secret)."""
+
+    id: str
+    name: str
+    prefix: str = Field(description="The first characters of the key.")
+    scopes: list[str]
+    issuer: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, row: ServiceKey, **extra: Any) -> Self:
+        """Render a ServiceKey row."""
+        return cls(
+            id=row.public_id,
+            name=row.name,
+            prefix=row.prefix,
+            scopes=sorted(service_keys.scopes_of(row)),
+            issuer=row.issuer,
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+            **extra,
+        )
+
+
+class ServiceKeyCreated(ServiceKeyOut):
+    """A new service key: `key` is shown only in this answer."""
+
+    key: str = Field(description="The key `bsk_…`; store it now, it is not shown again.")
+
+
+class ServiceKeyList(BaseModel):
+    """Every service key, revoked ones included, newest first."""
+
+    keys: list[ServiceKeyOut]
+
+
+@endpoint(
+    bp,
+    "POST",
+    "/service-keys",
+    body=CreateServiceKey,
+    responses={201: ServiceKeyCreated, **errors(401, 403, 422)},
+    admin=True,
+    tags=("admin",),
+)
+def create_service_key(body: CreateServiceKey) -> tuple[ServiceKeyCreated, int, dict[str, str]]:
+    """Create a service key for the app's backend (admins only; shown once)."""
+    issued = service_keys.issue(db.session, body.name.strip(), body.scopes, issuer=body.issuer)
+    db.session.commit()
+    out = ServiceKeyCreated.of(issued.key, key=issued.secret)
+    return out, 201, {"Cache-Control": "no-store"}
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/service-keys",
+    responses={200: ServiceKeyList, **errors(401, 403)},
+    admin=True,
+    tags=("admin",),
+)
+def list_service_keys() -> ServiceKeyList:
+    """List every service key (admins only)."""
+    return ServiceKeyList(keys=[ServiceKeyOut.of(k) for k in service_keys.all_keys(db.session)])
+
+
+@endpoint(
+    bp,
+    "DELETE",
+    "/service-keys/<key_id>",
+    responses={204: None, **errors(401, 403, 404)},
+    admin=True,
+    tags=("admin",),
+)
+def revoke_service_key(key_id: str) -> tuple[str, int]:
+    """Revoke a service key; its next request is refused (admins only)."""
+    key = service_keys.find(db.session, key_id)
+    if key is None:
+        raise ApiError(404, "not_found", "No such service key.")
+    service_keys.revoke(key)
+    db.session.commit()
+    return "", 204

@@ -9,13 +9,14 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from broker.auth import tokens, users
+from broker.auth import service_keys, tokens, users
 from broker.auth.models import User
 from broker.platform.db import db, utcnow
 from broker.platform.text import table, utc_minute
 
 users_cli = AppGroup("users", help="Manage accounts.")
 tokens_cli = AppGroup("tokens", help="Manage API bearer tokens.")
+service_keys_cli = AppGroup("service-keys", help="Manage the app backend's service keys.")
 
 
 def _get_user(username: str) -> User:
@@ -181,3 +182,55 @@ def revoke_token_command(token_id: str) -> None:
     tokens.revoke(token)
     db.session.commit()
     click.echo(f"Revoked {token_id}.")
+
+
+@service_keys_cli.command("create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(sorted(service_keys.SCOPES)),
+    help="What the key may do (repeat for several).",
+)
+@click.option(
+    "--issuer",
+    default=None,
+    help=f"Namespace of the external user ids it acts for (default {service_keys.DEFAULT_ISSUER}).",
+)
+def create_service_key_command(name: str, scopes: tuple[str, ...], issuer: str | None) -> None:
+    """Create a service key for the app's backend and print it once."""
+    try:
+        issued = service_keys.issue(db.session, name, list(scopes), issuer=issuer)
+    except service_keys.ServiceKeyError as exc:
+        raise click.ClickException(exc.message) from None
+    db.session.commit()
+    click.echo(issued.secret)
+    click.echo(
+        f"Service key {issued.key.public_id} ({', '.join(sorted(scopes))}) for issuer "
+        f"{issued.key.issuer}. It is shown only now.",
+        err=True,
+    )
+
+
+@service_keys_cli.command("list")
+def list_service_keys_command() -> None:
+    """List the service keys: id, name, scopes, state, last use."""
+    for key in service_keys.all_keys(db.session):
+        state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+        used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never used"
+        scopes = ",".join(sorted(service_keys.scopes_of(key)))
+        click.echo(f"{key.public_id}  {key.name}  {scopes}  {key.issuer}  {state}  {used}")
+
+
+@service_keys_cli.command("revoke")
+@click.argument("key_id")
+def revoke_service_key_command(key_id: str) -> None:
+    """Revoke a service key by its id (svk_…); its next request is refused."""
+    key = service_keys.find(db.session, key_id)
+    if key is None:
+        raise click.ClickException(f"no service key {key_id!r}")
+    service_keys.revoke(key)
+    db.session.commit()
+    click.echo(f"Revoked {key_id}.")

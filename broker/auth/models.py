@@ -45,6 +45,12 @@ class User(UserMixin, Model):
     max_uploads_per_day: Mapped[int | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # An account of the app's own user (broker.auth.external): who vouches for it (an OpenID
+    # Connect issuer or a service key's namespace) and its id there. Null for local accounts.
+    external_issuer: Mapped[str | None] = mapped_column(sa.String(255))
+    external_subject: Mapped[str | None] = mapped_column(sa.String(255))
+
+    __table_args__ = (sa.UniqueConstraint("external_issuer", "external_subject"),)
 
     @property
     def is_active(self) -> bool:
@@ -84,3 +90,29 @@ class ApiToken(Model):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     user: Mapped[User] = relationship(lazy="joined")
+
+
+def _service_key_public_id() -> str:
+    """A non-guessable id to name a service key in URLs and lists (never the secret itself)."""
+    return "svk_" + secrets.token_hex(12)
+
+
+class ServiceKey(Model):
+    """A key of the app's backend acting for the app's users; only its SHA-256 is stored."""
+
+    __tablename__ = "service_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(
+        sa.String(32), unique=True, default=_service_key_public_id
+    )
+    name: Mapped[str] = mapped_column(sa.String(100))
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    # Space-separated scopes (broker.auth.service_keys.SCOPES).
+    scopes: Mapped[str] = mapped_column(sa.String(255))
+    # The namespace of the external user ids the key acts for (User.external_issuer).
+    issuer: Mapped[str] = mapped_column(sa.String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

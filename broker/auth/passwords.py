@@ -21,6 +21,9 @@ _DUMMY: dict[int, str] = {}
 
 MIN_LENGTH = 12
 MAX_LENGTH = 1024
+# Stored for accounts without a password (the app's own users, broker.auth.external): not an
+# Argon2 hash, so no password ever matches it.
+NO_PASSWORD = "!"  # noqa: S105 (a marker, not a secret)
 
 
 def hasher() -> PasswordHasher:
@@ -38,7 +41,7 @@ def hash_password(password: str) -> str:
 def verify_password(password_hash: str | None, password: str) -> bool:
     """Check `password` against a stored hash in constant time; a missing hash still costs time."""
     ph = hasher()
-    if password_hash is None:
+    if password_hash is None or password_hash == NO_PASSWORD:
         key = id(ph)
         if key not in _DUMMY:
             _DUMMY[key] = ph.hash("dummy password for timing")

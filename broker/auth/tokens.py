@@ -12,17 +12,22 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 
-from broker.auth.models import ApiToken, User
+from broker.auth.models import ApiToken, ServiceKey, User
 from broker.platform.db import Session, utcnow
 
 PREFIX = "brk_"
 DEFAULT_TTL = timedelta(days=90)
 # last_used_at is written at most this often, so each API call does not cost a write.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+# Longer than any secret we issue: refused before it is even hashed.
+MAX_SECRET_LENGTH = 200
+
+# What is looked up by its secret's hash: API tokens and service keys.
+_Hashed = TypeVar("_Hashed", ApiToken, ServiceKey)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,34 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
+def new_secret(prefix: str) -> str:
+    """Return a fresh secret: `prefix` and 256 random bits, URL-safe."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def find_by_secret(
+    session: Session, model: type[_Hashed], secret: str, prefix: str
+) -> _Hashed | None:
+    """Return the row of `model` stored for `secret`, else None.
+
+    Looked up by the hash (an index hit that reveals nothing about the secret) and confirmed
+    with a constant-time comparison.
+    """
+    if not secret.startswith(prefix) or len(secret) > MAX_SECRET_LENGTH:
+        return None
+    hashed = digest(secret)
+    row = session.scalar(sa.select(model).where(model.token_hash == hashed))
+    if row is None or not hmac.compare_digest(row.token_hash, hashed):
+        return None
+    return row
+
+
+def stamp_used(row: ApiToken | ServiceKey, now: datetime) -> None:
+    """Record that `row` was used now, at most once per LAST_USED_RESOLUTION."""
+    if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+        row.last_used_at = now
+
+
 def issue(
     session: Session,
     user: User,
@@ -48,7 +81,7 @@ def issue(
 ) -> IssuedToken:
     """Create a token for `user` (added to the session; the caller commits)."""
     now = now or utcnow()
-    secret = PREFIX + secrets.token_urlsafe(32)
+    secret = new_secret(PREFIX)
     token = ApiToken(
         user_id=user.id,
         name=name,
@@ -71,17 +104,11 @@ def is_usable(token: ApiToken, now: datetime | None = None) -> bool:
 def authenticate(session: Session, secret: str, now: datetime | None = None) -> ApiToken | None:
     """Return the usable token whose secret this is, else None; stamps when it was last used
     (at most once a minute, so most requests write nothing; the caller commits)."""
-    if not secret.startswith(PREFIX) or len(secret) > 200:
-        return None
     now = now or utcnow()
-    hashed = digest(secret)
-    token = session.scalar(sa.select(ApiToken).where(ApiToken.token_hash == hashed))
-    if token is None or not hmac.compare_digest(token.token_hash, hashed):
+    token = find_by_secret(session, ApiToken, secret, PREFIX)
+    if token is None or not is_usable(token, now) or not token.user.is_active:
         return None
-    if not is_usable(token, now) or not token.user.is_active:
-        return None
-    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
-        token.last_used_at = now
+    stamp_used(token, now)
     return token
 
 

@@ -101,6 +101,7 @@ def _no_key() -> ApiError:
     query=UrlQuery,
     responses={200: SignedUrl, **errors(404, 409, 422)},
     tags=("images",),
+    scope="images:urls",
 )
 def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
     """Mint a delivery URL for one of the caller's images."""
@@ -127,6 +128,7 @@ def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
     body=UrlBatch,
     responses={200: UrlBatchResult, **errors(422)},
     tags=("images",),
+    scope="images:urls",
 )
 def image_urls(body: UrlBatch) -> UrlBatchResult:
     """Mint delivery URLs for up to 1000 image variants in one request."""

@@ -95,6 +95,32 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("API_TOKEN_TTL_DAYS", 90, "Lifetime of a new API bearer token, in days."),
     Setting(
+        "OIDC_ISSUER",
+        None,
+        "Your OpenID Connect issuer (its `iss`, e.g. `https://id.example.com`); set, the API accepts its JWTs as `Authorization: Bearer` (keys from its JWKS). Off when unset.",
+    ),
+    Setting(
+        "OIDC_AUDIENCE",
+        None,
+        "The `aud` those JWTs must carry (your app's client id or API identifier); required with `BROKER_OIDC_ISSUER`.",
+    ),
+    Setting(
+        "OIDC_ALGORITHMS",
+        "RS256",
+        "Signature algorithms accepted, comma-separated; asymmetric only (RS*, PS*, ES*, EdDSA): `none` and HS* are refused at start.",
+    ),
+    Setting(
+        "OIDC_JWKS_URL",
+        None,
+        "The issuer's key set URL; default: the `jwks_uri` of its `/.well-known/openid-configuration`.",
+    ),
+    Setting("OIDC_LEEWAY", 30, "Seconds of clock skew allowed when checking `exp` and `nbf`."),
+    Setting(
+        "CORS_ORIGINS",
+        None,
+        "Origins whose pages may call `/api/v1` with a bearer token (e.g. `https://app.example.com`, comma-separated; no wildcard). Cookies never work cross-origin.",
+    ),
+    Setting(
         "METRICS_TOKEN",
         None,
         "Bearer token a Prometheus scraper sends to `GET /metrics`; unset, the endpoint is off (404). Never logged.",

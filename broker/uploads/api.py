@@ -192,6 +192,7 @@ def idempotent(view: Callable[..., Response]) -> Callable[..., Response]:
         **errors(400, 401, 409, 422, 429, *UPSTREAM),
     },
     tags=("uploads",),
+    scope="uploads:write",
 )
 @idempotent
 def create_upload(body: CreateUpload) -> Response:
@@ -232,6 +233,7 @@ def create_upload(body: CreateUpload) -> Response:
     query=ListUploads,
     responses={200: UploadPage, **errors(401, 403, 422)},
     tags=("uploads",),
+    scope="uploads:read",
 )
 def list_uploads(query: ListUploads) -> UploadPage:
     """List your uploads, newest first (admins: `scope=all`, optionally one `user`)."""
@@ -265,6 +267,7 @@ def _visible(upload_id: str) -> Upload:
     "/uploads/<upload_id>",
     responses={200: UploadOut, **errors(401, 404)},
     tags=("uploads",),
+    scope="uploads:read",
 )
 def get_upload(upload_id: str) -> UploadOut:
     """Show one of your uploads."""
@@ -277,6 +280,7 @@ def get_upload(upload_id: str) -> UploadOut:
     "/uploads/<upload_id>",
     responses={200: UploadOut, **errors(401, 404, *UPSTREAM)},
     tags=("uploads",),
+    scope="uploads:write",
 )
 def delete_upload(upload_id: str) -> UploadOut:
     """Delete the image at Cloudflare and mark the upload deleted."""
@@ -345,6 +349,7 @@ RETRY_AFTER = "1"
     "/uploads/<upload_id>/complete",
     responses={200: UploadOut, 202: UploadOut, **ERRORS},
     tags=("uploads",),
+    scope="uploads:write",
 )
 def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | Response:
     """Tell the broker the file was sent; answers the state now (202 while still pending)."""

@@ -200,6 +200,7 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
     responses={200: EndpointList, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def list_webhook_endpoints() -> EndpointList:
     """List webhook endpoints (admins only)."""
@@ -214,6 +215,7 @@ def list_webhook_endpoints() -> EndpointList:
     responses={201: EndpointCreated, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
     """Register a webhook endpoint; the answer holds its secret, shown only this once."""
@@ -238,6 +240,7 @@ def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
     responses={200: EndpointOut, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def get_webhook_endpoint(endpoint_id: str) -> EndpointOut:
     """Show one webhook endpoint (admins only)."""
@@ -252,6 +255,7 @@ def get_webhook_endpoint(endpoint_id: str) -> EndpointOut:
     responses={200: EndpointOut, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOut:
     """Change an endpoint's URL, events, description, or enable/disable it."""
@@ -280,6 +284,7 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
     responses={200: SecretOut, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     """Give an endpoint a new secret; the old one keeps signing during the window."""
@@ -297,6 +302,7 @@ def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     responses={200: DeliveryList, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def list_webhook_deliveries(query: DeliveryQuery) -> DeliveryList:
     """List webhook deliveries, newest first (admins only)."""
@@ -323,6 +329,7 @@ def _delivery(delivery_id: int) -> WebhookDelivery:
     responses={200: DeliveryOut, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def get_webhook_delivery(delivery_id: int) -> DeliveryOut:
     """Show one delivery with every attempt (admins only)."""
@@ -336,6 +343,7 @@ def get_webhook_delivery(delivery_id: int) -> DeliveryOut:
     responses={202: DeliveryOut, **ERRORS},
     admin=True,
     tags=("admin",),
+    scope="webhooks:manage",
 )
 def redeliver_webhook(delivery_id: int) -> tuple[DeliveryOut, int]:
     """Queue a delivery again now (same webhook-id, fresh retry schedule)."""
