@@ -45,12 +45,20 @@ class LiveBroker:
 
 
 @pytest.fixture
-def live_broker(make_app: Callable[..., Flask]) -> Iterator[LiveBroker]:
+def live_broker_settings() -> dict[str, Any]:
+    """Settings a test module adds to its live broker (override this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def live_broker(
+    make_app: Callable[..., Flask], live_broker_settings: dict[str, Any]
+) -> Iterator[LiveBroker]:
     """Serve the broker on 127.0.0.1 with an inline worker thread."""
     from broker.devserver import prepare_upstream
     from broker.worker import start_inline
 
-    app = make_app(WORKER_POLL_INTERVAL=0.05)
+    app = make_app(WORKER_POLL_INTERVAL=0.05, **live_broker_settings)
     with app.app_context():
         # What `make run` does at start: declared variants upstream, signing keys mirrored.
         problems = [line for line in prepare_upstream() if "fail" in line.lower()]

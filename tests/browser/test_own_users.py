@@ -1,0 +1,125 @@
+"""An app's own page, on another origin, uploads through the broker with the app's OpenID Connect
+token: once with Uppy (the README's recipe, Uppy vendored for the test), once with the broker's
+own ES module — in real Chromium, against the emulator, with the worker running."""
+
+from __future__ import annotations
+
+import base64
+import io
+import mimetypes
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from broker.auth.models import User
+from broker.platform.db import db
+from broker.uploads.models import Upload
+from tests.support.oidc_issuer import AUDIENCE, Issuer, serve_issuer
+
+pytestmark = pytest.mark.browser
+
+APP_FILES = Path(__file__).resolve().parent / "app"
+
+
+def _files() -> list[dict[str, str]]:
+    """Three different images, as base64 for the page to turn into File objects."""
+    out = []
+    for n, (size, fmt, mime) in enumerate(
+        [
+            ((640, 480), "PNG", "image/png"),
+            ((300, 800), "JPEG", "image/jpeg"),
+            ((64, 64), "PNG", "image/png"),
+        ]
+    ):
+        data = io.BytesIO()
+        Image.new("RGB", size, (40 * n, 120, 200)).save(data, format=fmt)
+        name = f"photo-{n}.{fmt.lower()}"
+        out.append({"name": name, "type": mime, "b64": base64.b64encode(data.getvalue()).decode()})
+    return out
+
+
+@pytest.fixture
+def app_site() -> Iterator[Issuer]:
+    """The app: its identity provider and its pages, on one loopback origin of its own."""
+    with serve_issuer() as site:
+        site.new_key("k1")
+        for path in APP_FILES.rglob("*"):
+            if path.is_file():
+                mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                if path.suffix in (".js", ".mjs"):
+                    mime = "text/javascript"
+                site.files["/" + path.relative_to(APP_FILES).as_posix()] = (mime, path.read_bytes())
+        yield site
+
+
+@pytest.fixture
+def live_broker_settings(app_site: Issuer) -> dict[str, Any]:
+    """The broker trusts the app's issuer and lets the app's origin call its API."""
+    return {"OIDC_ISSUER": app_site.url, "OIDC_AUDIENCE": AUDIENCE, "CORS_ORIGINS": app_site.url}
+
+
+_MAKE_FILES = """
+    const toFile = (f) => {
+        const text = atob(f.b64);
+        const bytes = new Uint8Array(text.length);
+        for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+        return new File([bytes], f.name, { type: f.type });
+    };
+"""
+
+UPPY = (
+    """async ({ broker, token, files }) => {"""
+    + _MAKE_FILES
+    + """
+    const { brokerUppy } = await import("/uppy-recipe.js");
+    const uppy = brokerUppy({ broker, token });
+    for (const f of files) uppy.addFile({ name: f.name, type: f.type, data: toFile(f) });
+    const result = await uppy.upload();
+    return {
+        failed: result.failed.map((f) => String(f.error)),
+        uploads: result.successful.map((f) => {
+            const { meta, progress } = uppy.getFile(f.id);
+            return { id: meta.brokerId, status: meta.brokerStatus, progress: progress.percentage };
+        }),
+    };
+}"""
+)
+
+
+def _account(live_broker: Any, subject: str) -> User:
+    with live_broker.app.app_context():
+        user = db.session.scalar(sa.select(User).where(User.external_subject == subject))
+        assert user is not None
+        db.session.expunge(user)
+        return user
+
+
+def _uploads_of(live_broker: Any, user: User) -> dict[str, str]:
+    with live_broker.app.app_context():
+        rows = db.session.scalars(sa.select(Upload).where(Upload.user_id == user.id))
+        return {row.id: row.status for row in rows}
+
+
+def test_uppy_on_the_apps_page_uploads_three_files_with_an_oidc_token(
+    live_broker, app_site, emulator, page
+) -> None:
+    page.goto(f"{app_site.url}/index.html")
+    token = app_site.token(sub="shopper-1")
+    emulator.reset_counters()
+    result = page.evaluate(UPPY, {"broker": live_broker.url, "token": token, "files": _files()})
+
+    assert result["failed"] == []
+    assert len(result["uploads"]) == 3
+    assert {u["status"] for u in result["uploads"]} == {"ready"}
+    assert {u["progress"] for u in result["uploads"]} == {100}
+    counters = emulator.counters()
+    assert counters.get("direct_upload") == 3  # exactly one upload URL per file
+    assert counters.get("upload_url") == 3  # and one transfer each, straight to the image service
+    shopper = _account(live_broker, "shopper-1")
+    assert _uploads_of(live_broker, shopper) == {u["id"]: "ready" for u in result["uploads"]}
+    errors = [text for kind, text in page.console_messages_seen if kind == "error"]
+    assert errors == []
