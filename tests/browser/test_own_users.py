@@ -123,3 +123,15 @@ def test_uppy_on_the_apps_page_uploads_three_files_with_an_oidc_token(
     assert _uploads_of(live_broker, shopper) == {u["id"]: "ready" for u in result["uploads"]}
     errors = [text for kind, text in page.console_messages_seen if kind == "error"]
     assert errors == []
+
+
+def test_the_readme_recipe_is_the_one_tested() -> None:
+    """README's Uppy recipe and the file the browser test runs differ only in imports and a
+    comment."""
+    readme = (APP_FILES.parents[2] / "README.md").read_text()
+    documented = readme.split('import XHRUpload from "@uppy/xhr-upload";\n\n', 1)[1]
+    documented = documented.split("```", 1)[0]
+    first, rest = documented.split("\n", 1)
+    documented = first.split("  //", 1)[0] + "\n" + rest
+    tested = (APP_FILES / "uppy-recipe.js").read_text()
+    assert documented == tested[tested.index("export function") :]

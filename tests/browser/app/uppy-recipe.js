@@ -15,7 +15,7 @@ export function brokerUppy({ broker, token }) {
     return data;
   };
   const uppy = new Uppy({ autoProceed: false });
-  // No `endpoint` here: every file gets its own one-time URL below. Only the file is sent.
+  // No shared endpoint: each file gets its own one-time URL below, and only the file is sent.
   uppy.use(XHRUpload, { endpoint: "", fieldName: "file", formData: true, allowedMetaFields: [], limit: 3 });
   uppy.addPreProcessor(async (fileIDs) => {
     await Promise.all(fileIDs.map(async (id) => {
