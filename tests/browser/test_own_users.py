@@ -90,6 +90,26 @@ UPPY = (
 )
 
 
+MODULE = (
+    """async ({ broker, token, files }) => {"""
+    + _MAKE_FILES
+    + """
+    // The module the broker's own upload page uses, imported across origins from the broker.
+    const { connect } = await import(`${broker}/static/js/client.js`);
+    const client = connect({ baseUrl: broker, token });
+    return Promise.all(files.map(async (f) => {
+        const upload = await client.createUpload();
+        let sent = 0;
+        await client.sendFile(upload.upload_url, toFile(f), {
+            onProgress: (loaded, total) => { sent = Math.round((100 * loaded) / total); },
+        });
+        const settled = await client.waitUntilSettled(upload.id);
+        return { id: upload.id, status: settled.status, progress: sent };
+    }));
+}"""
+)
+
+
 def _account(live_broker: Any, subject: str) -> User:
     with live_broker.app.app_context():
         user = db.session.scalar(sa.select(User).where(User.external_subject == subject))
@@ -121,6 +141,26 @@ def test_uppy_on_the_apps_page_uploads_three_files_with_an_oidc_token(
     assert counters.get("upload_url") == 3  # and one transfer each, straight to the image service
     shopper = _account(live_broker, "shopper-1")
     assert _uploads_of(live_broker, shopper) == {u["id"]: "ready" for u in result["uploads"]}
+    errors = [text for kind, text in page.console_messages_seen if kind == "error"]
+    assert errors == []
+
+
+def test_the_brokers_own_module_on_the_apps_page_uploads_three_files(
+    live_broker, app_site, emulator, page
+) -> None:
+    page.goto(f"{app_site.url}/index.html")
+    token = app_site.token(sub="shopper-2")
+    emulator.reset_counters()
+    uploads = page.evaluate(MODULE, {"broker": live_broker.url, "token": token, "files": _files()})
+
+    assert len(uploads) == 3
+    assert {u["status"] for u in uploads} == {"ready"}
+    assert {u["progress"] for u in uploads} == {100}
+    counters = emulator.counters()
+    assert counters.get("direct_upload") == 3
+    assert counters.get("upload_url") == 3
+    shopper = _account(live_broker, "shopper-2")
+    assert _uploads_of(live_broker, shopper) == {u["id"]: "ready" for u in uploads}
     errors = [text for kind, text in page.console_messages_seen if kind == "error"]
     assert errors == []
 

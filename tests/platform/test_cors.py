@@ -84,7 +84,7 @@ def test_pages_and_cookie_sessions_stay_same_origin(broker, make_user, login, em
 
 
 def test_the_browser_module_is_importable_from_an_allowed_origin(broker) -> None:
-    response = broker.test_client().get("/static/js/upload.js", headers={"Origin": APP})
+    response = broker.test_client().get("/static/js/client.js", headers={"Origin": APP})
     response.close()  # a static file is streamed
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == APP
