@@ -244,6 +244,10 @@ def _controls() -> Controls:
 def _only_when_enabled() -> None:
     if not current_app.config.get("CONTROL_ENABLED"):
         abort(404)
+    # A web page can send a form, text or empty POST cross-site without asking (a CORS-simple
+    # request); a JSON content type needs a preflight these routes never grant.
+    if request.method != "GET" and not request.is_json:
+        raise CfError(5415, "Control requests need Content-Type: application/json", 415)
 
 
 @bp.get("/counters")

@@ -5,6 +5,12 @@ decompression-bomb check is bypassed on purpose: its threshold (~89 MP) is below
 100 MP limit, and the explicit side/pixel limits below are checked before any pixel is decoded.
 HEIC/HEIF (what iPhones take; Cloudflare accepts it as input) is decoded by pillow-heif; its
 variants are delivered as JPEG, since browsers other than Safari cannot show HEIC.
+
+Rendering keeps memory bounded by the output, not the input: a JPEG is decoded at the smallest
+DCT scale that still covers the variant (draft mode), any image is first cut down by an integer
+factor (`reduce`, keeping at least REDUCING_GAP times the output size so the final LANCZOS
+resize gives the same picture), bilevel images are widened to 8-bit grey rather than RGB, and
+the EXIF orientation is applied to the small result, not to a copy of the original.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 import pillow_heif
-from PIL import Image, ImageOps
+from PIL import Image
 
 from broker.emulator.errors import CfError
 
@@ -48,6 +54,19 @@ HEIF_GENERIC_BRANDS = frozenset({b"mif1", b"msf1"})
 AVIF_BRANDS = frozenset({b"avif", b"avis"})
 FORMAT_FOR_CONTENT_TYPE = {v: k for k, v in CONTENT_TYPES.items()}
 COPYRIGHT_TAG = 0x8298
+ORIENTATION_TAG = 0x0112
+# What the EXIF orientation asks for (ImageOps.exif_transpose's table).
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Cheap integer reduction stops at this multiple of the output size; LANCZOS does the rest.
+REDUCING_GAP = 3
 FITS = ("scale-down", "contain", "cover", "crop", "pad")
 METADATA_MODES = ("keep", "copyright", "none")
 
@@ -173,19 +192,33 @@ def _geometry(w: int, h: int, fit: str, bw: int, bh: int) -> tuple[int, int, int
 def _normalise_mode(img: Image.Image) -> Image.Image:
     if img.mode in ("RGB", "RGBA", "L"):
         return img
+    if img.mode == "1":
+        return img.convert("L")  # a third of RGB's memory; made RGB once small (_finish_mode)
     has_alpha = img.mode in ("LA", "PA", "RGBa", "La") or "transparency" in img.info
     return img.convert("RGBA" if has_alpha else "RGB")
 
 
-def _exif_for(img: Image.Image, mode: str) -> bytes | None:
+def _finish_mode(img: Image.Image, source_mode: str) -> Image.Image:
+    """Give a bilevel source's output the RGB mode it always had."""
+    return img.convert("RGB") if source_mode == "1" and img.mode == "L" else img
+
+
+def _shrink(img: Image.Image, need: tuple[int, int]) -> Image.Image:
+    """Cut `img` down by an integer factor while it stays REDUCING_GAP times `need`."""
+    factor = min(img.width // (need[0] * REDUCING_GAP), img.height // (need[1] * REDUCING_GAP))
+    return img.reduce(factor) if factor >= 2 else img
+
+
+def _exif_for(exif: Image.Exif, mode: str, oriented: bool) -> bytes | None:
     if mode == "none":
         return None
-    exif = img.getexif()
     if mode == "copyright":
         kept = Image.Exif()
         if COPYRIGHT_TAG in exif:
             kept[COPYRIGHT_TAG] = exif[COPYRIGHT_TAG]
         exif = kept
+    elif oriented and ORIENTATION_TAG in exif:
+        del exif[ORIENTATION_TAG]  # applied to the pixels: a viewer must not turn it again
     return exif.tobytes() if len(exif) else None
 
 
@@ -204,14 +237,25 @@ def render(
     src = _open_raster(data)
     try:
         src.seek(0)  # animated GIF/WebP: the first frame only
-        exif_source = src
-        oriented = ImageOps.exif_transpose(src)
-        if oriented is not src:
-            exif_source = oriented
-        img = _normalise_mode(oriented)
-        rw, rh, ow, oh = _geometry(img.width, img.height, fit, width, height)
+        exif = src.getexif()
+        turn = ORIENTATIONS.get(exif.get(ORIENTATION_TAG, 1))
+        sideways = turn in (
+            Image.Transpose.TRANSPOSE,
+            Image.Transpose.ROTATE_270,
+            Image.Transpose.TRANSVERSE,
+            Image.Transpose.ROTATE_90,
+        )
+        w, h = (src.height, src.width) if sideways else src.size  # as the viewer sees it
+        rw, rh, ow, oh = _geometry(w, h, fit, width, height)
+        need = (rh, rw) if sideways else (rw, rh)  # in the source's own orientation
+        source_mode = src.mode
+        src.draft(src.mode, need)  # JPEG: decode at the smallest DCT scale covering `need`
+        img = _shrink(_normalise_mode(src), need)
+        if turn is not None:
+            img = img.transpose(turn)
         if (rw, rh) != img.size:
             img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+        img = _finish_mode(img, source_mode)
         if fit == "pad":
             canvas = Image.new(img.mode, (ow, oh), "white")
             canvas.paste(img, ((ow - rw) // 2, (oh - rh) // 2))
@@ -219,11 +263,11 @@ def render(
         elif (ow, oh) != (rw, rh):
             left, top = (rw - ow) // 2, (rh - oh) // 2
             img = img.crop((left, top, left + ow, top + oh))
-        exif = _exif_for(exif_source, metadata)
+        exif_bytes = _exif_for(exif, metadata, oriented=turn is not None)
         out = io.BytesIO()
         params: dict[str, object] = {}
-        if exif and fmt in ("JPEG", "PNG", "WEBP"):
-            params["exif"] = exif
+        if exif_bytes and fmt in ("JPEG", "PNG", "WEBP"):
+            params["exif"] = exif_bytes
         if fmt == "JPEG":
             if img.mode not in ("RGB", "L"):
                 img = img.convert("RGB")

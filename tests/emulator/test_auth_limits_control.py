@@ -88,7 +88,7 @@ def test_counters_count_per_endpoint_and_reset(
         body = resp.json()
     assert body["counters"] == {"stats": 2, "direct_upload": 1, "image_details": 1}
     assert body["total"] == 4
-    with http.post(f"{emulator.url}/_emulator/counters/reset") as resp:
+    with http.post(f"{emulator.url}/_emulator/counters/reset", json={}) as resp:
         assert resp.status_code == 200
     assert emulator.counters() == {}
 
@@ -117,7 +117,7 @@ def test_fault_error_rate_zero_never_fires_and_clear_removes(
     assert api.get("/v1/stats").status_code == 200
     emulator.inject_fault("*", status=500)
     assert api.get("/v1/keys").status_code == 500
-    with http.delete(f"{emulator.url}/_emulator/faults") as resp:
+    with http.delete(f"{emulator.url}/_emulator/faults", json={}) as resp:
         assert resp.json() == {"faults": []}
     assert api.get("/v1/keys").status_code == 200
 
@@ -159,7 +159,7 @@ def test_clock_control_moves_expiry(
         draft["uploadURL"], files={"file": ("a.png", make_image())}, timeout=10
     ) as resp:
         assert resp.status_code == 410
-    with http.post(f"{emulator.url}/_emulator/reset") as resp:
+    with http.post(f"{emulator.url}/_emulator/reset", json={}) as resp:
         assert resp.status_code == 200
     with http.get(f"{emulator.url}/_emulator/clock") as resp:
         assert resp.json()["offset_seconds"] == 0

@@ -438,7 +438,9 @@ def run(
                 for n in range(TOTAL)
             ]
             clients = [Client(front, token) for token in tokens]
-            requests.post(f"{emu_url}/_emulator/counters/reset", timeout=5).raise_for_status()
+            requests.post(
+                f"{emu_url}/_emulator/counters/reset", json={}, timeout=5
+            ).raise_for_status()
             for fault in FAULTS:
                 requests.post(f"{emu_url}/_emulator/faults", json=fault, timeout=5)
 
@@ -504,7 +506,9 @@ def run(
                         Kill("upload verification", f"{victim.name} pid {victim.pid}", ids)
                     )
                     for fault_id in slow:
-                        requests.delete(f"{emu_url}/_emulator/faults/{fault_id}", timeout=5)
+                        requests.delete(
+                            f"{emu_url}/_emulator/faults/{fault_id}", json={}, timeout=5
+                        )
                     respawn(victim)
 
                     # The receiver is away twice, each time shorter than the first retry (5 s);
@@ -535,7 +539,7 @@ def run(
             assert not chaos_thread.is_alive(), "the chaos script did not finish"
             if chaos_error:
                 raise chaos_error[0]
-            requests.delete(f"{emu_url}/_emulator/faults", timeout=5)
+            requests.delete(f"{emu_url}/_emulator/faults", json={}, timeout=5)
 
             def settled() -> bool:
                 states = _rows(engine, "SELECT status FROM uploads")
