@@ -22,6 +22,9 @@ DEFAULTS: dict[str, Any] = {
     "NOTIFY_TIMEOUT": 5.0,
     "RATE_LIMIT": 1200,
     "RATE_WINDOW": 300,
+    # Batch tokens (the batch host is served under /batch on this port).
+    "BATCH_TOKEN_TTL": 3600,
+    "BATCH_RATE_LIMIT": 200,
     "CONTROL_ENABLED": False,
     "CLOCK": None,
     "IMAGES_ALLOWED": 100_000,
@@ -34,7 +37,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the emulator app; read `EMULATOR_*` variables only when `config` is None."""
     from broker.emulator import api, control, delivery, upload
     from broker.emulator.control import utc_now
-    from broker.emulator.core import Emulator, install
+    from broker.emulator.core import BATCH_BLUEPRINT, BATCH_PREFIX, Emulator, install
 
     app = Flask(__name__, static_folder=None)
     app.config.from_mapping(DEFAULTS)
@@ -45,6 +48,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     clock: Callable[[], datetime] = app.config["CLOCK"] or utc_now
     install(app, Emulator(app.config, clock))
     app.register_blueprint(api.bp)
+    # The batch host (batch.imagedelivery.net) serves the same views under /batch/images.
+    app.register_blueprint(api.bp, name=BATCH_BLUEPRINT, url_prefix=f"{BATCH_PREFIX}/images")
     app.register_blueprint(upload.bp)
     app.register_blueprint(control.bp)
     # Last: its catch-all `/<hash>/<id>/<variant>` must not shadow the other prefixes.

@@ -298,6 +298,17 @@ def direct_upload() -> Response:
     return envelope({"id": image_id, "uploadURL": emu.upload_url(image_id)})
 
 
+# Batch tokens (a global API call; the token works on the batch host only).
+
+
+@bp.get("/v1/batch_token")
+def batch_token() -> Response:
+    """Mint a batch token for the batch host and say when it expires."""
+    emu = current_emulator()
+    token, expires = emu.batch.issue(emu.now())
+    return envelope({"token": token, "expiresAt": expires.isoformat().replace("+00:00", "Z")})
+
+
 # Signing keys.
 
 

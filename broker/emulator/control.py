@@ -91,6 +91,7 @@ class Controls:
         self._counters: Counter[str] = Counter()
         self._in_flight: Counter[str] = Counter()
         self._peaks: Counter[str] = Counter()
+        self._kinds: Counter[str] = Counter()
         self._faults: list[Fault] = []
         self.limiter = RateLimiter(rate_limit, rate_window)
         self._random = random.Random()
@@ -118,10 +119,11 @@ class Controls:
 
     # Counters.
 
-    def count(self, endpoint: str) -> None:
-        """Count one request to `endpoint`."""
+    def count(self, endpoint: str, kind: str = "other") -> None:
+        """Count one request to `endpoint`; `kind` is `global_api`, `batch` or `other`."""
         with self._lock:
             self._counters[endpoint] += 1
+            self._kinds[kind] += 1
 
     def counters(self) -> dict[str, int]:
         """Return a snapshot of the per-endpoint counters."""
@@ -143,12 +145,17 @@ class Controls:
         """Return, per endpoint, the most requests handled at once since the last reset."""
         with self._lock:
             return dict(self._peaks)
+    def kinds(self) -> dict[str, int]:
+        """Return how many requests went to the global API, the batch host and the rest."""
+        with self._lock:
+            return {kind: self._kinds[kind] for kind in ("global_api", "batch", "other")}
 
     def reset_counters(self) -> None:
         """Zero every counter and peak (a peak restarts from the requests now in flight)."""
         with self._lock:
             self._counters.clear()
             self._peaks = Counter({k: v for k, v in self._in_flight.items() if v > 0})
+            self._kinds.clear()
 
     # Faults.
 
@@ -256,15 +263,21 @@ def counters() -> Any:
     controls = _controls()
     snapshot = controls.counters()
     return jsonify(
-        counters=snapshot, total=sum(snapshot.values()), peak_in_flight=controls.peak_in_flight()
+        counters=snapshot,
+        total=sum(snapshot.values()),
+        peak_in_flight=controls.peak_in_flight(),
+        **controls.kinds(),
     )
 
 
 @bp.post("/counters/reset")
 def reset_counters() -> Any:
     """Zero the request counters."""
-    _controls().reset_counters()
-    return jsonify(counters={}, total=0, peak_in_flight=_controls().peak_in_flight())
+    controls = _controls()
+    controls.reset_counters()
+    return jsonify(
+        counters={}, total=0, peak_in_flight=controls.peak_in_flight(), **controls.kinds()
+    )
 
 
 @bp.get("/faults")
@@ -348,8 +361,49 @@ def set_rate_limit() -> Any:
     return jsonify(limit=limit, window=window)
 
 
+def _batch_host() -> Any:
+    from broker.emulator.core import current_emulator
+
+    return current_emulator().batch
+
+
+@bp.get("/batch")
+def get_batch() -> Any:
+    """Return the batch host's settings, refused endpoints and live token count."""
+    return jsonify(_batch_host().state())
+
+
+@bp.post("/batch")
+def set_batch() -> Any:
+    """Refuse endpoints with code 103 (`forbidden`), set `rate_limit`/`token_ttl`, `revoke`."""
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise CfError(5400, "Body must be a JSON object")
+    unknown = set(data) - {"forbidden", "rate_limit", "token_ttl", "revoke"}
+    if unknown:
+        raise CfError(5400, f"Unknown fields: {sorted(unknown)}")
+    host = _batch_host()
+    forbidden = data.get("forbidden")
+    if forbidden is not None:
+        if not isinstance(forbidden, list) or not all(isinstance(n, str) for n in forbidden):
+            raise CfError(5400, "forbidden must be a list of endpoint names")
+        host.forbid(set(forbidden))
+    try:
+        if "rate_limit" in data:
+            host.rate_limit = max(1, int(data["rate_limit"]))
+        if "token_ttl" in data:
+            host.token_ttl = max(1.0, float(data["token_ttl"]))
+    except (TypeError, ValueError) as exc:
+        raise CfError(5400, "rate_limit and token_ttl must be numbers") from exc
+    if data.get("revoke"):
+        host.revoke_all()
+    return jsonify(host.state())
+
+
 @bp.post("/reset")
 def reset() -> Any:
-    """Clear counters, faults, rate-limit state and clock offset (stored data stays)."""
+    """Clear counters, faults, rate-limit state, batch host state and clock offset (stored
+    data stays)."""
     _controls().reset()
+    _batch_host().reset()
     return jsonify(reset=True)

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from flask import Flask, Request, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
+from broker.emulator.batch import BATCH_ENDPOINTS, BATCH_PREFIX_NAME, FORBIDDEN_CODE, BatchHost
 from broker.emulator.control import Clock, Controls
 from broker.emulator.errors import CfError
 from broker.emulator.notify import Notifier
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "cf_images_emulator"
 API_BLUEPRINT = "cf_api"
+# The same REST views, mounted again under BATCH_PREFIX as the batch host.
+BATCH_BLUEPRINT = "cf_batch"
+BATCH_PREFIX = "/batch"
 UPLOAD_BLUEPRINT = "cf_upload"
 DELIVERY_BLUEPRINT = "cf_delivery"
 CONTROL_BLUEPRINT = "emulator_control"
@@ -41,6 +45,7 @@ class Emulator:
         self.images_allowed: int = int(config["IMAGES_ALLOWED"])
         self.store = Store(config["DATA_DIR"])
         self.controls = Controls(clock, int(config["RATE_LIMIT"]), float(config["RATE_WINDOW"]))
+        self.batch = BatchHost(float(config["BATCH_TOKEN_TTL"]), int(config["BATCH_RATE_LIMIT"]))
         self.notifier = Notifier(
             config.get("NOTIFY_URL") or None,
             config.get("NOTIFY_SECRET") or None,
@@ -110,9 +115,11 @@ def current_emulator() -> Emulator:
 
 
 def endpoint_name() -> str:
-    """Return the short, stable name of the matched endpoint (`unknown` when nothing matched)."""
+    """Return the short, stable name of the matched endpoint (`unknown` when nothing matched);
+    the batch host's are `batch.<name>`."""
     endpoint = request.endpoint
-    return endpoint.rsplit(".", 1)[-1] if endpoint else "unknown"
+    name = endpoint.rsplit(".", 1)[-1] if endpoint else "unknown"
+    return BATCH_PREFIX_NAME + name if request.blueprint == BATCH_BLUEPRINT else name
 
 
 def _drop_connection() -> Response:
@@ -157,7 +164,8 @@ def _before_request() -> Response | None:
         return None
     emu = current_emulator()
     name = endpoint_name()
-    emu.controls.count(name)
+    kind = {API_BLUEPRINT: "global_api", BATCH_BLUEPRINT: "batch"}.get(request.blueprint or "")
+    emu.controls.count(name, kind or "other")
     emu.controls.enter(name)
     g.emulator_endpoint = name
     for fault in emu.controls.pick_faults(name):
@@ -167,6 +175,9 @@ def _before_request() -> Response | None:
             return _drop_connection()
         if fault.status is not None:
             return _fault_response(fault.status)
+    if request.blueprint == BATCH_BLUEPRINT:
+        _batch_gate(emu, name.removeprefix(BATCH_PREFIX_NAME))
+        return None
     if request.blueprint == API_BLUEPRINT:
         token = _authenticate(emu)
         bucket = hashlib.sha256(token.encode()).hexdigest()
@@ -184,13 +195,30 @@ def _after_request_done(exc: BaseException | None) -> None:
         current_emulator().controls.leave(name)
 
 
+def _batch_gate(emu: Emulator, name: str) -> None:
+    """Let a batch-host call through: a documented endpoint, a live batch token, 200/s."""
+    if name not in BATCH_ENDPOINTS:
+        raise CfError(7003, "No route for that URI", 404)
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    if not token or not emu.batch.valid(token, emu.now()):
+        raise CfError(10000, "Authentication error", 401)
+    if emu.batch.forbidden(name):
+        raise CfError(FORBIDDEN_CODE, "forbidden endpoint", 403)
+    retry_after = emu.batch.hit(token, emu.now().timestamp())
+    if retry_after is not None:
+        err = CfError(971, "Please wait and consider throttling your request speed", 429)
+        err.headers["Retry-After"] = str(retry_after)
+        raise err
+
+
 def _handle_cf_error(err: CfError) -> Response:
     return err.response()
 
 
 def _is_delivery_path() -> bool:
     path = request.path
-    return not path.startswith(("/client/", "/upload/", "/_emulator/"))
+    return not path.startswith(("/client/", "/upload/", "/_emulator/", f"{BATCH_PREFIX}/"))
 
 
 def _handle_http_error(exc: HTTPException) -> Response:

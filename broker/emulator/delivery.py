@@ -25,7 +25,7 @@ class AccountHashConverter(BaseConverter):
     """One path segment that is not a prefix of the emulator's other routes."""
 
     # Without this, `/client/v4/…/unknown` would be read as a delivery URL.
-    regex = r"(?!(?:client|upload|_emulator)/)[^/]+"
+    regex = r"(?!(?:client|upload|_emulator|batch)/)[^/]+"
 
 
 @bp.record_once

@@ -17,7 +17,7 @@ from werkzeug.wsgi import ClosingIterator
 
 from broker.emulator import create_app
 from broker.emulator.control import Fault
-from broker.emulator.core import EXTENSION_KEY, Emulator
+from broker.emulator.core import BATCH_PREFIX, EXTENSION_KEY, Emulator
 
 log = logging.getLogger("broker.emulator.testing")
 
@@ -106,6 +106,11 @@ class EmulatorServer:
     def api_base(self) -> str:
         """Return the REST base URL, as given to the SDK's `base_url`."""
         return f"{self.url}/client/v4"
+
+    @property
+    def batch_base(self) -> str:
+        """Return the batch host's base URL (its paths then start with `/images/…`)."""
+        return f"{self.url}{BATCH_PREFIX}"
 
     def start(self) -> EmulatorServer:
         """Bind a free port, point PUBLIC_URL at it and start serving."""
@@ -197,9 +202,22 @@ class EmulatorServer:
         """Move the emulator's clock forward by `seconds`."""
         self.emulator.controls.advance(seconds)
 
+    def kinds(self) -> dict[str, int]:
+        """Return how many requests went to the global API, the batch host and the rest."""
+        return self.emulator.controls.kinds()
+
+    def forbid_batch(self, *endpoints: str) -> None:
+        """Make these endpoints answer code 103 "forbidden endpoint" on the batch host."""
+        self.emulator.batch.forbid(set(endpoints))
+
+    def revoke_batch_tokens(self) -> None:
+        """Make every batch token issued so far fail authentication."""
+        self.emulator.batch.revoke_all()
+
     def reset(self) -> None:
-        """Clear counters, faults, rate-limit state and clock offset."""
+        """Clear counters, faults, rate-limit state, batch host state and clock offset."""
         self.emulator.controls.reset()
+        self.emulator.batch.reset()
 
     def client(self) -> ImagesClient:
         """Return an authenticated REST client for this server (close it when done)."""

@@ -10,6 +10,7 @@ from broker.emulator.core import UPLOAD_BLUEPRINT, Emulator, current_emulator, r
 from broker.emulator.errors import CfError, envelope
 from broker.emulator.imaging import MAX_BYTES, inspect_image
 from broker.emulator.store import ImageRecord
+from broker.emulator.validation import MAX_FILENAME
 
 bp = Blueprint(UPLOAD_BLUEPRINT, __name__)
 
@@ -62,7 +63,8 @@ def _read_file() -> tuple[bytes, str | None]:
         raise CfError(5413, "Image exceeds the 10 MB size limit")
     if not data:
         raise CfError(5400, "Bad request: the `file` field is empty")
-    filename = (file.filename or "").rsplit("/", 1)[-1] or None
+    # Cut like a v1 upload's: the Image object's filename is at most 255 characters.
+    filename = (file.filename or "").rsplit("/", 1)[-1][:MAX_FILENAME] or None
     return data, filename
 
 

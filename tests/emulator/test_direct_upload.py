@@ -239,3 +239,14 @@ def test_round_trip_at_utc_now(api: ImagesClient) -> None:
     image = _send(draft["uploadURL"], make_image()).json()["result"]
     uploaded = datetime.fromisoformat(image["uploaded"])
     assert before <= uploaded <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+def test_long_filenames_are_cut_to_255_like_v1(api: ImagesClient) -> None:
+    long_name = "a" * 296 + ".png"
+    drafts = [api.direct_upload() for _ in range(2)]
+    assert _send(drafts[0]["uploadURL"], make_image(), name=long_name).status_code == 200
+    assert _send(drafts[1]["uploadURL"], make_image(), name="short.png").status_code == 200
+    direct = api.get(f"/v1/{drafts[0]['id']}").json()["result"]["filename"]
+    via_v1 = api.upload(make_image(), filename=long_name)["filename"]
+    assert direct == via_v1 == long_name[:255]
+    assert api.get(f"/v1/{drafts[1]['id']}").json()["result"]["filename"] == "short.png"
