@@ -22,6 +22,23 @@ def _resource_dir(name: str) -> str:
     return str(shipped if shipped.is_dir() else _PACKAGE_DIR.parent / name)
 
 
+class BrokerFlask(Flask):
+    """Flask, minus a per-request cost: whether a hook or view is a coroutine is asked once."""
+
+    _sync: dict[Any, Any]
+
+    def ensure_sync(self, func: Any) -> Any:
+        """Return `func` ready to call synchronously (Flask's answer, remembered per function)."""
+        try:
+            cache = self._sync
+        except AttributeError:
+            cache = self._sync = {}
+        ready = cache.get(func)
+        if ready is None:
+            ready = cache[func] = super().ensure_sync(func)
+        return ready
+
+
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the broker app: config, extensions, blueprints, CLI. Reads the environment only
     when no `test_config` is given."""
@@ -29,7 +46,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         instance_path = os.environ.get("BROKER_INSTANCE_PATH") or None
     else:
         instance_path = test_config.get("INSTANCE_PATH")
-    app = Flask(
+    app = BrokerFlask(
         __name__,
         instance_path=instance_path,
         instance_relative_config=True,
@@ -82,10 +99,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from broker import auth
     from broker.images import keys, variants
-    from broker.upstream import budget, cloudflare
+    from broker.upstream import batch, budget, cloudflare
 
     auth.init_app(app)
     budget.init_app(app)
+    batch.init_app(app)
     cloudflare.init_app(app)
     keys.init_app(app)
     variants.init_app(app)
@@ -101,7 +119,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(web.bp)
     app.register_blueprint(redirect.bp)
     notifications.init_app(app)
-    for collect in (lifecycle.metric_lines, endpoints.metric_lines, budget.metric_lines):
+    for collect in (
+        lifecycle.metric_lines,
+        endpoints.metric_lines,
+        budget.metric_lines,
+        batch.metric_lines,
+    ):
         health.register_metrics(app, collect)
     cli.init_app(app)
     return app

@@ -65,6 +65,7 @@ def _start_emulator(instance_path: Path) -> str | None:
         "CLOUDFLARE_ACCOUNT_HASH": emulator.config["ACCOUNT_HASH"],
         "CLOUDFLARE_DELIVERY_BASE": base,
         "CLOUDFLARE_UPLOAD_ORIGIN": base,
+        "CLOUDFLARE_BATCH_BASE": f"{base}/batch",
     }
     for key, value in settings.items():
         os.environ.setdefault(f"BROKER_{key}", value)

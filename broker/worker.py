@@ -7,6 +7,7 @@ Jobs (each guarded, so one failing job never stops the others):
 - `deliver_webhooks`: outgoing events (broker.webhooks.sending);
 - `verify_uploads`: completion detection for due uploads (broker.uploads.completion);
 - `expire_uploads`: drafts past their expiry + grace become `expired`;
+- `delete_drafts`: expired drafts whose deletion upstream was postponed are deleted now;
 - `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly.
 
 Tests drive `run_once(app, now=...)` step by step; `run_forever` loops until its stop event is
@@ -72,6 +73,7 @@ class Worker:
         return [
             Job("verify_uploads", _verify_uploads),
             Job("expire_uploads", _expire_uploads, every=10),
+            Job("delete_drafts", _delete_drafts, every=10),
             Job("deliver_webhooks", _deliver_webhooks),
             Job("sync_keys", _sync_keys, every=keys_every),
             Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
@@ -123,6 +125,10 @@ def _expire_uploads(worker: Worker, now: datetime) -> int:
     return completion.expire_due(
         db.session, get_client(), worker.app.config, worker.worker_id, now=now
     )
+
+
+def _delete_drafts(worker: Worker, now: datetime) -> int:
+    return completion.delete_drafts_due(db.session, get_client(), worker.worker_id, now=now)
 
 
 def _deliver_webhooks(worker: Worker, now: datetime) -> int:

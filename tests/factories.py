@@ -72,6 +72,10 @@ def emulator_config(emulator: Any) -> dict[str, Any]:
         "CLOUDFLARE_ACCOUNT_HASH": emulator.account_hash,
         "CLOUDFLARE_DELIVERY_BASE": emulator.url,
         "CLOUDFLARE_UPLOAD_ORIGIN": emulator.url,
+        "CLOUDFLARE_BATCH_BASE": emulator.batch_base,
+        # Most tests count the global API's calls at the emulator; the batch API's own tests
+        # (tests/upstream/test_batch.py) turn it on with "auto".
+        "CLOUDFLARE_BATCH": "off",
     }
 
 

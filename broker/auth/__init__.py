@@ -194,9 +194,9 @@ def _authenticate_header_first() -> None:
 
 def _csrf_protect() -> None:
     """Require a CSRF token on cookie-authenticated writes; bearer requests carry no cookies."""
-    if not request.endpoint or _is_bearer_request():
-        return
     if request.method not in current_app.config["WTF_CSRF_METHODS"]:
+        return
+    if not request.endpoint or _is_bearer_request():
         return
     # An anonymous request has no ambient authority to abuse. The login and registration
     # forms still check their own token (FlaskForm), which stops login CSRF.

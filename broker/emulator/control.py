@@ -125,6 +125,11 @@ class Controls:
             self._counters[endpoint] += 1
             self._kinds[kind] += 1
 
+    def count_throttled(self) -> None:
+        """Count one 429 answer of the API or the batch host (its request is counted too)."""
+        with self._lock:
+            self._kinds["throttled"] += 1
+
     def counters(self) -> dict[str, int]:
         """Return a snapshot of the per-endpoint counters."""
         with self._lock:
@@ -146,9 +151,11 @@ class Controls:
         with self._lock:
             return dict(self._peaks)
     def kinds(self) -> dict[str, int]:
-        """Return how many requests went to the global API, the batch host and the rest."""
+        """Return how many requests went to the global API, the batch host and the rest, and how
+        many of them were answered 429."""
         with self._lock:
-            return {kind: self._kinds[kind] for kind in ("global_api", "batch", "other")}
+            kinds = ("global_api", "batch", "other", "throttled")
+            return {kind: self._kinds[kind] for kind in kinds}
 
     def reset_counters(self) -> None:
         """Zero every counter and peak (a peak restarts from the requests now in flight)."""

@@ -212,6 +212,13 @@ def _batch_gate(emu: Emulator, name: str) -> None:
         raise err
 
 
+def _count_throttled(response: Response) -> Response:
+    """Count the 429s the API and the batch host answer (benchmarks report them)."""
+    if response.status_code == 429 and request.blueprint in (API_BLUEPRINT, BATCH_BLUEPRINT):
+        current_emulator().controls.count_throttled()
+    return response
+
+
 def _handle_cf_error(err: CfError) -> Response:
     return err.response()
 
@@ -276,6 +283,7 @@ def install(app: Flask, emulator: Emulator) -> None:
     app.request_class = EmulatorRequest
     app.before_request(_before_request)
     app.teardown_request(_after_request_done)
+    app.after_request(_count_throttled)
     app.register_error_handler(CfError, _handle_cf_error)
     app.register_error_handler(HTTPException, _handle_http_error)
     app.register_error_handler(Exception, _handle_unexpected)

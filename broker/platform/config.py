@@ -84,6 +84,26 @@ SETTINGS: tuple[Setting, ...] = (
         "Shared secret Cloudflare sends in `cf-webhook-auth` on its upload notifications.",
     ),
     Setting(
+        "CLOUDFLARE_BATCH",
+        "auto",
+        "`auto`: direct upload, details, list, update and delete go through Cloudflare's batch API (not counted in the global limit); `off`: everything uses the global API.",
+    ),
+    Setting(
+        "CLOUDFLARE_BATCH_BASE",
+        "https://batch.imagedelivery.net",
+        "Batch API origin (the emulator serves it under `/batch`).",
+    ),
+    Setting(
+        "CLOUDFLARE_BATCH_RATE",
+        200,
+        "Batch API requests per second per token, shared by all processes (Cloudflare allows 200).",
+    ),
+    Setting(
+        "CLOUDFLARE_BATCH_COOLDOWN",
+        600,
+        "Seconds an endpoint the batch host refused (code 103, token refused, repeated errors) stays on the global API.",
+    ),
+    Setting(
         "REGISTRATION",
         None,
         "Allow self-registration; default on in development, off in production.",
@@ -144,7 +164,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "UPSTREAM_BACKGROUND_RESERVE",
         200,
-        "Calls of each window kept for interactive requests; background polling stops there.",
+        "Calls of each window kept for interactive requests: background work never uses them.",
+    ),
+    Setting(
+        "UPSTREAM_BACKGROUND_SHARE",
+        200,
+        "Calls of each window kept for background work (verification, expiry, draft deletion, key sync): interactive requests never use them.",
     ),
     Setting("REQUIRE_SIGNED_URLS", True, "Default `requireSignedURLs` for new uploads."),
     Setting("UPLOAD_DEFAULT_EXPIRY", 1800, "Default upload URL lifetime in seconds (120..21600)."),
@@ -176,6 +201,11 @@ SETTINGS: tuple[Setting, ...] = (
         "VERIFY_BATCH_WINDOW",
         1.5,
         "Seconds a due completion check waits so the checks due meanwhile share one `GET /v2` listing.",
+    ),
+    Setting(
+        "COMPLETE_INLINE_BUDGET",
+        0.5,
+        "`POST …/complete` verifies the upload at once (200 `ready`) while the batch API carries details calls or less than this fraction of the global budget is used; otherwise the worker verifies it (202). 0 turns inline checks off.",
     ),
     Setting(
         "UPLOAD_ALLOWED_FORMATS",
@@ -234,6 +264,13 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     dev = env == "development"
     if not config.get("DATABASE_URL"):
         config["DATABASE_URL"] = f"sqlite:///{instance_path}/broker.sqlite3"
+    batch = str(config.get("CLOUDFLARE_BATCH") or "off").lower()
+    if batch not in {"auto", "off"}:
+        raise ConfigError(f"BROKER_CLOUDFLARE_BATCH must be auto or off, not {batch!r}")
+    config["CLOUDFLARE_BATCH"] = batch
+    for share in ("UPSTREAM_BACKGROUND_RESERVE", "UPSTREAM_BACKGROUND_SHARE"):
+        if not 0 <= int(config[share]) < int(config["UPSTREAM_BUDGET"]):
+            raise ConfigError(f"BROKER_{share} must be at least 0 and below BROKER_UPSTREAM_BUDGET")
     if config.get("REGISTRATION") is None:
         config["REGISTRATION"] = env != "production"
     if config.get("WORKER_INLINE") is None:
@@ -270,10 +307,11 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     if config.get("WTF_CSRF_ENABLED") is False:
         raise ConfigError("CSRF protection cannot be turned off in production")
     # The API token travels to the API base; an http:// URL (the emulator's) would expose it.
+    https = ["CLOUDFLARE_API_BASE", "CLOUDFLARE_DELIVERY_BASE", "CLOUDFLARE_UPLOAD_ORIGIN"]
+    if batch == "auto":
+        https.append("CLOUDFLARE_BATCH_BASE")
     plain = [
-        f"BROKER_{k}"
-        for k in ("CLOUDFLARE_API_BASE", "CLOUDFLARE_DELIVERY_BASE", "CLOUDFLARE_UPLOAD_ORIGIN")
-        if not str(config.get(k) or "").lower().startswith("https://")
+        f"BROKER_{k}" for k in https if not str(config.get(k) or "").lower().startswith("https://")
     ]
     if plain:
         raise ConfigError(f"{', '.join(plain)} must be https:// URLs in production")

@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any, cast
 
-from flask import Flask
+from flask import Flask, Response
+from flask.globals import request_ctx
+from flask.sessions import SecureCookieSessionInterface
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
@@ -24,6 +27,19 @@ csrf = CSRFProtect()
 # No default limits: only login and token creation are limited, so ordinary tests and pages never
 # hit a limit. Headers on: a 429 carries Retry-After.
 limiter = Limiter(key_func=get_remote_address, headers_enabled=True, default_limits=[])
+
+
+class CachedSigningSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with the signer built once per app, not per request."""
+
+    def get_signing_serializer(self, app: Flask) -> Any:
+        """Return the app's serializer, built on first use (the secret key is fixed by then)."""
+        cached = app.extensions.get("session_serializer")
+        if cached is None or cached[0] != (app.secret_key, app.config["SECRET_KEY_FALLBACKS"]):
+            serializer = super().get_signing_serializer(app)
+            cached = ((app.secret_key, app.config["SECRET_KEY_FALLBACKS"]), serializer)
+            app.extensions["session_serializer"] = cached
+        return cached[1]
 
 
 def init_app(app: Flask) -> None:
@@ -41,6 +57,47 @@ def init_app(app: Flask) -> None:
     # Flask-Limiter keeps its state on the shared Limiter; set every app's flag explicitly so one
     # app disabling it cannot leak into the next app built in the same process (tests).
     config.setdefault("RATELIMIT_ENABLED", True)
+    app.session_interface = CachedSigningSessions()
     login_manager.init_app(app)
     csrf.init_app(app)
+    # Flask-WTF's own hook does nothing while WTF_CSRF_CHECK_DEFAULT is off (broker.auth
+    # checks CSRF where it applies): spare every request the call.
+    hooks = app.before_request_funcs[None]
+    hooks[:] = [
+        f
+        for f in hooks
+        if getattr(f, "__qualname__", "") != "CSRFProtect.init_app.<locals>.csrf_protect"
+    ]
     limiter.init_app(app)
+    _limits_only_where_they_apply(app)
+
+
+def _limits_only_where_they_apply(app: Flask) -> None:
+    """Keep Flask-Limiter's per-request hooks off the requests no limit applies to.
+
+    Every limit is a decorator on its view, which checks it when the view runs. The app-wide
+    filter Flask-Limiter adds (for default and blueprint limits, which the broker has none of)
+    goes; its header and clean-up hooks run only when a decorated limit was checked (it leaves
+    its state on the request context then).
+    """
+    before = app.before_request_funcs.get(None, [])
+    before[:] = [f for f in before if getattr(f, "__self__", None) is not limiter]
+    after = app.after_request_funcs.get(None, [])
+    teardown = app.teardown_request_funcs.get(None, [])
+    inject = next((f for f in after if "inject_headers" in getattr(f, "func", f).__name__), None)
+    release = next((f for f in teardown if getattr(f, "__self__", None) is limiter), None)
+    if inject is None or release is None:
+        return  # Flask-Limiter already bound to this app (and its hooks replaced) before
+
+    def limited() -> bool:
+        return hasattr(request_ctx, "_limiter_request_context")
+
+    def limit_headers(response: Response) -> Response:
+        return cast(Response, inject(response)) if limited() else response
+
+    def release_limits(exc: BaseException | None = None) -> None:
+        if limited():
+            release(exc)
+
+    after[after.index(inject)] = limit_headers
+    teardown[teardown.index(release)] = release_limits

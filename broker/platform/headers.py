@@ -42,16 +42,21 @@ def init_app(app: Flask) -> None:
         origin_of(app.config.get("CLOUDFLARE_UPLOAD_ORIGIN")),
         origin_of(app.config.get("CLOUDFLARE_DELIVERY_BASE")),
     )
-    hsts = app.config["ENV"] == "production"
+    fixed = [
+        ("Content-Security-Policy", csp),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "strict-origin-when-cross-origin"),
+        ("X-Frame-Options", "DENY"),
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+    ]
+    if app.config["ENV"] == "production":
+        fixed.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
+    names = {name.lower() for name, _ in fixed}
 
     @app.after_request
     def _headers(response: Response) -> Response:
         headers = response.headers
-        headers.setdefault("Content-Security-Policy", csp)
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        headers.setdefault("Referrer-Policy", "strict-origin-when-cross-origin")
-        headers.setdefault("X-Frame-Options", "DENY")
-        headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
-        if hsts:
-            headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
+        # Built once above; one pass over the response's headers finds what a view set itself.
+        own = {name.lower() for name, _ in headers} & names
+        headers.extend([(name, value) for name, value in fixed if name.lower() not in own])
         return response

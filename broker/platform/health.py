@@ -24,11 +24,13 @@ def register_metrics(app: Flask, collect: MetricLines) -> None:
     app.extensions.setdefault(METRICS_KEY, []).append(collect)
 
 
-def gauge(name: str, description: str, samples: Mapping[str, float] | float) -> list[str]:
-    """Render one gauge: a single value, or one sample per `status` label."""
+def gauge(
+    name: str, description: str, samples: Mapping[str, float] | float, label: str = "status"
+) -> list[str]:
+    """Render one gauge: a single value, or one sample per value of `label`."""
     lines = [f"# HELP {name} {description}", f"# TYPE {name} gauge"]
     if isinstance(samples, Mapping):
-        lines += [f'{name}{{status="{label}"}} {value}' for label, value in samples.items()]
+        lines += [f'{name}{{{label}="{key}"}} {value}' for key, value in samples.items()]
     else:
         lines.append(f"{name} {samples}")
     return lines

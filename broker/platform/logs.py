@@ -8,10 +8,10 @@ start a line of its own and forge an entry.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 
 from flask import Flask, Response, g, request
 
@@ -54,12 +54,13 @@ def _configure(level: str) -> None:
 
 def _start() -> None:
     incoming = request.headers.get("X-Request-ID", "")
-    g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    # 128 random bits in hex, like uuid4().hex without building a UUID on every request.
+    g.request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(16).hex()
     g.request_started = time.perf_counter()
 
 
 def _finish(response: Response) -> Response:
-    request_id = g.get("request_id") or uuid.uuid4().hex
+    request_id = g.get("request_id") or os.urandom(16).hex()
     response.headers["X-Request-ID"] = request_id
     started = g.get("request_started")
     duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0

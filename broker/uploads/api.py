@@ -7,6 +7,8 @@ admins see every upload.
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -215,7 +217,7 @@ def create_upload(body: CreateUpload) -> Response:
     client = get_client()
     # Commits the reservation: no lock or open transaction while Cloudflare answers.
     prepaid = lifecycle.reserve_slot_and_commit(
-        db.session, user, config, new.id, new.now, budget=client.budget
+        db.session, user, config, new.id, new.now, budget=client.budget_for("direct_upload")
     )
     undo_on_failure(lambda: lifecycle.release_slot_and_commit(db.session, new.id))
     upload, upload_url = lifecycle.create_upload(db.session, new, client, prepaid=prepaid)
@@ -352,8 +354,21 @@ RETRY_AFTER = "1"
     scope="uploads:write",
 )
 def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | Response:
-    """Tell the broker the file was sent; answers the state now (202 while still pending)."""
+    """Tell the broker the file was sent; 200 with the state once verified, 202 while pending.
+
+    With upstream headroom the upload is verified right here (one details call); under
+    pressure it is left to the worker's batched checks.
+    """
     upload = _visible(upload_id)
+    if upload.status != lifecycle.PENDING:
+        return UploadOut.of(upload), 200, {}
+    owner = f"complete:{os.getpid()}:{threading.get_ident()}"
+    if completion.verify_inline_and_commit(
+        db.session, get_client(), current_app.config, upload.id, owner
+    ):
+        db.session.refresh(upload)
+        return UploadOut.of(upload), 200, {}
+    db.session.refresh(upload)
     if upload.status != lifecycle.PENDING:
         return UploadOut.of(upload), 200, {}
     completion.hint(upload)  # also wakes an in-process worker

@@ -30,12 +30,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.platform import leases
 from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.uploads import lifecycle
 from broker.uploads.models import Upload
+from broker.upstream.budget import UpstreamBudget
 from broker.upstream.cloudflare import (
     CloudflareImages,
     CloudflareNotFound,
@@ -55,6 +57,10 @@ LIST_PER_PAGE = 1000
 # Uploads not covered by a listing page (older than its last image) checked one by one per pass.
 MAX_SINGLE_CHECKS = 10
 IN_CHUNK = 400  # ids per SQL IN (…) list
+# Seconds before an upload whose result could not be stored is tried again.
+POISON_RETRY = 60.0
+# Seconds before a postponed draft deletion is tried again (when no Retry-After says otherwise).
+DRAFT_DELETE_RETRY = 30.0
 
 
 def check_delay(attempts: int) -> float:
@@ -71,6 +77,23 @@ def hint(upload: Upload, *, now: datetime | None = None) -> bool:
         upload.next_check_at = now
     notify_worker()
     return True
+
+
+def hint_all(session: Session, *, now: datetime | None = None) -> int:
+    """Make every pending upload due now (a notification said some upload finished)."""
+    now = now or utcnow()
+    result = session.execute(
+        sa.update(Upload)
+        .where(
+            Upload.status == lifecycle.PENDING,
+            Upload.expires_at > now,
+            sa.or_(Upload.next_check_at.is_(None), Upload.next_check_at > now),
+        )
+        .values(next_check_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    notify_worker()
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 # -- policy checks on the original -----------------------------------------------------------
@@ -184,6 +207,93 @@ def _back_off(
     session.commit()
 
 
+# -- inline verification (the client's `/complete`) ---------------------------------------------
+
+
+def has_headroom(client: CloudflareImages, config: Any) -> bool:
+    """Tell whether one details call may be spent now, for a person waiting on `/complete`.
+
+    Yes when the batch host carries details calls; else while the global budget is used below
+    `COMPLETE_INLINE_BUDGET` of its limit and not paused.
+    """
+    route = client.batch_route
+    if route is not None and route.uses_batch("image_details"):
+        return True
+    share = float(config.get("COMPLETE_INLINE_BUDGET") or 0)
+    budget = client.budget
+    if share <= 0:
+        return False
+    if not isinstance(budget, UpstreamBudget):
+        return budget is None  # a client without a budget (tests, tools) spends freely
+    status = budget.status()
+    return status.paused_for <= 0 and status.used < status.limit * share
+
+
+def verify_inline_and_commit(
+    session: Session,
+    client: CloudflareImages,
+    config: Any,
+    upload_id: str,
+    owner: str,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Verify one upload now, when upstream has headroom; True when it is no longer pending.
+
+    Leases the upload (committed) so a worker cannot finish it at the same time, asks Cloudflare
+    once, and finishes it in its own transaction (event included). False — nothing changed but
+    `last_checked_at` — when there is no headroom, another worker holds it, Cloudflare failed or
+    the file has not arrived: the caller then hints the worker as before.
+    """
+    if policy_enabled(config) or not has_headroom(client, config):
+        return False
+    now = now or utcnow()
+    won = leases.claim_and_commit(
+        session,
+        Upload,
+        where=[Upload.id == upload_id, Upload.status == lifecycle.PENDING],
+        order_by=[Upload.id],
+        limit=1,
+        owner=owner,
+        now=now,
+        lease_seconds=LEASE_SECONDS,
+    )
+    if not won:
+        return False
+    upload = session.get(Upload, upload_id)
+    if upload is None:
+        return False
+    image_id = upload.image_id
+    session.commit()
+    try:
+        image: Image | None = client.get_image(image_id, priority=Priority.INTERACTIVE)
+    except CloudflareNotFound:
+        image = None
+    except UpstreamError as exc:
+        log.info("inline verification of %s skipped: %s", upload_id, exc)
+        image = None
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.lease_owner != owner:
+        session.rollback()
+        return False
+    if image is None or image.draft:
+        if image is not None:
+            upload.last_checked_at = now
+        upload.lease_owner = None
+        upload.lease_until = None
+        session.commit()
+        return False
+    try:
+        lifecycle.mark_ready(session, upload, image, now=now)
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+        log.exception("upload %s could not be finished inline; the worker retries", upload_id)
+        return False
+    log.info("upload ready id=%s image=%s (inline)", upload_id, image_id)
+    return True
+
+
 # -- the worker's jobs -------------------------------------------------------------------------
 
 
@@ -263,8 +373,15 @@ def _verify_single(
     elif image.draft:
         _reschedule(upload, now, owner)
     else:
-        finish_ready(session, upload, image, client, config, now)
-        changed = 1
+        try:
+            finish_ready(session, upload, image, client, config, now)
+            session.commit()
+        except SQLAlchemyError:
+            session.rollback()
+            log.exception("upload %s could not be finished; retrying later", upload_id)
+            _back_off(session, [upload_id], owner, POISON_RETRY, now)
+            return 0
+        return 1
     session.commit()
     return changed
 
@@ -319,16 +436,21 @@ def _verify_listing(
         if image is not None and not image.draft:
             try:
                 finish_ready(session, upload, image, client, config, now)
+                session.commit()
                 changed += 1
             except UpstreamError as exc:
                 session.rollback()
                 _back_off(session, [upload_id], owner, exc.retry_after or 10, now)
-                continue
-        elif covered_since is not None and upload.created_at < covered_since:
+            except SQLAlchemyError:
+                # Each upload is its own transaction: one that cannot be stored waits alone.
+                session.rollback()
+                log.exception("upload %s could not be finished; retrying later", upload_id)
+                _back_off(session, [upload_id], owner, POISON_RETRY, now)
+            continue
+        if covered_since is not None and upload.created_at < covered_since:
             unsure.append(upload_id)
             continue
-        else:
-            _reschedule(upload, now, owner)
+        _reschedule(upload, now, owner)
         session.commit()
     for upload_id in unsure[:MAX_SINGLE_CHECKS]:
         changed += _verify_single(session, client, config, owner, upload_id, now)
@@ -338,6 +460,56 @@ def _verify_listing(
             _reschedule(upload, now, owner)
     session.commit()
     return changed
+
+
+def delete_drafts_due(
+    session: Session,
+    client: CloudflareImages,
+    owner: str,
+    *,
+    now: datetime | None = None,
+    limit: int = 50,
+) -> int:
+    """Worker job: delete upstream the expired drafts whose deletion was postponed (committing
+    each); return how many are gone."""
+    now = now or utcnow()
+    ids = leases.claim_and_commit(
+        session,
+        Upload,
+        where=[Upload.draft_delete_at.is_not(None), Upload.draft_delete_at <= now],
+        order_by=[Upload.draft_delete_at, Upload.id],
+        limit=limit,
+        owner=owner,
+        now=now,
+        lease_seconds=LEASE_SECONDS,
+    )
+    done = 0
+    for upload_id in ids:
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            continue
+        image_id = upload.image_id
+        session.commit()
+        retry: float | None = None
+        try:
+            client.delete_image(image_id, priority=Priority.BACKGROUND)
+        except CloudflareNotFound:
+            pass
+        except UpstreamError as exc:
+            retry = exc.retry_after or DRAFT_DELETE_RETRY
+        upload = session.get(Upload, upload_id)
+        if upload is None or upload.lease_owner != owner:
+            session.rollback()
+            continue
+        if retry is None:
+            upload.draft_delete_at = None
+            done += 1
+        else:
+            upload.draft_delete_at = now + timedelta(seconds=max(1.0, retry))
+        upload.lease_owner = None
+        upload.lease_until = None
+        session.commit()
+    return done
 
 
 def expire_due(
@@ -377,15 +549,21 @@ def expire_due(
             log.warning("expiry of %s postponed: %s", upload_id, exc)
             _back_off(session, ids[ids.index(upload_id) :], owner, exc.retry_after or 30, now)
             return changed
+        retry_delete: float | None = None
         if image is not None and image.draft:
             try:
                 client.delete_image(image_id, priority=Priority.BACKGROUND)
-            except (CloudflareNotFound, UpstreamError) as exc:
-                log.info("draft %s not deleted upstream (%s); it expires anyway", image_id, exc)
+            except CloudflareNotFound:
+                pass
+            except UpstreamError as exc:
+                retry_delete = exc.retry_after or DRAFT_DELETE_RETRY
+                log.info("draft %s not deleted upstream yet (%s); retrying later", image_id, exc)
         upload = session.get(Upload, upload_id)
         if upload is None or upload.lease_owner != owner:
             session.rollback()
             continue
+        if retry_delete is not None:
+            upload.draft_delete_at = now + timedelta(seconds=max(1.0, retry_delete))
         if image is not None and not image.draft:
             # The file arrived at the last moment: that is a completion, not an expiry.
             finish_ready(session, upload, image, client, config, now)

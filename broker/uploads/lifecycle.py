@@ -52,8 +52,9 @@ MAX_METADATA_BYTES = 1024
 # The broker's own key in every image's metadata: lets a v2 listing or a notification be
 # matched to its upload without a lookup by image id.
 BROKER_META_KEY = "broker_upload_id"
-# When the worker first checks whether the file arrived (it reschedules itself after that).
-FIRST_CHECK_DELAY = timedelta(seconds=30)
+# When the worker first checks whether a silent client's file arrived; after that it checks
+# 10 s, 20 s, then every 30 s later (broker.uploads.completion.check_delay).
+FIRST_CHECK_DELAY = timedelta(seconds=5)
 DAY = timedelta(hours=24)
 # How long a create's reservation holds a slot: no create lives this long (upstream timeout
 # times retries), so only a killed process's reservation ever reaches it.

@@ -58,6 +58,9 @@ class Upload(Model):
     # When Cloudflare last said "still a draft": later than the client's file POST means the
     # file never arrived (rather than "not verified yet").
     last_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # An expired draft whose deletion upstream was postponed (budget spent, Cloudflare down):
+    # when the worker tries again. None once it is gone.
+    draft_delete_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -2,8 +2,9 @@
 
 Cloudflare authenticates its notification with nothing but a static shared secret in
 `cf-webhook-auth` (no HMAC, no timestamp), so the body is never trusted: a valid call only makes
-the named upload due for verification, and the worker confirms with Cloudflare before anything
-changes. A wrong or missing secret changes nothing.
+the named upload due for verification (every pending upload, when no known image id can be read
+from it: its Images payload is not documented), and the worker confirms with Cloudflare before
+anything changes. A wrong or missing secret changes nothing.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def cloudflare_notification() -> ResponseReturnValue:
         raise ApiError(400, "invalid_json", "The body must be a JSON object.")
     image = data.get("image")
     image_id = data.get("imageId") or (image.get("id") if isinstance(image, dict) else None)
-    if not isinstance(image_id, str) or not image_id or len(image_id) > 1024:
-        return {"status": "ignored"}, 202
-    upload = db.session.scalar(sa.select(Upload).where(Upload.image_id == image_id))
+    upload = None
+    if isinstance(image_id, str) and 0 < len(image_id) <= 1024:
+        upload = db.session.scalar(sa.select(Upload).where(Upload.image_id == image_id))
     if upload is None:
-        return {"status": "ignored"}, 202
+        # Cloudflare does not document this payload: an authenticated notification we cannot
+        # match still says some upload finished, so every pending one is checked next.
+        hinted = completion.hint_all(db.session)
+        db.session.commit()
+        log.info("cloudflare notification without a known image id: %d uploads due", hinted)
+        return {"status": "accepted"}, 202
     hinted = completion.hint(upload)
     db.session.commit()
     log.info("cloudflare notification for upload %s (hint=%s)", upload.id, hinted)

@@ -8,8 +8,11 @@ there, whatever number of web and worker processes run:
 - the window is split into slices (buckets); a call is allowed when the calls of every bucket
   overlapping the last window, plus this one, stay within the limit. Counting whole buckets
   over-counts slightly, never under-counts, so the real sliding-window count stays under it;
-- interactive calls (a person waiting for an upload URL) may use the whole budget, background
-  calls (the worker polling) stop `BROKER_UPSTREAM_BACKGROUND_RESERVE` calls earlier;
+- the budget has two sides, each with a guaranteed share: interactive calls (a person waiting
+  for an upload URL) may not use the last `BROKER_UPSTREAM_BACKGROUND_SHARE` calls of a window
+  for themselves, and background calls (verification, expiry, draft deletion, key sync) may not
+  use the last `BROKER_UPSTREAM_BACKGROUND_RESERVE`. A burst of creates therefore delays
+  completion by seconds, not minutes, and busy polling never locks users out;
 - a 429 from Cloudflare pauses every process until its `Retry-After` has passed.
 
 Each acquire is one short transaction on its own connection that first *writes* the scope's
@@ -52,6 +55,7 @@ _buckets = sa.table(
     sa.column("scope", sa.String),
     sa.column("start", sa.BigInteger),
     sa.column("calls", sa.Integer),
+    sa.column("background", sa.Integer),
 )
 
 
@@ -85,25 +89,43 @@ class UpstreamBudget:
         limit: int = 1000,
         window: int = 300,
         reserve: int = 200,
+        background_share: int = 0,
         scope: str = DEFAULT_SCOPE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if limit < 1 or window < 1 or not 0 <= reserve < limit:
             raise ValueError("budget needs limit ≥ 1, window ≥ 1 and 0 ≤ reserve < limit")
+        if not 0 <= background_share < limit:
+            raise ValueError("budget needs 0 ≤ background_share < limit")
         self.engine = engine
         self.limit = limit
         self.window = window
         self.reserve = reserve
+        self.background_share = background_share
         self.scope = scope
         self.clock = clock
         # Whole seconds keep bucket keys exact integers on every backend.
         self.bucket = max(1, math.ceil(window / BUCKETS_PER_WINDOW))
 
     def __repr__(self) -> str:
-        return f"<UpstreamBudget {self.limit}/{self.window}s reserve={self.reserve}>"
+        return (
+            f"<UpstreamBudget {self.limit}/{self.window}s reserve={self.reserve} "
+            f"background_share={self.background_share}>"
+        )
 
-    def _cap(self, priority: Priority) -> int:
-        return self.limit if priority == Priority.INTERACTIVE else self.limit - self.reserve
+    def _caps(
+        self, rows: Sequence[Any], priority: Priority
+    ) -> list[tuple[list[tuple[int, int]], int]]:
+        """The limits a call of `priority` must stay within, each with the calls it counts."""
+        everything = [(int(start), int(calls)) for start, calls, _ in rows]
+        background = [(int(start), int(bg or 0)) for start, _, bg in rows]
+        if priority == Priority.INTERACTIVE:
+            own = [
+                (start, calls - bg)
+                for (start, calls), (_, bg) in zip(everything, background, strict=False)
+            ]
+            return [(everything, self.limit), (own, self.limit - self.background_share)]
+        return [(everything, self.limit), (background, self.limit - self.reserve)]
 
     def _lock(self, conn: Connection) -> int:
         """Take the scope's lock by writing its state row (creating it when missing)."""
@@ -142,22 +164,27 @@ class UpstreamBudget:
             raise BudgetExhausted(math.ceil(paused_until_ms / 1000 - now), "paused")
         first = self._window_start(now)
         rows = conn.execute(
-            sa.select(_buckets.c.start, _buckets.c.calls)
+            sa.select(_buckets.c.start, _buckets.c.calls, _buckets.c.background)
             .where(_buckets.c.scope == self.scope, _buckets.c.start >= first)
             .order_by(_buckets.c.start)
         ).all()
-        used = sum(int(calls) for _, calls in rows)
-        cap = self._cap(priority)
-        if used + 1 > cap:
-            raise BudgetExhausted(self._retry_after(rows, used, cap, now))
+        for counted, cap in self._caps(rows, priority):
+            used = sum(calls for _, calls in counted)
+            if used + 1 > cap:
+                raise BudgetExhausted(self._retry_after(counted, used, cap, now))
+        background = int(priority == Priority.BACKGROUND)
         current = int(now // self.bucket) * self.bucket
         updated = conn.execute(
             sa.update(_buckets)
             .where(_buckets.c.scope == self.scope, _buckets.c.start == current)
-            .values(calls=_buckets.c.calls + 1)
+            .values(calls=_buckets.c.calls + 1, background=_buckets.c.background + background)
         )
         if not updated.rowcount:
-            conn.execute(sa.insert(_buckets).values(scope=self.scope, start=current, calls=1))
+            conn.execute(
+                sa.insert(_buckets).values(
+                    scope=self.scope, start=current, calls=1, background=background
+                )
+            )
             # A new bucket is rare (once per slice): a good moment to drop expired ones.
             conn.execute(
                 sa.delete(_buckets).where(_buckets.c.scope == self.scope, _buckets.c.start < first)
@@ -210,11 +237,13 @@ class UpstreamBudget:
             raise
         return True
 
-    def _retry_after(self, rows: Sequence[Any], used: int, cap: int, now: float) -> float:
+    def _retry_after(
+        self, rows: Sequence[tuple[int, int]], used: int, cap: int, now: float
+    ) -> float:
         """Seconds until enough old buckets leave the window for one more call."""
         excess = used + 1 - cap
         for start, calls in rows:
-            excess -= int(calls)
+            excess -= calls
             if excess <= 0:
                 # The bucket counts until the window no longer overlaps it.
                 return max(1, math.ceil(int(start) + self.bucket + self.window - now))
@@ -264,6 +293,7 @@ def budget_from_config(engine: Engine, config: Any) -> UpstreamBudget:
         limit=int(config["UPSTREAM_BUDGET"]),
         window=int(config["UPSTREAM_BUDGET_WINDOW"]),
         reserve=int(config["UPSTREAM_BACKGROUND_RESERVE"]),
+        background_share=int(config["UPSTREAM_BACKGROUND_SHARE"]),
     )
 
 

@@ -112,8 +112,60 @@ class Budget(Protocol):
         """Stop every process from calling upstream for `seconds` (after a 429)."""
 
 
+class BatchRouting(Protocol):
+    """What the client needs from the batch route (see broker.upstream.batch)."""
+
+    base: str
+    rate: Budget
+
+    def uses_batch(self, endpoint: str) -> bool:
+        """Tell whether `endpoint` goes to the batch host now."""
+
+    def token(self, source: CloudflareImages, priority: Priority) -> str | None:
+        """Return a valid batch token, fetching it when due; None when there is none."""
+
+    def spend(self) -> None:
+        """Take one call of the token's per-second rate (waits briefly when it is full)."""
+
+    def failed(self, endpoint: str, error: CloudflareError) -> bool:
+        """Record a batch-host failure; True when the call may go to the global API now."""
+
+    def succeeded(self, endpoint: str) -> None:
+        """Reset the endpoint's run of errors."""
+
+
+class _BatchSpend:
+    """The batch route's per-token rate, spent as a budget (waiting briefly when full)."""
+
+    def __init__(self, route: BatchRouting) -> None:
+        self.route = route
+
+    def acquire(self, priority: Priority) -> None:
+        """Take one call of the per-second rate."""
+        self.route.spend()
+
+    def pause(self, seconds: float) -> None:
+        """The batch host's 429 is retried after its Retry-After: nothing to record."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed results
+
+# Cloudflare's documented sizes: what the broker's columns hold.
+MAX_ID = 1024
+MAX_FILENAME = 255
+MAX_CREATOR = 1024
+MAX_URL = 2048
+MAX_VARIANTS = 100
+
+
+def _text(value: Any, limit: int) -> str | None:
+    """A string field from Cloudflare: None when absent or not text, cut to `limit`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    return value[:limit]
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -140,18 +192,29 @@ class Image:
     draft: bool = False
 
     @classmethod
-    def from_api(cls, data: dict[str, Any]) -> Image:
-        """Build from the API's JSON (`requireSignedURLs`, RFC 3339 `uploaded`, …)."""
+    def from_api(cls, data: Any) -> Image:
+        """Build from the API's JSON (`requireSignedURLs`, RFC 3339 `uploaded`, …).
+
+        What Cloudflare sends is checked and cut to its documented shape here, at the boundary,
+        so an odd answer (a longer filename, a number where a string belongs) cannot fail the
+        database write of whoever stores it.
+        """
+        if not isinstance(data, dict):
+            data = {}
         meta = data.get("meta")
+        if not isinstance(meta, dict):
+            meta = data.get("metadata")  # the direct-upload doc's spelling
         return cls(
-            id=str(data.get("id") or ""),
-            filename=data.get("filename"),
-            creator=data.get("creator"),
+            id=_text(data.get("id"), MAX_ID) or "",
+            filename=_text(data.get("filename"), MAX_FILENAME),
+            creator=_text(data.get("creator"), MAX_CREATOR),
             meta=meta if isinstance(meta, dict) else {},
-            require_signed_urls=bool(data.get("requireSignedURLs", False)),
+            require_signed_urls=data.get("requireSignedURLs") is True,
             uploaded=_parse_time(data.get("uploaded")),
-            variants=[v for v in data.get("variants") or [] if isinstance(v, str)],
-            draft=bool(data.get("draft", False)),
+            variants=[
+                v for v in data.get("variants") or [] if isinstance(v, str) and len(v) <= MAX_URL
+            ][:MAX_VARIANTS],
+            draft=data.get("draft") is True,
         )
 
 
@@ -309,6 +372,7 @@ class CloudflareImages:
         account_hash: str | None = None,
         delivery_base: str = "https://imagedelivery.net",
         pool_size: int = 32,
+        batch_route: BatchRouting | None = None,
     ) -> None:
         self.api_base = api_base.rstrip("/")
         self.account_id = account_id
@@ -316,6 +380,7 @@ class CloudflareImages:
         self.delivery_base = delivery_base.rstrip("/")
         self.timeout = timeout
         self.budget = budget
+        self.batch_route = batch_route
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -363,20 +428,102 @@ class CloudflareImages:
         raw: bool = False,
         stream: bool = False,
         prepaid: bool = False,
+        batch: str | None = None,
     ) -> Any:
         """Call `path` (relative to the account's images base) and return the envelope's result.
 
         With `raw=True` return the `requests.Response` of a successful call instead. With
-        `prepaid=True` the caller already spent the budget for the first attempt (see
-        `UpstreamBudget.acquire_in`); retries spend their own.
+        `prepaid=True` the caller already spent `budget_for(batch)` for the first attempt (see
+        `UpstreamBudget.acquire_in`); retries spend their own. `batch` names the endpoint when
+        the batch host serves it: the call then goes there while the batch route allows.
         """
+
+        def send(url: str, token: str, budget: Budget | None, paid: bool, on_batch: bool) -> Any:
+            return self._send(
+                method,
+                url,
+                token,
+                budget,
+                priority=priority,
+                params=params,
+                json_body=json_body,
+                files=files,
+                raw=raw,
+                stream=stream,
+                prepaid=paid,
+                on_batch=on_batch,
+            )
+
+        route = self.batch_route
+        if batch is not None and route is not None and route.uses_batch(batch):
+            token = route.token(self, priority)
+            if token is not None:
+                try:
+                    result = send(
+                        f"{route.base}/images{path}", token, _BatchSpend(route), prepaid, True
+                    )
+                except CloudflareError as err:
+                    if not route.failed(batch, err):
+                        raise
+                    # Refused unprocessed (103, token refused): the global API may take it.
+                    log.info(
+                        "cloudflare %s %s: batch host refused, using the global API", method, path
+                    )
+                else:
+                    route.succeeded(batch)
+                    return result
+            # The batch route's rate was what got prepaid, if anything.
+            prepaid = False
+        return send(f"{self.images_base}{path}", self._token, self.budget, prepaid, False)
+
+    def budget_for(self, batch: str | None) -> Budget | None:
+        """The budget a call to endpoint `batch` spends now (to prepay it, see `request`)."""
+        route = self.batch_route
+        if batch is not None and route is not None and route.uses_batch(batch):
+            rate = route.rate
+            return rate if hasattr(rate, "acquire_in") else None
+        return self.budget
+
+    def fetch_batch_token(self, priority: Priority) -> tuple[str, datetime]:
+        """Ask the global API for a batch token (`GET /v1/batch_token`) and its expiry."""
+        result = self._send(
+            "GET",
+            f"{self.images_base}/v1/batch_token",
+            self._token,
+            self.budget,
+            priority=priority,
+            on_batch=False,
+        )
+        token = (result or {}).get("token")
+        expires = _parse_time((result or {}).get("expiresAt"))
+        if not isinstance(token, str) or not token or expires is None:
+            raise CloudflareBadRequest(502, None, "batch_token answer without token or expiresAt")
+        return token, expires
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        token: str,
+        budget: Budget | None,
+        *,
+        priority: Priority,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        files: Any = None,
+        raw: bool = False,
+        stream: bool = False,
+        prepaid: bool = False,
+        on_batch: bool,
+    ) -> Any:
+        """Send one call to `url` with `token`, retrying what is safe (see the module doc)."""
         method = method.upper()
-        url = f"{self.images_base}{path}"
+        path = url.removeprefix(self.images_base)
         idempotent = method in _IDEMPOTENT
         attempt = 0
         while True:
-            if self.budget is not None and not (prepaid and attempt == 0):
-                self.budget.acquire(priority)
+            if budget is not None and not (prepaid and attempt == 0):
+                budget.acquire(priority)
             started = time.monotonic()
             try:
                 response = self.session.request(
@@ -385,10 +532,7 @@ class CloudflareImages:
                     params=params,
                     json=json_body,
                     files=files,
-                    headers={
-                        "Authorization": f"Bearer {self._token}",
-                        "Accept": "application/json",
-                    },
+                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
                     timeout=self.timeout,
                     stream=stream,
                     allow_redirects=False,
@@ -428,10 +572,12 @@ class CloudflareImages:
                 return self._result(response)
             except (CloudflareRateLimited, CloudflareUnavailable) as err:
                 response.close()
-                if isinstance(err, CloudflareRateLimited) and self.budget is not None:
-                    self.budget.pause(err.retry_after if err.retry_after is not None else 300)
+                limited = isinstance(err, CloudflareRateLimited)
+                if limited and not on_batch and budget is not None:
+                    # The global limit blocks every call for minutes: stop every process.
+                    budget.pause(err.retry_after if err.retry_after is not None else 300)
                     raise
-                retryable = idempotent or isinstance(err, CloudflareRateLimited)
+                retryable = idempotent or limited
                 wait = self._backoff(attempt, err.retry_after)
                 if not retryable or attempt >= self.max_retries or wait > self.backoff_cap * 2:
                     raise
@@ -482,7 +628,12 @@ class CloudflareImages:
             *_image_fields(creator, metadata, custom_id, require_signed_urls),
         ]
         result = self.request(
-            "POST", "/v2/direct_upload", files=fields, priority=priority, prepaid=prepaid
+            "POST",
+            "/v2/direct_upload",
+            files=fields,
+            priority=priority,
+            prepaid=prepaid,
+            batch="direct_upload",
         )
         return DirectUpload(id=str(result["id"]), upload_url=str(result["uploadURL"]))
 
@@ -505,11 +656,15 @@ class CloudflareImages:
             ("file", (filename, file)) if file is not None else ("url", (None, url)),
             *_image_fields(creator, metadata, custom_id, require_signed_urls),
         ]
-        return Image.from_api(self.request("POST", "/v1", files=fields, priority=priority))
+        return Image.from_api(
+            self.request("POST", "/v1", files=fields, priority=priority, batch="upload_v1")
+        )
 
     def get_image(self, image_id: str, *, priority: Priority = Priority.INTERACTIVE) -> Image:
         """Fetch an image's details (`GET /v1/{id}`); `draft` tells whether the file arrived."""
-        return Image.from_api(self.request("GET", f"/v1/{_path(image_id)}", priority=priority))
+        return Image.from_api(
+            self.request("GET", f"/v1/{_path(image_id)}", priority=priority, batch="image_details")
+        )
 
     def list_images_v2(
         self,
@@ -526,7 +681,7 @@ class CloudflareImages:
             params["continuation_token"] = continuation_token
         if creator is not None:
             params["creator"] = creator
-        result = self.request("GET", "/v2", params=params, priority=priority) or {}
+        result = self.request("GET", "/v2", params=params, priority=priority, batch="list_v2") or {}
         return ImagePage(
             images=[Image.from_api(i) for i in result.get("images") or []],
             continuation_token=result.get("continuation_token") or None,
@@ -559,12 +714,18 @@ class CloudflareImages:
             body["requireSignedURLs"] = require_signed_urls
         if creator is not None:
             body["creator"] = creator
-        result = self.request("PATCH", f"/v1/{_path(image_id)}", json_body=body, priority=priority)
+        result = self.request(
+            "PATCH",
+            f"/v1/{_path(image_id)}",
+            json_body=body,
+            priority=priority,
+            batch="image_edit",
+        )
         return Image.from_api(result)
 
     def delete_image(self, image_id: str, *, priority: Priority = Priority.INTERACTIVE) -> None:
         """Delete an image (`DELETE /v1/{id}`); raises CloudflareNotFound when it is gone."""
-        self.request("DELETE", f"/v1/{_path(image_id)}", priority=priority)
+        self.request("DELETE", f"/v1/{_path(image_id)}", priority=priority, batch="image_delete")
 
     def get_blob(
         self,
@@ -707,7 +868,9 @@ def _path(segment: str) -> str:
 # Flask wiring (no module globals: the client lives in app.extensions)
 
 
-def client_from_config(config: Any, budget: Budget | None = None) -> CloudflareImages:
+def client_from_config(
+    config: Any, budget: Budget | None = None, batch_route: BatchRouting | None = None
+) -> CloudflareImages:
     """Build a client from the app's BROKER_CLOUDFLARE_* settings."""
     return CloudflareImages(
         config["CLOUDFLARE_API_BASE"],
@@ -717,12 +880,15 @@ def client_from_config(config: Any, budget: Budget | None = None) -> CloudflareI
         budget=budget,
         account_hash=config.get("CLOUDFLARE_ACCOUNT_HASH"),
         delivery_base=config.get("CLOUDFLARE_DELIVERY_BASE") or "https://imagedelivery.net",
+        batch_route=batch_route,
     )
 
 
 def init_app(app: Any) -> None:
-    """Create the app's shared client (using the budget in `app.extensions`, if any)."""
-    app.extensions[EXTENSION_KEY] = client_from_config(app.config, app.extensions.get("budget"))
+    """Create the app's shared client (with the budget and batch route in `app.extensions`)."""
+    app.extensions[EXTENSION_KEY] = client_from_config(
+        app.config, app.extensions.get("budget"), app.extensions.get("batch_route")
+    )
 
 
 def get_client() -> CloudflareImages:

@@ -6,10 +6,12 @@ tests fail when the migrations and the models drift apart.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from broker.platform.db import Model
+from broker.platform.db import Model, UTCDateTime
 
 
 class UpstreamBudgetState(Model):
@@ -31,3 +33,30 @@ class UpstreamBudgetBucket(Model):
     scope: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     start: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
     calls: Mapped[int] = mapped_column(default=0)
+    # Of those, the background's (the two sides of the budget each keep a share).
+    background: Mapped[int] = mapped_column(default=0, server_default="0")
+
+
+class UpstreamBatchToken(Model):
+    """The batch token every process uses, and the lease of the one process refreshing it."""
+
+    __tablename__ = "upstream_batch_tokens"
+
+    scope: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    # A credential for the batch host only, valid for about an hour; never logged.
+    token: Mapped[str | None] = mapped_column(sa.Text)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    fetched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UpstreamBatchFallback(Model):
+    """A batch-API endpoint sent back to the global API until `until` (103, auth, errors)."""
+
+    __tablename__ = "upstream_batch_fallbacks"
+
+    endpoint: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)
+    since: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(sa.String(255))

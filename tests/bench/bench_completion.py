@@ -144,6 +144,8 @@ def main() -> int:
                 "CLOUDFLARE_ACCOUNT_HASH": emu.account_hash,
                 "CLOUDFLARE_DELIVERY_BASE": emu.url,
                 "CLOUDFLARE_UPLOAD_ORIGIN": emu.url,
+                # The global budget's figures: the batch API is bench_scale.py's subject.
+                "CLOUDFLARE_BATCH": "off",
             }
         )
         with app.app_context():

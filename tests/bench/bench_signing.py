@@ -52,6 +52,7 @@ def _settings(db_url: str, instance: str) -> dict[str, Any]:
         "CLOUDFLARE_API_TOKEN": "bench",
         "CLOUDFLARE_ACCOUNT_HASH": "benchhash0000000000000",
         "CLOUDFLARE_API_BASE": "http://127.0.0.1:9/client/v4",  # never called
+        "CLOUDFLARE_BATCH": "off",
     }
 
 

@@ -94,6 +94,8 @@ def broker_settings(tmp: Path, emulator_url: str, database_url: str) -> dict[str
         "CLOUDFLARE_ACCOUNT_HASH": "benchhash0000000000000",
         "CLOUDFLARE_DELIVERY_BASE": emulator_url,
         "CLOUDFLARE_UPLOAD_ORIGIN": emulator_url,
+        # Compared with the emulator's own (global API) direct_upload: keep the broker there too.
+        "CLOUDFLARE_BATCH": "off",
         # The bench measures latency, not the protections: lift the budget and per-user limits.
         "UPSTREAM_BUDGET": 100_000_000,
         "MAX_PENDING_UPLOADS": 100_000_000,

@@ -130,6 +130,7 @@ def test_per_token_limit_answers_429_with_retry_after(
         assert answers[200] == 429
         limited = first.call("GET", "/v2")
         assert limited.status_code == 429 and _code(limited) == 971
+        assert emulator.kinds()["throttled"] == 2
         assert limited.headers["Retry-After"] == "1"
         # Each token has its own 200 per second.
         assert second.call("GET", "/v2").status_code == 200

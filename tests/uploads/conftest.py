@@ -30,8 +30,14 @@ def setup(
     bearer: Callable[..., dict[str, str]],
     receiver: Any,
 ) -> tuple[Flask, FlaskClient, dict[str, str]]:
-    """An app pointed at the emulator, Alice's bearer header, and an endpoint on the receiver."""
-    app = make_app(WEBHOOK_ALLOW_PRIVATE=True, CLOUDFLARE_WEBHOOK_SECRET=CF_SECRET)
+    """An app pointed at the emulator, Alice's bearer header, and an endpoint on the receiver.
+
+    `/complete` leaves verification to the worker here (as under budget pressure), so these
+    tests exercise the batched path; test_completion.py's `inline` turns inline checks on.
+    """
+    app = make_app(
+        WEBHOOK_ALLOW_PRIVATE=True, CLOUDFLARE_WEBHOOK_SECRET=CF_SECRET, COMPLETE_INLINE_BUDGET=0
+    )
     auth = bearer(app, make_user("alice"))
     _, receiver.secret = add_webhook_endpoint(app, receiver.url)
     return app, app.test_client(), auth

@@ -279,7 +279,7 @@ def test_spent_budget_is_503_without_calling_upstream(
     make_app, make_user, bearer, emulator
 ) -> None:
     """A spent budget answers 503 before anything is reserved or sent upstream."""
-    app = make_app(UPSTREAM_BUDGET=2, UPSTREAM_BACKGROUND_RESERVE=0)
+    app = make_app(UPSTREAM_BUDGET=2, UPSTREAM_BACKGROUND_RESERVE=0, UPSTREAM_BACKGROUND_SHARE=0)
     client = app.test_client()
     auth = bearer(app, make_user("hank"))
     assert post_upload(client, auth).status_code == 201
@@ -297,7 +297,11 @@ def test_spent_budget_is_503_without_calling_upstream(
 
 
 def test_the_budget_holds_across_two_app_instances(make_app, make_user, bearer, emulator) -> None:
-    settings = {"UPSTREAM_BUDGET": 3, "UPSTREAM_BACKGROUND_RESERVE": 0}
+    settings = {
+        "UPSTREAM_BUDGET": 3,
+        "UPSTREAM_BACKGROUND_RESERVE": 0,
+        "UPSTREAM_BACKGROUND_SHARE": 0,
+    }
     first, second = make_app(**settings), make_app(**settings)
     user = make_user("ivy")
     a, b = first.test_client(), second.test_client()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 import time_machine
 
@@ -243,3 +244,95 @@ def test_answer_tells_never_arrived_from_not_yet_verified(setup):
     again = client.get(f"/api/v1/uploads/{up['id']}", headers=auth).get_json()
     assert again["status"] == "pending"  # Cloudflare still has no file: the POST never arrived
     assert again["last_checked_at"] == checked_at.isoformat().replace("+00:00", "Z")
+
+
+def test_silent_schedule_is_5_10_20_then_every_30_seconds(setup):
+    """The README's promise: a silent client's upload is checked 5, 10, 20 s apart, then 30."""
+    app, client, auth = setup
+    up = create_upload(client, auth)
+    row = load_upload(app, up["id"])
+    assert (row.next_check_at - row.created_at).total_seconds() == 5
+    gaps = []
+    for _ in range(5):
+        due = load_upload(app, up["id"]).next_check_at
+        worker.run_once(app, now=due + timedelta(seconds=2))
+        gaps.append((load_upload(app, up["id"]).next_check_at - due).total_seconds() - 2)
+    assert gaps == [10, 20, 30, 30, 30]
+
+
+def test_a_filename_too_long_for_the_column_does_not_block_its_batch(setup, emulator, receiver):
+    """A 300-character filename from Cloudflare is cut at the client boundary; every upload of
+    the listing completes (on PostgreSQL the column is varchar(255))."""
+    app, client, auth = setup
+    ups = [create_upload(client, auth) for _ in range(4)]
+    for up in ups:
+        send_file(up)
+    long_name = "x" * 296 + ".png"
+    with emulator.emulator.store._tx() as cur:
+        cur.execute("UPDATE images SET filename = ? WHERE id = ?", (long_name, ups[1]["image_id"]))
+    for up in ups:
+        client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
+    worker.run_once(app, now=later())
+    rows = [load_upload(app, up["id"]) for up in ups]
+    assert [r.status for r in rows] == ["ready"] * 4
+    assert rows[1].filename == long_name[:255]
+    worker.run_once(app, now=later(3))
+    assert len([r for r in receiver.requests if r.json["type"] == "upload.completed"]) == 4
+
+
+@pytest.fixture
+def inline(make_app, make_user, bearer, receiver):
+    """Like `setup`, with inline verification at its default (half the budget)."""
+    app = make_app(
+        WEBHOOK_ALLOW_PRIVATE=True,
+        UPSTREAM_BUDGET=20,
+        UPSTREAM_BACKGROUND_RESERVE=4,
+        UPSTREAM_BACKGROUND_SHARE=4,
+    )
+    auth = bearer(app, make_user("alice"))
+    _, receiver.secret = add_webhook_endpoint(app, receiver.url)
+    return app, app.test_client(), auth
+
+
+def test_complete_verifies_inline_when_the_budget_has_headroom(inline, emulator, receiver):
+    app, client, auth = inline
+    ups = [create_upload(client, auth) for _ in range(3)]
+    for up in ups[:2]:
+        send_file(up)
+    emulator.reset_counters()
+    answers = [client.post(f"/api/v1/uploads/{u['id']}/complete", headers=auth) for u in ups]
+    assert [a.status_code for a in answers] == [200, 200, 202]
+    assert [a.get_json()["status"] for a in answers] == ["ready", "ready", "pending"]
+    assert answers[0].get_json()["filename"] == "cat.png"
+    assert _api_calls(emulator) == {"image_details": 3}  # one details call each, no listing
+    # The event is written with the state change; the worker only delivers it.
+    assert len(webhook_events(app, "upload.completed")) == 2
+    # The one without a file was asked about: last_checked_at says so, and the worker
+    # keeps checking it.
+    missing = load_upload(app, ups[2]["id"])
+    assert missing.last_checked_at is not None and missing.lease_owner is None
+    assert missing.next_check_at <= utcnow()
+    worker.run_once(app, now=later(3))
+    assert sorted(r.json["data"]["upload"]["id"] for r in receiver.requests) == sorted(
+        u["id"] for u in ups[:2]
+    )
+    # Asking again costs nothing: it is ready.
+    emulator.reset_counters()
+    again = client.post(f"/api/v1/uploads/{ups[0]['id']}/complete", headers=auth)
+    assert again.status_code == 200 and _api_calls(emulator) == {}
+
+
+def test_complete_falls_back_to_the_worker_under_budget_pressure(inline, emulator):
+    app, client, auth = inline
+    up = create_upload(client, auth)
+    send_file(up)
+    budget = app.extensions["budget"]
+    while budget.status().used < 10:  # half of the 20-call window is spent
+        budget.acquire()
+    emulator.reset_counters()
+    answer = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
+    assert answer.status_code == 202 and answer.headers["Retry-After"] == "1"
+    assert _api_calls(emulator) == {}  # nothing spent inline
+    worker.run_once(app, now=later())
+    assert load_upload(app, up["id"]).status == "ready"
+    assert _api_calls(emulator) == {"image_details": 1}

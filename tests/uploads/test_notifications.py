@@ -65,7 +65,8 @@ def test_cloudflare_hook_is_only_a_hint(setup, emulator):
 def test_cloudflare_hook_ignores_a_non_object_image_field(
     make_app: Callable[..., Flask], image: Any
 ) -> None:
-    """`{"image": "x"}` with the right secret is junk to ignore (202), not a 500."""
+    """`{"image": "x"}` with the right secret is no 500: with no image id to match it only
+    brings every pending upload's check forward (202), as any unmatched notification does."""
     app = make_app(CLOUDFLARE_WEBHOOK_SECRET="hook-secret-for-tests")
     response = app.test_client().post(
         "/hooks/cloudflare",
@@ -73,7 +74,7 @@ def test_cloudflare_hook_ignores_a_non_object_image_field(
         headers={"cf-webhook-auth": "hook-secret-for-tests"},
     )
     assert response.status_code == 202
-    assert response.get_json() == {"status": "ignored"}
+    assert response.get_json() == {"status": "accepted"}
 
 
 @pytest.mark.parametrize("sent", [None, "", "anything"])
@@ -111,3 +112,27 @@ def test_emulator_notification_over_http_leads_to_completion(setup, emulator, re
     worker.run_once(app, now=later())
     assert load_upload(app, up["id"]).status == "ready"
     assert [r.json["type"] for r in receiver.requests] == ["upload.completed"]
+
+
+def test_unmatched_notification_makes_every_pending_upload_due(setup, make_user, bearer, emulator):
+    """An authenticated notification without a known image id brings every check forward."""
+    app, client, auth = setup
+    bob = bearer(app, make_user("bob"))
+    ups = [create_upload(client, auth), create_upload(client, bob), create_upload(client, auth)]
+    for up in ups[:2]:
+        send_file(up)
+    assert all(load_upload(app, u["id"]).next_check_at > utcnow() for u in ups)
+    odd = {"name": "Images", "text": "upload done", "data": {"something": "else"}}
+    response = client.post("/hooks/cloudflare", json=odd, headers={"cf-webhook-auth": CF_SECRET})
+    assert response.status_code == 202
+    assert all(load_upload(app, u["id"]).next_check_at <= utcnow() for u in ups)
+    emulator.reset_counters()
+    worker.run_once(app, now=later())
+    assert [load_upload(app, u["id"]).status for u in ups] == ["ready", "ready", "pending"]
+    calls = {k: v for k, v in emulator.counters().items() if k not in {"upload_url", "keys_list"}}
+    assert calls == {"list_v2": 1}  # one listing for all three
+    # Without the secret it still changes nothing.
+    fresh = create_upload(client, auth)
+    before = load_upload(app, fresh["id"]).next_check_at
+    assert client.post("/hooks/cloudflare", json=odd).status_code == 401
+    assert load_upload(app, fresh["id"]).next_check_at == before

@@ -56,6 +56,46 @@ def test_background_calls_stop_at_the_reserve(app: Flask) -> None:
         budget.acquire(Priority.INTERACTIVE)
 
 
+def test_a_burst_of_interactive_calls_leaves_background_its_share(app: Flask) -> None:
+    clock = Clock()
+    budget = _budget(app, clock, limit=20, reserve=4, background_share=5)
+    granted = 0
+    for _ in range(30):  # a burst of creates, far more than the window allows
+        try:
+            budget.acquire(Priority.INTERACTIVE)
+            granted += 1
+        except BudgetExhausted as exc:
+            assert exc.reason == "budget" and exc.retry_after > 0
+    assert granted == 15
+    # Verification and expiry still get their guaranteed five calls during the burst.
+    for _ in range(5):
+        budget.acquire(Priority.BACKGROUND)
+    with pytest.raises(BudgetExhausted):
+        budget.acquire(Priority.BACKGROUND)
+    assert budget.status().used == 20
+
+
+def test_background_calls_count_against_their_own_side_only(app: Flask) -> None:
+    clock = Clock()
+    budget = _budget(app, clock, limit=20, reserve=4, background_share=5)
+    for _ in range(3):
+        budget.acquire(Priority.BACKGROUND)
+    # Background calls below their share leave interactive its whole side (20 - 5)...
+    for _ in range(15):
+        budget.acquire(Priority.INTERACTIVE)
+    with pytest.raises(BudgetExhausted):
+        budget.acquire(Priority.INTERACTIVE)
+    # ...and the two remaining calls of the window are background's.
+    budget.acquire(Priority.BACKGROUND)
+    budget.acquire(Priority.BACKGROUND)
+    with pytest.raises(BudgetExhausted):
+        budget.acquire(Priority.BACKGROUND)
+    # Once the window has passed, both sides start again.
+    clock.now += 111
+    budget.acquire(Priority.INTERACTIVE)
+    budget.acquire(Priority.BACKGROUND)
+
+
 def test_calls_leave_the_window_and_retry_after_says_when(app: Flask) -> None:
     clock = Clock(1_700_000_000.0)
     budget = _budget(app, clock)
@@ -144,9 +184,14 @@ def test_the_budget_holds_across_two_apps_on_one_database(
 
 
 def test_the_apps_budget_comes_from_the_settings(make_app: Callable[..., Flask]) -> None:
-    app = make_app(UPSTREAM_BUDGET=50, UPSTREAM_BUDGET_WINDOW=60, UPSTREAM_BACKGROUND_RESERVE=5)
+    app = make_app(
+        UPSTREAM_BUDGET=50,
+        UPSTREAM_BUDGET_WINDOW=60,
+        UPSTREAM_BACKGROUND_RESERVE=5,
+        UPSTREAM_BACKGROUND_SHARE=7,
+    )
     budget = app.extensions["budget"]
-    assert (budget.limit, budget.window, budget.reserve) == (50, 60, 5)
+    assert (budget.limit, budget.window, budget.reserve, budget.background_share) == (50, 60, 5, 7)
     assert app.extensions["cloudflare"].budget is budget
 
 

@@ -1,0 +1,417 @@
+"""The Images batch API: one batch token for every process, and when not to use it.
+
+Calls to Cloudflare's batch host (`https://batch.imagedelivery.net/images/…`, with a batch token
+from `GET …/images/v1/batch_token`) do not count toward the global limit of 1200 calls per
+5 minutes; each token allows 200 requests per second. The client (broker.upstream.cloudflare)
+sends the six endpoints the batch host serves — direct upload, details, list v2, delete, update
+and v1 upload — through `BatchRoute` while it says so, and everything else to the global API.
+
+- The token is fetched once for all processes: it lives in `upstream_batch_tokens` with its
+  expiry, and is refreshed before it expires by whichever process wins a short lease on that row
+  (the others keep using the old token meanwhile). Each process also keeps it in memory, so a
+  call reads the database only around a refresh.
+- The 200 calls per second of a token are shared by every process: a budget kept in Redis when
+  `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database (a one-second
+  `UpstreamBudget`, which counts conservatively: never more than 200 in any second).
+- A batch host that refuses an endpoint (code 103 "forbidden endpoint", as some accounts see for
+  `/images/v2/…`), refuses the token, or fails `ERRORS_BEFORE_FALLBACK` times in a row sends that
+  endpoint back to the global API for `BROKER_CLOUDFLARE_BATCH_COOLDOWN` seconds, for every
+  process (`upstream_batch_fallbacks`), logged once, shown in `/metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from broker.platform import health
+from broker.upstream.budget import BudgetExhausted, UpstreamBudget
+from broker.upstream.cloudflare import (
+    CloudflareAuthError,
+    CloudflareError,
+    CloudflareUnavailable,
+    Priority,
+)
+from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken
+
+log = logging.getLogger("broker.batch")
+
+EXTENSION_KEY = "batch_route"
+SCOPE = "cloudflare"
+# The endpoints Cloudflare documents on the batch host, by the client's names for them.
+ENDPOINTS = (
+    "direct_upload",
+    "image_details",
+    "list_v2",
+    "image_delete",
+    "image_edit",
+    "upload_v1",
+)
+FORBIDDEN_CODE = 103
+ERRORS_BEFORE_FALLBACK = 5
+# Refresh this long before expiry (or at 3/4 of a shorter lifetime).
+REFRESH_BEFORE = timedelta(minutes=5)
+REFRESH_LEASE = timedelta(seconds=30)
+# How long a process without any valid token waits for another process's fetch.
+WAIT_FOR_FETCH = 3.0
+# How often a process re-reads the fallbacks other processes recorded.
+FALLBACK_RELOAD = 5.0
+# How long a caller waits for the per-token rate before giving up with BudgetExhausted.
+RATE_WAIT = 2.0
+
+
+class TokenSource(Protocol):
+    """Fetches a new batch token from the global API (the Cloudflare client does)."""
+
+    def fetch_batch_token(self, priority: Priority) -> tuple[str, datetime]:
+        """Return a fresh batch token and when it expires."""
+
+
+class RateBudget(Protocol):
+    """The per-token rate, shared by every process."""
+
+    def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Spend one call or raise BudgetExhausted."""
+
+    def pause(self, seconds: float) -> None:
+        """Stop every process from calling the batch host for `seconds`."""
+
+
+class RedisRate:
+    """200 calls per second per token, counted in Redis (a moving window, `limits`)."""
+
+    def __init__(self, uri: str, per_second: int) -> None:
+        from limits import RateLimitItemPerSecond, storage, strategies
+
+        self._item = RateLimitItemPerSecond(per_second)
+        self._limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(uri))
+
+    def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Count one call, or raise BudgetExhausted when this second is full."""
+        if not self._limiter.hit(self._item, "broker-batch", SCOPE):
+            raise BudgetExhausted(1.0, "batch rate")
+
+    def pause(self, seconds: float) -> None:
+        """Nothing to record: the batch host's 429 is per second and retried after it."""
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: datetime
+    refresh_at: datetime
+
+
+class BatchRoute:
+    """Decides per endpoint whether a call goes to the batch host, and with which token."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        base: str,
+        rate: RateBudget,
+        *,
+        cooldown: float = 600.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.engine = engine
+        self.base = base.rstrip("/")
+        self.rate = rate
+        self.cooldown = cooldown
+        self.clock = clock
+        self._sleep = sleep
+        self._token: _Token | None = None
+        self._fallbacks: dict[str, datetime] = {}
+        self._fallbacks_read = float("-inf")
+        self._errors: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.owner = f"{id(self):x}"
+
+    def __repr__(self) -> str:
+        return f"<BatchRoute {self.base}>"
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    # -- which endpoints ---------------------------------------------------------------------
+
+    def uses_batch(self, endpoint: str) -> bool:
+        """Tell whether `endpoint` goes to the batch host now (not in a fallback cool-down)."""
+        if endpoint not in ENDPOINTS:
+            return False
+        now = self._now()
+        if self.clock() - self._fallbacks_read > FALLBACK_RELOAD:
+            self._reload_fallbacks()
+        until = self._fallbacks.get(endpoint)
+        return until is None or until <= now
+
+    def _reload_fallbacks(self) -> None:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(UpstreamBatchFallback.endpoint, UpstreamBatchFallback.until)
+            ).all()
+        with self._lock:
+            self._fallbacks = {name: _aware(until) or self._now() for name, until in rows}
+            self._fallbacks_read = self.clock()
+
+    def fall_back(self, endpoint: str, reason: str) -> None:
+        """Send `endpoint` to the global API for the cool-down, for every process."""
+        now = self._now()
+        until = now + timedelta(seconds=self.cooldown)
+        with self._lock:
+            self._fallbacks[endpoint] = until
+            self._errors.pop(endpoint, None)
+        table = cast(sa.Table, UpstreamBatchFallback.__table__)
+        with self.engine.begin() as conn:
+            current = conn.execute(
+                sa.select(UpstreamBatchFallback.until).where(
+                    UpstreamBatchFallback.endpoint == endpoint
+                )
+            ).scalar()
+            values = {"until": until, "reason": reason[:255], "since": now}
+            if current is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.insert(table).values(endpoint=endpoint, **values))
+                except IntegrityError:
+                    return  # another process recorded it this very moment (and logged it)
+            else:
+                conn.execute(sa.update(table).where(table.c.endpoint == endpoint).values(**values))
+                if (_aware(current) or now) > now:
+                    return  # already on the global API: said once already
+        log.warning(
+            "batch API: %s goes to the global API for %.0fs (%s)", endpoint, self.cooldown, reason
+        )
+
+    def failed(self, endpoint: str, error: CloudflareError) -> bool:
+        """Record a batch-host failure; return True when the call may go to the global API.
+
+        A refusal (code 103, or the token refused) means nothing was processed, so the call can
+        be sent again to the global API at once; 5xx answers and lost connections count toward
+        a fall-back; any other answer (404, 409, …) is the endpoint working as it should.
+        """
+        if error.code == FORBIDDEN_CODE or any(
+            e.get("code") == FORBIDDEN_CODE for e in error.errors
+        ):
+            self.fall_back(endpoint, "forbidden endpoint (code 103)")
+            return True
+        if isinstance(error, CloudflareAuthError):
+            self.forget_token()
+            self.fall_back(endpoint, f"batch token refused ({error.status})")
+            return True
+        if not isinstance(error, CloudflareUnavailable):
+            self.succeeded(endpoint)
+            return False
+        with self._lock:
+            count = self._errors[endpoint] = self._errors.get(endpoint, 0) + 1
+        if count >= ERRORS_BEFORE_FALLBACK:
+            self.fall_back(endpoint, f"{count} errors in a row ({error.status})")
+        return False
+
+    def succeeded(self, endpoint: str) -> None:
+        """Reset the endpoint's run of errors."""
+        if self._errors.get(endpoint):
+            with self._lock:
+                self._errors.pop(endpoint, None)
+
+    def spend(self) -> None:
+        """Take one call of the token's per-second rate, waiting up to RATE_WAIT for it."""
+        waited = 0.0
+        while True:
+            try:
+                self.rate.acquire(Priority.INTERACTIVE)
+                return
+            except BudgetExhausted as exc:
+                pause = min(max(0.05, float(exc.retry_after or 1) / 4), 0.25)
+                if waited + pause > RATE_WAIT:
+                    raise
+                self._sleep(pause)
+                waited += pause
+
+    # -- the token ---------------------------------------------------------------------------
+
+    def forget_token(self) -> None:
+        """Drop the token everywhere (the batch host refused it); the next call fetches one."""
+        with self._lock:
+            self._token = None
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(UpstreamBatchToken)
+                .where(UpstreamBatchToken.scope == SCOPE)
+                .values(token=None, expires_at=None)
+            )
+
+    def token(self, source: TokenSource, priority: Priority) -> str | None:
+        """Return a valid batch token (fetching or refreshing it when due), or None."""
+        now = self._now()
+        cached = self._token
+        if cached is not None and now < cached.refresh_at:
+            return cached.value
+        stored = self._read()
+        if stored is not None and now < stored.refresh_at:
+            self._token = stored
+            return stored.value
+        if self._claim_refresh(now):
+            try:
+                value, expires = source.fetch_batch_token(priority)
+            except Exception:
+                self._release_refresh()
+                log.warning("batch API: token fetch failed", exc_info=True)
+                return stored.value if stored and now < stored.expires_at else None
+            fresh = self._store(value, _aware(expires) or now, now)
+            self._token = fresh
+            return fresh.value
+        if stored is not None and now < stored.expires_at:
+            return stored.value  # another process is refreshing it: the old one still works
+        # Another process is fetching the first token: wait a little for it.
+        waited = 0.0
+        while waited < WAIT_FOR_FETCH:
+            self._sleep(0.05)
+            waited += 0.05
+            stored = self._read()
+            if stored is not None and self._now() < stored.expires_at:
+                self._token = stored
+                return stored.value
+        return None
+
+    @staticmethod
+    def _refresh_at(expires: datetime, fetched: datetime) -> datetime:
+        lifetime = expires - fetched
+        return expires - min(REFRESH_BEFORE, lifetime / 4)
+
+    def _read(self) -> _Token | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(
+                    UpstreamBatchToken.token,
+                    UpstreamBatchToken.expires_at,
+                    UpstreamBatchToken.fetched_at,
+                ).where(UpstreamBatchToken.scope == SCOPE)
+            ).first()
+        if row is None or not row.token or row.expires_at is None:
+            return None
+        expires = _aware(row.expires_at) or self._now()
+        fetched = _aware(row.fetched_at) or expires
+        return _Token(row.token, expires, self._refresh_at(expires, fetched))
+
+    def _claim_refresh(self, now: datetime) -> bool:
+        """Take the refresh lease (committed), so one process fetches for all."""
+        table = cast(sa.Table, UpstreamBatchToken.__table__)
+        until = now + REFRESH_LEASE
+        with self.engine.begin() as conn:
+            won = conn.execute(
+                sa.update(table)
+                .where(
+                    table.c.scope == SCOPE,
+                    sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now),
+                )
+                .values(lease_until=until, lease_owner=self.owner)
+            )
+            if won.rowcount:
+                return True
+            exists = conn.execute(sa.select(table.c.scope).where(table.c.scope == SCOPE)).first()
+            if exists is not None:
+                return False
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        sa.insert(table).values(
+                            scope=SCOPE, lease_until=until, lease_owner=self.owner
+                        )
+                    )
+            except IntegrityError:
+                return False
+            return True
+
+    def _release_refresh(self) -> None:
+        table = cast(sa.Table, UpstreamBatchToken.__table__)
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(table)
+                .where(table.c.scope == SCOPE, table.c.lease_owner == self.owner)
+                .values(lease_until=None, lease_owner=None)
+            )
+
+    def _store(self, value: str, expires: datetime, now: datetime) -> _Token:
+        table = cast(sa.Table, UpstreamBatchToken.__table__)
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(table)
+                .where(table.c.scope == SCOPE)
+                .values(
+                    token=value,
+                    expires_at=expires,
+                    fetched_at=now,
+                    lease_until=None,
+                    lease_owner=None,
+                )
+            )
+        log.info("batch API: new token, valid until %s", expires.isoformat())
+        return _Token(value, expires, self._refresh_at(expires, now))
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, float]:
+        """Seconds each batch endpoint has left on the global API (0: on the batch host)."""
+        self._reload_fallbacks()
+        now = self._now()
+        return {
+            name: round(max(0.0, (self._fallbacks.get(name, now) - now).total_seconds()), 1)
+            for name in ENDPOINTS
+        }
+
+
+def route_from_config(engine: Engine, config: Any) -> BatchRoute | None:
+    """Build the batch route from BROKER_CLOUDFLARE_BATCH*, or None when it is off."""
+    if str(config.get("CLOUDFLARE_BATCH") or "off").lower() != "auto":
+        return None
+    per_second = int(config["CLOUDFLARE_BATCH_RATE"])
+    uri = str(config.get("RATELIMIT_STORAGE_URI") or "")
+    rate: RateBudget
+    if uri.startswith(("redis://", "rediss://", "redis+")):
+        rate = RedisRate(uri, per_second)
+    else:
+        rate = UpstreamBudget(engine, limit=per_second, window=1, reserve=0, scope="batch")
+    return BatchRoute(
+        engine,
+        str(config["CLOUDFLARE_BATCH_BASE"]),
+        rate,
+        cooldown=float(config["CLOUDFLARE_BATCH_COOLDOWN"]),
+    )
+
+
+def init_app(app: Any) -> None:
+    """Create the app's batch route (after the budget, whose small engine it shares)."""
+    budget = app.extensions["budget"]
+    app.extensions[EXTENSION_KEY] = route_from_config(budget.engine, app.config)
+
+
+def metric_lines(session: object) -> list[str]:
+    """The batch API's gauge of `/metrics`: seconds each endpoint stays on the global API."""
+    from flask import current_app
+
+    route: BatchRoute | None = current_app.extensions.get(EXTENSION_KEY)
+    if route is None:
+        return []
+    return health.gauge(
+        "broker_upstream_batch_fallback_seconds",
+        "Seconds a batch-API endpoint stays on the global API after a refusal (0: batch host).",
+        route.status(),
+        label="endpoint",
+    )

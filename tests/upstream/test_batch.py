@@ -1,0 +1,268 @@
+"""The Images batch API through the broker, against the emulator over real HTTP: one token for
+every process, refreshed before it expires, routing per endpoint, fall-back on 103 / refused
+tokens / repeated errors, the per-token rate shared across processes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from flask import Flask
+
+from broker.auth.models import User
+from broker.emulator.testing import EmulatorServer
+from broker.platform.db import db
+from broker.uploads.models import Upload
+from broker.upstream.batch import ERRORS_BEFORE_FALLBACK, BatchRoute
+from broker.upstream.budget import BudgetExhausted
+from broker.upstream.cloudflare import Priority
+from broker.upstream.models import UpstreamBatchToken
+from broker.worker import run_once
+
+URL = "/api/v1/uploads"
+METRICS = "scrape-me-0123456789"
+
+
+def _batch_app(make_app: Callable[..., Flask], **overrides: Any) -> Flask:
+    return make_app(CLOUDFLARE_BATCH="auto", METRICS_TOKEN=METRICS, **overrides)
+
+
+def _route(app: Flask) -> BatchRoute:
+    route = app.extensions["batch_route"]
+    assert isinstance(route, BatchRoute)
+    return route
+
+
+def _create(app: Flask, auth: dict[str, str]) -> dict[str, Any]:
+    response = app.test_client().post(URL, json={}, headers=auth)
+    assert response.status_code == 201, response.get_json()
+    body: dict[str, Any] = response.get_json()
+    return body
+
+
+def _send_file(body: dict[str, Any]) -> None:
+    from broker.emulator.testing import make_image
+
+    with requests.post(
+        body["upload_url"], files={"file": ("a.png", make_image())}, timeout=10
+    ) as resp:
+        assert resp.status_code == 200, resp.text
+
+
+def _drafts(emulator: EmulatorServer, user: User) -> int:
+    """How many drafts Cloudflare holds for `user` (the session's emulator outlives tests)."""
+    rows = emulator.emulator.store._query(
+        "SELECT COUNT(*) FROM images WHERE draft = 1 AND creator = ?", (user.public_id,)
+    )
+    return int(rows[0][0])
+
+
+@pytest.fixture
+def alice(make_user: Callable[..., User]) -> User:
+    """A user who uploads."""
+    return make_user("alice")
+
+
+def test_processes_share_one_token_and_creates_skip_the_global_api(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+) -> None:
+    first, second = _batch_app(make_app), _batch_app(make_app)  # two processes' apps
+    auth = bearer(first, alice)
+    bodies = [_create(app, auth) for app in (first, second, first, second)]
+    counters = emulator.counters()
+    assert counters.get("batch_token") == 1  # fetched once, for both
+    assert counters.get("batch.direct_upload") == 4
+    assert "direct_upload" not in counters
+    assert emulator.kinds()["global_api"] == 1
+    # The drafts are real, with the user as creator, and the token lives in the database.
+    for body in bodies:
+        image = emulator.emulator.store.get_image(body["image_id"])
+        assert image is not None and image.draft and image.creator == alice.public_id
+    with first.app_context():
+        row = db.session.get(UpstreamBatchToken, "cloudflare")
+        assert row is not None and row.token and row.expires_at is not None
+        assert row.lease_owner is None
+
+
+def test_token_is_refreshed_before_it_expires(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+) -> None:
+    app, other = _batch_app(make_app), _batch_app(make_app)
+    auth = bearer(app, alice)
+    _create(app, auth)
+    with app.app_context():
+        old = db.session.get(UpstreamBatchToken, "cloudflare")
+        assert old is not None and old.expires_at is not None
+        old_token, expires = old.token, old.expires_at.timestamp()
+    # 4 minutes before expiry (refresh starts 5 minutes before): one process refreshes.
+    for each in (app, other):
+        _route(each).clock = lambda: expires - 240
+    _create(app, auth)
+    _create(other, auth)
+    assert emulator.counters().get("batch_token") == 2
+    with app.app_context():
+        new = db.session.get(UpstreamBatchToken, "cloudflare")
+        assert new is not None and new.token != old_token
+    # The old token was still good while the new one was fetched: nothing went global.
+    assert "direct_upload" not in emulator.counters()
+
+
+def test_endpoints_are_routed_to_the_batch_host_or_the_global_api(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+) -> None:
+    app = _batch_app(make_app)
+    auth = bearer(app, alice)
+    client = app.test_client()
+    done, silent, quiet = _create(app, auth), _create(app, auth), _create(app, auth)
+    _send_file(done)
+    # A cooperative client: verified inline through the batch host (one details call).
+    completed = client.post(f"{URL}/{done['id']}/complete", headers=auth)
+    assert completed.status_code == 200 and completed.get_json()["status"] == "ready"
+    # Silent clients: the worker's listing finds them, through the batch host too.
+    _send_file(quiet)
+    with app.app_context():
+        row = db.session.get(Upload, silent["id"])
+        assert row is not None and row.next_check_at is not None
+        due = row.next_check_at
+    import time_machine
+
+    with time_machine.travel(due.timestamp() + 5, tick=False):
+        run_once(app)
+    assert client.get(f"{URL}/{quiet['id']}", headers=auth).get_json()["status"] == "ready"
+    assert client.delete(f"{URL}/{silent['id']}", headers=auth).status_code == 200
+    with app.app_context():
+        client_ = app.extensions["cloudflare"]
+        client_.stats(priority=Priority.BACKGROUND)
+        client_.list_signing_keys()
+        client_.list_variants()
+    counters = emulator.counters()
+    batch = {name for name in counters if name.startswith("batch.")}
+    assert batch == {
+        "batch.direct_upload",
+        "batch.image_details",
+        "batch.list_v2",
+        "batch.image_delete",
+    }
+    # Keys, variants and stats stay on the global API; nothing else went there.
+    global_calls = {n for n in counters if not n.startswith("batch.")} - {"upload_url"}
+    assert global_calls == {"batch_token", "stats", "keys_list", "variants_list"}
+
+
+def test_forbidden_endpoint_falls_back_once_without_double_creates(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, other = _batch_app(make_app), _batch_app(make_app)
+    auth = bearer(app, alice)
+    emulator.forbid_batch("direct_upload")
+    caplog.set_level(logging.WARNING, logger="broker.batch")
+    bodies = [_create(app, auth), _create(app, auth)]
+    # Another process learns of the fall-back from the database (after its reload interval).
+    _route(other)._fallbacks_read = float("-inf")
+    bodies.append(_create(other, auth))
+    counters = emulator.counters()
+    assert counters["batch.direct_upload"] == 1  # refused once with 103, never again
+    assert counters["direct_upload"] == 3
+    assert _drafts(emulator, alice) == 3 and len({b["image_id"] for b in bodies}) == 3
+    warnings = [r for r in caplog.records if "goes to the global API" in r.getMessage()]
+    assert len(warnings) == 1 and "code 103" in warnings[0].getMessage()
+    # Other endpoints keep using the batch host.
+    assert app.test_client().delete(f"{URL}/{bodies[0]['id']}", headers=auth).status_code == 200
+    assert emulator.counters()["batch.image_delete"] == 1
+    page = app.test_client().get("/metrics", headers={"Authorization": f"Bearer {METRICS}"})
+    text = page.get_data(as_text=True)
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('broker_upstream_batch_fallback_seconds{endpoint="direct_upload"}')
+    )
+    assert 500 < float(line.split()[-1]) <= 600
+    assert 'broker_upstream_batch_fallback_seconds{endpoint="image_delete"} 0' in text
+
+
+def test_refused_token_sends_the_call_to_the_global_api(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+) -> None:
+    app = _batch_app(make_app)
+    auth = bearer(app, alice)
+    first = _create(app, auth)
+    emulator.revoke_batch_tokens()
+    second = _create(app, auth)
+    counters = emulator.counters()
+    assert counters["batch.direct_upload"] == 2  # the second one refused with 401
+    assert counters["direct_upload"] == 1
+    assert _drafts(emulator, alice) == 2 and first["image_id"] != second["image_id"]
+    with app.app_context():
+        row = db.session.get(UpstreamBatchToken, "cloudflare")
+        assert row is not None and row.token is None  # forgotten for every process
+
+
+def test_repeated_errors_fall_back_but_a_post_is_never_resent(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+) -> None:
+    app = _batch_app(make_app)
+    auth = bearer(app, alice)
+    client = app.test_client()
+    emulator.inject_fault("batch.direct_upload", status=500)
+    for attempt in range(ERRORS_BEFORE_FALLBACK):
+        failed = client.post(URL, json={}, headers=auth)
+        assert failed.status_code == 502, attempt
+    counters = emulator.counters()
+    # A POST that may have arrived is never sent again, to either host.
+    assert counters["batch.direct_upload"] == ERRORS_BEFORE_FALLBACK
+    assert "direct_upload" not in counters
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Upload)) == 0
+    # After the fifth error in a row the endpoint uses the global API.
+    assert client.post(URL, json={}, headers=auth).status_code == 201
+    assert emulator.counters()["direct_upload"] == 1
+
+
+def test_the_per_token_rate_is_shared_across_processes(make_app: Callable[..., Flask]) -> None:
+    first = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5)
+    second = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5)
+    now = [1_800_000_000.5]
+    rates = [_route(app).rate for app in (first, second)]
+    for rate in rates:
+        rate.clock = lambda: now[0]  # type: ignore[attr-defined]
+    for i in range(5):
+        rates[i % 2].acquire(Priority.INTERACTIVE)
+    for rate in rates:
+        with pytest.raises(BudgetExhausted):
+            rate.acquire(Priority.INTERACTIVE)
+    now[0] += 2  # the second has passed for both
+    rates[1].acquire(Priority.INTERACTIVE)
+
+
+def test_batch_off_uses_only_the_global_api(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+) -> None:
+    app = make_app(CLOUDFLARE_BATCH="off")
+    assert app.extensions["batch_route"] is None
+    _create(app, bearer(app, alice))
+    assert emulator.kinds()["batch"] == 0 and emulator.counters()["direct_upload"] == 1
