@@ -150,6 +150,7 @@ class Controls:
         """Return, per endpoint, the most requests handled at once since the last reset."""
         with self._lock:
             return dict(self._peaks)
+
     def kinds(self) -> dict[str, int]:
         """Return how many requests went to the global API, the batch host and the rest, and how
         many of them were answered 429."""
