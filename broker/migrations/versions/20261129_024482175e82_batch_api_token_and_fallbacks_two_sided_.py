@@ -1,7 +1,7 @@
 """batch API token and fallbacks, two-sided budget, postponed draft deletion
 
 Revision ID: 024482175e82
-Revises: 01c1f0d03ad7
+Revises: 90cc3183cf36
 Create Date: 2026-11-29 17:36:43.547498
 
 """
@@ -13,7 +13,7 @@ import broker.platform.db  # noqa: F401  (custom column types)
 
 # revision identifiers, used by Alembic.
 revision = '024482175e82'
-down_revision = '01c1f0d03ad7'
+down_revision = '90cc3183cf36'
 branch_labels = None
 depends_on = None
 
