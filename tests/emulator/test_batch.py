@@ -153,5 +153,5 @@ def test_forbidden_endpoint_control_answers_code_103(
     assert batch.call("GET", "/v1/nope").status_code == 404
     assert api.get("/v2").status_code == 200
     assert http.get(control, timeout=10).json()["forbidden"] == ["direct_upload", "list_v2"]
-    http.post(f"{emulator.url}/_emulator/reset", timeout=10)
+    assert http.post(f"{emulator.url}/_emulator/reset", json={}, timeout=10).ok
     assert http.get(control, timeout=10).json()["forbidden"] == []
