@@ -19,18 +19,22 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 from flask_login import current_user
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from broker.platform.errors import ApiError, from_validation_error
 
 
 class ErrorDetail(BaseModel):
-    """The body of every API error."""
+    """The body of every API error: all three keys, always."""
 
     code: str
     message: str
-    details: Any = None
+    # Required in the schema (never left out), but nullable.
+    details: Any = Field(
+        description="null when there is nothing more to say; for 422 a list of "
+        "{field, message, type}; some errors carry an object (e.g. {reason})."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -152,7 +152,7 @@ def image_urls(body: UrlBatch) -> UrlBatchResult:
                 raise urls.NotFound(item.id)
             url, expires_at = minter.mint(row, variant)
         except urls.NotFound:
-            error = ErrorDetail(code="not_found", message="No such image.")
+            error = ErrorDetail(code="not_found", message="No such image.", details=None)
         except urls.NotReady as exc:
             error = ErrorDetail(
                 code="not_ready", message=f"The image is {exc.status}.", details=exc.status

@@ -116,10 +116,9 @@ def _json(
     details: Any = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        body["details"] = details
-    response = jsonify({"error": body})
+    # Always all three keys, so a client reads `details` without checking it is there: null
+    # when there is nothing more to say than the message.
+    response = jsonify({"error": {"code": code, "message": message, "details": details}})
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
