@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,7 +60,8 @@ def check_custom_id(image_id: Any, require_signed: bool) -> str:
     if any(s in ("", ".", "..") for s in segments):
         # Empty or dot segments would not survive URL normalisation on the delivery path.
         raise CfError(5411, "Custom ID cannot contain empty, . or .. path segments")
-    if any(ord(c) < 0x20 or c in "?#\\" for c in image_id):
+    # Category Cc: the C0 controls, DEL and the C1 controls (U+0080..U+009F).
+    if any(unicodedata.category(c) == "Cc" or c in "?#\\" for c in image_id):
         raise CfError(5411, "Custom ID contains characters that cannot appear in a URL path")
     if require_signed:
         raise CfError(5411, "Custom IDs cannot be used with requireSignedURLs")

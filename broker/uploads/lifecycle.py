@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -179,7 +180,8 @@ def custom_id_problem(custom_id: str) -> str | None:
         return "id cannot be a UUID"
     if any(segment in ("", ".", "..") for segment in custom_id.split("/")):
         return "id cannot contain empty, . or .. path segments"
-    if any(ord(c) < 0x20 or c in "?#\\\x7f" for c in custom_id):
+    # Category Cc: the C0 controls, DEL and the C1 controls (U+0080..U+009F).
+    if any(unicodedata.category(c) == "Cc" or c in "?#\\" for c in custom_id):
         return "id contains characters that cannot appear in a URL path"
     return None
 

@@ -119,6 +119,17 @@ def test_custom_id_rules(api: ImagesClient) -> None:
     assert taken.status_code == 409 and _code(taken) == 5409
 
 
+def test_custom_ids_with_control_characters_are_refused(api: ImagesClient) -> None:
+    """README: control characters are refused: C0, DEL (0x7f) and C1 (0x80..0x9f) alike."""
+    for bad in ("a\x00b", "a\x1fb", "a\x7fb", "a\x80b", "a\x85b", "a\x9fb"):
+        direct = api.post("/v2/direct_upload", json={"id": bad, "requireSignedURLs": False})
+        assert direct.status_code == 400 and _code(direct) == 5411, repr(bad)
+        v1 = api.post("/v1", files={"file": ("a.png", make_image())}, data={"id": bad})
+        assert v1.status_code == 400 and _code(v1) == 5411, repr(bad)
+    # Printable neighbours stay allowed: a no-break space (U+00A0) and accented letters.
+    assert api.direct_upload(id="caf\u00e9\u00a0menu")["id"] == "caf\u00e9\u00a0menu"
+
+
 def test_metadata_limit(api: ImagesClient) -> None:
     ok = {"metadata": json.dumps({"k": "v" * 1000})}
     assert api.post("/v2/direct_upload", files={"_": (None, "")}, data=ok).status_code == 200

@@ -90,6 +90,8 @@ def test_public_upload_and_custom_id(app, client, alice, emulator) -> None:
         ({"id": "/leading", "require_signed_urls": False}, "id"),
         ({"id": "a//b", "require_signed_urls": False}, "id"),
         ({"id": "x" * 1025, "require_signed_urls": False}, "id"),
+        ({"id": "del\x7fete", "require_signed_urls": False}, "id"),  # DEL
+        ({"id": "next\x85line", "require_signed_urls": False}, "id"),  # a C1 control
         ({"id": "private-custom"}, "id"),  # signed URLs by default: custom ids are refused
         ({"id": "private-custom", "require_signed_urls": True}, "id"),
         ({"surprise": 1}, "surprise"),
