@@ -255,12 +255,12 @@ def _check_limits(
     max_daily: int,
     now: datetime,
     *,
-    reserved: int,
+    own_reservation: str,
 ) -> None:
     """Refuse when the user's uploads plus reservations exceed the limits.
 
-    `reserved` is how many of the counted reservations belong to the caller itself (0 or 1):
-    the caller's own slot is allowed as long as the total stays within the limit.
+    `own_reservation` is the caller's own (already counted) reservation: its slot is allowed
+    as long as the total stays within the limit, and it is never the slot a retry waits for.
     """
     since = now - DAY
     pending, today, reservations = session.execute(
@@ -273,12 +273,14 @@ def _check_limits(
             "cap_daily": max(max_daily, 0),
         },
     ).one()
-    others = reservations - reserved
+    others = reservations - 1  # the caller's own reservation is among those counted
     if pending + others >= max_pending:
         live_pending = (
             sa.select(Upload.expires_at.label("moment"))
             .where(Upload.user_id == user_id, Upload.status == PENDING, Upload.expires_at > now)
-            .union_all(_live_reservations(user_id, now, UploadReservation.expires_at))
+            .union_all(
+                _live_reservations(user_id, now, UploadReservation.expires_at, own_reservation)
+            )
             .subquery()
         )
         # A slot frees for sure when the oldest live draft's URL (or a reservation) expires.
@@ -295,7 +297,9 @@ def _check_limits(
         recent = (
             sa.select(Upload.created_at.label("moment"))
             .where(Upload.user_id == user_id, Upload.created_at > since)
-            .union_all(_live_reservations(user_id, now, UploadReservation.created_at))
+            .union_all(
+                _live_reservations(user_id, now, UploadReservation.created_at, own_reservation)
+            )
             .subquery()
         )
         oldest = session.scalar(sa.select(sa.func.min(recent.c.moment)))
@@ -308,9 +312,15 @@ def _check_limits(
         )
 
 
-def _live_reservations(user_id: int, now: datetime, column: Any) -> sa.Select[Any]:
+def _live_reservations(
+    user_id: int, now: datetime, column: Any, own_reservation: str
+) -> sa.Select[Any]:
+    """Select `column` of the user's other live reservations (a refused request's own short
+    reservation frees nothing the caller could wait for)."""
     return sa.select(column.label("moment")).where(
-        UploadReservation.user_id == user_id, UploadReservation.expires_at > now
+        UploadReservation.user_id == user_id,
+        UploadReservation.expires_at > now,
+        UploadReservation.id != own_reservation,
     )
 
 
@@ -344,7 +354,7 @@ def reserve_slot_and_commit(
     )
     try:
         session.flush()
-        _check_limits(session, user_id, max_pending, max_daily, now, reserved=1)
+        _check_limits(session, user_id, max_pending, max_daily, now, own_reservation=upload_id)
         # Last: on PostgreSQL the budget's row lock is shared by every process; hold it briefly.
         acquire_in = getattr(budget, "acquire_in", None)
         prepaid = bool(acquire_in and acquire_in(session.connection(), Priority.INTERACTIVE))

@@ -37,6 +37,21 @@ def test_pending_limit_answers_429_with_retry_after(make_app, make_user, bearer,
     assert post_upload(client, auth).status_code == 201
 
 
+def test_pending_retry_after_waits_for_the_users_draft_not_the_refused_request(
+    make_app, make_user, bearer
+) -> None:
+    """The only draft has 30 minutes left: Retry-After says so, not the 2 minutes of the
+    refused request's own reservation."""
+    app = make_app(MAX_PENDING_UPLOADS=1)
+    client = app.test_client()
+    auth = bearer(app, make_user("dave"))
+    assert post_upload(client, auth, expires_in=1800).status_code == 201
+    refused = post_upload(client, auth)
+    assert refused.status_code == 429
+    assert lifecycle.RESERVATION_TTL.total_seconds() < 1700
+    assert 1700 < int(refused.headers["Retry-After"]) <= 1800
+
+
 def test_daily_limit_and_admin_overrides(make_app, make_user, bearer, emulator) -> None:
     app = make_app(MAX_UPLOADS_PER_DAY=2)
     client = app.test_client()
