@@ -7,11 +7,15 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from broker.platform.config import DEV_EMULATOR_FILE
+from broker import create_app
+from broker.platform.config import DEFAULT_SECRET_KEY, DEV_EMULATOR_FILE, ConfigError
 from tests.factories import production_app
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_production_warns_about_per_process_rate_limit_counters(tmp_path, caplog):
@@ -56,6 +60,8 @@ def _config_of_cli_app(tmp_path, **env):
         capture_output=True,
         text=True,
     )
+    if "ConfigError" in result.stderr:
+        raise ConfigError(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -87,7 +93,29 @@ def test_flask_command_refuses_bad_config_in_one_line(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode != 0
+    assert result.returncode == 1  # README: one `Error: …` line, exit status 1
     assert result.stderr.strip().splitlines() == [
         "Error: BROKER_SECRET_KEY is the insecure default; set a long random value"
     ]
+
+
+def test_testing_env_skips_the_production_checks_and_says_so(tmp_path):
+    """README: `testing` is for automated test suites and skips production's refusals; it
+    runs no inline worker and never reads make run's emulator file."""
+    (tmp_path / DEV_EMULATOR_FILE).write_text(
+        json.dumps({"CLOUDFLARE_ACCOUNT_ID": "emulator-account"})
+    )
+    # The default secret, no Cloudflare settings: production refuses, testing starts.
+    with pytest.raises(ConfigError):
+        _config_of_cli_app(tmp_path, BROKER_ENV="production")
+    assert _config_of_cli_app(tmp_path, BROKER_ENV="testing") == [
+        "https://api.cloudflare.com/client/v4",
+        None,
+    ]
+    app = create_app(
+        {"ENV": "testing", "INSTANCE_PATH": str(tmp_path), "DATABASE_URL": "sqlite://"}
+    )
+    assert app.config["SECRET_KEY"] == DEFAULT_SECRET_KEY
+    assert app.config["WORKER_INLINE"] is False
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`BROKER_ENV=testing` is for automated test suites and skips these checks" in readme

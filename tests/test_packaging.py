@@ -9,6 +9,10 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+REFUSAL = (
+    "upload broker refuses to start: BROKER_SECRET_KEY is the insecure default; "
+    "set a long random value"
+)
 
 
 def test_wheel_ships_templates_and_renders_them_from_elsewhere(tmp_path):
@@ -66,8 +70,34 @@ def test_production_with_default_secret_fails_fast_with_one_line(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "upload broker refuses to start: BROKER_SECRET_KEY is the insecure default; "
-        "set a long random value"
-    ]
+    assert result.returncode == 4  # gunicorn's "application cannot load"
+    assert result.stderr.strip().splitlines() == [REFUSAL]
+
+
+def test_gunicorn_stops_on_a_refused_configuration(tmp_path):
+    """A refused configuration stops the whole server, master included, with the one-line
+    reason; no worker is booted again and again."""
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    server = subprocess.Popen(
+        [gunicorn, "--bind", "127.0.0.1:0", "--workers", "2", "wsgi:app"],
+        cwd=ROOT,
+        env={
+            "BROKER_ENV": "production",
+            "BROKER_INSTANCE_PATH": str(tmp_path),
+            "HOME": str(tmp_path),  # gunicorn's control socket goes there, not in a shared home
+            "PATH": "/usr/bin:/bin",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 4, stderr
+    lines = stderr.splitlines()
+    assert 1 <= lines.count(REFUSAL) <= 2, stderr  # once per worker of the first boot, no more
+    assert "App failed to load" in stderr

@@ -30,7 +30,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ENV",
         "development",
-        "`development`, `testing` or `production`; production refuses unsafe defaults.",
+        "`development`, `testing` or `production`; production refuses unsafe settings, `testing` (for automated test suites) skips those checks.",
     ),
     Setting(
         "INSTANCE_PATH",
@@ -257,7 +257,13 @@ class ConfigError(click.ClickException):
 
 
 def finalize(config: dict[str, Any], instance_path: str) -> None:
-    """Fill derived defaults in place and refuse unsafe production settings."""
+    """Fill derived defaults in place and refuse unsafe production settings.
+
+    Only `production` is checked. `testing` is for automated test suites, which run the
+    emulator over http with throwaway secrets and switch TESTING (or CSRF) as a test needs, so
+    it skips every refusal; unlike `development` it starts no inline worker and never reads
+    make run's emulator file. Nothing that serves real users may run with it.
+    """
     env = config["ENV"]
     if env not in {"development", "testing", "production"}:
         raise ConfigError(f"BROKER_ENV must be development, testing or production, not {env!r}")
