@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where the repository's own text lives (beside its top-level files), and what counts as text.
+SOURCES = ("broker", "tests", "templates", "static", ".ci")
+TEXT = {".py", ".md", ".toml", ".txt", ".html", ".js", ".css", ".cfg", ".ini", ".sh", ""}
 REFUSAL = (
     "upload broker refuses to start: BROKER_SECRET_KEY is the insecure default; "
     "set a long random value"
@@ -101,3 +105,26 @@ def test_gunicorn_stops_on_a_refused_configuration(tmp_path):
     lines = stderr.splitlines()
     assert 1 <= lines.count(REFUSAL) <= 2, stderr  # once per worker of the first boot, no more
     assert "App failed to load" in stderr
+
+
+def test_the_repository_stands_on_its_own():
+    """Nothing in the repository points at the team's notes outside it; the emulator's wire
+    facts are written down in it, each with a public Cloudflare link."""
+    outside = re.compile("(" + "|".join(["shared" + "/", "/work" + "/"]) + ")")
+    found = []
+    for path in [*ROOT.glob("*"), *(p for d in SOURCES for p in (ROOT / d).rglob("*"))]:
+        if path.name == ".git" or "__pycache__" in path.parts:  # a worktree's .git is a file
+            continue
+        if path.is_file() and path.suffix in TEXT:
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if outside.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert found == []
+    emulator_readme = (ROOT / "broker" / "emulator" / "README.md").read_text()
+    facts = emulator_readme.split("## Wire facts", 1)[1].split("\n## ", 1)[0]
+    for topic in ("direct_upload", "uploadURL", "draft", "exp=", "cf-webhook-auth", "1200"):
+        assert topic in facts, topic
+    links = re.findall(r"\]\((https?://[^)]+)\)", facts)
+    assert len(links) >= 8 and all(
+        u.startswith("https://developers.cloudflare.com/") for u in links
+    )
