@@ -5,7 +5,7 @@ behind: no Upload row, no reservation, no draft at Cloudflare."""
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import requests
@@ -45,11 +45,17 @@ def test_pending_retry_after_waits_for_the_users_draft_not_the_refused_request(
     app = make_app(MAX_PENDING_UPLOADS=1)
     client = app.test_client()
     auth = bearer(app, make_user("dave"))
-    assert post_upload(client, auth, expires_in=1800).status_code == 201
+    draft = post_upload(client, auth, expires_in=1800).get_json()
+    expires_at = datetime.fromisoformat(draft["expires_at"])
+    before = utcnow()
     refused = post_upload(client, auth)
+    after = utcnow()
     assert refused.status_code == 429
-    assert lifecycle.RESERVATION_TTL.total_seconds() < 1700
-    assert 1700 < int(refused.headers["Retry-After"]) <= 1800
+    # The draft's time left when refused, rounded up to a whole second; not the reservation's.
+    retry_after = int(refused.headers["Retry-After"])
+    assert (expires_at - after).total_seconds() <= retry_after
+    assert retry_after <= (expires_at - before).total_seconds() + 1
+    assert retry_after > 1700 > lifecycle.RESERVATION_TTL.total_seconds()
 
 
 def test_daily_limit_and_admin_overrides(make_app, make_user, bearer, emulator) -> None:
