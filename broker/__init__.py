@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from flask.sansio.scaffold import find_package
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from broker.platform.config import DEFAULTS, DEV_EMULATOR_FILE, finalize
@@ -62,6 +63,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     else:
         app.config.from_mapping(test_config)
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    sqlite_in_install = not app.config.get("DATABASE_URL") and _instance_in_install(instance_path)
     finalize(app.config, app.instance_path)
     if app.config["PROXY_COUNT"]:
         # Trust exactly that many proxies' forwarding headers; never a client's own.
@@ -89,6 +91,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             "BROKER_RATELIMIT_STORAGE_URI is memory://: each process counts login attempts on "
             "its own; use redis:// when more than one process serves requests"
         )
+    if sqlite_in_install:
+        logging.getLogger("broker").warning(
+            "the SQLite database is in %s, inside the Python environment the broker is "
+            "installed in: a new virtualenv loses it; set BROKER_INSTANCE_PATH (or "
+            "BROKER_DATABASE_URL)",
+            app.instance_path,
+        )
     _import_models()
     db.init_app(app)
     encryption.init_app(app)
@@ -108,7 +117,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     keys.init_app(app)
     variants.init_app(app)
 
-    from broker import api, cli, web
+    from broker import api, cli, web, worker
     from broker.images import redirect
     from broker.uploads import lifecycle, notifications
     from broker.webhooks import endpoints
@@ -127,7 +136,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     ):
         health.register_metrics(app, collect)
     cli.init_app(app)
+    worker.init_app(app)
     return app
+
+
+def _instance_in_install(instance_path: str | None) -> bool:
+    """Whether the instance folder is Flask's default for an installed package,
+    `<prefix>/var/broker-instance` (a checkout's is `instance/` beside the code)."""
+    return instance_path is None and find_package(__name__)[0] is not None
 
 
 def _import_models() -> None:

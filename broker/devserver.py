@@ -84,9 +84,9 @@ def _prepare(app: Flask) -> list[str]:
 
     lines += prepare_upstream()
     if app.config.get("WORKER_INLINE"):
-        from broker.worker import start_inline
+        from broker.worker import ensure_inline
 
-        start_inline(app)
+        ensure_inline(app)  # now rather than with the first request; that one finds it running
         lines.append("Worker: inline thread (completion checks, webhooks, key sync)")
     return lines
 

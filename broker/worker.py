@@ -1,7 +1,8 @@
 """The background worker: claims due work from the database with leases and does it.
 
     flask --app broker worker          # production: one or more processes
-    BROKER_WORKER_INLINE=1             # development: a thread of the web process (make run)
+    BROKER_WORKER_INLINE=1             # development: a thread of each web process, started
+                                       # by make run or with the first request it serves
 
 Jobs (each guarded, so one failing job never stops the others):
 - `deliver_webhooks`: outgoing events (broker.webhooks.sending);
@@ -40,6 +41,7 @@ from broker.webhooks import sending
 log = logging.getLogger("broker.worker")
 
 EXTENSION_KEY = "worker"
+INLINE_KEY = "inline_worker"
 # SIGTERM must lead to exit within this many seconds (one webhook attempt takes at most 15 s).
 SHUTDOWN_DEADLINE = 30
 
@@ -188,6 +190,57 @@ def start_inline(app: Flask) -> tuple[threading.Thread, threading.Event]:
     )
     thread.start()
     return thread, stop
+
+
+@dataclass
+class InlineWorker:
+    """The worker thread a web process runs for itself (BROKER_WORKER_INLINE)."""
+
+    thread: threading.Thread
+    stop: threading.Event
+    pid: int
+
+    def close(self, timeout: float = SHUTDOWN_DEADLINE) -> None:
+        """Stop the thread (it finishes or releases its work) and wait for it."""
+        self.stop.set()
+        wakeup.notify_worker()
+        self.thread.join(timeout)
+
+
+_inline_lock = threading.Lock()
+
+
+def ensure_inline(app: Flask) -> InlineWorker:
+    """Start this process's inline worker for `app` unless it runs already; return it.
+
+    Kept per process id: threads do not survive a fork, so a gunicorn worker forked from a
+    master that built the app (`--preload`) starts its own.
+    """
+    with _inline_lock:
+        running: InlineWorker | None = app.extensions.get(INLINE_KEY)
+        if running is None or running.pid != os.getpid():
+            thread, stop = start_inline(app)
+            running = app.extensions[INLINE_KEY] = InlineWorker(thread, stop, os.getpid())
+        return running
+
+
+def init_app(app: Flask) -> None:
+    """With WORKER_INLINE on, start the inline worker with the first request a process serves.
+
+    Not when the app is built: every `flask` command (`db upgrade`, `worker`, …) builds it too
+    and must not start one, nor must a gunicorn master or the reloader's watcher, which serve
+    no requests. `make run` starts it eagerly with `ensure_inline`; the first request then finds
+    it running.
+    """
+    if not app.config.get("WORKER_INLINE"):
+        return
+
+    def start_inline_worker() -> None:
+        running: InlineWorker | None = app.extensions.get(INLINE_KEY)
+        if running is None or running.pid != os.getpid():
+            ensure_inline(app)
+
+    app.before_request(start_inline_worker)
 
 
 @click.command("worker")

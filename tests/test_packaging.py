@@ -1,4 +1,6 @@
-"""A non-editable install (a wheel) carries the templates and static files."""
+"""A non-editable install (a wheel) carries the templates and static files and keeps its
+instance folder where the README says; a refused configuration stops gunicorn; the repository
+stands on its own."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where the repository's own text lives (beside its top-level files), and what counts as text.
@@ -19,15 +23,21 @@ REFUSAL = (
 )
 
 
-def test_wheel_ships_templates_and_renders_them_from_elsewhere(tmp_path):
-    dist = tmp_path / "dist"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The broker's wheel, built once for this module."""
+    dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "hatchling", "build", "--target", "wheel", "--directory", dist],
         cwd=ROOT,
         check=True,
         capture_output=True,
     )
-    (wheel,) = dist.glob("*.whl")
+    (built,) = dist.glob("*.whl")
+    return built
+
+
+def test_wheel_ships_templates_and_renders_them_from_elsewhere(tmp_path, wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "broker/templates/base.html" in names
     assert "broker/static/css/app.css" in names
@@ -60,6 +70,48 @@ def test_wheel_ships_templates_and_renders_them_from_elsewhere(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "rendered"
+
+
+def test_instance_folder_after_pip_install_is_where_the_readme_says(tmp_path, wheel):
+    """README: after `pip install .` the default instance folder (and SQLite file) is
+    `<prefix>/var/broker-instance`, inside the environment; the broker warns and says what to
+    set. BROKER_INSTANCE_PATH moves it anywhere, a reinstall included."""
+    prefix = tmp_path / "venv"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+    subprocess.run(
+        [*pip, "--no-compile", "--prefix", str(prefix), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    (site,) = prefix.glob("lib/python*/site-packages")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (
+        "from broker import create_app; app = create_app(); "
+        "print(app.instance_path); print(app.config['DATABASE_URL'])"
+    )
+
+    def instance(**env: str) -> tuple[list[str], str]:
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=elsewhere,
+            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "BROKER_ENV": "testing", **env},
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split(), result.stderr
+
+    (path, url), warning = instance()
+    assert path == str(prefix / "var" / "broker-instance")
+    assert url == f"sqlite:///{path}/broker.sqlite3"
+    assert "BROKER_INSTANCE_PATH" in warning and path in warning
+    kept = tmp_path / "state"
+    (path, url), warning = instance(BROKER_INSTANCE_PATH=str(kept))
+    assert (path, url) == (str(kept), f"sqlite:///{kept}/broker.sqlite3")
+    assert "BROKER_INSTANCE_PATH" not in warning
+    (_, _), warning = instance(BROKER_DATABASE_URL="sqlite:///" + str(kept / "x.sqlite3"))
+    assert "BROKER_INSTANCE_PATH" not in warning  # no SQLite file in the environment
 
 
 def test_production_with_default_secret_fails_fast_with_one_line(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+import requests
 import sqlalchemy as sa
 
 from broker import worker
@@ -126,6 +129,94 @@ def test_inline_worker_thread_delivers_without_polling_delay(make_app, receiver)
         wakeup.notify_worker()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def _inline_threads() -> int:
+    return sum(t.name == "broker-worker" and t.is_alive() for t in threading.enumerate())
+
+
+def test_inline_worker_starts_with_the_first_request_once(make_app, receiver):
+    """README: BROKER_WORKER_INLINE runs the worker in a thread of the web process (so `flask
+    run` and gunicorn have one in development): started by the first request, once, and not
+    by building the app or running a command."""
+    app = make_app(WORKER_INLINE=True, WEBHOOK_ALLOW_PRIVATE=True, WORKER_POLL_INTERVAL=30)
+    before = _inline_threads()
+    assert app.test_cli_runner().invoke(args=["webhooks", "list"]).exit_code == 0
+    assert worker.INLINE_KEY not in app.extensions and _inline_threads() == before
+    client = app.test_client()
+    try:
+        assert client.get("/livez").status_code == 200
+        running = app.extensions[worker.INLINE_KEY]
+        assert running.thread.is_alive()
+        assert client.get("/livez").status_code == 200
+        assert worker.ensure_inline(app) is running  # what `make run` calls: no second thread
+        assert _inline_threads() == before + 1
+        _fill(app, receiver.url, 1)
+        assert receiver.arrived.wait(20)  # and it works
+    finally:
+        app.extensions[worker.INLINE_KEY].close()
+    assert not running.thread.is_alive()
+
+
+def test_inline_worker_is_off_unless_asked(make_app):
+    app = make_app()  # the tests' setting, as production's default: WORKER_INLINE off
+    assert app.test_client().get("/livez").status_code == 200
+    assert worker.INLINE_KEY not in app.extensions
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def _wait_for(lines: queue.Queue, needle: str, seen: list[str]) -> str:
+    """Return the first line containing `needle` (lines before it go to `seen`)."""
+    while True:
+        line = lines.get(timeout=60)
+        if needle in line:
+            return line
+        seen.append(line)
+
+
+def test_flask_run_in_development_runs_the_worker_and_flask_commands_do_not(
+    make_app, receiver, tmp_path
+):
+    """The way a developer starts it without `make run`: `flask db upgrade` starts no worker;
+    `flask run` has one from its first request, which delivers a waiting webhook."""
+    app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
+    _fill(app, receiver.url, 1)
+    env = {**_env(app, tmp_path), "BROKER_ENV": "development"}
+    flask = [sys.executable, "-m", "flask", "--app", "broker"]
+    upgrade = subprocess.run(
+        [*flask, "db", "upgrade"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "broker.worker" not in upgrade.stderr  # its logger: "worker … started"
+    assert not receiver.arrived.is_set()
+    server = subprocess.Popen(
+        [*flask, "run", "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(server.stderr, lines), daemon=True)
+    reader.start()
+    try:
+        seen: list[str] = []
+        url = re.search(r"http://127\.0\.0\.1:\d+", _wait_for(lines, "Running on", seen))
+        assert url, seen
+        assert not any("broker.worker" in line for line in seen), seen
+        assert requests.get(f"{url.group()}/livez", timeout=30).status_code == 200
+        assert "started" in _wait_for(lines, "broker.worker", seen)
+        assert receiver.arrived.wait(60)
+    finally:
+        server.terminate()
+        server.wait(30)
+        reader.join(30)  # it ends with the stream
+        server.stderr.close()
 
 
 def test_worker_once_cli(make_app):

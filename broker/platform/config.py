@@ -35,7 +35,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "INSTANCE_PATH",
         None,
-        "Folder for the SQLite file and local state; default `instance/` beside the code (env only).",
+        "Folder for the SQLite file, the optional `config.py` and local state (env only). Default: `instance/` beside the code in a checkout; after `pip install .`, `<prefix>/var/broker-instance` inside the Python environment, which a new virtualenv does not keep (the broker warns while its SQLite file is there): set it, or use PostgreSQL, in production.",
     ),
     Setting(
         "SECRET_KEY",
@@ -183,7 +183,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "WORKER_INLINE",
         None,
-        "Run the worker in a thread of the web process; default on in development.",
+        "Run the worker in a thread of each web process (`make run` starts it at once, `flask run` and gunicorn with the first request; never `flask` commands); default on in development.",
     ),
     Setting("WORKER_POLL_INTERVAL", 1.0, "Seconds the worker idles between empty polls."),
     Setting(
