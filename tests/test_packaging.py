@@ -130,12 +130,14 @@ def test_production_with_default_secret_fails_fast_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [REFUSAL]
 
 
-def test_gunicorn_stops_on_a_refused_configuration(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gunicorn_stops_on_a_refused_configuration(tmp_path, workers):
     """A refused configuration stops the whole server, master included, with the one-line
-    reason; no worker is booted again and again."""
+    reason; no worker is booted again and again. (When several workers fail at the same moment,
+    gunicorn 27 stops all the same but reports status 1 and a traceback of its own.)"""
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     server = subprocess.Popen(
-        [gunicorn, "--bind", "127.0.0.1:0", "--workers", "2", "wsgi:app"],
+        [gunicorn, "--bind", "127.0.0.1:0", "--workers", str(workers), "wsgi:app"],
         cwd=ROOT,
         env={
             "BROKER_ENV": "production",
@@ -153,9 +155,9 @@ def test_gunicorn_stops_on_a_refused_configuration(tmp_path):
         if server.poll() is None:
             server.kill()
             server.communicate()
-    assert server.returncode == 4, stderr
+    assert server.returncode in ((4,) if workers == 1 else (4, 1)), stderr
     lines = stderr.splitlines()
-    assert 1 <= lines.count(REFUSAL) <= 2, stderr  # once per worker of the first boot, no more
+    assert 1 <= lines.count(REFUSAL) <= workers, stderr  # each booted once, not again and again
     assert "App failed to load" in stderr
 
 
