@@ -77,7 +77,17 @@ def test_instance_folder_after_pip_install_is_where_the_readme_says(tmp_path, wh
     `<prefix>/var/broker-instance`, inside the environment; the broker warns and says what to
     set. BROKER_INSTANCE_PATH moves it anywhere, a reinstall included."""
     prefix = tmp_path / "venv"
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+    # --ignore-installed: never uninstall the running environment's own (editable) broker.
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        "--ignore-installed",
+    ]
     subprocess.run(
         [*pip, "--no-compile", "--prefix", str(prefix), str(wheel)],
         check=True,
