@@ -1,51 +1,276 @@
 """Declare JSON endpoints once: the same pydantic models validate requests and build OpenAPI.
 
-    @endpoint(bp, "POST", "/uploads", body=CreateUpload, responses={201: UploadOut})
-    def create_upload(body: CreateUpload) -> tuple[UploadOut, int]: ...
+    @endpoint(bp, "POST", "/uploads", body=CreateUpload, responses={201: UploadCreated},
+              errors=(*LIMITS, *UPSTREAM), headers={201: (LOCATION,)})
+    def create_upload(body: CreateUpload) -> Response: ...
 
-The wrapper parses and validates the JSON body (400 for malformed JSON, 422 naming each bad
-field) and the query string, passes them as `body=` / `query=`, requires a logged-in user unless
-`auth=False`, and serialises a returned model. `openapi_document()` renders every declared
-operation as an OpenAPI 3.1 document.
+The wrapper parses and validates the JSON body (400 for malformed JSON, 415 for another media
+type, 422 naming each bad field) and the query string, passes them as `body=` / `query=`,
+requires a logged-in user unless `auth=False`, and serialises a returned model.
+
+`openapi_document()` renders every declared operation as an OpenAPI 3.1 document that says all
+a client needs, from the declarations alone:
+- a request body is required only when its model has required fields (an absent body means
+  every default);
+- `errors` are the `ErrorCase`s a route answers, each with its status, code, example and headers;
+  the ones a declaration implies are added (401 with auth, 403 for admins or a missing CSRF
+  token, 400/413/415/422 with a body, 422 with a query);
+- headers: `X-Request-ID` on every request and response, success headers per status, and what
+  the view's own decorators add (`declare`, e.g. `@idempotent` adds `Idempotency-Key`);
+- examples: each model's `examples` (in its `json_schema_extra`), each error case's own body;
+- enums known only once an app runs (the declared `variant`s): a field marked with
+  `dynamic_enum(name)` lists the values of the source registered with `enum_source`, so the
+  document is built per app.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, g, has_app_context, has_request_context, jsonify, request
 from flask_login import current_user
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from broker.platform.errors import ApiError, from_validation_error
+
+# --- Headers -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    """A documented HTTP header: in a request (a parameter) or in a response."""
+
+    name: str
+    description: str
+    schema: Mapping[str, Any]
+    example: Any
+    required: bool = True  # a response header: always sent with its status
+
+    def as_response_header(self, required: bool | None = None) -> dict[str, Any]:
+        """Render it for a response's `headers`."""
+        return {
+            "description": self.description,
+            "required": self.required if required is None else required,
+            "schema": dict(self.schema),
+            "example": self.example,
+        }
+
+    def as_parameter(self) -> dict[str, Any]:
+        """Render it as a request header parameter."""
+        return {
+            "name": self.name,
+            "in": "header",
+            "required": self.required,
+            "description": self.description,
+            "schema": dict(self.schema),
+            "example": self.example,
+        }
+
+
+REQUEST_ID = Header(
+    "X-Request-ID",
+    "Identifies the request in the broker's logs. Send your own (1 to 128 of `A-Z a-z 0-9 . _ : -`)"
+    " to correlate with your app's logs; the answer carries it back, or a fresh one.",
+    {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9._:-]+$"},
+    "7d3f0c1e9b2a4c55",
+    required=False,
+)
+RESPONSE_REQUEST_ID = Header(
+    "X-Request-ID",
+    "The request's id in the broker's logs (yours, if you sent a plain one): quote it in reports.",
+    {"type": "string", "minLength": 1, "maxLength": 128},
+    "7d3f0c1e9b2a4c55",
+)
+RETRY_AFTER = Header(
+    "Retry-After",
+    "Seconds to wait before sending the request again.",
+    {"type": "integer", "minimum": 0},
+    30,
+)
+LOCATION = Header(
+    "Location",
+    "The URL of the created resource.",
+    {"type": "string"},
+    "/api/v1/uploads/" + "9f86d081884c7d659a2feaa0c55ad015",
+)
+WWW_AUTHENTICATE = Header(
+    "WWW-Authenticate",
+    "How to authenticate: a bearer token.",
+    {"type": "string"},
+    'Bearer realm="api"',
+)
+NO_STORE = Header(
+    "Cache-Control",
+    "The answer holds a secret: never cached.",
+    {"type": "string"},
+    "no-store",
+)
+
+
+def example(value: Any, *, forbid_extra: bool = False) -> ConfigDict:
+    """A model config whose JSON schema carries `value` as its example (for the document);
+    `forbid_extra` refuses unknown fields, as every request model does."""
+    config = ConfigDict(json_schema_extra={"examples": [value]})
+    if forbid_extra:
+        config["extra"] = "forbid"
+    return config
+
+
+# --- Errors ------------------------------------------------------------------------------------
 
 
 class ErrorDetail(BaseModel):
     """The body of every API error: all three keys, always."""
 
-    code: str
-    message: str
+    code: str = Field(description="Stable snake_case code: branch on this, not on the message.")
+    message: str = Field(description="For people; may change.")
     # Required in the schema (never left out), but nullable.
     details: Any = Field(
         description="null when there is nothing more to say; for 422 a list of "
-        "{field, message, type}; some errors carry an object (e.g. {reason})."
+        "`{field, message, type}`; some errors carry an object (e.g. `{reason}`)."
     )
 
 
 class ErrorResponse(BaseModel):
     """`{"error": {...}}`: the one error shape of the API."""
 
+    model_config = example({"error": {"code": "not_found", "message": "No such upload."}})
+
     error: ErrorDetail
 
 
-def errors(*statuses: int) -> dict[int, type[BaseModel] | None]:
-    """Document these error statuses, each answered with the one ErrorResponse shape."""
-    return dict.fromkeys(statuses, ErrorResponse)
+@dataclass(frozen=True)
+class ErrorCase:
+    """One error a route can answer: its status, code, an example message and details, and the
+    headers that come with it (e.g. `Retry-After`)."""
+
+    status: int
+    code: str
+    message: str
+    details: Any = None
+    headers: tuple[Header, ...] = ()
+
+    def error(
+        self,
+        message: str | None = None,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> ApiError:
+        """Return this case as an ApiError to raise (the message and details as they are now)."""
+        return ApiError(self.status, self.code, message or self.message, details, headers)
+
+    def example(self) -> dict[str, Any]:
+        """Return the example body of this error."""
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+def not_found(what: str) -> ErrorCase:
+    """The 404 of a route whose path names one `what` (another user's counts as none)."""
+    return ErrorCase(404, "not_found", f"No such {what}.")
+
+
+def field_error(status: int, code: str, message: str, field: str, kind: str) -> ErrorCase:
+    """An error naming one request field in `details`, as every 422 does."""
+    return ErrorCase(status, code, message, [{"field": field, "message": message, "type": kind}])
+
+
+UNAUTHORIZED = ErrorCase(
+    401,
+    "unauthorized",
+    "Authentication required: send 'Authorization: Bearer <token>' or log in.",
+    headers=(WWW_AUTHENTICATE,),
+)
+FORBIDDEN = ErrorCase(403, "forbidden", "This needs an administrator account.")
+CSRF_FAILED = ErrorCase(
+    403,
+    "csrf_failed",
+    "The CSRF token is missing or invalid; reload the page and try again.",
+)
+INVALID_JSON = ErrorCase(400, "invalid_json", "The request body is not valid JSON.")
+UNSUPPORTED_MEDIA_TYPE = ErrorCase(
+    415, "unsupported_media_type", "Send the body as application/json."
+)
+BODY_TOO_LARGE = ErrorCase(
+    413,
+    "request_entity_too_large",
+    "The data value transmitted exceeds the capacity limit.",
+)
+VALIDATION = ErrorCase(
+    422,
+    "validation_error",
+    "The request is not valid.",
+    [{"field": "expires_in", "message": "Input should be a valid integer", "type": "int_type"}],
+)
+RATE_LIMITED = ErrorCase(
+    429,
+    "too_many_requests",
+    "10 per 1 minute",
+    headers=(RETRY_AFTER,),
+)
+INSUFFICIENT_SCOPE = ErrorCase(
+    403, "insufficient_scope", "This route needs the scope uploads:write."
+)
+ON_BEHALF_OF_REQUIRED = ErrorCase(
+    400,
+    "on_behalf_of_required",
+    "A service key acts for one of your users: name them in the On-Behalf-Of header.",
+)
+_SAFE_METHODS = ("get", "head", "options")
+
+# --- Declarations ------------------------------------------------------------------------------
+
+DECLARED = "__api_declared__"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a decorator adds to a view's contract; `endpoint` documents it."""
+
+    request_headers: tuple[Header, ...] = ()
+    success_headers: tuple[Header, ...] = ()
+    errors: tuple[ErrorCase, ...] = ()
+
+
+def declare(
+    view: Callable[..., Any],
+    *,
+    request_headers: Iterable[Header] = (),
+    success_headers: Iterable[Header] = (),
+    errors: Iterable[ErrorCase] = (),
+) -> Callable[..., Any]:
+    """Record on `view` the headers and errors a decorator adds to it (kept by functools.wraps)."""
+    before: Declared = getattr(view, DECLARED, Declared())
+    setattr(
+        view,
+        DECLARED,
+        Declared(
+            before.request_headers + tuple(request_headers),
+            before.success_headers + tuple(success_headers),
+            before.errors + tuple(errors),
+        ),
+    )
+    return view
+
+
+ENUM_MARK = "x-broker-enum"
+_ENUM_SOURCES: dict[str, Callable[[], list[str]]] = {}
+
+
+def dynamic_enum(name: str) -> dict[str, Any]:
+    """Mark a string field (its `json_schema_extra`) as one of the values of source `name`."""
+    return {ENUM_MARK: name}
+
+
+def enum_source(name: str, values: Callable[[], list[str]]) -> None:
+    """Register where the values of `dynamic_enum(name)` come from (read in an app context)."""
+    _ENUM_SOURCES[name] = values
 
 
 @dataclass
@@ -62,14 +287,48 @@ class Operation:
     responses: dict[int, type[BaseModel] | None]
     auth: bool
     admin: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
+    errors: tuple[ErrorCase, ...] = ()
+    headers: dict[int, tuple[Header, ...]] = field(default_factory=dict)
+    request_headers: tuple[Header, ...] = ()
+    description: str | None = None
     prefix: str = ""
     scope: str | None = None
 
+    def error_cases(self) -> list[ErrorCase]:
+        """Every error this operation can answer: declared and implied, each code once."""
+        implied: list[ErrorCase] = []
+        if self.body is not None:
+            implied += [INVALID_JSON, BODY_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE, VALIDATION]
+        if self.query is not None:
+            implied.append(VALIDATION)
+        if self.auth:
+            implied += [UNAUTHORIZED, INSUFFICIENT_SCOPE]
+            if self.scope and not self.admin:
+                implied.append(ON_BEHALF_OF_REQUIRED)
+            if self.method not in _SAFE_METHODS:
+                implied.append(CSRF_FAILED)
+        if self.admin:
+            implied.append(FORBIDDEN)
+        seen: dict[tuple[int, str], ErrorCase] = {}
+        for case in (*implied, *self.errors):
+            seen.setdefault((case.status, case.code), case)
+        return sorted(seen.values(), key=lambda c: (c.status, c.code))
+
 
 OPERATIONS: list[Operation] = []
+UPLOAD_ID = "9f86d081884c7d659a2feaa0c55ad015"
 
 _CONVERTER = re.compile(r"<(?:[a-z]+:)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+# The ids that appear in paths: what each is and what one looks like.
+PATH_PARAMETERS: dict[str, tuple[str, str]] = {
+    "upload_id": ("The upload's `id` (not its Cloudflare `image_id`).", UPLOAD_ID),
+    "public_id": ("A user's public id.", "u_3a7bd3e2360a3d29eea436fc"),
+    "endpoint_id": ("A webhook endpoint's `id`.", "we_5d41402abc4b2a76b9719d91"),
+    "delivery_id": ("A webhook delivery's `id`.", "42"),
+    "token_id": ("An API token's `id`.", "tok_7c4a8d09ca3762af61e59520"),
+    "key_id": ("A service key's `id`.", "svk_2f1e0d9c8b7a6f5e4d3c2b1a"),
+}
 
 
 def parse_json(model: type[BaseModel]) -> BaseModel:
@@ -110,17 +369,11 @@ def require_user() -> None:
     """Refuse an anonymous caller with the API's JSON 401."""
     if not current_user.is_authenticated:
         raise ApiError(
-            401,
-            "unauthorized",
-            "Authentication required: send 'Authorization: Bearer <token>' or log in.",
+            UNAUTHORIZED.status,
+            UNAUTHORIZED.code,
+            UNAUTHORIZED.message,
             headers={"WWW-Authenticate": 'Bearer realm="api"'},
         )
-
-
-def require_admin() -> None:
-    """Refuse a caller who is not an administrator with the API's JSON 403."""
-    if not current_user.is_admin:
-        raise ApiError(403, "forbidden", "This needs an administrator account.")
 
 
 def require_scope(scope: str | None, admin: bool) -> None:
@@ -136,13 +389,15 @@ def require_scope(scope: str | None, admin: bool) -> None:
         return
     if scope is None or scope not in granted:
         needed = f"the scope {scope}" if scope else "a user's own credentials"
-        raise ApiError(403, "insufficient_scope", f"This route needs {needed}.")
+        raise INSUFFICIENT_SCOPE.error(f"This route needs {needed}.")
     if not admin and not current_user.is_authenticated:
-        raise ApiError(
-            400,
-            "on_behalf_of_required",
-            "A service key acts for one of your users: name them in the On-Behalf-Of header.",
-        )
+        raise ON_BEHALF_OF_REQUIRED.error()
+
+
+def require_admin() -> None:
+    """Refuse a caller who is not an administrator with the API's JSON 403."""
+    if not current_user.is_admin:
+        raise ApiError(FORBIDDEN.status, FORBIDDEN.code, FORBIDDEN.message)
 
 
 def endpoint(
@@ -155,12 +410,17 @@ def endpoint(
     query: type[BaseModel] | None = None,
     auth: bool = True,
     admin: bool = False,
+    errors: Iterable[ErrorCase] = (),
+    headers: Mapping[int, tuple[Header, ...]] | None = None,
     tags: tuple[str, ...] = (),
     summary: str | None = None,
+    description: str | None = None,
     scope: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a JSON view on `bp` and document it in the OpenAPI registry.
 
+    `responses` are the success answers (status → model, None for no body); `errors` the
+    error cases beyond those the declaration implies; `headers` the headers of a success status.
     `admin=True` refuses non-admins with 403 before the body is even read. `scope` is what a
     service key needs to call the route (see `require_scope`).
     """
@@ -182,6 +442,10 @@ def endpoint(
             return to_response(view(**kwargs))
 
         bp.add_url_rule(rule, view_func=wrapped, methods=[method])
+        declared: Declared = getattr(view, DECLARED, Declared())
+        success = dict(headers or {})
+        for status in responses:
+            success[status] = (*success.get(status, ()), *declared.success_headers)
         OPERATIONS.append(
             Operation(
                 method=method.lower(),
@@ -194,6 +458,10 @@ def endpoint(
                 responses=responses,
                 auth=auth or admin,
                 admin=admin,
+                errors=(*declared.errors, *errors),
+                headers=success,
+                request_headers=declared.request_headers,
+                description=description,
                 prefix=bp.url_prefix or "",
                 scope=scope,
             )
@@ -203,17 +471,35 @@ def endpoint(
     return decorator
 
 
-def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    required = set(schema.get("required", []))
-    return [
-        {"name": name, "in": "query", "required": name in required, "schema": prop}
-        for name, prop in schema.get("properties", {}).items()
-    ]
+# --- The document ------------------------------------------------------------------------------
+
+INTRODUCTION = """\
+Lets your app's users upload images straight to Cloudflare Images: ask the broker for a
+one-time upload URL, send the file there, tell the broker you are done, then show the image
+through signed URLs.
+
+**Authentication**: `Authorization: Bearer brk_…` (a token from `POST /api/v1/auth/tokens`).
+Browser pages use their session cookie instead, plus an `X-CSRFToken` header on writes.
+
+**Errors** always look like `{"error": {"code": "snake_case", "message": "…", "details": …}}`;
+branch on `code`. A 422 names each bad field in `details` as `{field, message, type}`.
+
+**Retrying**: 409, 429, 502, 503 and 504 may be retried — after `Retry-After` seconds where
+the answer gives them (429, 503), else with a growing pause. Retry a create with the same
+`Idempotency-Key`, so a lost answer never makes a second upload. Other 4xx answers will not
+change by themselves: fix the request first.
+"""
+
+TAGS = [
+    {"name": "uploads", "description": "Ask for upload URLs and follow your uploads."},
+    {"name": "images", "description": "Signed delivery URLs for showing private images."},
+    {"name": "auth", "description": "Bearer tokens for mobile apps; who am I."},
+    {"name": "admin", "description": "Administrators only: upload limits and webhooks."},
+]
 
 
 def openapi_document(title: str = "Upload broker API", version: str = "1") -> dict[str, Any]:
-    """Build the OpenAPI 3.1 document of every declared operation."""
+    """Build the OpenAPI 3.1 document of every declared operation, for the current app."""
     models: set[type[BaseModel]] = {ErrorResponse}
     for op in OPERATIONS:
         models.update(m for m in (op.body, *op.responses.values()) if m is not None)
@@ -222,49 +508,14 @@ def openapi_document(title: str = "Upload broker API", version: str = "1") -> di
         [(m, "validation" if _is_request(m) else "serialization") for m in ordered],
         ref_template="#/components/schemas/{model}",
     )
-    schemas: dict[str, Any] = defs.get("$defs", {})
+    schemas: dict[str, Any] = _with_enums(defs.get("$defs", {}))
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
-        item: dict[str, Any] = {
-            "operationId": op.operation_id,
-            "summary": op.summary,
-            "tags": list(op.tags),
-            "responses": {},
-        }
-        if op.admin:
-            item["description"] = "Administrators only (403 for everyone else)."
-        params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in re.findall(r"{([^}]+)}", op.path)
-        ]
-        if op.query is not None:
-            params += _query_parameters(op.query)
-        if params:
-            item["parameters"] = params
-        if op.body is not None:
-            item["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(op.body)}},
-            }
-        for status, model in sorted(op.responses.items()):
-            response: dict[str, Any] = {"description": _status_text(status)}
-            if model is not None:
-                response["content"] = {"application/json": {"schema": _ref(model)}}
-            item["responses"][str(status)] = response
-        item["responses"]["default"] = {
-            "description": "Error",
-            "content": {"application/json": {"schema": _ref(ErrorResponse)}},
-        }
-        if op.auth:
-            item["security"] = [{"bearer": []}, {"session": []}]
-            if op.scope:
-                item["security"].append({"serviceKey": [op.scope]})
-        else:
-            item["security"] = []
-        paths.setdefault(op.prefix + op.path, {})[op.method] = item
-    return {
+        paths.setdefault(op.prefix + op.path, {})[op.method] = _operation(op, schemas)
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": title, "version": version},
+        "info": {"title": title, "version": version, "description": INTRODUCTION},
+        "tags": TAGS,
         "paths": dict(sorted(paths.items())),
         "components": {
             "schemas": schemas,
@@ -272,19 +523,164 @@ def openapi_document(title: str = "Upload broker API", version: str = "1") -> di
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "brk_… API token, or a JWT of the configured OpenID Connect "
-                    "issuer",
+                    "description": "An API token `brk_…` from `POST /api/v1/auth/tokens`, or a "
+                    "JWT of the configured OpenID Connect issuer.",
                 },
                 "serviceKey": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "bsk_… service key of the app's backend, with the app's user "
-                    "in the On-Behalf-Of header; needs the scope listed",
+                    "description": "`bsk_…` service key of the app's backend, with the app's user "
+                    "in the `On-Behalf-Of` header; needs the scope listed.",
                 },
-                "session": {"type": "apiKey", "in": "cookie", "name": "session"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "session",
+                    "description": "The browser session of a logged-in user; writes also "
+                    "need the page's CSRF token in an `X-CSRFToken` header.",
+                },
             },
+            "parameters": {"RequestId": REQUEST_ID.as_parameter()},
+            "headers": {"RequestId": RESPONSE_REQUEST_ID.as_response_header()},
         },
     }
+    if has_request_context():
+        document["servers"] = [{"url": request.host_url.rstrip("/"), "description": "This broker"}]
+    return document
+
+
+def _operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": list(op.tags),
+    }
+    description = [op.description] if op.description else []
+    if op.admin:
+        description.append("Administrators only (403 for everyone else).")
+    if description:
+        item["description"] = "\n\n".join(description)
+    params: list[dict[str, Any]] = []
+    for name in re.findall(r"{([^}]+)}", op.path):
+        text, example = PATH_PARAMETERS.get(name, (f"The `{name}`.", "x"))
+        params.append(
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "description": text,
+                "schema": {"type": "string"},
+                "example": example,
+            }
+        )
+    if op.query is not None:
+        params += _query_parameters(op.query)
+    params += [h.as_parameter() for h in op.request_headers]
+    params.append({"$ref": "#/components/parameters/RequestId"})
+    item["parameters"] = params
+    if op.body is not None:
+        schema = schemas[op.body.__name__]
+        item["requestBody"] = {
+            "required": bool(schema.get("required")),
+            "description": op.body.__doc__.strip().splitlines()[0] if op.body.__doc__ else "",
+            "content": {"application/json": _media(op.body, schemas)},
+        }
+    responses: dict[str, Any] = {}
+    for status, model in sorted(op.responses.items()):
+        response: dict[str, Any] = {"description": _describe(status, model)}
+        response["headers"] = _headers(op.headers.get(status, ()))
+        if model is not None:
+            response["content"] = {"application/json": _media(model, schemas)}
+        responses[str(status)] = response
+    for status, cases in _by_status(op.error_cases()).items():
+        responses[str(status)] = _error_response(status, cases)
+    item["responses"] = dict(sorted(responses.items()))
+    item["security"] = [{"bearer": []}, {"session": []}] if op.auth else []
+    if op.scope:
+        item["security"].append({"serviceKey": [op.scope]})
+    return item
+
+
+def _headers(headers: Iterable[Header], partial: Iterable[Header] = ()) -> dict[str, Any]:
+    out: dict[str, Any] = {RESPONSE_REQUEST_ID.name: {"$ref": "#/components/headers/RequestId"}}
+    for header in headers:
+        out[header.name] = header.as_response_header()
+    for header in partial:
+        out.setdefault(header.name, header.as_response_header(required=False))
+    return out
+
+
+def _by_status(cases: list[ErrorCase]) -> dict[int, list[ErrorCase]]:
+    grouped: dict[int, list[ErrorCase]] = {}
+    for case in cases:
+        grouped.setdefault(case.status, []).append(case)
+    return grouped
+
+
+def _error_response(status: int, cases: list[ErrorCase]) -> dict[str, Any]:
+    always = [h for h in cases[0].headers if all(h in c.headers for c in cases)]
+    sometimes = [h for c in cases for h in c.headers if h not in always]
+    codes = ", ".join(f"`{c.code}`" for c in cases)
+    return {
+        "description": f"{HTTPStatus(status).phrase}: {codes}.",
+        "headers": _headers(always, sometimes),
+        "content": {
+            "application/json": {
+                "schema": _ref(ErrorResponse),
+                "examples": {c.code: {"summary": c.message, "value": c.example()} for c in cases},
+            }
+        },
+    }
+
+
+def _media(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": _ref(model)}
+    examples = schemas.get(model.__name__, {}).get("examples")
+    if examples:
+        media["example"] = examples[0]
+    return media
+
+
+def _describe(status: int, model: type[BaseModel] | None) -> str:
+    if model is not None and model.__doc__:
+        return model.__doc__.strip().splitlines()[0]
+    return HTTPStatus(status).phrase
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = _with_enums(model.model_json_schema(ref_template="#/components/schemas/{model}"))
+    required = set(schema.get("required", []))
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        param: dict[str, Any] = {"name": name, "in": "query", "required": name in required}
+        if "description" in prop:
+            param["description"] = prop.pop("description")
+        examples = prop.pop("examples", None)
+        if examples:
+            param["example"] = examples[0]
+        param["schema"] = prop
+        params.append(param)
+    return params
+
+
+def _with_enums(schema: Any) -> Any:
+    """Copy `schema`, giving each `dynamic_enum` field its source's values (none without an app)."""
+    schema = copy.deepcopy(schema)
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            name = node.pop(ENUM_MARK, None)
+            if name is not None and has_app_context() and name in _ENUM_SOURCES:
+                node["enum"] = list(_ENUM_SOURCES[name]())
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)
+    return schema
 
 
 def _is_request(model: type[BaseModel]) -> bool:
@@ -293,9 +689,3 @@ def _is_request(model: type[BaseModel]) -> bool:
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-
-def _status_text(status: int) -> str:
-    from http import HTTPStatus
-
-    return HTTPStatus(status).phrase

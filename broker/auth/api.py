@@ -7,23 +7,37 @@ from typing import Any, Self, TypeVar
 
 from flask import current_app
 from flask_login import current_user
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from broker.api import bp
-from broker.api.spec import endpoint, errors
+from broker.api.spec import NO_STORE, RATE_LIMITED, ErrorCase, endpoint, example, not_found
 from broker.auth import current_api_token, limits, service_keys, tokens, users
 from broker.auth.models import ApiToken, ServiceKey
 from broker.platform.db import db
-from broker.platform.errors import ApiError
 from broker.platform.extensions import csrf
 
 TAGS = ("auth",)
+INVALID_CREDENTIALS = ErrorCase(401, "invalid_credentials", "Invalid username or password.")
+NOT_A_TOKEN_REQUEST = ErrorCase(404, "not_found", "This request was not made with an API token.")
+NO_TOKEN = not_found("token")
+_TOKEN_EXAMPLE = {
+    "id": "tok_7c4a8d09ca3762af61e59520",
+    "device_name": "Ana's iPhone",
+    "prefix": "brk_q1Zx",
+    "created_at": "2026-05-04T09:00:00Z",
+    "expires_at": "2026-08-02T09:00:00Z",
+    "last_used_at": None,
+    "current": False,
+}
 
 
 class CreateToken(BaseModel):
     """Credentials and a device name; the answer carries the token once."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = example(
+        {"username": "ana", "password": "correct horse battery", "device_name": "Ana's iPhone"},
+        forbid_extra=True,
+    )
 
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
@@ -35,6 +49,8 @@ class CreateToken(BaseModel):
 
 class TokenOut(BaseModel):
     """An API token as listed (never the secret)."""
+
+    model_config = example(_TOKEN_EXAMPLE)
 
     id: str
     device_name: str
@@ -48,17 +64,27 @@ class TokenOut(BaseModel):
 class TokenCreated(TokenOut):
     """A new token: `token` is shown only in this answer."""
 
+    model_config = example(
+        {**_TOKEN_EXAMPLE, "token": "brk_q1Zx8m3kVb9Lr2TgW7yN0cPaHs4uEoJd6fQ5iXzK"}
+    )
+
     token: str = Field(description="The bearer token `brk_…`; store it now, it is not shown again.")
 
 
 class TokenList(BaseModel):
     """The caller's usable tokens, newest first."""
 
+    model_config = example({"tokens": [{**_TOKEN_EXAMPLE, "current": True}]})
+
     tokens: list[TokenOut]
 
 
 class Me(BaseModel):
     """The authenticated user."""
+
+    model_config = example(
+        {"public_id": "u_3a7bd3e2360a3d29eea436fc", "username": "ana", "is_admin": False}
+    )
 
     public_id: str
     username: str
@@ -92,6 +118,8 @@ def _current_id() -> int | None:
     "/auth/tokens",
     body=CreateToken,
     responses={201: TokenCreated},
+    errors=(INVALID_CREDENTIALS, RATE_LIMITED),
+    headers={201: (NO_STORE,)},
     auth=False,
     tags=TAGS,
 )
@@ -102,7 +130,7 @@ def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     user = users.authenticate(db.session, body.username, body.password)
     if user is None:
         db.session.rollback()
-        raise ApiError(401, "invalid_credentials", "Invalid username or password.")
+        raise INVALID_CREDENTIALS.error()
     days = body.expires_in_days or int(current_app.config["API_TOKEN_TTL_DAYS"])
     issued = tokens.issue(
         db.session, user, body.device_name.strip() or "device", ttl=timedelta(days=days)
@@ -125,23 +153,32 @@ def list_tokens() -> TokenList:
     return TokenList(tokens=[_out(t, current_id, TokenOut) for t in rows])
 
 
-@endpoint(bp, "DELETE", "/auth/tokens/current", responses={204: None}, tags=TAGS)
+@endpoint(
+    bp,
+    "DELETE",
+    "/auth/tokens/current",
+    responses={204: None},
+    errors=(NOT_A_TOKEN_REQUEST,),
+    tags=TAGS,
+)
 def revoke_current_token() -> tuple[str, int]:
     """Revoke the token this request was made with (log the device out)."""
     token = current_api_token()
     if token is None:
-        raise ApiError(404, "not_found", "This request was not made with an API token.")
+        raise NOT_A_TOKEN_REQUEST.error()
     tokens.revoke(token)
     db.session.commit()
     return "", 204
 
 
-@endpoint(bp, "DELETE", "/auth/tokens/<token_id>", responses={204: None}, tags=TAGS)
+@endpoint(
+    bp, "DELETE", "/auth/tokens/<token_id>", responses={204: None}, errors=(NO_TOKEN,), tags=TAGS
+)
 def revoke_token(token_id: str) -> tuple[str, int]:
     """Revoke one of the caller's tokens (another user's token: 404)."""
     token = tokens.find_own(db.session, current_user._get_current_object(), token_id)
     if token is None:
-        raise ApiError(404, "not_found", "No such token.")
+        raise NO_TOKEN.error()
     tokens.revoke(token)
     db.session.commit()
     return "", 204
@@ -156,11 +193,23 @@ def me() -> Me:
 
 # --- Service keys (administrators) ----------------------------------------------------------
 
+NO_SERVICE_KEY = not_found("service key")
+_SERVICE_KEY_EXAMPLE = {
+    "id": "svk_2f1e0d9c8b7a6f5e4d3c2b1a",
+    "name": "app backend",
+    "prefix": "bsk_3Jd9",
+    "scopes": ["uploads:write"],
+    "issuer": "service-keys",
+    "created_at": "2026-05-04T09:00:00Z",
+    "last_used_at": None,
+    "revoked_at": None,
+}
+
 
 class CreateServiceKey(BaseModel):
     """A name, the scopes, and optionally the namespace of the external user ids it acts for."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = example({"name": "app backend", "scopes": ["uploads:write"]}, forbid_extra=True)
 
     name: str = Field(min_length=1, max_length=100, description="What the key is for.")
     scopes: list[str] = Field(
@@ -179,6 +228,8 @@ class CreateServiceKey(BaseModel):
 
 class ServiceKeyOut(BaseModel):
     """A service key as listed (never the secret)."""
+
+    model_config = example(_SERVICE_KEY_EXAMPLE)
 
     id: str
     name: str
@@ -208,11 +259,15 @@ class ServiceKeyOut(BaseModel):
 class ServiceKeyCreated(ServiceKeyOut):
     """A new service key: `key` is shown only in this answer."""
 
+    model_config = example({**_SERVICE_KEY_EXAMPLE, "key": "bsk_3Jd9qL0xVb7mT2nR8wPz5kYc"})
+
     key: str = Field(description="The key `bsk_…`; store it now, it is not shown again.")
 
 
 class ServiceKeyList(BaseModel):
     """Every service key, revoked ones included, newest first."""
+
+    model_config = example({"keys": [_SERVICE_KEY_EXAMPLE]})
 
     keys: list[ServiceKeyOut]
 
@@ -222,7 +277,8 @@ class ServiceKeyList(BaseModel):
     "POST",
     "/service-keys",
     body=CreateServiceKey,
-    responses={201: ServiceKeyCreated, **errors(401, 403, 422)},
+    responses={201: ServiceKeyCreated},
+    headers={201: (NO_STORE,)},
     admin=True,
     tags=("admin",),
 )
@@ -238,7 +294,7 @@ def create_service_key(body: CreateServiceKey) -> tuple[ServiceKeyCreated, int, 
     bp,
     "GET",
     "/service-keys",
-    responses={200: ServiceKeyList, **errors(401, 403)},
+    responses={200: ServiceKeyList},
     admin=True,
     tags=("admin",),
 )
@@ -251,7 +307,8 @@ def list_service_keys() -> ServiceKeyList:
     bp,
     "DELETE",
     "/service-keys/<key_id>",
-    responses={204: None, **errors(401, 403, 404)},
+    responses={204: None},
+    errors=(NO_SERVICE_KEY,),
     admin=True,
     tags=("admin",),
 )
@@ -259,7 +316,7 @@ def revoke_service_key(key_id: str) -> tuple[str, int]:
     """Revoke a service key; its next request is refused (admins only)."""
     key = service_keys.find(db.session, key_id)
     if key is None:
-        raise ApiError(404, "not_found", "No such service key.")
+        raise NO_SERVICE_KEY.error()
     service_keys.revoke(key)
     db.session.commit()
     return "", 204

@@ -9,24 +9,69 @@ from flask_login import current_user
 from pydantic import BaseModel, Field
 
 from broker.api import bp
-from broker.api.spec import ErrorDetail, endpoint, errors
+from broker.api.spec import (
+    RETRY_AFTER,
+    UPLOAD_ID,
+    ErrorCase,
+    ErrorDetail,
+    dynamic_enum,
+    endpoint,
+    enum_source,
+    example,
+    field_error,
+    not_found,
+)
 from broker.images import urls, variants
 from broker.images.signing import Variant
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 
 MAX_BATCH = 1000
+# The worker syncs keys hourly; `flask keys sync` makes one at once. A minute is a fair pause.
+NO_KEY_RETRY_AFTER = 60
+# The document lists the declared variants (the app's own) as the values of `variant`.
+enum_source("variant", lambda: sorted(variants.known_variants()))
+VARIANT_DOC = "A declared variant (`BROKER_VARIANTS`), or `public` for the original."
+TTL_DOC = (
+    "Seconds the URL stays valid (default `BROKER_SIGNED_URL_TTL`, at most "
+    "`BROKER_SIGNED_URL_MAX_TTL`); rounded up so repeated requests share a URL."
+)
+_URL = (
+    "https://imagedelivery.net/ZWd9g1K7eljCn_KDTu_MWA/2cdc28f0-017a-49c4-9ed7-87056c83901b/"
+    "thumb?exp=1777888800&sig=9a1f0e6c5b4d3a2918f7e6d5c4b3a2918f7e6d5c4b3a2918f7e6d5c4b3a29180"
+)
+NO_IMAGE = not_found("image")
+UNKNOWN_VARIANT = field_error(
+    422, "unknown_variant", "Unknown variant 'huge'.", "variant", "unknown_variant"
+)
+TTL_OUT_OF_RANGE = field_error(
+    422, "validation_error", "ttl must be between 1 and 604800 seconds", "ttl", "out_of_range"
+)
+NOT_READY = ErrorCase(409, "not_ready", "The image is pending.", {"status": "pending"})
+NO_SIGNING_KEY = ErrorCase(
+    503,
+    "no_signing_key",
+    "No signing key is available yet; try again later.",
+    headers=(RETRY_AFTER,),
+)
 
 
 class UrlQuery(BaseModel):
     """Which variant, and for how long (seconds; default and maximum set by the operator)."""
 
-    variant: str = Field(max_length=99)
-    ttl: int | None = None
+    variant: str = Field(
+        max_length=99,
+        description=VARIANT_DOC,
+        examples=["thumb"],
+        json_schema_extra=dynamic_enum("variant"),
+    )
+    ttl: int | None = Field(None, ge=1, description=TTL_DOC, examples=[600])
 
 
 class SignedUrl(BaseModel):
     """A delivery URL; `expires_at` is null for URLs that need no signature (public images)."""
+
+    model_config = example({"url": _URL, "expires_at": "2026-05-04T10:40:00Z"})
 
     url: str
     expires_at: datetime | None
@@ -35,15 +80,27 @@ class SignedUrl(BaseModel):
 class UrlRequest(BaseModel):
     """One image variant of a batch."""
 
-    id: str = Field(max_length=64)
-    variant: str = Field(max_length=99)
+    id: str = Field(max_length=64, description="The upload's `id`.")
+    variant: str = Field(
+        max_length=99, description=VARIANT_DOC, json_schema_extra=dynamic_enum("variant")
+    )
 
 
 class UrlBatch(BaseModel):
     """Up to 1000 image variants to mint URLs for, with one lifetime for all."""
 
+    model_config = example(
+        {
+            "items": [
+                {"id": UPLOAD_ID, "variant": "thumb"},
+                {"id": "0b2f6c1ad4e94f3fb1c1e0b5a7d9e8f1", "variant": "medium"},
+            ],
+            "ttl": 600,
+        }
+    )
+
     items: list[UrlRequest] = Field(min_length=1, max_length=MAX_BATCH)
-    ttl: int | None = None
+    ttl: int | None = Field(None, ge=1, description=TTL_DOC)
 
 
 class UrlResult(BaseModel):
@@ -59,6 +116,27 @@ class UrlResult(BaseModel):
 class UrlBatchResult(BaseModel):
     """The batch's results, in the order asked."""
 
+    model_config = example(
+        {
+            "items": [
+                {
+                    "id": UPLOAD_ID,
+                    "variant": "thumb",
+                    "url": _URL,
+                    "expires_at": "2026-05-04T10:40:00Z",
+                    "error": None,
+                },
+                {
+                    "id": "0b2f6c1ad4e94f3fb1c1e0b5a7d9e8f1",
+                    "variant": "medium",
+                    "url": None,
+                    "expires_at": None,
+                    "error": {"code": "not_ready", "message": "The image is pending."},
+                },
+            ]
+        }
+    )
+
     items: list[UrlResult]
 
 
@@ -70,9 +148,7 @@ def _lifetime(ttl: int | None) -> int:
     try:
         return urls.lifetime(ttl)
     except ValueError as exc:
-        raise ApiError(
-            422,
-            "validation_error",
+        raise TTL_OUT_OF_RANGE.error(
             "The request is not valid.",
             [{"field": "ttl", "message": str(exc), "type": "out_of_range"}],
         ) from None
@@ -82,16 +158,14 @@ def _variant(name: str, field: str = "variant") -> Variant:
     try:
         return urls.lookup_variant(name)
     except urls.UnknownVariant:
-        raise ApiError(
-            422,
-            "unknown_variant",
+        raise UNKNOWN_VARIANT.error(
             f"Unknown variant {name!r}.",
             [{"field": field, "message": "not a declared variant", "type": "unknown_variant"}],
         ) from None
 
 
 def _no_key() -> ApiError:
-    return ApiError(503, "no_signing_key", "No signing key is available yet; try again later.")
+    return NO_SIGNING_KEY.error(headers={"Retry-After": str(NO_KEY_RETRY_AFTER)})
 
 
 @endpoint(
@@ -99,7 +173,8 @@ def _no_key() -> ApiError:
     "GET",
     "/images/<upload_id>/url",
     query=UrlQuery,
-    responses={200: SignedUrl, **errors(404, 409, 422)},
+    responses={200: SignedUrl},
+    errors=(NO_IMAGE, NOT_READY, UNKNOWN_VARIANT, TTL_OUT_OF_RANGE, NO_SIGNING_KEY),
     tags=("images",),
     scope="images:urls",
 )
@@ -111,11 +186,9 @@ def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
         row = urls.load_one(db.session, upload_id, _caller())
         minted = urls.Minter(ttl, time.time()).mint(row, variant)
     except urls.NotFound:
-        raise ApiError(404, "not_found", "No such image.") from None
+        raise NO_IMAGE.error() from None
     except urls.NotReady as exc:
-        raise ApiError(
-            409, "not_ready", f"The image is {exc.status}.", {"status": exc.status}
-        ) from None
+        raise NOT_READY.error(f"The image is {exc.status}.", {"status": exc.status}) from None
     except urls.NoSigningKey:
         raise _no_key() from None
     return SignedUrl(url=minted.url, expires_at=minted.expires_at)
@@ -126,7 +199,8 @@ def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
     "POST",
     "/images/urls",
     body=UrlBatch,
-    responses={200: UrlBatchResult, **errors(422)},
+    responses={200: UrlBatchResult},
+    errors=(UNKNOWN_VARIANT, TTL_OUT_OF_RANGE, NO_SIGNING_KEY),
     tags=("images",),
     scope="images:urls",
 )

@@ -18,7 +18,19 @@ from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from broker.api import bp
-from broker.api.spec import endpoint, errors
+from broker.api.spec import (
+    LOCATION,
+    RETRY_AFTER,
+    UPLOAD_ID,
+    ErrorCase,
+    Header,
+    declare,
+    endpoint,
+    example,
+    field_error,
+    not_found,
+)
+from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.auth.models import User
 from broker.platform.db import commit_or_undo, db, rollback_and_undo, undo_on_failure
 from broker.platform.errors import ApiError
@@ -29,15 +41,81 @@ from broker.upstream.cloudflare import get_client
 Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
 
 
-# Upstream trouble: 502 auth/failure, 503 budget or Cloudflare's 429, 504 timeout.
-UPSTREAM = (502, 503, 504)
-ERRORS = errors(401, 404, 422)
+NO_UPLOAD = not_found("upload")
+NO_USER = not_found("user")
+LIMITS = (
+    ErrorCase(
+        429,
+        "too_many_pending_uploads",
+        "You have 20 uploads waiting for a file, your limit; finish or delete one first.",
+        headers=(RETRY_AFTER,),
+    ),
+    ErrorCase(
+        429,
+        "daily_upload_limit",
+        "You created 500 uploads in the last 24 hours, your limit.",
+        headers=(RETRY_AFTER,),
+    ),
+)
+CUSTOM_ID_REFUSED = field_error(
+    422,
+    "validation_error",
+    "a custom id cannot be used with signed URLs; send require_signed_urls: false",
+    "id",
+    "value_error",
+)
+IDEMPOTENCY_KEY = Header(
+    "Idempotency-Key",
+    "Any unique string of yours (a UUID is best) that makes a retry safe: a repeat with the "
+    "same key and body within 24 hours gets the first answer again instead of a second upload.",
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": idempotency.MAX_KEY_LENGTH,
+        "pattern": "^[!-~]+$",
+    },
+    "5f0c6f3e-8a57-4bd4-9b0e-2f7e7c1d3a90",
+    required=False,
+)
+IDEMPOTENT_REPLAYED = Header(
+    "Idempotent-Replayed",
+    "`true` when this is the stored answer to an earlier request with the same "
+    "`Idempotency-Key` (its `status` is as it was then: GET the upload for the current one).",
+    {"type": "string", "enum": ["true"]},
+    "true",
+    required=False,
+)
+IDEMPOTENCY_ERRORS = (
+    ErrorCase(
+        400,
+        "invalid_idempotency_key",
+        f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters.",
+    ),
+    ErrorCase(
+        409,
+        "idempotency_in_progress",
+        "A request with this Idempotency-Key is still running; retry shortly.",
+    ),
+    ErrorCase(
+        422,
+        "idempotency_key_reused",
+        "This Idempotency-Key was used with a different request; use a new key.",
+    ),
+)
+
+
+def _custom_id_pattern(schema: dict[str, Any]) -> None:
+    """Document the custom id rules on the string branch of the optional `id` (the lifecycle
+    checks them, saying which rule an id breaks)."""
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "string":
+            option["pattern"] = lifecycle.CUSTOM_ID_PATTERN
 
 
 class CreateUpload(BaseModel):
     """Options for a new upload slot; every field is optional."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = example({"metadata": {"album": "summer"}, "expires_in": 600}, forbid_extra=True)
 
     metadata: dict[str, Any] | None = Field(
         None,
@@ -57,13 +135,44 @@ class CreateUpload(BaseModel):
         None,
         min_length=1,
         max_length=1024,
-        description="A custom image id (not a UUID, no leading/trailing '/'); "
-        "needs require_signed_urls: false.",
+        description="A custom image id: not a UUID, no leading or trailing `/`, no empty, `.` "
+        "or `..` segments, none of `? # \\` or control characters; needs "
+        "`require_signed_urls: false`.",
+        json_schema_extra=_custom_id_pattern,
     )
+
+
+_UPLOAD_EXAMPLE: dict[str, Any] = {
+    "id": UPLOAD_ID,
+    "image_id": "2cdc28f0-017a-49c4-9ed7-87056c83901b",
+    "owner": "u_3a7bd3e2360a3d29eea436fc",
+    "status": "pending",
+    "require_signed_urls": True,
+    "metadata": {"album": "summer"},
+    "created_at": "2026-05-04T09:30:00Z",
+    "expires_at": "2026-05-04T09:40:00Z",
+    "status_changed_at": "2026-05-04T09:30:00Z",
+    "completed_at": None,
+    "filename": None,
+    "uploaded_at": None,
+    "reject_reason": None,
+    "last_checked_at": None,
+}
+_READY_EXAMPLE = {
+    **_UPLOAD_EXAMPLE,
+    "status": "ready",
+    "status_changed_at": "2026-05-04T09:31:12Z",
+    "completed_at": "2026-05-04T09:31:12Z",
+    "filename": "beach.jpg",
+    "uploaded_at": "2026-05-04T09:31:05Z",
+    "last_checked_at": "2026-05-04T09:31:12Z",
+}
 
 
 class UploadOut(BaseModel):
     """An upload as the API shows it."""
+
+    model_config = example(_READY_EXAMPLE)
 
     id: str
     image_id: str
@@ -94,11 +203,21 @@ class UploadOut(BaseModel):
 class UploadCreated(UploadOut):
     """A new upload: POST the file (multipart field `file`) to `upload_url`, once."""
 
+    model_config = example(
+        {
+            **_UPLOAD_EXAMPLE,
+            "upload_url": "https://upload.imagedelivery.net/Vi7wi5KSItxGFsWRG2Us6Q/"
+            "2cdc28f0-017a-49c4-9ed7-87056c83901b",
+        }
+    )
+
     upload_url: str = Field(description="One-time URL the client posts the file to.")
 
 
 class UploadPage(BaseModel):
     """A page of uploads, newest first."""
+
+    model_config = example({"items": [_READY_EXAMPLE], "next_cursor": "MjAyNi0wNS0wNFQwOTozMDo"})
 
     items: list[UploadOut]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
@@ -109,9 +228,11 @@ class ListUploads(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    status: Status | None = None
-    cursor: str | None = Field(None, max_length=512)
-    limit: int = Field(50, ge=1, le=200)
+    status: Status | None = Field(None, description="Only uploads in this state.")
+    cursor: str | None = Field(
+        None, max_length=512, description="The `next_cursor` of the previous page."
+    )
+    limit: int = Field(50, ge=1, le=200, description="Uploads per page.")
     scope: Literal["mine", "all"] = Field("mine", description="`all` is for admins.")
     user: str | None = Field(None, max_length=32, description="Admins: one user's public id.")
 
@@ -119,7 +240,9 @@ class ListUploads(BaseModel):
 class UserLimits(BaseModel):
     """A user's upload limits; null means the configured default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = example(
+        {"max_pending_uploads": 50, "max_uploads_per_day": None}, forbid_extra=True
+    )
 
     max_pending_uploads: int | None = Field(None, ge=0, le=100_000)
     max_uploads_per_day: int | None = Field(None, ge=0, le=1_000_000)
@@ -127,6 +250,16 @@ class UserLimits(BaseModel):
 
 class UserLimitsOut(UserLimits):
     """A user's overrides and the limits that apply."""
+
+    model_config = example(
+        {
+            "user": "u_3a7bd3e2360a3d29eea436fc",
+            "max_pending_uploads": 50,
+            "max_uploads_per_day": None,
+            "effective_max_pending_uploads": 50,
+            "effective_max_uploads_per_day": 500,
+        }
+    )
 
     user: str
     effective_max_pending_uploads: int
@@ -181,7 +314,12 @@ def idempotent(view: Callable[..., Response]) -> Callable[..., Response]:
             raise
         return response
 
-    return wrapper
+    return declare(
+        wrapper,
+        request_headers=(IDEMPOTENCY_KEY,),
+        success_headers=(IDEMPOTENT_REPLAYED,),
+        errors=IDEMPOTENCY_ERRORS,
+    )
 
 
 @endpoint(
@@ -189,12 +327,14 @@ def idempotent(view: Callable[..., Response]) -> Callable[..., Response]:
     "POST",
     "/uploads",
     body=CreateUpload,
-    responses={
-        201: UploadCreated,
-        **errors(400, 401, 409, 422, 429, *UPSTREAM),
-    },
+    responses={201: UploadCreated},
+    errors=(CUSTOM_ID_REFUSED, *LIMITS, *CREATE_UPSTREAM),
+    headers={201: (LOCATION,)},
     tags=("uploads",),
     scope="uploads:write",
+    description="Send the file to `upload_url` next (one multipart POST, field `file`, no "
+    "token), then `POST /api/v1/uploads/{upload_id}/complete`. Send an `Idempotency-Key` so "
+    "that retrying after a lost answer returns the same upload.",
 )
 @idempotent
 def create_upload(body: CreateUpload) -> Response:
@@ -233,7 +373,8 @@ def create_upload(body: CreateUpload) -> Response:
     "GET",
     "/uploads",
     query=ListUploads,
-    responses={200: UploadPage, **errors(401, 403, 422)},
+    responses={200: UploadPage},
+    errors=(ErrorCase(403, "forbidden", "Only admins may list other users' uploads."),),
     tags=("uploads",),
     scope="uploads:read",
 )
@@ -259,7 +400,7 @@ def list_uploads(query: ListUploads) -> UploadPage:
 def _visible(upload_id: str) -> Upload:
     upload = lifecycle.find_upload(db.session, _user(), upload_id)
     if upload is None:
-        raise ApiError(404, "not_found", "No such upload.")
+        raise NO_UPLOAD.error()
     return upload
 
 
@@ -267,7 +408,8 @@ def _visible(upload_id: str) -> Upload:
     bp,
     "GET",
     "/uploads/<upload_id>",
-    responses={200: UploadOut, **errors(401, 404)},
+    responses={200: UploadOut},
+    errors=(NO_UPLOAD,),
     tags=("uploads",),
     scope="uploads:read",
 )
@@ -280,7 +422,8 @@ def get_upload(upload_id: str) -> UploadOut:
     bp,
     "DELETE",
     "/uploads/<upload_id>",
-    responses={200: UploadOut, **errors(401, 404, *UPSTREAM)},
+    responses={200: UploadOut},
+    errors=(NO_UPLOAD, *UPSTREAM),
     tags=("uploads",),
     scope="uploads:write",
 )
@@ -306,7 +449,7 @@ def _limits_out(user: User) -> UserLimitsOut:
 def _admin_target(public_id: str) -> User:
     target: User | None = db.session.scalar(db.select(User).where(User.public_id == public_id))
     if target is None:
-        raise ApiError(404, "not_found", "No such user.")
+        raise NO_USER.error()
     return target
 
 
@@ -314,7 +457,8 @@ def _admin_target(public_id: str) -> User:
     bp,
     "GET",
     "/users/<public_id>/upload-limits",
-    responses={200: UserLimitsOut, **errors(401, 403, 404)},
+    responses={200: UserLimitsOut},
+    errors=(NO_USER,),
     admin=True,
     tags=("admin",),
 )
@@ -328,7 +472,8 @@ def get_upload_limits(public_id: str) -> UserLimitsOut:
     "PUT",
     "/users/<public_id>/upload-limits",
     body=UserLimits,
-    responses={200: UserLimitsOut, **errors(401, 403, 404, 422)},
+    responses={200: UserLimitsOut},
+    errors=(NO_USER,),
     admin=True,
     tags=("admin",),
 )
@@ -342,14 +487,19 @@ def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:
 
 
 # How long a client should wait before asking again (or fetching the upload).
-RETRY_AFTER = "1"
+CHECK_AGAIN_AFTER = "1"
 
 
 @endpoint(
     bp,
     "POST",
     "/uploads/<upload_id>/complete",
-    responses={200: UploadOut, 202: UploadOut, **ERRORS},
+    responses={200: UploadOut, 202: UploadOut},
+    errors=(NO_UPLOAD,),
+    headers={202: (RETRY_AFTER,)},
+    description="200 once the upload is no longer `pending` (`ready`, `rejected`, …); 202 while "
+    "the broker verifies it with Cloudflare: ask again after `Retry-After` seconds. A draft "
+    "whose file never arrived stays `pending` until it expires.",
     tags=("uploads",),
     scope="uploads:write",
 )
@@ -373,4 +523,4 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
         return UploadOut.of(upload), 200, {}
     completion.hint(upload)  # also wakes an in-process worker
     db.session.commit()
-    return UploadOut.of(upload), 202, {"Retry-After": RETRY_AFTER}
+    return UploadOut.of(upload), 202, {"Retry-After": CHECK_AGAIN_AFTER}

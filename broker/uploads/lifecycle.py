@@ -168,6 +168,15 @@ _UUID = re.compile(
 )
 
 
+# The same rules as one ECMA-262 pattern, for the OpenAPI document (clients can check before
+# sending); custom_id_problem stays the check, as it says which rule an id breaks.
+CUSTOM_ID_PATTERN = (
+    r"^(?![0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}$)"
+    r"(?!(?:.*/)?\.{0,2}(?:/|$))"
+    r"[^/\x00-\x1f?#\\\x7f](?:[^\x00-\x1f?#\\\x7f]*[^/\x00-\x1f?#\\\x7f])?$"
+)
+
+
 def custom_id_problem(custom_id: str) -> str | None:
     """Say what breaks Cloudflare's custom id rules, or None when the id is acceptable."""
     if not custom_id:

@@ -9,7 +9,7 @@ from flask import current_app
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api import bp
-from broker.api.spec import endpoint, errors
+from broker.api.spec import endpoint, example, field_error, not_found
 from broker.platform import wakeup
 from broker.platform.db import db, utcnow
 from broker.platform.errors import ApiError
@@ -17,13 +17,50 @@ from broker.webhooks import endpoints, ssrf
 from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 EventType = Literal["upload.completed", "upload.expired", "upload.rejected", "upload.deleted", "*"]
-ERRORS = errors(401, 403, 404, 422)
+NO_ENDPOINT = not_found("webhook endpoint")
+NO_DELIVERY = not_found("delivery")
+URL_NOT_ALLOWED = field_error(
+    422,
+    "url_not_allowed",
+    "hooks.example.internal resolves to a non-public address (10.0.0.7)",
+    "url",
+    "url_not_allowed",
+)
+_ENDPOINT_EXAMPLE = {
+    "id": "we_5d41402abc4b2a76b9719d91",
+    "url": "https://api.example.com/hooks/images",
+    "events": ["upload.completed", "upload.expired"],
+    "description": "Main backend",
+    "active": True,
+    "disabled_reason": None,
+    "previous_secret_until": None,
+    "created_at": "2026-05-04T09:00:00Z",
+    "updated_at": "2026-05-04T09:00:00Z",
+}
+_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 (the document's example)
+_DELIVERY_EXAMPLE = {
+    "id": 42,
+    "endpoint": "we_5d41402abc4b2a76b9719d91",
+    "event_type": "upload.completed",
+    "webhook_id": "msg_2KWPBgLlAfxdpx2AI54pPJ85",
+    "status": "succeeded",
+    "attempts": 1,
+    "next_attempt_at": None,
+    "last_status_code": 204,
+    "last_error": None,
+    "created_at": "2026-05-04T09:31:12Z",
+    "completed_at": "2026-05-04T09:31:13Z",
+    "attempt_log": None,
+}
 
 
 class EndpointIn(BaseModel):
     """A new webhook endpoint."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = example(
+        {"url": "https://api.example.com/hooks/images", "events": ["upload.completed"]},
+        forbid_extra=True,
+    )
 
     url: str = Field(max_length=2048, description="https URL receiving the events.")
     events: list[EventType] = Field(min_length=1, description="Event types, or `*` for all.")
@@ -33,7 +70,7 @@ class EndpointIn(BaseModel):
 class EndpointPatch(BaseModel):
     """Changes to an endpoint; omitted fields stay as they are."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = example({"events": ["*"], "active": True}, forbid_extra=True)
 
     url: str | None = Field(default=None, max_length=2048)
     events: list[EventType] | None = Field(default=None, min_length=1)
@@ -43,6 +80,8 @@ class EndpointPatch(BaseModel):
 
 class EndpointOut(BaseModel):
     """A webhook endpoint (its secret is shown only when created or rotated)."""
+
+    model_config = example(_ENDPOINT_EXAMPLE)
 
     id: str
     url: str
@@ -73,11 +112,15 @@ class EndpointOut(BaseModel):
 class EndpointCreated(EndpointOut):
     """A new endpoint and its signing secret: store it now, it is not shown again."""
 
+    model_config = example({**_ENDPOINT_EXAMPLE, "secret": _SECRET})
+
     secret: str
 
 
 class EndpointList(BaseModel):
     """Every registered endpoint."""
+
+    model_config = example({"items": [_ENDPOINT_EXAMPLE]})
 
     items: list[EndpointOut]
 
@@ -85,13 +128,21 @@ class EndpointList(BaseModel):
 class RotateIn(BaseModel):
     """How long the old secret keeps signing next to the new one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = example({"window_seconds": 3600}, forbid_extra=True)
 
     window_seconds: int = Field(default=86400, ge=0, le=7 * 86400)
 
 
 class SecretOut(BaseModel):
     """A rotated secret (shown once) and until when the previous one still signs."""
+
+    model_config = example(
+        {
+            "id": "we_5d41402abc4b2a76b9719d91",
+            "secret": _SECRET,
+            "previous_secret_until": "2026-05-05T09:00:00Z",
+        }
+    )
 
     id: str
     secret: str
@@ -111,6 +162,21 @@ class AttemptOut(BaseModel):
 class DeliveryOut(BaseModel):
     """One event on its way to one endpoint."""
 
+    model_config = example(
+        {
+            **_DELIVERY_EXAMPLE,
+            "attempt_log": [
+                {
+                    "number": 1,
+                    "started_at": "2026-05-04T09:31:12Z",
+                    "duration_ms": 84,
+                    "status_code": 204,
+                    "error": None,
+                }
+            ],
+        }
+    )
+
     id: int
     endpoint: str
     event_type: str
@@ -128,6 +194,8 @@ class DeliveryOut(BaseModel):
 class DeliveryList(BaseModel):
     """Deliveries, newest first."""
 
+    model_config = example({"items": [_DELIVERY_EXAMPLE]})
+
     items: list[DeliveryOut]
 
 
@@ -136,21 +204,23 @@ class DeliveryQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    endpoint: str | None = None
-    status: Literal["pending", "succeeded", "failed"] | None = None
-    limit: int = Field(default=50, ge=1, le=500)
+    endpoint: str | None = Field(default=None, description="Only this endpoint's deliveries.")
+    status: Literal["pending", "succeeded", "failed"] | None = Field(
+        default=None, description="Only deliveries in this state."
+    )
+    limit: int = Field(default=50, ge=1, le=500, description="Deliveries to list.")
 
 
 def _endpoint(public_id: str) -> WebhookEndpoint:
     e = endpoints.find_endpoint(db.session, public_id)
     if e is None:
-        raise ApiError(404, "not_found", "No such webhook endpoint.")
+        raise NO_ENDPOINT.error()
     return e
 
 
 def _url_refused(exc: ssrf.BlockedAddress) -> ApiError:
     detail = {"field": "url", "message": str(exc), "type": "url_not_allowed"}
-    return ApiError(422, "url_not_allowed", str(exc), [detail])
+    return URL_NOT_ALLOWED.error(str(exc), [detail])
 
 
 def _checked(url: str) -> None:
@@ -197,7 +267,7 @@ def delivery_out(d: WebhookDelivery, *, with_attempts: bool = False) -> Delivery
     bp,
     "GET",
     "/webhooks/endpoints",
-    responses={200: EndpointList, **ERRORS},
+    responses={200: EndpointList},
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",
@@ -212,7 +282,8 @@ def list_webhook_endpoints() -> EndpointList:
     "POST",
     "/webhooks/endpoints",
     body=EndpointIn,
-    responses={201: EndpointCreated, **ERRORS},
+    responses={201: EndpointCreated},
+    errors=(URL_NOT_ALLOWED,),
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",
@@ -237,7 +308,8 @@ def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
     bp,
     "GET",
     "/webhooks/endpoints/<endpoint_id>",
-    responses={200: EndpointOut, **ERRORS},
+    responses={200: EndpointOut},
+    errors=(NO_ENDPOINT,),
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",
@@ -252,7 +324,8 @@ def get_webhook_endpoint(endpoint_id: str) -> EndpointOut:
     "PATCH",
     "/webhooks/endpoints/<endpoint_id>",
     body=EndpointPatch,
-    responses={200: EndpointOut, **ERRORS},
+    responses={200: EndpointOut},
+    errors=(NO_ENDPOINT, URL_NOT_ALLOWED),
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",
@@ -281,7 +354,8 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
     "POST",
     "/webhooks/endpoints/<endpoint_id>/rotate-secret",
     body=RotateIn,
-    responses={200: SecretOut, **ERRORS},
+    responses={200: SecretOut},
+    errors=(NO_ENDPOINT,),
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",
@@ -299,7 +373,8 @@ def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     "GET",
     "/webhooks/deliveries",
     query=DeliveryQuery,
-    responses={200: DeliveryList, **ERRORS},
+    responses={200: DeliveryList},
+    errors=(NO_ENDPOINT,),
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",
@@ -318,7 +393,7 @@ def list_webhook_deliveries(query: DeliveryQuery) -> DeliveryList:
 def _delivery(delivery_id: int) -> WebhookDelivery:
     d = db.session.get(WebhookDelivery, delivery_id)
     if d is None:
-        raise ApiError(404, "not_found", "No such delivery.")
+        raise NO_DELIVERY.error()
     return d
 
 
@@ -326,7 +401,8 @@ def _delivery(delivery_id: int) -> WebhookDelivery:
     bp,
     "GET",
     "/webhooks/deliveries/<id:delivery_id>",
-    responses={200: DeliveryOut, **ERRORS},
+    responses={200: DeliveryOut},
+    errors=(NO_DELIVERY,),
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",
@@ -340,7 +416,8 @@ def get_webhook_delivery(delivery_id: int) -> DeliveryOut:
     bp,
     "POST",
     "/webhooks/deliveries/<id:delivery_id>/redeliver",
-    responses={202: DeliveryOut, **ERRORS},
+    responses={202: DeliveryOut},
+    errors=(NO_DELIVERY,),
     admin=True,
     tags=("admin",),
     scope="webhooks:manage",

@@ -19,7 +19,7 @@ OPERATIONS = {
 
 
 def test_every_documented_status_is_answered_and_valid(
-    make_app, make_user, bearer, emulator
+    make_app, make_user, bearer, login, emulator
 ) -> None:
     app = make_app(MAX_PENDING_UPLOADS=3)
     client = app.test_client()
@@ -50,6 +50,10 @@ def test_every_documented_status_is_answered_and_valid(
     call("post", post, json={"id": "dup", "require_signed_urls": False}, headers=auth)
     call("post", post, json={"id": "dup", "require_signed_urls": False}, headers=auth)  # 409
     call("post", post, json={"expires_in": 1}, headers=auth)  # 422
+    _body_refusals(call, "post", post, post, auth)  # 400, 413, 415
+    browser = app.test_client()
+    login(browser, "alice")
+    call("post", post, json={}, via=browser)  # 403: a session without its CSRF token
     call("post", post, json={}, headers=auth)
     call("post", post, json={}, headers=auth)  # 429: three pending
     call("delete", one, item, headers=auth)
@@ -70,6 +74,7 @@ def test_every_documented_status_is_answered_and_valid(
     call("get", one, one.replace("{upload_id}", "nope"), headers=auth)
 
     call("delete", one, item)
+    call("delete", one, item, via=browser)  # 403: no CSRF token
     call("delete", one, one.replace("{upload_id}", "nope"), headers=auth)
     listed = client.get(post, headers=auth).get_json()["items"]
     targets = [u for u in listed if u["status"] == "pending"]
@@ -86,10 +91,23 @@ def test_every_documented_status_is_answered_and_valid(
     call("put", limits, mine_limits, json={}, headers=auth)
     call("put", limits, limits.replace("{public_id}", "u_nobody"), json={}, headers=admin)
     call("put", limits, mine_limits, json={"max_pending_uploads": -1}, headers=admin)
+    _body_refusals(call, "put", limits, mine_limits, admin)
 
-    documented = _documented()
+    documented = _documented(app)
     for op in OPERATIONS:
         assert seen[op] == documented[op], f"{op}: answered {seen[op]}, documented {documented[op]}"
+
+
+def _body_refusals(call: Any, method: str, template: str, path: str, auth: Any) -> None:
+    """Send what the JSON reader refuses: not JSON (400), too big (413), not JSON at all (415)."""
+    json_type = {"Content-Type": "application/json"}
+    assert (
+        call(method, template, path, data="{nope", headers={**auth, **json_type}).status_code == 400
+    )
+    huge = "[" + "0," * (1 << 20) + "0]"
+    assert call(method, template, path, data=huge, headers={**auth, **json_type}).status_code == 413
+    plain = {**auth, "Content-Type": "text/plain"}
+    assert call(method, template, path, data="max=1", headers=plain).status_code == 415
 
 
 def _delete_upstream_statuses(make_app, make_user, bearer, emulator) -> set[int]:
@@ -108,8 +126,9 @@ def _delete_upstream_statuses(make_app, make_user, bearer, emulator) -> set[int]
     return statuses
 
 
-def _documented() -> dict[tuple[str, str], set[int]]:
-    doc = openapi_document()
+def _documented(app: Any) -> dict[tuple[str, str], set[int]]:
+    with app.test_request_context():
+        doc = openapi_document()
     return {
         (method, path): {int(s) for s in doc["paths"][path][method]["responses"] if s != "default"}
         for method, path in OPERATIONS
