@@ -289,6 +289,7 @@ class Operation:
     admin: bool = False
     errors: tuple[ErrorCase, ...] = ()
     headers: dict[int, tuple[Header, ...]] = field(default_factory=dict)
+    path_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
     request_headers: tuple[Header, ...] = ()
     description: str | None = None
     prefix: str = ""
@@ -318,14 +319,18 @@ class Operation:
 OPERATIONS: list[Operation] = []
 UPLOAD_ID = "9f86d081884c7d659a2feaa0c55ad015"
 
-_CONVERTER = re.compile(r"<(?:[a-z]+:)?([A-Za-z_][A-Za-z0-9_]*)>")
+_CONVERTER = re.compile(r"<(?:([a-z]+):)?([A-Za-z_][A-Za-z0-9_]*)>")
+# What a path parameter's URL converter accepts (anything else is a 404); the default: a string.
+_CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "id": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},  # broker.platform.routing
+}
 
 # The ids that appear in paths: what each is and what one looks like.
-PATH_PARAMETERS: dict[str, tuple[str, str]] = {
+PATH_PARAMETERS: dict[str, tuple[str, Any]] = {
     "upload_id": ("The upload's `id` (not its Cloudflare `image_id`).", UPLOAD_ID),
     "public_id": ("A user's public id.", "u_3a7bd3e2360a3d29eea436fc"),
     "endpoint_id": ("A webhook endpoint's `id`.", "we_5d41402abc4b2a76b9719d91"),
-    "delivery_id": ("A webhook delivery's `id`.", "42"),
+    "delivery_id": ("A webhook delivery's `id`.", 42),
     "token_id": ("An API token's `id`.", "tok_7c4a8d09ca3762af61e59520"),
     "key_id": ("A service key's `id`.", "svk_2f1e0d9c8b7a6f5e4d3c2b1a"),
 }
@@ -449,7 +454,11 @@ def endpoint(
         OPERATIONS.append(
             Operation(
                 method=method.lower(),
-                path=_CONVERTER.sub(r"{\1}", rule),
+                path=_CONVERTER.sub(r"{\2}", rule),
+                path_schemas={
+                    name: _CONVERTER_SCHEMAS.get(converter, {"type": "string"})
+                    for converter, name in _CONVERTER.findall(rule)
+                },
                 summary=summary or (view.__doc__ or view.__name__).strip().splitlines()[0],
                 operation_id=view.__name__,
                 tags=tags or (bp.name,),
@@ -569,7 +578,7 @@ def _operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
                 "in": "path",
                 "required": True,
                 "description": text,
-                "schema": {"type": "string"},
+                "schema": dict(op.path_schemas.get(name, {"type": "string"})),
                 "example": example,
             }
         )
