@@ -1,4 +1,13 @@
-// The API reference: "Copy" buttons put a code block's text on the clipboard.
+// The API reference: "Copy" buttons put a code block's text on the clipboard, and a link to an
+// operation or a schema opens its details.
+function openTarget() {
+  const id = decodeURIComponent(location.hash.slice(1));
+  const details = id && document.getElementById(id)?.querySelector(":scope > details");
+  if (details) details.open = true;
+}
+addEventListener("hashchange", openTarget);
+openTarget();
+
 const status = document.createElement("p");
 status.className = "visually-hidden";
 status.setAttribute("role", "status");

@@ -35,7 +35,8 @@ def test_docs_page_reads_on_desktop_and_phone_under_the_strict_csp(
 
     # An operation as a developer reads it: typed fields, rules, examples, its errors.
     create = page.locator("#create_upload")
-    page.evaluate("document.getElementById('create_upload').scrollIntoView()")
+    page.goto(f"{live_broker.url}/api/v1/docs#create_upload")  # a link opens its details
+    page.wait_for_load_state("networkidle")
     text = create.inner_text()
     for expected in ("Idempotency-Key", "expires_in", "≥ 120", "too_many_pending_uploads"):
         assert expected in text, expected
