@@ -38,6 +38,7 @@ from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
+from broker.platform import routing
 from broker.platform.errors import ApiError, from_validation_error
 
 # --- Headers -----------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ UPLOAD_ID = "9f86d081884c7d659a2feaa0c55ad015"
 _CONVERTER = re.compile(r"<(?:([a-z]+):)?([A-Za-z_][A-Za-z0-9_]*)>")
 # What a path parameter's URL converter accepts (anything else is a 404); the default: a string.
 _CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {
-    "id": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},  # broker.platform.routing
+    "id": {"type": "integer", "minimum": 0, "maximum": routing.MAX_ROW_ID},
 }
 
 # The ids that appear in paths: what each is and what one looks like.

@@ -5,21 +5,22 @@ from __future__ import annotations
 from flask import Flask
 from werkzeug.routing import BaseConverter, ValidationError
 
-# The largest primary key any backend stores (a signed 64-bit integer).
-MAX_ROW_ID = 2**63 - 1
+# The largest primary key the tables hold: an INTEGER, 32-bit on PostgreSQL (a larger number
+# there is an out-of-range error, a 500, not "no such row").
+MAX_ROW_ID = 2**31 - 1
 
 
 class RowIdConverter(BaseConverter):
-    """`<id:name>`: a database row id — ASCII digits only, within a 64-bit integer, else 404.
+    """`<id:name>`: a database row id — ASCII digits only, within a 32-bit integer, else 404.
 
     Werkzeug's `int` converter matches `\\d+`, which takes other scripts' digits too, and any
     length, which overflows the database driver (a 500 instead of a 404).
     """
 
-    regex = "[0-9]{1,19}"
+    regex = "[0-9]{1,10}"
 
     def to_python(self, value: str) -> int:
-        """Return the id as an int (no match, so 404, beyond a 64-bit integer)."""
+        """Return the id as an int (no match, so 404, beyond a 32-bit integer)."""
         number = int(value)
         if number > MAX_ROW_ID:
             raise ValidationError()

@@ -11,7 +11,9 @@ from flask import Flask
 from tests.factories import PASSWORD
 
 
-@pytest.mark.parametrize("delivery_id", ["9" * 30, "9223372036854775808", "١٢", "0x1f", "-1"])
+@pytest.mark.parametrize(
+    "delivery_id", ["9" * 30, "9223372036854775808", "2147483648", "١٢", "0x1f", "-1"]
+)
 def test_out_of_range_and_non_ascii_delivery_ids_are_404(
     app: Flask,
     make_user: Callable[..., Any],
