@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from flask import Blueprint, Response, g, has_app_context, has_request_context, jsonify, request
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    has_app_context,
+    has_request_context,
+    jsonify,
+    request,
+)
 from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
@@ -223,6 +232,22 @@ ON_BEHALF_OF_REQUIRED = ErrorCase(
     "on_behalf_of_required",
     "A service key acts for one of your users: name them in the On-Behalf-Of header.",
 )
+# What authenticating the request itself may answer, on any route that needs a user.
+AUTHENTICATION_ERRORS = (
+    ErrorCase(
+        400,
+        "invalid_on_behalf_of",
+        "On-Behalf-Of names your user by an id of 1-255 printable characters.",
+    ),
+    ErrorCase(403, "account_deactivated", "This account is deactivated."),
+)
+# Only where an OpenID Connect issuer is configured (the document is built per app).
+IDENTITY_PROVIDER_UNAVAILABLE = ErrorCase(
+    503,
+    "identity_provider_unavailable",
+    "The identity provider's keys cannot be fetched right now; try again shortly.",
+    headers=(RETRY_AFTER,),
+)
 _SAFE_METHODS = ("get", "head", "options")
 
 # --- Declarations ------------------------------------------------------------------------------
@@ -304,7 +329,9 @@ class Operation:
         if self.query is not None:
             implied.append(VALIDATION)
         if self.auth:
-            implied += [UNAUTHORIZED, INSUFFICIENT_SCOPE]
+            implied += [UNAUTHORIZED, INSUFFICIENT_SCOPE, *AUTHENTICATION_ERRORS]
+            if has_app_context() and current_app.extensions.get("oidc") is not None:
+                implied.append(IDENTITY_PROVIDER_UNAVAILABLE)
             if self.scope and not self.admin:
                 implied.append(ON_BEHALF_OF_REQUIRED)
             if self.method not in _SAFE_METHODS:

@@ -10,7 +10,15 @@ from flask_login import current_user
 from pydantic import BaseModel, Field
 
 from broker.api import bp
-from broker.api.spec import NO_STORE, RATE_LIMITED, ErrorCase, endpoint, example, not_found
+from broker.api.spec import (
+    NO_STORE,
+    RATE_LIMITED,
+    ErrorCase,
+    endpoint,
+    example,
+    field_error,
+    not_found,
+)
 from broker.auth import current_api_token, limits, service_keys, tokens, users
 from broker.auth.models import ApiToken, ServiceKey
 from broker.platform.db import db
@@ -278,6 +286,12 @@ class ServiceKeyList(BaseModel):
     "/service-keys",
     body=CreateServiceKey,
     responses={201: ServiceKeyCreated},
+    errors=(
+        field_error(422, "invalid_scope", "Unknown scope(s) x.", "scopes", "value_error"),
+        field_error(
+            422, "invalid_issuer", "The issuer is 1-255 characters.", "issuer", "value_error"
+        ),
+    ),
     headers={201: (NO_STORE,)},
     admin=True,
     tags=("admin",),

@@ -131,7 +131,11 @@ class UrlBatchResult(BaseModel):
                     "variant": "medium",
                     "url": None,
                     "expires_at": None,
-                    "error": {"code": "not_ready", "message": "The image is pending."},
+                    "error": {
+                        "code": "not_ready",
+                        "message": "The image is pending.",
+                        "details": "pending",
+                    },
                 },
             ]
         }

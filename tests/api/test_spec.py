@@ -178,7 +178,7 @@ def test_the_document_declares_headers_optional_bodies_enums_and_limits(make_app
     custom_id = document["components"]["schemas"]["CreateUpload"]["properties"]["id"]
     assert custom_id["anyOf"][0]["maxLength"] == 1024 and "pattern" in custom_id["anyOf"][0]
     assert {s["url"] for s in document["servers"]} == {"http://localhost"}
-    assert set(document["components"]["securitySchemes"]) == {"bearer", "session"}
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "serviceKey", "session"}
 
 
 def test_a_decorator_declares_what_it_adds_to_every_route_it_wraps(make_app):

@@ -93,6 +93,18 @@ def test_every_documented_status_is_answered_and_valid(
     call("put", limits, mine_limits, json={"max_pending_uploads": -1}, headers=admin)
     _body_refusals(call, "put", limits, mine_limits, admin)
 
+    # A service key naming its user badly: refused before any route (400 on every one).
+    runner = app.test_cli_runner()
+    made = runner.invoke(args=["service-keys", "create", "backend", "--scope", "uploads:write"])
+    key = {"Authorization": f"Bearer {made.stdout.splitlines()[0]}", "On-Behalf-Of": "\x01"}
+    # The same key for a user, on routes beyond its one scope: 403 insufficient_scope.
+    scoped = {**key, "On-Behalf-Of": "shop-user-1"}
+    for method, template in OPERATIONS:
+        path = template.replace("{upload_id}", "x").replace("{public_id}", "x")
+        call(method, template, path, headers=key)
+        if method == "get":
+            call(method, template, path, headers=scoped)
+
     documented = _documented(app)
     for op in OPERATIONS:
         assert seen[op] == documented[op], f"{op}: answered {seen[op]}, documented {documented[op]}"
