@@ -72,13 +72,14 @@ def emulator(fresh_emulator: Any) -> Any:
 def live(make_app: Any, make_user: Any) -> Iterator[Live]:
     app = make_app(WEBHOOK_ALLOW_PRIVATE=True, MAX_PENDING_UPLOADS=1000)
     runner = app.test_cli_runner()
-    for command in (["variants", "sync"], ["keys", "sync"]):
+    made = ["service-keys", "create", "contract", "--scope", "uploads:read"]
+    for command in (["variants", "sync"], ["keys", "sync"], made):
         assert runner.invoke(args=command).exit_code == 0
     admin = make_user("root", is_admin=True)
     factories.issue_token(app, admin, name="listed")
     factories.add_webhook_endpoint(app, HOOK_URL)
     factories.queue_events(app, 1)
-    from broker.auth.models import ApiToken
+    from broker.auth.models import ApiToken, ServiceKey
     from broker.webhooks.models import WebhookDelivery, WebhookEndpoint
 
     with app.app_context():
@@ -87,6 +88,7 @@ def live(make_app: Any, make_user: Any) -> Iterator[Live]:
             "public_id": admin.public_id,
             "endpoint_id": db.session.scalars(sa.select(WebhookEndpoint.public_id)).one(),
             "delivery_id": str(db.session.scalars(sa.select(WebhookDelivery.id)).one()),
+            "key_id": db.session.scalars(sa.select(ServiceKey.public_id)).one(),
             "token_id": db.session.scalars(
                 sa.select(ApiToken.public_id).where(ApiToken.name == "listed")
             ).one(),
