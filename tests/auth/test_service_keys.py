@@ -24,7 +24,8 @@ ALL = ("uploads:write", "uploads:read", "images:urls")
 @pytest.fixture
 def broker(make_app: Callable[..., Flask]) -> Flask:
     """The broker with its variants and signing keys synced (so URLs can be minted)."""
-    app = make_app(MAX_PENDING_UPLOADS=3)
+    # The worker verifies (/complete answers 202); inline verification is tested with uploads.
+    app = make_app(MAX_PENDING_UPLOADS=3, COMPLETE_INLINE_BUDGET=0)
     runner = app.test_cli_runner()
     for args in (["variants", "sync"], ["keys", "sync"]):
         result = runner.invoke(args=args)
