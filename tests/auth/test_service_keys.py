@@ -85,8 +85,7 @@ def test_a_key_creates_completes_lists_and_mints_for_each_external_user(broker, 
         done = client.post(
             f"/api/v1/uploads/{mine[user][0]['id']}/complete", headers=_as(key, user)
         )
-        # 200 when the broker verified it inline (the budget allowed), else 202 until the worker.
-        assert done.status_code in (200, 202)
+        assert done.status_code == 202
     worker.run_once(broker, now=later())
 
     for user, uploads in mine.items():
