@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, current_app, flash, g, redirect, request, session, url_for
 from flask.typing import ResponseReturnValue
-from flask_login import current_user, login_required
+from flask_login import current_user, login_required, login_user
 from flask_wtf.csrf import CSRFError, generate_csrf
+from werkzeug.wrappers import Response
 
 from broker.auth.models import ApiToken, User
 from broker.platform.db import db
@@ -79,6 +81,23 @@ def session_user_clause(session_token: Any) -> sa.ColumnElement[bool]:
     return sa.and_(User.session_token == session_token, User.active.is_(True))
 
 
+def start_session(user: User) -> None:
+    """Log `user` in on a brand-new session (no value of the old one survives: no fixation),
+    stamped with its start so it ends `BROKER_SESSION_LIFETIME` seconds later."""
+    session.clear()
+    login_user(user)
+    session["login_at"] = int(time.time())
+
+
+def _session_expired() -> bool:
+    """Tell whether this session started longer ago than BROKER_SESSION_LIFETIME (or has no
+    start: sessions from before the stamp existed)."""
+    started = session.get("login_at")
+    if not isinstance(started, int):
+        return True
+    return time.time() - started > float(current_app.config["SESSION_LIFETIME"])
+
+
 def fast_session_token() -> str | None:
     """Return the session's token when flask-login would judge this request by the session
     cookie through `load_user_from_session` alone, else None (use `current_user`).
@@ -91,7 +110,7 @@ def fast_session_token() -> str | None:
     if "Authorization" in request.headers:
         return None
     mode = current_app.config.get("SESSION_PROTECTION", login_manager.session_protection)
-    if mode == "strong":
+    if mode == "strong" or _session_expired():
         return None
     token = session.get("_user_id")
     return token if isinstance(token, str) and token else None
@@ -102,6 +121,8 @@ def load_user_from_session(session_token: str) -> User | None:
     """Load the session's (or remember cookie's) user by the rotating session token."""
     if "Authorization" in request.headers:
         return None  # an Authorization header is the only credential considered
+    if _session_expired():
+        return None  # flask-login then asks the request loader: the remember cookie
     return db.session.scalar(sa.select(User).where(session_user_clause(session_token)))
 
 
@@ -109,9 +130,11 @@ def load_user_from_session(session_token: str) -> User | None:
 def load_user_from_request(req: Any) -> User | None:
     """Authenticate the bearer credential: an API token `brk_…`, a service key `bsk_…` acting
     for one of the app's users, or a JWT from the app's OpenID Connect issuer (None for a
-    missing, bad or dead one)."""
+    missing, bad or dead one); without an Authorization header, a remember cookie."""
     from broker.auth import service_keys, tokens
 
+    if "Authorization" not in request.headers:
+        return _restore_remembered()
     secret = _bearer_secret()
     if secret is None:
         return None
@@ -180,6 +203,30 @@ def _usable(user: User) -> User:
     if not user.is_active:
         raise ApiError(403, "account_deactivated", "This account is deactivated.")
     return user
+
+
+def _restore_remembered() -> User | None:
+    """Start a new session for the owner of a valid remember cookie (None without one)."""
+    from broker.auth import remember
+
+    secret = request.cookies.get(remember.COOKIE)
+    if not secret:
+        return None
+    user = remember.find_user(db.session, secret)
+    if user is None:
+        g.drop_remember_cookie = True  # expired, logged out or forged: the browser forgets it
+        return None
+    start_session(user)
+    return user
+
+
+def _drop_dead_remember_cookie(response: Response) -> Response:
+    """Delete a remember cookie the server no longer honours."""
+    from broker.auth import remember
+
+    if g.get("drop_remember_cookie"):
+        remember.clear_cookie(response, current_app)
+    return response
 
 
 def _authenticate_header_first() -> None:
@@ -253,6 +300,10 @@ def init_app(app: Flask) -> None:
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in to see that page."
     login_manager.login_message_category = "info"
+    # Remember-me is broker.auth.remember's cookie; flask-login's own (a long-lived copy of the
+    # session id) is read under a name nothing sets, so it never authenticates anyone.
+    app.config["REMEMBER_COOKIE_NAME"] = "flask_login_remember_unused"
+    app.after_request(_drop_dead_remember_cookie)
     # Header auth goes first so CSRF and views see the right user.
     app.before_request(_authenticate_header_first)
     app.before_request(_csrf_protect)

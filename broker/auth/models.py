@@ -61,9 +61,15 @@ class User(UserMixin, Model):
         """Return the rotating session token, not the primary key (so sessions can be ended)."""
         return self.session_token
 
+    # Deleted with the user, and by end_sessions (delete-orphan).
+    remember_tokens: Mapped[list[RememberToken]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, lazy="select"
+    )
+
     def end_sessions(self) -> None:
         """Invalidate every session and remember cookie of this user."""
         self.session_token = _session_token()
+        self.remember_tokens.clear()
 
 
 def _token_public_id() -> str:
@@ -116,3 +122,16 @@ class ServiceKey(Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RememberToken(Model):
+    """One login's "remember me": only the SHA-256 of the cookie is stored, with the moment it
+    stops counting (at most 30 days after that login), so each login has its own cookie."""
+
+    __tablename__ = "remember_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

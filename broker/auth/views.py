@@ -18,10 +18,10 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
-from flask_login import current_user, login_required, login_user, logout_user
+from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
-from broker.auth import bp, limits, passwords, tokens, users
+from broker.auth import bp, limits, passwords, remember, start_session, tokens, users
 from broker.auth.forms import (
     ActionForm,
     ChangePasswordForm,
@@ -29,7 +29,6 @@ from broker.auth.forms import (
     LoginForm,
     RegisterForm,
 )
-from broker.auth.models import User
 from broker.platform.db import db
 
 INVALID_LOGIN = "Invalid username or password."
@@ -48,12 +47,6 @@ def safe_next(target: str | None) -> str | None:
     return target
 
 
-def _start_session(user: User, remember: bool = False) -> None:
-    """Log `user` in on a brand-new session (no value of the old one survives: no fixation)."""
-    session.clear()
-    login_user(user, remember=remember)
-
-
 @bp.route("/login", methods=["GET", "POST"])
 @limits.per_ip
 @limits.per_username
@@ -67,9 +60,13 @@ def login() -> ResponseReturnValue:
     if form.validate_on_submit():
         user = users.authenticate(db.session, form.username.data or "", form.password.data or "")
         if user is not None:
-            _start_session(user, remember=bool(form.remember.data))
+            start_session(user)
+            secret = remember.issue(db.session, user) if form.remember.data else None
             db.session.commit()
-            return redirect(target or url_for("web.index"))
+            response = redirect(target or url_for("web.index"))
+            if secret is not None:
+                remember.set_cookie(response, current_app, secret)
+            return response
         db.session.rollback()
         form.form_errors.append(INVALID_LOGIN)
         status = 401
@@ -88,12 +85,14 @@ def logout() -> ResponseReturnValue:
     """End every session, remember cookie and the current browser session of the user."""
     if current_user.is_authenticated:
         user = current_user._get_current_object()
-        user.end_sessions()
+        user.end_sessions()  # rotates the session id, deletes every remember token
         db.session.commit()
     session.clear()
-    logout_user()  # after clear(): flask-login marks the remember cookie for deletion
+    logout_user()
     flash("You are logged out.", "info")
-    return redirect(url_for("auth.login"))
+    response = redirect(url_for("auth.login"))
+    remember.clear_cookie(response, current_app)
+    return response
 
 
 @bp.route("/register", methods=["GET", "POST"])
@@ -121,7 +120,7 @@ def register() -> ResponseReturnValue:
             # A validated field's errors are a list.
             cast(list[str], form.username.errors).append("That username is taken.")
         else:
-            _start_session(user)
+            start_session(user)
             user.last_login_at = user.created_at
             db.session.commit()
             flash("Welcome! Your account is ready.", "info")
@@ -173,7 +172,7 @@ def change_password() -> ResponseReturnValue:
     users.set_password(db.session, user, form.password.data or "")
     db.session.commit()
     # The id in this browser's cookie was just rotated; carry on in a fresh session.
-    _start_session(user)
+    start_session(user)
     flash("Password changed. Other sessions and all API tokens were ended.", "info")
     return redirect(url_for("auth.account"))
 

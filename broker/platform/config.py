@@ -8,6 +8,7 @@ README.md carries the same table; a test keeps the two in step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import click
@@ -112,6 +113,11 @@ SETTINGS: tuple[Setting, ...] = (
         "AUTH_RATE_LIMIT",
         "10 per minute",
         "Login and token-creation attempts allowed per IP and per username (Flask-Limiter syntax).",
+    ),
+    Setting(
+        "SESSION_LIFETIME",
+        43200,
+        "Seconds a browser login lasts (also ended by closing the browser); a remember-me cookie then starts a new one, for at most 30 days after the login.",
     ),
     Setting("API_TOKEN_TTL_DAYS", 90, "Lifetime of a new API bearer token, in days."),
     Setting(
@@ -282,6 +288,8 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     if config.get("WORKER_INLINE") is None:
         config["WORKER_INLINE"] = dev
     config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
+    # The signed session cookie is refused past the login lifetime too (Flask's default: 31 days).
+    config["PERMANENT_SESSION_LIFETIME"] = timedelta(seconds=int(config["SESSION_LIFETIME"]))
     config["SESSION_COOKIE_HTTPONLY"] = True
     config["SESSION_COOKIE_SAMESITE"] = "Lax"
     config["SESSION_COOKIE_SECURE"] = env == "production"

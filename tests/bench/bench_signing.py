@@ -280,7 +280,9 @@ def bench_redirect(settings: dict[str, Any], data: dict[str, Any]) -> dict[str, 
 
     app = create_app(settings)
     serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
-    cookie = serializer.dumps({"_user_id": data["session_token"], "_fresh": True})
+    cookie = serializer.dumps(
+        {"_user_id": data["session_token"], "_fresh": True, "login_at": int(time.time())}
+    )
     headers = f"Cookie: session={cookie}\r\n"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},

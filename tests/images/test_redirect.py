@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -36,6 +37,7 @@ def test_redirect_endpoint_for_session_and_bearer(broker: Flask, http: requests.
     with client.session_transaction() as session:
         session["_user_id"] = session_token
         session["_fresh"] = True
+        session["login_at"] = int(time.time())  # what broker.auth.start_session stamps
     for response in (
         client.get(f"/i/{upload_id}/thumb"),
         broker.test_client().get(f"/i/{upload_id}/thumb", headers=auth),
@@ -65,6 +67,7 @@ def test_redirect_session_fast_path_follows_the_login_rules(broker: Flask) -> No
             token = db.session.get(User, user_id).session_token
         with client.session_transaction() as session:
             session["_user_id"] = token
+            session["login_at"] = int(time.time())
         return client
 
     owner = session_client(owner_id)
