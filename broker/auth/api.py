@@ -133,6 +133,7 @@ def _current_id() -> int | None:
 )
 @limits.per_ip
 @limits.per_username
+@limits.per_device
 def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     """Exchange a username and password for a bearer token (shown once)."""
     user = users.authenticate(db.session, body.username, body.password)

@@ -50,6 +50,7 @@ def safe_next(target: str | None) -> str | None:
 @bp.route("/login", methods=["GET", "POST"])
 @limits.per_ip
 @limits.per_username
+@limits.per_device
 def login() -> ResponseReturnValue:
     """Show the login form; log the user in on a valid submission."""
     target = safe_next(request.args.get("next"))
@@ -66,6 +67,7 @@ def login() -> ResponseReturnValue:
             response = redirect(target or url_for("web.index"))
             if secret is not None:
                 remember.set_cookie(response, current_app, secret)
+            limits.set_device_cookie(response, user.username_key)
             return response
         db.session.rollback()
         form.form_errors.append(INVALID_LOGIN)

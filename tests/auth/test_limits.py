@@ -1,0 +1,68 @@
+"""The per-username login limit cannot lock out the owner on a browser that logged in before."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.factories import PASSWORD, csrf_from
+
+
+def _post_login(client: FlaskClient, username: str, password: str, ip: str) -> int:
+    environ = {"REMOTE_ADDR": ip}
+    page = client.get("/auth/login", environ_base=environ).get_data(as_text=True)
+    data = {"username": username, "password": password, "csrf_token": csrf_from(page)}
+    return client.post("/auth/login", data=data, environ_base=environ).status_code
+
+
+def _attack(app: Flask, username: str, attempts: int) -> None:
+    """Wrong passwords for `username` from as many addresses as attempts."""
+    attacker = app.test_client()
+    for n in range(attempts):
+        assert _post_login(attacker, username, "wrong password!", f"10.66.0.{n}") == 401
+
+
+def _known_browser(app: Flask, username: str) -> FlaskClient:
+    """A browser that logged in as `username` once and logged out again."""
+    client = app.test_client()
+    assert _post_login(client, username, PASSWORD, "10.1.0.1") == 302
+    assert client.get_cookie("broker_device") is not None
+    client.delete_cookie("session")
+    return client
+
+
+def test_the_owner_gets_in_from_a_known_browser_while_the_username_is_attacked(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any]
+) -> None:
+    """Guesses from many addresses lock the username for new browsers, but a browser that has
+    logged in as that user before still gets in with the right password."""
+    app = make_app(AUTH_RATE_LIMIT="3 per minute")
+    make_user("alice")
+    known = _known_browser(app, "alice")
+    _attack(app, "alice", 3)
+    assert _post_login(app.test_client(), "alice", PASSWORD, "10.2.0.1") == 429
+    assert _post_login(known, "alice", PASSWORD, "10.1.0.2") == 302
+
+
+def test_a_device_cookie_is_only_good_for_its_own_user_and_its_own_guesses(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any]
+) -> None:
+    """Bob's device cookie does not open Alice's locked username; a forged cookie does not
+    either; and wrong passwords from a known device spend that device's own budget."""
+    app = make_app(AUTH_RATE_LIMIT="3 per minute")
+    make_user("alice")
+    make_user("bob")
+    bobs = _known_browser(app, "bob")
+    _attack(app, "alice", 3)
+    assert _post_login(bobs, "alice", PASSWORD, "10.3.0.1") == 429
+    forged = app.test_client()
+    forged.set_cookie("broker_device", bobs.get_cookie("broker_device").value[:-4] + "AAAA")
+    assert _post_login(forged, "bob", "wrong password!", "10.3.0.2") == 401
+
+    # Bob's own browser guessing wrong: its device budget runs out, the username's does not.
+    statuses = [_post_login(bobs, "bob", "wrong password!", f"10.4.0.{n}") for n in range(4)]
+    assert statuses == [401, 401, 401, 429]
+    assert _post_login(app.test_client(), "bob", PASSWORD, "10.5.0.1") == 302
