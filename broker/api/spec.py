@@ -49,6 +49,7 @@ from pydantic.json_schema import models_json_schema
 
 from broker.platform import routing
 from broker.platform.errors import ApiError, from_validation_error
+from broker.platform.json_input import text_problem
 
 # --- Headers -----------------------------------------------------------------------------------
 
@@ -377,6 +378,14 @@ def parse_json(model: type[BaseModel]) -> BaseModel:
 
 def parse_query(model: type[BaseModel]) -> BaseModel:
     """Validate the query string against `model` (422 naming each bad parameter)."""
+    # The JSON reader's text rule holds here too: a NUL can match no stored value.
+    details = [
+        {"field": name, "message": problem, "type": "unicode"}
+        for name, value in request.args.items(multi=True)
+        if (problem := text_problem(value))
+    ]
+    if details:
+        raise ApiError(422, "validation_error", "The request is not valid.", details)
     try:
         return model.model_validate(request.args.to_dict())
     except ValidationError as exc:

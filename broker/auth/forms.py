@@ -11,6 +11,7 @@ from wtforms import BooleanField, EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, EqualTo, Length, Optional, Regexp, ValidationError
 
 from broker.auth import passwords
+from broker.platform.json_input import text_problem
 
 
 class BrowserForm(FlaskForm):
@@ -30,6 +31,15 @@ class BrowserForm(FlaskForm):
             ):
                 return ImmutableMultiDict()
             return super().wrap_formdata(form, formdata)
+
+    def validate(self, extra_validators: Any = None) -> bool:
+        """Validate the fields, refusing text no field may hold (a NUL: PostgreSQL refuses it)."""
+        valid = super().validate(extra_validators)
+        for field in self:
+            if isinstance(field.data, str) and (problem := text_problem(field.data)):
+                field.errors = [*field.errors, problem]
+                valid = False
+        return valid
 
 
 def _password_rules(form: FlaskForm, field: PasswordField) -> None:

@@ -5,8 +5,10 @@
 - `db`: the SQLAlchemy binding, `utcnow`, `UTCDateTime`, and the one transaction rule.
 - `sqlite_writes`: one writer at a time per process on SQLite.
 - `errors`: `ApiError` and `DomainError`, the one JSON error shape, HTML error pages.
-- `json_input`: the one strict JSON reader of request bodies (400 unreadable, 422 unacceptable).
-- `routing`: URL converters; `<id:…>` parses a row id once (ASCII digits, 32-bit, else 404).
+- `json_input`: the one strict JSON reader of request bodies (400 unreadable, 422 unacceptable);
+  `text_problem`, its rule for text (no NUL, no lone surrogate), for query strings and forms too.
+- `routing`: URL converters; `<id:…>` parses a row id once (ASCII digits, 32-bit, else 404);
+  string ids (the default converter) never hold NUL.
 - `encryption`: `EncryptedText` columns under `BROKER_ENCRYPTION_KEYS` (Fernet, rotatable);
   `cli`: `flask encryption generate-key | reencrypt`.
 - `extensions`: CSRF, flask-login and the rate limiter, created unbound.

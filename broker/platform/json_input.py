@@ -7,7 +7,10 @@ rate limiter's key function, the login form, the inbound hooks — parses with `
 - a body `json` cannot read (syntax, bad encoding) or nested deeper than `MAX_DEPTH` (deep
   nesting used to escape as `RecursionError`, which is not a `ValueError`) → 400 `invalid_json`;
 - well-formed JSON holding what no field may hold — `NaN`, `Infinity`, a number too large for a
-  float, a lone surrogate (`"\\udc00"`, which no UTF-8 encoder accepts) → 422 naming the field.
+  float, a lone surrogate (`"\\udc00"`, which no UTF-8 encoder accepts), a NUL character
+  (`"\\u0000"`, which PostgreSQL refuses in text) → 422 naming the field.
+
+`text_problem` is the same rule for text from elsewhere (query strings, form fields).
 
 `get_json(silent=True)` still answers None for all of these, never an exception.
 """
@@ -28,6 +31,15 @@ from broker.platform.errors import ApiError
 MAX_DEPTH = 32
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(text: str, what: str = "Text") -> str | None:
+    """Return why no field may hold `text` (a lone surrogate, a NUL character), else None."""
+    if "\x00" in text:
+        return f"{what} must not contain NUL characters."
+    if _SURROGATE.search(text):
+        return f"{what} must be valid Unicode (no lone surrogates)."
+    return None
 
 
 class MalformedJSON(ValueError):
@@ -60,16 +72,12 @@ def check_value(value: Any) -> None:
             raise UnacceptableJSON(
                 _field(path), "Numbers must be finite (no NaN or Infinity).", "finite_number"
             )
-        if isinstance(item, str) and _SURROGATE.search(item):
-            raise UnacceptableJSON(
-                _field(path), "Text must be valid Unicode (no lone surrogates).", "unicode"
-            )
+        if isinstance(item, str) and (problem := text_problem(item)):
+            raise UnacceptableJSON(_field(path), problem, "unicode")
         if isinstance(item, dict):
             for key, child in item.items():
-                if _SURROGATE.search(key):
-                    raise UnacceptableJSON(
-                        _field(path), "Keys must be valid Unicode (no lone surrogates).", "unicode"
-                    )
+                if problem := text_problem(key, "Keys"):
+                    raise UnacceptableJSON(_field(path), problem, "unicode")
                 stack.append((child, (*path, key)))
         elif isinstance(item, list):
             stack.extend((child, (*path, i)) for i, child in enumerate(item))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask
-from werkzeug.routing import BaseConverter, ValidationError
+from werkzeug.routing import BaseConverter, UnicodeConverter, ValidationError
 
 # The largest primary key the tables hold: an INTEGER, 32-bit on PostgreSQL (a larger number
 # there is an out-of-range error, a 500, not "no such row").
@@ -31,6 +33,20 @@ class RowIdConverter(BaseConverter):
         return str(int(value))
 
 
+class TextConverter(UnicodeConverter):
+    """`<name>` (the default) and `<string:name>`: one path segment without a NUL character.
+
+    Werkzeug's own takes `%00` into the value; PostgreSQL refuses text holding NUL outright
+    (an error, a 500), so no string id with one can name a row: not matching makes it a 404.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.regex = self.regex.replace("[^/]", "[^/\\x00]", 1)
+
+
 def init_app(app: Flask) -> None:
     """Register the converters before any blueprint uses them."""
     app.url_map.converters["id"] = RowIdConverter
+    app.url_map.converters["default"] = TextConverter
+    app.url_map.converters["string"] = TextConverter
