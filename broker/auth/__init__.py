@@ -37,6 +37,7 @@ from broker.auth.models import ApiToken, User
 from broker.platform.db import db
 from broker.platform.errors import ApiError, handle_api_error, wants_json
 from broker.platform.extensions import csrf, login_manager
+from broker.platform.routing import serves_no_user
 
 __all__ = ["admin_required", "bp", "csrf_token", "current_api_token", "login_required"]
 
@@ -232,6 +233,10 @@ def _drop_dead_remember_cookie(response: Response) -> Response:
 def _authenticate_header_first() -> None:
     """Resolve the user from the Authorization header alone, before any cookie is considered."""
     if "Authorization" not in request.headers:
+        return
+    if serves_no_user(current_app, request.endpoint):
+        # Probes, metrics and static files look at no user: nobody is, at no database cost.
+        g._login_user = login_manager.anonymous_user()
         return
     # flask-login reads a remember cookie before its request loader; deciding here, first,
     # guarantees that a request carrying a header is judged by the header only.

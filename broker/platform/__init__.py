@@ -8,11 +8,13 @@
 - `json_input`: the one strict JSON reader of request bodies (400 unreadable, 422 unacceptable);
   `text_problem`, its rule for text (no NUL, no lone surrogate), for query strings and forms too.
 - `routing`: URL converters; `<id:…>` parses a row id once (ASCII digits, 32-bit, else 404);
-  string ids (the default converter) never hold NUL.
+  string ids (the default converter) never hold NUL; `needs_no_user` marks a view that answers
+  everyone alike (no credential is looked up for it).
 - `encryption`: `EncryptedText` columns under `BROKER_ENCRYPTION_KEYS` (Fernet, rotatable);
   `cli`: `flask encryption generate-key | reencrypt`.
 - `extensions`: CSRF, flask-login and the rate limiter, created unbound.
-- `logs`: one log line per request with its request id; every message escaped to one line.
+- `logs`: one log line per request with its request id (`request_id()`); every message
+  escaped to one line. WSGI middleware, like `headers`, so no response goes without them.
 - `headers`: the security headers and the strict Content-Security-Policy.
 - `leases`: claim rows for one worker at a time (`FOR UPDATE SKIP LOCKED` or compare-and-set).
 - `wakeup`: the in-process worker's wake-up call.

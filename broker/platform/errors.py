@@ -12,10 +12,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, render_template, request
+from flask import Flask, Response, jsonify, render_template, request
 from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
+
+from broker.platform.logs import request_id
 
 log = logging.getLogger("broker.errors")
 
@@ -162,8 +164,9 @@ def handle_unexpected(exc: Exception) -> ResponseReturnValue:
     """Log an unexpected error with its request id and answer a plain 500, never a trace."""
     if isinstance(exc, HTTPException):
         return handle_http_exception(exc)
-    log.exception("unhandled error request_id=%s", g.get("request_id"))
-    message = f"Something went wrong on our side. Quote request id {g.get('request_id', '-')}."
+    rid = request_id()
+    log.exception("unhandled error request_id=%s", rid)
+    message = f"Something went wrong on our side. Quote request id {rid or '-'}."
     if wants_json():
         return _json(500, "internal_error", message)
     return render_template("error.html", status=500, message=message), 500

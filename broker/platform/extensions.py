@@ -11,9 +11,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, cast
 
-from flask import Flask, Response
+from flask import Flask, Request, Response
 from flask.globals import request_ctx
-from flask.sessions import SecureCookieSessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
@@ -30,7 +30,13 @@ limiter = Limiter(key_func=get_remote_address, headers_enabled=True, default_lim
 
 
 class CachedSigningSessions(SecureCookieSessionInterface):
-    """Flask's signed-cookie sessions, with the signer built once per app, not per request."""
+    """Flask's signed-cookie sessions, with the signer built once per app, not per request, and
+    no work for a request that brings no session cookie and leaves the session alone.
+
+    flask-login's remember-cookie update is done here, when the session is saved (its own
+    after-request hook is removed by `init_app`): the hook reads the session on every request,
+    which marked every response `Vary: Cookie` and made every request pay for the session.
+    """
 
     def get_signing_serializer(self, app: Flask) -> Any:
         """Return the app's serializer, built on first use (the secret key is fixed by then)."""
@@ -40,6 +46,23 @@ class CachedSigningSessions(SecureCookieSessionInterface):
             cached = ((app.secret_key, app.config["SECRET_KEY_FALLBACKS"]), serializer)
             app.extensions["session_serializer"] = cached
         return cached[1]
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        """Load the session from its cookie; an empty one when the request has no such cookie."""
+        if app.secret_key and self.get_cookie_name(app) not in request.environ.get(
+            "HTTP_COOKIE", ""
+        ):
+            return self.session_class()  # what Flask answers too, without parsing the cookies
+        return super().open_session(app, request)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        """Update the remember cookie when flask-login asks, then save the session as Flask does
+        (nothing at all for an empty session nobody read or changed)."""
+        if "_remember" in session or app.config["REMEMBER_COOKIE_REFRESH_EACH_REQUEST"]:
+            login_manager._update_remember_cookie(response)
+        if not session and not session.modified and not session.accessed:
+            return
+        super().save_session(app, session, response)
 
 
 def init_app(app: Flask) -> None:
@@ -59,6 +82,9 @@ def init_app(app: Flask) -> None:
     config.setdefault("RATELIMIT_ENABLED", True)
     app.session_interface = CachedSigningSessions()
     login_manager.init_app(app)
+    # CachedSigningSessions.save_session runs it, only where a session holds its request.
+    after = app.after_request_funcs[None]
+    after[:] = [f for f in after if f != login_manager._update_remember_cookie]
     csrf.init_app(app)
     # Flask-WTF's own hook does nothing while WTF_CSRF_CHECK_DEFAULT is off (broker.auth
     # checks CSRF where it applies): spare every request the call.

@@ -11,6 +11,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, jsonify, reque
 from flask.typing import ResponseReturnValue
 
 from broker.platform.db import Session, db
+from broker.platform.routing import needs_no_user
 
 # Each feature's gauges, as functions returning Prometheus text lines (see `register_metrics`).
 METRICS_KEY = "broker.metrics"
@@ -40,12 +41,14 @@ log = logging.getLogger("broker.health")
 
 
 @bp.get("/livez")
+@needs_no_user
 def livez() -> ResponseReturnValue:
     """Say the process is up; touches nothing else."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@needs_no_user
 def readyz() -> ResponseReturnValue:
     """Say whether the database answers; 503 with the reason when it does not."""
     try:
@@ -58,6 +61,7 @@ def readyz() -> ResponseReturnValue:
 
 
 @bp.get("/metrics")
+@needs_no_user
 def metrics() -> ResponseReturnValue:
     """Expose the features' gauges (uploads, webhook deliveries, budget) as Prometheus text.
 

@@ -1,5 +1,10 @@
 """Logging: one line per request with method, path, status, duration and request id.
 
+The request id and the line are the work of `RequestLog`, a WSGI middleware around the app:
+every response gets its `X-Request-ID`, including error pages and static files, and the id is
+`request_id()` while the request runs (error pages quote it). Working on the raw WSGI environ
+and header list keeps it off Flask's per-request hooks and header checks (the hot path).
+
 Every broker log line goes through `LineFormatter`, which escapes control characters in the
 message: a value taken from a request (a path with `%0A` in it, a header, a filename) can never
 start a line of its own and forge an entry.
@@ -12,8 +17,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, has_request_context, request
 
 log = logging.getLogger("broker.request")
 
@@ -38,6 +45,8 @@ class LineFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """Interpolate the record with its message escaped (the record itself is not changed)."""
+        if _CONTROL.search(record.message) is None:
+            return super().formatMessage(record)  # nothing to escape: no copy of the record
         safe = logging.makeLogRecord(record.__dict__)
         safe.message = escape(record.message)
         return super().formatMessage(safe)
@@ -52,31 +61,63 @@ def _configure(level: str) -> None:
         root.addHandler(handler)
 
 
-def _start() -> None:
-    incoming = request.headers.get("X-Request-ID", "")
-    # 128 random bits in hex, like uuid4().hex without building a UUID on every request.
-    g.request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(16).hex()
-    g.request_started = time.perf_counter()
+# Where the id waits in the WSGI environ while the request runs.
+REQUEST_ID_KEY = "broker.request_id"
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def _finish(response: Response) -> Response:
-    request_id = g.get("request_id") or os.urandom(16).hex()
-    response.headers["X-Request-ID"] = request_id
-    started = g.get("request_started")
-    duration_ms = (time.perf_counter() - started) * 1000 if started else 0.0
-    log.info(
-        "%s %s %s %.1fms request_id=%s",
-        request.method,
-        request.path,
-        response.status_code,
-        duration_ms,
-        request_id,
-    )
-    return response
+def request_id() -> str | None:
+    """Return the current request's id (None outside a request)."""
+    if not has_request_context():
+        return None
+    value: str | None = request.environ.get(REQUEST_ID_KEY)
+    return value
+
+
+class RequestLog:
+    """WSGI middleware: give each request an id, echo it as `X-Request-ID`, log one line."""
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """Serve the request through the app, then log it (once its status is known)."""
+        started = time.perf_counter()
+        incoming = environ.get("HTTP_X_REQUEST_ID")
+        # 128 random bits in hex, like uuid4().hex without building a UUID on every request.
+        rid = incoming if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()
+        environ[REQUEST_ID_KEY] = rid
+        status = ""
+
+        def start(status_line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            nonlocal status
+            status = status_line
+            # Appended, not set: no view names its own X-Request-ID, so none is replaced.
+            headers.append(("X-Request-ID", rid))
+            return start_response(status_line, headers, exc_info)
+
+        body = self.app(environ, start)
+        if status and log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %s %.1fms request_id=%s",
+                environ.get("REQUEST_METHOD", "GET").upper(),
+                _path(environ),
+                status.split(" ", 1)[0],
+                (time.perf_counter() - started) * 1000,
+                rid,
+            )
+        return body
+
+
+def _path(environ: dict[str, Any]) -> str:
+    """Return the request's path as Flask's `request.path` reads it (WSGI's latin-1 undone)."""
+    raw = environ.get("PATH_INFO") or ""
+    return "/" + raw.encode("latin-1").decode(errors="replace").lstrip("/")
 
 
 def init_app(app: Flask) -> None:
     """Configure the broker loggers and the per-request log line."""
     _configure(app.config["LOG_LEVEL"])
-    app.before_request(_start)
-    app.after_request(_finish)
+    app.wsgi_app = RequestLog(app.wsgi_app)  # type: ignore[method-assign]

@@ -1,8 +1,10 @@
-"""URL converters: a path id is parsed once, by the route, never by hand in a view."""
+"""URL converters: a path id is parsed once, by the route, never by hand in a view. And which
+views serve everyone alike (`needs_no_user`): no credential is checked for them."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flask import Flask
 from werkzeug.routing import BaseConverter, UnicodeConverter, ValidationError
@@ -43,6 +45,25 @@ class TextConverter(UnicodeConverter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.regex = self.regex.replace("[^/]", "[^/\\x00]", 1)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NO_USER = "broker_needs_no_user"
+
+
+def needs_no_user(view: F) -> F:
+    """Mark a view that answers everyone alike (probes, metrics with their own token): a bearer
+    credential sent to it is not looked up, so it costs no database work."""
+    setattr(view, _NO_USER, True)
+    return view
+
+
+def serves_no_user(app: Flask, endpoint: str | None) -> bool:
+    """Tell whether `endpoint` needs no user: a view marked `needs_no_user`, or static files."""
+    if endpoint == "static":
+        return True
+    return endpoint is not None and getattr(app.view_functions.get(endpoint), _NO_USER, False)
 
 
 def init_app(app: Flask) -> None:
