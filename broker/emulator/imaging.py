@@ -9,8 +9,9 @@ variants are delivered as JPEG, since browsers other than Safari cannot show HEI
 Rendering keeps memory bounded by the output, not the input: a JPEG is decoded at the smallest
 DCT scale that still covers the variant (draft mode), any image is first cut down by an integer
 factor (`reduce`, keeping at least REDUCING_GAP times the output size so the final LANCZOS
-resize gives the same picture), bilevel images are widened to 8-bit grey rather than RGB, and
-the EXIF orientation is applied to the small result, not to a copy of the original.
+resize gives the same picture), palette, bilevel and CMYK images are converted for that a band
+of rows at a time (never a full-size RGBA copy), bilevel images are widened to 8-bit grey rather
+than RGB, and the EXIF orientation is applied to the small result, not to a copy of the original.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ ORIENTATIONS = {
 }
 # Cheap integer reduction stops at this multiple of the output size; LANCZOS does the rest.
 REDUCING_GAP = 3
+# Pixels of the source converted at once while shrinking (see _shrink): 4 MP, 16 MB in RGBA.
+BAND_PIXELS = 4_000_000
 FITS = ("scale-down", "contain", "cover", "crop", "pad")
 METADATA_MODES = ("keep", "copyright", "none")
 
@@ -189,13 +192,14 @@ def _geometry(w: int, h: int, fit: str, bw: int, bh: int) -> tuple[int, int, int
     return rw, rh, rw, rh
 
 
-def _normalise_mode(img: Image.Image) -> Image.Image:
+def _working_mode(img: Image.Image) -> str:
+    """Return the mode `img` is resized in: RGB, RGBA or L (grey, for bilevel images)."""
     if img.mode in ("RGB", "RGBA", "L"):
-        return img
+        return img.mode
     if img.mode == "1":
-        return img.convert("L")  # a third of RGB's memory; made RGB once small (_finish_mode)
+        return "L"  # a third of RGB's memory; made RGB once small (_finish_mode)
     has_alpha = img.mode in ("LA", "PA", "RGBa", "La") or "transparency" in img.info
-    return img.convert("RGBA" if has_alpha else "RGB")
+    return "RGBA" if has_alpha else "RGB"
 
 
 def _finish_mode(img: Image.Image, source_mode: str) -> Image.Image:
@@ -203,10 +207,27 @@ def _finish_mode(img: Image.Image, source_mode: str) -> Image.Image:
     return img.convert("RGB") if source_mode == "1" and img.mode == "L" else img
 
 
-def _shrink(img: Image.Image, need: tuple[int, int]) -> Image.Image:
-    """Cut `img` down by an integer factor while it stays REDUCING_GAP times `need`."""
+def _shrink(img: Image.Image, need: tuple[int, int], band_pixels: int = BAND_PIXELS) -> Image.Image:
+    """Bring `img` to its working mode, cut down by an integer factor while it stays
+    REDUCING_GAP times `need`.
+
+    A palette, bilevel or CMYK image is converted a band of rows at a time, each band reduced
+    at once, so the full-size converted copy (four bytes a pixel for a palette image with
+    transparency) never exists. Bands are whole multiples of the factor tall, so every block
+    `reduce` averages lies in one band: the picture is the same as converting it all first.
+    """
+    mode = _working_mode(img)
     factor = min(img.width // (need[0] * REDUCING_GAP), img.height // (need[1] * REDUCING_GAP))
-    return img.reduce(factor) if factor >= 2 else img
+    if factor < 2:
+        return img if img.mode == mode else img.convert(mode)
+    if img.mode == mode:
+        return img.reduce(factor)
+    rows = max(1, band_pixels // (img.width * factor)) * factor
+    out = Image.new(mode, (-(-img.width // factor), -(-img.height // factor)))
+    for top in range(0, img.height, rows):
+        band = img.crop((0, top, img.width, min(img.height, top + rows)))
+        out.paste(band.convert(mode).reduce(factor), (0, top // factor))
+    return out
 
 
 def _exif_for(exif: Image.Exif, mode: str, oriented: bool) -> bytes | None:
@@ -250,7 +271,7 @@ def render(
         need = (rh, rw) if sideways else (rw, rh)  # in the source's own orientation
         source_mode = src.mode
         src.draft(src.mode, need)  # JPEG: decode at the smallest DCT scale covering `need`
-        img = _shrink(_normalise_mode(src), need)
+        img = _shrink(src, need)
         if turn is not None:
             img = img.transpose(turn)
         if (rw, rh) != img.size:

@@ -91,13 +91,18 @@ def _png_1bit(width: int, height: int) -> bytes:
     )
 
 
+# The peak is read from VmHWM, this process's own high-water mark: ru_maxrss carries the
+# parent's peak over the exec, so a big pytest process would hide what rendering takes.
 _MEASURE = """
-import resource, sys
+import re, sys
 from broker.emulator.imaging import render
+def peak_kb():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1))
 data = open(sys.argv[1], "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 body, kind = render(data, "PNG", "cover", 256, 256, "none")
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+grown = peak_kb() - before
 print(grown // 1024, kind, len(body))
 """
 
@@ -165,3 +170,64 @@ def render_reference(full: Image.Image, fit: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
     return buf.getvalue()
+
+
+def _png_palette(width: int, height: int) -> bytes:
+    """An 8-bit palette PNG with a transparent entry, compressed row by row (never held
+    decoded in this process)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
+    squeeze = zlib.compressobj(9)
+    rows = [squeeze.compress(b"\x00" + bytes([y % 2]) * width) for y in range(height)]
+    pixels = b"".join(rows) + squeeze.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"PLTE", b"\x00\x00\x00\xff\x80\x00")
+        + chunk(b"tRNS", b"\x00")  # entry 0 transparent: the image converts to RGBA
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_transparent_palette_png_of_100_megapixels_renders_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """A 12,000 x 8,333 palette PNG with transparency (decoded: 100 MB, one byte a pixel) was
+    converted to RGBA at full size (400 MB more) before shrinking; now a band at a time."""
+    path = tmp_path / "palette.png"
+    path.write_bytes(_png_palette(12_000, 8_333))
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    grown_mb, kind, size = out.stdout.split()
+    print(f"rendering the palette image grew the process by {grown_mb} MB")
+    assert kind == "image/png" and int(size) > 0
+    assert int(grown_mb) < 250, out.stdout
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "CMYK"])
+def test_shrinking_a_band_at_a_time_gives_exactly_the_whole_conversion(mode: str) -> None:
+    """Converting and reducing in bands (sizes not multiples of the factor, many bands) gives
+    the same pixels as converting the whole image first, then reducing it."""
+    from broker.emulator.imaging import _shrink, _working_mode
+
+    noise = Image.effect_noise((701, 457), 80).convert("RGB")
+    if mode == "P":
+        img = noise.quantize(64)
+        img.info["transparency"] = 5
+    else:
+        img = noise.convert(mode)
+    need = (50, 40)  # factor min(701 // 150, 457 // 120) = 3
+    banded = _shrink(img, need, band_pixels=701 * 3 * 7)  # 21 rows a band: 22 bands
+    whole = img.convert(_working_mode(img)).reduce(3)
+    assert banded.mode == whole.mode and banded.size == whole.size == (234, 153)
+    assert banded.tobytes() == whole.tobytes()
