@@ -39,9 +39,16 @@ def cloudflare_notification() -> ResponseReturnValue:
         raise ApiError(401, "unauthorized", "Invalid or missing cf-webhook-auth.")
     if (request.content_length or 0) > MAX_BODY:
         raise ApiError(413, "too_large", "Notification body too large.")
-    data = request.get_json(silent=True)
+    # The app's one JSON reader, as on the API: unreadable → 400 invalid_json, a value no field
+    # may hold (NaN, a lone surrogate, NUL) → 422. Any content type: Cloudflare documents none.
+    data = request.get_json(force=True)
     if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+        raise ApiError(
+            422,
+            "validation_error",
+            "The request is not valid.",
+            [{"field": None, "message": "The body must be a JSON object.", "type": "dict_type"}],
+        )
     image = data.get("image")
     image_id = data.get("imageId") or (image.get("id") if isinstance(image, dict) else None)
     upload = None

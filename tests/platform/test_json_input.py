@@ -122,3 +122,29 @@ def test_good_bodies_still_work(
     response = client.post("/api/v1/uploads", json=body, headers=bearer(hostile_app, user))
     assert response.status_code == 201, response.get_data(as_text=True)
     assert response.get_json()["metadata"] == body["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"imageId": "\\u0000"}', "imageId"),
+        ('{"imageId": "\\udc00"}', "imageId"),
+        ('{"success": NaN}', "success"),
+        ("[1, 2]", None),
+        ('"a string"', None),
+    ],
+    ids=["nul", "lone-surrogate", "nan", "array", "string"],
+)
+def test_the_cloudflare_hook_answers_unacceptable_json_as_the_api_does(
+    hostile_app: Flask, body: str, field: str | None
+) -> None:
+    """The inbound hook reads its body like the API: a value no field may hold, or JSON that is
+    not an object, is 422 `validation_error` (it was 400 there; a NUL image id was a 500 on
+    PostgreSQL)."""
+    response = hostile_app.test_client().post(
+        "/hooks/cloudflare", data=body, headers={**JSON, "cf-webhook-auth": CF_SECRET}
+    )
+    assert response.status_code == 422, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error"
+    assert error["details"][0]["field"] == field
