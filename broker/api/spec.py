@@ -458,13 +458,15 @@ def endpoint(
     summary: str | None = None,
     description: str | None = None,
     scope: str | None = None,
+    guard: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a JSON view on `bp` and document it in the OpenAPI registry.
 
     `responses` are the success answers (status → model, None for no body); `errors` the
     error cases beyond those the declaration implies; `headers` the headers of a success status.
     `admin=True` refuses non-admins with 403 before the body is even read. `scope` is what a
-    service key needs to call the route (see `require_scope`).
+    service key needs to call the route (see `require_scope`). `guard` (a decorator, e.g. rate
+    limits) wraps the whole route, so it runs before the body is read.
     """
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -483,7 +485,7 @@ def endpoint(
                 kwargs["query"] = parse_query(query)
             return to_response(view(**kwargs))
 
-        bp.add_url_rule(rule, view_func=wrapped, methods=[method])
+        bp.add_url_rule(rule, view_func=guard(wrapped) if guard else wrapped, methods=[method])
         declared: Declared = getattr(view, DECLARED, Declared())
         success = dict(headers or {})
         for status in responses:

@@ -130,10 +130,8 @@ def _current_id() -> int | None:
     headers={201: (NO_STORE,)},
     auth=False,
     tags=TAGS,
+    guard=limits.credential_checks,
 )
-@limits.per_ip
-@limits.per_username
-@limits.per_device
 def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     """Exchange a username and password for a bearer token (shown once)."""
     user = users.authenticate(db.session, body.username, body.password)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from flask import current_app, g, request
 from flask_limiter.util import get_remote_address
@@ -20,6 +21,8 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.wrappers import Response
 
 from broker.platform.extensions import limiter
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEVICE_COOKIE = "broker_device"
 DEVICE_MAX_AGE = timedelta(days=365)
@@ -119,3 +122,13 @@ per_device = limiter.shared_limit(
     deduct_when=_failed,
     exempt_when=lambda: _device() is None,
 )
+
+
+def credential_checks(view: F) -> F:
+    """Guard a view that checks a password with all three limits, the per-IP one first.
+
+    Flask-Limiter evaluates a view's limits in the order they were applied and stops at the
+    first breach; the per-username and per-device ones read the body for the username. Applied
+    first, the per-IP limit refuses a client over its budget before anything reads its body.
+    """
+    return cast(F, per_device(per_username(per_ip(view))))

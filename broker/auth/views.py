@@ -48,9 +48,7 @@ def safe_next(target: str | None) -> str | None:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-@limits.per_ip
-@limits.per_username
-@limits.per_device
+@limits.credential_checks
 def login() -> ResponseReturnValue:
     """Show the login form; log the user in on a valid submission."""
     target = safe_next(request.args.get("next"))

@@ -66,3 +66,33 @@ def test_a_device_cookie_is_only_good_for_its_own_user_and_its_own_guesses(
     statuses = [_post_login(bobs, "bob", "wrong password!", f"10.4.0.{n}") for n in range(4)]
     assert statuses == [401, 401, 401, 429]
     assert _post_login(app.test_client(), "bob", PASSWORD, "10.5.0.1") == 302
+
+
+def test_a_client_over_its_ip_limit_is_refused_before_its_body_is_read(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any]
+) -> None:
+    """Once an address has spent its attempts, the token endpoint and the login form answer 429
+    without parsing the body (the per-username limit reads it for the name): a flood of large
+    bodies costs the parse only while the budget lasts."""
+    app = make_app(AUTH_RATE_LIMIT="2 per minute")
+    make_user("alice")
+    parsed: list[int] = []
+    loads = app.json.loads
+
+    def counting_loads(data: Any, **kwargs: Any) -> Any:
+        text = data.decode() if isinstance(data, bytes) else data
+        if "device_name" in text:  # a request body (the test client parses answers too)
+            parsed.append(len(text))
+        return loads(data, **kwargs)
+
+    app.json.loads = counting_loads  # type: ignore[method-assign]
+    client = app.test_client()
+    body = {"username": "alice", "password": "wrong password!", "device_name": "x" * 50}
+    statuses = [client.post("/api/v1/auth/tokens", json=body).status_code for _ in range(2)]
+    assert statuses == [401, 401] and parsed  # bodies were read while the budget lasted
+    parsed.clear()
+    for path in ("/api/v1/auth/tokens", "/auth/login"):
+        response = client.post(path, json=body)
+        assert response.status_code == 429, path
+        assert "Retry-After" in response.headers
+    assert parsed == []
