@@ -13,7 +13,9 @@ verifying:
 A due check waits up to `VERIFY_BATCH_WINDOW` seconds (counted from when the oldest due upload
 became due) so that the hints arriving meanwhile share its call: the number of calls follows
 the number of windows, not of uploads. Every call is made at background priority through the
-shared budget.
+shared budget, and all workers together make at most one per interval (`listing_interval`: 2 s
+with headroom, up to 30 s when the budget is scarce): the worker that moves the shared turn on
+(`take_listing_turn_and_commit`) verifies every due upload, the others wait for the next turn.
 
 `verify_due` and `expire_due` are worker jobs: each owns its transactions (a lease claim, then
 one commit per verified batch), as the transaction rule in `broker.platform.db` allows a job.
@@ -27,16 +29,16 @@ import io
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from broker.platform import leases
 from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.uploads import lifecycle
-from broker.uploads.models import Upload
+from broker.uploads.models import Upload, VerifyTurn
 from broker.upstream.budget import UpstreamBudget
 from broker.upstream.cloudflare import (
     CloudflareImages,
@@ -51,6 +53,13 @@ log = logging.getLogger("broker.completion")
 # Seconds between checks of a silent client's upload: 5, 10, 20, then every 30 (from creation).
 CHECK_BASE = 5
 CHECK_CAP = 30
+# Verification calls (a listing, or one upload's details) are made at most once per interval by
+# all workers together: LIST_EVERY_MIN seconds while the global budget is used below FREE_SHARE
+# (or the batch host serves them), growing linearly to CHECK_CAP at SCARCE_SHARE and beyond.
+LIST_EVERY_MIN = 2.0
+FREE_SHARE = 0.5
+SCARCE_SHARE = 0.9
+LISTING_TURN = "listing"
 LEASE_SECONDS = 60
 CLAIM_LIMIT = 500
 LIST_PER_PAGE = 1000
@@ -301,6 +310,70 @@ def _grace(config: Any) -> timedelta:
     return timedelta(seconds=float(config["EXPIRY_GRACE"]))
 
 
+# -- the shared listing turn -------------------------------------------------------------------
+
+
+def listing_interval(client: CloudflareImages) -> float:
+    """Return the seconds between verification calls that the upstream's headroom allows now.
+
+    LIST_EVERY_MIN while the batch host serves listings or the global budget is used below
+    FREE_SHARE of its limit; CHECK_CAP from SCARCE_SHARE on (or while paused after a 429);
+    linear in between.
+    """
+    route = client.batch_route
+    if route is not None and route.uses_batch("list_v2"):
+        return LIST_EVERY_MIN
+    budget = client.budget
+    if not isinstance(budget, UpstreamBudget):
+        return LIST_EVERY_MIN
+    status = budget.status()
+    if status.paused_for > 0:
+        return float(CHECK_CAP)
+    used = status.used / status.limit
+    scarcity = min(1.0, max(0.0, (used - FREE_SHARE) / (SCARCE_SHARE - FREE_SHARE)))
+    return LIST_EVERY_MIN + scarcity * (CHECK_CAP - LIST_EVERY_MIN)
+
+
+def listing_turn_free(session: Session, now: datetime) -> bool:
+    """Tell whether the shared turn may be taken at `now` (a read; `take_listing_turn_and_commit`
+    decides)."""
+    next_at = session.scalar(sa.select(VerifyTurn.next_at).where(VerifyTurn.name == LISTING_TURN))
+    session.commit()
+    return next_at is None or next_at <= now
+
+
+def take_listing_turn_and_commit(session: Session, owner: str, now: datetime, every: float) -> bool:
+    """Take the shared turn to verify now, moving the next one `every` seconds on; True if won.
+
+    A compare-and-set on one row: of the workers trying at the same moment exactly one wins
+    (PostgreSQL re-checks the condition after the winner's commit; SQLite has one writer).
+    """
+    turn = cast(sa.Table, VerifyTurn.__table__)
+    won = session.execute(
+        sa.update(turn)
+        .where(turn.c.name == LISTING_TURN, turn.c.next_at <= now)
+        .values(next_at=now + timedelta(seconds=every), owner=owner)
+    )
+    if cast(sa.CursorResult[Any], won).rowcount == 1:
+        session.commit()
+        return True
+    exists = session.scalar(sa.select(turn.c.name).where(turn.c.name == LISTING_TURN))
+    if exists is not None:
+        session.commit()
+        return False
+    try:
+        session.execute(
+            sa.insert(turn).values(
+                name=LISTING_TURN, next_at=now + timedelta(seconds=every), owner=owner
+            )
+        )
+        session.commit()
+    except IntegrityError:  # another worker created it first, and so took this turn
+        session.rollback()
+        return False
+    return True
+
+
 def verify_due(
     session: Session,
     client: CloudflareImages,
@@ -323,6 +396,12 @@ def verify_due(
     )
     session.commit()
     if oldest is None or now - oldest < window:
+        return 0
+    # One verification call per interval for all workers: whoever takes the turn claims every
+    # due upload (the others find nothing left to do until the next turn).
+    if not listing_turn_free(session, now):
+        return 0
+    if not take_listing_turn_and_commit(session, owner, now, listing_interval(client)):
         return 0
     ids = leases.claim_and_commit(
         session,

@@ -349,7 +349,11 @@ def reserve_slot_and_commit(
     max_pending, max_daily = limits_for(user, config)
     session.rollback()
     if session.get_bind().dialect.name != "sqlite":
-        session.execute(sa.select(User.id).where(User.id == user_id).with_for_update())
+        # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
+        # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
+        session.execute(
+            sa.select(User.id).where(User.id == user_id).with_for_update(key_share=True)
+        )
     # Under the lock: a killed process's reservations are dropped here, keeping the table small.
     session.execute(
         sa.delete(UploadReservation).where(

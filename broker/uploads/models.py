@@ -101,3 +101,17 @@ class IdempotencyKey(Model):
     response_headers: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class VerifyTurn(Model):
+    """When the next listing for silent clients may be made, shared by every worker.
+
+    One row (`name` = "listing"): a worker lists only after advancing `next_at` with a
+    compare-and-set, so N workers make one listing per interval, as one worker would.
+    """
+
+    __tablename__ = "verify_turns"
+
+    name: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    owner: Mapped[str | None] = mapped_column(sa.String(64))

@@ -268,6 +268,12 @@ class BatchRoute:
             self._token = stored
             return stored.value
         if self._claim_refresh(now):
+            # Another process may have stored a fresh token between our read and our claim.
+            latest = self._read()
+            if latest is not None and now < latest.refresh_at:
+                self._release_refresh()
+                self._token = latest
+                return latest.value
             try:
                 value, expires = source.fetch_batch_token(priority)
             except Exception:

@@ -127,16 +127,25 @@ class UpstreamBudget:
             return [(everything, self.limit), (own, self.limit - self.background_share)]
         return [(everything, self.limit), (background, self.limit - self.reserve)]
 
+    def _bump(self, conn: Connection) -> int | None:
+        """Write the scope's state row (its lock) and return its pause; None when it is missing.
+
+        One round trip (UPDATE … RETURNING, PostgreSQL and SQLite ≥ 3.35): the row is locked
+        until the transaction ends, so every statement saved here is time others do not wait.
+        """
+        paused = conn.execute(
+            sa.update(_state)
+            .where(_state.c.scope == self.scope)
+            .values(seq=_state.c.seq + 1)
+            .returning(_state.c.paused_until_ms)
+        ).first()
+        return None if paused is None else int(paused[0] or 0)
+
     def _lock(self, conn: Connection) -> int:
         """Take the scope's lock by writing its state row (creating it when missing)."""
-        bumped = conn.execute(
-            sa.update(_state).where(_state.c.scope == self.scope).values(seq=_state.c.seq + 1)
-        )
-        if bumped.rowcount:
-            paused = conn.execute(
-                sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
-            ).scalar_one()
-            return int(paused or 0)
+        paused = self._bump(conn)
+        if paused is not None:
+            return paused
         conn.execute(sa.insert(_state).values(scope=self.scope, seq=1, paused_until_ms=0))
         return 0
 
@@ -222,16 +231,11 @@ class UpstreamBudget:
         if conn.engine.url != self.engine.url:
             return False
         now = self.clock()
-        bumped = conn.execute(
-            sa.update(_state).where(_state.c.scope == self.scope).values(seq=_state.c.seq + 1)
-        )
-        if not bumped.rowcount:
+        paused = self._bump(conn)
+        if paused is None:
             return False  # creating the row may race with another process: `acquire` retries
-        paused = conn.execute(
-            sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
-        ).scalar_one()
         try:
-            self._spend(conn, now, int(paused or 0), priority)
+            self._spend(conn, now, paused, priority)
         except BudgetExhausted as exc:
             self._refused(exc, priority)
             raise

@@ -4,6 +4,7 @@ outgoing webhooks to a real local receiver verified with the `standardwebhooks` 
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -14,7 +15,7 @@ from broker import worker
 from broker.emulator.testing import make_image
 from broker.platform.db import db, utcnow
 from broker.uploads import completion
-from broker.uploads.models import Upload
+from broker.uploads.models import Upload, VerifyTurn
 from broker.webhooks.models import WebhookDelivery, WebhookEvent
 from tests.factories import (
     add_webhook_endpoint,
@@ -44,7 +45,8 @@ def test_complete_then_worker_verifies_and_delivers(setup, receiver, emulator):
     send_file(up)
     response = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
     assert response.status_code == 202 and response.headers["Retry-After"] == "1"
-    worker.run_once(app, now=utcnow() + timedelta(seconds=2))
+    # Past the batching window, and past the shared turn the first check took (2 s apart).
+    worker.run_once(app, now=later(2 + completion.LIST_EVERY_MIN))
     row = load_upload(app, up["id"])
     assert row.status == "ready"
     assert row.filename == "cat.png" and row.uploaded_at is not None and row.variants
@@ -336,3 +338,105 @@ def test_complete_falls_back_to_the_worker_under_budget_pressure(inline, emulato
     worker.run_once(app, now=later())
     assert load_upload(app, up["id"]).status == "ready"
     assert _api_calls(emulator) == {"image_details": 1}
+
+
+# -- the shared listing turn (silent clients, N workers) ---------------------------------------
+
+
+def _silent_traffic(app, client, auth, emulator, workers: list[str]) -> tuple[int, list[str]]:
+    """Four silent uploads (two files sent at 3 s and 12 s, two never) and 70 simulated seconds
+    of `workers` running side by side (threads, each pass at the same moment); return the
+    verification calls the emulator saw and the uploads' statuses."""
+    ups = [create_upload(client, auth) for _ in range(4)]
+    start = max(load_upload(app, up["id"]).created_at for up in ups)
+    emulator.reset_counters()
+    sent = {3.0: ups[0], 12.0: ups[1]}
+    for step in range(141):
+        moment = step / 2
+        if moment in sent:
+            send_file(sent[moment])
+        now = start + timedelta(seconds=moment)
+        threads = [
+            threading.Thread(
+                target=worker.run_once, args=(app,), kwargs={"now": now, "worker_id": w}
+            )
+            for w in workers
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    calls = _api_calls(emulator)
+    statuses = [load_upload(app, up["id"]).status for up in ups]
+    with app.app_context():  # out of the next run's way
+        db.session.execute(
+            sa.update(Upload).where(Upload.status == "pending").values(status="expired")
+        )
+        db.session.execute(sa.delete(VerifyTurn))
+        db.session.commit()
+    return sum(calls.values()), statuses
+
+
+def test_two_workers_make_as_many_verification_calls_as_one(setup, emulator):
+    """The shared turn: whichever worker takes it verifies for all; the other finds it taken."""
+    app, client, auth = setup
+    alone, statuses_alone = _silent_traffic(app, client, auth, emulator, ["w1"])
+    paired, statuses_paired = _silent_traffic(app, client, auth, emulator, ["w1", "w2"])
+    assert statuses_alone == statuses_paired == ["ready", "ready", "pending", "pending"]
+    # Listings when the drafts are due (5, 15, 35 s) plus the batching window: 6.5, 18, 39.5 s;
+    # the sent files are found by the first two.
+    assert alone == 3
+    assert paired == alone
+
+
+def test_the_listing_interval_follows_the_budget(make_app):
+    """2 s while under half the budget is used, 30 s from 90 % on or while paused; linear
+    between."""
+    app = make_app(UPSTREAM_BUDGET=20, UPSTREAM_BACKGROUND_RESERVE=4, UPSTREAM_BACKGROUND_SHARE=4)
+    with app.app_context():
+        from broker.upstream.budget import get_budget
+        from broker.upstream.cloudflare import Priority, get_client
+
+        cf, budget = get_client(), get_budget()
+        seen = []
+        for spent in (0, 10, 4, 4):
+            for _ in range(spent):
+                budget.acquire(Priority.INTERACTIVE if len(seen) % 2 else Priority.BACKGROUND)
+            seen.append(completion.listing_interval(cf))
+        assert seen == pytest.approx([2.0, 2.0, 16.0, 30.0])  # 0, 50, 70 and 90 % of 20 used
+        budget.pause(5)
+        assert completion.listing_interval(cf) == 30.0
+
+
+def test_under_a_scarce_budget_due_checks_wait_for_the_next_turn(
+    make_app, make_user, bearer, emulator
+):
+    app = make_app(
+        COMPLETE_INLINE_BUDGET=0,
+        UPSTREAM_BUDGET=20,
+        UPSTREAM_BACKGROUND_RESERVE=4,
+        UPSTREAM_BACKGROUND_SHARE=4,
+    )
+    client, auth = app.test_client(), bearer(app, make_user("alice"))
+    a, b = create_upload(client, auth), create_upload(client, auth)
+    with app.app_context():
+        from broker.upstream.budget import get_budget
+        from broker.upstream.cloudflare import Priority
+
+        for _ in range(14):  # 16 of 20 used with the two creates: 80 %
+            get_budget().acquire(Priority.INTERACTIVE)
+    send_file(a)
+    client.post(f"/api/v1/uploads/{a['id']}/complete", headers=auth)
+    emulator.reset_counters()
+    start = utcnow()
+    worker.run_once(app, now=start + timedelta(seconds=2))
+    assert load_upload(app, a["id"]).status == "ready" and _api_calls(emulator)
+    send_file(b)
+    client.post(f"/api/v1/uploads/{b['id']}/complete", headers=auth)
+    calls = sum(_api_calls(emulator).values())
+    # 80 % used: the next turn is 2 + 0.75 * 28 = 23 s later; not before.
+    worker.run_once(app, now=start + timedelta(seconds=24))
+    assert load_upload(app, b["id"]).status == "pending"
+    assert sum(_api_calls(emulator).values()) == calls
+    worker.run_once(app, now=start + timedelta(seconds=25.5))
+    assert load_upload(app, b["id"]).status == "ready"
