@@ -16,6 +16,8 @@ the number of windows, not of uploads. Every call is made at background priority
 shared budget, and all workers together make at most one per interval (`listing_interval`: 2 s
 with headroom, up to 30 s when the budget is scarce): the worker that moves the shared turn on
 (`take_listing_turn_and_commit`) verifies every due upload, the others wait for the next turn.
+While the interval is shorter than CHECK_BASE, every pending upload not checked within it is due
+too, so a listing per interval covers them all; the schedule is what remains when it is scarce.
 
 `verify_due` and `expire_due` are worker jobs: each owns its transactions (a lease claim, then
 one commit per verified batch), as the transaction rule in `broker.platform.db` allows a job.
@@ -385,23 +387,40 @@ def verify_due(
     """Worker job: verify the uploads that are due (committing as it goes); return how many
     changed state."""
     now = now or utcnow()
-    due = [
-        Upload.status == lifecycle.PENDING,
-        Upload.next_check_at <= now,
-        Upload.expires_at > now - _grace(config),
-    ]
-    window = timedelta(seconds=float(config["VERIFY_BATCH_WINDOW"]))
-    oldest = session.scalar(
-        sa.select(sa.func.min(Upload.next_check_at)).where(*due, leases.claimable(Upload, now))
-    )
-    session.commit()
-    if oldest is None or now - oldest < window:
-        return 0
     # One verification call per interval for all workers: whoever takes the turn claims every
     # due upload (the others find nothing left to do until the next turn).
     if not listing_turn_free(session, now):
         return 0
-    if not take_listing_turn_and_commit(session, owner, now, listing_interval(client)):
+    pending = [
+        Upload.status == lifecycle.PENDING,
+        Upload.expires_at > now - _grace(config),
+    ]
+    scheduled = [*pending, Upload.next_check_at <= now]
+    window = timedelta(seconds=float(config["VERIFY_BATCH_WINDOW"]))
+    oldest = session.scalar(
+        sa.select(sa.func.min(Upload.next_check_at)).where(
+            *scheduled, leases.claimable(Upload, now)
+        )
+    )
+    session.commit()
+    interval = listing_interval(client)
+    due: list[sa.ColumnElement[bool]] = scheduled
+    if interval < CHECK_BASE:
+        # Headroom: every pending upload not checked within the interval is due too, so one
+        # listing per interval covers them all (the schedule is what is left when it is scarce).
+        unchecked_since = sa.func.coalesce(Upload.last_checked_at, Upload.created_at)
+        stale = unchecked_since <= now - timedelta(seconds=interval)
+        due = [*pending, sa.or_(Upload.next_check_at <= now, stale)]
+        if oldest is None or now - oldest < window:
+            oldest = None  # the hints' batching window still runs: stale ones alone decide
+            if session.scalar(
+                sa.select(Upload.id).where(*pending, stale, leases.claimable(Upload, now)).limit(1)
+            ):
+                oldest = now - window
+            session.commit()
+    if oldest is None or now - oldest < window:
+        return 0
+    if not take_listing_turn_and_commit(session, owner, now, interval):
         return 0
     ids = leases.claim_and_commit(
         session,

@@ -12,7 +12,7 @@ and v1 upload — through `BatchRoute` while it says so, and everything else to 
   call reads the database only around a refresh.
 - The 200 calls per second of a token are shared by every process: a budget kept in Redis when
   `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database (a one-second
-  `UpstreamBudget`, which counts conservatively: never more than 200 in any second).
+  `UpstreamBudget` in 100 ms slices: never more than 200 in any second, about 180 when busy).
 - A batch host that refuses an endpoint (code 103 "forbidden endpoint", as some accounts see for
   `/images/v2/…`), refuses the token, or fails `ERRORS_BEFORE_FALLBACK` times in a row sends that
   endpoint back to the global API for `BROKER_CLOUDFLARE_BATCH_COOLDOWN` seconds, for every

@@ -104,8 +104,11 @@ class UpstreamBudget:
         self.background_share = background_share
         self.scope = scope
         self.clock = clock
-        # Whole seconds keep bucket keys exact integers on every backend.
-        self.bucket = max(1, math.ceil(window / BUCKETS_PER_WINDOW))
+        # Bucket keys are exact integers on every backend: whole seconds, or milliseconds for a
+        # window shorter than BUCKETS_PER_WINDOW seconds (the batch host's one-second rate), so
+        # that one still has ten slices and counts at most a tenth of a window too much.
+        self.unit = 1000 if window < BUCKETS_PER_WINDOW else 1
+        self.bucket = max(1, math.ceil(window * self.unit / BUCKETS_PER_WINDOW))
 
     def __repr__(self) -> str:
         return (
@@ -162,7 +165,7 @@ class UpstreamBudget:
 
     def _window_start(self, now: float) -> int:
         """The first bucket that may still hold calls made within the last window."""
-        first = math.floor((now - self.window) / self.bucket) * self.bucket
+        first = math.floor((now - self.window) * self.unit / self.bucket) * self.bucket
         return int(first)
 
     def _spend(
@@ -182,7 +185,7 @@ class UpstreamBudget:
             if used + 1 > cap:
                 raise BudgetExhausted(self._retry_after(counted, used, cap, now))
         background = int(priority == Priority.BACKGROUND)
-        current = int(now // self.bucket) * self.bucket
+        current = int((now * self.unit) // self.bucket) * self.bucket
         updated = conn.execute(
             sa.update(_buckets)
             .where(_buckets.c.scope == self.scope, _buckets.c.start == current)
@@ -250,7 +253,8 @@ class UpstreamBudget:
             excess -= calls
             if excess <= 0:
                 # The bucket counts until the window no longer overlaps it.
-                return max(1, math.ceil(int(start) + self.bucket + self.window - now))
+                ends = (int(start) + self.bucket) / self.unit + self.window
+                return max(1, math.ceil(ends - now))
         return float(self.window)
 
     def pause(self, seconds: float) -> None:

@@ -383,9 +383,8 @@ def test_two_workers_make_as_many_verification_calls_as_one(setup, emulator):
     alone, statuses_alone = _silent_traffic(app, client, auth, emulator, ["w1"])
     paired, statuses_paired = _silent_traffic(app, client, auth, emulator, ["w1", "w2"])
     assert statuses_alone == statuses_paired == ["ready", "ready", "pending", "pending"]
-    # Listings when the drafts are due (5, 15, 35 s) plus the batching window: 6.5, 18, 39.5 s;
-    # the sent files are found by the first two.
-    assert alone == 3
+    # The budget is free: a call every 2 s turn (2, 4, … 70 s) while anything is pending.
+    assert alone == 35
     assert paired == alone
 
 
@@ -440,3 +439,40 @@ def test_under_a_scarce_budget_due_checks_wait_for_the_next_turn(
     assert sum(_api_calls(emulator).values()) == calls
     worker.run_once(app, now=start + timedelta(seconds=25.5))
     assert load_upload(app, b["id"]).status == "ready"
+
+
+def test_a_draft_deletion_postponed_by_the_budget_is_done_later(
+    make_app, make_user, bearer, emulator
+):
+    """Expiry under budget pressure: the details call fits, the deletion does not; the upload
+    expires at once and `delete_drafts` deletes the draft upstream once the budget allows."""
+    app = make_app(
+        COMPLETE_INLINE_BUDGET=0,
+        UPSTREAM_BUDGET=20,
+        UPSTREAM_BUDGET_WINDOW=60,
+        UPSTREAM_BACKGROUND_RESERVE=4,
+        UPSTREAM_BACKGROUND_SHARE=4,
+    )
+    client, auth = app.test_client(), bearer(app, make_user("alice"))
+    up = create_upload(client, auth, expires_in=120)
+    row = load_upload(app, up["id"])
+    late = row.expires_at + timedelta(seconds=app.config["EXPIRY_GRACE"] + 1)
+    with time_machine.travel(late, tick=False) as traveller, app.app_context():
+        from broker.upstream.budget import get_budget
+        from broker.upstream.cloudflare import Priority, get_client
+
+        for _ in range(15):  # background may use 16 of 20: one call left, for the details
+            get_budget().acquire(Priority.BACKGROUND)
+        assert completion.expire_due(db.session, get_client(), app.config, "w1", now=late) == 1
+        row = db.session.get(Upload, up["id"])
+        assert row.status == "expired" and row.draft_delete_at is not None
+        retry_at = row.draft_delete_at
+        db.session.commit()
+        assert emulator.emulator.store.get_image(up["image_id"]) is not None  # still there
+        # Not before its time, and not while the budget is still spent.
+        assert completion.delete_drafts_due(db.session, get_client(), "w1", now=late) == 0
+        assert (retry_at - late).total_seconds() >= 50  # the budget's own Retry-After
+        traveller.move_to(retry_at)  # its calls have left the window: the deletion fits now
+        assert completion.delete_drafts_due(db.session, get_client(), "w1", now=retry_at) == 1
+        assert db.session.get(Upload, up["id"]).draft_delete_at is None
+    assert emulator.emulator.store.get_image(up["image_id"]) is None  # deleted upstream

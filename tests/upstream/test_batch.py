@@ -5,23 +5,28 @@ tokens / repeated errors, the per-token rate shared across processes."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import sqlalchemy as sa
+import time_machine
 from flask import Flask
 
 from broker.auth.models import User
 from broker.emulator.testing import EmulatorServer
 from broker.platform.db import db
 from broker.uploads.models import Upload
-from broker.upstream.batch import ERRORS_BEFORE_FALLBACK, BatchRoute
+from broker.upstream.batch import ERRORS_BEFORE_FALLBACK, BatchRoute, RedisRate
 from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import Priority
 from broker.upstream.models import UpstreamBatchToken
 from broker.worker import run_once
+from tests.conftest import require
 
 URL = "/api/v1/uploads"
 METRICS = "scrape-me-0123456789"
@@ -266,3 +271,67 @@ def test_batch_off_uses_only_the_global_api(
     assert app.extensions["batch_route"] is None
     _create(app, bearer(app, alice))
     assert emulator.kinds()["batch"] == 0 and emulator.counters()["direct_upload"] == 1
+
+
+@pytest.fixture
+def redis_uri(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own, on a unix socket (no TCP port at all)."""
+    require(shutil.which("redis-server") is not None, "needs redis-server (Debian: redis-server)")
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(unix_socket_path=str(sock))
+        for _ in range(400):  # up within milliseconds; give up after ~10 s
+            if sock.exists():
+                try:
+                    client.ping()
+                    break
+                except redis.exceptions.ConnectionError:
+                    pass
+            try:
+                proc.wait(timeout=0.025)
+                pytest.fail(f"redis-server exited with {proc.returncode}")
+            except subprocess.TimeoutExpired:
+                continue
+        client.ping()
+        yield f"redis+unix://{sock}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_per_token_rate_is_shared_through_redis(
+    make_app: Callable[..., Flask], redis_uri: str
+) -> None:
+    """Two apps (as two processes would) with RATELIMIT_STORAGE_URI on Redis share the rate."""
+    apps = [
+        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5, RATELIMIT_STORAGE_URI=redis_uri)
+        for _ in range(2)
+    ]
+    rates = [_route(app).rate for app in apps]
+    assert all(isinstance(rate, RedisRate) for rate in rates)
+    with time_machine.travel(1_800_000_000.5, tick=False) as traveller:
+        for i in range(5):
+            rates[i % 2].acquire(Priority.INTERACTIVE)
+        for rate in rates:
+            with pytest.raises(BudgetExhausted):
+                rate.acquire(Priority.INTERACTIVE)
+        traveller.shift(1.1)  # the second has passed for both
+        rates[1].acquire(Priority.INTERACTIVE)
+        rates[0].acquire(Priority.INTERACTIVE)
