@@ -51,6 +51,21 @@ class LineFormatter(logging.Formatter):
         safe.message = escape(record.message)
         return super().formatMessage(safe)
 
+    _stamp: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """Return the record's time as `logging.Formatter` writes it, the date and time of day
+        rendered once a second rather than for every line."""
+        msec_format = self.default_msec_format
+        if datefmt or self.datefmt or not msec_format:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        stamp = self._stamp  # one tuple, read and replaced whole: safe across threads
+        if stamp[0] != second:
+            stamp = (second, time.strftime(self.default_time_format, self.converter(second)))
+            self._stamp = stamp
+        return msec_format % (stamp[1], record.msecs)
+
 
 def _configure(level: str) -> None:
     root = logging.getLogger("broker")
@@ -60,6 +75,9 @@ def _configure(level: str) -> None:
         handler.setFormatter(LineFormatter(LINE_FORMAT))
         root.addHandler(handler)
 
+
+# The request's line: method, path, status, duration, id.
+_LINE = "%s %s %s %.1fms request_id=%s"
 
 # Where the id waits in the WSGI environ while the request runs.
 REQUEST_ID_KEY = "broker.request_id"
@@ -100,14 +118,16 @@ class RequestLog:
 
         body = self.app(environ, start)
         if status and log.isEnabledFor(logging.INFO):
-            log.info(
-                "%s %s %s %.1fms request_id=%s",
+            args = (
                 environ.get("REQUEST_METHOD", "GET").upper(),
                 _path(environ),
                 status.split(" ", 1)[0],
                 (time.perf_counter() - started) * 1000,
                 rid,
             )
+            # The record made and handed to the handlers directly: `log.info` would first walk
+            # the stack for the caller's file and line, which the line never shows.
+            log.handle(log.makeRecord(log.name, logging.INFO, "", 0, _LINE, args, None))
         return body
 
 

@@ -8,7 +8,8 @@ Prints, side by side in one run:
 2. batch API on: a steady create rate through two gunicorn instances (plus a worker) on the
    database(s) given, with 503s, upstream 429s, global API calls and create p50/p99;
 3. the broker's own cost per request, in-process: a bare route on the broker app vs the same
-   route on a plain Flask app, and `/i/<id>/<variant>` vs the bare route on the broker.
+   route on a plain Flask app (access log off, and on), and `/i/<id>/<variant>` vs the bare
+   route on the broker with the same bearer token. `--skip 1,2` runs this part alone.
 
 Defaults are the issue's full configuration (600-create burst; 40 creates/s for 60 s, on
 PostgreSQL when BENCH_DATABASE_URL points at one, and SQLite). Shorter runs:
@@ -296,7 +297,10 @@ def part2(tmp: Path, database_url: str, rate: float, seconds: float) -> dict[str
 
 
 def part3(tmp: Path) -> dict[str, float]:
-    """Best-of-rounds time per request: broker bare vs plain Flask bare, `/i/` vs broker bare."""
+    """Best-of-rounds time per request: broker bare vs plain Flask bare (with the access log
+    line off, as before, and on), `/i/` vs the broker's bare route with the same bearer."""
+    import logging
+
     from flask import Flask
     from werkzeug.test import EnvironBuilder
 
@@ -314,6 +318,9 @@ def part3(tmp: Path) -> dict[str, float]:
     redirect_env = EnvironBuilder(path=f"/i/{data['ids'][0]}/thumb").get_environ()
     redirect_env.update(auth)
     bare_auth_env = {**bare_env, **auth}
+    # The access log at its default level (INFO), written where it costs no terminal.
+    logger = logging.getLogger("broker")
+    handler = next(h for h in logger.handlers if isinstance(h, logging.StreamHandler))
 
     def sink(*_: Any) -> None:
         return None
@@ -324,12 +331,23 @@ def part3(tmp: Path) -> dict[str, float]:
             b"".join(target(dict(env), sink))
         return (time.perf_counter() - t0) / n
 
-    best = {"broker": 1e9, "plain": 1e9, "redirect": 1e9, "bare_auth": 1e9}
-    for _ in range(25):  # interleaved rounds: the same machine load for every side
-        best["broker"] = min(best["broker"], per_request(app, bare_env, 200))
-        best["plain"] = min(best["plain"], per_request(plain, bare_env, 200))
-        best["redirect"] = min(best["redirect"], per_request(app, redirect_env, 100))
-        best["bare_auth"] = min(best["bare_auth"], per_request(app, bare_auth_env, 100))
+    def logged(env: dict[str, Any], n: int, devnull: Any) -> float:
+        level, stream = logger.level, handler.setStream(devnull)
+        logger.setLevel(logging.INFO)
+        try:
+            return per_request(app, env, n)
+        finally:
+            logger.setLevel(level)
+            handler.setStream(stream)
+
+    best = {"broker": 1e9, "plain": 1e9, "redirect": 1e9, "bare_auth": 1e9, "logged": 1e9}
+    with open(os.devnull, "w") as devnull:
+        for _ in range(25):  # interleaved rounds: the same machine load for every side
+            best["broker"] = min(best["broker"], per_request(app, bare_env, 200))
+            best["plain"] = min(best["plain"], per_request(plain, bare_env, 200))
+            best["logged"] = min(best["logged"], logged(bare_env, 200, devnull))
+            best["redirect"] = min(best["redirect"], per_request(app, redirect_env, 100))
+            best["bare_auth"] = min(best["bare_auth"], per_request(app, bare_auth_env, 100))
     return best
 
 
@@ -397,6 +415,10 @@ def main() -> int:
             print(
                 f"   bare route: broker {three['broker'] * 1e6:.0f} µs vs plain Flask "
                 f"{three['plain'] * 1e6:.0f} µs = {cost:.2f}x (target ≤ 1.5x)"
+            )
+            print(
+                f"   the same with the access log line on (LOG_LEVEL=INFO, to /dev/null): "
+                f"{three['logged'] * 1e6:.0f} µs = {three['logged'] / three['plain']:.2f}x"
             )
             print(
                 f"   /i/<id>/<variant> {1 / three['redirect']:,.0f} req/s vs the bare route with "

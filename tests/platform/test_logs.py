@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from broker.platform.logs import LineFormatter
+from broker.platform.logs import LINE_FORMAT, LineFormatter
 
 
 def test_request_id_is_generated_and_logged(client, caplog):
@@ -39,3 +39,14 @@ def test_a_newline_in_the_path_cannot_forge_a_log_line(make_app, caplog):
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
     escaped = "/x\\n2026-11-29 12:00:00,000 INFO broker.request GET /admin 200 1.0ms\\r\\x1b[2J"
     assert escaped in line
+
+
+def test_line_formatter_writes_times_as_logging_does():
+    """The date and time of day, rendered once a second, read as the standard formatter's:
+    within one second, across a second and across a day."""
+    plain = logging.Formatter(LINE_FORMAT)
+    ours = LineFormatter(LINE_FORMAT)
+    for created in (1_795_000_000.001, 1_795_000_000.999, 1_795_000_001.5, 1_795_086_400.25):
+        record = logging.makeLogRecord({"msg": "GET / 200", "created": created})
+        record.msecs = (created - int(created)) * 1000
+        assert ours.format(record) == plain.format(record)
