@@ -29,9 +29,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -560,6 +560,51 @@ def _verify_listing(
     return changed
 
 
+T = TypeVar("T")
+
+
+class _Postponed(Exception):
+    """Upstream said not now: give back the rest of the claimed uploads for `retry` seconds."""
+
+    def __init__(self, retry: float) -> None:
+        super().__init__(retry)
+        self.retry = retry
+
+
+def _walk_claimed(
+    session: Session,
+    ids: Sequence[Any],
+    owner: str,
+    now: datetime,
+    ask: Callable[[str], T],
+    record: Callable[[Upload, T], int],
+) -> int:
+    """For each claimed upload: `ask` Cloudflare about its image with no transaction open, then
+    `record` the answer if the lease is still ours, committing each; return the sum of records.
+
+    `ask` raising `_Postponed` gives back this upload and the rest (`_back_off`) and stops.
+    """
+    done = 0
+    for index, upload_id in enumerate(ids):
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            continue
+        image_id = upload.image_id
+        session.commit()
+        try:
+            answer = ask(image_id)
+        except _Postponed as exc:
+            _back_off(session, ids[index:], owner, exc.retry, now)
+            return done
+        upload = session.get(Upload, upload_id)
+        if upload is None or upload.lease_owner != owner:
+            session.rollback()
+            continue
+        done += record(upload, answer)
+        session.commit()
+    return done
+
+
 def delete_drafts_due(
     session: Session,
     client: CloudflareImages,
@@ -581,33 +626,24 @@ def delete_drafts_due(
         now=now,
         lease_seconds=LEASE_SECONDS,
     )
-    done = 0
-    for upload_id in ids:
-        upload = session.get(Upload, upload_id)
-        if upload is None:
-            continue
-        image_id = upload.image_id
-        session.commit()
-        retry: float | None = None
+
+    def delete(image_id: str) -> float | None:
+        """Seconds until the deletion is tried again, or None once the draft is gone."""
         try:
             client.delete_image(image_id, priority=Priority.BACKGROUND)
         except CloudflareNotFound:
             pass
         except UpstreamError as exc:
-            retry = exc.retry_after or DRAFT_DELETE_RETRY
-        upload = session.get(Upload, upload_id)
-        if upload is None or upload.lease_owner != owner:
-            session.rollback()
-            continue
-        if retry is None:
-            upload.draft_delete_at = None
-            done += 1
-        else:
-            upload.draft_delete_at = now + timedelta(seconds=max(1.0, retry))
+            return exc.retry_after or DRAFT_DELETE_RETRY
+        return None
+
+    def record(upload: Upload, retry: float | None) -> int:
+        upload.draft_delete_at = None if retry is None else now + timedelta(seconds=max(1, retry))
         upload.lease_owner = None
         upload.lease_until = None
-        session.commit()
-    return done
+        return int(retry is None)
+
+    return _walk_claimed(session, ids, owner, now, delete, record)
 
 
 def expire_due(
@@ -632,21 +668,16 @@ def expire_due(
         now=now,
         lease_seconds=LEASE_SECONDS,
     )
-    changed = 0
-    for upload_id in ids:
-        upload = session.get(Upload, upload_id)
-        if upload is None:
-            continue
-        image_id = upload.image_id
-        session.commit()
+
+    def look(image_id: str) -> tuple[Image | None, float | None]:
+        """The image (None: gone) and, for a draft whose deletion failed, when to retry it."""
         try:
             image: Image | None = client.get_image(image_id, priority=Priority.BACKGROUND)
         except CloudflareNotFound:
             image = None
         except UpstreamError as exc:
-            log.warning("expiry of %s postponed: %s", upload_id, exc)
-            _back_off(session, ids[ids.index(upload_id) :], owner, exc.retry_after or 30, now)
-            return changed
+            log.warning("expiry of %s postponed: %s", image_id, exc)
+            raise _Postponed(exc.retry_after or 30) from None
         retry_delete: float | None = None
         if image is not None and image.draft:
             try:
@@ -656,10 +687,10 @@ def expire_due(
             except UpstreamError as exc:
                 retry_delete = exc.retry_after or DRAFT_DELETE_RETRY
                 log.info("draft %s not deleted upstream yet (%s); retrying later", image_id, exc)
-        upload = session.get(Upload, upload_id)
-        if upload is None or upload.lease_owner != owner:
-            session.rollback()
-            continue
+        return image, retry_delete
+
+    def record(upload: Upload, answer: tuple[Image | None, float | None]) -> int:
+        image, retry_delete = answer
         if retry_delete is not None:
             upload.draft_delete_at = now + timedelta(seconds=max(1.0, retry_delete))
         if image is not None and not image.draft:
@@ -668,6 +699,6 @@ def expire_due(
         else:
             lifecycle.mark_expired(session, upload, now=now)
             log.info("upload expired id=%s", upload.id)
-        changed += 1
-        session.commit()
-    return changed
+        return 1
+
+    return _walk_claimed(session, ids, owner, now, look, record)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -102,6 +103,30 @@ def start_broker(
             print((tmp / f"broker{n}.log").read_text()[-3000:], file=sys.stderr)
             raise
     return urls
+
+
+def bearers(settings: dict[str, Any], users: int) -> list[str]:
+    """Create `users` more users on the (migrated) database; return their bearer tokens."""
+    import secrets
+
+    from broker import create_app
+    from broker.auth import tokens
+    from broker.auth import users as accounts
+    from broker.platform.db import db
+
+    app = create_app(dict(settings))
+    found = []
+    with app.app_context():
+        for _ in range(users):
+            user = accounts.create_user(
+                db.session, f"bench{secrets.token_hex(4)}", "bench password long enough"
+            )
+            db.session.commit()
+            found.append(tokens.issue(db.session, user, "bench").secret)
+            db.session.commit()
+        db.engine.dispose()
+        app.extensions["budget"].engine.dispose()
+    return found
 
 
 def counters(emulator_url: str) -> dict[str, Any]:
@@ -237,8 +262,9 @@ def part1(tmp: Path, database_url: str, burst: int, scale: float) -> dict[str, f
 # -- part 2: batch on, steady creates ---------------------------------------------------------
 
 
-def part2(tmp: Path, database_url: str, rate: float, seconds: float) -> dict[str, float]:
-    """Creates at `rate`/s for `seconds` through two gunicorn instances with the batch API."""
+def part2(tmp: Path, database_url: str, rate: float, seconds: float, users: int) -> dict[str, Any]:
+    """Creates at `rate`/s for `seconds` through two gunicorn instances with the batch API, from
+    `users` users in turn (one user's creates are serialised by its limits' lock)."""
     with ExitStack() as stack:
         emulator_url = start_emulator(stack, tmp)
         settings = {
@@ -248,23 +274,27 @@ def part2(tmp: Path, database_url: str, rate: float, seconds: float) -> dict[str
             # The real budget: the batch API must keep creates off it.
             "UPSTREAM_BUDGET": 1000,
         }
-        secret = prepare_broker(settings)
+        secrets = [prepare_broker(settings), *bearers(settings, users - 1)]
         urls = start_broker(stack, tmp, settings, 2, worker=True)
-        headers = {"Authorization": f"Bearer {secret}"}
         requests.post(f"{emulator_url}/_emulator/counters/reset", timeout=10)
         latencies: list[float] = []
         statuses: dict[int, int] = {}
+        samples: dict[int, str] = {}
         lock = threading.Lock()
 
         def create(i: int) -> None:
             t0 = time.perf_counter()
+            auth = {"Authorization": f"Bearer {secrets[i % len(secrets)]}"}
             try:
                 r = requests.post(
-                    f"{urls[i % 2]}/api/v1/uploads", json={}, headers=headers, timeout=30
+                    f"{urls[i % 2]}/api/v1/uploads", json={}, headers=auth, timeout=30
                 )
-                status = r.status_code
-            except requests.RequestException:
-                status = 0
+                status, text = r.status_code, r.text
+            except requests.RequestException as exc:
+                status, text = 0, repr(exc)
+            if status != 201:
+                with lock:
+                    samples.setdefault(status, text[:300])
             ms = (time.perf_counter() - t0) * 1000
             with lock:
                 statuses[status] = statuses.get(status, 0) + 1
@@ -278,6 +308,7 @@ def part2(tmp: Path, database_url: str, rate: float, seconds: float) -> dict[str
             "created": statuses.get(201, 0),
             "503": statuses.get(503, 0),
             "other_errors": sum(v for k, v in statuses.items() if k not in (201, 503)),
+            "errors": {k: (v, samples.get(k, "")) for k, v in statuses.items() if k != 201},
             "p50": percentile(latencies, 50),
             "p99": percentile(latencies, 99),
             "upstream_429": seen.get("throttled", 0),
@@ -358,12 +389,19 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=10, help="part 1: budget window / N")
     parser.add_argument("--rate", type=float, default=40, help="part 2: creates per second")
     parser.add_argument("--seconds", type=float, default=60, help="part 2: seconds of load")
+    parser.add_argument("--users", type=int, default=40, help="part 2: users creating in turn")
     parser.add_argument("--skip", default="", help="parts to skip, e.g. 1,2")
     opts = parser.parse_args()
     skip = {p.strip() for p in opts.skip.split(",") if p.strip()}
     postgres = os.environ.get("BENCH_DATABASE_URL")
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as name:
-        tmp = Path(name)
+    # BENCH_KEEP=1 keeps the servers' logs (the folder is printed) to find out what went wrong.
+    keep = os.environ.get("BENCH_KEEP")
+    with ExitStack() as cleanup:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+        if keep:
+            print(f"logs in {tmp}")
+        else:
+            cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         if "1" not in skip:
             one = part1(
                 tmp / "one", postgres or f"sqlite:///{tmp}/one.sqlite3", opts.burst, opts.scale
@@ -387,7 +425,8 @@ def main() -> int:
             if postgres:
                 databases.insert(0, ("PostgreSQL", postgres))
             print(
-                f"2. batch on: {opts.rate:g} creates/s for {opts.seconds:g} s, 2 gunicorn + worker"
+                f"2. batch on: {opts.rate:g} creates/s for {opts.seconds:g} s from {opts.users} "
+                "users, 2 gunicorn + worker"
             )
             print(
                 f"   {'database':<10} {'sent':>6} {'201':>6} {'503':>5} {'other':>5} "
@@ -397,13 +436,18 @@ def main() -> int:
             for label, url in databases:
                 run = tmp / f"two-{label}"
                 run.mkdir()
-                two = part2(run, url or f"sqlite:///{run}/broker.sqlite3", opts.rate, opts.seconds)
+                two = part2(
+                    run, url or f"sqlite:///{run}/broker.sqlite3", opts.rate, opts.seconds,
+                    opts.users,
+                )  # fmt: skip
                 print(
                     f"   {label:<10} {two['sent']:>6} {two['created']:>6} {two['503']:>5} "
                     f"{two['other_errors']:>5} {two['p50']:>7.0f} {two['p99']:>7.0f} "
                     f"{two['upstream_429']:>6} {two['global_calls']:>6} "
                     f"{two['token_fetches']:>6} {two['batch_calls']:>6}"
                 )
+                for status, (count, sample) in two["errors"].items():
+                    print(f"   {'':<10} {count} x {status}: {sample}")
                 if two["other_global"]:
                     print(f"   {'':<10} global calls besides tokens: {two['other_global']}")
             print("   targets: 0 x 503, 0 upstream 429, global calls = token fetches, p99 ≤ 250 ms")
