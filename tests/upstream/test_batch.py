@@ -96,6 +96,32 @@ def test_processes_share_one_token_and_creates_skip_the_global_api(
         assert row.lease_owner is None
 
 
+def test_a_process_that_read_before_another_stored_the_token_does_not_fetch_again(
+    make_app: Callable[..., Flask], emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race two processes starting at once ran into: the second read "no token" just before
+    the first stored one (and released the lease), then won the lease itself."""
+    first, second = _batch_app(make_app), _batch_app(make_app)
+    late = _route(second)
+    reads: list[object] = []
+    real_read = late._read
+
+    def read() -> object:
+        reads.append(None)
+        # Its first read happened before the first process stored the token.
+        return None if len(reads) == 1 else real_read()
+
+    monkeypatch.setattr(late, "_read", read)
+    with first.app_context():
+        from broker.upstream.cloudflare import get_client
+
+        token = _route(first).token(get_client(), Priority.INTERACTIVE)
+    with second.app_context():
+        assert late.token(get_client(), Priority.INTERACTIVE) == token
+    assert len(reads) == 2  # the stale read, then the one after winning the lease
+    assert emulator.counters().get("batch_token") == 1
+
+
 def test_token_is_refreshed_before_it_expires(
     make_app: Callable[..., Flask],
     alice: User,
