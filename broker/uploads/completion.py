@@ -56,11 +56,9 @@ log = logging.getLogger("broker.completion")
 CHECK_BASE = 5
 CHECK_CAP = 30
 # Verification calls (a listing, or one upload's details) are made at most once per interval by
-# all workers together: LIST_EVERY_MIN seconds while the global budget is used below FREE_SHARE
-# (or the batch host serves them), growing linearly to CHECK_CAP at SCARCE_SHARE and beyond.
+# all workers together: the budget's window spread over the calls background work may still make
+# in it, between LIST_EVERY_MIN (also while the batch host serves them) and CHECK_CAP seconds.
 LIST_EVERY_MIN = 2.0
-FREE_SHARE = 0.5
-SCARCE_SHARE = 0.9
 LISTING_TURN = "listing"
 LEASE_SECONDS = 60
 CLAIM_LIMIT = 500
@@ -318,9 +316,10 @@ def _grace(config: Any) -> timedelta:
 def listing_interval(client: CloudflareImages) -> float:
     """Return the seconds between verification calls that the upstream's headroom allows now.
 
-    LIST_EVERY_MIN while the batch host serves listings or the global budget is used below
-    FREE_SHARE of its limit; CHECK_CAP from SCARCE_SHARE on (or while paused after a 429);
-    linear in between.
+    The budget's window divided by the calls a background call may still make in it (what is
+    left, spread evenly), kept between LIST_EVERY_MIN and CHECK_CAP; LIST_EVERY_MIN while the
+    batch host serves listings, CHECK_CAP while paused after a 429. A burst of creates cannot
+    stretch it: the background side keeps its guaranteed share.
     """
     route = client.batch_route
     if route is not None and route.uses_batch("list_v2"):
@@ -329,11 +328,10 @@ def listing_interval(client: CloudflareImages) -> float:
     if not isinstance(budget, UpstreamBudget):
         return LIST_EVERY_MIN
     status = budget.status()
-    if status.paused_for > 0:
+    left = status.background_left
+    if status.paused_for > 0 or left <= 0:
         return float(CHECK_CAP)
-    used = status.used / status.limit
-    scarcity = min(1.0, max(0.0, (used - FREE_SHARE) / (SCARCE_SHARE - FREE_SHARE)))
-    return LIST_EVERY_MIN + scarcity * (CHECK_CAP - LIST_EVERY_MIN)
+    return min(float(CHECK_CAP), max(LIST_EVERY_MIN, status.window / left))
 
 
 def listing_turn_free(session: Session, now: datetime) -> bool:

@@ -77,6 +77,12 @@ class BudgetStatus:
     reserve: int
     window: int
     paused_for: float
+    background: int = 0  # of `used`, the background side's calls
+
+    @property
+    def background_left(self) -> int:
+        """Calls a background call may still make in this window (both caps it must respect)."""
+        return max(0, min(self.limit - self.used, self.limit - self.reserve - self.background))
 
 
 class UpstreamBudget:
@@ -277,11 +283,12 @@ class UpstreamBudget:
         """Return how much of the window is used and how long a pause has left."""
         now = self.clock()
         with self.engine.connect() as conn:
-            used = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(_buckets.c.calls), 0)).where(
-                    _buckets.c.scope == self.scope, _buckets.c.start >= self._window_start(now)
-                )
-            ).scalar_one()
+            used, background = conn.execute(
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(_buckets.c.calls), 0),
+                    sa.func.coalesce(sa.func.sum(_buckets.c.background), 0),
+                ).where(_buckets.c.scope == self.scope, _buckets.c.start >= self._window_start(now))
+            ).one()
             paused = conn.execute(
                 sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
             ).scalar()
@@ -291,6 +298,7 @@ class UpstreamBudget:
             reserve=self.reserve,
             window=self.window,
             paused_for=max(0.0, (paused or 0) / 1000 - now),
+            background=int(background),
         )
 
 

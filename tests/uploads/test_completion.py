@@ -389,20 +389,30 @@ def test_two_workers_make_as_many_verification_calls_as_one(setup, emulator):
 
 
 def test_the_listing_interval_follows_the_budget(make_app):
-    """2 s while under half the budget is used, 30 s from 90 % on or while paused; linear
-    between."""
-    app = make_app(UPSTREAM_BUDGET=20, UPSTREAM_BACKGROUND_RESERVE=4, UPSTREAM_BACKGROUND_SHARE=4)
+    """The window spread over the calls background work may still make in it: 2 s at least,
+    30 s at most (and while paused); a burst of creates leaves background its share."""
+    app = make_app(
+        UPSTREAM_BUDGET=20,
+        UPSTREAM_BUDGET_WINDOW=30,
+        UPSTREAM_BACKGROUND_RESERVE=4,
+        UPSTREAM_BACKGROUND_SHARE=4,
+    )
     with app.app_context():
         from broker.upstream.budget import get_budget
         from broker.upstream.cloudflare import Priority, get_client
 
         cf, budget = get_client(), get_budget()
-        seen = []
-        for spent in (0, 10, 4, 4):
+        seen = [completion.listing_interval(cf)]  # 16 left for background: 30 / 16 → 2 s
+        for priority, spent in ((Priority.BACKGROUND, 6), (Priority.INTERACTIVE, 10)):
             for _ in range(spent):
-                budget.acquire(Priority.INTERACTIVE if len(seen) % 2 else Priority.BACKGROUND)
+                budget.acquire(priority)
             seen.append(completion.listing_interval(cf))
-        assert seen == pytest.approx([2.0, 2.0, 16.0, 30.0])  # 0, 50, 70 and 90 % of 20 used
+        # 6 background: 10 left → 3 s; then interactive takes all it may (16 of 20 used):
+        # background still has its 4 → 7.5 s.
+        assert seen == pytest.approx([2.0, 3.0, 7.5])
+        for _ in range(3):
+            budget.acquire(Priority.BACKGROUND)
+        assert completion.listing_interval(cf) == 30.0  # one left: 30 s is the cap
         budget.pause(5)
         assert completion.listing_interval(cf) == 30.0
 
@@ -433,11 +443,11 @@ def test_under_a_scarce_budget_due_checks_wait_for_the_next_turn(
     send_file(b)
     client.post(f"/api/v1/uploads/{b['id']}/complete", headers=auth)
     calls = sum(_api_calls(emulator).values())
-    # 80 % used: the next turn is 2 + 0.75 * 28 = 23 s later; not before.
-    worker.run_once(app, now=start + timedelta(seconds=24))
+    # 16 of 20 used, 4 left: 300 s / 4 is past the cap, so the next turn is 30 s later.
+    worker.run_once(app, now=start + timedelta(seconds=31))
     assert load_upload(app, b["id"]).status == "pending"
     assert sum(_api_calls(emulator).values()) == calls
-    worker.run_once(app, now=start + timedelta(seconds=25.5))
+    worker.run_once(app, now=start + timedelta(seconds=32.5))
     assert load_upload(app, b["id"]).status == "ready"
 
 
