@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+import time_machine
 from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.factories import PASSWORD, csrf_from
+
+
+@pytest.fixture(autouse=True)
+def _one_window() -> Iterator[None]:
+    """Keep each test inside one rate-limit window: the limits count per fixed minute, so a
+    test crossing a minute boundary would start from fresh counters half-way."""
+    with time_machine.travel(datetime(2031, 3, 1, 9, 0, 10, tzinfo=UTC), tick=False):
+        yield
 
 
 def _post_login(client: FlaskClient, username: str, password: str, ip: str) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import time_machine
 from flask import Flask
 
 from broker.platform.db import db
@@ -108,7 +110,11 @@ def test_the_login_limiter_keys_a_hostile_body_by_ip(
     app = make_app(AUTH_RATE_LIMIT="2 per minute")
     make_user()
     client = app.test_client()
-    statuses = [client.post("/auth/login", data=DEEP, headers=JSON).status_code for _ in range(3)]
+    # One fixed rate-limit window (a minute boundary half-way would reset the count).
+    with time_machine.travel(datetime(2031, 3, 1, 9, 0, 10, tzinfo=UTC), tick=False):
+        statuses = [
+            client.post("/auth/login", data=DEEP, headers=JSON).status_code for _ in range(3)
+        ]
     assert statuses == [400, 400, 429]
 
 
