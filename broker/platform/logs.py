@@ -8,6 +8,12 @@ and header list keeps it off Flask's per-request hooks and header checks (the ho
 Every broker log line goes through `LineFormatter`, which escapes control characters in the
 message: a value taken from a request (a path with `%0A` in it, a header, a filename) can never
 start a line of its own and forge an entry.
+
+The request's line is the one written on every request, so it takes a short cut when nothing
+but the broker's own handler would see its record (the configuration `_configure` sets up): the
+line is built once, exactly as that handler's formatter would write it, and handed to the handler
+(`LineHandler.write_line`) with no `LogRecord` and no `Formatter` work. Anything else listening
+(a handler added to a logger on the way, a filter, a test's capture) gets the ordinary record.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class LineFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """Interpolate the record with its message escaped (the record itself is not changed)."""
-        if _CONTROL.search(record.message) is None:
+        # Whatever the pattern matches is unprintable: the quick test settles most lines.
+        if record.message.isprintable() or _CONTROL.search(record.message) is None:
             return super().formatMessage(record)  # nothing to escape: no copy of the record
         safe = logging.makeLogRecord(record.__dict__)
         safe.message = escape(record.message)
@@ -59,25 +66,64 @@ class LineFormatter(logging.Formatter):
         msec_format = self.default_msec_format
         if datefmt or self.datefmt or not msec_format:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return msec_format % (self._second(int(record.created)), record.msecs)
+
+    def _second(self, second: int) -> str:
+        """Return the date and time of day of `second` (epoch seconds) in the default format."""
         stamp = self._stamp  # one tuple, read and replaced whole: safe across threads
         if stamp[0] != second:
             stamp = (second, time.strftime(self.default_time_format, self.converter(second)))
             self._stamp = stamp
-        return msec_format % (stamp[1], record.msecs)
+        return stamp[1]
+
+    def writes_plain_lines(self) -> bool:
+        """Tell whether this formatter writes `LINE_FORMAT` with the default time format, the
+        lines `line` builds."""
+        return (
+            self._fmt == LINE_FORMAT
+            and not self.datefmt
+            and self.default_time_format == logging.Formatter.default_time_format
+            and self.default_msec_format == "%s,%03d"
+        )
+
+    def line(self, created: float, levelname: str, name: str, message: str) -> str:
+        """Return the line `format` writes for a record with these fields and no traceback
+        (when `writes_plain_lines`): one f-string, no record."""
+        # Whatever the pattern matches is unprintable: the quick test settles most lines.
+        if not message.isprintable() and _CONTROL.search(message) is not None:
+            message = escape(message)
+        second = int(created)
+        # The milliseconds as LogRecord computes them, so both ways read the same.
+        msecs = int((created - second) * 1000)
+        return f"{self._second(second)},{msecs:03d} {levelname} {name} {message}"
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The broker's handler (a stream handler with a `LineFormatter`), which also takes a line
+    that is already formatted."""
+
+    def write_line(self, text: str) -> None:
+        """Write one formatted line as `emit` writes a record's (then flushed), under the
+        handler's lock."""
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                stream = self.stream
+                stream.write(text + self.terminator)
+                stream.flush()
+            except RecursionError:
+                raise
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": text}))
 
 
 def _configure(level: str) -> None:
     root = logging.getLogger("broker")
     root.setLevel(level.upper())
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LineHandler(sys.stderr)
         handler.setFormatter(LineFormatter(LINE_FORMAT))
         root.addHandler(handler)
 
-
-# The request's line: method, path, status, duration, id.
-_LINE = "%s %s %s %.1fms request_id=%s"
 
 # Where the id waits in the WSGI environ while the request runs.
 REQUEST_ID_KEY = "broker.request_id"
@@ -118,17 +164,50 @@ class RequestLog:
 
         body = self.app(environ, start)
         if status and log.isEnabledFor(logging.INFO):
-            args = (
-                environ.get("REQUEST_METHOD", "GET").upper(),
-                _path(environ),
-                status.split(" ", 1)[0],
-                (time.perf_counter() - started) * 1000,
-                rid,
-            )
-            # The record made and handed to the handlers directly: `log.info` would first walk
-            # the stack for the caller's file and line, which the line never shows.
-            log.handle(log.makeRecord(log.name, logging.INFO, "", 0, _LINE, args, None))
+            method = environ.get("REQUEST_METHOD", "GET").upper()
+            elapsed = (time.perf_counter() - started) * 1000
+            code = status.split(" ", 1)[0]
+            _log_request(f"{method} {_path(environ)} {code} {elapsed:.1f}ms request_id={rid}")
         return body
+
+
+def _log_request(message: str) -> None:
+    """Log the request's line at INFO: straight to the broker's handler when it is the only
+    one to see it, else as an ordinary record."""
+    handler = _sole_handler()
+    if handler is not None:
+        formatter: LineFormatter = handler.formatter  # type: ignore[assignment]
+        handler.write_line(formatter.line(time.time(), "INFO", log.name, message))
+        return
+    # The record made and handed to the handlers directly: `log.info` would first walk the
+    # stack for the caller's file and line, which the line never shows. The message is final
+    # (no arguments): a `%` in a path stays as it is.
+    log.handle(log.makeRecord(log.name, logging.INFO, "", 0, message, (), None))
+
+
+def _sole_handler() -> LineHandler | None:
+    """Return the broker's own handler when an INFO record of the request logger would reach
+    it and nothing else (no filter, no other handler on the way up), else None."""
+    if log.handlers or log.filters or log.disabled or not log.propagate:
+        return None
+    parent = log.parent
+    if parent is None or parent.filters or len(parent.handlers) != 1:
+        return None
+    handler = parent.handlers[0]
+    if (
+        type(handler) is not LineHandler
+        or handler.filters
+        or handler.level > logging.INFO
+        or type(handler.formatter) is not LineFormatter
+        or not handler.formatter.writes_plain_lines()
+    ):
+        return None
+    above = parent.parent if parent.propagate else None
+    while above is not None:
+        if above.handlers:
+            return None
+        above = above.parent if above.propagate else None
+    return handler
 
 
 def _path(environ: dict[str, Any]) -> str:
