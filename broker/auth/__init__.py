@@ -27,7 +27,18 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
-from flask import Blueprint, Flask, current_app, flash, g, redirect, request, session, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    after_this_request,
+    current_app,
+    flash,
+    g,
+    redirect,
+    request,
+    session,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required, login_user
 from flask_wtf.csrf import CSRFError, generate_csrf
@@ -215,7 +226,9 @@ def _restore_remembered() -> User | None:
         return None
     user = remember.find_user(db.session, secret)
     if user is None:
-        g.drop_remember_cookie = True  # expired, logged out or forged: the browser forgets it
+        # Expired, logged out or forged: the browser forgets it. Asked of this response only,
+        # so no other request pays for an after-request check.
+        after_this_request(_drop_dead_remember_cookie)
         return None
     start_session(user)
     return user
@@ -225,30 +238,36 @@ def _drop_dead_remember_cookie(response: Response) -> Response:
     """Delete a remember cookie the server no longer honours."""
     from broker.auth import remember
 
-    if g.get("drop_remember_cookie"):
-        remember.clear_cookie(response, current_app)
+    remember.clear_cookie(response, current_app)
     return response
 
 
-def _authenticate_header_first() -> None:
+def _check_request(app: Flask) -> None:
+    """Settle who is asking (the Authorization header first), then require a CSRF token on a
+    cookie-authenticated write. One hook, reading the request once: it runs on every request."""
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    has_header = "HTTP_AUTHORIZATION" in req.environ
+    if has_header:
+        _authenticate_header_first(app, req)
+    if req.method in app.config["WTF_CSRF_METHODS"]:
+        _csrf_protect(req, has_header)
+
+
+def _authenticate_header_first(app: Flask, req: Any) -> None:
     """Resolve the user from the Authorization header alone, before any cookie is considered."""
-    if "Authorization" not in request.headers:
-        return
-    if serves_no_user(current_app, request.endpoint):
+    if serves_no_user(app, req.endpoint):
         # Probes, metrics and static files look at no user: nobody is, at no database cost.
         g._login_user = login_manager.anonymous_user()
         return
     # flask-login reads a remember cookie before its request loader; deciding here, first,
     # guarantees that a request carrying a header is judged by the header only.
-    user = load_user_from_request(request)
+    user = load_user_from_request(req)
     g._login_user = user if user is not None else login_manager.anonymous_user()
 
 
-def _csrf_protect() -> None:
-    """Require a CSRF token on cookie-authenticated writes; bearer requests carry no cookies."""
-    if request.method not in current_app.config["WTF_CSRF_METHODS"]:
-        return
-    if not request.endpoint or _is_bearer_request():
+def _csrf_protect(req: Any, has_header: bool) -> None:
+    """Require a CSRF token on this write unless it is a bearer request (no cookies count)."""
+    if not req.endpoint or (has_header and _is_bearer_request()):
         return
     # An anonymous request has no ambient authority to abuse. The login and registration
     # forms still check their own token (FlaskForm), which stops login CSRF.
@@ -308,10 +327,8 @@ def init_app(app: Flask) -> None:
     # Remember-me is broker.auth.remember's cookie; flask-login's own (a long-lived copy of the
     # session id) is read under a name nothing sets, so it never authenticates anyone.
     app.config["REMEMBER_COOKIE_NAME"] = "flask_login_remember_unused"
-    app.after_request(_drop_dead_remember_cookie)
     # Header auth goes first so CSRF and views see the right user.
-    app.before_request(_authenticate_header_first)
-    app.before_request(_csrf_protect)
+    app.before_request(functools.partial(_check_request, app))
     app.register_error_handler(CSRFError, _csrf_error)
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.register_blueprint(bp)

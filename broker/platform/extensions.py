@@ -31,12 +31,7 @@ limiter = Limiter(key_func=get_remote_address, headers_enabled=True, default_lim
 
 class CachedSigningSessions(SecureCookieSessionInterface):
     """Flask's signed-cookie sessions, with the signer built once per app, not per request, and
-    no work for a request that brings no session cookie and leaves the session alone.
-
-    flask-login's remember-cookie update is done here, when the session is saved (its own
-    after-request hook is removed by `init_app`): the hook reads the session on every request,
-    which marked every response `Vary: Cookie` and made every request pay for the session.
-    """
+    no work for a request that brings no session cookie and leaves the session alone."""
 
     def get_signing_serializer(self, app: Flask) -> Any:
         """Return the app's serializer, built on first use (the secret key is fixed by then)."""
@@ -56,10 +51,8 @@ class CachedSigningSessions(SecureCookieSessionInterface):
         return super().open_session(app, request)
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
-        """Update the remember cookie when flask-login asks, then save the session as Flask does
-        (nothing at all for an empty session nobody read or changed)."""
-        if "_remember" in session or app.config["REMEMBER_COOKIE_REFRESH_EACH_REQUEST"]:
-            login_manager._update_remember_cookie(response)
+        """Save the session as Flask does (nothing at all for an empty session nobody read or
+        changed)."""
         if not session and not session.modified and not session.accessed:
             return
         super().save_session(app, session, response)
@@ -68,11 +61,6 @@ class CachedSigningSessions(SecureCookieSessionInterface):
 def init_app(app: Flask) -> None:
     """Bind flask-login, CSRF protection and the rate limiter to `app`."""
     config = app.config
-    remember = config.get("REMEMBER_COOKIE_DURATION") or REMEMBER_MAX
-    if isinstance(remember, int | float):
-        remember = timedelta(seconds=remember)
-    config["REMEMBER_COOKIE_DURATION"] = min(remember, REMEMBER_MAX)
-    config.setdefault("REMEMBER_COOKIE_REFRESH_EACH_REQUEST", False)
     # CSRF is checked by broker.auth's own before_request, which skips bearer-token requests.
     config["WTF_CSRF_CHECK_DEFAULT"] = False
     # Tokens live as long as the session (which ends at logout): a page left open stays usable.
@@ -82,7 +70,9 @@ def init_app(app: Flask) -> None:
     config.setdefault("RATELIMIT_ENABLED", True)
     app.session_interface = CachedSigningSessions()
     login_manager.init_app(app)
-    # CachedSigningSessions.save_session runs it, only where a session holds its request.
+    # flask-login's own remember cookie is never issued (remember-me is broker.auth.remember's
+    # cookie, one per login): its after-request hook, which would read the session on every
+    # request (and so mark every response `Vary: Cookie`), has nothing to do.
     after = app.after_request_funcs[None]
     after[:] = [f for f in after if f != login_manager._update_remember_cookie]
     csrf.init_app(app)
@@ -116,7 +106,8 @@ def _limits_only_where_they_apply(app: Flask) -> None:
         return  # Flask-Limiter already bound to this app (and its hooks replaced) before
 
     def limited() -> bool:
-        return hasattr(request_ctx, "_limiter_request_context")
+        # The request context itself, not an attribute lookup through its proxy.
+        return hasattr(request_ctx._get_current_object(), "_limiter_request_context")  # type: ignore[attr-defined]
 
     def limit_headers(response: Response) -> Response:
         return cast(Response, inject(response)) if limited() else response
