@@ -236,9 +236,11 @@ def init_app(app: Flask) -> None:
         return
 
     def start_inline_worker() -> None:
-        running: InlineWorker | None = app.extensions.get(INLINE_KEY)
-        if running is None or running.pid != os.getpid():
-            ensure_inline(app)
+        ensure_inline(app)
+        # Running for this process now: the hook takes itself out, so no later request pays
+        # for it. A new list, not an edit of the one Flask may be iterating over right now.
+        hooks = app.before_request_funcs[None]
+        app.before_request_funcs[None] = [f for f in hooks if f is not start_inline_worker]
 
     app.before_request(start_inline_worker)
 

@@ -213,3 +213,47 @@ def test_session_changes_are_still_saved(app):
     cleared = client.get("/session/clear")
     assert "Expires=Thu, 01 Jan 1970" in cleared.headers["Set-Cookie"]
     assert client.get("/session/read").text == "None"
+
+
+def test_a_dead_remember_cookie_is_dropped_where_it_is_seen_and_nowhere_else(app, make_user):
+    """A remember cookie the server no longer honours is deleted on the response that found
+    it dead (a page, the API); requests without one, or with a live one, get no such header."""
+    make_user()
+    remembered = app.test_client()
+    log_in(remembered, remember=True)
+    live = remembered.get_cookie("remember_token")
+    assert live is not None
+    for path, status in (("/gallery", 302), ("/api/v1/me", 401)):
+        dead = app.test_client()
+        dead.set_cookie("remember_token", "forged-" + live.value[:20])
+        answer = dead.get(path)
+        assert answer.status_code == status, path
+        dropped = [c for c in answer.headers.getlist("Set-Cookie") if "remember_token=" in c]
+        assert len(dropped) == 1 and "remember_token=;" in dropped[0], (path, dropped)
+        assert "Max-Age=0" in dropped[0] or "Expires=Thu, 01 Jan 1970" in dropped[0]
+    fresh = app.test_client()
+    fresh.set_cookie("remember_token", live.value)
+    assert fresh.get("/api/v1/me").status_code == 200  # a live one starts a session instead
+    for client in (app.test_client(), fresh):
+        answer = client.get("/api/v1/me")
+        assert not any("remember_token" in c for c in answer.headers.getlist("Set-Cookie"))
+
+
+def test_the_inline_worker_hook_runs_once_per_process(make_app):
+    """With WORKER_INLINE the first request starts the worker and the hook leaves the app's
+    hooks; later requests run none of it, and the worker keeps running."""
+    from broker import worker
+
+    app = make_app(WORKER_INLINE=True, WORKER_POLL_INTERVAL=30)
+    before = list(app.before_request_funcs[None])
+    start = [f for f in before if getattr(f, "__name__", "") == "start_inline_worker"]
+    assert len(start) == 1
+    try:
+        assert app.test_client().get("/livez").status_code == 200
+        running = app.extensions[worker.INLINE_KEY]
+        assert running.thread.is_alive()
+        assert app.before_request_funcs[None] == [f for f in before if f is not start[0]]
+        assert app.test_client().get("/livez").status_code == 200
+        assert app.extensions[worker.INLINE_KEY] is running and running.thread.is_alive()
+    finally:
+        app.extensions[worker.INLINE_KEY].close()
