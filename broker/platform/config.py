@@ -211,7 +211,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "COMPLETE_INLINE_BUDGET",
         0.5,
-        "`POST …/complete` verifies the upload at once (200 `ready`) while the batch API carries details calls or less than this fraction of the global budget is used; otherwise the worker verifies it (202). 0 turns inline checks off.",
+        "`POST …/complete` verifies the upload at once (200 `ready`) while the batch API carries details calls or less than this fraction of the global budget is used (in the window, and at its recent pace); otherwise the worker verifies it (202). 0 turns inline checks off.",
     ),
     Setting(
         "UPLOAD_ALLOWED_FORMATS",

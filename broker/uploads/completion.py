@@ -14,7 +14,8 @@ A due check waits up to `VERIFY_BATCH_WINDOW` seconds (counted from when the old
 became due) so that the hints arriving meanwhile share its call: the number of calls follows
 the number of windows, not of uploads. Every call is made at background priority through the
 shared budget, and all workers together make at most one per interval (`listing_interval`: 2 s
-with headroom, up to 30 s when the budget is scarce): the worker that moves the shared turn on
+with headroom, up to 30 s when the budget is scarce; half of what background work may still
+spend, spread over the window): the worker that moves the shared turn on
 (`take_listing_turn_and_commit`) verifies every due upload, the others wait for the next turn.
 While the interval is shorter than CHECK_BASE, every pending upload not checked within it is due
 too, so a listing per interval covers them all; the schedule is what remains when it is scarce.
@@ -56,9 +57,11 @@ log = logging.getLogger("broker.completion")
 CHECK_BASE = 5
 CHECK_CAP = 30
 # Verification calls (a listing, or one upload's details) are made at most once per interval by
-# all workers together: the budget's window spread over the calls background work may still make
-# in it, between LIST_EVERY_MIN (also while the batch host serves them) and CHECK_CAP seconds.
+# all workers together: the budget's window spread over LISTING_SHARE of the calls background work
+# may still make in it, between LIST_EVERY_MIN (also while the batch host serves them) and
+# CHECK_CAP seconds. The rest stays for expiry, draft deletion and the checks a listing leaves.
 LIST_EVERY_MIN = 2.0
+LISTING_SHARE = 0.5
 LISTING_TURN = "listing"
 LEASE_SECONDS = 60
 CLAIM_LIMIT = 500
@@ -222,8 +225,10 @@ def _back_off(
 def has_headroom(client: CloudflareImages, config: Any) -> bool:
     """Tell whether one details call may be spent now, for a person waiting on `/complete`.
 
-    Yes when the batch host carries details calls; else while the global budget is used below
-    `COMPLETE_INLINE_BUDGET` of its limit and not paused.
+    Yes when the batch host carries details calls; else while the global budget is not paused
+    and both its use and its pace (what the window will hold if the last minute's traffic goes
+    on) stay below `COMPLETE_INLINE_BUDGET` of its limit: when creates pick up, the calls they
+    will need are not spent one per upload on checks that a shared listing makes for all.
     """
     route = client.batch_route
     if route is not None and route.uses_batch("image_details"):
@@ -235,7 +240,7 @@ def has_headroom(client: CloudflareImages, config: Any) -> bool:
     if not isinstance(budget, UpstreamBudget):
         return budget is None  # a client without a budget (tests, tools) spends freely
     status = budget.status()
-    return status.paused_for <= 0 and status.used < status.limit * share
+    return status.paused_for <= 0 and status.projected < status.limit * share
 
 
 def verify_inline_and_commit(
@@ -316,10 +321,10 @@ def _grace(config: Any) -> timedelta:
 def listing_interval(client: CloudflareImages) -> float:
     """Return the seconds between verification calls that the upstream's headroom allows now.
 
-    The budget's window divided by the calls a background call may still make in it (what is
-    left, spread evenly), kept between LIST_EVERY_MIN and CHECK_CAP; LIST_EVERY_MIN while the
-    batch host serves listings, CHECK_CAP while paused after a 429. A burst of creates cannot
-    stretch it: the background side keeps its guaranteed share.
+    The budget's window divided by LISTING_SHARE of the calls a background call may still make
+    in it (half of what is left, spread evenly), kept between LIST_EVERY_MIN and CHECK_CAP;
+    LIST_EVERY_MIN while the batch host serves listings, CHECK_CAP while paused after a 429. A
+    burst of creates cannot stretch it past its floor: the background side keeps its share.
     """
     route = client.batch_route
     if route is not None and route.uses_batch("list_v2"):
@@ -331,7 +336,7 @@ def listing_interval(client: CloudflareImages) -> float:
     left = status.background_left
     if status.paused_for > 0 or left <= 0:
         return float(CHECK_CAP)
-    return min(float(CHECK_CAP), max(LIST_EVERY_MIN, status.window / left))
+    return min(float(CHECK_CAP), max(LIST_EVERY_MIN, status.window / (left * LISTING_SHARE)))
 
 
 def listing_turn_free(session: Session, now: datetime) -> bool:

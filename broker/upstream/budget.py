@@ -78,11 +78,19 @@ class BudgetStatus:
     window: int
     paused_for: float
     background: int = 0  # of `used`, the background side's calls
+    # The calls a whole window would hold at the pace of its last slice or two: ahead of `used`
+    # when traffic has just picked up (the window still holds the quiet minutes before it).
+    pace: int = 0
 
     @property
     def background_left(self) -> int:
         """Calls a background call may still make in this window (both caps it must respect)."""
         return max(0, min(self.limit - self.used, self.limit - self.reserve - self.background))
+
+    @property
+    def projected(self) -> int:
+        """The calls this window holds, or will hold if the recent pace goes on, if more."""
+        return max(self.used, self.pace)
 
 
 class UpstreamBudget:
@@ -283,22 +291,27 @@ class UpstreamBudget:
         """Return how much of the window is used and how long a pause has left."""
         now = self.clock()
         with self.engine.connect() as conn:
-            used, background = conn.execute(
-                sa.select(
-                    sa.func.coalesce(sa.func.sum(_buckets.c.calls), 0),
-                    sa.func.coalesce(sa.func.sum(_buckets.c.background), 0),
-                ).where(_buckets.c.scope == self.scope, _buckets.c.start >= self._window_start(now))
-            ).one()
+            rows = conn.execute(
+                sa.select(_buckets.c.start, _buckets.c.calls, _buckets.c.background).where(
+                    _buckets.c.scope == self.scope, _buckets.c.start >= self._window_start(now)
+                )
+            ).all()
             paused = conn.execute(
                 sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
             ).scalar()
+        # The pace: the calls of the current slice and the one before it, over the time they
+        # span (one to two slices, so a few calls in a quiet second are not read as a flood).
+        since = int((now * self.unit) // self.bucket) * self.bucket - self.bucket
+        recent = sum(int(calls) for start, calls, _ in rows if int(start) >= since)
+        span = max(now - since / self.unit, self.bucket / self.unit)
         return BudgetStatus(
-            used=int(used),
+            used=sum(int(calls) for _, calls, _ in rows),
             limit=self.limit,
             reserve=self.reserve,
             window=self.window,
             paused_for=max(0.0, (paused or 0) / 1000 - now),
-            background=int(background),
+            background=sum(int(bg or 0) for _, _, bg in rows),
+            pace=math.ceil(recent * self.window / span),
         )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -176,6 +177,7 @@ def run(
         "global": seen.get("global_api", 0),
         "batch": seen.get("batch", 0),
         "throttled": seen.get("throttled", 0),
+        "endpoints": seen.get("counters", {}),
         "wall": wall,
     }
 
@@ -201,6 +203,7 @@ def main() -> int:
     opts = parser.parse_args()
     skip = {p.strip() for p in opts.skip.split(",") if p.strip()}
     receiver = Receiver()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per delivery
     hook = make_server("127.0.0.1", 0, receiver, threaded=True)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     hook_url = f"http://127.0.0.1:{hook.server_port}/hook"
@@ -236,6 +239,8 @@ def main() -> int:
             f"{_p(r['silent_hook'], 50):>9} /{_p(r['silent_hook'], 95):>6} "
             f"{per_upload:>13.3f} {r['throttled']:>4}"
         )
+        calls = dict(sorted(r["endpoints"].items()))
+        print(f"{'':<30} calls by endpoint: {json.dumps(calls)}")
         if r["failures"] or receiver.bad:
             print(f"{'':<30} failures: {json.dumps(r['failures'])}, bad signatures {receiver.bad}")
     print(

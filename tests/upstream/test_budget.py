@@ -75,6 +75,27 @@ def test_a_burst_of_interactive_calls_leaves_background_its_share(app: Flask) ->
     assert budget.status().used == 20
 
 
+def test_the_pace_reads_the_last_slices_not_the_whole_window(app: Flask) -> None:
+    """`used` is the window's count; `pace` is what a window would hold at the recent rate."""
+    clock = Clock(1_700_000_000.0)  # a slice (10 s of a 100 s window) starts here
+    budget = _budget(app, clock, limit=100, reserve=10)
+    for _ in range(4):  # early in the window: a quiet start
+        budget.acquire(Priority.INTERACTIVE)
+    clock.now += 50
+    status = budget.status()
+    assert (status.used, status.pace) == (4, 0)  # nothing in the last two slices
+    for _ in range(6):  # then six calls within a few seconds
+        budget.acquire(Priority.BACKGROUND)
+    clock.now += 5
+    status = budget.status()
+    # The current slice (5 s) and the one before it (10 s): 6 calls in 15 s → 40 per window.
+    assert (status.used, status.background, status.pace) == (10, 6, 40)
+    assert status.projected == 40
+    clock.now += 30  # the burst has left the last two slices; the window still holds it
+    status = budget.status()
+    assert (status.used, status.pace, status.projected) == (10, 0, 10)
+
+
 def test_background_calls_count_against_their_own_side_only(app: Flask) -> None:
     clock = Clock()
     budget = _budget(app, clock, limit=20, reserve=4, background_share=5)
