@@ -194,9 +194,9 @@ class UploadOut(BaseModel):
     )
 
     @classmethod
-    def of(cls, upload: Upload) -> UploadOut:
-        """Render an Upload row."""
-        fields = lifecycle.public_fields(upload)
+    def of(cls, upload: Upload, *, owner: str | None = None) -> UploadOut:
+        """Render an Upload row (`owner`: its owner's public id, when known)."""
+        fields = lifecycle.public_fields(upload, owner=owner)
         return cls(**{name: fields[name] for name in cls.model_fields})
 
 
@@ -363,7 +363,9 @@ def create_upload(body: CreateUpload) -> Response:
     upload, upload_url = lifecycle.create_upload(db.session, new, client, prepaid=prepaid)
     undo_on_failure(lambda: lifecycle.discard_draft(client, upload.image_id))
     db.session.flush()
-    payload = UploadCreated(**UploadOut.of(upload).model_dump(), upload_url=upload_url)
+    payload = UploadCreated(
+        **UploadOut.of(upload, owner=new.creator).model_dump(), upload_url=upload_url
+    )
     headers = {"Location": url_for("api.get_upload", upload_id=new.id)}
     return _json_response(payload, 201, headers)
 

@@ -118,12 +118,16 @@ def public_metadata(meta: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (meta or {}).items() if k != BROKER_META_KEY}
 
 
-def public_fields(upload: Upload) -> dict[str, Any]:
-    """The upload as its owner sees it: API answers and webhook events share this one shape."""
+def public_fields(upload: Upload, *, owner: str | None = None) -> dict[str, Any]:
+    """The upload as its owner sees it: API answers and webhook events share this one shape.
+
+    `owner` is the owner's public id when the caller has it at hand (a create does): the user
+    row is then not loaded again.
+    """
     return {
         "id": upload.id,
         "image_id": upload.image_id,
-        "owner": upload.user.public_id,
+        "owner": owner if owner is not None else upload.user.public_id,
         "status": upload.status,
         "require_signed_urls": upload.require_signed_urls,
         "metadata": public_metadata(upload.meta),
@@ -347,8 +351,12 @@ def reserve_slot_and_commit(
     """
     user_id = user.id
     max_pending, max_daily = limits_for(user, config)
-    session.rollback()
-    if session.get_bind().dialect.name != "sqlite":
+    if session.get_bind().dialect.name == "sqlite":
+        # A write must start from the latest snapshot: end the read transaction (of the
+        # authentication) first. On PostgreSQL every statement reads the latest committed rows
+        # (READ COMMITTED), so that transaction simply goes on, without a round trip to end it.
+        session.rollback()
+    else:
         # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
         # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
         session.execute(

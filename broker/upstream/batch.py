@@ -10,9 +10,10 @@ and v1 upload — through `BatchRoute` while it says so, and everything else to 
   expiry, and is refreshed before it expires by whichever process wins a short lease on that row
   (the others keep using the old token meanwhile). Each process also keeps it in memory, so a
   call reads the database only around a refresh.
-- The 200 calls per second of a token are shared by every process: a budget kept in Redis when
-  `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database (a one-second
-  `UpstreamBudget` in 100 ms slices: never more than 200 in any second, about 180 when busy).
+- The 200 calls per second of a token are shared by every process: counted in Redis when
+  `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database (`DatabaseRate`: 100 ms
+  slices, each call counted first and checked after, so no lock is held across round trips
+  and never more than 200 calls fall in any second, about 180 when busy).
 - A batch host that refuses an endpoint (code 103 "forbidden endpoint", as some accounts see for
   `/images/v2/…`), refuses the token, or fails `ERRORS_BEFORE_FALLBACK` times in a row sends that
   endpoint back to the global API for `BROKER_CLOUDFLARE_BATCH_COOLDOWN` seconds, for every
@@ -30,18 +31,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
-from broker.upstream.budget import BudgetExhausted, UpstreamBudget
+from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import (
     CloudflareAuthError,
     CloudflareError,
     CloudflareUnavailable,
     Priority,
 )
-from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken
+from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
 
 log = logging.getLogger("broker.batch")
 
@@ -102,6 +104,82 @@ class RedisRate:
 
     def pause(self, seconds: float) -> None:
         """Nothing to record: the batch host's 429 is per second and retried after it."""
+
+
+class DatabaseRate:
+    """`per_second` calls per second, shared by every process through the database.
+
+    A call is counted first (an upsert of the current 100 ms slice, committed at once) and
+    checked after (the sum of the slices overlapping the last second); over the limit it takes
+    its count back and is refused. No lock is held across a round trip, so callers do not queue
+    behind each other, and the limit holds: of any calls that went ahead within one second, the
+    one that checked last saw every other's count, all committed before its check.
+    Two calls racing for the last place may both be refused; neither is ever both let through.
+    """
+
+    SLICE_MS = 100
+
+    def __init__(
+        self,
+        engine: Engine,
+        per_second: int,
+        *,
+        scope: str = "batch",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if per_second < 1:
+            raise ValueError("the batch rate needs at least one call per second")
+        # Each statement commits on its own: the check must see every count committed before it.
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.limit = per_second
+        self.scope = scope
+        self.clock = clock
+        self._count = _counting_upsert(engine.dialect.name)
+
+    def __repr__(self) -> str:
+        return f"<DatabaseRate {self.limit}/s>"
+
+    def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Count one call, or raise BudgetExhausted when the last second is full."""
+        now_ms = int(self.clock() * 1000)
+        current = now_ms // self.SLICE_MS * self.SLICE_MS
+        # Every slice overlapping the last second: whole slices over-count, never under-count.
+        first = (now_ms - 1000) // self.SLICE_MS * self.SLICE_MS
+        bucket = UpstreamBudgetBucket
+        ours = bucket.scope == self.scope
+        with self.engine.connect() as conn:
+            calls = conn.execute(self._count, {"scope": self.scope, "start": current}).scalar()
+            used = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(bucket.calls), 0)).where(
+                    ours, bucket.start >= first
+                )
+            ).scalar_one()
+            if used > self.limit:
+                conn.execute(
+                    sa.update(bucket)
+                    .where(ours, bucket.start == current)
+                    .values(calls=bucket.calls - 1)
+                )
+                # The oldest slice counted leaves the window within one slice.
+                raise BudgetExhausted(self.SLICE_MS / 1000, "batch rate")
+            if calls == 1:  # the slice's first call: a good moment to drop the expired ones
+                conn.execute(sa.delete(bucket).where(ours, bucket.start < first))
+
+    def pause(self, seconds: float) -> None:
+        """Nothing to record: the batch host's 429 is per second and retried after it."""
+
+
+def _counting_upsert(dialect: str) -> sa.Executable:
+    """One statement adding a call to slice `start` of `scope` (creating it): its new count."""
+    table = cast(sa.Table, UpstreamBudgetBucket.__table__)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(table).values(
+        scope=sa.bindparam("scope"), start=sa.bindparam("start"), calls=1, background=0
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.scope, table.c.start],
+        set_={"calls": table.c.calls + 1},
+    ).returning(table.c.calls)
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -393,7 +471,7 @@ def route_from_config(engine: Engine, config: Any) -> BatchRoute | None:
     if uri.startswith(("redis://", "rediss://", "redis+")):
         rate = RedisRate(uri, per_second)
     else:
-        rate = UpstreamBudget(engine, limit=per_second, window=1, reserve=0, scope="batch")
+        rate = DatabaseRate(engine, per_second)
     return BatchRoute(
         engine,
         str(config["CLOUDFLARE_BATCH_BASE"]),

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
+from broker.platform.db import ping_when_idle, server_pool_options
 from broker.platform.sqlite_writes import gate_sqlite_writes
 from broker.upstream.cloudflare import Priority, UpstreamError
 
@@ -327,7 +328,7 @@ def budget_from_config(engine: Engine, config: Any) -> UpstreamBudget:
 
 
 def budget_engine(url: str) -> Engine:
-    """A small engine of the budget's own.
+    """An engine of the budget's own.
 
     Acquires happen while a request may hold a connection of the main pool; drawing the
     budget's connection from that same pool could deadlock once every pooled connection is
@@ -344,7 +345,9 @@ def budget_engine(url: str) -> Engine:
 
         gate_sqlite_writes(engine)
         return engine
-    return sa.create_engine(url, pool_size=2, max_overflow=30, pool_pre_ping=True)
+    engine = sa.create_engine(url, **server_pool_options())
+    ping_when_idle(engine)
+    return engine
 
 
 def init_app(app: Any) -> None:

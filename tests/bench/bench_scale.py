@@ -12,7 +12,9 @@ Prints, side by side in one run:
    route on the broker with the same bearer token. `--skip 1,2` runs this part alone.
 
 Defaults are the issue's full configuration (600-create burst; 40 creates/s for 60 s, on
-PostgreSQL when BENCH_DATABASE_URL points at one, and SQLite). Shorter runs:
+PostgreSQL when BENCH_DATABASE_URL points at one, and SQLite; `--databases` picks). Every part
+runs on a database of its own, created for it and dropped after (BENCH_DATABASE_URL only says
+which PostgreSQL server, and which database to connect to while creating them). Shorter runs:
 `--burst 200 --rate 40 --seconds 15`. Window and budget of part 1 are scaled by --scale (the
 same calls per second as 1000 / 300 s, in a shorter window) so the ceiling shows in seconds.
 """
@@ -129,6 +131,34 @@ def bearers(settings: dict[str, Any], users: int) -> list[str]:
     return found
 
 
+def fresh_database(stack: ExitStack, url: str | None, folder: Path, label: str) -> str:
+    """A new, empty database for one part's run, gone when `stack` closes.
+
+    PostgreSQL (`url`, whose database serves only to connect): `CREATE DATABASE` beside it,
+    dropped afterwards; otherwise a new SQLite file in `folder`. A database holding an earlier
+    run's pending uploads would spend the budget's background share on their expiry checks.
+    """
+    if not url:
+        return f"sqlite:///{folder}/{label}.sqlite3"
+    import secrets
+
+    import sqlalchemy as sa
+
+    base = sa.make_url(url)
+    name = f"{base.database}_{label}_{secrets.token_hex(4)}".lower()
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    stack.callback(drop)
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
 def counters(emulator_url: str) -> dict[str, Any]:
     """The emulator's request counters (global API vs batch host, 429s)."""
     result: dict[str, Any] = requests.get(f"{emulator_url}/_emulator/counters", timeout=10).json()
@@ -164,10 +194,11 @@ def paced(rate: float, seconds: float, action: Any, threads: int = 32) -> None:
 # -- part 1: batch off, the global budget binds -------------------------------------------------
 
 
-def part1(tmp: Path, database_url: str, burst: int, scale: float) -> dict[str, float]:
+def part1(tmp: Path, postgres: str | None, burst: int, scale: float) -> dict[str, float]:
     """Ceiling (creates/s) and completion p95 during a burst, with the batch API off."""
     (tmp / "p1").mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
+        database_url = fresh_database(stack, postgres, tmp / "p1", "p1")
         emulator_url = start_emulator(stack, tmp / "p1")
         window = max(10, int(300 / scale))
         settings = {
@@ -262,10 +293,14 @@ def part1(tmp: Path, database_url: str, burst: int, scale: float) -> dict[str, f
 # -- part 2: batch on, steady creates ---------------------------------------------------------
 
 
-def part2(tmp: Path, database_url: str, rate: float, seconds: float, users: int) -> dict[str, Any]:
+def part2(
+    tmp: Path, postgres: str | None, rate: float, seconds: float, users: int
+) -> dict[str, Any]:
     """Creates at `rate`/s for `seconds` through two gunicorn instances with the batch API, from
-    `users` users in turn (one user's creates are serialised by its limits' lock)."""
+    `users` users in turn (one user's creates are serialised by its limits' lock), on a fresh
+    PostgreSQL database beside `postgres`, or a fresh SQLite file without it."""
     with ExitStack() as stack:
+        database_url = fresh_database(stack, postgres, tmp, "p2")
         emulator_url = start_emulator(stack, tmp)
         settings = {
             **broker_settings(tmp, emulator_url, database_url),
@@ -392,6 +427,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help="part 2: seconds of load")
     parser.add_argument("--users", type=int, default=40, help="part 2: users creating in turn")
     parser.add_argument("--skip", default="", help="parts to skip, e.g. 1,2")
+    parser.add_argument(
+        "--databases",
+        default="postgresql,sqlite",
+        help="part 2: which of postgresql (BENCH_DATABASE_URL), sqlite to run",
+    )
     opts = parser.parse_args()
     skip = {p.strip() for p in opts.skip.split(",") if p.strip()}
     postgres = os.environ.get("BENCH_DATABASE_URL")
@@ -404,9 +444,7 @@ def main() -> int:
         else:
             cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         if "1" not in skip:
-            one = part1(
-                tmp / "one", postgres or f"sqlite:///{tmp}/one.sqlite3", opts.burst, opts.scale
-            )
+            one = part1(tmp / "one", postgres, opts.burst, opts.scale)
             print(
                 f"1. batch off, budget {int(1000 / opts.scale)} / {one['window']} s "
                 f"(1000 / 300 s scaled by {opts.scale:g}):"
@@ -422,8 +460,9 @@ def main() -> int:
                 f"{one['completed']} completed"
             )
         if "2" not in skip:
-            databases = [("SQLite", None)]
-            if postgres:
+            wanted = {d.strip().lower() for d in opts.databases.split(",")}
+            databases = [("SQLite", None)] if "sqlite" in wanted else []
+            if postgres and "postgresql" in wanted:
                 databases.insert(0, ("PostgreSQL", postgres))
             print(
                 f"2. batch on: {opts.rate:g} creates/s for {opts.seconds:g} s from {opts.users} "
@@ -437,10 +476,7 @@ def main() -> int:
             for label, url in databases:
                 run = tmp / f"two-{label}"
                 run.mkdir()
-                two = part2(
-                    run, url or f"sqlite:///{run}/broker.sqlite3", opts.rate, opts.seconds,
-                    opts.users,
-                )  # fmt: skip
+                two = part2(run, url, opts.rate, opts.seconds, opts.users)
                 print(
                     f"   {label:<10} {two['sent']:>6} {two['created']:>6} {two['503']:>5} "
                     f"{two['other_errors']:>5} {two['p50']:>7.0f} {two['p99']:>7.0f} "

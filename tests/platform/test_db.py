@@ -37,3 +37,64 @@ def test_database_errors_do_not_carry_bound_values(app: Flask) -> None:
         db.session.rollback()
     assert secret not in str(caught.value)
     assert secret not in repr(caught.value)
+
+
+def _idle_pinging_engine(url: str, now: list[float]) -> tuple[sa.Engine, list[int]]:
+    """An engine with the broker's PostgreSQL pool options and a hand-moved clock; the list
+    counts its pings."""
+    from broker.platform.db import ping_when_idle, server_pool_options
+
+    engine = sa.create_engine(url, **server_pool_options())
+    ping_when_idle(engine, clock=lambda: now[0])
+    pings = [0]
+    real_ping = engine.dialect.do_ping
+
+    def counted(dbapi_connection: object) -> bool:
+        pings[0] += 1
+        return bool(real_ping(dbapi_connection))
+
+    engine.dialect.do_ping = counted  # type: ignore[method-assign]
+    return engine, pings
+
+
+def test_a_busy_pool_hands_out_connections_without_a_ping(postgres_url: str) -> None:
+    """A connection given back moments ago is reused as it is (a busy process would otherwise
+    pay a round trip per checkout); one idle past PING_WHEN_IDLE is checked first."""
+    from broker.platform.db import PING_WHEN_IDLE
+
+    now = [1000.0]
+    engine, pings = _idle_pinging_engine(postgres_url, now)
+    try:
+        for _ in range(5):
+            with engine.connect() as conn:
+                assert conn.scalar(sa.text("SELECT 1")) == 1
+            now[0] += 1
+        assert pings[0] == 0
+        now[0] += PING_WHEN_IDLE
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT 1")) == 1
+        assert pings[0] == 1
+    finally:
+        engine.dispose()
+
+
+def test_an_idle_connection_the_server_dropped_is_replaced_before_use(postgres_url: str) -> None:
+    """The server ended a pooled connection while it sat idle (a restart, an idle timeout): the
+    ping on checkout sees it and the pool hands out a new connection; the caller never fails."""
+    from broker.platform.db import PING_WHEN_IDLE
+
+    now = [1000.0]
+    engine, pings = _idle_pinging_engine(postgres_url, now)
+    try:
+        with engine.connect() as conn:
+            victim = conn.scalar(sa.text("SELECT pg_backend_pid()"))
+        admin = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+        with admin.connect() as other:
+            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": victim})
+        admin.dispose()
+        now[0] += PING_WHEN_IDLE + 1
+        with engine.connect() as conn:
+            fresh = conn.scalar(sa.text("SELECT pg_backend_pid()"))
+        assert fresh != victim and pings[0] >= 1
+    finally:
+        engine.dispose()

@@ -70,3 +70,63 @@ def test_a_create_is_two_write_transactions(app, client, make_user, bearer, emul
         assert get_budget().status().used == 2
         assert db.session.scalar(sa.select(sa.func.count()).select_from(UploadReservation)) == 0
     assert emulator.counters()["direct_upload"] == 2
+
+
+@contextmanager
+def statements(*engines: sa.Engine) -> Iterator[list[tuple[str, str]]]:
+    """Record (engine label, first words) of every statement and transaction end on `engines`."""
+    seen: list[tuple[str, str]] = []
+    hooks = []
+    for label, engine in zip("ab", engines, strict=True):
+
+        def on_execute(_c: Any, _cur: Any, statement: str, *_: Any, label: str = label) -> None:
+            seen.append((label, " ".join(statement.split()[:4])))
+
+        def on_end(_c: Any, label: str = label, *, word: str = "") -> None:
+            seen.append((label, word))
+
+        ends = [
+            ("commit", lambda c, label=label: on_end(c, label, word="COMMIT")),
+            ("rollback", lambda c, label=label: on_end(c, label, word="ROLLBACK")),
+        ]
+        hooks += [(engine, "before_cursor_execute", on_execute), *((engine, *e) for e in ends)]
+    for engine, name, fn in hooks:
+        sa.event.listen(engine, name, fn)
+    try:
+        yield seen
+    finally:
+        for engine, name, fn in hooks:
+            sa.event.remove(engine, name, fn)
+
+
+def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, bearer) -> None:
+    """With the batch API on, a create never touches the global budget's state row, and the
+    per-token rate is counted outside the reservation's transaction (no row every create of
+    every process must lock in turn); the statements it runs are counted so that one more
+    round trip on this hot path is a conscious change."""
+    app = make_app(CLOUDFLARE_BATCH="auto")
+    client = app.test_client()
+    auth = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    assert client.post(URL, json={}, headers=auth).status_code == 201  # fetches the token
+    with app.app_context():
+        engines = (db.engine, get_budget().engine)
+        with statements(*engines) as seen:
+            assert client.post(URL, json={}, headers=auth).status_code == 201
+    assert not [s for s in seen if "upstream_budget_state" in s[1]], seen
+    reservation = seen[: seen.index(("a", "COMMIT")) + 1]
+    assert [s for s in reservation if s[0] == "a"] == reservation, seen  # no rate inside it
+    main = [w for e, w in seen if e == "a" and w not in ("COMMIT", "ROLLBACK")]
+    rate = [w for e, w in seen if e == "b" and w not in ("COMMIT", "ROLLBACK")]
+    # Token; [user lock on PostgreSQL]; expired reservations out, ours in, usage; then the
+    # reservation out and the upload in. No second load of the user for the answer.
+    assert len(main) == (7 if _dialect(app) == "postgresql" else 6), main
+    assert not [w for w in main if w.startswith("SELECT users.id, users.public_id")], main
+    # The rate: count (committed at once), check; the slice's first call drops old slices.
+    assert 2 <= len(rate) <= 3 and rate[0].startswith("INSERT INTO upstream_budget_buckets"), rate
+    assert [w for e, w in seen if w == "COMMIT" and e == "a"] == ["COMMIT", "COMMIT"], seen
+
+
+def _dialect(app: Flask) -> str:
+    with app.app_context():
+        return db.engine.dialect.name
