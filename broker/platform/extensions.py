@@ -93,28 +93,24 @@ def _limits_only_where_they_apply(app: Flask) -> None:
 
     Every limit is a decorator on its view, which checks it when the view runs. The app-wide
     filter Flask-Limiter adds (for default and blueprint limits, which the broker has none of)
-    goes; its header and clean-up hooks run only when a decorated limit was checked (it leaves
-    its state on the request context then).
+    goes; its header hook runs only when a decorated limit was checked (it leaves its state on
+    the request context then). Its teardown goes too: it only clears that state, on a request
+    context that is being discarded anyway.
     """
     before = app.before_request_funcs.get(None, [])
     before[:] = [f for f in before if getattr(f, "__self__", None) is not limiter]
     after = app.after_request_funcs.get(None, [])
     teardown = app.teardown_request_funcs.get(None, [])
     inject = next((f for f in after if "inject_headers" in getattr(f, "func", f).__name__), None)
-    release = next((f for f in teardown if getattr(f, "__self__", None) is limiter), None)
-    if inject is None or release is None:
+    if inject is None:
         return  # Flask-Limiter already bound to this app (and its hooks replaced) before
 
-    def limited() -> bool:
-        # The request context itself, not an attribute lookup through its proxy.
-        return hasattr(request_ctx._get_current_object(), "_limiter_request_context")  # type: ignore[attr-defined]
-
     def limit_headers(response: Response) -> Response:
-        return cast(Response, inject(response)) if limited() else response
-
-    def release_limits(exc: BaseException | None = None) -> None:
-        if limited():
-            release(exc)
+        # The request context itself, not an attribute lookup through its proxy.
+        ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
+        if hasattr(ctx, "_limiter_request_context"):
+            return cast(Response, inject(response))
+        return response
 
     after[after.index(inject)] = limit_headers
-    teardown[teardown.index(release)] = release_limits
+    teardown[:] = [f for f in teardown if getattr(f, "__self__", None) is not limiter]
