@@ -14,8 +14,7 @@ A due check waits up to `VERIFY_BATCH_WINDOW` seconds (counted from when the old
 became due) so that the hints arriving meanwhile share its call: the number of calls follows
 the number of windows, not of uploads. Every call is made at background priority through the
 shared budget, and all workers together make at most one per interval (`listing_interval`: 2 s
-with headroom, up to 30 s when the budget is scarce; half of what background work may still
-spend, spread over the window): the worker that moves the shared turn on
+with headroom, up to 30 s when the budget is scarce): the worker that moves the shared turn on
 (`take_listing_turn_and_commit`) verifies every due upload, the others wait for the next turn.
 While the interval is shorter than CHECK_BASE, every pending upload not checked within it is due
 too, so a listing per interval covers them all; the schedule is what remains when it is scarce.
@@ -57,11 +56,9 @@ log = logging.getLogger("broker.completion")
 CHECK_BASE = 5
 CHECK_CAP = 30
 # Verification calls (a listing, or one upload's details) are made at most once per interval by
-# all workers together: the budget's window spread over LISTING_SHARE of the calls background work
-# may still make in it, between LIST_EVERY_MIN (also while the batch host serves them) and
-# CHECK_CAP seconds. The rest stays for expiry, draft deletion and the checks a listing leaves.
+# all workers together: the budget's window spread over the calls background work may still make
+# in it, between LIST_EVERY_MIN (also while the batch host serves them) and CHECK_CAP seconds.
 LIST_EVERY_MIN = 2.0
-LISTING_SHARE = 0.5
 LISTING_TURN = "listing"
 LEASE_SECONDS = 60
 CLAIM_LIMIT = 500
@@ -321,10 +318,10 @@ def _grace(config: Any) -> timedelta:
 def listing_interval(client: CloudflareImages) -> float:
     """Return the seconds between verification calls that the upstream's headroom allows now.
 
-    The budget's window divided by LISTING_SHARE of the calls a background call may still make
-    in it (half of what is left, spread evenly), kept between LIST_EVERY_MIN and CHECK_CAP;
-    LIST_EVERY_MIN while the batch host serves listings, CHECK_CAP while paused after a 429. A
-    burst of creates cannot stretch it past its floor: the background side keeps its share.
+    The budget's window divided by the calls a background call may still make in it (what is
+    left, spread evenly), kept between LIST_EVERY_MIN and CHECK_CAP; LIST_EVERY_MIN while the
+    batch host serves listings, CHECK_CAP while paused after a 429. A burst of creates cannot
+    stretch it: the background side keeps its guaranteed share.
     """
     route = client.batch_route
     if route is not None and route.uses_batch("list_v2"):
@@ -336,7 +333,7 @@ def listing_interval(client: CloudflareImages) -> float:
     left = status.background_left
     if status.paused_for > 0 or left <= 0:
         return float(CHECK_CAP)
-    return min(float(CHECK_CAP), max(LIST_EVERY_MIN, status.window / (left * LISTING_SHARE)))
+    return min(float(CHECK_CAP), max(LIST_EVERY_MIN, status.window / left))
 
 
 def listing_turn_free(session: Session, now: datetime) -> bool:

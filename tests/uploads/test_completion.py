@@ -410,8 +410,8 @@ def test_two_workers_make_as_many_verification_calls_as_one(setup, emulator):
 
 
 def test_the_listing_interval_follows_the_budget(make_app):
-    """The window spread over half the calls background work may still make in it: 2 s at
-    least, 30 s at most (and while paused); a burst of creates leaves background its share."""
+    """The window spread over the calls background work may still make in it: 2 s at least,
+    30 s at most (and while paused); a burst of creates leaves background its share."""
     app = make_app(
         UPSTREAM_BUDGET=20,
         UPSTREAM_BUDGET_WINDOW=30,
@@ -423,14 +423,14 @@ def test_the_listing_interval_follows_the_budget(make_app):
         from broker.upstream.cloudflare import Priority, get_client
 
         cf, budget = get_client(), get_budget()
-        seen = [completion.listing_interval(cf)]  # 16 left for background: 30 / 8 → 3.75 s
+        seen = [completion.listing_interval(cf)]  # 16 left for background: 30 / 16 → 2 s
         for priority, spent in ((Priority.BACKGROUND, 6), (Priority.INTERACTIVE, 10)):
             for _ in range(spent):
                 budget.acquire(priority)
             seen.append(completion.listing_interval(cf))
-        # 6 background: 10 left → 6 s; then interactive takes all it may (16 of 20 used):
-        # background still has its 4 → 15 s.
-        assert seen == pytest.approx([3.75, 6.0, 15.0])
+        # 6 background: 10 left → 3 s; then interactive takes all it may (16 of 20 used):
+        # background still has its 4 → 7.5 s.
+        assert seen == pytest.approx([2.0, 3.0, 7.5])
         for _ in range(3):
             budget.acquire(Priority.BACKGROUND)
         assert completion.listing_interval(cf) == 30.0  # one left: 30 s is the cap
