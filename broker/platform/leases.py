@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -23,6 +23,10 @@ from broker.platform.db import Session
 def claimable(model: Any, now: datetime) -> sa.ColumnElement[bool]:
     """Return the condition 'no live lease' for rows of `model`."""
     return sa.or_(model.lease_until.is_(None), model.lease_until <= now)
+
+
+# Ids per SQL IN (…) list on SQLite (older builds allow 999 parameters per statement).
+_CHUNK = 500
 
 
 def claim_and_commit(
@@ -64,18 +68,21 @@ def claim_and_commit(
     )
     # End the read transaction first: a stale SQLite snapshot cannot be upgraded to a writer.
     session.commit()
-    won: list[Any] = []
-    for row_id in candidates:
-        result = session.execute(
-            sa.update(model)
-            .where(model.id == row_id, cond)
-            .values(**stamp)
-            .execution_options(synchronize_session=False)
+    won: set[Any] = set()
+    # One UPDATE … RETURNING per chunk (not one per row): the condition is checked again under
+    # the write lock, so a row another worker took meanwhile is not taken twice.
+    for start in range(0, len(candidates), _CHUNK):
+        won.update(
+            session.scalars(
+                sa.update(model)
+                .where(model.id.in_(candidates[start : start + _CHUNK]), cond)
+                .values(**stamp)
+                .returning(model.id)
+                .execution_options(synchronize_session=False)
+            )
         )
-        if cast(sa.CursorResult[Any], result).rowcount == 1:
-            won.append(row_id)
     session.commit()
-    return won
+    return [row_id for row_id in candidates if row_id in won]
 
 
 def release_and_commit(session: Session, model: Any, ids: Sequence[int], owner: str) -> None:

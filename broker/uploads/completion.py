@@ -198,6 +198,35 @@ def _reschedule(upload: Upload, now: datetime, owner: str) -> None:
     upload.lease_until = None
 
 
+def _reschedule_all(session: Session, ids: Sequence[Any], owner: str, now: datetime) -> None:
+    """`_reschedule` for many uploads in one UPDATE per IN_CHUNK (a listing that did not show
+    them): the next check follows each one's own attempts, the leases are given back."""
+    attempts = sa.func.coalesce(Upload.check_attempts, 0)
+    # Past the cap every delay is CHECK_CAP: one branch per attempt count below it.
+    capped = next(n for n in range(64) if check_delay(n + 1) >= CHECK_CAP)
+    next_check = sa.case(
+        *((attempts == n, now + timedelta(seconds=check_delay(n + 1))) for n in range(capped)),
+        else_=now + timedelta(seconds=CHECK_CAP),
+    )
+    for start in range(0, len(ids), IN_CHUNK):
+        session.execute(
+            sa.update(Upload)
+            .where(
+                Upload.id.in_(list(ids[start : start + IN_CHUNK])),
+                Upload.lease_owner == owner,
+                Upload.status == lifecycle.PENDING,
+            )
+            .values(
+                check_attempts=attempts + 1,
+                last_checked_at=now,
+                next_check_at=next_check,
+                lease_owner=None,
+                lease_until=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+
 def _back_off(
     session: Session, ids: Sequence[int | str], owner: str, seconds: float, now: datetime
 ) -> None:
@@ -526,36 +555,45 @@ def _verify_listing(
         )
     changed = 0
     unsure: list[Any] = []
-    for upload_id in [*ids, *extra_ids]:
+    not_shown: list[Any] = []
+    shown: list[tuple[Any, Image]] = []
+    claimed = [*ids, *extra_ids]
+    # Sort the claimed uploads first, reading them in one query per chunk (not one each: a
+    # listing may claim hundreds), before any commit expires what was read.
+    for start in range(0, len(claimed), IN_CHUNK):
+        chunk = claimed[start : start + IN_CHUNK]
+        for row in session.scalars(sa.select(Upload).where(Upload.id.in_(chunk))).all():
+            if row.lease_owner != owner or row.status != lifecycle.PENDING:
+                continue
+            image = found.get(row.image_id)
+            if image is not None and not image.draft:
+                shown.append((row.id, image))
+            elif covered_since is not None and row.created_at < covered_since:
+                unsure.append(row.id)
+            else:
+                not_shown.append(row.id)
+    # Still drafts (or not shown): checked again on their schedule, all in one statement.
+    _reschedule_all(session, not_shown, owner, now)
+    session.commit()
+    for upload_id, image in shown:
         upload = session.get(Upload, upload_id)
         if upload is None or upload.lease_owner != owner or upload.status != lifecycle.PENDING:
             continue
-        image = found.get(upload.image_id)
-        if image is not None and not image.draft:
-            try:
-                finish_ready(session, upload, image, client, config, now)
-                session.commit()
-                changed += 1
-            except UpstreamError as exc:
-                session.rollback()
-                _back_off(session, [upload_id], owner, exc.retry_after or 10, now)
-            except SQLAlchemyError:
-                # Each upload is its own transaction: one that cannot be stored waits alone.
-                session.rollback()
-                log.exception("upload %s could not be finished; retrying later", upload_id)
-                _back_off(session, [upload_id], owner, POISON_RETRY, now)
-            continue
-        if covered_since is not None and upload.created_at < covered_since:
-            unsure.append(upload_id)
-            continue
-        _reschedule(upload, now, owner)
-        session.commit()
+        try:
+            finish_ready(session, upload, image, client, config, now)
+            session.commit()
+            changed += 1
+        except UpstreamError as exc:
+            session.rollback()
+            _back_off(session, [upload_id], owner, exc.retry_after or 10, now)
+        except SQLAlchemyError:
+            # Each upload is its own transaction: one that cannot be stored waits alone.
+            session.rollback()
+            log.exception("upload %s could not be finished; retrying later", upload_id)
+            _back_off(session, [upload_id], owner, POISON_RETRY, now)
     for upload_id in unsure[:MAX_SINGLE_CHECKS]:
         changed += _verify_single(session, client, config, owner, upload_id, now)
-    for upload_id in unsure[MAX_SINGLE_CHECKS:]:
-        upload = session.get(Upload, upload_id)
-        if upload is not None:
-            _reschedule(upload, now, owner)
+    _reschedule_all(session, unsure[MAX_SINGLE_CHECKS:], owner, now)
     session.commit()
     return changed
 

@@ -507,3 +507,50 @@ def test_a_draft_deletion_postponed_by_the_budget_is_done_later(
         assert completion.delete_drafts_due(db.session, get_client(), "w1", now=retry_at) == 1
         assert db.session.get(Upload, up["id"]).draft_delete_at is None
     assert emulator.emulator.store.get_image(up["image_id"]) is None  # deleted upstream
+
+
+def _listing_round(app, client, auth, emulator, pending: int) -> tuple[int, int, list[str]]:
+    """`pending` silent uploads, two of which got their file; one verification pass 10 s later.
+    Return the SQL statements and upstream calls it made, and the uploads' statuses."""
+    from broker.upstream.cloudflare import get_client
+
+    ups = [create_upload(client, auth) for _ in range(pending)]
+    for up in ups[:2]:
+        send_file(up)
+    now = max(load_upload(app, up["id"]).created_at for up in ups) + timedelta(seconds=10)
+    emulator.reset_counters()
+    statements = []
+    with app.app_context():
+        engine = db.engine
+
+        def count(*_args: object) -> None:
+            statements.append(1)
+
+        sa.event.listen(engine, "before_cursor_execute", count)
+        try:
+            changed = completion.verify_due(db.session, get_client(), app.config, "w1", now=now)
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", count)
+        assert changed == 2
+        db.session.execute(  # out of the next round's way
+            sa.update(Upload).where(Upload.status == "pending").values(status="expired")
+        )
+        db.session.execute(sa.delete(VerifyTurn))
+        db.session.commit()
+    statuses = [load_upload(app, up["id"]).status for up in ups]
+    return len(statements), sum(_api_calls(emulator).values()), statuses
+
+
+def test_a_listings_database_work_does_not_grow_with_the_uploads_it_did_not_show(
+    make_app, make_user, bearer, emulator
+):
+    """One listing covers every pending upload; those still drafts are rescheduled together, so
+    40 pending cost the database what 5 do (it was a read and a commit for each)."""
+    app = make_app(COMPLETE_INLINE_BUDGET=0, MAX_PENDING_UPLOADS=100)
+    client, auth = app.test_client(), bearer(app, make_user("alice"))
+    few, few_calls, few_statuses = _listing_round(app, client, auth, emulator, 5)
+    many, many_calls, many_statuses = _listing_round(app, client, auth, emulator, 40)
+    assert few_calls == many_calls == 1  # one listing each
+    assert few_statuses == ["ready"] * 2 + ["expired"] * 3
+    assert many_statuses == ["ready"] * 2 + ["expired"] * 38
+    assert many == few
