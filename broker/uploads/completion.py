@@ -188,19 +188,9 @@ def finish_ready(
     return upload.status
 
 
-def _reschedule(upload: Upload, now: datetime, owner: str) -> None:
-    if upload.lease_owner != owner or upload.status != lifecycle.PENDING:
-        return
-    upload.check_attempts = (upload.check_attempts or 0) + 1
-    upload.last_checked_at = now
-    upload.next_check_at = now + timedelta(seconds=check_delay(upload.check_attempts))
-    upload.lease_owner = None
-    upload.lease_until = None
-
-
-def _reschedule_all(session: Session, ids: Sequence[Any], owner: str, now: datetime) -> None:
-    """`_reschedule` for many uploads in one UPDATE per IN_CHUNK (a listing that did not show
-    them): the next check follows each one's own attempts, the leases are given back."""
+def _reschedule(session: Session, ids: Sequence[Any], owner: str, now: datetime) -> None:
+    """Give back the leases on uploads still drafts and schedule each one's next check by its
+    own attempts, in one UPDATE per IN_CHUNK (a listing may leave hundreds)."""
     attempts = sa.func.coalesce(Upload.check_attempts, 0)
     # Past the cap every delay is CHECK_CAP: one branch per attempt count below it.
     capped = next(n for n in range(64) if check_delay(n + 1) >= CHECK_CAP)
@@ -498,7 +488,7 @@ def _verify_single(
         # Gone upstream before it was ever completed: nothing will arrive any more.
         changed = int(lifecycle.mark_expired(session, upload, now=now))
     elif image.draft:
-        _reschedule(upload, now, owner)
+        _reschedule(session, [upload_id], owner, now)
     else:
         try:
             finish_ready(session, upload, image, client, config, now)
@@ -573,7 +563,7 @@ def _verify_listing(
             else:
                 not_shown.append(row.id)
     # Still drafts (or not shown): checked again on their schedule, all in one statement.
-    _reschedule_all(session, not_shown, owner, now)
+    _reschedule(session, not_shown, owner, now)
     session.commit()
     for upload_id, image in shown:
         upload = session.get(Upload, upload_id)
@@ -593,7 +583,7 @@ def _verify_listing(
             _back_off(session, [upload_id], owner, POISON_RETRY, now)
     for upload_id in unsure[:MAX_SINGLE_CHECKS]:
         changed += _verify_single(session, client, config, owner, upload_id, now)
-    _reschedule_all(session, unsure[MAX_SINGLE_CHECKS:], owner, now)
+    _reschedule(session, unsure[MAX_SINGLE_CHECKS:], owner, now)
     session.commit()
     return changed
 
