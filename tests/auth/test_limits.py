@@ -16,8 +16,8 @@ from tests.factories import PASSWORD, csrf_from
 
 @pytest.fixture(autouse=True)
 def _one_window() -> Iterator[None]:
-    """Keep each test inside one rate-limit window: the limits count per fixed minute, so a
-    test crossing a minute boundary would start from fresh counters half-way."""
+    """Keep each test on a frozen clock: a window runs from its first hit on the clock, so on a
+    loaded machine a slow test could see its counts expire half-way."""
     with time_machine.travel(datetime(2031, 3, 1, 9, 0, 10, tzinfo=UTC), tick=False):
         yield
 

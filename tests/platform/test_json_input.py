@@ -110,7 +110,7 @@ def test_the_login_limiter_keys_a_hostile_body_by_ip(
     app = make_app(AUTH_RATE_LIMIT="2 per minute")
     make_user()
     client = app.test_client()
-    # One fixed rate-limit window (a minute boundary half-way would reset the count).
+    # A frozen clock: the window (from its first hit) cannot run out half-way on a slow machine.
     with time_machine.travel(datetime(2031, 3, 1, 9, 0, 10, tzinfo=UTC), tick=False):
         statuses = [
             client.post("/auth/login", data=DEEP, headers=JSON).status_code for _ in range(3)
