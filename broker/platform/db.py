@@ -112,11 +112,16 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
 
 
 # Per process and engine: a pool as large as a web process's threads (gunicorn's `--threads`,
-# 8 by default, 16 in the benchmarks), so a busy process reuses its connections instead of
+# 8 by default) and then some, so a busy process reuses its connections instead of
 # opening and closing one per request past the pool (a new PostgreSQL connection costs both
 # sides far more than the statements of a request); beyond it, overflow connections still open.
 POOL_SIZE = 16
 MAX_OVERFLOW = 32
+# The pool hands out the connection given back last (LIFO), not the one idle longest: after a
+# burst opened many, the few a normal load needs stay in use (warm: the server's caches and
+# psycopg's prepared statements are theirs) while the rest sit idle, instead of every request
+# taking the next of all of them in turn. In bench_scale part 2 a process that had opened its
+# 16 connections in turn this way stayed as slow as during the burst for the whole run.
 # A pooled connection idle this long is checked (one round trip) before it is handed out; one
 # given back moments ago is not, so a busy process does not pay a ping per checkout. A server
 # restart then costs at most the one statement of each connection used within these seconds:
@@ -125,9 +130,14 @@ PING_WHEN_IDLE = 5.0
 
 
 def server_pool_options() -> dict[str, Any]:
-    """`create_engine` options of a PostgreSQL engine: pool size, and the idle-only ping
-    (`ping_when_idle`) in place of a ping on every checkout."""
-    return {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW, "pool_pre_ping": False}
+    """`create_engine` options of a PostgreSQL engine: pool size, last-in first-out, and the
+    idle-only ping (`ping_when_idle`) in place of a ping on every checkout."""
+    return {
+        "pool_size": POOL_SIZE,
+        "max_overflow": MAX_OVERFLOW,
+        "pool_pre_ping": False,
+        "pool_use_lifo": True,
+    }
 
 
 def ping_when_idle(engine: sa.Engine, *, clock: Callable[[], float] = time.monotonic) -> None:

@@ -78,6 +78,28 @@ def test_a_busy_pool_hands_out_connections_without_a_ping(postgres_url: str) -> 
         engine.dispose()
 
 
+def test_after_a_burst_the_pool_keeps_using_the_connection_given_back_last(
+    postgres_url: str,
+) -> None:
+    """A burst opened several connections; the quiet requests after it all get the one given
+    back last, so the others sit idle instead of each request taking the next in turn."""
+    now = [1000.0]
+    engine, _pings = _idle_pinging_engine(postgres_url, now)
+    try:
+        burst = [engine.connect() for _ in range(4)]
+        backends = [conn.scalar(sa.text("SELECT pg_backend_pid()")) for conn in burst]
+        assert len(set(backends)) == 4
+        for conn in burst:
+            conn.close()
+        used = set()
+        for _ in range(6):
+            with engine.connect() as conn:
+                used.add(conn.scalar(sa.text("SELECT pg_backend_pid()")))
+        assert used == {backends[-1]}
+    finally:
+        engine.dispose()
+
+
 def test_an_idle_connection_the_server_dropped_is_replaced_before_use(postgres_url: str) -> None:
     """The server ended a pooled connection while it sat idle (a restart, an idle timeout): the
     ping on checkout sees it and the pool hands out a new connection; the caller never fails."""
