@@ -33,3 +33,12 @@ control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET") or os.path.join(
 # Logs on stderr (the container's log); one access line per request.
 accesslog = "-"
 errorlog = "-"
+
+
+def post_worker_init(worker):
+    """Before the process takes requests: run the create path's database work once, rolled
+    back (broker.uploads.warmup), so its first requests under load cost what later ones do."""
+    warm_up = getattr(worker.wsgi, "extensions", {}).get("warm_up")
+    if warm_up is not None:
+        seconds = warm_up(connections=worker.cfg.threads)
+        worker.log.info("warmed up in %.0f ms", seconds * 1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -119,7 +120,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from broker import api, cli, web, worker
     from broker.images import redirect
-    from broker.uploads import lifecycle, notifications
+    from broker.uploads import lifecycle, notifications, warmup
     from broker.webhooks import endpoints
 
     _import_api_routes()
@@ -137,6 +138,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         health.register_metrics(app, collect)
     cli.init_app(app)
     worker.init_app(app)
+    # Called by gunicorn.conf.py's post_worker_init, before a web process takes requests.
+    app.extensions["warm_up"] = functools.partial(warmup.warm_up, app)
     return app
 
 

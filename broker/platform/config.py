@@ -46,7 +46,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "DATABASE_URL",
         None,
-        "SQLAlchemy URL; default `sqlite:///<instance>/broker.sqlite3`. PostgreSQL: `postgresql+psycopg://user:pw@host/db`; each broker process keeps up to 16 connections open per engine (two: the app's and the upstream budget's) and opens up to 32 more per engine under load, so size PostgreSQL's `max_connections` for your processes.",
+        "SQLAlchemy URL; default `sqlite:///<instance>/broker.sqlite3`. PostgreSQL: `postgresql+psycopg://user:pw@host/db`; each broker process keeps up to 16 connections open per engine (two: the app's and the upstream budget's; a web process opens one per gunicorn thread on each as it starts, to warm them up) and opens up to 32 more per engine under load, so size PostgreSQL's `max_connections` for your processes.",
     ),
     Setting(
         "ENCRYPTION_KEYS",

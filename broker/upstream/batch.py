@@ -227,6 +227,14 @@ class BatchRoute:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
+    def warm_up(self) -> None:
+        """Read the fall-backs and the stored token now, before a first request waits on them
+        (never fetches a token: that is the first call's or the worker's job)."""
+        self._reload_fallbacks()
+        stored = self._read()
+        if stored is not None and self._now() < stored.refresh_at:
+            self._token = stored
+
     # -- which endpoints ---------------------------------------------------------------------
 
     def uses_batch(self, endpoint: str) -> bool:
