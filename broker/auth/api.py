@@ -223,6 +223,9 @@ class CreateServiceKey(BaseModel):
         min_length=1,
         max_length=len(service_keys.SCOPES),
         description="Any of: " + "; ".join(f"`{k}`: {v}" for k, v in service_keys.SCOPES.items()),
+        # The document names the values (generated clients get an enum); the view still says
+        # which ones are unknown when a caller sends others.
+        json_schema_extra={"items": {"type": "string", "enum": list(service_keys.SCOPES)}},
     )
     issuer: str | None = Field(
         None,
