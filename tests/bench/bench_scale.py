@@ -89,9 +89,11 @@ def start_broker(
         port = free_port()
         start(
             stack,
-            [str(BIN / "gunicorn"), "-w", "2", "-k", "gthread", "--threads", "16",
-             "-b", f"127.0.0.1:{port}", "wsgi:app"],
-            env,
+            # The web tier's own settings (gunicorn.conf.py, as deployed): 2 processes of 8
+            # threads each, each process warmed up before it takes requests.
+            [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}",
+             "wsgi:app"],
+            {**env, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "8"},
             tmp / f"broker{n}.log",
         )  # fmt: skip
         urls.append(f"http://127.0.0.1:{port}")
