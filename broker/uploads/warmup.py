@@ -4,7 +4,7 @@ A process's first create costs several times a later one: SQLAlchemy compiles ea
 once per process, and the libraries under it set up their own caches on first use. When all of
 a fresh process's threads get their first requests at once, under load, that one-off cost
 lands on all of them together; the requests queue, the queue opens more database connections,
-and a restart under 40 creates/s stayed slow for seconds (bench_scale part 2: the first 2-10 s
+and a restart under 40 creates/s stayed slow for seconds (bench_scale part 2: the first 2-12 s
 at p50 1-2 s, against about 40 ms after).
 
 `warm_up` runs the create path's database work once, before gunicorn hands the process any
