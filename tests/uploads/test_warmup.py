@@ -129,7 +129,13 @@ def test_gunicorn_leaves_an_app_without_a_warm_up_alone() -> None:
     """The emulator runs under the same gunicorn.conf.py in the benchmarks."""
     from broker.emulator import create_app
 
+    emulator_app = create_app()
+    assert "warm_up" not in emulator_app.extensions
+    logged: list[str] = []
     worker = SimpleNamespace(
-        wsgi=create_app(), cfg=SimpleNamespace(threads=4), log=SimpleNamespace(info=None)
+        wsgi=emulator_app,
+        cfg=SimpleNamespace(threads=4),
+        log=SimpleNamespace(info=lambda msg, *args: logged.append(msg % args)),
     )
-    _gunicorn_config().post_worker_init(worker)  # no error, nothing to call
+    _gunicorn_config().post_worker_init(worker)
+    assert logged == []
