@@ -17,10 +17,10 @@ The one transaction rule, followed by every feature:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import sqlalchemy as sa
 from flask import Flask, g
@@ -109,6 +109,20 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+T = TypeVar("T")
+
+# Ids per SQL IN (…) list: older SQLite builds allow 999 parameters per statement, and a
+# statement may carry a second list beside one (a listing's claim: "these images, not those
+# uploads").
+IN_LIST_SIZE = 400
+
+
+def in_chunks(items: Sequence[T]) -> Iterator[list[T]]:
+    """`items` in lists of at most IN_LIST_SIZE, one per IN (…) list."""
+    for start in range(0, len(items), IN_LIST_SIZE):
+        yield list(items[start : start + IN_LIST_SIZE])
 
 
 # Per process and engine: a pool as large as a web process's threads (gunicorn's `--threads`,

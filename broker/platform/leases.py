@@ -17,16 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from broker.platform.db import Session
+from broker.platform.db import Session, in_chunks
 
 
 def claimable(model: Any, now: datetime) -> sa.ColumnElement[bool]:
     """Return the condition 'no live lease' for rows of `model`."""
     return sa.or_(model.lease_until.is_(None), model.lease_until <= now)
-
-
-# Ids per SQL IN (…) list on SQLite (older builds allow 999 parameters per statement).
-_CHUNK = 500
 
 
 def claim_and_commit(
@@ -71,11 +67,11 @@ def claim_and_commit(
     won: set[Any] = set()
     # One UPDATE … RETURNING per chunk (not one per row): the condition is checked again under
     # the write lock, so a row another worker took meanwhile is not taken twice.
-    for start in range(0, len(candidates), _CHUNK):
+    for chunk in in_chunks(candidates):
         won.update(
             session.scalars(
                 sa.update(model)
-                .where(model.id.in_(candidates[start : start + _CHUNK]), cond)
+                .where(model.id.in_(chunk), cond)
                 .values(**stamp)
                 .returning(model.id)
                 .execution_options(synchronize_session=False)

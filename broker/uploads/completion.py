@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from broker.platform import leases
-from broker.platform.db import Session, utcnow
+from broker.platform.db import Session, in_chunks, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.uploads import lifecycle
 from broker.uploads.models import Upload, VerifyTurn
@@ -65,7 +65,6 @@ CLAIM_LIMIT = 500
 LIST_PER_PAGE = 1000
 # Uploads not covered by a listing page (older than its last image) checked one by one per pass.
 MAX_SINGLE_CHECKS = 10
-IN_CHUNK = 400  # ids per SQL IN (…) list
 # Seconds before an upload whose result could not be stored is tried again.
 POISON_RETRY = 60.0
 # Seconds before a postponed draft deletion is tried again (when no Retry-After says otherwise).
@@ -190,7 +189,7 @@ def finish_ready(
 
 def _reschedule(session: Session, ids: Sequence[Any], owner: str, now: datetime) -> None:
     """Give back the leases on uploads still drafts and schedule each one's next check by its
-    own attempts, in one UPDATE per IN_CHUNK (a listing may leave hundreds)."""
+    own attempts, in one UPDATE per IN (…) list (a listing may leave hundreds)."""
     attempts = sa.func.coalesce(Upload.check_attempts, 0)
     # Past the cap every delay is CHECK_CAP: one branch per attempt count below it.
     capped = next(n for n in range(64) if check_delay(n + 1) >= CHECK_CAP)
@@ -198,11 +197,11 @@ def _reschedule(session: Session, ids: Sequence[Any], owner: str, now: datetime)
         *((attempts == n, now + timedelta(seconds=check_delay(n + 1))) for n in range(capped)),
         else_=now + timedelta(seconds=CHECK_CAP),
     )
-    for start in range(0, len(ids), IN_CHUNK):
+    for chunk in in_chunks(ids):
         session.execute(
             sa.update(Upload)
             .where(
-                Upload.id.in_(list(ids[start : start + IN_CHUNK])),
+                Upload.id.in_(chunk),
                 Upload.lease_owner == owner,
                 Upload.status == lifecycle.PENDING,
             )
@@ -526,9 +525,7 @@ def _verify_listing(
         covered_since = min((i.uploaded for i in page.images if i.uploaded), default=None)
     # Other pending uploads completed meanwhile show up too: take them now, at no extra cost.
     extra_ids: list[Any] = []
-    found_ids = list(found)
-    for start in range(0, len(found_ids), IN_CHUNK):
-        chunk = found_ids[start : start + IN_CHUNK]
+    for chunk in in_chunks(list(found)):
         extra_ids += leases.claim_and_commit(
             session,
             Upload,
@@ -550,8 +547,7 @@ def _verify_listing(
     claimed = [*ids, *extra_ids]
     # Sort the claimed uploads first, reading them in one query per chunk (not one each: a
     # listing may claim hundreds), before any commit expires what was read.
-    for start in range(0, len(claimed), IN_CHUNK):
-        chunk = claimed[start : start + IN_CHUNK]
+    for chunk in in_chunks(claimed):
         for row in session.scalars(sa.select(Upload).where(Upload.id.in_(chunk))).all():
             if row.lease_owner != owner or row.status != lifecycle.PENDING:
                 continue
