@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: run test test-system lint format install clean bench readme
 
@@ -12,14 +13,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall whenever pyproject.toml changes.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# Reinstall whenever pyproject.toml changes. `make run` needs only what running needs; the
+# other targets also install the test extra (pytest, Playwright, linters).
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	@echo "== Installing the broker and what it needs to run into $(VENV)"
+	$(BIN)/python -m pip install --progress-bar off -e .
 	@touch $@
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "== Installing the broker with its test and lint tools into $(VENV)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@ $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
+	@echo "== Migrating the database"
 	$(BIN)/flask --app broker db upgrade
 	$(BIN)/python -m broker.devserver
 

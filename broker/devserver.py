@@ -19,6 +19,7 @@ from pathlib import Path
 from flask import Flask
 from werkzeug.serving import make_server
 
+from broker.auth.demo import ensure_demo_user
 from broker.images import keys, variants
 from broker.platform.config import DEV_EMULATOR_FILE, ConfigError
 from broker.platform.db import db
@@ -75,14 +76,26 @@ def _start_emulator(instance_path: Path) -> str | None:
     return base
 
 
+def prepare_upstream() -> list[str]:
+    """Create or update the declared variants and mirror the signing keys (dev server start);
+    return banner lines. Failures are reported, not raised: the pages still work without."""
+    client = get_client()
+    try:
+        done = variants.sync_variants(client, variants.declared_variants())
+        synced = keys.sync_keys(db.session, client)
+        db.session.commit()
+    except UpstreamError as exc:
+        db.session.rollback()
+        return [f"Variants/signing keys not synced ({exc}); run `flask variants sync`."]
+    names = ", ".join(d.name for d in done) or "none"
+    signer = keys.active_key(db.session)
+    key = f"signing key {signer.name}" if signer else "no signing key"
+    return [f"Variants: {names}; {key} ({len(synced.added)} new)."]
+
+
 def _prepare(app: Flask) -> list[str]:
-    """Get the app ready for a demo (demo account, worker thread); return lines to print."""
-    from broker.auth.demo import ensure_demo_user
-
-    lines: list[str] = []
-    lines += ensure_demo_user(app)
-
-    lines += prepare_upstream()
+    """Get the app ready for a demo (variants, keys, worker thread); return lines to print."""
+    lines = prepare_upstream()
     if app.config.get("WORKER_INLINE"):
         from broker.worker import ensure_inline
 
@@ -103,22 +116,32 @@ def main() -> int:
     instance = Path(os.environ.get("BROKER_INSTANCE_PATH") or Path.cwd() / "instance").resolve()
     instance.mkdir(parents=True, exist_ok=True)
     os.environ["BROKER_INSTANCE_PATH"] = str(instance)
-    emulator_url = _start_emulator(instance)
     try:
+        emulator_url = _start_emulator(instance)
         app = create_app()
+        # Bound before anything is printed: a port in use is said plainly, not as a traceback.
+        server = make_server(HOST, BROKER_PORT, app, threaded=True)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    with app.app_context():
-        banner = _prepare(app)
+    except OSError as exc:
+        print(
+            f"cannot listen on {HOST} ({exc.strerror}); choose free ports with"
+            " `BROKER_PORT=… EMULATOR_PORT=… make run`",
+            file=sys.stderr,
+        )
+        return 2
     url = f"http://{HOST}:{BROKER_PORT}"
     print(f"\n  Upload broker: {url}", flush=True)
     if emulator_url:
         print(f"  Cloudflare Images emulator: {emulator_url}", flush=True)
-    for line in banner:
-        print(f"  {line}", flush=True)
+    with app.app_context():
+        # The login first, so that nothing failing after it can hide it.
+        for line in ensure_demo_user(app):
+            print(f"  {line}", flush=True)
+        for line in _prepare(app):
+            print(f"  {line}", flush=True)
     print("  Press Ctrl-C to stop.\n", flush=True)
-    server = make_server(HOST, BROKER_PORT, app, threaded=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     return 0
@@ -126,20 +149,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def prepare_upstream() -> list[str]:
-    """Create or update the declared variants and mirror the signing keys (dev server start);
-    return banner lines. Failures are reported, not raised: the pages still work without."""
-    client = get_client()
-    try:
-        done = variants.sync_variants(client, variants.declared_variants())
-        synced = keys.sync_keys(db.session, client)
-        db.session.commit()
-    except UpstreamError as exc:
-        db.session.rollback()
-        return [f"Variants/signing keys not synced ({exc}); run `flask variants sync`."]
-    names = ", ".join(d.name for d in done) or "none"
-    signer = keys.active_key(db.session)
-    key = f"signing key {signer.name}" if signer else "no signing key"
-    return [f"Variants: {names}; {key} ({len(synced.added)} new)."]

@@ -91,6 +91,7 @@ class Controls:
         self._counters: Counter[str] = Counter()
         self._in_flight: Counter[str] = Counter()
         self._peaks: Counter[str] = Counter()
+        self._period = 0  # bumped by every reset of the counters
         self._kinds: Counter[str] = Counter()
         self._faults: list[Fault] = []
         self.limiter = RateLimiter(rate_limit, rate_window)
@@ -135,16 +136,20 @@ class Controls:
         with self._lock:
             return dict(self._counters)
 
-    def enter(self, endpoint: str) -> None:
-        """Note that a request to `endpoint` is being handled (until `leave`)."""
+    def enter(self, endpoint: str) -> int:
+        """Note that a request to `endpoint` is being handled (until `leave`); return the
+        counting period it belongs to, for `leave`."""
         with self._lock:
             self._in_flight[endpoint] += 1
             self._peaks[endpoint] = max(self._peaks[endpoint], self._in_flight[endpoint])
+            return self._period
 
-    def leave(self, endpoint: str) -> None:
-        """Note that a request to `endpoint` is done."""
+    def leave(self, endpoint: str, period: int) -> None:
+        """Note that a request to `endpoint` is done (one that came before the last reset of the
+        counters was already forgotten by it)."""
         with self._lock:
-            self._in_flight[endpoint] -= 1
+            if period == self._period:
+                self._in_flight[endpoint] -= 1
 
     def peak_in_flight(self) -> dict[str, int]:
         """Return, per endpoint, the most requests handled at once since the last reset."""
@@ -159,11 +164,15 @@ class Controls:
             return {kind: self._kinds[kind] for kind in kinds}
 
     def reset_counters(self) -> None:
-        """Zero every counter and peak (a peak restarts from the requests now in flight)."""
+        """Zero every counter and peak. Requests still running then are not counted in the new
+        period: a test's peak counts only the requests it made, whatever an earlier test
+        abandoned (a transfer the browser aborted runs on here until its handler ends)."""
         with self._lock:
             self._counters.clear()
-            self._peaks = Counter({k: v for k, v in self._in_flight.items() if v > 0})
+            self._in_flight.clear()
+            self._peaks.clear()
             self._kinds.clear()
+            self._period += 1
 
     # Faults.
 

@@ -166,8 +166,7 @@ def _before_request() -> Response | None:
     name = endpoint_name()
     kind = {API_BLUEPRINT: "global_api", BATCH_BLUEPRINT: "batch"}.get(request.blueprint or "")
     emu.controls.count(name, kind or "other")
-    emu.controls.enter(name)
-    g.emulator_endpoint = name
+    g.emulator_endpoint = (name, emu.controls.enter(name))
     for fault in emu.controls.pick_faults(name):
         if fault.latency_ms:
             time.sleep(fault.latency_ms / 1000)
@@ -190,9 +189,9 @@ def _before_request() -> Response | None:
 
 
 def _after_request_done(exc: BaseException | None) -> None:
-    name = g.pop("emulator_endpoint", None)
-    if name is not None:
-        current_emulator().controls.leave(name)
+    entered = g.pop("emulator_endpoint", None)
+    if entered is not None:
+        current_emulator().controls.leave(*entered)
 
 
 def _batch_gate(emu: Emulator, name: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -384,17 +385,21 @@ def test_account_page_revoke_asks_for_confirmation(app, client, make_user, login
 # --- admin role ------------------------------------------------------------------------------
 
 
-def test_demo_user_is_created_once_in_development(make_app):
-    """`make run` creates the demo account once and prints its password only then."""
-    from broker.auth.demo import ensure_demo_user
+def test_demo_user_is_created_once_in_development_and_its_login_shown_at_every_start(make_app):
+    """`make run` creates the demo account once and shows its login at every start while that is
+    still its password; a changed password is never shown, and outside development nothing."""
+    from broker.auth import users
+    from broker.auth.demo import PASSWORD_FILE, ensure_demo_user
 
     dev = make_app(ENV="development")
     with dev.app_context():
         first = ensure_demo_user(dev)
         second = ensure_demo_user(dev)
-    assert "password" in first[0] and "shown once" in first[0]
+    assert "password" in first[0] and "new account" in first[0]
     password = first[0].split("password ")[1].split(" ")[0]
-    assert password not in second[0]
+    assert password in second[0] and "new account" not in second[0]
+    saved = Path(dev.instance_path) / PASSWORD_FILE
+    assert saved.stat().st_mode & 0o077 == 0  # its owner's alone
     testing = make_app()
     with testing.app_context():
         assert ensure_demo_user(testing) == []
@@ -404,6 +409,13 @@ def test_demo_user_is_created_once_in_development(make_app):
         json={"username": "demo", "password": password, "device_name": "x"},
     )
     assert created.status_code == 201
+    with dev.app_context():
+        user = users.find_user(db.session, "demo")
+        assert user is not None
+        users.set_password(db.session, user, "another-long-passphrase")
+        db.session.commit()
+        third = ensure_demo_user(dev)
+    assert password not in third[0] and "set-password demo" in third[0]
 
 
 # --- odd input to the forms ------------------------------------------------------------------

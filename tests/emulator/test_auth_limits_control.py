@@ -187,3 +187,24 @@ def test_factory_reads_prefixed_environment(tmp_path, monkeypatch) -> None:  # t
     with EmulatorServer(tmp_path, {"ACCOUNT_ID": "given"}) as emulator:
         assert emulator.account_id == "given"  # an explicit config never reads the environment
         assert emulator.app.config["RATE_LIMIT"] == 1200
+
+
+def test_a_request_running_across_a_reset_is_not_counted_in_the_new_peak() -> None:
+    """A test's peak counts only its own requests: one an earlier test abandoned (still running at
+    the emulator when the counters were reset) neither raises the new peak nor, when it ends,
+    lowers the count of the requests that came after."""
+    from datetime import UTC, datetime
+
+    from broker.emulator.control import Controls
+
+    controls = Controls(lambda: datetime(2026, 12, 6, tzinfo=UTC), 1200, 300.0)
+    leftover = controls.enter("upload_url")
+    controls.reset_counters()
+    mine = [controls.enter("upload_url") for _ in range(3)]
+    assert controls.peak_in_flight() == {"upload_url": 3}
+    controls.leave("upload_url", leftover)  # the abandoned one ends now
+    controls.leave("upload_url", mine[0])
+    controls.enter("upload_url")  # three of mine at once again, not two
+    assert controls.peak_in_flight() == {"upload_url": 3}
+    controls.enter("upload_url")
+    assert controls.peak_in_flight() == {"upload_url": 4}
