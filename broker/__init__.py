@@ -13,8 +13,8 @@ from flask import Flask
 from flask.sansio.scaffold import find_package
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from broker.platform import config as settings
-from broker.platform.config import DEFAULTS, DEV_EMULATOR_FILE, finalize
+from broker.platform.config import DEFAULTS, DEV_EMULATOR_FILE, finalize, settings_of
+from broker.platform.config import init_app as read_settings
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -67,10 +67,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     sqlite_in_install = not app.config.get("DATABASE_URL") and _instance_in_install(instance_path)
     finalize(app.config, app.instance_path)
-    settings.init_app(app)
-    if app.config["PROXY_COUNT"]:
+    read_settings(app)  # once: everything after this reads the typed settings
+    settings = settings_of(app)
+    if settings.proxy_count:
         # Trust exactly that many proxies' forwarding headers; never a client's own.
-        hops = int(app.config["PROXY_COUNT"])
+        hops = settings.proxy_count
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
     from broker.platform import (
@@ -89,7 +90,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     logs.init_app(app)
     json_input.init_app(app)
     routing.init_app(app)
-    if app.config["ENV"] == "production" and app.config["RATELIMIT_STORAGE_URI"] == "memory://":
+    if settings.env == "production" and settings.ratelimit_storage_uri == "memory://":
         logging.getLogger("broker").warning(
             "BROKER_RATELIMIT_STORAGE_URI is memory://: each process counts login attempts on "
             "its own; use redis:// when more than one process serves requests"
@@ -122,7 +123,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from broker import api, cli, web, worker
     from broker.images import redirect
-    from broker.uploads import lifecycle, notifications, warmup
+    from broker.uploads import cloudflare_hook, lifecycle, warmup
     from broker.webhooks import endpoints
 
     _import_api_routes()
@@ -130,7 +131,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(redirect.bp)
-    notifications.init_app(app)
+    cloudflare_hook.init_app(app)
     for collect in (
         lifecycle.metric_lines,
         endpoints.metric_lines,

@@ -139,6 +139,7 @@ def main() -> int:
         # The login first, so that nothing failing after it can hide it.
         for line in ensure_demo_user(app):
             print(f"  {line}", flush=True)
+        db.session.commit()
         for line in _prepare(app):
             print(f"  {line}", flush=True)
     print("  Press Ctrl-C to stop.\n", flush=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Self, TypeVar
 
-from flask import current_app
 from flask_login import current_user
 from pydantic import BaseModel, Field
 
@@ -19,8 +18,9 @@ from broker.api.spec import (
     field_error,
     not_found,
 )
-from broker.auth import current_api_token, limits, service_keys, tokens, users
+from broker.auth import current_api_token, rate_limits, service_keys, tokens, users
 from broker.auth.models import ApiToken, ServiceKey
+from broker.platform.config import current_settings
 from broker.platform.db import db
 from broker.platform.extensions import csrf
 
@@ -130,7 +130,7 @@ def _current_id() -> int | None:
     headers={201: (NO_STORE,)},
     auth=False,
     tags=TAGS,
-    guard=limits.credential_checks,
+    guard=rate_limits.credential_checks,
 )
 def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     """Exchange a username and password for a bearer token (shown once)."""
@@ -138,7 +138,7 @@ def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     if user is None:
         db.session.rollback()
         raise INVALID_CREDENTIALS.error()
-    days = body.expires_in_days or int(current_app.config["API_TOKEN_TTL_DAYS"])
+    days = body.expires_in_days or current_settings().api_token_ttl_days
     issued = tokens.issue(
         db.session, user, body.device_name.strip() or "device", ttl=timedelta(days=days)
     )

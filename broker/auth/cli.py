@@ -6,11 +6,11 @@ import sys
 from datetime import timedelta
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
 from broker.auth import service_keys, tokens, users
 from broker.auth.models import User
+from broker.platform.config import current_settings
 from broker.platform.db import db, utcnow
 from broker.platform.text import table, utc_minute
 
@@ -130,7 +130,7 @@ def create_token_command(username: str, name: str, days: int | None) -> None:
     user = _get_user(username)
     if not user.is_active:
         raise click.ClickException(f"{user.username} is deactivated")
-    ttl = timedelta(days=days or int(current_app.config["API_TOKEN_TTL_DAYS"]))
+    ttl = timedelta(days=days or current_settings().api_token_ttl_days)
     issued = tokens.issue(db.session, user, name, ttl=ttl)
     db.session.commit()
     click.echo(issued.secret)

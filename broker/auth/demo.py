@@ -14,6 +14,7 @@ from pathlib import Path
 from flask import Flask
 
 from broker.auth import passwords, users
+from broker.platform.config import settings_of
 from broker.platform.db import db
 
 DEMO_USERNAME = "demo"
@@ -32,8 +33,9 @@ def _login_line(password: str) -> str:
 
 
 def ensure_demo_user(app: Flask) -> list[str]:
-    """Create the demo account on first run in development; return banner lines with its login."""
-    if app.config["ENV"] != "development":
+    """Create the demo account on first run in development (the caller commits, as `make run`
+    does at once); return banner lines with its login."""
+    if settings_of(app).env != "development":
         return []
     saved = Path(app.instance_path) / PASSWORD_FILE
     user = users.find_user(db.session, DEMO_USERNAME)
@@ -41,7 +43,6 @@ def ensure_demo_user(app: Flask) -> list[str]:
         password = "-".join(secrets.token_urlsafe(6) for _ in range(3))
         _save(saved, password)  # before the account exists: a crash cannot lose it
         users.create_user(db.session, DEMO_USERNAME, password)
-        db.session.commit()
         return [_login_line(password) + " (new account)"]
     stored = saved.read_text().strip() if saved.is_file() else ""
     if stored and passwords.verify_password(user.password_hash, stored):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.auth import passwords
 from broker.auth.models import User
@@ -40,28 +40,26 @@ def find_account(session: Session, issuer: str, subject: str) -> User | None:
     )
 
 
-def account_and_commit(session: Session, issuer: str, subject: str) -> User:
-    """Return the account of `subject` at `issuer`, creating and committing it on first use.
+def create_account(session: Session, issuer: str, subject: str) -> User:
+    """Create the account of `subject` at `issuer` in the caller's transaction; return it.
 
-    Commits only a creation (its own unit of work, before the view's). Two first requests at
-    once both try to insert; the loser's insert hits the unique key and reads the winner's row.
+    Two first requests at once both try to insert: the insert does nothing on a conflict, so
+    the loser's transaction goes on unspoilt and reads the winner's row instead.
     """
-    user = find_account(session, issuer, subject)
-    if user is not None:
-        return user
-    user = User(
-        username=subject[:64],
-        username_key=_username_key(issuer, subject),
-        password_hash=passwords.NO_PASSWORD,
-        external_issuer=issuer,
-        external_subject=subject,
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(User)
+        .values(
+            username=subject[:64],
+            username_key=_username_key(issuer, subject),
+            password_hash=passwords.NO_PASSWORD,
+            external_issuer=issuer,
+            external_subject=subject,
+        )
+        .on_conflict_do_nothing()
     )
-    session.add(user)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        user = find_account(session, issuer, subject)
-        if user is None:
-            raise
+    user = find_account(session, issuer, subject)
+    if user is None:  # the conflict was another account's random id: vanishingly rare
+        raise RuntimeError("could not create the external account; try again")
     return user

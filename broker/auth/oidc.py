@@ -25,7 +25,7 @@ import requests
 from flask import Flask
 
 from broker.auth.external import valid_subject
-from broker.platform.config import ConfigError
+from broker.platform.config import ConfigError, settings_of
 
 log = logging.getLogger("broker.auth.oidc")
 
@@ -220,25 +220,22 @@ def parse_algorithms(value: Any) -> frozenset[str]:
 
 def init_app(app: Flask) -> None:
     """Build the app's verifier when BROKER_OIDC_ISSUER is set; refuse an incomplete setup."""
-    issuer = app.config.get("OIDC_ISSUER")
+    settings = settings_of(app)
+    issuer = settings.oidc_issuer
     if not issuer:
         return
-    issuer = str(issuer)
-    audience = app.config.get("OIDC_AUDIENCE")
+    audience = settings.oidc_audience
     if not audience:
         raise ConfigError("BROKER_OIDC_AUDIENCE is needed with BROKER_OIDC_ISSUER")
-    if app.config["ENV"] == "production":
-        plain = [
-            name
-            for name in ("OIDC_ISSUER", "OIDC_JWKS_URL")
-            if app.config.get(name) and not str(app.config[name]).startswith("https://")
-        ]
+    if settings.env == "production":
+        urls = {"OIDC_ISSUER": issuer, "OIDC_JWKS_URL": settings.oidc_jwks_url}
+        plain = [name for name, url in urls.items() if url and not url.startswith("https://")]
         if plain:
             raise ConfigError(f"{', '.join('BROKER_' + p for p in plain)} must be https:// URLs")
     app.extensions["oidc"] = Verifier(
         issuer,
-        str(audience),
-        parse_algorithms(app.config.get("OIDC_ALGORITHMS")),
-        jwks_url=app.config.get("OIDC_JWKS_URL") or None,
-        leeway=float(app.config.get("OIDC_LEEWAY") or 0),
+        audience,
+        parse_algorithms(settings.oidc_algorithms),
+        jwks_url=settings.oidc_jwks_url,
+        leeway=settings.oidc_leeway,
     )

@@ -7,6 +7,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from flask import (
+    Blueprint,
     abort,
     current_app,
     flash,
@@ -21,7 +22,7 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
-from broker.auth import bp, limits, passwords, remember, start_session, tokens, users
+from broker.auth import passwords, rate_limits, remember, tokens, users
 from broker.auth.forms import (
     ActionForm,
     ChangePasswordForm,
@@ -29,7 +30,11 @@ from broker.auth.forms import (
     LoginForm,
     RegisterForm,
 )
+from broker.auth.middleware import start_session
+from broker.platform.config import current_settings
 from broker.platform.db import db
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
 
 INVALID_LOGIN = "Invalid username or password."
 
@@ -48,7 +53,7 @@ def safe_next(target: str | None) -> str | None:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-@limits.credential_checks
+@rate_limits.credential_checks
 def login() -> ResponseReturnValue:
     """Show the login form; log the user in on a valid submission."""
     target = safe_next(request.args.get("next"))
@@ -65,7 +70,7 @@ def login() -> ResponseReturnValue:
             response = redirect(target or url_for("web.index"))
             if secret is not None:
                 remember.set_cookie(response, current_app, secret)
-            limits.set_device_cookie(response, user.username_key)
+            rate_limits.set_device_cookie(response, user.username_key)
             return response
         db.session.rollback()
         form.form_errors.append(INVALID_LOGIN)
@@ -76,7 +81,7 @@ def login() -> ResponseReturnValue:
         "auth/login.html",
         form=form,
         next=target,
-        registration=current_app.config["REGISTRATION"],
+        registration=current_settings().registration,
     ), status
 
 
@@ -96,10 +101,10 @@ def logout() -> ResponseReturnValue:
 
 
 @bp.route("/register", methods=["GET", "POST"])
-@limits.per_ip
+@rate_limits.per_ip
 def register() -> ResponseReturnValue:
     """Create an account (only when BROKER_REGISTRATION is on) and log it in."""
-    if not current_app.config["REGISTRATION"]:
+    if not current_settings().registration:
         abort(404)
     form = RegisterForm()
     status = 200
@@ -159,7 +164,7 @@ def account() -> ResponseReturnValue:
 
 @bp.post("/account/password")
 @login_required
-@limits.per_ip
+@rate_limits.per_ip
 def change_password() -> ResponseReturnValue:
     """Change the password; ends every other session and revokes every API token."""
     form = ChangePasswordForm()
@@ -184,7 +189,7 @@ def create_token() -> ResponseReturnValue:
     form = CreateTokenForm()
     if not form.validate_on_submit():
         return _account_page(token_form=form, status=422)
-    days = int(current_app.config["API_TOKEN_TTL_DAYS"])
+    days = current_settings().api_token_ttl_days
     issued = tokens.issue(
         db.session,
         current_user._get_current_object(),

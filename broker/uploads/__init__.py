@@ -6,8 +6,8 @@
 - `completion`: verification — hints (`/complete`, Cloudflare's notification) make an upload
   due; the worker checks due uploads singly or with one batched listing, and expires stale ones.
 - `idempotency`: `Idempotency-Key` replay for the create route.
-- `api`: the `/api/v1/uploads` routes; `notifications`: Cloudflare's inbound notification at
-  `/hooks/cloudflare`.
+- `api`: the `/api/v1/uploads` routes; `cloudflare_hook`: Cloudflare's inbound completion
+  notification at `/hooks/cloudflare`.
 - `models`: `Upload`, `UploadReservation`, `IdempotencyKey`.
 
 Every state change writes its webhook event through `broker.webhooks.outbox` in the same

@@ -12,5 +12,5 @@
 - `models`: endpoints, events, deliveries, attempts.
 
 This package knows nothing of uploads: the data of an event is built by whoever emits it.
-(Cloudflare's inbound notifications are `broker.uploads.notifications`.)
+(Cloudflare's inbound completion hook is `broker.uploads.cloudflare_hook`.)
 """

@@ -394,6 +394,7 @@ def test_demo_user_is_created_once_in_development_and_its_login_shown_at_every_s
     dev = make_app(ENV="development")
     with dev.app_context():
         first = ensure_demo_user(dev)
+        db.session.commit()  # as `make run` does: the account is its unit of work
         second = ensure_demo_user(dev)
     assert "password" in first[0] and "new account" in first[0]
     password = first[0].split("password ")[1].split(" ")[0]

@@ -1,6 +1,6 @@
 """Completion detection end to end: emulator over real HTTP, the worker driven step by step,
 outgoing webhooks to a real local receiver verified with the `standardwebhooks` library.
-(Cloudflare's notifications, the hint that makes an upload due: test_notifications.py.)"""
+(Cloudflare's notifications, the hint that makes an upload due: test_cloudflare_hook.py.)"""
 
 from __future__ import annotations
 

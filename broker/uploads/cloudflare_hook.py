@@ -1,10 +1,13 @@
-"""Inbound webhooks: Cloudflare's direct-upload notification, as a hint only.
+"""Cloudflare's inbound completion hook (`POST /hooks/cloudflare`), taken as a hint only.
 
 Cloudflare authenticates its notification with nothing but a static shared secret in
 `cf-webhook-auth` (no HMAC, no timestamp), so the body is never trusted: a valid call only makes
 the named upload due for verification (every pending upload, when no known image id can be read
 from it: its Images payload is not documented), and the worker confirms with Cloudflare before
 anything changes. A wrong or missing secret changes nothing.
+
+The view is the hint's unit of work: it commits the hint itself (a view may; the domain
+functions it calls, `completion.hint` and `hint_all`, never do).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import hmac
 import logging
 
 import sqlalchemy as sa
-from flask import Blueprint, Flask, current_app, request
+from flask import Blueprint, Flask, request
 from flask.typing import ResponseReturnValue
 
+from broker.platform.config import current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 from broker.uploads import completion
@@ -31,7 +35,7 @@ MAX_BODY = 64 * 1024
 @bp.post("/cloudflare")
 def cloudflare_notification() -> ResponseReturnValue:
     """Take Cloudflare's upload notification as a hint to verify that upload now."""
-    expected = current_app.config.get("CLOUDFLARE_WEBHOOK_SECRET") or ""
+    expected = current_settings().cloudflare_webhook_secret or ""
     given = request.headers.get("cf-webhook-auth", "")
     # Compare even when unconfigured so timing says nothing; an empty secret never matches.
     ok = hmac.compare_digest(given.encode(), expected.encode())

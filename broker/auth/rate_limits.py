@@ -20,6 +20,7 @@ from flask_limiter.util import get_remote_address
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.wrappers import Response
 
+from broker.platform.config import current_settings
 from broker.platform.extensions import limiter
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,7 +31,7 @@ DEVICE_MAX_AGE = timedelta(days=365)
 
 def auth_limit() -> str:
     """Return the configured limit, e.g. "10 per minute"."""
-    return str(current_app.config["AUTH_RATE_LIMIT"])
+    return current_settings().auth_rate_limit
 
 
 def _requested_username() -> str | None:
@@ -53,9 +54,7 @@ def _username_key() -> str:
 
 
 def _serializer() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(
-        str(current_app.config["SECRET_KEY"]), salt="broker.auth.device-cookie"
-    )
+    return URLSafeTimedSerializer(current_settings().secret_key, salt="broker.auth.device-cookie")
 
 
 def _device() -> str | None:
