@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.images.models import SigningKey
 from broker.images.signing import Signer
+from broker.platform.config import current_settings
 from broker.platform.db import Session, db, utcnow
 from broker.upstream.cloudflare import (
     CloudflareImages,
@@ -166,7 +167,7 @@ def rotate_key(
     seconds (default `BROKER_KEY_ROTATION_GRACE`), after which they are deleted."""
     now = now or utcnow()
     if grace is None:
-        grace = float(current_app.config["KEY_ROTATION_GRACE"])
+        grace = current_settings().key_rotation_grace
     name = new_key_name(now)
     keys = client.create_signing_key(name)
     result = KeySync()

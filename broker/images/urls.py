@@ -13,14 +13,14 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from flask import current_app
 
 from broker.auth import session_user_clause
 from broker.auth.models import User
 from broker.images import keys, variants
 from broker.images.signing import Delivery, Signer, Variant, bucketed_expiry, check_ttl, quote_id
+from broker.platform.config import current_settings
 from broker.platform.db import Session, db
-from broker.uploads.models import Upload
+from broker.uploads.models import Upload, UploadStatus
 
 # The columns minting needs: no ORM objects, no joined user, so a batch stays cheap.
 _COLUMNS = (
@@ -39,7 +39,7 @@ class UploadRef(NamedTuple):
     id: str
     user_id: int
     image_id: str
-    status: str
+    status: UploadStatus
     require_signed_urls: bool
     variants: list[str] | None
 
@@ -89,16 +89,14 @@ def lookup_variant(name: str) -> Variant:
 
 def lifetime(ttl: int | None) -> int:
     """Return the URL lifetime to use for a requested `ttl` (ValueError outside the bounds)."""
-    config = current_app.config
-    return check_ttl(ttl, int(config["SIGNED_URL_TTL"]), int(config["SIGNED_URL_MAX_TTL"]))
+    settings = current_settings()
+    return check_ttl(ttl, settings.signed_url_ttl, settings.signed_url_max_ttl)
 
 
 def expiry(ttl: int, now: float) -> int:
     """Return the bucketed Unix expiry of a URL living `ttl` seconds from `now`."""
-    config = current_app.config
-    return bucketed_expiry(
-        now, ttl, int(config["SIGNED_URL_BUCKET"]), int(config["SIGNED_URL_MAX_TTL"])
-    )
+    settings = current_settings()
+    return bucketed_expiry(now, ttl, settings.signed_url_bucket, settings.signed_url_max_ttl)
 
 
 # Delivery origins parsed once per distinct setting, not once per request.
@@ -107,10 +105,8 @@ _from_settings = functools.lru_cache(maxsize=16)(Delivery.from_settings)
 
 def fallback_delivery() -> Delivery:
     """Return where images without a stored variant URL are served (from the settings)."""
-    config = current_app.config
-    return _from_settings(
-        config["CLOUDFLARE_DELIVERY_BASE"], config.get("CLOUDFLARE_ACCOUNT_HASH") or ""
-    )
+    settings = current_settings()
+    return _from_settings(settings.cloudflare_delivery_base, settings.cloudflare_account_hash or "")
 
 
 def _visible(stmt: sa.Select[*tuple[Any, ...]], caller: Caller) -> sa.Select[*tuple[Any, ...]]:
@@ -133,7 +129,7 @@ def load_one(session: Session, upload_id: str, caller: Caller) -> UploadRef:
     params = {"upload_id": upload_id, "user_id": caller.user_id}
     # Core execution on the session's connection: plain rows need none of the ORM machinery.
     row = session.connection().execute(_one_statement(caller.is_admin), params).first()
-    if row is None or row.status == "deleted":
+    if row is None or row.status == UploadStatus.DELETED:
         raise NotFound(upload_id)
     return UploadRef._make(row)
 
@@ -167,7 +163,7 @@ def load_for_session(session_token: str, upload_id: str) -> tuple[Caller, Upload
     if row is None:
         return None
     caller = Caller(row[0], bool(row[1]))
-    if row[2] is None or row.status == "deleted":
+    if row[2] is None or row.status == UploadStatus.DELETED:
         return caller, None
     return caller, UploadRef._make(row[2:])
 
@@ -217,8 +213,8 @@ class Minter:
     def mint(self, row: UploadRef, variant: Variant) -> Minted:
         """Return the URL of one image variant (NotFound, NotReady or NoSigningKey)."""
         status = row.status
-        if status != "ready":
-            if status == "deleted":
+        if status != UploadStatus.READY:
+            if status == UploadStatus.DELETED:
                 raise NotFound(row.id)
             raise NotReady(status)
         quoted = quote_id(row.image_id)

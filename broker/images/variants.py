@@ -15,7 +15,7 @@ from typing import cast
 from flask import Flask, current_app
 
 from broker.images.signing import PUBLIC_VARIANT, Variant, parse_variants
-from broker.platform.config import ConfigError
+from broker.platform.config import ConfigError, settings_of
 from broker.upstream.cloudflare import CloudflareImages, Priority
 from broker.upstream.cloudflare import Variant as UpstreamVariant
 
@@ -35,7 +35,7 @@ class VariantSync:
 def init_app(app: Flask) -> None:
     """Parse `BROKER_VARIANTS` once; the variants apps may ask for include `public`."""
     try:
-        declared = parse_variants(app.config["VARIANTS"])
+        declared = parse_variants(settings_of(app).variants)
     except ValueError as exc:
         raise ConfigError(f"BROKER_VARIANTS: {exc}") from None
     by_name = {PUBLIC_VARIANT.name: PUBLIC_VARIANT}

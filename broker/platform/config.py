@@ -20,9 +20,8 @@ from types import NoneType, UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import click
+from cryptography.fernet import Fernet
 from flask import Flask, current_app
-
-from broker.platform.encryption import key_problem, parse_keys
 
 DEFAULT_SECRET_KEY = "dev-insecure-change-me"  # noqa: S105 (refused outside development)
 
@@ -308,7 +307,10 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     config["REMEMBER_COOKIE_HTTPONLY"] = True
     config["REMEMBER_COOKIE_SAMESITE"] = "Lax"
     config["REMEMBER_COOKIE_SECURE"] = env == "production"
-    problem = key_problem(parse_keys(config.get("ENCRYPTION_KEYS")))
+    keys: tuple[str, ...] = _coerce(
+        "ENCRYPTION_KEYS", config.get("ENCRYPTION_KEYS"), tuple[str, ...]
+    )
+    problem = _key_problem(keys)
     if problem:
         raise ConfigError(problem)
     if env != "production":
@@ -341,10 +343,23 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     ]
     if plain:
         raise ConfigError(f"{', '.join(plain)} must be https:// URLs in production")
-    if not parse_keys(config.get("ENCRYPTION_KEYS")):
+    if not keys:
         raise ConfigError(
             "BROKER_ENCRYPTION_KEYS is missing; set a key from `flask encryption generate-key`"
         )
+
+
+def _key_problem(keys: tuple[str, ...]) -> str | None:
+    """Return why these encryption keys cannot be used (None when they are all Fernet keys)."""
+    for n, key in enumerate(keys, 1):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            return (
+                f"BROKER_ENCRYPTION_KEYS key #{n} is not a Fernet key (32 url-safe base64 "
+                "bytes; make one with `flask encryption generate-key`)"
+            )
+    return None
 
 
 def markdown_table() -> str:

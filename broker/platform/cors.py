@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 
-from broker.platform.config import ConfigError
+from broker.platform.config import ConfigError, settings_of
 
 API_PREFIX = "/api/v1/"
 # The page's ES module (`/static/js/…`), imported by apps' pages with `<script type="module">`.
@@ -57,8 +57,7 @@ def _applies() -> bool:
 
 def init_app(app: Flask) -> None:
     """Answer preflights and mark API answers for the allowed origins (before auth runs)."""
-    allowed = parse_origins(app.config.get("CORS_ORIGINS"))
-    app.config["CORS_ORIGINS"] = sorted(allowed)
+    allowed = parse_origins(settings_of(app).cors_origins)
     if not allowed:
         return
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,33 +26,14 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from flask import Flask, current_app
 
+from broker.platform.config import settings_of
+
 EXTENSION_KEY = "encryption"
 DEV_KEY_FILE = "dev-encryption.key"
 
 
 class EncryptionError(Exception):
     """A stored secret cannot be decrypted with any key of BROKER_ENCRYPTION_KEYS."""
-
-
-def parse_keys(value: Any) -> list[str]:
-    """Return the configured keys, newest first, from a list or a comma-separated string."""
-    if value is None:
-        return []
-    items: Iterable[Any] = value.split(",") if isinstance(value, str) else value
-    return [str(k).strip() for k in items if str(k).strip()]
-
-
-def key_problem(keys: list[str]) -> str | None:
-    """Return why these keys cannot be used (None when they are all Fernet keys)."""
-    for n, key in enumerate(keys, 1):
-        try:
-            Fernet(key)
-        except (ValueError, TypeError):
-            return (
-                f"BROKER_ENCRYPTION_KEYS key #{n} is not a Fernet key (32 url-safe base64 "
-                "bytes; make one with `flask encryption generate-key`)"
-            )
-    return None
 
 
 def generate_key() -> str:
@@ -164,5 +144,6 @@ def _dev_key(instance_path: str) -> str:
 
 def init_app(app: Flask) -> None:
     """Give the app its keyring (config.finalize has refused production without keys)."""
-    keys = parse_keys(app.config.get("ENCRYPTION_KEYS")) or [_dev_key(app.instance_path)]
+    # config.finalize has refused keys that are not Fernet keys.
+    keys = list(settings_of(app).encryption_keys) or [_dev_key(app.instance_path)]
     app.extensions[EXTENSION_KEY] = Keyring(keys)

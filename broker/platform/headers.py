@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
+from broker.platform.config import settings_of
 from broker.platform.logs import StartResponse, WSGIApp
 
 
@@ -68,9 +69,10 @@ class SecurityHeaders:
 
 def init_app(app: Flask) -> None:
     """Add the security headers to every response of the app."""
+    settings = settings_of(app)
     csp = content_security_policy(
-        origin_of(app.config.get("CLOUDFLARE_UPLOAD_ORIGIN")),
-        origin_of(app.config.get("CLOUDFLARE_DELIVERY_BASE")),
+        origin_of(settings.cloudflare_upload_origin),
+        origin_of(settings.cloudflare_delivery_base),
     )
     fixed = [
         ("Content-Security-Policy", csp),
@@ -79,6 +81,6 @@ def init_app(app: Flask) -> None:
         ("X-Frame-Options", "DENY"),
         ("Cross-Origin-Opener-Policy", "same-origin"),
     ]
-    if app.config["ENV"] == "production":
+    if settings.env == "production":
         fixed.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
     app.wsgi_app = SecurityHeaders(app.wsgi_app, fixed)  # type: ignore[method-assign]

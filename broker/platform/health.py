@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from broker.platform.config import current_settings
 from broker.platform.db import Session, db
 from broker.platform.routing import needs_no_user
 
@@ -67,11 +68,11 @@ def metrics() -> ResponseReturnValue:
 
     Off (404) until BROKER_METRICS_TOKEN is set; scrapers send it as a bearer token.
     """
-    token = current_app.config.get("METRICS_TOKEN")
+    token = current_settings().metrics_token
     if not token:
         abort(404)
     sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(sent.encode(), str(token).encode()):
+    if not hmac.compare_digest(sent.encode(), token.encode()):
         return Response("unauthorized\n", 401, {"WWW-Authenticate": 'Bearer realm="metrics"'})
     lines = [
         line

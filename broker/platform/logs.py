@@ -28,6 +28,8 @@ from typing import Any
 
 from flask import Flask, has_request_context, request
 
+from broker.platform.config import settings_of
+
 log = logging.getLogger("broker.request")
 
 # Honour a caller's X-Request-ID only when it is short and plain, so it cannot forge log lines.
@@ -218,5 +220,5 @@ def _path(environ: dict[str, Any]) -> str:
 
 def init_app(app: Flask) -> None:
     """Configure the broker loggers and the per-request log line."""
-    _configure(app.config["LOG_LEVEL"])
+    _configure(settings_of(app).log_level)
     app.wsgi_app = RequestLog(app.wsgi_app)  # type: ignore[method-assign]

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
-from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 EVENT_TYPES = ("upload.completed", "upload.expired", "upload.rejected", "upload.deleted")
 
@@ -62,7 +62,7 @@ def emit(
                 WebhookDelivery(
                     event_id=event.id,
                     endpoint_id=endpoint.id,
-                    status="pending",
+                    status=DeliveryStatus.PENDING,
                     next_attempt_at=now,
                     created_at=now,
                 )

@@ -93,3 +93,13 @@ def test_admin_api_refuses_a_bad_idna_webhook_url_with_422(
         )
         assert response.status_code == 422, response.get_data(as_text=True)
         assert response.get_json()["error"]["code"] == "url_not_allowed"
+
+
+def test_the_documented_statuses_are_the_stored_ones() -> None:
+    """The API's status values and the model's enum name the same states, in the same order."""
+    from typing import get_args
+
+    from broker.webhooks.api import Status
+    from broker.webhooks.models import DELIVERY_STATUSES, DeliveryStatus
+
+    assert get_args(Status) == DELIVERY_STATUSES == tuple(DeliveryStatus)
