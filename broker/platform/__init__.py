@@ -1,7 +1,9 @@
 """The shared platform every feature stands on; it imports no feature.
 
-- `config`: the one table of every `BROKER_*` setting, and the refusals of unsafe production
-  settings.
+- `config`: the one table of every `BROKER_*` setting, the refusals of unsafe production
+  settings, and `Settings`, every setting with its real type, read once per app
+  (`current_settings()` in a request, a command or the worker; `settings_of(app)`).
+- `columns`: `StrEnumText`, a `StrEnum` status kept as its plain string.
 - `db`: the SQLAlchemy binding, `utcnow`, `UTCDateTime`, and the one transaction rule.
 - `sqlite_writes`: one writer at a time per process on SQLite.
 - `errors`: `ApiError` and `DomainError`, the one JSON error shape, HTML error pages.

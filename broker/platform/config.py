@@ -397,6 +397,8 @@ class Settings:
     Built once by `init_app` from the finalized config: derived defaults are filled in
     (`database_url`, `registration`, `worker_inline`), `None` stands for "not set", and a list
     setting is a tuple whatever form it was given in (a list, or a comma-separated string).
+    A snapshot: changing `app.config` afterwards changes nothing here; give `create_app` the
+    settings an app should run with.
     """
 
     env: Env
@@ -453,7 +455,7 @@ class Settings:
     signed_url_ttl: int
     signed_url_max_ttl: int
     signed_url_bucket: int
-    variants: str
+    variants: tuple[str, ...]
     key_rotation_grace: float
 
 
