@@ -26,13 +26,13 @@ def _double_claim(first, second, receiver):
         with app.app_context():
             barrier.wait()
             while True:
-                got = leases.claim_and_commit(
+                got = leases.claim(
                     db.session,
                     WebhookDelivery,
                     where=[WebhookDelivery.status == "pending"],
                     order_by=[WebhookDelivery.id],
                     limit=7,
-                    owner=name,
+                    holder=name,
                     now=now,
                     lease_seconds=60,
                 )
@@ -50,7 +50,7 @@ def _double_claim(first, second, receiver):
     both = claimed["a"] + claimed["b"]
     assert len(both) == len(set(both)) == 200
     with first.app_context():
-        rows = db.session.execute(sa.select(WebhookDelivery.id, WebhookDelivery.lease_owner))
+        rows = db.session.execute(sa.select(WebhookDelivery.id, WebhookDelivery.lease_holder))
         owners = {row_id: owner for row_id, owner in rows}
     assert all(owners[i] == "a" for i in claimed["a"])
     assert all(owners[i] == "b" for i in claimed["b"])

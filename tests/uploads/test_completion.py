@@ -312,7 +312,7 @@ def test_complete_verifies_inline_when_the_budget_has_headroom(inline, emulator,
     # The one without a file was asked about: last_checked_at says so, and the worker
     # keeps checking it.
     missing = load_upload(app, ups[2]["id"])
-    assert missing.last_checked_at is not None and missing.lease_owner is None
+    assert missing.last_checked_at is not None and missing.lease_holder is None
     assert missing.next_check_at <= utcnow()
     worker.run_once(app, now=later(3))
     assert sorted(r.json["data"]["upload"]["id"] for r in receiver.requests) == sorted(
