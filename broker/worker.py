@@ -4,12 +4,18 @@
     BROKER_WORKER_INLINE=1             # development: a thread of each web process, started
                                        # by make run or with the first request it serves
 
-Jobs (each guarded, so one failing job never stops the others):
-- `deliver_webhooks`: outgoing events (broker.webhooks.sending);
+Jobs, in the order one pass runs them (each guarded, so one failing job never stops the others):
 - `verify_uploads`: completion detection for due uploads (broker.uploads.completion);
 - `expire_uploads`: drafts past their expiry + grace become `expired`;
 - `delete_drafts`: expired drafts whose deletion upstream was postponed are deleted now;
-- `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly.
+- `deliver_webhooks`: outgoing events (broker.webhooks.sending);
+- `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly;
+- `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly.
+
+The first four ask the outside world about leased rows and so are leased work
+(broker.platform.leases), which commits each row's record itself. For every job the loop is the
+unit of work: it commits what the job left (all of `sync_keys` and `purge_idempotency_keys`),
+or rolls back when the job failed.
 
 Tests drive `run_once(app, now=...)` step by step; `run_forever` loops until its stop event is
 set (SIGTERM in `flask worker`), then gives back what it has not started and returns.
@@ -95,6 +101,7 @@ class Worker:
                 self.last_run[job.name] = moment
                 try:
                     done[job.name] = job.run(self, moment)
+                    db.session.commit()
                 except Exception:
                     db.session.rollback()
                     log.exception("worker job %s failed", job.name)
@@ -141,16 +148,12 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
 
 def _sync_keys(worker: Worker, now: datetime) -> int:
     """Mirror the account's signing keys (and purge retired ones past their grace)."""
-    result = keys.sync_keys(db.session, get_client(), now=now)
-    db.session.commit()
-    return int(result.changed)
+    return int(keys.sync_keys(db.session, get_client(), now=now).changed)
 
 
 def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
     """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
-    purged = idempotency.purge_expired(db.session, now)
-    db.session.commit()
-    return purged
+    return idempotency.purge_expired(db.session, now)
 
 
 def get_worker(app: Flask) -> Worker:
