@@ -27,7 +27,7 @@ from broker.auth.models import User
 from broker.platform import health, leases
 from broker.platform.db import Session, UTCDateTime, utcnow
 from broker.platform.errors import DomainError, Refusal
-from broker.uploads.models import Upload, UploadReservation, _upload_id
+from broker.uploads.models import Upload, UploadReservation, UploadStatus, _upload_id
 from broker.upstream.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
 from broker.webhooks import outbox
 
@@ -508,7 +508,7 @@ def _transition(upload: Upload, new: str, now: datetime | None) -> bool:
         return False
     if new not in TRANSITIONS.get(upload.status, frozenset()):
         raise InvalidTransition(f"upload {upload.id}: {upload.status} → {new} is not allowed")
-    upload.status = new
+    upload.status = UploadStatus(new)
     upload.status_changed_at = now or utcnow()
     upload.next_check_at = None
     leases.release(upload)

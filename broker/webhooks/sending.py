@@ -24,7 +24,13 @@ from broker.platform.db import Session, utcnow
 from broker.upstream.cloudflare import parse_retry_after
 from broker.webhooks import ssrf
 from broker.webhooks.endpoints import check_target, set_active
-from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.webhooks.models import (
+    DeliveryStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
 from broker.webhooks.schedule import retry_delay
 from broker.webhooks.signing import signature_header, signing_secrets
 
@@ -101,7 +107,7 @@ def claim_due(session: Session, holder: str, now: datetime, limit: int = 20) -> 
         session,
         WebhookDelivery,
         where=[
-            WebhookDelivery.status == "pending",
+            WebhookDelivery.status == DeliveryStatus.PENDING,
             WebhookDelivery.next_attempt_at <= now,
             WebhookDelivery.endpoint_id.in_(active),
         ],
@@ -126,7 +132,7 @@ class Message:
 def message(session: Session, delivery: WebhookDelivery, now: datetime) -> Message | None:
     """Return what to send for `delivery`; None when it is no longer to be sent now."""
     endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
-    if delivery.status != "pending" or endpoint is None or not endpoint.active:
+    if delivery.status != DeliveryStatus.PENDING or endpoint is None or not endpoint.active:
         # Done meanwhile, or its endpoint disabled since the claim (e.g. a 410 earlier in this
         # batch): left as it is.
         return None
@@ -172,7 +178,7 @@ def record_attempt(
     if delay is not None:
         delivery.next_attempt_at = now + timedelta(seconds=delay)
     else:  # delivered, or given up
-        delivery.status = "succeeded" if outcome.ok else "failed"
+        delivery.status = DeliveryStatus.SUCCEEDED if outcome.ok else DeliveryStatus.FAILED
         delivery.completed_at = now
         delivery.next_attempt_at = None
     log.info(
