@@ -39,6 +39,7 @@ from flask.cli import with_appcontext
 
 from broker.images import keys
 from broker.platform import wakeup
+from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import completion, idempotency
 from broker.upstream.cloudflare import get_client
@@ -77,7 +78,7 @@ class Worker:
     @property
     def jobs(self) -> list[Job]:
         """Return the jobs in the order one pass runs them."""
-        keys_every = float(self.app.config.get("KEYS_SYNC_INTERVAL") or 3600)
+        keys_every = settings_of(self.app).keys_sync_interval or 3600
         return [
             Job("verify_uploads", _verify_uploads),
             Job("expire_uploads", _expire_uploads, every=10),
@@ -111,7 +112,7 @@ class Worker:
 
     def run_forever(self) -> None:
         """Loop until `stop` is set, idling between passes that found nothing to do."""
-        poll = float(self.app.config.get("WORKER_POLL_INTERVAL") or 1.0)
+        poll = settings_of(self.app).worker_poll_interval or 1.0
         log.info("worker %s started", self.worker_id)
         while not self.stop.is_set():
             done = self.run_once()
@@ -125,15 +126,13 @@ class Worker:
 
 
 def _verify_uploads(worker: Worker, now: datetime) -> int:
-    return completion.verify_due(
-        db.session, get_client(), worker.app.config, worker.worker_id, now=now
-    )
+    settings = settings_of(worker.app)
+    return completion.verify_due(db.session, get_client(), settings, worker.worker_id, now=now)
 
 
 def _expire_uploads(worker: Worker, now: datetime) -> int:
-    return completion.expire_due(
-        db.session, get_client(), worker.app.config, worker.worker_id, now=now
-    )
+    settings = settings_of(worker.app)
+    return completion.expire_due(db.session, get_client(), settings, worker.worker_id, now=now)
 
 
 def _delete_drafts(worker: Worker, now: datetime) -> int:
@@ -235,7 +234,7 @@ def init_app(app: Flask) -> None:
     no requests. `make run` starts it eagerly with `ensure_inline`; the first request then finds
     it running.
     """
-    if not app.config.get("WORKER_INLINE"):
+    if not settings_of(app).worker_inline:
         return
 
     def start_inline_worker() -> None:

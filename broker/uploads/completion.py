@@ -43,11 +43,11 @@ from typing import Any, cast
 import sqlalchemy as sa
 
 from broker.platform import leases
+from broker.platform.config import Settings
 from broker.platform.db import Session, in_chunks, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.uploads import lifecycle
-from broker.uploads.models import Upload, VerifyTurn
-from broker.upstream.budget import UpstreamBudget
+from broker.uploads.models import Upload, UploadStatus, VerifyTurn
 from broker.upstream.cloudflare import (
     CloudflareImages,
     CloudflareNotFound,
@@ -85,7 +85,7 @@ def check_delay(attempts: int) -> float:
 
 def hint(upload: Upload, *, now: datetime | None = None) -> bool:
     """Make a pending upload due for verification now (client or Cloudflare said it is done)."""
-    if upload.status != lifecycle.PENDING:
+    if upload.status != UploadStatus.PENDING:
         return False
     now = now or utcnow()
     if upload.next_check_at is None or upload.next_check_at > now:
@@ -100,7 +100,7 @@ def hint_all(session: Session, *, now: datetime | None = None) -> int:
     result = session.execute(
         sa.update(Upload)
         .where(
-            Upload.status == lifecycle.PENDING,
+            Upload.status == UploadStatus.PENDING,
             Upload.expires_at > now,
             sa.or_(Upload.next_check_at.is_(None), Upload.next_check_at > now),
         )
@@ -114,33 +114,33 @@ def hint_all(session: Session, *, now: datetime | None = None) -> int:
 # -- policy checks on the original -----------------------------------------------------------
 
 
-def policy_enabled(config: Any) -> bool:
+def policy_enabled(settings: Settings) -> bool:
     """Tell whether any policy check on the original is configured."""
     return bool(
-        config.get("UPLOAD_ALLOWED_FORMATS")
-        or config.get("UPLOAD_MAX_BYTES")
-        or config.get("UPLOAD_MAX_DIMENSION")
+        settings.upload_allowed_formats
+        or settings.upload_max_bytes
+        or settings.upload_max_dimension
     )
 
 
-def policy_problem(data: bytes, config: Any) -> str | None:
+def policy_problem(data: bytes, settings: Settings) -> str | None:
     """Return why the original breaks the configured policy (by decoding it), or None."""
-    max_bytes = config.get("UPLOAD_MAX_BYTES")
-    if max_bytes and len(data) > int(max_bytes):
-        return f"file is {len(data)} bytes; the limit is {int(max_bytes)}"
-    allowed = config.get("UPLOAD_ALLOWED_FORMATS")
-    max_dim = config.get("UPLOAD_MAX_DIMENSION")
+    max_bytes = settings.upload_max_bytes
+    if max_bytes and len(data) > max_bytes:
+        return f"file is {len(data)} bytes; the limit is {max_bytes}"
+    allowed = settings.upload_allowed_formats
+    max_dim = settings.upload_max_dimension
     if not allowed and not max_dim:
         return None
     fmt, size = _sniff(data)
     if allowed:
-        wanted = {f.strip().upper() for f in str(allowed).replace(",", " ").split() if f.strip()}
+        wanted = {f.strip().upper() for f in allowed if f.strip()}
         wanted |= {"JPEG"} if "JPG" in wanted else set()
         wanted |= {"HEIF"} if "HEIC" in wanted else set()
         if fmt is None or fmt not in wanted:
             return f"format {fmt or 'unknown'} is not allowed ({', '.join(sorted(wanted))})"
-    if max_dim and size is not None and max(size) > int(max_dim):
-        return f"image is {size[0]}x{size[1]}; the limit is {int(max_dim)} px per side"
+    if max_dim and size is not None and max(size) > max_dim:
+        return f"image is {size[0]}x{size[1]}; the limit is {max_dim} px per side"
     return None
 
 
@@ -178,16 +178,16 @@ class Arrival:
     vanished: bool = False
 
 
-def check_arrival(client: CloudflareImages, config: Any, image: Image) -> Arrival:
+def check_arrival(client: CloudflareImages, settings: Settings, image: Image) -> Arrival:
     """Check a completed image's original against the policy (outside any transaction),
     deleting a refused one upstream; a draft, or no policy configured, costs no call."""
-    if image.draft or not policy_enabled(config):
+    if image.draft or not policy_enabled(settings):
         return Arrival(image)
     try:
         data = client.get_blob(image.id, priority=Priority.BACKGROUND)
     except CloudflareNotFound:
         return Arrival(image, vanished=True)
-    problem = policy_problem(data, config)
+    problem = policy_problem(data, settings)
     if problem:
         with contextlib.suppress(CloudflareNotFound):
             client.delete_image(image.id, priority=Priority.BACKGROUND)
@@ -209,14 +209,14 @@ def finish(session: Session, upload: Upload, arrival: Arrival, now: datetime) ->
 
 
 def _look(
-    client: CloudflareImages, config: Any, image_id: str, priority: Priority
+    client: CloudflareImages, settings: Settings, image_id: str, priority: Priority
 ) -> Arrival | None:
     """Ask Cloudflare about one upload's image: None when it is gone upstream."""
     try:
         image = client.get_image(image_id, priority=priority)
     except CloudflareNotFound:
         return None
-    return check_arrival(client, config, image)
+    return check_arrival(client, settings, image)
 
 
 @contextlib.contextmanager
@@ -261,7 +261,7 @@ def _reschedule(session: Session, ids: Sequence[Any], holder: str, now: datetime
             .where(
                 Upload.id.in_(chunk),
                 Upload.lease_holder == holder,
-                Upload.status == lifecycle.PENDING,
+                Upload.status == UploadStatus.PENDING,
             )
             .values(
                 {
@@ -305,7 +305,7 @@ def _claim(
 # -- inline verification (the client's `/complete`) ---------------------------------------------
 
 
-def has_headroom(client: CloudflareImages, config: Any) -> bool:
+def has_headroom(client: CloudflareImages, settings: Settings) -> bool:
     """Tell whether one details call may be spent now, for a person waiting on `/complete`.
 
     Yes when the batch host carries details calls; else while the global budget is not paused
@@ -316,20 +316,22 @@ def has_headroom(client: CloudflareImages, config: Any) -> bool:
     route = client.batch_route
     if route is not None and route.uses_batch("image_details"):
         return True
-    share = float(config.get("COMPLETE_INLINE_BUDGET") or 0)
+    share = settings.complete_inline_budget
     budget = client.budget
     if share <= 0:
         return False
-    if not isinstance(budget, UpstreamBudget):
-        return budget is None  # a client without a budget (tests, tools) spends freely
+    if budget is None:
+        return True  # a client without a budget (tests, tools) spends freely
     status = budget.status()
+    if status is None:
+        return False  # a budget that keeps no window cannot say it has headroom
     return status.paused_for <= 0 and status.projected < status.limit * share
 
 
 def verify_inline_and_commit(
     session: Session,
     client: CloudflareImages,
-    config: Any,
+    settings: Settings,
     upload_id: str,
     holder: str,
     *,
@@ -343,21 +345,21 @@ def verify_inline_and_commit(
     no headroom, another worker holds it, Cloudflare failed or the file has not arrived: the
     caller then hints the worker as before.
     """
-    if policy_enabled(config) or not has_headroom(client, config):
+    if policy_enabled(settings) or not has_headroom(client, settings):
         return False
     now = now or utcnow()
     won = _claim(
         session,
         holder,
         now,
-        where=[Upload.id == upload_id, Upload.status == lifecycle.PENDING],
+        where=[Upload.id == upload_id, Upload.status == UploadStatus.PENDING],
         order_by=[Upload.id],
         limit=1,
     )
 
     def ask(image_id: str) -> Arrival | None:
         try:
-            return _look(client, config, image_id, Priority.INTERACTIVE)
+            return _look(client, settings, image_id, Priority.INTERACTIVE)
         except UpstreamError as exc:
             log.info("inline verification of %s skipped: %s", upload_id, exc)
             return None
@@ -380,8 +382,8 @@ def verify_inline_and_commit(
 # -- the worker's jobs -------------------------------------------------------------------------
 
 
-def _grace(config: Any) -> timedelta:
-    return timedelta(seconds=float(config["EXPIRY_GRACE"]))
+def _grace(settings: Settings) -> timedelta:
+    return timedelta(seconds=settings.expiry_grace)
 
 
 # -- the shared listing turn -------------------------------------------------------------------
@@ -398,10 +400,9 @@ def listing_interval(client: CloudflareImages) -> float:
     route = client.batch_route
     if route is not None and route.uses_batch("list_v2"):
         return LIST_EVERY_MIN
-    budget = client.budget
-    if not isinstance(budget, UpstreamBudget):
+    status = client.budget.status() if client.budget is not None else None
+    if status is None:
         return LIST_EVERY_MIN
-    status = budget.status()
     left = status.background_left
     if status.paused_for > 0 or left <= 0:
         return float(CHECK_CAP)
@@ -417,7 +418,7 @@ def listing_turn_free(session: Session, now: datetime) -> bool:
 def verify_due(
     session: Session,
     client: CloudflareImages,
-    config: Any,
+    settings: Settings,
     holder: str,
     *,
     now: datetime | None = None,
@@ -430,11 +431,11 @@ def verify_due(
     if not listing_turn_free(session, now):
         return 0
     pending = [
-        Upload.status == lifecycle.PENDING,
-        Upload.expires_at > now - _grace(config),
+        Upload.status == UploadStatus.PENDING,
+        Upload.expires_at > now - _grace(settings),
     ]
     scheduled = [*pending, Upload.next_check_at <= now]
-    window = timedelta(seconds=float(config["VERIFY_BATCH_WINDOW"]))
+    window = timedelta(seconds=settings.verify_batch_window)
     oldest = session.scalar(
         sa.select(sa.func.min(Upload.next_check_at)).where(
             *scheduled, leases.claimable(Upload, now)
@@ -461,14 +462,14 @@ def verify_due(
         return 0
     ids = _claim(session, holder, now, due, [Upload.next_check_at, Upload.id], CLAIM_LIMIT)
     if len(ids) > 1:
-        return _verify_listing(session, client, config, holder, ids, now)
-    return _verify_each(session, client, config, holder, ids, now)
+        return _verify_listing(session, client, settings, holder, ids, now)
+    return _verify_each(session, client, settings, holder, ids, now)
 
 
 def _verify_each(
     session: Session,
     client: CloudflareImages,
-    config: Any,
+    settings: Settings,
     holder: str,
     ids: Sequence[Any],
     now: datetime,
@@ -477,7 +478,7 @@ def _verify_each(
 
     def ask(image_id: str) -> Arrival | None:
         with _not_now(f"verification of {image_id}", 10):
-            return _look(client, config, image_id, Priority.BACKGROUND)
+            return _look(client, settings, image_id, Priority.BACKGROUND)
 
     def record(upload: Upload, seen: Arrival | None) -> int:
         if seen is None:
@@ -498,7 +499,7 @@ def _verify_each(
 def _verify_listing(
     session: Session,
     client: CloudflareImages,
-    config: Any,
+    settings: Settings,
     holder: str,
     ids: Sequence[Any],
     now: datetime,
@@ -528,7 +529,7 @@ def _verify_listing(
             holder,
             now,
             [
-                Upload.status == lifecycle.PENDING,
+                Upload.status == UploadStatus.PENDING,
                 Upload.image_id.in_(chunk),
                 Upload.id.notin_(list(ids)),
             ],
@@ -544,7 +545,7 @@ def _verify_listing(
         not_shown: list[Any] = []
         for chunk in in_chunks(claimed):
             for row in session.scalars(sa.select(Upload).where(Upload.id.in_(chunk))).all():
-                if row.lease_holder != holder or row.status != lifecycle.PENDING:
+                if row.lease_holder != holder or row.status != UploadStatus.PENDING:
                     continue
                 image = found.get(row.image_id)
                 if image is not None and not image.draft:
@@ -560,13 +561,13 @@ def _verify_listing(
     shown, unsure = leases.record_all(session, sort)
 
     def read(upload: Upload) -> Arrival | None:
-        if upload.status != lifecycle.PENDING:
+        if upload.status != UploadStatus.PENDING:
             return None
         return Arrival(found[upload.image_id])
 
     def arrive(arrival: Arrival) -> Arrival:
         with _not_now(f"verification of {arrival.image.id}", 10):
-            return check_arrival(client, config, arrival.image)
+            return check_arrival(client, settings, arrival.image)
 
     def record(upload: Upload, arrival: Arrival) -> int:
         finish(session, upload, arrival, now)
@@ -574,10 +575,10 @@ def _verify_listing(
 
     # Each upload is its own transaction: one that cannot be stored waits alone. With no policy
     # configured the listing's answer is all there is to know: nothing more is asked.
-    ask_each = arrive if policy_enabled(config) else None
+    ask_each = arrive if policy_enabled(settings) else None
     job = leases.Job(Upload, holder, read, ask_each, record, back_off, POISON_RETRY)
     changed = leases.work_through(session, job, shown)
-    return changed + _verify_each(session, client, config, holder, unsure, now)
+    return changed + _verify_each(session, client, settings, holder, unsure, now)
 
 
 def delete_drafts_due(
@@ -617,7 +618,7 @@ def delete_drafts_due(
 def expire_due(
     session: Session,
     client: CloudflareImages,
-    config: Any,
+    settings: Settings,
     holder: str,
     *,
     now: datetime | None = None,
@@ -630,7 +631,7 @@ def expire_due(
         session,
         holder,
         now,
-        [Upload.status == lifecycle.PENDING, Upload.expires_at <= now - _grace(config)],
+        [Upload.status == UploadStatus.PENDING, Upload.expires_at <= now - _grace(settings)],
         [Upload.expires_at, Upload.id],
         limit,
     )
@@ -638,7 +639,7 @@ def expire_due(
     def look(image_id: str) -> tuple[Arrival | None, float | None]:
         """The image (None: gone) and, for a draft whose deletion failed, when to retry it."""
         with _not_now(f"expiry of {image_id}", 30):
-            seen = _look(client, config, image_id, Priority.BACKGROUND)
+            seen = _look(client, settings, image_id, Priority.BACKGROUND)
         if seen is not None and seen.image.draft:
             return seen, _delete_draft(client, image_id)
         return seen, None
