@@ -24,8 +24,8 @@ When the outside world says not now (`ask` raises `Postpone`), this row and the 
 back with a later due time (the job's `back_off`, committed) and the walk stops. A row whose work
 fails otherwise is rolled back, logged and backed off alone; the others go on. Recording a row
 gives back its lease (`release` on a row, `released` in a bulk UPDATE: the one place a lease is
-cleared); so does a worker told to stop (`give_back`). A question asked once for many rows (a listing) uses `ask_for_all` and
-`record_all` around the same per-row walk.
+cleared); so does a worker told to stop (`give_back`). A question asked once for many rows (a
+listing) uses `ask_for_all` and `record_all` around the same per-row walk.
 
 This module, views, CLI commands and the worker loop are the only places that commit (the
 transaction rule in `broker.platform.db`).

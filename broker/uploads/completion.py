@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 
@@ -58,6 +58,8 @@ from broker.upstream.cloudflare import (
 )
 
 log = logging.getLogger("broker.completion")
+
+A = TypeVar("A")
 
 # Seconds between checks of a silent client's upload: 5, 10, 20, then every 30 (from creation).
 CHECK_BASE = 5
@@ -241,10 +243,6 @@ def _delete_draft(client: CloudflareImages, image_id: str) -> float | None:
     return None
 
 
-def _image_id(upload: Upload) -> str:
-    return upload.image_id
-
-
 def _reschedule(session: Session, ids: Sequence[Any], holder: str, now: datetime) -> None:
     """Give back the leases on uploads still drafts and schedule each one's next check by its
     own attempts, in one UPDATE per IN (…) list (a listing may leave hundreds)."""
@@ -275,11 +273,19 @@ def _reschedule(session: Session, ids: Sequence[Any], holder: str, now: datetime
         )
 
 
-def _back_off(
-    session: Session, holder: str, now: datetime
-) -> Callable[[Sequence[Any], float], None]:
-    """How `holder` gives back uploads Cloudflare said not now for, checked `seconds` later."""
-    return leases.backing_off(session, Upload, Upload.next_check_at, holder, now)
+def _walk(
+    session: Session,
+    holder: str,
+    now: datetime,
+    ids: Sequence[Any],
+    ask: Callable[[str], A],
+    record: Callable[[Upload, A], int],
+) -> int:
+    """Take claimed uploads through the leased-work unit: `ask` about each one's image with no
+    transaction open, then `record` the answer in its own transaction; return what it counted."""
+    back_off = leases.backing_off(session, Upload, Upload.next_check_at, holder, now)
+    job = leases.Job(Upload, holder, lambda u: u.image_id, ask, record, back_off, POISON_RETRY)
+    return leases.work_through(session, job, ids)
 
 
 def _claim(
@@ -373,10 +379,7 @@ def verify_inline_and_commit(
         finish(session, upload, seen, now)
         return 1
 
-    job = leases.Job(
-        Upload, holder, _image_id, ask, record, _back_off(session, holder, now), POISON_RETRY
-    )
-    return leases.work_through(session, job, won) > 0
+    return _walk(session, holder, now, won, ask, record) > 0
 
 
 # -- the worker's jobs -------------------------------------------------------------------------
@@ -490,10 +493,7 @@ def _verify_each(
         finish(session, upload, seen, now)
         return 1
 
-    job = leases.Job(
-        Upload, holder, _image_id, ask, record, _back_off(session, holder, now), POISON_RETRY
-    )
-    return leases.work_through(session, job, ids)
+    return _walk(session, holder, now, ids, ask, record)
 
 
 def _verify_listing(
@@ -505,7 +505,7 @@ def _verify_listing(
     now: datetime,
 ) -> int:
     """Verify claimed uploads with one listing; return how many changed state."""
-    back_off = _back_off(session, holder, now)
+    back_off = leases.backing_off(session, Upload, Upload.next_check_at, holder, now)
 
     def ask() -> ImagePage:
         with _not_now("batched verification", 10):
@@ -609,10 +609,7 @@ def delete_drafts_due(
     def delete(image_id: str) -> float | None:
         return _delete_draft(client, image_id)
 
-    job = leases.Job(
-        Upload, holder, _image_id, delete, record, _back_off(session, holder, now), POISON_RETRY
-    )
-    return leases.work_through(session, job, ids)
+    return _walk(session, holder, now, ids, delete, record)
 
 
 def expire_due(
@@ -656,7 +653,4 @@ def expire_due(
             log.info("upload expired id=%s", upload.id)
         return 1
 
-    job = leases.Job(
-        Upload, holder, _image_id, look, record, _back_off(session, holder, now), POISON_RETRY
-    )
-    return leases.work_through(session, job, ids)
+    return _walk(session, holder, now, ids, look, record)
