@@ -4,12 +4,18 @@
     BROKER_WORKER_INLINE=1             # development: a thread of each web process, started
                                        # by make run or with the first request it serves
 
-Jobs (each guarded, so one failing job never stops the others):
-- `deliver_webhooks`: outgoing events (broker.webhooks.sending);
+Jobs, in the order one pass runs them (each guarded, so one failing job never stops the others):
 - `verify_uploads`: completion detection for due uploads (broker.uploads.completion);
 - `expire_uploads`: drafts past their expiry + grace become `expired`;
 - `delete_drafts`: expired drafts whose deletion upstream was postponed are deleted now;
-- `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly.
+- `deliver_webhooks`: outgoing events (broker.webhooks.sending);
+- `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly;
+- `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly.
+
+The first four ask the outside world about leased rows and so are leased work
+(broker.platform.leases), which commits each row's record itself. For every job the loop is the
+unit of work: it commits what the job left (all of `sync_keys` and `purge_idempotency_keys`),
+or rolls back when the job failed.
 
 Tests drive `run_once(app, now=...)` step by step; `run_forever` loops until its stop event is
 set (SIGTERM in `flask worker`), then gives back what it has not started and returns.
@@ -33,6 +39,7 @@ from flask.cli import with_appcontext
 
 from broker.images import keys
 from broker.platform import wakeup
+from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import completion, idempotency
 from broker.upstream.cloudflare import get_client
@@ -71,7 +78,7 @@ class Worker:
     @property
     def jobs(self) -> list[Job]:
         """Return the jobs in the order one pass runs them."""
-        keys_every = float(self.app.config.get("KEYS_SYNC_INTERVAL") or 3600)
+        keys_every = settings_of(self.app).keys_sync_interval or 3600
         return [
             Job("verify_uploads", _verify_uploads),
             Job("expire_uploads", _expire_uploads, every=10),
@@ -95,6 +102,7 @@ class Worker:
                 self.last_run[job.name] = moment
                 try:
                     done[job.name] = job.run(self, moment)
+                    db.session.commit()
                 except Exception:
                     db.session.rollback()
                     log.exception("worker job %s failed", job.name)
@@ -104,7 +112,7 @@ class Worker:
 
     def run_forever(self) -> None:
         """Loop until `stop` is set, idling between passes that found nothing to do."""
-        poll = float(self.app.config.get("WORKER_POLL_INTERVAL") or 1.0)
+        poll = settings_of(self.app).worker_poll_interval or 1.0
         log.info("worker %s started", self.worker_id)
         while not self.stop.is_set():
             done = self.run_once()
@@ -118,15 +126,13 @@ class Worker:
 
 
 def _verify_uploads(worker: Worker, now: datetime) -> int:
-    return completion.verify_due(
-        db.session, get_client(), worker.app.config, worker.worker_id, now=now
-    )
+    settings = settings_of(worker.app)
+    return completion.verify_due(db.session, get_client(), settings, worker.worker_id, now=now)
 
 
 def _expire_uploads(worker: Worker, now: datetime) -> int:
-    return completion.expire_due(
-        db.session, get_client(), worker.app.config, worker.worker_id, now=now
-    )
+    settings = settings_of(worker.app)
+    return completion.expire_due(db.session, get_client(), settings, worker.worker_id, now=now)
 
 
 def _delete_drafts(worker: Worker, now: datetime) -> int:
@@ -141,16 +147,12 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
 
 def _sync_keys(worker: Worker, now: datetime) -> int:
     """Mirror the account's signing keys (and purge retired ones past their grace)."""
-    result = keys.sync_keys(db.session, get_client(), now=now)
-    db.session.commit()
-    return int(result.changed)
+    return int(keys.sync_keys(db.session, get_client(), now=now).changed)
 
 
 def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
     """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
-    purged = idempotency.purge_expired(db.session, now)
-    db.session.commit()
-    return purged
+    return idempotency.purge_expired(db.session, now)
 
 
 def get_worker(app: Flask) -> Worker:
@@ -232,7 +234,7 @@ def init_app(app: Flask) -> None:
     no requests. `make run` starts it eagerly with `ensure_inline`; the first request then finds
     it running.
     """
-    if not app.config.get("WORKER_INLINE"):
+    if not settings_of(app).worker_inline:
         return
 
     def start_inline_worker() -> None:

@@ -89,7 +89,7 @@ def test_worker_killed_mid_delivery_still_delivers_with_same_id(make_app, receiv
     receiver.release.set()
     with app.app_context():
         d = db.session.scalars(sa.select(WebhookDelivery)).one()
-        assert d.status == "pending" and d.lease_owner is not None  # held by the dead worker
+        assert d.status == "pending" and d.lease_holder is not None  # held by the dead worker
     # Nobody else takes it while the lease lasts; afterwards the next worker does.
     assert worker.run_once(app, worker_id="w2")["deliver_webhooks"] == 0
     later = utcnow() + timedelta(seconds=sending.LEASE_SECONDS + 1)

@@ -18,7 +18,8 @@
 - `logs`: one log line per request with its request id (`request_id()`); every message
   escaped to one line. WSGI middleware, like `headers`, so no response goes without them.
 - `headers`: the security headers and the strict Content-Security-Policy.
-- `leases`: claim rows for one worker at a time (`FOR UPDATE SKIP LOCKED` or compare-and-set).
+- `leases`: the leased-work unit: claim rows for one worker at a time (`FOR UPDATE SKIP
+  LOCKED` or compare-and-set), ask the outside world between two transactions, record, commit.
 - `wakeup`: the in-process worker's wake-up call.
 - `text`: UTC times and aligned tables for the operators' commands.
 - `health`: `/livez`, `/readyz` and the Prometheus `/metrics` page, whose gauges the features

@@ -1,14 +1,17 @@
 """The database: SQLAlchemy 2.x declarative base, Flask-SQLAlchemy binding, Alembic migrations.
 
-The one transaction rule, followed by every feature:
+The one transaction rule, followed by every feature (tests/platform/test_transaction_rule.py
+fails when a domain module breaks it):
 
 - Domain functions take the `session` they work in and never commit (nor roll back).
-- The unit of work belongs to whoever called them: a view, a CLI command, or a worker job (the
-  `*_due` functions the worker runs, which finish each item in its own transaction). It commits
-  once its work is whole, and rolls back on failure.
-- A step that must commit part-way says so in its name, `…_and_commit`, and is called by the
-  owner: a limit reservation held while Cloudflare answers (`reserve_slot_and_commit`), an
-  `Idempotency-Key` claim (`claim_and_commit`), a worker's lease (`leases.claim_and_commit`).
+- Only these commit: a view (the request's unit of work; `commit_or_undo` below), a CLI command
+  (and the development server's setup), the worker loop (each job's leftovers), and the
+  leased-work unit in `broker.platform.leases`,
+  through which goes all work that must ask the outside world between two transactions:
+  verifying uploads with Cloudflare, expiring them, deleting drafts, delivering webhooks. It
+  claims rows under a lease (committed), ends the transaction, asks, re-reads and checks the
+  lease is still ours, records and commits, one transaction per row. A domain function that
+  hands its work to it says so in its name (`completion.verify_inline_and_commit`).
 - Work done outside the database inside a unit of work (a draft created at Cloudflare) registers
   its undo with `undo_on_failure`; the owner's `commit_or_undo` commits, or rolls back and runs
   the undos newest first.

@@ -32,6 +32,7 @@ from broker.api.spec import (
 )
 from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.auth.models import User
+from broker.platform.config import current_settings
 from broker.platform.db import commit_or_undo, db, rollback_and_undo, undo_on_failure
 from broker.platform.errors import ApiError
 from broker.uploads import completion, idempotency, lifecycle
@@ -516,7 +517,7 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
         return UploadOut.of(upload), 200, {}
     owner = f"complete:{os.getpid()}:{threading.get_ident()}"
     if completion.verify_inline_and_commit(
-        db.session, get_client(), current_app.config, upload.id, owner
+        db.session, get_client(), current_settings(), upload.id, owner
     ):
         db.session.refresh(upload)
         return UploadOut.of(upload), 200, {}

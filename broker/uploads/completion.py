@@ -1,27 +1,33 @@
-"""Completion detection: find out, cheaply and quickly, when each pending upload got its file.
+"""Completion detection: where a pending upload becomes `ready`, cheaply and quickly.
 
-Three signals lead to one verification against Cloudflare: the client's `/complete` call and
-Cloudflare's notification are *hints* (they only make the upload due now), and the worker's
-own capped-exponential schedule covers silent clients. Only the worker changes state, after
-verifying:
+An upload becomes ready (or rejected by the policy check, or expired) in exactly one place:
+`finish`, called from a leased-work job's `record` step (`broker.platform.leases`), in that
+upload's own transaction, which also writes its outgoing webhook event (the outbox) and gives
+back the lease; the leased-work unit commits it. No transaction is open while Cloudflare is
+asked: the unit reads the upload, ends the transaction, asks, then re-reads the upload and
+records only if its lease is still ours.
 
-- many due uploads → one `GET /v2` listing (newest first; drafts are not listed) verifies them
-  all at once, and also completes any other pending upload that shows up in it;
-- a single due upload → one `GET /v1/{id}`;
-- past `expires_at` + grace and still a draft → `expired`, and the draft is deleted upstream.
+Three signals lead to that one verification against Cloudflare: the client's `/complete` call
+and Cloudflare's notification are *hints* (they only make the upload due now; `/complete` may
+also verify right away when the budget has headroom, `verify_inline_and_commit`), and the
+worker's own capped-exponential schedule covers silent clients. The worker's jobs:
+
+- `verify_due`: many due uploads → one `GET /v2` listing (newest first; drafts are not listed)
+  verifies them all at once, and also completes any other pending upload that shows up in it;
+  a single due upload → one `GET /v1/{id}`;
+- `expire_due`: past `expires_at` + grace and still a draft → `expired`, and the draft is
+  deleted upstream; `delete_drafts_due` retries the deletions that were postponed.
 
 A due check waits up to `VERIFY_BATCH_WINDOW` seconds (counted from when the oldest due upload
 became due) so that the hints arriving meanwhile share its call: the number of calls follows
 the number of windows, not of uploads. Every call is made at background priority through the
 shared budget, and all workers together make at most one per interval (`listing_interval`: 2 s
-with headroom, up to 30 s when the budget is scarce): the worker that moves the shared turn on
-(`take_listing_turn_and_commit`) verifies every due upload, the others wait for the next turn.
-While the interval is shorter than CHECK_BASE, every pending upload not checked within it is due
-too, so a listing per interval covers them all; the schedule is what remains when it is scarce.
+with headroom, up to 30 s when the budget is scarce): the worker that takes the shared turn
+(`leases.take_turn`) verifies every due upload, the others wait for the next turn. While the
+interval is shorter than CHECK_BASE, every pending upload not checked within it is due too, so
+a listing per interval covers them all; the schedule is what remains when it is scarce.
 
-`verify_due` and `expire_due` are worker jobs: each owns its transactions (a lease claim, then
-one commit per verified batch), as the transaction rule in `broker.platform.db` allows a job.
-Everything else here works in the caller's session and never commits.
+Nothing here commits or rolls back: the leased-work unit does, between the steps above.
 """
 
 from __future__ import annotations
@@ -29,28 +35,31 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from broker.platform import leases
+from broker.platform.config import Settings
 from broker.platform.db import Session, in_chunks, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.uploads import lifecycle
-from broker.uploads.models import Upload, VerifyTurn
-from broker.upstream.budget import UpstreamBudget
+from broker.uploads.models import Upload, UploadStatus, VerifyTurn
 from broker.upstream.cloudflare import (
     CloudflareImages,
     CloudflareNotFound,
     Image,
+    ImagePage,
     Priority,
     UpstreamError,
 )
 
 log = logging.getLogger("broker.completion")
+
+A = TypeVar("A")
 
 # Seconds between checks of a silent client's upload: 5, 10, 20, then every 30 (from creation).
 CHECK_BASE = 5
@@ -78,7 +87,7 @@ def check_delay(attempts: int) -> float:
 
 def hint(upload: Upload, *, now: datetime | None = None) -> bool:
     """Make a pending upload due for verification now (client or Cloudflare said it is done)."""
-    if upload.status != lifecycle.PENDING:
+    if upload.status != UploadStatus.PENDING:
         return False
     now = now or utcnow()
     if upload.next_check_at is None or upload.next_check_at > now:
@@ -93,7 +102,7 @@ def hint_all(session: Session, *, now: datetime | None = None) -> int:
     result = session.execute(
         sa.update(Upload)
         .where(
-            Upload.status == lifecycle.PENDING,
+            Upload.status == UploadStatus.PENDING,
             Upload.expires_at > now,
             sa.or_(Upload.next_check_at.is_(None), Upload.next_check_at > now),
         )
@@ -107,33 +116,33 @@ def hint_all(session: Session, *, now: datetime | None = None) -> int:
 # -- policy checks on the original -----------------------------------------------------------
 
 
-def policy_enabled(config: Any) -> bool:
+def policy_enabled(settings: Settings) -> bool:
     """Tell whether any policy check on the original is configured."""
     return bool(
-        config.get("UPLOAD_ALLOWED_FORMATS")
-        or config.get("UPLOAD_MAX_BYTES")
-        or config.get("UPLOAD_MAX_DIMENSION")
+        settings.upload_allowed_formats
+        or settings.upload_max_bytes
+        or settings.upload_max_dimension
     )
 
 
-def policy_problem(data: bytes, config: Any) -> str | None:
+def policy_problem(data: bytes, settings: Settings) -> str | None:
     """Return why the original breaks the configured policy (by decoding it), or None."""
-    max_bytes = config.get("UPLOAD_MAX_BYTES")
-    if max_bytes and len(data) > int(max_bytes):
-        return f"file is {len(data)} bytes; the limit is {int(max_bytes)}"
-    allowed = config.get("UPLOAD_ALLOWED_FORMATS")
-    max_dim = config.get("UPLOAD_MAX_DIMENSION")
+    max_bytes = settings.upload_max_bytes
+    if max_bytes and len(data) > max_bytes:
+        return f"file is {len(data)} bytes; the limit is {max_bytes}"
+    allowed = settings.upload_allowed_formats
+    max_dim = settings.upload_max_dimension
     if not allowed and not max_dim:
         return None
     fmt, size = _sniff(data)
     if allowed:
-        wanted = {f.strip().upper() for f in str(allowed).replace(",", " ").split() if f.strip()}
+        wanted = {f.strip().upper() for f in allowed if f.strip()}
         wanted |= {"JPEG"} if "JPG" in wanted else set()
         wanted |= {"HEIF"} if "HEIC" in wanted else set()
         if fmt is None or fmt not in wanted:
             return f"format {fmt or 'unknown'} is not allowed ({', '.join(sorted(wanted))})"
-    if max_dim and size is not None and max(size) > int(max_dim):
-        return f"image is {size[0]}x{size[1]}; the limit is {int(max_dim)} px per side"
+    if max_dim and size is not None and max(size) > max_dim:
+        return f"image is {size[0]}x{size[1]}; the limit is {max_dim} px per side"
     return None
 
 
@@ -160,34 +169,81 @@ def _sniff(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
 # -- finishing one upload -------------------------------------------------------------------------
 
 
-def finish_ready(
-    session: Session,
-    upload: Upload,
-    image: Image,
-    client: CloudflareImages,
-    config: Any,
-    now: datetime,
-) -> str:
-    """Record a completed image (after the optional policy check); return the new status."""
-    if policy_enabled(config):
-        try:
-            data = client.get_blob(upload.image_id, priority=Priority.BACKGROUND)
-        except CloudflareNotFound:
-            lifecycle.mark_deleted(session, upload, now=now)
-            return upload.status
-        problem = policy_problem(data, config)
-        if problem:
-            with contextlib.suppress(CloudflareNotFound):
-                client.delete_image(upload.image_id, priority=Priority.BACKGROUND)
-            lifecycle.mark_rejected(session, upload, problem, now=now)
-            log.info("upload rejected id=%s: %s", upload.id, problem)
-            return upload.status
-    lifecycle.mark_ready(session, upload, image, now=now)
-    log.info("upload ready id=%s image=%s", upload.id, upload.image_id)
+@dataclass(frozen=True)
+class Arrival:
+    """What Cloudflare showed of one upload's image, and what the policy check found."""
+
+    image: Image
+    # Why the policy refused the original (the image is then deleted upstream).
+    problem: str | None = None
+    # The image was deleted upstream before its original could be checked.
+    vanished: bool = False
+
+
+def check_arrival(client: CloudflareImages, settings: Settings, image: Image) -> Arrival:
+    """Check a completed image's original against the policy (outside any transaction),
+    deleting a refused one upstream; a draft, or no policy configured, costs no call."""
+    if image.draft or not policy_enabled(settings):
+        return Arrival(image)
+    try:
+        data = client.get_blob(image.id, priority=Priority.BACKGROUND)
+    except CloudflareNotFound:
+        return Arrival(image, vanished=True)
+    problem = policy_problem(data, settings)
+    if problem:
+        with contextlib.suppress(CloudflareNotFound):
+            client.delete_image(image.id, priority=Priority.BACKGROUND)
+    return Arrival(image, problem)
+
+
+def finish(session: Session, upload: Upload, arrival: Arrival, now: datetime) -> str:
+    """Record a completed image: ready, or rejected or deleted by the policy check, with its
+    webhook event in the same transaction; return the new status."""
+    if arrival.vanished:
+        lifecycle.mark_deleted(session, upload, now=now)
+    elif arrival.problem:
+        lifecycle.mark_rejected(session, upload, arrival.problem, now=now)
+        log.info("upload rejected id=%s: %s", upload.id, arrival.problem)
+    else:
+        lifecycle.mark_ready(session, upload, arrival.image, now=now)
+        log.info("upload ready id=%s image=%s", upload.id, upload.image_id)
     return upload.status
 
 
-def _reschedule(session: Session, ids: Sequence[Any], owner: str, now: datetime) -> None:
+def _look(
+    client: CloudflareImages, settings: Settings, image_id: str, priority: Priority
+) -> Arrival | None:
+    """Ask Cloudflare about one upload's image: None when it is gone upstream."""
+    try:
+        image = client.get_image(image_id, priority=priority)
+    except CloudflareNotFound:
+        return None
+    return check_arrival(client, settings, image)
+
+
+@contextlib.contextmanager
+def _not_now(what: str, retry: float) -> Iterator[None]:
+    """Turn an upstream failure into `Postpone`: the leased uploads are tried again later."""
+    try:
+        yield
+    except UpstreamError as exc:
+        log.warning("%s postponed: %s", what, exc)
+        raise leases.Postpone(exc.retry_after or retry) from None
+
+
+def _delete_draft(client: CloudflareImages, image_id: str) -> float | None:
+    """Delete a draft upstream; None once it is gone, else seconds until trying again."""
+    try:
+        client.delete_image(image_id, priority=Priority.BACKGROUND)
+    except CloudflareNotFound:
+        pass
+    except UpstreamError as exc:
+        log.info("draft %s not deleted upstream yet (%s); retrying later", image_id, exc)
+        return exc.retry_after or DRAFT_DELETE_RETRY
+    return None
+
+
+def _reschedule(session: Session, ids: Sequence[Any], holder: str, now: datetime) -> None:
     """Give back the leases on uploads still drafts and schedule each one's next check by its
     own attempts, in one UPDATE per IN (…) list (a listing may leave hundreds)."""
     attempts = sa.func.coalesce(Upload.check_attempts, 0)
@@ -202,42 +258,60 @@ def _reschedule(session: Session, ids: Sequence[Any], owner: str, now: datetime)
             sa.update(Upload)
             .where(
                 Upload.id.in_(chunk),
-                Upload.lease_owner == owner,
-                Upload.status == lifecycle.PENDING,
+                Upload.lease_holder == holder,
+                Upload.status == UploadStatus.PENDING,
             )
             .values(
-                check_attempts=attempts + 1,
-                last_checked_at=now,
-                next_check_at=next_check,
-                lease_owner=None,
-                lease_until=None,
+                {
+                    Upload.check_attempts: attempts + 1,
+                    Upload.last_checked_at: now,
+                    Upload.next_check_at: next_check,
+                    **leases.released(Upload),
+                }
             )
             .execution_options(synchronize_session=False)
         )
 
 
-def _back_off(
-    session: Session, ids: Sequence[int | str], owner: str, seconds: float, now: datetime
-) -> None:
-    """Give back leases after an upstream failure and retry those uploads a little later."""
-    if ids:
-        session.execute(
-            sa.update(Upload)
-            .where(Upload.id.in_(list(ids)), Upload.lease_owner == owner)
-            .values(
-                lease_owner=None,
-                lease_until=None,
-                next_check_at=now + timedelta(seconds=max(1.0, seconds)),
-            )
-            .execution_options(synchronize_session=False)
-        )
-    session.commit()
+def _walk(
+    session: Session,
+    holder: str,
+    now: datetime,
+    ids: Sequence[Any],
+    ask: Callable[[str], A],
+    record: Callable[[Upload, A], int],
+) -> int:
+    """Take claimed uploads through the leased-work unit: `ask` about each one's image with no
+    transaction open, then `record` the answer in its own transaction; return what it counted."""
+    back_off = leases.backing_off(session, Upload, Upload.next_check_at, holder, now)
+    job = leases.Job(Upload, holder, lambda u: u.image_id, ask, record, back_off, POISON_RETRY)
+    return leases.work_through(session, job, ids)
+
+
+def _claim(
+    session: Session,
+    holder: str,
+    now: datetime,
+    where: Sequence[sa.ColumnElement[bool]],
+    order_by: Sequence[Any],
+    limit: int,
+) -> list[Any]:
+    return leases.claim(
+        session,
+        Upload,
+        where=where,
+        order_by=order_by,
+        limit=limit,
+        holder=holder,
+        now=now,
+        lease_seconds=LEASE_SECONDS,
+    )
 
 
 # -- inline verification (the client's `/complete`) ---------------------------------------------
 
 
-def has_headroom(client: CloudflareImages, config: Any) -> bool:
+def has_headroom(client: CloudflareImages, settings: Settings) -> bool:
     """Tell whether one details call may be spent now, for a person waiting on `/complete`.
 
     Yes when the batch host carries details calls; else while the global budget is not paused
@@ -248,86 +322,71 @@ def has_headroom(client: CloudflareImages, config: Any) -> bool:
     route = client.batch_route
     if route is not None and route.uses_batch("image_details"):
         return True
-    share = float(config.get("COMPLETE_INLINE_BUDGET") or 0)
+    share = settings.complete_inline_budget
     budget = client.budget
     if share <= 0:
         return False
-    if not isinstance(budget, UpstreamBudget):
-        return budget is None  # a client without a budget (tests, tools) spends freely
+    if budget is None:
+        return True  # a client without a budget (tests, tools) spends freely
     status = budget.status()
+    if status is None:
+        return False  # a budget that keeps no window cannot say it has headroom
     return status.paused_for <= 0 and status.projected < status.limit * share
 
 
 def verify_inline_and_commit(
     session: Session,
     client: CloudflareImages,
-    config: Any,
+    settings: Settings,
     upload_id: str,
-    owner: str,
+    holder: str,
     *,
     now: datetime | None = None,
 ) -> bool:
     """Verify one upload now, when upstream has headroom; True when it is no longer pending.
 
-    Leases the upload (committed) so a worker cannot finish it at the same time, asks Cloudflare
-    once, and finishes it in its own transaction (event included). False — nothing changed but
-    `last_checked_at` — when there is no headroom, another worker holds it, Cloudflare failed or
-    the file has not arrived: the caller then hints the worker as before.
+    Leased work (`broker.platform.leases`), so it commits: the lease first, so a worker cannot
+    finish the upload at the same time, then the answer of one details call, the upload's new
+    state and its event together. False — nothing changed but `last_checked_at` — when there is
+    no headroom, another worker holds it, Cloudflare failed or the file has not arrived: the
+    caller then hints the worker as before.
     """
-    if policy_enabled(config) or not has_headroom(client, config):
+    if policy_enabled(settings) or not has_headroom(client, settings):
         return False
     now = now or utcnow()
-    won = leases.claim_and_commit(
+    won = _claim(
         session,
-        Upload,
-        where=[Upload.id == upload_id, Upload.status == lifecycle.PENDING],
+        holder,
+        now,
+        where=[Upload.id == upload_id, Upload.status == UploadStatus.PENDING],
         order_by=[Upload.id],
         limit=1,
-        owner=owner,
-        now=now,
-        lease_seconds=LEASE_SECONDS,
     )
-    if not won:
-        return False
-    upload = session.get(Upload, upload_id)
-    if upload is None:
-        return False
-    image_id = upload.image_id
-    session.commit()
-    try:
-        image: Image | None = client.get_image(image_id, priority=Priority.INTERACTIVE)
-    except CloudflareNotFound:
-        image = None
-    except UpstreamError as exc:
-        log.info("inline verification of %s skipped: %s", upload_id, exc)
-        image = None
-    upload = session.get(Upload, upload_id)
-    if upload is None or upload.lease_owner != owner:
-        session.rollback()
-        return False
-    if image is None or image.draft:
-        if image is not None:
-            upload.last_checked_at = now
-        upload.lease_owner = None
-        upload.lease_until = None
-        session.commit()
-        return False
-    try:
-        lifecycle.mark_ready(session, upload, image, now=now)
-        session.commit()
-    except SQLAlchemyError:
-        session.rollback()
-        log.exception("upload %s could not be finished inline; the worker retries", upload_id)
-        return False
-    log.info("upload ready id=%s image=%s (inline)", upload_id, image_id)
-    return True
+
+    def ask(image_id: str) -> Arrival | None:
+        try:
+            return _look(client, settings, image_id, Priority.INTERACTIVE)
+        except UpstreamError as exc:
+            log.info("inline verification of %s skipped: %s", upload_id, exc)
+            return None
+
+    def record(upload: Upload, seen: Arrival | None) -> int:
+        if seen is None or seen.image.draft:
+            if seen is not None:
+                upload.last_checked_at = now
+            leases.release(upload)
+            return 0
+        finish(session, upload, seen, now)
+        return 1
+
+    return _walk(session, holder, now, won, ask, record) > 0
 
 
 # -- the worker's jobs -------------------------------------------------------------------------
 
 
-def _grace(config: Any) -> timedelta:
-    return timedelta(seconds=float(config["EXPIRY_GRACE"]))
+def _grace(settings: Settings) -> timedelta:
+    return timedelta(seconds=settings.expiry_grace)
 
 
 # -- the shared listing turn -------------------------------------------------------------------
@@ -344,10 +403,9 @@ def listing_interval(client: CloudflareImages) -> float:
     route = client.batch_route
     if route is not None and route.uses_batch("list_v2"):
         return LIST_EVERY_MIN
-    budget = client.budget
-    if not isinstance(budget, UpstreamBudget):
+    status = client.budget.status() if client.budget is not None else None
+    if status is None:
         return LIST_EVERY_MIN
-    status = budget.status()
     left = status.background_left
     if status.paused_for > 0 or left <= 0:
         return float(CHECK_CAP)
@@ -355,72 +413,37 @@ def listing_interval(client: CloudflareImages) -> float:
 
 
 def listing_turn_free(session: Session, now: datetime) -> bool:
-    """Tell whether the shared turn may be taken at `now` (a read; `take_listing_turn_and_commit`
-    decides)."""
+    """Tell whether the shared turn may be taken at `now` (a read; `leases.take_turn` decides)."""
     next_at = session.scalar(sa.select(VerifyTurn.next_at).where(VerifyTurn.name == LISTING_TURN))
-    session.commit()
     return next_at is None or next_at <= now
-
-
-def take_listing_turn_and_commit(session: Session, owner: str, now: datetime, every: float) -> bool:
-    """Take the shared turn to verify now, moving the next one `every` seconds on; True if won.
-
-    A compare-and-set on one row: of the workers trying at the same moment exactly one wins
-    (PostgreSQL re-checks the condition after the winner's commit; SQLite has one writer).
-    """
-    turn = cast(sa.Table, VerifyTurn.__table__)
-    won = session.execute(
-        sa.update(turn)
-        .where(turn.c.name == LISTING_TURN, turn.c.next_at <= now)
-        .values(next_at=now + timedelta(seconds=every), owner=owner)
-    )
-    if cast(sa.CursorResult[Any], won).rowcount == 1:
-        session.commit()
-        return True
-    exists = session.scalar(sa.select(turn.c.name).where(turn.c.name == LISTING_TURN))
-    if exists is not None:
-        session.commit()
-        return False
-    try:
-        session.execute(
-            sa.insert(turn).values(
-                name=LISTING_TURN, next_at=now + timedelta(seconds=every), owner=owner
-            )
-        )
-        session.commit()
-    except IntegrityError:  # another worker created it first, and so took this turn
-        session.rollback()
-        return False
-    return True
 
 
 def verify_due(
     session: Session,
     client: CloudflareImages,
-    config: Any,
-    owner: str,
+    settings: Settings,
+    holder: str,
     *,
     now: datetime | None = None,
 ) -> int:
-    """Worker job: verify the uploads that are due (committing as it goes); return how many
-    changed state."""
+    """Worker job: verify the uploads that are due (leased work, committing as it goes);
+    return how many changed state."""
     now = now or utcnow()
     # One verification call per interval for all workers: whoever takes the turn claims every
     # due upload (the others find nothing left to do until the next turn).
     if not listing_turn_free(session, now):
         return 0
     pending = [
-        Upload.status == lifecycle.PENDING,
-        Upload.expires_at > now - _grace(config),
+        Upload.status == UploadStatus.PENDING,
+        Upload.expires_at > now - _grace(settings),
     ]
     scheduled = [*pending, Upload.next_check_at <= now]
-    window = timedelta(seconds=float(config["VERIFY_BATCH_WINDOW"]))
+    window = timedelta(seconds=settings.verify_batch_window)
     oldest = session.scalar(
         sa.select(sa.func.min(Upload.next_check_at)).where(
             *scheduled, leases.claimable(Upload, now)
         )
     )
-    session.commit()
     interval = listing_interval(client)
     due: list[sa.ColumnElement[bool]] = scheduled
     if interval < CHECK_BASE:
@@ -435,88 +458,63 @@ def verify_due(
                 sa.select(Upload.id).where(*pending, stale, leases.claimable(Upload, now)).limit(1)
             ):
                 oldest = now - window
-            session.commit()
     if oldest is None or now - oldest < window:
         return 0
-    if not take_listing_turn_and_commit(session, owner, now, interval):
+    turn = cast(sa.Table, VerifyTurn.__table__)
+    if not leases.take_turn(session, turn, LISTING_TURN, holder, now, interval):
         return 0
-    ids = leases.claim_and_commit(
-        session,
-        Upload,
-        where=due,
-        order_by=[Upload.next_check_at, Upload.id],
-        limit=CLAIM_LIMIT,
-        owner=owner,
-        now=now,
-        lease_seconds=LEASE_SECONDS,
-    )
-    if not ids:
-        return 0
-    if len(ids) == 1:
-        return _verify_single(session, client, config, owner, ids[0], now)
-    return _verify_listing(session, client, config, owner, ids, now)
+    ids = _claim(session, holder, now, due, [Upload.next_check_at, Upload.id], CLAIM_LIMIT)
+    if len(ids) > 1:
+        return _verify_listing(session, client, settings, holder, ids, now)
+    return _verify_each(session, client, settings, holder, ids, now)
 
 
-def _verify_single(
+def _verify_each(
     session: Session,
     client: CloudflareImages,
-    config: Any,
-    owner: str,
-    upload_id: str,
+    settings: Settings,
+    holder: str,
+    ids: Sequence[Any],
     now: datetime,
 ) -> int:
-    upload = session.get(Upload, upload_id)
-    if upload is None:
-        return 0
-    image_id = upload.image_id
-    session.commit()
-    try:
-        image = client.get_image(image_id, priority=Priority.BACKGROUND)
-    except CloudflareNotFound:
-        image = None
-    except UpstreamError as exc:
-        log.warning("verification of %s postponed: %s", upload_id, exc)
-        _back_off(session, [upload_id], owner, exc.retry_after or 10, now)
-        return 0
-    upload = session.get(Upload, upload_id)
-    if upload is None or upload.lease_owner != owner:
-        session.rollback()
-        return 0
-    changed = 0
-    if image is None:
-        # Gone upstream before it was ever completed: nothing will arrive any more.
-        changed = int(lifecycle.mark_expired(session, upload, now=now))
-    elif image.draft:
-        _reschedule(session, [upload_id], owner, now)
-    else:
-        try:
-            finish_ready(session, upload, image, client, config, now)
-            session.commit()
-        except SQLAlchemyError:
-            session.rollback()
-            log.exception("upload %s could not be finished; retrying later", upload_id)
-            _back_off(session, [upload_id], owner, POISON_RETRY, now)
+    """Verify claimed uploads one details call each; return how many changed state."""
+
+    def ask(image_id: str) -> Arrival | None:
+        with _not_now(f"verification of {image_id}", 10):
+            return _look(client, settings, image_id, Priority.BACKGROUND)
+
+    def record(upload: Upload, seen: Arrival | None) -> int:
+        if seen is None:
+            # Gone upstream before it was ever completed: nothing will arrive any more.
+            return int(lifecycle.mark_expired(session, upload, now=now))
+        if seen.image.draft:
+            _reschedule(session, [upload.id], holder, now)
             return 0
+        finish(session, upload, seen, now)
         return 1
-    session.commit()
-    return changed
+
+    return _walk(session, holder, now, ids, ask, record)
 
 
 def _verify_listing(
     session: Session,
     client: CloudflareImages,
-    config: Any,
-    owner: str,
-    ids: Sequence[str],
+    settings: Settings,
+    holder: str,
+    ids: Sequence[Any],
     now: datetime,
 ) -> int:
-    try:
-        page = client.list_images_v2(
-            per_page=LIST_PER_PAGE, sort_order="desc", priority=Priority.BACKGROUND
-        )
-    except UpstreamError as exc:
-        log.warning("batched verification postponed: %s", exc)
-        _back_off(session, ids, owner, exc.retry_after or 10, now)
+    """Verify claimed uploads with one listing; return how many changed state."""
+    back_off = leases.backing_off(session, Upload, Upload.next_check_at, holder, now)
+
+    def ask() -> ImagePage:
+        with _not_now("batched verification", 10):
+            return client.list_images_v2(
+                per_page=LIST_PER_PAGE, sort_order="desc", priority=Priority.BACKGROUND
+            )
+
+    page = leases.ask_for_all(session, ids, ask, back_off)
+    if page is None:
         return 0
     found = {image.id: image for image in page.images}
     # With more pages, only images uploaded after the page's last one are known to be listed.
@@ -524,205 +522,135 @@ def _verify_listing(
     if page.continuation_token and page.images:
         covered_since = min((i.uploaded for i in page.images if i.uploaded), default=None)
     # Other pending uploads completed meanwhile show up too: take them now, at no extra cost.
-    extra_ids: list[Any] = []
+    claimed = list(ids)
     for chunk in in_chunks(list(found)):
-        extra_ids += leases.claim_and_commit(
+        claimed += _claim(
             session,
-            Upload,
-            where=[
-                Upload.status == lifecycle.PENDING,
+            holder,
+            now,
+            [
+                Upload.status == UploadStatus.PENDING,
                 Upload.image_id.in_(chunk),
                 Upload.id.notin_(list(ids)),
             ],
-            order_by=[Upload.id],
-            limit=len(chunk),
-            owner=owner,
-            now=now,
-            lease_seconds=LEASE_SECONDS,
+            [Upload.id],
+            len(chunk),
         )
-    changed = 0
-    unsure: list[Any] = []
-    not_shown: list[Any] = []
-    shown: list[tuple[Any, Image]] = []
-    claimed = [*ids, *extra_ids]
-    # Sort the claimed uploads first, reading them in one query per chunk (not one each: a
-    # listing may claim hundreds), before any commit expires what was read.
-    for chunk in in_chunks(claimed):
-        for row in session.scalars(sa.select(Upload).where(Upload.id.in_(chunk))).all():
-            if row.lease_owner != owner or row.status != lifecycle.PENDING:
-                continue
-            image = found.get(row.image_id)
-            if image is not None and not image.draft:
-                shown.append((row.id, image))
-            elif covered_since is not None and row.created_at < covered_since:
-                unsure.append(row.id)
-            else:
-                not_shown.append(row.id)
-    # Still drafts (or not shown): checked again on their schedule, all in one statement.
-    _reschedule(session, not_shown, owner, now)
-    session.commit()
-    for upload_id, image in shown:
-        upload = session.get(Upload, upload_id)
-        if upload is None or upload.lease_owner != owner or upload.status != lifecycle.PENDING:
-            continue
-        try:
-            finish_ready(session, upload, image, client, config, now)
-            session.commit()
-            changed += 1
-        except UpstreamError as exc:
-            session.rollback()
-            _back_off(session, [upload_id], owner, exc.retry_after or 10, now)
-        except SQLAlchemyError:
-            # Each upload is its own transaction: one that cannot be stored waits alone.
-            session.rollback()
-            log.exception("upload %s could not be finished; retrying later", upload_id)
-            _back_off(session, [upload_id], owner, POISON_RETRY, now)
-    for upload_id in unsure[:MAX_SINGLE_CHECKS]:
-        changed += _verify_single(session, client, config, owner, upload_id, now)
-    _reschedule(session, unsure[MAX_SINGLE_CHECKS:], owner, now)
-    session.commit()
-    return changed
 
+    def sort() -> tuple[list[Any], list[Any]]:
+        """Reschedule those the listing showed as drafts (or not at all) in one statement per
+        IN list; return those it showed complete, and those it may not have covered."""
+        shown: list[Any] = []
+        unsure: list[Any] = []
+        not_shown: list[Any] = []
+        for chunk in in_chunks(claimed):
+            for row in session.scalars(sa.select(Upload).where(Upload.id.in_(chunk))).all():
+                if row.lease_holder != holder or row.status != UploadStatus.PENDING:
+                    continue
+                image = found.get(row.image_id)
+                if image is not None and not image.draft:
+                    shown.append(row.id)
+                elif covered_since is not None and row.created_at < covered_since:
+                    unsure.append(row.id)
+                else:
+                    not_shown.append(row.id)
+        # Beyond MAX_SINGLE_CHECKS, uncovered ones wait for their next check too.
+        _reschedule(session, [*not_shown, *unsure[MAX_SINGLE_CHECKS:]], holder, now)
+        return shown, unsure[:MAX_SINGLE_CHECKS]
 
-T = TypeVar("T")
+    shown, unsure = leases.record_all(session, sort)
 
+    def read(upload: Upload) -> Arrival | None:
+        if upload.status != UploadStatus.PENDING:
+            return None
+        return Arrival(found[upload.image_id])
 
-class _Postponed(Exception):
-    """Upstream said not now: give back the rest of the claimed uploads for `retry` seconds."""
+    def arrive(arrival: Arrival) -> Arrival:
+        with _not_now(f"verification of {arrival.image.id}", 10):
+            return check_arrival(client, settings, arrival.image)
 
-    def __init__(self, retry: float) -> None:
-        super().__init__(retry)
-        self.retry = retry
+    def record(upload: Upload, arrival: Arrival) -> int:
+        finish(session, upload, arrival, now)
+        return 1
 
-
-def _walk_claimed(
-    session: Session,
-    ids: Sequence[Any],
-    owner: str,
-    now: datetime,
-    ask: Callable[[str], T],
-    record: Callable[[Upload, T], int],
-) -> int:
-    """For each claimed upload: `ask` Cloudflare about its image with no transaction open, then
-    `record` the answer if the lease is still ours, committing each; return the sum of records.
-
-    `ask` raising `_Postponed` gives back this upload and the rest (`_back_off`) and stops.
-    """
-    done = 0
-    for index, upload_id in enumerate(ids):
-        upload = session.get(Upload, upload_id)
-        if upload is None:
-            continue
-        image_id = upload.image_id
-        session.commit()
-        try:
-            answer = ask(image_id)
-        except _Postponed as exc:
-            _back_off(session, ids[index:], owner, exc.retry, now)
-            return done
-        upload = session.get(Upload, upload_id)
-        if upload is None or upload.lease_owner != owner:
-            session.rollback()
-            continue
-        done += record(upload, answer)
-        session.commit()
-    return done
+    # Each upload is its own transaction: one that cannot be stored waits alone. With no policy
+    # configured the listing's answer is all there is to know: nothing more is asked.
+    ask_each = arrive if policy_enabled(settings) else None
+    job = leases.Job(Upload, holder, read, ask_each, record, back_off, POISON_RETRY)
+    changed = leases.work_through(session, job, shown)
+    return changed + _verify_each(session, client, settings, holder, unsure, now)
 
 
 def delete_drafts_due(
     session: Session,
     client: CloudflareImages,
-    owner: str,
+    holder: str,
     *,
     now: datetime | None = None,
     limit: int = 50,
 ) -> int:
-    """Worker job: delete upstream the expired drafts whose deletion was postponed (committing
-    each); return how many are gone."""
+    """Worker job: delete upstream the expired drafts whose deletion was postponed (leased
+    work, committing each); return how many are gone."""
     now = now or utcnow()
-    ids = leases.claim_and_commit(
+    ids = _claim(
         session,
-        Upload,
-        where=[Upload.draft_delete_at.is_not(None), Upload.draft_delete_at <= now],
-        order_by=[Upload.draft_delete_at, Upload.id],
-        limit=limit,
-        owner=owner,
-        now=now,
-        lease_seconds=LEASE_SECONDS,
+        holder,
+        now,
+        [Upload.draft_delete_at.is_not(None), Upload.draft_delete_at <= now],
+        [Upload.draft_delete_at, Upload.id],
+        limit,
     )
-
-    def delete(image_id: str) -> float | None:
-        """Seconds until the deletion is tried again, or None once the draft is gone."""
-        try:
-            client.delete_image(image_id, priority=Priority.BACKGROUND)
-        except CloudflareNotFound:
-            pass
-        except UpstreamError as exc:
-            return exc.retry_after or DRAFT_DELETE_RETRY
-        return None
 
     def record(upload: Upload, retry: float | None) -> int:
         upload.draft_delete_at = None if retry is None else now + timedelta(seconds=max(1, retry))
-        upload.lease_owner = None
-        upload.lease_until = None
+        leases.release(upload)
         return int(retry is None)
 
-    return _walk_claimed(session, ids, owner, now, delete, record)
+    def delete(image_id: str) -> float | None:
+        return _delete_draft(client, image_id)
+
+    return _walk(session, holder, now, ids, delete, record)
 
 
 def expire_due(
     session: Session,
     client: CloudflareImages,
-    config: Any,
-    owner: str,
+    settings: Settings,
+    holder: str,
     *,
     now: datetime | None = None,
     limit: int = 50,
 ) -> int:
     """Worker job: expire uploads still drafts past `expires_at` + grace, deleting the draft
-    (best effort) and committing each; return how many expired."""
+    (best effort; leased work, committing each); return how many expired."""
     now = now or utcnow()
-    ids = leases.claim_and_commit(
+    ids = _claim(
         session,
-        Upload,
-        where=[Upload.status == lifecycle.PENDING, Upload.expires_at <= now - _grace(config)],
-        order_by=[Upload.expires_at, Upload.id],
-        limit=limit,
-        owner=owner,
-        now=now,
-        lease_seconds=LEASE_SECONDS,
+        holder,
+        now,
+        [Upload.status == UploadStatus.PENDING, Upload.expires_at <= now - _grace(settings)],
+        [Upload.expires_at, Upload.id],
+        limit,
     )
 
-    def look(image_id: str) -> tuple[Image | None, float | None]:
+    def look(image_id: str) -> tuple[Arrival | None, float | None]:
         """The image (None: gone) and, for a draft whose deletion failed, when to retry it."""
-        try:
-            image: Image | None = client.get_image(image_id, priority=Priority.BACKGROUND)
-        except CloudflareNotFound:
-            image = None
-        except UpstreamError as exc:
-            log.warning("expiry of %s postponed: %s", image_id, exc)
-            raise _Postponed(exc.retry_after or 30) from None
-        retry_delete: float | None = None
-        if image is not None and image.draft:
-            try:
-                client.delete_image(image_id, priority=Priority.BACKGROUND)
-            except CloudflareNotFound:
-                pass
-            except UpstreamError as exc:
-                retry_delete = exc.retry_after or DRAFT_DELETE_RETRY
-                log.info("draft %s not deleted upstream yet (%s); retrying later", image_id, exc)
-        return image, retry_delete
+        with _not_now(f"expiry of {image_id}", 30):
+            seen = _look(client, settings, image_id, Priority.BACKGROUND)
+        if seen is not None and seen.image.draft:
+            return seen, _delete_draft(client, image_id)
+        return seen, None
 
-    def record(upload: Upload, answer: tuple[Image | None, float | None]) -> int:
-        image, retry_delete = answer
+    def record(upload: Upload, answer: tuple[Arrival | None, float | None]) -> int:
+        seen, retry_delete = answer
         if retry_delete is not None:
             upload.draft_delete_at = now + timedelta(seconds=max(1.0, retry_delete))
-        if image is not None and not image.draft:
+        if seen is not None and not seen.image.draft:
             # The file arrived at the last moment: that is a completion, not an expiry.
-            finish_ready(session, upload, image, client, config, now)
+            finish(session, upload, seen, now)
         else:
             lifecycle.mark_expired(session, upload, now=now)
             log.info("upload expired id=%s", upload.id)
         return 1
 
-    return _walk_claimed(session, ids, owner, now, look, record)
+    return _walk(session, holder, now, ids, look, record)

@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from broker.auth.models import User
-from broker.platform import health
+from broker.platform import health, leases
 from broker.platform.db import Session, UTCDateTime, utcnow
 from broker.platform.errors import DomainError, Refusal
 from broker.uploads.models import Upload, UploadReservation, UploadStatus, _upload_id
@@ -511,8 +511,7 @@ def _transition(upload: Upload, new: str, now: datetime | None) -> bool:
     upload.status = UploadStatus(new)
     upload.status_changed_at = now or utcnow()
     upload.next_check_at = None
-    upload.lease_owner = None
-    upload.lease_until = None
+    leases.release(upload)
     return True
 
 

@@ -80,7 +80,8 @@ class Upload(Model):
     # An expired draft whose deletion upstream was postponed (budget spent, Cloudflare down):
     # when the worker tries again. None once it is gone.
     draft_delete_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
-    lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
+    # Which worker holds the lease (the column keeps its first name, lease_owner).
+    lease_holder: Mapped[str | None] = mapped_column("lease_owner", sa.String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     user: Mapped[User] = relationship(lazy="joined")
@@ -133,4 +134,5 @@ class VerifyTurn(Model):
 
     name: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
     next_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    owner: Mapped[str | None] = mapped_column(sa.String(64))
+    # Which worker took the turn last (the column keeps its first name, owner).
+    holder: Mapped[str | None] = mapped_column("owner", sa.String(64))

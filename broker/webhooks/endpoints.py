@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from broker.platform import health
+from broker.platform import health, leases
 from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.webhooks import ssrf
@@ -187,6 +187,5 @@ def redeliver(delivery: WebhookDelivery, *, now: datetime | None = None) -> None
     delivery.attempts = 0
     delivery.next_attempt_at = now or utcnow()
     delivery.completed_at = None
-    delivery.lease_owner = None
-    delivery.lease_until = None
+    leases.release(delivery)
     notify_worker()

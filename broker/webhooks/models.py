@@ -96,7 +96,8 @@ class WebhookDelivery(Model):
     )
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
+    # Which worker holds the lease (the column keeps its first name, lease_owner).
+    lease_holder: Mapped[str | None] = mapped_column("lease_owner", sa.String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(sa.String(500))

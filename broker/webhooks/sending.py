@@ -1,9 +1,12 @@
-"""Sending deliveries: claim due ones under a lease, sign, POST to the SSRF-checked pinned
-address with a deadline, log every attempt, schedule the retry or give up.
+"""Sending deliveries: leased work (`broker.platform.leases`). Claim due ones under a lease,
+read and sign the message, POST it with no transaction open to the SSRF-checked pinned address
+with a deadline, then log the attempt and schedule the retry or give up, in one transaction per
+attempt that the leased-work unit commits. Nothing here commits itself.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -97,64 +100,61 @@ def attempt(
     return Outcome(ok, status, error, retry_after, status == 410, elapsed())
 
 
-def claim_due(session: Session, owner: str, now: datetime, limit: int = 20) -> list[int]:
-    """Lease up to `limit` due deliveries of active endpoints to `owner`."""
+def claim_due(session: Session, holder: str, now: datetime, limit: int = 20) -> list[int]:
+    """Lease up to `limit` due deliveries of active endpoints to `holder` (committed)."""
     active = sa.select(WebhookEndpoint.id).where(WebhookEndpoint.active.is_(True))
-    return leases.claim_and_commit(
+    return leases.claim(
         session,
         WebhookDelivery,
         where=[
-            WebhookDelivery.status == "pending",
+            WebhookDelivery.status == DeliveryStatus.PENDING,
             WebhookDelivery.next_attempt_at <= now,
             WebhookDelivery.endpoint_id.in_(active),
         ],
         order_by=[WebhookDelivery.next_attempt_at, WebhookDelivery.id],
         limit=limit,
-        owner=owner,
+        holder=holder,
         now=now,
         lease_seconds=LEASE_SECONDS,
     )
 
 
-def deliver_one(
-    session: Session,
-    delivery_id: int,
-    owner: str,
-    config: dict[str, Any],
-    *,
-    now: datetime | None = None,
-    rng: random.Random | None = None,
-) -> str | None:
-    """Make one attempt of a delivery `owner` holds; record and commit it; return the new status.
+@dataclass(frozen=True)
+class Message:
+    """What one attempt sends, read from the database before the receiver is called."""
 
-    Part of the `deliver_due` job: the attempt's record commits before the next one starts.
-    """
-    now = now or utcnow()
-    delivery = session.get(WebhookDelivery, delivery_id)
-    if delivery is None or delivery.lease_owner != owner or delivery.status != "pending":
-        session.rollback()
+    url: str
+    msg_id: str
+    body: bytes
+    signing: list[str]
+
+
+def message(session: Session, delivery: WebhookDelivery, now: datetime) -> Message | None:
+    """Return what to send for `delivery`; None when it is no longer to be sent now."""
+    endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
+    if delivery.status != DeliveryStatus.PENDING or endpoint is None or not endpoint.active:
+        # Done meanwhile, or its endpoint disabled since the claim (e.g. a 410 earlier in this
+        # batch): left as it is.
         return None
     event = session.get(WebhookEvent, delivery.event_id)
-    endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
-    assert event is not None and endpoint is not None
-    if not endpoint.active:
-        # Disabled since the claim (e.g. a 410 earlier in this batch): leave it pending.
-        delivery.lease_owner = None
-        delivery.lease_until = None
-        session.commit()
-        return None
-    url, msg_id, body = endpoint.url, event.msg_id, event.payload.encode()
-    signing = signing_secrets(endpoint, now)
-    # No transaction (and no row lock) stays open while the receiver takes its time.
-    session.commit()
-    outcome = attempt(url, msg_id, body, signing, config, timestamp=int(now.timestamp()))
+    assert event is not None
+    return Message(
+        endpoint.url, event.msg_id, event.payload.encode(), signing_secrets(endpoint, now)
+    )
 
-    delivery = session.get(WebhookDelivery, delivery_id)
-    endpoint = session.get(WebhookEndpoint, delivery.endpoint_id) if delivery else None
-    if delivery is None or endpoint is None or delivery.lease_owner != owner:
-        # Our lease ran out and someone else took over; their attempt is the one that counts.
-        session.rollback()
-        return None
+
+def record_attempt(
+    session: Session,
+    delivery: WebhookDelivery,
+    outcome: Outcome,
+    now: datetime,
+    rng: random.Random | None = None,
+) -> str:
+    """Log one attempt of `delivery`, give back its lease and schedule the retry or give up;
+    return its new status."""
+    endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
+    event = session.get(WebhookEvent, delivery.event_id)
+    assert endpoint is not None and event is not None
     delivery.attempts += 1
     session.add(
         WebhookAttempt(
@@ -168,38 +168,29 @@ def deliver_one(
     )
     delivery.last_status_code = outcome.status_code
     delivery.last_error = outcome.error
-    delivery.lease_owner = None
-    delivery.lease_until = None
-    if outcome.ok:
-        delivery.status = DeliveryStatus.SUCCEEDED
-        delivery.completed_at = now
-        delivery.next_attempt_at = None
-    elif outcome.gone:
-        delivery.status = DeliveryStatus.FAILED
-        delivery.completed_at = now
-        delivery.next_attempt_at = None
+    leases.release(delivery)
+    delay = None
+    if outcome.gone:
         set_active(endpoint, False, "receiver answered 410 Gone", now=now)
         log.warning("webhook endpoint %s answered 410: disabled", endpoint.public_id)
-    else:
+    elif not outcome.ok:
         delay = retry_delay(delivery.attempts, retry_after=outcome.retry_after, rng=rng)
-        if delay is None:
-            delivery.status = DeliveryStatus.FAILED
-            delivery.completed_at = now
-            delivery.next_attempt_at = None
-        else:
-            delivery.next_attempt_at = now + timedelta(seconds=delay)
+    if delay is not None:
+        delivery.next_attempt_at = now + timedelta(seconds=delay)
+    else:  # delivered, or given up
+        delivery.status = DeliveryStatus.SUCCEEDED if outcome.ok else DeliveryStatus.FAILED
+        delivery.completed_at = now
+        delivery.next_attempt_at = None
     log.info(
         "webhook %s %s -> %s attempt=%d status=%s duration_ms=%d",
         event.type,
-        msg_id,
+        event.msg_id,
         endpoint.public_id,
         delivery.attempts,
         outcome.status_code if outcome.status_code is not None else outcome.error,
         outcome.duration_ms,
     )
-    status = delivery.status
-    session.commit()
-    return status
+    return delivery.status
 
 
 def _attempt_number(session: Session, delivery_id: int) -> int:
@@ -213,26 +204,31 @@ def _attempt_number(session: Session, delivery_id: int) -> int:
 
 def deliver_due(
     session: Session,
-    owner: str,
+    holder: str,
     config: dict[str, Any],
     *,
     now: datetime | None = None,
     limit: int = 20,
     stop: threading.Event | None = None,
 ) -> int:
-    """Worker job: claim and attempt due deliveries, each in its own transaction; on `stop`,
-    give back what was not tried. Return how many were attempted."""
+    """Worker job: claim due deliveries and attempt each (leased work: an attempt's record
+    commits before the next starts); on `stop`, give back what was not tried. Return how many
+    were attempted."""
     now = now or utcnow()
-    ids = claim_due(session, owner, now, limit)
-    done = 0
-    for index, delivery_id in enumerate(ids):
-        if stop is not None and stop.is_set():
-            leases.release_and_commit(session, WebhookDelivery, ids[index:], owner)
-            break
-        try:
-            deliver_one(session, delivery_id, owner, config, now=now)
-        except Exception:
-            session.rollback()
-            log.exception("webhook delivery %s crashed", delivery_id)
-        done += 1
-    return done
+
+    def send(msg: Message) -> Outcome:
+        return attempt(
+            msg.url, msg.msg_id, msg.body, msg.signing, config, timestamp=int(now.timestamp())
+        )
+
+    def record(delivery: WebhookDelivery, outcome: Outcome) -> int:
+        record_attempt(session, delivery, outcome, now)
+        return 1
+
+    # A delivery whose attempt could not be recorded is retried when its lease would run out.
+    read = functools.partial(message, session, now=now)
+    back_off = leases.backing_off(
+        session, WebhookDelivery, WebhookDelivery.next_attempt_at, holder, now
+    )
+    job = leases.Job(WebhookDelivery, holder, read, send, record, back_off, LEASE_SECONDS)
+    return leases.work_through(session, job, claim_due(session, holder, now, limit), stop=stop)

@@ -4,6 +4,7 @@ outgoing webhooks to a real local receiver verified with the `standardwebhooks` 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import timedelta
 
@@ -13,6 +14,7 @@ import time_machine
 
 from broker import worker
 from broker.emulator.testing import make_image
+from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import completion
 from broker.uploads.models import Upload, VerifyTurn
@@ -182,31 +184,45 @@ def test_policy_rejects_and_deletes_the_image(make_app, make_user, bearer, recei
     assert [r.json["type"] for r in receiver.requests] == ["upload.rejected"]
 
 
-def test_policy_limits_size_and_dimensions():
+def _policy(make_app):
+    """Return a function making the app's settings with only the given policy settings."""
+    base = settings_of(make_app())
+
+    def policy(**settings):
+        unset = dict(upload_allowed_formats=(), upload_max_bytes=None, upload_max_dimension=None)
+        return dataclasses.replace(base, **{**unset, **settings})
+
+    return policy
+
+
+def test_policy_limits_size_and_dimensions(make_app):
+    policy = _policy(make_app)
     png = make_image(300, 200)
-    assert completion.policy_problem(png, {"UPLOAD_MAX_DIMENSION": 256}).startswith("image is")
-    assert completion.policy_problem(png, {"UPLOAD_MAX_DIMENSION": 300}) is None
-    assert "bytes" in completion.policy_problem(png, {"UPLOAD_MAX_BYTES": 10})
+    assert completion.policy_problem(png, policy(upload_max_dimension=256)).startswith("image is")
+    assert completion.policy_problem(png, policy(upload_max_dimension=300)) is None
+    assert "bytes" in completion.policy_problem(png, policy(upload_max_bytes=10))
     assert "unknown" in completion.policy_problem(
-        b"GIF89a-not-really", {"UPLOAD_ALLOWED_FORMATS": "GIF"}
+        b"GIF89a-not-really", policy(upload_allowed_formats=("GIF",))
     )
     assert (
-        completion.policy_problem(make_image(fmt="JPEG"), {"UPLOAD_ALLOWED_FORMATS": "jpg"}) is None
+        completion.policy_problem(make_image(fmt="JPEG"), policy(upload_allowed_formats=("jpg",)))
+        is None
     )
 
 
-def test_policy_decodes_heic(monkeypatch):
+def test_policy_decodes_heic(make_app, monkeypatch):
     """An iPhone's HEIC is decoded by the policy check, even in a process where nothing had
     taught Pillow HEIC yet (the emulator's tests may have, so that is undone here first)."""
     from PIL import Image
 
+    policy = _policy(make_app)
     heic = make_image(300, 200, fmt="HEIF")
     monkeypatch.delitem(Image.OPEN, "HEIF")
     monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
-    assert completion.policy_problem(heic, {"UPLOAD_ALLOWED_FORMATS": "heic"}) is None
+    assert completion.policy_problem(heic, policy(upload_allowed_formats=("heic",))) is None
     assert "HEIF" in Image.OPEN
-    assert completion.policy_problem(heic, {"UPLOAD_MAX_DIMENSION": 256}).startswith("image is")
-    refused = completion.policy_problem(heic, {"UPLOAD_ALLOWED_FORMATS": "JPEG"})
+    assert completion.policy_problem(heic, policy(upload_max_dimension=256)).startswith("image is")
+    refused = completion.policy_problem(heic, policy(upload_allowed_formats=("JPEG",)))
     assert refused.startswith("format HEIF is not allowed")
 
 
@@ -312,7 +328,7 @@ def test_complete_verifies_inline_when_the_budget_has_headroom(inline, emulator,
     # The one without a file was asked about: last_checked_at says so, and the worker
     # keeps checking it.
     missing = load_upload(app, ups[2]["id"])
-    assert missing.last_checked_at is not None and missing.lease_owner is None
+    assert missing.last_checked_at is not None and missing.lease_holder is None
     assert missing.next_check_at <= utcnow()
     worker.run_once(app, now=later(3))
     assert sorted(r.json["data"]["upload"]["id"] for r in receiver.requests) == sorted(
@@ -494,7 +510,9 @@ def test_a_draft_deletion_postponed_by_the_budget_is_done_later(
 
         for _ in range(15):  # background may use 16 of 20: one call left, for the details
             get_budget().acquire(Priority.BACKGROUND)
-        assert completion.expire_due(db.session, get_client(), app.config, "w1", now=late) == 1
+        assert (
+            completion.expire_due(db.session, get_client(), settings_of(app), "w1", now=late) == 1
+        )
         row = db.session.get(Upload, up["id"])
         assert row.status == "expired" and row.draft_delete_at is not None
         retry_at = row.draft_delete_at
@@ -528,7 +546,9 @@ def _listing_round(app, client, auth, emulator, pending: int) -> tuple[int, int,
 
         sa.event.listen(engine, "before_cursor_execute", count)
         try:
-            changed = completion.verify_due(db.session, get_client(), app.config, "w1", now=now)
+            changed = completion.verify_due(
+                db.session, get_client(), settings_of(app), "w1", now=now
+            )
         finally:
             sa.event.remove(engine, "before_cursor_execute", count)
         assert changed == 2

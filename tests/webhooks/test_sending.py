@@ -207,4 +207,4 @@ def test_stop_releases_unstarted_deliveries(make_app, receiver):
     with app.app_context():
         sending.deliver_due(db.session, "w1", app.config, stop=stop)
         rows = db.session.scalars(sa.select(WebhookDelivery)).all()
-        assert all(d.lease_owner is None and d.status == "pending" for d in rows)
+        assert all(d.lease_holder is None and d.status == "pending" for d in rows)

@@ -1,0 +1,114 @@
+"""The transaction rule of `broker.platform.db`, checked: domain modules never commit or roll back.
+
+Only views, CLI commands, the worker loop, the leased-work unit (`broker.platform.leases`) and
+the development commands own a unit of work; every other module works in the session it is
+given. The check reads the source (ast), so it holds for code no test happens to run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+BROKER = Path(__file__).resolve().parents[2] / "broker"
+
+# Who may commit or roll back, by paths relative to broker/: a module name any feature may
+# have, a top folder, or one module.
+OWNERS_BY_NAME = {"api.py", "views.py", "cli.py"}  # views and CLI commands (broker/cli.py too)
+OWNERS_BY_FOLDER = {"web", "api"}  # the browser pages; the API's own plumbing
+OWNERS = {
+    "platform/leases.py",  # the leased-work unit
+    "platform/db.py",  # the request's commit_or_undo
+    "worker.py",  # the worker loop: each job's leftovers
+    "devserver.py",  # development command: make run's setup
+    "auth/demo.py",  # development command: the demo account
+}
+# Modules that still commit because other parts of issue 25 move them; each leaves this list
+# when its part lands.
+PENDING_ELSEWHERE = {
+    "uploads/lifecycle.py": "reserve/release_slot_and_commit; split into modules (core-layout)",
+    "uploads/idempotency.py": "claim/release_and_commit; moves to broker/api/ (core-layout)",
+    "uploads/warmup.py": "replays the create path by hand; one create path (core-layout)",
+    "uploads/notifications.py": "Cloudflare's inbound hook, a view by another name (core-types)",
+    "auth/__init__.py": "the auth middleware's own unit of work; named as such (core-types)",
+    "auth/external.py": "commits a first-seen external account inside the auth middleware",
+    "platform/health.py": "readyz is a view in a module not named as one; its rollback too",
+}
+
+
+def _may_commit(relative: Path) -> bool:
+    return (
+        relative.name in OWNERS_BY_NAME
+        or relative.parts[0] in OWNERS_BY_FOLDER
+        or relative.as_posix() in OWNERS
+        or relative.as_posix() in PENDING_ELSEWHERE
+    )
+
+
+def transaction_calls(source: str) -> list[tuple[int, str]]:
+    """Return (line, name) of every `….commit()` and `….rollback()` call in `source`.
+
+    `super().commit()` is not one: it is a connection class implementing commit itself
+    (broker.platform.sqlite_writes), not a unit of work ending.
+    """
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr not in ("commit", "rollback"):
+            continue
+        target = node.func.value
+        if (
+            isinstance(target, ast.Call)
+            and isinstance(target.func, ast.Name)
+            and target.func.id == "super"
+        ):
+            continue
+        found.append((node.lineno, node.func.attr))
+    return found
+
+
+def breaches(root: Path = BROKER) -> list[str]:
+    """Return `path:line: name()` for every commit or rollback outside the modules that own one."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] == "migrations" or _may_commit(relative):
+            continue
+        for line, name in transaction_calls(path.read_text()):
+            found.append(f"{relative.as_posix()}:{line}: {name}()")
+    return found
+
+
+def test_domain_modules_never_commit_or_roll_back() -> None:
+    """Every commit()/rollback() in broker/ is in a view, a CLI command, the worker loop or the
+    leased-work unit (or a module named in PENDING_ELSEWHERE)."""
+    assert breaches() == []
+
+
+def test_the_check_finds_a_planted_commit(tmp_path: Path) -> None:
+    """A domain module that commits (or rolls back) is named, with its line; a view is not."""
+    (tmp_path / "uploads").mkdir()
+    (tmp_path / "uploads" / "completion.py").write_text(
+        "def finish(session):\n    session.flush()\n    session.commit()\n"
+        "def undo(session):\n    db.session.rollback()\n"
+    )
+    (tmp_path / "uploads" / "api.py").write_text("def view():\n    db.session.commit()\n")
+    (tmp_path / "platform").mkdir()
+    (tmp_path / "platform" / "pool.py").write_text(
+        "class C(Base):\n    def commit(self):\n        super().commit()\n"
+    )
+    assert breaches(tmp_path) == [
+        "uploads/completion.py:3: commit()",
+        "uploads/completion.py:5: rollback()",
+    ]
+
+
+def test_pending_modules_still_exist_and_still_commit() -> None:
+    """A module leaves PENDING_ELSEWHERE once it no longer commits: the list cannot go stale."""
+    stale = [
+        name
+        for name in PENDING_ELSEWHERE
+        if not (BROKER / name).exists() or not transaction_calls((BROKER / name).read_text())
+    ]
+    assert stale == []
