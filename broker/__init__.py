@@ -13,6 +13,7 @@ from flask import Flask
 from flask.sansio.scaffold import find_package
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from broker.platform import config as settings
 from broker.platform.config import DEFAULTS, DEV_EMULATOR_FILE, finalize
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -66,6 +67,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     sqlite_in_install = not app.config.get("DATABASE_URL") and _instance_in_install(instance_path)
     finalize(app.config, app.instance_path)
+    settings.init_app(app)
     if app.config["PROXY_COUNT"]:
         # Trust exactly that many proxies' forwarding headers; never a client's own.
         hops = int(app.config["PROXY_COUNT"])

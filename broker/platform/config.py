@@ -1,17 +1,26 @@
-"""Every BROKER_* setting in one table: name, default and meaning.
+"""Every BROKER_* setting in one table: name, default and meaning; and the typed `Settings`.
 
 `create_app` loads these defaults, then the optional `instance/config.py`, then `BROKER_*`
 environment variables (`app.config.from_prefixed_env("BROKER")`), then a test's own mapping.
+`finalize` fills derived defaults and refuses unsafe production settings; `init_app` then reads
+the result once into a frozen `Settings` (every setting with its real type), kept in
+`app.extensions["settings"]`. Code takes a `settings: Settings` argument, or calls
+`current_settings()` (a request, a CLI command, the worker: anywhere an app context is) or
+`settings_of(app)`. The Flask config keeps the raw values for Flask and its extensions.
 README.md carries the same table; a test keeps the two in step.
 """
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import click
+from flask import Flask, current_app
 
 from broker.platform.encryption import key_problem, parse_keys
 
@@ -280,8 +289,9 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     if batch not in {"auto", "off"}:
         raise ConfigError(f"BROKER_CLOUDFLARE_BATCH must be auto or off, not {batch!r}")
     config["CLOUDFLARE_BATCH"] = batch
+    budget = _coerce("UPSTREAM_BUDGET", config["UPSTREAM_BUDGET"], int)
     for share in ("UPSTREAM_BACKGROUND_RESERVE", "UPSTREAM_BACKGROUND_SHARE"):
-        if not 0 <= int(config[share]) < int(config["UPSTREAM_BUDGET"]):
+        if not 0 <= _coerce(share, config[share], int) < budget:
             raise ConfigError(f"BROKER_{share} must be at least 0 and below BROKER_UPSTREAM_BUDGET")
     if config.get("REGISTRATION") is None:
         config["REGISTRATION"] = env != "production"
@@ -289,7 +299,9 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
         config["WORKER_INLINE"] = dev
     config["SQLALCHEMY_DATABASE_URI"] = config["DATABASE_URL"]
     # The signed session cookie is refused past the login lifetime too (Flask's default: 31 days).
-    config["PERMANENT_SESSION_LIFETIME"] = timedelta(seconds=int(config["SESSION_LIFETIME"]))
+    config["PERMANENT_SESSION_LIFETIME"] = timedelta(
+        seconds=_coerce("SESSION_LIFETIME", config["SESSION_LIFETIME"], int)
+    )
     config["SESSION_COOKIE_HTTPONLY"] = True
     config["SESSION_COOKIE_SAMESITE"] = "Lax"
     config["SESSION_COOKIE_SECURE"] = env == "production"
@@ -353,3 +365,169 @@ def update_readme(path: str = "README.md") -> None:
     _, tail = rest.split(end, 1)
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"{head}{start}\n{markdown_table()}\n{end}{tail}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed settings
+
+EXTENSION_KEY = "settings"
+
+Env = Literal["development", "testing", "production"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every BROKER_* setting with its real type (the table above says what each one does).
+
+    Built once by `init_app` from the finalized config: derived defaults are filled in
+    (`database_url`, `registration`, `worker_inline`), `None` stands for "not set", and a list
+    setting is a tuple whatever form it was given in (a list, or a comma-separated string).
+    """
+
+    env: Env
+    instance_path: str | None
+    secret_key: str
+    database_url: str
+    encryption_keys: tuple[str, ...]
+    log_level: str
+    cloudflare_api_base: str
+    cloudflare_account_id: str | None
+    cloudflare_api_token: str | None
+    cloudflare_account_hash: str | None
+    cloudflare_delivery_base: str
+    cloudflare_upload_origin: str
+    cloudflare_timeout: float
+    cloudflare_webhook_secret: str | None
+    cloudflare_batch: Literal["auto", "off"]
+    cloudflare_batch_base: str
+    cloudflare_batch_rate: int
+    cloudflare_batch_cooldown: float
+    registration: bool
+    auth_rate_limit: str
+    session_lifetime: int
+    api_token_ttl_days: int
+    oidc_issuer: str | None
+    oidc_audience: str | None
+    oidc_algorithms: tuple[str, ...]
+    oidc_jwks_url: str | None
+    oidc_leeway: float
+    cors_origins: tuple[str, ...]
+    metrics_token: str | None
+    proxy_count: int
+    ratelimit_storage_uri: str
+    upstream_budget: int
+    upstream_budget_window: int
+    upstream_background_reserve: int
+    upstream_background_share: int
+    require_signed_urls: bool
+    upload_default_expiry: int
+    max_pending_uploads: int
+    max_uploads_per_day: int
+    expiry_grace: float
+    worker_inline: bool
+    worker_poll_interval: float
+    webhook_allow_private: bool
+    webhook_timeout: float
+    max_content_length: int
+    verify_batch_window: float
+    complete_inline_budget: float
+    upload_allowed_formats: tuple[str, ...]
+    upload_max_bytes: int | None
+    upload_max_dimension: int | None
+    keys_sync_interval: float
+    signed_url_ttl: int
+    signed_url_max_ttl: int
+    signed_url_bucket: int
+    variants: str
+    key_rotation_grace: float
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bad(name: str, value: Any, wanted: str) -> ConfigError:
+    return ConfigError(f"BROKER_{name} must be {wanted}, not {value!r}")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Read one raw config value as the type `hint`, or raise ConfigError naming the setting."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType) and NoneType in args:
+        if value is None or value == "":
+            return None
+        (inner,) = (a for a in args if a is not NoneType)
+        return _coerce(name, value, inner)
+    if origin is tuple:
+        if not isinstance(value, str):
+            items = list(value or ())
+        elif name in _SPACE_SEPARATED:
+            items = value.replace(",", " ").split()
+        else:
+            items = value.split(",")
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if hint is bool:
+        if value is None or isinstance(value, bool | int):
+            return bool(value)
+        if str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise _bad(name, value, "true or false")
+    if value is None:
+        raise ConfigError(f"BROKER_{name} must be set")
+    if origin is Literal:
+        if value not in args:
+            raise _bad(name, value, " or ".join(args))
+        return value
+    if hint is str:
+        return str(value)
+    number = _number(value)
+    if number is None:
+        raise _bad(name, value, "a number")
+    if hint is float:
+        return number
+    if not number.is_integer():
+        raise _bad(name, value, "a whole number")
+    return int(number)
+
+
+def _number(value: Any) -> float | None:
+    """A config value read as a number (a number, or a string holding one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+# Lists written as words (`JPEG PNG` as well as `JPEG,PNG`); the others are comma-separated only.
+_SPACE_SEPARATED = {"UPLOAD_ALLOWED_FORMATS"}
+
+
+def build_settings(config: Mapping[str, Any]) -> Settings:
+    """Read the finalized config into typed `Settings` (ConfigError names a bad setting)."""
+    hints = typing.get_type_hints(Settings)
+    return Settings(
+        **{
+            s.name.lower(): _coerce(s.name, config.get(s.name), hints[s.name.lower()])
+            for s in SETTINGS
+        }
+    )
+
+
+def init_app(app: Flask) -> None:
+    """Build the app's `Settings` once, after `finalize`, into `app.extensions["settings"]`."""
+    app.extensions[EXTENSION_KEY] = build_settings(app.config)
+
+
+def settings_of(app: Flask) -> Settings:
+    """Return `app`'s typed settings."""
+    settings: Settings = app.extensions[EXTENSION_KEY]
+    return settings
+
+
+def current_settings() -> Settings:
+    """Return the current app's typed settings (in a request, a CLI command or the worker)."""
+    return settings_of(current_app)

@@ -28,6 +28,7 @@ from broker.api.spec import (
 )
 from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.auth.models import User
+from broker.platform.config import current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 from broker.uploads import completion, create, lifecycle, policy, queries, quotas
@@ -241,21 +242,19 @@ def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> 
 def create_upload(body: CreateUpload) -> Response:
     """Create a one-time direct upload URL stamped with the caller as creator."""
     user = _user()
-    config = current_app.config
+    settings = current_settings()
     params = policy.UploadParams(
         metadata=body.metadata,
         require_signed_urls=(
-            bool(config["REQUIRE_SIGNED_URLS"])
+            settings.require_signed_urls
             if body.require_signed_urls is None
             else body.require_signed_urls
         ),
-        expires_in=int(
-            config["UPLOAD_DEFAULT_EXPIRY"] if body.expires_in is None else body.expires_in
-        ),
+        expires_in=(settings.upload_default_expiry if body.expires_in is None else body.expires_in),
         custom_id=body.id,
     )
     created = create.create_upload(
-        db.session, user, params, get_client(), config, unit_of_work.current()
+        db.session, user, params, get_client(), settings, unit_of_work.current()
     )
     payload = UploadCreated(
         **UploadOut.of(created.upload, owner=created.owner).model_dump(),
@@ -335,7 +334,7 @@ def delete_upload(upload_id: str) -> UploadOut:
 
 
 def _quotas_out(user: User) -> UserLimitsOut:
-    pending, daily = quotas.quotas_for(user, current_app.config)
+    pending, daily = quotas.quotas_for(user, current_settings())
     return UserLimitsOut(
         user=user.public_id,
         max_pending_uploads=user.max_pending_uploads,

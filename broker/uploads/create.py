@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 
 from broker.auth.models import User
+from broker.platform.config import Settings
 from broker.platform.db import Session, utcnow
 from broker.uploads import quotas
 from broker.uploads.lifecycle import PENDING
@@ -80,7 +81,7 @@ def create_upload(
     user: User,
     params: UploadParams,
     client: Drafts,
-    config: Any,
+    settings: Settings,
     work: UnitOfWork,
     *,
     now: datetime | None = None,
@@ -94,7 +95,7 @@ def create_upload(
     meta = build_metadata(params.metadata, upload_id)
     # Read now: once the reservation commits, touching `user` would reload it and hold a
     # connection in a transaction while Cloudflare answers.
-    user_id, creator, limits = user.id, user.public_id, quotas.quotas_for(user, config)
+    user_id, creator, limits = user.id, user.public_id, quotas.quotas_for(user, settings)
     budget = client.budget_for("direct_upload")
     prepaid = work.step(
         lambda: quotas.reserve_slot(session, user_id, limits, upload_id, now, budget=budget)

@@ -19,13 +19,17 @@ from datetime import datetime
 from typing import Any
 
 from broker.platform.db import Session, utcnow
-from broker.uploads.models import Upload
+from broker.uploads.models import UPLOAD_STATUSES, Upload, UploadStatus
 from broker.uploads.policy import public_metadata
 from broker.upstream.cloudflare import CloudflareImages, CloudflareNotFound, Image, Priority
 from broker.webhooks import outbox
 
-PENDING, READY, EXPIRED, REJECTED, DELETED = "pending", "ready", "expired", "rejected", "deleted"
-STATUSES = (PENDING, READY, EXPIRED, REJECTED, DELETED)
+PENDING = UploadStatus.PENDING
+READY = UploadStatus.READY
+EXPIRED = UploadStatus.EXPIRED
+REJECTED = UploadStatus.REJECTED
+DELETED = UploadStatus.DELETED
+STATUSES = UPLOAD_STATUSES
 # Allowed moves; staying in the same state is a no-op, anything else is refused.
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({READY, EXPIRED, REJECTED, DELETED}),
@@ -80,7 +84,7 @@ def _transition(upload: Upload, new: str, now: datetime | None) -> bool:
         return False
     if new not in TRANSITIONS.get(upload.status, frozenset()):
         raise InvalidTransition(f"upload {upload.id}: {upload.status} → {new} is not allowed")
-    upload.status = new
+    upload.status = UploadStatus(new)
     upload.status_changed_at = now or utcnow()
     upload.next_check_at = None
     upload.lease_owner = None

@@ -6,6 +6,7 @@ tests fail when the migrations and the models drift apart.
 
 from __future__ import annotations
 
+import enum
 import secrets
 from datetime import datetime
 from typing import Any
@@ -14,12 +15,28 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from broker.auth.models import User
+from broker.platform.columns import StrEnumText
 from broker.platform.db import Model, UTCDateTime, utcnow
 
 
 def _upload_id() -> str:
     """The broker's own id of an upload: what the API shows, distinct from Cloudflare's id."""
     return secrets.token_hex(16)
+
+
+class UploadStatus(enum.StrEnum):
+    """Where an upload stands: pending → ready | expired | rejected, and any → deleted."""
+
+    PENDING = "pending"
+    READY = "ready"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+    DELETED = "deleted"
+
+
+# Every status, in the order operators' views list them (zero counts included).
+# Plain strings: click's Choice would offer an enum's member *names* (PENDING).
+UPLOAD_STATUSES: tuple[str, ...] = tuple(status.value for status in UploadStatus)
 
 
 class Upload(Model):
@@ -40,7 +57,9 @@ class Upload(Model):
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
     # Cloudflare's image id (system UUID or a custom id, which may be up to 1024 chars).
     image_id: Mapped[str] = mapped_column(sa.String(1024), unique=True)
-    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    status: Mapped[UploadStatus] = mapped_column(
+        StrEnumText(UploadStatus, 16), default=UploadStatus.PENDING
+    )
     require_signed_urls: Mapped[bool] = mapped_column(default=True)
     # The metadata as sent to Cloudflare, the broker's own keys included.
     meta: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)

@@ -23,12 +23,13 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 
 from broker.auth.models import User
+from broker.platform.config import Settings
 from broker.platform.db import Session, UTCDateTime
 from broker.platform.errors import Kind, Refusal
 from broker.uploads.lifecycle import PENDING
 from broker.uploads.models import Upload, UploadReservation
 from broker.uploads.policy import UploadError
-from broker.upstream.cloudflare import Priority
+from broker.upstream.cloudflare import Budget, Priority
 
 DAY = timedelta(hours=24)
 # How long a create's reservation holds a slot: no create lives this long (upstream timeout
@@ -58,13 +59,13 @@ class Quotas(NamedTuple):
     daily: int
 
 
-def quotas_for(user: User, config: Any) -> Quotas:
+def quotas_for(user: User, settings: Settings) -> Quotas:
     """Return the user's quotas, overrides first."""
     pending = user.max_pending_uploads
     daily = user.max_uploads_per_day
     return Quotas(
-        int(config["MAX_PENDING_UPLOADS"] if pending is None else pending),
-        int(config["MAX_UPLOADS_PER_DAY"] if daily is None else daily),
+        settings.max_pending_uploads if pending is None else pending,
+        settings.max_uploads_per_day if daily is None else daily,
     )
 
 
@@ -196,12 +197,12 @@ def reserve_slot(
     upload_id: str,
     now: datetime,
     *,
-    budget: Any = None,
+    budget: Budget | None = None,
 ) -> bool:
     """Hold one slot of the user's quotas for `upload_id`, or raise UploadError 429.
 
     Run it as a transaction of its own (see the module's rules); the caller commits it. With
-    `budget` (an UpstreamBudget) the upstream call is paid for in the same transaction when
+    `budget` the upstream call is paid for in the same transaction when
     possible (one write instead of two per create); returns whether it was (BudgetExhausted
     when it is spent: nothing is reserved then, once the caller rolls back).
     """
@@ -226,8 +227,7 @@ def reserve_slot(
     session.flush()
     _check(session, user_id, quotas, now, own_reservation=upload_id)
     # Last: on PostgreSQL the budget's row lock is shared by every process; hold it briefly.
-    acquire_in = getattr(budget, "acquire_in", None)
-    return bool(acquire_in and acquire_in(session.connection(), Priority.INTERACTIVE))
+    return budget is not None and budget.acquire_in(session.connection(), Priority.INTERACTIVE)
 
 
 def release_slot(session: Session, upload_id: str) -> None:

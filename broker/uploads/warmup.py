@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from broker.api.unit_of_work import UnitOfWork
 from broker.auth import passwords, tokens
 from broker.auth.models import User
+from broker.platform.config import Settings, settings_of
 from broker.platform.db import db
 from broker.uploads import create
 from broker.uploads.policy import UploadParams
@@ -70,7 +71,9 @@ def warm_up(app: Flask, connections: int = 1) -> float:
     uploads_log.addFilter(quiet)
     try:
         with app.app_context():
-            _warm_connections(db.engine, connections, lambda conn: _create_path(conn, app.config))
+            _warm_connections(
+                db.engine, connections, lambda conn: _create_path(conn, settings_of(app))
+            )
             budget_engine = app.extensions["budget"].engine
             _warm_connections(budget_engine, connections, _read_upstream_tables)
             route = app.extensions.get(batch.EXTENSION_KEY)
@@ -127,7 +130,7 @@ def _refused_request(app: Flask) -> None:
         raise RuntimeError(f"the warm-up's refused request got {response.status_code}")
 
 
-def _create_path(conn: sa.Connection, config: Any) -> None:
+def _create_path(conn: sa.Connection, settings: Settings) -> None:
     """What `POST /api/v1/uploads` does in the database, on `conn`'s open transaction."""
     key = f"warm-up-{secrets.token_hex(8)}"
     # No password opens it; the row never outlives the transaction anyway.
@@ -147,4 +150,6 @@ def _create_path(conn: sa.Connection, config: Any) -> None:
             raise RuntimeError("the warm-up's own token did not authenticate")
         user = token.user
         session.flush()
-        create.create_upload(session, user, UploadParams(), _StandIn(), config, UnitOfWork(session))
+        create.create_upload(
+            session, user, UploadParams(), _StandIn(), settings, UnitOfWork(session)
+        )

@@ -28,16 +28,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import sqlalchemy as sa
+from flask import Flask
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
-from broker.upstream.budget import BudgetExhausted
+from broker.platform.config import Settings, settings_of
+from broker.upstream.budget import EXTENSION_KEY as BUDGET_KEY
+from broker.upstream.budget import BudgetExhausted, UpstreamBudget
 from broker.upstream.cloudflare import (
+    Budget,
     CloudflareAuthError,
     CloudflareError,
     CloudflareUnavailable,
@@ -78,17 +82,21 @@ class TokenSource(Protocol):
         """Return a fresh batch token and when it expires."""
 
 
-class RateBudget(Protocol):
-    """The per-token rate, shared by every process."""
+class _PerSecondRate:
+    """What both per-token rates answer alike: no window, nothing spent in a caller's work."""
 
-    def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
-        """Spend one call or raise BudgetExhausted."""
+    def acquire_in(self, conn: Connection, priority: Priority = Priority.INTERACTIVE) -> bool:
+        """Never spent inside a caller's transaction (it commits each count at once)."""
+        return False
 
     def pause(self, seconds: float) -> None:
-        """Stop every process from calling the batch host for `seconds`."""
+        """Nothing to record: the batch host's 429 is per second and retried after it."""
+
+    def status(self) -> None:
+        """A per-second rate keeps no window to report."""
 
 
-class RedisRate:
+class RedisRate(_PerSecondRate):
     """200 calls per second per token, counted in Redis (a moving window, `limits`)."""
 
     def __init__(self, uri: str, per_second: int) -> None:
@@ -102,11 +110,8 @@ class RedisRate:
         if not self._limiter.hit(self._item, "broker-batch", SCOPE):
             raise BudgetExhausted(1.0, "batch rate")
 
-    def pause(self, seconds: float) -> None:
-        """Nothing to record: the batch host's 429 is per second and retried after it."""
 
-
-class DatabaseRate:
+class DatabaseRate(_PerSecondRate):
     """`per_second` calls per second, shared by every process through the database.
 
     A call is counted first (an upsert of the current 100 ms slice, committed at once) and
@@ -165,9 +170,6 @@ class DatabaseRate:
             if calls == 1:  # the slice's first call: a good moment to drop the expired ones
                 conn.execute(sa.delete(bucket).where(ours, bucket.start < first))
 
-    def pause(self, seconds: float) -> None:
-        """Nothing to record: the batch host's 429 is per second and retried after it."""
-
 
 def _counting_upsert(dialect: str) -> sa.Executable:
     """One statement adding a call to slice `start` of `scope` (creating it): its new count."""
@@ -202,7 +204,7 @@ class BatchRoute:
         self,
         engine: Engine,
         base: str,
-        rate: RateBudget,
+        rate: Budget,
         *,
         cooldown: float = 600.0,
         clock: Callable[[], float] = time.time,
@@ -469,29 +471,29 @@ class BatchRoute:
         }
 
 
-def route_from_config(engine: Engine, config: Any) -> BatchRoute | None:
+def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None:
     """Build the batch route from BROKER_CLOUDFLARE_BATCH*, or None when it is off."""
-    if str(config.get("CLOUDFLARE_BATCH") or "off").lower() != "auto":
+    if settings.cloudflare_batch != "auto":
         return None
-    per_second = int(config["CLOUDFLARE_BATCH_RATE"])
-    uri = str(config.get("RATELIMIT_STORAGE_URI") or "")
-    rate: RateBudget
+    per_second = settings.cloudflare_batch_rate
+    uri = settings.ratelimit_storage_uri
+    rate: Budget
     if uri.startswith(("redis://", "rediss://", "redis+")):
         rate = RedisRate(uri, per_second)
     else:
         rate = DatabaseRate(engine, per_second)
     return BatchRoute(
         engine,
-        str(config["CLOUDFLARE_BATCH_BASE"]),
+        settings.cloudflare_batch_base,
         rate,
-        cooldown=float(config["CLOUDFLARE_BATCH_COOLDOWN"]),
+        cooldown=settings.cloudflare_batch_cooldown,
     )
 
 
-def init_app(app: Any) -> None:
+def init_app(app: Flask) -> None:
     """Create the app's batch route (after the budget, whose small engine it shares)."""
-    budget = app.extensions["budget"]
-    app.extensions[EXTENSION_KEY] = route_from_config(budget.engine, app.config)
+    budget: UpstreamBudget = app.extensions[BUDGET_KEY]
+    app.extensions[EXTENSION_KEY] = route_from_settings(budget.engine, settings_of(app))
 
 
 def metric_lines(session: object) -> list[str]:

@@ -27,17 +27,18 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import sqlalchemy as sa
+from flask import Flask
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
+from broker.platform.config import Settings, settings_of
 from broker.platform.db import ping_when_idle, server_pool_options
 from broker.platform.sqlite_writes import gate_sqlite_writes
-from broker.upstream.cloudflare import Priority, UpstreamError
+from broker.upstream.cloudflare import BudgetStatus, Priority, UpstreamError
 
 log = logging.getLogger("broker.budget")
 
@@ -67,31 +68,6 @@ class BudgetExhausted(UpstreamError):
         super().__init__(f"upstream budget {reason}: retry after {retry_after:.0f}s")
         self.retry_after = retry_after
         self.reason = reason  # "budget" (spent) or "paused" (after a 429)
-
-
-@dataclass(frozen=True)
-class BudgetStatus:
-    """A snapshot of the budget, for metrics and the admin page."""
-
-    used: int
-    limit: int
-    reserve: int
-    window: int
-    paused_for: float
-    background: int = 0  # of `used`, the background side's calls
-    # The calls a whole window would hold at the pace of its last slice or two: ahead of `used`
-    # when traffic has just picked up (the window still holds the quiet minutes before it).
-    pace: int = 0
-
-    @property
-    def background_left(self) -> int:
-        """Calls a background call may still make in this window (both caps it must respect)."""
-        return max(0, min(self.limit - self.used, self.limit - self.reserve - self.background))
-
-    @property
-    def projected(self) -> int:
-        """The calls this window holds, or will hold if the recent pace goes on, if more."""
-        return max(self.used, self.pace)
 
 
 class UpstreamBudget:
@@ -316,14 +292,14 @@ class UpstreamBudget:
         )
 
 
-def budget_from_config(engine: Engine, config: Any) -> UpstreamBudget:
+def budget_from_settings(engine: Engine, settings: Settings) -> UpstreamBudget:
     """Build the budget from the app's BROKER_UPSTREAM_* settings."""
     return UpstreamBudget(
         engine,
-        limit=int(config["UPSTREAM_BUDGET"]),
-        window=int(config["UPSTREAM_BUDGET_WINDOW"]),
-        reserve=int(config["UPSTREAM_BACKGROUND_RESERVE"]),
-        background_share=int(config["UPSTREAM_BACKGROUND_SHARE"]),
+        limit=settings.upstream_budget,
+        window=settings.upstream_budget_window,
+        reserve=settings.upstream_background_reserve,
+        background_share=settings.upstream_background_share,
     )
 
 
@@ -350,10 +326,12 @@ def budget_engine(url: str) -> Engine:
     return engine
 
 
-def init_app(app: Any) -> None:
+def init_app(app: Flask) -> None:
     """Create the app's budget in `app.extensions["budget"]` (before the Cloudflare client)."""
-    engine = budget_engine(app.config["SQLALCHEMY_DATABASE_URI"])
-    app.extensions[EXTENSION_KEY] = budget_from_config(engine, app.config)
+    settings = settings_of(app)
+    app.extensions[EXTENSION_KEY] = budget_from_settings(
+        budget_engine(settings.database_url), settings
+    )
 
 
 def get_budget() -> UpstreamBudget:

@@ -24,11 +24,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import quote
 
 import requests
+from flask import Flask
 from requests.adapters import HTTPAdapter
+
+from broker.platform.config import Settings, settings_of
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 log = logging.getLogger("broker.cloudflare")
 
@@ -102,14 +108,49 @@ class CloudflareTimeout(CloudflareUnavailable):
     """No answer within the timeout."""
 
 
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A snapshot of a budget's window, for metrics, the admin page and pacing decisions."""
+
+    used: int
+    limit: int
+    reserve: int
+    window: int
+    paused_for: float
+    background: int = 0  # of `used`, the background side's calls
+    # The calls a whole window would hold at the pace of its last slice or two: ahead of `used`
+    # when traffic has just picked up (the window still holds the quiet minutes before it).
+    pace: int = 0
+
+    @property
+    def background_left(self) -> int:
+        """Calls a background call may still make in this window (both caps it must respect)."""
+        return max(0, min(self.limit - self.used, self.limit - self.reserve - self.background))
+
+    @property
+    def projected(self) -> int:
+        """The calls this window holds, or will hold if the recent pace goes on, if more."""
+        return max(self.used, self.pace)
+
+
 class Budget(Protocol):
-    """What the client needs from the shared request budget (see broker.upstream.budget)."""
+    """A budget of upstream calls: the shared window (broker.upstream.budget.UpstreamBudget)
+    or the batch host's per-token rate (broker.upstream.batch). The client spends it before
+    each attempt; the create path prepays it in its own transaction; pacing reads its status.
+    """
 
     def acquire(self, priority: Priority) -> None:
         """Spend one call or raise BudgetExhausted."""
 
+    def acquire_in(self, conn: Connection, priority: Priority) -> bool:
+        """Spend one call inside the caller's transaction on `conn`; False when this budget
+        cannot (nothing spent: use `acquire`). BudgetExhausted as `acquire`."""
+
     def pause(self, seconds: float) -> None:
         """Stop every process from calling upstream for `seconds` (after a 429)."""
+
+    def status(self) -> BudgetStatus | None:
+        """Return a snapshot of the window, or None for a budget that keeps none."""
 
 
 class BatchRouting(Protocol):
@@ -144,8 +185,15 @@ class _BatchSpend:
         """Take one call of the per-second rate."""
         self.route.spend()
 
+    def acquire_in(self, conn: Connection, priority: Priority) -> bool:
+        """The rate is counted on its own (waiting briefly): never inside a caller's work."""
+        return False
+
     def pause(self, seconds: float) -> None:
         """The batch host's 429 is retried after its Retry-After: nothing to record."""
+
+    def status(self) -> None:
+        """A per-second rate keeps no window to report."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,8 +528,7 @@ class CloudflareImages:
         """The budget a call to endpoint `batch` spends now (to prepay it, see `request`)."""
         route = self.batch_route
         if batch is not None and route is not None and route.uses_batch(batch):
-            rate = route.rate
-            return rate if hasattr(rate, "acquire_in") else None
+            return route.rate
         return self.budget
 
     def fetch_batch_token(self, priority: Priority) -> tuple[str, datetime]:
@@ -868,26 +915,26 @@ def _path(segment: str) -> str:
 # Flask wiring (no module globals: the client lives in app.extensions)
 
 
-def client_from_config(
-    config: Any, budget: Budget | None = None, batch_route: BatchRouting | None = None
+def client_from_settings(
+    settings: Settings, budget: Budget | None = None, batch_route: BatchRouting | None = None
 ) -> CloudflareImages:
     """Build a client from the app's BROKER_CLOUDFLARE_* settings."""
     return CloudflareImages(
-        config["CLOUDFLARE_API_BASE"],
-        config.get("CLOUDFLARE_ACCOUNT_ID") or "",
-        config.get("CLOUDFLARE_API_TOKEN") or "",
-        timeout=float(config.get("CLOUDFLARE_TIMEOUT") or 10.0),
+        settings.cloudflare_api_base,
+        settings.cloudflare_account_id or "",
+        settings.cloudflare_api_token or "",
+        timeout=settings.cloudflare_timeout or 10.0,
         budget=budget,
-        account_hash=config.get("CLOUDFLARE_ACCOUNT_HASH"),
-        delivery_base=config.get("CLOUDFLARE_DELIVERY_BASE") or "https://imagedelivery.net",
+        account_hash=settings.cloudflare_account_hash,
+        delivery_base=settings.cloudflare_delivery_base or "https://imagedelivery.net",
         batch_route=batch_route,
     )
 
 
-def init_app(app: Any) -> None:
+def init_app(app: Flask) -> None:
     """Create the app's shared client (with the budget and batch route in `app.extensions`)."""
-    app.extensions[EXTENSION_KEY] = client_from_config(
-        app.config, app.extensions.get("budget"), app.extensions.get("batch_route")
+    app.extensions[EXTENSION_KEY] = client_from_settings(
+        settings_of(app), app.extensions.get("budget"), app.extensions.get("batch_route")
     )
 
 

@@ -16,6 +16,7 @@ from broker.platform.wakeup import notify_worker
 from broker.webhooks import ssrf
 from broker.webhooks.models import (
     DELIVERY_STATUSES,
+    DeliveryStatus,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
@@ -182,7 +183,7 @@ def set_active(
 
 def redeliver(delivery: WebhookDelivery, *, now: datetime | None = None) -> None:
     """Queue `delivery` again now, with a fresh retry schedule and the same `webhook-id`."""
-    delivery.status = "pending"
+    delivery.status = DeliveryStatus.PENDING
     delivery.attempts = 0
     delivery.next_attempt_at = now or utcnow()
     delivery.completed_at = None

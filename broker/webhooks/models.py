@@ -6,12 +6,14 @@ tests fail when the migrations and the models drift apart.
 
 from __future__ import annotations
 
+import enum
 import secrets
 from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
+from broker.platform.columns import StrEnumText
 from broker.platform.db import Model, UTCDateTime, utcnow
 from broker.platform.encryption import EncryptedText
 
@@ -60,8 +62,17 @@ class WebhookEvent(Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class DeliveryStatus(enum.StrEnum):
+    """Where a delivery stands: pending (retries included) until succeeded or failed."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
 # Every status a delivery can have (operators' views list each one, zero included).
-DELIVERY_STATUSES = ("pending", "succeeded", "failed")
+# Plain strings: click's Choice would offer an enum's member *names* (PENDING).
+DELIVERY_STATUSES: tuple[str, ...] = tuple(status.value for status in DeliveryStatus)
 
 
 class WebhookDelivery(Model):
@@ -80,7 +91,9 @@ class WebhookDelivery(Model):
     endpoint_id: Mapped[int] = mapped_column(
         sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
     )
-    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    status: Mapped[DeliveryStatus] = mapped_column(
+        StrEnumText(DeliveryStatus, 16), default=DeliveryStatus.PENDING
+    )
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(sa.String(64))

@@ -21,7 +21,13 @@ from broker.platform.db import Session, utcnow
 from broker.upstream.cloudflare import parse_retry_after
 from broker.webhooks import ssrf
 from broker.webhooks.endpoints import check_target, set_active
-from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from broker.webhooks.models import (
+    DeliveryStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
 from broker.webhooks.schedule import retry_delay
 from broker.webhooks.signing import signature_header, signing_secrets
 
@@ -165,11 +171,11 @@ def deliver_one(
     delivery.lease_owner = None
     delivery.lease_until = None
     if outcome.ok:
-        delivery.status = "succeeded"
+        delivery.status = DeliveryStatus.SUCCEEDED
         delivery.completed_at = now
         delivery.next_attempt_at = None
     elif outcome.gone:
-        delivery.status = "failed"
+        delivery.status = DeliveryStatus.FAILED
         delivery.completed_at = now
         delivery.next_attempt_at = None
         set_active(endpoint, False, "receiver answered 410 Gone", now=now)
@@ -177,7 +183,7 @@ def deliver_one(
     else:
         delay = retry_delay(delivery.attempts, retry_after=outcome.retry_after, rng=rng)
         if delay is None:
-            delivery.status = "failed"
+            delivery.status = DeliveryStatus.FAILED
             delivery.completed_at = now
             delivery.next_attempt_at = None
         else:

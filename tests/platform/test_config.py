@@ -4,6 +4,7 @@ the request body cap."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,15 @@ import pytest
 from flask import Flask
 
 from broker import create_app
-from broker.platform.config import SETTINGS, ConfigError, finalize
+from broker.platform.config import (
+    DEFAULTS,
+    SETTINGS,
+    ConfigError,
+    Settings,
+    build_settings,
+    finalize,
+    settings_of,
+)
 from tests.factories import production_app, production_settings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -74,3 +83,63 @@ def test_request_bodies_are_capped(make_app: Callable[..., Flask]) -> None:
     )
     assert response.status_code == 413
     assert response.get_json()["error"]["code"] == "request_entity_too_large"
+
+
+def test_typed_settings_have_one_field_per_setting(make_app: Callable[..., Flask]) -> None:
+    """Every row of the table is a typed field, read once into the app (no setting forgotten)."""
+    settings = settings_of(make_app())
+    names = {f.name for f in fields(Settings)}
+    assert names == {s.name.lower() for s in SETTINGS}
+    assert settings.env == "testing"
+    # Derived defaults are filled in, with their real types.
+    assert settings.registration is True and settings.worker_inline is False
+    assert settings.database_url.startswith(("sqlite", "postgresql"))
+    assert settings.upstream_budget == 1000 and settings.cloudflare_timeout == 10.0
+    assert settings.encryption_keys and all(isinstance(k, str) for k in settings.encryption_keys)
+
+
+def test_typed_settings_read_strings_as_their_types() -> None:
+    """Values from the environment or instance/config.py arrive as strings or JSON values."""
+    raw = {
+        **DEFAULTS,
+        "ENV": "production",
+        "SECRET_KEY": "s" * 40,
+        "DATABASE_URL": "sqlite://",
+        "REGISTRATION": "off",
+        "WORKER_INLINE": 0,
+        "CLOUDFLARE_ACCOUNT_ID": 12345,
+        "CLOUDFLARE_TIMEOUT": "2.5",
+        "UPSTREAM_BUDGET": "900",
+        "KEY_ROTATION_GRACE": 60,
+        "UPLOAD_ALLOWED_FORMATS": "jpeg, PNG webp",
+        "UPLOAD_MAX_BYTES": "",
+        "OIDC_ALGORITHMS": ["RS256", " ES256 "],
+        "CORS_ORIGINS": "https://a.example, https://b.example",
+    }
+    settings = build_settings(raw)
+    assert settings.registration is False and settings.worker_inline is False
+    assert settings.cloudflare_account_id == "12345"
+    assert settings.cloudflare_timeout == 2.5 and settings.upstream_budget == 900
+    assert settings.key_rotation_grace == 60.0 and isinstance(settings.key_rotation_grace, float)
+    assert settings.upload_allowed_formats == ("jpeg", "PNG", "webp")
+    assert settings.upload_max_bytes is None
+    assert settings.oidc_algorithms == ("RS256", "ES256")
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("UPSTREAM_BUDGET", "lots", "a number"),
+        ("UPLOAD_DEFAULT_EXPIRY", 90.5, "a whole number"),
+        ("WEBHOOK_ALLOW_PRIVATE", "maybe", "true or false"),
+        ("CLOUDFLARE_TIMEOUT", True, "a number"),
+        ("CLOUDFLARE_API_BASE", None, "must be set"),
+    ],
+)
+def test_typed_settings_refuse_a_bad_value_naming_it(
+    make_app: Callable[..., Flask], name: str, value: Any, says: str
+) -> None:
+    """A value of the wrong type stops the start with the setting's name, not a traceback later."""
+    with pytest.raises(ConfigError, match=f"BROKER_{name} .*{says}|BROKER_{name} {says}"):
+        make_app(**{name: value})

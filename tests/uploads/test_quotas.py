@@ -14,6 +14,7 @@ from flask import Flask
 
 from broker.api.unit_of_work import UnitOfWork
 from broker.auth.models import User
+from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import quotas
 from broker.uploads.models import Upload, UploadReservation
@@ -135,8 +136,9 @@ def test_concurrent_creates_by_one_user_stop_exactly_at_the_limit(
     assert emulator.counters().get("direct_upload") == 3
 
 
-def test_a_failed_create_gives_its_slot_back(app, client, make_user, bearer, emulator) -> None:
-    app.config["MAX_PENDING_UPLOADS"] = 1
+def test_a_failed_create_gives_its_slot_back(make_app, make_user, bearer, emulator) -> None:
+    app = make_app(MAX_PENDING_UPLOADS=1)
+    client = app.test_client()
     auth = bearer(app, make_user("alice"))
     emulator.inject_fault("direct_upload", status=500, count=1)
     assert client.post(URL, json={}, headers=auth).status_code == 502
@@ -172,7 +174,7 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         user = db.session.get(User, make_user("alice").id)
         user.max_pending_uploads = 1
         db.session.commit()
-        user_id, limits = user.id, quotas.quotas_for(user, app.config)
+        user_id, limits = user.id, quotas.quotas_for(user, settings_of(app))
         work = UnitOfWork(db.session)
 
         def reserve(upload_id: str, moment: datetime) -> bool:
