@@ -1,7 +1,7 @@
 """Declare JSON endpoints once: the same pydantic models validate requests and build OpenAPI.
 
     @endpoint(bp, "POST", "/uploads", body=CreateUpload, responses={201: UploadCreated},
-              errors=(*LIMITS, *UPSTREAM), headers={201: (LOCATION,)})
+              errors=(TOO_MANY_PENDING, *UPSTREAM), headers={201: (LOCATION,)})
     def create_upload(body: CreateUpload) -> Response: ...
 
 The wrapper parses and validates the JSON body (400 for malformed JSON, 415 for another media
