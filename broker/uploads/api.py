@@ -30,7 +30,6 @@ from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.auth.models import User
 from broker.platform.config import current_settings
 from broker.platform.db import db
-from broker.platform.errors import ApiError
 from broker.uploads import completion, create, lifecycle, policy, queries, quotas
 from broker.uploads.models import Upload
 from broker.upstream.cloudflare import get_client
@@ -40,6 +39,7 @@ Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
 
 NO_UPLOAD = not_found("upload")
 NO_USER = not_found("user")
+ADMINS_ONLY_LISTING = ErrorCase(403, "forbidden", "Only admins may list other users' uploads.")
 QUOTA_REFUSALS = (quotas.TOO_MANY_PENDING, quotas.DAILY_QUOTA)
 
 
@@ -270,10 +270,7 @@ def create_upload(body: CreateUpload) -> Response:
     "/uploads",
     query=ListUploads,
     responses={200: UploadPage},
-    errors=(
-        ErrorCase(403, "forbidden", "Only admins may list other users' uploads."),
-        queries.INVALID_CURSOR,
-    ),
+    errors=(ADMINS_ONLY_LISTING, queries.INVALID_CURSOR),
     tags=("uploads",),
     scope="uploads:read",
 )
@@ -283,7 +280,7 @@ def list_uploads(query: ListUploads) -> UploadPage:
     user_id: int | None = user.id
     if query.scope == "all" or query.user is not None:
         if not user.is_admin:
-            raise ApiError(403, "forbidden", "Only admins may list other users' uploads.")
+            raise ADMINS_ONLY_LISTING.error()
         user_id = None
         if query.user is not None:
             listed = db.session.scalar(db.select(User).where(User.public_id == query.user))
