@@ -123,7 +123,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from broker import api, cli, web, worker
     from broker.images import redirect
-    from broker.uploads import cloudflare_hook, lifecycle, warmup
+    from broker.uploads import cloudflare_hook, queries, warmup
     from broker.webhooks import endpoints
 
     _import_api_routes()
@@ -133,7 +133,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(redirect.bp)
     cloudflare_hook.init_app(app)
     for collect in (
-        lifecycle.metric_lines,
+        queries.metric_lines,
         endpoints.metric_lines,
         budget.metric_lines,
         batch.metric_lines,
@@ -154,6 +154,7 @@ def _instance_in_install(instance_path: str | None) -> bool:
 
 def _import_models() -> None:
     """Register every feature's tables on the one metadata (migrations and tests read it)."""
+    from broker.api import models as _api  # noqa: F401
     from broker.auth import models as _auth  # noqa: F401
     from broker.images import models as _images  # noqa: F401
     from broker.uploads import models as _uploads  # noqa: F401

@@ -37,11 +37,12 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from broker.api import idempotency
 from broker.images import keys
 from broker.platform import wakeup
 from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
-from broker.uploads import completion, idempotency
+from broker.uploads import completion
 from broker.upstream.cloudflare import get_client
 from broker.webhooks import sending
 

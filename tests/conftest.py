@@ -214,3 +214,10 @@ def csrf_headers() -> Callable[[FlaskClient], dict[str, str]]:
 def bearer() -> Callable[..., dict[str, str]]:
     """`bearer(app, user_or_username)`: a fresh API token's Authorization header."""
     return factories.issue_token
+
+
+@pytest.fixture
+def alice(app: Flask, make_user: Callable[..., Any], bearer: Callable[..., dict[str, str]]):
+    """Alice's user and bearer header."""
+    user = make_user("alice")
+    return user, bearer(app, user)

@@ -2,7 +2,11 @@
 
 - `bp`: the "api" blueprint every feature's routes attach to.
 - `spec.endpoint`: declares a route once; the same pydantic models validate the request and
-  write its entry in the OpenAPI document (`/api/v1/openapi.json`, rendered at `/api/v1/docs`).
+  write its entry in the OpenAPI document (`/api/v1/openapi.json`, rendered at `/api/v1/docs`),
+  with the domain's declared refusals as its error cases.
+- `unit_of_work`: every unsafe route is one unit of work: views never commit; the request
+  commits once, or rolls back and undoes what it did outside the database.
+- `idempotency`: `@idempotent`, the `Idempotency-Key` replay of an unsafe route.
 - `upstream_errors`: the one mapping of upstream failures to API answers.
 
 The routes themselves live with their feature (`broker.uploads.api`, `broker.webhooks.api`,

@@ -1,19 +1,22 @@
 """Declare JSON endpoints once: the same pydantic models validate requests and build OpenAPI.
 
     @endpoint(bp, "POST", "/uploads", body=CreateUpload, responses={201: UploadCreated},
-              errors=(*LIMITS, *UPSTREAM), headers={201: (LOCATION,)})
+              errors=(TOO_MANY_PENDING, *UPSTREAM), headers={201: (LOCATION,)})
     def create_upload(body: CreateUpload) -> Response: ...
 
 The wrapper parses and validates the JSON body (400 for malformed JSON, 415 for another media
 type, 422 naming each bad field) and the query string, passes them as `body=` / `query=`,
-requires a logged-in user unless `auth=False`, and serialises a returned model.
+requires a logged-in user unless `auth=False`, and serialises a returned model. An unsafe
+route (POST, PUT, PATCH, DELETE) runs as one unit of work (`broker.api.unit_of_work`): its view
+never commits; the wrapper commits once the view returned, or rolls back and undoes.
 
 `openapi_document()` renders every declared operation as an OpenAPI 3.1 document that says all
 a client needs, from the declarations alone:
 - a request body is required only when its model has required fields (an absent body means
   every default);
-- `errors` are the `ErrorCase`s a route answers, each with its status, code, example and headers;
-  the ones a declaration implies are added (401 with auth, 403 for admins or a missing CSRF
+- `errors` are the `ErrorCase`s a route answers, each with its status, code, example and headers
+  (a domain `Refusal` is one too: its declaration is the case); the ones a declaration implies
+  are added (401 with auth, 403 for admins or a missing CSRF
   token, 400/413/415/422 with a body, 422 with a query);
 - headers: `X-Request-ID` on every request and response, success headers per status, and what
   the view's own decorators add (`declare`, e.g. `@idempotent` adds `Idempotency-Key`);
@@ -47,8 +50,9 @@ from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
+from broker.api import unit_of_work
 from broker.platform import routing
-from broker.platform.errors import ApiError, from_validation_error
+from broker.platform.errors import ApiError, Refusal, from_validation_error
 from broker.platform.json_input import text_problem
 
 # --- Headers -----------------------------------------------------------------------------------
@@ -181,6 +185,18 @@ class ErrorCase:
         """Return the example body of this error."""
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
 
+    @classmethod
+    def of(cls, refusal: ErrorCase | Refusal) -> ErrorCase:
+        """The case of a declared domain refusal (its example message; a case as it is)."""
+        if isinstance(refusal, ErrorCase):
+            return refusal
+        message = refusal.sample_message()
+        details = None
+        if refusal.field is not None:
+            details = [{"field": refusal.field, "message": message, "type": "value_error"}]
+        headers = (RETRY_AFTER,) if refusal.retry_after else ()
+        return cls(refusal.status, refusal.code, message, details, headers)
+
 
 def not_found(what: str) -> ErrorCase:
     """The 404 of a route whose path names one `what` (another user's counts as none)."""
@@ -270,7 +286,7 @@ def declare(
     *,
     request_headers: Iterable[Header] = (),
     success_headers: Iterable[Header] = (),
-    errors: Iterable[ErrorCase] = (),
+    errors: Iterable[ErrorCase | Refusal] = (),
 ) -> Callable[..., Any]:
     """Record on `view` the headers and errors a decorator adds to it (kept by functools.wraps)."""
     before: Declared = getattr(view, DECLARED, Declared())
@@ -280,7 +296,7 @@ def declare(
         Declared(
             before.request_headers + tuple(request_headers),
             before.success_headers + tuple(success_headers),
-            before.errors + tuple(errors),
+            before.errors + tuple(ErrorCase.of(e) for e in errors),
         ),
     )
     return view
@@ -452,7 +468,7 @@ def endpoint(
     query: type[BaseModel] | None = None,
     auth: bool = True,
     admin: bool = False,
-    errors: Iterable[ErrorCase] = (),
+    errors: Iterable[ErrorCase | Refusal] = (),
     headers: Mapping[int, tuple[Header, ...]] | None = None,
     tags: tuple[str, ...] = (),
     summary: str | None = None,
@@ -463,7 +479,8 @@ def endpoint(
     """Register a JSON view on `bp` and document it in the OpenAPI registry.
 
     `responses` are the success answers (status → model, None for no body); `errors` the
-    error cases beyond those the declaration implies; `headers` the headers of a success status.
+    error cases (or domain refusals) beyond those the declaration implies; `headers` the headers
+    of a success status. An unsafe `method` makes the view one unit of work.
     `admin=True` refuses non-admins with 403 before the body is even read. `scope` is what a
     service key needs to call the route (see `require_scope`). `guard` (a decorator, e.g. rate
     limits) wraps the whole route, so it runs before the body is read.
@@ -483,8 +500,11 @@ def endpoint(
                 kwargs["body"] = parse_json(body)
             if query is not None:
                 kwargs["query"] = parse_query(query)
+            if unsafe:
+                return to_response(unit_of_work.run(lambda: view(**kwargs)))
             return to_response(view(**kwargs))
 
+        unsafe = method.lower() not in _SAFE_METHODS
         bp.add_url_rule(rule, view_func=guard(wrapped) if guard else wrapped, methods=[method])
         declared: Declared = getattr(view, DECLARED, Declared())
         success = dict(headers or {})
@@ -506,7 +526,7 @@ def endpoint(
                 responses=responses,
                 auth=auth or admin,
                 admin=admin,
-                errors=(*declared.errors, *errors),
+                errors=(*declared.errors, *(ErrorCase.of(e) for e in errors)),
                 headers=success,
                 request_headers=declared.request_headers,
                 description=description,

@@ -15,7 +15,6 @@ from broker.api.spec import (
     ErrorCase,
     endpoint,
     example,
-    field_error,
     not_found,
 )
 from broker.auth import current_api_token, rate_limits, service_keys, tokens, users
@@ -136,13 +135,11 @@ def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     """Exchange a username and password for a bearer token (shown once)."""
     user = users.authenticate(db.session, body.username, body.password)
     if user is None:
-        db.session.rollback()
         raise INVALID_CREDENTIALS.error()
     days = body.expires_in_days or current_settings().api_token_ttl_days
     issued = tokens.issue(
         db.session, user, body.device_name.strip() or "device", ttl=timedelta(days=days)
     )
-    db.session.commit()
     out = _out(issued.token, None, TokenCreated, token=issued.secret)
     return out, 201, {"Cache-Control": "no-store"}
 
@@ -174,7 +171,6 @@ def revoke_current_token() -> tuple[str, int]:
     if token is None:
         raise NOT_A_TOKEN_REQUEST.error()
     tokens.revoke(token)
-    db.session.commit()
     return "", 204
 
 
@@ -187,7 +183,6 @@ def revoke_token(token_id: str) -> tuple[str, int]:
     if token is None:
         raise NO_TOKEN.error()
     tokens.revoke(token)
-    db.session.commit()
     return "", 204
 
 
@@ -288,12 +283,7 @@ class ServiceKeyList(BaseModel):
     "/service-keys",
     body=CreateServiceKey,
     responses={201: ServiceKeyCreated},
-    errors=(
-        field_error(422, "invalid_scope", "Unknown scope(s) x.", "scopes", "value_error"),
-        field_error(
-            422, "invalid_issuer", "The issuer is 1-255 characters.", "issuer", "value_error"
-        ),
-    ),
+    errors=(service_keys.INVALID_SCOPE, service_keys.INVALID_ISSUER),
     headers={201: (NO_STORE,)},
     admin=True,
     tags=("admin",),
@@ -301,7 +291,6 @@ class ServiceKeyList(BaseModel):
 def create_service_key(body: CreateServiceKey) -> tuple[ServiceKeyCreated, int, dict[str, str]]:
     """Create a service key for the app's backend (admins only; shown once)."""
     issued = service_keys.issue(db.session, body.name.strip(), body.scopes, issuer=body.issuer)
-    db.session.commit()
     out = ServiceKeyCreated.of(issued.key, key=issued.secret)
     return out, 201, {"Cache-Control": "no-store"}
 
@@ -334,5 +323,4 @@ def revoke_service_key(key_id: str) -> tuple[str, int]:
     if key is None:
         raise NO_SERVICE_KEY.error()
     service_keys.revoke(key)
-    db.session.commit()
     return "", 204

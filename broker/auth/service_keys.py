@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from broker.auth import tokens
 from broker.auth.models import ServiceKey
 from broker.platform.db import Session, utcnow
-from broker.platform.errors import DomainError, Refusal
+from broker.platform.errors import DomainError, Kind, Refusal
 
 PREFIX = "bsk_"
 # The request header naming the app's user a key acts for.
@@ -32,6 +32,18 @@ SCOPES: dict[str, str] = {
 # The namespace of external ids when the key names none: every key of this broker shares it,
 # so a new key that replaces an old one acts for the same accounts.
 DEFAULT_ISSUER = "service-keys"
+
+
+INVALID_SCOPE = Refusal(
+    Kind.INVALID,
+    "invalid_scope",
+    "{problem}",
+    {"problem": "Unknown scope(s) x."},
+    field="scopes",
+)
+INVALID_ISSUER = Refusal(
+    Kind.INVALID, "invalid_issuer", "The issuer is 1-255 characters.", field="issuer"
+)
 
 
 class ServiceKeyError(DomainError):
@@ -51,18 +63,14 @@ def issue(session: Session, name: str, scopes: list[str], *, issuer: str | None)
     unknown = sorted(set(scopes) - SCOPES.keys())
     if unknown or not scopes:
         raise ServiceKeyError(
-            Refusal.INVALID,
-            "invalid_scope",
-            f"Unknown scope(s) {', '.join(unknown)}; choose from {', '.join(SCOPES)}."
+            INVALID_SCOPE,
+            problem=f"Unknown scope(s) {', '.join(unknown)}; choose from {', '.join(SCOPES)}."
             if unknown
             else f"Give the key at least one scope: {', '.join(SCOPES)}.",
-            field="scopes",
         )
     issuer = (issuer or DEFAULT_ISSUER).strip()
     if not issuer or len(issuer) > 255:
-        raise ServiceKeyError(
-            Refusal.INVALID, "invalid_issuer", "The issuer is 1-255 characters.", field="issuer"
-        )
+        raise ServiceKeyError(INVALID_ISSUER)
     secret = tokens.new_secret(PREFIX)
     key = ServiceKey(
         name=name,

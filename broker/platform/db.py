@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import sqlalchemy as sa
-from flask import Flask, g
+from flask import Flask
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, scoped_session
@@ -66,28 +66,6 @@ else:
 # What a domain function's `session` is: views, commands and jobs pass `db.session`, the scoped
 # proxy of the current Session (tests may pass a Session itself).
 Session: TypeAlias = OrmSession | scoped_session[Any]
-
-
-def undo_on_failure(undo: Callable[[], None]) -> None:
-    """Register how to undo work done outside the database if this request's commit fails."""
-    g.setdefault("undo_on_failure", []).append(undo)
-
-
-def commit_or_undo() -> None:
-    """Commit the request's unit of work; on failure roll back, run the undos, and re-raise."""
-    try:
-        db.session.commit()
-    except BaseException:
-        rollback_and_undo()
-        raise
-    g.pop("undo_on_failure", None)
-
-
-def rollback_and_undo() -> None:
-    """Roll the request's unit of work back and undo its outside work, newest first."""
-    db.session.rollback()
-    for undo in reversed(g.pop("undo_on_failure", [])):
-        undo()
 
 
 def utcnow() -> datetime:

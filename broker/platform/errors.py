@@ -1,8 +1,12 @@
 """One JSON error shape for the API, HTML error pages for the browser.
 
-Domain code raises `DomainError`s, which know nothing of HTTP: each names its kind of refusal,
-and `HTTP_STATUS` below is the one place that turns a kind into a status. Views may raise
-`ApiError` directly for what only HTTP knows (401, 403, 404 of a route).
+Each way the domain refuses a request is declared once, as a `Refusal`: its kind, snake_case
+code, message template, the request field at fault and whether a retry time comes with it.
+Domain code raises it (`raise UploadError(TOO_MANY_PENDING, limit=20, retry_after=…)`) and knows
+nothing of HTTP: `HTTP_STATUS` below is the one place that turns a kind into a status. The API
+documents the same declaration on every route that may answer it (`broker.api.spec.endpoint`
+takes refusals among its `errors`), so the raise and the OpenAPI case cannot drift apart.
+Views may raise `ApiError` directly for what only HTTP knows (401, 403, 404 of a route).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
@@ -41,7 +46,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-class Refusal(enum.Enum):
+class Kind(enum.Enum):
     """What kind of refusal a domain error is; `HTTP_STATUS` maps each to its answer."""
 
     MALFORMED = "malformed"  # the request cannot be read as meant
@@ -51,31 +56,48 @@ class Refusal(enum.Enum):
 
 
 HTTP_STATUS = {
-    Refusal.MALFORMED: 400,
-    Refusal.CONFLICT: 409,
-    Refusal.INVALID: 422,
-    Refusal.LIMIT_REACHED: 429,
+    Kind.MALFORMED: 400,
+    Kind.CONFLICT: 409,
+    Kind.INVALID: 422,
+    Kind.LIMIT_REACHED: 429,
 }
 
 
-class DomainError(Exception):
-    """A refusal by domain code: its kind, a snake_case `code`, a message for people, the
-    request `field` at fault (if one is), and seconds until a retry may succeed (if known)."""
+@dataclass(frozen=True, eq=False)
+class Refusal:
+    """One refusal, declared once: kind, `code`, `message` (a `str.format` template filled by
+    the raise, and by `example` for the API's document), the request `field` at fault (if one
+    is), and whether the answer says when to retry (`Retry-After`)."""
 
-    def __init__(
-        self,
-        kind: Refusal,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        retry_after: int | None = None,
-    ) -> None:
+    kind: Kind
+    code: str
+    message: str
+    example: Mapping[str, Any] | None = None
+    field: str | None = None
+    retry_after: bool = False
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this refusal."""
+        return HTTP_STATUS[self.kind]
+
+    def sample_message(self) -> str:
+        """The message with the example's values, as the API's document shows it."""
+        return self.message.format(**(self.example or {}))
+
+
+class DomainError(Exception):
+    """A declared refusal, raised: its `message` filled with `values`, and seconds until a
+    retry may succeed (`retry_after`, when the refusal says when)."""
+
+    def __init__(self, refusal: Refusal, *, retry_after: int | None = None, **values: Any) -> None:
+        message = refusal.message.format(**values)
         super().__init__(message)
-        self.kind = kind
-        self.code = code
+        self.refusal = refusal
+        self.kind = refusal.kind
+        self.code = refusal.code
         self.message = message
-        self.field = field
+        self.field = refusal.field
         self.retry_after = retry_after
 
     def as_api_error(self) -> ApiError:

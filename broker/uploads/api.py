@@ -6,36 +6,31 @@ admins see every upload.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from flask import Response, current_app, request, url_for
+from flask import Response, current_app, url_for
 from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from broker.api import bp
+from broker.api import bp, unit_of_work
+from broker.api.idempotency import idempotent
 from broker.api.spec import (
     LOCATION,
     RETRY_AFTER,
     UPLOAD_ID,
     ErrorCase,
-    Header,
-    declare,
     endpoint,
     example,
-    field_error,
     not_found,
 )
 from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.auth.models import User
 from broker.platform.config import current_settings
-from broker.platform.db import commit_or_undo, db, rollback_and_undo, undo_on_failure
-from broker.platform.errors import ApiError
-from broker.uploads import completion, idempotency, lifecycle
+from broker.platform.db import db
+from broker.uploads import completion, create, lifecycle, policy, queries, quotas
 from broker.uploads.models import Upload
 from broker.upstream.cloudflare import get_client
 
@@ -44,73 +39,16 @@ Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
 
 NO_UPLOAD = not_found("upload")
 NO_USER = not_found("user")
-LIMITS = (
-    ErrorCase(
-        429,
-        "too_many_pending_uploads",
-        "You have 20 uploads waiting for a file, your limit; finish or delete one first.",
-        headers=(RETRY_AFTER,),
-    ),
-    ErrorCase(
-        429,
-        "daily_upload_limit",
-        "You created 500 uploads in the last 24 hours, your limit.",
-        headers=(RETRY_AFTER,),
-    ),
-)
-CUSTOM_ID_REFUSED = field_error(
-    422,
-    "validation_error",
-    "a custom id cannot be used with signed URLs; send require_signed_urls: false",
-    "id",
-    "value_error",
-)
-IDEMPOTENCY_KEY = Header(
-    "Idempotency-Key",
-    "Any unique string of yours (a UUID is best) that makes a retry safe: a repeat with the "
-    "same key and body within 24 hours gets the first answer again instead of a second upload.",
-    {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": idempotency.MAX_KEY_LENGTH,
-        "pattern": "^[!-~]+$",
-    },
-    "5f0c6f3e-8a57-4bd4-9b0e-2f7e7c1d3a90",
-    required=False,
-)
-IDEMPOTENT_REPLAYED = Header(
-    "Idempotent-Replayed",
-    "`true` when this is the stored answer to an earlier request with the same "
-    "`Idempotency-Key` (its `status` is as it was then: GET the upload for the current one).",
-    {"type": "string", "enum": ["true"]},
-    "true",
-    required=False,
-)
-IDEMPOTENCY_ERRORS = (
-    ErrorCase(
-        400,
-        "invalid_idempotency_key",
-        f"Idempotency-Key must be 1 to {idempotency.MAX_KEY_LENGTH} printable ASCII characters.",
-    ),
-    ErrorCase(
-        409,
-        "idempotency_in_progress",
-        "A request with this Idempotency-Key is still running; retry shortly.",
-    ),
-    ErrorCase(
-        422,
-        "idempotency_key_reused",
-        "This Idempotency-Key was used with a different request; use a new key.",
-    ),
-)
+ADMINS_ONLY_LISTING = ErrorCase(403, "forbidden", "Only admins may list other users' uploads.")
+QUOTA_REFUSALS = (quotas.TOO_MANY_PENDING, quotas.DAILY_QUOTA)
 
 
 def _custom_id_pattern(schema: dict[str, Any]) -> None:
-    """Document the custom id rules on the string branch of the optional `id` (the lifecycle
-    checks them, saying which rule an id breaks)."""
+    """Document the custom id rules on the string branch of the optional `id` (the upload
+    policy checks them, saying which rule an id breaks)."""
     for option in schema.get("anyOf", [schema]):
         if option.get("type") == "string":
-            option["pattern"] = lifecycle.CUSTOM_ID_PATTERN
+            option["pattern"] = policy.CUSTOM_ID_PATTERN
 
 
 class CreateUpload(BaseModel):
@@ -128,8 +66,8 @@ class CreateUpload(BaseModel):
     )
     expires_in: int | None = Field(
         None,
-        ge=lifecycle.MIN_EXPIRY,
-        le=lifecycle.MAX_EXPIRY,
+        ge=policy.MIN_EXPIRY,
+        le=policy.MAX_EXPIRY,
         description="Seconds the upload URL stays valid.",
     )
     id: str | None = Field(
@@ -278,58 +216,21 @@ def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> 
     return response
 
 
-def idempotent(view: Callable[..., Response]) -> Callable[..., Response]:
-    """Own the unit of work of an unsafe view and honour its `Idempotency-Key`.
-
-    With a key: the key is claimed before the view runs (409 while another request holds it),
-    a finished request's answer is replayed (`Idempotent-Replayed: true`; 422 for another body),
-    and the view's answer is stored in the view's own transaction. Without a key it only owns
-    the unit of work: commit once the view returned, or roll back and run its undos.
-    """
-
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Response:
-        user = _user()
-        key = request.headers.get("Idempotency-Key")
-        if key is not None:
-            fp = idempotency.fingerprint("POST", request.path, request.get_json(silent=True))
-            stored = idempotency.claim_and_commit(db.session, user, key, fp)
-            if stored is not None:
-                replay = current_app.response_class(
-                    stored.body, status=stored.status, mimetype="application/json"
-                )
-                replay.headers.update(stored.headers)
-                replay.headers["Idempotent-Replayed"] = "true"
-                return replay
-        try:
-            response = view(*args, **kwargs)
-            if key is not None:
-                body = response.get_data(as_text=True)
-                headers = dict(response.headers)
-                idempotency.store_answer(db.session, user, key, response.status_code, body, headers)
-            commit_or_undo()
-        except Exception:
-            rollback_and_undo()
-            if key is not None:
-                idempotency.release_and_commit(db.session, user, key)
-            raise
-        return response
-
-    return declare(
-        wrapper,
-        request_headers=(IDEMPOTENCY_KEY,),
-        success_headers=(IDEMPOTENT_REPLAYED,),
-        errors=IDEMPOTENCY_ERRORS,
-    )
-
-
 @endpoint(
     bp,
     "POST",
     "/uploads",
     body=CreateUpload,
     responses={201: UploadCreated},
-    errors=(CUSTOM_ID_REFUSED, *LIMITS, *CREATE_UPSTREAM),
+    errors=(
+        policy.RESERVED_METADATA_KEY,
+        policy.METADATA_TOO_LARGE,
+        policy.EXPIRY_OUT_OF_RANGE,
+        policy.CUSTOM_ID_BROKEN,
+        policy.CUSTOM_ID_WITH_SIGNED_URLS,
+        *QUOTA_REFUSALS,
+        *CREATE_UPSTREAM,
+    ),
     headers={201: (LOCATION,)},
     tags=("uploads",),
     scope="uploads:write",
@@ -341,33 +242,25 @@ def idempotent(view: Callable[..., Response]) -> Callable[..., Response]:
 def create_upload(body: CreateUpload) -> Response:
     """Create a one-time direct upload URL stamped with the caller as creator."""
     user = _user()
-    config = current_app.config
-    params = lifecycle.UploadParams(
+    settings = current_settings()
+    params = policy.UploadParams(
         metadata=body.metadata,
         require_signed_urls=(
-            bool(config["REQUIRE_SIGNED_URLS"])
+            settings.require_signed_urls
             if body.require_signed_urls is None
             else body.require_signed_urls
         ),
-        expires_in=int(
-            config["UPLOAD_DEFAULT_EXPIRY"] if body.expires_in is None else body.expires_in
-        ),
+        expires_in=(settings.upload_default_expiry if body.expires_in is None else body.expires_in),
         custom_id=body.id,
     )
-    new = lifecycle.plan_upload(user, params)
-    client = get_client()
-    # Commits the reservation: no lock or open transaction while Cloudflare answers.
-    prepaid = lifecycle.reserve_slot_and_commit(
-        db.session, user, config, new.id, new.now, budget=client.budget_for("direct_upload")
+    created = create.create_upload(
+        db.session, user, params, get_client(), settings, unit_of_work.current()
     )
-    undo_on_failure(lambda: lifecycle.release_slot_and_commit(db.session, new.id))
-    upload, upload_url = lifecycle.create_upload(db.session, new, client, prepaid=prepaid)
-    undo_on_failure(lambda: lifecycle.discard_draft(client, upload.image_id))
-    db.session.flush()
     payload = UploadCreated(
-        **UploadOut.of(upload, owner=new.creator).model_dump(), upload_url=upload_url
+        **UploadOut.of(created.upload, owner=created.owner).model_dump(),
+        upload_url=created.upload_url,
     )
-    headers = {"Location": url_for("api.get_upload", upload_id=new.id)}
+    headers = {"Location": url_for("api.get_upload", upload_id=created.upload.id)}
     return _json_response(payload, 201, headers)
 
 
@@ -377,7 +270,7 @@ def create_upload(body: CreateUpload) -> Response:
     "/uploads",
     query=ListUploads,
     responses={200: UploadPage},
-    errors=(ErrorCase(403, "forbidden", "Only admins may list other users' uploads."),),
+    errors=(ADMINS_ONLY_LISTING, queries.INVALID_CURSOR),
     tags=("uploads",),
     scope="uploads:read",
 )
@@ -387,21 +280,21 @@ def list_uploads(query: ListUploads) -> UploadPage:
     user_id: int | None = user.id
     if query.scope == "all" or query.user is not None:
         if not user.is_admin:
-            raise ApiError(403, "forbidden", "Only admins may list other users' uploads.")
+            raise ADMINS_ONLY_LISTING.error()
         user_id = None
         if query.user is not None:
-            owner = db.session.scalar(db.select(User).where(User.public_id == query.user))
-            if owner is None:
+            listed = db.session.scalar(db.select(User).where(User.public_id == query.user))
+            if listed is None:
                 return UploadPage(items=[], next_cursor=None)
-            user_id = owner.id
-    rows, cursor = lifecycle.list_uploads(
+            user_id = listed.id
+    rows, cursor = queries.list_uploads(
         db.session, user_id=user_id, status=query.status, cursor=query.cursor, limit=query.limit
     )
     return UploadPage(items=[UploadOut.of(u) for u in rows], next_cursor=cursor)
 
 
 def _visible(upload_id: str) -> Upload:
-    upload = lifecycle.find_upload(db.session, _user(), upload_id)
+    upload = queries.find_upload(db.session, _user(), upload_id)
     if upload is None:
         raise NO_UPLOAD.error()
     return upload
@@ -434,12 +327,11 @@ def delete_upload(upload_id: str) -> UploadOut:
     """Delete the image at Cloudflare and mark the upload deleted."""
     upload = _visible(upload_id)
     lifecycle.delete_upload(db.session, upload, get_client())
-    db.session.commit()
     return UploadOut.of(upload)
 
 
-def _limits_out(user: User) -> UserLimitsOut:
-    pending, daily = lifecycle.limits_for(user, current_app.config)
+def _quotas_out(user: User) -> UserLimitsOut:
+    pending, daily = quotas.quotas_for(user, current_settings())
     return UserLimitsOut(
         user=user.public_id,
         max_pending_uploads=user.max_pending_uploads,
@@ -467,7 +359,7 @@ def _admin_target(public_id: str) -> User:
 )
 def get_upload_limits(public_id: str) -> UserLimitsOut:
     """Show a user's upload limits (admins only)."""
-    return _limits_out(_admin_target(public_id))
+    return _quotas_out(_admin_target(public_id))
 
 
 @endpoint(
@@ -485,8 +377,7 @@ def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:
     target = _admin_target(public_id)
     target.max_pending_uploads = body.max_pending_uploads
     target.max_uploads_per_day = body.max_uploads_per_day
-    db.session.commit()
-    return _limits_out(target)
+    return _quotas_out(target)
 
 
 # How long a client should wait before asking again (or fetching the upload).
@@ -515,9 +406,9 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
     upload = _visible(upload_id)
     if upload.status != lifecycle.PENDING:
         return UploadOut.of(upload), 200, {}
-    owner = f"complete:{os.getpid()}:{threading.get_ident()}"
+    holder = f"complete:{os.getpid()}:{threading.get_ident()}"
     if completion.verify_inline_and_commit(
-        db.session, get_client(), current_settings(), upload.id, owner
+        db.session, get_client(), current_settings(), upload.id, holder
     ):
         db.session.refresh(upload)
         return UploadOut.of(upload), 200, {}
@@ -525,5 +416,4 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
     if upload.status != lifecycle.PENDING:
         return UploadOut.of(upload), 200, {}
     completion.hint(upload)  # also wakes an in-process worker
-    db.session.commit()
     return UploadOut.of(upload), 202, {"Retry-After": CHECK_AGAIN_AFTER}

@@ -1,4 +1,4 @@
-"""Uploads, limit reservations and Idempotency-Key answers, as typed SQLAlchemy models.
+"""Uploads, quota reservations and the shared verification turn, as typed SQLAlchemy models.
 
 Every change here needs an Alembic migration (`flask --app broker db migrate -m "…"`);
 tests fail when the migrations and the models drift apart.
@@ -102,25 +102,6 @@ class UploadReservation(Model):
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
-
-
-class IdempotencyKey(Model):
-    """A client's `Idempotency-Key` and the answer it got, replayed for 24 hours."""
-
-    __tablename__ = "idempotency_keys"
-    __table_args__ = (sa.UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
-    key: Mapped[str] = mapped_column(sa.String(255))
-    # method + path + SHA-256 of the body: the same key with another request is refused.
-    fingerprint: Mapped[str] = mapped_column(sa.String(64))
-    # None while the first request is still running.
-    response_status: Mapped[int | None] = mapped_column()
-    response_body: Mapped[str | None] = mapped_column(sa.Text)
-    response_headers: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class VerifyTurn(Model):

@@ -8,8 +8,9 @@ and a restart under 40 creates/s stayed slow for seconds (bench_scale part 2: th
 at p50 1-2 s, against about 40 ms after).
 
 `warm_up` runs the create path's database work once, before gunicorn hands the process any
-request (gunicorn.conf.py's `post_worker_init`): a throwaway user, the token lookup, the
-reservation and the upload row, all inside one transaction that is rolled back. Nothing is
+request (gunicorn.conf.py's `post_worker_init`): a throwaway user, the token lookup, then the
+create path itself (`broker.uploads.create.create_upload`, the function the route calls: the
+reservation and the upload row), all inside one transaction that is rolled back. Nothing is
 sent upstream (a stand-in answers the direct-upload call) and nothing is kept. A failure is
 logged and the process serves anyway, only colder.
 """
@@ -21,34 +22,37 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.orm import Session
 
+from broker.api.unit_of_work import UnitOfWork
 from broker.auth import passwords, tokens
 from broker.auth.models import User
+from broker.platform.config import Settings, settings_of
 from broker.platform.db import db
-from broker.uploads import lifecycle
+from broker.uploads import create
+from broker.uploads.policy import UploadParams
 from broker.upstream import batch
+from broker.upstream.cloudflare import Budget, DirectUpload
 from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
 
 log = logging.getLogger("broker.warmup")
 
 
-@dataclass(frozen=True)
-class _Draft:
-    id: str
-    upload_url: str
-
-
 class _StandIn:
     """Answers the create path's one upstream call without leaving the process."""
 
-    def direct_upload(self, **_: Any) -> _Draft:
-        return _Draft(id=f"warm-up-{secrets.token_hex(8)}", upload_url="")
+    def budget_for(self, batch: str | None) -> Budget | None:
+        return None  # nothing is spent: nothing is sent
+
+    def direct_upload(self, **_: Any) -> DirectUpload:
+        return DirectUpload(id=f"warm-up-{secrets.token_hex(8)}", upload_url="")
+
+    def delete_image(self, image_id: str, **_: Any) -> None:
+        return None
 
 
 class _Quiet(logging.Filter):
@@ -63,11 +67,13 @@ def warm_up(app: Flask, connections: int = 1) -> float:
     (one on SQLite), rolled back; return the seconds it took."""
     started = time.perf_counter()
     quiet = _Quiet()
-    uploads_log = logging.getLogger(lifecycle.log.name)
+    uploads_log = logging.getLogger(create.log.name)
     uploads_log.addFilter(quiet)
     try:
         with app.app_context():
-            _warm_connections(db.engine, connections, lambda conn: _create_path(conn, app.config))
+            _warm_connections(
+                db.engine, connections, lambda conn: _create_path(conn, settings_of(app))
+            )
             budget_engine = app.extensions["budget"].engine
             _warm_connections(budget_engine, connections, _read_upstream_tables)
             route = app.extensions.get(batch.EXTENSION_KEY)
@@ -124,7 +130,7 @@ def _refused_request(app: Flask) -> None:
         raise RuntimeError(f"the warm-up's refused request got {response.status_code}")
 
 
-def _create_path(conn: sa.Connection, config: Any) -> None:
+def _create_path(conn: sa.Connection, settings: Settings) -> None:
     """What `POST /api/v1/uploads` does in the database, on `conn`'s open transaction."""
     key = f"warm-up-{secrets.token_hex(8)}"
     # No password opens it; the row never outlives the transaction anyway.
@@ -133,7 +139,7 @@ def _create_path(conn: sa.Connection, config: Any) -> None:
         .values(username=key, username_key=key, password_hash=passwords.NO_PASSWORD)
         .returning(User.id)
     )
-    # Commits inside the create path end savepoints; the caller's rollback undoes everything.
+    # The create path's committed step ends savepoints; the caller's rollback undoes everything.
     with Session(bind=conn, join_transaction_mode="create_savepoint") as session:
         secret = tokens.issue(session, session.get_one(User, user_id), "warm-up").secret
         session.flush()
@@ -144,7 +150,6 @@ def _create_path(conn: sa.Connection, config: Any) -> None:
             raise RuntimeError("the warm-up's own token did not authenticate")
         user = token.user
         session.flush()
-        new = lifecycle.plan_upload(user, lifecycle.UploadParams())
-        lifecycle.reserve_slot_and_commit(session, user, config, new.id, new.now)
-        lifecycle.create_upload(session, new, _StandIn())  # type: ignore[arg-type]
-        session.flush()
+        create.create_upload(
+            session, user, UploadParams(), _StandIn(), settings, UnitOfWork(session)
+        )

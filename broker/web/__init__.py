@@ -19,7 +19,8 @@ from broker.auth import admin_required
 from broker.auth.models import User
 from broker.images import variants
 from broker.platform.db import db
-from broker.uploads import lifecycle
+from broker.uploads import queries
+from broker.uploads.policy import UploadError
 from broker.webhooks import endpoints
 from broker.webhooks.models import WebhookDelivery
 
@@ -50,14 +51,14 @@ def gallery() -> ResponseReturnValue:
     """List the user's images, newest first, a page at a time."""
     before = request.args.get("before") or None
     try:
-        rows, next_cursor = lifecycle.list_uploads(
+        rows, next_cursor = queries.list_uploads(
             db.session,
             user_id=current_user.id,
             cursor=before,
             limit=GALLERY_PAGE_SIZE,
             include_deleted=False,
         )
-    except lifecycle.UploadError:
+    except UploadError:
         abort(400, "That page link is not valid.")
     return render_template(
         "web/gallery.html", uploads=rows, next_cursor=next_cursor, newer=before is not None
@@ -68,7 +69,7 @@ def gallery() -> ResponseReturnValue:
 @login_required
 def image_detail(upload_id: str) -> ResponseReturnValue:
     """Show one image with its larger variant, copy-link and delete."""
-    row = lifecycle.find_upload(db.session, current_user, upload_id)
+    row = queries.find_upload(db.session, current_user, upload_id)
     if row is None:
         abort(404)
     return render_template("web/image.html", upload=row, detail_variant=_detail_variant())
@@ -87,7 +88,7 @@ def admin() -> ResponseReturnValue:
     users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
     return render_template(
         "web/admin.html",
-        counts=lifecycle.status_counts(db.session),
+        counts=queries.status_counts(db.session),
         users=users,
         endpoints=endpoints.list_endpoints(db.session),
         deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),

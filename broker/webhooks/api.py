@@ -302,7 +302,6 @@ def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
         )
     except ssrf.BlockedAddress as exc:
         raise _url_refused(exc) from None
-    db.session.commit()
     return EndpointCreated(**EndpointOut.of(e).model_dump(), secret=secret), 201
 
 
@@ -347,7 +346,6 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
         if body.active:
             wakeup.notify_worker()
     e.updated_at = utcnow()
-    db.session.commit()
     return EndpointOut.of(e)
 
 
@@ -366,7 +364,6 @@ def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     """Give an endpoint a new secret; the old one keeps signing during the window."""
     e = _endpoint(endpoint_id)
     secret = endpoints.rotate_secret(e, window=body.window_seconds)
-    db.session.commit()
     return SecretOut(id=e.public_id, secret=secret, previous_secret_until=e.previous_secret_until)
 
 
@@ -428,5 +425,4 @@ def redeliver_webhook(delivery_id: int) -> tuple[DeliveryOut, int]:
     """Queue a delivery again now (same webhook-id, fresh retry schedule)."""
     d = _delivery(delivery_id)
     endpoints.redeliver(d)
-    db.session.commit()
     return delivery_out(d), 202

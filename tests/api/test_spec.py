@@ -217,7 +217,7 @@ def test_a_decorator_declares_what_it_adds_to_every_route_it_wraps(make_app):
 def test_the_documented_custom_id_pattern_is_the_rule_the_broker_applies(custom_id):
     import re
 
-    from broker.uploads import lifecycle
+    from broker.uploads import policy
 
-    documented = re.fullmatch(lifecycle.CUSTOM_ID_PATTERN, custom_id) is not None
-    assert documented == (lifecycle.custom_id_problem(custom_id) is None)
+    documented = re.fullmatch(policy.CUSTOM_ID_PATTERN, custom_id) is not None
+    assert documented == (policy.custom_id_problem(custom_id) is None)

@@ -1,1 +1,1 @@
-"""Tests of broker.uploads: the API, limits, idempotency, completion, notifications."""
+"""Tests of broker.uploads: the API, quotas, completion, notifications."""

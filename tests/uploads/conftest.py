@@ -1,5 +1,5 @@
-"""Fixtures of the uploads tests: Alice with her bearer header; the completion set-up (an app
-taking Cloudflare's notifications, with an endpoint on the webhook receiver)."""
+"""Fixtures of the uploads tests: the completion set-up (an app taking Cloudflare's
+notifications, with an endpoint on the webhook receiver)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,6 @@ from tests.factories import add_webhook_endpoint
 
 # The shared secret Cloudflare's notifications carry in `cf-webhook-auth`.
 CF_SECRET = "cf-notify-secret-for-tests"
-
-
-@pytest.fixture
-def alice(app: Flask, make_user: Callable[..., Any], bearer: Callable[..., dict[str, str]]):
-    """Alice's user and bearer header."""
-    user = make_user("alice")
-    return user, bearer(app, user)
 
 
 @pytest.fixture

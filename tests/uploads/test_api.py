@@ -1,6 +1,6 @@
 """/api/v1/uploads against the emulator over real HTTP: what reaches Cloudflare, validation,
-visibility, listing, deleting, upstream failures and the shared budget. (Idempotency and limits:
-test_idempotency.py, test_limits.py.)"""
+visibility, listing, deleting, upstream failures and the shared budget. (Idempotency:
+tests/api/test_idempotency.py; quotas: test_quotas.py.)"""
 
 from __future__ import annotations
 

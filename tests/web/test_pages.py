@@ -56,13 +56,12 @@ def test_gallery_lists_only_own_pending_and_ready_uploads(app, client, two_users
     assert client.get(f"/gallery/{theirs}").status_code == 404
 
 
-def test_gallery_pages_with_a_cursor_and_refuses_a_forged_one(
-    app, client, make_user, login, bearer
-):
+def test_gallery_pages_with_a_cursor_and_refuses_a_forged_one(make_app, make_user, login, bearer):
     from broker.web import GALLERY_PAGE_SIZE
 
+    app = make_app(MAX_PENDING_UPLOADS=GALLERY_PAGE_SIZE + 5)
+    client = app.test_client()
     user = make_user("alice")
-    app.config["MAX_PENDING_UPLOADS"] = GALLERY_PAGE_SIZE + 5
     headers = bearer(app, user)
     ids = [create_upload(client, headers)["id"] for _ in range(GALLERY_PAGE_SIZE + 1)]
     login(client, "alice")

@@ -8,10 +8,10 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from broker import worker
-from broker.auth.models import User
+from broker.api import idempotency
+from broker.api.models import IdempotencyKey
+from broker.api.unit_of_work import UnitOfWork
 from broker.platform.db import db, utcnow
-from broker.uploads import idempotency
-from broker.uploads.models import IdempotencyKey
 from tests.factories import upload_rows
 
 URL = "/api/v1/uploads"
@@ -56,10 +56,7 @@ def test_same_key_while_the_first_runs_is_409(app, client, alice, emulator) -> N
     with app.test_request_context():
         # The first request has claimed the key and is waiting on Cloudflare.
         fp = idempotency.fingerprint("POST", URL, body)
-        assert (
-            idempotency.claim_and_commit(db.session, db.session.get(User, user.id), "slow", fp)
-            is None
-        )
+        assert idempotency.claim_key(UnitOfWork(db.session), user.id, "slow", fp) is None
     response = client.post(URL, json=body, headers={**auth, "Idempotency-Key": "slow"})
     assert response.status_code == 409
     assert response.get_json()["error"]["code"] == "idempotency_in_progress"
@@ -72,9 +69,7 @@ def test_a_claim_left_by_a_dead_request_is_taken_over(app, client, alice, emulat
     with app.test_request_context():
         fp = idempotency.fingerprint("POST", URL, body)
         long_ago = idempotency.utcnow() - idempotency.ABANDONED_AFTER * 2
-        idempotency.claim_and_commit(
-            db.session, db.session.get(User, user.id), "dead", fp, now=long_ago
-        )
+        idempotency.claim_key(UnitOfWork(db.session), user.id, "dead", fp, now=long_ago)
     response = client.post(URL, json=body, headers={**auth, "Idempotency-Key": "dead"})
     assert response.status_code == 201
 

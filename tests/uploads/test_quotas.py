@@ -1,5 +1,5 @@
-"""Per-user upload limits: the pending and daily limits with their Retry-After and the admin's
-overrides; limits hold exactly under concurrent creates, and a failed create leaves nothing
+"""Per-user upload quotas: the pending and daily quotas with their Retry-After and the admin's
+overrides; quotas hold exactly under concurrent creates, and a failed create leaves nothing
 behind: no Upload row, no reservation, no draft at Cloudflare."""
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import requests
 import sqlalchemy as sa
 from flask import Flask
 
+from broker.api.unit_of_work import UnitOfWork
 from broker.auth.models import User
+from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
-from broker.uploads import lifecycle
+from broker.uploads import quotas
 from broker.uploads.models import Upload, UploadReservation
+from broker.uploads.policy import UploadError
 from tests.factories import live_server, post_upload
 
 URL = "/api/v1/uploads"
@@ -55,7 +58,7 @@ def test_pending_retry_after_waits_for_the_users_draft_not_the_refused_request(
     retry_after = int(refused.headers["Retry-After"])
     assert (expires_at - after).total_seconds() <= retry_after
     assert retry_after <= (expires_at - before).total_seconds() + 1
-    assert retry_after > 1700 > lifecycle.RESERVATION_TTL.total_seconds()
+    assert retry_after > 1700 > quotas.RESERVATION_TTL.total_seconds()
 
 
 def test_daily_limit_and_admin_overrides(make_app, make_user, bearer, emulator) -> None:
@@ -133,8 +136,9 @@ def test_concurrent_creates_by_one_user_stop_exactly_at_the_limit(
     assert emulator.counters().get("direct_upload") == 3
 
 
-def test_a_failed_create_gives_its_slot_back(app, client, make_user, bearer, emulator) -> None:
-    app.config["MAX_PENDING_UPLOADS"] = 1
+def test_a_failed_create_gives_its_slot_back(make_app, make_user, bearer, emulator) -> None:
+    app = make_app(MAX_PENDING_UPLOADS=1)
+    client = app.test_client()
     auth = bearer(app, make_user("alice"))
     emulator.inject_fault("direct_upload", status=500, count=1)
     assert client.post(URL, json={}, headers=auth).status_code == 502
@@ -170,16 +174,20 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         user = db.session.get(User, make_user("alice").id)
         user.max_pending_uploads = 1
         db.session.commit()
-        lifecycle.reserve_slot_and_commit(
-            db.session, user, app.config, "first", now
-        )  # never finished or released
-        with pytest.raises(lifecycle.UploadError) as refused:
-            lifecycle.reserve_slot_and_commit(
-                db.session, user, app.config, "second", now + timedelta(seconds=1)
+        user_id, limits = user.id, quotas.quotas_for(user, settings_of(app))
+        work = UnitOfWork(db.session)
+
+        def reserve(upload_id: str, moment: datetime) -> bool:
+            return work.step(
+                lambda: quotas.reserve_slot(db.session, user_id, limits, upload_id, moment)
             )
+
+        reserve("first", now)  # never finished or released
+        with pytest.raises(UploadError) as refused:
+            reserve("second", now + timedelta(seconds=1))
         assert refused.value.as_api_error().status == 429
-        assert refused.value.retry_after == lifecycle.RESERVATION_TTL.total_seconds() - 1
-        later = now + lifecycle.RESERVATION_TTL
-        lifecycle.reserve_slot_and_commit(db.session, user, app.config, "third", later)
+        assert refused.value.retry_after == quotas.RESERVATION_TTL.total_seconds() - 1
+        later = now + quotas.RESERVATION_TTL
+        reserve("third", later)
         kept = db.session.scalars(sa.select(UploadReservation.id)).all()
         assert kept == ["third"]  # the stale one was dropped under the user's lock

@@ -1,0 +1,119 @@
+"""One unit of work per unsafe API request: commit once the view returned, or undo it all.
+
+Offers `run` (what `broker.api.spec.endpoint` wraps every POST/PUT/PATCH/DELETE view in),
+`current` (the running request's `UnitOfWork`, for domain functions that take one) and
+`UnitOfWork` itself, also usable on any session (the warm-up drives the create path with one).
+
+Rules it enforces, the API's half of the transaction rule in `broker.platform.db`:
+- views and domain functions never commit or roll back; the request's work commits once, after
+  the view returned, and rolls back when the view (or the commit) failed;
+- work that must be committed before the request goes on (a quota reservation held while
+  Cloudflare answers, an `Idempotency-Key` claim) runs as a `step`: its own transaction,
+  committed at its end, rolled back if it fails. A step never throws away what the request
+  had pending: on SQLite, where a write must start from the latest snapshot, the request's
+  transaction so far is ended first, committed if it wrote anything (on PostgreSQL each
+  statement reads the latest committed rows, so the transaction simply goes on, without a
+  round trip to end it);
+- work done outside the database (a draft made at Cloudflare) and steps already committed
+  register their undo with `on_failure`; when the request fails they run newest first after
+  the rollback, each in a transaction of its own, best effort: an undo that fails is logged
+  and never masks the request's own error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import g
+from sqlalchemy.orm import scoped_session
+
+from broker.platform.db import Session, db
+
+log = logging.getLogger("broker.api")
+
+T = TypeVar("T")
+
+
+class UnitOfWork:
+    """The transaction of one request (or of one run of the create path) on `session`."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._undos: list[Callable[[], None]] = []
+
+    def step(self, work: Callable[[], T]) -> T:
+        """Run `work` as a transaction of its own, committed before this returns."""
+        session = self.session
+        if session.get_bind().dialect.name == "sqlite":
+            # Start from the latest snapshot: end the transaction so far, keeping its writes.
+            if _has_writes(session):
+                session.commit()
+            else:
+                session.rollback()  # only reads (the authentication's): nothing is lost
+        try:
+            result = work()
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()
+        return result
+
+    def on_failure(self, undo: Callable[[], None]) -> None:
+        """Register how to undo work done so far should the unit of work fail."""
+        self._undos.append(undo)
+
+    def commit(self) -> None:
+        """Commit the work; on failure roll back, run the undos, and re-raise."""
+        try:
+            self.session.commit()
+        except BaseException:
+            self.fail()
+            raise
+        self._undos.clear()
+
+    def fail(self) -> None:
+        """Roll the work back and run the undos, newest first, each committed on its own."""
+        self.session.rollback()
+        while self._undos:
+            undo = self._undos.pop()
+            try:
+                undo()
+                self.session.commit()
+            except Exception:  # best effort: never mask the request's own error
+                self.session.rollback()
+                log.warning("could not undo part of a failed request", exc_info=True)
+
+
+def _has_writes(session: Session) -> bool:
+    """Whether the session's transaction holds writes, flushed or not (SQLite only: its driver
+    opens a database transaction at the first write, not at a read)."""
+    if session.new or session.dirty or session.deleted:
+        return True
+    own = session() if isinstance(session, scoped_session) else session
+    if not own.in_transaction():
+        return False
+    return bool(getattr(own.connection().connection.dbapi_connection, "in_transaction", True))
+
+
+def current() -> UnitOfWork:
+    """The unit of work of the running request (one is made when the view has none)."""
+    work: UnitOfWork | None = g.get("unit_of_work")
+    if work is None:
+        work = g.unit_of_work = UnitOfWork(db.session)
+    return work
+
+
+def run(view: Callable[[], Any]) -> Any:
+    """Run `view` as the request's unit of work: commit after it, or roll back and undo."""
+    work = current()
+    try:
+        result = view()
+        work.commit()
+    except BaseException:
+        work.fail()
+        raise
+    finally:
+        g.pop("unit_of_work", None)
+    return result

@@ -1,0 +1,140 @@
+"""The create path: one function from "this user wants an upload URL" to a pending upload.
+
+Offers `create_upload`, called by `POST /api/v1/uploads` and by the web process's warm-up
+(`broker.uploads.warmup`), and the `UnitOfWork` it runs in.
+
+Rules it enforces, in this order:
+1. the upload policy (custom id, expiry, metadata; `broker.uploads.policy`) before anything is
+   held;
+2. a quota slot reserved as a step of its own, committed before Cloudflare is asked
+   (`broker.uploads.quotas`), so concurrent creates never exceed a quota and no lock or open
+   transaction waits on Cloudflare;
+3. one `direct_upload` call, stamped with the user's public id as `creator`;
+4. the pending row takes the reservation's slot in the caller's transaction; should that
+   transaction fail, the unit of work gives the slot back and discards the draft, so no row
+   ever claims a draft that does not exist and no draft outlives a failed request for long.
+The caller's unit of work commits the row; nothing here commits itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import sqlalchemy as sa
+
+from broker.auth.models import User
+from broker.platform.config import Settings
+from broker.platform.db import Session, utcnow
+from broker.uploads import quotas
+from broker.uploads.lifecycle import PENDING
+from broker.uploads.models import Upload, UploadReservation, _upload_id
+from broker.uploads.policy import UploadParams, build_metadata, check_custom_id, effective_expiry
+from broker.upstream.cloudflare import Budget, DirectUpload, Priority
+
+log = logging.getLogger("broker.uploads")
+
+# When the worker first checks whether a silent client's file arrived; after that it checks
+# 10 s, 20 s, then every 30 s later (broker.uploads.completion.check_delay).
+FIRST_CHECK_DELAY = timedelta(seconds=5)
+
+T = TypeVar("T")
+
+
+class UnitOfWork(Protocol):
+    """The transaction a create runs in (a request's: `broker.api.unit_of_work`)."""
+
+    def step(self, work: Callable[[], T]) -> T:
+        """Run `work` as a transaction of its own, committed before this returns."""
+
+    def on_failure(self, undo: Callable[[], None]) -> None:
+        """Register how to undo work done so far should the unit of work fail."""
+
+
+class Drafts(Protocol):
+    """What the create path asks of Cloudflare (`broker.upstream.cloudflare.CloudflareImages`)."""
+
+    def budget_for(self, batch: str | None) -> Budget | None:
+        """The budget a call to endpoint `batch` spends now."""
+
+    def direct_upload(self, *args: Any, **kwargs: Any) -> DirectUpload:
+        """Create a draft image and its one-time upload URL (`POST /v2/direct_upload`)."""
+
+    def delete_image(self, image_id: str, *, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Delete an image (or a draft)."""
+
+
+@dataclass(frozen=True)
+class Created:
+    """A new pending upload (flushed, not committed), its one-time URL, its owner's public id."""
+
+    upload: Upload
+    upload_url: str
+    owner: str
+
+
+def create_upload(
+    session: Session,
+    user: User,
+    params: UploadParams,
+    client: Drafts,
+    settings: Settings,
+    work: UnitOfWork,
+    *,
+    now: datetime | None = None,
+) -> Created:
+    """Ask Cloudflare for a direct upload URL for `user` and add its pending Upload row."""
+    now = now or utcnow()
+    if params.custom_id is not None:
+        check_custom_id(params.custom_id, params.require_signed_urls)
+    upload_id = _upload_id()
+    expiry = effective_expiry(now, params.expires_in)
+    meta = build_metadata(params.metadata, upload_id)
+    # Read now: once the reservation commits, touching `user` would reload it and hold a
+    # connection in a transaction while Cloudflare answers.
+    user_id, creator, limits = user.id, user.public_id, quotas.quotas_for(user, settings)
+    budget = client.budget_for("direct_upload")
+    prepaid = work.step(
+        lambda: quotas.reserve_slot(session, user_id, limits, upload_id, now, budget=budget)
+    )
+    work.on_failure(lambda: quotas.release_slot(session, upload_id))
+    draft = client.direct_upload(
+        creator=creator,
+        expiry=expiry,
+        metadata=meta,
+        require_signed_urls=params.require_signed_urls,
+        custom_id=params.custom_id,
+        priority=Priority.INTERACTIVE,
+        prepaid=prepaid,
+    )
+    work.on_failure(lambda: discard_draft(client, draft.id))
+    upload = Upload(
+        id=upload_id,
+        user_id=user_id,
+        image_id=draft.id,
+        status=PENDING,
+        require_signed_urls=params.require_signed_urls,
+        meta=meta,
+        created_at=now,
+        expires_at=expiry,
+        status_changed_at=now,
+        next_check_at=now + FIRST_CHECK_DELAY,
+        check_attempts=0,
+    )
+    # Before `add`: the row's INSERT then happens in the flush below, after this DELETE.
+    session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
+    session.add(upload)
+    session.flush()
+    log.info("upload created id=%s image=%s user=%s", upload_id, draft.id, creator)
+    return Created(upload, draft.upload_url, creator)
+
+
+def discard_draft(client: Drafts, image_id: str) -> None:
+    """Best effort: delete a draft whose row could not be stored (it would expire anyway)."""
+    try:
+        client.delete_image(image_id, priority=Priority.BACKGROUND)
+    except Exception:  # the draft expires by itself; never mask the original error
+        log.warning("could not discard orphan draft image=%s", image_id)

@@ -1,0 +1,241 @@
+"""Upload quotas: how many drafts a user may have waiting, and how many uploads a day.
+
+Offers `quotas_for` (the user's overrides, else the configured defaults), `reserve_slot` and
+`release_slot`, and the two refusals (`TOO_MANY_PENDING`, `DAILY_QUOTA`, both 429 with the
+seconds until a slot frees for sure).
+
+Rules it enforces: a create holds a slot (an `UploadReservation` row) from before it calls
+Cloudflare until its upload row takes the slot over, so concurrent creates never exceed a
+quota. `reserve_slot` must run as its own transaction, committed before the caller goes
+upstream (the request's unit of work, `broker.api.unit_of_work`, runs it as a step): the check
+and the reservation are then serialised per user, on PostgreSQL by the user's row lock, on
+SQLite by the database's write lock, which its first DELETE takes before anything is counted,
+and no lock is held while Cloudflare answers. A reservation left by a killed process stops
+counting after `RESERVATION_TTL`. Nothing here commits.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+
+from broker.auth.models import User
+from broker.platform.config import Settings
+from broker.platform.db import Session, UTCDateTime
+from broker.platform.errors import Kind, Refusal
+from broker.uploads.lifecycle import PENDING
+from broker.uploads.models import Upload, UploadReservation
+from broker.uploads.policy import UploadError
+from broker.upstream.cloudflare import Budget, Priority
+
+DAY = timedelta(hours=24)
+# How long a create's reservation holds a slot: no create lives this long (upstream timeout
+# times retries), so only a killed process's reservation ever reaches it.
+RESERVATION_TTL = timedelta(minutes=2)
+
+TOO_MANY_PENDING = Refusal(
+    Kind.LIMIT_REACHED,
+    "too_many_pending_uploads",
+    "You have {limit} {uploads} waiting for a file, your limit; finish or delete one first.",
+    {"limit": 20, "uploads": "uploads"},
+    retry_after=True,
+)
+DAILY_QUOTA = Refusal(
+    Kind.LIMIT_REACHED,
+    "daily_upload_limit",
+    "You created {limit} uploads in the last 24 hours, your limit.",
+    {"limit": 500},
+    retry_after=True,
+)
+
+
+class Quotas(NamedTuple):
+    """A user's quotas: drafts waiting for a file at once, uploads per 24 hours."""
+
+    pending: int
+    daily: int
+
+
+def quotas_for(user: User, settings: Settings) -> Quotas:
+    """Return the user's quotas, overrides first."""
+    pending = user.max_pending_uploads
+    daily = user.max_uploads_per_day
+    return Quotas(
+        settings.max_pending_uploads if pending is None else pending,
+        settings.max_uploads_per_day if daily is None else daily,
+    )
+
+
+@functools.cache
+def _usage_query() -> sa.Select[int, int, int]:
+    """One statement counting a user's live drafts, last-24-h uploads and live reservations.
+
+    Built once: constructing SQLAlchemy statements costs more than running this one. Upload
+    counts stop at `cap_*` so they stay cheap however many rows a user has.
+    """
+    user_id = sa.bindparam("user_id", type_=sa.Integer)
+    now = sa.bindparam("now", type_=UTCDateTime())
+    pending = (
+        sa.select(Upload.id)
+        .where(Upload.user_id == user_id, Upload.status == PENDING, Upload.expires_at > now)
+        .limit(sa.bindparam("cap_pending", type_=sa.Integer))
+        .subquery()
+    )
+    recent = (
+        sa.select(Upload.id)
+        .where(
+            Upload.user_id == user_id,
+            Upload.created_at > sa.bindparam("since", type_=UTCDateTime()),
+        )
+        .limit(sa.bindparam("cap_daily", type_=sa.Integer))
+        .subquery()
+    )
+    reserved = sa.select(sa.func.count()).where(
+        UploadReservation.user_id == user_id, UploadReservation.expires_at > now
+    )
+    return sa.select(
+        sa.select(sa.func.count()).select_from(pending).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(recent).scalar_subquery(),
+        reserved.scalar_subquery(),
+    )
+
+
+def _check(
+    session: Session, user_id: int, quotas: Quotas, now: datetime, *, own_reservation: str
+) -> None:
+    """Refuse when the user's uploads plus reservations exceed the quotas.
+
+    `own_reservation` is the caller's own (already counted) reservation: its slot is allowed
+    as long as the total stays within the quota, and it is never the slot a retry waits for.
+    """
+    since = now - DAY
+    pending, today, reservations = session.execute(
+        _usage_query(),
+        {
+            "user_id": user_id,
+            "now": now,
+            "since": since,
+            "cap_pending": max(quotas.pending, 0),
+            "cap_daily": max(quotas.daily, 0),
+        },
+    ).one()
+    others = reservations - 1  # the caller's own reservation is among those counted
+    if pending + others >= quotas.pending:
+        # A slot frees for sure when the oldest live draft's URL (or a reservation) expires.
+        first_expiry = _earliest(
+            session,
+            Upload.expires_at,
+            sa.and_(Upload.status == PENDING, Upload.expires_at > now),
+            UploadReservation.expires_at,
+            user_id,
+            now,
+            own_reservation,
+        )
+        raise UploadError(
+            TOO_MANY_PENDING,
+            limit=quotas.pending,
+            uploads="upload" if quotas.pending == 1 else "uploads",
+            retry_after=_seconds_until(first_expiry, now),
+        )
+    if today + others >= quotas.daily:
+        oldest = _earliest(
+            session,
+            Upload.created_at,
+            Upload.created_at > since,
+            UploadReservation.created_at,
+            user_id,
+            now,
+            own_reservation,
+        )
+        raise UploadError(
+            DAILY_QUOTA,
+            limit=quotas.daily,
+            retry_after=_seconds_until(oldest + DAY if oldest else None, now),
+        )
+
+
+def _earliest(
+    session: Session,
+    column: Any,
+    condition: sa.ColumnElement[bool],
+    reservation_column: Any,
+    user_id: int,
+    now: datetime,
+    own_reservation: str,
+) -> datetime | None:
+    """The earliest `column` of the user's uploads meeting `condition`, and
+    `reservation_column` of the user's other live reservations."""
+    moments = (
+        sa.select(column.label("moment"))
+        .where(Upload.user_id == user_id, condition)
+        .union_all(_live_reservations(user_id, now, reservation_column, own_reservation))
+        .subquery()
+    )
+    earliest: datetime | None = session.scalar(sa.select(sa.func.min(moments.c.moment)))
+    return earliest
+
+
+def _live_reservations(
+    user_id: int, now: datetime, column: Any, own_reservation: str
+) -> sa.Select[Any]:
+    """Select `column` of the user's other live reservations (a refused request's own short
+    reservation frees nothing the caller could wait for)."""
+    return sa.select(column.label("moment")).where(
+        UploadReservation.user_id == user_id,
+        UploadReservation.expires_at > now,
+        UploadReservation.id != own_reservation,
+    )
+
+
+def reserve_slot(
+    session: Session,
+    user_id: int,
+    quotas: Quotas,
+    upload_id: str,
+    now: datetime,
+    *,
+    budget: Budget | None = None,
+) -> bool:
+    """Hold one slot of the user's quotas for `upload_id`, or raise UploadError 429.
+
+    Run it as a transaction of its own (see the module's rules); the caller commits it. With
+    `budget` the upstream call is paid for in the same transaction when
+    possible (one write instead of two per create); returns whether it was (BudgetExhausted
+    when it is spent: nothing is reserved then, once the caller rolls back).
+    """
+    if session.get_bind().dialect.name != "sqlite":
+        # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
+        # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
+        # (On SQLite the first DELETE below takes the database's write lock.)
+        session.execute(
+            sa.select(User.id).where(User.id == user_id).with_for_update(key_share=True)
+        )
+    # Under the lock: a killed process's reservations are dropped here, keeping the table small.
+    session.execute(
+        sa.delete(UploadReservation).where(
+            UploadReservation.user_id == user_id, UploadReservation.expires_at <= now
+        )
+    )
+    session.add(
+        UploadReservation(
+            id=upload_id, user_id=user_id, created_at=now, expires_at=now + RESERVATION_TTL
+        )
+    )
+    session.flush()
+    _check(session, user_id, quotas, now, own_reservation=upload_id)
+    # Last: on PostgreSQL the budget's row lock is shared by every process; hold it briefly.
+    return budget is not None and budget.acquire_in(session.connection(), Priority.INTERACTIVE)
+
+
+def release_slot(session: Session, upload_id: str) -> None:
+    """Give back the slot of a create that failed (it expires anyway; the caller commits)."""
+    session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
+
+
+def _seconds_until(moment: datetime | None, now: datetime) -> int:
+    if moment is None:
+        return 60
+    return max(1, int((moment - now).total_seconds() + 0.999))

@@ -1,0 +1,145 @@
+"""One unit of work per unsafe API request: a failed request leaves nothing half-written, the
+steps it committed on the way are undone, a step never throws away pending work, and an
+`Idempotency-Key` still replays (or frees itself for a retry) through all of it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from broker.api.models import IdempotencyKey
+from broker.api.unit_of_work import UnitOfWork
+from broker.auth.models import User
+from broker.platform.db import db
+from broker.uploads.models import UploadReservation
+from tests.factories import upload_rows, webhook_events
+
+URL = "/api/v1/uploads"
+
+
+def _user(app, user_id: int) -> User:
+    with app.app_context():
+        user = db.session.get_one(User, user_id)
+        db.session.expunge(user)
+        return user
+
+
+def _count(app, model) -> int:
+    with app.app_context():
+        return int(db.session.scalar(sa.select(sa.func.count()).select_from(model)) or 0)
+
+
+def test_a_route_whose_domain_call_fails_after_writing_keeps_nothing(
+    app, client, make_user, bearer, monkeypatch
+) -> None:
+    """The view has set both overrides when the call that renders its answer fails: the
+    request's one transaction is rolled back, so neither override is kept."""
+    from broker.uploads import quotas
+
+    target = make_user("bob")
+    admin = bearer(app, make_user("root", is_admin=True))
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("injected: the domain call fails")
+
+    monkeypatch.setattr(quotas, "quotas_for", broken)
+    url = f"/api/v1/users/{target.public_id}/upload-limits"
+    body = {"max_pending_uploads": 3, "max_uploads_per_day": 7}
+    assert client.put(url, json=body, headers=admin).status_code == 500
+    kept = _user(app, target.id)
+    assert (kept.max_pending_uploads, kept.max_uploads_per_day) == (None, None)
+    monkeypatch.undo()
+    assert client.put(url, json=body, headers=admin).status_code == 200
+    kept = _user(app, target.id)
+    assert (kept.max_pending_uploads, kept.max_uploads_per_day) == (3, 7)
+
+
+def test_a_failed_idempotent_create_undoes_its_committed_steps(
+    app, client, alice, emulator
+) -> None:
+    """The key claim and the quota reservation were committed before Cloudflare was asked;
+    the row then cannot be stored (Cloudflare forgot a custom id our row still holds): no
+    upload, no reservation, no event, no draft, and the key is free for a retry."""
+    _, auth = alice
+    body = {"id": "album/1", "require_signed_urls": False}
+    assert client.post(URL, json=body, headers=auth).status_code == 201
+    with emulator.client() as cf:
+        assert cf.request("DELETE", "/v1/album/1").status_code == 200
+    events = len(webhook_events(app))
+    headers = {**auth, "Idempotency-Key": "clash-1"}
+    assert client.post(URL, json=body, headers=headers).status_code == 500
+    assert len(upload_rows(app)) == 1
+    assert _count(app, UploadReservation) == 0
+    assert _count(app, IdempotencyKey) == 0
+    assert len(webhook_events(app)) == events
+    with emulator.client() as cf:
+        assert cf.get("/v1/album/1").status_code == 404  # the draft was discarded
+    # The same key, now with a body that can succeed: claimed afresh, then replayed.
+    fresh = {"id": "album/2", "require_signed_urls": False}
+    first = client.post(URL, json=fresh, headers=headers)
+    again = client.post(URL, json=fresh, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json() == first.get_json()
+    assert len(upload_rows(app)) == 2
+
+
+def test_a_step_commits_what_was_pending_instead_of_dropping_it(app, make_user) -> None:
+    """Work the caller had flushed (or only added) before a step is committed with it."""
+    flushed, added = make_user("flushed"), make_user("added")
+    with app.app_context():
+        work = UnitOfWork(db.session)
+        db.session.get_one(User, flushed.id).max_pending_uploads = 4
+        db.session.flush()
+        db.session.get_one(User, added.id).max_pending_uploads = 5
+        assert work.step(lambda: db.session.get_one(User, flushed.id).username) == "flushed"
+        work.fail()  # a later failure cannot take back what the step committed
+    assert _user(app, flushed.id).max_pending_uploads == 4
+    assert _user(app, added.id).max_pending_uploads == 5
+
+
+def test_a_failed_step_is_rolled_back(app, make_user) -> None:
+    user = make_user("carol")
+
+    def half_done() -> None:
+        db.session.get_one(User, user.id).max_uploads_per_day = 9
+        db.session.flush()
+        raise RuntimeError("injected: the step fails after writing")
+
+    with app.app_context():
+        work = UnitOfWork(db.session)
+        with pytest.raises(RuntimeError):
+            work.step(half_done)
+        work.commit()
+    assert _user(app, user.id).max_uploads_per_day is None
+
+
+def test_undos_run_newest_first_after_the_rollback_and_a_failing_one_is_only_logged(
+    app, make_user, caplog
+) -> None:
+    user = make_user("dora")
+    ran: list[str] = []
+
+    def undo_in_database() -> None:
+        ran.append("database")
+        db.session.get_one(User, user.id).max_pending_uploads = 1
+
+    def undo_that_fails() -> None:
+        ran.append("fails")
+        raise RuntimeError("injected: the undo fails")
+
+    with app.app_context():
+        work = UnitOfWork(db.session)
+        work.on_failure(undo_in_database)
+        work.on_failure(undo_that_fails)
+        db.session.get_one(User, user.id).max_uploads_per_day = 2  # the request's own work
+        with caplog.at_level(logging.WARNING, logger="broker.api"):
+            work.fail()
+    assert ran == ["fails", "database"]
+    assert "could not undo part of a failed request" in caplog.text
+    kept = _user(app, user.id)
+    assert kept.max_uploads_per_day is None  # rolled back
+    assert kept.max_pending_uploads == 1  # the undo's own write was committed
