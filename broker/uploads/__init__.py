@@ -11,7 +11,8 @@
 - `completion`: verification — hints (`/complete`, Cloudflare's notification) make an upload
   due; the worker checks due uploads singly or with one batched listing, and expires stale ones.
 - `api`: the `/api/v1/uploads` routes; `cloudflare_hook`: Cloudflare's inbound completion
-  notification at `/hooks/cloudflare`; `warmup`: runs the create path once before a web process serves.
+  notification at `/hooks/cloudflare`; `warmup`: runs the create path once before a web
+  process serves.
 - `models`: `Upload`, `UploadReservation`, `VerifyTurn`.
 
 Each refusal (`UploadError`) is declared once, beside the rule it enforces, and documented from
