@@ -10,6 +10,7 @@ with blocks and `# →` answers: tests/readme.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from broker.emulator.testing import make_image
 from tests.readme import run_document
@@ -54,9 +56,40 @@ class Stack:
     emulator_port: int
 
 
+@contextlib.contextmanager
+def _serving(stack: Stack, log: Path) -> Iterator[None]:
+    """Run `python -m broker.devserver` (make run's last command) until the block ends."""
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "broker.devserver"],
+            cwd=stack.folder,
+            # As the README says to try webhooks with a receiver on this machine.
+            env={**stack.env, "BROKER_WEBHOOK_ALLOW_PRIVATE": "true"},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda: "Press Ctrl-C to stop" in log.read_text() or server.poll() is not None,
+            120,
+            "the development server's banner",
+        )
+        assert server.poll() is None, log.read_text()
+        yield
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
+
+
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    """Start the development stack as make run does; stop it (and only it) afterwards."""
+def prepared(tmp_path: Path) -> Stack:
+    """A folder for make run's stack, its database migrated (make run's first command)."""
     folder = tmp_path / "checkout"
     (folder / "instance").mkdir(parents=True)
     for name in ("wsgi.py", "gunicorn.conf.py"):
@@ -79,33 +112,14 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         capture_output=True,
         timeout=120,
     )
-    log = folder / "make-run.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "broker.devserver"],
-            cwd=folder,
-            # As the README says to try webhooks with a receiver on this machine.
-            env={**env, "BROKER_WEBHOOK_ALLOW_PRIVATE": "true"},
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for(
-            lambda: "Press Ctrl-C to stop" in log.read_text() or server.poll() is not None,
-            120,
-            "the development server's banner",
-        )
-        assert server.poll() is None, log.read_text()
-        yield Stack(folder, env, broker_port, emulator_port)
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(30)
+    return Stack(folder, env, broker_port, emulator_port)
+
+
+@pytest.fixture
+def stack(prepared: Stack) -> Iterator[Stack]:
+    """Start the development stack as make run does; stop it (and only it) afterwards."""
+    with _serving(prepared, prepared.folder / "make-run.log"):
+        yield prepared
 
 
 @pytest.mark.timeout(600)
@@ -130,3 +144,33 @@ def test_the_readme_runs_against_make_runs_stack(stack: Stack, report) -> None:
         [f"run     line {b.line:4d}  {b.section}" for b in ran.run]
         + [f"not run line {b.line:4d}  {b.section}: {b.skip_reason}" for b in ran.skipped],
     )
+
+
+@pytest.mark.timeout(300)
+def test_a_second_make_run_keeps_the_batch_api(prepared: Stack) -> None:
+    """Stopped and started again on the same instance folder, make run creates through the
+    batch host at once: no refused batch token, no fall-back to the global API."""
+    base = f"http://127.0.0.1:{prepared.broker_port}"
+
+    def create() -> None:
+        password = (prepared.folder / "instance" / "demo-password").read_text().strip()
+        with requests.Session() as http:
+            token = http.post(
+                f"{base}/api/v1/auth/tokens",
+                json={"username": "demo", "password": password, "device_name": "restart"},
+                timeout=10,
+            )
+            assert token.status_code == 201, token.text
+            auth = {"Authorization": f"Bearer {token.json()['token']}"}
+            created = http.post(f"{base}/api/v1/uploads", json={}, headers=auth, timeout=30)
+            assert created.status_code == 201, created.text
+
+    logs = [prepared.folder / "first-run.log", prepared.folder / "second-run.log"]
+    for log in logs:
+        with _serving(prepared, log):
+            create()  # the first run fetches a batch token and keeps it in the database
+    first, second = (log.read_text() for log in logs)
+    assert "batch API: new token" in first, first[-2000:]
+    assert "batch API: new token" in second, second[-2000:]
+    for unwanted in ("batch token refused", "goes to the global API", "using the global API"):
+        assert unwanted not in second, second[-2000:]
