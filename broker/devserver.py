@@ -23,6 +23,7 @@ from broker.auth.demo import ensure_demo_user
 from broker.images import keys, variants
 from broker.platform.config import DEV_EMULATOR_FILE, ConfigError
 from broker.platform.db import db
+from broker.upstream import batch
 from broker.upstream.cloudflare import UpstreamError, get_client
 
 log = logging.getLogger("broker.devserver")
@@ -74,6 +75,15 @@ def _start_emulator(instance_path: Path) -> str | None:
     # `keys sync`, `variants sync` or `worker --once` reach the same emulator.
     (instance_path / DEV_EMULATOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return base
+
+
+def forget_emulator_batch_token(app: Flask) -> None:
+    """Drop the batch token a previous run stored: the emulator just started keeps its tokens
+    in memory only, so it would refuse that one and send the batch endpoints to the global API
+    for the cool-down. The first batch call fetches a token from this emulator instead."""
+    route = app.extensions.get(batch.EXTENSION_KEY)
+    if route is not None:
+        route.forget_token()
 
 
 def prepare_upstream() -> list[str]:
@@ -140,6 +150,8 @@ def main() -> int:
         for line in ensure_demo_user(app):
             print(f"  {line}", flush=True)
         db.session.commit()
+        if emulator_url:
+            forget_emulator_batch_token(app)
         for line in _prepare(app):
             print(f"  {line}", flush=True)
     print("  Press Ctrl-C to stop.\n", flush=True)

@@ -17,6 +17,7 @@ TOP_LEVEL = {
     "test_packaging.py": "pyproject.toml",
     "test_deployment.py": "compose.yaml",
     "test_layout.py": "tests/__init__.py",
+    "test_readme.py": "README.md",
 }
 
 

@@ -35,6 +35,10 @@ class Setting:
     doc: str
 
 
+CLOUDFLARE_API_BASE = "https://api.cloudflare.com/client/v4"
+CLOUDFLARE_BATCH_BASE = "https://batch.imagedelivery.net"
+API_PATH = "/client/v4"
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ENV",
@@ -64,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_LEVEL", "INFO", "Log level of the `broker` loggers."),
     Setting(
         "CLOUDFLARE_API_BASE",
-        "https://api.cloudflare.com/client/v4",
+        CLOUDFLARE_API_BASE,
         "Cloudflare REST base URL; point at the emulator in development.",
     ),
     Setting("CLOUDFLARE_ACCOUNT_ID", None, "Cloudflare account id (required outside development)."),
@@ -99,8 +103,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CLOUDFLARE_BATCH_BASE",
-        "https://batch.imagedelivery.net",
-        "Batch API origin (the emulator serves it under `/batch`).",
+        None,
+        "Batch API origin. Default: `https://batch.imagedelivery.net` with Cloudflare's API base; with another API base ending in `/client/v4` (the emulator, a proxy), that base with `/batch` in place of `/client/v4`; with any other API base it must be set, or the broker refuses to start.",
     ),
     Setting(
         "CLOUDFLARE_BATCH_RATE",
@@ -289,6 +293,8 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
         raise ConfigError(f"BROKER_CLOUDFLARE_BATCH must be auto or off, not {batch!r}")
     config["CLOUDFLARE_BATCH"] = batch
     budget = _coerce("UPSTREAM_BUDGET", config["UPSTREAM_BUDGET"], int)
+    if batch == "auto" and not config.get("CLOUDFLARE_BATCH_BASE"):
+        config["CLOUDFLARE_BATCH_BASE"] = batch_base_for(str(config["CLOUDFLARE_API_BASE"]))
     for share in ("UPSTREAM_BACKGROUND_RESERVE", "UPSTREAM_BACKGROUND_SHARE"):
         if not 0 <= _coerce(share, config[share], int) < budget:
             raise ConfigError(f"BROKER_{share} must be at least 0 and below BROKER_UPSTREAM_BUDGET")
@@ -360,6 +366,23 @@ def _key_problem(keys: tuple[str, ...]) -> str | None:
                 "bytes; make one with `flask encryption generate-key`)"
             )
     return None
+
+
+def batch_base_for(api_base: str) -> str:
+    """Return the batch host that goes with `api_base`, or refuse when none can be told.
+
+    A base that is not Cloudflare's (the emulator, a proxy) never reaches Cloudflare's batch
+    host with its token: its batch host is beside its API, at `/batch` for `/client/v4`.
+    """
+    base = api_base.rstrip("/")
+    if base == CLOUDFLARE_API_BASE:
+        return CLOUDFLARE_BATCH_BASE
+    if base.endswith(API_PATH):
+        return base.removesuffix(API_PATH) + "/batch"
+    raise ConfigError(
+        f"BROKER_CLOUDFLARE_BATCH_BASE is needed: BROKER_CLOUDFLARE_API_BASE ({base}) does not"
+        f" end in {API_PATH}, so its batch host cannot be derived (or set BROKER_CLOUDFLARE_BATCH=off)"
+    )
 
 
 def markdown_table() -> str:

@@ -45,6 +45,7 @@ from broker.upstream.cloudflare import (
     CloudflareAuthError,
     CloudflareError,
     CloudflareUnavailable,
+    CloudflareUnreachable,
     Priority,
 )
 from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
@@ -290,9 +291,10 @@ class BatchRoute:
     def failed(self, endpoint: str, error: CloudflareError) -> bool:
         """Record a batch-host failure; return True when the call may go to the global API.
 
-        A refusal (code 103, or the token refused) means nothing was processed, so the call can
-        be sent again to the global API at once; 5xx answers and lost connections count toward
-        a fall-back; any other answer (404, 409, …) is the endpoint working as it should.
+        A refusal (code 103, or the token refused) or a connection that never opened means
+        nothing was processed, so the call can be sent again to the global API at once; 5xx
+        answers and failed connections count toward a fall-back; any other answer (404, 409, …)
+        is the endpoint working as it should.
         """
         if error.code == FORBIDDEN_CODE or any(
             e.get("code") == FORBIDDEN_CODE for e in error.errors
@@ -310,7 +312,8 @@ class BatchRoute:
             count = self._errors[endpoint] = self._errors.get(endpoint, 0) + 1
         if count >= ERRORS_BEFORE_FALLBACK:
             self.fall_back(endpoint, f"{count} errors in a row ({error.status})")
-        return False
+        # A connection that never opened carried nothing: the global API may take the call.
+        return isinstance(error, CloudflareUnreachable)
 
     def succeeded(self, endpoint: str) -> None:
         """Reset the endpoint's run of errors."""

@@ -133,6 +133,10 @@ class BudgetStatus:
         return max(self.used, self.pace)
 
 
+class CloudflareUnreachable(CloudflareUnavailable):
+    """The connection failed before any byte of the request left: nothing was processed."""
+
+
 class Budget(Protocol):
     """A budget of upstream calls: the shared window (broker.upstream.budget.UpstreamBudget)
     or the batch host's per-token rate (broker.upstream.batch). The client spends it before
@@ -513,9 +517,12 @@ class CloudflareImages:
                 except CloudflareError as err:
                     if not route.failed(batch, err):
                         raise
-                    # Refused unprocessed (103, token refused): the global API may take it.
+                    # Refused or never received (103, token refused, no connection): the
+                    # global API may take it.
                     log.info(
-                        "cloudflare %s %s: batch host refused, using the global API", method, path
+                        "cloudflare %s %s: batch host refused or unreachable, using the global API",
+                        method,
+                        path,
                     )
                 else:
                     route.succeeded(batch)
@@ -585,7 +592,13 @@ class CloudflareImages:
                     allow_redirects=False,
                 )
             except requests.ConnectionError as exc:
-                retryable = idempotent or _never_sent(exc)
+                never_sent = _never_sent(exc)
+                if never_sent and on_batch:
+                    # Nothing reached the batch host: the global API takes the call now.
+                    raise CloudflareUnreachable(
+                        0, None, f"batch host unreachable ({type(exc).__name__})"
+                    ) from None
+                retryable = idempotent or never_sent
                 timed_out = isinstance(exc, requests.ConnectTimeout)
                 log.warning(
                     "cloudflare %s %s connection failed attempt=%d retryable=%s: %s",

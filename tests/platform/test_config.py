@@ -47,6 +47,37 @@ def test_production_refuses_a_short_secret(tmp_path):
         production_app(tmp_path, SECRET_KEY="only-twenty-chars-xx")
 
 
+@pytest.mark.parametrize(
+    ("api_base", "batch_base"),
+    [
+        ("https://api.cloudflare.com/client/v4", "https://batch.imagedelivery.net"),
+        ("https://api.cloudflare.com/client/v4/", "https://batch.imagedelivery.net"),
+        ("https://cf-proxy.example.com/client/v4", "https://cf-proxy.example.com/batch"),
+    ],
+)
+def test_the_batch_base_follows_the_api_base(tmp_path, api_base, batch_base):
+    """Unset, BROKER_CLOUDFLARE_BATCH_BASE is Cloudflare's batch host only with Cloudflare's API;
+    another API base (a proxy, the emulator) has its batch host beside it."""
+    app = production_app(tmp_path, CLOUDFLARE_API_BASE=api_base, CLOUDFLARE_BATCH_BASE=None)
+    assert app.config["CLOUDFLARE_BATCH_BASE"] == batch_base
+    chosen = production_app(tmp_path, CLOUDFLARE_BATCH_BASE="https://batch.example.com")
+    assert chosen.config["CLOUDFLARE_BATCH_BASE"] == "https://batch.example.com"
+
+
+def test_an_api_base_whose_batch_host_cannot_be_told_refuses_to_start(tmp_path):
+    """Rather than send every create to a batch host that does not exist (502 each), say so."""
+    weird = {
+        "CLOUDFLARE_API_BASE": "https://proxy.example.com/images",
+        "CLOUDFLARE_BATCH_BASE": None,
+    }
+    with pytest.raises(ConfigError) as refused:
+        production_app(tmp_path, **weird)
+    assert str(refused.value.message).count("\n") == 0
+    assert "BROKER_CLOUDFLARE_BATCH_BASE is needed" in refused.value.message
+    # With the batch API off, no batch host is needed.
+    production_app(tmp_path, CLOUDFLARE_BATCH="off", **weird)
+
+
 def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [s.name for s in SETTINGS if f"`BROKER_{s.name}`" not in readme]

@@ -429,3 +429,55 @@ def test_the_per_token_rate_is_shared_through_redis(
         traveller.shift(1.1)  # the second has passed for both
         rates[1].acquire(Priority.INTERACTIVE)
         rates[0].acquire(Priority.INTERACTIVE)
+
+
+def test_the_batch_base_follows_an_api_base_that_is_not_cloudflares(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+) -> None:
+    """Pointed at the emulator without BROKER_CLOUDFLARE_BATCH_BASE, creates go to the
+    emulator's batch host, not to Cloudflare's (which would refuse every one with 502)."""
+    app = _batch_app(make_app, CLOUDFLARE_BATCH_BASE=None)
+    assert _route(app).base == emulator.batch_base
+    _create(app, bearer(app, alice))
+    counters = emulator.counters()
+    assert counters["batch.direct_upload"] == 1 and "direct_upload" not in counters
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A port that refuses connections: bound, never listening."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+def test_a_create_the_batch_host_never_received_goes_to_the_global_api_at_once(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+    refusing_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connection refused: nothing was sent, so the global API takes every create (no 502),
+    and after ERRORS_BEFORE_FALLBACK of them the endpoint stays there for the cool-down."""
+    app = _batch_app(make_app, CLOUDFLARE_BATCH_BASE=f"http://127.0.0.1:{refusing_port}/batch")
+    auth = bearer(app, alice)
+    caplog.set_level(logging.WARNING, logger="broker.batch")
+    with app.app_context():
+        _route(app).forget_token()  # a token of its own, fetched from the global API
+    for _ in range(ERRORS_BEFORE_FALLBACK):
+        _create(app, auth)
+    assert emulator.counters()["direct_upload"] == ERRORS_BEFORE_FALLBACK
+    assert "batch.direct_upload" not in emulator.counters()
+    assert [r.getMessage() for r in caplog.records] == [
+        "batch API: direct_upload goes to the global API for 600s (5 errors in a row (0))"
+    ]
+    assert not _route(app).uses_batch("direct_upload")
+    _create(app, auth)
+    assert emulator.counters()["direct_upload"] == ERRORS_BEFORE_FALLBACK + 1
