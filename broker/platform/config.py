@@ -439,7 +439,7 @@ class Settings:
     cloudflare_timeout: float
     cloudflare_webhook_secret: str | None
     cloudflare_batch: Literal["auto", "off"]
-    cloudflare_batch_base: str
+    cloudflare_batch_base: str | None  # derived from the API base unless set; None when off
     cloudflare_batch_rate: int
     cloudflare_batch_cooldown: float
     registration: bool

@@ -476,7 +476,7 @@ class BatchRoute:
 
 def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None:
     """Build the batch route from BROKER_CLOUDFLARE_BATCH*, or None when it is off."""
-    if settings.cloudflare_batch != "auto":
+    if settings.cloudflare_batch != "auto" or settings.cloudflare_batch_base is None:
         return None
     per_second = settings.cloudflare_batch_rate
     uri = settings.ratelimit_storage_uri
