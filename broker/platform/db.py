@@ -4,17 +4,15 @@ The one transaction rule, followed by every feature (tests/platform/test_transac
 fails when a domain module breaks it):
 
 - Domain functions take the `session` they work in and never commit (nor roll back).
-- Only these commit: a view (the request's unit of work; `commit_or_undo` below), a CLI command
-  (and the development server's setup), the worker loop (each job's leftovers), and the
-  leased-work unit in `broker.platform.leases`,
-  through which goes all work that must ask the outside world between two transactions:
-  verifying uploads with Cloudflare, expiring them, deleting drafts, delivering webhooks. It
-  claims rows under a lease (committed), ends the transaction, asks, re-reads and checks the
-  lease is still ours, records and commits, one transaction per row. A domain function that
-  hands its work to it says so in its name (`completion.verify_inline_and_commit`).
-- Work done outside the database inside a unit of work (a draft created at Cloudflare) registers
-  its undo with `undo_on_failure`; the owner's `commit_or_undo` commits, or rolls back and runs
-  the undos newest first.
+- Only these commit: a view (for every unsafe API route, the request's unit of work in
+  `broker.api.unit_of_work`, which also runs the steps that must commit mid-request and the
+  undos of a failed request), a CLI command (and the development server's setup), the worker
+  loop (each job's leftovers), and the leased-work unit in `broker.platform.leases`, through
+  which goes all work that must ask the outside world between two transactions: verifying
+  uploads with Cloudflare, expiring them, deleting drafts, delivering webhooks. It claims rows
+  under a lease (committed), ends the transaction, asks, re-reads and checks the lease is still
+  ours, records and commits, one transaction per row. A domain function that hands its work to
+  it says so in its name (`completion.verify_inline_and_commit`).
 """
 
 from __future__ import annotations

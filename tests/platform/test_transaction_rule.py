@@ -18,21 +18,12 @@ OWNERS_BY_NAME = {"api.py", "views.py", "cli.py"}  # views and CLI commands (bro
 OWNERS_BY_FOLDER = {"web", "api"}  # the browser pages; the API's own plumbing
 OWNERS = {
     "platform/leases.py",  # the leased-work unit
-    "platform/db.py",  # the request's commit_or_undo
     "worker.py",  # the worker loop: each job's leftovers
     "devserver.py",  # development command: make run's setup
-    "auth/demo.py",  # development command: the demo account
-}
-# Modules that still commit because other parts of issue 25 move them; each leaves this list
-# when its part lands.
-PENDING_ELSEWHERE = {
-    "uploads/lifecycle.py": "reserve/release_slot_and_commit; split into modules (core-layout)",
-    "uploads/idempotency.py": "claim/release_and_commit; moves to broker/api/ (core-layout)",
-    "uploads/warmup.py": "replays the create path by hand; one create path (core-layout)",
-    "uploads/notifications.py": "Cloudflare's inbound hook, a view by another name (core-types)",
-    "auth/__init__.py": "the auth middleware's own unit of work; named as such (core-types)",
-    "auth/external.py": "commits a first-seen external account inside the auth middleware",
-    "platform/health.py": "readyz is a view in a module not named as one; its rollback too",
+    "auth/middleware.py",  # the request middleware: authentication's own unit of work
+    "uploads/cloudflare_hook.py",  # a view: Cloudflare's inbound completion notification
+    "platform/health.py",  # views: /livez and /readyz (a probe's failed query is rolled back)
+    "uploads/warmup.py",  # a web process's warm-up: the create path in a rolled-back transaction
 }
 
 
@@ -41,7 +32,6 @@ def _may_commit(relative: Path) -> bool:
         relative.name in OWNERS_BY_NAME
         or relative.parts[0] in OWNERS_BY_FOLDER
         or relative.as_posix() in OWNERS
-        or relative.as_posix() in PENDING_ELSEWHERE
     )
 
 
@@ -82,7 +72,7 @@ def breaches(root: Path = BROKER) -> list[str]:
 
 def test_domain_modules_never_commit_or_roll_back() -> None:
     """Every commit()/rollback() in broker/ is in a view, a CLI command, the worker loop or the
-    leased-work unit (or a module named in PENDING_ELSEWHERE)."""
+    leased-work unit."""
     assert breaches() == []
 
 
@@ -104,11 +94,11 @@ def test_the_check_finds_a_planted_commit(tmp_path: Path) -> None:
     ]
 
 
-def test_pending_modules_still_exist_and_still_commit() -> None:
-    """A module leaves PENDING_ELSEWHERE once it no longer commits: the list cannot go stale."""
+def test_every_named_owner_exists_and_commits() -> None:
+    """A module named as an owner still exists and still commits: the list cannot go stale."""
     stale = [
         name
-        for name in PENDING_ELSEWHERE
+        for name in OWNERS
         if not (BROKER / name).exists() or not transaction_calls((BROKER / name).read_text())
     ]
     assert stale == []
