@@ -35,6 +35,12 @@ accesslog = "-"
 errorlog = "-"
 
 
+def on_starting(server):
+    """Size each process's database pools to its threads (broker.platform.db), before any
+    process loads the app; an operator's own BROKER_DB_POOL_SIZE wins."""
+    os.environ.setdefault("BROKER_DB_POOL_SIZE", str(server.cfg.threads))
+
+
 def post_worker_init(worker):
     """Before the process takes requests: run the create path's database work once, rolled
     back (broker.uploads.warmup), so its first requests under load cost what later ones do."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -327,7 +327,7 @@ def budget_from_config(engine: Engine, config: Any) -> UpstreamBudget:
     )
 
 
-def budget_engine(url: str) -> Engine:
+def budget_engine(url: str, config: Mapping[str, Any] | None = None) -> Engine:
     """An engine of the budget's own.
 
     Acquires happen while a request may hold a connection of the main pool; drawing the
@@ -345,14 +345,14 @@ def budget_engine(url: str) -> Engine:
 
         gate_sqlite_writes(engine)
         return engine
-    engine = sa.create_engine(url, **server_pool_options())
+    engine = sa.create_engine(url, **server_pool_options(config))
     ping_when_idle(engine)
     return engine
 
 
 def init_app(app: Any) -> None:
     """Create the app's budget in `app.extensions["budget"]` (before the Cloudflare client)."""
-    engine = budget_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    engine = budget_engine(app.config["SQLALCHEMY_DATABASE_URI"], app.config)
     app.extensions[EXTENSION_KEY] = budget_from_config(engine, app.config)
 
 
