@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,3 +19,19 @@ def block(first_line: str, language: str | None = None) -> str:
     ]
     assert len(found) == 1, f"README blocks starting {first_line!r}: {len(found)}"
     return found[0]
+
+
+def run(
+    args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run a command as a reader would, to its end (2 minutes at most); its output as text."""
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import pytest
 
 from broker.platform.config import ConfigError, finalize
 from tests.factories import production_settings
+from tests.ops.guide import run
 
-ROOT = Path(__file__).resolve().parents[2]
 FLASK = str(Path(sys.executable).parent / "flask")
 
 
@@ -45,15 +44,7 @@ def test_a_flask_command_prints_them_all_and_exits_1(tmp_path: Path) -> None:
         key: value for key, value in os.environ.items() if not key.startswith(("BROKER_", "FLASK_"))
     }
     env.update(BROKER_ENV="production", BROKER_INSTANCE_PATH=str(tmp_path))
-    done = subprocess.run(
-        [FLASK, "--app", "broker", "db", "current"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run([FLASK, "--app", "broker", "db", "current"], env)
     assert done.returncode == 1, done.stderr
     assert "Error: 3 settings to fix:" in done.stderr
     assert "BROKER_SECRET_KEY is the insecure default" in done.stderr

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require
-from tests.ops.guide import block
+from tests.ops.guide import block, run
 
 BUDGET = "Over 90 % of the Cloudflare call budget is spent: creates will be refused with 503"
 GAVE_UP = "Webhook deliveries gave up in the last 15 min: see flask webhooks deliveries"
@@ -101,9 +100,7 @@ def _files(folder: Path) -> None:
 
 
 def _promtool(promtool: str, folder: Path, *args: str) -> str:
-    done = subprocess.run(
-        [promtool, *args], cwd=folder, capture_output=True, text=True, timeout=60, check=False
-    )
+    done = run([promtool, *args], cwd=folder)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
