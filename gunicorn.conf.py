@@ -30,8 +30,10 @@ control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET") or os.path.join(
     tempfile.gettempdir(), f"broker-web-{os.getpid()}.ctl"
 )
 
-# Logs on stderr (the container's log); one access line per request.
-accesslog = "-"
+# Logs on stderr (the container's log); one access line per request. With
+# BROKER_LOG_FORMAT=json the broker's own request line (JSON, with the request id and user) is
+# the access log, so a log collector gets no plain-text access lines between them.
+accesslog = None if os.environ.get("BROKER_LOG_FORMAT", "").lower() == "json" else "-"
 errorlog = "-"
 
 

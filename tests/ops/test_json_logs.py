@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import runpy
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,8 @@ from flask import Flask
 
 from broker.platform.logs import LineFormatter, LineHandler, log_context
 from tests.factories import create_user, issue_token, record_upload
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -71,3 +75,12 @@ def test_text_stays_the_default(make_app: Callable[..., Flask]) -> None:
     assert app.config["LOG_FORMAT"] == "text"
     handler = next(h for h in logging.getLogger("broker").handlers if type(h) is LineHandler)
     assert type(handler.formatter) is LineFormatter
+
+
+def test_json_logs_leave_the_access_log_to_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn's plain-text access line is off with BROKER_LOG_FORMAT=json (the broker's own
+    JSON request line carries the same and more), on otherwise."""
+    monkeypatch.setenv("BROKER_LOG_FORMAT", "json")
+    assert runpy.run_path(str(ROOT / "gunicorn.conf.py"))["accesslog"] is None
+    monkeypatch.setenv("BROKER_LOG_FORMAT", "text")
+    assert runpy.run_path(str(ROOT / "gunicorn.conf.py"))["accesslog"] == "-"
