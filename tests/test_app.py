@@ -89,7 +89,8 @@ def test_flask_command_refuses_bad_config_in_one_line(tmp_path):
             "PATH": "/usr/bin:/bin",
             "BROKER_ENV": "production",
             "BROKER_INSTANCE_PATH": str(tmp_path),
-            # Everything else in order: one problem is one line (several: tests/ops).
+            # Everything else in order: one problem is one line (several problems:
+            # tests/platform/test_config_errors.py).
             "BROKER_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
             "BROKER_CLOUDFLARE_ACCOUNT_ID": "a",
             "BROKER_CLOUDFLARE_API_TOKEN": "t",

@@ -1,7 +1,7 @@
 """The operations guide, run as written: its nginx config in front of two gunicorn instances,
 its secrets and first-admin commands, and its backup and restore.
 
-The blocks come from README.md (tests/ops/guide.py finds them by their first line), so the test
+The blocks come from README.md (tests/support/guide.py finds them by their first line), so the test
 runs what the guide says; only addresses, the certificate and ports are swapped for loopback
 ones. Needs PostgreSQL (BROKER_TEST_POSTGRES_URL), nginx and redis-server (Debian).
 """
@@ -34,8 +34,8 @@ from broker import create_app
 from broker.platform.db import db
 from broker.webhooks.models import WebhookEndpoint
 from tests.conftest import base_config, require
-from tests.ops import conftest as ops_fixtures
-from tests.ops.guide import block, run
+from tests.support import databases as ops_fixtures
+from tests.support.guide import block, run
 from tests.system.topology import (
     BIN,
     compose_commands,
@@ -45,7 +45,7 @@ from tests.system.topology import (
     wait_http,
 )
 
-# The scratch-database fixture of tests/ops, shared (a module attribute pytest collects).
+# The scratch-database fixture (tests/support/databases.py) (a module attribute pytest collects).
 new_database = ops_fixtures.new_database
 
 HOST = "broker.example.com"

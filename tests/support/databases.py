@@ -1,4 +1,7 @@
-"""Fixtures of the operations tests: scratch databases made and dropped per test."""
+"""`new_database`: scratch databases made and dropped per test (upgrades, backup and restore).
+
+A fixture module: tests/platform/conftest.py and tests/system/test_operations.py take it in.
+"""
 
 from __future__ import annotations
 

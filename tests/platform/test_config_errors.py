@@ -10,7 +10,7 @@ import pytest
 
 from broker.platform.config import ConfigError, finalize
 from tests.factories import production_settings
-from tests.ops.guide import run
+from tests.support.guide import run
 
 FLASK = str(Path(sys.executable).parent / "flask")
 
