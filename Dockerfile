@@ -34,7 +34,9 @@ USER broker
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2).status == 200 else 1)"]
-# Apply migrations, make sure the declared variants and signing keys are there (a Cloudflare
+# Apply migrations (safe when replicas start together: `flask db upgrade` holds a PostgreSQL
+# advisory lock, so one migrates and the others wait, then find nothing to do), make sure the
+# declared variants and signing keys are there (a Cloudflare
 # hiccup must not keep the site down: the worker syncs keys again), then serve with threaded
 # workers (gunicorn.conf.py: the work is I/O-bound). Run the worker from the same image:
 # `… upload-broker flask worker`; compose.yaml runs the whole system from it.

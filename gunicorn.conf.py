@@ -30,9 +30,17 @@ control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET") or os.path.join(
     tempfile.gettempdir(), f"broker-web-{os.getpid()}.ctl"
 )
 
-# Logs on stderr (the container's log); one access line per request.
-accesslog = "-"
+# Logs on stderr (the container's log); one access line per request. With
+# BROKER_LOG_FORMAT=json the broker's own request line (JSON, with the request id and user) is
+# the access log, so a log collector gets no plain-text access lines between them.
+accesslog = None if os.environ.get("BROKER_LOG_FORMAT", "").lower() == "json" else "-"
 errorlog = "-"
+
+
+def on_starting(server):
+    """Size each process's database pools to its threads (broker.platform.db), before any
+    process loads the app; an operator's own BROKER_DB_POOL_SIZE wins."""
+    os.environ.setdefault("BROKER_DB_POOL_SIZE", str(server.cfg.threads))
 
 
 def post_worker_init(worker):

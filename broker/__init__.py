@@ -121,7 +121,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     keys.init_app(app)
     variants.init_app(app)
 
-    from broker import api, cli, web, worker
+    from broker import api, cli, operations, web, worker
     from broker.images import redirect
     from broker.uploads import cloudflare_hook, queries, warmup
     from broker.webhooks import endpoints
@@ -137,6 +137,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         endpoints.metric_lines,
         budget.metric_lines,
         batch.metric_lines,
+        operations.metric_lines,
     ):
         health.register_metrics(app, collect)
     cli.init_app(app)

@@ -13,7 +13,7 @@ import pytest
 
 from broker import create_app
 from broker.platform.config import DEFAULT_SECRET_KEY, DEV_EMULATOR_FILE, ConfigError
-from tests.factories import production_app
+from tests.factories import TEST_ENCRYPTION_KEY, production_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +89,12 @@ def test_flask_command_refuses_bad_config_in_one_line(tmp_path):
             "PATH": "/usr/bin:/bin",
             "BROKER_ENV": "production",
             "BROKER_INSTANCE_PATH": str(tmp_path),
+            # Everything else in order: one problem is one line (several problems:
+            # tests/platform/test_config_errors.py).
+            "BROKER_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+            "BROKER_CLOUDFLARE_ACCOUNT_ID": "a",
+            "BROKER_CLOUDFLARE_API_TOKEN": "t",
+            "BROKER_CLOUDFLARE_ACCOUNT_HASH": "h",
         },
         capture_output=True,
         text=True,

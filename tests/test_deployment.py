@@ -50,4 +50,4 @@ def test_compose_runs_the_commands_the_readme_and_the_dockerfile_give():
     assert "COPY wsgi.py gunicorn.conf.py /app/" in dockerfile
     readme = (ROOT / "README.md").read_text()
     assert "gunicorn -c gunicorn.conf.py wsgi:app" in readme
-    assert "docker compose --profile emulator up" in readme
+    assert "docker compose --env-file .env.emulator --profile emulator up" in readme

@@ -16,6 +16,8 @@ TOP_LEVEL = {
     "test_worker.py": "broker/worker.py",
     "test_packaging.py": "pyproject.toml",
     "test_deployment.py": "compose.yaml",
+    "test_compose.py": ".env.example",  # and .env.emulator, with compose.yaml
+    "test_operations.py": "broker/operations.py",
     "test_layout.py": "tests/__init__.py",
     "test_readme.py": "README.md",
 }

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import TEST_ENCRYPTION_KEY
+
 ROOT = Path(__file__).resolve().parent.parent
 # Where the repository's own text lives (beside its top-level files), and what counts as text.
 SOURCES = ("broker", "tests", "templates", "static", ".ci")
@@ -21,6 +23,14 @@ REFUSAL = (
     "upload broker refuses to start: BROKER_SECRET_KEY is the insecure default; "
     "set a long random value"
 )
+# Production settings in order but the secret key: the refusal names that one problem (each
+# start names every problem, one line each under a count when there are several).
+OTHERWISE_READY = {
+    "BROKER_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+    "BROKER_CLOUDFLARE_ACCOUNT_ID": "a",
+    "BROKER_CLOUDFLARE_API_TOKEN": "t",
+    "BROKER_CLOUDFLARE_ACCOUNT_HASH": "h",
+}
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +142,7 @@ def test_production_with_default_secret_fails_fast_with_one_line(tmp_path):
             "BROKER_ENV": "production",
             "BROKER_INSTANCE_PATH": str(tmp_path),
             "PATH": "/usr/bin:/bin",
+            **OTHERWISE_READY,
         },
         capture_output=True,
         text=True,
@@ -154,6 +165,7 @@ def test_gunicorn_stops_on_a_refused_configuration(tmp_path, workers):
             "BROKER_INSTANCE_PATH": str(tmp_path),
             "HOME": str(tmp_path),  # gunicorn's control socket goes there, not in a shared home
             "PATH": "/usr/bin:/bin",
+            **OTHERWISE_READY,
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

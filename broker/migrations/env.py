@@ -2,8 +2,11 @@
 
 import logging
 
+import sqlalchemy as sa
 from alembic import context
 from flask import current_app
+
+from broker.platform.db import MIGRATION_LOCK
 
 # No fileConfig(): it would disable the app's own loggers mid-run.
 logger = logging.getLogger("alembic.env")
@@ -35,6 +38,13 @@ def run_migrations_online() -> None:
     with target_db.engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_db.metadata, **conf_args)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Held until this transaction ends; a second upgrade waits here, then reads
+                # the version the first one left and finds nothing to do. SQLite needs none:
+                # its write lock already serialises the migrations.
+                connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                )
             context.run_migrations()
 
 

@@ -58,14 +58,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "DATABASE_URL",
         None,
-        "SQLAlchemy URL; default `sqlite:///<instance>/broker.sqlite3`. PostgreSQL: `postgresql+psycopg://user:pw@host/db`; each broker process keeps up to 16 connections open per engine (two: the app's and the upstream budget's; a web process opens one per gunicorn thread on each as it starts, to warm them up) and opens up to 32 more per engine under load, so size PostgreSQL's `max_connections` for your processes.",
+        "SQLAlchemy URL; default `sqlite:///<instance>/broker.sqlite3`. PostgreSQL: `postgresql+psycopg://user:pw@host/db`. Each process opens at most 2 x (`BROKER_DB_POOL_SIZE` + `BROKER_DB_MAX_OVERFLOW`) connections (two engines: the app's and the upstream budget's).",
     ),
     Setting(
         "ENCRYPTION_KEYS",
         None,
         "Fernet keys, newest first (JSON list or comma-separated), that encrypt webhook secrets and signing-key values in the database; required in production. Elsewhere a key is generated into `instance/dev-encryption.key`.",
     ),
+    Setting(
+        "DB_POOL_SIZE",
+        None,
+        "PostgreSQL connections each engine keeps per process; default: the process's threads (`gunicorn.conf.py` sets it to gunicorn's `threads`), else 8. Set 1 for `flask worker` processes.",
+    ),
+    Setting(
+        "DB_MAX_OVERFLOW",
+        2,
+        "Connections each engine may open beyond its pool for a moment of need.",
+    ),
+    Setting(
+        "DB_PROCESSES",
+        1,
+        "Broker processes sharing the database (all web processes and workers); in production each process warns at start when that many processes like it may open more connections than PostgreSQL's `max_connections` allows.",
+    ),
     Setting("LOG_LEVEL", "INFO", "Log level of the `broker` loggers."),
+    Setting(
+        "LOG_FORMAT",
+        "text",
+        "`text`: one plain line per record; `json`: one JSON object per line (UTC time, level, logger, message, and `request_id`, `user`, `upload_id`, `delivery_id` where known), for log collectors.",
+    ),
     Setting(
         "CLOUDFLARE_API_BASE",
         CLOUDFLARE_API_BASE,
@@ -277,27 +297,42 @@ class ConfigError(click.ClickException):
 def finalize(config: dict[str, Any], instance_path: str) -> None:
     """Fill derived defaults in place and refuse unsafe production settings.
 
-    Only `production` is checked. `testing` is for automated test suites, which run the
-    emulator over http with throwaway secrets and switch TESTING (or CSRF) as a test needs, so
-    it skips every refusal; unlike `development` it starts no inline worker and never reads
-    make run's emulator file. Nothing that serves real users may run with it.
+    Every problem found is reported in one ConfigError (one line each), so an operator fixes
+    them all before the next start. Only `production` is checked for safety. `testing` is for
+    automated test suites, which run the emulator over http with throwaway secrets and switch
+    TESTING (or CSRF) as a test needs, so it skips every refusal; unlike `development` it
+    starts no inline worker and never reads make run's emulator file. Nothing that serves real
+    users may run with it.
     """
+    problems: list[str] = []
     env = config["ENV"]
     if env not in {"development", "testing", "production"}:
-        raise ConfigError(f"BROKER_ENV must be development, testing or production, not {env!r}")
+        problems.append(f"BROKER_ENV must be development, testing or production, not {env!r}")
     dev = env == "development"
     if not config.get("DATABASE_URL"):
         config["DATABASE_URL"] = f"sqlite:///{instance_path}/broker.sqlite3"
     batch = str(config.get("CLOUDFLARE_BATCH") or "off").lower()
     if batch not in {"auto", "off"}:
-        raise ConfigError(f"BROKER_CLOUDFLARE_BATCH must be auto or off, not {batch!r}")
+        problems.append(f"BROKER_CLOUDFLARE_BATCH must be auto or off, not {batch!r}")
     config["CLOUDFLARE_BATCH"] = batch
-    budget = _coerce("UPSTREAM_BUDGET", config["UPSTREAM_BUDGET"], int)
     if batch == "auto" and not config.get("CLOUDFLARE_BATCH_BASE"):
-        config["CLOUDFLARE_BATCH_BASE"] = batch_base_for(str(config["CLOUDFLARE_API_BASE"]))
-    for share in ("UPSTREAM_BACKGROUND_RESERVE", "UPSTREAM_BACKGROUND_SHARE"):
-        if not 0 <= _coerce(share, config[share], int) < budget:
-            raise ConfigError(f"BROKER_{share} must be at least 0 and below BROKER_UPSTREAM_BUDGET")
+        try:
+            config["CLOUDFLARE_BATCH_BASE"] = batch_base_for(str(config["CLOUDFLARE_API_BASE"]))
+        except ConfigError as exc:
+            problems.append(exc.message)
+    log_format = str(config.get("LOG_FORMAT") or "text").lower()
+    if log_format not in {"text", "json"}:
+        problems.append(f"BROKER_LOG_FORMAT must be text or json, not {log_format!r}")
+    config["LOG_FORMAT"] = log_format
+    try:
+        budget = _coerce("UPSTREAM_BUDGET", config["UPSTREAM_BUDGET"], int)
+        for share in ("UPSTREAM_BACKGROUND_RESERVE", "UPSTREAM_BACKGROUND_SHARE"):
+            if not 0 <= _coerce(share, config[share], int) < budget:
+                problems.append(
+                    f"BROKER_{share} must be at least 0 and below BROKER_UPSTREAM_BUDGET"
+                )
+    except ConfigError as exc:
+        problems.append(exc.message)
     if config.get("REGISTRATION") is None:
         config["REGISTRATION"] = env != "production"
     if config.get("WORKER_INLINE") is None:
@@ -318,13 +353,25 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     )
     problem = _key_problem(keys)
     if problem:
-        raise ConfigError(problem)
-    if env != "production":
-        return
+        problems.append(problem)
+    if env == "production":
+        problems += production_problems(config, batch)
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else _listed(problems))
+
+
+def _listed(problems: list[str]) -> str:
+    """Say every problem, one per line, under a count."""
+    return f"{len(problems)} settings to fix:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def production_problems(config: dict[str, Any], batch: str) -> list[str]:
+    """Return what production refuses in `config`, one sentence each (empty: all is well)."""
+    problems: list[str] = []
     if config["SECRET_KEY"] in (None, "", DEFAULT_SECRET_KEY):
-        raise ConfigError("BROKER_SECRET_KEY is the insecure default; set a long random value")
-    if len(str(config["SECRET_KEY"])) < MIN_SECRET_KEY_LENGTH:
-        raise ConfigError(
+        problems.append("BROKER_SECRET_KEY is the insecure default; set a long random value")
+    elif len(str(config["SECRET_KEY"])) < MIN_SECRET_KEY_LENGTH:
+        problems.append(
             f"BROKER_SECRET_KEY is too short; use at least {MIN_SECRET_KEY_LENGTH} random characters"
         )
     missing = [
@@ -333,26 +380,27 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
         if not config.get(k)
     ]
     if missing:
-        raise ConfigError(f"Cloudflare settings missing: {', '.join(missing)}")
+        problems.append(f"Cloudflare settings missing: {', '.join(missing)}")
     if config.get("WEBHOOK_ALLOW_PRIVATE"):
-        raise ConfigError("BROKER_WEBHOOK_ALLOW_PRIVATE is for development and tests only")
+        problems.append("BROKER_WEBHOOK_ALLOW_PRIVATE is for development and tests only")
     if config.get("DEBUG") or config.get("TESTING"):
-        raise ConfigError("DEBUG and TESTING (FLASK_DEBUG, BROKER_DEBUG) must be off in production")
+        problems.append("DEBUG and TESTING (FLASK_DEBUG, BROKER_DEBUG) must be off in production")
     if config.get("WTF_CSRF_ENABLED") is False:
-        raise ConfigError("CSRF protection cannot be turned off in production")
+        problems.append("CSRF protection cannot be turned off in production")
     # The API token travels to the API base; an http:// URL (the emulator's) would expose it.
     https = ["CLOUDFLARE_API_BASE", "CLOUDFLARE_DELIVERY_BASE", "CLOUDFLARE_UPLOAD_ORIGIN"]
-    if batch == "auto":
+    if batch == "auto" and config.get("CLOUDFLARE_BATCH_BASE"):  # unset: said already
         https.append("CLOUDFLARE_BATCH_BASE")
     plain = [
         f"BROKER_{k}" for k in https if not str(config.get(k) or "").lower().startswith("https://")
     ]
     if plain:
-        raise ConfigError(f"{', '.join(plain)} must be https:// URLs in production")
-    if not keys:
-        raise ConfigError(
+        problems.append(f"{', '.join(plain)} must be https:// URLs in production")
+    if not _coerce("ENCRYPTION_KEYS", config.get("ENCRYPTION_KEYS"), tuple[str, ...]):
+        problems.append(
             "BROKER_ENCRYPTION_KEYS is missing; set a key from `flask encryption generate-key`"
         )
+    return problems
 
 
 def _key_problem(keys: tuple[str, ...]) -> str | None:
@@ -429,7 +477,11 @@ class Settings:
     secret_key: str
     database_url: str
     encryption_keys: tuple[str, ...]
+    db_pool_size: int | None
+    db_max_overflow: int
+    db_processes: int
     log_level: str
+    log_format: Literal["text", "json"]
     cloudflare_api_base: str
     cloudflare_account_id: str | None
     cloudflare_api_token: str | None

@@ -17,14 +17,15 @@ fails when a domain module breaks it):
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, current_app, has_app_context
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, scoped_session
@@ -52,6 +53,11 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+# Any fixed 64-bit number, the same in every broker: migrations/env.py takes PostgreSQL's
+# advisory lock on it for the whole upgrade, so `flask db upgrade` runs one at a time (the
+# Dockerfile migrates at every web container start: replicas starting together would otherwise
+# race to create the same tables).
+MIGRATION_LOCK = 0x62726F6B65722D6D  # "broker-m"
 migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
 
 # What every model subclasses. Flask-SQLAlchemy builds `db.Model` from Base when `db` is made;
@@ -104,12 +110,15 @@ def in_chunks(items: Sequence[T]) -> Iterator[list[T]]:
         yield list(items[start : start + IN_LIST_SIZE])
 
 
-# Per process and engine: a pool as large as a web process's threads (gunicorn's `--threads`,
-# 8 by default) and then some, so a busy process reuses its connections instead of
-# opening and closing one per request past the pool (a new PostgreSQL connection costs both
-# sides far more than the statements of a request); beyond it, overflow connections still open.
-POOL_SIZE = 16
-MAX_OVERFLOW = 32
+# Per process and engine: a pool as large as the process's threads (gunicorn.conf.py hands its
+# `threads` over as BROKER_DB_POOL_SIZE; `flask` commands and other servers get
+# DEFAULT_POOL_SIZE), so a busy process reuses its connections instead of opening and closing one
+# per request (a new PostgreSQL connection costs both sides far more than the statements of a
+# request), and a small overflow for the moments a thread needs a second one. Two engines (the
+# app's and the upstream budget's): a process opens at most 2 x (pool + overflow).
+DEFAULT_POOL_SIZE = 8
+DEFAULT_MAX_OVERFLOW = 2
+ENGINES_PER_PROCESS = 2
 # The pool hands out the connection given back last (LIFO), not the one idle longest: after a
 # burst opened many, the few a normal load needs stay in use (warm: the server's caches and
 # psycopg's prepared statements are theirs) while the rest sit idle, instead of every request
@@ -122,12 +131,28 @@ MAX_OVERFLOW = 32
 PING_WHEN_IDLE = 5.0
 
 
-def server_pool_options() -> dict[str, Any]:
+def pool_size(config: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """Return (pool size, overflow) of each engine: BROKER_DB_POOL_SIZE (gunicorn.conf.py sets
+    it to the process's threads) and BROKER_DB_MAX_OVERFLOW."""
+    config = config if config is not None else (current_app.config if has_app_context() else {})
+    size = config.get("DB_POOL_SIZE") or DEFAULT_POOL_SIZE
+    overflow = config.get("DB_MAX_OVERFLOW")
+    return int(size), int(DEFAULT_MAX_OVERFLOW if overflow is None else overflow)
+
+
+def connections_per_process(config: Mapping[str, Any]) -> int:
+    """Return the most PostgreSQL connections one broker process may open."""
+    size, overflow = pool_size(config)
+    return ENGINES_PER_PROCESS * (size + overflow)
+
+
+def server_pool_options(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`create_engine` options of a PostgreSQL engine: pool size, last-in first-out, and the
     idle-only ping (`ping_when_idle`) in place of a ping on every checkout."""
+    size, overflow = pool_size(config)
     return {
-        "pool_size": POOL_SIZE,
-        "max_overflow": MAX_OVERFLOW,
+        "pool_size": size,
+        "max_overflow": overflow,
         "pool_pre_ping": False,
         "pool_use_lifo": True,
     }
@@ -171,7 +196,7 @@ def init_app(app: Flask) -> None:
     url = app.config["SQLALCHEMY_DATABASE_URI"]
     options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
     if not url.startswith("sqlite"):
-        options = {**server_pool_options(), **options}
+        options = {**server_pool_options(app.config), **options}
     # A failed statement's message (logged with its traceback) would otherwise carry the bound
     # values: webhook secrets, signing-key values, password and token hashes.
     options.setdefault("hide_parameters", True)
@@ -184,3 +209,42 @@ def init_app(app: Flask) -> None:
             gate_sqlite_writes(db.engine)
         elif not options["pool_pre_ping"]:
             ping_when_idle(db.engine)
+        if app.config["ENV"] == "production" and not url.startswith("sqlite"):
+            warn_if_connections_exceed_server(app.config, db.engine)
+
+
+log = logging.getLogger("broker.db")
+
+
+def warn_if_connections_exceed_server(config: Mapping[str, Any], engine: sa.Engine) -> int | None:
+    """Warn when BROKER_DB_PROCESSES processes like this one may open more connections than
+    the server accepts (`max_connections` less the superuser reserve); return that figure."""
+    try:
+        with engine.connect() as conn:
+            limit = int(conn.execute(sa.text("SHOW max_connections")).scalar_one())
+            reserved = int(
+                conn.execute(sa.text("SHOW superuser_reserved_connections")).scalar_one()
+            )
+    except sa.exc.SQLAlchemyError as exc:  # no database yet: the probes and requests say so
+        log.debug("connection check skipped: %s", type(exc).__name__)
+        return None
+    available = limit - reserved
+    processes = int(config.get("DB_PROCESSES") or 1)
+    wanted = processes * connections_per_process(config)
+    if wanted > available:
+        size, overflow = pool_size(config)
+        log.warning(
+            "%d broker processes (BROKER_DB_PROCESSES) may open %d PostgreSQL connections "
+            "(each %d engines x (pool %d + overflow %d)), but the server accepts %d "
+            "(max_connections %d less %d reserved): raise max_connections or lower "
+            "BROKER_DB_POOL_SIZE / the number of processes",
+            processes,
+            wanted,
+            ENGINES_PER_PROCESS,
+            size,
+            overflow,
+            available,
+            limit,
+            reserved,
+        )
+    return available

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,11 @@ def encrypted_columns(metadata: sa.MetaData) -> list[tuple[sa.Table, sa.Column[A
     ]
 
 
-def reencrypt(connection: sa.Connection, metadata: sa.MetaData, keyring: Keyring) -> int:
-    """Re-encrypt every encrypted value under the newest key; return how many were rewritten.
-
-    Works on the stored tokens (never the plain text) through untyped columns, in the caller's
-    transaction.
-    """
-    count = 0
+def _stored_tokens(
+    connection: sa.Connection, metadata: sa.MetaData
+) -> Iterator[tuple[sa.TableClause, sa.ColumnClause[Any], str, Any, str]]:
+    """Yield (table, its key column, column name, key, stored token) of every encrypted value
+    (through untyped columns: the stored tokens, never the plain text)."""
     for table, column in encrypted_columns(metadata):
         (pk,) = table.primary_key.columns
         raw = sa.table(table.name, sa.column(pk.name), sa.column(column.name))
@@ -117,12 +116,34 @@ def reencrypt(connection: sa.Connection, metadata: sa.MetaData, keyring: Keyring
             sa.select(raw.c[pk.name], raw.c[column.name]).where(raw.c[column.name].is_not(None))
         ).all()
         for ident, token in rows:
-            connection.execute(
-                sa.update(raw)
-                .where(raw.c[pk.name] == ident)
-                .values({column.name: keyring.rotate(token)})
-            )
-            count += 1
+            yield raw, raw.c[pk.name], column.name, ident, token
+
+
+def check(connection: sa.Connection, metadata: sa.MetaData, keyring: Keyring) -> tuple[int, int]:
+    """Try to decrypt every stored value; return (how many opened, how many did not)."""
+    opened = failed = 0
+    for *_where, token in _stored_tokens(connection, metadata):
+        try:
+            keyring.decrypt(token)
+        except EncryptionError:
+            failed += 1
+        else:
+            opened += 1
+    return opened, failed
+
+
+def reencrypt(connection: sa.Connection, metadata: sa.MetaData, keyring: Keyring) -> int:
+    """Re-encrypt every encrypted value under the newest key; return how many were rewritten.
+
+    Works on the stored tokens (never the plain text) through untyped columns, in the caller's
+    transaction.
+    """
+    count = 0
+    for raw, key, column, ident, token in list(_stored_tokens(connection, metadata)):
+        connection.execute(
+            sa.update(raw).where(key == ident).values({column: keyring.rotate(token)})
+        )
+        count += 1
     return count
 
 

@@ -14,6 +14,11 @@ but the broker's own handler would see its record (the configuration `_configure
 line is built once, exactly as that handler's formatter would write it, and handed to the handler
 (`LineHandler.write_line`) with no `LogRecord` and no `Formatter` work. Anything else listening
 (a handler added to a logger on the way, a filter, a test's capture) gets the ordinary record.
+
+`BROKER_LOG_FORMAT=json` writes one JSON object per line instead (`JsonLineFormatter`, built on
+python-json-logger): the time in UTC, level, logger, message, and the fields of what the line is
+about where known — `request_id`, `user` (the public id), `upload_id`, `delivery_id` — taken
+from the request, from `log_context(...)` around a job, or from a call's `extra=`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
-from flask import Flask, has_request_context, request
+from flask import Flask, g, has_request_context, request
+from pythonjsonlogger.json import JsonFormatter
 
 from broker.platform.config import settings_of
 
@@ -118,12 +128,80 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.handleError(logging.makeLogRecord({"msg": text}))
 
 
-def _configure(level: str) -> None:
+# What a JSON line may say it is about, beside the request id.
+CONTEXT_FIELDS = ("user", "upload_id", "delivery_id")
+# Set by `log_context` around a job (a worker's delivery or verification) outside a request.
+_context: ContextVar[Mapping[str, str]] = ContextVar(
+    "broker_log_context", default=MappingProxyType({})
+)
+# Where the request's user and objects wait in the WSGI environ for the request's own line.
+FIELDS_KEY = "broker.log_fields"
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Name what the lines logged inside are about (`upload_id=…`, `delivery_id=…`, `user=…`)."""
+    token = _context.set({**_context.get(), **{k: str(v) for k, v in fields.items()}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def _request_fields() -> dict[str, str]:
+    """The current request's id, user public id and the upload or delivery in its URL."""
+    if not has_request_context():
+        return {}
+    fields: dict[str, str] = {}
+    rid = request.environ.get(REQUEST_ID_KEY)
+    if rid:
+        fields["request_id"] = rid
+    # Only a user already loaded by the request: logging never runs a query of its own.
+    user = g.get("_login_user")
+    public_id = getattr(user, "public_id", None)
+    if public_id:
+        fields["user"] = str(public_id)
+    for name in ("upload_id", "delivery_id"):
+        value = (request.view_args or {}).get(name)
+        if value is not None:
+            fields[name] = str(value)
+    return fields
+
+
+class JsonLineFormatter(JsonFormatter):
+    """One JSON object per record: `time` (UTC, ISO 8601), `level`, `logger`, `message`, the
+    context fields where known, and `exc_info` with a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        """Add the standard fields, then the time in UTC and what the line is about."""
+        log_data["time"] = (
+            datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        ).replace("+00:00", "Z")
+        super().add_fields(log_data, record, message_dict)
+        for key, value in {**_request_fields(), **_context.get()}.items():
+            log_data.setdefault(key, value)
+
+
+def _configure(level: str, fmt: str = "text") -> None:
     root = logging.getLogger("broker")
     root.setLevel(level.upper())
-    if not root.handlers:
+    formatter = JsonLineFormatter() if fmt == "json" else LineFormatter(LINE_FORMAT)
+    ours = [h for h in root.handlers if type(h) is LineHandler]
+    if ours:
+        # The process's last app decides (one app per process outside tests).
+        if type(ours[0].formatter) is not type(formatter):
+            ours[0].setFormatter(formatter)
+    elif not root.handlers:
         handler = LineHandler(sys.stderr)
-        handler.setFormatter(LineFormatter(LINE_FORMAT))
+        handler.setFormatter(formatter)
         root.addHandler(handler)
 
 
@@ -169,11 +247,22 @@ class RequestLog:
             method = environ.get("REQUEST_METHOD", "GET").upper()
             elapsed = (time.perf_counter() - started) * 1000
             code = status.split(" ", 1)[0]
-            _log_request(f"{method} {_path(environ)} {code} {elapsed:.1f}ms request_id={rid}")
+            path = _path(environ)
+            _log_request(
+                f"{method} {path} {code} {elapsed:.1f}ms request_id={rid}",
+                environ,
+                {
+                    "method": method,
+                    "path": path,
+                    "status": int(code) if code.isdigit() else code,
+                    "duration_ms": round(elapsed, 1),
+                    "request_id": rid,
+                },
+            )
         return body
 
 
-def _log_request(message: str) -> None:
+def _log_request(message: str, environ: dict[str, Any], fields: dict[str, Any]) -> None:
     """Log the request's line at INFO: straight to the broker's handler when it is the only
     one to see it, else as an ordinary record."""
     handler = _sole_handler()
@@ -183,8 +272,10 @@ def _log_request(message: str) -> None:
         return
     # The record made and handed to the handlers directly: `log.info` would first walk the
     # stack for the caller's file and line, which the line never shows. The message is final
-    # (no arguments): a `%` in a path stays as it is.
-    log.handle(log.makeRecord(log.name, logging.INFO, "", 0, message, (), None))
+    # (no arguments): a `%` in a path stays as it is. The fields (and what the request was
+    # about, kept by `_keep_request_fields`) are attributes of the record, for a JSON formatter.
+    extra = {**fields, **environ.get(FIELDS_KEY, {})}
+    log.handle(log.makeRecord(log.name, logging.INFO, "", 0, message, (), None, extra=extra))
 
 
 def _sole_handler() -> LineHandler | None:
@@ -218,7 +309,19 @@ def _path(environ: dict[str, Any]) -> str:
     return "/" + raw.encode("latin-1").decode(errors="replace").lstrip("/")
 
 
+def _keep_request_fields(response: Any) -> Any:
+    """Keep the request's user and objects for its own line, written after the request ends."""
+    fields = {k: v for k, v in _request_fields().items() if k != "request_id"}
+    if fields:
+        request.environ[FIELDS_KEY] = fields
+    return response
+
+
 def init_app(app: Flask) -> None:
     """Configure the broker loggers and the per-request log line."""
-    _configure(settings_of(app).log_level)
+    settings = settings_of(app)
+    _configure(settings.log_level, settings.log_format)
+    if settings.log_format == "json":
+        # Only then: the hook is a cost on every request, and text lines do not show it.
+        app.after_request(_keep_request_fields)
     app.wsgi_app = RequestLog(app.wsgi_app)  # type: ignore[method-assign]

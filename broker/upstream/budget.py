@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -303,7 +303,7 @@ def budget_from_settings(engine: Engine, settings: Settings) -> UpstreamBudget:
     )
 
 
-def budget_engine(url: str) -> Engine:
+def budget_engine(url: str, config: Mapping[str, Any] | None = None) -> Engine:
     """An engine of the budget's own.
 
     Acquires happen while a request may hold a connection of the main pool; drawing the
@@ -321,7 +321,7 @@ def budget_engine(url: str) -> Engine:
 
         gate_sqlite_writes(engine)
         return engine
-    engine = sa.create_engine(url, **server_pool_options())
+    engine = sa.create_engine(url, **server_pool_options(config))
     ping_when_idle(engine)
     return engine
 
@@ -329,9 +329,8 @@ def budget_engine(url: str) -> Engine:
 def init_app(app: Flask) -> None:
     """Create the app's budget in `app.extensions["budget"]` (before the Cloudflare client)."""
     settings = settings_of(app)
-    app.extensions[EXTENSION_KEY] = budget_from_settings(
-        budget_engine(settings.database_url), settings
-    )
+    engine = budget_engine(settings.database_url, app.config)
+    app.extensions[EXTENSION_KEY] = budget_from_settings(engine, settings)
 
 
 def get_budget() -> UpstreamBudget:

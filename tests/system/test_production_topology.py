@@ -302,21 +302,7 @@ def run(
     }
     try:
         with topology(work, env) as topo:
-            redis_sock = work / "redis.sock"
-            topo.start(
-                "redis",
-                [
-                    *commands["redis"],
-                    "--port",
-                    "0",
-                    "--unixsocket",
-                    str(redis_sock),
-                    "--unixsocketperm",
-                    "700",
-                    "--dir",
-                    str(work),
-                ],
-            )
+            redis_uri = topo.start_redis(commands["redis"])
             emulator = topo.start(
                 "emulator",
                 [
@@ -346,7 +332,7 @@ def run(
                     "BROKER_DATABASE_URL": postgres_url,
                     "BROKER_INSTANCE_PATH": str(work / "instance"),
                     "BROKER_LOG_LEVEL": "INFO",
-                    "BROKER_RATELIMIT_STORAGE_URI": f"redis+unix://{redis_sock}",
+                    "BROKER_RATELIMIT_STORAGE_URI": redis_uri,
                     "BROKER_AUTH_RATE_LIMIT": f"{AUTH_LIMIT} per hour",
                     "BROKER_METRICS_TOKEN": METRICS_TOKEN,
                     "BROKER_CLOUDFLARE_API_BASE": f"{emu_url}/client/v4",
@@ -370,16 +356,7 @@ def run(
             # Web instances and workers boot while the operator registers the app's endpoint.
             webs: list[Process] = []
             for sock in web_sockets:
-                fd = sock.fileno()
-                webs.append(
-                    topo.start(
-                        "web",
-                        commands["web"],
-                        env={"GUNICORN_CMD_ARGS": f"--bind fd://{fd}"},
-                        pass_fds=(fd,),
-                        group=True,
-                    )
-                )
+                webs.append(topo.start_web(commands["web"], sock))
             workers = [topo.start("worker", commands["worker"]) for _ in range(3)]
             added = topo.run([*FLASK, "webhooks", "add", receiver.url, "--events", "*"])
             secret = re.search(r"(whsec_\S+)", added)

@@ -134,6 +134,38 @@ class Topology:
         self.processes.append(process)
         return process
 
+    def start_redis(self, command: list[str]) -> str:
+        """Start compose's redis command on a unix socket in the work folder; return its URI."""
+        sock = self.workdir / "redis.sock"
+        self.start(
+            "redis",
+            [
+                *command,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(sock),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(self.workdir),
+            ],
+        )
+        return f"redis+unix://{sock}"
+
+    def start_web(
+        self, command: list[str], sock: socket.socket, env: dict[str, str] | None = None
+    ) -> Process:
+        """Start compose's web command (gunicorn) serving on `sock` (kept by the caller)."""
+        fd = sock.fileno()
+        return self.start(
+            "web",
+            command,
+            env={**(env or {}), "GUNICORN_CMD_ARGS": f"--bind fd://{fd}"},
+            pass_fds=(fd,),
+            group=True,
+        )
+
     def run(self, args: list[str], *, stdin: str = "", timeout: float = 180) -> str:
         """Run a one-shot command (setup, the operator CLI) to completion; return its stdout."""
         done = subprocess.run(

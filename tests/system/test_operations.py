@@ -1,0 +1,358 @@
+"""The operations guide, run as written: its nginx config in front of two gunicorn instances,
+its secrets and first-admin commands, and its backup and restore.
+
+The blocks come from README.md (tests/support/guide.py finds them by their first line), so the test
+runs what the guide says; only addresses, the certificate and ports are swapped for loopback
+ones. Needs PostgreSQL (BROKER_TEST_POSTGRES_URL), nginx and redis-server (Debian).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker import create_app
+from broker.platform.db import db
+from broker.webhooks.models import WebhookEndpoint
+from tests.conftest import base_config, require
+from tests.support import databases as ops_fixtures
+from tests.support.guide import block, run
+from tests.system.topology import (
+    BIN,
+    compose_commands,
+    listening_socket,
+    topology,
+    wait_for,
+    wait_http,
+)
+
+# The scratch-database fixture (tests/support/databases.py) (a module attribute pytest collects).
+new_database = ops_fixtures.new_database
+
+HOST = "broker.example.com"
+AUTH_LIMIT = 3
+
+
+def _libpq(url: str) -> str:
+    """A SQLAlchemy URL as psql and pg_dump take it."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _base_env(work: Path) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "FLASK_"))},
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        "BROKER_INSTANCE_PATH": str(work / "instance"),
+    }
+
+
+def run_block(text: str, env: dict[str, str], cwd: Path, stdin: str = "") -> str:
+    """Run a guide's shell block with `sh -e` as a reader pastes it; return its output."""
+    done = run(["sh", "-e", "-c", text], env, cwd, stdin)
+    assert done.returncode == 0, f"{text}\nfailed ({done.returncode}):\n{done.stdout}{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for HOST and 127.0.0.1 and its key, made here (a CA the client trusts)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(HOST), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "fullchain.pem", folder / "privkey.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def nginx_conf(work: Path, web_ports: list[int], http_port: int, https_port: int) -> Path:
+    """The guide's site file with loopback addresses, inside a main config of the test's own."""
+    site = block(
+        "# /etc/nginx/sites-available/broker — then: ln -s ../sites-available/broker "
+        "/etc/nginx/sites-enabled/",
+        "nginx",
+    )
+    cert, key = self_signed(work)
+    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in web_ports)
+    site, n = re.subn(r"(?m)^    server 10\.0\.0\.\d+:8000;.*\n", "", site)
+    assert n == 2
+    site = site.replace("    keepalive 16;", servers + "    keepalive 16;")
+    site = re.sub(r"(?m)^    listen \[::\].*\n", "", site)
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
+    site = site.replace("listen 443 ssl", f"listen 127.0.0.1:{https_port} ssl")
+    site = site.replace(f"/etc/letsencrypt/live/{HOST}/fullchain.pem", str(cert))
+    site = site.replace(f"/etc/letsencrypt/live/{HOST}/privkey.pem", str(key))
+    assert "10.0.0." not in site and "/etc/" not in site.split("\n", 1)[1]
+    (work / "broker.conf").write_text(site)
+    for folder in ("client_body", "proxy"):
+        (work / folder).mkdir()
+    main = work / "nginx.conf"
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    main.write_text(
+        f"{user}daemon off;\nworker_processes 1;\npid {work}/nginx.pid;\n"
+        f"error_log {work}/nginx-error.log info;\nevents {{ worker_connections 64; }}\n"
+        f"http {{\n  access_log {work}/nginx-access.log;\n"
+        f"  client_body_temp_path {work}/client_body;\n  proxy_temp_path {work}/proxy;\n"
+        "  fastcgi_temp_path /dev/null; uwsgi_temp_path /dev/null; scgi_temp_path /dev/null;\n"
+        f"  include {work}/broker.conf;\n}}\n"
+    )
+    return main
+
+
+class Client:
+    """HTTPS to the proxy from a loopback address of our choosing, trusting the test's CA."""
+
+    def __init__(self, port: int, cafile: Path, source: str) -> None:
+        self.port, self.source = port, source
+        self.context = ssl.create_default_context(cafile=str(cafile))
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """Send one request on a new connection (with SNI and Host = HOST)."""
+        conn = http.client.HTTPSConnection(
+            HOST, self.port, context=self.context, source_address=(self.source, 0), timeout=10
+        )
+        conn.sock = self.context.wrap_socket(
+            socket.create_connection(("127.0.0.1", self.port), 10, (self.source, 0)),
+            server_hostname=HOST,
+        )
+        try:
+            data = None if body is None else json.dumps(body)
+            sent = {"Host": HOST, **({"Content-Type": "application/json"} if data else {})}
+            conn.request(method, path, body=data, headers={**sent, **(headers or {})})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A folder others may enter (nginx's workers run as another user when we are root)."""
+    tmp_path.chmod(0o755)
+    return tmp_path
+
+
+def test_nginx_from_the_guide_in_front_of_two_gunicorn_instances(
+    postgres_url: str,
+    new_database: Callable[[str], str],
+    work: Path,
+) -> None:
+    """Through the guide's nginx: HSTS and Secure cookies over https, http redirected, the rate
+    limits count the client's own address (shared by both instances through Redis), and a
+    client's spoofed X-Forwarded-For changes nothing."""
+    require(shutil.which("nginx") is not None, "needs nginx (Debian: nginx-light)")
+    require(shutil.which("redis-server") is not None, "needs redis-server")
+    commands = compose_commands()
+    env = _base_env(work)
+    secret_key, encryption_key = run_block(block("# Make the secrets", "sh"), env, work).split()
+    assert len(secret_key) >= 32 and Fernet(encryption_key.encode())
+    url = new_database(postgres_url)
+    env.update(
+        {
+            "BROKER_ENV": "production",
+            "BROKER_SECRET_KEY": secret_key,
+            "BROKER_ENCRYPTION_KEYS": encryption_key,
+            "BROKER_DATABASE_URL": url,
+            "BROKER_PROXY_COUNT": "1",
+            "BROKER_AUTH_RATE_LIMIT": f"{AUTH_LIMIT} per hour",
+            "BROKER_LOG_LEVEL": "INFO",
+            # Production wants https origins; nothing here calls Cloudflare.
+            "BROKER_CLOUDFLARE_API_BASE": "https://api.cloudflare.invalid/client/v4",
+            "BROKER_CLOUDFLARE_BATCH_BASE": "https://batch.cloudflare.invalid",
+            "BROKER_CLOUDFLARE_ACCOUNT_ID": "acc",
+            "BROKER_CLOUDFLARE_API_TOKEN": "tok",
+            "BROKER_CLOUDFLARE_ACCOUNT_HASH": "hash",
+            "WEB_CONCURRENCY": "1",
+            "GUNICORN_THREADS": "2",
+        }
+    )
+    with topology(work, env) as topo:
+        topo.env["BROKER_RATELIMIT_STORAGE_URI"] = topo.start_redis(commands["redis"])
+        topo.run([str(BIN / "flask"), "--app", "broker", "db", "upgrade"])
+        run_block(
+            block("# The first administrator", "sh"),
+            {**topo.env, "ADMIN_PASSWORD": "correct horse battery staple"},
+            work,
+        )
+        sockets = [listening_socket(), listening_socket()]
+        webs = [topo.start_web(commands["web"], sock) for sock in sockets]
+        ports = [int(s.getsockname()[1]) for s in sockets]
+        for port, web in zip(ports, webs, strict=True):
+            wait_http(f"http://127.0.0.1:{port}/readyz", process=web)
+        for sock in sockets:
+            sock.close()
+        # nginx binds its own ports: free ones, found by binding and letting go.
+        free = [listening_socket(), listening_socket()]
+        http_port, https_port = (int(s.getsockname()[1]) for s in free)
+        for sock in free:
+            sock.close()
+        conf = nginx_conf(work, ports, http_port, https_port)
+        nginx = topo.start("nginx", ["nginx", "-e", str(work / "nginx-early.log"), "-c", str(conf)])
+        client = Client(https_port, work / "fullchain.pem", "127.0.0.2")
+
+        def up() -> bool:
+            assert nginx.alive(), (work / "nginx-error.log").read_text(errors="replace")
+            try:
+                return client.request("GET", "/livez")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, 30, "nginx to proxy /livez")
+
+        status, headers, _ = client.request("GET", "/auth/login")
+        assert status == 200
+        assert headers["Strict-Transport-Security"].startswith("max-age=")
+        cookies = headers.get_all("Set-Cookie") or []
+        assert cookies and all("; Secure" in cookie for cookie in cookies), cookies
+
+        plain = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+        plain.request("GET", "/auth/login?next=/", headers={"Host": HOST})
+        redirect = plain.getresponse()
+        redirect.read()
+        plain.close()
+        assert redirect.status == 301
+        assert redirect.headers["Location"] == f"https://{HOST}/auth/login?next=/"
+
+        def attempt(source: Client, n: int, spoof: str | None = None) -> int:
+            headers = {"X-Forwarded-For": spoof} if spoof else {}
+            body = {"username": f"nobody{n}", "password": "wrong", "device_name": "test"}
+            return source.request("POST", "/api/v1/auth/tokens", body, headers)[0]
+
+        # 127.0.0.2 spends its budget, a new spoofed address each time: were the header
+        # trusted, each attempt would count under an address of its own and never hit 429.
+        spent = [attempt(client, n, spoof=f"203.0.113.{n}") for n in range(AUTH_LIMIT + 1)]
+        assert spent == [401] * AUTH_LIMIT + [429]
+        # Another client (127.0.0.3) still has its own: the broker counts the client's
+        # address, not the proxy's (127.0.0.1 for both).
+        other = Client(https_port, work / "fullchain.pem", "127.0.0.3")
+        assert attempt(other, 99) == 401
+        assert attempt(client, 100, spoof="127.0.0.3") == 429
+        # Both instances took requests, and share the counters through Redis.
+        for web in webs:
+            assert "POST /api/v1/auth/tokens" in web.output()
+        access = (work / "nginx-access.log").read_text()
+        assert "127.0.0.2" in access and "127.0.0.3" in access
+
+
+def test_backup_and_restore_from_the_guide(
+    postgres_url: str,
+    new_database: Callable[[str], str],
+    work: Path,
+) -> None:
+    """The guide's pg_dump backup restores into a new database where the broker serves (a
+    token made before the backup works) and decrypts the webhook secrets with the same keys,
+    and `flask encryption check` refuses other keys."""
+    require(shutil.which("pg_dump") is not None, "needs pg_dump (Debian: postgresql-client)")
+    commands = compose_commands()
+    keys = Fernet.generate_key().decode()
+    source = new_database(postgres_url)
+    env = {
+        **_base_env(work),
+        "BROKER_ENV": "testing",
+        "BROKER_SECRET_KEY": "s" * 40,
+        "BROKER_ENCRYPTION_KEYS": keys,
+        "BROKER_DATABASE_URL": source,
+        "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
+    }
+    flask = [str(BIN / "flask"), "--app", "broker"]
+    with topology(work, env) as topo:
+        topo.run([*flask, "db", "upgrade"])
+        topo.run([*flask, "users", "create", "alice", "--password-stdin"], stdin="pw-0123456789\n")
+        token = re.search(r"\S{30,}", topo.run([*flask, "tokens", "create", "alice"]))
+        added = topo.run([*flask, "webhooks", "add", "http://127.0.0.1:9/hooks", "--events", "*"])
+        assert token
+        first = re.search(r"(whsec_\S+)", added)
+        endpoint_id = re.search(r"^endpoint (\S+) ", added, re.M)
+        assert endpoint_id
+        rotated = topo.run([*flask, "webhooks", "rotate-secret", endpoint_id.group(1)])
+        second = re.search(r"(whsec_\S+)", rotated)
+        assert first and second
+
+        run_block(
+            block("# Back up (daily, and before every upgrade)", "sh"),
+            {**env, "DB": _libpq(source)},
+            work,
+        )
+        assert (work / "broker.dump").stat().st_size > 0
+        target = new_database(postgres_url)
+        restore = block("# Restore into a new, empty database", "sh")
+        out = run_block(restore, {**env, "NEW_DB": _libpq(target)}, work)
+        # What the guide says to expect, N being the endpoint's two secrets here.
+        expected = re.search(r"# → (all N stored secret\(s\) decrypt)", restore)
+        assert expected
+        assert expected.group(1).replace("N", "2") in out, out
+
+        # The broker serves from the restored database: the token made before the backup works.
+        sock = listening_socket()
+        small = {"WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "2"}
+        web = topo.start_web(commands["web"], sock, {"BROKER_DATABASE_URL": target, **small})
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        wait_http(f"{base}/readyz", process=web)
+        sock.close()
+        listed = requests.get(
+            f"{base}/api/v1/uploads",
+            headers={"Authorization": f"Bearer {token.group(0)}"},
+            timeout=10,
+        )
+        assert listed.status_code == 200, listed.text
+
+    # The endpoint's secrets, decrypted with the same keys, are the ones shown at the time.
+    app = create_app(base_config(target, str(work / "app"), ENCRYPTION_KEYS=[keys]))
+    with app.app_context():
+        endpoint = db.session.scalars(sa.select(WebhookEndpoint)).one()
+        assert (endpoint.secret, endpoint.previous_secret) == (second.group(1), first.group(1))
+        db.session.remove()
+        db.engine.dispose()
+    app.extensions["budget"].engine.dispose()
+
+    # Without the backup's keys nothing opens: the check says so and fails.
+    other_keys = {"BROKER_ENCRYPTION_KEYS": Fernet.generate_key().decode()}
+    wrong = run(
+        [*flask, "encryption", "check"], {**env, "BROKER_DATABASE_URL": target, **other_keys}
+    )
+    assert wrong.returncode == 1
+    assert "2 stored secret(s) cannot be decrypted" in wrong.stderr

@@ -1,0 +1,158 @@
+"""compose.yaml is safe by default: production settings, no secret in the file, no start
+without the secrets.
+
+No Docker engine runs here, and Debian's `docker-compose` (v1) rejects the file's
+`depends_on: {required: false}` (a newer part of the compose specification), so the file is
+interpolated the way compose does it (`${VAR}`, `${VAR:-default}`, `${VAR:?error}`, `$$`) from
+the same env files an operator uses, and the result is checked, down to the broker's own
+production checks.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+
+from broker.platform.config import DEFAULTS, finalize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; `$$` is a `$`.
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|_KEY")
+
+
+class Missing(Exception):
+    """A `${VAR:?error}` whose variable is unset: compose refuses to start."""
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Return `value` (compose.yaml's parsed YAML) with every variable replaced from `env`."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, argument = match.groups()
+        current = env.get(name)
+        unset = current is None or (
+            operator is not None and operator.startswith(":") and not current
+        )
+        if operator and operator.endswith("?") and unset:
+            raise Missing(f"{name}: {argument}")
+        if operator and operator.endswith("-") and unset:
+            return str(argument)
+        return current or ""
+
+    return _VARIABLE.sub(one, value)
+
+
+def env_file(name: str) -> dict[str, str]:
+    """Parse a compose env file (`NAME=value` lines; `#` comments)."""
+    pairs = {}
+    for line in (ROOT / name).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def raw() -> dict[str, Any]:
+    """compose.yaml, parsed, not interpolated."""
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return loaded
+
+
+def filled_example() -> dict[str, str]:
+    """.env.example as an operator fills it in (fresh random values)."""
+    env = env_file(".env.example")
+    env.update(
+        BROKER_SECRET_KEY="s" * 48,
+        BROKER_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        POSTGRES_PASSWORD="pw0123456789",
+        BROKER_CLOUDFLARE_ACCOUNT_ID="acc",
+        BROKER_CLOUDFLARE_API_TOKEN="tok",
+        BROKER_CLOUDFLARE_ACCOUNT_HASH="hash",
+    )
+    return env
+
+
+def test_no_secret_is_written_in_compose_yaml() -> None:
+    """Every setting whose name says secret, password, token or key takes its value from the
+    environment, with no default but an empty one."""
+    services = raw()["services"]
+    checked = []
+    for name, service in services.items():
+        for key, value in (service.get("environment") or {}).items():
+            if _SECRET_NAME.search(key):
+                checked.append(f"{name}.{key}")
+                text = str(value)
+                for match in _VARIABLE.finditer(text):
+                    operator, argument = match.group(2), match.group(3)
+                    assert not (operator and operator.endswith("-") and argument), (
+                        f"{name}.{key} has a default value: {text}"
+                    )
+                literal = _VARIABLE.sub("", text)
+                assert re.fullmatch(r"[a-z+]*(://broker:@postgres:5432/broker)?", literal), (
+                    f"{name}.{key} holds a literal value: {text}"
+                )
+    assert "web.BROKER_SECRET_KEY" in checked and "postgres.POSTGRES_PASSWORD" in checked
+
+
+def test_compose_refuses_to_start_without_the_secrets() -> None:
+    """With nothing set, interpolation stops at the first required secret, naming it and the
+    example file; .env.example as shipped (values empty) is refused the same way."""
+    for env in ({}, env_file(".env.example")):
+        with pytest.raises(Missing, match=r"see \.env\.example"):
+            interpolate(raw(), env)
+    for required in (
+        "BROKER_SECRET_KEY",
+        "BROKER_ENCRYPTION_KEYS",
+        "POSTGRES_PASSWORD",
+        "BROKER_CLOUDFLARE_API_TOKEN",
+    ):
+        env = filled_example()
+        del env[required]
+        with pytest.raises(Missing, match=required):
+            interpolate(raw(), env)
+
+
+def test_filled_in_example_runs_in_production_and_passes_its_checks(tmp_path: Path) -> None:
+    """.env.example filled in gives production, Cloudflare's https origins, and a
+    configuration the broker's production checks accept."""
+    services = interpolate(raw(), filled_example())["services"]
+    for name in ("setup", "web", "worker"):
+        environment = services[name]["environment"]
+        assert environment["BROKER_ENV"] == "production"
+        assert environment["BROKER_DATABASE_URL"].endswith(
+            "broker:pw0123456789@postgres:5432/broker"
+        )
+        config = {**DEFAULTS, **{k.removeprefix("BROKER_"): v for k, v in environment.items()}}
+        config.pop("PORT", None)
+        finalize(config, str(tmp_path))  # raises ConfigError on anything production refuses
+        assert config["SESSION_COOKIE_SECURE"] is True
+    assert services["emulator"]["profiles"] == ["emulator"]
+
+
+def test_the_emulator_env_file_is_the_one_way_to_testing() -> None:
+    """.env.emulator chooses the emulator profile and `testing`, pointing at the emulator only."""
+    env = env_file(".env.emulator")
+    assert env["COMPOSE_PROFILES"] == "emulator"
+    services = interpolate(raw(), env)["services"]
+    web = services["web"]["environment"]
+    assert web["BROKER_ENV"] == "testing"
+    assert web["BROKER_CLOUDFLARE_API_BASE"] == "http://emulator:8788/client/v4"
+    assert (
+        services["emulator"]["environment"]["EMULATOR_NOTIFY_SECRET"]
+        == (web["BROKER_CLOUDFLARE_WEBHOOK_SECRET"])
+    )

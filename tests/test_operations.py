@@ -1,0 +1,198 @@
+"""What an operator watches: the overdue-work gauge of /metrics, every series explained in the
+README, the guide's Prometheus rules (promtool) and its Caddyfile (caddy)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import time_machine
+from flask import Flask
+
+from broker.platform.db import db, utcnow
+from broker.uploads.models import Upload
+from broker.webhooks.models import WebhookDelivery
+from tests.conftest import require
+from tests.factories import add_webhook_endpoint, create_user, queue_events, record_upload
+from tests.support.guide import block, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "scrape-me-0123456789"
+
+
+def scrape(app: Flask) -> str:
+    """GET /metrics with the scrape token, as Prometheus does."""
+    page = app.test_client().get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert page.status_code == 200
+    return page.get_data(as_text=True)
+
+
+def test_overdue_work_is_the_oldest_due_item_of_each_queue(make_app: Callable[..., Flask]) -> None:
+    """Nothing due: 0. A completion check due 90 s ago and a delivery due 30 s ago (no worker
+    ran them): 90 and 30; items not yet due and finished ones do not count."""
+    app = make_app(METRICS_TOKEN=TOKEN, WEBHOOK_ALLOW_PRIVATE=True)
+    assert 'broker_work_overdue_seconds{queue="completion"} 0.0' in scrape(app)
+    user = create_user(app, "alice")
+    overdue = record_upload(app, user.id, "img-overdue", status="pending")
+    later = record_upload(app, user.id, "img-later", status="pending")
+    done = record_upload(app, user.id, "img-done", status="ready")
+    add_webhook_endpoint(app, "http://127.0.0.1:9/hooks")
+    queue_events(app, 1)
+    now = utcnow()
+    with app.app_context():
+        for upload_id, due in ((overdue, -90), (later, 60), (done, -900)):
+            db.session.get(Upload, upload_id).next_check_at = now + timedelta(seconds=due)  # type: ignore[union-attr]
+        db.session.execute(
+            sa.update(WebhookDelivery).values(next_attempt_at=now - timedelta(seconds=30))
+        )
+        db.session.commit()
+    with time_machine.travel(now, tick=False):
+        text = scrape(app)
+    assert 'broker_work_overdue_seconds{queue="completion"} 90.0' in text
+    assert 'broker_work_overdue_seconds{queue="webhook_delivery"} 30.0' in text
+
+
+def test_the_guide_explains_every_series(make_app: Callable[..., Flask]) -> None:
+    """Each metric /metrics serves has a row in the README's metrics table."""
+    names = re.findall(
+        r"^# HELP (\w+) ", scrape(make_app(METRICS_TOKEN=TOKEN, CLOUDFLARE_BATCH="auto")), re.M
+    )
+    assert len(names) == 7
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in names if f"| `{name}" not in readme]
+    assert missing == []
+
+
+BUDGET = "Over 90 % of the Cloudflare call budget is spent: creates will be refused with 503"
+GAVE_UP = "Webhook deliveries gave up in the last 15 min: see flask webhooks deliveries"
+
+# promtool's unit tests: a series as the broker would serve it, the alert it must raise.
+RULE_TESTS = f"""
+rule_files: [broker-alerts.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'broker_work_overdue_seconds{{queue="completion"}}'
+        values: '0 0 200+60x10'
+      - series: 'broker_work_overdue_seconds{{queue="webhook_delivery"}}'
+        values: '0x12'
+      - series: 'broker_webhook_deliveries{{status="failed"}}'
+        values: '0 0 0 1 1 1'
+      - series: 'broker_upstream_budget_used'
+        values: '100 950 950 950 950'
+      - series: 'broker_upstream_budget_limit'
+        values: '1000x5'
+      - series: 'broker_upstream_paused_seconds'
+        values: '0 0 290'
+      - series: 'broker_upstream_batch_fallback_seconds{{endpoint="list_v2"}}'
+        values: '600x40'
+      - series: 'up{{job="broker"}}'
+        values: '1x12'
+    alert_rule_test:
+      - eval_time: 1m
+        alertname: BrokerCompletionFallingBehind
+        exp_alerts: []
+      - eval_time: 9m
+        alertname: BrokerCompletionFallingBehind
+        exp_alerts:
+          - exp_labels: {{severity: page, queue: completion}}
+            exp_annotations:
+              summary: "Completion checks are 620 s overdue: workers down, stuck or too few"
+      - eval_time: 9m
+        alertname: BrokerWebhookDeliveriesLagging
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: BrokerWebhookDeliveriesFailing
+        exp_alerts:
+          - exp_labels: {{severity: ticket, status: failed}}
+            exp_annotations:
+              summary: "{GAVE_UP}"
+      - eval_time: 4m
+        alertname: BrokerUpstreamBudgetNearlySpent
+        exp_alerts:
+          - exp_labels: {{severity: ticket}}
+            exp_annotations:
+              summary: "{BUDGET}"
+      - eval_time: 2m
+        alertname: BrokerUpstreamRateLimited
+        exp_alerts:
+          - exp_labels: {{severity: page}}
+            exp_annotations:
+              summary: "Cloudflare answered 429: every call is paused for 290 s"
+      - eval_time: 35m
+        alertname: BrokerBatchApiFallback
+        exp_alerts:
+          - exp_labels: {{severity: ticket, endpoint: list_v2}}
+            exp_annotations:
+              summary: "list_v2 has used the global API for 30 min: the batch host refuses it"
+      - eval_time: 10m
+        alertname: BrokerScrapeFailing
+        exp_alerts: []
+"""
+
+
+@pytest.fixture
+def promtool() -> str:
+    """Debian's promtool (package `prometheus`)."""
+    path = shutil.which("promtool")
+    require(path is not None, "needs promtool (Debian package prometheus)")
+    assert path
+    return path
+
+
+def _files(folder: Path) -> None:
+    (folder / "prometheus.yml").write_text(
+        block(
+            "# prometheus.yml — merge into yours; the token file holds BROKER_METRICS_TOKEN", "yaml"
+        )
+    )
+    (folder / "broker-alerts.yml").write_text(block("# broker-alerts.yml", "yaml"))
+    (folder / "broker-metrics-token").write_text("scrape-me-0123456789\n")
+    (folder / "rule-tests.yml").write_text(RULE_TESTS)
+
+
+def _promtool(promtool: str, folder: Path, *args: str) -> str:
+    done = run([promtool, *args], cwd=folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_promtool_accepts_the_scrape_job_and_the_rules(promtool: str, tmp_path: Path) -> None:
+    """`promtool check config` reads the job and, through rule_files, the alert rules."""
+    _files(tmp_path)
+    out = _promtool(promtool, tmp_path, "check", "config", "prometheus.yml")
+    assert "SUCCESS: 7 rules found" in out
+
+
+def test_each_alert_fires_on_what_it_watches(promtool: str, tmp_path: Path) -> None:
+    """`promtool test rules`: completion falling behind, deliveries failing, budget nearly
+    spent, Cloudflare's 429, batch fallback — each raises its alert with its summary."""
+    _files(tmp_path)
+    out = _promtool(promtool, tmp_path, "test", "rules", "rule-tests.yml")
+    assert "SUCCESS" in out
+
+
+def test_caddy_adapts_the_guides_caddyfile(tmp_path: Path) -> None:
+    """`caddy adapt` (Debian's caddy) turns it into a config: the two upstreams, the body
+    limit, and X-Forwarded-For set to the address Caddy sees."""
+    caddy = shutil.which("caddy")
+    require(caddy is not None, "needs caddy (Debian package caddy)")
+    assert caddy
+    path = tmp_path / "Caddyfile"
+    path.write_text(block("# /etc/caddy/Caddyfile", "caddy"))
+    done = run([caddy, "adapt", "--config", str(path), "--adapter", "caddyfile"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)
+    server = next(iter(config["apps"]["http"]["servers"].values()))
+    text = json.dumps(server)
+    assert '"broker.example.com"' in text
+    assert '"dial": "10.0.0.11:8000"' in text and '"dial": "10.0.0.12:8000"' in text
+    assert '"X-Forwarded-For": ["{http.request.remote.host}"]' in text
+    assert '"max_size": 1000000' in text
