@@ -114,6 +114,18 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     context.close()
 
 
+def seed_admin(app: Flask, make_user: Callable[..., Any], first: tuple[int, int]) -> Any:
+    """Make the administrator `root` with a `first`-sized image and three smaller ones; return
+    (the user, the first image's upload id)."""
+    from tests.factories import PASSWORD, upload_image
+
+    admin = make_user("root", PASSWORD, is_admin=True)
+    upload_id = upload_image(app, admin.id, size=first)
+    for _ in range(3):
+        upload_image(app, admin.id, size=(640, 480))
+    return admin, upload_id
+
+
 def screenshot(page: Any, name: str) -> Path:
     """Save a full-page screenshot under test-artifacts/ for review."""
     ARTIFACTS.mkdir(exist_ok=True)
