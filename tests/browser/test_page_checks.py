@@ -73,7 +73,7 @@ def test_every_page_fits_the_screen_and_passes_axe(live_broker, make_user, brows
         if device == "laptop":
             # The actions of a large photo are on the first screen, no scrolling needed.
             expect(page.locator(".detail img")).to_have_js_property("complete", True)
-            for name in ("Copy link", "Delete…"):
+            for name in ("Copy link: medium", "Delete…"):
                 box = page.get_by_role("button", name=name).bounding_box()
                 assert box and box["y"] >= 0 and box["y"] + box["height"] <= height, (name, box)
         check("account", "/auth/account")
@@ -141,8 +141,8 @@ def test_keyboard_focus_is_always_somewhere_visible(live_broker, make_user, emul
     page.keyboard.press("Enter")
     expect(row.get_by_role("button", name="Cancel")).to_be_focused()
     expect(row).to_have_attribute("data-state", "ready", timeout=30_000)
-    # Ready: no button left in the row, so the row itself holds focus (with a visible ring).
-    expect(row).to_be_focused()
+    # Ready: Cancel is gone, so focus moves to the row's first action, View (visible ring).
+    expect(row.get_by_role("link", name="View kbd.png")).to_be_focused()
     assert _focus_is_visible(page)["outline"]
     assert _csp_violations(page) == []
 

@@ -126,7 +126,7 @@ def test_upload_refuse_ready_gallery_delete(live_broker, make_user, emulator, pa
 
     tile.locator("a").click()
     page.wait_for_url(f"{base}/gallery/{upload_id}")
-    page.get_by_role("button", name="Copy link").click()
+    page.get_by_role("button", name="Copy link: medium").click()
     expect(page.locator("#action-status")).to_have_attribute("data-url", re.compile("sig="))
     link = page.locator("#action-status").get_attribute("data-url")
     assert link.startswith(emulator.url) and "sig=" in link
@@ -163,7 +163,7 @@ def test_retry_after_injected_upload_failure_uses_a_new_url(live_broker, make_us
     assert first_id
     assert "Failed" in item.locator(".state").inner_text()
 
-    item.get_by_role("button", name="Retry").click()
+    item.get_by_role("button", name="Retry retry.png").click()
     page.wait_for_selector('li.queue-item[data-state="ready"]', timeout=30_000)
     second_id = item.get_attribute("data-upload-id")
     assert second_id and second_id != first_id
