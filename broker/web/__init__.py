@@ -124,13 +124,14 @@ def discard_drafts() -> ResponseReturnValue:
 
 
 def file_facts(upload: Upload) -> dict[str, Any]:
-    """What the upload page recorded about the original (type, bytes, dimensions), checked."""
+    """What the upload page recorded about the original (name, type, bytes, size), checked."""
     raw = (upload.meta or {}).get("file")
     if not isinstance(raw, dict):
         return {}
     facts: dict[str, Any] = {}
-    if isinstance(raw.get("type"), str) and len(raw["type"]) <= 16:
-        facts["type"] = raw["type"]
+    for key, longest in (("name", 255), ("type", 16)):
+        if isinstance(raw.get(key), str) and 0 < len(raw[key]) <= longest:
+            facts[key] = raw[key]
     for key in ("bytes", "width", "height"):
         value = raw.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:

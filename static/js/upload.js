@@ -234,7 +234,7 @@ function addRow(entry) {
   });
   row.info = inspect(entry.file).catch(() => ({}));
   row.facts = row.info.then(({ format, width, height, animated }) => ({
-    type: format?.label ?? null, bytes: entry.file.size, width: width ?? null, height: height ?? null,
+    name: entry.file.name.slice(0, 100), type: format?.label ?? null, bytes: entry.file.size, width: width ?? null, height: height ?? null,
     animated: Boolean(animated),
   }));
   queueEl.append(el);

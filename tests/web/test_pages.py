@@ -125,11 +125,19 @@ def test_detail_page_shows_facts_variants_and_a_draft_is_not_uploaded(
 ):
     user = make_user("alice")
     headers = bearer(app, user)
-    facts = {"type": "PNG", "bytes": 123456, "width": 640, "height": 480, "animated": False}
+    facts = {
+        "name": "harbour.png",
+        "type": "PNG",
+        "bytes": 123456,
+        "width": 640,
+        "height": 480,
+        "animated": False,
+    }
     draft = create_upload(client, headers, metadata={"file": facts})["id"]
     login(client, "alice")
     page = client.get(f"/gallery/{draft}").get_data(as_text=True)
     assert "Uploaded" not in page and "waiting for a file" in page
+    assert "<h1>harbour.png" in page
     assert "640 \u00d7 480 px" in page and "123.5 kB" in page and ">PNG<" in page
     assert re.search(r"Link expires</dt><dd>\d{4}-\d\d-\d\d \d\d:\d\d UTC", page)
     # Whatever an app put under `file` is shown only when it has the right types.
