@@ -3,10 +3,13 @@ state, wording for touch screens, and the pending-draft limit leading to a one-a
 
 from __future__ import annotations
 
+import io
+import os
 import re
 
 import pytest
 import requests
+from PIL import Image
 from playwright.sync_api import expect
 
 from tests.browser.conftest import screenshot
@@ -15,6 +18,13 @@ from tests.browser.test_upload_page import _log_in, _png
 from tests.factories import PASSWORD, issue_token
 
 pytestmark = pytest.mark.browser
+
+
+def _noise_png(side: int) -> bytes:
+    """A PNG of random pixels (it does not compress): about 3 x side² bytes."""
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def test_seven_files_three_refused_one_cancelled_totals_add_up(
@@ -120,3 +130,21 @@ def test_pending_limit_offers_discarding_the_drafts_in_one_action(
     for draft in drafts:
         got = requests.get(f"{base}/api/v1/uploads/{draft}", headers=headers, timeout=10)
         assert got.json()["status"] == "deleted"
+
+
+def test_progress_says_speed_and_time_left(live_broker, make_user, page):
+    make_user("xia", PASSWORD)
+    _log_in(page, live_broker.url, "xia")
+    # Chromium's own network throttling: about 400 KB/s up, so a 2 MB file takes seconds.
+    cdp = page.context.new_cdp_session(page)
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 400_000},
+    )
+    big = _noise_png(900)
+    _pick(page, ("noise.png", big))
+    speed = page.locator("#overall-speed")
+    expect(speed).to_contain_text(re.compile(r"\d+ KB/s · about \d+ s left"), timeout=30_000)
+    screenshot(page, "upload-speed-1100")
+    expect(_tile(page, "noise.png")).to_have_attribute("data-state", "ready", timeout=60_000)
+    cdp.detach()

@@ -8,7 +8,7 @@ import pytest
 
 from broker.platform.db import db
 from broker.webhooks.models import WebhookDelivery
-from tests.factories import add_webhook_endpoint, create_upload, csrf_token
+from tests.factories import add_webhook_endpoint, create_upload, csrf_token, send_file
 
 
 @pytest.fixture
@@ -140,6 +140,17 @@ def test_detail_page_shows_facts_variants_and_a_draft_is_not_uploaded(
     assert "<h1>harbour.png" in page
     assert "640 \u00d7 480 px" in page and "123.5 kB" in page and ">PNG<" in page
     assert re.search(r"Link expires</dt><dd>\d{4}-\d\d-\d\d \d\d:\d\d UTC", page)
+    # An animated GIF is said to be shown as a still where the image service (the emulator) does.
+    gif = {"type": "GIF", "animated": True}
+    animated = create_upload(client, headers, metadata={"file": gif})
+    send_file(animated, "GIF")
+    assert (
+        client.post(f"/api/v1/uploads/{animated['id']}/complete", headers=headers).get_json()[
+            "status"
+        ]
+        == "ready"
+    )
+    assert "first frame only" in client.get(f"/gallery/{animated['id']}").get_data(as_text=True)
     # Whatever an app put under `file` is shown only when it has the right types.
     bad = create_upload(client, headers, metadata={"file": {"width": "<b>", "bytes": True}})
     shown = client.get(f"/gallery/{bad['id']}").get_data(as_text=True)
