@@ -214,6 +214,8 @@ function addRow(entry) {
   el.querySelector(".remove").addEventListener("click", () => {
     const removed = queue.remove(entry.key);
     if (!removed) return;
+    // A failed file may still hold a draft (the transfer broke): give its slot back.
+    if (removed.state === "failed") discard(row);
     const next = el.nextElementSibling ?? el.previousElementSibling;
     forget(entry);
     renderOverall();

@@ -13,7 +13,13 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from tests.browser.conftest import screenshot
-from tests.browser.test_page_layout import TEXT_FILE, _pick, _tile, layout_problems
+from tests.browser.test_page_layout import (
+    TEXT_FILE,
+    _pick,
+    _tile,
+    layout_problems,
+    serious_axe_findings,
+)
 from tests.browser.test_upload_page import _log_in, _png
 from tests.factories import PASSWORD, issue_token
 
@@ -93,7 +99,8 @@ def test_a_phone_is_not_told_to_drop_and_gets_a_camera(live_broker, make_user, b
         )
         expect(_tile(page, "camera.png")).to_have_attribute("data-state", "ready")
         assert layout_problems(page) == []
-        screenshot(page, "upload-phone-touch-390")
+        assert serious_axe_findings(page) == []
+        screenshot(page, "upload-phone-touch-390", touch=True)
     finally:
         context.close()
 
@@ -123,6 +130,7 @@ def test_pending_limit_offers_discarding_the_drafts_in_one_action(
     notice = page.get_by_role("alert")
     expect(notice).to_contain_text("limit of uploads waiting for a file")
     assert "finish or delete" not in page.locator("main").inner_text()
+    assert serious_axe_findings(page) == []
     screenshot(page, "upload-pending-limit-1100")
     page.get_by_role("button", name="Discard the waiting drafts and try again").click()
     expect(tile).to_have_attribute("data-state", "ready", timeout=30_000)
@@ -148,3 +156,22 @@ def test_progress_says_speed_and_time_left(live_broker, make_user, page):
     screenshot(page, "upload-speed-1100")
     expect(_tile(page, "noise.png")).to_have_attribute("data-state", "ready", timeout=60_000)
     cdp.detach()
+
+
+def test_removing_a_failed_file_gives_its_draft_back(live_broker, make_user, emulator, page):
+    make_user("yan", PASSWORD)
+    _log_in(page, live_broker.url, "yan")
+    emulator.inject_fault("upload_url", status=500, count=1)
+    _pick(page, ("broke.png", _png(80, 60)))
+    tile = _tile(page, "broke.png")
+    expect(tile).to_have_attribute("data-state", "failed")
+    upload_id = tile.get_attribute("data-upload-id")
+    with page.expect_response(
+        lambda r: r.request.method == "DELETE" and r.url.endswith(f"/uploads/{upload_id}")
+    ) as deleted:
+        tile.get_by_role("button", name="Remove broke.png").click()
+    assert deleted.value.status == 200
+    expect(page.locator("li.queue-item")).to_have_count(0)
+    expect(page.locator("#overall")).to_be_hidden()
+    # Focus is not lost: with no tile left it returns to the drop zone.
+    expect(page.locator("#dropzone")).to_be_focused()
