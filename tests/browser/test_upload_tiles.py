@@ -20,7 +20,7 @@ from tests.browser.test_page_layout import (
     layout_problems,
     serious_axe_findings,
 )
-from tests.browser.test_upload_page import _log_in, _png
+from tests.browser.test_upload_page import _log_in, _png, click_and_see_deleted
 from tests.factories import PASSWORD, issue_token
 
 pytestmark = pytest.mark.browser
@@ -166,11 +166,7 @@ def test_removing_a_failed_file_gives_its_draft_back(live_broker, make_user, emu
     tile = _tile(page, "broke.png")
     expect(tile).to_have_attribute("data-state", "failed")
     upload_id = tile.get_attribute("data-upload-id")
-    with page.expect_response(
-        lambda r: r.request.method == "DELETE" and r.url.endswith(f"/uploads/{upload_id}")
-    ) as deleted:
-        tile.get_by_role("button", name="Remove broke.png").click()
-    assert deleted.value.status == 200
+    click_and_see_deleted(page, tile.get_by_role("button", name="Remove broke.png"), upload_id)
     expect(page.locator("li.queue-item")).to_have_count(0)
     expect(page.locator("#overall")).to_be_hidden()
     # Focus is not lost: with no tile left it returns to the drop zone.
