@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from flask import (
     Blueprint,
     abort,
     flash,
+    jsonify,
     redirect,
     render_template,
     request,
@@ -18,9 +21,12 @@ from flask_login import current_user, login_required
 from broker.auth import admin_required
 from broker.auth.models import User
 from broker.images import variants
+from broker.platform.config import CLOUDFLARE_API_BASE, current_settings
 from broker.platform.db import db
-from broker.uploads import queries
+from broker.uploads import lifecycle, queries
+from broker.uploads.models import Upload, UploadStatus
 from broker.uploads.policy import UploadError
+from broker.upstream.cloudflare import get_client
 from broker.webhooks import endpoints
 from broker.webhooks.models import WebhookDelivery
 
@@ -28,6 +34,10 @@ bp = Blueprint("web", __name__)
 
 GALLERY_PAGE_SIZE = 24
 ADMIN_DELIVERIES = 25
+# The gallery's two views: finished images, and drafts still waiting for their file.
+SHOWS = {"images": UploadStatus.READY, "drafts": UploadStatus.PENDING}
+# Most drafts discarded in one request (the pending limit is far below this).
+DISCARD_BATCH = 200
 
 
 @bp.get("/")
@@ -42,18 +52,22 @@ def index() -> ResponseReturnValue:
 @login_required
 def upload() -> ResponseReturnValue:
     """Show the drag-and-drop upload page."""
-    return render_template("web/upload.html")
+    return render_template("web/upload.html", detail_variant=_detail_variant())
 
 
 @bp.get("/gallery")
 @login_required
 def gallery() -> ResponseReturnValue:
-    """List the user's images, newest first, a page at a time."""
+    """List the user's images (or drafts waiting for a file), newest first, a page at a time."""
     before = request.args.get("before") or None
+    show = request.args.get("show", "images")
+    if show not in SHOWS:
+        abort(400, "Show either images or drafts.")
     try:
         rows, next_cursor = queries.list_uploads(
             db.session,
             user_id=current_user.id,
+            status=SHOWS[show],
             cursor=before,
             limit=GALLERY_PAGE_SIZE,
             include_deleted=False,
@@ -61,18 +75,88 @@ def gallery() -> ResponseReturnValue:
     except UploadError:
         abort(400, "That page link is not valid.")
     return render_template(
-        "web/gallery.html", uploads=rows, next_cursor=next_cursor, newer=before is not None
+        "web/gallery.html",
+        uploads=rows,
+        next_cursor=next_cursor,
+        newer=before is not None,
+        show=show,
+        counts=_own_counts(),
+        facts={row.id: file_facts(row) for row in rows},
     )
+
+
+def _own_counts() -> dict[str, int]:
+    """Count the signed-in user's images and drafts (the gallery's two tabs)."""
+    rows = db.session.execute(
+        sa.select(Upload.status, sa.func.count())
+        .where(Upload.user_id == current_user.id, Upload.status.in_(SHOWS.values()))
+        .group_by(Upload.status)
+    )
+    by_status = {status: count for status, count in rows}
+    return {show: by_status.get(status, 0) for show, status in SHOWS.items()}
+
+
+@bp.post("/gallery/drafts/discard")
+@login_required
+def discard_drafts() -> ResponseReturnValue:
+    """Discard the user's drafts waiting for a file in one action (except those in `keep`)."""
+    body = request.get_json(silent=True) if request.is_json else None
+    keep = body.get("keep") if isinstance(body, dict) else None
+    keep_ids = {k for k in keep if isinstance(k, str)} if isinstance(keep, list) else set()
+    drafts = db.session.scalars(
+        sa.select(Upload)
+        .where(Upload.user_id == current_user.id, Upload.status == lifecycle.PENDING)
+        .order_by(Upload.created_at)
+        .limit(DISCARD_BATCH)
+    ).all()
+    client = get_client()
+    discarded = 0
+    for draft in drafts:
+        if draft.id in keep_ids:
+            continue
+        # The API's DELETE, one draft at a time: each commit frees a slot even if a later
+        # call to the image service fails.
+        discarded += lifecycle.delete_upload(db.session, draft, client)
+        db.session.commit()
+    if request.is_json:
+        return jsonify(discarded=discarded)
+    flash(f"{discarded} draft{'' if discarded == 1 else 's'} discarded.", "info")
+    return redirect(url_for("web.gallery", show="drafts"))
+
+
+def file_facts(upload: Upload) -> dict[str, Any]:
+    """What the upload page recorded about the original (name, type, bytes, size), checked."""
+    raw = (upload.meta or {}).get("file")
+    if not isinstance(raw, dict):
+        return {}
+    facts: dict[str, Any] = {}
+    for key, longest in (("name", 255), ("type", 16)):
+        if isinstance(raw.get(key), str) and 0 < len(raw[key]) <= longest:
+            facts[key] = raw[key]
+    for key in ("bytes", "width", "height"):
+        value = raw.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            facts[key] = value
+    facts["animated"] = raw.get("animated") is True
+    return facts
 
 
 @bp.get("/gallery/<upload_id>")
 @login_required
 def image_detail(upload_id: str) -> ResponseReturnValue:
-    """Show one image with its larger variant, copy-link and delete."""
+    """Show one image with its facts, a link to every variant, and delete."""
     row = queries.find_upload(db.session, current_user, upload_id)
     if row is None:
         abort(404)
-    return render_template("web/image.html", upload=row, detail_variant=_detail_variant())
+    return render_template(
+        "web/image.html",
+        upload=row,
+        detail_variant=_detail_variant(),
+        variant_names=sorted(variants.known_variants()),
+        facts=file_facts(row),
+        # The local emulator serves the first frame of an animated GIF; Cloudflare animates it.
+        emulated=current_settings().cloudflare_api_base != CLOUDFLARE_API_BASE,
+    )
 
 
 def _detail_variant() -> str:

@@ -76,6 +76,23 @@ function readDimensions(file) {
   });
 }
 
+/** Whether GIF bytes hold more than one frame (two or more graphic control blocks). */
+export function gifIsAnimated(bytes) {
+  let frames = 0;
+  for (let i = 0; i + 2 < bytes.length; i++) {
+    if (bytes[i] === 0x21 && bytes[i + 1] === 0xf9 && bytes[i + 2] === 0x04 && ++frames > 1) return true;
+  }
+  return false;
+}
+
+/** What a tile says about a file: {format, width, height, animated}; unknowns are null. */
+export async function inspect(file) {
+  const format = await sniffFormat(file).catch(() => null);
+  const size = format?.browserCanShow ? await readDimensions(file) : null;
+  const animated = format?.mime === "image/gif" ? gifIsAnimated(new Uint8Array(await file.arrayBuffer())) : false;
+  return { format, width: size?.width || null, height: size?.height || null, animated };
+}
+
 /** Return why the image service would refuse `file`, or null when it looks acceptable. */
 export async function check(file) {
   if (file.size === 0) return "The file is empty.";

@@ -80,6 +80,14 @@ export class UploadQueue {
     return true;
   }
 
+  /** Remove one entry in a final state; return it, or undefined when it is not final. */
+  remove(key) {
+    const entry = this.get(key);
+    if (!entry || !FINAL.includes(entry.state)) return undefined;
+    this.entries = this.entries.filter((e) => e !== entry);
+    return entry;
+  }
+
   /** Remove every entry in a final state; return the removed entries. */
   clearFinished() {
     const removed = this.entries.filter((e) => FINAL.includes(e.state));
@@ -89,9 +97,13 @@ export class UploadQueue {
 
   /**
    * The overall progress: files settled and bytes sent, over the files that are still to be,
-   * or were, uploaded (refused and cancelled files count for neither side).
+   * or were, uploaded (refused and cancelled files count for neither side). `total` and
+   * `counts` cover every entry, by state ("active" for every phase of a running attempt), so
+   * a page can show totals that add up.
    */
   progress() {
+    const counts = Object.fromEntries(["waiting", "active", ...FINAL].map((s) => [s, 0]));
+    for (const e of this.entries) counts[e.state] += 1;
     const counted = this.entries.filter((e) => e.state !== "refused" && e.state !== "cancelled");
     const total = counted.reduce((sum, e) => sum + e.file.size, 0);
     const sent = counted.reduce((sum, e) => sum + (e.state === "ready" ? e.file.size : Math.min(e.loaded, e.file.size)), 0);
@@ -102,6 +114,8 @@ export class UploadQueue {
       bytes: total,
       sent,
       percent: total === 0 ? (counted.length ? 100 : 0) : Math.floor((sent / total) * 100),
+      total: this.entries.length,
+      counts,
     };
   }
 

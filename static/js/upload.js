@@ -5,7 +5,9 @@
 
 import { connect } from "./client.js";
 import { UploadQueue, FINAL, RETRYABLE } from "./queue.js";
-import { check, humanSize, sniffFormat } from "./checks.js";
+import { check, humanSize, inspect } from "./checks.js";
+import { RateMeter, humanDuration } from "./rate.js";
+import { api, copyLink } from "./links.js";
 
 const CONCURRENCY = 3;
 const ACTIVE_LABELS = {
@@ -23,6 +25,14 @@ const overallEl = document.getElementById("overall");
 const overallBar = document.getElementById("overall-bar");
 const overallText = document.getElementById("overall-text");
 const clearButton = document.getElementById("clear-finished");
+const speedText = document.getElementById("overall-speed");
+const cameraEl = document.getElementById("camera-input");
+const draftsNotice = document.getElementById("drafts-notice");
+const variant = queueEl.dataset.variant || "public";
+const meter = new RateMeter();
+// The order totals are said in, and the word for each state.
+const TOTALS = [["ready", "ready"], ["active", "uploading"], ["waiting", "waiting"], ["refused", "refused"],
+  ["failed", "failed"], ["expired", "expired"], ["cancelled", "cancelled"]];
 
 const rows = new Map(); // entry key → {el, preview URL, upload id}
 
@@ -51,7 +61,7 @@ function label(entry) {
 }
 
 function visibleButton(el) {
-  return [...el.querySelectorAll("button")].find((b) => !b.hidden) ?? null;
+  return [...el.querySelectorAll("button, a.button")].find((b) => !b.hidden) ?? null;
 }
 
 function render(entry) {
@@ -67,8 +77,13 @@ function render(entry) {
   bar.value = percent;
   bar.hidden = !(entry.state === "active" && entry.phase === "uploading");
   bar.setAttribute("aria-valuetext", `${percent} %`);
+  const ready = entry.state === "ready" && Boolean(row.uploadId);
+  el.querySelector(".view").hidden = !ready;
+  el.querySelector(".copy").hidden = !ready;
+  if (ready) el.querySelector(".view").href = `/gallery/${encodeURIComponent(row.uploadId)}`;
   el.querySelector(".cancel").hidden = FINAL.includes(entry.state);
   el.querySelector(".retry").hidden = !RETRYABLE.includes(entry.state);
+  el.querySelector(".remove").hidden = !FINAL.includes(entry.state) || entry.state === "ready";
   if (entry.state === "ready" && row.uploadId && !row.served) {
     // The image service's own thumbnail replaces the local preview.
     row.served = true;
@@ -98,8 +113,19 @@ function renderOverall() {
   clearButton.hidden = !queue.entries.some((e) => FINAL.includes(e.state));
   overallBar.value = p.percent;
   overallBar.setAttribute("aria-valuetext", `${p.percent} %`);
-  overallText.textContent = `${p.done} of ${p.files} file${p.files === 1 ? "" : "s"} uploaded · ${humanSize(p.sent)} of ${humanSize(p.bytes)} (${p.percent} %)`;
+  // Every file is counted, each under its state, so the parts add up to the whole.
+  const parts = TOTALS.filter(([state]) => p.counts[state]).map(([state, word]) => `${p.counts[state]} ${word}`);
+  overallText.textContent = `${p.total} file${p.total === 1 ? "" : "s"}: ${parts.join(" · ")}`;
   overallEl.dataset.percent = String(p.percent);
+  const sending = p.counts.active + p.counts.waiting > 0;
+  if (sending) meter.sample(performance.now(), p.sent);
+  const speed = sending ? meter.bytesPerSecond() : null;
+  const left = sending ? meter.secondsLeft(p.bytes - p.sent) : null;
+  speedText.textContent = [
+    `${humanSize(p.sent)} of ${humanSize(p.bytes)} sent (${p.percent} %)`,
+    speed ? `${humanSize(Math.round(speed))}/s` : null,
+    left !== null ? `about ${humanDuration(left)} left` : null,
+  ].filter(Boolean).join(" · ");
 }
 
 const SPOKEN = {
@@ -137,11 +163,19 @@ async function run(entry, attempt) {
   let upload;
   try {
     // Not aborted midway: a slot the broker did create must be known, to be given back.
-    upload = await broker.createUpload();
+    // What the page learnt about the file rides along as metadata, for the detail page to show.
+    upload = await broker.createUpload({ body: { metadata: { file: await row.facts } } });
   } catch (error) {
+    if (error.code === "too_many_pending_uploads") {
+      // The API's wording speaks to apps; a browser user is offered the one action that helps.
+      row.limitHit = true;
+      showDraftsNotice();
+      return { state: "failed", error: "too many drafts are waiting for a file" };
+    }
     if (error.retryAfter) error.message = `${error.message} Try again in ${error.retryAfter} s.`;
     throw error;
   }
+  row.limitHit = false;
   row.uploadId = upload.id;
   row.served = false;
   if (signal.aborted) { discard(row); signal.throwIfAborted(); }
@@ -158,13 +192,36 @@ const queue = new UploadQueue({ limit: CONCURRENCY, run, onChange });
 
 function addRow(entry) {
   const el = template.content.firstElementChild.cloneNode(true);
-  const row = { el, previewUrl: null, uploadId: null, served: false, spoken: null };
+  const row = { el, previewUrl: null, uploadId: null, served: false, spoken: null, limitHit: false };
   rows.set(entry.key, row);
   el.dataset.key = String(entry.key);
   el.querySelector(".name").textContent = entry.file.name;
-  el.querySelector(".size").textContent = humanSize(entry.file.size);
   el.querySelector(".cancel").setAttribute("aria-label", `Cancel ${entry.file.name}`);
   el.querySelector(".retry").setAttribute("aria-label", `Retry ${entry.file.name}`);
+  el.querySelector(".remove").setAttribute("aria-label", `Remove ${entry.file.name}`);
+  el.querySelector(".view").setAttribute("aria-label", `View ${entry.file.name}`);
+  el.querySelector(".copy").setAttribute("aria-label", `Copy a link to ${entry.file.name}`);
+  el.querySelector(".copy").addEventListener("click", async () => {
+    try {
+      const { url, message } = await copyLink(row.uploadId, variant);
+      el.dataset.url = url;
+      el.querySelector(".state").textContent = message.startsWith("Copy this link") ? message : "Ready · link copied";
+      announce(`${entry.file.name}: ${message}`);
+    } catch (error) {
+      el.querySelector(".state").textContent = `Could not make a link: ${error.message}`;
+    }
+  });
+  el.querySelector(".remove").addEventListener("click", () => {
+    const removed = queue.remove(entry.key);
+    if (!removed) return;
+    // A failed file may still hold a draft (the transfer broke): give its slot back.
+    if (removed.state === "failed") discard(row);
+    const next = el.nextElementSibling ?? el.previousElementSibling;
+    forget(entry);
+    renderOverall();
+    announce(`${entry.file.name} removed`);
+    (next ? visibleButton(next) ?? next : dropEl).focus();
+  });
   el.querySelector(".cancel").addEventListener("click", () => {
     queue.cancel(entry.key);
     discard(row);
@@ -177,15 +234,26 @@ function addRow(entry) {
     queue.retry(entry.key);
     (visibleButton(el) ?? el).focus();
   });
+  row.info = inspect(entry.file).catch(() => ({}));
+  row.facts = row.info.then(({ format, width, height, animated }) => ({
+    name: entry.file.name.slice(0, 100), type: format?.label ?? null, bytes: entry.file.size, width: width ?? null, height: height ?? null,
+    animated: Boolean(animated),
+  }));
   queueEl.append(el);
   preview(entry, row);
 }
 
 async function preview(entry, row) {
-  // A local preview at once where the browser can show the format (not HEIC in most browsers).
+  // A local preview at once where the browser can show the format (not HEIC in most browsers),
+  // and the facts a tile shows: type, size, dimensions.
   const label = row.el.querySelector(".preview-label");
-  const format = await sniffFormat(entry.file).catch(() => null);
+  const { format, width, height, animated } = await row.info;
   label.textContent = format ? format.label : "?";
+  row.el.querySelector(".facts").textContent = [
+    format ? `${format.label}${animated ? " (animated)" : ""}` : "Unknown type",
+    humanSize(entry.file.size),
+    width && height ? `${width}×${height}` : null,
+  ].filter(Boolean).join(" · ");
   if (!format?.browserCanShow || row.served) return;
   row.previewUrl = URL.createObjectURL(entry.file);
   showPreview(row, row.previewUrl, `Preview of ${entry.file.name}`);
@@ -198,20 +266,53 @@ function addAll(fileList) {
   announce(`${files.length} file${files.length > 1 ? "s" : ""} added`);
 }
 
+function forget(entry) {
+  const row = rows.get(entry.key);
+  if (row?.previewUrl) URL.revokeObjectURL(row.previewUrl);
+  row?.el.remove();
+  rows.delete(entry.key);
+}
+
+function showDraftsNotice() {
+  document.getElementById("drafts-text").textContent =
+    "You have reached the limit of uploads waiting for a file: earlier uploads that never got " +
+    "their file (an interrupted page, a closed tab) still hold their places.";
+  draftsNotice.hidden = false;
+}
+
+async function discardDrafts() {
+  // Drafts this page is still sending files to are kept; the others are discarded in one go,
+  // and the files refused for the limit are tried again.
+  const keep = [...rows.values()].filter((r) => r.uploadId && !r.limitHit).map((r) => r.uploadId);
+  const button = document.getElementById("discard-drafts");
+  button.disabled = true;
+  try {
+    const { discarded } = await api("POST", "/gallery/drafts/discard", { keep });
+    draftsNotice.hidden = true;
+    announce(`${discarded} waiting draft${discarded === 1 ? "" : "s"} discarded`);
+    for (const entry of queue.entries) {
+      if (rows.get(entry.key)?.limitHit && entry.state === "failed") queue.retry(entry.key);
+    }
+  } catch (error) {
+    document.getElementById("drafts-text").textContent = `Could not discard the drafts: ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+
 function clearFinished() {
   const removed = queue.clearFinished();
-  for (const entry of removed) {
-    const row = rows.get(entry.key);
-    if (row?.previewUrl) URL.revokeObjectURL(row.previewUrl);
-    row?.el.remove();
-    rows.delete(entry.key);
-  }
+  for (const entry of removed) forget(entry);
   renderOverall();
   announce(`${removed.length} finished row${removed.length === 1 ? "" : "s"} cleared`);
   dropEl.focus();
 }
 
-pickerEl.addEventListener("change", () => { addAll(pickerEl.files); pickerEl.value = ""; });
+for (const input of [pickerEl, cameraEl]) {
+  input.addEventListener("change", () => { addAll(input.files); input.value = ""; });
+}
+document.getElementById("camera").addEventListener("click", () => cameraEl.click());
+document.getElementById("discard-drafts").addEventListener("click", discardDrafts);
 for (const type of ["dragenter", "dragover"]) {
   dropEl.addEventListener(type, (event) => { event.preventDefault(); dropEl.classList.add("dragging"); });
 }

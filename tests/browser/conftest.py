@@ -114,9 +114,34 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     context.close()
 
 
-def screenshot(page: Any, name: str) -> Path:
-    """Save a full-page screenshot under test-artifacts/ for review."""
+def seed_admin(app: Flask, make_user: Callable[..., Any], first: tuple[int, int]) -> Any:
+    """Make the administrator `root` with a `first`-sized image and three smaller ones; return
+    (the user, the first image's upload id)."""
+    from tests.factories import PASSWORD, upload_image
+
+    admin = make_user("root", PASSWORD, is_admin=True)
+    upload_id = upload_image(app, admin.id, size=first)
+    for _ in range(3):
+        upload_image(app, admin.id, size=(640, 480))
+    return admin, upload_id
+
+
+def screenshot(page: Any, name: str, *, touch: bool = False) -> Path:
+    """Save a full-page screenshot under test-artifacts/ for review.
+
+    `touch`: the page is in a touch context, whose emulation Chromium's full-page capture drops
+    (the page would be drawn as on a mouse-driven screen): the viewport grows to the page's
+    height instead and is captured as is.
+    """
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    if touch:
+        size = page.viewport_size
+        page.set_viewport_size(
+            {"width": size["width"], "height": page.evaluate("document.body.scrollHeight")}
+        )
+        page.screenshot(path=str(path))
+        page.set_viewport_size(size)
+    else:
+        page.screenshot(path=str(path), full_page=True)
     return path

@@ -10,9 +10,9 @@ import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect
 
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import screenshot, seed_admin
 from tests.browser.test_upload_page import _csp_violations, _log_in, _png
-from tests.factories import PASSWORD, issue_token, upload_image
+from tests.factories import PASSWORD, issue_token
 
 pytestmark = pytest.mark.browser
 
@@ -44,10 +44,7 @@ def _problems(page: Any, axe: Axe) -> list[str]:
 def test_every_page_fits_the_screen_and_passes_axe(live_broker, make_user, browser, device):
     width, height = VIEWPORTS[device]
     app, base = live_broker.app, live_broker.url
-    admin = make_user("root", PASSWORD, is_admin=True)
-    upload_id = upload_image(app, admin.id, size=(4000, 3000))
-    for _ in range(3):
-        upload_image(app, admin.id, size=(640, 480))
+    admin, upload_id = seed_admin(app, make_user, (4000, 3000))
     issue_token(app, admin, name="A phone with a rather long device name, as people type them")
 
     context = browser.new_context(viewport={"width": width, "height": height})
@@ -76,7 +73,7 @@ def test_every_page_fits_the_screen_and_passes_axe(live_broker, make_user, brows
         if device == "laptop":
             # The actions of a large photo are on the first screen, no scrolling needed.
             expect(page.locator(".detail img")).to_have_js_property("complete", True)
-            for name in ("Copy link", "Delete…"):
+            for name in ("Copy link: medium", "Delete…"):
                 box = page.get_by_role("button", name=name).bounding_box()
                 assert box and box["y"] >= 0 and box["y"] + box["height"] <= height, (name, box)
         check("account", "/auth/account")
@@ -144,8 +141,8 @@ def test_keyboard_focus_is_always_somewhere_visible(live_broker, make_user, emul
     page.keyboard.press("Enter")
     expect(row.get_by_role("button", name="Cancel")).to_be_focused()
     expect(row).to_have_attribute("data-state", "ready", timeout=30_000)
-    # Ready: no button left in the row, so the row itself holds focus (with a visible ring).
-    expect(row).to_be_focused()
+    # Ready: Cancel is gone, so focus moves to the row's first action, View (visible ring).
+    expect(row.get_by_role("link", name="View kbd.png")).to_be_focused()
     assert _focus_is_visible(page)["outline"]
     assert _csp_violations(page) == []
 

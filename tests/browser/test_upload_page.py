@@ -126,7 +126,7 @@ def test_upload_refuse_ready_gallery_delete(live_broker, make_user, emulator, pa
 
     tile.locator("a").click()
     page.wait_for_url(f"{base}/gallery/{upload_id}")
-    page.get_by_role("button", name="Copy link").click()
+    page.get_by_role("button", name="Copy link: medium").click()
     expect(page.locator("#action-status")).to_have_attribute("data-url", re.compile("sig="))
     link = page.locator("#action-status").get_attribute("data-url")
     assert link.startswith(emulator.url) and "sig=" in link
@@ -163,7 +163,7 @@ def test_retry_after_injected_upload_failure_uses_a_new_url(live_broker, make_us
     assert first_id
     assert "Failed" in item.locator(".state").inner_text()
 
-    item.get_by_role("button", name="Retry").click()
+    item.get_by_role("button", name="Retry retry.png").click()
     page.wait_for_selector('li.queue-item[data-state="ready"]', timeout=30_000)
     second_id = item.get_attribute("data-upload-id")
     assert second_id and second_id != first_id
@@ -210,14 +210,19 @@ def test_cancel_gives_the_upload_slot_back(live_broker, make_user, emulator, pag
     page.wait_for_selector('li.queue-item[data-state="uploading"]')
     upload_id = item.get_attribute("data-upload-id")
     # The page deletes the unused slot so it does not count against the pending limit.
-    with page.expect_response(
-        lambda r: r.request.method == "DELETE" and r.url.endswith(f"/uploads/{upload_id}")
-    ) as deleted:
-        item.get_by_role("button", name="Cancel").click()
-    assert deleted.value.status == 200
+    click_and_see_deleted(page, item.get_by_role("button", name="Cancel"), upload_id)
     page.wait_for_selector('li.queue-item[data-state="cancelled"]')
     expect(page.locator("#live")).to_contain_text("never.png was cancelled")
     assert _status(live_broker, upload_id) == "deleted"
+
+
+def click_and_see_deleted(page: Any, button: Any, upload_id: str) -> None:
+    """Click `button` and check the page deleted that upload through the API (200)."""
+    with page.expect_response(
+        lambda r: r.request.method == "DELETE" and r.url.endswith(f"/uploads/{upload_id}")
+    ) as deleted:
+        button.click()
+    assert deleted.value.status == 200
 
 
 def _status(live: Any, upload_id: str) -> str:

@@ -107,7 +107,7 @@ def test_eight_mixed_files_upload_exactly_once_three_at_a_time(
 
     overall = page.locator("#overall")
     expect(overall).to_have_attribute("data-percent", "100", timeout=90_000)
-    expect(page.locator("#overall-text")).to_contain_text("8 of 8 files uploaded")
+    expect(page.locator("#overall-text")).to_have_text("8 files: 8 ready")
     for name, _, _ in files:
         expect(_item(page, name)).to_have_attribute("data-state", "ready", timeout=30_000)
     # The image service's thumbnail replaced each preview, HEIC included (rendered as JPEG).

@@ -140,13 +140,17 @@ export const cases = {
     const queue = new UploadQueue({ limit: 3, run: runner.run });
     const [a, b, c] = queue.add([{ name: "a", size: 1000 }, { name: "b", size: 3000 }, { name: "c", size: 500 }]);
     runner.pending.get(a.key).attempt.progress(500);
-    equal(queue.progress(), { files: 3, done: 0, settled: 0, bytes: 4500, sent: 500, percent: 11 }, "partial");
+    const { total, counts, ...partial } = queue.progress();
+    equal(partial, { files: 3, done: 0, settled: 0, bytes: 4500, sent: 500, percent: 11 }, "partial");
+    equal([total, counts.active], [3, 3], "all three running");
     runner.settle("c", { state: "refused", error: "bad" });
     await tick();
     runner.settle("a");
     runner.pending.get(b.key).attempt.progress(3000);
     await tick();
-    equal(queue.progress(), { files: 2, done: 1, settled: 1, bytes: 4000, sent: 4000, percent: 100 }, "bytes all sent");
+    const { total: all, counts: _, ...sentAll } = queue.progress();
+    equal(sentAll, { files: 2, done: 1, settled: 1, bytes: 4000, sent: 4000, percent: 100 }, "bytes all sent");
+    equal(all, 3, "the refused file is still one of the files");
     runner.settle("b");
     await tick();
     equal(queue.progress().done, 2, "all done");
@@ -162,6 +166,33 @@ export const cases = {
     const removed = queue.clearFinished();
     equal(removed.map((e) => e.file.name), ["f1.png"], "the ready one");
     equal(queue.entries.map((e) => e.file.name), ["f2.png", "f3.png"], "the rest stay");
+  },
+
+  async "totals count every file by state and add up (7 picked: 3 refused, 1 cancelled)"() {
+    const runner = manualRunner();
+    const queue = new UploadQueue({ limit: 3, run: runner.run });
+    const picked = queue.add(files(7));
+    for (const name of ["f1.png", "f2.png", "f3.png"]) runner.settle(name, { state: "refused", error: "no" });
+    await tick();
+    queue.cancel(picked[3].key);
+    runner.settle("f5.png");
+    runner.settle("f6.png", { state: "failed", error: "boom" });
+    await tick();
+    const { total, counts } = queue.progress();
+    equal(counts, { waiting: 0, active: 1, ready: 1, refused: 3, failed: 1, expired: 0, cancelled: 1 }, "by state");
+    equal(Object.values(counts).reduce((a, b) => a + b, 0), total, "they add up");
+    equal(total, 7, "every file");
+  },
+
+  async "remove drops one settled entry and refuses a running one"() {
+    const runner = manualRunner();
+    const queue = new UploadQueue({ limit: 1, run: runner.run });
+    const [a, b] = queue.add(files(2));
+    equal(queue.remove(a.key), undefined, "a running entry stays");
+    runner.settle("f1.png", { state: "refused", error: "no" });
+    await tick();
+    equal(queue.remove(a.key)?.file.name, "f1.png", "removed");
+    equal(queue.entries.map((e) => e.key), [b.key], "only b left");
   },
 
   async "the limit is validated"() {

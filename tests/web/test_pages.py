@@ -8,7 +8,7 @@ import pytest
 
 from broker.platform.db import db
 from broker.webhooks.models import WebhookDelivery
-from tests.factories import add_webhook_endpoint, create_upload, csrf_token
+from tests.factories import add_webhook_endpoint, create_upload, csrf_token, send_file
 
 
 @pytest.fixture
@@ -47,11 +47,15 @@ def test_gallery_lists_only_own_pending_and_ready_uploads(app, client, two_users
     assert client.delete(f"/api/v1/uploads/{gone}", headers=bearer(app, alice)).status_code == 200
 
     login(client, "alice")
-    page = client.get("/gallery").get_data(as_text=True)
+    # Drafts waiting for a file are kept apart from the images, and counted.
+    images = client.get("/gallery").get_data(as_text=True)
+    assert f'data-upload-id="{mine}"' not in images
+    assert re.search(r"Waiting for a file <span class=\"count\">1</span>", images)
+    page = client.get("/gallery?show=drafts").get_data(as_text=True)
     assert f'data-upload-id="{mine}"' in page
-    assert "badge-pending" in page  # not ready yet: a badge, no thumbnail
     assert f'data-upload-id="{gone}"' not in page
     assert f'data-upload-id="{theirs}"' not in page
+    assert client.get("/gallery?show=everything").status_code == 400
     assert client.get(f"/gallery/{mine}").status_code == 200
     assert client.get(f"/gallery/{theirs}").status_code == 404
 
@@ -65,10 +69,10 @@ def test_gallery_pages_with_a_cursor_and_refuses_a_forged_one(make_app, make_use
     headers = bearer(app, user)
     ids = [create_upload(client, headers)["id"] for _ in range(GALLERY_PAGE_SIZE + 1)]
     login(client, "alice")
-    first = client.get("/gallery").get_data(as_text=True)
+    first = client.get("/gallery?show=drafts").get_data(as_text=True)
     assert first.count("data-upload-id=") == GALLERY_PAGE_SIZE
     assert f'data-upload-id="{ids[-1]}"' in first  # newest first
-    older = re.search(r'href="(/gallery\?before=[^"]+)" rel="next"', first)
+    older = re.search(r'href="(/gallery\?show=drafts&amp;before=[^"]+)" rel="next"', first)
     assert older
     second = client.get(older.group(1).replace("&amp;", "&")).get_data(as_text=True)
     assert second.count("data-upload-id=") == 1
@@ -79,7 +83,77 @@ def test_gallery_pages_with_a_cursor_and_refuses_a_forged_one(make_app, make_use
 def test_admin_page_is_for_admins_only(client, make_user, login):
     make_user("alice")
     login(client, "alice")
-    assert client.get("/admin").status_code == 403
+    refused = client.get("/admin")
+    assert refused.status_code == 403
+    # The page says how an administrator is made (the command of broker/auth/cli.py).
+    assert "flask --app broker users create NAME --admin" in refused.get_data(as_text=True)
+
+
+def test_drafts_are_discarded_in_one_action(app, client, make_user, login, bearer):
+    alice, mallory = make_user("alice"), make_user("mallory")
+    drafts = [create_upload(client, bearer(app, alice))["id"] for _ in range(3)]
+    theirs = create_upload(client, bearer(app, mallory))["id"]
+    login(client, "alice")
+    page = client.get("/gallery?show=drafts").get_data(as_text=True)
+    assert "Discard all 3 drafts" in page
+    # A page still sending a file keeps its draft (`keep`); the rest go, with the CSRF token.
+    assert client.post("/gallery/drafts/discard", json={"keep": [drafts[0]]}).status_code == 403
+    answer = client.post(
+        "/gallery/drafts/discard",
+        json={"keep": [drafts[0]]},
+        headers={"X-CSRFToken": csrf_token(client)},
+    )
+    assert answer.status_code == 200 and answer.get_json() == {"discarded": 2}
+    statuses = {
+        i: client.get(f"/api/v1/uploads/{i}", headers=bearer(app, alice)).get_json()["status"]
+        for i in drafts
+    }
+    assert statuses == {drafts[0]: "pending", drafts[1]: "deleted", drafts[2]: "deleted"}
+    form = client.post("/gallery/drafts/discard", data={"csrf_token": csrf_token(client)})
+    assert form.status_code == 302 and "show=drafts" in form.headers["Location"]
+    after = client.get("/gallery?show=drafts").get_data(as_text=True)
+    assert "No drafts are waiting for a file." in after
+    assert (
+        client.get(f"/api/v1/uploads/{theirs}", headers=bearer(app, mallory)).get_json()["status"]
+        == "pending"
+    )
+
+
+def test_detail_page_shows_facts_variants_and_a_draft_is_not_uploaded(
+    app, client, make_user, login, bearer
+):
+    user = make_user("alice")
+    headers = bearer(app, user)
+    facts = {
+        "name": "harbour.png",
+        "type": "PNG",
+        "bytes": 123456,
+        "width": 640,
+        "height": 480,
+        "animated": False,
+    }
+    draft = create_upload(client, headers, metadata={"file": facts})["id"]
+    login(client, "alice")
+    page = client.get(f"/gallery/{draft}").get_data(as_text=True)
+    assert "Uploaded" not in page and "waiting for a file" in page
+    assert "<h1>harbour.png" in page
+    assert "640 \u00d7 480 px" in page and "123.5 kB" in page and ">PNG<" in page
+    assert re.search(r"Link expires</dt><dd>\d{4}-\d\d-\d\d \d\d:\d\d UTC", page)
+    # An animated GIF is said to be shown as a still where the image service (the emulator) does.
+    gif = {"type": "GIF", "animated": True}
+    animated = create_upload(client, headers, metadata={"file": gif})
+    send_file(animated, "GIF")
+    assert (
+        client.post(f"/api/v1/uploads/{animated['id']}/complete", headers=headers).get_json()[
+            "status"
+        ]
+        == "ready"
+    )
+    assert "first frame only" in client.get(f"/gallery/{animated['id']}").get_data(as_text=True)
+    # Whatever an app put under `file` is shown only when it has the right types.
+    bad = create_upload(client, headers, metadata={"file": {"width": "<b>", "bytes": True}})
+    shown = client.get(f"/gallery/{bad['id']}").get_data(as_text=True)
+    assert "Dimensions" not in shown and "<b>" not in shown
 
 
 def test_admin_sees_deliveries_and_redelivers_with_csrf(make_app, make_user, login, bearer):
