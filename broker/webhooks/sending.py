@@ -36,10 +36,7 @@ from broker.webhooks.signing import signature_header, signing_secrets
 
 log = logging.getLogger("broker.webhooks")
 
-
 LEASE_SECONDS = 120  # longer than one attempt (15 s timeout) with a wide margin
-
-
 USER_AGENT = "upload-broker-webhooks/1"
 
 
