@@ -13,13 +13,15 @@ from broker.api import bp
 from broker.api.spec import (
     NO_STORE,
     RATE_LIMITED,
+    RETRY_AFTER,
     ErrorCase,
+    Header,
     endpoint,
     example,
     field_error,
     not_found,
 )
-from broker.auth import current_api_token, limits, service_keys, tokens, users
+from broker.auth import current_api_token, limits, passwords, service_keys, tokens, users
 from broker.auth.models import ApiToken, ServiceKey
 from broker.platform.db import db
 from broker.platform.extensions import csrf
@@ -28,6 +30,16 @@ TAGS = ("auth",)
 INVALID_CREDENTIALS = ErrorCase(401, "invalid_credentials", "Invalid username or password.")
 NOT_A_TOKEN_REQUEST = ErrorCase(404, "not_found", "This request was not made with an API token.")
 NO_TOKEN = not_found("token")
+HASHING_BUSY = ErrorCase(503, passwords.BUSY_CODE, passwords.BUSY_MESSAGE, headers=(RETRY_AFTER,))
+DEVICE = Header(
+    limits.DEVICE_HEADER,
+    "This device's proof of a past correct login as this user. Send it back as the "
+    f"`{limits.DEVICE_HEADER}` request header on later token requests for the same username: "
+    "they are then counted against this device's own attempt budget, so someone guessing the "
+    "user's password cannot lock this device out. Valid one year.",
+    {"type": "string"},
+    "eyJ1IjoiYW5hIiwiZCI6IjFhMmIzYyJ9.Zk3pQw.3yZ8...",
+)
 _TOKEN_EXAMPLE = {
     "id": "tok_7c4a8d09ca3762af61e59520",
     "device_name": "Ana's iPhone",
@@ -126,8 +138,8 @@ def _current_id() -> int | None:
     "/auth/tokens",
     body=CreateToken,
     responses={201: TokenCreated},
-    errors=(INVALID_CREDENTIALS, RATE_LIMITED),
-    headers={201: (NO_STORE,)},
+    errors=(INVALID_CREDENTIALS, RATE_LIMITED, HASHING_BUSY),
+    headers={201: (NO_STORE, DEVICE)},
     auth=False,
     tags=TAGS,
     guard=limits.credential_checks,
@@ -144,7 +156,8 @@ def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
     )
     db.session.commit()
     out = _out(issued.token, None, TokenCreated, token=issued.secret)
-    return out, 201, {"Cache-Control": "no-store"}
+    device = limits.device_credential(user.username_key)
+    return out, 201, {"Cache-Control": "no-store", limits.DEVICE_HEADER: device}
 
 
 # Credentials in the body, no cookie is used: nothing for a cross-site request to ride on.

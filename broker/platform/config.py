@@ -115,6 +115,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Login and token-creation attempts allowed per IP and per username (Flask-Limiter syntax).",
     ),
     Setting(
+        "PASSWORD_HASH_CONCURRENCY",
+        2,
+        "Password checks (Argon2id, 64 MiB each) one process runs at once; more wait up to 1 s, then get 503 `server_busy` with `Retry-After`.",
+    ),
+    Setting(
         "SESSION_LIFETIME",
         43200,
         "Seconds a browser login lasts (also ended by closing the browser); a remember-me cookie then starts a new one, for at most 30 days after the login.",
