@@ -115,6 +115,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Login and token-creation attempts allowed per IP and per username (Flask-Limiter syntax).",
     ),
     Setting(
+        "PUBLIC_URL",
+        "",
+        "The broker's public base URL (e.g. `https://uploads.example.com`): the server the OpenAPI document names and the docs page's snippets use. Unset: the document's server is relative (`/`). Never taken from the request's `Host` header.",
+    ),
+    Setting(
         "PASSWORD_HASH_CONCURRENCY",
         2,
         "Password checks (Argon2id, 64 MiB each) one process runs at once; more wait up to 1 s, then get 503 `server_busy` with `Retry-After`.",
