@@ -11,8 +11,10 @@ cannot make the broker hammer the issuer. `iss`, `aud`, `exp` (required) and `nb
 with `BROKER_OIDC_LEEWAY` seconds of leeway.
 
 An issuer that is down or slow cannot stall the web tier: one request at a time fetches, outside
-any lock the others wait on — they verify with the last good keys meanwhile, or, with none yet,
-are refused at once (IssuerUnavailable, with the seconds until the next attempt). After a failed
+any lock the others wait on — they verify with the last good keys meanwhile. Only while no key
+was ever fetched (the first requests after a start) do they wait for that fetch, at most its
+deadline; after a failed one they are refused at once (IssuerUnavailable, with the seconds until
+the next attempt). After a failed
 fetch the next waits `MIN_FETCH_INTERVAL` seconds, doubling with each further failure up to
 `MAX_BACKOFF`: whatever tokens arrive, the issuer sees at most one fetch per interval.
 """
@@ -139,7 +141,7 @@ class Verifier:
         self._fetched_at: float | None = None  # the last good fetch
         self._failures = 0  # in a row, since the last good fetch
         self._next_fetch = 0.0  # no fetch starts before this moment
-        self._fetching = False
+        self._fetch_done: threading.Event | None = None  # set when the fetch in flight ends
         # Guards the fields above for a few instructions; never held while the issuer is asked.
         self._state = threading.Lock()
 
@@ -190,27 +192,46 @@ class Verifier:
             fetched = self._fetched_at
             stale = fetched is None or now - fetched >= JWKS_TTL
             rotated = found is None and (fetched is None or now - fetched >= REFRESH_COOLDOWN)
-            ours = (stale or rotated) and not self._fetching and now >= self._next_fetch
+            in_flight = self._fetch_done
+            ours = (stale or rotated) and in_flight is None and now >= self._next_fetch
             if not ours:
-                if not self._keys:
-                    raise IssuerUnavailable(
-                        "the issuer's keys are not fetched yet", max(self._next_fetch - now, 1.0)
-                    )
-                return found
-            self._fetching = True
+                if self._keys:
+                    return found
+                retry = max(self._next_fetch - now, 1.0)
+            else:
+                self._fetch_done = threading.Event()
+        if not ours:
+            return self._wait_for_first_keys(kid, in_flight, retry)
         try:
             keys = self._fetch_keys(now + self.deadline)
         except IssuerUnavailable as exc:
             return self._fetch_failed(kid, exc)
         except BaseException:
             with self._state:
-                self._fetching = False
+                self._fetch_ended()
             raise
         with self._state:
-            self._fetching = False
+            self._fetch_ended()
             self._keys, self._fetched_at, self._failures = keys, now, 0
             self._next_fetch = now + MIN_FETCH_INTERVAL
             return self._lookup(kid)
+
+    def _wait_for_first_keys(
+        self, kid: str | None, in_flight: threading.Event | None, retry: float
+    ) -> tuple[jwt.PyJWK, str | None] | None:
+        """Wait (at most a fetch's deadline) for the first key set, if it is being fetched."""
+        if in_flight is not None and in_flight.wait(self.deadline):
+            with self._state:
+                if self._keys:
+                    return self._lookup(kid)
+                retry = max(self._next_fetch - self._clock(), 1.0)
+        raise IssuerUnavailable("the issuer's keys are not fetched yet", retry)
+
+    def _fetch_ended(self) -> None:
+        """Mark the fetch in flight as over and wake whoever waits for it (holding _state)."""
+        done, self._fetch_done = self._fetch_done, None
+        if done is not None:
+            done.set()
 
     def _fetch_failed(
         self, kid: str | None, exc: IssuerUnavailable
@@ -218,7 +239,7 @@ class Verifier:
         """Back off after a failed fetch; go on with the last good keys, or raise without any."""
         log.warning("oidc key set fetch failed: %s", exc)
         with self._state:
-            self._fetching = False
+            self._fetch_ended()
             self._failures += 1
             backoff = min(MIN_FETCH_INTERVAL * 2 ** min(self._failures - 1, 16), MAX_BACKOFF)
             now = self._clock()

@@ -78,18 +78,24 @@ def test_requests_never_queue_behind_a_hanging_issuer(broker, idp, clock):
     try:
         assert idp.entered.wait(10)  # one request is fetching, and the issuer holds it
         client = broker.test_client()
-        # Probes look at no token; other requests do not wait for the fetch: with no key yet
-        # they are refused at once, and nobody starts a second fetch.
+        # Probes look at no token and answer at once.
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").status_code == 200
-        status, body, headers = _me(broker, token)
-        assert status == 503 and body["error"]["code"] == "identity_provider_unavailable"
-        assert "Retry-After" in headers
-        assert idp.jwks_fetches == 1
+        # No key was ever fetched (a cold start): another token request waits for that fetch
+        # (at most its deadline) rather than start a second one or fail the first burst.
+        while clock.reads.acquire(blocking=False):
+            pass  # forget the fetching request's readings of the clock
+        waiting = threading.Thread(target=lambda: first.append(_me(broker, token)[0]))
+        waiting.start()
+        # Its verifier read the clock: it found the fetch in flight (the issuer still holds
+        # it), so it is waiting for it now.
+        assert clock.reads.acquire(timeout=10)
     finally:
         idp.hold.set()
         fetching.join(10)
-    assert first == [200]  # the request that waited got its answer when the issuer sent it
+    waiting.join(10)
+    assert first == [200, 200]  # both got their answer when the issuer sent its keys
+    assert idp.jwks_fetches == 1
 
     # Keys cached, now stale: one request refreshes while the issuer hangs again, and every
     # other request verifies with the last good keys meanwhile.
@@ -105,7 +111,7 @@ def test_requests_never_queue_behind_a_hanging_issuer(broker, idp, clock):
     finally:
         idp.hold.set()
         refreshing.join(10)
-    assert first == [200, 200]
+    assert first == [200, 200, 200]
 
 
 def test_a_trickling_issuer_is_cut_off_at_the_fetch_deadline(idp, clock):
@@ -134,7 +140,7 @@ def test_a_trickling_issuer_is_cut_off_at_the_fetch_deadline(idp, clock):
     # Cut off after the deadline's worth of bytes (give or take the one in flight), not after
     # the whole key set (~500 bytes, 1000 s at this pace).
     assert 1 <= sent <= 6
-    assert elapsed <= oidc.FETCH_DEADLINE + 2 * 3
+    assert oidc.FETCH_DEADLINE <= elapsed <= 2 * 6  # seconds on the verifier's clock, not 1000
     # Backing off: the next token does not start another fetch within the interval.
     with pytest.raises(oidc.IssuerUnavailable):
         verifier.verify(idp.token())
