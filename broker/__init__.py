@@ -84,6 +84,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         health,
         json_input,
         logs,
+        outages,
         routing,
     )
 
@@ -106,6 +107,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     encryption.init_app(app)
     errors.init_app(app)
+    outages.init_app(app)  # before extensions: the limiter reads its fallback settings
     extensions.init_app(app)
     headers.init_app(app)
     cors.init_app(app)  # before auth: a preflight carries no credentials to check

@@ -265,6 +265,13 @@ IDENTITY_PROVIDER_UNAVAILABLE = ErrorCase(
     "The identity provider's keys cannot be fetched right now; try again shortly.",
     headers=(RETRY_AFTER,),
 )
+# Any route may meet a database that does not answer (broker.platform.outages).
+DATABASE_UNAVAILABLE = ErrorCase(
+    503,
+    "database_unavailable",
+    "The database cannot be reached right now; try again shortly.",
+    headers=(RETRY_AFTER,),
+)
 _SAFE_METHODS = ("get", "head", "options")
 
 # --- Declarations ------------------------------------------------------------------------------
@@ -340,7 +347,7 @@ class Operation:
 
     def error_cases(self) -> list[ErrorCase]:
         """Every error this operation can answer: declared and implied, each code once."""
-        implied: list[ErrorCase] = []
+        implied: list[ErrorCase] = [DATABASE_UNAVAILABLE]
         if self.body is not None:
             implied += [INVALID_JSON, BODY_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE, VALIDATION]
         if self.query is not None:

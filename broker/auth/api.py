@@ -12,12 +12,14 @@ from broker.api import bp
 from broker.api.spec import (
     NO_STORE,
     RATE_LIMITED,
+    RETRY_AFTER,
     ErrorCase,
+    Header,
     endpoint,
     example,
     not_found,
 )
-from broker.auth import current_api_token, rate_limits, service_keys, tokens, users
+from broker.auth import current_api_token, passwords, rate_limits, service_keys, tokens, users
 from broker.auth.models import ApiToken, ServiceKey
 from broker.platform.config import current_settings
 from broker.platform.db import db
@@ -27,6 +29,16 @@ TAGS = ("auth",)
 INVALID_CREDENTIALS = ErrorCase(401, "invalid_credentials", "Invalid username or password.")
 NOT_A_TOKEN_REQUEST = ErrorCase(404, "not_found", "This request was not made with an API token.")
 NO_TOKEN = not_found("token")
+HASHING_BUSY = ErrorCase(503, passwords.BUSY_CODE, passwords.BUSY_MESSAGE, headers=(RETRY_AFTER,))
+DEVICE = Header(
+    rate_limits.DEVICE_HEADER,
+    "This device's proof of a past correct login as this user. Send it back as the "
+    f"`{rate_limits.DEVICE_HEADER}` request header on later token requests for the same username: "
+    "they are then counted against this device's own attempt budget, so someone guessing the "
+    "user's password cannot lock this device out. Valid one year.",
+    {"type": "string"},
+    "eyJ1IjoiYW5hIiwiZCI6IjFhMmIzYyJ9.Zk3pQw.3yZ8...",
+)
 _TOKEN_EXAMPLE = {
     "id": "tok_7c4a8d09ca3762af61e59520",
     "device_name": "Ana's iPhone",
@@ -125,8 +137,8 @@ def _current_id() -> int | None:
     "/auth/tokens",
     body=CreateToken,
     responses={201: TokenCreated},
-    errors=(INVALID_CREDENTIALS, RATE_LIMITED),
-    headers={201: (NO_STORE,)},
+    errors=(INVALID_CREDENTIALS, RATE_LIMITED, HASHING_BUSY),
+    headers={201: (NO_STORE, DEVICE)},
     auth=False,
     tags=TAGS,
     guard=rate_limits.credential_checks,
@@ -141,7 +153,8 @@ def create_token(body: CreateToken) -> tuple[TokenCreated, int, dict[str, str]]:
         db.session, user, body.device_name.strip() or "device", ttl=timedelta(days=days)
     )
     out = _out(issued.token, None, TokenCreated, token=issued.secret)
-    return out, 201, {"Cache-Control": "no-store"}
+    device = rate_limits.device_credential(user.username_key)
+    return out, 201, {"Cache-Control": "no-store", rate_limits.DEVICE_HEADER: device}
 
 
 # Credentials in the body, no cookie is used: nothing for a cross-site request to ride on.

@@ -26,6 +26,35 @@ def _get_user(username: str) -> User:
     return user
 
 
+def _find_account(who: str, issuer: str | None) -> User:
+    """Find an account by username, by public id (`u_…`), or by external id within `issuer`."""
+    import sqlalchemy as sa
+
+    from broker.auth import external
+
+    if issuer is not None:
+        user = external.find_account(db.session, issuer, who)
+        if user is None:
+            raise click.ClickException(f"no account for {who!r} in namespace {issuer!r}")
+        return user
+    if who.startswith("u_"):
+        by_id = db.session.scalar(sa.select(User).where(User.public_id == who))
+        if by_id is not None:
+            return by_id
+    return _get_user(who)
+
+
+# Accounts of the app's own users have no username of theirs: an admin names them by the id
+# their identity provider or service key uses, in that namespace.
+_issuer_option = click.option(
+    "--issuer",
+    default=None,
+    metavar="NAMESPACE",
+    help="Read WHO as an external id in this namespace (an OIDC issuer URL or a service key's "
+    "--issuer, e.g. service-keys).",
+)
+
+
 def _new_password() -> str:
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
@@ -102,23 +131,41 @@ def set_password_command(username: str, password_stdin: bool) -> None:
 
 
 @users_cli.command("deactivate")
-@click.argument("username")
-def deactivate_command(username: str) -> None:
-    """Lock an account out: no login, sessions ended, API tokens revoked."""
-    user = _get_user(username)
+@click.argument("who")
+@_issuer_option
+def deactivate_command(who: str, issuer: str | None) -> None:
+    """Lock an account out (by username, public id, or --issuer and external id): no login,
+    sessions ended, API tokens revoked."""
+    user = _find_account(who, issuer)
     users.deactivate(db.session, user)
     db.session.commit()
-    click.echo(f"Deactivated {user.username}.")
+    click.echo(f"Deactivated {user.username} ({user.public_id}).")
 
 
 @users_cli.command("activate")
-@click.argument("username")
-def activate_command(username: str) -> None:
-    """Let a deactivated account log in again (its old tokens stay revoked)."""
-    user = _get_user(username)
+@click.argument("who")
+@_issuer_option
+def activate_command(who: str, issuer: str | None) -> None:
+    """Let a deactivated account in again (its old tokens stay revoked)."""
+    user = _find_account(who, issuer)
     user.active = True
     db.session.commit()
-    click.echo(f"Activated {user.username}.")
+    click.echo(f"Activated {user.username} ({user.public_id}).")
+
+
+@users_cli.command("show")
+@click.argument("who")
+@_issuer_option
+def show_command(who: str, issuer: str | None) -> None:
+    """Show one account: public id, role, state, and the namespace and id of an external one."""
+    user = _find_account(who, issuer)
+    click.echo(f"username:    {user.username}")
+    click.echo(f"public id:   {user.public_id}")
+    click.echo(f"role:        {'admin' if user.is_admin else 'user'}")
+    click.echo(f"state:       {'active' if user.active else 'deactivated'}")
+    if user.external_issuer is not None:
+        click.echo(f"namespace:   {user.external_issuer}")
+        click.echo(f"external id: {user.external_subject}")
 
 
 @tokens_cli.command("create")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -165,7 +166,7 @@ def _service_key_user(secret: str) -> User | None:
     """Authenticate a service key on the API; return the user it acts for (None: the key alone)."""
     from broker.auth import external, service_keys
 
-    if not request.path.startswith("/api/"):
+    if not _on_the_api():
         return None  # a backend's key, for the API only: no pages, no /i/ redirects
     key = service_keys.authenticate(db.session, secret)
     if key is None:
@@ -189,8 +190,8 @@ def _identity_provider_user(token: str) -> User | None:
     from broker.auth import oidc
 
     verifier: oidc.Verifier | None = current_app.extensions.get("oidc")
-    if verifier is None:
-        return None
+    if verifier is None or not _on_the_api():
+        return None  # the provider vouches for API calls: no pages, session or CSRF token
     try:
         identity = verifier.verify(token)
     except oidc.IssuerUnavailable as exc:
@@ -199,7 +200,7 @@ def _identity_provider_user(token: str) -> User | None:
             503,
             "identity_provider_unavailable",
             "The identity provider's keys cannot be fetched right now; try again shortly.",
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
         ) from None
     if identity is None:
         return None
@@ -216,6 +217,11 @@ def _external_account(issuer: str, subject: str) -> User:
         # Before the view's own work: the account exists whatever the view does next.
         db.session.commit()
     return _usable(user)
+
+
+def _on_the_api() -> bool:
+    """Tell whether this request is for the JSON API, the only place external credentials count."""
+    return request.path.startswith("/api/")
 
 
 def _usable(user: User) -> User:

@@ -4,10 +4,19 @@ Only asymmetric algorithms can be configured (`BROKER_OIDC_ALGORITHMS`, checked 
 a token's `alg` must be one of them before any key is chosen: `alg: none` and an HS256 token
 "signed" with the issuer's public key are refused without being looked at further. The issuer's
 keys come from its JWKS (found through OpenID discovery, or `BROKER_OIDC_JWKS_URL`), fetched with
-a timeout and a size cap, kept for `JWKS_TTL`, and fetched again when a token names a key id we
-do not hold (a rotation) — at most once per `REFRESH_COOLDOWN`, so tokens with made-up key ids
+a size cap and a total deadline (`FETCH_DEADLINE` for the whole fetch, however slowly the issuer
+trickles its answer), kept for `JWKS_TTL`, and fetched again when a token names a key id we do
+not hold (a rotation) — at most once per `REFRESH_COOLDOWN`, so tokens with made-up key ids
 cannot make the broker hammer the issuer. `iss`, `aud`, `exp` (required) and `nbf` are checked
 with `BROKER_OIDC_LEEWAY` seconds of leeway.
+
+An issuer that is down or slow cannot stall the web tier: one request at a time fetches, outside
+any lock the others wait on — they verify with the last good keys meanwhile. Only while no key
+was ever fetched (the first requests after a start) do they wait for that fetch, at most its
+deadline; after a failed one they are refused at once (IssuerUnavailable, with the seconds until
+the next attempt). After a failed
+fetch the next waits `MIN_FETCH_INTERVAL` seconds, doubling with each further failure up to
+`MAX_BACKOFF`: whatever tokens arrive, the issuer sees at most one fetch per interval.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 
 import jwt
 import requests
+import urllib3
 from flask import Flask
 
 from broker.auth.external import valid_subject
@@ -41,13 +51,20 @@ _FAMILIES = {
 }
 # Discovery documents and key sets are a few KiB; anything far bigger is not one.
 MAX_DOCUMENT_BYTES = 256 * 1024
-FETCH_TIMEOUT = 5.0
+FETCH_DEADLINE = 5.0
 JWKS_TTL = 3600.0
 REFRESH_COOLDOWN = 30.0
+MIN_FETCH_INTERVAL = 5.0
+MAX_BACKOFF = 300.0
+_CHUNK = 16384
 
 
 class IssuerUnavailable(Exception):
     """The issuer's keys could not be fetched and none are cached: no token can be checked."""
+
+    def __init__(self, message: str, retry_after: float = MIN_FETCH_INTERVAL) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -58,18 +75,36 @@ class Identity:
     subject: str
 
 
-def _fetch_json(url: str, timeout: float) -> dict[str, Any]:
-    """GET a JSON object with a timeout, refusing redirects and bodies over the size cap."""
+def _fetch_json(url: str, deadline: float, clock: Callable[[], float]) -> dict[str, Any]:
+    """GET a JSON object by `deadline` (on `clock`), refusing redirects and oversized bodies."""
+
+    def remaining() -> float:
+        left = deadline - clock()
+        if left <= 0:
+            raise IssuerUnavailable(f"{url} did not answer within {FETCH_DEADLINE:g} s")
+        return left
+
     try:
-        with requests.get(url, timeout=timeout, stream=True, allow_redirects=False) as response:
+        wait = remaining()
+        with requests.get(url, timeout=wait, stream=True, allow_redirects=False) as response:
             if response.status_code != 200:
                 raise IssuerUnavailable(f"{url} answered {response.status_code}")
-            body = b""
-            for chunk in response.iter_content(16384):
+            body = bytearray()
+            # read1 returns what one read of the socket brings: a byte trickled every few
+            # seconds (each read within the socket timeout) still meets the deadline here.
+            # urllib3 keeps its connection private; without it, each read may wait the full
+            # socket timeout set above (still bounded, just not by the remaining time).
+            sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+            while left := remaining():
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = response.raw.read1(_CHUNK, decode_content=True)
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > MAX_DOCUMENT_BYTES:
                     raise IssuerUnavailable(f"{url} sent more than {MAX_DOCUMENT_BYTES} bytes")
-    except requests.RequestException as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise IssuerUnavailable(f"{url}: {type(exc).__name__}") from None
     try:
         data = json.loads(body)
@@ -91,20 +126,24 @@ class Verifier:
         *,
         jwks_url: str | None = None,
         leeway: float = 30.0,
-        timeout: float = FETCH_TIMEOUT,
+        deadline: float = FETCH_DEADLINE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.algorithms = algorithms
         self.leeway = leeway
-        self.timeout = timeout
+        self.deadline = deadline
         self._clock = clock
         self._jwks_url = jwks_url
         # kid → (key, the `alg` the key set declares for it, if any)
         self._keys: dict[str | None, tuple[jwt.PyJWK, str | None]] = {}
-        self._fetched_at: float | None = None
-        self._lock = threading.Lock()
+        self._fetched_at: float | None = None  # the last good fetch
+        self._failures = 0  # in a row, since the last good fetch
+        self._next_fetch = 0.0  # no fetch starts before this moment
+        self._fetch_done: threading.Event | None = None  # set when the fetch in flight ends
+        # Guards the fields above for a few instructions; never held while the issuer is asked.
+        self._state = threading.Lock()
 
     def verify(self, token: str) -> Identity | None:
         """Return the identity of a valid token, else None (raises IssuerUnavailable)."""
@@ -148,19 +187,67 @@ class Verifier:
     def _key(self, kid: str | None) -> tuple[jwt.PyJWK, str | None] | None:
         """Return the signing key `kid` names, fetching the key set when stale or rotated."""
         now = self._clock()
-        with self._lock:
-            stale = self._fetched_at is None or now - self._fetched_at >= JWKS_TTL
-            unknown = self._lookup(kid) is None
-            cooled = self._fetched_at is None or now - self._fetched_at >= REFRESH_COOLDOWN
-            if stale or (unknown and cooled):
-                try:
-                    self._refresh(now)
-                except IssuerUnavailable:
-                    if not self._keys:
-                        raise
-                    # Keep verifying with the keys we have; the issuer is asked again later.
-                    log.warning("oidc key set refresh failed; keeping the cached keys")
-                    self._fetched_at = now
+        with self._state:
+            found = self._lookup(kid)
+            fetched = self._fetched_at
+            stale = fetched is None or now - fetched >= JWKS_TTL
+            rotated = found is None and (fetched is None or now - fetched >= REFRESH_COOLDOWN)
+            in_flight = self._fetch_done
+            ours = (stale or rotated) and in_flight is None and now >= self._next_fetch
+            if not ours:
+                if self._keys:
+                    return found
+                retry = max(self._next_fetch - now, 1.0)
+            else:
+                self._fetch_done = threading.Event()
+        if not ours:
+            return self._wait_for_first_keys(kid, in_flight, retry)
+        try:
+            keys = self._fetch_keys(now + self.deadline)
+        except IssuerUnavailable as exc:
+            return self._fetch_failed(kid, exc)
+        except BaseException:
+            with self._state:
+                self._fetch_ended()
+            raise
+        with self._state:
+            self._fetch_ended()
+            self._keys, self._fetched_at, self._failures = keys, now, 0
+            self._next_fetch = now + MIN_FETCH_INTERVAL
+            return self._lookup(kid)
+
+    def _wait_for_first_keys(
+        self, kid: str | None, in_flight: threading.Event | None, retry: float
+    ) -> tuple[jwt.PyJWK, str | None] | None:
+        """Wait (at most a fetch's deadline) for the first key set, if it is being fetched."""
+        if in_flight is not None and in_flight.wait(self.deadline):
+            with self._state:
+                if self._keys:
+                    return self._lookup(kid)
+                retry = max(self._next_fetch - self._clock(), 1.0)
+        raise IssuerUnavailable("the issuer's keys are not fetched yet", retry)
+
+    def _fetch_ended(self) -> None:
+        """Mark the fetch in flight as over and wake whoever waits for it (holding _state)."""
+        done, self._fetch_done = self._fetch_done, None
+        if done is not None:
+            done.set()
+
+    def _fetch_failed(
+        self, kid: str | None, exc: IssuerUnavailable
+    ) -> tuple[jwt.PyJWK, str | None] | None:
+        """Back off after a failed fetch; go on with the last good keys, or raise without any."""
+        log.warning("oidc key set fetch failed: %s", exc)
+        with self._state:
+            self._fetch_ended()
+            self._failures += 1
+            backoff = min(MIN_FETCH_INTERVAL * 2 ** min(self._failures - 1, 16), MAX_BACKOFF)
+            now = self._clock()
+            self._next_fetch = now + backoff
+            if not self._keys:
+                exc.retry_after = backoff
+                raise exc
+            # Keep verifying with the keys we have; the issuer is asked again later.
             return self._lookup(kid)
 
     def _lookup(self, kid: str | None) -> tuple[jwt.PyJWK, str | None] | None:
@@ -170,9 +257,10 @@ class Verifier:
         keys = list(self._keys.values())
         return keys[0] if len(keys) == 1 else None
 
-    def _refresh(self, now: float) -> None:
-        url = self._jwks_url or self._discover()
-        document = _fetch_json(url, self.timeout)
+    def _fetch_keys(self, deadline: float) -> dict[str | None, tuple[jwt.PyJWK, str | None]]:
+        """Fetch the issuer's usable signing keys by `deadline` (raises IssuerUnavailable)."""
+        url = self._jwks_url or self._discover(deadline)
+        document = _fetch_json(url, deadline, self._clock)
         keys: dict[str | None, tuple[jwt.PyJWK, str | None]] = {}
         for entry in document.get("keys") or []:
             if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
@@ -187,13 +275,12 @@ class Verifier:
                 keys[entry.get("kid")] = (key, declared)
         if not keys:
             raise IssuerUnavailable(f"{url} holds no usable signing key")
-        self._keys = keys
-        self._fetched_at = now
+        return keys
 
-    def _discover(self) -> str:
+    def _discover(self, deadline: float) -> str:
         """Find the JWKS URL in the issuer's OpenID configuration (and remember it)."""
         url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        document = _fetch_json(url, self.timeout)
+        document = _fetch_json(url, deadline, self._clock)
         if document.get("issuer") != self.issuer:
             raise IssuerUnavailable(f"{url} names another issuer")
         jwks_url = document.get("jwks_uri")

@@ -4,7 +4,10 @@ The per-username limit stops password guessing from many addresses, but would al
 who knows a username lock its owner out. So, as OWASP's "device cookies" suggest, a browser
 that has logged in as that user before carries a signed device cookie, and its attempts are
 counted against that device instead of the username: the owner still gets in while the
-username is under attack, and a stolen device cookie buys only the same few guesses.
+username is under attack, and a stolen device cookie buys only the same few guesses. API
+clients have no cookie jar: the token endpoint hands them the same signed value in the
+`Broker-Device` response header, and they prove the device by sending it back as a request
+header on later token requests.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from broker.platform.extensions import limiter
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEVICE_COOKIE = "broker_device"
+DEVICE_HEADER = "Broker-Device"  # the same value, for API clients
 DEVICE_MAX_AGE = timedelta(days=365)
 
 
@@ -62,7 +66,8 @@ def _device() -> str | None:
     username this request names, else None (memoised for the request)."""
     if "auth_device" not in g:
         g.auth_device = None
-        raw, name = request.cookies.get(DEVICE_COOKIE), _requested_username()
+        raw = request.cookies.get(DEVICE_COOKIE) or request.headers.get(DEVICE_HEADER)
+        name = _requested_username()
         if raw and name and len(raw) < 512:
             try:
                 data = _serializer().loads(raw, max_age=int(DEVICE_MAX_AGE.total_seconds()))
@@ -83,12 +88,16 @@ def _device_key() -> str:
     return "device:" + (_device() or "-")
 
 
+def device_credential(username_key: str) -> str:
+    """Return a new signed device value for `username_key` (after a correct password)."""
+    return _serializer().dumps({"u": username_key, "d": secrets.token_urlsafe(12)})
+
+
 def set_device_cookie(response: Response, username_key: str) -> None:
     """Mark this browser as one that logged in as `username_key` (after a correct password)."""
-    value = _serializer().dumps({"u": username_key, "d": secrets.token_urlsafe(12)})
     response.set_cookie(
         DEVICE_COOKIE,
-        value,
+        device_credential(username_key),
         max_age=int(DEVICE_MAX_AGE.total_seconds()),
         httponly=True,
         secure=bool(current_app.config["SESSION_COOKIE_SECURE"]),

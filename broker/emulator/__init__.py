@@ -26,6 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "BATCH_TOKEN_TTL": 3600,
     "BATCH_RATE_LIMIT": 200,
     "CONTROL_ENABLED": False,
+    # Empty: the controls answer loopback clients only. Set: any client sending it as a bearer.
+    "CONTROL_TOKEN": "",
     "CLOCK": None,
     "IMAGES_ALLOWED": 100_000,
     # Multipart overhead on top of the 10 MB file limit; beyond this werkzeug answers 413 itself.

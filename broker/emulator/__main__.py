@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from werkzeug.serving import run_simple
 
@@ -25,6 +26,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["EMULATOR_DATA_DIR"] = args.data_dir
     if args.control:
         os.environ["EMULATOR_CONTROL_ENABLED"] = "true"
+        if not os.environ.get("EMULATOR_CONTROL_TOKEN"):
+            print(
+                "/_emulator controls answer loopback clients only "
+                "(set EMULATOR_CONTROL_TOKEN to let others in with it)",
+                file=sys.stderr,
+            )
     # Port 0 (the OS picks one) leaves it to the host each request came to.
     if "EMULATOR_PUBLIC_URL" not in os.environ and args.port != 0:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # noqa: S104

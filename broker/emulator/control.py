@@ -2,11 +2,17 @@
 the rate-limit model, the clock.
 
 All of it lives on one `Controls` object per app and is reachable over HTTP under `/_emulator/`
-only when `CONTROL_ENABLED` is set.
+only when `CONTROL_ENABLED` is set, and then only from this machine's loopback — unless
+`CONTROL_TOKEN` is set, when any client sending it as `Authorization: Bearer <token>` may use
+them (an emulator in a container, driven from the host). Whoever reaches the controls can reset
+the account, move its clock and inject faults, so a listener on every interface (`--host
+0.0.0.0`) must not hand them to its network by default.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import math
 import random
 import threading
@@ -264,10 +270,30 @@ def _controls() -> Controls:
     return current_emulator().controls
 
 
+def _from_loopback() -> bool:
+    """Tell whether the client is on this machine (127.0.0.0/8 or ::1)."""
+    try:
+        return ipaddress.ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        return False  # a unix socket or a name: not known to be local
+
+
+def _token_sent(expected: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    sent = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    return hmac.compare_digest(sent.encode(), expected.encode())
+
+
 @bp.before_request
 def _only_when_enabled() -> None:
     if not current_app.config.get("CONTROL_ENABLED"):
         abort(404)
+    token = current_app.config.get("CONTROL_TOKEN")
+    if token:
+        if not _token_sent(str(token)):
+            raise CfError(10000, "Authentication error: send the control token", 401)
+    elif not _from_loopback():
+        abort(404)  # as if off: nothing tells a scanner the controls exist
     # A web page can send a form, text or empty POST cross-site without asking (a CORS-simple
     # request); a JSON content type needs a preflight these routes never grant.
     if request.method != "GET" and not request.is_json:

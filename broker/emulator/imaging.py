@@ -6,6 +6,13 @@ decompression-bomb check is bypassed on purpose: its threshold (~89 MP) is below
 HEIC/HEIF (what iPhones take; Cloudflare accepts it as input) is decoded by pillow-heif; its
 variants are delivered as JPEG, since browsers other than Safari cannot show HEIC.
 
+Decoding is also bounded by memory before any pixel is allocated: an image whose pixels would
+take more than MAX_DECODE_BYTES once decoded (Pillow keeps RGB and RGBA at 4 bytes a pixel,
+palette and grey at 1) is refused with 5400 on upload and never rendered. JPEG is first decoded
+at a reduced DCT scale (draft mode) instead, which still reads every byte of it. A 379 KB PNG
+can declare 10,000 x 10,000 RGBA pixels (400 MB): Cloudflare accepts it, the emulator refuses
+it rather than take that memory.
+
 Rendering keeps memory bounded by the output, not the input: a JPEG is decoded at the smallest
 DCT scale that still covers the variant (draft mode), any image is first cut down by an integer
 factor (`reduce`, keeping at least REDUCING_GAP times the output size so the final LANCZOS
@@ -28,6 +35,7 @@ from broker.emulator.errors import CfError
 MAX_BYTES = 10 * 1024 * 1024
 MAX_SIDE = 12_000
 MAX_PIXELS = 100_000_000
+MAX_DECODE_BYTES = 128 * 1024 * 1024
 
 RASTER_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "HEIF")
 CONTENT_TYPES = {
@@ -135,6 +143,27 @@ def _open_raster(data: bytes) -> Image.Image:
     raise CfError(5455, "Bad request: unsupported image format")
 
 
+def _decoded_bytes(img: Image.Image) -> int:
+    """Return what decoding `img` at its current size allocates for its pixels."""
+    bands = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
+    if img.format == "HEIF":
+        bands *= 2  # pillow-heif's own decoded buffer, copied into Pillow's
+    return img.width * img.height * bands
+
+
+def _bound_decoding(img: Image.Image, budget: int) -> None:
+    """Make `img` decode within `budget` bytes (JPEG at a smaller DCT scale); else raise 5400."""
+    width, height = img.size
+    if _decoded_bytes(img) > budget and img.format == "JPEG":
+        img.draft(img.mode, (-(-width // 8), -(-height // 8)))
+    if _decoded_bytes(img) > budget:
+        raise CfError(
+            5400,
+            f"Image of {width}x{height} {img.mode} pixels exceeds the emulator's decoding "
+            f"budget of {budget // (1024 * 1024)} MiB",
+        )
+
+
 def _svg_info(data: bytes) -> ImageInfo | None:
     head = data[:1024].lstrip()
     if not (head.startswith(b"<") and b"<svg" in data[:4096]):
@@ -150,7 +179,7 @@ def _svg_info(data: bytes) -> ImageInfo | None:
     return ImageInfo("SVG", None, None)
 
 
-def inspect_image(data: bytes) -> ImageInfo:
+def inspect_image(data: bytes, budget: int = MAX_DECODE_BYTES) -> ImageInfo:
     """Decode an upload fully and check Cloudflare's limits; raise CfError when it is refused."""
     if len(data) > MAX_BYTES:
         raise CfError(5413, "Image exceeds the 10 MB size limit")
@@ -164,6 +193,7 @@ def inspect_image(data: bytes) -> ImageInfo:
             raise CfError(5400, f"Image dimensions exceed {MAX_SIDE} px per side")
         if width * height > MAX_PIXELS:
             raise CfError(5400, "Image exceeds the 100 megapixel limit")
+        _bound_decoding(img, budget)
         try:
             img.load()
         except Exception as exc:  # any decoder failure means "not a usable image"
@@ -244,7 +274,13 @@ def _exif_for(exif: Image.Exif, mode: str, oriented: bool) -> bytes | None:
 
 
 def render(
-    data: bytes, fmt: str, fit: str, width: int, height: int, metadata: str
+    data: bytes,
+    fmt: str,
+    fit: str,
+    width: int,
+    height: int,
+    metadata: str,
+    budget: int = MAX_DECODE_BYTES,
 ) -> tuple[bytes, str]:
     """Transform original bytes for a variant; return (bytes, content type).
 
@@ -271,6 +307,7 @@ def render(
         need = (rh, rw) if sideways else (rw, rh)  # in the source's own orientation
         source_mode = src.mode
         src.draft(src.mode, need)  # JPEG: decode at the smallest DCT scale covering `need`
+        _bound_decoding(src, budget)  # an original stored before the bound: never decoded
         img = _shrink(src, need)
         if turn is not None:
             img = img.transpose(turn)

@@ -147,6 +147,16 @@ SETTINGS: tuple[Setting, ...] = (
         "Login and token-creation attempts allowed per IP and per username (Flask-Limiter syntax).",
     ),
     Setting(
+        "PUBLIC_URL",
+        "",
+        "The broker's public base URL (e.g. `https://uploads.example.com`): the server the OpenAPI document names and the docs page's snippets use. Unset: the document's server is relative (`/`). Never taken from the request's `Host` header.",
+    ),
+    Setting(
+        "PASSWORD_HASH_CONCURRENCY",
+        2,
+        "Password checks (Argon2id, 64 MiB each) one process runs at once; more wait up to 1 s, then get 503 `server_busy` with `Retry-After`.",
+    ),
+    Setting(
         "SESSION_LIFETIME",
         43200,
         "Seconds a browser login lasts (also ended by closing the browser); a remember-me cookie then starts a new one, for at most 30 days after the login.",
@@ -482,6 +492,8 @@ class Settings:
     db_processes: int
     log_level: str
     log_format: Literal["text", "json"]
+    public_url: str | None
+    password_hash_concurrency: int
     cloudflare_api_base: str
     cloudflare_account_id: str | None
     cloudflare_api_token: str | None

@@ -12,6 +12,7 @@ from flask.typing import ResponseReturnValue
 
 from broker.platform.config import current_settings
 from broker.platform.db import Session, db
+from broker.platform.extensions import limiter
 from broker.platform.routing import needs_no_user
 
 # Each feature's gauges, as functions returning Prometheus text lines (see `register_metrics`).
@@ -51,14 +52,22 @@ def livez() -> ResponseReturnValue:
 @bp.get("/readyz")
 @needs_no_user
 def readyz() -> ResponseReturnValue:
-    """Say whether the database answers; 503 with the reason when it does not."""
+    """Say which dependencies answer: 503 naming the database when it does not; a rate-limit
+    storage that does not answer leaves the process ready (it counts on its own meanwhile)."""
+    states = {"database": "ok"}
     try:
         db.session.execute(sa.text("SELECT 1"))
     except Exception as exc:  # any driver error means not ready
         log.warning("readiness check failed: %s", type(exc).__name__)
         db.session.rollback()
-        return jsonify({"status": "unavailable", "reason": "database unreachable"}), 503
-    return jsonify({"status": "ok", "database": "ok"})
+        states["database"] = "unreachable"
+    if not str(current_app.config.get("RATELIMIT_STORAGE_URI") or "memory").startswith("memory"):
+        up = limiter.storage.check()
+        states["ratelimit_storage"] = "ok" if up else "unreachable: counting in-process"
+    if states["database"] != "ok":
+        return jsonify({"status": "unavailable", "reason": "database unreachable", **states}), 503
+    degraded = any(state != "ok" for state in states.values())
+    return jsonify({"status": "degraded" if degraded else "ok", **states})
 
 
 @bp.get("/metrics")

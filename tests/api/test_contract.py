@@ -94,6 +94,7 @@ def live(make_app: Any, make_user: Any) -> Iterator[Live]:
             ).one(),
         }
     with factories.live_server(app) as url:
+        app.config["PUBLIC_URL"] = url  # what an operator sets; the document names it
         yield Live(app, url, ids, factories.issue_token(app, admin))
 
 

@@ -4,7 +4,6 @@ discovery document and JWKS served over loopback, the broker checking every clai
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -17,21 +16,7 @@ from broker.auth.models import User
 from broker.platform.config import ConfigError
 from broker.platform.db import db
 from tests.conftest import base_config
-from tests.support.oidc_issuer import AUDIENCE, Issuer, serve_issuer
-
-
-@pytest.fixture
-def idp() -> Iterator[Issuer]:
-    """The identity provider, with key k1 published."""
-    with serve_issuer() as issuer:
-        issuer.new_key("k1")
-        yield issuer
-
-
-@pytest.fixture
-def broker(make_app: Callable[..., Flask], idp: Issuer) -> Flask:
-    """The broker trusting `idp` for the audience shop-app."""
-    return make_app(OIDC_ISSUER=idp.url, OIDC_AUDIENCE=AUDIENCE, OIDC_ALGORITHMS="RS256")
+from tests.support.oidc_issuer import AUDIENCE
 
 
 def _me(app: Flask, token: str) -> tuple[int, dict]:
@@ -150,9 +135,14 @@ def test_an_unreachable_or_oversized_key_set_is_503_not_a_guess(broker, idp) -> 
     assert status == 503 and body["error"]["code"] == "identity_provider_unavailable"
     idp.jwks_status = 200
     idp.jwks_padding = oidc.MAX_DOCUMENT_BYTES
-    assert _me(broker, idp.token())[0] == 503
+    start = time.time()
+    # Each failure waits longer before the next fetch (5 s, then 10 s).
+    with time_machine.travel(start + oidc.MIN_FETCH_INTERVAL, tick=False):
+        assert _me(broker, idp.token())[0] == 503
     idp.jwks_padding = 0
-    assert _me(broker, idp.token())[0] == 200
+    with time_machine.travel(start + 3 * oidc.MIN_FETCH_INTERVAL + 1, tick=False):
+        assert _me(broker, idp.token())[0] == 200
+    assert idp.jwks_fetches == 3
 
 
 def test_once_loaded_a_failing_issuer_does_not_stop_known_keys(broker, idp) -> None:

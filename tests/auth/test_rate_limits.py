@@ -107,3 +107,36 @@ def test_a_client_over_its_ip_limit_is_refused_before_its_body_is_read(
         assert response.status_code == 429, path
         assert "Retry-After" in response.headers
     assert parsed == []
+
+
+def _token_request(
+    app: Flask, username: str, password: str, ip: str, device: str | None = None
+) -> Any:
+    headers = {"Broker-Device": device} if device else {}
+    body = {"username": username, "password": password, "device_name": "phone"}
+    return app.test_client().post(
+        "/api/v1/auth/tokens", json=body, headers=headers, environ_base={"REMOTE_ADDR": ip}
+    )
+
+
+def test_an_api_client_proves_its_device_with_the_header_it_was_given(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any]
+) -> None:
+    """A phone has no cookie jar: the token answer hands it the device value as `Broker-Device`,
+    and sending it back on a later token request spares it the username's lock-out."""
+    app = make_app(AUTH_RATE_LIMIT="3 per minute")
+    make_user("alice")
+    first = _token_request(app, "alice", PASSWORD, "10.1.0.1")
+    assert first.status_code == 201
+    device = first.headers["Broker-Device"]
+    for n in range(3):  # someone guesses from three addresses: the username is locked
+        assert _token_request(app, "alice", "wrong password!", f"10.66.0.{n}").status_code == 401
+    assert _token_request(app, "alice", PASSWORD, "10.2.0.1").status_code == 429
+    assert _token_request(app, "alice", PASSWORD, "10.1.0.2", device).status_code == 201
+    # The value is bound to its user and signed: no use for another username, nor forged.
+    make_user("bob")
+    for n in range(3):
+        _token_request(app, "bob", "wrong password!", f"10.67.0.{n}")
+    assert _token_request(app, "bob", PASSWORD, "10.1.0.3", device).status_code == 429
+    forged = device[:-4] + ("AAAA" if not device.endswith("AAAA") else "BBBB")
+    assert _token_request(app, "alice", PASSWORD, "10.1.0.4", forged).status_code == 429

@@ -45,6 +45,7 @@ def test_docs_page_reads_on_desktop_and_phone_under_the_strict_csp(
 
 
 def test_copy_buttons_put_the_snippet_on_the_clipboard(page: Any, live_broker: LiveBroker) -> None:
+    live_broker.app.config["PUBLIC_URL"] = live_broker.url  # the snippets name the broker by it
     page.goto(f"{live_broker.url}/api/v1/docs")
     page.get_by_role("button", name="Copy curl example").click()
     copied = page.evaluate("navigator.clipboard.readText()")

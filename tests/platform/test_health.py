@@ -31,7 +31,11 @@ def test_readyz_503_when_database_unreachable(tmp_path):
     )
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
-    assert response.get_json() == {"status": "unavailable", "reason": "database unreachable"}
+    assert response.get_json() == {
+        "status": "unavailable",
+        "reason": "database unreachable",
+        "database": "unreachable",
+    }
 
 
 def test_metrics_is_off_without_a_token(client):

@@ -3,7 +3,9 @@
 `with serve_issuer() as idp:` serves `/.well-known/openid-configuration` and `/jwks.json` from a
 threaded werkzeug server on 127.0.0.1:0, signs tokens with `idp.token(sub=…)`, publishes new
 keys (`idp.publish(kid)`: a rotation), can answer the JWKS with a chosen status or an oversized
-body, and counts JWKS fetches. It can also serve static files (`idp.files[path] = (type, bytes)`),
+body, hang until released (`idp.hold`, with `idp.entered` set once a fetch is waiting) or trickle
+it a byte per `idp.trickle()` call (the test paces the bytes, and advances its clock with them),
+and counts JWKS fetches. It can also serve static files (`idp.files[path] = (type, bytes)`),
 so one server stands for "the app": its identity provider and its pages.
 """
 
@@ -13,8 +15,9 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +48,10 @@ class Issuer:
     jwks_status: int = 200
     jwks_padding: int = 0  # bytes of filler added to the JWKS answer (size-cap tests)
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    hold: threading.Event | None = None  # set: the JWKS answer waits until it is set
+    entered: threading.Event = field(default_factory=threading.Event)
+    trickle: Callable[[], bool] | None = None  # called before each byte; False stops the answer
+    trickled: int = 0  # bytes of the JWKS sent one at a time
 
     def new_key(self, kid: str, *, publish: bool = True) -> rsa.RSAPrivateKey:
         """Make an RSA key pair named `kid`, published in the JWKS unless told otherwise."""
@@ -107,6 +114,14 @@ class Issuer:
             document["padding"] = "x" * self.jwks_padding
         return document
 
+    def _trickled(self, body: bytes) -> Iterator[bytes]:
+        """Yield `body` a byte at a time, each when `trickle()` allows it."""
+        for index in range(len(body)):
+            if self.trickle is None or not self.trickle():
+                return
+            self.trickled += 1
+            yield body[index : index + 1]
+
     def wsgi(self, environ: Any, start_response: Any) -> Any:
         """Serve discovery, the JWKS and the app's files."""
         request = Request(environ)
@@ -115,9 +130,12 @@ class Issuer:
             response = Response(json.dumps(body), mimetype="application/json")
         elif request.path == "/jwks.json":
             self.jwks_fetches += 1
-            response = Response(
-                json.dumps(self._jwks()), status=self.jwks_status, mimetype="application/json"
-            )
+            self.entered.set()
+            if self.hold is not None:
+                self.hold.wait(30)
+            body = json.dumps(self._jwks()).encode()
+            content: Any = self._trickled(body) if self.trickle else body
+            response = Response(content, status=self.jwks_status, mimetype="application/json")
         elif request.path in self.files:
             mimetype, content = self.files[request.path]
             response = Response(content, mimetype=mimetype)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from broker import create_app
 from broker.api.spec import openapi_document
+from tests.conftest import base_config
 
 OPERATIONS = {
     ("post", "/api/v1/uploads"),
@@ -19,7 +21,7 @@ OPERATIONS = {
 
 
 def test_every_documented_status_is_answered_and_valid(
-    make_app, make_user, bearer, login, emulator
+    make_app, make_user, bearer, login, emulator, tmp_path
 ) -> None:
     app = make_app(MAX_PENDING_UPLOADS=3)
     client = app.test_client()
@@ -104,6 +106,12 @@ def test_every_documented_status_is_answered_and_valid(
         call(method, template, path, headers=key)
         if method == "get":
             call(method, template, path, headers=scoped)
+
+    # A database that does not answer: 503 database_unavailable on every route.
+    down = create_app(base_config(f"sqlite:///{tmp_path}/missing/dir/db.sqlite3", str(tmp_path)))
+    for method, template in OPERATIONS:
+        path = template.replace("{upload_id}", "x").replace("{public_id}", "x")
+        assert call(method, template, path, headers=auth, via=down.test_client()).status_code == 503
 
     documented = _documented(app)
     for op in OPERATIONS:

@@ -5,8 +5,6 @@ tokens / repeated errors, the per-token rate shared across processes."""
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import Priority
 from broker.upstream.models import UpstreamBatchToken
 from broker.worker import run_once
-from tests.conftest import require
+from tests.support.redis_server import redis_server
 
 URL = "/api/v1/uploads"
 METRICS = "scrape-me-0123456789"
@@ -370,44 +368,8 @@ def test_batch_off_uses_only_the_global_api(
 @pytest.fixture
 def redis_uri(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test's own, on a unix socket (no TCP port at all)."""
-    require(shutil.which("redis-server") is not None, "needs redis-server (Debian: redis-server)")
-    sock = tmp_path / "redis.sock"
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        import redis
-
-        client = redis.Redis(unix_socket_path=str(sock))
-        for _ in range(400):  # up within milliseconds; give up after ~10 s
-            if sock.exists():
-                try:
-                    client.ping()
-                    break
-                except redis.exceptions.ConnectionError:
-                    pass
-            try:
-                proc.wait(timeout=0.025)
-                pytest.fail(f"redis-server exited with {proc.returncode}")
-            except subprocess.TimeoutExpired:
-                continue
-        client.ping()
-        yield f"redis+unix://{sock}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with redis_server(tmp_path) as server:
+        yield server.uri
 
 
 def test_the_per_token_rate_is_shared_through_redis(

@@ -1,0 +1,159 @@
+"""Dependencies that fail degrade the broker instead of making it answer 500: a real
+redis-server stopped and started again under the rate limits, and a real database that refuses
+connections (SQLite: a file that cannot be opened; PostgreSQL: a closed port, and connections
+terminated under the app with pg_terminate_backend)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import time_machine
+from flask import Flask
+from sqlalchemy.engine import make_url
+
+from broker import create_app
+from broker.platform.db import db
+from tests import factories
+from tests.conftest import base_config
+from tests.support.redis_server import redis_server
+
+METRICS = {"Authorization": "Bearer metrics-secret"}
+
+
+def _token_request(app: Flask, ip: str = "10.9.0.1") -> Any:
+    body = {"username": "mallory", "password": "not the password", "device_name": "x"}
+    return app.test_client().post(
+        "/api/v1/auth/tokens", json=body, environ_base={"REMOTE_ADDR": ip}
+    )
+
+
+def _metric(app: Flask, name: str) -> float:
+    text = app.test_client().get("/metrics", headers=METRICS).get_data(as_text=True)
+    (line,) = [line for line in text.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[1])
+
+
+def test_rate_limits_fall_back_to_the_process_while_redis_is_down(
+    make_app: Callable[..., Flask], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis_server(tmp_path) as redis:
+        app = make_app(
+            RATELIMIT_STORAGE_URI=redis.uri,
+            AUTH_RATE_LIMIT="3 per minute",
+            METRICS_TOKEN="metrics-secret",
+        )
+        client = app.test_client()
+        assert client.get("/readyz").get_json() == {
+            "status": "ok",
+            "database": "ok",
+            "ratelimit_storage": "ok",
+        }
+        assert _token_request(app).status_code == 401
+        assert _metric(app, "broker_ratelimit_storage_up") == 1
+        fallbacks = _metric(app, "broker_ratelimit_fallbacks")
+
+        redis.stop()
+        caplog.set_level(logging.WARNING, logger="broker.outages")
+        # Counted in the process now: the limit still holds, and nothing is a 500.
+        statuses = [_token_request(app, "10.9.0.2").status_code for _ in range(5)]
+        assert statuses == [401, 401, 401, 429, 429]
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.get_json() == {
+            "status": "degraded",
+            "database": "ok",
+            "ratelimit_storage": "unreachable: counting in-process",
+        }
+        assert _metric(app, "broker_ratelimit_storage_up") == 0
+        assert _metric(app, "broker_ratelimit_fallbacks") == fallbacks + 1
+        switched = [r for r in caplog.records if "rate-limit storage unreachable" in r.message]
+        assert len(switched) == 1  # logged once, not per request
+
+        # Back: Flask-Limiter checks the storage again (backing off; the clock moves on) and
+        # counts in it from then on.
+        redis.start()
+        with time_machine.travel(time.time() + 600, tick=False):
+            assert _token_request(app, "10.9.0.3").status_code == 401
+            assert _metric(app, "broker_ratelimit_storage_up") == 1
+        assert client.get("/readyz").get_json()["status"] == "ok"
+        assert any("answers again" in r.message for r in caplog.records)
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _unreachable_database(database_url: str, tmp_path: Path) -> str:
+    """The test database's URL, pointed where no database answers."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "postgresql":
+        return url.set(host="127.0.0.1", port=_closed_port()).render_as_string(False)
+    return f"sqlite:///{tmp_path}/missing/dir/broker.sqlite3"  # a folder that does not exist
+
+
+def test_a_database_that_refuses_connections_is_503_with_retry_after(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = base_config(_unreachable_database(database_url, tmp_path), str(tmp_path))
+    app = create_app(config)
+    client = app.test_client()
+    answer = client.get("/api/v1/me", headers=factories.bearer_header("brk_" + "x" * 43))
+    assert answer.status_code == 503
+    assert answer.get_json()["error"]["code"] == "database_unavailable"
+    assert answer.headers["Retry-After"] == "5"
+    created = client.post(
+        "/api/v1/uploads", json={}, headers=factories.bearer_header("brk_" + "y" * 43)
+    )
+    assert created.status_code == 503
+    from broker.auth import remember
+
+    client.set_cookie(remember.COOKIE, "a-remembered-login")  # looked up in the database
+    page = client.get("/gallery")
+    assert page.status_code == 503 and "text/html" in page.content_type
+    client.delete_cookie(remember.COOKIE)
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["database"] == "unreachable"
+    assert client.get("/livez").status_code == 200
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_connections_the_server_terminates_are_503_then_replaced(
+    app: Flask, make_user: Callable[..., Any], database_url: str
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends: runs in the PostgreSQL pass")
+    postgres_url = database_url
+    user = make_user("ana")
+    bearer = factories.issue_token(app, user)
+    client = app.test_client()
+    assert client.get("/api/v1/me", headers=bearer).status_code == 200
+    killer = sa.create_engine(postgres_url)
+    try:
+        with killer.connect() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        assert killed >= 1
+    finally:
+        killer.dispose()
+    # The pooled connection is dead: that request is a 503 (never a 500) ...
+    answers = [client.get("/api/v1/me", headers=bearer).status_code for _ in range(3)]
+    assert answers == [503, 200, 200], answers
+    # ... and the pool replaced it: the next ones are served.
+    assert client.get("/readyz").status_code == 200
+    with app.app_context():
+        db.engine.dispose()  # the other dead connections: none reaches the suite's clean-up
