@@ -23,6 +23,7 @@ OWNERS = {
     "auth/middleware.py",  # the request middleware: authentication's own unit of work
     "uploads/cloudflare_hook.py",  # a view: Cloudflare's inbound completion notification
     "platform/health.py",  # views: /livez and /readyz (a probe's failed query is rolled back)
+    "platform/outages.py",  # an error handler: a request the database failed is rolled back
     "uploads/warmup.py",  # a web process's warm-up: the create path in a rolled-back transaction
 }
 
