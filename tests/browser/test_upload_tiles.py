@@ -9,9 +9,12 @@ import re
 
 import pytest
 import requests
+import sqlalchemy as sa
 from PIL import Image
 from playwright.sync_api import expect
 
+from broker.auth.models import User
+from broker.platform.db import db
 from tests.browser.conftest import screenshot
 from tests.browser.test_page_layout import (
     TEXT_FILE,
@@ -117,7 +120,9 @@ def test_pending_limit_offers_discarding_the_drafts_in_one_action(
 ):
     user = make_user("wes", PASSWORD)
     app, base = live_broker.app, live_broker.url
-    app.config["MAX_PENDING_UPLOADS"] = 2
+    with app.app_context():  # this user's own limit, as an admin sets it (settings are read once)
+        db.session.execute(sa.update(User).where(User.id == user.id).values(max_pending_uploads=2))
+        db.session.commit()
     headers = issue_token(app, user, name="old tab")
     drafts = [
         requests.post(f"{base}/api/v1/uploads", json={}, headers=headers, timeout=10).json()["id"]
