@@ -23,10 +23,11 @@ from broker.auth.models import User
 from broker.images import variants
 from broker.platform.config import CLOUDFLARE_API_BASE, current_settings
 from broker.platform.db import db
+from broker.platform.errors import ApiError
 from broker.uploads import lifecycle, queries
 from broker.uploads.models import Upload, UploadStatus
 from broker.uploads.policy import UploadError
-from broker.upstream.cloudflare import get_client
+from broker.upstream.cloudflare import UpstreamError, get_client
 from broker.webhooks import endpoints
 from broker.webhooks.models import WebhookDelivery
 
@@ -111,13 +112,26 @@ def discard_drafts() -> ResponseReturnValue:
     ).all()
     client = get_client()
     discarded = 0
-    for draft in drafts:
-        if draft.id in keep_ids:
-            continue
-        # The API's DELETE, one draft at a time: each commit frees a slot even if a later
-        # call to the image service fails.
-        discarded += lifecycle.delete_upload(db.session, draft, client)
-        db.session.commit()
+    try:
+        for draft in drafts:
+            if draft.id in keep_ids:
+                continue
+            # The API's DELETE, one draft at a time: each commit frees a slot even if a later
+            # call to the image service fails.
+            discarded += lifecycle.delete_upload(db.session, draft, client)
+            db.session.commit()
+    except UpstreamError:
+        db.session.rollback()
+        said = (
+            f"{discarded} draft{'' if discarded == 1 else 's'} discarded; the image service is"
+            " not answering, so the rest are still waiting. Try again in a moment."
+        )
+        if request.is_json:
+            raise ApiError(
+                502, "upstream_unavailable", said, headers={"Retry-After": "5"}
+            ) from None
+        flash(said, "error")
+        return redirect(url_for("web.gallery", show="drafts"))
     if request.is_json:
         return jsonify(discarded=discarded)
     flash(f"{discarded} draft{'' if discarded == 1 else 's'} discarded.", "info")

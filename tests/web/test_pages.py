@@ -189,3 +189,32 @@ def test_admin_sees_deliveries_and_redelivers_with_csrf(make_app, make_user, log
         client.post("/admin/deliveries/999999/redeliver", data={"csrf_token": token}).status_code
         == 404
     )
+
+
+def test_discarding_drafts_while_the_image_service_fails_says_so(
+    app, client, make_user, login, bearer, emulator
+):
+    """Cloudflare failing mid-discard is a 502 in the API's error shape (a flash for the form),
+    never a 500; the drafts not yet deleted stay waiting, and a later try discards them."""
+    alice = make_user("alice")
+    drafts = [create_upload(client, bearer(app, alice))["id"] for _ in range(2)]
+    login(client, "alice")
+    emulator.inject_fault("image_delete", status=500)
+    # What the page's fetch sends (static/js/links.js).
+    headers = {"X-CSRFToken": csrf_token(client), "Accept": "application/json"}
+    answer = client.post("/gallery/drafts/discard", json={}, headers=headers)
+    assert answer.status_code == 502 and answer.headers["Retry-After"] == "5"
+    error = answer.get_json()["error"]
+    assert error["code"] == "upstream_unavailable" and "0 drafts discarded" in error["message"]
+    form = client.post("/gallery/drafts/discard", data={"csrf_token": csrf_token(client)})
+    assert form.status_code == 302 and "show=drafts" in form.headers["Location"]
+    page = client.get("/gallery?show=drafts").get_data(as_text=True)
+    assert "the image service is not answering" in page and "Discard all 2 drafts" in page
+    emulator.clear_faults()
+    again = client.post("/gallery/drafts/discard", json={}, headers=headers)
+    assert again.status_code == 200 and again.get_json() == {"discarded": 2}
+    statuses = {
+        client.get(f"/api/v1/uploads/{i}", headers=bearer(app, alice)).get_json()["status"]
+        for i in drafts
+    }
+    assert statuses == {"deleted"}
