@@ -13,7 +13,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,16 +25,11 @@ import requests
 
 from broker.emulator.testing import make_image
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.support.reader import free_port, reader_env
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 # A fresh install downloads or unpacks every dependency: generous, and only a bound.
 START_DEADLINE = 420.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fresh_checkout(into: Path) -> Path:
@@ -114,9 +108,8 @@ def make_run(tmp_path: Path) -> Iterator[tuple[Running, int]]:
     if not shutil.which("make"):
         pytest.skip("needs make")
     checkout = _fresh_checkout(tmp_path / "checkout")
-    broker_port, emulator_port = _free_port(), _free_port()
-    # A reader's shell: none of this test run's own settings.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "PYTEST_"))}
+    broker_port, emulator_port = free_port(), free_port()
+    env = reader_env()  # a reader's shell: none of this test run's own settings
     env.update(BROKER_PORT=str(broker_port), EMULATOR_PORT=str(emulator_port))
     process = subprocess.Popen(
         ["make", "run"],

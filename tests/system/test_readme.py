@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import requests
 
 from broker.emulator.testing import make_image
 from tests.readme import run_document
+from tests.support.reader import free_port, reader_env
 from tests.system.topology import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,12 +38,6 @@ FLOWS = {
     "Showing private images",
     "The local Cloudflare Images emulator",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -95,9 +89,8 @@ def prepared(tmp_path: Path) -> Stack:
     for name in ("wsgi.py", "gunicorn.conf.py"):
         (folder / name).symlink_to(ROOT / name)
     (folder / "photo.jpg").write_bytes(make_image(120, 80, "JPEG"))
-    broker_port, emulator_port = _free_port(), _free_port()
-    # A reader's shell: none of this test run's own settings.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "PYTEST_"))}
+    broker_port, emulator_port = free_port(), free_port()
+    env = reader_env()  # a reader's shell: none of this test run's own settings
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         BROKER_INSTANCE_PATH=str(folder / "instance"),
