@@ -87,6 +87,14 @@ def filled_example() -> dict[str, str]:
     return env
 
 
+def _finalized(environment: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    """The broker's config from a service's environment, as `create_app` finalizes it."""
+    config = {**DEFAULTS, **{k.removeprefix("BROKER_"): v for k, v in environment.items()}}
+    config.pop("PORT", None)
+    finalize(config, str(tmp_path))
+    return config
+
+
 def test_no_secret_is_written_in_compose_yaml() -> None:
     """Every setting whose name says secret, password, token or key takes its value from the
     environment, with no default but an empty one."""
@@ -137,22 +145,33 @@ def test_filled_in_example_runs_in_production_and_passes_its_checks(tmp_path: Pa
         assert environment["BROKER_DATABASE_URL"].endswith(
             "broker:pw0123456789@postgres:5432/broker"
         )
-        config = {**DEFAULTS, **{k.removeprefix("BROKER_"): v for k, v in environment.items()}}
-        config.pop("PORT", None)
-        finalize(config, str(tmp_path))  # raises ConfigError on anything production refuses
+        config = _finalized(environment, tmp_path)  # ConfigError on anything production refuses
         assert config["SESSION_COOKIE_SECURE"] is True
+        assert config["CLOUDFLARE_BATCH_BASE"] == "https://batch.imagedelivery.net"  # derived
     assert services["emulator"]["profiles"] == ["emulator"]
 
 
-def test_the_emulator_env_file_is_the_one_way_to_testing() -> None:
-    """.env.emulator chooses the emulator profile and `testing`, pointing at the emulator only."""
+def test_the_emulator_env_file_is_the_one_way_to_testing(tmp_path: Path) -> None:
+    """.env.emulator chooses the emulator profile and `testing`, pointing at the emulator only
+    (its batch host too, derived from the API base rather than Cloudflare's)."""
     env = env_file(".env.emulator")
     assert env["COMPOSE_PROFILES"] == "emulator"
     services = interpolate(raw(), env)["services"]
     web = services["web"]["environment"]
     assert web["BROKER_ENV"] == "testing"
     assert web["BROKER_CLOUDFLARE_API_BASE"] == "http://emulator:8788/client/v4"
+    config = _finalized(web, tmp_path)
+    assert config["CLOUDFLARE_BATCH_BASE"] == "http://emulator:8788/batch"
     assert (
         services["emulator"]["environment"]["EMULATOR_NOTIFY_SECRET"]
         == (web["BROKER_CLOUDFLARE_WEBHOOK_SECRET"])
     )
+
+
+def test_a_proxy_api_base_takes_its_own_batch_host_not_cloudflares(tmp_path: Path) -> None:
+    """Compose leaves the batch host unset unless given, so the broker derives it from the API
+    base: a proxy's token never goes to Cloudflare's batch host."""
+    env = {**filled_example(), "BROKER_CLOUDFLARE_API_BASE": "https://proxy.example.com/client/v4"}
+    web = interpolate(raw(), env)["services"]["web"]["environment"]
+    config = _finalized(web, tmp_path)
+    assert config["CLOUDFLARE_BATCH_BASE"] == "https://proxy.example.com/batch"
