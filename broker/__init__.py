@@ -157,6 +157,7 @@ def _instance_in_install(instance_path: str | None) -> bool:
 
 def _import_models() -> None:
     """Register every feature's tables on the one metadata (migrations and tests read it)."""
+    from broker import operations as _operations  # noqa: F401  (worker_heartbeats)
     from broker.api import models as _api  # noqa: F401
     from broker.auth import models as _auth  # noqa: F401
     from broker.images import models as _images  # noqa: F401

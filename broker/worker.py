@@ -5,6 +5,8 @@
                                        # by make run or with the first request it serves
 
 Jobs, in the order one pass runs them (each guarded, so one failing job never stops the others):
+- `heartbeat`: this worker's row in `worker_heartbeats`, every 10 s (broker.operations), read
+  by `/metrics` and by `flask worker health`, the container healthcheck;
 - `verify_uploads`: completion detection for due uploads (broker.uploads.completion);
 - `expire_uploads`: drafts past their expiry + grace become `expired`;
 - `delete_drafts`: expired drafts whose deletion upstream was postponed are deleted now;
@@ -34,13 +36,15 @@ from datetime import datetime
 from typing import Any
 
 import click
+import sqlalchemy as sa
 from flask import Flask, current_app
-from flask.cli import with_appcontext
+from flask.cli import AppGroup, with_appcontext
 
+from broker import operations
 from broker.api import idempotency
 from broker.images import keys
 from broker.platform import wakeup
-from broker.platform.config import settings_of
+from broker.platform.config import current_settings, settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import completion
 from broker.upstream.cloudflare import get_client
@@ -75,12 +79,14 @@ class Worker:
     worker_id: str = field(default_factory=_new_worker_id)
     stop: threading.Event = field(default_factory=threading.Event)
     last_run: dict[str, datetime] = field(default_factory=dict)
+    started_at: datetime = field(default_factory=utcnow)
 
     @property
     def jobs(self) -> list[Job]:
         """Return the jobs in the order one pass runs them."""
         keys_every = settings_of(self.app).keys_sync_interval or 3600
         return [
+            Job("heartbeat", _heartbeat, every=operations.HEARTBEAT_EVERY),
             Job("verify_uploads", _verify_uploads),
             Job("expire_uploads", _expire_uploads, every=10),
             Job("delete_drafts", _delete_drafts, every=10),
@@ -114,6 +120,7 @@ class Worker:
     def run_forever(self) -> None:
         """Loop until `stop` is set, idling between passes that found nothing to do."""
         poll = settings_of(self.app).worker_poll_interval or 1.0
+        self.first_beat()
         log.info("worker %s started", self.worker_id)
         while not self.stop.is_set():
             done = self.run_once()
@@ -123,7 +130,34 @@ class Worker:
                 # Short naps keep /complete hints and fresh events quick; `wake` cuts them short.
                 wakeup.wake.wait(poll)
                 wakeup.wake.clear()
+        self.retire()
         log.info("worker %s stopped", self.worker_id)
+
+    def first_beat(self) -> None:
+        """Write the heartbeat before any job runs: a started worker is seen at once."""
+        now = utcnow()
+        with self.app.app_context():
+            try:
+                _heartbeat(self, now)
+                db.session.commit()
+                self.last_run["heartbeat"] = now
+            except Exception:
+                db.session.rollback()  # the first pass tries again
+                log.exception("worker %s could not write its heartbeat", self.worker_id)
+            db.session.remove()
+
+    def retire(self) -> None:
+        """Remove this worker's heartbeat: a clean stop is not a stale worker."""
+        with self.app.app_context():
+            operations.forget(db.session, self.worker_id)
+            db.session.commit()
+            db.session.remove()
+
+
+def _heartbeat(worker: Worker, now: datetime) -> int:
+    stale_after = settings_of(worker.app).worker_stale_after
+    operations.beat(db.session, worker.worker_id, worker.started_at, stale_after, now)
+    return 0  # not work found: an idle worker still naps
 
 
 def _verify_uploads(worker: Worker, now: datetime) -> int:
@@ -248,14 +282,19 @@ def init_app(app: Flask) -> None:
     app.before_request(start_inline_worker)
 
 
-@click.command("worker")
+@click.group("worker", cls=AppGroup, invoke_without_command=True)
 @click.option("--once", is_flag=True, help="Run one pass and exit (for cron or debugging).")
+@click.pass_context
 @with_appcontext
-def worker_command(once: bool) -> None:
+def worker_command(ctx: click.Context, once: bool) -> None:
     """Run the background worker until SIGTERM/SIGINT (finishes or releases its work first)."""
+    if ctx.invoked_subcommand is not None:
+        return
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if once:
-        click.echo(run_once(app))
+        one_shot = get_worker(app)
+        click.echo(one_shot.run_once())
+        one_shot.retire()
         return
     stop = threading.Event()
 
@@ -276,3 +315,23 @@ def worker_command(once: bool) -> None:
     if thread.is_alive():
         log.error("worker did not stop within %ss; exiting anyway", SHUTDOWN_DEADLINE)
         os._exit(1)
+
+
+@worker_command.command("health")
+def worker_health() -> None:
+    """Exit 0 when a worker on this host beat within BROKER_WORKER_STALE_AFTER, else 1."""
+    stale_after = current_settings().worker_stale_after
+    host = operations.this_host()
+    try:
+        ages = operations.heartbeat_ages(db.session, host=host)
+    except sa.exc.SQLAlchemyError as exc:
+        raise click.ClickException(f"database unreachable ({type(exc).__name__})") from None
+    if not ages:
+        raise click.ClickException(f"no worker on {host} has written a heartbeat")
+    worker_id, age = next(iter(ages.items()))
+    if age > stale_after:
+        raise click.ClickException(
+            f"worker {worker_id} is stale: last heartbeat {age:.0f} s ago "
+            f"(BROKER_WORKER_STALE_AFTER is {stale_after:.0f})"
+        )
+    click.echo(f"worker {worker_id}: last heartbeat {age:.0f} s ago")

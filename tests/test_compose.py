@@ -149,6 +149,12 @@ def test_filled_in_example_runs_in_production_and_passes_its_checks(tmp_path: Pa
         assert config["SESSION_COOKIE_SECURE"] is True
         assert config["CLOUDFLARE_BATCH_BASE"] == "https://batch.imagedelivery.net"  # derived
     assert services["emulator"]["profiles"] == ["emulator"]
+    # A worker container is healthy while its worker beats (tests/test_operations.py runs it).
+    assert services["worker"]["healthcheck"]["test"] == [
+        "CMD",
+        *services["worker"]["command"],
+        "health",
+    ]
 
 
 def test_the_emulator_env_file_is_the_one_way_to_testing(tmp_path: Path) -> None:

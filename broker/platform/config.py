@@ -235,6 +235,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("WORKER_POLL_INTERVAL", 1.0, "Seconds the worker idles between empty polls."),
     Setting(
+        "WORKER_STALE_AFTER",
+        300.0,
+        "Seconds without a heartbeat after which a worker counts as stale (`flask worker health` exits 1).",
+    ),
+    Setting(
         "WEBHOOK_ALLOW_PRIVATE",
         False,
         "Allow webhook endpoints on loopback addresses, http included (development and tests only).",
@@ -530,6 +535,7 @@ class Settings:
     expiry_grace: float
     worker_inline: bool
     worker_poll_interval: float
+    worker_stale_after: float
     webhook_allow_private: bool
     webhook_timeout: float
     max_content_length: int
