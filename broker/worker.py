@@ -12,7 +12,8 @@ Jobs, in the order one pass runs them (each guarded, so one failing job never st
 - `delete_drafts`: expired drafts whose deletion upstream was postponed are deleted now;
 - `deliver_webhooks`: outgoing events (broker.webhooks.sending);
 - `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly;
-- `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly.
+- `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly;
+- `prune`: delete what is past its retention (broker.retention), every 5 minutes.
 
 The first four ask the outside world about leased rows and so are leased work
 (broker.platform.leases), which commits each row's record itself. For every job the loop is the
@@ -40,7 +41,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 
-from broker import operations
+from broker import operations, retention
 from broker.api import idempotency
 from broker.images import keys
 from broker.platform import wakeup
@@ -93,6 +94,7 @@ class Worker:
             Job("deliver_webhooks", _deliver_webhooks),
             Job("sync_keys", _sync_keys, every=keys_every),
             Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
+            Job("prune", _prune, every=300),
         ]
 
     def run_once(self, now: datetime | None = None) -> dict[str, int]:
@@ -188,6 +190,14 @@ def _sync_keys(worker: Worker, now: datetime) -> int:
 def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
     """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
     return idempotency.purge_expired(db.session, now)
+
+
+def _prune(worker: Worker, now: datetime) -> int:
+    """Delete deliveries, events, uploads and reservations past their retention."""
+    gone = retention.prune(db.session, settings_of(worker.app), now)
+    if any(gone.values()):
+        log.info("pruned %s", " ".join(f"{kind}={n}" for kind, n in gone.items() if n))
+    return sum(gone.values())
 
 
 def get_worker(app: Flask) -> Worker:

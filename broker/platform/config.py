@@ -240,6 +240,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds without a heartbeat after which a worker counts as stale (`flask worker health` exits 1).",
     ),
     Setting(
+        "RETENTION_DELIVERED_DAYS",
+        30,
+        "Days a delivered webhook delivery (with its attempts) is kept; 0 keeps them forever.",
+    ),
+    Setting(
+        "RETENTION_FAILED_DAYS",
+        90,
+        "Days a webhook delivery that gave up (with its attempts) is kept; 0 keeps them forever.",
+    ),
+    Setting(
+        "RETENTION_UPLOADS_DAYS",
+        30,
+        "Days an `expired` or `deleted` upload row is kept; 0 keeps them forever.",
+    ),
+    Setting(
         "WEBHOOK_ALLOW_PRIVATE",
         False,
         "Allow webhook endpoints on loopback addresses, http included (development and tests only).",
@@ -536,6 +551,9 @@ class Settings:
     worker_inline: bool
     worker_poll_interval: float
     worker_stale_after: float
+    retention_delivered_days: int
+    retention_failed_days: int
+    retention_uploads_days: int
     webhook_allow_private: bool
     webhook_timeout: float
     max_content_length: int
