@@ -10,15 +10,21 @@ production checks.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from cryptography.fernet import Fernet
 
 from broker.platform.config import DEFAULTS, finalize
+from tests.support.reader import free_port, reader_env
+from tests.system.topology import BIN, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,3 +187,65 @@ def test_a_proxy_api_base_takes_its_own_batch_host_not_cloudflares(tmp_path: Pat
     web = interpolate(raw(), env)["services"]["web"]["environment"]
     config = _finalized(web, tmp_path)
     assert config["CLOUDFLARE_BATCH_BASE"] == "https://proxy.example.com/batch"
+
+
+def test_the_emulator_stays_on_this_machine_with_no_controls() -> None:
+    """The emulator's port is published on the host's loopback only, its controls are off (no
+    token could be required there: compose checks every service's `${VAR:?}`, production's
+    starts too), and its API wants the very token the broker sends."""
+    emulator = raw()["services"]["emulator"]
+    assert emulator["ports"] == ["127.0.0.1:8788:8788"]
+    assert "--control" not in emulator["command"]
+    assert not [key for key in emulator["environment"] if key.startswith("EMULATOR_CONTROL")]
+    services = interpolate(raw(), env_file(".env.emulator"))["services"]
+    web = services["web"]["environment"]
+    assert (
+        services["emulator"]["environment"]["EMULATOR_API_TOKEN"]
+        == (web["BROKER_CLOUDFLARE_API_TOKEN"])
+    )
+
+
+def test_the_emulator_as_compose_runs_it_keeps_keys_and_controls_to_itself(
+    tmp_path: Path,
+) -> None:
+    """compose's emulator command and environment (.env.emulator), on a free loopback port: the
+    signing keys need the API token, `/_emulator` answers 404, and the healthcheck passes."""
+    emulator = interpolate(raw(), env_file(".env.emulator"))["services"]["emulator"]
+    port = free_port()
+    command = [
+        *emulator["command"],
+        *("--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path / "data")),
+    ]
+    env = reader_env(**emulator["environment"], PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    base = f"http://127.0.0.1:{port}"
+    # The healthcheck's `python -c …`, at this port.
+    probe = [part.replace("8788", str(port)) for part in emulator["healthcheck"]["test"][1:]]
+    assert probe[0] == "python"
+    log_path = tmp_path / "emulator.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or "Running on" in log_path.read_text(),
+            60,
+            "the emulator's start",
+        )
+        keys = f"{base}/client/v4/accounts/{env['EMULATOR_ACCOUNT_ID']}/images/v1/keys"
+        with requests.Session() as http:
+            assert http.get(keys, timeout=5).status_code in (401, 403)
+            wrong = {"Authorization": "Bearer emulator-token-guessed"}
+            assert http.get(keys, headers=wrong, timeout=5).status_code in (401, 403)
+            token = {"Authorization": f"Bearer {env['EMULATOR_API_TOKEN']}"}
+            assert http.get(keys, headers=token, timeout=5).status_code == 200
+            assert http.get(f"{base}/_emulator/counters", timeout=5).status_code == 404
+        done = subprocess.run(
+            [sys.executable, *probe[1:]], capture_output=True, timeout=30, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    down = subprocess.run(
+        [sys.executable, *probe[1:]], capture_output=True, timeout=30, check=False
+    )
+    assert down.returncode == 1  # nothing answers: unhealthy

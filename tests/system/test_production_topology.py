@@ -313,6 +313,7 @@ def run(
                     "0",
                     "--data-dir",
                     str(work / "emulator"),
+                    "--control",  # faults and counters, on loopback (compose has none)
                 ],
                 env={
                     # Cloudflare's notification reaches the first web instance (the one that
