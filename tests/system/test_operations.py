@@ -14,9 +14,11 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from tests.system.topology import (
 # The scratch-database fixture (tests/support/databases.py) (a module attribute pytest collects).
 new_database = ops_fixtures.new_database
 
+ROOT_DIR = Path(__file__).resolve().parents[2]
 HOST = "broker.example.com"
 AUTH_LIMIT = 3
 
@@ -356,3 +359,160 @@ def test_backup_and_restore_from_the_guide(
     )
     assert wrong.returncode == 1
     assert "2 stored secret(s) cannot be decrypted" in wrong.stderr
+
+
+def _filled_in(text: str, values: dict[str, str]) -> str:
+    """The guide's block with every `NAME=…` placeholder given the test's value for NAME (the
+    guide naming a variable the test does not know fails); other lines stay as written."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        assert name in values, f"the guide asks for {name}; give the test a value for it"
+        return f"{name}={shlex.quote(values[name])}"
+
+    filled = re.sub(r"\b([A-Z][A-Z0-9_]*)=\S*…\S*", value, text)
+    assert "…" not in re.sub(r"#.*", "", filled), filled  # only comments may still say …
+    return filled
+
+
+def _tls_emulator(topo: Any, work: Path, cert: Path, key: Path) -> str:
+    """Start the emulator behind TLS (production accepts https only); return its origin."""
+    sock = listening_socket()
+    port = int(sock.getsockname()[1])
+    sock.close()
+    script = (
+        "import sys; from werkzeug.serving import run_simple; "
+        "from broker.emulator import create_app; "
+        "run_simple('127.0.0.1', int(sys.argv[1]), create_app(), threaded=True, "
+        "ssl_context=(sys.argv[2], sys.argv[3]))"
+    )
+    topo.start(
+        "emulator",
+        [sys.executable, "-c", script, str(port), str(cert), str(key)],
+        env={"EMULATOR_DATA_DIR": str(work / "emulator"), "EMULATOR_API_TOKEN": "cf-token"},
+    )
+    origin = f"https://127.0.0.1:{port}"
+    wait_for(
+        lambda: _answers(f"{origin}/client/v4/accounts/emulator-account/images/v1/stats", cert),
+        60,
+        "the TLS emulator",
+    )
+    return origin
+
+
+def _answers(url: str, cert: Path) -> bool:
+    try:
+        requests.get(url, verify=str(cert), timeout=2).close()
+    except requests.ConnectionError:
+        return False
+    return True
+
+
+def test_install_configure_and_run_from_the_guide(
+    postgres_url: str,
+    new_database: Callable[[str], str],
+    work: Path,
+) -> None:
+    """The guide's install block, as written but for its `…` values: `pip install .` (into a
+    folder of its own, not this test's environment), production settings, the migrations and
+    the syncs against a Cloudflare (the emulator behind TLS) on PostgreSQL; then each line of its
+    services block: gunicorn serves (a create through it gets an https upload URL), the worker
+    runs and its health command exits 0, and 1 once the worker has stopped."""
+    require(shutil.which("redis-server") is not None, "needs redis-server")
+    commands = compose_commands()
+    cert, key = self_signed(work)
+    prefix = work / "prefix"
+    env = _base_env(work)
+    env["REQUESTS_CA_BUNDLE"] = str(cert)  # the emulator's certificate, as a CA the host trusts
+    with topology(work, env) as topo:
+        origin = _tls_emulator(topo, work, cert, key)
+        secret_key, encryption_key = run_block(block("# Make the secrets", "sh"), env, work).split()
+        values = {
+            "BROKER_SECRET_KEY": secret_key,
+            "BROKER_ENCRYPTION_KEYS": encryption_key,
+            "BROKER_DATABASE_URL": new_database(postgres_url),
+            "BROKER_CLOUDFLARE_ACCOUNT_ID": "emulator-account",
+            "BROKER_CLOUDFLARE_API_TOKEN": "cf-token",
+            "BROKER_CLOUDFLARE_ACCOUNT_HASH": "emuhash000000000000000",
+            "BROKER_CLOUDFLARE_WEBHOOK_SECRET": secret_key[:32],
+            "BROKER_RATELIMIT_STORAGE_URI": topo.start_redis(commands["redis"]),
+        }
+        install = _filled_in(block("# Install, configure, migrate", "sh"), values)
+        # `pip install .` from the checkout, into its own prefix: this test's environment
+        # (an editable install) stays as it is, and brings the dependencies.
+        (pip_line,) = [line for line in install.splitlines() if line.startswith("pip install .")]
+        install = install.replace(
+            pip_line,
+            f"python -m pip install -q --no-deps --no-index --no-build-isolation "
+            f"--ignore-installed --prefix {shlex.quote(str(prefix))} {ROOT_DIR}",
+        )
+        # Production wants Cloudflare's origins over https: the emulator's, here.
+        cloudflare = {
+            "BROKER_CLOUDFLARE_API_BASE": f"{origin}/client/v4",
+            "BROKER_CLOUDFLARE_DELIVERY_BASE": origin,
+            "BROKER_CLOUDFLARE_UPLOAD_ORIGIN": origin,
+            "WEB_CONCURRENCY": "1",
+            "GUNICORN_THREADS": "2",
+        }
+        shell = f"{install}\nenv | grep -E '^(BROKER|PYTHONPATH)' > {work}/reader.env\n"
+        run_block(shell, {**env, **cloudflare, "PYTHONPATH": _site_of(prefix)}, ROOT_DIR)
+        reader = dict(line.split("=", 1) for line in (work / "reader.env").read_text().splitlines())
+        assert reader["BROKER_ENV"] == "production"
+        services = [
+            re.sub(r"\s+#.*", "", line)
+            for line in block("# Services", "sh").splitlines()[1:]
+            if line.strip()
+        ]
+        assert len(services) == 3
+        probe = listening_socket()  # a free port, let go for gunicorn's --bind
+        web_port = int(probe.getsockname()[1])
+        probe.close()
+        served = {
+            **env,
+            **reader,
+            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{web_port}",
+            "WEB_CONCURRENCY": "1",
+            "GUNICORN_THREADS": "2",
+        }
+        checked = run([sys.executable, "-c", "import broker; print(broker.__file__)"], served, work)
+        assert checked.stdout.startswith(str(prefix)), checked.stdout + checked.stderr
+        web = topo.start("web", ["sh", "-c", f"exec {services[0]}"], env=served, group=True)
+        worker = topo.start("worker", ["sh", "-c", f"exec {services[1]}"], env=served)
+        base = f"http://127.0.0.1:{web_port}"
+        wait_http(f"{base}/readyz", process=web)
+        wait_for(lambda: "started" in worker.output() or not worker.alive(), 60, "the worker")
+        run_block(
+            block("# The first administrator", "sh"),
+            {**served, "ADMIN_PASSWORD": "correct horse battery staple"},
+            work,
+        )
+        proxied = {"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https"}
+        with requests.Session() as http:
+            token = http.post(
+                f"{base}/api/v1/auth/tokens",
+                json={
+                    "username": "admin",
+                    "password": "correct horse battery staple",
+                    "device_name": "guide",
+                },
+                headers=proxied,
+                timeout=30,
+            )
+            assert token.status_code == 201, token.text
+            auth = {**proxied, "Authorization": f"Bearer {token.json()['token']}"}
+            created = http.post(f"{base}/api/v1/uploads", json={}, headers=auth, timeout=30)
+            assert created.status_code == 201, created.text
+            assert created.json()["upload_url"].startswith(f"{origin}/"), created.json()
+        health = ["sh", "-c", services[2]]
+        fresh = run(health, served, work)
+        assert fresh.returncode == 0, fresh.stdout + fresh.stderr + worker.output()
+        assert worker.stop(30) == 0, worker.output()
+        gone = run(health, served, work)
+        assert gone.returncode == 1 and "has written a heartbeat" in gone.stderr, gone.stderr
+        assert "Traceback" not in web.output() + worker.output()
+
+
+def _site_of(prefix: Path) -> str:
+    """Where `pip install --prefix` puts packages, for PYTHONPATH (made before pip runs)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(prefix / "lib" / version / "site-packages")
