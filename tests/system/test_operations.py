@@ -1,9 +1,10 @@
-"""The operations guide, run as written: its nginx config in front of two gunicorn instances,
-its secrets and first-admin commands, and its backup and restore.
+"""The operations guide, run as written: its nginx and Caddy configs each in front of two
+gunicorn instances, its install, services, secrets and first-admin commands, and its backup and
+restore.
 
 The blocks come from README.md (tests/support/guide.py finds them by their first line), so the test
 runs what the guide says; only addresses, the certificate and ports are swapped for loopback
-ones. Needs PostgreSQL (BROKER_TEST_POSTGRES_URL), nginx and redis-server (Debian).
+ones. Needs PostgreSQL (BROKER_TEST_POSTGRES_URL), nginx, caddy and redis-server (Debian).
 """
 
 from __future__ import annotations
@@ -179,15 +180,25 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_nginx_from_the_guide_in_front_of_two_gunicorn_instances(
+def _free_ports(n: int) -> list[int]:
+    """Ports of 127.0.0.1 free now (found by binding and letting go), for a proxy to bind."""
+    sockets = [listening_socket() for _ in range(n)]
+    ports = [int(sock.getsockname()[1]) for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _behind_a_proxy(
     postgres_url: str,
     new_database: Callable[[str], str],
     work: Path,
+    start_proxy: Callable[[Any, list[int]], tuple[Any, int, int, Path]],
 ) -> None:
-    """Through the guide's nginx: HSTS and Secure cookies over https, http redirected, the rate
-    limits count the client's own address (shared by both instances through Redis), and a
-    client's spoofed X-Forwarded-For changes nothing."""
-    require(shutil.which("nginx") is not None, "needs nginx (Debian: nginx-light)")
+    """Two gunicorn instances behind the proxy `start_proxy` starts (given their ports; it
+    returns the process, its http and https ports and the CA to trust): HSTS and Secure cookies
+    over https, http redirected to https, rate limits counting the client's own address
+    (shared by both instances through Redis), a client's spoofed X-Forwarded-For ignored."""
     require(shutil.which("redis-server") is not None, "needs redis-server")
     commands = compose_commands()
     env = _base_env(work)
@@ -228,23 +239,17 @@ def test_nginx_from_the_guide_in_front_of_two_gunicorn_instances(
             wait_http(f"http://127.0.0.1:{port}/readyz", process=web)
         for sock in sockets:
             sock.close()
-        # nginx binds its own ports: free ones, found by binding and letting go.
-        free = [listening_socket(), listening_socket()]
-        http_port, https_port = (int(s.getsockname()[1]) for s in free)
-        for sock in free:
-            sock.close()
-        conf = nginx_conf(work, ports, http_port, https_port)
-        nginx = topo.start("nginx", ["nginx", "-e", str(work / "nginx-early.log"), "-c", str(conf)])
-        client = Client(https_port, work / "fullchain.pem", "127.0.0.2")
+        proxy, http_port, https_port, cafile = start_proxy(topo, ports)
+        client = Client(https_port, cafile, "127.0.0.2")
 
         def up() -> bool:
-            assert nginx.alive(), (work / "nginx-error.log").read_text(errors="replace")
+            assert proxy.alive(), proxy.output()
             try:
                 return client.request("GET", "/livez")[0] == 200
             except OSError:
                 return False
 
-        wait_for(up, 30, "nginx to proxy /livez")
+        wait_for(up, 30, "the proxy to pass /livez on")
 
         status, headers, _ = client.request("GET", "/auth/login")
         assert status == 200
@@ -257,7 +262,7 @@ def test_nginx_from_the_guide_in_front_of_two_gunicorn_instances(
         redirect = plain.getresponse()
         redirect.read()
         plain.close()
-        assert redirect.status == 301
+        assert redirect.status in (301, 308)
         assert redirect.headers["Location"] == f"https://{HOST}/auth/login?next=/"
 
         def attempt(source: Client, n: int, spoof: str | None = None) -> int:
@@ -271,14 +276,76 @@ def test_nginx_from_the_guide_in_front_of_two_gunicorn_instances(
         assert spent == [401] * AUTH_LIMIT + [429]
         # Another client (127.0.0.3) still has its own: the broker counts the client's
         # address, not the proxy's (127.0.0.1 for both).
-        other = Client(https_port, work / "fullchain.pem", "127.0.0.3")
+        other = Client(https_port, cafile, "127.0.0.3")
         assert attempt(other, 99) == 401
         assert attempt(client, 100, spoof="127.0.0.3") == 429
         # Both instances took requests, and share the counters through Redis.
         for web in webs:
             assert "POST /api/v1/auth/tokens" in web.output()
-        access = (work / "nginx-access.log").read_text()
-        assert "127.0.0.2" in access and "127.0.0.3" in access
+
+
+def test_nginx_from_the_guide_in_front_of_two_gunicorn_instances(
+    postgres_url: str,
+    new_database: Callable[[str], str],
+    work: Path,
+) -> None:
+    """The guide's nginx site in front of two gunicorn instances (see `_behind_a_proxy`); its
+    access log shows each client's own address."""
+    require(shutil.which("nginx") is not None, "needs nginx (Debian: nginx-light)")
+
+    def start(topo: Any, ports: list[int]) -> tuple[Any, int, int, Path]:
+        http_port, https_port = _free_ports(2)
+        conf = nginx_conf(work, ports, http_port, https_port)
+        nginx = topo.start("nginx", ["nginx", "-e", str(work / "nginx-early.log"), "-c", str(conf)])
+        return nginx, http_port, https_port, work / "fullchain.pem"
+
+    _behind_a_proxy(postgres_url, new_database, work, start)
+    access = (work / "nginx-access.log").read_text()
+    assert "127.0.0.2" in access and "127.0.0.3" in access
+
+
+def caddy_conf(work: Path, web_ports: list[int], http_port: int, https_port: int) -> Path:
+    """The guide's Caddyfile with loopback upstreams, behind global options of the test's own:
+    its ports, its folders, and certificates from Caddy's own local CA (no ACME, no internet,
+    nothing installed in the system's trust store)."""
+    site = block("# /etc/caddy/Caddyfile", "caddy")
+    upstreams = " ".join(f"127.0.0.1:{port}" for port in web_ports)
+    site, n = re.subn(r"10\.0\.0\.11:8000 10\.0\.0\.12:8000", upstreams, site)
+    assert n == 1
+    options = (
+        "{\n\tadmin off\n\tlocal_certs\n\tskip_install_trust\n"
+        f"\thttp_port {http_port}\n\thttps_port {https_port}\n"
+        f"\tstorage file_system {work / 'caddy-data'}\n}}\n"
+    )
+    path = work / "Caddyfile"
+    path.write_text(options + site)
+    return path
+
+
+def test_caddy_from_the_guide_in_front_of_two_gunicorn_instances(
+    postgres_url: str,
+    new_database: Callable[[str], str],
+    work: Path,
+) -> None:
+    """The guide's Caddyfile in front of two gunicorn instances (see `_behind_a_proxy`), on
+    loopback ports with a certificate from Caddy's local CA."""
+    caddy = shutil.which("caddy")
+    require(caddy is not None, "needs caddy (Debian: caddy)")
+    assert caddy
+
+    def start(topo: Any, ports: list[int]) -> tuple[Any, int, int, Path]:
+        http_port, https_port = _free_ports(2)
+        conf = caddy_conf(work, ports, http_port, https_port)
+        home = {"HOME": str(work), "XDG_CONFIG_HOME": str(work), "XDG_DATA_HOME": str(work)}
+        process = topo.start(
+            "caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"], env=home
+        )
+        root = work / "caddy-data" / "pki" / "authorities" / "local" / "root.crt"
+        wait_for(lambda: root.exists() or not process.alive(), 30, "Caddy's local CA")
+        assert process.alive(), process.output()
+        return process, http_port, https_port, root
+
+    _behind_a_proxy(postgres_url, new_database, work, start)
 
 
 def test_backup_and_restore_from_the_guide(
