@@ -151,15 +151,19 @@ class Worker:
     def retire(self) -> None:
         """Remove this worker's heartbeat: a clean stop is not a stale worker."""
         with self.app.app_context():
-            operations.forget(db.session, self.worker_id)
-            db.session.commit()
+            try:
+                operations.forget(db.session, self.worker_id)
+                db.session.commit()
+            except Exception:
+                db.session.rollback()  # the row ages out: seen as stale, forgotten in a day
+                log.exception("worker %s could not remove its heartbeat", self.worker_id)
             db.session.remove()
 
 
 def _heartbeat(worker: Worker, now: datetime) -> int:
     stale_after = settings_of(worker.app).worker_stale_after
     operations.beat(db.session, worker.worker_id, worker.started_at, stale_after, now)
-    return 0  # not work found: an idle worker still naps
+    return 0  # no work done: an idle worker still naps
 
 
 def _verify_uploads(worker: Worker, now: datetime) -> int:
@@ -335,7 +339,7 @@ def worker_health() -> None:
     try:
         ages = operations.heartbeat_ages(db.session, host=host)
     except sa.exc.SQLAlchemyError as exc:
-        raise click.ClickException(f"database unreachable ({type(exc).__name__})") from None
+        raise click.ClickException(f"cannot read the heartbeats: {type(exc).__name__}") from None
     if not ages:
         raise click.ClickException(f"no worker on {host} has written a heartbeat")
     worker_id, age = next(iter(ages.items()))

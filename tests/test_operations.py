@@ -153,6 +153,16 @@ def test_worker_health_follows_a_real_worker(
     assert after.returncode == 1 and f"worker {killed} is stale" in after.stderr, after.stderr
 
 
+def test_worker_health_without_its_database_says_so(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    """A database that does not answer: exit 1 with one line naming the error, no traceback."""
+    env = {**worker_env(make_app(), tmp_path), "BROKER_DATABASE_URL": "sqlite:////nonexistent/x"}
+    done = _health(env)
+    assert done.returncode == 1
+    assert done.stderr == "Error: cannot read the heartbeats: OperationalError\n", done.stderr
+
+
 def _run_worker_until(env: dict[str, str], log_path: Path, stop: signal.Signals) -> str:
     """Start `flask --app broker worker`; once it has started, check `worker health` says 0;
     stop the worker with `stop`; return the worker id the health command named."""
