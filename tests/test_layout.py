@@ -18,6 +18,7 @@ TOP_LEVEL = {
     "test_deployment.py": "compose.yaml",
     "test_compose.py": ".env.example",  # and .env.emulator, with compose.yaml
     "test_operations.py": "broker/operations.py",
+    "test_retention.py": "broker/retention.py",
     "test_layout.py": "tests/__init__.py",
     "test_readme.py": "README.md",
 }
