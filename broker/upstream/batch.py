@@ -38,6 +38,8 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
 from broker.platform.config import Settings, settings_of
+from broker.platform.encryption import EXTENSION_KEY as KEYRING_KEY
+from broker.platform.encryption import Keyring
 from broker.upstream.budget import EXTENSION_KEY as BUDGET_KEY
 from broker.upstream.budget import BudgetExhausted, UpstreamBudget
 from broker.upstream.cloudflare import (
@@ -68,6 +70,9 @@ ERRORS_BEFORE_FALLBACK = 5
 # Refresh this long before expiry (or at 3/4 of a shorter lifetime).
 REFRESH_BEFORE = timedelta(minutes=5)
 REFRESH_LEASE = timedelta(seconds=30)
+# The stored (encrypted) token as it is: the route decrypts it with its own keyring, since it
+# also runs where no app context is pushed (the column's type needs one).
+_STORED_TOKEN = sa.type_coerce(UpstreamBatchToken.token, sa.Text).label("token")
 # How long a process without any valid token waits for another process's fetch.
 WAIT_FOR_FETCH = 3.0
 # How often a process re-reads the fallbacks other processes recorded.
@@ -207,11 +212,13 @@ class BatchRoute:
         base: str,
         rate: Budget,
         *,
+        keyring: Keyring,
         cooldown: float = 600.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.engine = engine
+        self.keyring = keyring  # the token is stored encrypted, like every secret at rest
         self.base = base.rstrip("/")
         self.rate = rate
         self.cooldown = cooldown
@@ -396,7 +403,7 @@ class BatchRoute:
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(
-                    UpstreamBatchToken.token,
+                    _STORED_TOKEN,
                     UpstreamBatchToken.expires_at,
                     UpstreamBatchToken.fetched_at,
                 ).where(UpstreamBatchToken.scope == SCOPE)
@@ -405,7 +412,8 @@ class BatchRoute:
             return None
         expires = _aware(row.expires_at) or self._now()
         fetched = _aware(row.fetched_at) or expires
-        return _Token(row.token, expires, self._refresh_at(expires, fetched))
+        value = self.keyring.decrypt(row.token)
+        return _Token(value, expires, self._refresh_at(expires, fetched))
 
     def _claim_refresh(self, now: datetime) -> bool:
         """Take the refresh lease (committed), so one process fetches for all."""
@@ -452,7 +460,8 @@ class BatchRoute:
                 sa.update(table)
                 .where(table.c.scope == SCOPE)
                 .values(
-                    token=value,
+                    # Encrypted here, so stored as it is (not again by the column's type).
+                    token=sa.type_coerce(self.keyring.encrypt(value), sa.Text),
                     expires_at=expires,
                     fetched_at=now,
                     lease_until=None,
@@ -474,7 +483,7 @@ class BatchRoute:
         }
 
 
-def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None:
+def route_from_settings(engine: Engine, settings: Settings, keyring: Keyring) -> BatchRoute | None:
     """Build the batch route from BROKER_CLOUDFLARE_BATCH*, or None when it is off."""
     if settings.cloudflare_batch != "auto" or settings.cloudflare_batch_base is None:
         return None
@@ -489,6 +498,7 @@ def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None
         engine,
         settings.cloudflare_batch_base,
         rate,
+        keyring=keyring,
         cooldown=settings.cloudflare_batch_cooldown,
     )
 
@@ -496,7 +506,9 @@ def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None
 def init_app(app: Flask) -> None:
     """Create the app's batch route (after the budget, whose small engine it shares)."""
     budget: UpstreamBudget = app.extensions[BUDGET_KEY]
-    app.extensions[EXTENSION_KEY] = route_from_settings(budget.engine, settings_of(app))
+    app.extensions[EXTENSION_KEY] = route_from_settings(
+        budget.engine, settings_of(app), app.extensions[KEYRING_KEY]
+    )
 
 
 def metric_lines(session: object) -> list[str]:
