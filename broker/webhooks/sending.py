@@ -285,7 +285,6 @@ def claim_lanes(
         room = min(per_endpoint - busy.get(endpoint_id, 0), lanes - sum(n for _, n in wanted))
         if room > 0:
             wanted.append((endpoint_id, room))
-    session.commit()  # end the read: the claims below are transactions of their own
     found: list[tuple[int, list[int]]] = []
     for endpoint_id, room in wanted:
         ids = claim_due(session, holder, now, room * length, endpoint_id=endpoint_id)
