@@ -77,6 +77,8 @@ _STORED_TOKEN = sa.type_coerce(UpstreamBatchToken.token, sa.Text).label("token")
 WAIT_FOR_FETCH = 3.0
 # How often a process re-reads the fallbacks other processes recorded.
 FALLBACK_RELOAD = 5.0
+# Seconds a Redis call of the per-token rate may take before Redis counts as down.
+STORAGE_TIMEOUT = 1.0
 # How long a caller waits for the per-token rate before giving up with BudgetExhausted.
 RATE_WAIT = 2.0
 
@@ -103,18 +105,63 @@ class _PerSecondRate:
 
 
 class RedisRate(_PerSecondRate):
-    """200 calls per second per token, counted in Redis (a moving window, `limits`)."""
+    """200 calls per second per token, counted in Redis (a moving window, `limits`).
 
-    def __init__(self, uri: str, per_second: int) -> None:
+    With Redis unreachable the calls are counted in this process instead (the same window, in
+    memory: each process then allows the full rate on its own), logged once; Redis is asked
+    again every RECHECK seconds and counts again once it answers. `shared` tells which.
+    """
+
+    RECHECK = 30.0
+
+    def __init__(
+        self, uri: str, per_second: int, *, clock: Callable[[], float] = time.time
+    ) -> None:
         from limits import RateLimitItemPerSecond, storage, strategies
 
         self._item = RateLimitItemPerSecond(per_second)
-        self._limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(uri))
+        # A call must not wait on a Redis that does not answer.
+        redis = storage.storage_from_string(
+            uri, socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT
+        )
+        self._limiter = strategies.MovingWindowRateLimiter(redis)
+        self._local = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self.clock = clock
+        self._down_until: float | None = None  # counting in-process until then
+        self._lock = threading.Lock()
+
+    @property
+    def shared(self) -> bool:
+        """True while the rate counts in Redis, False while this process counts on its own."""
+        return self._down_until is None
 
     def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
         """Count one call, or raise BudgetExhausted when this second is full."""
-        if not self._limiter.hit(self._item, "broker-batch", SCOPE):
+        if not self._hit():
             raise BudgetExhausted(1.0, "batch rate")
+
+    def _hit(self) -> bool:
+        down_until = self._down_until
+        if down_until is not None and self.clock() < down_until:
+            return self._local.hit(self._item, "broker-batch", SCOPE)
+        try:
+            counted = self._limiter.hit(self._item, "broker-batch", SCOPE)
+        except Exception as exc:  # any storage failure: Redis down, timed out, refusing
+            with self._lock:
+                if self._down_until is None:
+                    log.warning(
+                        "batch API: rate storage unreachable (%s): counting calls in this "
+                        "process until it answers again",
+                        type(exc).__name__,
+                    )
+                self._down_until = self.clock() + self.RECHECK
+            return self._local.hit(self._item, "broker-batch", SCOPE)
+        if down_until is not None:
+            with self._lock:
+                if self._down_until is not None:
+                    log.warning("batch API: rate storage answers again: counting calls in it")
+                self._down_until = None
+        return counted
 
 
 class DatabaseRate(_PerSecondRate):
@@ -518,9 +565,17 @@ def metric_lines(session: object) -> list[str]:
     route: BatchRoute | None = current_app.extensions.get(EXTENSION_KEY)
     if route is None:
         return []
-    return health.gauge(
-        "broker_upstream_batch_fallback_seconds",
-        "Seconds a batch-API endpoint stays on the global API after a refusal (0: batch host).",
-        route.status(),
-        label="endpoint",
-    )
+    return [
+        *health.gauge(
+            "broker_upstream_batch_fallback_seconds",
+            "Seconds a batch-API endpoint stays on the global API after a refusal (0: batch host).",
+            route.status(),
+            label="endpoint",
+        ),
+        *health.gauge(
+            "broker_upstream_batch_rate_shared",
+            "1 while the batch token's per-second rate counts in the shared storage, 0 while "
+            "this process counts on its own because Redis is unreachable.",
+            0 if isinstance(route.rate, RedisRate) and not route.rate.shared else 1,
+        ),
+    ]
