@@ -35,6 +35,9 @@ control_socket = os.environ.get("GUNICORN_CONTROL_SOCKET") or os.path.join(
 # the access log, so a log collector gets no plain-text access lines between them.
 accesslog = None if os.environ.get("BROKER_LOG_FORMAT", "").lower() == "json" else "-"
 errorlog = "-"
+# gunicorn's default line with "-" where it puts the user name of a Basic `Authorization`
+# header: a header someone sent is not for the log (it may even be a password typed as user).
+access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 
 
 def on_starting(server):

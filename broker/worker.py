@@ -81,6 +81,10 @@ class Worker:
     stop: threading.Event = field(default_factory=threading.Event)
     last_run: dict[str, datetime] = field(default_factory=dict)
     started_at: datetime = field(default_factory=utcnow)
+    # Webhook senders (started with the first delivery). A looping worker does not wait for
+    # them: a slow receiver must not hold up the pass, nor other receivers.
+    webhook_lanes: sending.Lanes | None = None
+    looping: bool = False
 
     @property
     def jobs(self) -> list[Job]:
@@ -124,6 +128,7 @@ class Worker:
         poll = settings_of(self.app).worker_poll_interval or 1.0
         self.first_beat()
         log.info("worker %s started", self.worker_id)
+        self.looping = True
         while not self.stop.is_set():
             done = self.run_once()
             if self.stop.is_set():
@@ -132,6 +137,8 @@ class Worker:
                 # Short naps keep /complete hints and fresh events quick; `wake` cuts them short.
                 wakeup.wake.wait(poll)
                 wakeup.wake.clear()
+        if self.webhook_lanes is not None:
+            self.webhook_lanes.close()  # the attempts under way end, the rest is given back
         self.retire()
         log.info("worker %s stopped", self.worker_id)
 
@@ -181,9 +188,17 @@ def _delete_drafts(worker: Worker, now: datetime) -> int:
 
 
 def _deliver_webhooks(worker: Worker, now: datetime) -> int:
-    return sending.deliver_due(
-        db.session, worker.worker_id, worker.app.config, now=now, stop=worker.stop
-    )
+    if worker.webhook_lanes is None:
+        worker.webhook_lanes = sending.Lanes(worker.app, worker.worker_id, stop=worker.stop)
+    lanes = worker.webhook_lanes
+    claimed = lanes.dispatch(db.session, now)
+    if worker.looping:
+        return claimed  # work found; the loop claims again when a lane ends
+    # Driven pass by pass (tests, --once): the pass ends with its attempts done.
+    worker.webhook_lanes = None
+    attempted = lanes.wait()
+    lanes.close()
+    return attempted
 
 
 def _sync_keys(worker: Worker, now: datetime) -> int:

@@ -51,3 +51,40 @@ def test_compose_runs_the_commands_the_readme_and_the_dockerfile_give():
     readme = (ROOT / "README.md").read_text()
     assert "gunicorn -c gunicorn.conf.py wsgi:app" in readme
     assert "docker compose --env-file .env.emulator --profile emulator up" in readme
+
+
+def test_the_access_log_never_shows_a_basic_authorization_user():
+    """gunicorn's access line, rendered by gunicorn itself with gunicorn.conf.py's format, for a
+    request carrying `Authorization: Basic` (its default format prints the user part)."""
+    import base64
+    import datetime
+    import logging
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    config = Config()
+    config.set(
+        "access_log_format", runpy.run_path(str(ROOT / "gunicorn.conf.py"))["access_log_format"]
+    )
+    config.set("accesslog", "-")
+    logger = Logger(config)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger.access_log.addHandler(handler)
+    secret = base64.b64encode(b"hunter2-typed-as-user:pw").decode()
+    environ = {
+        "REMOTE_ADDR": "10.0.0.1",
+        "REQUEST_METHOD": "GET",
+        "RAW_URI": "/livez",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_AUTHORIZATION": f"Basic {secret}",
+    }
+    response = SimpleNamespace(status="200 OK", sent=2, headers=[])
+    request = SimpleNamespace(headers=[("AUTHORIZATION", f"Basic {secret}")])
+    logger.access(response, request, environ, datetime.timedelta(milliseconds=3))
+    [line] = lines
+    assert '"GET /livez HTTP/1.1" 200 2' in line
+    assert "hunter2" not in line and " - - [" in line

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.platform.db import Model, UTCDateTime, utcnow
+from broker.platform.encryption import EncryptedText
 
 
 class IdempotencyKey(Model):
@@ -27,7 +28,8 @@ class IdempotencyKey(Model):
     fingerprint: Mapped[str] = mapped_column(sa.String(64))
     # None while the first request is still running.
     response_status: Mapped[int | None] = mapped_column()
-    response_body: Mapped[str | None] = mapped_column(sa.Text)
+    # Encrypted: a create's answer holds its one-time `upload_url`, good for anyone until used.
+    response_body: Mapped[str | None] = mapped_column(EncryptedText)
     response_headers: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

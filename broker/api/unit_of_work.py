@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from flask import g
 from sqlalchemy.orm import scoped_session
 
@@ -81,6 +82,13 @@ class UnitOfWork:
             try:
                 undo()
                 self.session.commit()
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                # The database is away (the request failed for it too): one line, no trace.
+                self.session.rollback()
+                log.warning(
+                    "could not undo part of a failed request: database unavailable (%s)",
+                    type(getattr(exc, "orig", exc)).__name__,
+                )
             except Exception:  # best effort: never mask the request's own error
                 self.session.rollback()
                 log.warning("could not undo part of a failed request", exc_info=True)

@@ -98,13 +98,20 @@ def start_session(user: User) -> None:
     session["login_at"] = int(time.time())
 
 
+# Seconds a login stamp may lie ahead of this instance's clock (another instance stamped it).
+LOGIN_CLOCK_SKEW = 60
+
+
 def _session_expired() -> bool:
     """Tell whether this session started longer ago than BROKER_SESSION_LIFETIME (or has no
     start: sessions from before the stamp existed)."""
     started = session.get("login_at")
     if not isinstance(started, int):
         return True
-    return time.time() - started > current_settings().session_lifetime
+    now = time.time()
+    if started > now + LOGIN_CLOCK_SKEW:
+        return True  # stamped by a clock far ahead: it would otherwise not end for as long
+    return now - started > current_settings().session_lifetime
 
 
 def fast_session_token() -> str | None:
@@ -173,9 +180,15 @@ def _service_key_user(secret: str) -> User | None:
         return None
     g.service_key = key
     g.credential_scopes = service_keys.scopes_of(key)
-    subject = request.headers.get(service_keys.ON_BEHALF_OF)
-    if subject is None:
+    raw = request.headers.get(service_keys.ON_BEHALF_OF)
+    if raw is None:
         return None
+    try:
+        # WSGI hands header bytes over as latin-1 text: read them as the UTF-8 they are, so
+        # "José" names the same account as an identity provider's "José".
+        subject = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        subject = ""  # not UTF-8: refused below
     if not external.valid_subject(subject):
         raise ApiError(
             400,

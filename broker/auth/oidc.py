@@ -59,6 +59,11 @@ MAX_BACKOFF = 300.0
 _CHUNK = 16384
 
 
+def _numeric_date(value: object) -> bool:
+    """Tell whether a time claim is a JSON number (not a string, nor a boolean)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class IssuerUnavailable(Exception):
     """The issuer's keys could not be fetched and none are cached: no token can be checked."""
 
@@ -177,6 +182,10 @@ class Verifier:
             )
         except jwt.InvalidTokenError as exc:
             log.info("oidc token refused: %s", exc)
+            return None
+        if not all(_numeric_date(claims[name]) for name in ("exp", "nbf", "iat") if name in claims):
+            # PyJWT reads "1893456000" as a time too; RFC 7519 says a NumericDate is a number.
+            log.info("oidc token refused: a time claim is not a number")
             return None
         subject = claims["sub"]
         if not isinstance(subject, str) or not valid_subject(subject):

@@ -12,21 +12,26 @@ header on later token requests.
 
 from __future__ import annotations
 
+import functools
 import hmac
+import logging
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
-from flask import current_app, g, request
+from flask import after_this_request, current_app, g, request
 from flask_limiter.util import get_remote_address
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from limits.strategies import FixedWindowRateLimiter
 from werkzeug.wrappers import Response
 
 from broker.platform.config import current_settings
 from broker.platform.extensions import limiter
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("broker.auth")
 
 DEVICE_COOKIE = "broker_device"
 DEVICE_HEADER = "Broker-Device"  # the same value, for API clients
@@ -105,13 +110,11 @@ def set_device_cookie(response: Response, username_key: str) -> None:
     )
 
 
-def _failed(response: Response) -> bool:
-    """Count an attempt against the username only when it did not succeed."""
-    return response.status_code not in (201, 302)
-
-
 # Shared scopes: the login form and the token endpoint draw on the same budgets, so an attacker
-# cannot double the guesses by alternating between them.
+# cannot double the guesses by alternating between them. Every attempt is counted before its
+# password is checked, in one atomic step that also tells whether it is within the limit (a
+# count added after the view let concurrent guesses all pass the check first: 17 checked
+# against a limit of 10); so a successful login counts too.
 per_ip = limiter.shared_limit(auth_limit, scope="auth-ip", methods=["POST"])
 # A known device is counted on its own budget (below) instead of the username's.
 per_username = limiter.shared_limit(
@@ -119,7 +122,6 @@ per_username = limiter.shared_limit(
     scope="auth-username",
     key_func=_username_key,
     methods=["POST"],
-    deduct_when=_failed,
     exempt_when=lambda: _device() is not None,
 )
 per_device = limiter.shared_limit(
@@ -127,9 +129,33 @@ per_device = limiter.shared_limit(
     scope="auth-device",
     key_func=_device_key,
     methods=["POST"],
-    deduct_when=_failed,
     exempt_when=lambda: _device() is None,
 )
+
+
+# The budgets a successful login gives its attempt back to: the owner logging in is no guess.
+REFUNDED_SCOPES = ("auth-username", "auth-device")
+ADMITTED = (201, 302)
+
+
+def _refund_if_admitted(response: Response) -> Response:
+    """Give back the attempt a successful login counted on the username's (or device's)
+    budget; a refused one keeps it."""
+    if response.status_code not in ADMITTED:
+        return response
+    strategy = limiter.limiter
+    if not isinstance(strategy, FixedWindowRateLimiter):
+        return response  # only a fixed window's count can be given back
+    try:
+        for checked in limiter.current_limits:
+            if checked.request_args[-1] not in REFUNDED_SCOPES:
+                continue
+            key = checked.limit.key_for(*checked.request_args)
+            if strategy.storage.get(key) > 0:  # not when its window ended meanwhile
+                strategy.storage.incr(key, checked.limit.get_expiry(), amount=-1)
+    except Exception as exc:  # a storage gone mid-request: the attempt stays counted
+        log.warning("login attempt not given back to its budget: %s", type(exc).__name__)
+    return response
 
 
 def credential_checks(view: F) -> F:
@@ -138,5 +164,13 @@ def credential_checks(view: F) -> F:
     Flask-Limiter evaluates a view's limits in the order they were applied and stops at the
     first breach; the per-username and per-device ones read the body for the username. Applied
     first, the per-IP limit refuses a client over its budget before anything reads its body.
+    Each attempt is counted before the view checks its password; a successful one is given
+    back afterwards.
     """
-    return cast(F, per_device(per_username(per_ip(view))))
+
+    @functools.wraps(view)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        after_this_request(_refund_if_admitted)
+        return view(*args, **kwargs)
+
+    return cast(F, per_device(per_username(per_ip(counted))))

@@ -261,6 +261,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("WEBHOOK_TIMEOUT", 15.0, "Seconds before an outgoing webhook attempt times out."),
     Setting(
+        "WEBHOOK_CONCURRENCY",
+        8,
+        "Webhook attempts one worker process sends at the same time (over all endpoints).",
+    ),
+    Setting(
+        "WEBHOOK_ENDPOINT_CONCURRENCY",
+        1,
+        "Webhook attempts one worker process sends to the same endpoint at the same time (1 keeps each endpoint's events in order); a slow endpoint holds only these.",
+    ),
+    Setting(
         "MAX_CONTENT_LENGTH",
         1024 * 1024,
         "Largest request body in bytes the broker reads (413 beyond); files never pass through it.",
@@ -556,6 +566,8 @@ class Settings:
     retention_uploads_days: int
     webhook_allow_private: bool
     webhook_timeout: float
+    webhook_concurrency: int
+    webhook_endpoint_concurrency: int
     max_content_length: int
     verify_batch_window: float
     complete_inline_budget: float

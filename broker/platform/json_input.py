@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from flask import Flask, Request
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from broker.platform.errors import ApiError
 
@@ -105,10 +106,22 @@ class BrokerRequest(Request):
     """Flask's request, answering a body `get_json()` refuses as an API error (415 without a
     JSON content type, 400 unreadable, 422 unacceptable values)."""
 
+    def _cut_at_the_maximum(self) -> bool:
+        """Tell whether a body without Content-Length (chunked) went on past
+        MAX_CONTENT_LENGTH: werkzeug reads such a body up to the maximum and silently cuts it
+        there, so it would fail as cut JSON (400) instead of a body too large (413)."""
+        limit = self.max_content_length
+        if limit is None or self.content_length is not None:
+            return False
+        rest = getattr(self.stream, "_stream", None)  # what the limited stream did not read
+        return len(self.get_data()) >= limit and rest is not None and bool(rest.read(1))
+
     def on_json_loading_failed(self, e: ValueError | None) -> NoReturn:
         """Refuse a body `get_json()` could not take."""
         if e is None:
             raise ApiError(415, "unsupported_media_type", "Send the body as application/json.")
+        if self._cut_at_the_maximum():
+            raise RequestEntityTooLarge()
         if isinstance(e, UnacceptableJSON):
             detail = {"field": e.field or None, "message": e.message, "type": e.kind}
             raise ApiError(422, "validation_error", "The request is not valid.", [detail])

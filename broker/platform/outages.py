@@ -4,11 +4,14 @@
   this process instead (its in-memory fallback), checks the storage again with a backoff, and
   goes back to it once it answers. Each switch is logged once, and `/metrics` shows
   `broker_ratelimit_storage_up` (0 while counting in-process) and how often it switched.
-- Database unreachable (a refused or dropped connection, a pool that cannot hand one out):
-  503 `database_unavailable` with `Retry-After`, one log line, no trace.
+- A connection the database dropped (a restart, a terminated backend): SQLAlchemy replaces it
+  (and every pooled connection older than it), and the request is run once more on a new one,
+  provided nothing was committed or sent upstream yet (`note_upstream_call`); otherwise, as when
+  the database is unreachable (refused connections, a pool that cannot hand one out): 503
+  `database_unavailable` with `Retry-After`, one log line, no trace.
 - `/readyz` names the dependency that is down (broker.platform.health).
 
-Public interface: `init_app(app)`, `metric_lines(session)`.
+Public interface: `init_app(app)`, `metric_lines(session)`, `note_upstream_call()`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, g
+from flask import Flask, g, has_request_context
+from flask.globals import request_ctx
 from flask.typing import ResponseReturnValue
+from sqlalchemy.orm import Session as OrmSession
 
 from broker.platform import health
 from broker.platform.db import Session, db
@@ -86,8 +91,48 @@ def metric_lines(session: Session) -> Iterable[str]:
     ]
 
 
+# Flags on `g`: what makes running a request again unsafe, and that it ran again already. A
+# commit counts from the view on (the authentication's own, a last-used stamp, is harmless to
+# make again).
+_IN_VIEW = "_broker_in_view"
+_COMMITTED = "_broker_committed"
+_UPSTREAM = "_broker_upstream_called"
+_RETRIED = "_broker_retried"
+
+
+class _RunAgain(Exception):
+    """The request met a dropped connection before doing anything lasting: run it again."""
+
+
+def note_upstream_call() -> None:
+    """Note that this request sent something upstream (it is not run again after a dropped
+    database connection: Cloudflare would see the call twice)."""
+    if has_request_context():
+        setattr(g, _UPSTREAM, True)
+
+
+def _note_commit(session: OrmSession) -> None:
+    if has_request_context() and g.get(_IN_VIEW):
+        setattr(g, _COMMITTED, True)
+
+
+def _may_run_again(exc: Exception) -> bool:
+    """A dropped connection (now replaced), and nothing committed or sent upstream yet."""
+    return (
+        isinstance(exc, sa.exc.DBAPIError)
+        and exc.connection_invalidated
+        and not g.get(_COMMITTED)
+        and not g.get(_UPSTREAM)
+        and not g.get(_RETRIED)
+    )
+
+
 def _database_unavailable(exc: Exception) -> ResponseReturnValue:
-    """Answer a request the database could not serve with 503 and when to try again."""
+    """Answer a request the database could not serve with 503 and when to try again (or run
+    it again at once when its connection was dropped before it did anything lasting)."""
+    if _may_run_again(exc):
+        db.session.rollback()  # gives the dead connection back; the next one is new
+        raise _RunAgain from exc
     log.warning("database unavailable: %s", type(getattr(exc, "orig", exc)).__name__)
     db.session.rollback()  # SQLAlchemy drops a connection that died with the transaction
     # The error page shows who is logged in: nobody, rather than asking the database again.
@@ -123,5 +168,35 @@ def init_app(app: Flask) -> None:
         limiter_log.setLevel(logging.INFO)
         limiter_log.propagate = False
     health.register_metrics(app, metric_lines)
+    _run_again_after_dropped_connections(app)
     for kind in (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError):
         app.register_error_handler(kind, _database_unavailable)
+
+
+def _run_again_after_dropped_connections(app: Flask) -> None:
+    """Run a request once more when its connection was dropped before it did anything lasting
+    (raised from the error handler, so the first attempt's answer is never sent)."""
+    if not sa.event.contains(OrmSession, "after_commit", _note_commit):
+        sa.event.listen(OrmSession, "after_commit", _note_commit)
+    dispatch = app.full_dispatch_request
+    view = app.dispatch_request
+
+    def dispatch_request() -> Any:
+        setattr(g, _IN_VIEW, True)
+        return view()
+
+    def full_dispatch_request() -> Any:
+        try:
+            return dispatch()
+        except _RunAgain:
+            log.warning("database connection dropped: replaced, request run again")
+            setattr(g, _RETRIED, True)
+            setattr(g, _IN_VIEW, False)
+            g.pop("_login_user", None)  # authenticated again on the new connection
+            g.pop("unit_of_work", None)
+            # after_this_request callbacks of the first attempt: the second registers its own.
+            request_ctx._after_request_functions.clear()
+            return dispatch()
+
+    app.dispatch_request = dispatch_request  # type: ignore[method-assign]
+    app.full_dispatch_request = full_dispatch_request  # type: ignore[method-assign]

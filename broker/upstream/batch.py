@@ -38,6 +38,8 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
 from broker.platform.config import Settings, settings_of
+from broker.platform.encryption import EXTENSION_KEY as KEYRING_KEY
+from broker.platform.encryption import Keyring
 from broker.upstream.budget import EXTENSION_KEY as BUDGET_KEY
 from broker.upstream.budget import BudgetExhausted, UpstreamBudget
 from broker.upstream.cloudflare import (
@@ -68,10 +70,15 @@ ERRORS_BEFORE_FALLBACK = 5
 # Refresh this long before expiry (or at 3/4 of a shorter lifetime).
 REFRESH_BEFORE = timedelta(minutes=5)
 REFRESH_LEASE = timedelta(seconds=30)
+# The stored (encrypted) token as it is: the route decrypts it with its own keyring, since it
+# also runs where no app context is pushed (the column's type needs one).
+_STORED_TOKEN = sa.type_coerce(UpstreamBatchToken.token, sa.Text).label("token")
 # How long a process without any valid token waits for another process's fetch.
 WAIT_FOR_FETCH = 3.0
 # How often a process re-reads the fallbacks other processes recorded.
 FALLBACK_RELOAD = 5.0
+# Seconds a Redis call of the per-token rate may take before Redis counts as down.
+STORAGE_TIMEOUT = 1.0
 # How long a caller waits for the per-token rate before giving up with BudgetExhausted.
 RATE_WAIT = 2.0
 
@@ -98,18 +105,63 @@ class _PerSecondRate:
 
 
 class RedisRate(_PerSecondRate):
-    """200 calls per second per token, counted in Redis (a moving window, `limits`)."""
+    """200 calls per second per token, counted in Redis (a moving window, `limits`).
 
-    def __init__(self, uri: str, per_second: int) -> None:
+    With Redis unreachable the calls are counted in this process instead (the same window, in
+    memory: each process then allows the full rate on its own), logged once; Redis is asked
+    again every RECHECK seconds and counts again once it answers. `shared` tells which.
+    """
+
+    RECHECK = 30.0
+
+    def __init__(
+        self, uri: str, per_second: int, *, clock: Callable[[], float] = time.time
+    ) -> None:
         from limits import RateLimitItemPerSecond, storage, strategies
 
         self._item = RateLimitItemPerSecond(per_second)
-        self._limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(uri))
+        # A call must not wait on a Redis that does not answer.
+        redis = storage.storage_from_string(
+            uri, socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT
+        )
+        self._limiter = strategies.MovingWindowRateLimiter(redis)
+        self._local = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self.clock = clock
+        self._down_until: float | None = None  # counting in-process until then
+        self._lock = threading.Lock()
+
+    @property
+    def shared(self) -> bool:
+        """True while the rate counts in Redis, False while this process counts on its own."""
+        return self._down_until is None
 
     def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
         """Count one call, or raise BudgetExhausted when this second is full."""
-        if not self._limiter.hit(self._item, "broker-batch", SCOPE):
+        if not self._hit():
             raise BudgetExhausted(1.0, "batch rate")
+
+    def _hit(self) -> bool:
+        down_until = self._down_until
+        if down_until is not None and self.clock() < down_until:
+            return self._local.hit(self._item, "broker-batch", SCOPE)
+        try:
+            counted = self._limiter.hit(self._item, "broker-batch", SCOPE)
+        except Exception as exc:  # any storage failure: Redis down, timed out, refusing
+            with self._lock:
+                if self._down_until is None:
+                    log.warning(
+                        "batch API: rate storage unreachable (%s): counting calls in this "
+                        "process until it answers again",
+                        type(exc).__name__,
+                    )
+                self._down_until = self.clock() + self.RECHECK
+            return self._local.hit(self._item, "broker-batch", SCOPE)
+        if down_until is not None:
+            with self._lock:
+                if self._down_until is not None:
+                    log.warning("batch API: rate storage answers again: counting calls in it")
+                self._down_until = None
+        return counted
 
 
 class DatabaseRate(_PerSecondRate):
@@ -207,11 +259,13 @@ class BatchRoute:
         base: str,
         rate: Budget,
         *,
+        keyring: Keyring,
         cooldown: float = 600.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.engine = engine
+        self.keyring = keyring  # the token is stored encrypted, like every secret at rest
         self.base = base.rstrip("/")
         self.rate = rate
         self.cooldown = cooldown
@@ -396,7 +450,7 @@ class BatchRoute:
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(
-                    UpstreamBatchToken.token,
+                    _STORED_TOKEN,
                     UpstreamBatchToken.expires_at,
                     UpstreamBatchToken.fetched_at,
                 ).where(UpstreamBatchToken.scope == SCOPE)
@@ -405,7 +459,8 @@ class BatchRoute:
             return None
         expires = _aware(row.expires_at) or self._now()
         fetched = _aware(row.fetched_at) or expires
-        return _Token(row.token, expires, self._refresh_at(expires, fetched))
+        value = self.keyring.decrypt(row.token)
+        return _Token(value, expires, self._refresh_at(expires, fetched))
 
     def _claim_refresh(self, now: datetime) -> bool:
         """Take the refresh lease (committed), so one process fetches for all."""
@@ -452,7 +507,8 @@ class BatchRoute:
                 sa.update(table)
                 .where(table.c.scope == SCOPE)
                 .values(
-                    token=value,
+                    # Encrypted here, so stored as it is (not again by the column's type).
+                    token=sa.type_coerce(self.keyring.encrypt(value), sa.Text),
                     expires_at=expires,
                     fetched_at=now,
                     lease_until=None,
@@ -474,7 +530,7 @@ class BatchRoute:
         }
 
 
-def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None:
+def route_from_settings(engine: Engine, settings: Settings, keyring: Keyring) -> BatchRoute | None:
     """Build the batch route from BROKER_CLOUDFLARE_BATCH*, or None when it is off."""
     if settings.cloudflare_batch != "auto" or settings.cloudflare_batch_base is None:
         return None
@@ -489,6 +545,7 @@ def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None
         engine,
         settings.cloudflare_batch_base,
         rate,
+        keyring=keyring,
         cooldown=settings.cloudflare_batch_cooldown,
     )
 
@@ -496,7 +553,9 @@ def route_from_settings(engine: Engine, settings: Settings) -> BatchRoute | None
 def init_app(app: Flask) -> None:
     """Create the app's batch route (after the budget, whose small engine it shares)."""
     budget: UpstreamBudget = app.extensions[BUDGET_KEY]
-    app.extensions[EXTENSION_KEY] = route_from_settings(budget.engine, settings_of(app))
+    app.extensions[EXTENSION_KEY] = route_from_settings(
+        budget.engine, settings_of(app), app.extensions[KEYRING_KEY]
+    )
 
 
 def metric_lines(session: object) -> list[str]:
@@ -506,9 +565,17 @@ def metric_lines(session: object) -> list[str]:
     route: BatchRoute | None = current_app.extensions.get(EXTENSION_KEY)
     if route is None:
         return []
-    return health.gauge(
-        "broker_upstream_batch_fallback_seconds",
-        "Seconds a batch-API endpoint stays on the global API after a refusal (0: batch host).",
-        route.status(),
-        label="endpoint",
-    )
+    return [
+        *health.gauge(
+            "broker_upstream_batch_fallback_seconds",
+            "Seconds a batch-API endpoint stays on the global API after a refusal (0: batch host).",
+            route.status(),
+            label="endpoint",
+        ),
+        *health.gauge(
+            "broker_upstream_batch_rate_shared",
+            "1 while the batch token's per-second rate counts in the shared storage, 0 while "
+            "this process counts on its own because Redis is unreachable.",
+            0 if isinstance(route.rate, RedisRate) and not route.rate.shared else 1,
+        ),
+    ]

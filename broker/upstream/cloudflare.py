@@ -31,6 +31,7 @@ import requests
 from flask import Flask
 from requests.adapters import HTTPAdapter
 
+from broker.platform import outages
 from broker.platform.config import Settings, settings_of
 
 if TYPE_CHECKING:
@@ -579,6 +580,7 @@ class CloudflareImages:
             if budget is not None and not (prepaid and attempt == 0):
                 budget.acquire(priority)
             started = time.monotonic()
+            outages.note_upstream_call()  # a dropped database connection: not run again
             try:
                 response = self.session.request(
                     method,

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from broker.platform.db import Model, UTCDateTime
+from broker.platform.encryption import EncryptedText
 
 
 class UpstreamBudgetState(Model):
@@ -43,8 +44,10 @@ class UpstreamBatchToken(Model):
     __tablename__ = "upstream_batch_tokens"
 
     scope: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    # A credential for the batch host only, valid for about an hour; never logged.
-    token: Mapped[str | None] = mapped_column(sa.Text)
+    # A credential for the batch host only, valid for about an hour (able to list, change and
+    # delete images); never logged, stored encrypted (BatchRoute encrypts it with its keyring:
+    # it runs in threads with no app context too).
+    token: Mapped[str | None] = mapped_column(EncryptedText)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     fetched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(sa.String(64))

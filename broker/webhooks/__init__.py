@@ -6,7 +6,8 @@
 - `schedule`: the retry schedule (pure).
 - `endpoints`: register (behind the SSRF guard), rotate, enable/disable, redeliver, list.
 - `sending`: the worker's job — claim due deliveries under a lease, sign, POST to the pinned
-  address with a deadline, log the attempt, schedule the retry.
+  address with a deadline, log the attempt, schedule the retry; each endpoint in its own lanes
+  (threads), so a slow receiver never delays another's deliveries.
 - `ssrf`: the address checks every outgoing request passes.
 - `api`, `cli`: the admin API under `/api/v1/webhooks` and `flask webhooks …`.
 - `models`: endpoints, events, deliveries, attempts.

@@ -2,25 +2,35 @@
 read and sign the message, POST it with no transaction open to the SSRF-checked pinned address
 with a deadline, then log the attempt and schedule the retry or give up, in one transaction per
 attempt that the leased-work unit commits. Nothing here commits itself.
+
+Endpoints are isolated from each other (`Lanes`): each claim is split into lanes, a lane being a
+few deliveries of one endpoint sent one after another in a thread of its own, with at most
+WEBHOOK_ENDPOINT_CONCURRENCY lanes per endpoint and WEBHOOK_CONCURRENCY per worker process. A
+receiver that is slow or hangs to the timeout holds only its own lanes; the others keep going.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
+from flask import Flask, current_app
 
-from broker.platform import leases
-from broker.platform.db import Session, utcnow
+from broker.platform import leases, wakeup
+from broker.platform.config import settings_of
+from broker.platform.db import Session, db, utcnow
 from broker.upstream.cloudflare import parse_retry_after
 from broker.webhooks import ssrf
 from broker.webhooks.endpoints import check_target, set_active
@@ -97,17 +107,30 @@ def attempt(
     return Outcome(ok, status, error, retry_after, status == 410, elapsed())
 
 
-def claim_due(session: Session, holder: str, now: datetime, limit: int = 20) -> list[int]:
-    """Lease up to `limit` due deliveries of active endpoints to `holder` (committed)."""
+def _due(now: datetime) -> list[sa.ColumnElement[bool]]:
     active = sa.select(WebhookEndpoint.id).where(WebhookEndpoint.active.is_(True))
+    return [
+        WebhookDelivery.status == DeliveryStatus.PENDING,
+        WebhookDelivery.next_attempt_at <= now,
+        WebhookDelivery.endpoint_id.in_(active),
+    ]
+
+
+def claim_due(
+    session: Session,
+    holder: str,
+    now: datetime,
+    limit: int = 20,
+    *,
+    endpoint_id: int | None = None,
+) -> list[int]:
+    """Lease up to `limit` due deliveries of active endpoints (or of one) to `holder`
+    (committed)."""
+    mine = [] if endpoint_id is None else [WebhookDelivery.endpoint_id == endpoint_id]
     return leases.claim(
         session,
         WebhookDelivery,
-        where=[
-            WebhookDelivery.status == DeliveryStatus.PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-            WebhookDelivery.endpoint_id.in_(active),
-        ],
+        where=[*_due(now), *mine],
         order_by=[WebhookDelivery.next_attempt_at, WebhookDelivery.id],
         limit=limit,
         holder=holder,
@@ -199,23 +222,22 @@ def _attempt_number(session: Session, delivery_id: int) -> int:
     return int(count or 0) + 1
 
 
-def deliver_due(
+def deliver_claimed(
     session: Session,
     holder: str,
-    config: dict[str, Any],
+    config: Mapping[str, Any],
+    ids: Sequence[int],
     *,
-    now: datetime | None = None,
-    limit: int = 20,
+    now: datetime,
     stop: threading.Event | None = None,
 ) -> int:
-    """Worker job: claim due deliveries and attempt each (leased work: an attempt's record
+    """Attempt each of the claimed deliveries `ids` in turn (leased work: an attempt's record
     commits before the next starts); on `stop`, give back what was not tried. Return how many
     were attempted."""
-    now = now or utcnow()
 
     def send(msg: Message) -> Outcome:
         return attempt(
-            msg.url, msg.msg_id, msg.body, msg.signing, config, timestamp=int(now.timestamp())
+            msg.url, msg.msg_id, msg.body, msg.signing, dict(config), timestamp=int(now.timestamp())
         )
 
     def record(delivery: WebhookDelivery, outcome: Outcome) -> int:
@@ -228,4 +250,162 @@ def deliver_due(
         session, WebhookDelivery, WebhookDelivery.next_attempt_at, holder, now
     )
     job = leases.Job(WebhookDelivery, holder, read, send, record, back_off, LEASE_SECONDS)
-    return leases.work_through(session, job, claim_due(session, holder, now, limit), stop=stop)
+    return leases.work_through(session, job, ids, stop=stop)
+
+
+def lane_length(timeout: float) -> int:
+    """Return how many deliveries one lane takes: all of them must fit in one lease even when
+    every attempt runs to the timeout (with a margin of half the lease)."""
+    return max(1, min(10, math.floor(LEASE_SECONDS / 2 / max(timeout, 0.001))))
+
+
+def claim_lanes(
+    session: Session,
+    holder: str,
+    now: datetime,
+    *,
+    lanes: int,
+    per_endpoint: int,
+    busy: Mapping[int, int],
+    length: int,
+) -> list[tuple[int, list[int]]]:
+    """Lease due deliveries for up to `lanes` new lanes to `holder` (committed): endpoints with
+    the oldest due delivery first, none past `per_endpoint` lanes counting the `busy` ones, at
+    most `length` deliveries a lane. Return (endpoint id, delivery ids) per lane."""
+    first_due = sa.func.min(WebhookDelivery.next_attempt_at)
+    waiting = session.execute(
+        sa.select(WebhookDelivery.endpoint_id)
+        .where(*_due(now), leases.claimable(WebhookDelivery, now))
+        .group_by(WebhookDelivery.endpoint_id)
+        .order_by(first_due, WebhookDelivery.endpoint_id)
+        .limit(lanes + len(busy))
+    ).scalars()
+    wanted: list[tuple[int, int]] = []
+    for endpoint_id in list(waiting):
+        room = min(per_endpoint - busy.get(endpoint_id, 0), lanes - sum(n for _, n in wanted))
+        if room > 0:
+            wanted.append((endpoint_id, room))
+    found: list[tuple[int, list[int]]] = []
+    for endpoint_id, room in wanted:
+        ids = claim_due(session, holder, now, room * length, endpoint_id=endpoint_id)
+        if not ids:
+            continue  # another worker took them meanwhile
+        size = math.ceil(len(ids) / room)
+        found.extend((endpoint_id, ids[i : i + size]) for i in range(0, len(ids), size))
+    return found
+
+
+class Lanes:
+    """One worker's webhook senders: claimed deliveries go out in lanes, a thread each, at most
+    WEBHOOK_CONCURRENCY at once and WEBHOOK_ENDPOINT_CONCURRENCY per endpoint.
+
+    `dispatch` claims what free lanes can take and starts them without waiting (the worker
+    loop); `wait` waits for the lanes running (a pass driven step by step, `deliver_due`);
+    `close` waits and stops the threads. A lane that ends wakes the worker for the next claim.
+    """
+
+    def __init__(
+        self,
+        app: Flask,
+        holder: str,
+        *,
+        config: Mapping[str, Any] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        settings = settings_of(app)
+        self.app = app
+        self.holder = holder
+        self.config = app.config if config is None else config
+        self.stop = stop
+        self.per_worker = max(1, settings.webhook_concurrency)
+        self.per_endpoint = max(1, settings.webhook_endpoint_concurrency)
+        self.length = lane_length(float(self.config["WEBHOOK_TIMEOUT"]))
+        self._pool = ThreadPoolExecutor(self.per_worker, thread_name_prefix="broker-webhooks")
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._busy: Counter[int] = Counter()  # lanes running per endpoint
+        self._running = 0
+        self._attempted = 0
+
+    def dispatch(self, session: Session, now: datetime) -> int:
+        """Claim deliveries for the free lanes and start sending them; return how many."""
+        if self.stop is not None and self.stop.is_set():
+            return 0
+        with self._lock:
+            free = self.per_worker - self._running
+            busy = {endpoint: n for endpoint, n in self._busy.items() if n > 0}
+        if free <= 0:
+            return 0
+        claimed = claim_lanes(
+            session,
+            self.holder,
+            now,
+            lanes=free,
+            per_endpoint=self.per_endpoint,
+            busy=busy,
+            length=self.length,
+        )
+        for endpoint_id, ids in claimed:
+            with self._lock:
+                self._busy[endpoint_id] += 1
+                self._running += 1
+            self._pool.submit(self._run, endpoint_id, ids, now)
+        return sum(len(ids) for _, ids in claimed)
+
+    def _run(self, endpoint_id: int, ids: list[int], now: datetime) -> None:
+        attempted = 0
+        try:
+            # A thread of its own: its own app context, so its own session (and connection).
+            with self.app.app_context():
+                try:
+                    attempted = deliver_claimed(
+                        db.session, self.holder, self.config, ids, now=now, stop=self.stop
+                    )
+                finally:
+                    db.session.remove()
+        except Exception:
+            # Its deliveries come back when their leases run out.
+            log.exception("a webhook lane failed")
+        finally:
+            with self._changed:
+                self._busy[endpoint_id] -= 1
+                self._running -= 1
+                self._attempted += attempted
+                self._changed.notify_all()
+            wakeup.notify_worker()  # room for the next claim
+
+    def wait(self) -> int:
+        """Wait for the running lanes; return how many attempts lanes made since the last
+        wait."""
+        with self._changed:
+            while self._running:
+                self._changed.wait()
+            attempted, self._attempted = self._attempted, 0
+        return attempted
+
+    def close(self) -> None:
+        """Wait for the running lanes (told to stop, they give back what they have not
+        started) and end their threads."""
+        self.wait()
+        self._pool.shutdown(wait=True)
+
+
+def deliver_due(
+    session: Session,
+    holder: str,
+    config: Mapping[str, Any],
+    *,
+    now: datetime | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Claim due deliveries and attempt them, each endpoint in its own lanes, and wait for them
+    (a pass driven step by step: tests, `flask worker --once`); return how many were
+    attempted."""
+    now = now or utcnow()
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    lanes = Lanes(app, holder, config=config, stop=stop)
+    try:
+        lanes.dispatch(session, now)
+        return lanes.wait()
+    finally:
+        lanes.close()

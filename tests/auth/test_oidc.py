@@ -185,3 +185,13 @@ def test_time_for_leeway_is_configurable(make_app, idp) -> None:
     app = make_app(OIDC_ISSUER=idp.url, OIDC_AUDIENCE=AUDIENCE, OIDC_LEEWAY=0)
     now = int(time.time())
     assert _me(app, idp.token(exp=now - 5))[0] == 401
+
+
+def test_time_claims_given_as_strings_are_401(broker, idp) -> None:
+    """RFC 7519's NumericDate is a number: an `exp` (or `nbf`, `iat`) string is refused, though
+    PyJWT would read it as a time."""
+    later = int(time.time()) + 600
+    assert _me(broker, idp.token(exp=later))[0] == 200
+    assert _me(broker, idp.token(exp=str(later)))[0] == 401
+    assert _me(broker, idp.token(iat=str(later - 600)))[0] == 401
+    assert _me(broker, idp.token(exp=True))[0] == 401

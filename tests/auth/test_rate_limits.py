@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,3 +141,25 @@ def test_an_api_client_proves_its_device_with_the_header_it_was_given(
     assert _token_request(app, "bob", PASSWORD, "10.1.0.3", device).status_code == 429
     forged = device[:-4] + ("AAAA" if not device.endswith("AAAA") else "BBBB")
     assert _token_request(app, "alice", PASSWORD, "10.1.0.4", forged).status_code == 429
+
+
+def test_concurrent_guesses_never_check_more_passwords_than_the_limit(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any]
+) -> None:
+    """32 wrong passwords for one user from 32 addresses, 8 at a time: each attempt is counted
+    before its password is checked, so exactly the limit's 10 are checked (401) and the rest
+    refused (429); the owner's own successful logins are given back to the username's budget."""
+    app = make_app(AUTH_RATE_LIMIT="10 per minute", PASSWORD_HASH_CONCURRENCY=8)
+    make_user("alice")
+    for n in range(3):  # logins that succeed do not use up the username's guesses
+        assert _token_request(app, "alice", PASSWORD, f"10.1.0.{n}").status_code == 201
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(
+                lambda n: _token_request(app, "alice", "wrong password!", f"10.66.0.{n}"),
+                range(32),
+            )
+        )
+    codes = sorted(r.status_code for r in statuses)
+    assert codes.count(401) == 10, codes
+    assert codes.count(429) == 22, codes

@@ -256,3 +256,17 @@ def test_keys_with_another_issuer_act_for_other_accounts(broker) -> None:
     # A replacement key in the same namespace acts for the same accounts.
     again = _new_key(broker, "uploads:read")
     assert client.get("/api/v1/me", headers=_as(again, "A")).get_json()["public_id"] == a_shop
+
+
+def test_a_non_ascii_on_behalf_of_is_read_as_utf8(broker) -> None:
+    """The header's bytes are UTF-8 (WSGI gives them as latin-1 text): "José" is one account,
+    stored as "José", and bytes that are not UTF-8 are a 400."""
+    key = _new_key(broker, "uploads:read")
+    client = broker.test_client()
+    on_the_wire = "José".encode().decode("latin-1")  # what the server receives as text
+    for _ in range(2):
+        assert client.get("/api/v1/me", headers=_as(key, on_the_wire)).status_code == 200
+    assert list(_accounts(broker)) == ["José"]
+    refused = client.get("/api/v1/me", headers=_as(key, "Jos\xe9"))  # latin-1, not UTF-8
+    assert refused.status_code == 400
+    assert refused.get_json()["error"]["code"] == "invalid_on_behalf_of"

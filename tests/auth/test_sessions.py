@@ -4,12 +4,14 @@ what ends a session, the login forms' odd input, the demo account."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import time_machine
 from flask import Flask
 
 from broker.auth.models import ApiToken, User
@@ -448,3 +450,13 @@ def test_browser_forms_treat_a_json_body_as_an_empty_form(
         response = client.post(path, json=body, headers=headers)
         assert response.status_code < 500, (path, response.status_code)
     assert client.get("/api/v1/me").status_code == 401  # the logout went through
+
+
+def test_a_session_stamped_in_the_future_has_ended(client, make_user, login):
+    """A login stamped by a clock a day ahead would last a day longer than the lifetime: it is
+    refused instead."""
+    make_user()
+    with time_machine.travel(time.time() + 86400, tick=False):
+        login(client, "alice", "correct horse battery")
+        assert _is_logged_in(client)
+    assert not _is_logged_in(client)

@@ -18,7 +18,7 @@ from broker.platform.config import ConfigError
 from broker.platform.db import db
 from broker.platform.encryption import DEV_KEY_FILE, EncryptionError
 from broker.webhooks.models import WebhookEndpoint
-from tests.factories import PRODUCTION_SETTINGS, TEST_ENCRYPTION_KEY
+from tests.factories import PRODUCTION_SETTINGS, TEST_ENCRYPTION_KEY, create_user
 
 PASSWORD = "correct horse battery"
 NEW_KEY = Fernet.generate_key().decode()
@@ -147,24 +147,29 @@ def test_development_generates_one_key_and_keeps_it(tmp_path: Path) -> None:
     assert (tmp_path / DEV_KEY_FILE).read_text().strip() == stored
 
 
-def test_the_migration_encrypts_rows_stored_before_it(tmp_path: Path) -> None:
-    """Rows written in plain text before the migration are encrypted by `db upgrade`, and
-    `db downgrade` gives the plain text back."""
-    from flask_migrate import downgrade, upgrade
-
-    url = f"sqlite:///{tmp_path}/old.sqlite3"
+def _migration_app(instance: Path) -> tuple[Flask, sa.Engine]:
+    """An app on its own SQLite file, to migrate step by step, and a raw engine on the file."""
+    url = f"sqlite:///{instance}/old.sqlite3"
     app = create_app(
         {
             "ENV": "testing",
             "SECRET_KEY": "x" * 40,
             "DATABASE_URL": url,
-            "INSTANCE_PATH": str(tmp_path),
+            "INSTANCE_PATH": str(instance),
             "WORKER_INLINE": False,
             "LOG_LEVEL": "WARNING",
             "ENCRYPTION_KEYS": [TEST_ENCRYPTION_KEY],
         }
     )
-    engine = sa.create_engine(url)
+    return app, sa.create_engine(url)
+
+
+def test_the_migration_encrypts_rows_stored_before_it(tmp_path: Path) -> None:
+    """Rows written in plain text before the migration are encrypted by `db upgrade`, and
+    `db downgrade` gives the plain text back."""
+    from flask_migrate import downgrade, upgrade
+
+    app, engine = _migration_app(tmp_path)
     raw = (
         "SELECT secret, previous_secret FROM webhook_endpoints"
         " UNION ALL SELECT value, NULL FROM signing_keys"
@@ -201,6 +206,92 @@ def test_the_migration_encrypts_rows_stored_before_it(tmp_path: Path) -> None:
             with engine.connect() as conn:
                 plain = sorted(v for row in conn.execute(sa.text(raw)) for v in row if v)
             assert plain == ["key-value-1", "whsec_current", "whsec_previous"]
+            db.engine.dispose()
+    finally:
+        engine.dispose()
+
+
+def test_a_dump_holds_neither_the_batch_token_nor_a_stored_upload_url(
+    make_app: Callable[..., Flask],
+    make_user: Callable[..., Any],
+    bearer: Callable[..., dict[str, str]],
+) -> None:
+    """The batch token and an `Idempotency-Key` create's answer (its one-time upload URL) are
+    stored encrypted; the replay and the token still work; `flask encryption check` and
+    `reencrypt` cover them."""
+    app = make_app(CLOUDFLARE_BATCH="auto")
+    make_user("alice")
+    headers = {**bearer(app, "alice"), "Idempotency-Key": "create-1"}
+    first = app.test_client().post("/api/v1/uploads", json={}, headers=headers)
+    assert first.status_code == 201, first.get_data(as_text=True)
+    upload_url = first.get_json()["upload_url"]
+    token = app.extensions["batch_route"]._read().value  # read back through its keyring
+    text = dump(app)
+    assert upload_url not in text
+    assert token not in text
+    replay = app.test_client().post("/api/v1/uploads", json={}, headers=headers)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.get_json()["upload_url"] == upload_url
+    # A second process reads the stored token instead of fetching one.
+    assert make_app(CLOUDFLARE_BATCH="auto").extensions["batch_route"]._read().value == token
+
+    check = app.test_cli_runner().invoke(args=["encryption", "check"])
+    assert check.exit_code == 0, check.output
+    assert "all 2 stored secret(s) decrypt" in check.output
+    both = make_app(CLOUDFLARE_BATCH="auto", ENCRYPTION_KEYS=[NEW_KEY, TEST_ENCRYPTION_KEY])
+    result = both.test_cli_runner().invoke(args=["encryption", "reencrypt"])
+    assert "re-encrypted 2 value(s)" in result.output
+    new_only = make_app(CLOUDFLARE_BATCH="auto", ENCRYPTION_KEYS=[NEW_KEY])
+    assert new_only.extensions["batch_route"]._read().value == token
+    again = new_only.test_client().post("/api/v1/uploads", json={}, headers=headers)
+    assert again.get_json()["upload_url"] == upload_url
+
+
+def test_the_migration_encrypts_batch_tokens_and_stored_answers(tmp_path: Path) -> None:
+    """A batch token and a stored answer written in plain text before the migration are
+    encrypted by `db upgrade`; `db downgrade` gives the plain text back."""
+    from flask_migrate import downgrade, upgrade
+
+    from broker.api.models import IdempotencyKey
+
+    before = "33dacf6e6ba4"
+    app, engine = _migration_app(tmp_path)
+    raw = (
+        "SELECT token FROM upstream_batch_tokens UNION ALL SELECT response_body FROM"
+        " idempotency_keys"
+    )
+    answer = '{"upload_url":"https://upload.example/one-time"}'
+    try:
+        with app.app_context():
+            upgrade(revision=before)
+            user = create_user(app, "before-upgrade")
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO upstream_batch_tokens (scope, token) VALUES"
+                        " ('cloudflare', 'plain-batch-token')"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO idempotency_keys (user_id, key, fingerprint,"
+                        " response_status, response_body, created_at, expires_at) VALUES"
+                        " (:user, 'k', 'f', 201, :answer, '2026-01-01', '2026-01-02')"
+                    ),
+                    {"answer": answer, "user": user.id},
+                )
+            upgrade()
+            with engine.connect() as conn:
+                stored = [row[0] for row in conn.execute(sa.text(raw))]
+            assert len(stored) == 2
+            assert not any("plain-batch" in v or "upload.example" in v for v in stored)
+            assert db.session.scalars(sa.select(IdempotencyKey.response_body)).one() == answer
+            assert app.extensions["encryption"].decrypt(stored[0]) == "plain-batch-token"
+            db.session.remove()
+            downgrade(revision=before)
+            with engine.connect() as conn:
+                plain = sorted(row[0] for row in conn.execute(sa.text(raw)))
+            assert plain == sorted(["plain-batch-token", answer])
             db.engine.dispose()
     finally:
         engine.dispose()

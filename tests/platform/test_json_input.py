@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -154,3 +155,29 @@ def test_the_cloudflare_hook_answers_unacceptable_json_as_the_api_does(
     error = response.get_json()["error"]
     assert error["code"] == "validation_error"
     assert error["details"][0]["field"] == field
+
+
+def test_a_chunked_body_over_the_maximum_is_413_not_cut_json(app) -> None:
+    """A body without Content-Length (chunked, as gunicorn hands it over) is read only up to
+    MAX_CONTENT_LENGTH: a longer one is refused as too large, a shorter one is read whole."""
+    import io
+
+    def chunked(body: bytes):
+        environ = {
+            "CONTENT_LENGTH": "",
+            "HTTP_TRANSFER_ENCODING": "chunked",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.input_terminated": True,
+            "CONTENT_TYPE": "application/json",
+        }
+        return app.test_client().open(
+            "/api/v1/auth/tokens", method="POST", environ_overrides=environ
+        )
+
+    limit = app.config["MAX_CONTENT_LENGTH"]
+    big = json.dumps({"username": "a" * limit, "password": "x", "device_name": "d"}).encode()
+    refused = chunked(big)
+    assert refused.status_code == 413, refused.get_json()
+    assert refused.get_json()["error"]["code"] == "request_entity_too_large"
+    small = json.dumps({"username": "nobody", "password": "x" * 12, "device_name": "d"})
+    assert chunked(small.encode()).status_code == 401

@@ -128,32 +128,89 @@ def test_a_database_that_refuses_connections_is_503_with_retry_after(
         db.engine.dispose()
 
 
-def test_connections_the_server_terminates_are_503_then_replaced(
-    app: Flask, make_user: Callable[..., Any], database_url: str
-) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("terminates PostgreSQL backends: runs in the PostgreSQL pass")
-    postgres_url = database_url
-    user = make_user("ana")
-    bearer = factories.issue_token(app, user)
-    client = app.test_client()
-    assert client.get("/api/v1/me", headers=bearer).status_code == 200
+def _terminate_backends(postgres_url: str) -> int:
+    """Terminate every other connection to the test database, as a server restart would."""
     killer = sa.create_engine(postgres_url)
     try:
         with killer.connect() as conn:
-            killed = conn.execute(
+            killed: int = conn.execute(
                 sa.text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
             ).scalar_one()
-        assert killed >= 1
     finally:
         killer.dispose()
-    # The pooled connection is dead: that request is a 503 (never a 500) ...
-    answers = [client.get("/api/v1/me", headers=bearer).status_code for _ in range(3)]
-    assert answers == [503, 200, 200], answers
-    # ... and the pool replaced it: the next ones are served.
+    return killed
+
+
+def test_connections_the_server_terminates_are_replaced_and_the_request_run_again(
+    app: Flask, make_user: Callable[..., Any], database_url: str, caplog: Any
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends: runs in the PostgreSQL pass")
+    user = make_user("ana")
+    bearer = factories.issue_token(app, user)
+    client = app.test_client()
+    assert client.get("/api/v1/me", headers=bearer).status_code == 200
+    assert _terminate_backends(database_url) >= 1
+    # The pooled connection is dead: the request meets it, and is run again on a new one.
+    with caplog.at_level(logging.WARNING, "broker.outages"):
+        answers = [client.get("/api/v1/me", headers=bearer).status_code for _ in range(3)]
+    assert answers == [200, 200, 200], answers
+    assert [r.getMessage() for r in caplog.records] == [
+        "database connection dropped: replaced, request run again"
+    ]
     assert client.get("/readyz").status_code == 200
     with app.app_context():
         db.engine.dispose()  # the other dead connections: none reaches the suite's clean-up
+
+
+def test_a_create_whose_connection_drops_before_it_wrote_is_run_again_once(
+    app: Flask, make_user: Callable[..., Any], database_url: str
+) -> None:
+    """The connection dies between the authentication and the create's first write: the
+    create runs again on a new connection (201, one upload), while a connection that dies
+    after a commit or a call to Cloudflare gives 503 (the request is not run twice)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends: runs in the PostgreSQL pass")
+    from flask import request
+
+    from broker.uploads.models import Upload
+
+    user = make_user("ana")
+    bearer = factories.issue_token(app, user)
+    drops: list[str] = []
+
+    @app.before_request
+    def drop_the_connection_once() -> None:  # after the authentication's lookups
+        if request.path == "/api/v1/uploads" and not drops:
+            drops.append(request.path)
+            _terminate_backends(database_url)
+
+    client = app.test_client()
+    created = client.post("/api/v1/uploads", json={}, headers=bearer)
+    assert created.status_code == 201, created.get_json()
+    assert drops == ["/api/v1/uploads"]
+    with app.app_context():
+        assert len(db.session.scalars(sa.select(Upload)).all()) == 1
+
+    from broker.uploads import create
+
+    real = create.create_upload
+
+    def drop_after_cloudflare(*args: Any, **kwargs: Any) -> Any:
+        made = real(*args, **kwargs)  # the draft exists at Cloudflare now
+        _terminate_backends(database_url)
+        return made
+
+    create.create_upload = drop_after_cloudflare  # type: ignore[assignment]
+    try:
+        refused = client.post("/api/v1/uploads", json={}, headers=bearer)
+    finally:
+        create.create_upload = real  # type: ignore[assignment]
+    assert refused.status_code == 503, refused.get_json()
+    assert refused.headers["Retry-After"] == "5"
+    with app.app_context():
+        assert len(db.session.scalars(sa.select(Upload)).all()) == 1
+        db.engine.dispose()

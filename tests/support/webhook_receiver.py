@@ -6,6 +6,7 @@ endpoint's secret, and answers what the test scripted (status, headers), or bloc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -100,6 +101,13 @@ class Receiver:
 @pytest.fixture(name="receiver")
 def receiver_fixture() -> Iterator[Receiver]:
     """Serve a recording webhook receiver on a free loopback port."""
+    with serve_receiver() as state:
+        yield state
+
+
+@contextlib.contextmanager
+def serve_receiver() -> Iterator[Receiver]:
+    """Serve a recording webhook receiver on a free loopback port (one more than the fixture's)."""
     state = Receiver()
     server = make_server("127.0.0.1", 0, state.app, threaded=True)
     state.url = f"http://127.0.0.1:{server.server_port}/hook"

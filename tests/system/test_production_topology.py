@@ -39,9 +39,9 @@ from tests.system.topology import (
     Front,
     Process,
     Receiver,
+    broker_env,
     compose_commands,
     listening_socket,
-    port_from_log,
     stop_gracefully,
     topology,
     wait_for,
@@ -303,18 +303,9 @@ def run(
     try:
         with topology(work, env) as topo:
             redis_uri = topo.start_redis(commands["redis"])
-            emulator = topo.start(
-                "emulator",
-                [
-                    *commands["emulator"],
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    "--data-dir",
-                    str(work / "emulator"),
-                    "--control",  # faults and counters, on loopback (compose has none)
-                ],
+            emulator, emu_url = topo.start_emulator(
+                commands["emulator"],
+                work / "emulator",
                 env={
                     # Cloudflare's notification reaches the first web instance (the one that
                     # lives); while the broker is down a notification is simply lost.
@@ -322,9 +313,6 @@ def run(
                     "EMULATOR_NOTIFY_SECRET": NOTIFY_SECRET,
                 },
             )
-            emu_port = port_from_log(emulator, r"Running on http://127\.0\.0\.1:(\d+)")
-            emu_url = f"http://127.0.0.1:{emu_port}"
-            wait_http(f"{emu_url}/_emulator/counters", process=emulator)
             topo.env.update(
                 {
                     "BROKER_ENV": "testing",
@@ -336,12 +324,7 @@ def run(
                     "BROKER_RATELIMIT_STORAGE_URI": redis_uri,
                     "BROKER_AUTH_RATE_LIMIT": f"{AUTH_LIMIT} per hour",
                     "BROKER_METRICS_TOKEN": METRICS_TOKEN,
-                    "BROKER_CLOUDFLARE_API_BASE": f"{emu_url}/client/v4",
-                    "BROKER_CLOUDFLARE_ACCOUNT_ID": "emulator-account",
-                    "BROKER_CLOUDFLARE_API_TOKEN": "emulator-token",
-                    "BROKER_CLOUDFLARE_ACCOUNT_HASH": "emuhash000000000000000",
-                    "BROKER_CLOUDFLARE_DELIVERY_BASE": emu_url,
-                    "BROKER_CLOUDFLARE_UPLOAD_ORIGIN": emu_url,
+                    **broker_env(emu_url),
                     # This suite counts the global API's calls (list_v2, image_details, …) at
                     # the emulator; the batch API has its own tests (tests/upstream).
                     "BROKER_CLOUDFLARE_BATCH": "off",

@@ -153,6 +153,25 @@ class Topology:
         )
         return f"redis+unix://{sock}"
 
+    def start_emulator(
+        self, command: list[str], data_dir: Path, env: dict[str, str] | None = None
+    ) -> tuple[Process, str]:
+        """Start compose's emulator command on a free loopback port; return it and its URL,
+        once it answers."""
+        emulator = self.start(
+            "emulator",
+            [
+                *command,
+                *("--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)),
+                "--control",  # faults and counters, on loopback (compose's command has none)
+            ],
+            env=env,
+        )
+        port = port_from_log(emulator, r"Running on http://127\.0\.0\.1:(\d+)")
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/_emulator/counters", process=emulator)
+        return emulator, url
+
     def start_web(
         self, command: list[str], sock: socket.socket, env: dict[str, str] | None = None
     ) -> Process:
@@ -206,6 +225,18 @@ def stop_gracefully(processes: list[Process], timeout: float) -> dict[str, int |
             process.kill9()
             codes[process.name] = None
     return codes
+
+
+def broker_env(emulator_url: str) -> dict[str, str]:
+    """The broker's settings that point it at the emulator as its Cloudflare account."""
+    return {
+        "BROKER_CLOUDFLARE_API_BASE": f"{emulator_url}/client/v4",
+        "BROKER_CLOUDFLARE_ACCOUNT_ID": "emulator-account",
+        "BROKER_CLOUDFLARE_API_TOKEN": "emulator-token",
+        "BROKER_CLOUDFLARE_ACCOUNT_HASH": "emuhash000000000000000",
+        "BROKER_CLOUDFLARE_DELIVERY_BASE": emulator_url,
+        "BROKER_CLOUDFLARE_UPLOAD_ORIGIN": emulator_url,
+    }
 
 
 def listening_socket() -> socket.socket:

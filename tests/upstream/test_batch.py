@@ -443,3 +443,47 @@ def test_a_create_the_batch_host_never_received_goes_to_the_global_api_at_once(
     assert not _route(app).uses_batch("direct_upload")
     _create(app, auth)
     assert emulator.counters()["direct_upload"] == ERRORS_BEFORE_FALLBACK + 1
+
+
+def test_with_redis_down_the_batch_rate_is_counted_in_the_process(
+    make_app: Callable[..., Flask],
+    alice: User,
+    bearer: Callable[..., dict[str, str]],
+    emulator: EmulatorServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stops: creates still go to the batch host (no 500), the rate is counted in the
+    process, logged once and shown in /metrics; Redis back, it counts there again."""
+
+    def shared() -> str:
+        page = app.test_client().get("/metrics", headers={"Authorization": f"Bearer {METRICS}"})
+        [line] = [
+            line
+            for line in page.get_data(as_text=True).splitlines()
+            if line.startswith("broker_upstream_batch_rate_shared ")
+        ]
+        return line.split()[1]
+
+    with redis_server(tmp_path) as redis:
+        app = _batch_app(make_app, RATELIMIT_STORAGE_URI=redis.uri, CLOUDFLARE_BATCH_RATE=3)
+        auth = bearer(app, alice)
+        _create(app, auth)
+        assert shared() == "1"
+        redis.stop()
+        caplog.set_level(logging.WARNING, logger="broker.batch")
+        with time_machine.travel(1_800_000_000.5, tick=False) as traveller:
+            for _ in range(3):
+                _create(app, auth)
+            # The rate still holds, counted here: a fourth call this second is refused.
+            with pytest.raises(BudgetExhausted):
+                _route(app).rate.acquire(Priority.INTERACTIVE)
+            assert shared() == "0"
+            down = [r for r in caplog.records if "rate storage unreachable" in r.getMessage()]
+            assert len(down) == 1  # once, not per call
+            redis.start()
+            traveller.shift(RedisRate.RECHECK + 1)
+            _create(app, auth)
+            assert shared() == "1"
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+    assert emulator.counters().get("batch.direct_upload") == 5

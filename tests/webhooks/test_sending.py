@@ -11,10 +11,13 @@ import pytest
 import sqlalchemy as sa
 import time_machine
 
-from broker.platform.db import db
+from broker import worker
+from broker.platform import wakeup
+from broker.platform.db import db, utcnow
 from broker.webhooks import endpoints, outbox, sending
 from broker.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.factories import add_webhook_endpoint, queue_events
+from tests.support.webhook_receiver import serve_receiver
 
 START = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -208,3 +211,58 @@ def test_stop_releases_unstarted_deliveries(make_app, receiver):
         sending.deliver_due(db.session, "w1", app.config, stop=stop)
         rows = db.session.scalars(sa.select(WebhookDelivery)).all()
         assert all(d.lease_holder is None and d.status == "pending" for d in rows)
+
+
+def test_a_hanging_receiver_does_not_delay_another(make_app, receiver):
+    """One receiver hangs past the timeout, the other answers at once; 8 events: the healthy
+    receiver has all of its deliveries before the hanging one's first attempt timed out (one
+    after another they came a timeout apart)."""
+    timeout = 5.0
+    app = make_app(WEBHOOK_ALLOW_PRIVATE=True, WEBHOOK_TIMEOUT=timeout, WORKER_POLL_INTERVAL=30)
+    receiver.block = threading.Event()
+    receiver.block.set()  # every request waits on `release`, set only at the end
+    with serve_receiver() as healthy:
+        hanging_id, _ = add_webhook_endpoint(app, receiver.url, now=START)  # claimed first
+        healthy_id, _ = add_webhook_endpoint(app, healthy.url, now=START)
+        thread, stop = worker.start_inline(app)
+        try:
+            queue_events(app, 8, "upload.completed")
+            wakeup.notify_worker()  # the events are committed now
+            got = healthy.wait_for(8, timeout=timeout)
+            assert receiver.arrived.is_set()  # the hanging one is being tried meanwhile
+        finally:
+            receiver.release.set()
+            stop.set()
+            wakeup.notify_worker()
+            thread.join(30)
+        assert not thread.is_alive()
+    assert len({r.msg_id for r in got}) == 8
+    with app.app_context():
+        statuses = db.session.execute(
+            sa.select(WebhookDelivery.endpoint_id, WebhookDelivery.status)
+        ).all()
+    assert sorted(s for e, s in statuses if e == healthy_id) == ["succeeded"] * 8
+    # One attempt at a time to the hanging endpoint (its lane); the rest given back at the stop.
+    assert len(receiver.requests) == 1
+    assert sorted(s for e, s in statuses if e == hanging_id).count("pending") == 7
+
+
+def test_lanes_are_bounded_per_endpoint_and_per_worker(make_app):
+    """A claim takes the endpoints with the oldest due delivery first, none past its lanes."""
+    app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
+    ids = [add_webhook_endpoint(app, f"http://127.0.0.1:9/{n}", now=START)[0] for n in range(3)]
+    queue_events(app, 4)
+    with app.app_context():
+        now = utcnow()
+        # Two lanes free, the first endpoint busy with its one lane: the other two get one each.
+        lanes = sending.claim_lanes(
+            db.session, "w1", now, lanes=2, per_endpoint=1, busy={ids[0]: 1}, length=3
+        )
+        assert sorted(e for e, _ in lanes) == ids[1:]
+        assert [len(batch) for _, batch in lanes] == [3, 3]
+        # Two lanes an endpoint: the first endpoint's 4 deliveries split in two lanes.
+        lanes = sending.claim_lanes(
+            db.session, "w2", now, lanes=8, per_endpoint=2, busy={}, length=3
+        )
+        expected = [(ids[0], 2), (ids[0], 2), (ids[1], 1), (ids[2], 1)]
+        assert [(e, len(batch)) for e, batch in lanes] == expected
