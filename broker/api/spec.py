@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from broker.api import unit_of_work
-from broker.platform import routing
+from broker.platform import bearer, routing
 from broker.platform.errors import ApiError, Refusal, from_validation_error
 from broker.platform.json_input import text_problem
 
@@ -119,7 +119,7 @@ WWW_AUTHENTICATE = Header(
     "WWW-Authenticate",
     "How to authenticate: a bearer token.",
     {"type": "string"},
-    'Bearer realm="api"',
+    bearer.REALM,
 )
 NO_STORE = Header(
     "Cache-Control",
@@ -211,9 +211,24 @@ def field_error(status: int, code: str, message: str, field: str, kind: str) -> 
 UNAUTHORIZED = ErrorCase(
     401,
     "unauthorized",
-    "Authentication required: send 'Authorization: Bearer <token>' or log in.",
+    bearer.UNAUTHORIZED_MESSAGE,
     headers=(WWW_AUTHENTICATE,),
 )
+
+
+def _bearer_refusal(refusal: bearer.BearerRefusal) -> ErrorCase:
+    """A refused bearer credential (RFC 6750 `invalid_token`): its own code in the body, the
+    same words in `WWW-Authenticate`'s `error_description`."""
+    header = Header(
+        "WWW-Authenticate",
+        "Why the bearer credential was refused (RFC 6750).",
+        {"type": "string"},
+        refusal.challenge,
+    )
+    return ErrorCase(401, refusal.code, refusal.description, headers=(header,))
+
+
+BEARER_REFUSALS = tuple(_bearer_refusal(r) for r in bearer.REFUSALS.values())
 FORBIDDEN = ErrorCase(403, "forbidden", "This needs an administrator account.")
 CSRF_FAILED = ErrorCase(
     403,
@@ -353,7 +368,8 @@ class Operation:
         if self.query is not None:
             implied.append(VALIDATION)
         if self.auth:
-            implied += [UNAUTHORIZED, INSUFFICIENT_SCOPE, *AUTHENTICATION_ERRORS]
+            implied += [UNAUTHORIZED, *BEARER_REFUSALS]
+            implied += [INSUFFICIENT_SCOPE, *AUTHENTICATION_ERRORS]
             if has_app_context() and current_app.extensions.get("oidc") is not None:
                 implied.append(IDENTITY_PROVIDER_UNAVAILABLE)
             if self.scope and not self.admin:
@@ -433,12 +449,7 @@ def to_response(result: Any) -> Response | Any:
 def require_user() -> None:
     """Refuse an anonymous caller with the API's JSON 401."""
     if not current_user.is_authenticated:
-        raise ApiError(
-            UNAUTHORIZED.status,
-            UNAUTHORIZED.code,
-            UNAUTHORIZED.message,
-            headers={"WWW-Authenticate": 'Bearer realm="api"'},
-        )
+        raise bearer.unauthorized()
 
 
 def require_scope(scope: str | None, admin: bool) -> None:
