@@ -570,10 +570,13 @@ Browser pages use their session cookie instead, plus an `X-CSRFToken` header on 
 **Errors** always look like `{"error": {"code": "snake_case", "message": "…", "details": …}}`;
 branch on `code`. A 422 names each bad field in `details` as `{field, message, type}`.
 
-**Retrying**: 409, 429, 502, 503 and 504 may be retried — after `Retry-After` seconds where
-the answer gives them (429, 503), else with a growing pause. Retry a create with the same
-`Idempotency-Key`, so a lost answer never makes a second upload. Other 4xx answers will not
-change by themselves: fix the request first.
+**Retrying**: decide by `code`, not by status. `idempotency_in_progress` (409): retry the same
+request after a second; `not_ready` (409): finish the upload first; `image_id_taken` (409):
+choose another id. 429 and 503 carry `Retry-After`: wait that long. `upstream_unavailable`,
+`upstream_error` (502) and `upstream_timeout` (504): retry with a growing pause. A 401's code
+says whether a new token helps (`token_expired`, `token_revoked`). Retry a create with the
+same `Idempotency-Key`, so a lost answer never makes a second upload. Other 4xx answers will
+not change by themselves: fix the request first.
 """
 
 TAGS = [

@@ -99,7 +99,7 @@ _UPLOAD_EXAMPLE: dict[str, Any] = {
     "reject_reason": None,
     "last_checked_at": None,
     "file_state": "awaiting_file",
-    "file_message": "No file yet: POST it to upload_url (multipart field `file`) before "
+    "file_message": "No file yet: POST it to upload_url (multipart field 'file') before "
     "2026-05-04T09:40:00Z.",
     "upstream_refusal": None,
 }
@@ -200,9 +200,9 @@ def file_state(upload: Upload, now: datetime) -> tuple[FileState | None, str | N
     if upload.last_checked_at is not None:
         return "awaiting_file", (
             f"Cloudflare had no file at {_iso(upload.last_checked_at)}: POST it to upload_url "
-            f"(multipart field `file`) {until}."
+            f"(multipart field 'file') {until}."
         )
-    return "awaiting_file", f"No file yet: POST it to upload_url (multipart field `file`) {until}."
+    return "awaiting_file", f"No file yet: POST it to upload_url (multipart field 'file') {until}."
 
 
 class UploadCreated(UploadOut):
