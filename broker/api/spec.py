@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -598,6 +599,9 @@ def openapi_document(title: str = "Upload broker API", version: str = "1") -> di
         ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = _with_enums(defs.get("$defs", {}))
+    for model in ordered:
+        if _is_request(model) and model.__name__ in schemas:
+            _optional_without_default(schemas[model.__name__])
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
         paths.setdefault(op.prefix + op.path, {})[op.method] = _operation(op, schemas)
@@ -770,6 +774,23 @@ def _with_enums(schema: Any) -> Any:
 
     visit(schema)
     return schema
+
+
+def _optional_without_default(schema: dict[str, Any]) -> None:
+    """Drop `default` from a request body's optional fields, saying it in words instead.
+
+    Generators read a property with a `default` as always present (openapi-typescript at its
+    defaults types it required): a client would have to send `"id": null` to create an upload.
+    Not in `required` is what makes a field optional; the broker fills the default itself.
+    """
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or "default" not in prop:
+            continue
+        default = prop.pop("default")
+        if default is not None:
+            said = json.dumps(default)
+            prop["description"] = f"{prop.get('description', '')} Default: `{said}`.".strip()
 
 
 def _is_request(model: type[BaseModel]) -> bool:
