@@ -215,10 +215,15 @@ def _identity_provider_user(token: str) -> User | None:
 
 
 def _external_account(issuer: str, subject: str) -> User:
-    """Return the account of `subject` at `issuer`, created (and committed) on first use."""
+    """Return the account of `subject` at `issuer`, created (and committed) by its first write;
+    a read before that acts as an account that owns nothing and is never stored."""
     from broker.auth import external
 
-    user = external.find_account(db.session, issuer, subject)
+    # No autoflush: the credential's last-used stamp stays pending for the commit after this.
+    with db.session.no_autoflush:
+        user = external.find_account(db.session, issuer, subject)
+    if user is None and request.method in ("GET", "HEAD", "OPTIONS"):
+        return external.reader(issuer, subject)  # a read creates no account
     if user is None:
         user = external.create_account(db.session, issuer, subject)
         # Before the view's own work: the account exists whatever the view does next.
