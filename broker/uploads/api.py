@@ -153,7 +153,7 @@ class UploadOut(BaseModel):
         description="What the broker knows of the file: `awaiting_file` (none arrived yet), "
         "`refused` (Cloudflare refused the last file sent, see `upstream_refusal`; the URL "
         "takes another until `expires_at`), `url_expired` (no file came in time: create a new "
-        "upload), `received`; null for an upload deleted before any file came.",
+        "upload), `received`; null once deleted.",
     )
     file_message: str | None = Field(None, description="That state in words: what to do next.")
     upstream_refusal: UpstreamRefusal | None = Field(
@@ -179,12 +179,12 @@ def _iso(moment: datetime) -> str:
 
 def file_state(upload: Upload, now: datetime) -> tuple[FileState | None, str | None]:
     """Say what the broker knows of an upload's file, and what the client should do next."""
-    if upload.completed_at is not None or upload.status in (lifecycle.READY, lifecycle.REJECTED):
-        if upload.status == lifecycle.REJECTED:
-            return "received", f"The file was refused: {upload.reject_reason}."
-        return "received", "Cloudflare has the file."
     if upload.status == lifecycle.DELETED:
-        return None, "Deleted before any file arrived."
+        return None, "Deleted: the image is gone."
+    if upload.status == lifecycle.REJECTED:
+        return "received", f"The file was refused: {upload.reject_reason}."
+    if upload.status == lifecycle.READY:
+        return "received", "Cloudflare has the file."
     if upload.status == lifecycle.EXPIRED or now >= upload.expires_at:
         return "url_expired", (
             f"The upload URL expired at {_iso(upload.expires_at)} with no file: "

@@ -66,10 +66,10 @@ def cloudflare_notification() -> ResponseReturnValue:
         db.session.commit()
         log.info("cloudflare notification without a known image id: %d uploads due", hinted)
         return {"status": "accepted"}, 202
-    refusal = _refusal(data)
-    if refusal is not None and upload.status == UploadStatus.PENDING:
-        # Shown to the client as what Cloudflare said; the state is still only verified.
-        upload.upstream_refusal = refusal
+    if upload.status == UploadStatus.PENDING and (data.get("success") is True or _refusal(data)):
+        # Shown to the client as what Cloudflare said of the last file (a later success clears
+        # it); the state itself still changes only once verified.
+        upload.upstream_refusal = _refusal(data)
     hinted = completion.hint(upload)
     db.session.commit()
     log.info("cloudflare notification for upload %s (hint=%s)", upload.id, hinted)

@@ -81,7 +81,7 @@ def test_a_file_sent_just_before_expiry_is_ready_not_expired(inline):
 def test_a_refused_file_is_reported_with_cloudflares_reason(inline):
     """The app's file is refused by Cloudflare (here: not an image, 415); Cloudflare's
     notification says so and the next `/complete` and `GET` tell the client why."""
-    _, client, auth = inline
+    app, client, auth = inline
     up = create_upload(client, auth)
     sent = requests.post(up["upload_url"], files={"file": ("a.png", b"not an image")}, timeout=10)
     assert sent.status_code == 415
@@ -100,8 +100,15 @@ def test_a_refused_file_is_reported_with_cloudflares_reason(inline):
     assert str(error["code"]) in body["file_message"]
     shown = client.get(f"/api/v1/uploads/{up['id']}", headers=auth).get_json()
     assert shown["file_state"] == "refused"
-    # The URL still takes a good file: then it is received and the refusal no longer shown.
+    # The URL still takes a good file; Cloudflare's success notification clears the refusal.
     send_file(up)
+    notified = client.post(
+        "/hooks/cloudflare",
+        json={"imageId": up["image_id"], "success": True, "errors": []},
+        headers={"cf-webhook-auth": CF_SECRET},
+    )
+    assert notified.status_code == 202
+    assert load_upload(app, up["id"]).upstream_refusal is None
     answer = _complete(client, auth, up)
     assert answer.status_code == 200
     body = answer.get_json()
