@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from broker.api import unit_of_work
-from broker.platform import routing
+from broker.platform import bearer, routing
 from broker.platform.errors import ApiError, Refusal, from_validation_error
 from broker.platform.json_input import text_problem
 
@@ -119,7 +120,7 @@ WWW_AUTHENTICATE = Header(
     "WWW-Authenticate",
     "How to authenticate: a bearer token.",
     {"type": "string"},
-    'Bearer realm="api"',
+    bearer.REALM,
 )
 NO_STORE = Header(
     "Cache-Control",
@@ -211,9 +212,24 @@ def field_error(status: int, code: str, message: str, field: str, kind: str) -> 
 UNAUTHORIZED = ErrorCase(
     401,
     "unauthorized",
-    "Authentication required: send 'Authorization: Bearer <token>' or log in.",
+    bearer.UNAUTHORIZED_MESSAGE,
     headers=(WWW_AUTHENTICATE,),
 )
+
+
+def _bearer_refusal(refusal: bearer.BearerRefusal) -> ErrorCase:
+    """A refused bearer credential (RFC 6750 `invalid_token`): its own code in the body, the
+    same words in `WWW-Authenticate`'s `error_description`."""
+    header = Header(
+        "WWW-Authenticate",
+        "Why the bearer credential was refused (RFC 6750).",
+        {"type": "string"},
+        refusal.challenge,
+    )
+    return ErrorCase(401, refusal.code, refusal.description, headers=(header,))
+
+
+BEARER_REFUSALS = tuple(_bearer_refusal(r) for r in bearer.REFUSALS.values())
 FORBIDDEN = ErrorCase(403, "forbidden", "This needs an administrator account.")
 CSRF_FAILED = ErrorCase(
     403,
@@ -353,7 +369,8 @@ class Operation:
         if self.query is not None:
             implied.append(VALIDATION)
         if self.auth:
-            implied += [UNAUTHORIZED, INSUFFICIENT_SCOPE, *AUTHENTICATION_ERRORS]
+            implied += [UNAUTHORIZED, *BEARER_REFUSALS]
+            implied += [INSUFFICIENT_SCOPE, *AUTHENTICATION_ERRORS]
             if has_app_context() and current_app.extensions.get("oidc") is not None:
                 implied.append(IDENTITY_PROVIDER_UNAVAILABLE)
             if self.scope and not self.admin:
@@ -433,12 +450,7 @@ def to_response(result: Any) -> Response | Any:
 def require_user() -> None:
     """Refuse an anonymous caller with the API's JSON 401."""
     if not current_user.is_authenticated:
-        raise ApiError(
-            UNAUTHORIZED.status,
-            UNAUTHORIZED.code,
-            UNAUTHORIZED.message,
-            headers={"WWW-Authenticate": 'Bearer realm="api"'},
-        )
+        raise bearer.unauthorized()
 
 
 def require_scope(scope: str | None, admin: bool) -> None:
@@ -559,10 +571,13 @@ Browser pages use their session cookie instead, plus an `X-CSRFToken` header on 
 **Errors** always look like `{"error": {"code": "snake_case", "message": "…", "details": …}}`;
 branch on `code`. A 422 names each bad field in `details` as `{field, message, type}`.
 
-**Retrying**: 409, 429, 502, 503 and 504 may be retried — after `Retry-After` seconds where
-the answer gives them (429, 503), else with a growing pause. Retry a create with the same
-`Idempotency-Key`, so a lost answer never makes a second upload. Other 4xx answers will not
-change by themselves: fix the request first.
+**Retrying**: decide by `code`, not by status. `idempotency_in_progress` (409): retry the same
+request after a second; `not_ready` (409): finish the upload first; `image_id_taken` (409):
+choose another id. 429 and 503 carry `Retry-After`: wait that long. `upstream_unavailable`,
+`upstream_error` (502) and `upstream_timeout` (504): retry with a growing pause. A 401's code
+says whether a new token helps (`token_expired`, `token_revoked`). Retry a create with the
+same `Idempotency-Key`, so a lost answer never makes a second upload. Other 4xx answers will
+not change by themselves: fix the request first.
 """
 
 TAGS = [
@@ -584,6 +599,9 @@ def openapi_document(title: str = "Upload broker API", version: str = "1") -> di
         ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = _with_enums(defs.get("$defs", {}))
+    for model in ordered:
+        if _is_request(model) and model.__name__ in schemas:
+            _optional_without_default(schemas[model.__name__])
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
         paths.setdefault(op.prefix + op.path, {})[op.method] = _operation(op, schemas)
@@ -756,6 +774,23 @@ def _with_enums(schema: Any) -> Any:
 
     visit(schema)
     return schema
+
+
+def _optional_without_default(schema: dict[str, Any]) -> None:
+    """Drop `default` from a request body's optional fields, saying it in words instead.
+
+    Generators read a property with a `default` as always present (openapi-typescript at its
+    defaults types it required): a client would have to send `"id": null` to create an upload.
+    Not in `required` is what makes a field optional; the broker fills the default itself.
+    """
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or "default" not in prop:
+            continue
+        default = prop.pop("default")
+        if default is not None:
+            said = json.dumps(default)
+            prop["description"] = f"{prop.get('description', '')} Default: `{said}`.".strip()
 
 
 def _is_request(model: type[BaseModel]) -> bool:

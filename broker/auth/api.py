@@ -102,11 +102,23 @@ class Me(BaseModel):
     """The authenticated user."""
 
     model_config = example(
-        {"public_id": "u_3a7bd3e2360a3d29eea436fc", "username": "ana", "is_admin": False}
+        {
+            "public_id": "u_3a7bd3e2360a3d29eea436fc",
+            "username": "ana",
+            "namespace": "local",
+            "is_admin": False,
+        }
     )
 
-    public_id: str
+    public_id: str | None = Field(
+        description="Cloudflare's `creator` of your uploads; null for one of your app's users "
+        "who has not written anything yet (a read creates no account)."
+    )
     username: str
+    namespace: str = Field(
+        description="`local` for the broker's own accounts, else who vouches for the user (an "
+        "OpenID Connect issuer, or a service key's namespace)."
+    )
     is_admin: bool
 
 
@@ -203,7 +215,12 @@ def revoke_token(token_id: str) -> tuple[str, int]:
 def me() -> Me:
     """Return the authenticated user."""
     user = current_user._get_current_object()
-    return Me(public_id=user.public_id, username=user.username, is_admin=user.is_admin)
+    return Me(
+        public_id=user.public_id,
+        username=user.username,
+        namespace=user.namespace,
+        is_admin=user.is_admin,
+    )
 
 
 # --- Service keys (administrators) ----------------------------------------------------------

@@ -92,16 +92,18 @@ def create_user_command(
 
 @users_cli.command("list")
 def list_users_command() -> None:
-    """List the accounts: name, public id, role, state, when created and last logged in."""
+    """List the accounts: name, namespace (`local`, or who vouches for one of your app's
+    users), public id, role, state, when created and last logged in."""
     rows = users.list_users(db.session)
     if not rows:
         click.echo("no users; create one with `flask users create NAME`")
         return
     lines = table(
-        ("USERNAME", "PUBLIC ID", "ROLE", "STATE", "CREATED", "LAST LOGIN"),
+        ("USERNAME", "NAMESPACE", "PUBLIC ID", "ROLE", "STATE", "CREATED", "LAST LOGIN"),
         [
             (
                 user.username,
+                user.namespace,
                 user.public_id,
                 "admin" if user.is_admin else "user",
                 "active" if user.active else "deactivated",

@@ -2,8 +2,9 @@
 
 The issuer is whoever vouches for the id: an OpenID Connect issuer (its `iss`) for bearer JWTs,
 or a service key's namespace. Such an account has no password (it cannot log in to the broker's
-pages) and is otherwise an account like any other: its public id is the `creator` stamped on its
-uploads, the upload limits apply to it, and it sees only its own uploads.
+pages) and is otherwise an account like any other, created by its first write (a read by
+someone with no account yet creates none and finds nothing): its public id is the `creator`
+stamped on its uploads, the upload limits apply to it, and it sees only its own uploads.
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ def find_account(session: Session, issuer: str, subject: str) -> User | None:
     """Return the account of `subject` at `issuer`, or None."""
     return session.scalar(
         sa.select(User).where(User.external_issuer == issuer, User.external_subject == subject)
+    )
+
+
+def reader(issuer: str, subject: str) -> User:
+    """An account not stored anywhere, for a read by someone who has none yet: it owns nothing
+    (no row has id 0), so lists are empty and every upload is 404, and nothing is written."""
+    return User(
+        id=0,
+        public_id=None,
+        username=subject[:64],
+        is_admin=False,
+        active=True,
+        external_issuer=issuer,
+        external_subject=subject,
     )
 
 

@@ -44,7 +44,8 @@ from flask_login import current_user, login_user
 from flask_wtf.csrf import CSRFError, generate_csrf
 from werkzeug.wrappers import Response
 
-from broker.auth.models import ApiToken, User
+from broker.auth.models import ApiToken, ServiceKey, User
+from broker.platform import bearer
 from broker.platform.config import current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError, handle_api_error, wants_json
@@ -160,6 +161,8 @@ def load_user_from_request(req: Any) -> User | None:
         token = tokens.authenticate(db.session, secret)
         g.api_token = token
         user = token.user if token is not None else None
+        if token is None:
+            bearer.refuse(tokens.refusal_reason(db.session, secret))
     else:
         user = _identity_provider_user(secret)
     # Authentication is a unit of work of its own: the last-used stamp must not wait on (or be
@@ -171,12 +174,14 @@ def load_user_from_request(req: Any) -> User | None:
 
 def _service_key_user(secret: str) -> User | None:
     """Authenticate a service key on the API; return the user it acts for (None: the key alone)."""
-    from broker.auth import external, service_keys
+    from broker.auth import external, service_keys, tokens
 
     if not _on_the_api():
         return None  # a backend's key, for the API only: no pages, no /i/ redirects
     key = service_keys.authenticate(db.session, secret)
     if key is None:
+        known = tokens.find_by_secret(db.session, ServiceKey, secret, service_keys.PREFIX)
+        bearer.refuse("invalid" if known is None else "revoked")
         return None
     g.service_key = key
     g.credential_scopes = service_keys.scopes_of(key)
@@ -204,9 +209,13 @@ def _identity_provider_user(token: str) -> User | None:
 
     verifier: oidc.Verifier | None = current_app.extensions.get("oidc")
     if verifier is None or not _on_the_api():
+        bearer.refuse("invalid")  # nobody here vouches for it
         return None  # the provider vouches for API calls: no pages, session or CSRF token
     try:
-        identity = verifier.verify(token)
+        identity = verifier.check(token)
+    except oidc.TokenRefused as refused:
+        bearer.refuse(refused.reason)
+        return None
     except oidc.IssuerUnavailable as exc:
         log.warning("identity provider unavailable: %s", exc)
         raise ApiError(
@@ -215,16 +224,19 @@ def _identity_provider_user(token: str) -> User | None:
             "The identity provider's keys cannot be fetched right now; try again shortly.",
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
         ) from None
-    if identity is None:
-        return None
     return _external_account(identity.issuer, identity.subject)
 
 
 def _external_account(issuer: str, subject: str) -> User:
-    """Return the account of `subject` at `issuer`, created (and committed) on first use."""
+    """Return the account of `subject` at `issuer`, created (and committed) by its first write;
+    a read before that acts as an account that owns nothing and is never stored."""
     from broker.auth import external
 
-    user = external.find_account(db.session, issuer, subject)
+    # No autoflush: the credential's last-used stamp stays pending for the commit after this.
+    with db.session.no_autoflush:
+        user = external.find_account(db.session, issuer, subject)
+    if user is None and request.method in ("GET", "HEAD", "OPTIONS"):
+        return external.reader(issuer, subject)  # a read creates no account
     if user is None:
         user = external.create_account(db.session, issuer, subject)
         # Before the view's own work: the account exists whatever the view does next.
@@ -316,14 +328,10 @@ def csrf_error(exc: CSRFError) -> ResponseReturnValue:
 
 @login_manager.unauthorized_handler
 def unauthorized() -> ResponseReturnValue:
-    """Answer JSON 401 for the API, redirect pages to the login form."""
+    """Answer JSON 401 for the API (with why a bearer credential was refused, RFC 6750),
+    redirect pages to the login form."""
     if wants_json():
-        raise ApiError(
-            401,
-            "unauthorized",
-            "Authentication required: send 'Authorization: Bearer <token>' or log in.",
-            headers={"WWW-Authenticate": 'Bearer realm="api"'},
-        )
+        raise bearer.unauthorized()
     flash(login_manager.login_message, login_manager.login_message_category)
     target = request.full_path if request.query_string else request.path
     return redirect(url_for("auth.login", next=target))

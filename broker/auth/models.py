@@ -26,6 +26,10 @@ def _session_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+# The namespace of the broker's own accounts (an external account's is its issuer).
+LOCAL_NAMESPACE = "local"
+
+
 class User(UserMixin, Model):
     """An end user (or admin) of the broker."""
 
@@ -56,6 +60,11 @@ class User(UserMixin, Model):
     def is_active(self) -> bool:
         """Tell flask-login whether this user may be logged in."""
         return self.active
+
+    @property
+    def namespace(self) -> str:
+        """Where the account's name lives: `local`, or who vouches for an external account."""
+        return self.external_issuer or LOCAL_NAMESPACE
 
     def get_id(self) -> str:
         """Return the rotating session token, not the primary key (so sessions can be ended)."""

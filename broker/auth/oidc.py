@@ -72,6 +72,24 @@ class IssuerUnavailable(Exception):
         self.retry_after = retry_after
 
 
+class TokenRefused(Exception):
+    """A token the issuer's keys and claims do not vouch for, and why: `reason` is one of
+    `invalid`, `expired`, `wrong_audience`, `wrong_issuer` (the holder may be told; it says
+    nothing of anyone else's tokens)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# PyJWT's claim errors that have a reason of their own; any other refusal is `invalid`.
+_CLAIM_REASONS: tuple[tuple[type[jwt.InvalidTokenError], str], ...] = (
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+)
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a valid token speaks for: the issuer and the subject there."""
@@ -153,23 +171,31 @@ class Verifier:
     def verify(self, token: str) -> Identity | None:
         """Return the identity of a valid token, else None (raises IssuerUnavailable)."""
         try:
+            return self.check(token)
+        except TokenRefused:
+            return None
+
+    def check(self, token: str) -> Identity:
+        """Return the identity of a valid token; TokenRefused says why not (raises
+        IssuerUnavailable when no key can be had)."""
+        try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            return None
+            raise TokenRefused("invalid", "not a JWT") from None
         alg = header.get("alg")
         if alg not in self.algorithms:
             log.info("oidc token refused: algorithm %r is not allowed", alg)
-            return None
+            raise TokenRefused("invalid", "signing algorithm not accepted")
         kid = header.get("kid")
         found = self._key(kid if isinstance(kid, str) else None)
         if found is None:
             log.info("oidc token refused: no key %r in the issuer's key set", kid)
-            return None
+            raise TokenRefused("invalid", "signed with a key the issuer does not publish")
         key, declared = found
         # A key is used only with the algorithm its set declares, else one of its own type's.
         if alg != (declared or alg) or alg not in _FAMILIES.get(key.key_type or "", ()):
             log.info("oidc token refused: %s does not fit key %r", alg, kid)
-            return None
+            raise TokenRefused("invalid", "signing algorithm does not fit the key")
         try:
             claims = jwt.decode(
                 token,
@@ -182,15 +208,15 @@ class Verifier:
             )
         except jwt.InvalidTokenError as exc:
             log.info("oidc token refused: %s", exc)
-            return None
+            reason = next((r for kind, r in _CLAIM_REASONS if isinstance(exc, kind)), "invalid")
+            raise TokenRefused(reason, str(exc)) from None
         if not all(_numeric_date(claims[name]) for name in ("exp", "nbf", "iat") if name in claims):
             # PyJWT reads "1893456000" as a time too; RFC 7519 says a NumericDate is a number.
-            log.info("oidc token refused: a time claim is not a number")
-            return None
+            raise TokenRefused("invalid", "a time claim is not a number")
         subject = claims["sub"]
         if not isinstance(subject, str) or not valid_subject(subject):
             log.info("oidc token refused: unusable sub")
-            return None
+            raise TokenRefused("invalid", "unusable sub claim")
         return Identity(self.issuer, subject)
 
     def _key(self, kid: str | None) -> tuple[jwt.PyJWK, str | None] | None:

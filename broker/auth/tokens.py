@@ -112,6 +112,17 @@ def authenticate(session: Session, secret: str, now: datetime | None = None) -> 
     return token
 
 
+def refusal_reason(session: Session, secret: str, now: datetime | None = None) -> str:
+    """Say why `authenticate` refused `secret`: `expired`, `revoked` (also: its account was
+    deactivated) or `invalid` (no such token). Told only to whoever holds the secret."""
+    token = find_by_secret(session, ApiToken, secret, PREFIX)
+    if token is None:
+        return "invalid"
+    if token.revoked_at is not None or not token.user.is_active:
+        return "revoked"
+    return "expired" if not is_usable(token, now) else "invalid"
+
+
 def active_tokens(session: Session, user: User, now: datetime | None = None) -> list[ApiToken]:
     """Return `user`'s tokens that are neither revoked nor expired, newest first."""
     now = now or utcnow()

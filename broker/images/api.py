@@ -42,7 +42,11 @@ _URL = (
 )
 NO_IMAGE = not_found("image")
 UNKNOWN_VARIANT = field_error(
-    422, "unknown_variant", "Unknown variant 'huge'.", "variant", "unknown_variant"
+    422,
+    "unknown_variant",
+    "Unknown variant 'huge'; use one of: public, thumb.",
+    "variant",
+    "unknown_variant",
 )
 TTL_OUT_OF_RANGE = field_error(
     422, "validation_error", "ttl must be between 1 and 604800 seconds", "ttl", "out_of_range"
@@ -162,9 +166,10 @@ def _variant(name: str, field: str = "variant") -> Variant:
     try:
         return urls.lookup_variant(name)
     except urls.UnknownVariant:
+        valid = ", ".join(sorted(variants.known_variants()))
         raise UNKNOWN_VARIANT.error(
-            f"Unknown variant {name!r}.",
-            [{"field": field, "message": "not a declared variant", "type": "unknown_variant"}],
+            f"Unknown variant {name!r}; use one of: {valid}.",
+            [{"field": field, "message": f"one of: {valid}", "type": "unknown_variant"}],
         ) from None
 
 

@@ -25,7 +25,8 @@ REMEMBER_MAX = timedelta(days=30)
 login_manager = LoginManager()
 csrf = CSRFProtect()
 # No default limits: only login and token creation are limited, so ordinary tests and pages never
-# hit a limit. Headers on: a 429 carries Retry-After.
+# hit a limit. Headers on: a limited route's answers carry X-RateLimit-*, and a 429 Retry-After
+# (never a success: see `_limits_only_where_they_apply`).
 limiter = Limiter(key_func=get_remote_address, headers_enabled=True, default_limits=[])
 
 
@@ -108,8 +109,17 @@ def _limits_only_where_they_apply(app: Flask) -> None:
     def limit_headers(response: Response) -> Response:
         # The request context itself, not an attribute lookup through its proxy.
         ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
-        if hasattr(ctx, "_limiter_request_context"):
-            return cast(Response, inject(response))
+        if not hasattr(ctx, "_limiter_request_context"):
+            return response
+        waited = response.headers.get("Retry-After")
+        response = cast(Response, inject(response))
+        if response.status_code != 429:
+            # Flask-Limiter stamps every limited answer with the window's reset as Retry-After:
+            # only its own 429 asks to wait for that; a success or a wrong password does not,
+            # and a refusal that says when to retry (503 server_busy) keeps its own value.
+            del response.headers["Retry-After"]
+            if waited is not None:
+                response.headers["Retry-After"] = waited
         return response
 
     after[after.index(inject)] = limit_headers

@@ -6,6 +6,7 @@ admins see every upload.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from datetime import datetime
@@ -29,12 +30,13 @@ from broker.api.spec import (
 from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.auth.models import User
 from broker.platform.config import current_settings
-from broker.platform.db import db
+from broker.platform.db import db, utcnow
 from broker.uploads import completion, create, lifecycle, policy, queries, quotas
 from broker.uploads.models import Upload
 from broker.upstream.cloudflare import get_client
 
 Status = Literal["pending", "ready", "expired", "rejected", "deleted"]
+FileState = Literal["awaiting_file", "refused", "url_expired", "received"]
 
 
 NO_UPLOAD = not_found("upload")
@@ -96,6 +98,10 @@ _UPLOAD_EXAMPLE: dict[str, Any] = {
     "uploaded_at": None,
     "reject_reason": None,
     "last_checked_at": None,
+    "file_state": "awaiting_file",
+    "file_message": "No file yet: POST it to upload_url (multipart field 'file') before "
+    "2026-05-04T09:40:00Z.",
+    "upstream_refusal": None,
 }
 _READY_EXAMPLE = {
     **_UPLOAD_EXAMPLE,
@@ -105,7 +111,18 @@ _READY_EXAMPLE = {
     "filename": "beach.jpg",
     "uploaded_at": "2026-05-04T09:31:05Z",
     "last_checked_at": "2026-05-04T09:31:12Z",
+    "file_state": "received",
+    "file_message": "Cloudflare has the file.",
 }
+
+
+class UpstreamRefusal(BaseModel):
+    """Cloudflare's own error for a file it refused (its notification said so)."""
+
+    model_config = example({"code": 5413, "message": "Image exceeds the 10 MB size limit"})
+
+    code: int = Field(description="Cloudflare's error code: 5413 too large, 5415/5455 format.")
+    message: str
 
 
 class UploadOut(BaseModel):
@@ -131,12 +148,61 @@ class UploadOut(BaseModel):
         description="When Cloudflare last reported the upload still waiting for its file; "
         "`pending` with this later than your file POST means the file did not arrive.",
     )
+    file_state: FileState | None = Field(
+        None,
+        description="What the broker knows of the file: `awaiting_file` (none arrived yet), "
+        "`refused` (Cloudflare refused the last file sent, see `upstream_refusal`; the URL "
+        "takes another until `expires_at`), `url_expired` (no file came in time: create a new "
+        "upload), `received`; null once deleted.",
+    )
+    file_message: str | None = Field(None, description="That state in words: what to do next.")
+    upstream_refusal: UpstreamRefusal | None = Field(
+        None, description="Cloudflare's error for the last file it refused, when it said so."
+    )
 
     @classmethod
-    def of(cls, upload: Upload, *, owner: str | None = None) -> UploadOut:
+    def of(
+        cls, upload: Upload, *, owner: str | None = None, now: datetime | None = None
+    ) -> UploadOut:
         """Render an Upload row (`owner`: its owner's public id, when known)."""
         fields = lifecycle.public_fields(upload, owner=owner)
-        return cls(**{name: fields[name] for name in cls.model_fields})
+        shown = {name: fields[name] for name in cls.model_fields if name in fields}
+        state, message = file_state(upload, now or utcnow())
+        stored = upload.upstream_refusal if upload.status == lifecycle.PENDING else None
+        refusal = UpstreamRefusal.model_validate(stored) if stored else None
+        return cls(**shown, file_state=state, file_message=message, upstream_refusal=refusal)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def file_state(upload: Upload, now: datetime) -> tuple[FileState | None, str | None]:
+    """Say what the broker knows of an upload's file, and what the client should do next."""
+    if upload.status == lifecycle.DELETED:
+        return None, "Deleted: the image is gone."
+    if upload.status == lifecycle.REJECTED:
+        return "received", f"The file was refused: {upload.reject_reason}."
+    if upload.status == lifecycle.READY:
+        return "received", "Cloudflare has the file."
+    if upload.status == lifecycle.EXPIRED or now >= upload.expires_at:
+        return "url_expired", (
+            f"The upload URL expired at {_iso(upload.expires_at)} with no file: "
+            "create a new upload."
+        )
+    until = f"before {_iso(upload.expires_at)}"
+    refusal = upload.upstream_refusal
+    if refusal:
+        return "refused", (
+            f"Cloudflare refused the last file sent ({refusal.get('code')}: "
+            f"{refusal.get('message')}): send one within the limits to the same upload_url {until}."
+        )
+    if upload.last_checked_at is not None:
+        return "awaiting_file", (
+            f"Cloudflare had no file at {_iso(upload.last_checked_at)}: POST it to upload_url "
+            f"(multipart field 'file') {until}."
+        )
+    return "awaiting_file", f"No file yet: POST it to upload_url (multipart field 'file') {until}."
 
 
 class UploadCreated(UploadOut):
@@ -310,7 +376,7 @@ def _visible(upload_id: str) -> Upload:
     scope="uploads:read",
 )
 def get_upload(upload_id: str) -> UploadOut:
-    """Show one of your uploads."""
+    """Show one of your uploads, with what the broker knows of its file (`file_state`)."""
     return UploadOut.of(_visible(upload_id))
 
 
@@ -380,8 +446,17 @@ def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:
     return _quotas_out(target)
 
 
-# How long a client should wait before asking again (or fetching the upload).
-CHECK_AGAIN_AFTER = "1"
+# Seconds a client waits before asking `/complete` again: 1, 2, 4 … up to the worker's cap,
+# growing with each time Cloudflare said "no file yet", and never past the URL's expiry (when
+# the answer becomes final).
+RETRY_FIRST = 1
+
+
+def retry_after(upload: Upload, now: datetime) -> int:
+    """Return when to ask again about a pending upload (grows while no file arrives)."""
+    grown: int = RETRY_FIRST * 2 ** min(max((upload.check_attempts or 0) - 1, 0), 8)
+    until_expiry = math.ceil((upload.expires_at - now).total_seconds())
+    return max(1, min(grown, completion.CHECK_CAP, until_expiry))
 
 
 @endpoint(
@@ -391,29 +466,40 @@ CHECK_AGAIN_AFTER = "1"
     responses={200: UploadOut, 202: UploadOut},
     errors=(NO_UPLOAD,),
     headers={202: (RETRY_AFTER,)},
-    description="200 once the upload is no longer `pending` (`ready`, `rejected`, …); 202 while "
-    "the broker verifies it with Cloudflare: ask again after `Retry-After` seconds. A draft "
-    "whose file never arrived stays `pending` until it expires.",
+    description="200 once the upload is no longer `pending` (`ready`, `rejected`, `expired` — "
+    "answered as soon as the upload URL has expired with no file); 202 while no file has "
+    "arrived: `file_state` and `file_message` say what the broker knows (no file yet, or "
+    "refused by Cloudflare and why), and `Retry-After` (growing: 1, 2, 4 … 30 s, never past "
+    "`expires_at`) when to ask again.",
     tags=("uploads",),
     scope="uploads:write",
 )
 def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | Response:
-    """Tell the broker the file was sent; 200 with the state once verified, 202 while pending.
+    """Tell the broker the file was sent; 200 with the state once settled, 202 while pending.
 
     With upstream headroom the upload is verified right here (one details call); under
-    pressure it is left to the worker's batched checks.
+    pressure it is left to the worker's batched checks. Past its expiry it is settled now.
     """
     upload = _visible(upload_id)
     if upload.status != lifecycle.PENDING:
         return UploadOut.of(upload), 200, {}
     holder = f"complete:{os.getpid()}:{threading.get_ident()}"
-    if completion.verify_inline_and_commit(
-        db.session, get_client(), current_settings(), upload.id, holder
+    settings = current_settings()
+    now = utcnow()
+    if now >= upload.expires_at:
+        # No file can arrive through a dead URL: settle it now (ready if one came just in
+        # time, else expired), not after the worker's grace period.
+        completion.expire_due(
+            db.session, get_client(), settings, holder, now=now, upload_id=upload.id
+        )
+    elif completion.verify_inline_and_commit(
+        db.session, get_client(), settings, upload.id, holder, now=now
     ):
         db.session.refresh(upload)
-        return UploadOut.of(upload), 200, {}
+        return UploadOut.of(upload, now=now), 200, {}
     db.session.refresh(upload)
     if upload.status != lifecycle.PENDING:
-        return UploadOut.of(upload), 200, {}
+        return UploadOut.of(upload, now=now), 200, {}
     completion.hint(upload)  # also wakes an in-process worker
-    return UploadOut.of(upload), 202, {"Retry-After": CHECK_AGAIN_AFTER}
+    wait = retry_after(upload, now)
+    return UploadOut.of(upload, now=now), 202, {"Retry-After": str(wait)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, request
@@ -23,7 +24,7 @@ from broker.platform.config import current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 from broker.uploads import completion
-from broker.uploads.models import Upload
+from broker.uploads.models import Upload, UploadStatus
 
 log = logging.getLogger("broker.hooks")
 
@@ -65,10 +66,27 @@ def cloudflare_notification() -> ResponseReturnValue:
         db.session.commit()
         log.info("cloudflare notification without a known image id: %d uploads due", hinted)
         return {"status": "accepted"}, 202
+    if upload.status == UploadStatus.PENDING and (data.get("success") is True or _refusal(data)):
+        # Shown to the client as what Cloudflare said of the last file (a later success clears
+        # it); the state itself still changes only once verified.
+        upload.upstream_refusal = _refusal(data)
     hinted = completion.hint(upload)
     db.session.commit()
     log.info("cloudflare notification for upload %s (hint=%s)", upload.id, hinted)
     return {"status": "accepted"}, 202
+
+
+def _refusal(data: dict[str, Any]) -> dict[str, Any] | None:
+    """Cloudflare's first error of a failed upload's notification (`{code, message}`), if any."""
+    errors = data.get("errors")
+    if data.get("success") is not False or not isinstance(errors, list) or not errors:
+        return None
+    first = errors[0]
+    if not isinstance(first, dict) or not isinstance(first.get("code"), int):
+        return None
+    message = first.get("message")
+    text = message[:200] if isinstance(message, str) and message.isprintable() else ""
+    return {"code": first["code"], "message": text}
 
 
 def init_app(app: Flask) -> None:

@@ -374,6 +374,8 @@ def verify_inline_and_commit(
         if seen is None or seen.image.draft:
             if seen is not None:
                 upload.last_checked_at = now
+                # Counted like the worker's checks: `/complete`'s Retry-After grows with it.
+                upload.check_attempts = (upload.check_attempts or 0) + 1
             leases.release(upload)
             return 0
         finish(session, upload, seen, now)
@@ -620,18 +622,20 @@ def expire_due(
     *,
     now: datetime | None = None,
     limit: int = 50,
+    upload_id: str | None = None,
 ) -> int:
     """Worker job: expire uploads still drafts past `expires_at` + grace, deleting the draft
-    (best effort; leased work, committing each); return how many expired."""
+    (best effort; leased work, committing each); return how many expired.
+
+    With `upload_id` (a client's `/complete` after its URL expired): that one upload, with no
+    grace, since its client says its file was sent.
+    """
     now = now or utcnow()
-    ids = _claim(
-        session,
-        holder,
-        now,
-        [Upload.status == UploadStatus.PENDING, Upload.expires_at <= now - _grace(settings)],
-        [Upload.expires_at, Upload.id],
-        limit,
-    )
+    where = [Upload.status == UploadStatus.PENDING, Upload.expires_at <= now - _grace(settings)]
+    if upload_id is not None:
+        where = [Upload.status == UploadStatus.PENDING, Upload.id == upload_id]
+        where.append(Upload.expires_at <= now)
+    ids = _claim(session, holder, now, where, [Upload.expires_at, Upload.id], limit)
 
     def look(image_id: str) -> tuple[Arrival | None, float | None]:
         """The image (None: gone) and, for a draft whose deletion failed, when to retry it."""

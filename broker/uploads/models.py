@@ -77,6 +77,9 @@ class Upload(Model):
     # When Cloudflare last said "still a draft": later than the client's file POST means the
     # file never arrived (rather than "not verified yet").
     last_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Why Cloudflare refused the last file sent to the upload URL (`{code, message}`, from its
+    # notification; a hint shown to the client, never a state change: the URL stays usable).
+    upstream_refusal: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     # An expired draft whose deletion upstream was postponed (budget spent, Cloudflare down):
     # when the worker tries again. None once it is gone.
     draft_delete_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)

@@ -99,6 +99,7 @@ def test_users_list_shows_every_account_with_role_and_state(app):
     header, *lines = listed.output.splitlines()
     assert header.split() == [
         "USERNAME",
+        "NAMESPACE",
         "PUBLIC",
         "ID",
         "ROLE",
@@ -108,12 +109,12 @@ def test_users_list_shows_every_account_with_role_and_state(app):
         "LOGIN",
     ]
     rows = [line.split() for line in lines]
-    assert [r[:4] for r in rows] == [
-        ["alice", ids["alice"], "user", "active"],
-        ["bob", ids["bob"], "user", "deactivated"],
-        ["carol", ids["carol"], "admin", "active"],
+    assert [r[:5] for r in rows] == [
+        ["alice", "local", ids["alice"], "user", "active"],
+        ["bob", "local", ids["bob"], "user", "deactivated"],
+        ["carol", "local", ids["carol"], "admin", "active"],
     ]
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", r[4]) and r[6] == "-" for r in rows)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", r[5]) and r[7] == "-" for r in rows)
 
 
 def test_tokens_list_shows_the_ids_that_revoke_takes(app):

@@ -18,7 +18,15 @@ PAGES = ("/upload", "/gallery", "/auth/account", "/")
 
 def _service_key(app: Flask) -> str:
     result = app.test_cli_runner().invoke(
-        args=["service-keys", "create", "shop", "--scope", "uploads:read"]
+        args=[
+            "service-keys",
+            "create",
+            "shop",
+            "--scope",
+            "uploads:read",
+            "--scope",
+            "uploads:write",
+        ]
     )
     assert result.exit_code == 0, result.output
     return result.stdout.splitlines()[0]
@@ -86,9 +94,10 @@ def _flask(app: Flask, tmp_path: Path, *args: str) -> subprocess.CompletedProces
 def test_admins_deactivate_external_accounts_by_namespace_and_id(broker, idp, tmp_path) -> None:
     client = broker.test_client()
     bearer = {"Authorization": f"Bearer {idp.token(sub='alice-42')}"}
-    public_id = client.get("/api/v1/me", headers=bearer).get_json()["public_id"]
+    # Their first writes create their accounts (a read would create none).
+    public_id = client.post("/api/v1/uploads", json={}, headers=bearer).get_json()["owner"]
     key = {"Authorization": f"Bearer {_service_key(broker)}", "On-Behalf-Of": "customer-7"}
-    assert client.get("/api/v1/me", headers=key).status_code == 200
+    assert client.post("/api/v1/uploads", json={}, headers=key).status_code == 201
 
     shown = _flask(broker, tmp_path, "users", "show", "alice-42", "--issuer", idp.url)
     assert shown.returncode == 0, shown.stderr

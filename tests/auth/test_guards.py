@@ -55,15 +55,15 @@ def test_every_api_route_answers_anonymous_callers_with_json_401(
     client = app.test_client()
     api = [r for r in _routes(app) if r[2].startswith("/api/") and r[0] not in PUBLIC_API]
     assert len(api) >= 20, api
-    for headers in (
-        {},
-        {"Authorization": "Bearer brk_not-a-token"},
-        {"Authorization": "Basic eDp5"},
+    for headers, code in (
+        ({}, "unauthorized"),
+        ({"Authorization": "Bearer brk_not-a-token"}, "token_invalid"),
+        ({"Authorization": "Basic eDp5"}, "unauthorized"),
     ):
         for endpoint, method, path in api:
             response = client.open(path, method=method, json={}, headers=headers)
             assert response.status_code == 401, (endpoint, method, headers, response.status_code)
-            assert response.get_json()["error"]["code"] == "unauthorized", endpoint
+            assert response.get_json()["error"]["code"] == code, endpoint
     for endpoint, method, path in [
         r for r in _routes(app) if r[0] in PUBLIC_API - {"api.create_token"}
     ]:

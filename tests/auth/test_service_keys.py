@@ -236,7 +236,7 @@ def test_only_admins_create_keys_and_scopes_are_checked(broker, make_user, beare
 def test_a_deactivated_external_user_is_refused(broker, emulator) -> None:
     key = _new_key(broker, *ALL)
     client = broker.test_client()
-    assert client.get("/api/v1/me", headers=_as(key, "A")).status_code == 200
+    assert client.post("/api/v1/uploads", json={}, headers=_as(key, "A")).status_code == 201
     with broker.app_context():
         account = db.session.scalar(sa.select(User).where(User.external_subject == "A"))
         users.deactivate(db.session, account)
@@ -246,12 +246,13 @@ def test_a_deactivated_external_user_is_refused(broker, emulator) -> None:
     assert refused.get_json()["error"]["code"] == "account_deactivated"
 
 
-def test_keys_with_another_issuer_act_for_other_accounts(broker) -> None:
-    shop = _new_key(broker, "uploads:read")
-    blog = _new_key(broker, "uploads:read", issuer="blog")
+def test_keys_with_another_issuer_act_for_other_accounts(broker, emulator) -> None:
+    shop = _new_key(broker, *ALL)
+    blog = _new_key(broker, *ALL, issuer="blog")
     client = broker.test_client()
-    a_shop = client.get("/api/v1/me", headers=_as(shop, "A")).get_json()["public_id"]
-    a_blog = client.get("/api/v1/me", headers=_as(blog, "A")).get_json()["public_id"]
+    # The first write creates each account.
+    a_shop = client.post("/api/v1/uploads", json={}, headers=_as(shop, "A")).get_json()["owner"]
+    a_blog = client.post("/api/v1/uploads", json={}, headers=_as(blog, "A")).get_json()["owner"]
     assert a_shop != a_blog
     # A replacement key in the same namespace acts for the same accounts.
     again = _new_key(broker, "uploads:read")

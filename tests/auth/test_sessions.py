@@ -28,6 +28,7 @@ def test_login_and_me_with_session_cookie(app, client, make_user, login):
     assert response.get_json() == {
         "public_id": user.public_id,
         "username": "alice",
+        "namespace": "local",
         "is_admin": False,
     }
 

@@ -64,20 +64,20 @@ def test_wrong_revoked_and_expired_tokens_get_json_401(app, client, make_user, b
     revoked = bearer(app, "alice")
     assert client.delete("/api/v1/auth/tokens/current", headers=revoked).status_code == 204
 
-    def assert_401(headers):
+    def assert_401(headers, code):
         response = client.get("/api/v1/me", headers=headers)
         assert response.status_code == 401, headers
-        assert response.is_json and response.get_json()["error"]["code"] == "unauthorized"
+        assert response.is_json and response.get_json()["error"]["code"] == code
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
     assert client.get("/api/v1/me", headers=good).status_code == 200
-    assert_401(revoked)
-    assert_401({"Authorization": "Bearer brk_" + "A" * 43})
-    assert_401({"Authorization": "Bearer not-even-a-brk-token"})
-    assert_401({"Authorization": "Basic YWxpY2U6cGFzcw=="})
-    assert_401({"Authorization": "Bearer " + "x" * 5000})
+    assert_401(revoked, "token_revoked")
+    assert_401({"Authorization": "Bearer brk_" + "A" * 43}, "token_invalid")
+    assert_401({"Authorization": "Bearer not-even-a-brk-token"}, "token_invalid")
+    assert_401({"Authorization": "Basic YWxpY2U6cGFzcw=="}, "unauthorized")  # not a bearer
+    assert_401({"Authorization": "Bearer " + "x" * 5000}, "token_invalid")
     with time_machine.travel(datetime.now(UTC) + timedelta(days=91), tick=False):
-        assert_401(good)
+        assert_401(good, "token_expired")
 
 
 def test_authorization_header_wins_over_the_session_cookie(app, client, make_user, login, bearer):

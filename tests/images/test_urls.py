@@ -14,7 +14,7 @@ from flask import Flask
 from PIL import Image as PILImage
 
 from broker.emulator.testing import EmulatorServer
-from broker.images import keys
+from broker.images import keys, variants
 from broker.platform.db import db, utcnow
 from broker.uploads.models import Upload
 from tests.factories import (
@@ -129,6 +129,13 @@ def test_bad_requests(broker: Flask) -> None:
     unknown = mint_url(broker, auth, ready, "huge")
     assert unknown.status_code == 422
     assert unknown.get_json()["error"]["code"] == "unknown_variant"
+    # The answer lists the variants that do exist, so the client can pick one.
+    with broker.app_context():
+        valid = sorted(variants.known_variants())
+    assert (
+        len(valid) > 1
+        and f"use one of: {', '.join(valid)}." in unknown.get_json()["error"]["message"]
+    )
     assert mint_url(broker, auth, ready, "").status_code == 422
     missing = client.get(f"/api/v1/images/{ready}/url", headers=auth)
     assert missing.status_code == 422

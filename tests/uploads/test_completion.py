@@ -46,6 +46,7 @@ def test_complete_then_worker_verifies_and_delivers(setup, receiver, emulator):
 
     send_file(up)
     response = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
+    # One check found no file: a second wait, growing with each further one.
     assert response.status_code == 202 and response.headers["Retry-After"] == "1"
     # Past the batching window, and past the shared turn the first check took (2 s apart).
     worker.run_once(app, now=later(2 + completion.LIST_EVERY_MIN))
