@@ -255,10 +255,21 @@ class VersionStamp:
         self._conn: Any = None
         self._pid = 0
         self.reads = 0  # round trips made, for tests that count a request's
+        self._begun = self._done = 0  # reads begun and the last one finished, in turns
+        self._value: int | None = None
 
     def read(self) -> int | None:
-        """Return the version (0 before anything moved it); None when it cannot be read."""
+        """Return the version (0 before anything moved it); None when it cannot be read.
+
+        Threads waiting on the one connection share a read that began after they asked: what
+        it saw was committed before they asked too, and a busy process makes one read per turn.
+        """
+        asked = self._begun
         with self._lock:
+            if self._done > asked:
+                return self._value
+            self._begun += 1
+            turn = self._begun
             try:
                 if self._conn is None or self._pid != os.getpid():  # new, or forked
                     self._open()
@@ -273,7 +284,9 @@ class VersionStamp:
                 log.warning("token cache: cannot read auth_versions (%s)", type(exc).__name__)
                 self.close()
                 return None
-        return int(row[0]) if row else 0
+            self._value = int(row[0]) if row else 0
+            self._done = turn
+            return self._value
 
     def _open(self) -> None:
         self._engine = sa.create_engine(

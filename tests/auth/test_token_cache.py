@@ -3,6 +3,7 @@ request once something did: in this process and in two other web processes at on
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -174,3 +175,45 @@ def test_every_way_of_refusing_moves_the_version(app, make_user, change: str) ->
             assert before.read() == (version or 0) + 1
         finally:
             before.close()
+
+
+class _CountingLock:
+    """A lock that tells when `waiting` threads have come to it."""
+
+    def __init__(self, waiting: int) -> None:
+        self.inner = threading.Lock()
+        self.arrived = 0
+        self.all_here = threading.Event()
+        self.waiting = waiting
+
+    def __enter__(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.waiting:
+            self.all_here.set()
+        self.inner.acquire()
+
+    def __exit__(self, *_: Any) -> None:
+        self.inner.release()
+
+
+def test_threads_waiting_for_the_stamp_share_one_read(app) -> None:
+    with app.app_context():
+        stamp = tokens.VersionStamp(db.engine.url)
+    try:
+        assert stamp.read() == 0
+        lock = _CountingLock(waiting=3)
+        stamp._lock = lock  # type: ignore[assignment]
+        reads = stamp.reads
+        results: list[int | None] = []
+        with lock.inner:  # a read under way: three requests arrive and wait
+            threads = [threading.Thread(target=lambda: results.append(stamp.read())) for _ in "abc"]
+            for thread in threads:
+                thread.start()
+            assert lock.all_here.wait(10)
+        for thread in threads:
+            thread.join(10)
+        assert results == [0, 0, 0]
+        assert stamp.reads == reads + 1  # the first to get the lock read for all three
+        assert stamp.read() == 0 and stamp.reads == reads + 2  # a new request: a read of its own
+    finally:
+        stamp.close()
