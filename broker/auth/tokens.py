@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -251,8 +252,8 @@ class VersionStamp:
     def __init__(self, url: sa.URL) -> None:
         self._url = url
         self._lock = threading.Lock()
-        self._engine: sa.Engine | None = None
         self._conn: Any = None
+        self._closer: weakref.finalize[Any, Any] | None = None
         self._pid = 0
         self.reads = 0  # round trips made, for tests that count a request's
         self._begun = self._done = 0  # reads begun and the last one finished, in turns
@@ -289,20 +290,27 @@ class VersionStamp:
             return self._value
 
     def _open(self) -> None:
-        self._engine = sa.create_engine(
+        if self._closer is not None:  # forked: the parent's connection is the parent's to close
+            self._closer.detach()
+        engine = sa.create_engine(
             self._url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
         )
-        self._conn = self._engine.raw_connection()
+        self._conn = engine.raw_connection()
         self._pid = os.getpid()
+        # Closed with the app too: an app dropped without close() must not leak a connection.
+        self._closer = weakref.finalize(self, _close_connection, self._conn, engine)
 
     def close(self) -> None:
         """Close the connection (it is opened again on the next read)."""
-        conn, engine, self._conn, self._engine = self._conn, self._engine, None, None
-        if conn is not None and self._pid == os.getpid():
-            with contextlib.suppress(Exception):
-                conn.close()
-        if engine is not None:
-            engine.dispose()
+        closer, self._closer, self._conn = self._closer, None, None
+        if closer is not None and self._pid == os.getpid():
+            closer()
+
+
+def _close_connection(conn: Any, engine: sa.Engine) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
+    engine.dispose()
 
 
 def move_version(session: Session | OrmSession) -> None:
