@@ -314,7 +314,14 @@ def _close_connection(conn: Any, engine: sa.Engine) -> None:
 
 
 def move_version(session: Session | OrmSession) -> None:
-    """Move the version in `session`'s transaction: every process drops the tokens it kept."""
+    """Move the version in `session`'s transaction: every process drops the tokens it kept.
+
+    Once per transaction, and before the rows it is about: every such transaction locks the
+    version's row first, so two of them never wait on each other's rows (no deadlock).
+    """
+    if session.info.get("auth_version_moved"):
+        return
+    session.info["auth_version_moved"] = True
     conn = session.connection()
     table = AuthVersion.__table__
     insert: Any
@@ -332,8 +339,6 @@ def move_version(session: Session | OrmSession) -> None:
 
 def _before_flush(session: OrmSession, _context: Any, _instances: Any) -> None:
     """Move the version when this flush changes what makes a token or an account usable."""
-    if session.info.get("auth_version_moved"):
-        return
     for row in (*session.dirty, *session.deleted):
         names = _WATCHED.get(type(row))
         if names is None:
@@ -341,7 +346,6 @@ def _before_flush(session: OrmSession, _context: Any, _instances: Any) -> None:
         state = sa.inspect(row)
         if row in session.deleted or any(state.attrs[name].history.has_changes() for name in names):
             move_version(session)
-            session.info["auth_version_moved"] = True
             return
 
 
@@ -355,6 +359,8 @@ def watch_sessions() -> None:
         sa.event.listen(OrmSession, "before_flush", _before_flush)
         sa.event.listen(OrmSession, "after_commit", _transaction_ended)
         sa.event.listen(OrmSession, "after_rollback", _transaction_ended)
+        # A savepoint rolled back may have taken the move with it: move again when needed.
+        sa.event.listen(OrmSession, "after_soft_rollback", _transaction_ended)
 
 
 def active_tokens(session: Session, user: User, now: datetime | None = None) -> list[ApiToken]:
@@ -410,15 +416,13 @@ def revoke(token: ApiToken, now: datetime | None = None) -> None:
 
 def revoke_all(session: Session, user: User, now: datetime | None = None) -> int:
     """Revoke every token of `user` (the caller commits); return how many were revoked."""
+    move_version(session)
     result = session.execute(
         sa.update(ApiToken)
         .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=now or utcnow())
     )
-    revoked = cast(sa.CursorResult[Any], result).rowcount or 0
-    if revoked:
-        move_version(session)
-    return revoked
+    return cast(sa.CursorResult[Any], result).rowcount or 0
 
 
 def cache_for(app: Any) -> TokenCache:

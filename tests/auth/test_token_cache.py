@@ -217,3 +217,23 @@ def test_threads_waiting_for_the_stamp_share_one_read(app) -> None:
         assert stamp.read() == 0 and stamp.reads == reads + 2  # a new request: a read of its own
     finally:
         stamp.close()
+
+
+def test_a_new_password_locks_the_version_before_any_row_it_is_about(app, make_user) -> None:
+    make_user("alice")
+    _issue(app, "alice")
+    with app.app_context():
+        user = users.find_user(db.session, "alice")
+        with counted(db.engine) as seen:
+            users.set_password(db.session, user, "a brand new password")  # type: ignore[arg-type]
+            db.session.commit()
+    writes = [word for word in seen if word in ("INSERT", "UPDATE", "DELETE")]
+    # The version first (an upsert), then the user, the remember tokens and the API tokens:
+    # two such transactions never hold each other's rows while waiting for the version.
+    assert writes[0] == "INSERT" and len(writes) >= 3, writes
+    with app.app_context():
+        stamp = tokens.VersionStamp(db.engine.url)
+    try:
+        assert stamp.read() == 1
+    finally:
+        stamp.close()
