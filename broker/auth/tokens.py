@@ -15,6 +15,7 @@ every request against the kept expiry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -225,8 +226,12 @@ class TokenCache:
         return token
 
     def remember(self, token: ApiToken) -> None:
-        """Keep `token`'s current columns (after its last-used stamp moved)."""
-        self._keep(token, self._version)
+        """Note `token`'s new last-used stamp in what is kept (if it still is)."""
+        with self._lock:
+            kept = self._kept.get(token.token_hash)
+            if kept is not None:  # only that column: the rest stays as read under its version
+                stamped = {**kept.token, "last_used_at": token.last_used_at}
+                self._kept[token.token_hash] = dataclasses.replace(kept, token=stamped)
 
     def _keep(self, token: ApiToken, version: int | None) -> None:
         kept = _Kept(
