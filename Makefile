@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test test-system lint format install clean bench readme
+.PHONY: run test test-system lint format install clean bench bench-all readme
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"' || \
@@ -51,7 +51,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The cost of a create beside the emulator and the closest peer, SQLite and (with
+# BENCH_DATABASE_URL) PostgreSQL, in one run of a few minutes; bench-all runs every script.
 bench: $(STAMP)
+	$(BIN)/python tests/bench/bench_peer.py $(BENCH_ARGS)
+
+bench-all: $(STAMP)
 	@status=0; for f in tests/bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || status=1; done; exit $$status
 
 readme: $(STAMP)

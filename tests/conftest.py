@@ -163,6 +163,7 @@ def make_app(
     yield factory
     for app in apps:
         app.extensions["budget"].engine.dispose()  # the budget's own pool (broker/budget.py)
+        app.extensions["tokens"].stamp.close()  # the token cache's own connection
     if apps:
         _empty_tables(apps[0])
         for app in apps[1:]:

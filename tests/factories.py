@@ -33,6 +33,29 @@ PASSWORD = "correct horse battery"
 # The key every test app encrypts stored secrets with (a fixed Fernet key, for tests only).
 TEST_ENCRYPTION_KEY = "dGVzdC1lbmNyeXB0aW9uLWtleS0zMi1ieXRlcyEhISE="
 
+
+def production_env(database_url: str, instance: str, **extra: str) -> dict[str, str]:
+    """Return this process's environment with the BROKER_* of a production web process on
+    `database_url`, with real-looking Cloudflare settings (for routes that never call it)."""
+    import json
+    import os
+    import secrets
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env.update(
+        BROKER_ENV="production",
+        BROKER_SECRET_KEY=secrets.token_urlsafe(32),
+        BROKER_ENCRYPTION_KEYS=json.dumps([TEST_ENCRYPTION_KEY]),
+        BROKER_DATABASE_URL=database_url,
+        BROKER_INSTANCE_PATH=instance,
+        BROKER_CLOUDFLARE_ACCOUNT_ID="a" * 32,
+        BROKER_CLOUDFLARE_API_TOKEN="t" * 40,
+        BROKER_CLOUDFLARE_ACCOUNT_HASH="h" * 22,
+        **extra,
+    )
+    return env
+
+
 # The least a production configuration needs; tests add or override what they probe.
 PRODUCTION_SETTINGS: dict[str, Any] = {
     "ENV": "production",

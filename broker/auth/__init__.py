@@ -48,9 +48,11 @@ __all__ = [
 
 def init_app(app: Flask) -> None:
     """Wire authentication into `app` (after broker.platform.extensions.init_app)."""
-    from broker.auth import oidc, views
+    from broker.auth import oidc, tokens, views
 
     oidc.init_app(app)
+    app.extensions["tokens"] = tokens.cache_for(app)
+    tokens.watch_sessions()
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in to see that page."
     login_manager.login_message_category = "info"

@@ -158,7 +158,7 @@ def load_user_from_request(req: Any) -> User | None:
     if secret.startswith(service_keys.PREFIX):
         user = _service_key_user(secret)
     elif secret.startswith(tokens.PREFIX):
-        token = tokens.authenticate(db.session, secret)
+        token = tokens.authenticate(db.session, secret, cache=current_app.extensions["tokens"])
         g.api_token = token
         user = token.user if token is not None else None
         if token is None:

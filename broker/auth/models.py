@@ -144,3 +144,17 @@ class RememberToken(Model):
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AuthVersion(Model):
+    """One row whose number moves whenever a token or an account stops being usable.
+
+    Each web process keeps the tokens it checked in memory while this number stays where it
+    was; a revocation, deactivation or password change moves it in its own transaction, so
+    every process drops what it kept on its next request.
+    """
+
+    __tablename__ = "auth_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(sa.BigInteger)

@@ -3,21 +3,40 @@
 A token is `brk_` + 43 URL-safe characters (256 random bits). Only its SHA-256 is stored, so a
 copy of the database cannot be replayed; lookups go by that hash (an index hit that reveals
 nothing about the secret), and the match is confirmed with a constant-time comparison.
+
+A web process keeps the tokens it checked (`TokenCache`, keyed by the hash, at most CACHE_TTL
+seconds) so a request costs one primary-key read of `auth_versions` instead of the token and its
+user. Whatever makes a token or an account unusable (revoking, deactivating, a new password,
+any change to a token's expiry or owner) moves that version in the same transaction
+(`watch_sessions`), so every process refuses the token on its next request. Expiry is checked on
+every request against the kept expiry.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import hmac
+import logging
+import os
 import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import attributes
 
-from broker.auth.models import ApiToken, ServiceKey, User
+from broker.auth.models import ApiToken, AuthVersion, ServiceKey, User
 from broker.platform.db import Session, utcnow
+
+log = logging.getLogger("broker.auth")
 
 PREFIX = "brk_"
 DEFAULT_TTL = timedelta(days=90)
@@ -25,6 +44,16 @@ DEFAULT_TTL = timedelta(days=90)
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 # Longer than any secret we issue: refused before it is even hashed.
 MAX_SECRET_LENGTH = 200
+# How long a process trusts what it kept about a token when nothing moved the version: a bound
+# on a change made outside the ORM (plain SQL), which does not move it.
+CACHE_TTL = 30.0
+# Tokens kept per process; past it the oldest half is dropped.
+CACHE_SIZE = 10_000
+# What moves the version: a change to these columns makes a token or an account unusable.
+_WATCHED = {
+    ApiToken: ("revoked_at", "expires_at", "user_id", "token_hash"),
+    User: ("active", "password_hash", "session_token"),
+}
 
 # What is looked up by its secret's hash: API tokens and service keys.
 _Hashed = TypeVar("_Hashed", ApiToken, ServiceKey)
@@ -65,10 +94,12 @@ def find_by_secret(
     return row
 
 
-def stamp_used(row: ApiToken | ServiceKey, now: datetime) -> None:
-    """Record that `row` was used now, at most once per LAST_USED_RESOLUTION."""
+def stamp_used(row: ApiToken | ServiceKey, now: datetime) -> bool:
+    """Record that `row` was used now, at most once per LAST_USED_RESOLUTION; tell if it was."""
     if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
         row.last_used_at = now
+        return True
+    return False
 
 
 def issue(
@@ -101,14 +132,27 @@ def is_usable(token: ApiToken, now: datetime | None = None) -> bool:
     return token.revoked_at is None and token.expires_at > now
 
 
-def authenticate(session: Session, secret: str, now: datetime | None = None) -> ApiToken | None:
+def authenticate(
+    session: Session,
+    secret: str,
+    now: datetime | None = None,
+    cache: TokenCache | None = None,
+) -> ApiToken | None:
     """Return the usable token whose secret this is, else None; stamps when it was last used
-    (at most once a minute, so most requests write nothing; the caller commits)."""
+    (at most once a minute, so most requests write nothing; the caller commits).
+
+    With `cache`, a token this process checked since the version last moved costs one
+    primary-key read instead of the token's row and its user's.
+    """
     now = now or utcnow()
-    token = find_by_secret(session, ApiToken, secret, PREFIX)
+    if cache is None:
+        token = find_by_secret(session, ApiToken, secret, PREFIX)
+    else:
+        token = cache.find(session, secret)
     if token is None or not is_usable(token, now) or not token.user.is_active:
         return None
-    stamp_used(token, now)
+    if stamp_used(token, now) and cache is not None:
+        cache.remember(token)
     return token
 
 
@@ -121,6 +165,218 @@ def refusal_reason(session: Session, secret: str, now: datetime | None = None) -
     if token.revoked_at is not None or not token.user.is_active:
         return "revoked"
     return "expired" if not is_usable(token, now) else "invalid"
+
+
+def _columns(model: type[Any]) -> tuple[str, ...]:
+    return tuple(attr.key for attr in sa.inspect(model).column_attrs)
+
+
+def _attach(session: Session, model: type[Any], values: dict[str, Any]) -> Any:
+    """Return the row of `model` with these column values in `session`, with no SELECT."""
+    key = sa.orm.util.identity_key(model, values["id"])
+    present = session.identity_map.get(key)
+    if present is not None:
+        return present
+    row = sa.orm.instrumentation.manager_of_class(model).new_instance()
+    row.__dict__.update(values)  # loaded values, no history: as a SELECT would leave them
+    sa.inspect(row).key = key  # detached with its identity: adding it makes it persistent
+    session.add(row)
+    return row
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """What a process keeps about a checked token: its row's and its user's columns."""
+
+    token: dict[str, Any]
+    user: dict[str, Any]
+    kept_at: float
+
+
+class TokenCache:
+    """Token hash → the token's and its user's columns, per process, while `auth_versions`
+    stays where it was (and at most CACHE_TTL seconds)."""
+
+    def __init__(
+        self,
+        stamp: VersionStamp,
+        ttl: float = CACHE_TTL,
+        size: int = CACHE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stamp, self.ttl, self.size, self.clock = stamp, ttl, size, clock
+        self._kept: dict[str, _Kept] = {}
+        self._version: int | None = None
+        self._lock = threading.Lock()
+        self._token_columns = _columns(ApiToken)
+        self._user_columns = _columns(User)
+
+    def find(self, session: Session, secret: str) -> ApiToken | None:
+        """Return the token stored for `secret` (kept, or read and kept), else None."""
+        if not secret.startswith(PREFIX) or len(secret) > MAX_SECRET_LENGTH:
+            return None
+        hashed = digest(secret)
+        # Read before the token: a token read after a revocation's commit is never kept under
+        # the version from before it.
+        version = self.stamp.read()
+        if version is None:  # the stamp cannot be read: trust nothing kept
+            return find_by_secret(session, ApiToken, secret, PREFIX)
+        if version != self._version:
+            with self._lock:
+                self._kept.clear()
+                self._version = version
+        kept = self._kept.get(hashed)
+        if kept is not None and self.clock() - kept.kept_at < self.ttl:
+            token = _attach(session, ApiToken, kept.token)
+            user = _attach(session, User, kept.user)
+            attributes.set_committed_value(token, "user", user)
+            return cast(ApiToken, token)
+        token = find_by_secret(session, ApiToken, secret, PREFIX)
+        if token is not None:
+            self._keep(token, version)
+        return token
+
+    def remember(self, token: ApiToken) -> None:
+        """Note `token`'s new last-used stamp in what is kept (if it still is)."""
+        with self._lock:
+            kept = self._kept.get(token.token_hash)
+            if kept is not None:  # only that column: the rest stays as read under its version
+                stamped = {**kept.token, "last_used_at": token.last_used_at}
+                self._kept[token.token_hash] = dataclasses.replace(kept, token=stamped)
+
+    def _keep(self, token: ApiToken, version: int | None) -> None:
+        kept = _Kept(
+            {name: getattr(token, name) for name in self._token_columns},
+            {name: getattr(token.user, name) for name in self._user_columns},
+            self.clock(),
+        )
+        with self._lock:
+            if version != self._version:
+                return  # read under a version that has moved on since: not to be trusted
+            if len(self._kept) >= self.size:
+                for stale in list(self._kept)[: self.size // 2]:
+                    del self._kept[stale]
+            self._kept[token.token_hash] = kept
+
+
+class VersionStamp:
+    """Reads `auth_versions` on a connection of its own: one per process, autocommit, outside
+    the request's session and its pool, so a request whose token is kept checks out nothing."""
+
+    SQL = "SELECT version FROM auth_versions WHERE id = 1"
+
+    def __init__(self, url: sa.URL) -> None:
+        self._url = url
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._closer: weakref.finalize[Any, Any] | None = None
+        self._pid = 0
+        self.reads = 0  # round trips made, for tests that count a request's
+        self._begun = self._done = 0  # reads begun and the last one finished, in turns
+        self._value: int | None = None
+
+    def read(self) -> int | None:
+        """Return the version (0 before anything moved it); None when it cannot be read.
+
+        Threads waiting on the one connection share a read that began after they asked: what
+        it saw was committed before they asked too, and a busy process makes one read per turn.
+        """
+        asked = self._begun
+        with self._lock:
+            if self._done > asked:
+                return self._value
+            self._begun += 1
+            turn = self._begun
+            try:
+                if self._conn is None or self._pid != os.getpid():  # new, or forked
+                    self._open()
+                cursor = self._conn.cursor()
+                self.reads += 1
+                try:
+                    cursor.execute(self.SQL)
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
+            except Exception as exc:  # a dropped connection: read from the session this time
+                log.warning("token cache: cannot read auth_versions (%s)", type(exc).__name__)
+                self.close()
+                return None
+            self._value = int(row[0]) if row else 0
+            self._done = turn
+            return self._value
+
+    def _open(self) -> None:
+        if self._closer is not None:  # forked: the parent's connection is the parent's to close
+            self._closer.detach()
+        engine = sa.create_engine(
+            self._url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+        )
+        self._conn = engine.raw_connection()
+        self._pid = os.getpid()
+        # Closed with the app too: an app dropped without close() must not leak a connection.
+        self._closer = weakref.finalize(self, _close_connection, self._conn, engine)
+
+    def close(self) -> None:
+        """Close the connection (it is opened again on the next read)."""
+        closer, self._closer, self._conn = self._closer, None, None
+        if closer is not None and self._pid == os.getpid():
+            closer()
+
+
+def _close_connection(conn: Any, engine: sa.Engine) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
+    engine.dispose()
+
+
+def move_version(session: Session | OrmSession) -> None:
+    """Move the version in `session`'s transaction: every process drops the tokens it kept.
+
+    Once per transaction, and before the rows it is about: every such transaction locks the
+    version's row first, so two of them never wait on each other's rows (no deadlock).
+    """
+    if session.info.get("auth_version_moved"):
+        return
+    session.info["auth_version_moved"] = True
+    conn = session.connection()
+    table = AuthVersion.__table__
+    insert: Any
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    statement = insert(table).values(id=1, version=1)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[table.c.id], set_={"version": table.c.version + 1}
+        )
+    )
+
+
+def _before_flush(session: OrmSession, _context: Any, _instances: Any) -> None:
+    """Move the version when this flush changes what makes a token or an account usable."""
+    for row in (*session.dirty, *session.deleted):
+        names = _WATCHED.get(type(row))
+        if names is None:
+            continue
+        state = sa.inspect(row)
+        if row in session.deleted or any(state.attrs[name].history.has_changes() for name in names):
+            move_version(session)
+            return
+
+
+def _transaction_ended(session: OrmSession, *_: Any) -> None:
+    session.info.pop("auth_version_moved", None)
+
+
+def watch_sessions() -> None:
+    """Move the version from every ORM session's flush that revokes, deactivates or re-keys."""
+    if not sa.event.contains(OrmSession, "before_flush", _before_flush):
+        sa.event.listen(OrmSession, "before_flush", _before_flush)
+        sa.event.listen(OrmSession, "after_commit", _transaction_ended)
+        sa.event.listen(OrmSession, "after_rollback", _transaction_ended)
+        # A savepoint rolled back may have taken the move with it: move again when needed.
+        sa.event.listen(OrmSession, "after_soft_rollback", _transaction_ended)
 
 
 def active_tokens(session: Session, user: User, now: datetime | None = None) -> list[ApiToken]:
@@ -176,9 +432,19 @@ def revoke(token: ApiToken, now: datetime | None = None) -> None:
 
 def revoke_all(session: Session, user: User, now: datetime | None = None) -> int:
     """Revoke every token of `user` (the caller commits); return how many were revoked."""
+    move_version(session)
     result = session.execute(
         sa.update(ApiToken)
         .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=now or utcnow())
     )
     return cast(sa.CursorResult[Any], result).rowcount or 0
+
+
+def cache_for(app: Any) -> TokenCache:
+    """Return the token cache of `app`, reading the version from `app`'s database."""
+    from broker.platform.db import db
+
+    with app.app_context():
+        url = db.engine.url
+    return TokenCache(VersionStamp(url))

@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
+import click
 import sqlalchemy as sa
 from flask import Flask, current_app, has_app_context
-from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, scoped_session
 from sqlalchemy.orm import Session as OrmSession
@@ -58,7 +58,49 @@ db = SQLAlchemy(model_class=Base)
 # Dockerfile migrates at every web container start: replicas starting together would otherwise
 # race to create the same tables).
 MIGRATION_LOCK = 0x62726F6B65722D6D  # "broker-m"
-migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
+
+
+class _Migrations:
+    """Flask-Migrate, loaded when something asks for it: Alembic, Mako and Pygments weigh ~12 MB
+    that a web process never uses. `app.extensions["migrate"]` and `flask db` stand in for it."""
+
+    def __init__(self, app: Flask) -> None:
+        self._app = app
+        self._config: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._config is None:
+            from flask_migrate import Migrate
+
+            extensions = self._app.extensions
+            Migrate(
+                self._app, db, directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True
+            )
+            self._config, extensions["migrate"] = extensions["migrate"], self
+        return getattr(self._config, name)
+
+
+class _MigrationCommands(click.Group):
+    """`flask db …`: Flask-Migrate's command group, imported when a command is run."""
+
+    def __init__(self) -> None:
+        super().__init__("db", help="Perform database migrations.")
+
+    @staticmethod
+    def _group() -> click.Group:
+        from flask_migrate.cli import db as commands  # type: ignore[import-not-found]
+
+        return cast(click.Group, commands)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        return self._group().make_context(*args, **kwargs)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._group().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._group().get_command(ctx, cmd_name)
+
 
 # What every model subclasses. Flask-SQLAlchemy builds `db.Model` from Base when `db` is made;
 # to the type checker it is Base, whose typed declarative API is all the models use.
@@ -202,7 +244,8 @@ def init_app(app: Flask) -> None:
     options.setdefault("hide_parameters", True)
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
     db.init_app(app)
-    migrate.init_app(app, db)
+    app.extensions["migrate"] = _Migrations(app)
+    app.cli.add_command(_MigrationCommands())
     with app.app_context():
         if url.startswith("sqlite"):
             sa.event.listen(db.engine, "connect", _sqlite_pragmas)

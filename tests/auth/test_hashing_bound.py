@@ -8,8 +8,6 @@ the worker's peak resident memory from /proc.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import secrets
 import threading
@@ -21,7 +19,7 @@ import requests
 from flask import Flask
 
 from broker.auth import passwords
-from tests.factories import TEST_ENCRYPTION_KEY
+from tests.factories import production_env
 from tests.system.topology import BIN, listening_socket, topology, wait_http
 
 KIB_PASSWORD = "p" * 1024
@@ -70,20 +68,8 @@ def _children(pid: int) -> list[int]:
 def test_32_concurrent_token_requests_keep_the_process_bounded(
     migrated: str, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    env.update(
-        BROKER_ENV="production",
-        BROKER_SECRET_KEY=secrets.token_urlsafe(32),
-        BROKER_ENCRYPTION_KEYS=json.dumps([TEST_ENCRYPTION_KEY]),
-        BROKER_DATABASE_URL=migrated,
-        BROKER_INSTANCE_PATH=str(tmp_path),
-        # Real-looking Cloudflare settings: token requests never call Cloudflare.
-        BROKER_CLOUDFLARE_ACCOUNT_ID="a" * 32,
-        BROKER_CLOUDFLARE_API_TOKEN="t" * 40,
-        BROKER_CLOUDFLARE_ACCOUNT_HASH="h" * 22,
-        # Rotating addresses behind a proxy pass any per-address limit: model that directly.
-        BROKER_AUTH_RATE_LIMIT="10000 per minute",
-    )
+    # Rotating addresses behind a proxy pass any per-address limit: model that directly.
+    env = production_env(migrated, str(tmp_path), BROKER_AUTH_RATE_LIMIT="10000 per minute")
     sock = listening_socket()
     with sock, topology(tmp_path, env) as topo:
         bind = f"--bind=fd://{sock.fileno()}"

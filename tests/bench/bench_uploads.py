@@ -62,11 +62,13 @@ def wait_until_up(url: str, timeout: float = 20.0) -> None:
     raise SystemExit(f"server at {url} did not start within {timeout:.0f}s")
 
 
-def start(stack: ExitStack, args: list[str], env: dict[str, str], log: Path) -> None:
-    """Start a server process; it is stopped when `stack` closes."""
+def start(
+    stack: ExitStack, args: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """Start a server process (returned); it is stopped when `stack` closes."""
     out = stack.enter_context(log.open("wb"))
     proc = subprocess.Popen(
-        args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
     )
 
     def stop() -> None:
@@ -77,6 +79,7 @@ def start(stack: ExitStack, args: list[str], env: dict[str, str], log: Path) -> 
             proc.kill()
 
     stack.callback(stop)
+    return proc
 
 
 def broker_settings(tmp: Path, emulator_url: str, database_url: str) -> dict[str, Any]:

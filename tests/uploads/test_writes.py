@@ -109,18 +109,22 @@ def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, be
     auth = bearer(app, make_user("alice"))
     _quiet_token(app)
     assert client.post(URL, json={}, headers=auth).status_code == 201  # fetches the token
+    stamp = app.extensions["tokens"].stamp
+    stamp_reads = stamp.reads
     with app.app_context():
         engines = (db.engine, get_budget().engine)
         with statements(*engines) as seen:
             assert client.post(URL, json={}, headers=auth).status_code == 201
+    # The token and its user come from the process's memory, for one read of the auth version.
+    assert stamp.reads == stamp_reads + 1
     assert not [s for s in seen if "upstream_budget_state" in s[1]], seen
     reservation = seen[: seen.index(("a", "COMMIT")) + 1]
     assert [s for s in reservation if s[0] == "a"] == reservation, seen  # no rate inside it
     main = [w for e, w in seen if e == "a" and w not in ("COMMIT", "ROLLBACK")]
     rate = [w for e, w in seen if e == "b" and w not in ("COMMIT", "ROLLBACK")]
-    # Token; [user lock on PostgreSQL]; expired reservations out, ours in, usage; then the
+    # [User lock on PostgreSQL]; expired reservations out, ours in, usage; then the
     # reservation out and the upload in. No second load of the user for the answer.
-    assert len(main) == (7 if _dialect(app) == "postgresql" else 6), main
+    assert len(main) == (6 if _dialect(app) == "postgresql" else 5), main
     assert not [w for w in main if w.startswith("SELECT users.id, users.public_id")], main
     # The rate: count (committed at once), check; the slice's first call drops old slices.
     assert 2 <= len(rate) <= 3 and rate[0].startswith("INSERT INTO upstream_budget_buckets"), rate

@@ -1,0 +1,410 @@
+"""Benchmark: the cost of a create beside the closest peer, in one run (`make bench`; not a test).
+
+On each database (SQLite, and PostgreSQL when BENCH_DATABASE_URL names a server), starts one
+emulator and, against it, under gunicorn 2 x 16 gthread:
+
+- `broker`: this tree's `POST /api/v1/uploads` with a bearer token;
+- `baseline`: the same from another commit (`--baseline REV`, exported with `git archive`);
+- `peer`: django-cloudflareimages-toolkit's own `POST …/api/upload-url/` in a minimal Django
+  project with DRF tokens (its own virtualenv, made once under .venv/bench-peer), `creator` sent
+  as the user's id;
+
+then prints creates/s ÷ the emulator's at 1/8/32 clients, p99 added over the emulator, the
+workers' resident memory (warm, and after the run), a bare route's CPU with a bearer ÷ without
+(in process), and the statements one create runs. Options: --clients 1,8,32 --seconds 3
+--baseline REV --databases sqlite,postgresql.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench import bench_uploads as up  # noqa: E402
+from tests.bench.bench_scale import fresh_database  # noqa: E402
+
+PEER_VENV = ROOT / ".venv" / "bench-peer"
+PEER_PACKAGES = [
+    "django-cloudflareimages-toolkit==1.1.6",
+    "djangorestframework",
+    "gunicorn",
+    "psycopg[binary]",
+]
+GUNICORN = ["-w", "2", "-k", "gthread", "--threads", "16"]
+
+
+def peer_python() -> Path:
+    """Return the peer virtualenv's Python, creating the virtualenv on first use."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"== setting up the peer in {PEER_VENV} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES], check=True)
+    return python
+
+
+PEER_SETTINGS = """
+SECRET_KEY = "bench-peer-secret-key-not-for-production"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "peer_urls"
+USE_TZ = True
+INSTALLED_APPS = [
+    "django.contrib.contenttypes", "django.contrib.auth", "rest_framework",
+    "rest_framework.authtoken", "django_cloudflareimages_toolkit",
+]
+MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
+DATABASES = {{"default": {database}}}
+REST_FRAMEWORK = {{
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.TokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+}}
+CLOUDFLARE_IMAGES = {{
+    "ACCOUNT_ID": "{account}", "API_TOKEN": "{token}", "ACCOUNT_HASH": "benchhash0000000000000",
+    "BASE_URL": "{api_base}",
+}}
+"""
+PEER_URLS = """
+from django.urls import include, path
+urlpatterns = [path("cf/", include("django_cloudflareimages_toolkit.urls"))]
+"""
+PEER_USER = """
+import django; django.setup()
+from django.contrib.auth.models import User
+from rest_framework.authtoken.models import Token
+user = User.objects.create_user("bench", password="bench password long enough")
+print(user.pk, Token.objects.create(user=user).key)
+"""
+
+
+def peer_database(url: str) -> str:
+    """Return Django's DATABASES entry for a SQLAlchemy URL (SQLite file or PostgreSQL)."""
+    # Persistent connections, and WAL on SQLite: what a deployment of either would use.
+    if url.startswith("sqlite"):
+        return repr(
+            {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": url.split("///", 1)[1],
+                "CONN_MAX_AGE": 600,
+                "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL;", "timeout": 20},
+            }
+        )
+    import sqlalchemy as sa
+
+    parsed = sa.make_url(url)
+    return repr(
+        {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": parsed.database,
+            "USER": parsed.username,
+            "PASSWORD": parsed.password or "",
+            "HOST": parsed.host,
+            "PORT": str(parsed.port or 5432),
+            "CONN_MAX_AGE": 600,
+        }
+    )
+
+
+def start_peer(
+    stack: ExitStack, folder: Path, emulator_url: str, database_url: str
+) -> tuple[str, str, str, subprocess.Popen[bytes]]:
+    """Set up and up.start the peer; return its URL, token, user id and gunicorn master."""
+    python = peer_python()
+    folder.mkdir(parents=True)
+    (folder / "peer_settings.py").write_text(
+        PEER_SETTINGS.format(
+            database=peer_database(database_url),
+            account=up.ACCOUNT,
+            token=up.TOKEN,
+            api_base=f"{emulator_url}/client/v4",
+        )
+    )
+    (folder / "peer_urls.py").write_text(PEER_URLS)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "peer_settings", "PYTHONPATH": str(folder)}
+    admin = [str(python), "-m", "django"]
+    subprocess.run([*admin, "migrate", "-v", "0"], env=env, cwd=folder, check=True)
+    done = subprocess.run(
+        [str(python), "-c", PEER_USER], env=env, cwd=folder, check=True, capture_output=True
+    )
+    user_id, token = done.stdout.decode().split()
+    port = up.free_port()
+    gunicorn = str(python.parent / "gunicorn")
+    proc = up.start(
+        stack,
+        [gunicorn, *GUNICORN, "-b", f"127.0.0.1:{port}", "django.core.wsgi:get_wsgi_application()"],
+        {"DJANGO_SETTINGS_MODULE": "peer_settings", "PYTHONPATH": str(folder)},
+        folder / "gunicorn.log",
+        cwd=folder,
+    )
+    return f"http://127.0.0.1:{port}", token, user_id, proc
+
+
+def prepare_in(root: Path, settings: dict[str, Any]) -> str:
+    """Migrate and create a user with `root`'s own code (a process there); return its token."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys\n"
+            "from tests.bench.bench_uploads import prepare_broker\n"
+            "print(prepare_broker(json.loads(sys.argv[1])))",
+            json.dumps(settings),
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+    )
+    return done.stdout.decode().split()[-1]
+
+
+def start_broker(
+    stack: ExitStack, root: Path, settings: dict[str, Any], log: Path
+) -> tuple[str, str, subprocess.Popen[bytes]]:
+    """Migrate, add a user and up.start `root`'s broker; return its URL, token and master."""
+    secret = prepare_in(root, settings)
+    env = {f"BROKER_{k}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
+    port = up.free_port()
+    proc = up.start(
+        stack,
+        [str(up.BIN / "gunicorn"), *GUNICORN, "-b", f"127.0.0.1:{port}", "wsgi:app"],
+        {**env, "PYTHONPATH": str(root)},
+        log,
+        cwd=root,
+    )
+    return f"http://127.0.0.1:{port}", secret, proc
+
+
+def worker_rss(master: subprocess.Popen[bytes]) -> list[float]:
+    """Return the resident memory (MB) of each worker of a gunicorn master."""
+    children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+    sizes = []
+    for pid in children:
+        status = Path(f"/proc/{pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        if match:
+            sizes.append(int(match.group(1)) / 1024)
+    return sizes
+
+
+def statements_per_create(settings: dict[str, Any]) -> str:
+    """Count what one create runs (after one that warmed the token), in process, on each side:
+    the main engine, the budget's, and the token cache's version read."""
+    import sqlalchemy as sa
+
+    from broker import create_app
+    from broker.platform.db import db
+    from broker.upstream.budget import get_budget
+
+    app = create_app(dict(settings))
+    secret = prepare_in(ROOT, settings)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {secret}"}
+    counted: dict[str, int] = {"main": 0, "budget": 0, "commit": 0}
+    with app.app_context():
+        engines = {"main": db.engine, "budget": get_budget().engine}
+
+    def counter(label: str) -> Any:
+        def on_execute(*_: Any) -> None:
+            counted[label] += 1
+
+        return on_execute
+
+    def on_commit(*_: Any) -> None:
+        counted["commit"] += 1
+
+    assert client.post("/api/v1/uploads", json={}, headers=auth).status_code == 201
+    stamp = app.extensions.get("tokens")
+    reads = getattr(getattr(stamp, "stamp", None), "reads", 0)
+    for label, engine in engines.items():
+        sa.event.listen(engine, "before_cursor_execute", counter(label))
+        sa.event.listen(engine, "commit", on_commit)
+    answer = client.post("/api/v1/uploads", json={}, headers=auth)
+    assert answer.status_code == 201, answer.get_data(as_text=True)
+    stamp_reads = getattr(getattr(stamp, "stamp", None), "reads", 0) - reads
+    with app.app_context():
+        db.engine.dispose()
+        get_budget().engine.dispose()
+    if stamp is not None:
+        stamp.stamp.close()
+    return (
+        f"{counted['main']} main + {counted['budget']} budget + {stamp_reads} token-version "
+        f"statements, {counted['commit']} commits"
+    )
+
+
+def export(rev: str, folder: Path) -> Path:
+    """Return a copy of the tree at `rev` (`git archive`) under `folder`."""
+    tree = folder / f"tree-{rev}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", rev], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def bare_route(root: Path) -> dict[str, float]:
+    """Return `root`'s bare-route CPU per request with and without a bearer (its own code)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, tempfile\n"
+            "from pathlib import Path\n"
+            "from tests.bench.bench_scale import part3\n"
+            "with tempfile.TemporaryDirectory() as tmp:\n"
+            "    print(json.dumps(part3(Path(tmp))))",
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+    )
+    result: dict[str, float] = json.loads(done.stdout.decode().splitlines()[-1])
+    return result
+
+
+def measure(
+    stack: ExitStack, tmp: Path, label: str, postgres: str | None, opts: argparse.Namespace
+) -> None:
+    """Run every side on one database and print its table."""
+    from tests.bench.bench_scale import start_emulator
+
+    emulator_url = start_emulator(stack, tmp, EMULATOR_RATE_LIMIT="1000000000")
+    roots = {"broker": ROOT}
+    if opts.baseline:
+        roots["baseline"] = export(opts.baseline, tmp)
+    targets: dict[str, tuple[str, dict[str, str], dict[str, Any], subprocess.Popen[bytes]]] = {}
+    for name, root in roots.items():
+        database = fresh_database(stack, postgres, tmp, f"{label}_{name}")
+        settings = up.broker_settings(tmp / name, emulator_url, database)
+        url, secret, proc = start_broker(stack, root, settings, tmp / f"{name}.log")
+        body = {"metadata": {"k": "v"}}
+        targets[name] = (url + "/api/v1/uploads", {"Authorization": f"Bearer {secret}"}, body, proc)
+    peer_db = fresh_database(stack, postgres, tmp, f"{label}_peer")
+    peer_url, peer_token, user_id, peer_proc = start_peer(
+        stack, tmp / "peer", emulator_url, peer_db
+    )
+    targets["peer"] = (
+        peer_url + "/cf/api/upload-url/",
+        {"Authorization": f"Token {peer_token}"},
+        {"metadata": {"k": "v"}, "creator": f"u_{user_id}", "expiry_minutes": 30},
+        peer_proc,
+    )
+    for url, *_ in targets.values():
+        up.wait_until_up(url.rsplit("/", 3)[0] + "/", timeout=90)
+
+    from broker.upstream.cloudflare import CloudflareImages
+
+    def direct(session: requests.Session) -> None:
+        client = CloudflareImages(
+            f"{emulator_url}/client/v4",
+            up.ACCOUNT,
+            up.TOKEN,
+            timeout=30,
+            session=session,
+            max_retries=0,
+        )
+        expiry = datetime.now(UTC) + timedelta(minutes=30)
+        client.direct_upload(creator="u_bench", expiry=expiry, metadata={"k": "v"})
+
+    def poster(url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+        def call(session: requests.Session) -> None:
+            answer = session.post(url, json=body, headers=headers, timeout=30)
+            if answer.status_code != 201:
+                raise RuntimeError(f"{answer.status_code}: {answer.text[:200]}")
+
+        return call
+
+    calls = {"emulator": direct}
+    calls.update({name: poster(url, h, b) for name, (url, h, b, _) in targets.items()})
+    for call in calls.values():
+        up.run_load(call, 4, 1.0)  # warm every process, thread and pool
+    warm = {name: worker_rss(proc) for name, (*_, proc) in targets.items()}
+
+    print(f"\n{label}: gunicorn 2 x 16 gthread each; {opts.seconds:g} s per row")
+    names = list(calls)
+    head = f"{'clients':>7} " + " ".join(f"{n + ' /s':>13}" for n in names)
+    head += " " + " ".join(f"{n + ' ÷ emu':>14}" for n in names[1:])
+    head += " " + " ".join(f"{n + ' +p99':>14}" for n in names[1:])
+    print(head)
+    print("-" * len(head))
+    for clients in [int(c) for c in opts.clients.split(",")]:
+        rate, p99 = {}, {}
+        for name, call in calls.items():
+            latencies, failed = up.run_load(call, clients, opts.seconds)
+            rate[name] = len(latencies) / opts.seconds
+            p99[name] = up.percentile(latencies, 99)
+            if failed:
+                print(f"  {name}: {failed} failed", file=sys.stderr)
+        line = f"{clients:>7} " + " ".join(f"{rate[n]:>13.0f}" for n in names)
+        line += " " + " ".join(f"{rate[n] / rate['emulator']:>14.0%}" for n in names[1:])
+        line += " " + " ".join(f"{p99[n] - p99['emulator']:>11.0f} ms" for n in names[1:])
+        print(line, flush=True)
+    after = {name: worker_rss(proc) for name, (*_, proc) in targets.items()}
+    for name in targets:
+        print(
+            f"RSS per worker, {name}: warm {'/'.join(f'{m:.0f}' for m in warm[name])} MB, "
+            f"after the run {'/'.join(f'{m:.0f}' for m in after[name])} MB"
+        )
+    counting = fresh_database(stack, postgres, tmp, f"{label}_count")
+    count_settings = {**up.broker_settings(tmp / "count", emulator_url, counting)}
+    count_settings["CLOUDFLARE_BATCH"] = "auto"
+    print(
+        f"statements per create (this tree, batch API on): {statements_per_create(count_settings)}"
+    )
+
+
+def main() -> int:
+    """Print the issue's table on each database, every side measured in the same run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--baseline", default="", help="a commit to measure beside this tree")
+    parser.add_argument("--databases", default="sqlite,postgresql")
+    opts = parser.parse_args()
+    postgres = os.environ.get("BENCH_DATABASE_URL")
+    wanted = [d.strip() for d in opts.databases.split(",") if d.strip()]
+    started = time.monotonic()
+    stack_tmp = tempfile.TemporaryDirectory(prefix="bench-peer-trees-")
+    for label in wanted:
+        if label == "postgresql" and not postgres:
+            print("\npostgresql: skipped (set BENCH_DATABASE_URL to a PostgreSQL server)")
+            continue
+        with ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peer-")))
+            measure(stack, tmp, label, postgres if label == "postgresql" else None, opts)
+    roots = {"broker": ROOT}
+    if opts.baseline:
+        roots["baseline"] = export(opts.baseline, Path(stack_tmp.name))
+    for name, root in roots.items():
+        bare = bare_route(root)
+        plain, bearer = 1 / bare["broker"], 1 / bare["bare_auth"]
+        print(
+            f"bare route, in process (SQLite), {name}: {plain:,.0f} req/s without a bearer, "
+            f"{bearer:,.0f} with one = {bearer / plain:.2f}"
+        )
+    stack_tmp.cleanup()
+    print(textwrap.dedent(f"(whole run {time.monotonic() - started:.0f} s)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
