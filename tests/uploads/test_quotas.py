@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 import requests
@@ -89,8 +90,10 @@ def test_daily_limit_and_admin_overrides(make_app, make_user, bearer, emulator) 
     assert post_upload(client, auth).status_code == 429
 
 
-def _concurrent_creates(url: str, auth: dict[str, str], count: int) -> list[int]:
-    """POST `count` creates at once from `count` threads; return their statuses."""
+def _concurrent_creates(
+    url: str, auth: dict[str, str], count: int, body: dict[str, Any] | None = None
+) -> list[int]:
+    """POST `count` creates (`body`) at once from `count` threads; return their statuses."""
     gate = threading.Barrier(count)
     statuses: list[int] = []
     lock = threading.Lock()
@@ -98,7 +101,7 @@ def _concurrent_creates(url: str, auth: dict[str, str], count: int) -> list[int]
     def one() -> None:
         with requests.Session() as session:
             gate.wait(30)
-            response = session.post(f"{url}{URL}", json={}, headers=auth, timeout=60)
+            response = session.post(f"{url}{URL}", json=body or {}, headers=auth, timeout=60)
         with lock:
             statuses.append(response.status_code)
 
@@ -134,6 +137,31 @@ def test_concurrent_creates_by_one_user_stop_exactly_at_the_limit(
     assert statuses == [201] * 3 + [429] * (IN_FLIGHT - 3)
     assert _counts(app) == (3, 0)
     assert emulator.counters().get("direct_upload") == 3
+
+
+@pytest.mark.parametrize("quota", ["max_pending", "max_per_day", "max_stored"])
+def test_a_profiles_quota_holds_under_16_concurrent_creates_on_postgresql(
+    make_app, make_user, bearer, emulator, postgres_url, database_url, tmp_path, quota
+) -> None:
+    """16 creates at once from one user in one profile: never more than its quota, never a
+    500; the default profile's uploads are not counted against it."""
+    if database_url != postgres_url:
+        pytest.skip("the suite runs on SQLite here: PostgreSQL's own pass runs this")
+    profile = tmp_path / "profiles.toml"
+    rules = {"max_pending": 100, "max_per_day": 100, quota: 3}
+    lines = "".join(f"{name} = {value}\n" for name, value in rules.items())
+    profile.write_text(f"[profiles.avatar]\n{lines}", encoding="utf-8")
+    app = make_app(UPLOAD_PROFILES=str(profile))
+    auth = bearer(app, make_user("alice"))
+    client = app.test_client()
+    for _ in range(2):
+        assert post_upload(client, auth).status_code == 201  # default profile: not counted
+    emulator.inject_fault("direct_upload", latency_ms=300)
+    with live_server(app) as url:
+        statuses = _concurrent_creates(url, auth, 16, {"profile": "avatar"})
+    refused = 403 if quota == "max_stored" else 429
+    assert statuses == [201] * 3 + [refused] * 13
+    assert _counts(app) == (5, 0)
 
 
 def test_a_failed_create_gives_its_slot_back(make_app, make_user, bearer, emulator) -> None:
