@@ -204,6 +204,7 @@ def _identity_provider_user(token: str) -> User | None:
         ) from None
     if identity is None:
         return None
+    g.oidc_claims = identity.claims  # for upload profiles limited by a claim
     return _external_account(identity.issuer, identity.subject)
 
 

@@ -348,3 +348,53 @@ def test_replace_mode_is_per_user(app, client, auth, make_user, bearer, emulator
     _ready_avatar(app, client, bob, 6)
     _run(app, 200)
     assert load_upload(app, mine["id"]).status == "ready"
+
+
+# -- who may use a profile: service-key scopes and OpenID Connect claims -------------------------
+
+WHO = """
+[profiles.backend]
+allow = { scopes = ["uploads:write", "images:urls"] }
+[profiles.pro]
+allow = { claims = { plan = ["pro", "team"] } }
+"""
+
+
+def test_a_profile_limited_to_scopes_or_claims(make_app, tmp_path, emulator):
+    from broker.auth import service_keys
+    from broker.platform.db import db
+    from tests.support.oidc_issuer import AUDIENCE, serve_issuer
+
+    with serve_issuer() as idp:
+        idp.new_key("k1")
+        app = make_app(
+            UPLOAD_PROFILES=_write(tmp_path, WHO),
+            OIDC_ISSUER=idp.url,
+            OIDC_AUDIENCE=AUDIENCE,
+            OIDC_ALGORITHMS="RS256",
+        )
+        client = app.test_client()
+        with app.app_context():
+            narrow = service_keys.issue(db.session, "narrow", ["uploads:write"], issuer=None)
+            wide = service_keys.issue(
+                db.session, "wide", ["uploads:write", "images:urls"], issuer=None
+            )
+            db.session.commit()
+        for_user = {service_keys.ON_BEHALF_OF: "user-7"}
+
+        def as_key(issued):
+            return {"Authorization": f"Bearer {issued.secret}", **for_user}
+
+        refused = post_upload(client, as_key(narrow), profile="backend")
+        assert refused.status_code == 403
+        assert "lacks the scope images:urls" in refused.get_json()["error"]["message"]
+        assert post_upload(client, as_key(wide), profile="backend").status_code == 201
+
+        def as_person(**claims):
+            return {"Authorization": f"Bearer {idp.token(**claims)}"}
+
+        assert post_upload(client, as_person(), profile="pro").status_code == 403
+        assert post_upload(client, as_person(plan="free"), profile="pro").status_code == 403
+        assert post_upload(client, as_person(plan="team"), profile="pro").status_code == 201
+        # A person's own token is not a service key: the scopes rule does not apply to it.
+        assert post_upload(client, as_person(), profile="backend").status_code == 201
