@@ -24,7 +24,7 @@ import functools
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -622,6 +622,20 @@ def violation(
     return None
 
 
-def names_in(profiles: Iterable[Profile]) -> list[str]:
-    """The names of `profiles`, for the OpenAPI enum."""
-    return [p.name for p in profiles]
+# What a file picker's `accept` lists for each format (HEIC files often come without a type).
+_ACCEPT = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "SVG": "image/svg+xml",
+    "HEIF": "image/heic,image/heif,.heic,.heif",
+    "AVIF": "image/avif",
+}
+
+
+def accept_attribute(profile: Profile) -> str | None:
+    """The file picker's `accept` for the profile's formats (None: any image Cloudflare takes)."""
+    if not profile.formats:
+        return None
+    return ",".join(_ACCEPT[f] for f in profile.formats)

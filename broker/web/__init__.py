@@ -24,7 +24,7 @@ from broker.images import variants
 from broker.platform.config import CLOUDFLARE_API_BASE, current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError
-from broker.uploads import lifecycle, queries
+from broker.uploads import lifecycle, profiles, queries
 from broker.uploads.models import Upload, UploadStatus
 from broker.uploads.policy import UploadError
 from broker.upstream.cloudflare import UpstreamError, get_client
@@ -52,8 +52,21 @@ def index() -> ResponseReturnValue:
 @bp.get("/upload")
 @login_required
 def upload() -> ResponseReturnValue:
-    """Show the drag-and-drop upload page."""
-    return render_template("web/upload.html", detail_variant=_detail_variant())
+    """Show the drag-and-drop upload page, for one upload profile (`?profile=`) and its rules."""
+    known = profiles.profiles_of(current_settings())
+    name = request.args.get("profile")
+    if name is not None and name not in known.names:
+        abort(404, "There is no such upload profile.")
+    profile = known.get(name)
+    why = profiles.refusal_to_use(profile, profiles.Actor(is_admin=current_user.is_admin))
+    if why:
+        abort(403, f"You may not upload with this profile: {why}.")
+    return render_template(
+        "web/upload.html",
+        detail_variant=profile.default_variant or _detail_variant(),
+        profile=profile,
+        accept=profiles.accept_attribute(profile),
+    )
 
 
 @bp.get("/gallery")
