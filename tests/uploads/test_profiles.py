@@ -398,3 +398,19 @@ def test_a_profile_limited_to_scopes_or_claims(make_app, tmp_path, emulator):
         assert post_upload(client, as_person(plan="team"), profile="pro").status_code == 201
         # A person's own token is not a service key: the scopes rule does not apply to it.
         assert post_upload(client, as_person(), profile="backend").status_code == 201
+
+
+def test_the_readme_profiles_are_valid_and_mean_what_it_says(app):
+    """The README's example file parses, and its avatar refuses the forged 4000x3000 PNG."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Upload profiles", 1)[1].split("\n## ", 1)[0]
+    text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    known = profiles.parse(text, settings_of(app), source="README.md")
+    assert known.names == ("default", "avatar", "gallery")
+    avatar, gallery = known.get("avatar"), known.get("gallery")
+    assert avatar.replace and avatar.files_per_pick == 1
+    assert profiles.violation(avatar, 90_000, "PNG", (4000, 3000)).rule == "max_width"
+    assert profiles.violation(avatar, 90_000, "PNG", (512, 512)) is None
+    assert gallery.formats == ("JPEG", "PNG", "WEBP", "HEIF")
+    with pytest.raises(profiles.UploadError):
+        profiles.check_metadata(gallery, {"album": 7})
