@@ -201,6 +201,12 @@ class ListUploads(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Status | None = Field(None, description="Only uploads in this state.")
+    profile: str | None = Field(
+        None,
+        max_length=32,
+        description="Only uploads of this upload profile.",
+        json_schema_extra=_profile_enum,
+    )
     cursor: str | None = Field(
         None, max_length=512, description="The `next_cursor` of the previous page."
     )
@@ -332,7 +338,12 @@ def list_uploads(query: ListUploads) -> UploadPage:
                 return UploadPage(items=[], next_cursor=None)
             user_id = listed.id
     rows, cursor = queries.list_uploads(
-        db.session, user_id=user_id, status=query.status, cursor=query.cursor, limit=query.limit
+        db.session,
+        user_id=user_id,
+        status=query.status,
+        cursor=query.cursor,
+        limit=query.limit,
+        profile=query.profile,
     )
     return UploadPage(items=[UploadOut.of(u) for u in rows], next_cursor=cursor)
 

@@ -77,11 +77,15 @@ def list_uploads(
     cursor: str | None = None,
     limit: int = 50,
     include_deleted: bool = True,
+    profile: str | None = None,
 ) -> tuple[list[Upload], str | None]:
-    """Return a page of uploads (newest first) and the cursor of the next page, if any."""
+    """Return a page of uploads (newest first, of one `profile` if given) and the cursor of
+    the next page, if any."""
     query = sa.select(Upload)
     if user_id is not None:
         query = query.where(Upload.user_id == user_id)
+    if profile is not None:
+        query = query.where(Upload.profile == profile)
     if status is not None:
         query = query.where(Upload.status == status)
     if not include_deleted:

@@ -72,11 +72,16 @@ def upload() -> ResponseReturnValue:
 @bp.get("/gallery")
 @login_required
 def gallery() -> ResponseReturnValue:
-    """List the user's images (or drafts waiting for a file), newest first, a page at a time."""
+    """List the user's images (or drafts waiting for a file), newest first, a page at a time,
+    of one upload profile if `profile` names one."""
     before = request.args.get("before") or None
     show = request.args.get("show", "images")
     if show not in SHOWS:
         abort(400, "Show either images or drafts.")
+    names = profiles.profiles_of(current_settings()).names
+    profile = request.args.get("profile") or None
+    if profile is not None and profile not in names:
+        abort(404, "There is no such upload profile.")
     try:
         rows, next_cursor = queries.list_uploads(
             db.session,
@@ -85,6 +90,7 @@ def gallery() -> ResponseReturnValue:
             cursor=before,
             limit=GALLERY_PAGE_SIZE,
             include_deleted=False,
+            profile=profile,
         )
     except UploadError:
         abort(400, "That page link is not valid.")
@@ -94,6 +100,8 @@ def gallery() -> ResponseReturnValue:
         next_cursor=next_cursor,
         newer=before is not None,
         show=show,
+        profile=profile,
+        profile_names=names if len(names) > 1 else (),
         counts=_own_counts(),
         facts={row.id: file_facts(row) for row in rows},
     )

@@ -414,3 +414,13 @@ def test_the_readme_profiles_are_valid_and_mean_what_it_says(app):
     assert gallery.formats == ("JPEG", "PNG", "WEBP", "HEIF")
     with pytest.raises(profiles.UploadError):
         profiles.check_metadata(gallery, {"album": 7})
+
+
+def test_the_list_filters_by_profile(app, client, auth):
+    avatar = create_upload(client, auth, profile="avatar")
+    plain = create_upload(client, auth)
+    listed = client.get(f"{URL}?profile=avatar", headers=auth).get_json()["items"]
+    assert [u["id"] for u in listed] == [avatar["id"]]
+    listed = client.get(f"{URL}?profile=default", headers=auth).get_json()["items"]
+    assert [u["id"] for u in listed] == [plain["id"]]
+    assert len(client.get(URL, headers=auth).get_json()["items"]) == 2

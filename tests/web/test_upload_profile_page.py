@@ -92,3 +92,22 @@ def test_unknown_and_forbidden_profiles(page):
     assert page("?profile=banner")[0] == 404
     status, text = page("?profile=staff")
     assert status == 403 and "for admins" in text
+
+
+def test_the_gallery_filters_by_profile(make_app, make_user, login, bearer, tmp_path):
+    from tests.factories import create_upload
+
+    path = tmp_path / "profiles.toml"
+    path.write_text(PROFILES, encoding="utf-8")
+    app = make_app(UPLOAD_PROFILES=str(path))
+    auth = bearer(app, make_user("alice"))
+    client = app.test_client()
+    login(client, "alice")
+    avatar = create_upload(client, auth, profile="avatar")
+    plain = create_upload(client, auth)
+    text = client.get("/gallery?show=drafts&profile=avatar").get_data(as_text=True)
+    assert avatar["id"] in text and plain["id"] not in text
+    assert 'aria-label="Profile"' in text and ">gallery</a>" in text
+    text = client.get("/gallery?show=drafts").get_data(as_text=True)
+    assert avatar["id"] in text and plain["id"] in text
+    assert client.get("/gallery?profile=banner").status_code == 404
