@@ -33,6 +33,26 @@ def status_counts(session: Session) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
+def profile_usage(session: Session) -> dict[str, dict[str, int]]:
+    """Count uploads by profile and status, and the users of each profile (for operators)."""
+    usage: dict[str, dict[str, int]] = {}
+    rows = session.execute(
+        sa.select(Upload.profile, Upload.status, sa.func.count()).group_by(
+            Upload.profile, Upload.status
+        )
+    )
+    for profile, status, count in rows:
+        usage.setdefault(profile, {})[status] = count
+    users = session.execute(
+        sa.select(Upload.profile, sa.func.count(sa.distinct(Upload.user_id))).group_by(
+            Upload.profile
+        )
+    )
+    for profile, count in users:
+        usage.setdefault(profile, {})["users"] = count
+    return usage
+
+
 def metric_lines(session: Session) -> list[str]:
     """The uploads gauge of `/metrics`: every status, zero included."""
     counts = status_counts(session)

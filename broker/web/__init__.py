@@ -208,6 +208,8 @@ def admin() -> ResponseReturnValue:
     return render_template(
         "web/admin.html",
         counts=queries.status_counts(db.session),
+        profile_names=profiles.profiles_of(current_settings()).names,
+        usage=queries.profile_usage(db.session),
         users=users,
         endpoints=endpoints.list_endpoints(db.session),
         deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),

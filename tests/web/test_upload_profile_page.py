@@ -111,3 +111,25 @@ def test_the_gallery_filters_by_profile(make_app, make_user, login, bearer, tmp_
     text = client.get("/gallery?show=drafts").get_data(as_text=True)
     assert avatar["id"] in text and plain["id"] in text
     assert client.get("/gallery?profile=banner").status_code == 404
+
+
+def test_the_admin_page_shows_each_profiles_usage(make_app, make_user, login, bearer, tmp_path):
+    from tests.factories import create_upload
+
+    path = tmp_path / "profiles.toml"
+    path.write_text(PROFILES, encoding="utf-8")
+    app = make_app(UPLOAD_PROFILES=str(path))
+    alice, bob = bearer(app, make_user("alice")), bearer(app, make_user("bob"))
+    make_user("root", is_admin=True)
+    client = app.test_client()
+    for auth in (alice, bob):
+        create_upload(client, auth, profile="avatar")
+    create_upload(client, alice)
+    login(client, "root")
+    text = client.get("/admin").get_data(as_text=True)
+    rows = dict(re.findall(r'<tr data-profile="([^"]+)">(.*?)</tr>', text, re.S))
+    assert list(rows) == ["default", "avatar", "gallery", "staff"]
+    cells = lambda name: re.findall(r"<td>(\d+)</td>", rows[name])  # noqa: E731
+    assert cells("avatar") == ["2", "2", "0", "0", "0", "0"]  # users, then pending first
+    assert cells("default") == ["1", "1", "0", "0", "0", "0"]
+    assert cells("gallery") == ["0"] * 6
