@@ -18,27 +18,27 @@ def _custom(client, auth, image_id: str, **body):
 
 def test_a_deleted_uploads_custom_id_can_be_used_again(app, client, alice, emulator):
     _, auth = alice
-    first = _custom(client, auth, "holiday/1").get_json()
+    first = _custom(client, auth, "reuse/deleted").get_json()
     send_file(first)
     assert client.delete(f"{URL}/{first['id']}", headers=auth).status_code == 200
-    again = _custom(client, auth, "holiday/1")
+    again = _custom(client, auth, "reuse/deleted")
     assert again.status_code == 201, again.get_json()
     second = again.get_json()
-    assert second["image_id"] == "holiday/1" and second["id"] != first["id"]
+    assert second["image_id"] == "reuse/deleted" and second["id"] != first["id"]
     assert load_upload(app, first["id"]).status == "deleted"
-    assert emulator.emulator.store.get_image("holiday/1").draft
+    assert emulator.emulator.store.get_image("reuse/deleted").draft
     # While the new one is live the id is taken, as at Cloudflare.
-    taken = _custom(client, auth, "holiday/1")
+    taken = _custom(client, auth, "reuse/deleted")
     assert (taken.status_code, taken.get_json()["error"]["code"]) == (409, "image_id_taken")
 
 
 def test_an_expired_uploads_custom_id_can_be_used_again(app, client, alice, emulator):
     _, auth = alice
-    first = _custom(client, auth, "draft/1", expires_in=120).get_json()
+    first = _custom(client, auth, "reuse/expired", expires_in=120).get_json()
     worker.run_once(app, now=utcnow() + timedelta(hours=1))
     assert load_upload(app, first["id"]).status == "expired"
-    assert emulator.emulator.store.get_image("draft/1") is None
-    again = _custom(client, auth, "draft/1")
+    assert emulator.emulator.store.get_image("reuse/expired") is None
+    again = _custom(client, auth, "reuse/expired")
     assert again.status_code == 201, again.get_json()
     assert {row.status for row in upload_rows(app)} == {"expired", "pending"}
 
@@ -51,12 +51,12 @@ def test_a_rejected_uploads_custom_id_can_be_used_again(
     app = make_app(UPLOAD_PROFILES=str(profiles))
     client = app.test_client()
     auth = bearer(app, make_user("alice"))
-    first = _custom(client, auth, "me", profile="avatar").get_json()
+    first = _custom(client, auth, "reuse/rejected", profile="avatar").get_json()
     send_file(first, size=(1024, 64))
     client.post(f"{URL}/{first['id']}/complete", headers=auth)
     worker.run_once(app, now=utcnow() + timedelta(seconds=3))
     assert load_upload(app, first["id"]).status == "rejected"
-    again = _custom(client, auth, "me", profile="avatar")
+    again = _custom(client, auth, "reuse/rejected", profile="avatar")
     assert again.status_code == 201, again.get_json()
 
 
@@ -65,17 +65,17 @@ def test_probing_another_users_custom_id_tells_no_more_than_cloudflare(
 ):
     alice = bearer(app, make_user("alice"))
     bob = bearer(app, make_user("bob"))
-    create_upload(client, bob, id="team/logo", require_signed_urls=False)
-    create_upload(client, bob, id="team/banner", require_signed_urls=False)
+    create_upload(client, bob, id="reuse/theirs", require_signed_urls=False)
+    create_upload(client, bob, id="reuse/stale", require_signed_urls=False)
     # Bob's banner vanishes upstream without the broker seeing it: Cloudflare would give the
     # id out again, but the broker's row still holds it.
     with emulator.client() as cf:
-        assert cf.request("DELETE", "/v1/team/banner").status_code == 200
-    held_upstream = _custom(client, alice, "team/logo")
-    held_here = _custom(client, alice, "team/banner")
+        assert cf.request("DELETE", "/v1/reuse/stale").status_code == 200
+    held_upstream = _custom(client, alice, "reuse/theirs")
+    held_here = _custom(client, alice, "reuse/stale")
     assert held_upstream.status_code == held_here.status_code == 409
     assert held_upstream.get_json() == held_here.get_json()
     assert held_here.get_json()["error"]["code"] == "image_id_taken"
     with emulator.client() as cf:
-        assert cf.get("/v1/team/banner").status_code == 404  # Alice's draft was discarded
+        assert cf.get("/v1/reuse/stale").status_code == 404  # Alice's draft was discarded
     assert len(upload_rows(app)) == 2
