@@ -17,6 +17,7 @@ from broker.uploads import profiles
 from broker.uploads.profiles import Profile, ProfileConfigError
 from tests.conftest import base_config
 from tests.factories import (
+    AVATAR_PROFILE,
     add_webhook_endpoint,
     create_upload,
     load_upload,
@@ -27,15 +28,9 @@ from tests.factories import (
 
 URL = "/api/v1/uploads"
 
-PROFILES = """
-[profiles.avatar]
-description = "Your profile picture"
-formats = ["jpeg", "png"]
-max_width = 512
-max_height = 512
-aspect_ratio = "1:1"
-replace = true
-replace_grace = 60
+PROFILES = (
+    AVATAR_PROFILE
+    + """replace_grace = 60
 max_pending = 2
 require_signed_urls = false
 
@@ -55,6 +50,7 @@ properties = { album = { type = "string", maxLength = 40 } }
 [profiles.staff]
 allow = { roles = ["admin"] }
 """
+)
 
 
 def _write(tmp_path: Path, text: str) -> str:

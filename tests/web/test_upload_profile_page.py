@@ -10,15 +10,11 @@ import re
 
 import pytest
 
-PROFILES = """
-[profiles.avatar]
-description = "Your profile picture"
-formats = ["jpeg", "png"]
-max_bytes = 5_000_000
-max_width = 512
-max_height = 512
-aspect_ratio = "1:1"
-replace = true
+from tests.factories import AVATAR_PROFILE
+
+PROFILES = (
+    AVATAR_PROFILE
+    + """max_bytes = 5_000_000
 
 [profiles.gallery]
 min_width = 100
@@ -27,6 +23,7 @@ max_files = 20
 [profiles.staff]
 allow = { roles = ["admin"] }
 """
+)
 
 
 @pytest.fixture
