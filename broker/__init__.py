@@ -69,6 +69,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     finalize(app.config, app.instance_path)
     read_settings(app)  # once: everything after this reads the typed settings
     settings = settings_of(app)
+    from broker.uploads.profiles import profiles_of
+
+    profiles_of(settings)  # the profiles file is checked at start: every problem at once
     if settings.proxy_count:
         # Trust exactly that many proxies' forwarding headers; never a client's own.
         hops = settings.proxy_count

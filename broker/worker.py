@@ -95,6 +95,7 @@ class Worker:
             Job("verify_uploads", _verify_uploads),
             Job("expire_uploads", _expire_uploads, every=10),
             Job("delete_drafts", _delete_drafts, every=10),
+            Job("replace_uploads", _replace_uploads, every=10),
             Job("deliver_webhooks", _deliver_webhooks),
             Job("sync_keys", _sync_keys, every=keys_every),
             Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
@@ -185,6 +186,10 @@ def _expire_uploads(worker: Worker, now: datetime) -> int:
 
 def _delete_drafts(worker: Worker, now: datetime) -> int:
     return completion.delete_drafts_due(db.session, get_client(), worker.worker_id, now=now)
+
+
+def _replace_uploads(worker: Worker, now: datetime) -> int:
+    return completion.replace_due(db.session, get_client(), worker.worker_id, now=now)
 
 
 def _deliver_webhooks(worker: Worker, now: datetime) -> int:

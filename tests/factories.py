@@ -368,3 +368,15 @@ def live_server(app: Any) -> Iterator[str]:
         server.shutdown()
         thread.join(10)
         server.server_close()
+
+
+# An avatar upload profile (one square image, replaced by the next); tests add keys after it.
+AVATAR_PROFILE = """
+[profiles.avatar]
+description = "Your profile picture"
+formats = ["jpeg", "png"]
+max_width = 512
+max_height = 512
+aspect_ratio = "1:1"
+replace = true
+"""

@@ -224,6 +224,7 @@ def _identity_provider_user(token: str) -> User | None:
             "The identity provider's keys cannot be fetched right now; try again shortly.",
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
         ) from None
+    g.oidc_claims = identity.claims  # for upload profiles limited by a claim
     return _external_account(identity.issuer, identity.subject)
 
 

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -92,10 +92,12 @@ _CLAIM_REASONS: tuple[tuple[type[jwt.InvalidTokenError], str], ...] = (
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a valid token speaks for: the issuer and the subject there."""
+    """Who a valid token speaks for: the issuer and the subject there, and the token's claims
+    (an upload profile may be limited to tokens carrying some claim)."""
 
     issuer: str
     subject: str
+    claims: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def _fetch_json(url: str, deadline: float, clock: Callable[[], float]) -> dict[str, Any]:
@@ -217,7 +219,7 @@ class Verifier:
         if not isinstance(subject, str) or not valid_subject(subject):
             log.info("oidc token refused: unusable sub")
             raise TokenRefused("invalid", "unusable sub claim")
-        return Identity(self.issuer, subject)
+        return Identity(self.issuer, subject, claims)
 
     def _key(self, kid: str | None) -> tuple[jwt.PyJWK, str | None] | None:
         """Return the signing key `kid` names, fetching the key set when stale or rotated."""

@@ -298,6 +298,11 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Policy: longest side in pixels; bigger originals are rejected.",
     ),
+    Setting(
+        "UPLOAD_PROFILES",
+        None,
+        "Path of a TOML file of upload profiles (`[profiles.<name>]` tables: formats, sizes, quotas, metadata schema, who may use it, replace mode); checked at start. Unset: only the `default` profile, made of the settings above.",
+    ),
     Setting("KEYS_SYNC_INTERVAL", 3600, "Seconds between the worker's signing-key syncs."),
     Setting("SIGNED_URL_TTL", 3600, "Default lifetime in seconds of minted delivery URLs."),
     Setting("SIGNED_URL_MAX_TTL", 604800, "Longest lifetime a client may ask for (7 days)."),
@@ -574,6 +579,7 @@ class Settings:
     upload_allowed_formats: tuple[str, ...]
     upload_max_bytes: int | None
     upload_max_dimension: int | None
+    upload_profiles: str | None
     keys_sync_interval: float
     signed_url_ttl: int
     signed_url_max_ttl: int

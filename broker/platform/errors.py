@@ -53,6 +53,7 @@ class Kind(enum.Enum):
     CONFLICT = "conflict"  # it clashes with work in progress; retry shortly
     INVALID = "invalid"  # well-formed, but a rule refuses it
     LIMIT_REACHED = "limit_reached"  # a limit is spent; retry after `retry_after`
+    FORBIDDEN = "forbidden"  # the caller may not do this, whatever the input
 
 
 HTTP_STATUS = {
@@ -60,6 +61,7 @@ HTTP_STATUS = {
     Kind.CONFLICT: 409,
     Kind.INVALID: 422,
     Kind.LIMIT_REACHED: 429,
+    Kind.FORBIDDEN: 403,
 }
 
 

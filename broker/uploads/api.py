@@ -1,4 +1,5 @@
-"""/api/v1/uploads: ask for a direct upload URL, list, show, delete and complete one's uploads.
+"""/api/v1/uploads: ask for a direct upload URL, list, show, delete and complete one's uploads;
+/api/v1/profiles: the upload profiles' public rules.
 
 Another user's upload is 404 on every route (not 403: its existence is not revealed);
 admins see every upload.
@@ -12,7 +13,7 @@ import threading
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from flask import Response, current_app, url_for
+from flask import Response, current_app, g, url_for
 from flask_login import current_user
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -23,7 +24,9 @@ from broker.api.spec import (
     RETRY_AFTER,
     UPLOAD_ID,
     ErrorCase,
+    dynamic_enum,
     endpoint,
+    enum_source,
     example,
     not_found,
 )
@@ -31,7 +34,7 @@ from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.auth.models import User
 from broker.platform.config import current_settings
 from broker.platform.db import db, utcnow
-from broker.uploads import completion, create, lifecycle, policy, queries, quotas
+from broker.uploads import completion, create, lifecycle, policy, profiles, queries, quotas
 from broker.uploads.models import Upload
 from broker.upstream.cloudflare import get_client
 
@@ -42,7 +45,14 @@ FileState = Literal["awaiting_file", "refused", "url_expired", "received"]
 NO_UPLOAD = not_found("upload")
 NO_USER = not_found("user")
 ADMINS_ONLY_LISTING = ErrorCase(403, "forbidden", "Only admins may list other users' uploads.")
-QUOTA_REFUSALS = (quotas.TOO_MANY_PENDING, quotas.DAILY_QUOTA)
+QUOTA_REFUSALS = (quotas.TOO_MANY_PENDING, quotas.DAILY_QUOTA, quotas.STORED_QUOTA)
+PROFILE_REFUSALS = (
+    profiles.UNKNOWN_PROFILE,
+    profiles.PROFILE_NOT_ALLOWED,
+    profiles.METADATA_SCHEMA,
+    profiles.SIGNED_URLS_FIXED,
+)
+enum_source("profile", lambda: list(profiles.profiles_of(current_settings()).names))
 
 
 def _custom_id_pattern(schema: dict[str, Any]) -> None:
@@ -53,24 +63,41 @@ def _custom_id_pattern(schema: dict[str, Any]) -> None:
             option["pattern"] = policy.CUSTOM_ID_PATTERN
 
 
+def _profile_enum(schema: dict[str, Any]) -> None:
+    """List the app's profiles on the string branch of the optional `profile` (null still
+    means `default`)."""
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "string":
+            option.update(dynamic_enum("profile"))
+
+
 class CreateUpload(BaseModel):
     """Options for a new upload slot; every field is optional."""
 
     model_config = example({"metadata": {"album": "summer"}, "expires_in": 600}, forbid_extra=True)
 
+    profile: str | None = Field(
+        None,
+        max_length=32,
+        description="The upload profile whose rules apply (`GET /api/v1/profiles`); default "
+        "`default`.",
+        json_schema_extra=_profile_enum,
+    )
     metadata: dict[str, Any] | None = Field(
         None,
         description="Your key/value data stored with the image (≤ 1024 bytes as JSON, "
-        "including the broker's own key).",
+        "including the broker's own keys); the profile may give it a JSON Schema.",
     )
     require_signed_urls: StrictBool | None = Field(
-        None, description="Serve the image only through signed URLs (default from config)."
+        None,
+        description="Serve the image only through signed URLs (default from config; a profile "
+        "may fix it).",
     )
     expires_in: int | None = Field(
         None,
         ge=policy.MIN_EXPIRY,
         le=policy.MAX_EXPIRY,
-        description="Seconds the upload URL stays valid.",
+        description="Seconds the upload URL stays valid (default: the profile's).",
     )
     id: str | None = Field(
         None,
@@ -88,6 +115,7 @@ _UPLOAD_EXAMPLE: dict[str, Any] = {
     "image_id": "2cdc28f0-017a-49c4-9ed7-87056c83901b",
     "owner": "u_3a7bd3e2360a3d29eea436fc",
     "status": "pending",
+    "profile": "default",
     "require_signed_urls": True,
     "metadata": {"album": "summer"},
     "created_at": "2026-05-04T09:30:00Z",
@@ -134,6 +162,7 @@ class UploadOut(BaseModel):
     image_id: str
     owner: str = Field(description="The uploader's public user id (Cloudflare's `creator`).")
     status: Status
+    profile: str = Field(description="The upload profile it was made under.")
     require_signed_urls: bool
     metadata: dict[str, Any]
     created_at: datetime
@@ -142,7 +171,11 @@ class UploadOut(BaseModel):
     completed_at: datetime | None = None
     filename: str | None = None
     uploaded_at: datetime | None = None
-    reject_reason: str | None = None
+    reject_reason: str | None = Field(
+        None,
+        description="Why the file was refused: `<rule>: <what was measured>` for a profile's "
+        "rule (e.g. `max_width: image is 4000 px wide; at most 512`).",
+    )
     last_checked_at: datetime | None = Field(
         None,
         description="When Cloudflare last reported the upload still waiting for its file; "
@@ -234,6 +267,12 @@ class ListUploads(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Status | None = Field(None, description="Only uploads in this state.")
+    profile: str | None = Field(
+        None,
+        max_length=32,
+        description="Only uploads of this upload profile.",
+        json_schema_extra=_profile_enum,
+    )
     cursor: str | None = Field(
         None, max_length=512, description="The `next_cursor` of the previous page."
     )
@@ -275,6 +314,15 @@ def _user() -> User:
     return cast(User, current_user._get_current_object())
 
 
+def _actor(user: User) -> profiles.Actor:
+    """Who is asking, for a profile's `allow` rule: role, a service key's scopes, JWT claims."""
+    return profiles.Actor(
+        is_admin=user.is_admin,
+        scopes=g.get("credential_scopes"),
+        claims=g.get("oidc_claims"),
+    )
+
+
 def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> Response:
     body = current_app.json.dumps(payload.model_dump(mode="json", by_alias=True))
     response = current_app.response_class(body, status=status, mimetype="application/json")
@@ -294,6 +342,7 @@ def _json_response(payload: BaseModel, status: int, headers: dict[str, str]) -> 
         policy.EXPIRY_OUT_OF_RANGE,
         policy.CUSTOM_ID_BROKEN,
         policy.CUSTOM_ID_WITH_SIGNED_URLS,
+        *PROFILE_REFUSALS,
         *QUOTA_REFUSALS,
         *CREATE_UPSTREAM,
     ),
@@ -309,15 +358,16 @@ def create_upload(body: CreateUpload) -> Response:
     """Create a one-time direct upload URL stamped with the caller as creator."""
     user = _user()
     settings = current_settings()
+    profile = profiles.profiles_of(settings).get(body.profile)
+    profiles.check_may_use(profile, _actor(user))
     params = policy.UploadParams(
         metadata=body.metadata,
-        require_signed_urls=(
-            settings.require_signed_urls
-            if body.require_signed_urls is None
-            else body.require_signed_urls
+        require_signed_urls=profiles.signed_urls(
+            profile, body.require_signed_urls, settings.require_signed_urls
         ),
-        expires_in=(settings.upload_default_expiry if body.expires_in is None else body.expires_in),
+        expires_in=profile.expires_in if body.expires_in is None else body.expires_in,
         custom_id=body.id,
+        profile=profile.name,
     )
     created = create.create_upload(
         db.session, user, params, get_client(), settings, unit_of_work.current()
@@ -354,7 +404,12 @@ def list_uploads(query: ListUploads) -> UploadPage:
                 return UploadPage(items=[], next_cursor=None)
             user_id = listed.id
     rows, cursor = queries.list_uploads(
-        db.session, user_id=user_id, status=query.status, cursor=query.cursor, limit=query.limit
+        db.session,
+        user_id=user_id,
+        status=query.status,
+        cursor=query.cursor,
+        limit=query.limit,
+        profile=query.profile,
     )
     return UploadPage(items=[UploadOut.of(u) for u in rows], next_cursor=cursor)
 
@@ -397,7 +452,7 @@ def delete_upload(upload_id: str) -> UploadOut:
 
 
 def _quotas_out(user: User) -> UserLimitsOut:
-    pending, daily = quotas.quotas_for(user, current_settings())
+    pending, daily, _, _ = quotas.quotas_for(user, current_settings())
     return UserLimitsOut(
         user=user.public_id,
         max_pending_uploads=user.max_pending_uploads,
@@ -485,6 +540,7 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
         return UploadOut.of(upload), 200, {}
     holder = f"complete:{os.getpid()}:{threading.get_ident()}"
     settings = current_settings()
+    profile = profiles.profiles_of(settings).find(upload.profile)
     now = utcnow()
     if now >= upload.expires_at:
         # No file can arrive through a dead URL: settle it now (ready if one came just in
@@ -493,7 +549,7 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
             db.session, get_client(), settings, holder, now=now, upload_id=upload.id
         )
     elif completion.verify_inline_and_commit(
-        db.session, get_client(), settings, upload.id, holder, now=now
+        db.session, get_client(), settings, upload.id, holder, now=now, profile=profile
     ):
         db.session.refresh(upload)
         return UploadOut.of(upload, now=now), 200, {}
@@ -503,3 +559,85 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
     completion.hint(upload)  # also wakes an in-process worker
     wait = retry_after(upload, now)
     return UploadOut.of(upload, now=now), 202, {"Retry-After": str(wait)}
+
+
+_PROFILE_EXAMPLE: dict[str, Any] = {
+    "name": "avatar",
+    "description": "Your profile picture",
+    "formats": ["JPEG", "PNG", "WEBP"],
+    "max_bytes": 5000000,
+    "min_width": None,
+    "max_width": 512,
+    "min_height": None,
+    "max_height": 512,
+    "min_pixels": None,
+    "max_pixels": None,
+    "aspect_ratio": 1.0,
+    "aspect_tolerance": 0.01,
+    "files_per_pick": 1,
+    "max_pending": 2,
+    "max_per_day": 20,
+    "max_stored": None,
+    "expires_in": 600,
+    "require_signed_urls": False,
+    "default_variant": "public",
+    "metadata_schema": None,
+    "replace": True,
+    "replace_grace": 60,
+}
+
+
+class ProfileOut(BaseModel):
+    """One upload profile's public rules (null: no limit); check a file against them before
+    creating an upload: the broker checks the original again once it arrives."""
+
+    model_config = example(_PROFILE_EXAMPLE)
+
+    name: str
+    description: str
+    formats: list[str] = Field(description="Formats allowed (empty: any Cloudflare takes).")
+    max_bytes: int | None
+    min_width: int | None
+    max_width: int | None
+    min_height: int | None
+    max_height: int | None
+    min_pixels: int | None
+    max_pixels: int | None
+    aspect_ratio: float | None = Field(description="Width divided by height.")
+    aspect_tolerance: float | None = Field(description="Relative tolerance of the ratio.")
+    files_per_pick: int | None = Field(description="Files one pick may hold.")
+    max_pending: int = Field(description="Uploads waiting for a file at once, per user.")
+    max_per_day: int = Field(description="Uploads per 24 hours, per user.")
+    max_stored: int | None = Field(description="Images kept per user.")
+    expires_in: int = Field(description="Default lifetime of the upload URL, seconds.")
+    require_signed_urls: bool | None = Field(description="Fixed by the profile, or null.")
+    default_variant: str | None
+    metadata_schema: dict[str, Any] | None = Field(
+        description="The JSON Schema `metadata` must satisfy."
+    )
+    replace: bool = Field(description="A new upload replaces the user's current image.")
+    replace_grace: int | None = Field(
+        description="Seconds the replaced image is kept before it is deleted."
+    )
+
+
+class ProfileList(BaseModel):
+    """Every upload profile, `default` first."""
+
+    model_config = example({"items": [_PROFILE_EXAMPLE]})
+
+    items: list[ProfileOut]
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/profiles",
+    responses={200: ProfileList},
+    tags=("uploads",),
+    scope="uploads:read",
+)
+def list_profiles() -> ProfileList:
+    """List the upload profiles and their public rules."""
+    known = profiles.profiles_of(current_settings())
+    return ProfileList(items=[ProfileOut(**p.public()) for p in known])

@@ -58,7 +58,13 @@ def cloudflare_notification() -> ResponseReturnValue:
     image_id = data.get("imageId") or (image.get("id") if isinstance(image, dict) else None)
     upload = None
     if isinstance(image_id, str) and 0 < len(image_id) <= 1024:
-        upload = db.session.scalar(sa.select(Upload).where(Upload.image_id == image_id))
+        # A custom id may have been used before (by uploads since deleted): the newest is it.
+        upload = db.session.scalar(
+            sa.select(Upload)
+            .where(Upload.image_id == image_id)
+            .order_by(Upload.created_at.desc())
+            .limit(1)
+        )
     if upload is None:
         # Cloudflare does not document this payload: an authenticated notification we cannot
         # match still says some upload finished, so every pending one is checked next.

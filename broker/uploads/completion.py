@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import sqlalchemy as sa
 
@@ -48,6 +48,7 @@ from broker.platform.db import Session, in_chunks, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.uploads import lifecycle
 from broker.uploads.models import Upload, UploadStatus, VerifyTurn
+from broker.uploads.profiles import Profile, Violation, profiles_of, violation
 from broker.upstream.cloudflare import (
     CloudflareImages,
     CloudflareNotFound,
@@ -60,6 +61,7 @@ from broker.upstream.cloudflare import (
 log = logging.getLogger("broker.completion")
 
 A = TypeVar("A")
+Q = TypeVar("Q")
 
 # Seconds between checks of a silent client's upload: 5, 10, 20, then every 30 (from creation).
 CHECK_BASE = 5
@@ -113,37 +115,17 @@ def hint_all(session: Session, *, now: datetime | None = None) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-# -- policy checks on the original -----------------------------------------------------------
+# -- profile checks on the original -----------------------------------------------------------
 
 
-def policy_enabled(settings: Settings) -> bool:
-    """Tell whether any policy check on the original is configured."""
-    return bool(
-        settings.upload_allowed_formats
-        or settings.upload_max_bytes
-        or settings.upload_max_dimension
-    )
-
-
-def policy_problem(data: bytes, settings: Settings) -> str | None:
-    """Return why the original breaks the configured policy (by decoding it), or None."""
-    max_bytes = settings.upload_max_bytes
-    if max_bytes and len(data) > max_bytes:
-        return f"file is {len(data)} bytes; the limit is {max_bytes}"
-    allowed = settings.upload_allowed_formats
-    max_dim = settings.upload_max_dimension
-    if not allowed and not max_dim:
+def policy_problem(data: bytes, profile: Profile) -> Violation | None:
+    """Return the rule of `profile` the original breaks (decoding it), or None."""
+    if profile.max_bytes and len(data) > profile.max_bytes:
+        return violation(profile, len(data), None, None)
+    if not profile.checks_original:
         return None
     fmt, size = _sniff(data)
-    if allowed:
-        wanted = {f.strip().upper() for f in allowed if f.strip()}
-        wanted |= {"JPEG"} if "JPG" in wanted else set()
-        wanted |= {"HEIF"} if "HEIC" in wanted else set()
-        if fmt is None or fmt not in wanted:
-            return f"format {fmt or 'unknown'} is not allowed ({', '.join(sorted(wanted))})"
-    if max_dim and size is not None and max(size) > max_dim:
-        return f"image is {size[0]}x{size[1]}; the limit is {max_dim} px per side"
-    return None
+    return violation(profile, len(data), fmt, size)
 
 
 def _sniff(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
@@ -171,54 +153,104 @@ def _sniff(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
 
 @dataclass(frozen=True)
 class Arrival:
-    """What Cloudflare showed of one upload's image, and what the policy check found."""
+    """What Cloudflare showed of one upload's image, and what the profile check found."""
 
     image: Image
-    # Why the policy refused the original (the image is then deleted upstream).
-    problem: str | None = None
+    # The rule of the upload's profile the original breaks (the image is then deleted upstream).
+    problem: Violation | None = None
     # The image was deleted upstream before its original could be checked.
     vanished: bool = False
+    # The profile it was checked against (None: not checked yet).
+    profile: Profile | None = None
 
 
-def check_arrival(client: CloudflareImages, settings: Settings, image: Image) -> Arrival:
-    """Check a completed image's original against the policy (outside any transaction),
-    deleting a refused one upstream; a draft, or no policy configured, costs no call."""
-    if image.draft or not policy_enabled(settings):
-        return Arrival(image)
+def check_arrival(client: CloudflareImages, profile: Profile, image: Image) -> Arrival:
+    """Check a completed image's original against its profile (outside any transaction),
+    deleting a refused one upstream; a draft, or a profile with no rule on the original, costs
+    no call."""
+    if image.draft or not profile.checks_original:
+        return Arrival(image, profile=profile)
     try:
         data = client.get_blob(image.id, priority=Priority.BACKGROUND)
     except CloudflareNotFound:
-        return Arrival(image, vanished=True)
-    problem = policy_problem(data, settings)
+        return Arrival(image, vanished=True, profile=profile)
+    problem = policy_problem(data, profile)
     if problem:
         with contextlib.suppress(CloudflareNotFound):
             client.delete_image(image.id, priority=Priority.BACKGROUND)
-    return Arrival(image, problem)
+    return Arrival(image, problem, profile=profile)
 
 
 def finish(session: Session, upload: Upload, arrival: Arrival, now: datetime) -> str:
-    """Record a completed image: ready, or rejected or deleted by the policy check, with its
-    webhook event in the same transaction; return the new status."""
+    """Record a completed image: ready, or rejected or deleted by the profile check, with its
+    webhook event in the same transaction; return the new status. In replace mode a ready
+    image schedules the user's previous ones of that profile for deletion after the grace."""
     if arrival.vanished:
         lifecycle.mark_deleted(session, upload, now=now)
     elif arrival.problem:
-        lifecycle.mark_rejected(session, upload, arrival.problem, now=now)
-        log.info("upload rejected id=%s: %s", upload.id, arrival.problem)
+        problem = arrival.problem
+        rule = {"rule": problem.rule, "measured": problem.measured, "limit": problem.limit}
+        lifecycle.mark_rejected(session, upload, problem.reason, now=now, rule=rule)
+        log.info("upload rejected id=%s: %s", upload.id, problem.reason)
     else:
-        lifecycle.mark_ready(session, upload, arrival.image, now=now)
+        if lifecycle.mark_ready(session, upload, arrival.image, now=now):
+            profile = arrival.profile
+            if profile is not None and profile.replace:
+                _schedule_replacement(session, upload, profile, now)
         log.info("upload ready id=%s image=%s", upload.id, upload.image_id)
     return upload.status
 
 
-def _look(
-    client: CloudflareImages, settings: Settings, image_id: str, priority: Priority
-) -> Arrival | None:
+def _schedule_replacement(
+    session: Session, upload: Upload, profile: Profile, now: datetime
+) -> None:
+    """Replace mode: the user's other ready images of this profile made before `upload` are
+    replaced by it (deleted upstream after the grace by `replace_due`); should a newer one be
+    ready already, `upload` is the one replaced."""
+    mine = (
+        Upload.user_id == upload.user_id,
+        Upload.profile == upload.profile,
+        Upload.status == UploadStatus.READY,
+        Upload.id != upload.id,
+    )
+    newer = session.scalar(
+        sa.select(Upload.id)
+        .where(*mine, Upload.created_at > upload.created_at)
+        .order_by(Upload.created_at.desc())
+        .limit(1)
+    )
+    at = now + timedelta(seconds=profile.replace_grace)
+    if newer is not None:
+        upload.replaced_by, upload.replace_at = newer, at
+        return
+    session.execute(
+        sa.update(Upload)
+        .where(*mine, Upload.created_at <= upload.created_at, Upload.replaced_by.is_(None))
+        .values(replaced_by=upload.id, replace_at=at)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _look(client: CloudflareImages, question: Question, priority: Priority) -> Arrival | None:
     """Ask Cloudflare about one upload's image: None when it is gone upstream."""
+    image_id, profile = question
     try:
         image = client.get_image(image_id, priority=priority)
     except CloudflareNotFound:
         return None
-    return check_arrival(client, settings, image)
+    return check_arrival(client, profile, image)
+
+
+class Question(NamedTuple):
+    """What the worker asks Cloudflare about one upload: its image, checked against its profile."""
+
+    image_id: str
+    profile: Profile
+
+
+def _question(settings: Settings) -> Callable[[Upload], Question]:
+    known = profiles_of(settings)
+    return lambda upload: Question(upload.image_id, known.find(upload.profile))
 
 
 @contextlib.contextmanager
@@ -278,14 +310,21 @@ def _walk(
     holder: str,
     now: datetime,
     ids: Sequence[Any],
-    ask: Callable[[str], A],
+    ask: Callable[[Q], A],
     record: Callable[[Upload, A], int],
+    read: Callable[[Upload], Q],
+    due: Any = Upload.next_check_at,
 ) -> int:
-    """Take claimed uploads through the leased-work unit: `ask` about each one's image with no
-    transaction open, then `record` the answer in its own transaction; return what it counted."""
-    back_off = leases.backing_off(session, Upload, Upload.next_check_at, holder, now)
-    job = leases.Job(Upload, holder, lambda u: u.image_id, ask, record, back_off, POISON_RETRY)
+    """Take claimed uploads through the leased-work unit: `ask` about what `read` takes of each
+    one with no transaction open, then `record` the answer in its own transaction; return what
+    it counted. A postponed one is due again by its `due` column."""
+    back_off = leases.backing_off(session, Upload, due, holder, now)
+    job = leases.Job(Upload, holder, read, ask, record, back_off, POISON_RETRY)
     return leases.work_through(session, job, ids)
+
+
+def _image_id(upload: Upload) -> str:
+    return upload.image_id
 
 
 def _claim(
@@ -341,6 +380,7 @@ def verify_inline_and_commit(
     upload_id: str,
     holder: str,
     *,
+    profile: Profile,
     now: datetime | None = None,
 ) -> bool:
     """Verify one upload now, when upstream has headroom; True when it is no longer pending.
@@ -349,9 +389,10 @@ def verify_inline_and_commit(
     finish the upload at the same time, then the answer of one details call, the upload's new
     state and its event together. False — nothing changed but `last_checked_at` — when there is
     no headroom, another worker holds it, Cloudflare failed or the file has not arrived: the
-    caller then hints the worker as before.
+    caller then hints the worker as before. An upload whose `profile` has rules on the
+    original is left to the worker (fetching and decoding it is background work).
     """
-    if policy_enabled(settings) or not has_headroom(client, settings):
+    if profile.checks_original or not has_headroom(client, settings):
         return False
     now = now or utcnow()
     won = _claim(
@@ -363,9 +404,9 @@ def verify_inline_and_commit(
         limit=1,
     )
 
-    def ask(image_id: str) -> Arrival | None:
+    def ask(question: Question) -> Arrival | None:
         try:
-            return _look(client, settings, image_id, Priority.INTERACTIVE)
+            return _look(client, question, Priority.INTERACTIVE)
         except UpstreamError as exc:
             log.info("inline verification of %s skipped: %s", upload_id, exc)
             return None
@@ -381,7 +422,7 @@ def verify_inline_and_commit(
         finish(session, upload, seen, now)
         return 1
 
-    return _walk(session, holder, now, won, ask, record) > 0
+    return _walk(session, holder, now, won, ask, record, _question(settings)) > 0
 
 
 # -- the worker's jobs -------------------------------------------------------------------------
@@ -481,9 +522,9 @@ def _verify_each(
 ) -> int:
     """Verify claimed uploads one details call each; return how many changed state."""
 
-    def ask(image_id: str) -> Arrival | None:
-        with _not_now(f"verification of {image_id}", 10):
-            return _look(client, settings, image_id, Priority.BACKGROUND)
+    def ask(question: Question) -> Arrival | None:
+        with _not_now(f"verification of {question.image_id}", 10):
+            return _look(client, question, Priority.BACKGROUND)
 
     def record(upload: Upload, seen: Arrival | None) -> int:
         if seen is None:
@@ -495,7 +536,7 @@ def _verify_each(
         finish(session, upload, seen, now)
         return 1
 
-    return _walk(session, holder, now, ids, ask, record)
+    return _walk(session, holder, now, ids, ask, record, _question(settings))
 
 
 def _verify_listing(
@@ -562,22 +603,26 @@ def _verify_listing(
 
     shown, unsure = leases.record_all(session, sort)
 
+    known = profiles_of(settings)
+
     def read(upload: Upload) -> Arrival | None:
         if upload.status != UploadStatus.PENDING:
             return None
-        return Arrival(found[upload.image_id])
+        return Arrival(found[upload.image_id], profile=known.find(upload.profile))
 
     def arrive(arrival: Arrival) -> Arrival:
+        assert arrival.profile is not None  # read always sets it
         with _not_now(f"verification of {arrival.image.id}", 10):
-            return check_arrival(client, settings, arrival.image)
+            return check_arrival(client, arrival.profile, arrival.image)
 
     def record(upload: Upload, arrival: Arrival) -> int:
         finish(session, upload, arrival, now)
         return 1
 
-    # Each upload is its own transaction: one that cannot be stored waits alone. With no policy
-    # configured the listing's answer is all there is to know: nothing more is asked.
-    ask_each = arrive if policy_enabled(settings) else None
+    # Each upload is its own transaction: one that cannot be stored waits alone. With no rule
+    # on originals in any profile the listing's answer is all there is to know: nothing more
+    # is asked.
+    ask_each = arrive if known.any_checks_original else None
     job = leases.Job(Upload, holder, read, ask_each, record, back_off, POISON_RETRY)
     changed = leases.work_through(session, job, shown)
     return changed + _verify_each(session, client, settings, holder, unsure, now)
@@ -611,7 +656,7 @@ def delete_drafts_due(
     def delete(image_id: str) -> float | None:
         return _delete_draft(client, image_id)
 
-    return _walk(session, holder, now, ids, delete, record)
+    return _walk(session, holder, now, ids, delete, record, _image_id)
 
 
 def expire_due(
@@ -637,12 +682,12 @@ def expire_due(
         where.append(Upload.expires_at <= now)
     ids = _claim(session, holder, now, where, [Upload.expires_at, Upload.id], limit)
 
-    def look(image_id: str) -> tuple[Arrival | None, float | None]:
+    def look(question: Question) -> tuple[Arrival | None, float | None]:
         """The image (None: gone) and, for a draft whose deletion failed, when to retry it."""
-        with _not_now(f"expiry of {image_id}", 30):
-            seen = _look(client, settings, image_id, Priority.BACKGROUND)
+        with _not_now(f"expiry of {question.image_id}", 30):
+            seen = _look(client, question, Priority.BACKGROUND)
         if seen is not None and seen.image.draft:
-            return seen, _delete_draft(client, image_id)
+            return seen, _delete_draft(client, question.image_id)
         return seen, None
 
     def record(upload: Upload, answer: tuple[Arrival | None, float | None]) -> int:
@@ -657,4 +702,42 @@ def expire_due(
             log.info("upload expired id=%s", upload.id)
         return 1
 
-    return _walk(session, holder, now, ids, look, record)
+    return _walk(session, holder, now, ids, look, record, _question(settings))
+
+
+def replace_due(
+    session: Session,
+    client: CloudflareImages,
+    holder: str,
+    *,
+    now: datetime | None = None,
+    limit: int = 50,
+) -> int:
+    """Worker job: delete upstream the replaced images whose grace is over and mark each
+    replaced (`upload.replaced`; leased work, committing each); return how many went."""
+    now = now or utcnow()
+    ids = _claim(
+        session,
+        holder,
+        now,
+        [
+            Upload.status == UploadStatus.READY,
+            Upload.replace_at.is_not(None),
+            Upload.replace_at <= now,
+        ],
+        [Upload.replace_at, Upload.id],
+        limit,
+    )
+
+    def delete(image_id: str) -> None:
+        # Gone already is what we want.
+        with (
+            _not_now(f"replacement of {image_id}", DRAFT_DELETE_RETRY),
+            contextlib.suppress(CloudflareNotFound),
+        ):
+            client.delete_image(image_id, priority=Priority.BACKGROUND)
+
+    def record(upload: Upload, _: None) -> int:
+        return int(lifecycle.mark_replaced(session, upload, now=now))
+
+    return _walk(session, holder, now, ids, delete, record, _image_id, Upload.replace_at)

@@ -4,15 +4,18 @@ Offers `create_upload`, called by `POST /api/v1/uploads` and by the web process'
 (`broker.uploads.warmup`), and the `UnitOfWork` it runs in.
 
 Rules it enforces, in this order:
-1. the upload policy (custom id, expiry, metadata; `broker.uploads.policy`) before anything is
-   held;
-2. a quota slot reserved as a step of its own, committed before Cloudflare is asked
+1. the upload policy (custom id, expiry, metadata; `broker.uploads.policy`) and the profile's
+   metadata schema (`broker.uploads.profiles`) before anything is held;
+2. a quota slot of the profile reserved as a step of its own, committed before Cloudflare is asked
    (`broker.uploads.quotas`), so concurrent creates never exceed a quota and no lock or open
    transaction waits on Cloudflare;
 3. one `direct_upload` call, stamped with the user's public id as `creator`;
 4. the pending row takes the reservation's slot in the caller's transaction; should that
    transaction fail, the unit of work gives the slot back and discards the draft, so no row
-   ever claims a draft that does not exist and no draft outlives a failed request for long.
+   ever claims a draft that does not exist and no draft outlives a failed request for long;
+5. a custom id is free again once its upload is deleted, expired or rejected (only live
+   uploads hold their image id); a row that still holds it while Cloudflare gave it out
+   again is answered as Cloudflare answers a taken id, so probing ids reveals nothing more.
 The caller's unit of work commits the row; nothing here commits itself.
 """
 
@@ -30,16 +33,19 @@ from broker.auth.models import User
 from broker.platform.config import Settings
 from broker.platform.db import Session, utcnow
 from broker.uploads import quotas
-from broker.uploads.lifecycle import PENDING
+from broker.uploads.lifecycle import PENDING, READY
 from broker.uploads.models import Upload, UploadReservation, _upload_id
 from broker.uploads.policy import UploadParams, build_metadata, check_custom_id, effective_expiry
-from broker.upstream.cloudflare import Budget, DirectUpload, Priority
+from broker.uploads.profiles import check_metadata, profiles_of
+from broker.upstream.cloudflare import Budget, CloudflareConflict, DirectUpload, Priority
 
 log = logging.getLogger("broker.uploads")
 
 # When the worker first checks whether a silent client's file arrived; after that it checks
 # 10 s, 20 s, then every 30 s later (broker.uploads.completion.check_delay).
 FIRST_CHECK_DELAY = timedelta(seconds=5)
+# Cloudflare's own words for a taken custom id (code 5409).
+ID_EXISTS = "Resource already exists: an image with this ID exists"
 
 T = TypeVar("T")
 
@@ -88,14 +94,17 @@ def create_upload(
 ) -> Created:
     """Ask Cloudflare for a direct upload URL for `user` and add its pending Upload row."""
     now = now or utcnow()
+    profile = profiles_of(settings).get(params.profile)
     if params.custom_id is not None:
         check_custom_id(params.custom_id, params.require_signed_urls)
     upload_id = _upload_id()
     expiry = effective_expiry(now, params.expires_in)
-    meta = build_metadata(params.metadata, upload_id)
+    check_metadata(profile, params.metadata)
+    meta = build_metadata(params.metadata, upload_id, profile.name)
     # Read now: once the reservation commits, touching `user` would reload it and hold a
     # connection in a transaction while Cloudflare answers.
-    user_id, creator, limits = user.id, user.public_id, quotas.quotas_for(user, settings)
+    user_id, creator = user.id, user.public_id
+    limits = quotas.quotas_for(user, settings, profile)
     budget = client.budget_for("direct_upload")
     prepaid = work.step(
         lambda: quotas.reserve_slot(session, user_id, limits, upload_id, now, budget=budget)
@@ -115,6 +124,7 @@ def create_upload(
         id=upload_id,
         user_id=user_id,
         image_id=draft.id,
+        profile=profile.name,
         status=PENDING,
         require_signed_urls=params.require_signed_urls,
         meta=meta,
@@ -126,10 +136,30 @@ def create_upload(
     )
     # Before `add`: the row's INSERT then happens in the flush below, after this DELETE.
     session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
+    if params.custom_id is not None:
+        _take_custom_id(session, draft.id)
     session.add(upload)
-    session.flush()
+    try:
+        session.flush()
+    except sa.exc.IntegrityError:
+        if params.custom_id is None:
+            raise
+        # A live row still holds the id although Cloudflare just gave it out (its image went
+        # without the broker seeing it): answer as Cloudflare does for a taken id.
+        raise CloudflareConflict(409, 5409, ID_EXISTS) from None
     log.info("upload created id=%s image=%s user=%s", upload_id, draft.id, creator)
     return Created(upload, draft.upload_url, creator)
+
+
+def _take_custom_id(session: Session, image_id: str) -> None:
+    """Cloudflare gave out `image_id` again: the finished uploads that held it never touch it
+    upstream any more (a postponed draft deletion would delete the new image)."""
+    session.execute(
+        sa.update(Upload)
+        .where(Upload.image_id == image_id, Upload.status.notin_((PENDING, READY)))
+        .values(draft_delete_at=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def discard_draft(client: Drafts, image_id: str) -> None:

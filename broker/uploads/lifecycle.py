@@ -2,7 +2,8 @@
 
     pending → ready | expired | rejected,   and any → deleted
 
-Offers the statuses, `mark_ready` / `mark_expired` / `mark_rejected` / `mark_deleted`,
+Offers the statuses, `mark_ready` / `mark_expired` / `mark_rejected` / `mark_deleted` /
+`mark_replaced`,
 `delete_upload` (at Cloudflare, then the row) and `public_fields`, the one shape of an upload
 shared by API answers and webhook events.
 
@@ -56,6 +57,7 @@ def public_fields(upload: Upload, *, owner: str | None = None) -> dict[str, Any]
         "image_id": upload.image_id,
         "owner": owner if owner is not None else upload.user.public_id,
         "status": upload.status,
+        "profile": upload.profile,
         "require_signed_urls": upload.require_signed_urls,
         "metadata": public_metadata(upload.meta),
         "created_at": upload.created_at,
@@ -70,12 +72,18 @@ def public_fields(upload: Upload, *, owner: str | None = None) -> dict[str, Any]
     }
 
 
-def _emit(session: Session, upload: Upload, event_type: str, now: datetime | None) -> None:
+def _emit(
+    session: Session,
+    upload: Upload,
+    event_type: str,
+    now: datetime | None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write `event_type` about `upload` to the outbox, in the caller's transaction."""
     fields = public_fields(upload)
     # An event reports a state change; when the broker last polled is no part of it.
     del fields["last_checked_at"]
-    data = {"upload": {name: outbox.iso(value) for name, value in fields.items()}}
+    data = {"upload": {name: outbox.iso(value) for name, value in fields.items()}, **(extra or {})}
     outbox.emit(session, event_type, data, subject=upload.id, now=now)
 
 
@@ -118,13 +126,29 @@ def mark_expired(session: Session, upload: Upload, *, now: datetime | None = Non
 
 
 def mark_rejected(
-    session: Session, upload: Upload, reason: str, *, now: datetime | None = None
+    session: Session,
+    upload: Upload,
+    reason: str,
+    *,
+    now: datetime | None = None,
+    rule: dict[str, Any] | None = None,
 ) -> bool:
-    """Record that Cloudflare refused the file (too large, bad format, …)."""
+    """Record that the file was refused (by Cloudflare, or by the profile's rules: `rule` then
+    names the rule, the measured value and the limit, carried by the event)."""
     changed = _transition(upload, REJECTED, now)
     if changed:
         upload.reject_reason = reason[:255]
-        _emit(session, upload, "upload.rejected", now)
+        _emit(session, upload, "upload.rejected", now, {"rule": rule} if rule else None)
+    return changed
+
+
+def mark_replaced(session: Session, upload: Upload, *, now: datetime | None = None) -> bool:
+    """Record that a replaced upload's image is gone upstream: `upload.replaced` names the
+    upload that replaced it (in place of `upload.deleted`)."""
+    changed = _transition(upload, DELETED, now)
+    if changed:
+        upload.replace_at = None
+        _emit(session, upload, "upload.replaced", now, {"replaced_by": upload.replaced_by})
     return changed
 
 
@@ -132,6 +156,7 @@ def mark_deleted(session: Session, upload: Upload, *, now: datetime | None = Non
     """Record that the image is gone at Cloudflare."""
     changed = _transition(upload, DELETED, now)
     if changed:
+        upload.replace_at = None
         _emit(session, upload, "upload.deleted", now)
     return changed
 

@@ -51,12 +51,24 @@ class Upload(Model):
         sa.Index("ix_uploads_user_created", "user_id", "created_at", "id"),
         sa.Index("ix_uploads_user_status", "user_id", "status"),
         sa.Index("ix_uploads_status_next_check", "status", "next_check_at"),
+        sa.Index("ix_uploads_user_profile_status", "user_id", "profile", "status"),
+        # A custom id is Cloudflare's to give out again once its image is gone: only live
+        # uploads (a draft waiting, or an image kept) hold their image id.
+        sa.Index(
+            "uq_uploads_live_image_id",
+            "image_id",
+            unique=True,
+            sqlite_where=sa.text("status IN ('pending', 'ready')"),
+            postgresql_where=sa.text("status IN ('pending', 'ready')"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=_upload_id)
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
     # Cloudflare's image id (system UUID or a custom id, which may be up to 1024 chars).
-    image_id: Mapped[str] = mapped_column(sa.String(1024), unique=True)
+    image_id: Mapped[str] = mapped_column(sa.String(1024))
+    # The upload profile whose rules it was made under (broker.uploads.profiles).
+    profile: Mapped[str] = mapped_column(sa.String(32), default="default", server_default="default")
     status: Mapped[UploadStatus] = mapped_column(
         StrEnumText(UploadStatus, 16), default=UploadStatus.PENDING
     )
@@ -86,6 +98,10 @@ class Upload(Model):
     # Which worker holds the lease (the column keeps its first name, lease_owner).
     lease_holder: Mapped[str | None] = mapped_column("lease_owner", sa.String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Replace mode: the newer upload of the same user and profile that replaces this one, and
+    # when the worker deletes this one's image upstream (after the profile's grace).
+    replaced_by: Mapped[str | None] = mapped_column(sa.String(32))
+    replace_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -103,6 +119,7 @@ class UploadReservation(Model):
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    profile: Mapped[str] = mapped_column(sa.String(32), default="default", server_default="default")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

@@ -33,9 +33,17 @@ MAX_METADATA_BYTES = 1024
 # The broker's own key in every image's metadata: lets a v2 listing or a notification be
 # matched to its upload without a lookup by image id.
 BROKER_META_KEY = "broker_upload_id"
+# The upload's profile, in the metadata of every image not made with the `default` profile
+# (absent: `default`, so the images of apps without profiles keep their metadata as it was).
+PROFILE_META_KEY = "broker_profile"
+RESERVED_KEYS = (BROKER_META_KEY, PROFILE_META_KEY)
 
 RESERVED_METADATA_KEY = Refusal(
-    Kind.INVALID, "validation_error", f"'{BROKER_META_KEY}' is reserved", field="metadata"
+    Kind.INVALID,
+    "validation_error",
+    "'{key}' is reserved",
+    {"key": BROKER_META_KEY},
+    field="metadata",
 )
 METADATA_TOO_LARGE = Refusal(
     Kind.INVALID,
@@ -73,6 +81,8 @@ class UploadParams:
     require_signed_urls: bool = True
     expires_in: int = 1800
     custom_id: str | None = None
+    # The upload profile's name (`broker.uploads.profiles`).
+    profile: str = "default"
 
 
 def metadata_size(meta: dict[str, Any]) -> int:
@@ -80,21 +90,27 @@ def metadata_size(meta: dict[str, Any]) -> int:
     return len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def build_metadata(user_meta: dict[str, Any] | None, upload_id: str) -> dict[str, Any]:
+def build_metadata(
+    user_meta: dict[str, Any] | None, upload_id: str, profile: str = "default"
+) -> dict[str, Any]:
     """Add the broker's keys to the caller's metadata, refusing reserved keys and overflow."""
     user_meta = dict(user_meta or {})
-    if BROKER_META_KEY in user_meta:
-        raise UploadError(RESERVED_METADATA_KEY)
-    meta = {**user_meta, BROKER_META_KEY: upload_id}
+    for key in RESERVED_KEYS:
+        if key in user_meta:
+            raise UploadError(RESERVED_METADATA_KEY, key=key)
+    own: dict[str, Any] = {BROKER_META_KEY: upload_id}
+    if profile != "default":
+        own[PROFILE_META_KEY] = profile
+    meta = {**user_meta, **own}
     if metadata_size(meta) > MAX_METADATA_BYTES:
-        room = MAX_METADATA_BYTES - metadata_size({BROKER_META_KEY: upload_id})
+        room = MAX_METADATA_BYTES - metadata_size(own)
         raise UploadError(METADATA_TOO_LARGE, size=metadata_size(user_meta), room=room)
     return meta
 
 
 def public_metadata(meta: dict[str, Any] | None) -> dict[str, Any]:
     """The caller's metadata without the broker's own keys."""
-    return {k: v for k, v in (meta or {}).items() if k != BROKER_META_KEY}
+    return {k: v for k, v in (meta or {}).items() if k not in RESERVED_KEYS}
 
 
 def effective_expiry(now: datetime, expires_in: int) -> datetime:

@@ -33,6 +33,26 @@ def status_counts(session: Session) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
+def profile_usage(session: Session) -> dict[str, dict[str, int]]:
+    """Count uploads by profile and status, and the users of each profile (for operators)."""
+    usage: dict[str, dict[str, int]] = {}
+    rows = session.execute(
+        sa.select(Upload.profile, Upload.status, sa.func.count()).group_by(
+            Upload.profile, Upload.status
+        )
+    )
+    for profile, status, count in rows:
+        usage.setdefault(profile, {})[status] = count
+    users = session.execute(
+        sa.select(Upload.profile, sa.func.count(sa.distinct(Upload.user_id))).group_by(
+            Upload.profile
+        )
+    )
+    for profile, count in users:
+        usage.setdefault(profile, {})["users"] = count
+    return usage
+
+
 def metric_lines(session: Session) -> list[str]:
     """The uploads gauge of `/metrics`: every status, zero included."""
     counts = status_counts(session)
@@ -77,11 +97,15 @@ def list_uploads(
     cursor: str | None = None,
     limit: int = 50,
     include_deleted: bool = True,
+    profile: str | None = None,
 ) -> tuple[list[Upload], str | None]:
-    """Return a page of uploads (newest first) and the cursor of the next page, if any."""
+    """Return a page of uploads (newest first, of one `profile` if given) and the cursor of
+    the next page, if any."""
     query = sa.select(Upload)
     if user_id is not None:
         query = query.where(Upload.user_id == user_id)
+    if profile is not None:
+        query = query.where(Upload.profile == profile)
     if status is not None:
         query = query.where(Upload.status == status)
     if not include_deleted:

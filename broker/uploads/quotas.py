@@ -1,8 +1,9 @@
-"""Upload quotas: how many drafts a user may have waiting, and how many uploads a day.
+"""Upload quotas, per user and profile: drafts waiting, uploads a day, images kept.
 
-Offers `quotas_for` (the user's overrides, else the configured defaults), `reserve_slot` and
-`release_slot`, and the two refusals (`TOO_MANY_PENDING`, `DAILY_QUOTA`, both 429 with the
-seconds until a slot frees for sure).
+Offers `quotas_for` (the profile's quotas; on the `default` profile the user's overrides
+first), `reserve_slot` and `release_slot`, and the refusals (`TOO_MANY_PENDING`,
+`DAILY_QUOTA`, both 429 with the seconds until a slot frees for sure, and `STORED_QUOTA`, 403
+until an image is deleted), each naming the profile and the limit.
 
 Rules it enforces: a create holds a slot (an `UploadReservation` row) from before it calls
 Cloudflare until its upload row takes the slot over, so concurrent creates never exceed a
@@ -11,7 +12,8 @@ upstream (the request's unit of work, `broker.api.unit_of_work`, runs it as a st
 and the reservation are then serialised per user, on PostgreSQL by the user's row lock, on
 SQLite by the database's write lock, which its first DELETE takes before anything is counted,
 and no lock is held while Cloudflare answers. A reservation left by a killed process stops
-counting after `RESERVATION_TTL`. Nothing here commits.
+counting after `RESERVATION_TTL`. Each profile's uploads count against that profile's quotas
+only. Nothing here commits.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from broker.auth.models import User
 from broker.platform.config import Settings
 from broker.platform.db import Session, UTCDateTime
 from broker.platform.errors import Kind, Refusal
-from broker.uploads.lifecycle import PENDING
+from broker.uploads.lifecycle import PENDING, READY
 from broker.uploads.models import Upload, UploadReservation
 from broker.uploads.policy import UploadError
+from broker.uploads.profiles import DEFAULT, Profile, profiles_of
 from broker.upstream.cloudflare import Budget, Priority
 
 DAY = timedelta(hours=24)
@@ -39,67 +42,98 @@ RESERVATION_TTL = timedelta(minutes=2)
 TOO_MANY_PENDING = Refusal(
     Kind.LIMIT_REACHED,
     "too_many_pending_uploads",
-    "You have {limit} {uploads} waiting for a file, your limit; finish or delete one first.",
-    {"limit": 20, "uploads": "uploads"},
+    "You have {limit} {uploads} waiting for a file, your limit for profile '{profile}'; "
+    "finish or delete one first.",
+    {"limit": 20, "uploads": "uploads", "profile": "default"},
     retry_after=True,
 )
 DAILY_QUOTA = Refusal(
     Kind.LIMIT_REACHED,
     "daily_upload_limit",
-    "You created {limit} uploads in the last 24 hours, your limit.",
-    {"limit": 500},
+    "You created {limit} uploads in the last 24 hours, your limit for profile '{profile}'.",
+    {"limit": 500, "profile": "default"},
     retry_after=True,
+)
+# 403, not 429: no time frees it (Retry-After would have nothing true to say); a deletion does.
+STORED_QUOTA = Refusal(
+    Kind.FORBIDDEN,
+    "stored_image_limit",
+    "You keep {limit} {images} of profile '{profile}' (uploads waiting included), its limit; "
+    "delete one first.",
+    {"limit": 100, "images": "images", "profile": "gallery"},
 )
 
 
 class Quotas(NamedTuple):
-    """A user's quotas: drafts waiting for a file at once, uploads per 24 hours."""
+    """A user's quotas in one profile: drafts waiting for a file at once, uploads per 24
+    hours, images kept (None: no limit)."""
 
     pending: int
     daily: int
+    stored: int | None = None
+    profile: str = DEFAULT
 
 
-def quotas_for(user: User, settings: Settings) -> Quotas:
-    """Return the user's quotas, overrides first."""
-    pending = user.max_pending_uploads
-    daily = user.max_uploads_per_day
-    return Quotas(
-        settings.max_pending_uploads if pending is None else pending,
-        settings.max_uploads_per_day if daily is None else daily,
-    )
+def quotas_for(user: User, settings: Settings, profile: Profile | None = None) -> Quotas:
+    """Return the user's quotas in `profile` (default: the `default` profile, where the
+    user's overrides come first)."""
+    profile = profile or profiles_of(settings).get(DEFAULT)
+    pending, daily = profile.max_pending, profile.max_per_day
+    if profile.name == DEFAULT:
+        if user.max_pending_uploads is not None:
+            pending = user.max_pending_uploads
+        if user.max_uploads_per_day is not None:
+            daily = user.max_uploads_per_day
+    # Replace mode keeps one image whatever is stored: the newest replaces the others.
+    stored = None if profile.replace else profile.max_stored
+    return Quotas(pending, daily, stored, profile.name)
 
 
 @functools.cache
-def _usage_query() -> sa.Select[int, int, int]:
+def _usage_query() -> sa.Select[int, int, int, int]:
     """One statement counting a user's live drafts, last-24-h uploads and live reservations.
 
     Built once: constructing SQLAlchemy statements costs more than running this one. Upload
     counts stop at `cap_*` so they stay cheap however many rows a user has.
     """
     user_id = sa.bindparam("user_id", type_=sa.Integer)
+    profile = sa.bindparam("profile", type_=sa.String)
     now = sa.bindparam("now", type_=UTCDateTime())
+    mine = (Upload.user_id == user_id, Upload.profile == profile)
     pending = (
         sa.select(Upload.id)
-        .where(Upload.user_id == user_id, Upload.status == PENDING, Upload.expires_at > now)
+        .where(*mine, Upload.status == PENDING, Upload.expires_at > now)
         .limit(sa.bindparam("cap_pending", type_=sa.Integer))
         .subquery()
     )
     recent = (
         sa.select(Upload.id)
-        .where(
-            Upload.user_id == user_id,
-            Upload.created_at > sa.bindparam("since", type_=UTCDateTime()),
-        )
+        .where(*mine, Upload.created_at > sa.bindparam("since", type_=UTCDateTime()))
         .limit(sa.bindparam("cap_daily", type_=sa.Integer))
         .subquery()
     )
+    # Images kept: ready ones, and drafts still waiting (each may become one).
+    stored = (
+        sa.select(Upload.id)
+        .where(
+            *mine,
+            sa.or_(
+                Upload.status == READY, sa.and_(Upload.status == PENDING, Upload.expires_at > now)
+            ),
+        )
+        .limit(sa.bindparam("cap_stored", type_=sa.Integer))
+        .subquery()
+    )
     reserved = sa.select(sa.func.count()).where(
-        UploadReservation.user_id == user_id, UploadReservation.expires_at > now
+        UploadReservation.user_id == user_id,
+        UploadReservation.profile == profile,
+        UploadReservation.expires_at > now,
     )
     return sa.select(
         sa.select(sa.func.count()).select_from(pending).scalar_subquery(),
         sa.select(sa.func.count()).select_from(recent).scalar_subquery(),
         reserved.scalar_subquery(),
+        sa.select(sa.func.count()).select_from(stored).scalar_subquery(),
     )
 
 
@@ -112,14 +146,16 @@ def _check(
     as long as the total stays within the quota, and it is never the slot a retry waits for.
     """
     since = now - DAY
-    pending, today, reservations = session.execute(
+    pending, today, reservations, stored = session.execute(
         _usage_query(),
         {
             "user_id": user_id,
+            "profile": quotas.profile,
             "now": now,
             "since": since,
             "cap_pending": max(quotas.pending, 0),
             "cap_daily": max(quotas.daily, 0),
+            "cap_stored": max(quotas.stored or 0, 0),
         },
     ).one()
     others = reservations - 1  # the caller's own reservation is among those counted
@@ -133,11 +169,13 @@ def _check(
             user_id,
             now,
             own_reservation,
+            quotas.profile,
         )
         raise UploadError(
             TOO_MANY_PENDING,
             limit=quotas.pending,
             uploads="upload" if quotas.pending == 1 else "uploads",
+            profile=quotas.profile,
             retry_after=_seconds_until(first_expiry, now),
         )
     if today + others >= quotas.daily:
@@ -149,11 +187,20 @@ def _check(
             user_id,
             now,
             own_reservation,
+            quotas.profile,
         )
         raise UploadError(
             DAILY_QUOTA,
             limit=quotas.daily,
+            profile=quotas.profile,
             retry_after=_seconds_until(oldest + DAY if oldest else None, now),
+        )
+    if quotas.stored is not None and stored + others >= quotas.stored:
+        raise UploadError(
+            STORED_QUOTA,
+            limit=quotas.stored,
+            images="image" if quotas.stored == 1 else "images",
+            profile=quotas.profile,
         )
 
 
@@ -165,13 +212,14 @@ def _earliest(
     user_id: int,
     now: datetime,
     own_reservation: str,
+    profile: str,
 ) -> datetime | None:
-    """The earliest `column` of the user's uploads meeting `condition`, and
-    `reservation_column` of the user's other live reservations."""
+    """The earliest `column` of the user's uploads in `profile` meeting `condition`, and
+    `reservation_column` of the user's other live reservations there."""
     moments = (
         sa.select(column.label("moment"))
-        .where(Upload.user_id == user_id, condition)
-        .union_all(_live_reservations(user_id, now, reservation_column, own_reservation))
+        .where(Upload.user_id == user_id, Upload.profile == profile, condition)
+        .union_all(_live_reservations(user_id, now, reservation_column, own_reservation, profile))
         .subquery()
     )
     earliest: datetime | None = session.scalar(sa.select(sa.func.min(moments.c.moment)))
@@ -179,12 +227,13 @@ def _earliest(
 
 
 def _live_reservations(
-    user_id: int, now: datetime, column: Any, own_reservation: str
+    user_id: int, now: datetime, column: Any, own_reservation: str, profile: str
 ) -> sa.Select[Any]:
     """Select `column` of the user's other live reservations (a refused request's own short
     reservation frees nothing the caller could wait for)."""
     return sa.select(column.label("moment")).where(
         UploadReservation.user_id == user_id,
+        UploadReservation.profile == profile,
         UploadReservation.expires_at > now,
         UploadReservation.id != own_reservation,
     )
@@ -221,7 +270,11 @@ def reserve_slot(
     )
     session.add(
         UploadReservation(
-            id=upload_id, user_id=user_id, created_at=now, expires_at=now + RESERVATION_TTL
+            id=upload_id,
+            user_id=user_id,
+            profile=quotas.profile,
+            created_at=now,
+            expires_at=now + RESERVATION_TTL,
         )
     )
     session.flush()

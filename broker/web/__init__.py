@@ -24,7 +24,7 @@ from broker.images import variants
 from broker.platform.config import CLOUDFLARE_API_BASE, current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError
-from broker.uploads import lifecycle, queries
+from broker.uploads import lifecycle, profiles, queries
 from broker.uploads.models import Upload, UploadStatus
 from broker.uploads.policy import UploadError
 from broker.upstream.cloudflare import UpstreamError, get_client
@@ -52,18 +52,36 @@ def index() -> ResponseReturnValue:
 @bp.get("/upload")
 @login_required
 def upload() -> ResponseReturnValue:
-    """Show the drag-and-drop upload page."""
-    return render_template("web/upload.html", detail_variant=_detail_variant())
+    """Show the drag-and-drop upload page, for one upload profile (`?profile=`) and its rules."""
+    known = profiles.profiles_of(current_settings())
+    name = request.args.get("profile")
+    if name is not None and name not in known.names:
+        abort(404, "There is no such upload profile.")
+    profile = known.get(name)
+    why = profiles.refusal_to_use(profile, profiles.Actor(is_admin=current_user.is_admin))
+    if why:
+        abort(403, f"You may not upload with this profile: {why}.")
+    return render_template(
+        "web/upload.html",
+        detail_variant=profile.default_variant or _detail_variant(),
+        profile=profile,
+        accept=profiles.accept_attribute(profile),
+    )
 
 
 @bp.get("/gallery")
 @login_required
 def gallery() -> ResponseReturnValue:
-    """List the user's images (or drafts waiting for a file), newest first, a page at a time."""
+    """List the user's images (or drafts waiting for a file), newest first, a page at a time,
+    of one upload profile if `profile` names one."""
     before = request.args.get("before") or None
     show = request.args.get("show", "images")
     if show not in SHOWS:
         abort(400, "Show either images or drafts.")
+    names = profiles.profiles_of(current_settings()).names
+    profile = request.args.get("profile") or None
+    if profile is not None and profile not in names:
+        abort(404, "There is no such upload profile.")
     try:
         rows, next_cursor = queries.list_uploads(
             db.session,
@@ -72,6 +90,7 @@ def gallery() -> ResponseReturnValue:
             cursor=before,
             limit=GALLERY_PAGE_SIZE,
             include_deleted=False,
+            profile=profile,
         )
     except UploadError:
         abort(400, "That page link is not valid.")
@@ -81,6 +100,8 @@ def gallery() -> ResponseReturnValue:
         next_cursor=next_cursor,
         newer=before is not None,
         show=show,
+        profile=profile,
+        profile_names=names if len(names) > 1 else (),
         counts=_own_counts(),
         facts={row.id: file_facts(row) for row in rows},
     )
@@ -187,6 +208,8 @@ def admin() -> ResponseReturnValue:
     return render_template(
         "web/admin.html",
         counts=queries.status_counts(db.session),
+        profile_names=profiles.profiles_of(current_settings()).names,
+        usage=queries.profile_usage(db.session),
         users=users,
         endpoints=endpoints.list_endpoints(db.session),
         deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),

@@ -164,7 +164,9 @@ async function run(entry, attempt) {
   try {
     // Not aborted midway: a slot the broker did create must be known, to be given back.
     // What the page learnt about the file rides along as metadata, for the detail page to show.
-    upload = await broker.createUpload({ body: { metadata: { file: await row.facts } } });
+    const profile = document.getElementById("queue").dataset.profile;
+    const body = { metadata: { file: await row.facts } };
+    upload = await broker.createUpload({ body: profile ? { ...body, profile } : body });
   } catch (error) {
     if (error.code === "too_many_pending_uploads") {
       // The API's wording speaks to apps; a browser user is offered the one action that helps.

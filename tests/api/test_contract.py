@@ -213,9 +213,15 @@ def test_a_generated_client_creates_sends_completes_and_mints(
     token = auth.sync(client=anonymous, body=login).token
     client = api.AuthenticatedClient(base_url=live.url, token=token)
 
-    body = models.CreateUpload(metadata=models.CreateUploadMetadataType0.from_dict({"a": "1"}))
+    # `profile` is an enum of the app's upload profiles in the document: the client sends it.
+    body = models.CreateUpload(
+        metadata=models.CreateUploadMetadataType0.from_dict({"a": "1"}),
+        profile=models.CreateUploadProfileType0("default"),
+    )
+    assert body.to_dict()["profile"] == "default"
     first = create.sync_detailed(client=client, body=body, idempotency_key="ana-photo-1")
     assert first.status_code == 201 and first.headers["Location"].endswith(first.parsed.id)
+    assert first.parsed.profile == "default"
     # The retry after a lost answer: the same upload, no second one.
     again = create.sync_detailed(client=client, body=body, idempotency_key="ana-photo-1")
     assert again.parsed.id == first.parsed.id

@@ -4,7 +4,6 @@ outgoing webhooks to a real local receiver verified with the `standardwebhooks` 
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from datetime import timedelta
 
@@ -18,6 +17,7 @@ from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import completion
 from broker.uploads.models import Upload, VerifyTurn
+from broker.uploads.profiles import Profile
 from broker.webhooks.models import WebhookDelivery, WebhookEvent
 from tests.factories import (
     add_webhook_endpoint,
@@ -185,46 +185,35 @@ def test_policy_rejects_and_deletes_the_image(make_app, make_user, bearer, recei
     assert [r.json["type"] for r in receiver.requests] == ["upload.rejected"]
 
 
-def _policy(make_app):
-    """Return a function making the app's settings with only the given policy settings."""
-    base = settings_of(make_app())
-
-    def policy(**settings):
-        unset = dict(upload_allowed_formats=(), upload_max_bytes=None, upload_max_dimension=None)
-        return dataclasses.replace(base, **{**unset, **settings})
-
-    return policy
+def _policy(**rules):
+    """A profile with only the given rules."""
+    return Profile(name="test", **rules)
 
 
-def test_policy_limits_size_and_dimensions(make_app):
-    policy = _policy(make_app)
+def test_policy_limits_size_and_dimensions():
     png = make_image(300, 200)
-    assert completion.policy_problem(png, policy(upload_max_dimension=256)).startswith("image is")
-    assert completion.policy_problem(png, policy(upload_max_dimension=300)) is None
-    assert "bytes" in completion.policy_problem(png, policy(upload_max_bytes=10))
-    assert "unknown" in completion.policy_problem(
-        b"GIF89a-not-really", policy(upload_allowed_formats=("GIF",))
-    )
-    assert (
-        completion.policy_problem(make_image(fmt="JPEG"), policy(upload_allowed_formats=("jpg",)))
-        is None
-    )
+    wide = completion.policy_problem(png, _policy(max_width=256, max_height=256))
+    assert (wide.rule, wide.measured, wide.limit) == ("max_width", 300, 256)
+    assert completion.policy_problem(png, _policy(max_width=300, max_height=300)) is None
+    assert completion.policy_problem(png, _policy(max_bytes=10)).rule == "max_bytes"
+    unknown = completion.policy_problem(b"GIF89a-not-really", _policy(formats=("GIF",)))
+    assert unknown.rule == "formats" and "unknown" in unknown.reason
+    assert completion.policy_problem(make_image(fmt="JPEG"), _policy(formats=("JPEG",))) is None
 
 
-def test_policy_decodes_heic(make_app, monkeypatch):
+def test_policy_decodes_heic(monkeypatch):
     """An iPhone's HEIC is decoded by the policy check, even in a process where nothing had
     taught Pillow HEIC yet (the emulator's tests may have, so that is undone here first)."""
     from PIL import Image
 
-    policy = _policy(make_app)
     heic = make_image(300, 200, fmt="HEIF")
     monkeypatch.delitem(Image.OPEN, "HEIF")
     monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
-    assert completion.policy_problem(heic, policy(upload_allowed_formats=("heic",))) is None
+    assert completion.policy_problem(heic, _policy(formats=("HEIF",))) is None
     assert "HEIF" in Image.OPEN
-    assert completion.policy_problem(heic, policy(upload_max_dimension=256)).startswith("image is")
-    refused = completion.policy_problem(heic, policy(upload_allowed_formats=("JPEG",)))
-    assert refused.startswith("format HEIF is not allowed")
+    assert completion.policy_problem(heic, _policy(max_width=256)).rule == "max_width"
+    refused = completion.policy_problem(heic, _policy(formats=("JPEG",)))
+    assert refused.reason.startswith("formats: format HEIF is not allowed")
 
 
 def test_deleting_an_upload_emits_upload_deleted(setup, receiver):
