@@ -158,6 +158,7 @@ def _instance_in_install(instance_path: str | None) -> bool:
 def _import_models() -> None:
     """Register every feature's tables on the one metadata (migrations and tests read it)."""
     from broker.api import models as _api  # noqa: F401
+    from broker.audit import models as _audit  # noqa: F401
     from broker.auth import models as _auth  # noqa: F401
     from broker.images import models as _images  # noqa: F401
     from broker.uploads import models as _uploads  # noqa: F401
@@ -167,6 +168,7 @@ def _import_models() -> None:
 
 def _import_api_routes() -> None:
     """Attach each feature's /api/v1 routes to the API blueprint before it is registered."""
+    from broker.audit import api as _audit  # noqa: F401
     from broker.auth import api as _auth  # noqa: F401
     from broker.images import api as _images  # noqa: F401
     from broker.uploads import api as _uploads  # noqa: F401

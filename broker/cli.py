@@ -7,6 +7,7 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
+    from broker.audit.cli import audit_command
     from broker.auth.cli import service_keys_cli, tokens_cli, users_cli
     from broker.images.cli import keys_cli, variants_cli
     from broker.platform.cli import encryption_cli
@@ -22,5 +23,6 @@ def init_app(app: Flask) -> None:
         service_keys_cli,
         webhooks_cli,
         worker_command,
+        audit_command,
     ):
         app.cli.add_command(group)

@@ -18,6 +18,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
+from broker.audit import log as audit
 from broker.auth import admin_required
 from broker.auth.models import User
 from broker.images import variants
@@ -182,7 +183,7 @@ def _detail_variant() -> str:
 @bp.get("/admin")
 @admin_required
 def admin() -> ResponseReturnValue:
-    """Show operators the uploads, users, webhook endpoints and latest deliveries."""
+    """Show operators the uploads, users, webhook endpoints, latest deliveries and audit log."""
     users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
     return render_template(
         "web/admin.html",
@@ -190,6 +191,7 @@ def admin() -> ResponseReturnValue:
         users=users,
         endpoints=endpoints.list_endpoints(db.session),
         deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),
+        audit_entries=audit.recent(db.session, limit=ADMIN_DELIVERIES),
     )
 
 
@@ -200,7 +202,9 @@ def admin_redeliver(delivery_id: int) -> ResponseReturnValue:
     delivery = db.session.get(WebhookDelivery, delivery_id)
     if delivery is None:
         abort(404)
+    before = audit.snapshot(delivery, endpoints.AUDITED_DELIVERY)
     endpoints.redeliver(delivery)
+    audit.changed(db.session, "webhook_delivery.redelivered", str(delivery.id), before, delivery)
     db.session.commit()
     flash(f"Delivery {delivery_id} queued again.", "info")
     return redirect(url_for("web.admin"))
