@@ -160,6 +160,7 @@ def _import_models() -> None:
     from broker.api import models as _api  # noqa: F401
     from broker.audit import models as _audit  # noqa: F401
     from broker.auth import models as _auth  # noqa: F401
+    from broker.erasure import models as _erasure  # noqa: F401
     from broker.images import models as _images  # noqa: F401
     from broker.uploads import models as _uploads  # noqa: F401
     from broker.upstream import models as _upstream  # noqa: F401
@@ -170,6 +171,7 @@ def _import_api_routes() -> None:
     """Attach each feature's /api/v1 routes to the API blueprint before it is registered."""
     from broker.audit import api as _audit  # noqa: F401
     from broker.auth import api as _auth  # noqa: F401
+    from broker.erasure import api as _erasure  # noqa: F401
     from broker.images import api as _images  # noqa: F401
     from broker.uploads import api as _uploads  # noqa: F401
     from broker.webhooks import api as _webhooks  # noqa: F401

@@ -9,10 +9,11 @@ Jobs, in the order one pass runs them (each guarded, so one failing job never st
 - `expire_uploads`: drafts past their expiry + grace become `expired`;
 - `delete_drafts`: expired drafts whose deletion upstream was postponed are deleted now;
 - `deliver_webhooks`: outgoing events (broker.webhooks.sending);
+- `erase_users`: a turn of each asked erasure: images deleted upstream (broker.erasure);
 - `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly;
 - `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly.
 
-The first four ask the outside world about leased rows and so are leased work
+The first five ask the outside world about leased rows and so are leased work
 (broker.platform.leases), which commits each row's record itself. For every job the loop is the
 unit of work: it commits what the job left (all of `sync_keys` and `purge_idempotency_keys`),
 or rolls back when the job failed.
@@ -38,6 +39,7 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from broker.api import idempotency
+from broker.erasure import erase
 from broker.images import keys
 from broker.platform import wakeup
 from broker.platform.config import settings_of
@@ -85,6 +87,7 @@ class Worker:
             Job("expire_uploads", _expire_uploads, every=10),
             Job("delete_drafts", _delete_drafts, every=10),
             Job("deliver_webhooks", _deliver_webhooks),
+            Job("erase_users", _erase_users),
             Job("sync_keys", _sync_keys, every=keys_every),
             Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
         ]
@@ -144,6 +147,10 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
     return sending.deliver_due(
         db.session, worker.worker_id, worker.app.config, now=now, stop=worker.stop
     )
+
+
+def _erase_users(worker: Worker, now: datetime) -> int:
+    return erase.erase_due(db.session, get_client(), worker.worker_id, now=now, stop=worker.stop)
 
 
 def _sync_keys(worker: Worker, now: datetime) -> int:

@@ -69,7 +69,9 @@ class AuditQuery(BaseModel):
 
     action: str | None = Field(default=None, max_length=64, description="Only this action.")
     target: str | None = Field(default=None, max_length=255, description="Only this target.")
-    before: int | None = Field(default=None, ge=1, description="Only entries older than this id.")
+    before: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Only entries older than this id."
+    )
     limit: int = Field(default=50, ge=1, le=500, description="Entries to list.")
 
 

@@ -29,6 +29,7 @@ SCOPES: dict[str, str] = {
     "uploads:read": "list and show uploads, and who the user is (`/me`)",
     "images:urls": "mint signed delivery URLs",
     "webhooks:manage": "register and manage webhook endpoints and deliveries (no user needed)",
+    "users:erase": "erase the app's users, by their id (no user needed)",
 }
 # The namespace of external ids when the key names none: every key of this broker shares it,
 # so a new key that replaces an old one acts for the same accounts.

@@ -17,7 +17,9 @@ from broker.platform.errors import ApiError
 from broker.webhooks import endpoints, ssrf
 from broker.webhooks.models import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
-EventType = Literal["upload.completed", "upload.expired", "upload.rejected", "upload.deleted", "*"]
+EventType = Literal[
+    "upload.completed", "upload.expired", "upload.rejected", "upload.deleted", "user.erased", "*"
+]
 NO_ENDPOINT = not_found("webhook endpoint")
 NO_DELIVERY = not_found("delivery")
 URL_NOT_ALLOWED = field_error(

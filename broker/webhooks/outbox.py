@@ -14,7 +14,13 @@ from broker.platform.db import Session, utcnow
 from broker.platform.wakeup import notify_worker
 from broker.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
-EVENT_TYPES = ("upload.completed", "upload.expired", "upload.rejected", "upload.deleted")
+EVENT_TYPES = (
+    "upload.completed",
+    "upload.expired",
+    "upload.rejected",
+    "upload.deleted",
+    "user.erased",
+)
 
 
 def iso(value: Any) -> Any:

@@ -112,6 +112,10 @@ API_CASES: dict[tuple[str, str], tuple[str, Callable[[World], None]]] = {
         "webhook_delivery.redelivered",
         lambda w: w.api("POST", f"/api/v1/webhooks/deliveries/{w.delivery_id()}/redeliver"),
     ),
+    ("POST", "/api/v1/erasures"): (
+        "user.erasure_requested",
+        lambda w: w.api("POST", "/api/v1/erasures", json={"user": _new_user(w, "erin")}),
+    ),
 }
 PAGE_CASES: dict[tuple[str, str], tuple[str, Callable[[World], None]]] = {
     ("POST", "/admin/deliveries/<id:delivery_id>/redeliver"): (
@@ -145,6 +149,10 @@ CLI_CASES: dict[str, tuple[str, Callable[[World], None]]] = {
     "keys sync": ("signing_keys.synced", lambda w: w.cli("keys", "sync")),
     "keys rotate": ("signing_key.rotated", lambda w: w.cli("keys", "rotate")),
     "variants sync": ("variants.synced", lambda w: w.cli("variants", "sync")),
+    "users erase": (
+        "user.erasure_requested",
+        lambda w: w.cli("users", "erase", _new_user(w, "frank")),
+    ),
     "webhooks add": (
         "webhook_endpoint.created",
         lambda w: w.cli("webhooks", "add", _url(w), "--events", "*"),
@@ -175,6 +183,12 @@ def _url(w: World) -> str:
 def _service_key(w: World) -> str:
     created = w.api("POST", "/api/v1/service-keys", json={"name": "x", "scopes": ["uploads:read"]})
     return str(created["id"])
+
+
+def _new_user(w: World, name: str) -> str:
+    """Create an account (its own `user.created` entry first); return its public id."""
+    out = w.cli("users", "create", name, "--password-stdin", stdin="long enough pw 1\n")
+    return out.split("(")[1].split(")")[0]
 
 
 def _token(w: World) -> str:
