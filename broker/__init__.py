@@ -125,6 +125,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from broker import api, cli, operations, web, worker
     from broker.images import redirect
+    from broker.reconcile import usage
     from broker.uploads import cloudflare_hook, queries, warmup
     from broker.webhooks import endpoints
 
@@ -140,6 +141,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         budget.metric_lines,
         batch.metric_lines,
         operations.metric_lines,
+        usage.metric_lines,
     ):
         health.register_metrics(app, collect)
     cli.init_app(app)
@@ -162,6 +164,7 @@ def _import_models() -> None:
     from broker.auth import models as _auth  # noqa: F401
     from broker.erasure import models as _erasure  # noqa: F401
     from broker.images import models as _images  # noqa: F401
+    from broker.reconcile import models as _reconcile  # noqa: F401
     from broker.uploads import models as _uploads  # noqa: F401
     from broker.upstream import models as _upstream  # noqa: F401
     from broker.webhooks import models as _webhooks  # noqa: F401

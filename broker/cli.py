@@ -12,6 +12,7 @@ def init_app(app: Flask) -> None:
     from broker.erasure import cli as _erasure  # noqa: F401  (adds `users erase`)
     from broker.images.cli import keys_cli, variants_cli
     from broker.platform.cli import encryption_cli
+    from broker.reconcile.cli import reconcile_command, usage_command
     from broker.webhooks.cli import webhooks_cli
     from broker.worker import worker_command
 
@@ -25,5 +26,7 @@ def init_app(app: Flask) -> None:
         webhooks_cli,
         worker_command,
         audit_command,
+        reconcile_command,
+        usage_command,
     ):
         app.cli.add_command(group)

@@ -11,7 +11,8 @@ Jobs, in the order one pass runs them (each guarded, so one failing job never st
 - `deliver_webhooks`: outgoing events (broker.webhooks.sending);
 - `erase_users`: a turn of each asked erasure: images deleted upstream (broker.erasure);
 - `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly;
-- `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly.
+- `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly;
+- `agree_with_cloudflare`: usage and reconciliation, each on its shared turn (broker.reconcile).
 
 The first five ask the outside world about leased rows and so are leased work
 (broker.platform.leases), which commits each row's record itself. For every job the loop is the
@@ -44,6 +45,7 @@ from broker.images import keys
 from broker.platform import wakeup
 from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
+from broker.reconcile import run as reconcile
 from broker.uploads import completion
 from broker.upstream.cloudflare import get_client
 from broker.webhooks import sending
@@ -90,6 +92,7 @@ class Worker:
             Job("erase_users", _erase_users),
             Job("sync_keys", _sync_keys, every=keys_every),
             Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
+            Job("agree_with_cloudflare", _agree_with_cloudflare, every=60),
         ]
 
     def run_once(self, now: datetime | None = None) -> dict[str, int]:
@@ -161,6 +164,11 @@ def _sync_keys(worker: Worker, now: datetime) -> int:
 def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
     """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
     return idempotency.purge_expired(db.session, now)
+
+
+def _agree_with_cloudflare(worker: Worker, now: datetime) -> int:
+    settings = settings_of(worker.app)
+    return reconcile.when_due(db.session, get_client(), settings, worker.worker_id, now)
 
 
 def get_worker(app: Flask) -> Worker:

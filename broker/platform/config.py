@@ -269,6 +269,31 @@ SETTINGS: tuple[Setting, ...] = (
         "Policy: longest side in pixels; bigger originals are rejected.",
     ),
     Setting("KEYS_SYNC_INTERVAL", 3600, "Seconds between the worker's signing-key syncs."),
+    Setting(
+        "RECONCILE_INTERVAL",
+        86400,
+        "Seconds between the worker's reconciliations with Cloudflare's listing (0: only `flask reconcile`).",
+    ),
+    Setting(
+        "RECONCILE_ORPHANS",
+        "adopt",
+        "An image at Cloudflare stamped with a user's `creator` but unknown to the broker: `adopt` (recorded as the user's upload) or `delete`; reported either way.",
+    ),
+    Setting(
+        "RECONCILE_GRACE",
+        600,
+        "Seconds an image or row must be old before reconciliation acts on it (an upload in flight is never touched).",
+    ),
+    Setting(
+        "USAGE_INTERVAL",
+        3600,
+        "Seconds between the worker's questions for the account's image count and allowance (0: only `flask usage`).",
+    ),
+    Setting(
+        "USAGE_WARN_RATIO",
+        0.9,
+        "Warn (log, admin page, `broker_cloudflare_images_allowance_warning`) once the account holds this share of its image allowance.",
+    ),
     Setting("SIGNED_URL_TTL", 3600, "Default lifetime in seconds of minted delivery URLs."),
     Setting("SIGNED_URL_MAX_TTL", 604800, "Longest lifetime a client may ask for (7 days)."),
     Setting(
@@ -539,6 +564,11 @@ class Settings:
     upload_max_bytes: int | None
     upload_max_dimension: int | None
     keys_sync_interval: float
+    reconcile_interval: float
+    reconcile_orphans: Literal["adopt", "delete"]
+    reconcile_grace: float
+    usage_interval: float
+    usage_warn_ratio: float
     signed_url_ttl: int
     signed_url_max_ttl: int
     signed_url_bucket: int

@@ -25,6 +25,8 @@ from broker.images import variants
 from broker.platform.config import CLOUDFLARE_API_BASE, current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError
+from broker.reconcile import check, usage
+from broker.reconcile.models import CloudflareUsage
 from broker.uploads import lifecycle, queries
 from broker.uploads.models import Upload, UploadStatus
 from broker.uploads.policy import UploadError
@@ -192,6 +194,10 @@ def admin() -> ResponseReturnValue:
         endpoints=endpoints.list_endpoints(db.session),
         deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),
         audit_entries=audit.recent(db.session, limit=ADMIN_DELIVERIES),
+        usage=(row := db.session.get(CloudflareUsage, 1)),
+        near_allowance=usage.near_allowance(row, current_settings().usage_warn_ratio),
+        top_users=usage.per_user(db.session),
+        report=check.latest(db.session),
     )
 
 

@@ -27,6 +27,7 @@ NOT_AUDITED = {
     "routes": "Flask's own: reads only",
     "shell": "Flask's own: an interactive shell",
     "run": "Flask's own: the development server",
+    "usage": "stores Cloudflare's own image count (a reading, not an admin's change)",
 }
 # Read-only commands (listings and views).
 READ_ONLY = {"list", "show", "deliveries", "audit"}
@@ -153,6 +154,7 @@ CLI_CASES: dict[str, tuple[str, Callable[[World], None]]] = {
         "user.erasure_requested",
         lambda w: w.cli("users", "erase", _new_user(w, "frank")),
     ),
+    "reconcile": ("reconcile.applied", lambda w: w.cli("reconcile")),
     "webhooks add": (
         "webhook_endpoint.created",
         lambda w: w.cli("webhooks", "add", _url(w), "--events", "*"),
