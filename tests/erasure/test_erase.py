@@ -229,3 +229,18 @@ def test_flask_users_erase(make_app: Callable[..., Flask], make_user: Callable[.
     assert again.exit_code == 0 and "already asked (pending)" in again.output, again.output
     missing = runner.invoke(args=["users", "erase", "nobody"])
     assert missing.exit_code != 0 and "no user named" in missing.output
+
+
+def test_erasure_removes_the_name_from_the_audit_log(make_app: Callable[..., Flask]) -> None:
+    """The audit entries about an erased account keep what happened, not who it was."""
+    app = make_app()
+    runner = app.test_cli_runner()
+    created = runner.invoke(
+        args=["users", "create", "carol", "--email", "carol@example.com", "--password-stdin"],
+        input="a long passphrase 1\n",
+    )
+    assert created.exit_code == 0, created.output
+    assert "carol" in runner.invoke(args=["audit", "--json"]).output
+    assert runner.invoke(args=["users", "erase", "carol"]).exit_code == 0
+    entries = runner.invoke(args=["audit", "--json"]).output
+    assert "carol" not in entries and "user.created" in entries and "[erased]" in entries

@@ -194,3 +194,32 @@ def test_usage_on_the_admin_page_in_metrics_and_from_the_shell(
     html = page.get("/admin").text
     assert "3 of 100000 images allowed" in html and "close to the allowance" in html
     assert alice.public_id in html and "Never run" in html
+
+
+def test_the_worker_reconciles_on_a_shared_turn_and_a_killed_run_loses_nothing(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any], emulator: Any
+) -> None:
+    """With intervals set, the first turn comes one interval after the first worker starts;
+    of two workers one takes each turn; a run killed after listing (nothing applied) is simply
+    done again by the next turn, which brings both sides into agreement."""
+    from broker import worker
+    from broker.reconcile import check
+
+    app = make_app(RECONCILE_GRACE=0, RECONCILE_INTERVAL=3600, USAGE_INTERVAL=3600)
+    alice = make_user("alice")
+    mine = _upload(emulator, alice.public_id, 5, app, alice.id)
+    _behind_the_back_delete(emulator, mine[:1])
+    start = utcnow()
+    assert worker.run_once(app, now=start, worker_id="a")["agree_with_cloudflare"] == 0
+    with app.app_context():  # a worker killed mid-run: it listed and planned, then died
+        listing = check.list_account(get_client())
+        check.plan(db.session, listing, grace=0, now=start)
+        db.session.rollback()
+    assert _rows(app, alice.id, "ready") == set(mine)
+    turn = start + timedelta(seconds=3601)
+    done = [
+        worker.run_once(app, now=turn, worker_id=name)["agree_with_cloudflare"]
+        for name in ("a", "b")
+    ]
+    assert sorted(done) == [0, 2]  # one turn: the usage refresh and one row marked gone
+    assert _rows(app, alice.id, "ready") == _listed(emulator, alice.public_id) == set(mine[1:])
