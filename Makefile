@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test test-system lint format install clean bench bench-all readme
+.PHONY: run test test-system test-live lint format install clean bench bench-all readme
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"' || \
@@ -39,6 +39,12 @@ test: $(STAMP)
 # faults; needs BROKER_TEST_POSTGRES_URL and redis-server. Apart from `make test`; CI runs both.
 test-system: $(STAMP)
 	$(BIN)/python -m pytest tests/system $(PYTEST_ARGS)
+
+# The emulator's contract tests against a real Cloudflare account (CLOUDFLARE_ACCOUNT_ID and
+# CLOUDFLARE_API_TOKEN in the environment; skipped, saying so, without them). `make test` runs
+# the same tests against the emulator.
+test-live: $(STAMP)
+	BROKER_TEST_LIVE=1 $(BIN)/python -m pytest tests/emulator/test_contract.py -rs $(PYTEST_ARGS)
 
 # Style, the architecture (import-linter contracts) and the types (mypy); see pyproject.toml.
 lint: $(STAMP)

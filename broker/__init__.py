@@ -128,6 +128,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from broker import api, cli, operations, web, worker
     from broker.images import redirect
+    from broker.reconcile import usage
     from broker.uploads import cloudflare_hook, queries, warmup
     from broker.webhooks import endpoints
 
@@ -143,6 +144,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         budget.metric_lines,
         batch.metric_lines,
         operations.metric_lines,
+        usage.metric_lines,
     ):
         health.register_metrics(app, collect)
     cli.init_app(app)
@@ -162,8 +164,11 @@ def _import_models() -> None:
     """Register every feature's tables on the one metadata (migrations and tests read it)."""
     from broker import operations as _operations  # noqa: F401  (worker_heartbeats)
     from broker.api import models as _api  # noqa: F401
+    from broker.audit import models as _audit  # noqa: F401
     from broker.auth import models as _auth  # noqa: F401
+    from broker.erasure import models as _erasure  # noqa: F401
     from broker.images import models as _images  # noqa: F401
+    from broker.reconcile import models as _reconcile  # noqa: F401
     from broker.uploads import models as _uploads  # noqa: F401
     from broker.upstream import models as _upstream  # noqa: F401
     from broker.webhooks import models as _webhooks  # noqa: F401
@@ -171,7 +176,9 @@ def _import_models() -> None:
 
 def _import_api_routes() -> None:
     """Attach each feature's /api/v1 routes to the API blueprint before it is registered."""
+    from broker.audit import api as _audit  # noqa: F401
     from broker.auth import api as _auth  # noqa: F401
+    from broker.erasure import api as _erasure  # noqa: F401
     from broker.images import api as _images  # noqa: F401
     from broker.uploads import api as _uploads  # noqa: F401
     from broker.webhooks import api as _webhooks  # noqa: F401

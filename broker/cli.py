@@ -7,9 +7,12 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     """Register every command group on the app's CLI."""
+    from broker.audit.cli import audit_command
     from broker.auth.cli import service_keys_cli, tokens_cli, users_cli
+    from broker.erasure import cli as _erasure  # noqa: F401  (adds `users erase`)
     from broker.images.cli import keys_cli, variants_cli
     from broker.platform.cli import encryption_cli
+    from broker.reconcile.cli import reconcile_command, usage_command
     from broker.webhooks.cli import webhooks_cli
     from broker.worker import worker_command
 
@@ -22,5 +25,8 @@ def init_app(app: Flask) -> None:
         service_keys_cli,
         webhooks_cli,
         worker_command,
+        audit_command,
+        reconcile_command,
+        usage_command,
     ):
         app.cli.add_command(group)

@@ -10,12 +10,15 @@ Jobs, in the order one pass runs them (each guarded, so one failing job never st
 - `verify_uploads`: completion detection for due uploads (broker.uploads.completion);
 - `expire_uploads`: drafts past their expiry + grace become `expired`;
 - `delete_drafts`: expired drafts whose deletion upstream was postponed are deleted now;
+- `replace_uploads`: replaced images whose grace is over are deleted upstream (replace mode);
 - `deliver_webhooks`: outgoing events (broker.webhooks.sending);
+- `erase_users`: a turn of each asked erasure: images deleted upstream (broker.erasure);
 - `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly;
 - `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly;
-- `prune`: delete what is past its retention (broker.retention), every 5 minutes.
+- `prune`: delete what is past its retention (broker.retention), every 5 minutes;
+- `agree_with_cloudflare`: usage and reconciliation, each on its shared turn (broker.reconcile).
 
-The first four ask the outside world about leased rows and so are leased work
+`verify_uploads` to `erase_users` ask the outside world about leased rows and so are leased work
 (broker.platform.leases), which commits each row's record itself. For every job the loop is the
 unit of work: it commits what the job left (all of `sync_keys` and `purge_idempotency_keys`),
 or rolls back when the job failed.
@@ -43,10 +46,12 @@ from flask.cli import AppGroup, with_appcontext
 
 from broker import operations, retention
 from broker.api import idempotency
+from broker.erasure import erase
 from broker.images import keys
 from broker.platform import wakeup
 from broker.platform.config import current_settings, settings_of
 from broker.platform.db import db, utcnow
+from broker.reconcile import run as reconcile
 from broker.uploads import completion
 from broker.upstream.cloudflare import get_client
 from broker.webhooks import sending
@@ -97,9 +102,11 @@ class Worker:
             Job("delete_drafts", _delete_drafts, every=10),
             Job("replace_uploads", _replace_uploads, every=10),
             Job("deliver_webhooks", _deliver_webhooks),
+            Job("erase_users", _erase_users),
             Job("sync_keys", _sync_keys, every=keys_every),
             Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
             Job("prune", _prune, every=300),
+            Job("agree_with_cloudflare", _agree_with_cloudflare, every=60),
         ]
 
     def run_once(self, now: datetime | None = None) -> dict[str, int]:
@@ -206,6 +213,10 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
     return attempted
 
 
+def _erase_users(worker: Worker, now: datetime) -> int:
+    return erase.erase_due(db.session, get_client(), worker.worker_id, now=now, stop=worker.stop)
+
+
 def _sync_keys(worker: Worker, now: datetime) -> int:
     """Mirror the account's signing keys (and purge retired ones past their grace)."""
     return int(keys.sync_keys(db.session, get_client(), now=now).changed)
@@ -222,6 +233,11 @@ def _prune(worker: Worker, now: datetime) -> int:
     if any(gone.values()):
         log.info("pruned %s", " ".join(f"{kind}={n}" for kind, n in gone.items() if n))
     return sum(gone.values())
+
+
+def _agree_with_cloudflare(worker: Worker, now: datetime) -> int:
+    settings = settings_of(worker.app)
+    return reconcile.when_due(db.session, get_client(), settings, worker.worker_id, now)
 
 
 def get_worker(app: Flask) -> Worker:

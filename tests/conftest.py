@@ -72,6 +72,9 @@ def base_config(database_url: str, instance_path: str, **overrides: Any) -> dict
         "WORKER_INLINE": False,
         "INSTANCE_PATH": instance_path,
         "ENCRYPTION_KEYS": [TEST_ENCRYPTION_KEY],
+        # The worker's scheduled Cloudflare-wide jobs stay out of tests that do not ask for them.
+        "RECONCILE_INTERVAL": 0,
+        "USAGE_INTERVAL": 0,
     }
     config.update(overrides)
     return config

@@ -321,6 +321,7 @@ class ServiceKeyList(BaseModel):
 def create_service_key(body: CreateServiceKey) -> tuple[ServiceKeyCreated, int, dict[str, str]]:
     """Create a service key for the app's backend (admins only; shown once)."""
     issued = service_keys.issue(db.session, body.name.strip(), body.scopes, issuer=body.issuer)
+    service_keys.record_issued(db.session, issued.key)
     out = ServiceKeyCreated.of(issued.key, key=issued.secret)
     return out, 201, {"Cache-Control": "no-store"}
 
@@ -352,5 +353,5 @@ def revoke_service_key(key_id: str) -> tuple[str, int]:
     key = service_keys.find(db.session, key_id)
     if key is None:
         raise NO_SERVICE_KEY.error()
-    service_keys.revoke(key)
+    service_keys.revoke_recorded(db.session, key)
     return "", 204

@@ -8,6 +8,7 @@ from datetime import timedelta
 import click
 from flask.cli import AppGroup
 
+from broker.audit import log as audit
 from broker.auth import service_keys, tokens, users
 from broker.auth.models import User
 from broker.platform.config import current_settings
@@ -55,6 +56,15 @@ _issuer_option = click.option(
 )
 
 
+# What the audit log keeps of an account and of an API token (never a secret).
+_ACCOUNT_FIELDS = ("username", "email", "is_admin", "active", "external_issuer", "external_subject")
+_TOKEN_FIELDS = ("name", "expires_at", "revoked_at")
+
+
+def _account(user: User) -> dict[str, object]:
+    return audit.snapshot(user, _ACCOUNT_FIELDS)
+
+
 def _new_password() -> str:
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
@@ -82,6 +92,8 @@ def create_user_command(
         user = users.create_user(
             db.session, username, password or _new_password(), email=email, is_admin=admin
         )
+        db.session.flush()
+        audit.record(db.session, "user.created", user.public_id, after=_account(user))
         db.session.commit()
     except users.AccountError as exc:
         db.session.rollback()
@@ -125,6 +137,7 @@ def set_password_command(username: str, password_stdin: bool) -> None:
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     try:
         users.set_password(db.session, user, password or _new_password())
+        audit.record(db.session, "user.password_set", user.public_id)
         db.session.commit()
     except users.AccountError as exc:
         db.session.rollback()
@@ -139,7 +152,9 @@ def deactivate_command(who: str, issuer: str | None) -> None:
     """Lock an account out (by username, public id, or --issuer and external id): no login,
     sessions ended, API tokens revoked."""
     user = _find_account(who, issuer)
+    before = _account(user)
     users.deactivate(db.session, user)
+    audit.changed(db.session, "user.deactivated", user.public_id, before, user)
     db.session.commit()
     click.echo(f"Deactivated {user.username} ({user.public_id}).")
 
@@ -150,7 +165,9 @@ def deactivate_command(who: str, issuer: str | None) -> None:
 def activate_command(who: str, issuer: str | None) -> None:
     """Let a deactivated account in again (its old tokens stay revoked)."""
     user = _find_account(who, issuer)
+    before = _account(user)
     user.active = True
+    audit.changed(db.session, "user.activated", user.public_id, before, user)
     db.session.commit()
     click.echo(f"Activated {user.username} ({user.public_id}).")
 
@@ -181,6 +198,13 @@ def create_token_command(username: str, name: str, days: int | None) -> None:
         raise click.ClickException(f"{user.username} is deactivated")
     ttl = timedelta(days=days or current_settings().api_token_ttl_days)
     issued = tokens.issue(db.session, user, name, ttl=ttl)
+    db.session.flush()
+    audit.record(
+        db.session,
+        "token.created",
+        issued.token.public_id,
+        after={"user": user.public_id, **audit.snapshot(issued.token, _TOKEN_FIELDS)},
+    )
     db.session.commit()
     click.echo(issued.secret)
     click.echo(
@@ -228,7 +252,9 @@ def revoke_token_command(token_id: str) -> None:
     token = db.session.scalar(sa.select(ApiToken).where(ApiToken.public_id == token_id))
     if token is None:
         raise click.ClickException(f"no token {token_id!r}")
+    before = audit.snapshot(token, ("revoked_at",))
     tokens.revoke(token)
+    audit.changed(db.session, "token.revoked", token.public_id, before, token)
     db.session.commit()
     click.echo(f"Revoked {token_id}.")
 
@@ -254,6 +280,7 @@ def create_service_key_command(name: str, scopes: tuple[str, ...], issuer: str |
         issued = service_keys.issue(db.session, name, list(scopes), issuer=issuer)
     except service_keys.ServiceKeyError as exc:
         raise click.ClickException(exc.message) from None
+    service_keys.record_issued(db.session, issued.key)
     db.session.commit()
     click.echo(issued.secret)
     click.echo(
@@ -280,6 +307,6 @@ def revoke_service_key_command(key_id: str) -> None:
     key = service_keys.find(db.session, key_id)
     if key is None:
         raise click.ClickException(f"no service key {key_id!r}")
-    service_keys.revoke(key)
+    service_keys.revoke_recorded(db.session, key)
     db.session.commit()
     click.echo(f"Revoked {key_id}.")

@@ -14,6 +14,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
+from broker.audit import log as audit
 from broker.auth import tokens
 from broker.auth.models import ServiceKey
 from broker.platform.db import Session, utcnow
@@ -28,10 +29,13 @@ SCOPES: dict[str, str] = {
     "uploads:read": "list and show uploads, and who the user is (`/me`)",
     "images:urls": "mint signed delivery URLs",
     "webhooks:manage": "register and manage webhook endpoints and deliveries (no user needed)",
+    "users:erase": "erase the app's users, by their id (no user needed)",
 }
 # The namespace of external ids when the key names none: every key of this broker shares it,
 # so a new key that replaces an old one acts for the same accounts.
 DEFAULT_ISSUER = "service-keys"
+# What the audit log keeps of a key (never its hash).
+AUDITED = ("name", "scopes", "issuer", "revoked_at")
 
 
 INVALID_SCOPE = Refusal(
@@ -118,3 +122,16 @@ def revoke(key: ServiceKey, now: datetime | None = None) -> None:
     """Revoke a key; it stops working on the next request (the caller commits)."""
     if key.revoked_at is None:
         key.revoked_at = now or utcnow()
+
+
+def record_issued(session: Session, key: ServiceKey) -> None:
+    """Write the audit entry of a key just issued (its id, name, scopes: never the secret)."""
+    session.flush()
+    audit.record(session, "service_key.created", key.public_id, after=audit.snapshot(key, AUDITED))
+
+
+def revoke_recorded(session: Session, key: ServiceKey) -> None:
+    """Revoke a key and write its audit entry, in the caller's transaction."""
+    before = audit.snapshot(key, ("revoked_at",))
+    revoke(key)
+    audit.changed(session, "service_key.revoked", key.public_id, before, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from flask.cli import AppGroup
 
+from broker.audit import log as audit
 from broker.images import keys, variants
 from broker.platform.db import db
 from broker.platform.text import table, utc_minute
@@ -26,6 +27,17 @@ def keys_sync() -> None:
     except UpstreamError as exc:
         db.session.rollback()
         raise _upstream_failed(exc) from None
+    audit.record(
+        db.session,
+        "signing_keys.synced",
+        None,
+        after={
+            "added": result.added,
+            "updated": result.updated,
+            "removed": result.removed,
+            "purged": result.purged,
+        },
+    )
     db.session.commit()
     click.echo(
         f"added {len(result.added)}, updated {len(result.updated)}, "
@@ -47,6 +59,12 @@ def keys_rotate(grace: int | None) -> None:
     except UpstreamError as exc:
         db.session.rollback()
         raise _upstream_failed(exc) from None
+    audit.record(
+        db.session,
+        "signing_key.rotated",
+        new.name,
+        after={"signing": new.name, "fingerprint": keys.fingerprint(new.value), "grace": grace},
+    )
     db.session.commit()
     click.echo(f"signing with {new.name} (fingerprint {keys.fingerprint(new.value)})")
 
@@ -83,6 +101,10 @@ def variants_sync() -> None:
         done = variants.sync_variants(get_client(), variants.declared_variants())
     except UpstreamError as exc:
         raise _upstream_failed(exc) from None
+    audit.record(
+        db.session, "variants.synced", None, after={item.name: item.action for item in done}
+    )
+    db.session.commit()
     for item in done:
         click.echo(f"{item.name:<20} {item.action}")
 

@@ -304,6 +304,31 @@ SETTINGS: tuple[Setting, ...] = (
         "Path of a TOML file of upload profiles (`[profiles.<name>]` tables: formats, sizes, quotas, metadata schema, who may use it, replace mode); checked at start. Unset: only the `default` profile, made of the settings above.",
     ),
     Setting("KEYS_SYNC_INTERVAL", 3600, "Seconds between the worker's signing-key syncs."),
+    Setting(
+        "RECONCILE_INTERVAL",
+        86400,
+        "Seconds between the worker's reconciliations with Cloudflare's listing (0: only `flask reconcile`).",
+    ),
+    Setting(
+        "RECONCILE_ORPHANS",
+        "adopt",
+        "An image at Cloudflare stamped with a user's `creator` but unknown to the broker: `adopt` (recorded as the user's upload) or `delete`; reported either way.",
+    ),
+    Setting(
+        "RECONCILE_GRACE",
+        600,
+        "Seconds an image or row must be old before reconciliation acts on it (an upload in flight is never touched).",
+    ),
+    Setting(
+        "USAGE_INTERVAL",
+        3600,
+        "Seconds between the worker's questions for the account's image count and allowance (0: only `flask usage`).",
+    ),
+    Setting(
+        "USAGE_WARN_RATIO",
+        0.9,
+        "Warn (log, admin page, `broker_cloudflare_images_allowance_warning`) once the account holds this share of its image allowance.",
+    ),
     Setting("SIGNED_URL_TTL", 3600, "Default lifetime in seconds of minted delivery URLs."),
     Setting("SIGNED_URL_MAX_TTL", 604800, "Longest lifetime a client may ask for (7 days)."),
     Setting(
@@ -581,6 +606,11 @@ class Settings:
     upload_max_dimension: int | None
     upload_profiles: str | None
     keys_sync_interval: float
+    reconcile_interval: float
+    reconcile_orphans: Literal["adopt", "delete"]
+    reconcile_grace: float
+    usage_interval: float
+    usage_warn_ratio: float
     signed_url_ttl: int
     signed_url_max_ttl: int
     signed_url_bucket: int

@@ -31,6 +31,7 @@ from broker.api.spec import (
     not_found,
 )
 from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
+from broker.audit import log as audit
 from broker.auth.models import User
 from broker.platform.config import current_settings
 from broker.platform.db import db, utcnow
@@ -496,8 +497,10 @@ def get_upload_limits(public_id: str) -> UserLimitsOut:
 def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:
     """Set or clear a user's upload limit overrides (admins only)."""
     target = _admin_target(public_id)
+    before = audit.snapshot(target, ("max_pending_uploads", "max_uploads_per_day"))
     target.max_pending_uploads = body.max_pending_uploads
     target.max_uploads_per_day = body.max_uploads_per_day
+    audit.changed(db.session, "user.limits_changed", target.public_id, before, target)
     return _quotas_out(target)
 
 

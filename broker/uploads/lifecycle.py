@@ -3,13 +3,13 @@
     pending → ready | expired | rejected,   and any → deleted
 
 Offers the statuses, `mark_ready` / `mark_expired` / `mark_rejected` / `mark_deleted` /
-`mark_replaced`,
-`delete_upload` (at Cloudflare, then the row) and `public_fields`, the one shape of an upload
-shared by API answers and webhook events.
+`mark_replaced`, `mark_erased`, `delete_upload` (at Cloudflare, then the row) and
+`public_fields`, the one shape of an upload shared by API answers and webhook events.
 
 Rules it enforces: every transition goes through `_transition`, which refuses a backward move
 (`InvalidTransition`), treats staying put as a no-op, records the time and ends any lease on
-the row; each `mark_*` writes its outgoing event in the same transaction (the outbox,
+the row; each `mark_*` (but `mark_erased`, whose owner's erasure has one event for all) writes
+its outgoing event in the same transaction (the outbox,
 `broker.webhooks.outbox`). Functions here work in the caller's session and never commit.
 """
 
@@ -158,6 +158,15 @@ def mark_deleted(session: Session, upload: Upload, *, now: datetime | None = Non
     if changed:
         upload.replace_at = None
         _emit(session, upload, "upload.deleted", now)
+    return changed
+
+
+def mark_erased(session: Session, upload: Upload, *, now: datetime | None = None) -> bool:
+    """Record that the image went with its owner's erasure: no event of its own (the one
+    `user.erased` event says it for all of them), and what named the file cleared."""
+    changed = _transition(upload, DELETED, now)
+    upload.filename = None
+    upload.meta = None
     return changed
 
 

@@ -18,12 +18,15 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_required
 
+from broker.audit import log as audit
 from broker.auth import admin_required
 from broker.auth.models import User
 from broker.images import variants
 from broker.platform.config import CLOUDFLARE_API_BASE, current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError
+from broker.reconcile import check, usage
+from broker.reconcile.models import CloudflareUsage
 from broker.uploads import lifecycle, profiles, queries
 from broker.uploads.models import Upload, UploadStatus
 from broker.uploads.policy import UploadError
@@ -203,16 +206,21 @@ def _detail_variant() -> str:
 @bp.get("/admin")
 @admin_required
 def admin() -> ResponseReturnValue:
-    """Show operators the uploads, users, webhook endpoints and latest deliveries."""
+    """Show operators the uploads, users, webhook endpoints, latest deliveries and audit log."""
     users = db.session.scalars(sa.select(User).order_by(User.created_at.desc()).limit(100)).all()
     return render_template(
         "web/admin.html",
         counts=queries.status_counts(db.session),
         profile_names=profiles.profiles_of(current_settings()).names,
-        usage=queries.profile_usage(db.session),
+        profile_usage=queries.profile_usage(db.session),
         users=users,
         endpoints=endpoints.list_endpoints(db.session),
         deliveries=endpoints.recent_deliveries(db.session, limit=ADMIN_DELIVERIES),
+        audit_entries=audit.recent(db.session, limit=ADMIN_DELIVERIES),
+        usage=(row := db.session.get(CloudflareUsage, 1)),
+        near_allowance=usage.near_allowance(row, current_settings().usage_warn_ratio),
+        top_users=usage.per_user(db.session),
+        report=check.latest(db.session),
     )
 
 
@@ -223,7 +231,9 @@ def admin_redeliver(delivery_id: int) -> ResponseReturnValue:
     delivery = db.session.get(WebhookDelivery, delivery_id)
     if delivery is None:
         abort(404)
+    before = audit.snapshot(delivery, endpoints.AUDITED_DELIVERY)
     endpoints.redeliver(delivery)
+    audit.changed(db.session, "webhook_delivery.redelivered", str(delivery.id), before, delivery)
     db.session.commit()
     flash(f"Delivery {delivery_id} queued again.", "info")
     return redirect(url_for("web.admin"))

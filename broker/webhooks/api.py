@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api import bp
 from broker.api.spec import endpoint, example, field_error, not_found
+from broker.audit import log as audit
 from broker.platform import wakeup
 from broker.platform.db import db, utcnow
 from broker.platform.errors import ApiError
@@ -22,6 +23,7 @@ EventType = Literal[
     "upload.rejected",
     "upload.deleted",
     "upload.replaced",
+    "user.erased",
     "*",
 ]
 NO_ENDPOINT = not_found("webhook endpoint")
@@ -309,6 +311,13 @@ def create_webhook_endpoint(body: EndpointIn) -> tuple[EndpointCreated, int]:
         )
     except ssrf.BlockedAddress as exc:
         raise _url_refused(exc) from None
+    db.session.flush()
+    audit.record(
+        db.session,
+        "webhook_endpoint.created",
+        e.public_id,
+        after=audit.snapshot(e, endpoints.AUDITED),
+    )
     return EndpointCreated(**EndpointOut.of(e).model_dump(), secret=secret), 201
 
 
@@ -341,6 +350,7 @@ def get_webhook_endpoint(endpoint_id: str) -> EndpointOut:
 def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOut:
     """Change an endpoint's URL, events, description, or enable/disable it."""
     e = _endpoint(endpoint_id)
+    before = audit.snapshot(e, endpoints.AUDITED)
     if body.url is not None:
         _checked(body.url)
         e.url = body.url
@@ -353,6 +363,7 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
         if body.active:
             wakeup.notify_worker()
     e.updated_at = utcnow()
+    audit.changed(db.session, "webhook_endpoint.updated", e.public_id, before, e)
     return EndpointOut.of(e)
 
 
@@ -370,7 +381,9 @@ def update_webhook_endpoint(endpoint_id: str, body: EndpointPatch) -> EndpointOu
 def rotate_webhook_secret(endpoint_id: str, body: RotateIn) -> SecretOut:
     """Give an endpoint a new secret; the old one keeps signing during the window."""
     e = _endpoint(endpoint_id)
+    before = audit.snapshot(e, endpoints.AUDITED)
     secret = endpoints.rotate_secret(e, window=body.window_seconds)
+    audit.changed(db.session, "webhook_endpoint.secret_rotated", e.public_id, before, e)
     return SecretOut(id=e.public_id, secret=secret, previous_secret_until=e.previous_secret_until)
 
 
@@ -431,5 +444,7 @@ def get_webhook_delivery(delivery_id: int) -> DeliveryOut:
 def redeliver_webhook(delivery_id: int) -> tuple[DeliveryOut, int]:
     """Queue a delivery again now (same webhook-id, fresh retry schedule)."""
     d = _delivery(delivery_id)
+    before = audit.snapshot(d, endpoints.AUDITED_DELIVERY)
     endpoints.redeliver(d)
+    audit.changed(db.session, "webhook_delivery.redelivered", str(d.id), before, d)
     return delivery_out(d), 202

@@ -6,6 +6,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from broker.audit import log as audit
 from broker.platform.db import db
 from broker.webhooks import endpoints, outbox, ssrf
 from broker.webhooks.models import DELIVERY_STATUSES, WebhookDelivery, WebhookEndpoint
@@ -16,6 +17,15 @@ def _endpoint(public_id: str) -> WebhookEndpoint:
     if e is None:
         raise click.ClickException(f"no webhook endpoint {public_id}")
     return e
+
+
+def _set_active(endpoint_id: str, active: bool, reason: str | None) -> None:
+    e = _endpoint(endpoint_id)
+    before = audit.snapshot(e, endpoints.AUDITED)
+    endpoints.set_active(e, active, reason)
+    action = "webhook_endpoint.enabled" if active else "webhook_endpoint.disabled"
+    audit.changed(db.session, action, e.public_id, before, e)
+    db.session.commit()
 
 
 @click.group("webhooks")
@@ -42,6 +52,13 @@ def add_command(url: str, events: tuple[str, ...], description: str) -> None:
         )
     except (ssrf.BlockedAddress, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    db.session.flush()
+    audit.record(
+        db.session,
+        "webhook_endpoint.created",
+        endpoint.public_id,
+        after=audit.snapshot(endpoint, endpoints.AUDITED),
+    )
     db.session.commit()
     click.echo(f"endpoint {endpoint.public_id} {endpoint.url} events={endpoint.events}")
     click.echo(f"secret (shown once, store it now): {secret}")
@@ -63,7 +80,9 @@ def list_command() -> None:
 def rotate_command(endpoint_id: str, window: int) -> None:
     """Give an endpoint a new secret (printed once); the old one signs during the window."""
     e = _endpoint(endpoint_id)
+    before = audit.snapshot(e, endpoints.AUDITED)
     secret = endpoints.rotate_secret(e, window=window)
+    audit.changed(db.session, "webhook_endpoint.secret_rotated", e.public_id, before, e)
     db.session.commit()
     click.echo(f"new secret (shown once): {secret}")
     click.echo(f"previous secret keeps signing until {e.previous_secret_until:%Y-%m-%d %H:%M:%SZ}")
@@ -74,8 +93,7 @@ def rotate_command(endpoint_id: str, window: int) -> None:
 @with_appcontext
 def disable_command(endpoint_id: str) -> None:
     """Stop delivering to an endpoint (its pending deliveries wait)."""
-    endpoints.set_active(_endpoint(endpoint_id), False, "disabled by an admin")
-    db.session.commit()
+    _set_active(endpoint_id, False, "disabled by an admin")
     click.echo(f"disabled {endpoint_id}")
 
 
@@ -84,8 +102,7 @@ def disable_command(endpoint_id: str) -> None:
 @with_appcontext
 def enable_command(endpoint_id: str) -> None:
     """Resume delivering to an endpoint."""
-    endpoints.set_active(_endpoint(endpoint_id), True, None)
-    db.session.commit()
+    _set_active(endpoint_id, True, None)
     click.echo(f"enabled {endpoint_id}")
 
 
@@ -127,6 +144,8 @@ def redeliver_command(delivery_id: int) -> None:
     d = db.session.get(WebhookDelivery, delivery_id)
     if d is None:
         raise click.ClickException(f"no delivery {delivery_id}")
+    before = audit.snapshot(d, endpoints.AUDITED_DELIVERY)
     endpoints.redeliver(d)
+    audit.changed(db.session, "webhook_delivery.redelivered", str(d.id), before, d)
     db.session.commit()
     click.echo(f"delivery {delivery_id} queued")

@@ -133,6 +133,11 @@ def recent_deliveries(
     return [(d, ev, e) for d, ev, e in session.execute(stmt)]
 
 
+# What the audit log keeps of an endpoint and of a delivery (never a secret).
+AUDITED = ("url", "events", "description", "active", "disabled_reason", "previous_secret_until")
+AUDITED_DELIVERY = ("status", "attempts", "next_attempt_at")
+
+
 def add_endpoint(
     session: Session,
     url: str,

@@ -20,6 +20,7 @@ EVENT_TYPES = (
     "upload.rejected",
     "upload.deleted",
     "upload.replaced",
+    "user.erased",
 )
 
 

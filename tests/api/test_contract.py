@@ -79,13 +79,21 @@ def live(make_app: Any, make_user: Any) -> Iterator[Live]:
     factories.issue_token(app, admin, name="listed")
     factories.add_webhook_endpoint(app, HOOK_URL)
     factories.queue_events(app, 1)
-    from broker.auth.models import ApiToken, ServiceKey
+    from broker.auth import external
+    from broker.auth.models import ApiToken, ServiceKey, User
+    from broker.erasure import erase
     from broker.webhooks.models import WebhookDelivery, WebhookEndpoint
 
+    gone = make_user("gone")
     with app.app_context():
+        # An account the example erasure names, and one already erased to show.
+        external.create_account(db.session, "service-keys", "customer-1234")
+        erased, _ = erase.request_erasure(db.session, db.session.get(User, gone.id))
+        db.session.commit()
         ids = {
             "upload_id": factories.upload_image(app, admin.id, size=(64, 48)),
             "public_id": admin.public_id,
+            "user": erased.public_id,
             "endpoint_id": db.session.scalars(sa.select(WebhookEndpoint.public_id)).one(),
             "delivery_id": str(db.session.scalars(sa.select(WebhookDelivery.id)).one()),
             "key_id": db.session.scalars(sa.select(ServiceKey.public_id)).one(),

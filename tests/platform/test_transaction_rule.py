@@ -25,6 +25,7 @@ OWNERS = {
     "platform/health.py",  # views: /livez and /readyz (a probe's failed query is rolled back)
     "platform/outages.py",  # an error handler: a request the database failed is rolled back
     "uploads/warmup.py",  # a web process's warm-up: the create path in a rolled-back transaction
+    "reconcile/run.py",  # a whole-account walk: commits between its steps, none open upstream
 }
 
 

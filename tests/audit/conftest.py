@@ -1,0 +1,14 @@
+"""Fixtures of the audit tests: an emulator of each test's own (they rotate signing keys and
+sync variants, which change what the account holds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def emulator(fresh_emulator: Any) -> Any:
+    """A fresh emulator over real HTTP (make_app points the apps of the test at it)."""
+    return fresh_emulator
