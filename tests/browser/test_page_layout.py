@@ -132,7 +132,8 @@ def test_nothing_overlaps_on_any_page(live_broker, make_user, emulator, browser,
         check("detail-link-copied")
         check("detail-draft", f"/gallery/{draft_id}")
         page.goto(f"{base}/auth/account")
-        page.get_by_label("Token name").fill("A phone with a rather long device name, as typed")
+        # One long word, as device names often are: it must wrap, not widen the page.
+        page.get_by_label("Token name").fill("SamsungGalaxyTabS9UltraOfTheWholeHousehold")
         page.get_by_role("button", name="Create token").click()
         expect(page.locator("#new-token")).to_be_visible()
         check("account-new-token")
