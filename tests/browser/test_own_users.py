@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from broker.api.models import IdempotencyKey
 from broker.auth.models import User
 from broker.platform.db import db
 from broker.uploads.models import Upload
@@ -161,6 +162,12 @@ def test_the_brokers_own_module_on_the_apps_page_uploads_three_files(
     assert counters.get("upload_url") == 3
     shopper = _account(live_broker, "shopper-2")
     assert _uploads_of(live_broker, shopper) == {u["id"]: "ready" for u in uploads}
+    # Each create carried its own Idempotency-Key across origins, unasked.
+    with live_broker.app.app_context():
+        keys = db.session.scalars(
+            sa.select(IdempotencyKey.key).where(IdempotencyKey.user_id == shopper.id)
+        ).all()
+    assert len(set(keys)) == 3
     errors = [text for kind, text in page.console_messages_seen if kind == "error"]
     assert errors == []
 
