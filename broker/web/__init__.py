@@ -53,7 +53,21 @@ def index() -> ResponseReturnValue:
 @login_required
 def upload() -> ResponseReturnValue:
     """Show the drag-and-drop upload page."""
-    return render_template("web/upload.html", detail_variant=_detail_variant())
+    return render_template(
+        "web/upload.html", detail_variant=_detail_variant(), rules=upload_rules()
+    )
+
+
+def upload_rules() -> dict[str, Any]:
+    """Return the rules the page checks and prepares files to (the broker's upload policy)."""
+    settings = current_settings()
+    return {
+        "allowed_formats": list(settings.upload_allowed_formats or []) or None,
+        "max_bytes": settings.upload_max_bytes or None,
+        "max_dimension": settings.upload_max_dimension or None,
+        # Location and device details leave the device only where a profile asks for them.
+        "keep_metadata": False,
+    }
 
 
 @bp.get("/gallery")
