@@ -35,8 +35,14 @@ bp = Blueprint("web", __name__)
 
 GALLERY_PAGE_SIZE = 24
 ADMIN_DELIVERIES = 25
-# The gallery's two views: finished images, and drafts still waiting for their file.
-SHOWS = {"images": UploadStatus.READY, "drafts": UploadStatus.PENDING}
+# The gallery's views: finished images, drafts still waiting for their file, and uploads that
+# ended without an image (refused by the rules or the image service; the link ran out).
+SHOWS = {
+    "images": UploadStatus.READY,
+    "drafts": UploadStatus.PENDING,
+    "refused": UploadStatus.REJECTED,
+    "expired": UploadStatus.EXPIRED,
+}
 # Most drafts discarded in one request (the pending limit is far below this).
 DISCARD_BATCH = 200
 
@@ -73,11 +79,11 @@ def upload_rules() -> dict[str, Any]:
 @bp.get("/gallery")
 @login_required
 def gallery() -> ResponseReturnValue:
-    """List the user's images (or drafts waiting for a file), newest first, a page at a time."""
+    """List the user's images (or drafts, refused or expired uploads), newest first, by page."""
     before = request.args.get("before") or None
     show = request.args.get("show", "images")
     if show not in SHOWS:
-        abort(400, "Show either images or drafts.")
+        abort(400, "Show images, drafts, refused or expired.")
     try:
         rows, next_cursor = queries.list_uploads(
             db.session,

@@ -190,7 +190,7 @@ export async function prepare(file, rules = {}) {
         file: new File([out.blob], renamed(file.name, type), { type, lastModified: file.lastModified }),
         resized,
         stripped: true,
-        note: resized ? `resized to ${out.width}×${out.height}` : "re-encoded",
+        note: resized ? `resized from ${bitmap.width}×${bitmap.height}` : "re-encoded",
       };
     }
   } finally {

@@ -94,7 +94,7 @@ def test_phone_photo_is_resized_upright_and_without_location(
     for name, _, _ in files:
         expect(_item(page, name)).to_have_attribute("data-state", "ready", timeout=60_000)
     tile = _item(page, "IMG_0001.jpg")
-    expect(tile.locator(".facts")).to_contain_text("1536\u00d72048")
+    expect(tile.locator(".facts")).to_contain_text("1536\u00d72048 · resized from 3024\u00d74032")
     expect(tile.locator(".facts")).to_contain_text("location and camera details removed")
     screenshot(page, "upload-prepared-photo")
 
