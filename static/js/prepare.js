@@ -102,6 +102,31 @@ export function webpWithoutMetadata(bytes) {
   return { removed, parts: [head, ...chunks], animated };
 }
 
+/** Return a canvas with `bitmap` drawn `rotate` degrees (a multiple of 90) clockwise. */
+export function turned(bitmap, rotate) {
+  const canvas = document.createElement("canvas");
+  const sideways = rotate % 180 !== 0;
+  canvas.width = sideways ? bitmap.height : bitmap.width;
+  canvas.height = sideways ? bitmap.width : bitmap.height;
+  const context = canvas.getContext("2d");
+  context.translate(canvas.width / 2, canvas.height / 2);
+  context.rotate((rotate * Math.PI) / 180);
+  context.drawImage(bitmap, -bitmap.width / 2, -bitmap.height / 2);
+  return canvas;
+}
+
+function edited(bitmap, { rotate = 0, crop }) {
+  // The turned picture cut to the crop (fractions of the turned picture).
+  const whole = turned(bitmap, rotate);
+  const canvas = document.createElement("canvas");
+  const sx = Math.round(crop.x * whole.width);
+  const sy = Math.round(crop.y * whole.height);
+  canvas.width = Math.max(1, Math.round(crop.width * whole.width));
+  canvas.height = Math.max(1, Math.round(crop.height * whole.height));
+  canvas.getContext("2d").drawImage(whole, sx, sy, canvas.width, canvas.height, 0, 0, canvas.width, canvas.height);
+  return canvas;
+}
+
 function canvasBlob(canvas, type, quality) {
   return new Promise((resolve) => canvas.toBlob(resolve, type, quality));
 }
@@ -157,8 +182,9 @@ function renamed(name, type) {
 /**
  * Return {file, resized, stripped, note} for `file` under `rules` ({allowed_formats, max_bytes,
  * max_dimension, keep_metadata}, all optional). `file` is the input itself when nothing changed.
+ * `edit` ({rotate, crop}, from crop.js) turns and cuts the picture first.
  */
-export async function prepare(file, rules = {}) {
+export async function prepare(file, rules = {}, edit = null) {
   const unchanged = { file, resized: false, stripped: false, note: null };
   const bytes = new Uint8Array(await file.arrayBuffer());
   const format = formatOf(bytes.subarray(0, 512));
@@ -173,15 +199,16 @@ export async function prepare(file, rules = {}) {
   else if (format.mime === "image/webp") lossless = webpWithoutMetadata(bytes);
   if (lossless?.animated) return unchanged;
 
-  const bitmap = await decode(file);
-  if (!bitmap) return unchanged; // HEIC the browser cannot read: sent as is
+  const decoded = await decode(file);
+  if (!decoded) return unchanged; // HEIC the browser cannot read: sent as is
+  const bitmap = edit?.crop ? edited(decoded, edit) : decoded;
   try {
     const tooBig = Math.max(bitmap.width, bitmap.height) > maxSide;
     // A JPEG turned by its EXIF orientation loses the turn with the EXIF: drawn upright instead.
-    const turned = !keep && (lossless?.orientation ?? 1) !== 1;
+    const sideways = !keep && (lossless?.orientation ?? 1) !== 1;
     const heic = format.mime === "image/heic";
     const lossy = format.mime !== "image/png";
-    if (tooBig || turned || heic || (lossy && file.size > maxBytes)) {
+    if (edit?.crop || tooBig || sideways || heic || (lossy && file.size > maxBytes)) {
       const type = heic ? "image/jpeg" : format.mime;
       const out = await encode(bitmap, type, maxSide, maxBytes);
       if (!out) return unchanged; // the checks that follow say why it cannot go
@@ -190,11 +217,11 @@ export async function prepare(file, rules = {}) {
         file: new File([out.blob], renamed(file.name, type), { type, lastModified: file.lastModified }),
         resized,
         stripped: true,
-        note: resized ? `resized from ${bitmap.width}×${bitmap.height}` : "re-encoded",
+        note: [edit?.crop ? "cropped" : null, resized ? `resized from ${bitmap.width}×${bitmap.height}` : null].filter(Boolean).join(", ") || "re-encoded",
       };
     }
   } finally {
-    bitmap.close();
+    decoded.close();
   }
   if (keep || !lossless?.removed) return unchanged;
   return {

@@ -8,7 +8,8 @@
 //
 // Attributes: `broker` (base URL; default: where this module came from), `profile` (sent with
 // each create), `max-dimension`, `max-bytes`, `accept`; the `rules` property takes a whole rules
-// object (checks.js) instead, `token` the bearer token. Files are made to fit on the device
+// object (checks.js) instead, `token` the bearer token. With `aspect_ratio` in the rules (an
+// avatar: 1) each picture is first cropped and turned in a dialog (crop.js, keyboard too). Files are made to fit on the device
 // (prepare.js: resized, upright, location removed), checked, and sent three at a time.
 // Events (bubbling, composed): `upload-progress` {key, name, loaded, total}, `upload-result`
 // {key, name, state: ready | refused | failed | cancelled, upload, error}.
@@ -19,6 +20,7 @@ import { connect } from "./client.js";
 import { UploadQueue, FINAL } from "./queue.js";
 import { check, humanSize } from "./checks.js";
 import { prepare } from "./prepare.js";
+import { chooseCrop } from "./crop.js";
 
 const STYLE = `
 :host { display: block; font: var(--upload-broker-font, inherit); color: var(--upload-broker-text, inherit); }
@@ -34,6 +36,18 @@ const STYLE = `
 [part~="progress"] { grid-column: 1 / -1; width: 100%; accent-color: var(--upload-broker-accent, #0b57d0); }
 .cancel { font: inherit; }
 .hidden { display: none; }
+.crop-dialog { border: 0; border-radius: var(--upload-broker-radius, 12px); padding: 1rem; max-width: min(34rem, calc(100vw - 2rem)); }
+.crop-dialog h2 { font-size: 1.1rem; margin: 0 0 .25rem; overflow-wrap: anywhere; }
+.crop-stage { position: relative; overflow: hidden; max-height: 60vh; margin: .5rem auto; }
+.crop-picture { display: block; width: 100%; height: 100%; }
+.crop-frame { position: absolute; box-shadow: 0 0 0 100vmax rgb(0 0 0 / .55); outline: 2px solid #fff; cursor: move; touch-action: none; }
+.crop-frame:focus-visible { outline: 3px solid var(--upload-broker-accent, #0b57d0); }
+.crop-corner { position: absolute; right: 2px; bottom: 2px; width: 20px; height: 20px; border-radius: 50%;
+  background: #fff; border: 2px solid var(--upload-broker-accent, #0b57d0); cursor: nwse-resize; }
+.crop-actions { display: flex; flex-wrap: wrap; gap: .5rem; }
+.crop-actions button { font: inherit; padding: .4rem .8rem; }
+.crop-actions .primary { background: var(--upload-broker-accent, #0b57d0); color: var(--upload-broker-accent-text, #fff); border: 0; border-radius: 8px; }
+.muted { opacity: .8; }
 .visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap; }
 `;
 
@@ -117,7 +131,15 @@ export class UploadBroker extends HTMLElement {
     const { signal } = attempt;
     const rules = this.effectiveRules;
     attempt.report("checking");
-    const prepared = await prepare(entry.file, rules).catch(() => null);
+    let edit = null;
+    if (rules.aspect_ratio && !this._rows.get(entry.key).edit) {
+      // One crop dialog at a time, in the order the files came.
+      this._cropping = (this._cropping ?? Promise.resolve()).then(() => chooseCrop(entry.file, rules.aspect_ratio, { parent: this.shadowRoot }).catch(() => ({})));
+      edit = await this._cropping;
+      if (edit === null) return { state: "cancelled" };
+      this._rows.get(entry.key).edit = edit;
+    }
+    const prepared = await prepare(entry.file, rules, edit).catch(() => null);
     if (prepared) entry.file = prepared.file;
     const problem = await check(entry.file, rules);
     if (problem) return { state: "refused", error: problem };

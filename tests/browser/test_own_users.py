@@ -20,6 +20,7 @@ from broker.api.models import IdempotencyKey
 from broker.auth.models import User
 from broker.platform.db import db
 from broker.uploads.models import Upload
+from tests.browser.conftest import screenshot
 from tests.support.oidc_issuer import AUDIENCE, Issuer, serve_issuer
 
 pytestmark = pytest.mark.browser
@@ -250,3 +251,53 @@ def test_the_component_on_the_apps_page_uploads_three_files_with_an_oidc_token(
     assert serious == []
     errors = [text for kind, text in page.console_messages_seen if kind == "error"]
     assert errors == []
+
+
+def test_an_avatar_is_cropped_and_turned_by_keyboard_alone(
+    live_broker, app_site, emulator, page
+) -> None:
+    from axe_playwright_python.sync_playwright import Axe
+
+    from tests.browser.test_prepare import _stored
+
+    page.goto(f"{app_site.url}/index.html")
+    page.evaluate(
+        COMPONENT,
+        {"broker": live_broker.url, "token": app_site.token(sub="shopper-4"), "files": []},
+    )
+    page.evaluate("document.querySelector('upload-broker').rules = { aspect_ratio: 1 }")
+    # 800x400: red on the left half, blue on the right.
+    picture = Image.new("RGB", (800, 400), (20, 40, 220))
+    picture.paste((220, 20, 20), (0, 0, 400, 400))
+    data = io.BytesIO()
+    picture.save(data, "PNG")
+    page.locator("upload-broker input[type=file]").set_input_files(
+        files=[{"name": "me.png", "mimeType": "image/png", "buffer": data.getvalue()}]
+    )
+    dialog = page.locator("upload-broker dialog")
+    expect(dialog).to_be_visible()
+    screenshot(page, "component-crop-dialog")
+    serious = [
+        v["id"]
+        for v in Axe().run(page).response["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert serious == []
+    # The frame has the focus: Tab, Tab to "Turn right" (the red half comes to the top), back to
+    # the frame, move it to the top, then on to "Use this crop".
+    keys = page.keyboard
+    for key in ("Tab", "Tab", "Enter", "Shift+Tab", "Shift+Tab"):
+        keys.press(key)
+    for _ in range(3):
+        keys.press("Shift+ArrowUp")
+    for key in ("Tab", "Tab", "Tab", "Enter"):
+        keys.press(key)
+    item = page.locator("upload-broker li")
+    expect(item).to_have_attribute("data-state", "ready", timeout=30_000)
+    result = page.evaluate("window.results[0]")
+    stored = Image.open(io.BytesIO(_stored(live_broker, emulator, result["upload"]["id"])))
+    assert stored.size == (400, 400)
+    rgb = stored.convert("RGB")
+    for point in ((10, 10), (200, 200), (390, 390)):
+        r, g, b = rgb.getpixel(point)
+        assert r > 180 and b < 80, (point, (r, g, b))
