@@ -216,3 +216,24 @@ def test_prepared_photo_against_the_original_on_a_10_mbit_uplink(
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "bench-prepare.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def test_animated_images_svg_and_heic_go_as_they_are(live_broker, make_user, emulator, page):
+    from broker.emulator.testing import make_image
+    from tests.browser.test_upload_queue import SVG, _animated_gif
+
+    make_user("pia", PASSWORD)
+    _log_in(page, live_broker.url, "pia")
+    heic = make_image(640, 480, "HEIF", color=(30, 140, 60))
+    files = [
+        ("spinner.gif", "image/gif", _animated_gif()),
+        ("logo.svg", "image/svg+xml", SVG),
+        # Chromium cannot decode HEIC: it goes as taken, for the image service to read.
+        ("iphone.heic", "image/heic", heic),
+    ]
+    _drop(page, files)
+    for name, _, data in files:
+        tile = _item(page, name)
+        expect(tile).to_have_attribute("data-state", "ready", timeout=30_000)
+        stored = _stored(live_broker, emulator, tile.get_attribute("data-upload-id"))
+        assert stored == data, name
