@@ -38,8 +38,14 @@ bp = Blueprint("web", __name__)
 
 GALLERY_PAGE_SIZE = 24
 ADMIN_DELIVERIES = 25
-# The gallery's two views: finished images, and drafts still waiting for their file.
-SHOWS = {"images": UploadStatus.READY, "drafts": UploadStatus.PENDING}
+# The gallery's views: finished images, drafts still waiting for their file, and uploads that
+# ended without an image (refused by the rules or the image service; the link ran out).
+SHOWS = {
+    "images": UploadStatus.READY,
+    "drafts": UploadStatus.PENDING,
+    "refused": UploadStatus.REJECTED,
+    "expired": UploadStatus.EXPIRED,
+}
 # Most drafts discarded in one request (the pending limit is far below this).
 DISCARD_BATCH = 200
 
@@ -69,18 +75,33 @@ def upload() -> ResponseReturnValue:
         detail_variant=profile.default_variant or _detail_variant(),
         profile=profile,
         accept=profiles.accept_attribute(profile),
+        rules=upload_rules(profile),
     )
+
+
+def upload_rules(profile: profiles.Profile) -> dict[str, Any]:
+    """Return the rules the page checks and prepares files to: the profile's public rules, with
+    the names the page's scripts read (checks.js, prepare.js)."""
+    sides = [side for side in (profile.max_width, profile.max_height) if side]
+    return {
+        **profile.public(),
+        "allowed_formats": list(profile.formats) or None,
+        "max_bytes": profile.max_bytes or None,
+        "max_dimension": min(sides) if sides else None,
+        # Location and device details leave the device only where a profile asks for them.
+        "keep_metadata": False,
+    }
 
 
 @bp.get("/gallery")
 @login_required
 def gallery() -> ResponseReturnValue:
-    """List the user's images (or drafts waiting for a file), newest first, a page at a time,
-    of one upload profile if `profile` names one."""
+    """List the user's images (or drafts, refused or expired uploads), newest first, a page at a
+    time, of one upload profile if `profile` names one."""
     before = request.args.get("before") or None
     show = request.args.get("show", "images")
     if show not in SHOWS:
-        abort(400, "Show either images or drafts.")
+        abort(400, "Show images, drafts, refused or expired.")
     names = profiles.profiles_of(current_settings()).names
     profile = request.args.get("profile") or None
     if profile is not None and profile not in names:

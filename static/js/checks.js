@@ -1,8 +1,16 @@
-// What the upload page checks before asking for an upload link, mirroring the image service's
-// limits: the format by its bytes (never the name or the browser's guess), at most 10 MB, and
-// readable dimensions within 12,000 px a side and 100 megapixels. HEIC/HEIF is recognised by its
-// `ftyp` brands; browsers that cannot decode it leave its dimensions to the image service.
-
+// What an upload page checks before asking for an upload link: the file against an upload's
+// rules and the image service's own limits. The format by its bytes (never the name or the
+// browser's guess), at most 10 MB, readable dimensions within 12,000 px a side and 100 megapixels.
+// HEIC/HEIF is recognised by its `ftyp` brands; browsers that cannot decode it leave its
+// dimensions to the image service. An app that builds its own page imports it as the broker's
+// page does:
+//
+//   import { check } from "https://broker.example.com/static/js/checks.js";
+//   const rules = { allowed_formats: ["JPEG", "PNG"], max_bytes: 5_000_000, max_dimension: 4096 };
+//   const problem = await check(file, rules); // null, or a sentence saying why it cannot go
+//
+// Every rule is optional (null or absent: only the image service's limits apply); prepare.js
+// makes a file fit the same rules first (resize, re-encode, metadata removed).
 export const MAX_BYTES = 10 * 1024 * 1024;
 export const MAX_SIDE = 12000;
 export const MAX_PIXELS = 100_000_000;
@@ -93,19 +101,35 @@ export async function inspect(file) {
   return { format, width: size?.width || null, height: size?.height || null, animated };
 }
 
-/** Return why the image service would refuse `file`, or null when it looks acceptable. */
-export async function check(file) {
+/** The rules an upload page shows and checks: the broker's, over the image service's limits. */
+export function effectiveRules(rules = {}) {
+  const formats = (rules.allowed_formats ?? []).map((f) => String(f).toUpperCase());
+  if (formats.includes("JPG")) formats.push("JPEG");
+  if (formats.includes("HEIF")) formats.push("HEIC");
+  return {
+    formats: formats.length ? formats : null,
+    maxBytes: Math.min(rules.max_bytes || MAX_BYTES, MAX_BYTES),
+    maxSide: Math.min(rules.max_dimension || MAX_SIDE, MAX_SIDE),
+  };
+}
+
+const grouped = (n) => n.toLocaleString("en-US");
+
+/** Return why `file` would be refused under `rules` (see effectiveRules), or null when it looks acceptable. */
+export async function check(file, rules = {}) {
+  const { formats, maxBytes, maxSide } = effectiveRules(rules);
   if (file.size === 0) return "The file is empty.";
-  if (file.size > MAX_BYTES) return `Too large: ${humanSize(file.size)} (the limit is 10 MB).`;
+  if (file.size > maxBytes) return `Too large: ${humanSize(file.size)} (the limit is ${humanSize(maxBytes)}).`;
   const format = await sniffFormat(file);
   if (!format) return "Not a supported image: use JPEG, PNG, GIF, WebP, SVG or HEIC.";
+  if (formats && !formats.includes(format.label.toUpperCase())) return `${format.label} is not accepted here: use ${formats.filter((f) => f !== "JPG" && f !== "HEIF").join(", ")}.`;
   const size = await readDimensions(file);
   if (!size) {
     // HEIC: most browsers cannot decode it; the image service checks it on arrival.
     return format.browserCanShow ? `The ${format.label} file could not be read as an image.` : null;
   }
   if (format.mime !== "image/svg+xml" && (!size.width || !size.height)) return `The ${format.label} file could not be read as an image.`;
-  if (size.width > MAX_SIDE || size.height > MAX_SIDE) return `Too big: ${size.width}×${size.height} px (at most 12,000 px a side).`;
+  if (size.width > maxSide || size.height > maxSide) return `Too big: ${size.width}×${size.height} px (at most ${grouped(maxSide)} px a side).`;
   if (size.width * size.height > MAX_PIXELS) return "Too big: more than 100 megapixels.";
   return null;
 }

@@ -4,7 +4,7 @@
 //
 //   import { connect } from "/static/js/client.js";
 //   const broker = connect({ token: "brk_…" });          // or { csrfToken } on the broker's pages
-//   const upload = await broker.createUpload({ body: { metadata: { album: "summer" } } });
+//   const upload = await broker.createUpload({ body: { metadata: { album: "summer" } } }); // + an Idempotency-Key
 //   await broker.sendFile(upload.upload_url, file, { onProgress: (sent, total) => …, signal });
 //   const done = await broker.waitUntilSettled(upload.id, { signal }); // done.status: "ready", …
 //
@@ -59,10 +59,33 @@ async function call(method, path, options = {}, { body, headers = {} } = {}) {
 
 const uploadPath = (id) => `/api/v1/uploads/${encodeURIComponent(id)}`;
 
-/** Ask the broker for a one-time upload URL; resolve with the new upload ({id, upload_url, …}). */
-export async function createUpload({ body = {}, idempotencyKey, ...options } = {}) {
-  const headers = idempotencyKey ? { "Idempotency-Key": idempotencyKey } : {};
-  return (await call("POST", "/api/v1/uploads", options, { body, headers })).data;
+/** Return a fresh Idempotency-Key (a random UUID). */
+export function newIdempotencyKey() {
+  if (globalThis.crypto?.randomUUID) return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// A create whose answer was lost to the network is sent again, with the same key, after these
+// pauses (ms): the broker replays the first answer instead of making a second draft.
+const CREATE_RETRIES = [500, 2000];
+
+/**
+ * Ask the broker for a one-time upload URL; resolve with the new upload ({id, upload_url, …}).
+ * Every create carries an `Idempotency-Key` (a new one unless given: keep and pass the same key
+ * to repeat the same create safely, e.g. after a reload).
+ */
+export async function createUpload({ body = {}, idempotencyKey = newIdempotencyKey(), ...options } = {}) {
+  const headers = { "Idempotency-Key": idempotencyKey };
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return (await call("POST", "/api/v1/uploads", options, { body, headers })).data;
+    } catch (error) {
+      // fetch rejects with a TypeError only when no answer arrived at all.
+      if (!(error instanceof TypeError) || attempt >= CREATE_RETRIES.length) throw error;
+      await pause(CREATE_RETRIES[attempt], options.signal);
+    }
+  }
 }
 
 /**
@@ -144,6 +167,7 @@ export function connect(defaults = {}) {
   const merged = (options) => ({ ...defaults, ...options });
   return {
     createUpload: (options = {}) => createUpload(merged(options)),
+    newIdempotencyKey,
     sendFile,
     complete: (id, options = {}) => complete(id, merged(options)),
     getUpload: (id, options = {}) => getUpload(id, merged(options)),

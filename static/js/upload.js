@@ -3,16 +3,19 @@
 // is sent straight to the image service with real progress and completed (client.js), then shown
 // through /i/<id>/thumb. Everything here is DOM: rendering, focus and announcements.
 
-import { connect } from "./client.js";
+import { BrokerError, connect, newIdempotencyKey } from "./client.js";
+import * as store from "./store.js";
 import { UploadQueue, FINAL, RETRYABLE } from "./queue.js";
 import { check, humanSize, inspect } from "./checks.js";
+import { prepare } from "./prepare.js";
 import { RateMeter, humanDuration } from "./rate.js";
 import { api, copyLink } from "./links.js";
 
 const CONCURRENCY = 3;
 const ACTIVE_LABELS = {
   starting: "Waiting", checking: "Checking", requesting: "Getting an upload link",
-  processing: "Processing",
+  processing: "Processing", resuming: "Resuming after the page was closed",
+  renewing: "The upload link expired: getting a new one", offline: "Offline: waiting for the network",
 };
 
 const broker = connect({ csrfToken: document.querySelector('meta[name="csrf-token"]')?.content ?? "" });
@@ -29,12 +32,18 @@ const speedText = document.getElementById("overall-speed");
 const cameraEl = document.getElementById("camera-input");
 const draftsNotice = document.getElementById("drafts-notice");
 const variant = queueEl.dataset.variant || "public";
+// The broker's upload rules ({allowed_formats, max_bytes, max_dimension, keep_metadata}).
+const rules = JSON.parse(queueEl.dataset.rules || "{}");
 const meter = new RateMeter();
 // The order totals are said in, and the word for each state.
 const TOTALS = [["ready", "ready"], ["active", "uploading"], ["waiting", "waiting"], ["refused", "refused"],
   ["failed", "failed"], ["expired", "expired"], ["cancelled", "cancelled"]];
 
-const rows = new Map(); // entry key → {el, preview URL, upload id}
+// The tile's data-state for each phase of a running file (the others are "checking").
+const ACTIVE_STATES = { uploading: "uploading", processing: "processing", offline: "paused", retrying: "paused" };
+const owner = queueEl.dataset.owner;
+const rows = new Map(); // entry key → {el, preview URL, upload id, record}
+const incoming = new Map(); // file → its stored record, until the queue makes its row
 
 let announceTimer = null;
 function announce(message) {
@@ -50,6 +59,7 @@ function label(entry) {
     case "waiting": return "Waiting";
     case "active":
       if (entry.phase === "uploading") return percent < 100 ? `Uploading ${percent} %` : "Uploading 100 %: waiting for the image service";
+      if (entry.phase === "retrying") return `Connection lost: trying again in ${entry.retryIn} s`;
       return ACTIVE_LABELS[entry.phase] ?? "Working";
     case "ready": return "Ready";
     case "failed": return `Failed: ${entry.error}`;
@@ -69,7 +79,7 @@ function render(entry) {
   if (!row) return;
   const { el } = row;
   const focused = el.contains(document.activeElement) && document.activeElement !== el ? document.activeElement : null;
-  el.dataset.state = entry.state === "active" ? (entry.phase === "uploading" ? "uploading" : entry.phase === "processing" ? "processing" : "checking") : entry.state;
+  el.dataset.state = entry.state === "active" ? (ACTIVE_STATES[entry.phase] ?? "checking") : entry.state;
   if (row.uploadId) el.dataset.uploadId = row.uploadId; else delete el.dataset.uploadId;
   el.querySelector(".state").textContent = label(entry);
   const bar = el.querySelector("progress");
@@ -141,6 +151,8 @@ function onChange(entry) {
     if (SPOKEN[entry.state]) announce(`${entry.file.name} ${SPOKEN[entry.state](entry)}`);
     else if (entry.phase === "uploading" && entry.loaded === 0) announce(`${entry.file.name} is uploading`);
   }
+  // A file that is done with (or given up on by the user) leaves the browser's storage.
+  if (row && ["ready", "refused", "cancelled"].includes(entry.state)) store.drop(row.record.id);
   render(entry);
   renderOverall();
 }
@@ -152,21 +164,60 @@ function discard(row) {
   broker.deleteUpload(row.uploadId).catch(() => {});
 }
 
-async function run(entry, attempt) {
-  const row = rows.get(entry.key);
-  const { signal } = attempt;
-  attempt.report("checking");
-  const problem = await check(entry.file);
-  if (problem) return { state: "refused", error: problem };
-  signal.throwIfAborted();
-  attempt.report("requesting");
-  let upload;
+// Pauses (ms) before sending a file again after the connection broke, while the browser says it
+// is online; offline, the page waits for the `online` event instead.
+const SEND_RETRIES = [1000, 2000, 4000, 8000, 15000, 30000];
+// Expired upload links replaced in one attempt before the page gives up and says so.
+const RENEWALS = 3;
+
+function wait(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = window.setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { window.clearTimeout(timer); reject(new DOMException("cancelled", "AbortError")); }, { once: true });
+  });
+}
+
+function online(signal) {
+  return new Promise((resolve, reject) => {
+    if (navigator.onLine) { resolve(); return; }
+    window.addEventListener("online", resolve, { once: true });
+    signal.addEventListener("abort", () => reject(new DOMException("cancelled", "AbortError")), { once: true });
+  });
+}
+
+function keep(row, changes) {
+  // The record of this file in the browser's storage follows the page's progress.
+  Object.assign(row.record, changes);
+  store.update(row.record.id, changes);
+}
+
+async function makeFit(entry, row) {
+  // Made to fit the rules on this device (smaller, upright, without location) before it goes;
+  // the queue counts the bytes really sent. Once per file, kept across reloads.
+  if (row.record.prepared) return;
+  const prepared = await prepare(entry.file, rules).catch(() => null);
+  if (prepared && prepared.file !== entry.file) {
+    row.note = [prepared.note, prepared.stripped ? "location and camera details removed" : null].filter(Boolean).join(", ");
+    entry.file = prepared.file;
+    learn(entry, row);
+    showFacts(entry, row);
+  }
+  keep(row, { prepared: true, file: entry.file, note: row.note ?? null });
+}
+
+async function createFor(entry, row, attempt) {
+  // Not aborted midway: a slot the broker did create must be known, to be given back.
+  // What the page learnt about the file rides along as metadata, for the detail page to show.
+  // The record's key makes a create repeated after a reload replay the first answer.
   try {
-    // Not aborted midway: a slot the broker did create must be known, to be given back.
-    // What the page learnt about the file rides along as metadata, for the detail page to show.
-    const profile = document.getElementById("queue").dataset.profile;
-    const body = { metadata: { file: await row.facts } };
-    upload = await broker.createUpload({ body: profile ? { ...body, profile } : body });
+    const profile = queueEl.dataset.profile;
+    const body = { metadata: { file: await row.facts }, ...(profile ? { profile } : {}) };
+    const upload = await patiently(attempt, "requesting", () => broker.createUpload({ body, idempotencyKey: row.record.key }));
+    row.limitHit = false;
+    row.uploadId = upload.id;
+    row.served = false;
+    keep(row, { uploadId: upload.id, uploadUrl: upload.upload_url, sent: false });
+    return null;
   } catch (error) {
     if (error.code === "too_many_pending_uploads") {
       // The API's wording speaks to apps; a browser user is offered the one action that helps.
@@ -177,24 +228,114 @@ async function run(entry, attempt) {
     if (error.retryAfter) error.message = `${error.message} Try again in ${error.retryAfter} s.`;
     throw error;
   }
-  row.limitHit = false;
-  row.uploadId = upload.id;
-  row.served = false;
-  if (signal.aborted) { discard(row); signal.throwIfAborted(); }
-  attempt.report("uploading", { loaded: 0 });
-  await broker.sendFile(upload.upload_url, entry.file, { signal, onProgress: (sent) => attempt.progress(sent) });
+}
+
+async function patiently(attempt, phase, work) {
+  // A call that got no answer (offline, a broken connection) is tried again: at once when the
+  // browser is back online, else after a growing pause; the tile says which.
+  for (let tries = 0; ; tries++) {
+    if (!navigator.onLine) {
+      attempt.report("offline");
+      await online(attempt.signal);
+    }
+    attempt.report(phase, phase === "uploading" ? { loaded: 0 } : {});
+    try {
+      return await work();
+    } catch (error) {
+      const noAnswer = error instanceof TypeError || (error instanceof BrokerError && error.status === 0);
+      // The same create still running (its page was reloaded meanwhile): its answer comes soon.
+      const running = error.code === "idempotency_in_progress";
+      if (!(noAnswer || running) || tries >= SEND_RETRIES.length) throw error;
+      if (running) await wait(SEND_RETRIES[0], attempt.signal);
+      else if (navigator.onLine) {
+        attempt.report("retrying", { retryIn: SEND_RETRIES[tries] / 1000 });
+        await wait(SEND_RETRIES[tries], attempt.signal);
+      }
+    }
+  }
+}
+
+function send(entry, row, attempt) {
+  return patiently(attempt, "uploading", () => broker.sendFile(
+    row.record.uploadUrl, entry.file, { signal: attempt.signal, onProgress: (sent) => attempt.progress(sent) },
+  ));
+}
+
+function outcome(upload) {
+  if (upload.status === "ready") return { state: "ready" };
+  if (upload.status === "expired") return { state: "expired" };
+  return { state: "failed", error: upload.reject_reason ?? `the upload ended ${upload.status}` };
+}
+
+async function resumed(row, attempt) {
+  // An upload made before a reload: its file may have arrived (then no byte is sent again).
+  try {
+    const { upload } = await patiently(attempt, "resuming", () => broker.complete(row.uploadId, { signal: attempt.signal }));
+    return upload && upload.status !== "pending" ? upload : null;
+  } catch (error) {
+    if (error.status === 404) { keep(row, { uploadId: null, uploadUrl: null }); row.uploadId = null; return null; }
+    throw error;
+  }
+}
+
+function renew(row, attempt) {
+  // The upload link expired before its file arrived: a new upload replaces it (a new key, or
+  // the broker would replay the old answer); the old draft's slot is given back.
+  attempt.report("renewing");
+  discard(row);
+  row.uploadId = null;
+  keep(row, { uploadId: null, uploadUrl: null, sent: false, key: newIdempotencyKey() });
+}
+
+async function run(entry, attempt) {
+  const row = rows.get(entry.key);
+  const { signal } = attempt;
+  attempt.report("checking");
+  await makeFit(entry, row);
+  signal.throwIfAborted();
+  const problem = await check(entry.file, rules);
+  if (problem) return { state: "refused", error: problem };
+  signal.throwIfAborted();
+  if (row.uploadId && !row.record.sent) {
+    const earlier = await resumed(row, attempt);
+    // Ready or refused: that is the file's outcome. Expired, or gone (a draft past its time is
+    // removed): a new upload replaces it.
+    if (earlier?.status === "ready" || earlier?.status === "rejected") return outcome(earlier);
+    if (earlier) renew(row, attempt);
+  }
+  for (let renewals = 0; !row.record.sent; renewals++) {
+    if (!row.uploadId) {
+      const refused = await createFor(entry, row, attempt);
+      if (refused) return refused;
+      if (signal.aborted) { discard(row); signal.throwIfAborted(); }
+    }
+    try {
+      await send(entry, row, attempt);
+    } catch (error) {
+      // 409: the link already has its file (sent before a reload); 410: it expired meanwhile,
+      // so a new upload replaces it, without the user doing anything.
+      if (error.status === 410 && renewals < RENEWALS) {
+        renew(row, attempt);
+        continue;
+      }
+      if (error.status !== 409) throw error;
+    }
+    keep(row, { sent: true });
+  }
   attempt.report("processing", { loaded: entry.file.size });
-  const done = await broker.waitUntilSettled(upload.id, { signal });
-  if (done.status === "ready") return { state: "ready" };
-  if (done.status === "expired") return { state: "expired" };
-  return { state: "failed", error: done.reject_reason ?? `the upload ended ${done.status}` };
+  const settled = await patiently(attempt, "processing", () => broker.waitUntilSettled(row.uploadId, { signal }));
+  return outcome(settled);
 }
 
 const queue = new UploadQueue({ limit: CONCURRENCY, run, onChange });
 
 function addRow(entry) {
   const el = template.content.firstElementChild.cloneNode(true);
-  const row = { el, previewUrl: null, uploadId: null, served: false, spoken: null, limitHit: false };
+  const record = incoming.get(entry.file);
+  incoming.delete(entry.file);
+  const row = {
+    el, previewUrl: null, uploadId: record.uploadId ?? null, served: false, spoken: null, limitHit: false, record, note: record.note ?? null,
+  };
   rows.set(entry.key, row);
   el.dataset.key = String(entry.key);
   el.querySelector(".name").textContent = entry.file.name;
@@ -233,29 +374,43 @@ function addRow(entry) {
     // Upload links are single-use: a retry asks for a fresh one and frees the old slot.
     if (entry.state !== "expired") discard(row);
     row.uploadId = null;
+    keep(row, { uploadId: null, uploadUrl: null, sent: false, key: newIdempotencyKey() });
     queue.retry(entry.key);
     (visibleButton(el) ?? el).focus();
   });
-  row.info = inspect(entry.file).catch(() => ({}));
-  row.facts = row.info.then(({ format, width, height, animated }) => ({
-    name: entry.file.name.slice(0, 100), type: format?.label ?? null, bytes: entry.file.size, width: width ?? null, height: height ?? null,
-    animated: Boolean(animated),
-  }));
+  learn(entry, row);
   queueEl.append(el);
   preview(entry, row);
 }
 
-async function preview(entry, row) {
-  // A local preview at once where the browser can show the format (not HEIC in most browsers),
-  // and the facts a tile shows: type, size, dimensions.
-  const label = row.el.querySelector(".preview-label");
+function learn(entry, row) {
+  // What the page knows about the file it sends, for the tile and the detail page's facts.
+  const file = entry.file;
+  row.info = inspect(file).catch(() => ({}));
+  row.facts = row.info.then(({ format, width, height, animated }) => ({
+    name: file.name.slice(0, 100), type: format?.label ?? null, bytes: file.size, width: width ?? null, height: height ?? null,
+    animated: Boolean(animated),
+  }));
+}
+
+async function showFacts(entry, row) {
+  // The facts a tile shows: type, size, dimensions, and what this device changed.
+  const file = entry.file;
   const { format, width, height, animated } = await row.info;
-  label.textContent = format ? format.label : "?";
+  if (file !== entry.file) return format; // prepared meanwhile: the newer facts are shown instead
+  row.el.querySelector(".preview-label").textContent = format ? format.label : "?";
   row.el.querySelector(".facts").textContent = [
     format ? `${format.label}${animated ? " (animated)" : ""}` : "Unknown type",
-    humanSize(entry.file.size),
+    humanSize(file.size),
     width && height ? `${width}×${height}` : null,
+    row.note || null,
   ].filter(Boolean).join(" · ");
+  return format;
+}
+
+async function preview(entry, row) {
+  // A local preview at once where the browser can show the format (not HEIC in most browsers).
+  const format = await showFacts(entry, row);
   if (!format?.browserCanShow || row.served) return;
   row.previewUrl = URL.createObjectURL(entry.file);
   showPreview(row, row.previewUrl, `Preview of ${entry.file.name}`);
@@ -264,8 +419,24 @@ async function preview(entry, row) {
 function addAll(fileList) {
   const files = Array.from(fileList ?? []);
   if (!files.length) return;
+  for (const [at, file] of files.entries()) {
+    // Kept in the browser until it is done with, so a reload or a closed tab loses nothing.
+    const id = newIdempotencyKey();
+    const record = { id, owner, file, key: id, added: Date.now() + at / 1000, prepared: false, uploadId: null, uploadUrl: null, sent: false };
+    incoming.set(file, record);
+    store.save(record);
+  }
   queue.add(files); // onChange builds each row before the queue starts any of them
   announce(`${files.length} file${files.length > 1 ? "s" : ""} added`);
+}
+
+async function resumeKept() {
+  // Files a previous visit did not finish come back in the queue and carry on by themselves.
+  const records = await store.load(owner);
+  if (!records.length) return;
+  for (const record of records) incoming.set(record.file, record);
+  queue.add(records.map((r) => r.file));
+  announce(`${records.length} file${records.length > 1 ? "s" : ""} from your last visit resumed`);
 }
 
 function forget(entry) {
@@ -273,6 +444,7 @@ function forget(entry) {
   if (row?.previewUrl) URL.revokeObjectURL(row.previewUrl);
   row?.el.remove();
   rows.delete(entry.key);
+  if (row) store.drop(row.record.id);
 }
 
 function showDraftsNotice() {
@@ -335,3 +507,4 @@ document.addEventListener("paste", (event) => {
   addAll(files);
 });
 clearButton.addEventListener("click", clearFinished);
+resumeKept();

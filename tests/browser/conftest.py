@@ -50,15 +50,11 @@ def live_broker_settings() -> dict[str, Any]:
     return {}
 
 
-@pytest.fixture
-def live_broker(
-    make_app: Callable[..., Flask], live_broker_settings: dict[str, Any]
-) -> Iterator[LiveBroker]:
-    """Serve the broker on 127.0.0.1 with an inline worker thread."""
+def serve_live(app: Flask) -> LiveBroker:
+    """Serve `app` on 127.0.0.1 with an inline worker thread; `close()` stops both."""
     from broker.devserver import prepare_upstream
     from broker.worker import start_inline
 
-    app = make_app(WORKER_POLL_INTERVAL=0.05, **live_broker_settings)
     with app.app_context():
         # What `make run` does at start: declared variants upstream, signing keys mirrored.
         problems = [line for line in prepare_upstream() if "fail" in line.lower()]
@@ -77,8 +73,34 @@ def live_broker(
         serving.join(timeout=10)
 
     live._stop.append(stop_all)
+    return live
+
+
+@pytest.fixture
+def live_broker(
+    make_app: Callable[..., Flask], live_broker_settings: dict[str, Any]
+) -> Iterator[LiveBroker]:
+    """Serve the broker on 127.0.0.1 with an inline worker thread."""
+    live = serve_live(make_app(WORKER_POLL_INTERVAL=0.05, **live_broker_settings))
     yield live
     live.close()
+
+
+def throttle(page: Any, uplink_bits: int) -> Any:
+    """Throttle the page's uplink to `uplink_bits` a second (Chromium's DevTools network
+    emulation); return the DevTools session (detach it to stop)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {
+            "offline": False,
+            "latency": 20,
+            "downloadThroughput": -1,
+            "uploadThroughput": uplink_bits / 8,
+        },
+    )
+    return cdp
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,13 @@
     problems.push(`the header wraps: ${items.map((el, i) => `${label(el)}@${Math.round(tops[i].top)}`).join(", ")}`);
   }
   const { scrollWidth, clientWidth } = document.documentElement;
-  if (scrollWidth > clientWidth) problems.push(`the page is ${scrollWidth} px wide on a ${clientWidth} px screen`);
+  if (scrollWidth > clientWidth) {
+    // Name what sticks out, deepest first, so the failure says where to look.
+    const out = [...document.body.querySelectorAll("*")].filter(shown)
+      .filter((el) => abs(el.getBoundingClientRect()).right > clientWidth + 0.5)
+      .filter((el, _, all) => !all.some((other) => other !== el && el.contains(other)))
+      .slice(0, 5).map(label);
+    problems.push(`the page is ${scrollWidth} px wide on a ${clientWidth} px screen (${out.join(", ")})`);
+  }
   return problems;
 }

@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from PIL import Image
+from playwright.sync_api import expect
 
+from broker.api.models import IdempotencyKey
 from broker.auth.models import User
 from broker.platform.db import db
 from broker.uploads.models import Upload
+from tests.browser.conftest import screenshot
 from tests.support.oidc_issuer import AUDIENCE, Issuer, serve_issuer
 
 pytestmark = pytest.mark.browser
@@ -161,6 +164,12 @@ def test_the_brokers_own_module_on_the_apps_page_uploads_three_files(
     assert counters.get("upload_url") == 3
     shopper = _account(live_broker, "shopper-2")
     assert _uploads_of(live_broker, shopper) == {u["id"]: "ready" for u in uploads}
+    # Each create carried its own Idempotency-Key across origins, unasked.
+    with live_broker.app.app_context():
+        keys = db.session.scalars(
+            sa.select(IdempotencyKey.key).where(IdempotencyKey.user_id == shopper.id)
+        ).all()
+    assert len(set(keys)) == 3
     errors = [text for kind, text in page.console_messages_seen if kind == "error"]
     assert errors == []
 
@@ -175,3 +184,120 @@ def test_the_readme_recipe_is_the_one_tested() -> None:
     documented = first.split("  //", 1)[0] + "\n" + rest
     tested = (APP_FILES / "uppy-recipe.js").read_text()
     assert documented == tested[tested.index("export function") :]
+
+
+COMPONENT = (
+    """async ({ broker, token, files }) => {"""
+    + _MAKE_FILES
+    + """
+    // The app's page embeds the broker's component, hands it the user's token and listens.
+    await import(`${broker}/static/js/upload-broker.js`);
+    const element = document.createElement("upload-broker");
+    element.style.setProperty("--upload-broker-accent", "#6b21a8");
+    element.token = token;
+    window.results = [];
+    window.progress = 0;
+    element.addEventListener("upload-result", (e) => window.results.push(e.detail));
+    element.addEventListener("upload-progress", () => { window.progress += 1; });
+    const main = document.createElement("main");
+    main.append(element);
+    document.body.append(main);
+}"""
+)
+
+
+def test_the_component_on_the_apps_page_uploads_three_files_with_an_oidc_token(
+    live_broker, app_site, emulator, page
+) -> None:
+    from axe_playwright_python.sync_playwright import Axe
+
+    page.goto(f"{app_site.url}/index.html")
+    token = app_site.token(sub="shopper-3")
+    emulator.reset_counters()
+    page.evaluate(COMPONENT, {"broker": live_broker.url, "token": token, "files": []})
+    # Picked as a user does, through the component's own file input (inside its shadow root).
+    page.locator("upload-broker input[type=file]").set_input_files(
+        files=[
+            {"name": f["name"], "mimeType": f["type"], "buffer": base64.b64decode(f["b64"])}
+            for f in _files()
+        ]
+    )
+    items = page.locator("upload-broker li")
+    expect(items).to_have_count(3)
+    for i in range(3):
+        expect(items.nth(i)).to_have_attribute("data-state", "ready", timeout=30_000)
+    results = page.evaluate("window.results")
+    assert sorted(r["name"] for r in results) == ["photo-0.png", "photo-1.jpeg", "photo-2.png"]
+    assert {r["state"] for r in results} == {"ready"}
+    assert {r["upload"]["status"] for r in results} == {"ready"}
+    assert page.evaluate("window.progress") >= 3
+    counters = emulator.counters()
+    assert counters.get("direct_upload") == 3 and counters.get("upload_url") == 3
+    shopper = _account(live_broker, "shopper-3")
+    assert _uploads_of(live_broker, shopper) == {r["upload"]["id"]: "ready" for r in results}
+    # Styled by the host through a custom property; reachable by keyboard; axe finds nothing
+    # serious on it.
+    button = page.locator("upload-broker [part~=button]")
+    assert button.evaluate("(el) => getComputedStyle(el).backgroundColor") == "rgb(107, 33, 168)"
+    page.keyboard.press("Tab")
+    assert page.evaluate(
+        "document.activeElement.shadowRoot.activeElement.getAttribute('part')"
+    ) == ("dropzone")
+    serious = [
+        v["id"]
+        for v in Axe().run(page).response["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert serious == []
+    errors = [text for kind, text in page.console_messages_seen if kind == "error"]
+    assert errors == []
+
+
+def test_an_avatar_is_cropped_and_turned_by_keyboard_alone(
+    live_broker, app_site, emulator, page
+) -> None:
+    from axe_playwright_python.sync_playwright import Axe
+
+    from tests.browser.test_prepare import _stored
+
+    page.goto(f"{app_site.url}/index.html")
+    page.evaluate(
+        COMPONENT,
+        {"broker": live_broker.url, "token": app_site.token(sub="shopper-4"), "files": []},
+    )
+    page.evaluate("document.querySelector('upload-broker').rules = { aspect_ratio: 1 }")
+    # 800x400: red on the left half, blue on the right.
+    picture = Image.new("RGB", (800, 400), (20, 40, 220))
+    picture.paste((220, 20, 20), (0, 0, 400, 400))
+    data = io.BytesIO()
+    picture.save(data, "PNG")
+    page.locator("upload-broker input[type=file]").set_input_files(
+        files=[{"name": "me.png", "mimeType": "image/png", "buffer": data.getvalue()}]
+    )
+    dialog = page.locator("upload-broker dialog")
+    expect(dialog).to_be_visible()
+    screenshot(page, "component-crop-dialog")
+    serious = [
+        v["id"]
+        for v in Axe().run(page).response["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert serious == []
+    # The frame has the focus: Tab, Tab to "Turn right" (the red half comes to the top), back to
+    # the frame, move it to the top, then on to "Use this crop".
+    keys = page.keyboard
+    for key in ("Tab", "Tab", "Enter", "Shift+Tab", "Shift+Tab"):
+        keys.press(key)
+    for _ in range(3):
+        keys.press("Shift+ArrowUp")
+    for key in ("Tab", "Tab", "Tab", "Enter"):
+        keys.press(key)
+    item = page.locator("upload-broker li")
+    expect(item).to_have_attribute("data-state", "ready", timeout=30_000)
+    result = page.evaluate("window.results[0]")
+    stored = Image.open(io.BytesIO(_stored(live_broker, emulator, result["upload"]["id"])))
+    assert stored.size == (400, 400)
+    rgb = stored.convert("RGB")
+    for point in ((10, 10), (200, 200), (390, 390)):
+        r, g, b = rgb.getpixel(point)
+        assert r > 180 and b < 80, (point, (r, g, b))

@@ -85,6 +85,20 @@ def _keyboard_reaches_everything(page: Any) -> list[str]:
     return [c for c in controls if c.split(":", 1)[0] not in reached]
 
 
+def _refuse_one(app: Any, base: str, headers: dict[str, str]) -> None:
+    """Leave one upload refused by the rules, for the gallery's Refused tab."""
+    from broker.platform.db import db
+    from broker.uploads.models import Upload, UploadStatus
+
+    made = requests.post(f"{base}/api/v1/uploads", json={}, headers=headers, timeout=10)
+    assert made.status_code == 201, made.text
+    with app.app_context():
+        upload = db.session.get(Upload, made.json()["id"])
+        upload.status = UploadStatus.REJECTED
+        upload.reject_reason = "image is 14000x9000; the limit is 12000 px per side"
+        db.session.commit()
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("width", list(WIDTHS))
 def test_nothing_overlaps_on_any_page(live_broker, make_user, emulator, browser, width):
@@ -95,6 +109,7 @@ def test_nothing_overlaps_on_any_page(live_broker, make_user, emulator, browser,
     draft = requests.post(f"{base}/api/v1/uploads", json={}, headers=headers, timeout=10)
     assert draft.status_code == 201, draft.text
     draft_id = draft.json()["id"]
+    _refuse_one(app, base, headers)
 
     context = browser.new_context(viewport={"width": w, "height": h})
     context.grant_permissions(["clipboard-read", "clipboard-write"])
@@ -126,13 +141,15 @@ def test_nothing_overlaps_on_any_page(live_broker, make_user, emulator, browser,
         emulator.clear_faults()
         check("gallery", "/gallery")
         check("gallery-drafts", "/gallery?show=drafts")
+        check("gallery-refused", "/gallery?show=refused")
         check("detail", f"/gallery/{ready_id}")
         page.get_by_role("button", name="Copy link: thumb").click()
         expect(page.locator("#action-status")).to_contain_text("UTC")
         check("detail-link-copied")
         check("detail-draft", f"/gallery/{draft_id}")
         page.goto(f"{base}/auth/account")
-        page.get_by_label("Token name").fill("A phone with a rather long device name, as typed")
+        # One long word, as device names often are: it must wrap, not widen the page.
+        page.get_by_label("Token name").fill("SamsungGalaxyTabS9UltraOfTheWholeHousehold")
         page.get_by_role("button", name="Create token").click()
         expect(page.locator("#new-token")).to_be_visible()
         check("account-new-token")

@@ -218,3 +218,32 @@ def test_discarding_drafts_while_the_image_service_fails_says_so(
         for i in drafts
     }
     assert statuses == {"deleted"}
+
+
+def test_refused_and_expired_uploads_have_their_own_tabs(app, client, two_users, login, bearer):
+    from broker.uploads.models import Upload, UploadStatus
+
+    alice, _ = two_users
+    ids = [create_upload(client, bearer(app, alice))["id"] for _ in range(3)]
+    with app.app_context():
+        refused, expired = db.session.get(Upload, ids[0]), db.session.get(Upload, ids[1])
+        refused.status, refused.reject_reason = UploadStatus.REJECTED, "image is 4000x3000"
+        expired.status = UploadStatus.EXPIRED
+        db.session.commit()
+
+    login(client, "alice")
+    images = client.get("/gallery").get_data(as_text=True)
+    assert re.search(r'show=refused">Refused <span class="count">1</span>', images)
+    assert re.search(r'show=expired">Expired <span class="count">1</span>', images)
+    page = client.get("/gallery?show=refused").get_data(as_text=True)
+    assert f'data-upload-id="{ids[0]}"' in page and "Refused: image is 4000x3000" in page
+    assert f'data-upload-id="{ids[1]}"' not in page and f'data-upload-id="{ids[2]}"' not in page
+    page = client.get("/gallery?show=expired").get_data(as_text=True)
+    assert f'data-upload-id="{ids[1]}"' in page and "Link expired" in page
+    assert f'data-upload-id="{ids[0]}"' not in page
+    # With none of them, the tabs stay out of the way.
+    with app.app_context():
+        for upload_id in ids[:2]:
+            db.session.get(Upload, upload_id).status = UploadStatus.DELETED
+        db.session.commit()
+    assert "show=refused" not in client.get("/gallery").get_data(as_text=True)
