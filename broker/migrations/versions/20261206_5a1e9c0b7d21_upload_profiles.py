@@ -1,7 +1,7 @@
 """upload profiles: each upload's profile, replace mode, custom ids reusable once gone
 
 Revision ID: 5a1e9c0b7d21
-Revises: 33dacf6e6ba4
+Revises: 7a1e5c0d9b21
 Create Date: 2026-12-06 17:45:00
 
 """
@@ -13,7 +13,7 @@ import broker.platform.db  # noqa: F401  (custom column types)
 
 # revision identifiers, used by Alembic.
 revision = '5a1e9c0b7d21'
-down_revision = '33dacf6e6ba4'
+down_revision = '7a1e5c0d9b21'
 branch_labels = None
 depends_on = None
 

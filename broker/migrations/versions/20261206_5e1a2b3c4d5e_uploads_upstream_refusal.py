@@ -1,7 +1,7 @@
 """uploads.upstream_refusal: why Cloudflare refused the last file sent to the upload URL
 
 Revision ID: 5e1a2b3c4d5e
-Revises: 33dacf6e6ba4
+Revises: 7d3e5a1b9c42
 Create Date: 2026-12-06 17:45:00
 
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = '5e1a2b3c4d5e'
-down_revision = '33dacf6e6ba4'
+down_revision = '7d3e5a1b9c42'
 branch_labels = None
 depends_on = None
 

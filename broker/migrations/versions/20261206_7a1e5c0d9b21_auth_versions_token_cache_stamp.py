@@ -1,7 +1,7 @@
 """auth_versions: the stamp that tells every process to drop its cached tokens
 
 Revision ID: 7a1e5c0d9b21
-Revises: 33dacf6e6ba4
+Revises: 5e1a2b3c4d5e
 Create Date: 2026-12-06 17:40:00.000000
 
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = '7a1e5c0d9b21'
-down_revision = '33dacf6e6ba4'
+down_revision = '5e1a2b3c4d5e'
 branch_labels = None
 depends_on = None
 

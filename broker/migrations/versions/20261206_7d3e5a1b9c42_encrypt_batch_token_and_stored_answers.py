@@ -7,7 +7,7 @@ stored before this revision are encrypted with the app's keyring (`flask db upgr
 the app), and decrypted again on downgrade.
 
 Revision ID: 7d3e5a1b9c42
-Revises: 33dacf6e6ba4
+Revises: 5e1f0c2a9b7d
 Create Date: 2026-12-06 17:40:00.000000
 
 """
@@ -21,7 +21,7 @@ from broker.platform.encryption import current_keyring
 
 # revision identifiers, used by Alembic.
 revision = '7d3e5a1b9c42'
-down_revision = '33dacf6e6ba4'
+down_revision = '5e1f0c2a9b7d'
 branch_labels = None
 depends_on = None
 

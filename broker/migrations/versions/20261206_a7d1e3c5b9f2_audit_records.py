@@ -1,7 +1,7 @@
 """audit records
 
 Revision ID: a7d1e3c5b9f2
-Revises: 33dacf6e6ba4
+Revises: 5a1e9c0b7d21
 Create Date: 2026-12-06 17:50:00.000000
 
 """
@@ -13,7 +13,7 @@ import broker.platform.db  # noqa: F401  (custom column types)
 
 # revision identifiers, used by Alembic.
 revision = 'a7d1e3c5b9f2'
-down_revision = '33dacf6e6ba4'
+down_revision = '5a1e9c0b7d21'
 branch_labels = None
 depends_on = None
 
