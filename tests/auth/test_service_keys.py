@@ -262,12 +262,14 @@ def test_keys_with_another_issuer_act_for_other_accounts(broker, emulator) -> No
 def test_a_non_ascii_on_behalf_of_is_read_as_utf8(broker) -> None:
     """The header's bytes are UTF-8 (WSGI gives them as latin-1 text): "José" is one account,
     stored as "José", and bytes that are not UTF-8 are a 400."""
-    key = _new_key(broker, "uploads:read")
+    key = _new_key(broker, "uploads:read", "uploads:write")
     client = broker.test_client()
     on_the_wire = "José".encode().decode("latin-1")  # what the server receives as text
-    for _ in range(2):
-        assert client.get("/api/v1/me", headers=_as(key, on_the_wire)).status_code == 200
+    for _ in range(2):  # a write creates the account (a read would not): the same one twice
+        gone = client.delete("/api/v1/uploads/nothing-here", headers=_as(key, on_the_wire))
+        assert gone.status_code == 404, gone.get_data(as_text=True)
     assert list(_accounts(broker)) == ["José"]
+    assert client.get("/api/v1/me", headers=_as(key, on_the_wire)).status_code == 200
     refused = client.get("/api/v1/me", headers=_as(key, "Jos\xe9"))  # latin-1, not UTF-8
     assert refused.status_code == 400
     assert refused.get_json()["error"]["code"] == "invalid_on_behalf_of"
