@@ -6,9 +6,9 @@ nothing about the secret), and the match is confirmed with a constant-time compa
 
 A web process keeps the tokens it checked (`TokenCache`, keyed by the hash, at most CACHE_TTL
 seconds) so a request costs one primary-key read of `auth_versions` instead of the token and its
-user. Whatever makes a token or an account unusable (revoking, deactivating, a new password,
-any change to a token's expiry or owner) moves that version in the same transaction
-(`watch_sessions`), so every process refuses the token on its next request. Expiry is checked on
+user. Any change to a token or an account through the ORM (revoking, deactivating, a new
+password, new limits; not the last-used and last-login stamps) moves that version in the same
+transaction (`watch_sessions`), so every process sees it on its next request. Expiry is checked on
 every request against the kept expiry.
 """
 
@@ -49,11 +49,10 @@ MAX_SECRET_LENGTH = 200
 CACHE_TTL = 30.0
 # Tokens kept per process; past it the oldest half is dropped.
 CACHE_SIZE = 10_000
-# What moves the version: a change to these columns makes a token or an account unusable.
-_WATCHED = {
-    ApiToken: ("revoked_at", "expires_at", "user_id", "token_hash"),
-    User: ("active", "password_hash", "session_token"),
-}
+# What moves the version: a change to any column of a token or an account (the cache keeps
+# them all: usable or not, and what the request reads, such as a user's limits), but these
+# stamps, written on every login and once a minute per token.
+_UNWATCHED = {ApiToken: {"last_used_at"}, User: {"last_login_at"}}
 
 # What is looked up by its secret's hash: API tokens and service keys.
 _Hashed = TypeVar("_Hashed", ApiToken, ServiceKey)
@@ -356,11 +355,16 @@ def move_version(session: Session | OrmSession) -> None:
 def _before_flush(session: OrmSession, _context: Any, _instances: Any) -> None:
     """Move the version when this flush changes what makes a token or an account usable."""
     for row in (*session.dirty, *session.deleted):
-        names = _WATCHED.get(type(row))
-        if names is None:
+        unwatched = _UNWATCHED.get(type(row))
+        if unwatched is None:
             continue
         state = sa.inspect(row)
-        if row in session.deleted or any(state.attrs[name].history.has_changes() for name in names):
+        changed = (
+            attr.key
+            for attr in state.mapper.column_attrs
+            if state.attrs[attr.key].history.has_changes()
+        )
+        if row in session.deleted or any(name not in unwatched for name in changed):
             move_version(session)
             return
 
