@@ -228,6 +228,10 @@ def _identity_provider_user(token: str) -> User | None:
     return _external_account(identity.issuer, identity.subject)
 
 
+# POSTs that only read (a batch of signed URLs, sent as a body): they create no account either.
+_READS = frozenset({"/api/v1/images/urls"})
+
+
 def _external_account(issuer: str, subject: str) -> User:
     """Return the account of `subject` at `issuer`, created (and committed) by its first write;
     a read before that acts as an account that owns nothing and is never stored."""
@@ -236,7 +240,7 @@ def _external_account(issuer: str, subject: str) -> User:
     # No autoflush: the credential's last-used stamp stays pending for the commit after this.
     with db.session.no_autoflush:
         user = external.find_account(db.session, issuer, subject)
-    if user is None and request.method in ("GET", "HEAD", "OPTIONS"):
+    if user is None and (request.method in ("GET", "HEAD", "OPTIONS") or request.path in _READS):
         return external.reader(issuer, subject)  # a read creates no account
     if user is None:
         user = external.create_account(db.session, issuer, subject)

@@ -20,7 +20,7 @@ def _users(app) -> list[tuple[str, str | None]]:
 def _service_key(app, admin) -> str:
     created = app.test_client().post(
         "/api/v1/service-keys",
-        json={"name": "shop", "scopes": ["uploads:read", "uploads:write"]},
+        json={"name": "shop", "scopes": ["uploads:read", "uploads:write", "images:urls"]},
         headers=admin,
     )
     assert created.status_code == 201, created.get_json()
@@ -47,6 +47,12 @@ def test_reads_create_no_account(app, make_user, bearer, emulator) -> None:
     # Someone else's upload stays out of reach of an account that does not exist.
     mine = client.post("/api/v1/uploads", json={}, headers=admin).get_json()
     assert client.get(f"/api/v1/uploads/{mine['id']}", headers=as_customer).status_code == 404
+    # A batch of signed URLs is a read sent as a POST: none of them, and no account either.
+    batch = {"items": [{"id": mine["id"], "variant": "thumb"}]}
+    minted = client.post("/api/v1/images/urls", json=batch, headers=as_customer)
+    assert minted.status_code == 200, minted.get_json()
+    [item] = minted.get_json()["items"]
+    assert item["url"] is None and item["error"]["code"] == "not_found"
     assert _users(app) == before
 
     # The first write creates it.
