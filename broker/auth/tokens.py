@@ -298,6 +298,8 @@ class VersionStamp:
                     cursor.close()
             except Exception as exc:  # a dropped connection: read from the session this time
                 log.warning("token cache: cannot read auth_versions (%s)", type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    self._conn.invalidate()  # dead: closed without the pool resetting it first
                 self.close()
                 return None
             self._value = int(row[0]) if row else 0
