@@ -9,8 +9,8 @@
 //   const rules = { allowed_formats: ["JPEG", "PNG"], max_bytes: 5_000_000, max_dimension: 4096 };
 //   const problem = await check(file, rules); // null, or a sentence saying why it cannot go
 //
-// The rules are an upload profile's public rules (`GET /api/v1/profiles`, or the page's
-// data-rules): `allowed_formats`, `max_bytes`, `max_dimension` (the largest side), `min_width`,
+// The rules are an upload profile's public rules (an item of `GET /api/v1/profiles`, or the
+// page's data-rules): `allowed_formats` (or `formats`), `max_bytes`, `max_dimension` (the largest side), `min_width`,
 // `max_width`, `min_height`, `max_height`, `min_pixels`, `max_pixels`, `aspect_ratio` (width /
 // height) within `aspect_tolerance` (default 0.01, as the broker). Every rule is optional (null or
 // absent: only the image service's limits apply). prepare.js makes a file fit the same rules
@@ -108,7 +108,8 @@ export async function inspect(file) {
 
 /** The rules an upload page shows and checks: the broker's, over the image service's limits. */
 export function effectiveRules(rules = {}) {
-  const formats = (rules.allowed_formats ?? []).map((f) => String(f).toUpperCase());
+  // `formats`: a profile as `GET /api/v1/profiles` lists it serves as it is.
+  const formats = (rules.allowed_formats ?? rules.formats ?? []).map((f) => String(f).toUpperCase());
   if (formats.includes("JPG")) formats.push("JPEG");
   if (formats.includes("HEIF")) formats.push("HEIC");
   const ratio = Number(rules.aspect_ratio) > 0 ? Number(rules.aspect_ratio) : null;

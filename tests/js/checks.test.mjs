@@ -43,3 +43,7 @@ test("a format outside the profile's list is named, with what to use instead", (
   assert.equal(formatProblem(formatOf(gif(1)), {}), null);
   assert.equal(formatProblem({ label: "HEIC" }, { allowed_formats: ["HEIF"] }), null);
 });
+
+test("a profile as GET /api/v1/profiles lists it names its formats as `formats`", () => {
+  assert.equal(formatProblem(formatOf(gif(1)), { formats: ["JPEG", "PNG"] }), "GIF is not accepted here: use JPEG, PNG.");
+});
