@@ -155,17 +155,22 @@ def test_the_avatar_page_refuses_wrong_files_before_creating_anything_and_crops_
         assert b > 180 and r < 80, (point, (r, g, b))
 
 
+def _pick_on_the_avatar_page(live: Any, page: Any, username: str, name: str, data: bytes) -> Any:
+    """Log in, open the avatar page and pick one PNG; return its tile."""
+    _log_in(page, live.url, username)
+    page.goto(f"{live.url}/upload?profile=avatar")
+    page.locator("#file-input").set_input_files(
+        [{"name": name, "mimeType": "image/png", "buffer": data}]
+    )
+    return _item(page, name)
+
+
 def test_the_avatar_page_sends_a_square_picture_without_asking_to_crop(
     live_broker, make_user, emulator, page
 ):
     make_user("bea", PASSWORD)
-    _log_in(page, live_broker.url, "bea")
-    page.goto(f"{live_broker.url}/upload?profile=avatar")
     # 1000x1000: the right shape, too large; made 512x512 on the device, no dialog.
-    page.locator("#file-input").set_input_files(
-        [{"name": "me.png", "mimeType": "image/png", "buffer": _png(1000, 1000)}]
-    )
-    item = _item(page, "me.png")
+    item = _pick_on_the_avatar_page(live_broker, page, "bea", "me.png", _png(1000, 1000))
     expect(item).to_have_attribute("data-state", "ready", timeout=30_000)
     expect(item.locator(".facts")).to_contain_text("512\u00d7512")
     expect(page.locator("dialog")).to_have_count(0)
@@ -202,3 +207,23 @@ def test_the_broker_refuses_what_a_client_that_skips_the_page_sends(
     assert (body["status"], body["profile"]) == ("rejected", "avatar")
     assert body["reject_reason"] == "max_width: image is 4000 px wide; at most 512"
     assert emulator.emulator.store.get_image(upload["image_id"]) is None
+
+
+def test_a_cancelled_crop_creates_nothing_and_retry_asks_again(
+    live_broker, make_user, emulator, page
+):
+    make_user("dora", PASSWORD)
+    item = _pick_on_the_avatar_page(live_broker, page, "dora", "wide.png", _png(600, 300))
+    dialog = page.get_by_role("dialog", name="Crop wide.png")
+    expect(dialog).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(item).to_have_attribute("data-state", "cancelled")
+    assert upload_rows(live_broker.app) == []
+    assert emulator.counters().get("upload_url", 0) == 0
+    # Retry asks for the crop again; the whole picture's largest square is taken as it is.
+    item.get_by_role("button", name="Retry wide.png").click()
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="Use this crop").click()
+    expect(item).to_have_attribute("data-state", "ready", timeout=30_000)
+    [row] = upload_rows(live_broker.app)
+    assert (row.profile, row.status) == ("avatar", "ready")
