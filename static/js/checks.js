@@ -9,8 +9,13 @@
 //   const rules = { allowed_formats: ["JPEG", "PNG"], max_bytes: 5_000_000, max_dimension: 4096 };
 //   const problem = await check(file, rules); // null, or a sentence saying why it cannot go
 //
-// Every rule is optional (null or absent: only the image service's limits apply); prepare.js
-// makes a file fit the same rules first (resize, re-encode, metadata removed).
+// The rules are an upload profile's public rules (an item of `GET /api/v1/profiles`, or the
+// page's data-rules): `allowed_formats` (or `formats`), `max_bytes`, `max_dimension` (the largest side), `min_width`,
+// `max_width`, `min_height`, `max_height`, `min_pixels`, `max_pixels`, `aspect_ratio` (width /
+// height) within `aspect_tolerance` (default 0.01, as the broker). Every rule is optional (null or
+// absent: only the image service's limits apply). prepare.js makes a file fit the same rules
+// first (crop, resize, re-encode, metadata removed), so check the prepared file; the broker
+// measures the arrived original against the same rules whatever the page said.
 export const MAX_BYTES = 10 * 1024 * 1024;
 export const MAX_SIDE = 12000;
 export const MAX_PIXELS = 100_000_000;
@@ -103,33 +108,86 @@ export async function inspect(file) {
 
 /** The rules an upload page shows and checks: the broker's, over the image service's limits. */
 export function effectiveRules(rules = {}) {
-  const formats = (rules.allowed_formats ?? []).map((f) => String(f).toUpperCase());
+  // `formats`: a profile as `GET /api/v1/profiles` lists it serves as it is.
+  const formats = (rules.allowed_formats ?? rules.formats ?? []).map((f) => String(f).toUpperCase());
   if (formats.includes("JPG")) formats.push("JPEG");
   if (formats.includes("HEIF")) formats.push("HEIC");
+  const ratio = Number(rules.aspect_ratio) > 0 ? Number(rules.aspect_ratio) : null;
   return {
     formats: formats.length ? formats : null,
     maxBytes: Math.min(rules.max_bytes || MAX_BYTES, MAX_BYTES),
     maxSide: Math.min(rules.max_dimension || MAX_SIDE, MAX_SIDE),
+    minWidth: rules.min_width || null,
+    maxWidth: rules.max_width || null,
+    minHeight: rules.min_height || null,
+    maxHeight: rules.max_height || null,
+    minPixels: rules.min_pixels || null,
+    maxPixels: Math.min(rules.max_pixels || MAX_PIXELS, MAX_PIXELS),
+    aspectRatio: ratio,
+    // The broker's default tolerance: within 1 % of the ratio.
+    aspectTolerance: ratio ? (rules.aspect_tolerance ?? 0.01) : null,
   };
 }
 
 const grouped = (n) => n.toLocaleString("en-US");
 
+/** Say a width/height ratio as people write it: 1:1, 16:9, 3:2 (else the number). */
+export function ratioInWords(value) {
+  for (let height = 1; height <= 32; height++) {
+    const width = value * height;
+    if (Math.abs(width - Math.round(width)) < 1e-6) return `${Math.round(width)}:${height}`;
+  }
+  return String(Number(value.toFixed(3)));
+}
+
+/** Whether a `width`×`height` picture has the rules' aspect ratio (true when they set none). */
+export function fitsAspect(width, height, rules = {}) {
+  const { aspectRatio, aspectTolerance } = effectiveRules(rules);
+  return !aspectRatio || !height || Math.abs(width / height / aspectRatio - 1) <= aspectTolerance;
+}
+
+/** Say which rule a picture of `width`×`height` px breaks (see effectiveRules), or null. */
+export function sizeProblem(width, height, rules = {}) {
+  const r = effectiveRules(rules);
+  const px = (n) => `${grouped(n)} px`;
+  const size = `${width}×${height} px`;
+  if (width > r.maxSide || height > r.maxSide) return `Too big: ${size} (at most ${px(r.maxSide)} a side).`;
+  if (r.maxWidth && width > r.maxWidth) return `Too wide: ${px(width)} (at most ${px(r.maxWidth)}).`;
+  if (r.maxHeight && height > r.maxHeight) return `Too tall: ${px(height)} (at most ${px(r.maxHeight)}).`;
+  if (width * height > r.maxPixels) return `Too big: ${size} is more than ${grouped(r.maxPixels / 1e6)} megapixels.`;
+  if (r.minWidth && width < r.minWidth) return `Too small: ${px(width)} wide (at least ${px(r.minWidth)}).`;
+  if (r.minHeight && height < r.minHeight) return `Too small: ${px(height)} high (at least ${px(r.minHeight)}).`;
+  if (r.minPixels && width * height < r.minPixels) return `Too small: ${size} is less than ${grouped(r.minPixels / 1e6)} megapixels.`;
+  if (!fitsAspect(width, height, rules)) return `Wrong shape: ${size}; the aspect ratio must be ${ratioInWords(r.aspectRatio)} (width:height).`;
+  return null;
+}
+
+/** Say why a file of `format` (formatOf's answer) is not accepted under `rules`, or null. */
+export function formatProblem(format, rules = {}) {
+  const { formats } = effectiveRules(rules);
+  if (!formats || formats.includes(format.label.toUpperCase())) return null;
+  return `${format.label} is not accepted here: use ${formats.filter((f) => f !== "JPG" && f !== "HEIF").join(", ")}.`;
+}
+
 /** Return why `file` would be refused under `rules` (see effectiveRules), or null when it looks acceptable. */
 export async function check(file, rules = {}) {
-  const { formats, maxBytes, maxSide } = effectiveRules(rules);
+  const { maxBytes } = effectiveRules(rules);
   if (file.size === 0) return "The file is empty.";
   if (file.size > maxBytes) return `Too large: ${humanSize(file.size)} (the limit is ${humanSize(maxBytes)}).`;
   const format = await sniffFormat(file);
   if (!format) return "Not a supported image: use JPEG, PNG, GIF, WebP, SVG or HEIC.";
-  if (formats && !formats.includes(format.label.toUpperCase())) return `${format.label} is not accepted here: use ${formats.filter((f) => f !== "JPG" && f !== "HEIF").join(", ")}.`;
+  const wrongFormat = formatProblem(format, rules);
+  if (wrongFormat) return wrongFormat;
   const size = await readDimensions(file);
   if (!size) {
     // HEIC: most browsers cannot decode it; the image service checks it on arrival.
     return format.browserCanShow ? `The ${format.label} file could not be read as an image.` : null;
   }
-  if (format.mime !== "image/svg+xml" && (!size.width || !size.height)) return `The ${format.label} file could not be read as an image.`;
-  if (size.width > maxSide || size.height > maxSide) return `Too big: ${size.width}×${size.height} px (at most ${grouped(maxSide)} px a side).`;
-  if (size.width * size.height > MAX_PIXELS) return "Too big: more than 100 megapixels.";
-  return null;
+  if (format.mime === "image/svg+xml") {
+    // A drawing has no pixels of its own: only the largest side and the service's limits apply
+    // to its stated size (the broker measures no SVG against a profile's size rules either).
+    return sizeProblem(size.width, size.height, { max_dimension: rules.max_dimension });
+  }
+  if (!size.width || !size.height) return `The ${format.label} file could not be read as an image.`;
+  return sizeProblem(size.width, size.height, rules);
 }

@@ -6,15 +6,16 @@
 import { BrokerError, connect, newIdempotencyKey } from "./client.js";
 import * as store from "./store.js";
 import { UploadQueue, FINAL, RETRYABLE } from "./queue.js";
-import { check, humanSize, inspect } from "./checks.js";
+import { check, fitsAspect, formatProblem, humanSize, inspect } from "./checks.js";
 import { prepare } from "./prepare.js";
+import { chooseCrop } from "./crop.js";
 import { RateMeter, humanDuration } from "./rate.js";
 import { api, copyLink } from "./links.js";
 
 const CONCURRENCY = 3;
 const ACTIVE_LABELS = {
   starting: "Waiting", checking: "Checking", requesting: "Getting an upload link",
-  processing: "Processing", resuming: "Resuming after the page was closed",
+  processing: "Processing", cropping: "Waiting for your crop", resuming: "Resuming after the page was closed",
   renewing: "The upload link expired: getting a new one", offline: "Offline: waiting for the network",
 };
 
@@ -32,8 +33,10 @@ const speedText = document.getElementById("overall-speed");
 const cameraEl = document.getElementById("camera-input");
 const draftsNotice = document.getElementById("drafts-notice");
 const variant = queueEl.dataset.variant || "public";
-// The broker's upload rules ({allowed_formats, max_bytes, max_dimension, keep_metadata}).
+// The upload profile's rules (checks.js lists them; prepare.js reads max_dimension, keep_metadata).
 const rules = JSON.parse(queueEl.dataset.rules || "{}");
+// How many files one pick, drop or paste may add (a replace-mode profile: one).
+const perPick = Number(queueEl.dataset.filesPerPick) || Infinity;
 const meter = new RateMeter();
 // The order totals are said in, and the word for each state.
 const TOTALS = [["ready", "ready"], ["active", "uploading"], ["waiting", "waiting"], ["refused", "refused"],
@@ -191,11 +194,31 @@ function keep(row, changes) {
   store.update(row.record.id, changes);
 }
 
-async function makeFit(entry, row) {
-  // Made to fit the rules on this device (smaller, upright, without location) before it goes;
-  // the queue counts the bytes really sent. Once per file, kept across reloads.
-  if (row.record.prepared) return;
-  const prepared = await prepare(entry.file, rules).catch(() => null);
+let cropping = Promise.resolve(); // one crop dialog at a time, in the order the files came
+
+async function cropFor(entry, row, attempt) {
+  // A profile with an aspect ratio (an avatar): a picture of another shape is cropped and
+  // turned in a dialog first, as the <upload-broker> component does. A file refused anyway (its
+  // format) or one prepare.js sends as it is (animated GIF, SVG, undecodable HEIC) is not.
+  // Returns {rotate, crop}, undefined (nothing to crop) or null (the person cancelled).
+  const { format, width, height } = await row.info;
+  const croppable = format?.browserCanShow && !["image/gif", "image/svg+xml"].includes(format.mime);
+  if (!croppable || !width || fitsAspect(width, height, rules) || formatProblem(format, rules)) return undefined;
+  attempt.report("cropping");
+  cropping = cropping.then(() => chooseCrop(entry.file, rules.aspect_ratio).catch(() => undefined));
+  return cropping;
+}
+
+async function makeFit(entry, row, attempt) {
+  // Made to fit the rules on this device (cropped, smaller, upright, without location) before it
+  // goes; the queue counts the bytes really sent. Once per file, kept across reloads. Returns
+  // the outcome when the person cancelled the crop, else null.
+  if (row.record.prepared) return null;
+  const edit = await cropFor(entry, row, attempt);
+  if (edit === null) return { state: "cancelled" };
+  attempt.signal.throwIfAborted();
+  attempt.report("checking");
+  const prepared = await prepare(entry.file, rules, edit).catch(() => null);
   if (prepared && prepared.file !== entry.file) {
     row.note = [prepared.note, prepared.stripped ? "location and camera details removed" : null].filter(Boolean).join(", ");
     entry.file = prepared.file;
@@ -203,6 +226,7 @@ async function makeFit(entry, row) {
     showFacts(entry, row);
   }
   keep(row, { prepared: true, file: entry.file, note: row.note ?? null });
+  return null;
 }
 
 async function createFor(entry, row, attempt) {
@@ -291,7 +315,10 @@ async function run(entry, attempt) {
   const row = rows.get(entry.key);
   const { signal } = attempt;
   attempt.report("checking");
-  await makeFit(entry, row);
+  // More files than one pick may hold: this one was left out (and nothing is created for it).
+  if (row.record.leftOut) return { state: "refused", error: row.record.leftOut };
+  const cancelled = await makeFit(entry, row, attempt);
+  if (cancelled) return cancelled;
   signal.throwIfAborted();
   const problem = await check(entry.file, rules);
   if (problem) return { state: "refused", error: problem };
@@ -419,15 +446,22 @@ async function preview(entry, row) {
 function addAll(fileList) {
   const files = Array.from(fileList ?? []);
   if (!files.length) return;
+  // A profile that takes one file (or n) per pick: the first are taken, the others are shown
+  // refused, never stored or sent.
+  const taken = files.slice(0, perPick).length;
+  const leftOut = perPick === 1 ? "this page takes one file at a time: add it on its own"
+    : `this page takes ${perPick} files at a time: add it with fewer others`;
   for (const [at, file] of files.entries()) {
-    // Kept in the browser until it is done with, so a reload or a closed tab loses nothing.
     const id = newIdempotencyKey();
     const record = { id, owner, file, key: id, added: Date.now() + at / 1000, prepared: false, uploadId: null, uploadUrl: null, sent: false };
+    if (at >= taken) record.leftOut = leftOut;
+    // Kept in the browser until it is done with, so a reload or a closed tab loses nothing.
+    else store.save(record);
     incoming.set(file, record);
-    store.save(record);
   }
   queue.add(files); // onChange builds each row before the queue starts any of them
-  announce(`${files.length} file${files.length > 1 ? "s" : ""} added`);
+  const extra = files.length - taken;
+  announce(`${taken} file${taken > 1 ? "s" : ""} added${extra ? `; ${extra} left out: ${leftOut.split(":")[0]}` : ""}`);
 }
 
 async function resumeKept() {

@@ -50,8 +50,9 @@ def live_broker_settings() -> dict[str, Any]:
     return {}
 
 
-def serve_live(app: Flask) -> LiveBroker:
-    """Serve `app` on 127.0.0.1 with an inline worker thread; `close()` stops both."""
+def serve_live(app: Flask, *, worker: bool = True) -> LiveBroker:
+    """Serve `app` on 127.0.0.1 with an inline worker thread (`worker=False`: none, the test
+    runs the worker's passes itself); `close()` stops both."""
     from broker.devserver import prepare_upstream
     from broker.worker import start_inline
 
@@ -62,12 +63,13 @@ def serve_live(app: Flask) -> LiveBroker:
     server = make_server("127.0.0.1", 0, app, threaded=True)
     serving = threading.Thread(target=server.serve_forever, name="live-broker", daemon=True)
     serving.start()
-    worker, stop_worker = start_inline(app)
+    worker_thread, stop_worker = start_inline(app) if worker else (None, None)
     live = LiveBroker(app=app, url=f"http://127.0.0.1:{server.server_port}")
 
     def stop_all() -> None:
-        stop_worker.set()
-        worker.join(timeout=30)
+        if worker_thread and stop_worker:
+            stop_worker.set()
+            worker_thread.join(timeout=30)
         server.shutdown()
         server.server_close()
         serving.join(timeout=10)

@@ -45,14 +45,15 @@ def _log_in(page: Any, base: str, username: str) -> None:
     page.wait_for_url(f"{base}/upload")
 
 
-def _drop(page: Any, files: list[tuple[str, str, bytes]]) -> None:
-    """Drop files on the drop zone as a user dragging them from the desktop would."""
+def _drop(page: Any, files: list[tuple[str, str, bytes]], *, paste: bool = False) -> None:
+    """Drop files on the drop zone as a user dragging them from the desktop would (`paste`:
+    paste them on the page instead, as from a file manager's copy of several files)."""
     payload = [
         {"name": name, "type": mime, "b64": base64.b64encode(data).decode()}
         for name, mime, data in files
     ]
     page.evaluate(
-        """(files) => {
+        """([files, paste]) => {
             const transfer = new DataTransfer();
             for (const f of files) {
                 const text = atob(f.b64);
@@ -60,13 +61,18 @@ def _drop(page: Any, files: list[tuple[str, str, bytes]]) -> None:
                 for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
                 transfer.items.add(new File([bytes], f.name, { type: f.type }));
             }
+            if (paste) {
+                const init = { clipboardData: transfer, bubbles: true, cancelable: true };
+                document.body.dispatchEvent(new ClipboardEvent("paste", init));
+                return;
+            }
             const zone = document.getElementById("dropzone");
             for (const type of ["dragenter", "dragover", "drop"]) {
                 const init = { dataTransfer: transfer, bubbles: true, cancelable: true };
                 zone.dispatchEvent(new DragEvent(type, init));
             }
         }""",
-        payload,
+        [payload, paste],
     )
 
 
