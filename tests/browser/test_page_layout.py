@@ -28,7 +28,13 @@ TEXT_FILE = b"this is plain text, not an image\n" * 20
 
 
 def layout_problems(page: Any) -> list[str]:
-    """Return what overlaps or overflows on the page as shown now."""
+    """Return what overlaps or overflows on the page as shown now, once it has its styles.
+
+    After a form's submit the new document is in the DOM before its stylesheets have loaded
+    (a busy machine shows it): measured then, the header is unstyled and "wraps".
+    """
+    page.wait_for_load_state("load")
+    page.evaluate("document.fonts.ready")
     return page.evaluate(LAYOUT_JS)
 
 
