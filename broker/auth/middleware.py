@@ -166,8 +166,8 @@ def load_user_from_request(req: Any) -> User | None:
     else:
         user = _identity_provider_user(secret)
     # Authentication is a unit of work of its own: the last-used stamp must not wait on (or be
-    # rolled back with) whatever the view does next.
-    if db.session.dirty:
+    # rolled back with) whatever the view does next. A token kept in memory makes no session.
+    if db.session.registry.has() and db.session.dirty:
         db.session.commit()
     return user
 

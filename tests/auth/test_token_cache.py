@@ -15,6 +15,7 @@ import requests
 import sqlalchemy as sa
 import time_machine
 from flask import Flask
+from sqlalchemy.orm import Session as OrmSession
 
 from broker.auth import tokens, users
 from broker.auth.models import ApiToken, User
@@ -58,6 +59,37 @@ def test_a_kept_token_costs_no_statement_on_the_pool(app, client, make_user) -> 
     assert answer.status_code == 200
     # The route's own listing only: the token and its user came from memory.
     assert seen == ["SELECT"], seen
+
+
+def test_a_kept_token_on_a_route_without_the_database_makes_no_session(make_app, make_user) -> None:
+    app = make_app()
+    app.add_url_rule("/bare", "bare", lambda: "ok")
+    client = app.test_client()
+    make_user("alice")
+    _, auth = _issue(app, "alice")
+    assert client.get("/bare", headers=auth).status_code == 200  # read, kept, stamped
+    begun: list[Any] = []
+
+    def on_begin(session: Any, _transaction: Any) -> None:
+        begun.append(session)
+
+    sa.event.listen(OrmSession, "after_transaction_create", on_begin)
+    try:
+        assert client.get("/bare", headers=auth).status_code == 200
+    finally:
+        sa.event.remove(OrmSession, "after_transaction_create", on_begin)
+    assert begun == []
+
+
+def test_what_a_view_changes_on_a_kept_token_is_written(app, client, make_user) -> None:
+    make_user("alice")
+    token_id, auth = _issue(app, "alice")
+    assert client.get(ME, headers=auth).status_code == 200  # read, kept, stamped
+    # The view revokes the token it was handed from memory: its commit writes that.
+    assert client.delete(ME + "/current", headers=auth).status_code == 204
+    with app.app_context():
+        assert db.session.get(ApiToken, token_id).revoked_at is not None  # type: ignore[union-attr]
+    assert client.get(ME, headers=auth).status_code == 401
 
 
 def test_the_last_used_stamp_is_written_at_most_once_a_minute(app, client, make_user) -> None:
