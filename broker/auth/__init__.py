@@ -33,6 +33,7 @@ from broker.auth.middleware import (
     fast_session_token,
     session_user_clause,
 )
+from broker.platform.config import settings_of
 from broker.platform.extensions import login_manager
 
 __all__ = [
@@ -48,9 +49,12 @@ __all__ = [
 
 def init_app(app: Flask) -> None:
     """Wire authentication into `app` (after broker.platform.extensions.init_app)."""
-    from broker.auth import oidc, tokens, views
+    from broker.auth import tokens, views
 
-    oidc.init_app(app)
+    if settings_of(app).oidc_issuer:  # PyJWT and its X.509 code: only where OIDC is configured
+        from broker.auth import oidc
+
+        oidc.init_app(app)
     app.extensions["tokens"] = tokens.cache_for(app)
     tokens.watch_sessions()
     login_manager.login_view = "auth.login"

@@ -205,12 +205,12 @@ def _service_key_user(secret: str) -> User | None:
 
 def _identity_provider_user(token: str) -> User | None:
     """Authenticate a JWT of the configured OpenID Connect issuer; return its subject's account."""
-    from broker.auth import oidc
-
-    verifier: oidc.Verifier | None = current_app.extensions.get("oidc")
+    verifier = current_app.extensions.get("oidc")
     if verifier is None or not _on_the_api():
         bearer.refuse("invalid")  # nobody here vouches for it
         return None  # the provider vouches for API calls: no pages, session or CSRF token
+    from broker.auth import oidc  # loaded (with PyJWT) by init_app: OIDC is configured
+
     try:
         identity = verifier.check(token)
     except oidc.TokenRefused as refused:

@@ -29,9 +29,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-from jsonschema.validators import Draft202012Validator
-
 from broker.platform.config import ConfigError, Settings
 from broker.platform.errors import Kind, Refusal
 from broker.uploads.policy import UploadError
@@ -374,8 +371,10 @@ def _read_profile(name: str, table: Any, base: Profile, problems: list[str]) -> 
             problems.append(f"{where}.default_variant must be a variant's name")
     if "metadata_schema" in table:
         schema = table["metadata_schema"]
+        import jsonschema  # loaded only where a profile has a schema (~3 MB a process)
+
         try:
-            Draft202012Validator.check_schema(schema)
+            jsonschema.Draft202012Validator.check_schema(schema)
             values["metadata_schema"] = schema
         except jsonschema.SchemaError as exc:
             problems.append(f"{where}.metadata_schema is not a valid JSON Schema: {exc.message}")
@@ -526,7 +525,9 @@ def check_metadata(profile: Profile, metadata: Mapping[str, Any] | None) -> None
     """Validate the caller's metadata against the profile's JSON Schema (422 naming the field)."""
     if not profile.metadata_schema:
         return
-    validator = Draft202012Validator(profile.metadata_schema)
+    import jsonschema  # loaded at start when a profile has a schema: no cost here
+
+    validator = jsonschema.Draft202012Validator(profile.metadata_schema)
     errors = sorted(validator.iter_errors(dict(metadata or {})), key=lambda e: list(e.path))
     if errors:
         first = errors[0]

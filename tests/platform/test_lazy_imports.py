@@ -1,5 +1,6 @@
 """A web process loads only what serving requests needs: the migration tooling (Alembic, Mako,
-Pygments), the emulator and Pillow wait until something asks for them."""
+Pygments), the emulator, Pillow, PyJWT (OpenID Connect only) and jsonschema (a profile with a
+metadata schema only) wait until something asks for them."""
 
 from __future__ import annotations
 
@@ -11,12 +12,33 @@ from pathlib import Path
 from tests.factories import production_env
 
 ROOT = Path(__file__).resolve().parents[2]
-NOT_IN_A_WEB_PROCESS = ("alembic", "mako", "pygments", "flask_migrate", "PIL", "broker.emulator")
+NOT_IN_A_WEB_PROCESS = (
+    "alembic",
+    "mako",
+    "pygments",
+    "flask_migrate",
+    "PIL",
+    "broker.emulator",
+    "jwt",
+    "cryptography.x509",
+    "jsonschema",
+)
+# A JWT-shaped bearer, a token that matches nothing and a page: the ways a request could pull
+# in what only OIDC needs.
+PROBE = (
+    "import json, sys, wsgi\n"
+    "client = wsgi.app.test_client()\n"
+    "client.get('/livez')\n"
+    "for bearer in ('eyJhbGciOiJSUzI1NiJ9.e30.x', 'brk_nothing'):\n"
+    "    client.get('/api/v1/uploads', headers={'Authorization': 'Bearer ' + bearer})\n"
+    "client.get('/login')\n"
+    f"print(json.dumps([m for m in {list(NOT_IN_A_WEB_PROCESS)!r} if m in sys.modules]))\n"
+)
 
 
-def _run(args: list[str], database_url: str, tmp_path: Path) -> str:
+def _run(args: list[str], database_url: str, tmp_path: Path, **env_overrides: str) -> str:
     """Run `args` as a production process on `database_url`; return its output."""
-    env = production_env(database_url, str(tmp_path))
+    env = {**production_env(database_url, str(tmp_path)), **env_overrides}
     done = subprocess.run(
         args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -25,13 +47,22 @@ def _run(args: list[str], database_url: str, tmp_path: Path) -> str:
 
 
 def test_a_web_process_leaves_the_tooling_unloaded(migrated: str, tmp_path: Path) -> None:
-    probe = (
-        "import json, sys, wsgi\n"
-        "wsgi.app.test_client().get('/livez')\n"
-        f"print(json.dumps([m for m in {list(NOT_IN_A_WEB_PROCESS)!r} if m in sys.modules]))\n"
-    )
-    out = _run([sys.executable, "-c", probe], migrated, tmp_path)
+    out = _run([sys.executable, "-c", PROBE], migrated, tmp_path)
     assert json.loads(out.splitlines()[-1]) == []
+
+
+def test_what_a_setting_asks_for_is_loaded_at_start(migrated: str, tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[profiles.avatar]\nmetadata_schema = { type = "object" }\n')
+    out = _run(
+        [sys.executable, "-c", PROBE],
+        migrated,
+        tmp_path,
+        BROKER_OIDC_ISSUER="https://issuer.example",
+        BROKER_OIDC_AUDIENCE="broker",
+        BROKER_UPLOAD_PROFILES=str(profiles),
+    )
+    assert json.loads(out.splitlines()[-1]) == ["jwt", "cryptography.x509", "jsonschema"]
 
 
 def test_flask_db_still_runs_flask_migrate(migrated: str, tmp_path: Path) -> None:
