@@ -1,5 +1,6 @@
 // Make a file right before it leaves the device, to an upload's rules (the same rules object
-// checks.js takes): at most `max_dimension` px on the largest side, at most `max_bytes` (quality
+// checks.js takes): inside `max_width` × `max_height` px (either may be absent) and at most
+// `max_dimension` px on the largest side, shrunk in proportion, at most `max_bytes` (quality
 // lowered until it fits), the camera's orientation applied, and location and device metadata
 // (EXIF, XMP, IPTC, comments) removed unless `keep_metadata` is true. Animated images and SVG are
 // sent as they are; so is HEIC when the browser cannot decode it (the image service reads it).
@@ -139,14 +140,20 @@ async function decode(file) {
   }
 }
 
-/** Draw `bitmap` at most `maxSide` px a side and encode it as `type` within `maxBytes`. */
-async function encode(bitmap, type, maxSide, maxBytes) {
-  let scale = Math.min(1, maxSide / Math.max(bitmap.width, bitmap.height));
+/** The largest scale (at most 1) at which a `width`×`height` picture fits `box`. */
+export function fitScale(width, height, { maxWidth = Infinity, maxHeight = Infinity, maxSide = Infinity }) {
+  return Math.min(1, maxWidth / width, maxHeight / height, maxSide / Math.max(width, height));
+}
+
+/** Draw `bitmap` inside `box` (fitScale's) and encode it as `type` within `maxBytes`. */
+async function encode(bitmap, type, box, maxBytes) {
+  let scale = fitScale(bitmap.width, bitmap.height, box);
   const lossy = type !== "image/png";
   // A lossless PNG is never made smaller than the rules' side to meet the byte target (text in a
   // screenshot would blur): one try, and the checks refuse it if it is still too large.
   for (let round = 0; round < (lossy ? 6 : 1); round++, scale *= 0.8) {
     const canvas = document.createElement("canvas");
+    // Rounding keeps a side within its (whole-pixel) limit: a side at most N rounds to at most N.
     canvas.width = Math.max(1, Math.round(bitmap.width * scale));
     canvas.height = Math.max(1, Math.round(bitmap.height * scale));
     const context = canvas.getContext("2d");
@@ -181,7 +188,7 @@ function renamed(name, type) {
 
 /**
  * Return {file, resized, stripped, note} for `file` under `rules` ({allowed_formats, max_bytes,
- * max_dimension, keep_metadata}, all optional). `file` is the input itself when nothing changed.
+ * max_width, max_height, max_dimension, keep_metadata}, all optional). `file` is the input itself when nothing changed.
  * `edit` ({rotate, crop}, from crop.js) turns and cuts the picture first.
  */
 export async function prepare(file, rules = {}, edit = null) {
@@ -191,7 +198,9 @@ export async function prepare(file, rules = {}, edit = null) {
   if (!format || format.mime === "image/svg+xml" || format.mime === "image/gif") return unchanged;
   const keep = rules.keep_metadata === true;
   const maxBytes = Math.min(rules.max_bytes || SERVICE_MAX_BYTES, SERVICE_MAX_BYTES);
-  const maxSide = rules.max_dimension || Infinity;
+  const box = {
+    maxWidth: rules.max_width || Infinity, maxHeight: rules.max_height || Infinity, maxSide: rules.max_dimension || Infinity,
+  };
 
   let lossless = null;
   if (format.mime === "image/jpeg") lossless = jpegWithoutMetadata(bytes);
@@ -203,14 +212,14 @@ export async function prepare(file, rules = {}, edit = null) {
   if (!decoded) return unchanged; // HEIC the browser cannot read: sent as is
   const bitmap = edit?.crop ? edited(decoded, edit) : decoded;
   try {
-    const tooBig = Math.max(bitmap.width, bitmap.height) > maxSide;
+    const tooBig = fitScale(bitmap.width, bitmap.height, box) < 1;
     // A JPEG turned by its EXIF orientation loses the turn with the EXIF: drawn upright instead.
     const sideways = !keep && (lossless?.orientation ?? 1) !== 1;
     const heic = format.mime === "image/heic";
     const lossy = format.mime !== "image/png";
     if (edit?.crop || tooBig || sideways || heic || (lossy && file.size > maxBytes)) {
       const type = heic ? "image/jpeg" : format.mime;
-      const out = await encode(bitmap, type, maxSide, maxBytes);
+      const out = await encode(bitmap, type, box, maxBytes);
       if (!out) return unchanged; // the checks that follow say why it cannot go
       const resized = out.width !== bitmap.width || out.height !== bitmap.height;
       return {
