@@ -9,7 +9,8 @@
 // Attributes: `broker` (base URL; default: where this module came from), `profile` (sent with
 // each create), `max-dimension`, `max-bytes`, `accept`; the `rules` property takes a whole rules
 // object (checks.js) instead, `token` the bearer token. With `aspect_ratio` in the rules (an
-// avatar: 1) each picture is first cropped and turned in a dialog (crop.js, keyboard too). Files are made to fit on the device
+// avatar: 1) each picture of another shape is first cropped and turned in a dialog (crop.js,
+// keyboard too); one already of that shape is not. Files are made to fit on the device
 // (prepare.js: resized, upright, location removed), checked, and sent three at a time.
 // Events (bubbling, composed): `upload-progress` {key, name, loaded, total}, `upload-result`
 // {key, name, state: ready | refused | failed | cancelled, upload, error}.
@@ -20,7 +21,7 @@ import { connect } from "./client.js";
 import { UploadQueue, FINAL } from "./queue.js";
 import { check, humanSize } from "./checks.js";
 import { prepare } from "./prepare.js";
-import { chooseCrop } from "./crop.js";
+import { chooseCrop, needsCrop } from "./crop.js";
 
 const STYLE = `
 :host { display: block; font: var(--upload-broker-font, inherit); color: var(--upload-broker-text, inherit); }
@@ -132,7 +133,8 @@ export class UploadBroker extends HTMLElement {
     const rules = this.effectiveRules;
     attempt.report("checking");
     let edit = null;
-    if (rules.aspect_ratio && !this._rows.get(entry.key).edit) {
+    // Only a picture of another shape is offered the crop dialog (one already right goes as is).
+    if (!this._rows.get(entry.key).edit && await needsCrop(entry.file, rules)) {
       // One crop dialog at a time, in the order the files came.
       this._cropping = (this._cropping ?? Promise.resolve()).then(() => chooseCrop(entry.file, rules.aspect_ratio, { parent: this.shadowRoot }).catch(() => ({})));
       edit = await this._cropping;

@@ -301,3 +301,61 @@ def test_an_avatar_is_cropped_and_turned_by_keyboard_alone(
     for point in ((10, 10), (200, 200), (390, 390)):
         r, g, b = rgb.getpixel(point)
         assert r > 180 and b < 80, (point, (r, g, b))
+
+
+def test_the_component_offers_the_crop_dialog_only_to_pictures_of_another_shape(
+    live_broker, app_site, emulator, page
+) -> None:
+    from tests.browser.test_prepare import _stored
+    from tests.browser.test_upload_page import _png
+
+    page.goto(f"{app_site.url}/index.html")
+    page.evaluate(
+        COMPONENT,
+        {"broker": live_broker.url, "token": app_site.token(sub="shopper-5"), "files": []},
+    )
+    # Every crop dialog the component opens, by its title, however briefly it is open.
+    page.evaluate(
+        """() => {
+            window.dialogs = [];
+            const root = document.querySelector("upload-broker").shadowRoot;
+            new MutationObserver((changes) => {
+                for (const change of changes) {
+                    for (const node of change.addedNodes) {
+                        if (node.localName === "dialog") {
+                            window.dialogs.push(node.querySelector("h2").textContent);
+                        }
+                    }
+                }
+            }).observe(root, { childList: true, subtree: true });
+            document.querySelector("upload-broker").rules = { aspect_ratio: 1 };
+        }"""
+    )
+    square, nearly, wide = _png(300, 300), _png(301, 300), _png(800, 400)
+    page.locator("upload-broker input[type=file]").set_input_files(
+        files=[
+            {"name": "square.png", "mimeType": "image/png", "buffer": square},
+            # Within the 1 % tolerance of 1:1: already the right shape.
+            {"name": "nearly.png", "mimeType": "image/png", "buffer": nearly},
+            {"name": "wide.png", "mimeType": "image/png", "buffer": wide},
+        ]
+    )
+    items = page.locator("upload-broker li")
+    for name in ("square.png", "nearly.png"):
+        expect(items.filter(has_text=name)).to_have_attribute("data-state", "ready")
+    dialog = page.locator("upload-broker dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog.locator("h2")).to_have_text("Crop wide.png")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(items.filter(has_text="wide.png")).to_have_attribute("data-state", "cancelled")
+    assert page.evaluate("window.dialogs") == ["Crop wide.png"]
+    results = {r["name"]: r for r in page.evaluate("window.results")}
+    assert {name: r["state"] for name, r in results.items()} == {
+        "square.png": "ready",
+        "nearly.png": "ready",
+        "wide.png": "cancelled",
+    }
+    for name, data in (("square.png", square), ("nearly.png", nearly)):
+        assert _stored(live_broker, emulator, results[name]["upload"]["id"]) == data
+    counters = emulator.counters()
+    assert counters.get("direct_upload") == 2, counters
