@@ -72,13 +72,12 @@ export class UploadBroker extends HTMLElement {
   constructor() {
     super();
     this.token = null;
-    this.rules = null;
     const root = this.attachShadow({ mode: "open" });
     root.adoptedStyleSheets = [styles()];
     root.innerHTML = `
       <div part="dropzone" role="button" tabindex="0" aria-describedby="limits">
         <span part="button">Choose images</span>
-        <span id="limits">or drop them here · location and camera details are removed before sending</span>
+        <span id="limits">or drop them here · <span class="privacy"></span></span>
       </div>
       <input type="file" multiple class="hidden" tabindex="-1" aria-hidden="true">
       <div class="visually-hidden" aria-live="polite"></div>
@@ -87,6 +86,8 @@ export class UploadBroker extends HTMLElement {
     this._input = root.querySelector("input");
     this._list = root.querySelector("ol");
     this._live = root.querySelector("[aria-live]");
+    this._privacy = root.querySelector(".privacy");
+    this.rules = null;
     this._rows = new Map();
     this._queue = new UploadQueue({ limit: 3, run: (entry, attempt) => this._run(entry, attempt), onChange: (entry) => this._render(entry) });
     this._zone.addEventListener("click", () => this._input.click());
@@ -111,6 +112,19 @@ export class UploadBroker extends HTMLElement {
   add(files) {
     const list = Array.from(files ?? []);
     if (list.length) this._queue.add(list);
+  }
+
+  /** The rules object (checks.js, prepare.js) in place of the attributes; null: the attributes. */
+  get rules() {
+    return this._rules;
+  }
+
+  set rules(value) {
+    this._rules = value ?? null;
+    // Said as it is: a PNG, WebP or HEIC re-encoded loses its details even when kept (prepare.js).
+    this._privacy.textContent = this._rules?.keep_metadata === true
+      ? "photo details are kept, except by a PNG, WebP or HEIC that must be resized"
+      : "location and camera details are removed before sending";
   }
 
   /** The rules files are prepared and checked against: the `rules` property, else the attributes. */
