@@ -82,12 +82,15 @@ def upload() -> ResponseReturnValue:
 def upload_rules(profile: profiles.Profile) -> dict[str, Any]:
     """Return the rules the page checks and prepares files to: the profile's public rules, with
     the names the page's scripts read (checks.js, prepare.js)."""
-    sides = [side for side in (profile.max_width, profile.max_height) if side]
+    # prepare.js fits a picture inside `max_width` and `max_height` each (a 4000x1000 limit
+    # leaves a 3000x800 picture as it is); `max_dimension` is one limit for both sides, only
+    # where the two are the same (the default profile's BROKER_UPLOAD_MAX_DIMENSION).
+    same = profile.max_width is not None and profile.max_width == profile.max_height
     return {
         **profile.public(),
         "allowed_formats": list(profile.formats) or None,
         "max_bytes": profile.max_bytes or None,
-        "max_dimension": min(sides) if sides else None,
+        "max_dimension": profile.max_width if same else None,
         # Location and device details leave the device only where a profile asks for them.
         "keep_metadata": False,
     }

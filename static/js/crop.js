@@ -6,11 +6,24 @@
 // or null when the person cancels. prepare.js applies it.
 
 import { turned } from "./prepare.js";
+import { fitsAspect, formatProblem, inspect } from "./checks.js";
 
 const STEP = 0.01;
 
 function clamp(value, low, high) {
   return Math.min(high, Math.max(low, value));
+}
+
+/**
+ * Whether a picture must be cropped to `rules.aspect_ratio` first: only one of another shape, and
+ * not one refused anyway (its format) or sent as it is (animated GIF, SVG, undecodable HEIC).
+ * `info` is checks.js's inspect(file) answer; it is read from `file` when not given.
+ */
+export async function needsCrop(file, rules = {}, info = null) {
+  if (!rules.aspect_ratio) return false;
+  const { format, width, height } = info ?? await inspect(file).catch(() => ({}));
+  const croppable = format?.browserCanShow && !["image/gif", "image/svg+xml"].includes(format.mime);
+  return Boolean(croppable && width && !fitsAspect(width, height, rules) && !formatProblem(format, rules));
 }
 
 /** Ask the person where to crop `file` to `aspect` (width / height); see the module comment. */

@@ -1,8 +1,14 @@
 // Make a file right before it leaves the device, to an upload's rules (the same rules object
-// checks.js takes): at most `max_dimension` px on the largest side, at most `max_bytes` (quality
+// checks.js takes): inside `max_width` × `max_height` px (either may be absent) and at most
+// `max_dimension` px on the largest side, shrunk in proportion, at most `max_bytes` (quality
 // lowered until it fits), the camera's orientation applied, and location and device metadata
-// (EXIF, XMP, IPTC, comments) removed unless `keep_metadata` is true. Animated images and SVG are
-// sent as they are; so is HEIC when the browser cannot decode it (the image service reads it).
+// (EXIF, XMP, IPTC, comments) removed unless `keep_metadata` is true. With `keep_metadata`, a file
+// sent as it is keeps all of it; a JPEG that must be re-encoded (resized, cropped, made smaller)
+// keeps all of it too, made true of the new picture (orientation upright, the new pixel size, the
+// embedded preview thumbnail removed: it shows the picture as it was); a PNG, WebP or HEIC that
+// must be re-encoded loses it (the canvas writes none), and `stripped` says so. Animated images
+// and SVG are sent as they are; so is HEIC when the browser cannot decode it (the image service
+// reads it).
 //
 //   import { prepare } from "/static/js/prepare.js";
 //   const { file, resized, stripped } = await prepare(picked, { max_dimension: 2048 });
@@ -24,6 +30,7 @@ const le32 = (b, at) => (b[at] | (b[at + 1] << 8) | (b[at + 2] << 16) | (b[at + 
 /** JPEG: the EXIF orientation (1..8, 1 when absent) and the bytes without metadata segments. */
 export function jpegWithoutMetadata(bytes) {
   const kept = [bytes.subarray(0, 2)];
+  const metadata = [];
   let orientation = 1;
   let removed = 0;
   let at = 2;
@@ -37,13 +44,105 @@ export function jpegWithoutMetadata(bytes) {
     if (marker === 0xe1 || marker === 0xed || marker === 0xfe) {
       if (marker === 0xe1) orientation = exifOrientation(segment.subarray(4)) ?? orientation;
       removed += segment.length;
+      metadata.push(segment);
     } else {
       kept.push(segment);
     }
     at += 2 + length;
   }
   kept.push(bytes.subarray(at));
-  return { orientation, removed, parts: kept };
+  return { orientation, removed, parts: kept, metadata };
+}
+
+const XMP_HEADER = "http://ns.adobe.com/xap/1.0/\0";
+
+/**
+ * JPEG metadata segments (jpegWithoutMetadata's `metadata`) made true of a re-encoded picture of
+ * `width`×`height`, drawn upright: the EXIF orientation (and XMP's) set to 1, the EXIF pixel
+ * dimensions set to the new size, the embedded preview thumbnail removed (it shows the picture
+ * as it was: uncropped, unturned). Everything else is kept byte for byte. Null when an EXIF block
+ * cannot be read safely (then nothing is carried).
+ */
+export function metadataFor(segments, width, height) {
+  const out = [];
+  for (const original of segments) {
+    const segment = original.slice();
+    const head = String.fromCharCode(...segment.subarray(4, 4 + XMP_HEADER.length));
+    if (segment[1] === 0xe1 && head.startsWith("Exif\0\0")) {
+      if (!fixExif(segment.subarray(10), width, height)) return null;
+    } else if (segment[1] === 0xe1 && head === XMP_HEADER) {
+      // tiff:Orientation="6" or <tiff:Orientation>6</tiff:Orientation>: one digit, changed in place.
+      const text = Array.from(segment, (b) => String.fromCharCode(b)).join("");
+      for (const match of text.matchAll(/tiff:Orientation(?:="|>)([1-8])/g)) {
+        segment[match.index + match[0].length - 1] = 0x31;
+      }
+    }
+    out.push(segment);
+  }
+  return out;
+}
+
+function fixExif(tiff, width, height) {
+  // Changes `tiff` (the TIFF structure of an EXIF block) in place; false when it is malformed.
+  if (tiff.length < 8) return false;
+  const little = tiff[0] === 0x49;
+  const get16 = (i) => (little ? tiff[i] | (tiff[i + 1] << 8) : (tiff[i] << 8) | tiff[i + 1]);
+  const get32 = (i) => (little ? le32(tiff, i) : u32(tiff, i));
+  const put = (i, value, bytes) => {
+    for (let k = 0; k < bytes; k++) tiff[i + (little ? k : bytes - 1 - k)] = (value >>> (8 * k)) & 0xff;
+  };
+  const entries = (ifd) => {
+    if (ifd < 8 || ifd + 2 > tiff.length) return null;
+    const count = get16(ifd);
+    if (ifd + 2 + count * 12 + 4 > tiff.length) return null;
+    return Array.from({ length: count }, (_, i) => ifd + 2 + i * 12);
+  };
+  const ifd0 = entries(get32(4));
+  if (!ifd0) return false;
+  let exifIfd = null;
+  for (const entry of ifd0) {
+    const tag = get16(entry);
+    if (tag === 0x0112) put(entry + 8, 1, 2);
+    if (tag === 0x8769) exifIfd = get32(entry + 8);
+  }
+  if (exifIfd !== null) {
+    const exif = entries(exifIfd);
+    if (!exif) return false;
+    for (const entry of exif) {
+      const tag = get16(entry);
+      const type = get16(entry + 2);
+      if ((tag === 0xa002 || tag === 0xa003) && (type === 3 || type === 4)) {
+        put(entry + 8, 0, 4);
+        put(entry + 8, tag === 0xa002 ? width : height, type === 3 ? 2 : 4);
+      }
+    }
+  }
+  const next = get32(get32(4) + 2 + ifd0.length * 12);
+  if (next) {
+    // The thumbnail's directory (IFD1): its picture bytes zeroed, the directory unlinked.
+    const ifd1 = entries(next);
+    if (!ifd1) return false;
+    let at = null;
+    let length = null;
+    for (const entry of ifd1) {
+      if (get16(entry) === 0x0201) at = get32(entry + 8);
+      if (get16(entry) === 0x0202) length = get32(entry + 8);
+    }
+    if (at !== null && length !== null) {
+      if (at + length > tiff.length) return false;
+      tiff.fill(0, at, at + length);
+    }
+    tiff.fill(0, next, next + 2 + ifd1.length * 12 + 4);
+    put(get32(4) + 2 + ifd0.length * 12, 0, 4);
+  }
+  return true;
+}
+
+/** The JPEG `bytes` with `segments` put in after its JFIF header (or its start). */
+function withSegments(bytes, segments) {
+  let at = 2;
+  if (bytes[2] === 0xff && bytes[3] === 0xe0) at = 4 + ((bytes[4] << 8) | bytes[5]);
+  return [bytes.subarray(0, at), ...segments, bytes.subarray(at)];
 }
 
 function exifOrientation(body) {
@@ -139,14 +238,20 @@ async function decode(file) {
   }
 }
 
-/** Draw `bitmap` at most `maxSide` px a side and encode it as `type` within `maxBytes`. */
-async function encode(bitmap, type, maxSide, maxBytes) {
-  let scale = Math.min(1, maxSide / Math.max(bitmap.width, bitmap.height));
+/** The largest scale (at most 1) at which a `width`×`height` picture fits `box`. */
+export function fitScale(width, height, { maxWidth = Infinity, maxHeight = Infinity, maxSide = Infinity }) {
+  return Math.min(1, maxWidth / width, maxHeight / height, maxSide / Math.max(width, height));
+}
+
+/** Draw `bitmap` inside `box` (fitScale's) and encode it as `type` within `maxBytes`. */
+async function encode(bitmap, type, box, maxBytes) {
+  let scale = fitScale(bitmap.width, bitmap.height, box);
   const lossy = type !== "image/png";
   // A lossless PNG is never made smaller than the rules' side to meet the byte target (text in a
   // screenshot would blur): one try, and the checks refuse it if it is still too large.
   for (let round = 0; round < (lossy ? 6 : 1); round++, scale *= 0.8) {
     const canvas = document.createElement("canvas");
+    // Rounding keeps a side within its (whole-pixel) limit: a side at most N rounds to at most N.
     canvas.width = Math.max(1, Math.round(bitmap.width * scale));
     canvas.height = Math.max(1, Math.round(bitmap.height * scale));
     const context = canvas.getContext("2d");
@@ -181,7 +286,9 @@ function renamed(name, type) {
 
 /**
  * Return {file, resized, stripped, note} for `file` under `rules` ({allowed_formats, max_bytes,
- * max_dimension, keep_metadata}, all optional). `file` is the input itself when nothing changed.
+ * max_width, max_height, max_dimension, keep_metadata}, all optional). `file` is the input itself
+ * when nothing changed. `stripped` is true whenever the file made has lost the original's
+ * metadata, `keep_metadata` or not (see the module comment for when that happens).
  * `edit` ({rotate, crop}, from crop.js) turns and cuts the picture first.
  */
 export async function prepare(file, rules = {}, edit = null) {
@@ -191,7 +298,9 @@ export async function prepare(file, rules = {}, edit = null) {
   if (!format || format.mime === "image/svg+xml" || format.mime === "image/gif") return unchanged;
   const keep = rules.keep_metadata === true;
   const maxBytes = Math.min(rules.max_bytes || SERVICE_MAX_BYTES, SERVICE_MAX_BYTES);
-  const maxSide = rules.max_dimension || Infinity;
+  const box = {
+    maxWidth: rules.max_width || Infinity, maxHeight: rules.max_height || Infinity, maxSide: rules.max_dimension || Infinity,
+  };
 
   let lossless = null;
   if (format.mime === "image/jpeg") lossless = jpegWithoutMetadata(bytes);
@@ -203,20 +312,26 @@ export async function prepare(file, rules = {}, edit = null) {
   if (!decoded) return unchanged; // HEIC the browser cannot read: sent as is
   const bitmap = edit?.crop ? edited(decoded, edit) : decoded;
   try {
-    const tooBig = Math.max(bitmap.width, bitmap.height) > maxSide;
+    const tooBig = fitScale(bitmap.width, bitmap.height, box) < 1;
     // A JPEG turned by its EXIF orientation loses the turn with the EXIF: drawn upright instead.
     const sideways = !keep && (lossless?.orientation ?? 1) !== 1;
     const heic = format.mime === "image/heic";
     const lossy = format.mime !== "image/png";
     if (edit?.crop || tooBig || sideways || heic || (lossy && file.size > maxBytes)) {
       const type = heic ? "image/jpeg" : format.mime;
-      const out = await encode(bitmap, type, maxSide, maxBytes);
+      // keep_metadata: a JPEG's metadata goes into the re-encoded JPEG, made true of it (its
+      // bytes count against the size limit); other formats' re-encodes carry none.
+      const carry = keep && type === "image/jpeg" && lossless?.metadata.length ? lossless.metadata : [];
+      const carriedBytes = carry.reduce((sum, segment) => sum + segment.length, 0);
+      const out = await encode(bitmap, type, box, maxBytes - carriedBytes);
       if (!out) return unchanged; // the checks that follow say why it cannot go
       const resized = out.width !== bitmap.width || out.height !== bitmap.height;
+      const carried = carry.length ? metadataFor(carry, out.width, out.height) : null;
+      const parts = carried ? withSegments(new Uint8Array(await out.blob.arrayBuffer()), carried) : [out.blob];
       return {
-        file: new File([out.blob], renamed(file.name, type), { type, lastModified: file.lastModified }),
+        file: new File(parts, renamed(file.name, type), { type, lastModified: file.lastModified }),
         resized,
-        stripped: true,
+        stripped: !carried,
         note: [edit?.crop ? "cropped" : null, resized ? `resized from ${bitmap.width}×${bitmap.height}` : null].filter(Boolean).join(", ") || "re-encoded",
       };
     }

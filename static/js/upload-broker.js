@@ -9,7 +9,8 @@
 // Attributes: `broker` (base URL; default: where this module came from), `profile` (sent with
 // each create), `max-dimension`, `max-bytes`, `accept`; the `rules` property takes a whole rules
 // object (checks.js) instead, `token` the bearer token. With `aspect_ratio` in the rules (an
-// avatar: 1) each picture is first cropped and turned in a dialog (crop.js, keyboard too). Files are made to fit on the device
+// avatar: 1) each picture of another shape is first cropped and turned in a dialog (crop.js,
+// keyboard too); one already of that shape is not. Files are made to fit on the device
 // (prepare.js: resized, upright, location removed), checked, and sent three at a time.
 // Events (bubbling, composed): `upload-progress` {key, name, loaded, total}, `upload-result`
 // {key, name, state: ready | refused | failed | cancelled, upload, error}.
@@ -20,7 +21,7 @@ import { connect } from "./client.js";
 import { UploadQueue, FINAL } from "./queue.js";
 import { check, humanSize } from "./checks.js";
 import { prepare } from "./prepare.js";
-import { chooseCrop } from "./crop.js";
+import { chooseCrop, needsCrop } from "./crop.js";
 
 const STYLE = `
 :host { display: block; font: var(--upload-broker-font, inherit); color: var(--upload-broker-text, inherit); }
@@ -71,13 +72,12 @@ export class UploadBroker extends HTMLElement {
   constructor() {
     super();
     this.token = null;
-    this.rules = null;
     const root = this.attachShadow({ mode: "open" });
     root.adoptedStyleSheets = [styles()];
     root.innerHTML = `
       <div part="dropzone" role="button" tabindex="0" aria-describedby="limits">
         <span part="button">Choose images</span>
-        <span id="limits">or drop them here · location and camera details are removed before sending</span>
+        <span id="limits">or drop them here · <span class="privacy"></span></span>
       </div>
       <input type="file" multiple class="hidden" tabindex="-1" aria-hidden="true">
       <div class="visually-hidden" aria-live="polite"></div>
@@ -86,6 +86,8 @@ export class UploadBroker extends HTMLElement {
     this._input = root.querySelector("input");
     this._list = root.querySelector("ol");
     this._live = root.querySelector("[aria-live]");
+    this._privacy = root.querySelector(".privacy");
+    this.rules = null;
     this._rows = new Map();
     this._queue = new UploadQueue({ limit: 3, run: (entry, attempt) => this._run(entry, attempt), onChange: (entry) => this._render(entry) });
     this._zone.addEventListener("click", () => this._input.click());
@@ -112,6 +114,19 @@ export class UploadBroker extends HTMLElement {
     if (list.length) this._queue.add(list);
   }
 
+  /** The rules object (checks.js, prepare.js) in place of the attributes; null: the attributes. */
+  get rules() {
+    return this._rules;
+  }
+
+  set rules(value) {
+    this._rules = value ?? null;
+    // Said as it is: a PNG, WebP or HEIC re-encoded loses its details even when kept (prepare.js).
+    this._privacy.textContent = this._rules?.keep_metadata === true
+      ? "photo details are kept, except by a PNG, WebP or HEIC that must be resized"
+      : "location and camera details are removed before sending";
+  }
+
   /** The rules files are prepared and checked against: the `rules` property, else the attributes. */
   get effectiveRules() {
     const number = (name) => (this.hasAttribute(name) ? Number(this.getAttribute(name)) || null : null);
@@ -132,7 +147,8 @@ export class UploadBroker extends HTMLElement {
     const rules = this.effectiveRules;
     attempt.report("checking");
     let edit = null;
-    if (rules.aspect_ratio && !this._rows.get(entry.key).edit) {
+    // Only a picture of another shape is offered the crop dialog (one already right goes as is).
+    if (!this._rows.get(entry.key).edit && await needsCrop(entry.file, rules)) {
       // One crop dialog at a time, in the order the files came.
       this._cropping = (this._cropping ?? Promise.resolve()).then(() => chooseCrop(entry.file, rules.aspect_ratio, { parent: this.shadowRoot }).catch(() => ({})));
       edit = await this._cropping;

@@ -6,9 +6,9 @@
 import { BrokerError, connect, newIdempotencyKey } from "./client.js";
 import * as store from "./store.js";
 import { UploadQueue, FINAL, RETRYABLE } from "./queue.js";
-import { check, fitsAspect, formatProblem, humanSize, inspect } from "./checks.js";
+import { check, humanSize, inspect } from "./checks.js";
 import { prepare } from "./prepare.js";
-import { chooseCrop } from "./crop.js";
+import { chooseCrop, needsCrop } from "./crop.js";
 import { RateMeter, humanDuration } from "./rate.js";
 import { api, copyLink } from "./links.js";
 
@@ -198,12 +198,9 @@ let cropping = Promise.resolve(); // one crop dialog at a time, in the order the
 
 async function cropFor(entry, row, attempt) {
   // A profile with an aspect ratio (an avatar): a picture of another shape is cropped and
-  // turned in a dialog first, as the <upload-broker> component does. A file refused anyway (its
-  // format) or one prepare.js sends as it is (animated GIF, SVG, undecodable HEIC) is not.
+  // turned in a dialog first, as the <upload-broker> component does (crop.js's needsCrop).
   // Returns {rotate, crop}, undefined (nothing to crop) or null (the person cancelled).
-  const { format, width, height } = await row.info;
-  const croppable = format?.browserCanShow && !["image/gif", "image/svg+xml"].includes(format.mime);
-  if (!croppable || !width || fitsAspect(width, height, rules) || formatProblem(format, rules)) return undefined;
+  if (!await needsCrop(entry.file, rules, await row.info)) return undefined;
   attempt.report("cropping");
   cropping = cropping.then(() => chooseCrop(entry.file, rules.aspect_ratio).catch(() => undefined));
   return cropping;

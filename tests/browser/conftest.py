@@ -50,6 +50,13 @@ def live_broker_settings() -> dict[str, Any]:
     return {}
 
 
+def profiles_settings(tmp_path: Path, text: str) -> dict[str, Any]:
+    """Settings for a live broker with the upload profiles `text` (TOML) in a file."""
+    path = tmp_path / "profiles.toml"
+    path.write_text(text, encoding="utf-8")
+    return {"UPLOAD_PROFILES": str(path)}
+
+
 def serve_live(app: Flask, *, worker: bool = True) -> LiveBroker:
     """Serve `app` on 127.0.0.1 with an inline worker thread (`worker=False`: none, the test
     runs the worker's passes itself); `close()` stops both."""

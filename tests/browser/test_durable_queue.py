@@ -153,3 +153,67 @@ def test_a_dropped_connection_is_retried_and_offline_waits_for_the_network(
     expect(second).to_have_attribute("data-state", "ready", timeout=30_000)
     ready = _stored_once(live_broker, emulator, "otto", files)
     assert len(ready) == 2
+
+
+KEPT = """() => new Promise((resolve, reject) => {
+    // Every record in the browser's upload store, whoever it belongs to: [owner, name].
+    const opening = indexedDB.open("upload-broker");
+    opening.onerror = () => reject(opening.error);
+    opening.onsuccess = () => {
+        const db = opening.result;
+        if (!db.objectStoreNames.contains("queue")) { db.close(); resolve([]); return; }
+        const all = db.transaction("queue").objectStore("queue").getAll();
+        all.onsuccess = () => {
+            db.close();
+            resolve(all.result.map((r) => [r.owner, r.file.name]));
+        };
+        all.onerror = () => reject(all.error);
+    };
+})"""
+
+
+def _unsent(page: Any, files: list[tuple[str, str, bytes]]) -> str:
+    """Drop `files` with their transfers held in the browser; return the page's owner key once
+    the store keeps each of them."""
+    page.route(re.compile(r".*/upload/[^/]+/[^/]+$"), lambda route: None)
+    _drop(page, files)
+    expect(page.locator('li.queue-item[data-state="uploading"]')).to_have_count(len(files))
+    owner = page.locator("#queue").get_attribute("data-owner")
+    page.wait_for_function(f"async () => (await ({KEPT})()).length === {len(files)}", polling=100)
+    return owner
+
+
+def test_logging_out_forgets_the_queue_and_the_next_user_never_sees_another_users_files(
+    live_broker, make_user, emulator, page
+):
+    make_user("ana", PASSWORD)
+    make_user("ben", PASSWORD)
+    files = _six()
+    _log_in(page, live_broker.url, "ana")
+    owner = _unsent(page, files[:2])
+    assert sorted(page.evaluate(KEPT)) == sorted([owner, n] for n, _, _ in files[:2])
+
+    # Ana logs out with the header's button: nothing of hers is left in the browser.
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url(f"{live_broker.url}/auth/login")
+    assert page.evaluate(KEPT) == []
+
+    # Her session ends without a log-out (the cookies go) while files are still unsent; Ben
+    # signs in on the same browser: he sees none of them, and they are gone from its storage.
+    _log_in(page, live_broker.url, "ana")
+    page.unroute_all(behavior="ignoreErrors")
+    _unsent(page, files[2:4])
+    page.context.clear_cookies()
+    _log_in(page, live_broker.url, "ben")
+    expect(page.locator("#dropzone")).to_be_visible()
+    page.wait_for_function(f"async () => (await ({KEPT})()).length === 0", polling=100)
+    expect(page.locator("li.queue-item")).to_have_count(0)
+    for name in ("ana", *(n for n, _, _ in files[:4])):
+        expect(page.locator("main")).not_to_contain_text(name)
+
+    # His own file goes as usual, once.
+    page.unroute_all(behavior="ignoreErrors")
+    _drop(page, files[4:5])
+    expect(_item(page, files[4][0])).to_have_attribute("data-state", "ready")
+    assert len(_stored_once(live_broker, emulator, "ben", files[4:5])) == 1
+    assert page.evaluate(KEPT) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import mimetypes
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -301,3 +302,180 @@ def test_an_avatar_is_cropped_and_turned_by_keyboard_alone(
     for point in ((10, 10), (200, 200), (390, 390)):
         r, g, b = rgb.getpixel(point)
         assert r > 180 and b < 80, (point, (r, g, b))
+
+
+def test_the_component_offers_the_crop_dialog_only_to_pictures_of_another_shape(
+    live_broker, app_site, emulator, page
+) -> None:
+    from tests.browser.test_prepare import _stored
+    from tests.browser.test_upload_page import _png
+
+    page.goto(f"{app_site.url}/index.html")
+    page.evaluate(
+        COMPONENT,
+        {"broker": live_broker.url, "token": app_site.token(sub="shopper-5"), "files": []},
+    )
+    # Every crop dialog the component opens, by its title, however briefly it is open.
+    page.evaluate(
+        """() => {
+            window.dialogs = [];
+            const root = document.querySelector("upload-broker").shadowRoot;
+            new MutationObserver((changes) => {
+                for (const change of changes) {
+                    for (const node of change.addedNodes) {
+                        if (node.localName === "dialog") {
+                            window.dialogs.push(node.querySelector("h2").textContent);
+                        }
+                    }
+                }
+            }).observe(root, { childList: true, subtree: true });
+            document.querySelector("upload-broker").rules = { aspect_ratio: 1 };
+        }"""
+    )
+    square, nearly, wide = _png(300, 300), _png(301, 300), _png(800, 400)
+    page.locator("upload-broker input[type=file]").set_input_files(
+        files=[
+            {"name": "square.png", "mimeType": "image/png", "buffer": square},
+            # Within the 1 % tolerance of 1:1: already the right shape.
+            {"name": "nearly.png", "mimeType": "image/png", "buffer": nearly},
+            {"name": "wide.png", "mimeType": "image/png", "buffer": wide},
+        ]
+    )
+    items = page.locator("upload-broker li")
+    for name in ("square.png", "nearly.png"):
+        expect(items.filter(has_text=name)).to_have_attribute("data-state", "ready")
+    dialog = page.locator("upload-broker dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog.locator("h2")).to_have_text("Crop wide.png")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(items.filter(has_text="wide.png")).to_have_attribute("data-state", "cancelled")
+    assert page.evaluate("window.dialogs") == ["Crop wide.png"]
+    results = {r["name"]: r for r in page.evaluate("window.results")}
+    assert {name: r["state"] for name, r in results.items()} == {
+        "square.png": "ready",
+        "nearly.png": "ready",
+        "wide.png": "cancelled",
+    }
+    for name, data in (("square.png", square), ("nearly.png", nearly)):
+        assert _stored(live_broker, emulator, results[name]["upload"]["id"]) == data
+    counters = emulator.counters()
+    assert counters.get("direct_upload") == 2, counters
+
+
+def _ifd(entries: list[tuple[int, int, int, bytes]], next_ifd: int = 0) -> bytes:
+    """A big-endian TIFF directory: (tag, type, count, value of 4 bytes or fewer)."""
+    out = struct.pack(">H", len(entries))
+    for tag, kind, count, value in entries:
+        out += struct.pack(">HHI", tag, kind, count) + value.ljust(4, b"\0")
+    return out + struct.pack(">I", next_ifd)
+
+
+def _exif_with_thumbnail(thumbnail: bytes) -> bytes:
+    """An EXIF block as a camera writes one: make and model, orientation 6 (stored sideways),
+    the pixel size (one LONG, one SHORT), a GPS position and a preview thumbnail (IFD1)."""
+    make, model = b"PhoneMaker\0", b"Phone 15 Pro\0"
+    ifd0, strings = 8, 8 + 2 + 5 * 12 + 4
+    exif_ifd = strings + len(make) + len(model)
+    gps_ifd = exif_ifd + 2 + 2 * 12 + 4
+    ifd1 = gps_ifd + 2 + 1 * 12 + 4
+    thumb_at = ifd1 + 2 + 2 * 12 + 4
+    long = lambda n: struct.pack(">I", n)  # noqa: E731
+    tiff = b"MM\0*" + long(ifd0)
+    tiff += _ifd(
+        [
+            (0x010F, 2, len(make), long(strings)),
+            (0x0110, 2, len(model), long(strings + len(make))),
+            (0x0112, 3, 1, struct.pack(">H", 6)),
+            (0x8769, 4, 1, long(exif_ifd)),
+            (0x8825, 4, 1, long(gps_ifd)),
+        ],
+        next_ifd=ifd1,
+    )
+    tiff += make + model
+    tiff += _ifd([(0xA002, 4, 1, long(1200)), (0xA003, 3, 1, struct.pack(">H", 900))])
+    tiff += _ifd([(0x0001, 2, 2, b"N\0")])
+    tiff += _ifd([(0x0201, 4, 1, long(thumb_at)), (0x0202, 4, 1, long(len(thumbnail)))])
+    assert len(tiff) == thumb_at
+    return b"Exif\0\0" + tiff + thumbnail
+
+
+def test_the_component_keeps_a_jpegs_metadata_through_a_resize_when_asked(
+    live_broker, app_site, emulator, page
+) -> None:
+    from tests.browser.test_page_checks import VIEWPORTS
+    from tests.browser.test_prepare import _exif, _stored
+
+    page.goto(f"{app_site.url}/index.html")
+    page.evaluate(
+        COMPONENT,
+        {"broker": live_broker.url, "token": app_site.token(sub="shopper-6"), "files": []},
+    )
+    page.evaluate(
+        "document.querySelector('upload-broker').rules ="
+        " { max_dimension: 600, keep_metadata: true }"
+    )
+    expect(page.locator("upload-broker #limits")).to_contain_text("photo details are kept")
+    thumb = io.BytesIO()
+    Image.new("RGB", (16, 12), (250, 250, 0)).save(thumb, "JPEG")
+    # 1200x900 as the sensor saw it, red at its top-left; shown turned (orientation 6).
+    picture = Image.new("RGB", (1200, 900), (30, 90, 160))
+    picture.paste((255, 0, 0), (0, 0, 200, 200))
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF'
+        b' xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description'
+        b' xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    original = io.BytesIO()
+    picture.save(
+        original,
+        "JPEG",
+        quality=90,
+        exif=_exif_with_thumbnail(thumb.getvalue()),
+        comment=b"Taken on holiday",
+        xmp=xmp,
+    )
+    page.locator("upload-broker input[type=file]").set_input_files(
+        files=[{"name": "holiday.jpg", "mimeType": "image/jpeg", "buffer": original.getvalue()}]
+    )
+    expect(page.locator("upload-broker li")).to_have_attribute("data-state", "ready")
+    result = page.evaluate("window.results[0]")
+    stored = _stored(live_broker, emulator, result["upload"]["id"])
+    with (
+        Image.open(io.BytesIO(original.getvalue())) as before,
+        Image.open(io.BytesIO(stored)) as image,
+    ):
+        # Resized and drawn upright: portrait, the sensor's top-left (red) now top-right.
+        assert image.size == (450, 600)
+        rgb = image.convert("RGB")
+        r, g, b = rgb.getpixel((450 - 20, 20))
+        assert r > 200 and g < 60 and b < 60, (r, g, b)
+        exif, was = image.getexif(), before.getexif()
+        # Every detail kept, made true of the new picture: upright, the new pixel size.
+        assert (exif[0x010F], exif[0x0110]) == ("PhoneMaker", "Phone 15 Pro")
+        assert exif[0x0112] == 1 and was[0x0112] == 6
+        assert exif.get_ifd(0x8825) == was.get_ifd(0x8825) == {1: "N"}
+        assert exif.get_ifd(0x8769) == {0xA002: 450, 0xA003: 600}
+        assert image.info["comment"] == b"Taken on holiday"
+        assert b'tiff:Orientation="1"' in image.info["xmp"]
+        # The preview thumbnail (the picture as it was, sideways) is gone, bytes and all.
+        assert not exif.get_ifd(0x1) and thumb.getvalue() not in stored
+        assert thumb.getvalue() in original.getvalue()
+
+    # A PNG that must be re-encoded cannot keep its details (the canvas writes none): the
+    # answer says they were removed rather than claim them kept.
+    png = io.BytesIO()
+    picture.save(png, "PNG", exif=_exif(orientation=1))
+    answer = page.evaluate(
+        """async ({ broker, b64 }) => {
+            const { prepare } = await import(`${broker}/static/js/prepare.js`);
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const file = new File([bytes], "shot.png", { type: "image/png" });
+            const out = await prepare(file, { max_dimension: 600, keep_metadata: true });
+            return { stripped: out.stripped, resized: out.resized };
+        }""",
+        {"broker": live_broker.url, "b64": base64.b64encode(png.getvalue()).decode()},
+    )
+    assert answer == {"stripped": True, "resized": True}
+    for device, (width, height) in VIEWPORTS.items():
+        page.set_viewport_size({"width": width, "height": height})
+        screenshot(page, f"component-keep-metadata-{device}-{width}x{height}")

@@ -18,7 +18,7 @@ from playwright.sync_api import expect
 
 from broker import worker
 from broker.platform.db import utcnow
-from tests.browser.conftest import screenshot, serve_live
+from tests.browser.conftest import profiles_settings, screenshot, serve_live
 from tests.browser.test_page_checks import VIEWPORTS, _problems
 from tests.browser.test_prepare import _stored
 from tests.browser.test_upload_page import _drop, _item, _log_in, _png
@@ -32,9 +32,7 @@ PROFILES = AVATAR_PROFILE + "min_width = 200\n"
 
 @pytest.fixture
 def live_broker_settings(tmp_path) -> dict[str, Any]:
-    path = tmp_path / "profiles.toml"
-    path.write_text(PROFILES, encoding="utf-8")
-    return {"UPLOAD_PROFILES": str(path)}
+    return profiles_settings(tmp_path, PROFILES)
 
 
 def _gif(width: int, height: int) -> bytes:
