@@ -158,6 +158,14 @@ def _run(live: Live, operation: Any, mode: Any, seen: Counter[int]) -> None:
             case.path_parameters = {k: live.ids.get(k, v) for k, v in case.path_parameters.items()}
         if isinstance(case.body, dict) and isinstance(case.body.get("url"), str):
             case.body["url"] = HOOK_URL
+        # and every other erasure names the account already erased (asking again is safe), so
+        # a success is seen however the generated bodies fall.
+        if (
+            case.path == "/api/v1/erasures"
+            and isinstance(case.body, dict)
+            and sum(seen.values()) % 2
+        ):
+            case.body = {"user": live.ids["user"]}
         logs_in = case.path == "/api/v1/auth/tokens" and isinstance(case.body, dict)
         if logs_in and sum(seen.values()) % 2:  # and every other login is the admin's own
             case.body.update(username="root", password=factories.PASSWORD)
