@@ -58,7 +58,7 @@ def test_blocks_run_in_order_carry_state_within_a_section_and_check_answers(tmp_
 
 def test_a_broken_command_fails_naming_its_line(tmp_path):
     broken = SAMPLE.replace('echo "$GREETING again"', "curl --no-such-option")
-    with pytest.raises(ReadmeError, match="README.md line 16 failed"):
+    with pytest.raises(ReadmeError, match=r"README\.md line 16 failed"):
         _run(broken, tmp_path)
 
 
