@@ -5,7 +5,7 @@ and whether each worker is alive.
 due and not yet done — a completion check of a pending upload (`completion`), an outgoing
 webhook attempt (`webhook_delivery`). A healthy worker pool keeps both near the poll interval;
 a value that climbs means the workers are gone, stuck or too few (the alert rules in the
-README's operations guide fire on it).
+operations guide, broker/OPERATIONS.md, fire on it).
 
 `broker_worker_heartbeat_age_seconds{worker=…}` is, per worker, the seconds since its loop last
 wrote its `worker_heartbeats` row (`beat`, every HEARTBEAT_EVERY seconds between jobs): a

@@ -1,4 +1,4 @@
-"""What the broker forgets, and when: the worker's `prune` job (README, "Retention").
+"""What the broker forgets, and when: the worker's `prune` job (broker/OPERATIONS.md, "Retention").
 
 Left alone, these tables grow with traffic for ever: webhook deliveries (with their attempts)
 and events, upload rows that ended without an image, and the create reservations a killed

@@ -1,6 +1,6 @@
 """Run a Markdown file's shell blocks the way a reader does, and check the answers it shows.
 
-The convention (README.md follows it):
+The convention (every file of DOCUMENTS follows it):
 - every fenced block whose info string is `sh` is run with bash (`set -euo pipefail`), in a
   working folder and environment the caller prepares (a live stack);
 - a block that must not run says so on the line right before its fence:
@@ -36,6 +36,8 @@ FENCE = re.compile(r"^```(\S*)\s*$")
 NOT_RUN = re.compile(
     r"<!--\s*readme:\s*not run\s*[\u2014\u2013-]+\s*(?P<reason>.*?)\s*-->\s*$", re.S
 )
+# The Markdown files whose `sh` blocks CI runs: the README and the operations guide it links to.
+DOCUMENTS = ("README.md", "broker/OPERATIONS.md")
 CHECK = re.compile(r"^\s*#\s*→\s?(?P<expected>.*)$")
 SHELLISH = {"bash", "shell", "console", "zsh", "shell-session"}
 ANY = "…"
@@ -89,10 +91,11 @@ class Section:
     """The blocks of one `##` section, run in one shell."""
 
     title: str
+    document: str = "README.md"
     blocks: list[Block] = field(default_factory=list)
 
 
-def parse(markdown: str) -> list[Section]:
+def parse(markdown: str, document: str = "README.md") -> list[Section]:
     """Return the sections holding shell blocks, in order; refuse shell blocks outside `sh`."""
     sections: list[Section] = []
     title = "(top)"
@@ -121,7 +124,7 @@ def parse(markdown: str) -> list[Section]:
                 if not block.skip_reason:
                     raise ReadmeError(f"line {index + 1}: `readme: not run` without a reason")
             if not sections or sections[-1].title != title:
-                sections.append(Section(title))
+                sections.append(Section(title, document))
             sections[-1].blocks.append(block)
         index = end + 1
     return sections
@@ -231,7 +234,7 @@ def run_section(
     replace: dict[str, str] | None = None,
     timeout: float = 300,
 ) -> None:
-    """Run a section's blocks in one bash; raise ReadmeError naming the README line that failed."""
+    """Run a section's blocks in one bash; raise ReadmeError naming the line that failed."""
     script, chunks = _script(section, cwd, replace or {})
     if not chunks:
         return
@@ -259,7 +262,7 @@ def run_section(
     if process.returncode != 0:
         where = chunks[int(at)].line if at.isdigit() else "?"
         raise ReadmeError(
-            f"{section.title}: the command at README line {where} failed"
+            f"{section.title}: the command at {section.document} line {where} failed"
             f" (exit {process.returncode}):\n{stderr[-3000:]}"
         )
     for n, chunk in enumerate(chunks):
@@ -268,7 +271,7 @@ def run_section(
         printed = (cwd / f".readme-out-{n}").read_text(errors="replace")
         problem = check(chunk.expected, printed)
         if problem:
-            raise ReadmeError(f"{section.title}, README line {chunk.line}: {problem}")
+            raise ReadmeError(f"{section.title}, {section.document} line {chunk.line}: {problem}")
 
 
 def run_document(
@@ -278,10 +281,11 @@ def run_document(
     env: dict[str, str],
     replace: dict[str, str] | None = None,
     only: set[str] | None = None,
+    document: str = "README.md",
 ) -> Ran:
     """Run every unmarked `sh` block of `markdown` (of the sections in `only`, if given)."""
     ran = Ran()
-    for section in parse(markdown):
+    for section in parse(markdown, document):
         if only is not None and section.title not in only:
             continue
         ran.skipped += [b for b in section.blocks if b.skip_reason is not None]

@@ -14,6 +14,7 @@ import pytest
 from broker import create_app
 from broker.platform.config import DEFAULT_SECRET_KEY, DEV_EMULATOR_FILE, ConfigError
 from tests.factories import TEST_ENCRYPTION_KEY, production_app
+from tests.support.guide import GUIDE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,14 +100,14 @@ def test_flask_command_refuses_bad_config_in_one_line(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 1  # README: one `Error: …` line, exit status 1
+    assert result.returncode == 1  # the guide: one `Error: …` line, exit status 1
     assert result.stderr.strip().splitlines() == [
         "Error: BROKER_SECRET_KEY is the insecure default; set a long random value"
     ]
 
 
 def test_testing_env_skips_the_production_checks_and_says_so(tmp_path):
-    """README: `testing` is for automated test suites and skips production's refusals; it
+    """The guide: `testing` is for automated test suites and skips production's refusals; it
     runs no inline worker and never reads make run's emulator file."""
     (tmp_path / DEV_EMULATOR_FILE).write_text(
         json.dumps({"CLOUDFLARE_ACCOUNT_ID": "emulator-account"})
@@ -123,5 +124,5 @@ def test_testing_env_skips_the_production_checks_and_says_so(tmp_path):
     )
     assert app.config["SECRET_KEY"] == DEFAULT_SECRET_KEY
     assert app.config["WORKER_INLINE"] is False
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "`BROKER_ENV=testing` is for automated test suites and skips these checks" in readme
+    guide = " ".join(GUIDE.read_text().split())
+    assert "`BROKER_ENV=testing` is for automated test suites and skips these checks" in guide

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from broker.worker import SHUTDOWN_DEADLINE
+from tests.support.guide import GUIDE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def test_gunicorn_stops_within_the_workers_deadline_and_compose_waits_for_both(m
         assert _seconds(services[name]["stop_grace_period"]) > SHUTDOWN_DEADLINE
 
 
-def test_compose_runs_the_commands_the_readme_and_the_dockerfile_give():
+def test_compose_runs_the_commands_the_guide_and_the_dockerfile_give():
     """The web tier is gunicorn with gunicorn.conf.py everywhere; workers are `flask worker`."""
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     assert services["web"]["command"] == ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
@@ -48,9 +49,9 @@ def test_compose_runs_the_commands_the_readme_and_the_dockerfile_give():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "exec gunicorn -c gunicorn.conf.py wsgi:app" in dockerfile
     assert "COPY wsgi.py gunicorn.conf.py /app/" in dockerfile
-    readme = (ROOT / "README.md").read_text()
-    assert "gunicorn -c gunicorn.conf.py wsgi:app" in readme
-    assert "docker compose --env-file .env.emulator --profile emulator up" in readme
+    guide = GUIDE.read_text()
+    assert "gunicorn -c gunicorn.conf.py wsgi:app" in guide
+    assert "docker compose --env-file .env.emulator --profile emulator up" in guide
 
 
 def test_the_access_log_never_shows_a_basic_authorization_user():

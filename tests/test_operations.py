@@ -26,7 +26,7 @@ from broker.uploads.models import Upload
 from broker.webhooks.models import WebhookDelivery
 from tests.conftest import require
 from tests.factories import add_webhook_endpoint, create_user, queue_events, record_upload
-from tests.support.guide import block, run
+from tests.support.guide import GUIDE, block, run
 from tests.system.topology import wait_for
 from tests.test_worker import _env as worker_env
 
@@ -67,13 +67,13 @@ def test_overdue_work_is_the_oldest_due_item_of_each_queue(make_app: Callable[..
 
 
 def test_the_guide_explains_every_series(make_app: Callable[..., Flask]) -> None:
-    """Each metric /metrics serves has a row in the README's metrics table."""
+    """Each metric /metrics serves has a row in the operations guide's metrics table."""
     names = re.findall(
         r"^# HELP (\w+) ", scrape(make_app(METRICS_TOKEN=TOKEN, CLOUDFLARE_BATCH="auto")), re.M
     )
     assert len(names) == 17  # every series the broker serves, so a new one needs its row
-    readme = (ROOT / "README.md").read_text()
-    missing = [name for name in names if f"| `{name}" not in readme]
+    guide = GUIDE.read_text()
+    missing = [name for name in names if f"| `{name}" not in guide]
     assert missing == []
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.readme import ReadmeError, check, parse, run_document
+from tests.readme import DOCUMENTS, ReadmeError, check, parse, run_document
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_blocks_run_in_order_carry_state_within_a_section_and_check_answers(tmp_
 
 def test_a_broken_command_fails_naming_its_line(tmp_path):
     broken = SAMPLE.replace('echo "$GREETING again"', "curl --no-such-option")
-    with pytest.raises(ReadmeError, match="README line 16 failed"):
+    with pytest.raises(ReadmeError, match=r"README\.md line 16 failed"):
         _run(broken, tmp_path)
 
 
@@ -100,11 +100,11 @@ def test_expected_answers(expected, printed, good):
 
 
 def test_the_readmes_reader_flows_are_not_marked_away():
-    """The README parses (no stray shell block, no marker without a reason), and each flow a
-    reader runs against make run's stack keeps blocks that run (checked here, in make test,
-    before the system suite runs them)."""
+    """The README and the guide parse (no stray shell block, no marker without a reason), and
+    each flow a reader runs against make run's stack keeps blocks that run (checked here, in
+    make test, before the system suite runs them)."""
     from tests.system.test_readme import FLOWS
 
-    sections = parse((ROOT / "README.md").read_text())
+    sections = [s for d in DOCUMENTS for s in parse((ROOT / d).read_text(), d)]
     running = {s.title for s in sections if any(b.skip_reason is None for b in s.blocks)}
     assert not FLOWS - running, FLOWS - running

@@ -1,4 +1,5 @@
-"""The README's operations guide as the tests read it: its fenced blocks, found by first line."""
+"""The operations guide (broker/OPERATIONS.md) as the tests read it: its fenced blocks, found by
+first line."""
 
 from __future__ import annotations
 
@@ -7,17 +8,18 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+GUIDE = ROOT / "broker" / "OPERATIONS.md"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 
 
 def block(first_line: str, language: str | None = None) -> str:
-    """Return the README's one fenced block whose first line is `first_line` (whole text)."""
+    """Return the guide's one fenced block whose first line is `first_line` (whole text)."""
     found = [
         body
-        for lang, body in _FENCE.findall((ROOT / "README.md").read_text())
+        for lang, body in _FENCE.findall(GUIDE.read_text())
         if body.split("\n", 1)[0].strip() == first_line and language in (None, lang)
     ]
-    assert len(found) == 1, f"README blocks starting {first_line!r}: {len(found)}"
+    assert len(found) == 1, f"guide blocks starting {first_line!r}: {len(found)}"
     return found[0]
 
 

@@ -2,9 +2,9 @@
 gunicorn instances, its install, services, secrets and first-admin commands, and its backup and
 restore.
 
-The blocks come from README.md (tests/support/guide.py finds them by their first line), so the test
-runs what the guide says; only addresses, the certificate and ports are swapped for loopback
-ones. Needs PostgreSQL (BROKER_TEST_POSTGRES_URL), nginx, caddy and redis-server (Debian).
+The blocks come from broker/OPERATIONS.md (tests/support/guide.py finds them by first line), so
+the test runs what the guide says; only addresses, the certificate and ports are swapped for
+loopback ones. Needs PostgreSQL (BROKER_TEST_POSTGRES_URL), nginx, caddy and redis-server (Debian).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The README, executed: every `sh` block a reader would run, run with bash against a live stack.
+"""The README and the operations guide it links to, executed: every `sh` block a reader would
+run, run with bash against a live stack.
 
 The stack is what `make run` starts (`python -m broker.devserver` after `flask db upgrade`, the
 Makefile's two commands) on ports from the OS, in a folder of its own that holds `instance/`,
@@ -23,7 +24,7 @@ import pytest
 import requests
 
 from broker.emulator.testing import make_image
-from tests.readme import run_document
+from tests.readme import DOCUMENTS, run_document
 from tests.support.reader import free_port, reader_env
 from tests.system.topology import wait_for
 
@@ -37,6 +38,7 @@ FLOWS = {
     "Completion and webhooks",
     "Showing private images",
     "The local Cloudflare Images emulator",
+    "Agreement with Cloudflare",  # the operations guide's
 }
 
 
@@ -117,26 +119,28 @@ def stack(prepared: Stack) -> Iterator[Stack]:
 
 @pytest.mark.timeout(600)
 def test_the_readme_runs_against_make_runs_stack(stack: Stack, report) -> None:
-    """Every unmarked `sh` block runs and prints what the README shows; the reader's flows all
-    run (none is marked away)."""
-    ran = run_document(
-        (ROOT / "README.md").read_text(),
-        cwd=stack.folder,
-        env=stack.env,
-        replace={
-            "localhost:5000": f"127.0.0.1:{stack.broker_port}",
-            "localhost:8788": f"127.0.0.1:{stack.emulator_port}",
-        },
-    )
-    ran_sections = {b.section for b in ran.run}
+    """Every unmarked `sh` block of the README and the guide runs and prints what the text
+    shows; the reader's flows all run (none is marked away)."""
+    ran_sections: set[str] = set()
+    lines: list[str] = []
+    for document in DOCUMENTS:
+        ran = run_document(
+            (ROOT / document).read_text(),
+            cwd=stack.folder,
+            env=stack.env,
+            replace={
+                "localhost:5000": f"127.0.0.1:{stack.broker_port}",
+                "localhost:8788": f"127.0.0.1:{stack.emulator_port}",
+            },
+            document=document,
+        )
+        ran_sections |= {b.section for b in ran.run}
+        lines += [f"run     {document}:{b.line}  {b.section}" for b in ran.run]
+        lines += [f"not run {document}:{b.line}  {b.section}: {b.skip_reason}" for b in ran.skipped]
     assert not FLOWS - ran_sections, ran_sections
     log = (stack.folder / "make-run.log").read_text()
     assert "Traceback" not in log and "batch token refused" not in log, log[-3000:]
-    report(
-        "README blocks",
-        [f"run     line {b.line:4d}  {b.section}" for b in ran.run]
-        + [f"not run line {b.line:4d}  {b.section}: {b.skip_reason}" for b in ran.skipped],
-    )
+    report("README and guide blocks", lines)
 
 
 @pytest.mark.timeout(300)
