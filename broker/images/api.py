@@ -212,6 +212,7 @@ def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
     errors=(UNKNOWN_VARIANT, TTL_OUT_OF_RANGE, NO_SIGNING_KEY),
     tags=("images",),
     scope="images:urls",
+    reads_only=True,
 )
 def image_urls(body: UrlBatch) -> UrlBatchResult:
     """Mint delivery URLs for up to 1000 image variants in one request."""
