@@ -36,7 +36,6 @@ T = TypeVar("T")
 
 # Images deleted per turn of one erasure: a turn holds its lease while it deletes.
 BATCH = 50
-LEASE_SECONDS = 120
 # After a turn in which Cloudflare failed some deletions, wait this long before the next.
 RETRY_FAILED = 5.0
 ERASED = "[erased]"
@@ -257,11 +256,12 @@ def erase_due(
     client: CloudflareImages,
     holder: str,
     *,
+    lease_seconds: int,
     now: datetime | None = None,
     stop: threading.Event | None = None,
     limit: int = 10,
 ) -> int:
-    """Take one turn of each due erasure (claimed under a lease); return what changed."""
+    """Take one turn of each due erasure (claimed for `lease_seconds`); return what changed."""
     now = now or utcnow()
     ids = leases.claim(
         session,
@@ -271,7 +271,7 @@ def erase_due(
         limit=limit,
         holder=holder,
         now=now,
-        lease_seconds=LEASE_SECONDS,
+        lease_seconds=lease_seconds,
     )
     if not ids:
         return 0

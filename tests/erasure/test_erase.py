@@ -18,6 +18,7 @@ from broker.emulator.testing import make_image
 from broker.erasure import erase
 from broker.erasure.models import Erasure
 from broker.platform import leases
+from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads.models import Upload
 from tests import factories
@@ -111,7 +112,7 @@ def test_erasing_300_images_under_faults_and_a_killed_worker(
             limit=1,
             holder="killed",
             now=now,
-            lease_seconds=erase.LEASE_SECONDS,
+            lease_seconds=settings_of(app).erasure_lease,
         )
         turn = erase._read(db.session, db.session.get(Erasure, erasure_id))
         db.session.commit()
@@ -122,7 +123,7 @@ def test_erasing_300_images_under_faults_and_a_killed_worker(
 
     # And an outage long enough to outlast the client's retries for a few images.
     emulator.inject_fault("image_delete", status=503, count=12)
-    moment = now + timedelta(seconds=erase.LEASE_SECONDS + 1)
+    moment = now + timedelta(seconds=settings_of(app).erasure_lease + 1)
     for _ in range(200):
         worker.run_once(app, now=moment, worker_id="w2")
         if _erasure(app).status == "done":
