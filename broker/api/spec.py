@@ -580,7 +580,8 @@ Browser pages use their session cookie instead, plus an `X-CSRFToken` header on 
 branch on `code`. A 422 names each bad field in `details` as `{field, message, type}`.
 
 **Retrying**: decide by `code`, not by status. `idempotency_in_progress` (409): retry the same
-request after a second; `not_ready` (409): finish the upload first; `image_id_taken` (409):
+request after a second; `not_ready` (409): finish the upload first (while it is `pending`
+the answer's `Retry-After` says when to ask again); `image_id_taken` (409):
 choose another id. 429 and 503 carry `Retry-After`: wait that long. `upstream_unavailable`,
 `upstream_error` (502) and `upstream_timeout` (504): retry with a growing pause. A 401's code
 says whether a new token helps (`token_expired`, `token_revoked`). Retry a create with the
