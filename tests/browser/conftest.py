@@ -50,6 +50,28 @@ def live_broker_settings() -> dict[str, Any]:
     return {}
 
 
+def whole_answers(app: Any) -> Callable[..., Any]:
+    """Wrap a WSGI app so that each answer is read whole, and its iterable closed, before the
+    server writes it.
+
+    werkzeug's development server closes an answer's iterable (a static file, for one) only
+    after draining the request socket, and that read raises when the browser has dropped the
+    connection (a page navigated away mid-download): the file would stay open until collected,
+    a ResourceWarning. The broker streams nothing, so reading answers whole changes nothing else.
+    """
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        answer = app(environ, start_response)
+        try:
+            return list(answer)
+        finally:
+            close = getattr(answer, "close", None)
+            if close is not None:
+                close()
+
+    return serve
+
+
 def serve_live(app: Flask, *, worker: bool = True) -> LiveBroker:
     """Serve `app` on 127.0.0.1 with an inline worker thread (`worker=False`: none, the test
     runs the worker's passes itself); `close()` stops both."""
@@ -60,7 +82,7 @@ def serve_live(app: Flask, *, worker: bool = True) -> LiveBroker:
         # What `make run` does at start: declared variants upstream, signing keys mirrored.
         problems = [line for line in prepare_upstream() if "fail" in line.lower()]
         assert not problems, problems
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", 0, whole_answers(app), threaded=True)
     serving = threading.Thread(target=server.serve_forever, name="live-broker", daemon=True)
     serving.start()
     worker_thread, stop_worker = start_inline(app) if worker else (None, None)
