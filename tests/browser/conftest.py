@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,19 +12,6 @@ import pytest
 from flask import Flask
 from werkzeug.serving import make_server
 
-from tests.conftest import require
-
-CHROMIUM = os.environ.get("BROKER_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
 
 
@@ -125,20 +110,6 @@ def throttle(page: Any, uplink_bits: int) -> Any:
         },
     )
     return cdp
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """Launch Debian's Chromium headless through Playwright (no browser download)."""
-    require(
-        bool(shutil.which(CHROMIUM)) or Path(CHROMIUM).exists(), f"needs Chromium at {CHROMIUM}"
-    )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
