@@ -214,7 +214,14 @@ def _deliver_webhooks(worker: Worker, now: datetime) -> int:
 
 
 def _erase_users(worker: Worker, now: datetime) -> int:
-    return erase.erase_due(db.session, get_client(), worker.worker_id, now=now, stop=worker.stop)
+    return erase.erase_due(
+        db.session,
+        get_client(),
+        worker.worker_id,
+        lease_seconds=settings_of(worker.app).erasure_lease,
+        now=now,
+        stop=worker.stop,
+    )
 
 
 def _sync_keys(worker: Worker, now: datetime) -> int:

@@ -28,8 +28,9 @@ from tests import factories
 from tests.factories import TEST_ENCRYPTION_KEY, emulator_config
 from tests.support.openapi_check import SpecCheckingClient
 
-# The recording webhook receiver (`receiver`), for webhooks, uploads and worker tests.
-pytest_plugins = ["tests.support.webhook_receiver"]
+# The recording webhook receiver (`receiver`), for webhooks, uploads and worker tests; the one
+# Chromium (`browser`) every suite shares.
+pytest_plugins = ["tests.support.webhook_receiver", "tests.support.chromium"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -189,6 +189,18 @@ def test_a_proxy_api_base_takes_its_own_batch_host_not_cloudflares(tmp_path: Pat
     assert config["CLOUDFLARE_BATCH_BASE"] == "https://proxy.example.com/batch"
 
 
+def test_every_published_port_is_on_this_machines_loopback() -> None:
+    """Nothing compose starts is reachable from other machines: the web instances (behind a TLS
+    proxy on this machine) and the emulator publish on 127.0.0.1 only."""
+    published = {
+        name: service["ports"] for name, service in raw()["services"].items() if "ports" in service
+    }
+    assert published == {
+        "web": ["127.0.0.1:8000-8001:8000"],
+        "emulator": ["127.0.0.1:8788:8788"],
+    }
+
+
 def test_the_emulator_stays_on_this_machine_with_no_controls() -> None:
     """The emulator's port is published on the host's loopback only, its controls are off (no
     token could be required there: compose checks every service's `${VAR:?}`, production's

@@ -494,6 +494,7 @@ def endpoint(
     description: str | None = None,
     scope: str | None = None,
     guard: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+    reads_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a JSON view on `bp` and document it in the OpenAPI registry.
 
@@ -502,7 +503,9 @@ def endpoint(
     of a success status. An unsafe `method` makes the view one unit of work.
     `admin=True` refuses non-admins with 403 before the body is even read. `scope` is what a
     service key needs to call the route (see `require_scope`). `guard` (a decorator, e.g. rate
-    limits) wraps the whole route, so it runs before the body is read.
+    limits) wraps the whole route, so it runs before the body is read. `reads_only=True` says
+    an unsafe method only reads (a POST whose body is a query): like a GET, a first call by an
+    app's user creates no account for them.
     """
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -524,7 +527,12 @@ def endpoint(
             return to_response(view(**kwargs))
 
         unsafe = method.lower() not in _SAFE_METHODS
-        bp.add_url_rule(rule, view_func=guard(wrapped) if guard else wrapped, methods=[method])
+        registered = guard(wrapped) if guard else wrapped
+        bp.add_url_rule(
+            rule,
+            view_func=routing.only_reads(registered) if reads_only else registered,
+            methods=[method],
+        )
         declared: Declared = getattr(view, DECLARED, Declared())
         success = dict(headers or {})
         for status in responses:
@@ -572,7 +580,8 @@ Browser pages use their session cookie instead, plus an `X-CSRFToken` header on 
 branch on `code`. A 422 names each bad field in `details` as `{field, message, type}`.
 
 **Retrying**: decide by `code`, not by status. `idempotency_in_progress` (409): retry the same
-request after a second; `not_ready` (409): finish the upload first; `image_id_taken` (409):
+request after a second; `not_ready` (409): finish the upload first (while it is `pending`
+the answer's `Retry-After` says when to ask again); `image_id_taken` (409):
 choose another id. 429 and 503 carry `Retry-After`: wait that long. `upstream_unavailable`,
 `upstream_error` (502) and `upstream_timeout` (504): retry with a growing pause. A 401's code
 says whether a new token helps (`token_expired`, `token_revoked`). Retry a create with the

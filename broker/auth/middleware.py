@@ -50,7 +50,7 @@ from broker.platform.config import current_settings
 from broker.platform.db import db
 from broker.platform.errors import ApiError, handle_api_error, wants_json
 from broker.platform.extensions import csrf, login_manager
-from broker.platform.routing import serves_no_user
+from broker.platform.routing import reads_only, serves_no_user
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -228,10 +228,6 @@ def _identity_provider_user(token: str) -> User | None:
     return _external_account(identity.issuer, identity.subject)
 
 
-# POSTs that only read (a batch of signed URLs, sent as a body): they create no account either.
-_READS = frozenset({"/api/v1/images/urls"})
-
-
 def _external_account(issuer: str, subject: str) -> User:
     """Return the account of `subject` at `issuer`, created (and committed) by its first write;
     a read before that acts as an account that owns nothing and is never stored."""
@@ -240,13 +236,21 @@ def _external_account(issuer: str, subject: str) -> User:
     # No autoflush: the credential's last-used stamp stays pending for the commit after this.
     with db.session.no_autoflush:
         user = external.find_account(db.session, issuer, subject)
-    if user is None and (request.method in ("GET", "HEAD", "OPTIONS") or request.path in _READS):
+    if user is None and _reads():
         return external.reader(issuer, subject)  # a read creates no account
     if user is None:
         user = external.create_account(db.session, issuer, subject)
         # Before the view's own work: the account exists whatever the view does next.
         db.session.commit()
     return _usable(user)
+
+
+def _reads() -> bool:
+    """Tell whether this request only reads: a safe method, or a route declared `reads_only`
+    (a POST whose body is a query, such as a batch of signed URLs)."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return True
+    return reads_only(current_app, request.endpoint)
 
 
 def _on_the_api() -> bool:

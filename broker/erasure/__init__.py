@@ -1,7 +1,8 @@
 """Erasing a user: every image gone upstream, credentials revoked, personal fields removed.
 
 Offers `request_erasure` (the ask: at once the account is locked out, its tokens and sessions
-end and its personal fields are removed; the rest is queued), `erase_due` (the worker's job),
+end and its personal fields are removed, in the audit log and in the webhook events about
+its uploads, queued or sent; the rest is queued), `erase_due` (the worker's job),
 `find_erased` and the `Erasure` model; routes in `api` (admins by public id, the app's backend
 by external id with a service key of scope `users:erase`) and `flask users erase` in `cli`.
 

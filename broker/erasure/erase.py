@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,12 +32,12 @@ from broker.upstream.cloudflare import (
     UpstreamError,
 )
 from broker.webhooks import outbox
+from broker.webhooks.models import WebhookEvent
 
 T = TypeVar("T")
 
 # Images deleted per turn of one erasure: a turn holds its lease while it deletes.
 BATCH = 50
-LEASE_SECONDS = 120
 # After a turn in which Cloudflare failed some deletions, wait this long before the next.
 RETRY_FAILED = 5.0
 ERASED = "[erased]"
@@ -83,6 +84,7 @@ def request_erasure(
     if user.external_issuer is not None and user.external_subject is not None:
         user.external_subject = _erased_subject(user.external_issuer, user.external_subject)
     _scrub_audit(session, user.public_id, old_actor)
+    _scrub_events(session, user.id)
     erasure = Erasure(
         user_id=user.id,
         public_id=user.public_id,
@@ -118,6 +120,21 @@ def _scrub_audit(session: Session, public_id: str, old_actor: str) -> None:
         .values(actor=f"user:{public_id}")
         .execution_options(synchronize_session=False)
     )
+
+
+def _scrub_events(session: Session, user_id: int) -> None:
+    """Clear what named the person's files (filename, metadata) from the webhook events about
+    their uploads, sent or still queued: a delivery still to come goes out without them, as the
+    upload itself then shows (`lifecycle.mark_erased`)."""
+    theirs = sa.select(Upload.id).where(Upload.user_id == user_id)
+    for event in session.scalars(sa.select(WebhookEvent).where(WebhookEvent.subject.in_(theirs))):
+        payload = json.loads(event.payload)
+        upload = payload.get("data", {}).get("upload")
+        if isinstance(upload, dict) and (
+            upload.get("filename") is not None or upload.get("metadata")
+        ):
+            upload.update(filename=None, metadata={})
+            event.payload = json.dumps(payload, separators=(",", ":"), sort_keys=True)
 
 
 # --- the worker's job ---------------------------------------------------------------------------
@@ -225,6 +242,9 @@ def _record(session: Session, erasure: Erasure, turn: Turn, outcome: Outcome, no
 
 
 def _finish(session: Session, erasure: Erasure, now: datetime) -> None:
+    # Again: an upload of theirs that settled after the ask wrote its event since (a delivery
+    # of it made before this turn carried its name: uploads still emit for an erased owner).
+    _scrub_events(session, erasure.user_id)
     erasure.status = ErasureStatus.DONE
     erasure.completed_at = now
     erasure.next_at = None
@@ -257,11 +277,12 @@ def erase_due(
     client: CloudflareImages,
     holder: str,
     *,
+    lease_seconds: int,
     now: datetime | None = None,
     stop: threading.Event | None = None,
     limit: int = 10,
 ) -> int:
-    """Take one turn of each due erasure (claimed under a lease); return what changed."""
+    """Take one turn of each due erasure (claimed for `lease_seconds`); return what changed."""
     now = now or utcnow()
     ids = leases.claim(
         session,
@@ -271,7 +292,7 @@ def erase_due(
         limit=limit,
         holder=holder,
         now=now,
-        lease_seconds=LEASE_SECONDS,
+        lease_seconds=lease_seconds,
     )
     if not ids:
         return 0

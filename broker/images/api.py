@@ -14,6 +14,7 @@ from broker.api.spec import (
     UPLOAD_ID,
     ErrorCase,
     ErrorDetail,
+    Header,
     dynamic_enum,
     endpoint,
     enum_source,
@@ -23,8 +24,10 @@ from broker.api.spec import (
 )
 from broker.images import urls, variants
 from broker.images.signing import Variant
-from broker.platform.db import db
+from broker.platform.db import db, utcnow
 from broker.platform.errors import ApiError
+from broker.uploads.api import retry_after
+from broker.uploads.models import Upload, UploadStatus
 
 MAX_BATCH = 1000
 # The worker syncs keys hourly; `flask keys sync` makes one at once. A minute is a fair pause.
@@ -51,7 +54,21 @@ UNKNOWN_VARIANT = field_error(
 TTL_OUT_OF_RANGE = field_error(
     422, "validation_error", "ttl must be between 1 and 604800 seconds", "ttl", "out_of_range"
 )
-NOT_READY = ErrorCase(409, "not_ready", "The image is pending.", {"status": "pending"})
+PENDING_RETRY_AFTER = Header(
+    "Retry-After",
+    "Only while the image is `pending`: seconds to wait before asking again (the same growing "
+    "pause as `POST /uploads/{id}/complete`). An `expired` or `rejected` image stays so.",
+    {"type": "integer", "minimum": 1},
+    2,
+    required=False,
+)
+NOT_READY = ErrorCase(
+    409,
+    "not_ready",
+    "The image is pending.",
+    {"status": "pending"},
+    headers=(PENDING_RETRY_AFTER,),
+)
 NO_SIGNING_KEY = ErrorCase(
     503,
     "no_signing_key",
@@ -173,6 +190,16 @@ def _variant(name: str, field: str = "variant") -> Variant:
         ) from None
 
 
+def not_ready(upload_id: str, status: str, details: object = None) -> ApiError:
+    """Refuse an image without a file (409 `not_ready`); a pending one says when to ask again,
+    with the pause `/complete` gives its upload."""
+    headers = {}
+    upload = db.session.get(Upload, upload_id) if status == UploadStatus.PENDING else None
+    if upload is not None:
+        headers["Retry-After"] = str(retry_after(upload, utcnow()))
+    return NOT_READY.error(f"The image is {status}.", details, headers=headers)
+
+
 def _no_key() -> ApiError:
     return NO_SIGNING_KEY.error(headers={"Retry-After": str(NO_KEY_RETRY_AFTER)})
 
@@ -197,7 +224,7 @@ def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
     except urls.NotFound:
         raise NO_IMAGE.error() from None
     except urls.NotReady as exc:
-        raise NOT_READY.error(f"The image is {exc.status}.", {"status": exc.status}) from None
+        raise not_ready(upload_id, exc.status, {"status": exc.status}) from None
     except urls.NoSigningKey:
         raise _no_key() from None
     return SignedUrl(url=minted.url, expires_at=minted.expires_at)
@@ -212,6 +239,7 @@ def image_url(upload_id: str, query: UrlQuery) -> SignedUrl:
     errors=(UNKNOWN_VARIANT, TTL_OUT_OF_RANGE, NO_SIGNING_KEY),
     tags=("images",),
     scope="images:urls",
+    reads_only=True,
 )
 def image_urls(body: UrlBatch) -> UrlBatchResult:
     """Mint delivery URLs for up to 1000 image variants in one request."""

@@ -13,6 +13,7 @@ from flask_login import current_user
 
 from broker.auth import fast_session_token
 from broker.images import urls
+from broker.images.api import not_ready
 from broker.platform.db import db
 from broker.platform.errors import ApiError
 
@@ -57,7 +58,7 @@ def image(upload_id: str, variant: str) -> Response:
     except (urls.UnknownVariant, urls.NotFound):
         raise ApiError(404, "not_found", "No such image.") from None
     except urls.NotReady as exc:
-        raise ApiError(409, "not_ready", f"The image is {exc.status}.") from None
+        raise not_ready(upload_id, exc.status) from None
     except urls.NoSigningKey:
         raise ApiError(503, "no_signing_key", "Images cannot be shown right now.") from None
     remaining = int(minted.expires_at.timestamp() - now) if minted.expires_at else ttl

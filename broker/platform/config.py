@@ -305,6 +305,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KEYS_SYNC_INTERVAL", 3600, "Seconds between the worker's signing-key syncs."),
     Setting(
+        "ERASURE_LEASE",
+        120,
+        "Seconds a worker holds an erasure's turn (up to 50 deletions at Cloudflare): a worker that dies mid-turn leaves it to another this long after the turn began. Keep it well above a turn's length.",
+    ),
+    Setting(
         "RECONCILE_INTERVAL",
         86400,
         "Seconds between the worker's reconciliations with Cloudflare's listing (0: only `flask reconcile`).",
@@ -401,6 +406,11 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
                 problems.append(
                     f"BROKER_{share} must be at least 0 and below BROKER_UPSTREAM_BUDGET"
                 )
+    except ConfigError as exc:
+        problems.append(exc.message)
+    try:
+        if _coerce("ERASURE_LEASE", config["ERASURE_LEASE"], int) < 1:
+            problems.append("BROKER_ERASURE_LEASE must be at least 1 (seconds)")
     except ConfigError as exc:
         problems.append(exc.message)
     if config.get("REGISTRATION") is None:
@@ -606,6 +616,7 @@ class Settings:
     upload_max_dimension: int | None
     upload_profiles: str | None
     keys_sync_interval: float
+    erasure_lease: int
     reconcile_interval: float
     reconcile_orphans: Literal["adopt", "delete"]
     reconcile_grace: float

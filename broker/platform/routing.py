@@ -1,5 +1,6 @@
 """URL converters: a path id is parsed once, by the route, never by hand in a view. And which
-views serve everyone alike (`needs_no_user`): no credential is checked for them."""
+views serve everyone alike (`needs_no_user`): no credential is checked for them; and which
+only read whatever their method (`only_reads`)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,21 @@ def serves_no_user(app: Flask, endpoint: str | None) -> bool:
     if endpoint == "static":
         return True
     return endpoint is not None and getattr(app.view_functions.get(endpoint), _NO_USER, False)
+
+
+_READS_ONLY = "broker_reads_only"
+
+
+def only_reads(view: F) -> F:
+    """Mark a view that only reads, whatever its method (a POST whose body is a query): a
+    caller's first request to it creates no account for them."""
+    setattr(view, _READS_ONLY, True)
+    return view
+
+
+def reads_only(app: Flask, endpoint: str | None) -> bool:
+    """Tell whether `endpoint` is a view marked `only_reads`."""
+    return endpoint is not None and getattr(app.view_functions.get(endpoint), _READS_ONLY, False)
 
 
 def init_app(app: Flask) -> None:

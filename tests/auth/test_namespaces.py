@@ -4,8 +4,14 @@ for the local demo."""
 
 from __future__ import annotations
 
-import sqlalchemy as sa
+import functools
 
+import sqlalchemy as sa
+from flask import Blueprint
+from flask_login import current_user
+
+from broker.api import spec
+from broker.api.spec import endpoint
 from broker.auth.models import User
 from broker.platform.db import db
 from tests.factories import bearer_header, log_in
@@ -86,3 +92,41 @@ def test_a_demo_of_the_app_is_not_the_local_demo(app, make_user, bearer, emulato
     assert '<th scope="col">Namespace</th>' in html
     assert "<td>demo</td><td>local</td>" in html
     assert "<td>demo</td><td>service-keys</td>" in html
+
+
+def test_a_route_declared_reads_only_creates_no_account(make_app, make_user, bearer) -> None:
+    """`@endpoint(reads_only=True)` is what the middleware asks: such a POST creates no account
+    for an app's user, while the same route undeclared creates one."""
+    bp = Blueprint("lookups", __name__, url_prefix="/api/v1/lookups")
+    before = list(spec.OPERATIONS)
+    try:
+        declared = functools.partial(
+            endpoint, bp, "POST", responses={200: None}, scope="images:urls"
+        )
+
+        @declared("/query", reads_only=True)
+        def query() -> tuple[str, int]:
+            """Answer the caller's account id (empty: an account that is never stored)."""
+            return str(current_user.public_id or ""), 200
+
+        @declared("/write")
+        def write() -> tuple[str, int]:
+            """Answer the caller's account id."""
+            return str(current_user.public_id or ""), 200
+
+        app = make_app()
+        app.register_blueprint(bp)
+    finally:
+        spec.OPERATIONS[:] = before
+    key = _service_key(app, bearer(app, make_user("root", is_admin=True)))
+    as_customer = {**bearer_header(key), "On-Behalf-Of": "customer-2"}
+    client = app.test_client()
+    known = _users(app)
+
+    answered = client.post("/api/v1/lookups/query", headers=as_customer)
+    assert answered.status_code == 200 and answered.text == ""
+    assert _users(app) == known
+
+    answered = client.post("/api/v1/lookups/write", headers=as_customer)
+    assert answered.status_code == 200 and answered.text != ""
+    assert _users(app) == [*known, ("customer-2", "service-keys")]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,19 +12,6 @@ import pytest
 from flask import Flask
 from werkzeug.serving import make_server
 
-from tests.conftest import require
-
-CHROMIUM = os.environ.get("BROKER_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
 
 
@@ -57,6 +42,28 @@ def profiles_settings(tmp_path: Path, text: str) -> dict[str, Any]:
     return {"UPLOAD_PROFILES": str(path)}
 
 
+def whole_answers(app: Any) -> Callable[..., Any]:
+    """Wrap a WSGI app so that each answer is read whole, and its iterable closed, before the
+    server writes it.
+
+    werkzeug's development server closes an answer's iterable (a static file, for one) only
+    after draining the request socket, and that read raises when the browser has dropped the
+    connection (a page navigated away mid-download): the file would stay open until collected,
+    a ResourceWarning. The broker streams nothing, so reading answers whole changes nothing else.
+    """
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        answer = app(environ, start_response)
+        try:
+            return list(answer)
+        finally:
+            close = getattr(answer, "close", None)
+            if close is not None:
+                close()
+
+    return serve
+
+
 def serve_live(app: Flask, *, worker: bool = True) -> LiveBroker:
     """Serve `app` on 127.0.0.1 with an inline worker thread (`worker=False`: none, the test
     runs the worker's passes itself); `close()` stops both."""
@@ -67,7 +74,7 @@ def serve_live(app: Flask, *, worker: bool = True) -> LiveBroker:
         # What `make run` does at start: declared variants upstream, signing keys mirrored.
         problems = [line for line in prepare_upstream() if "fail" in line.lower()]
         assert not problems, problems
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", 0, whole_answers(app), threaded=True)
     serving = threading.Thread(target=server.serve_forever, name="live-broker", daemon=True)
     serving.start()
     worker_thread, stop_worker = start_inline(app) if worker else (None, None)
@@ -110,20 +117,6 @@ def throttle(page: Any, uplink_bits: int) -> Any:
         },
     )
     return cdp
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """Launch Debian's Chromium headless through Playwright (no browser download)."""
-    require(
-        bool(shutil.which(CHROMIUM)) or Path(CHROMIUM).exists(), f"needs Chromium at {CHROMIUM}"
-    )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

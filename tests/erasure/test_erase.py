@@ -18,6 +18,7 @@ from broker.emulator.testing import make_image
 from broker.erasure import erase
 from broker.erasure.models import Erasure
 from broker.platform import leases
+from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads.models import Upload
 from tests import factories
@@ -111,7 +112,7 @@ def test_erasing_300_images_under_faults_and_a_killed_worker(
             limit=1,
             holder="killed",
             now=now,
-            lease_seconds=erase.LEASE_SECONDS,
+            lease_seconds=settings_of(app).erasure_lease,
         )
         turn = erase._read(db.session, db.session.get(Erasure, erasure_id))
         db.session.commit()
@@ -122,7 +123,7 @@ def test_erasing_300_images_under_faults_and_a_killed_worker(
 
     # And an outage long enough to outlast the client's retries for a few images.
     emulator.inject_fault("image_delete", status=503, count=12)
-    moment = now + timedelta(seconds=erase.LEASE_SECONDS + 1)
+    moment = now + timedelta(seconds=settings_of(app).erasure_lease + 1)
     for _ in range(200):
         worker.run_once(app, now=moment, worker_id="w2")
         if _erasure(app).status == "done":
@@ -244,3 +245,64 @@ def test_erasure_removes_the_name_from_the_audit_log(make_app: Callable[..., Fla
     assert runner.invoke(args=["users", "erase", "carol"]).exit_code == 0
     entries = runner.invoke(args=["audit", "--json"]).output
     assert "carol" not in entries and "user.created" in entries and "[erased]" in entries
+
+
+def test_webhook_events_still_queued_about_their_uploads_go_out_without_their_names(
+    make_app: Callable[..., Flask], make_user: Callable[..., Any], emulator: Any, receiver: Any
+) -> None:
+    """An erasure clears the file name and metadata from the events about the person's uploads
+    (queued here: the worker has not run), so receivers never get them; another user's events
+    keep theirs."""
+    app = make_app(WEBHOOK_ALLOW_PRIVATE=True)
+    root, alice, bob = make_user("root", is_admin=True), make_user("alice"), make_user("bob")
+    _, receiver.secret = factories.add_webhook_endpoint(app, receiver.url, ["upload.completed"])
+    client = app.test_client()
+    made = {}
+    for user in (alice, bob):
+        token = factories.issue_token(app, user)
+        upload = factories.create_upload(client, token, metadata={"album": f"{user.username}'s"})
+        factories.send_file(upload)
+        done = client.post(f"/api/v1/uploads/{upload['id']}/complete", headers=token)
+        assert done.status_code == 200 and done.get_json()["status"] == "ready", done.get_json()
+        made[user.username] = upload["id"]
+    queued = factories.webhook_events(app, "upload.completed")
+    assert len(queued) == 2 and all("cat.png" in e.payload for e in queued)
+
+    admin = factories.issue_token(app, root)
+    asked = client.post("/api/v1/erasures", json={"user": alice.public_id}, headers=admin)
+    assert asked.status_code == 202
+
+    worker.run_once(app, worker_id="w1")
+    sent = {r.json["data"]["upload"]["id"]: r.json["data"]["upload"] for r in receiver.wait_for(2)}
+    assert (sent[made["alice"]]["filename"], sent[made["alice"]]["metadata"]) == (None, {})
+    assert (sent[made["bob"]]["filename"], sent[made["bob"]]["metadata"]) == (
+        "cat.png",
+        {"album": "bob's"},
+    )
+    assert [r.verified for r in receiver.requests] == [True, True]  # signed as sent
+
+
+def test_an_event_about_their_upload_written_during_the_erasure_is_cleared_at_its_end(
+    app: Flask, make_user: Callable[..., Any], emulator: Any
+) -> None:
+    """An upload that settles while the erasure runs writes its event after the ask: the
+    erasure's last turn clears that one too."""
+    from broker.webhooks import outbox
+
+    root, alice = make_user("root", is_admin=True), make_user("alice")
+    upload_id = factories.upload_image(app, alice.id)
+    asked = app.test_client().post(
+        "/api/v1/erasures", json={"user": alice.public_id}, headers=factories.issue_token(app, root)
+    )
+    assert asked.status_code == 202
+    late = {"upload": {"id": upload_id, "filename": "late.png", "metadata": {"who": "alice"}}}
+    with app.app_context():
+        outbox.emit(db.session, "upload.completed", late, subject=upload_id)
+        db.session.commit()
+    for _ in range(10):
+        worker.run_once(app, worker_id="w1")
+        if _erasure(app).status == "done":
+            break
+    assert _erasure(app).status == "done"
+    [event] = factories.webhook_events(app, "upload.completed")
+    assert "late.png" not in event.payload and "alice" not in event.payload

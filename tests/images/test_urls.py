@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from broker.emulator.testing import EmulatorServer
 from broker.images import keys, variants
 from broker.platform.db import db, utcnow
+from broker.uploads.api import retry_after
 from broker.uploads.models import Upload
 from tests.factories import (
     create_user,
@@ -233,3 +234,35 @@ def test_no_signing_key_answers_503(make_app: Callable[..., Flask]) -> None:
     response = mint_url(app, auth, upload_id, "thumb")
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "no_signing_key"
+
+
+def test_a_pending_image_says_when_to_ask_again_like_complete(broker: Flask) -> None:
+    """409 `not_ready` for a pending image carries `/complete`'s growing Retry-After, on the
+    API and on `/i/`; an expired or rejected image's answer, which will not change, has none."""
+    user_id = create_user(broker, "alice").id
+    auth = issue_token(broker, "alice")
+    pending = upload_image(broker, user_id, status="pending")
+    client = broker.test_client()
+
+    def waits() -> list[str | None]:
+        answers = [
+            mint_url(broker, auth, pending, "thumb"),
+            client.get(f"/i/{pending}/thumb", headers=auth),
+        ]
+        assert [a.status_code for a in answers] == [409, 409]
+        assert answers[0].get_json()["error"]["code"] == "not_ready"
+        return [a.headers.get("Retry-After") for a in answers]
+
+    assert waits() == ["1", "1"]
+    with broker.app_context():
+        upload = db.session.get(Upload, pending)
+        assert upload is not None
+        upload.check_attempts = 4  # Cloudflare said "no file yet" four times
+        db.session.commit()
+        expected = str(retry_after(upload, utcnow()))
+    assert expected == "8" and waits() == [expected, expected]
+
+    for final in ("expired", "rejected"):
+        upload_id = upload_image(broker, user_id, status=final)
+        refused = mint_url(broker, auth, upload_id, "thumb")
+        assert refused.status_code == 409 and "Retry-After" not in refused.headers

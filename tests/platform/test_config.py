@@ -166,6 +166,8 @@ def test_typed_settings_read_strings_as_their_types() -> None:
         ("WEBHOOK_ALLOW_PRIVATE", "maybe", "true or false"),
         ("CLOUDFLARE_TIMEOUT", True, "a number"),
         ("CLOUDFLARE_API_BASE", None, "must be set"),
+        ("ERASURE_LEASE", 0, "at least 1"),
+        ("ERASURE_LEASE", "soon", "a number"),
     ],
 )
 def test_typed_settings_refuse_a_bad_value_naming_it(

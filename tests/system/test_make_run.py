@@ -24,7 +24,6 @@ import pytest
 import requests
 
 from broker.emulator.testing import make_image
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
 from tests.support.reader import free_port, reader_env
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -130,7 +129,9 @@ def make_run(tmp_path: Path) -> Iterator[tuple[Running, int]]:
 
 
 @pytest.mark.timeout(START_DEADLINE + 180)
-def test_make_run_from_a_fresh_checkout_serves_the_demo_login_through_api_and_page(make_run):
+def test_make_run_from_a_fresh_checkout_serves_the_demo_login_through_api_and_page(
+    make_run: tuple[Running, int], request: pytest.FixtureRequest
+) -> None:
     """The quick start's first command, as a new user types it: install, migrate, start, and the
     printed login uploads through the JSON API and through the page, both files ready."""
     running, port = make_run
@@ -161,36 +162,25 @@ def test_make_run_from_a_fresh_checkout_serves_the_demo_login_through_api_and_pa
     done = requests.post(f"{base}/api/v1/uploads/{upload['id']}/complete", headers=auth, timeout=30)
     assert done.status_code == 200 and done.json()["status"] == "ready", done.text
 
-    # The page, in Chromium, with the same login.
-    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).exists()):
-        if os.environ.get("CI"):
-            pytest.fail(f"needs Chromium at {CHROMIUM}")
-        pytest.skip(f"needs Chromium at {CHROMIUM}")
-    from playwright.sync_api import expect, sync_playwright
+    # The page, in Chromium, with the same login: the run's one browser (launched only now, not
+    # while `make run` installs and starts).
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(f"{base}/auth/login")
-            page.get_by_label("Username").fill(username)
-            page.get_by_label("Password", exact=True).fill(password)
-            page.get_by_role("button", name="Log in").click()
-            page.wait_for_url(f"{base}/upload")
-            page.locator("input[type=file]").first.set_input_files(
-                [
-                    {
-                        "name": "page.jpg",
-                        "mimeType": "image/jpeg",
-                        "buffer": make_image(80, 60, "JPEG"),
-                    }
-                ]
-            )
-            row = page.locator("li.queue-item", has=page.locator(".name", has_text="page.jpg"))
-            expect(row).to_have_attribute("data-state", "ready")
-        finally:
-            browser.close()
+    page = request.getfixturevalue("browser").new_page()
+    try:
+        page.set_default_timeout(30_000)
+        page.goto(f"{base}/auth/login")
+        page.get_by_label("Username").fill(username)
+        page.get_by_label("Password", exact=True).fill(password)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(f"{base}/upload")
+        page.locator("input[type=file]").first.set_input_files(
+            [{"name": "page.jpg", "mimeType": "image/jpeg", "buffer": make_image(80, 60, "JPEG")}]
+        )
+        row = page.locator("li.queue-item", has=page.locator(".name", has_text="page.jpg"))
+        expect(row).to_have_attribute("data-state", "ready")
+    finally:
+        page.context.close()
 
     listed = requests.get(f"{base}/api/v1/uploads", headers=auth, timeout=10)
     assert listed.status_code == 200

@@ -7,9 +7,10 @@ was lost); Bob has 10, of which 3 are deleted and 4 added behind the broker's ba
 belongs to another app. The first worker is killed while it holds the erasure's lease, after
 deleting images upstream and before recording them; a reconciliation killed while it confirms
 changes nothing, and the next one brings both sides into agreement (counted on both sides);
-the second worker takes the erasure over once the dead worker's lease (its production length)
-runs out and finishes it: nothing of Alice's left at the emulator, one `user.erased` event,
-Bob's images untouched; asking again changes nothing; no 429 anywhere.
+the second worker takes the erasure over once the dead worker's lease (`BROKER_ERASURE_LEASE`,
+shortened here to LEASE seconds, which still outlasts every step between the kill and the
+takeover) runs out and finishes it: nothing of Alice's left at the emulator, one `user.erased`
+event, Bob's images untouched; asking again changes nothing; no 429 anywhere.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ from cryptography.fernet import Fernet
 
 from broker import create_app
 from broker.emulator.testing import ImagesClient, make_image
-from broker.erasure.erase import LEASE_SECONDS
 from broker.platform.db import db
 from tests import factories
 from tests.conftest import _reset_schema, base_config
 from tests.system.topology import BIN, broker_env, compose_commands, topology, wait_for
 
-# The dead worker's lease keeps its production length (120 s): most of the run is that wait.
-pytestmark = pytest.mark.timeout(LEASE_SECONDS + 300)
+# The erasure's lease (BROKER_ERASURE_LEASE): long enough for everything the test does while the
+# dead worker holds it (two reconciliations, ~10 s on an idle machine), short enough that
+# waiting for it to run out is not most of the run (the production default is 120 s).
+LEASE = 45
+pytestmark = pytest.mark.timeout(LEASE + 300)
 
 FLASK = ["flask", "--app", "broker"]
 ALICE_IMAGES = 120
@@ -127,9 +130,10 @@ def _erasure(engine: sa.Engine) -> dict[str, Any]:
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT * FROM erasures")).one()
     values = dict(row._mapping)
-    until = values["lease_until"]
-    if until is not None and until.tzinfo is None:
-        values["lease_until"] = until.replace(tzinfo=UTC)
+    for name in ("lease_until", "completed_at"):
+        moment = values[name]
+        if moment is not None and moment.tzinfo is None:
+            values[name] = moment.replace(tzinfo=UTC)
     return values
 
 
@@ -172,6 +176,7 @@ def test_a_worker_killed_mid_erasure_under_faults(
                 BROKER_RECONCILE_GRACE="0",
                 BROKER_RECONCILE_INTERVAL="0",
                 BROKER_USAGE_INTERVAL="0",
+                BROKER_ERASURE_LEASE=str(LEASE),
             )
             topo.run(commands["setup"], timeout=180)
             for name in ("alice", "bob"):
@@ -287,22 +292,26 @@ def test_a_worker_killed_mid_erasure_under_faults(
                 # Still the dead worker's: the second worker has not touched it yet.
                 still = _erasure(engine)
                 assert _leased(still) and f":{first.pid}:" in still["lease_holder"], still
+                left = (still["lease_until"] - datetime.now(UTC)).total_seconds()
                 figures.append(
                     f"reconcile after the kill: listed={done['listed']} "
                     f"ready_gone={done['ready_gone']} adopted={done['adopted']}; "
                     f"Bob {len(bob_ready)} ready = {len(bob_ready)} at the emulator, "
                     f"Alice {len(alice_ready)} ready + {LOST} unknown = "
-                    f"{len(alice_ready) + LOST} at the emulator"
+                    f"{len(alice_ready) + LOST} at the emulator; "
+                    f"{left:.0f} s of the dead worker's {LEASE} s lease left"
                 )
 
                 # The dead worker's lease runs out; the second worker finishes the erasure.
                 wait_for(
                     lambda: _erasure(engine)["status"] == "done",
-                    LEASE_SECONDS + 120,
+                    LEASE + 120,
                     "the second worker to finish the erasure",
                     interval=1.0,
                 )
                 finished = _erasure(engine)
+                # Taken over only once the dead worker's lease had run out.
+                assert finished["completed_at"] > killed["lease_until"], (finished, killed)
                 _unfault(emu_url)
                 assert _listed(cf, alice_pid) == set()
                 assert _images(engine, alice, "ready") == set()
