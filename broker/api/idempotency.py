@@ -31,6 +31,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from flask import Response, current_app, request
 from flask_login import current_user
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from broker.api import unit_of_work
@@ -118,20 +119,24 @@ def _claim_once(
 ) -> StoredResponse | _Claim:
     """One attempt at claiming `key`, in a transaction of its own (the caller commits it).
 
-    Raises IntegrityError when another request inserted the same key meanwhile."""
+    A new key (the usual case) is one statement: an INSERT that does nothing when the key
+    exists; only then is the row read."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    inserted = session.execute(
+        insert(IdempotencyKey)
+        .values(user_id=user_id, key=key, fingerprint=fp, created_at=now, expires_at=now + KEEP_FOR)
+        .on_conflict_do_nothing(index_elements=[IdempotencyKey.user_id, IdempotencyKey.key])
+        .returning(IdempotencyKey.id)
+    ).first()
+    if inserted is not None:
+        return _Claim.CLAIMED
     row = session.scalar(
         sa.select(IdempotencyKey).where(
             IdempotencyKey.user_id == user_id, IdempotencyKey.key == key
         )
     )
     if row is None:
-        session.add(
-            IdempotencyKey(
-                user_id=user_id, key=key, fingerprint=fp, created_at=now, expires_at=now + KEEP_FOR
-            )
-        )
-        session.flush()
-        return _Claim.CLAIMED
+        return _Claim.AGAIN  # gone since (expired and purged): try the INSERT again
     if row.expires_at <= now:
         session.delete(row)
         return _Claim.AGAIN

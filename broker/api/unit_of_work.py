@@ -11,9 +11,10 @@ Rules it enforces, the API's half of the transaction rule in `broker.platform.db
   Cloudflare answers, an `Idempotency-Key` claim) runs as a `step`: its own transaction,
   committed at its end, rolled back if it fails. A step never throws away what the request
   had pending: on SQLite, where a write must start from the latest snapshot, the request's
-  transaction so far is ended first, committed if it wrote anything (on PostgreSQL each
+  transaction so far is ended first, committed with whatever it wrote (on PostgreSQL each
   statement reads the latest committed rows, so the transaction simply goes on, without a
-  round trip to end it);
+  round trip to end it). A step's commits keep the objects the request loaded as they were
+  (its user is not read again);
 - work done outside the database (a draft made at Cloudflare) and steps already committed
   register their undo with `on_failure`; when the request fails they run newest first after
   the rollback, each in a transaction of its own, best effort: an undo that fails is logged
@@ -48,17 +49,15 @@ class UnitOfWork:
         """Run `work` as a transaction of its own, committed before this returns."""
         session = self.session
         if session.get_bind().dialect.name == "sqlite":
-            # Start from the latest snapshot: end the transaction so far, keeping its writes.
-            if _has_writes(session):
-                session.commit()
-            else:
-                session.rollback()  # only reads (the authentication's): nothing is lost
+            # Start from the latest snapshot: end the transaction so far, keeping its writes
+            # (with only reads, the authentication's, that commit writes nothing).
+            _commit_keeping_objects(session)
         try:
             result = work()
         except BaseException:
             session.rollback()
             raise
-        session.commit()
+        _commit_keeping_objects(session)
         return result
 
     def on_failure(self, undo: Callable[[], None]) -> None:
@@ -94,15 +93,16 @@ class UnitOfWork:
                 log.warning("could not undo part of a failed request", exc_info=True)
 
 
-def _has_writes(session: Session) -> bool:
-    """Whether the session's transaction holds writes, flushed or not (SQLite only: its driver
-    opens a database transaction at the first write, not at a read)."""
-    if session.new or session.dirty or session.deleted:
-        return True
+def _commit_keeping_objects(session: Session) -> None:
+    """Commit without expiring the objects the request loaded (its user): the request goes on
+    with them as they were, as it would had the step not committed, instead of reloading each
+    on its next touch (a round trip for nothing)."""
     own = session() if isinstance(session, scoped_session) else session
-    if not own.in_transaction():
-        return False
-    return bool(getattr(own.connection().connection.dbapi_connection, "in_transaction", True))
+    expire, own.expire_on_commit = own.expire_on_commit, False
+    try:
+        own.commit()
+    finally:
+        own.expire_on_commit = expire
 
 
 def current() -> UnitOfWork:

@@ -132,6 +132,11 @@ SETTINGS: tuple[Setting, ...] = (
         "Batch API requests per second per token, shared by all processes (Cloudflare allows 200).",
     ),
     Setting(
+        "CLOUDFLARE_BATCH_RATE_SCOPE",
+        "shared",
+        "Where the batch API's per-token rate is counted. `shared`: in Redis when `BROKER_RATELIMIT_STORAGE_URI` is Redis, else in the database (one statement a call), right for any number of processes; `process`: in this process's memory (no statement at all), right only when this one process calls Cloudflare (one web process with `BROKER_WORKER_INLINE` and no other worker): several processes would each allow the full rate.",
+    ),
+    Setting(
         "CLOUDFLARE_BATCH_COOLDOWN",
         600,
         "Seconds an endpoint the batch host refused (code 103, token refused, repeated errors) stays on the global API.",
@@ -575,6 +580,7 @@ class Settings:
     cloudflare_batch: Literal["auto", "off"]
     cloudflare_batch_base: str | None  # derived from the API base unless set; None when off
     cloudflare_batch_rate: int
+    cloudflare_batch_rate_scope: Literal["shared", "process"]
     cloudflare_batch_cooldown: float
     registration: bool
     auth_rate_limit: str

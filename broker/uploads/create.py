@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import sqlalchemy as sa
 
@@ -75,7 +75,8 @@ class Drafts(Protocol):
 
 @dataclass(frozen=True)
 class Created:
-    """A new pending upload (flushed, not committed), its one-time URL, its owner's public id."""
+    """A new pending upload (inserted, not committed; the object itself is not in the session),
+    its one-time URL, its owner's public id."""
 
     upload: Upload
     upload_url: str
@@ -134,13 +135,10 @@ def create_upload(
         next_check_at=now + FIRST_CHECK_DELAY,
         check_attempts=0,
     )
-    # Before `add`: the row's INSERT then happens in the flush below, after this DELETE.
-    session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
     if params.custom_id is not None:
         _take_custom_id(session, draft.id)
-    session.add(upload)
     try:
-        session.flush()
+        _store(session, upload)
     except sa.exc.IntegrityError:
         if params.custom_id is None:
             raise
@@ -149,6 +147,41 @@ def create_upload(
         raise CloudflareConflict(409, 5409, ID_EXISTS) from None
     log.info("upload created id=%s image=%s user=%s", upload_id, draft.id, creator)
     return Created(upload, draft.upload_url, creator)
+
+
+_STORED = (
+    "id",
+    "user_id",
+    "image_id",
+    "profile",
+    "status",
+    "require_signed_urls",
+    "meta",
+    "created_at",
+    "expires_at",
+    "status_changed_at",
+    "next_check_at",
+    "check_attempts",
+)
+
+
+def _store(session: Session, upload: Upload) -> None:
+    """Insert the row of `upload` in place of its reservation (same id).
+
+    Core, not the ORM: the answer needs nothing a flush would give back, and the object stays
+    out of the session. On PostgreSQL one statement (the reservation's DELETE as a CTE of the
+    INSERT); SQLite's statements cannot carry a DELETE, so there it is two.
+    """
+    uploads = cast(sa.Table, Upload.__table__)
+    reservations = cast(sa.Table, UploadReservation.__table__)
+    values = {name: getattr(upload, name) for name in _STORED}
+    gone = sa.delete(reservations).where(reservations.c.id == upload.id)
+    insert = sa.insert(uploads).values(values)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(insert.add_cte(gone.cte("reservation_gone")))
+    else:
+        session.execute(gone)
+        session.execute(insert)
 
 
 def _take_custom_id(session: Session, image_id: str) -> None:

@@ -10,17 +10,19 @@ Cloudflare until its upload row takes the slot over, so concurrent creates never
 quota. `reserve_slot` must run as its own transaction, committed before the caller goes
 upstream (the request's unit of work, `broker.api.unit_of_work`, runs it as a step): the check
 and the reservation are then serialised per user, on PostgreSQL by the user's row lock, on
-SQLite by the database's write lock, which its first DELETE takes before anything is counted,
-and no lock is held while Cloudflare answers. A reservation left by a killed process stops
-counting after `RESERVATION_TTL`. Each profile's uploads count against that profile's quotas
-only. Nothing here commits.
+SQLite by the database's write lock, which the reservation's INSERT takes before anything is
+counted (the same statement returns the counts), and no lock is held while Cloudflare answers.
+A reservation left by a killed process stops counting after `RESERVATION_TTL` (the retention
+job deletes it later). Each profile's uploads count against that profile's quotas only.
+Nothing here commits.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
 
@@ -90,8 +92,28 @@ def quotas_for(user: User, settings: Settings, profile: Profile | None = None) -
 
 
 @functools.cache
+def _reserving() -> sa.Insert:
+    """One statement storing the reservation `own` and returning the user's usage with it
+    (`_usage_query`'s columns): the write comes first, so SQLite's write lock is taken before
+    anything is counted, and the whole step is one round trip after the user's lock."""
+    table = cast(sa.Table, UploadReservation.__table__)
+    return (
+        sa.insert(table)
+        .values(
+            id=sa.bindparam("own", type_=sa.String),
+            user_id=sa.bindparam("user_id", type_=sa.Integer),
+            profile=sa.bindparam("profile", type_=sa.String),
+            created_at=sa.bindparam("now", type_=UTCDateTime()),
+            expires_at=sa.bindparam("until", type_=UTCDateTime()),
+        )
+        .returning(*_usage_query().selected_columns)
+    )
+
+
+@functools.cache
 def _usage_query() -> sa.Select[int, int, int, int]:
-    """One statement counting a user's live drafts, last-24-h uploads and live reservations.
+    """One statement counting a user's live drafts, last-24-h uploads and live reservations
+    other than `own` (the caller's, counted as the one asked for).
 
     Built once: constructing SQLAlchemy statements costs more than running this one. Upload
     counts stop at `cap_*` so they stay cheap however many rows a user has.
@@ -128,6 +150,7 @@ def _usage_query() -> sa.Select[int, int, int, int]:
         UploadReservation.user_id == user_id,
         UploadReservation.profile == profile,
         UploadReservation.expires_at > now,
+        UploadReservation.id != sa.bindparam("own", type_=sa.String),
     )
     return sa.select(
         sa.select(sa.func.count()).select_from(pending).scalar_subquery(),
@@ -137,28 +160,35 @@ def _usage_query() -> sa.Select[int, int, int, int]:
     )
 
 
-def _check(
-    session: Session, user_id: int, quotas: Quotas, now: datetime, *, own_reservation: str
-) -> None:
-    """Refuse when the user's uploads plus reservations exceed the quotas.
+def _usage(quotas: Quotas, user_id: int, own: str, now: datetime) -> dict[str, Any]:
+    """The parameters of `_reserving` and `_usage_query` for `quotas` of `user_id`."""
+    return {
+        "user_id": user_id,
+        "profile": quotas.profile,
+        "own": own,
+        "now": now,
+        "until": now + RESERVATION_TTL,
+        "since": now - DAY,
+        "cap_pending": max(quotas.pending, 0),
+        "cap_daily": max(quotas.daily, 0),
+        "cap_stored": max(quotas.stored or 0, 0),
+    }
 
-    `own_reservation` is the caller's own (already counted) reservation: its slot is allowed
-    as long as the total stays within the quota, and it is never the slot a retry waits for.
-    """
+
+def _check(
+    session: Session,
+    user_id: int,
+    quotas: Quotas,
+    now: datetime,
+    usage: Sequence[int],
+    *,
+    own_reservation: str,
+) -> None:
+    """Refuse when the user's uploads plus other reservations (`usage`, as `_usage_query`
+    counts them) leave no slot for the caller's own reservation `own_reservation`, which is
+    never the slot a retry waits for."""
     since = now - DAY
-    pending, today, reservations, stored = session.execute(
-        _usage_query(),
-        {
-            "user_id": user_id,
-            "profile": quotas.profile,
-            "now": now,
-            "since": since,
-            "cap_pending": max(quotas.pending, 0),
-            "cap_daily": max(quotas.daily, 0),
-            "cap_stored": max(quotas.stored or 0, 0),
-        },
-    ).one()
-    others = reservations - 1  # the caller's own reservation is among those counted
+    pending, today, others, stored = usage
     if pending + others >= quotas.pending:
         # A slot frees for sure when the oldest live draft's URL (or a reservation) expires.
         first_expiry = _earliest(
@@ -258,27 +288,12 @@ def reserve_slot(
     if session.get_bind().dialect.name != "sqlite":
         # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
         # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
-        # (On SQLite the first DELETE below takes the database's write lock.)
+        # (On SQLite the INSERT below takes the database's write lock.)
         session.execute(
             sa.select(User.id).where(User.id == user_id).with_for_update(key_share=True)
         )
-    # Under the lock: a killed process's reservations are dropped here, keeping the table small.
-    session.execute(
-        sa.delete(UploadReservation).where(
-            UploadReservation.user_id == user_id, UploadReservation.expires_at <= now
-        )
-    )
-    session.add(
-        UploadReservation(
-            id=upload_id,
-            user_id=user_id,
-            profile=quotas.profile,
-            created_at=now,
-            expires_at=now + RESERVATION_TTL,
-        )
-    )
-    session.flush()
-    _check(session, user_id, quotas, now, own_reservation=upload_id)
+    usage = session.execute(_reserving(), _usage(quotas, user_id, upload_id, now)).one()
+    _check(session, user_id, quotas, now, usage, own_reservation=upload_id)
     # Last: on PostgreSQL the budget's row lock is shared by every process; hold it briefly.
     return budget is not None and budget.acquire_in(session.connection(), Priority.INTERACTIVE)
 

@@ -10,10 +10,12 @@ and v1 upload — through `BatchRoute` while it says so, and everything else to 
   expiry, and is refreshed before it expires by whichever process wins a short lease on that row
   (the others keep using the old token meanwhile). Each process also keeps it in memory, so a
   call reads the database only around a refresh.
-- The 200 calls per second of a token are shared by every process: counted in Redis when
-  `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database (`DatabaseRate`: 100 ms
-  slices, each call counted first and checked after, so no lock is held across round trips
-  and never more than 200 calls fall in any second, about 180 when busy).
+- The 200 calls per second of a token are shared by every process that calls Cloudflare:
+  counted in Redis when `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database
+  (`DatabaseRate`: 100 ms slices, one statement a call that counts it and reads the window, so
+  no lock is held across round trips), or, with `BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process`,
+  in this process's memory (`MemoryRate`: no statement at all; right only when this process is
+  the only one calling Cloudflare, which nothing at start can tell, hence a setting).
 - A batch host that refuses an endpoint (code 103 "forbidden endpoint", as some accounts see for
   `/images/v2/…`), refuses the token, or fails `ERRORS_BEFORE_FALLBACK` times in a row sends that
   endpoint back to the global API for `BROKER_CLOUDFLARE_BATCH_COOLDOWN` seconds, for every
@@ -104,6 +106,31 @@ class _PerSecondRate:
         """A per-second rate keeps no window to report."""
 
 
+class MemoryRate(_PerSecondRate):
+    """`per_second` calls per second counted in this process alone (a moving window, `limits`).
+
+    For a process that is the only one calling Cloudflare; also what `RedisRate` falls back to.
+    """
+
+    def __init__(self, per_second: int) -> None:
+        from limits import RateLimitItemPerSecond, storage, strategies
+
+        self._item = RateLimitItemPerSecond(per_second)
+        self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+
+    def __repr__(self) -> str:
+        return f"<MemoryRate {self._item.amount}/s>"
+
+    def hit(self) -> bool:
+        """Count one call; False (not counted) when this second is full."""
+        return self._limiter.hit(self._item, "broker-batch", SCOPE)
+
+    def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Count one call, or raise BudgetExhausted when this second is full."""
+        if not self.hit():
+            raise BudgetExhausted(1.0, "batch rate")
+
+
 class RedisRate(_PerSecondRate):
     """200 calls per second per token, counted in Redis (a moving window, `limits`).
 
@@ -125,7 +152,7 @@ class RedisRate(_PerSecondRate):
             uri, socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT
         )
         self._limiter = strategies.MovingWindowRateLimiter(redis)
-        self._local = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self._local = MemoryRate(per_second)
         self.clock = clock
         self._down_until: float | None = None  # counting in-process until then
         self._lock = threading.Lock()
@@ -143,7 +170,7 @@ class RedisRate(_PerSecondRate):
     def _hit(self) -> bool:
         down_until = self._down_until
         if down_until is not None and self.clock() < down_until:
-            return self._local.hit(self._item, "broker-batch", SCOPE)
+            return self._local.hit()
         try:
             counted = self._limiter.hit(self._item, "broker-batch", SCOPE)
         except Exception as exc:  # any storage failure: Redis down, timed out, refusing
@@ -155,7 +182,7 @@ class RedisRate(_PerSecondRate):
                         type(exc).__name__,
                     )
                 self._down_until = self.clock() + self.RECHECK
-            return self._local.hit(self._item, "broker-batch", SCOPE)
+            return self._local.hit()
         if down_until is not None:
             with self._lock:
                 if self._down_until is not None:
@@ -167,12 +194,15 @@ class RedisRate(_PerSecondRate):
 class DatabaseRate(_PerSecondRate):
     """`per_second` calls per second, shared by every process through the database.
 
-    A call is counted first (an upsert of the current 100 ms slice, committed at once) and
-    checked after (the sum of the slices overlapping the last second); over the limit it takes
-    its count back and is refused. No lock is held across a round trip, so callers do not queue
-    behind each other, and the limit holds: of any calls that went ahead within one second, the
-    one that checked last saw every other's count, all committed before its check.
-    Two calls racing for the last place may both be refused; neither is ever both let through.
+    A call is one statement (committed at once): it adds itself to the current 100 ms slice
+    and returns that slice's new count with the sum of the other slices overlapping the last
+    second; over the limit it takes its count back and is refused. No lock is held across a
+    round trip, so callers do not queue behind each other. The current slice's count is exact
+    (its row is updated under its lock), so calls within one slice never exceed the limit;
+    the other slices are read as committed when the statement began, which can miss only calls
+    still in flight in the slice before (on PostgreSQL; SQLite runs writes one at a time), and
+    whole slices over-count the window by up to one slice. Two calls racing for the last place
+    may both be refused; neither is ever both let through.
     """
 
     SLICE_MS = 100
@@ -187,7 +217,7 @@ class DatabaseRate(_PerSecondRate):
     ) -> None:
         if per_second < 1:
             raise ValueError("the batch rate needs at least one call per second")
-        # Each statement commits on its own: the check must see every count committed before it.
+        # Each statement commits on its own: the next call must see this one's count.
         self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.limit = per_second
         self.scope = scope
@@ -206,13 +236,10 @@ class DatabaseRate(_PerSecondRate):
         bucket = UpstreamBudgetBucket
         ours = bucket.scope == self.scope
         with self.engine.connect() as conn:
-            calls = conn.execute(self._count, {"scope": self.scope, "start": current}).scalar()
-            used = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(bucket.calls), 0)).where(
-                    ours, bucket.start >= first
-                )
-            ).scalar_one()
-            if used > self.limit:
+            calls, others = conn.execute(
+                self._count, {"scope": self.scope, "start": current, "first": first}
+            ).one()
+            if calls + others > self.limit:
                 conn.execute(
                     sa.update(bucket)
                     .where(ours, bucket.start == current)
@@ -225,16 +252,25 @@ class DatabaseRate(_PerSecondRate):
 
 
 def _counting_upsert(dialect: str) -> sa.Executable:
-    """One statement adding a call to slice `start` of `scope` (creating it): its new count."""
+    """One statement adding a call to slice `start` of `scope` (creating it): its new count,
+    and the calls of the scope's other slices from `first` on."""
     table = cast(sa.Table, UpstreamBudgetBucket.__table__)
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(table).values(
-        scope=sa.bindparam("scope"), start=sa.bindparam("start"), calls=1, background=0
+    scope, start = (
+        sa.bindparam("scope", type_=sa.String),
+        sa.bindparam("start", type_=sa.BigInteger),
     )
+    others = (
+        sa.select(sa.func.coalesce(sa.func.sum(table.c.calls), 0))
+        .where(table.c.scope == scope, table.c.start >= sa.bindparam("first"))
+        .where(table.c.start != start)
+        .scalar_subquery()
+    )
+    statement = insert(table).values(scope=scope, start=start, calls=1, background=0)
     return statement.on_conflict_do_update(
         index_elements=[table.c.scope, table.c.start],
         set_={"calls": table.c.calls + 1},
-    ).returning(table.c.calls)
+    ).returning(table.c.calls, others)
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -537,7 +573,9 @@ def route_from_settings(engine: Engine, settings: Settings, keyring: Keyring) ->
     per_second = settings.cloudflare_batch_rate
     uri = settings.ratelimit_storage_uri
     rate: Budget
-    if uri.startswith(("redis://", "rediss://", "redis+")):
+    if settings.cloudflare_batch_rate_scope == "process":
+        rate = MemoryRate(per_second)
+    elif uri.startswith(("redis://", "rediss://", "redis+")):
         rate = RedisRate(uri, per_second)
     else:
         rate = DatabaseRate(engine, per_second)

@@ -17,7 +17,7 @@ from broker.uploads.models import UploadReservation
 from broker.upstream.budget import get_budget
 
 URL = "/api/v1/uploads"
-_WRITES = ("INSERT", "UPDATE", "DELETE")
+_WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")  # WITH: a DELETE carried by an INSERT
 
 
 @contextmanager
@@ -99,36 +99,85 @@ def statements(*engines: sa.Engine) -> Iterator[list[tuple[str, str]]]:
             sa.event.remove(engine, name, fn)
 
 
-def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, bearer) -> None:
-    """With the batch API on, a create never touches the global budget's state row, and the
-    per-token rate is counted outside the reservation's transaction (no row every create of
-    every process must lock in turn); the statements it runs are counted so that one more
-    round trip on this hot path is a conscious change."""
-    app = make_app(CLOUDFLARE_BATCH="auto")
+def _count_one_create(app: Flask, headers: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Run one create (after one that fetched the batch token) and return its statements."""
     client = app.test_client()
-    auth = bearer(app, make_user("alice"))
-    _quiet_token(app)
+    auth = bearer_of(app)
     assert client.post(URL, json={}, headers=auth).status_code == 201  # fetches the token
     stamp = app.extensions["tokens"].stamp
     stamp_reads = stamp.reads
     with app.app_context():
         engines = (db.engine, get_budget().engine)
         with statements(*engines) as seen:
-            assert client.post(URL, json={}, headers=auth).status_code == 201
+            answer = client.post(URL, json={}, headers={**auth, **(headers or {})})
+            assert answer.status_code == 201, answer.get_json()
     # The token and its user come from the process's memory, for one read of the auth version.
     assert stamp.reads == stamp_reads + 1
+    return seen
+
+
+def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, bearer) -> None:
+    """With the batch API on, a create never touches the global budget's state row, and the
+    per-token rate is counted outside the reservation's transaction (no row every create of
+    every process must lock in turn); the statements it runs are counted so that one more
+    round trip on this hot path is a conscious change."""
+    app = make_app(CLOUDFLARE_BATCH="auto")
+    app.config["TEST_BEARER"] = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    seen = _count_one_create(app)
     assert not [s for s in seen if "upstream_budget_state" in s[1]], seen
     reservation = seen[: seen.index(("a", "COMMIT")) + 1]
     assert [s for s in reservation if s[0] == "a"] == reservation, seen  # no rate inside it
     main = [w for e, w in seen if e == "a" and w not in ("COMMIT", "ROLLBACK")]
     rate = [w for e, w in seen if e == "b" and w not in ("COMMIT", "ROLLBACK")]
-    # [User lock on PostgreSQL]; expired reservations out, ours in, usage; then the
-    # reservation out and the upload in. No second load of the user for the answer.
-    assert len(main) == (6 if _dialect(app) == "postgresql" else 5), main
+    # [the user's lock on PostgreSQL]; the reservation, returning the usage; then the row in
+    # place of the reservation (PostgreSQL: one statement; SQLite: DELETE, INSERT).
+    # No second load of the user for the answer, no stale-reservation sweep.
+    if _dialect(app) == "postgresql":
+        assert [w.split()[0] for w in main] == ["SELECT", "INSERT", "WITH"], main
+    else:
+        assert [w.split()[0] for w in main] == ["INSERT", "DELETE", "INSERT"], main
     assert not [w for w in main if w.startswith("SELECT users.id, users.public_id")], main
-    # The rate: count (committed at once), check; the slice's first call drops old slices.
-    assert 2 <= len(rate) <= 3 and rate[0].startswith("INSERT INTO upstream_budget_buckets"), rate
+    # The rate: one upsert that counts and reads the window (a slice's first call also drops
+    # the old slices).
+    assert 1 <= len(rate) <= 2 and rate[0].startswith("INSERT INTO upstream_budget_buckets"), rate
     assert [w for e, w in seen if w == "COMMIT" and e == "a"] == ["COMMIT", "COMMIT"], seen
+
+
+def test_one_process_creates_in_four_statements_in_all(make_app, make_user, bearer) -> None:
+    """With the per-token rate in the process's memory, a create is three statements of its
+    own and the authentication's version read: four in all, two commits."""
+    app = make_app(CLOUDFLARE_BATCH="auto", CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    app.config["TEST_BEARER"] = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    seen = _count_one_create(app)
+    statements_run = [s for s in seen if s[1] not in ("COMMIT", "ROLLBACK")]
+    assert len(statements_run) == 3, seen  # + the version read counted above: 4
+    assert [s for s in seen if s[0] == "b"] == [], seen  # nothing on the budget's engine
+    assert [w for _, w in seen if w == "COMMIT"] == ["COMMIT", "COMMIT"], seen
+
+
+def test_an_idempotency_key_adds_its_claim_and_its_answer(make_app, make_user, bearer) -> None:
+    """An `Idempotency-Key` costs one statement to claim a new key (its own commit, before
+    the upstream call) and one to store the answer with the row; the claim's commit does not
+    make the request load its user again."""
+    app = make_app(CLOUDFLARE_BATCH="auto", CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    app.config["TEST_BEARER"] = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    seen = _count_one_create(app, {"Idempotency-Key": "one-key"})
+    words = [w for _, w in seen]
+    assert words[:2] == ["INSERT INTO idempotency_keys (user_id,", "COMMIT"], seen
+    assert [w for w in words if w.startswith("UPDATE idempotency_keys")], seen
+    assert not [w for w in words if w.startswith("SELECT users.id, users.public_id")], seen
+    statements_run = [w for w in words if w not in ("COMMIT", "ROLLBACK")]
+    assert len(statements_run) == 5, seen
+    assert words.count("COMMIT") == 3, seen
+
+
+def bearer_of(app: Flask) -> dict[str, str]:
+    """The bearer header the test stored on its app."""
+    auth: dict[str, str] = app.config["TEST_BEARER"]
+    return auth
 
 
 def _dialect(app: Flask) -> str:

@@ -20,7 +20,7 @@ from broker.auth.models import User
 from broker.emulator.testing import EmulatorServer
 from broker.platform.db import db
 from broker.uploads.models import Upload
-from broker.upstream.batch import ERRORS_BEFORE_FALLBACK, BatchRoute, RedisRate
+from broker.upstream.batch import ERRORS_BEFORE_FALLBACK, BatchRoute, MemoryRate, RedisRate
 from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import Priority
 from broker.upstream.models import UpstreamBatchToken
@@ -487,3 +487,32 @@ def test_with_redis_down_the_batch_rate_is_counted_in_the_process(
             assert shared() == "1"
         assert any("answers again" in r.getMessage() for r in caplog.records)
     assert emulator.counters().get("batch.direct_upload") == 5
+
+
+def test_one_process_counts_the_per_token_rate_in_memory(make_app: Callable[..., Flask]) -> None:
+    """BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process: the rate is this process's own, counted
+    without a statement; it still holds within any second and frees as the second passes."""
+    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5, CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    rate = _route(app).rate
+    assert isinstance(rate, MemoryRate)
+    seen: list[str] = []
+
+    def on_execute(*args: Any) -> None:
+        seen.append(args[2])
+
+    with app.app_context():
+        engines = {db.engine, _route(app).engine}
+    for engine in engines:
+        sa.event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        with time_machine.travel(1_800_000_000.5, tick=False) as traveller:
+            for _ in range(5):
+                rate.acquire(Priority.INTERACTIVE)
+            with pytest.raises(BudgetExhausted):
+                rate.acquire(Priority.INTERACTIVE)
+            traveller.shift(1.1)
+            rate.acquire(Priority.INTERACTIVE)
+    finally:
+        for engine in engines:
+            sa.event.remove(engine, "before_cursor_execute", on_execute)
+    assert seen == []
