@@ -31,13 +31,12 @@ from typing import Any, cast
 import sqlalchemy as sa
 from flask import Response, current_app, request
 from flask_login import current_user
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from broker.api import unit_of_work
 from broker.api.models import IdempotencyKey
 from broker.api.spec import Header, declare, to_response
-from broker.platform.db import Session, utcnow
+from broker.platform.db import Session, upsert_insert, utcnow
 from broker.platform.errors import DomainError, Kind, Refusal
 
 KEEP_FOR = timedelta(hours=24)
@@ -121,7 +120,7 @@ def _claim_once(
 
     A new key (the usual case) is one statement: an INSERT that does nothing when the key
     exists; only then is the row read."""
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    insert = upsert_insert(session.get_bind().dialect.name)
     inserted = session.execute(
         insert(IdempotencyKey)
         .values(user_id=user_id, key=key, fingerprint=fp, created_at=now, expires_at=now + KEEP_FOR)

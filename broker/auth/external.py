@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.auth import passwords
 from broker.auth.models import User
-from broker.platform.db import Session
+from broker.platform.db import Session, upsert_insert
 
 # OpenID Connect Core caps `sub` at 255 characters; a service key's ids get the same room.
 MAX_SUBJECT = 255
@@ -61,8 +60,7 @@ def create_account(session: Session, issuer: str, subject: str) -> User:
     Two first requests at once both try to insert: the insert does nothing on a conflict, so
     the loser's transaction goes on unspoilt and reads the winner's row instead.
     """
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = upsert_insert(session.get_bind().dialect.name)
     session.execute(
         insert(User)
         .values(

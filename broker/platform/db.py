@@ -146,6 +146,13 @@ T = TypeVar("T")
 IN_LIST_SIZE = 400
 
 
+def upsert_insert(dialect: str) -> Callable[..., Any]:
+    """Return the dialect's `insert` construct, the one with ON CONFLICT (PostgreSQL or SQLite)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
 def in_chunks(items: Sequence[T]) -> Iterator[list[T]]:
     """`items` in lists of at most IN_LIST_SIZE, one per IN (…) list."""
     for start in range(0, len(items), IN_LIST_SIZE):

@@ -34,12 +34,12 @@ from typing import Protocol, cast
 
 import sqlalchemy as sa
 from flask import Flask
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
 from broker.platform.config import Settings, settings_of
+from broker.platform.db import upsert_insert
 from broker.platform.encryption import EXTENSION_KEY as KEYRING_KEY
 from broker.platform.encryption import Keyring
 from broker.upstream.budget import EXTENSION_KEY as BUDGET_KEY
@@ -255,7 +255,7 @@ def _counting_upsert(dialect: str) -> sa.Executable:
     """One statement adding a call to slice `start` of `scope` (creating it): its new count,
     and the calls of the scope's other slices from `first` on."""
     table = cast(sa.Table, UpstreamBudgetBucket.__table__)
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = upsert_insert(dialect)
     scope, start = (
         sa.bindparam("scope", type_=sa.String),
         sa.bindparam("start", type_=sa.BigInteger),
@@ -267,10 +267,11 @@ def _counting_upsert(dialect: str) -> sa.Executable:
         .scalar_subquery()
     )
     statement = insert(table).values(scope=scope, start=start, calls=1, background=0)
-    return statement.on_conflict_do_update(
+    upsert = statement.on_conflict_do_update(
         index_elements=[table.c.scope, table.c.start],
         set_={"calls": table.c.calls + 1},
-    ).returning(table.c.calls, others)
+    )
+    return cast(sa.Executable, upsert.returning(table.c.calls, others))
 
 
 def _aware(moment: datetime | None) -> datetime | None:
