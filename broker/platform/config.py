@@ -33,6 +33,7 @@ class Setting:
     name: str
     default: Any
     doc: str
+    minimum: int | None = None  # a number below it is refused at start, named with the others
 
 
 CLOUDFLARE_API_BASE = "https://api.cloudflare.com/client/v4"
@@ -130,6 +131,7 @@ SETTINGS: tuple[Setting, ...] = (
         "CLOUDFLARE_BATCH_RATE",
         200,
         "Batch API requests per second per token, shared by all processes (Cloudflare allows 200).",
+        minimum=1,
     ),
     Setting(
         "CLOUDFLARE_BATCH_RATE_SCOPE",
@@ -313,6 +315,7 @@ SETTINGS: tuple[Setting, ...] = (
         "ERASURE_LEASE",
         120,
         "Seconds a worker holds an erasure's turn (up to 50 deletions at Cloudflare): a worker that dies mid-turn leaves it to another this long after the turn began. Keep it well above a turn's length.",
+        minimum=1,
     ),
     Setting(
         "RECONCILE_INTERVAL",
@@ -413,11 +416,14 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
                 )
     except ConfigError as exc:
         problems.append(exc.message)
-    try:
-        if _coerce("ERASURE_LEASE", config["ERASURE_LEASE"], int) < 1:
-            problems.append("BROKER_ERASURE_LEASE must be at least 1 (seconds)")
-    except ConfigError as exc:
-        problems.append(exc.message)
+    for setting in SETTINGS:
+        if setting.minimum is None:
+            continue
+        try:
+            if _coerce(setting.name, config[setting.name], float) < setting.minimum:
+                problems.append(f"BROKER_{setting.name} must be at least {setting.minimum}")
+        except ConfigError as exc:
+            problems.append(exc.message)
     if config.get("REGISTRATION") is None:
         config["REGISTRATION"] = env != "production"
     if config.get("WORKER_INLINE") is None:

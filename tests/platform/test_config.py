@@ -168,6 +168,7 @@ def test_typed_settings_read_strings_as_their_types() -> None:
         ("CLOUDFLARE_API_BASE", None, "must be set"),
         ("ERASURE_LEASE", 0, "at least 1"),
         ("ERASURE_LEASE", "soon", "a number"),
+        ("CLOUDFLARE_BATCH_RATE", 0, "at least 1"),
     ],
 )
 def test_typed_settings_refuse_a_bad_value_naming_it(
