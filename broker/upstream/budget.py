@@ -15,14 +15,19 @@ there, whatever number of web and worker processes run:
   completion by seconds, not minutes, and busy polling never locks users out;
 - a 429 from Cloudflare pauses every process until its `Retry-After` has passed.
 
-Each acquire is one short transaction on its own connection that first *writes* the scope's
-state row, which serialises acquires on SQLite (the write lock) and PostgreSQL (the row lock)
-alike, then reads the counts and records the call. Callers must not hold a write transaction
-of their own across an upstream call (SQLite has one writer).
+Spending a call is one statement: a conditional upsert of the current bucket that counts the
+window (and reads the pause) in its own WHERE and records the call only if both sides leave
+room. Acquires are serialised so that no two count the same window at once: on SQLite by the
+database's write lock, which that statement takes before it reads anything; on PostgreSQL,
+whose statements read the snapshot they started with, by the scope's state row, written (and
+so locked) by the statement before it. Only a refusal reads again, to say when to retry.
+Callers must not hold a write transaction of their own across an upstream call (SQLite has one
+writer).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -36,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
 from broker.platform.config import Settings, settings_of
-from broker.platform.db import ping_when_idle, server_pool_options
+from broker.platform.db import ping_when_idle, server_pool_options, upsert_insert
 from broker.platform.sqlite_writes import gate_sqlite_writes
 from broker.upstream.cloudflare import BudgetStatus, Priority, UpstreamError
 
@@ -159,39 +164,55 @@ class UpstreamBudget:
         first = math.floor((now - self.window) * self.unit / self.bucket) * self.bucket
         return int(first)
 
-    def _spend(
-        self, conn: Connection, now: float, paused_until_ms: int, priority: Priority
-    ) -> None:
-        """Record one call in the current bucket, or raise BudgetExhausted (scope lock held)."""
-        if paused_until_ms > now * 1000:
-            raise BudgetExhausted(math.ceil(paused_until_ms / 1000 - now), "paused")
+    def _spend(self, conn: Connection, now: float, priority: Priority) -> bool:
+        """Record one call in the current bucket (serialised: see the module), or raise
+        BudgetExhausted; False (nothing recorded) when the scope's state row is missing."""
         first = self._window_start(now)
+        background = priority == Priority.BACKGROUND
+        current = int((now * self.unit) // self.bucket) * self.bucket
+        spent = conn.execute(
+            _spending(conn.dialect.name, background),
+            {
+                "scope": self.scope,
+                "start": current,
+                "first": first,
+                "now_ms": math.floor(now * 1000),
+                "limit": self.limit,
+                "cap": self.limit - (self.reserve if background else self.background_share),
+                "background": int(background),
+            },
+        ).first()
+        if spent is None:
+            return self._why_not(conn, now, first, priority)
+        if spent[0] == 1:
+            # A new bucket is rare (once per slice): a good moment to drop expired ones.
+            conn.execute(
+                sa.delete(_buckets).where(_buckets.c.scope == self.scope, _buckets.c.start < first)
+            )
+        return True
+
+    def _why_not(self, conn: Connection, now: float, first: int, priority: Priority) -> bool:
+        """After `_spending` recorded nothing: False when the state row is missing, else raise
+        BudgetExhausted saying when to retry (read under the same lock, so the counts agree)."""
+        paused_until_ms = conn.execute(
+            sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
+        ).first()
+        if paused_until_ms is None:
+            return False
+        if int(paused_until_ms[0] or 0) > now * 1000:
+            raise BudgetExhausted(math.ceil(int(paused_until_ms[0]) / 1000 - now), "paused")
         rows = conn.execute(
             sa.select(_buckets.c.start, _buckets.c.calls, _buckets.c.background)
             .where(_buckets.c.scope == self.scope, _buckets.c.start >= first)
             .order_by(_buckets.c.start)
         ).all()
+        retry_after = 1.0  # both sides had room a moment ago: only a racing clock says no
         for counted, cap in self._caps(rows, priority):
             used = sum(calls for _, calls in counted)
             if used + 1 > cap:
-                raise BudgetExhausted(self._retry_after(counted, used, cap, now))
-        background = int(priority == Priority.BACKGROUND)
-        current = int((now * self.unit) // self.bucket) * self.bucket
-        updated = conn.execute(
-            sa.update(_buckets)
-            .where(_buckets.c.scope == self.scope, _buckets.c.start == current)
-            .values(calls=_buckets.c.calls + 1, background=_buckets.c.background + background)
-        )
-        if not updated.rowcount:
-            conn.execute(
-                sa.insert(_buckets).values(
-                    scope=self.scope, start=current, calls=1, background=background
-                )
-            )
-            # A new bucket is rare (once per slice): a good moment to drop expired ones.
-            conn.execute(
-                sa.delete(_buckets).where(_buckets.c.scope == self.scope, _buckets.c.start < first)
-            )
+                retry_after = self._retry_after(counted, used, cap, now)
+                break
+        raise BudgetExhausted(retry_after)
 
     def _refused(self, exc: BudgetExhausted, priority: Priority) -> None:
         log.warning(
@@ -206,7 +227,8 @@ class UpstreamBudget:
         now = self.clock()
 
         def work(conn: Connection) -> None:
-            self._spend(conn, now, self._lock(conn), priority)
+            self._lock(conn)  # creates the row when missing, so the spend below always counts
+            self._spend(conn, now, priority)
 
         try:
             self._transaction(work)
@@ -225,15 +247,15 @@ class UpstreamBudget:
         if conn.engine.url != self.engine.url:
             return False
         now = self.clock()
-        paused = self._bump(conn)
-        if paused is None:
-            return False  # creating the row may race with another process: `acquire` retries
+        # On SQLite the spend's own write lock serialises it: no statement to take a lock.
+        # A missing row (False): creating it may race with another process; `acquire` retries.
+        if conn.dialect.name != "sqlite" and self._bump(conn) is None:
+            return False
         try:
-            self._spend(conn, now, paused, priority)
+            return self._spend(conn, now, priority)
         except BudgetExhausted as exc:
             self._refused(exc, priority)
             raise
-        return True
 
     def _retry_after(
         self, rows: Sequence[tuple[int, int]], used: int, cap: int, now: float
@@ -290,6 +312,48 @@ class UpstreamBudget:
             background=sum(int(bg or 0) for _, _, bg in rows),
             pace=math.ceil(recent * self.window / span),
         )
+
+
+@functools.cache
+def _spending(dialect: str, background: bool) -> sa.Executable:
+    """One statement recording a call of one side in bucket `start` when the pause is over and
+    the window (buckets from `first` on) has room for it under `limit` and the side's `cap`;
+    returns the bucket's new count, nothing when refused (or the scope's row is missing).
+
+    Built once per dialect and side: building a statement costs more than running this one.
+    """
+    scope = sa.bindparam("scope", type_=sa.String)
+    start = sa.bindparam("start", type_=sa.BigInteger)
+    own_side = sa.func.coalesce(_buckets.c.background, 0)
+    side = own_side if background else _buckets.c.calls - own_side
+    room = (
+        sa.select(
+            sa.and_(
+                sa.func.coalesce(sa.func.sum(_buckets.c.calls), 0)
+                < sa.bindparam("limit", type_=sa.Integer),
+                sa.func.coalesce(sa.func.sum(side), 0) < sa.bindparam("cap", type_=sa.Integer),
+            )
+        )
+        .where(_buckets.c.scope == scope, _buckets.c.start >= sa.bindparam("first"))
+        .scalar_subquery()
+    )
+    # NULL (no row) compares as false: nothing is recorded and `_why_not` says so.
+    open_ = sa.select(_state.c.paused_until_ms).where(
+        _state.c.scope == scope
+    ).scalar_subquery() <= sa.bindparam("now_ms", type_=sa.BigInteger)
+    is_background = sa.bindparam("background", type_=sa.Integer)
+    call = sa.select(scope, start, sa.literal(1, sa.Integer), is_background).where(open_, room)
+    insert = upsert_insert(dialect)(_buckets).from_select(
+        ["scope", "start", "calls", "background"], call
+    )
+    upsert = insert.on_conflict_do_update(
+        index_elements=["scope", "start"],
+        set_={
+            "calls": _buckets.c.calls + 1,
+            "background": _buckets.c.background + insert.excluded.background,
+        },
+    )
+    return cast(sa.Executable, upsert.returning(_buckets.c.calls))
 
 
 def budget_from_settings(engine: Engine, settings: Settings) -> UpstreamBudget:

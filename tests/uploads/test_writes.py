@@ -116,6 +116,34 @@ def _count_one_create(app: Flask, headers: dict[str, str] | None = None) -> list
     return seen
 
 
+def test_the_global_budget_is_spent_in_one_statement_last_in_the_reservation(
+    app, make_user, bearer
+) -> None:
+    """With the batch API off, the create pays for its call in the reservation's transaction:
+    on SQLite one conditional upsert of the budget's bucket (the reservation's write lock
+    serialises it), on PostgreSQL the scope's row lock and that upsert, last before the commit,
+    so the lock every create of every process shares is held for one round trip and the
+    commit."""
+    app.config["TEST_BEARER"] = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    seen = _count_one_create(app)
+    assert [s for s in seen if s[0] == "b"] == [], seen  # nothing on the budget's own engine
+    words = [" ".join(w.split()[:3]) for _, w in seen]
+    reservation = words[: words.index("COMMIT") + 1]
+    row = words[len(reservation) :]
+    budget = ["UPDATE upstream_budget_state SET", "INSERT INTO upstream_budget_buckets"]
+    if _dialect(app) == "postgresql":
+        assert [w.split()[0] for w in reservation[:2]] == ["SELECT", "INSERT"], seen
+        assert reservation[2:] == [*budget, "COMMIT"], seen
+        assert [w.split()[0] for w in row] == ["WITH", "COMMIT"], seen
+    else:
+        assert reservation[0].startswith("INSERT INTO upload_reservations"), seen
+        assert reservation[1:] == [budget[1], "COMMIT"], seen
+        assert [w.split()[0] for w in row] == ["DELETE", "INSERT", "COMMIT"], seen
+    with app.app_context():
+        assert get_budget().status().used == 2
+
+
 def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, bearer) -> None:
     """With the batch API on, a create never touches the global budget's state row, and the
     per-token rate is counted outside the reservation's transaction (no row every create of

@@ -240,3 +240,39 @@ def test_a_one_second_rate_in_the_database_allows_close_to_its_limit(app: Flask)
         assert sum(start <= t < start + 1 for t in granted) >= 170
     assert len(granted) >= 4 * 180
     assert max(sum(t0 <= t < t0 + 1 for t in granted) for t0 in granted) <= 200
+
+
+def test_spends_inside_callers_transactions_never_exceed_either_side(
+    make_app: Callable[..., Flask],
+) -> None:
+    """The create path's way (`acquire_in`, in the caller's transaction), racing from two apps
+    on one database: the limit and the background's side both hold exactly."""
+    clock = Clock()
+    first = _budget(make_app(), clock, limit=40, reserve=5)
+    second = _budget(make_app(), clock, limit=40, reserve=5)
+    first.acquire(Priority.BACKGROUND)  # creates the scope's row
+    granted: dict[Priority, list[int]] = {Priority.INTERACTIVE: [], Priority.BACKGROUND: []}
+
+    def spend(budget: UpstreamBudget, priority: Priority) -> None:
+        for _ in range(30):
+            try:
+                with budget.engine.begin() as conn:
+                    assert budget.acquire_in(conn, priority)
+                granted[priority].append(1)
+            except BudgetExhausted:
+                pass
+
+    threads = [
+        threading.Thread(target=spend, args=(budget, priority))
+        for budget in (first, second)
+        for priority in (Priority.INTERACTIVE, Priority.BACKGROUND)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    background = len(granted[Priority.BACKGROUND]) + 1
+    assert background <= 35
+    assert len(granted[Priority.INTERACTIVE]) + background == 40
+    assert first.status().used == second.status().used == 40
+    assert first.status().background == background
