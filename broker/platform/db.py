@@ -207,6 +207,16 @@ def server_pool_options(config: Mapping[str, Any] | None = None) -> dict[str, An
     }
 
 
+def sqlite_pool_options(url: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`create_engine` options of a SQLite file's engine: the same pool size as a server's (a
+    process's threads each keep a connection instead of the overflow's being opened, set up
+    and closed per request), last-in first-out; none for an in-memory database."""
+    if ":memory:" in url or url.rstrip("/") in ("sqlite:", "sqlite+pysqlite:"):
+        return {}
+    size, overflow = pool_size(config)
+    return {"pool_size": size, "max_overflow": overflow, "pool_use_lifo": True}
+
+
 def ping_when_idle(engine: sa.Engine, *, clock: Callable[[], float] = time.monotonic) -> None:
     """Check a connection that sat in `engine`'s pool over PING_WHEN_IDLE seconds before use."""
 
@@ -246,6 +256,8 @@ def init_app(app: Flask) -> None:
     options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
     if not url.startswith("sqlite"):
         options = {**server_pool_options(app.config), **options}
+    else:
+        options = {**sqlite_pool_options(url, app.config), **options}
     # A failed statement's message (logged with its traceback) would otherwise carry the bound
     # values: webhook secrets, signing-key values, password and token hashes.
     options.setdefault("hide_parameters", True)

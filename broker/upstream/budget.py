@@ -41,7 +41,12 @@ from sqlalchemy.exc import IntegrityError
 
 from broker.platform import health
 from broker.platform.config import Settings, settings_of
-from broker.platform.db import ping_when_idle, server_pool_options, upsert_insert
+from broker.platform.db import (
+    ping_when_idle,
+    server_pool_options,
+    sqlite_pool_options,
+    upsert_insert,
+)
 from broker.platform.sqlite_writes import gate_sqlite_writes
 from broker.upstream.cloudflare import BudgetStatus, Priority, UpstreamError
 
@@ -375,7 +380,9 @@ def budget_engine(url: str, config: Mapping[str, Any] | None = None) -> Engine:
     held by a thread waiting for a second one.
     """
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 10})
+        engine = sa.create_engine(
+            url, connect_args={"timeout": 10}, **sqlite_pool_options(url, config)
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:

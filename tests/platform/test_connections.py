@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
+from flask import Flask
 
 from broker.platform.db import connections_per_process, db
 from tests.factories import production_app
@@ -36,13 +37,27 @@ def test_both_engines_pool_the_threads_plus_a_small_overflow(
     """Pool = BROKER_DB_POOL_SIZE on the app's engine and the budget's; 2 x (pool + overflow)
     per process."""
     app = production_app(tmp_path, DATABASE_URL=postgres_url, DB_POOL_SIZE=5)
+    assert _pools(app) == [(5, 2), (5, 2)]
+    assert connections_per_process(app.config) == 14
+
+
+def _pools(app: Flask) -> list[tuple[int, int]]:
+    """(size, overflow) of the pools of the app's engine and the budget's (then disposed)."""
     budget_engine = app.extensions["budget"].engine
     with app.app_context():
         engines = [db.engine, budget_engine]
-        assert [(e.pool.size(), e.pool._max_overflow) for e in engines] == [(5, 2), (5, 2)]  # type: ignore[attr-defined]
+        pools = [(e.pool.size(), e.pool._max_overflow) for e in engines]  # type: ignore[attr-defined]
         db.engine.dispose()
     budget_engine.dispose()
-    assert connections_per_process(app.config) == 14
+    return pools
+
+
+def test_a_sqlite_files_engines_pool_the_threads_too(tmp_path: Path) -> None:
+    """On SQLite as well: each of a process's threads keeps its connection (beyond the default
+    five, every request would open one, set its pragmas up and close it again)."""
+    url = f"sqlite:///{tmp_path}/pooled.sqlite3"
+    app = production_app(tmp_path, DATABASE_URL=url, DB_POOL_SIZE=16)
+    assert _pools(app) == [(16, 2), (16, 2)]
 
 
 def _server_limit(url: str) -> int:
