@@ -1,6 +1,6 @@
 """The one HTTP client for every Cloudflare Images endpoint the broker uses.
 
-`CloudflareImages` speaks the v4 envelope over a pooled `requests.Session`, turns every failure
+`CloudflareImages` speaks the v4 envelope over pooled urllib3 connections, turns every failure
 into a typed `CloudflareError`, puts a timeout on every call, spends the shared upstream budget
 before each attempt, and retries only what is safe to retry:
 
@@ -10,6 +10,12 @@ before each attempt, and retries only what is safe to retry:
   Cloudflare refused it unprocessed (429). A POST that may have been processed is never re-sent:
   a second `direct_upload` would create a second draft.
 
+Redirects are never followed (an answer is Cloudflare's or nobody's). The transport is urllib3,
+the pool under `requests`, called directly: `requests` re-read ~150 environment entries for
+proxies, merged cookies, hooks and auth on every call — about 1 ms of CPU per create. What it
+took from the environment is read once per origin instead (`_Origins`): `HTTPS_PROXY`/
+`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY`, and `REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE`.
+
 The app's shared client lives in `app.extensions["cloudflare"]` (see `init_app`/`get_client`).
 """
 
@@ -18,18 +24,35 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import random
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlencode, urlsplit
 
-import requests
+import urllib3
 from flask import Flask
-from requests.adapters import HTTPAdapter
+from requests.utils import (
+    DEFAULT_CA_BUNDLE_PATH,
+    get_auth_from_url,
+    get_environ_proxies,
+    select_proxy,
+)
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import HTTPError as TransportError
+from urllib3.fields import RequestField
+from urllib3.filepost import encode_multipart_formdata
+from urllib3.util import create_urllib3_context, make_headers
 
 from broker.platform import outages
 from broker.platform.config import Settings, settings_of
@@ -358,17 +381,93 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
 
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE"})
+_HEADERS = {
+    "Accept": "application/json",
+    "Accept-Encoding": "gzip, deflate",
+    "User-Agent": f"upload-broker urllib3/{urllib3.__version__}",
+}
 
 
-def _never_sent(exc: requests.ConnectionError) -> bool:
-    """Tell whether a connection error happened before any byte of the request left."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    reason = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)
-    from urllib3.exceptions import NameResolutionError, NewConnectionError
+def _never_sent(exc: TransportError) -> bool:
+    """Tell whether a transport error happened before any byte of the request left."""
+    # NewConnectionError (refused, no such name) is a ConnectTimeoutError to urllib3 too.
+    return isinstance(exc, ConnectTimeoutError)
 
-    return isinstance(reason, NewConnectionError | NameResolutionError)
+
+def _no_answer(timeout: float) -> CloudflareTimeout:
+    return CloudflareTimeout(0, None, f"Cloudflare did not answer within {timeout:g}s")
+
+
+def _connection_failed(exc: Exception, cls: type[CloudflareError]) -> CloudflareError:
+    return cls(0, None, f"connection to Cloudflare failed ({type(exc).__name__})")
+
+
+def _tls_context() -> ssl.SSLContext:
+    """Verify certificates against the bundle the environment names, else certifi's (as
+    `requests` does), loaded once for every connection of the client."""
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    context = create_urllib3_context()
+    if bundle and os.path.isdir(bundle):
+        context.load_verify_locations(capath=bundle)
+    else:
+        context.load_verify_locations(cafile=bundle or DEFAULT_CA_BUNDLE_PATH)
+    return context
+
+
+class _Origins:
+    """One connection pool manager per origin (scheme://host:port), direct or through the
+    proxy the environment names for it, decided when the origin is first used."""
+
+    def __init__(self, pool_size: int) -> None:
+        self._pool_kw: dict[str, Any] = {
+            "num_pools": 4,
+            "maxsize": pool_size,
+            "ssl_context": _tls_context(),
+        }
+        self._managers: dict[str, urllib3.PoolManager] = {}
+        self._lock = threading.Lock()
+
+    def manager(self, url: str) -> urllib3.PoolManager:
+        """Return the pool manager of `url`'s origin."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        manager = self._managers.get(origin)
+        if manager is None:
+            with self._lock:
+                manager = self._managers.get(origin)
+                if manager is None:
+                    manager = self._managers[origin] = self._build(url)
+        return manager
+
+    def _build(self, url: str) -> urllib3.PoolManager:
+        proxy = select_proxy(url, get_environ_proxies(url))
+        if not proxy:
+            return urllib3.PoolManager(**self._pool_kw)
+        username, password = get_auth_from_url(proxy)
+        if proxy.lower().startswith("socks"):
+            from urllib3.contrib.socks import SOCKSProxyManager
+
+            return SOCKSProxyManager(proxy, username=username, password=password, **self._pool_kw)
+        auth = make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
+        return urllib3.ProxyManager(proxy, proxy_headers=auth, **self._pool_kw)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        with self._lock:
+            for manager in self._managers.values():
+                manager.clear()
+            self._managers.clear()
+
+
+def _multipart(files: list[tuple[str, tuple[str | None, Any]]]) -> tuple[bytes, str]:
+    """Encode form fields `(name, (filename or None, value))`: a part without a filename is a
+    plain field (no Content-Type), as `requests` sends it."""
+    parts = []
+    for name, (filename, value) in files:
+        part = RequestField(name=name, data=value, filename=filename)
+        part.make_multipart()
+        parts.append(part)
+    return encode_multipart_formdata(parts)
 
 
 def _error_class(status: int, code: int | None) -> type[CloudflareError]:
@@ -416,7 +515,6 @@ class CloudflareImages:
         api_token: str,
         *,
         timeout: float = 10.0,
-        session: requests.Session | None = None,
         budget: Budget | None = None,
         sleep: Callable[[float], None] = time.sleep,
         max_retries: int = 3,
@@ -440,12 +538,11 @@ class CloudflareImages:
         self._sleep = sleep
         self._token = api_token
         self._random = random.Random()
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
-        self.session = session
+        self._origins = _Origins(pool_size)
+        # The environment's proxy for each origin the client calls, read now, not per call.
+        self._origins.manager(self.api_base)
+        if batch_route is not None:
+            self._origins.manager(batch_route.base)
 
     def __repr__(self) -> str:
         # The token must never reach a log line, traceback or debugger print.
@@ -453,7 +550,7 @@ class CloudflareImages:
 
     def close(self) -> None:
         """Release the pooled connections."""
-        self.session.close()
+        self._origins.close()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -485,7 +582,7 @@ class CloudflareImages:
     ) -> Any:
         """Call `path` (relative to the account's images base) and return the envelope's result.
 
-        With `raw=True` return the `requests.Response` of a successful call instead. With
+        With `raw=True` return the unread `urllib3` response of a successful call instead. With
         `prepaid=True` the caller already spent `budget_for(batch)` for the first attempt (see
         `UpstreamBudget.acquire_in`); retries spend their own. `batch` names the endpoint when
         the batch host serves it: the call then goes there while the batch route allows.
@@ -575,6 +672,16 @@ class CloudflareImages:
         method = method.upper()
         path = url.removeprefix(self.images_base)
         idempotent = method in _IDEMPOTENT
+        headers = {**_HEADERS, "Authorization": f"Bearer {token}"}
+        body: bytes | None = None
+        if files is not None:
+            body, headers["Content-Type"] = _multipart(files)
+        elif json_body is not None:
+            body = json.dumps(json_body, allow_nan=False).encode()
+            headers["Content-Type"] = "application/json"
+        if params:
+            url = f"{url}?{urlencode({k: v for k, v in params.items() if v is not None})}"
+        manager = self._origins.manager(url)
         attempt = 0
         while True:
             if budget is not None and not (prepaid and attempt == 0):
@@ -582,18 +689,21 @@ class CloudflareImages:
             started = time.monotonic()
             outages.note_upstream_call()  # a dropped database connection: not run again
             try:
-                response = self.session.request(
+                response = manager.urlopen(
                     method,
                     url,
-                    params=params,
-                    json=json_body,
-                    files=files,
-                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                    body=body,
+                    headers=headers,
                     timeout=self.timeout,
-                    stream=stream,
-                    allow_redirects=False,
+                    preload_content=not stream,
+                    redirect=False,
+                    retries=False,  # the retries are ours (above), so the errors come raw
                 )
-            except requests.ConnectionError as exc:
+            except ReadTimeoutError:
+                # A read timeout: the request was sent and may have been processed.
+                log.warning("cloudflare %s %s timed out after %.1fs", method, path, self.timeout)
+                raise _no_answer(self.timeout) from None
+            except TransportError as exc:
                 never_sent = _never_sent(exc)
                 if never_sent and on_batch:
                     # Nothing reached the batch host: the global API takes the call now.
@@ -601,7 +711,7 @@ class CloudflareImages:
                         0, None, f"batch host unreachable ({type(exc).__name__})"
                     ) from None
                 retryable = idempotent or never_sent
-                timed_out = isinstance(exc, requests.ConnectTimeout)
+                timed_out = never_sent and not isinstance(exc, NewConnectionError)
                 log.warning(
                     "cloudflare %s %s connection failed attempt=%d retryable=%s: %s",
                     method,
@@ -615,25 +725,14 @@ class CloudflareImages:
                     attempt += 1
                     continue
                 cls = CloudflareTimeout if timed_out else CloudflareUnavailable
-                raise cls(
-                    0, None, f"connection to Cloudflare failed ({type(exc).__name__})"
-                ) from None
-            except requests.Timeout:
-                # A read timeout: the request was sent and may have been processed.
-                log.warning("cloudflare %s %s timed out after %.1fs", method, path, self.timeout)
-                raise CloudflareTimeout(
-                    0, None, f"Cloudflare did not answer within {self.timeout:g}s"
-                ) from None
+                raise _connection_failed(exc, cls) from None
             elapsed_ms = (time.monotonic() - started) * 1000
-            log.debug(
-                "cloudflare %s %s -> %d in %.0fms", method, path, response.status_code, elapsed_ms
-            )
-            if response.status_code < 400 and raw:
+            log.debug("cloudflare %s %s -> %d in %.0fms", method, path, response.status, elapsed_ms)
+            if response.status < 400 and raw:
                 return response
             try:
                 return self._result(response)
             except (CloudflareRateLimited, CloudflareUnavailable) as err:
-                response.close()
                 limited = isinstance(err, CloudflareRateLimited)
                 if limited and not on_batch and budget is not None:
                     # The global limit blocks every call for minutes: stop every process.
@@ -649,13 +748,15 @@ class CloudflareImages:
                 self._sleep(wait)
                 attempt += 1
 
-    def _result(self, response: requests.Response) -> Any:
+    def _result(self, response: urllib3.BaseHTTPResponse) -> Any:
         """Unwrap the v4 envelope or raise the typed error it carries."""
-        status = response.status_code
+        status = response.status
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         try:
-            body = response.json()
-        except ValueError:
+            body = json.loads(response.data)
+        except ValueError:  # not JSON, or not text
+            body = None
+        except TransportError:  # the connection broke while the answer was read
             body = None
         if status < 400 and isinstance(body, dict) and body.get("success", True):
             return body.get("result")
@@ -801,23 +902,29 @@ class CloudflareImages:
         try:
             chunks: list[bytes] = []
             size = 0
-            for chunk in response.iter_content(64 * 1024):
+            for chunk in response.stream(64 * 1024):
                 size += len(chunk)
                 if size > max_bytes:
                     raise CloudflareBadRequest(502, None, f"blob larger than {max_bytes} bytes")
                 chunks.append(chunk)
             return b"".join(chunks)
+        except ReadTimeoutError:
+            raise _no_answer(self.timeout) from None
+        except TransportError as exc:
+            raise _connection_failed(exc, CloudflareUnavailable) from None
         finally:
+            # Unread bytes close the connection; a finished answer has given it back already.
             response.close()
+            response.release_conn()
 
     def open_blob(
         self, image_id: str, *, priority: Priority = Priority.INTERACTIVE
-    ) -> requests.Response:
+    ) -> urllib3.BaseHTTPResponse:
         """Open a streaming response of the original bytes; the caller must close it."""
         response = self.request(
             "GET", f"/v1/{_path(image_id)}/blob", priority=priority, raw=True, stream=True
         )
-        return cast(requests.Response, response)
+        return cast(urllib3.BaseHTTPResponse, response)
 
     def stats(self, *, priority: Priority = Priority.INTERACTIVE) -> Stats:
         """Return the account's image count and allowance (`GET /v1/stats`)."""
