@@ -22,6 +22,8 @@ The app's shared client lives in `app.extensions["cloudflare"]` (see `init_app`/
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 import json
 import logging
 import os
@@ -29,21 +31,17 @@ import random
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.request import getproxies_environment
 
 import urllib3
 from flask import Flask
-from requests.utils import (
-    DEFAULT_CA_BUNDLE_PATH,
-    get_auth_from_url,
-    get_environ_proxies,
-    select_proxy,
-)
 from urllib3.exceptions import (
     ConnectTimeoutError,
     NewConnectionError,
@@ -402,16 +400,49 @@ def _connection_failed(exc: Exception, cls: type[CloudflareError]) -> Cloudflare
     return cls(0, None, f"connection to Cloudflare failed ({type(exc).__name__})")
 
 
-def _tls_context() -> ssl.SSLContext:
-    """Verify certificates against the bundle the environment names, else certifi's (as
-    `requests` does), loaded once for every connection of the client."""
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+@functools.cache
+def _tls_context(bundle: str | None) -> ssl.SSLContext:
+    """A context verifying certificates against `bundle` (a file or a directory), else
+    certifi's bundle as `requests` does; built once per process, on the first HTTPS origin."""
     context = create_urllib3_context()
     if bundle and os.path.isdir(bundle):
         context.load_verify_locations(capath=bundle)
     else:
-        context.load_verify_locations(cafile=bundle or DEFAULT_CA_BUNDLE_PATH)
+        import certifi
+
+        context.load_verify_locations(cafile=bundle or certifi.where())
     return context
+
+
+def _bypasses_proxy(host: str, port: int | None, proxies: dict[str, str]) -> bool:
+    """Tell whether NO_PROXY names the host: a name or a suffix of it (`.example.com`), with
+    or without the port, `*`, or for an IP address a network holding it (`10.0.0.0/8`)."""
+    if urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]  # no stub
+        f"{host}:{port}" if port else host, proxies
+    ):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in proxies.get("no", "").replace(" ", "").split(","):
+        try:
+            if entry and address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:  # a host name, not a network
+            continue
+    return False
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url` (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`,
+    lower case first, unless `NO_PROXY` names the host), read as `requests` reads it."""
+    parts = urlsplit(url)
+    proxies = getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or _bypasses_proxy(parts.hostname or "", parts.port, proxies):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 class _Origins:
@@ -419,11 +450,7 @@ class _Origins:
     proxy the environment names for it, decided when the origin is first used."""
 
     def __init__(self, pool_size: int) -> None:
-        self._pool_kw: dict[str, Any] = {
-            "num_pools": 4,
-            "maxsize": pool_size,
-            "ssl_context": _tls_context(),
-        }
+        self._pool_size = pool_size
         self._managers: dict[str, urllib3.PoolManager] = {}
         self._lock = threading.Lock()
 
@@ -440,16 +467,21 @@ class _Origins:
         return manager
 
     def _build(self, url: str) -> urllib3.PoolManager:
-        proxy = select_proxy(url, get_environ_proxies(url))
-        if not proxy:
-            return urllib3.PoolManager(**self._pool_kw)
-        username, password = get_auth_from_url(proxy)
-        if proxy.lower().startswith("socks"):
+        kw: dict[str, Any] = {"num_pools": 4, "maxsize": self._pool_size}
+        if url.startswith("https:"):
+            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            kw["ssl_context"] = _tls_context(bundle)
+        proxy = _proxy_for(url)
+        if proxy is None:
+            return urllib3.PoolManager(**kw)
+        parts = urlsplit(proxy)
+        username, password = unquote(parts.username or ""), unquote(parts.password or "")
+        if parts.scheme.startswith("socks"):
             from urllib3.contrib.socks import SOCKSProxyManager
 
-            return SOCKSProxyManager(proxy, username=username, password=password, **self._pool_kw)
+            return SOCKSProxyManager(proxy, username=username, password=password, **kw)
         auth = make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
-        return urllib3.ProxyManager(proxy, proxy_headers=auth, **self._pool_kw)
+        return urllib3.ProxyManager(proxy, proxy_headers=auth, **kw)
 
     def close(self) -> None:
         """Close every pooled connection."""

@@ -362,13 +362,14 @@ def test_the_environments_proxy_carries_the_calls_unless_no_proxy_names_the_host
         assert all(h.get("proxy-authorization") == f"Basic {credentials}" for *_, h in seen)
         assert emulator.counters()["stats"] == 1
 
-        no_proxy_environment.setenv("NO_PROXY", "127.0.0.1")
-        direct = CloudflareImages(emulator.api_base, emulator.account_id, emulator.api_token)
-        try:
-            assert direct.stats().allowed > 0
-        finally:
-            direct.close()
-        assert len(seen) == 3 and emulator.counters()["stats"] == 2
+        for no_proxy in ("127.0.0.1", "example.com, 10.0.0.0/8,127.0.0.0/8", "*"):
+            no_proxy_environment.setenv("NO_PROXY", no_proxy)
+            direct = CloudflareImages(emulator.api_base, emulator.account_id, emulator.api_token)
+            try:
+                assert direct.stats().allowed > 0
+            finally:
+                direct.close()
+        assert len(seen) == 3 and emulator.counters()["stats"] == 4
 
 
 def test_a_redirect_is_never_followed(emulator: Any, sleeps: list[float]) -> None:
