@@ -392,3 +392,15 @@ def test_a_redirect_is_never_followed(emulator: Any, sleeps: list[float]) -> Non
     assert exc.value.status == 502
     assert emulator.counters().get("stats", 0) == 0
     assert len(seen) == cf.max_retries + 1  # a 502 of an idempotent call is retried, in place
+
+
+def test_form_fields_arrive_as_sent(cf: CloudflareImages) -> None:
+    """Text with quotes, line breaks and non-ASCII letters reaches Cloudflare unchanged."""
+    creator = 'Zoë "q"\r\nContent-Disposition: x'
+    metadata = {"note": "a\r\n--b", "name": "名前"}
+    draft = cf.direct_upload(creator=creator, expiry=_in(30), metadata=metadata)
+    image = cf.get_image(draft.id)
+    assert (image.creator, image.meta) == (creator, metadata)
+    uploaded = cf.upload_image(file=_png(), filename="c.png", creator=creator)
+    assert (uploaded.filename, uploaded.creator) == ("c.png", creator)
+    assert cf.get_blob(uploaded.id) == _png()
