@@ -54,27 +54,50 @@ def test_compose_runs_the_commands_the_guide_and_the_dockerfile_give():
     assert "docker compose --env-file .env.emulator --profile emulator up" in guide
 
 
-def test_the_access_log_never_shows_a_basic_authorization_user():
-    """gunicorn's access line, rendered by gunicorn itself with gunicorn.conf.py's format, for a
-    request carrying `Authorization: Basic` (its default format prints the user part)."""
-    import base64
+def _access_line(
+    logger_class: type,
+    access_log_format: str,
+    environ: dict[str, str],
+    request_headers: list[tuple[str, str]],
+) -> str:
+    """Render one access line with `logger_class`, as gunicorn does after a request."""
     import datetime
     import logging
     from types import SimpleNamespace
 
     from gunicorn.config import Config
-    from gunicorn.glogging import Logger
 
     config = Config()
-    config.set(
-        "access_log_format", runpy.run_path(str(ROOT / "gunicorn.conf.py"))["access_log_format"]
-    )
+    config.set("access_log_format", access_log_format)
     config.set("accesslog", "-")
-    logger = Logger(config)
+    logger = logger_class(config)
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     logger.access_log.addHandler(handler)
+    response = SimpleNamespace(status="201 CREATED", sent=512, headers=[("X-Request-ID", "r-1")])
+    request = SimpleNamespace(headers=request_headers)
+    try:
+        logger.access(response, request, environ, datetime.timedelta(milliseconds=3))
+    finally:
+        logger.access_log.removeHandler(handler)
+    [line] = lines
+    return line
+
+
+def _loggers() -> tuple[type, type, str]:
+    """gunicorn.conf.py's logger class, gunicorn's own, and the configured format."""
+    from gunicorn.glogging import Logger
+
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    return conf["logger_class"], Logger, conf["access_log_format"]
+
+
+def test_the_access_log_never_shows_a_basic_authorization_user():
+    """The access line, rendered by gunicorn's logger and by gunicorn.conf.py's with its format,
+    for a request carrying `Authorization: Basic` (gunicorn's default format prints the user)."""
+    import base64
+
     secret = base64.b64encode(b"hunter2-typed-as-user:pw").decode()
     environ = {
         "REMOTE_ADDR": "10.0.0.1",
@@ -83,9 +106,41 @@ def test_the_access_log_never_shows_a_basic_authorization_user():
         "SERVER_PROTOCOL": "HTTP/1.1",
         "HTTP_AUTHORIZATION": f"Basic {secret}",
     }
-    response = SimpleNamespace(status="200 OK", sent=2, headers=[])
-    request = SimpleNamespace(headers=[("AUTHORIZATION", f"Basic {secret}")])
-    logger.access(response, request, environ, datetime.timedelta(milliseconds=3))
-    [line] = lines
-    assert '"GET /livez HTTP/1.1" 200 2' in line
-    assert "hunter2" not in line and " - - [" in line
+    ours, theirs, fmt = _loggers()
+    for logger_class in (ours, theirs):
+        line = _access_line(logger_class, fmt, environ, [("AUTHORIZATION", f"Basic {secret}")])
+        assert '"GET /livez HTTP/1.1" 201 512' in line
+        assert "hunter2" not in line and " - - [" in line
+
+
+def test_the_configured_logger_writes_gunicorns_own_access_line():
+    """gunicorn.conf.py's logger builds only the atoms its format shows: the same line as
+    gunicorn's logger, and gunicorn's full set for a format naming any other atom."""
+    ours, theirs, fmt = _loggers()
+    assert issubclass(ours, theirs) and ours is not theirs
+    environ = {
+        "REMOTE_ADDR": "10.0.0.1",
+        "REQUEST_METHOD": "POST",
+        "RAW_URI": "/api/v1/uploads?x=1",
+        "PATH_INFO": "/api/v1/uploads",
+        "QUERY_STRING": "x=1",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_REFERER": "https://app.example/",
+        "HTTP_USER_AGENT": 'agent "quoted"/1.0',
+    }
+    headers = [("USER-AGENT", environ["HTTP_USER_AGENT"])]
+
+    def both(fmt: str) -> tuple[str, str]:
+        # The time atom alone may differ (a second may turn between the two lines).
+        mine, gunicorns = (
+            re.sub(r"\[[^]]*\]", "[t]", _access_line(cls, fmt, environ, headers))
+            for cls in (ours, theirs)
+        )
+        return mine, gunicorns
+
+    mine, gunicorns = both(fmt)
+    assert mine == gunicorns
+    assert '"POST /api/v1/uploads?x=1 HTTP/1.1" 201 512 "https://app.example/"' in mine
+    assert mine.endswith('"agent \\"quoted\\"/1.0"')
+    mine, gunicorns = both('%(h)s "%(r)s" %(s)s %(D)s %({x-request-id}o)s %(L)s %(U)s %(t)s')
+    assert mine == gunicorns and " r-1 " in mine

@@ -11,7 +11,7 @@ import math
 import os
 import threading
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 
 from flask import Response, current_app, g, url_for
 from flask_login import current_user
@@ -196,15 +196,23 @@ class UploadOut(BaseModel):
 
     @classmethod
     def of(
-        cls, upload: Upload, *, owner: str | None = None, now: datetime | None = None
-    ) -> UploadOut:
-        """Render an Upload row (`owner`: its owner's public id, when known)."""
+        cls,
+        upload: Upload,
+        *,
+        owner: str | None = None,
+        now: datetime | None = None,
+        **extra: Any,
+    ) -> Self:
+        """Render an Upload row (`owner`: its owner's public id, when known; `extra`: the
+        fields a subclass adds)."""
         fields = lifecycle.public_fields(upload, owner=owner)
         shown = {name: fields[name] for name in cls.model_fields if name in fields}
         state, message = file_state(upload, now or utcnow())
         stored = upload.upstream_refusal if upload.status == lifecycle.PENDING else None
         refusal = UpstreamRefusal.model_validate(stored) if stored else None
-        return cls(**shown, file_state=state, file_message=message, upstream_refusal=refusal)
+        return cls(
+            **shown, file_state=state, file_message=message, upstream_refusal=refusal, **extra
+        )
 
 
 def _iso(moment: datetime) -> str:
@@ -373,10 +381,7 @@ def create_upload(body: CreateUpload) -> Response:
     created = create.create_upload(
         db.session, user, params, get_client(), settings, unit_of_work.current()
     )
-    payload = UploadCreated(
-        **UploadOut.of(created.upload, owner=created.owner).model_dump(),
-        upload_url=created.upload_url,
-    )
+    payload = UploadCreated.of(created.upload, owner=created.owner, upload_url=created.upload_url)
     headers = {"Location": url_for("api.get_upload", upload_id=created.upload.id)}
     return _json_response(payload, 201, headers)
 

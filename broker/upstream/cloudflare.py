@@ -1,6 +1,6 @@
 """The one HTTP client for every Cloudflare Images endpoint the broker uses.
 
-`CloudflareImages` speaks the v4 envelope over a pooled `requests.Session`, turns every failure
+`CloudflareImages` speaks the v4 envelope over pooled urllib3 connections, turns every failure
 into a typed `CloudflareError`, puts a timeout on every call, spends the shared upstream budget
 before each attempt, and retries only what is safe to retry:
 
@@ -10,26 +10,46 @@ before each attempt, and retries only what is safe to retry:
   Cloudflare refused it unprocessed (429). A POST that may have been processed is never re-sent:
   a second `direct_upload` would create a second draft.
 
+Redirects are never followed (an answer is Cloudflare's or nobody's). The transport is urllib3,
+the pool under `requests`, called directly: `requests` re-read ~150 environment entries for
+proxies, merged cookies, hooks and auth on every call — about 1 ms of CPU per create. What it
+took from the environment is read once per origin instead (`_Origins`): `HTTPS_PROXY`/
+`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY`, and `REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE`.
+
 The app's shared client lives in `app.extensions["cloudflare"]` (see `init_app`/`get_client`).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 import json
 import logging
+import os
 import random
+import ssl
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.request import getproxies_environment
 
-import requests
+import urllib3
 from flask import Flask
-from requests.adapters import HTTPAdapter
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import HTTPError as TransportError
+from urllib3.fields import RequestField
+from urllib3.util import create_urllib3_context, make_headers
 
 from broker.platform import outages
 from broker.platform.config import Settings, settings_of
@@ -358,17 +378,149 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
 
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE"})
+_HEADERS = {
+    "Accept": "application/json",
+    "Accept-Encoding": "gzip, deflate",
+    "User-Agent": f"upload-broker urllib3/{urllib3.__version__}",
+}
 
 
-def _never_sent(exc: requests.ConnectionError) -> bool:
-    """Tell whether a connection error happened before any byte of the request left."""
-    if isinstance(exc, requests.ConnectTimeout):
+def _never_sent(exc: TransportError) -> bool:
+    """Tell whether a transport error happened before any byte of the request left."""
+    # NewConnectionError (refused, no such name) is a ConnectTimeoutError to urllib3 too.
+    return isinstance(exc, ConnectTimeoutError)
+
+
+def _no_answer(timeout: float) -> CloudflareTimeout:
+    return CloudflareTimeout(0, None, f"Cloudflare did not answer within {timeout:g}s")
+
+
+def _connection_failed(exc: Exception, cls: type[CloudflareError]) -> CloudflareError:
+    return cls(0, None, f"connection to Cloudflare failed ({type(exc).__name__})")
+
+
+@functools.cache
+def _tls_context(bundle: str | None) -> ssl.SSLContext:
+    """A context verifying certificates against `bundle` (a file or a directory), else
+    certifi's bundle as `requests` does; built once per process, on the first HTTPS origin."""
+    context = create_urllib3_context()
+    if bundle and os.path.isdir(bundle):
+        context.load_verify_locations(capath=bundle)
+    else:
+        import certifi
+
+        context.load_verify_locations(cafile=bundle or certifi.where())
+    return context
+
+
+def _bypasses_proxy(host: str, port: int | None, proxies: dict[str, str]) -> bool:
+    """Tell whether NO_PROXY names the host: a name or a suffix of it (`.example.com`), with
+    or without the port, `*`, or for an IP address a network holding it (`10.0.0.0/8`)."""
+    if urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]  # no stub
+        f"{host}:{port}" if port else host, proxies
+    ):
         return True
-    reason = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)
-    from urllib3.exceptions import NameResolutionError, NewConnectionError
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in proxies.get("no", "").replace(" ", "").split(","):
+        try:
+            if entry and address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:  # a host name, not a network
+            continue
+    return False
 
-    return isinstance(reason, NewConnectionError | NameResolutionError)
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url` (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`,
+    lower case first, unless `NO_PROXY` names the host), read as `requests` reads it."""
+    parts = urlsplit(url)
+    proxies = getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or _bypasses_proxy(parts.hostname or "", parts.port, proxies):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+class _Origins:
+    """How calls reach each origin (scheme://host:port): its own connection pool, or the
+    manager of the proxy the environment names for it, decided when the origin is first used."""
+
+    def __init__(self, pool_size: int) -> None:
+        self._pool_size = pool_size
+        # An origin's pool, or the urlopen of its proxy's manager.
+        self._openers: dict[str, Any] = {}
+        self._closers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def opener(self, url: str) -> tuple[Callable[..., urllib3.BaseHTTPResponse], str]:
+        """Return what opens `url` and the URL to give it (the path alone for a pool)."""
+        end = url.find("/", url.find("//") + 2)
+        origin = url if end < 0 else url[:end]
+        opener = self._openers.get(origin)
+        if opener is None:
+            with self._lock:
+                opener = self._openers.get(origin)
+                if opener is None:
+                    opener = self._openers[origin] = self._build(origin)
+        if isinstance(opener, urllib3.HTTPConnectionPool):
+            return opener.urlopen, url[len(origin) :] or "/"
+        return opener, url
+
+    def _build(self, origin: str) -> Any:
+        kw: dict[str, Any] = {"maxsize": self._pool_size}
+        if origin.lower().startswith("https:"):
+            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            kw["ssl_context"] = _tls_context(bundle)
+        proxy = _proxy_for(origin)
+        if proxy is None:
+            # One origin, one pool: urlopen on it skips a manager's URL parsing and lookup.
+            pool = urllib3.connection_from_url(origin, **kw)
+            self._closers.append(pool.close)
+            return pool
+        parts = urlsplit(proxy)
+        username, password = unquote(parts.username or ""), unquote(parts.password or "")
+        manager: urllib3.PoolManager
+        if parts.scheme.startswith("socks"):
+            from urllib3.contrib.socks import SOCKSProxyManager
+
+            manager = SOCKSProxyManager(proxy, username=username, password=password, **kw)
+        else:
+            auth = make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
+            manager = urllib3.ProxyManager(proxy, proxy_headers=auth, **kw)
+        self._closers.append(manager.clear)
+        return manager.urlopen
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        with self._lock:
+            for close in self._closers:
+                close()
+            self._closers.clear()
+            self._openers.clear()
+
+
+def _multipart(files: list[tuple[str, tuple[str | None, Any]]]) -> tuple[bytes, str]:
+    """Encode form fields `(name, (filename or None, value))` as `requests` sends them: a part
+    without a filename is a plain field (no Content-Type). The names are the client's own;
+    plain text parts are written directly (urllib3's RequestField costs ~30 µs a part)."""
+    boundary = os.urandom(16).hex()
+    out = bytearray()
+    for name, (filename, value) in files:
+        out += f"--{boundary}\r\n".encode()
+        if filename is None and isinstance(value, str):
+            out += f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            out += value.encode()
+        else:
+            part = RequestField(name=name, data=value, filename=filename)
+            part.make_multipart()
+            out += part.render_headers().encode("latin-1")
+            out += value.encode() if isinstance(value, str) else value
+        out += b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
 def _error_class(status: int, code: int | None) -> type[CloudflareError]:
@@ -416,7 +568,6 @@ class CloudflareImages:
         api_token: str,
         *,
         timeout: float = 10.0,
-        session: requests.Session | None = None,
         budget: Budget | None = None,
         sleep: Callable[[float], None] = time.sleep,
         max_retries: int = 3,
@@ -440,12 +591,11 @@ class CloudflareImages:
         self._sleep = sleep
         self._token = api_token
         self._random = random.Random()
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
-        self.session = session
+        self._origins = _Origins(pool_size)
+        # The environment's proxy for each origin the client calls, read now, not per call.
+        self._origins.opener(self.api_base)
+        if batch_route is not None:
+            self._origins.opener(batch_route.base)
 
     def __repr__(self) -> str:
         # The token must never reach a log line, traceback or debugger print.
@@ -453,7 +603,7 @@ class CloudflareImages:
 
     def close(self) -> None:
         """Release the pooled connections."""
-        self.session.close()
+        self._origins.close()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -485,7 +635,7 @@ class CloudflareImages:
     ) -> Any:
         """Call `path` (relative to the account's images base) and return the envelope's result.
 
-        With `raw=True` return the `requests.Response` of a successful call instead. With
+        With `raw=True` return the unread `urllib3` response of a successful call instead. With
         `prepaid=True` the caller already spent `budget_for(batch)` for the first attempt (see
         `UpstreamBudget.acquire_in`); retries spend their own. `batch` names the endpoint when
         the batch host serves it: the call then goes there while the batch route allows.
@@ -575,6 +725,16 @@ class CloudflareImages:
         method = method.upper()
         path = url.removeprefix(self.images_base)
         idempotent = method in _IDEMPOTENT
+        headers = {**_HEADERS, "Authorization": f"Bearer {token}"}
+        body: bytes | None = None
+        if files is not None:
+            body, headers["Content-Type"] = _multipart(files)
+        elif json_body is not None:
+            body = json.dumps(json_body, allow_nan=False).encode()
+            headers["Content-Type"] = "application/json"
+        if params:
+            url = f"{url}?{urlencode({k: v for k, v in params.items() if v is not None})}"
+        urlopen, target = self._origins.opener(url)
         attempt = 0
         while True:
             if budget is not None and not (prepaid and attempt == 0):
@@ -582,18 +742,21 @@ class CloudflareImages:
             started = time.monotonic()
             outages.note_upstream_call()  # a dropped database connection: not run again
             try:
-                response = self.session.request(
+                response = urlopen(
                     method,
-                    url,
-                    params=params,
-                    json=json_body,
-                    files=files,
-                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                    target,
+                    body=body,
+                    headers=headers,
                     timeout=self.timeout,
-                    stream=stream,
-                    allow_redirects=False,
+                    preload_content=not stream,
+                    redirect=False,
+                    retries=False,  # the retries are ours (above), so the errors come raw
                 )
-            except requests.ConnectionError as exc:
+            except ReadTimeoutError:
+                # A read timeout: the request was sent and may have been processed.
+                log.warning("cloudflare %s %s timed out after %.1fs", method, path, self.timeout)
+                raise _no_answer(self.timeout) from None
+            except TransportError as exc:
                 never_sent = _never_sent(exc)
                 if never_sent and on_batch:
                     # Nothing reached the batch host: the global API takes the call now.
@@ -601,7 +764,7 @@ class CloudflareImages:
                         0, None, f"batch host unreachable ({type(exc).__name__})"
                     ) from None
                 retryable = idempotent or never_sent
-                timed_out = isinstance(exc, requests.ConnectTimeout)
+                timed_out = never_sent and not isinstance(exc, NewConnectionError)
                 log.warning(
                     "cloudflare %s %s connection failed attempt=%d retryable=%s: %s",
                     method,
@@ -615,25 +778,14 @@ class CloudflareImages:
                     attempt += 1
                     continue
                 cls = CloudflareTimeout if timed_out else CloudflareUnavailable
-                raise cls(
-                    0, None, f"connection to Cloudflare failed ({type(exc).__name__})"
-                ) from None
-            except requests.Timeout:
-                # A read timeout: the request was sent and may have been processed.
-                log.warning("cloudflare %s %s timed out after %.1fs", method, path, self.timeout)
-                raise CloudflareTimeout(
-                    0, None, f"Cloudflare did not answer within {self.timeout:g}s"
-                ) from None
+                raise _connection_failed(exc, cls) from None
             elapsed_ms = (time.monotonic() - started) * 1000
-            log.debug(
-                "cloudflare %s %s -> %d in %.0fms", method, path, response.status_code, elapsed_ms
-            )
-            if response.status_code < 400 and raw:
+            log.debug("cloudflare %s %s -> %d in %.0fms", method, path, response.status, elapsed_ms)
+            if response.status < 400 and raw:
                 return response
             try:
                 return self._result(response)
             except (CloudflareRateLimited, CloudflareUnavailable) as err:
-                response.close()
                 limited = isinstance(err, CloudflareRateLimited)
                 if limited and not on_batch and budget is not None:
                     # The global limit blocks every call for minutes: stop every process.
@@ -649,13 +801,15 @@ class CloudflareImages:
                 self._sleep(wait)
                 attempt += 1
 
-    def _result(self, response: requests.Response) -> Any:
+    def _result(self, response: urllib3.BaseHTTPResponse) -> Any:
         """Unwrap the v4 envelope or raise the typed error it carries."""
-        status = response.status_code
+        status = response.status
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         try:
-            body = response.json()
-        except ValueError:
+            body = json.loads(response.data)
+        except ValueError:  # not JSON, or not text
+            body = None
+        except TransportError:  # the connection broke while the answer was read
             body = None
         if status < 400 and isinstance(body, dict) and body.get("success", True):
             return body.get("result")
@@ -801,23 +955,29 @@ class CloudflareImages:
         try:
             chunks: list[bytes] = []
             size = 0
-            for chunk in response.iter_content(64 * 1024):
+            for chunk in response.stream(64 * 1024):
                 size += len(chunk)
                 if size > max_bytes:
                     raise CloudflareBadRequest(502, None, f"blob larger than {max_bytes} bytes")
                 chunks.append(chunk)
             return b"".join(chunks)
+        except ReadTimeoutError:
+            raise _no_answer(self.timeout) from None
+        except TransportError as exc:
+            raise _connection_failed(exc, CloudflareUnavailable) from None
         finally:
+            # Unread bytes close the connection; a finished answer has given it back already.
             response.close()
+            response.release_conn()
 
     def open_blob(
         self, image_id: str, *, priority: Priority = Priority.INTERACTIVE
-    ) -> requests.Response:
+    ) -> urllib3.BaseHTTPResponse:
         """Open a streaming response of the original bytes; the caller must close it."""
         response = self.request(
             "GET", f"/v1/{_path(image_id)}/blob", priority=priority, raw=True, stream=True
         )
-        return cast(requests.Response, response)
+        return cast(urllib3.BaseHTTPResponse, response)
 
     def stats(self, *, priority: Priority = Priority.INTERACTIVE) -> Stats:
         """Return the account's image count and allowance (`GET /v1/stats`)."""

@@ -313,15 +313,12 @@ def measure(
 
     from broker.upstream.cloudflare import CloudflareImages
 
+    # One client for every load thread: its connection pool is shared and thread-safe.
+    client = CloudflareImages(
+        f"{emulator_url}/client/v4", up.ACCOUNT, up.TOKEN, timeout=30, max_retries=0, pool_size=64
+    )
+
     def direct(session: requests.Session) -> None:
-        client = CloudflareImages(
-            f"{emulator_url}/client/v4",
-            up.ACCOUNT,
-            up.TOKEN,
-            timeout=30,
-            session=session,
-            max_retries=0,
-        )
         expiry = datetime.now(UTC) + timedelta(minutes=30)
         client.direct_upload(creator="u_bench", expiry=expiry, metadata={"k": "v"})
 

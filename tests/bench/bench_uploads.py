@@ -225,10 +225,12 @@ def main() -> None:
 
         cf = CloudflareImages(f"{emulator_url}/client/v4", ACCOUNT, TOKEN, timeout=30)
 
+        # One client for every load thread: its connection pool is shared and thread-safe.
+        cf_call = CloudflareImages(
+            cf.api_base, ACCOUNT, TOKEN, timeout=30, max_retries=0, pool_size=64
+        )
+
         def direct(session: requests.Session) -> None:
-            cf_call = CloudflareImages(
-                cf.api_base, ACCOUNT, TOKEN, timeout=30, session=session, max_retries=0
-            )
             expiry = datetime.now(UTC) + timedelta(minutes=30)
             cf_call.direct_upload(creator="u_bench", expiry=expiry, metadata={"k": "v"})
 

@@ -3,10 +3,17 @@ errors, retries only where safe, Retry-After, timeouts, the budget, and a token 
 
 from __future__ import annotations
 
+import base64
+import http.client
 import io
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -273,3 +280,127 @@ def test_rfc3339_is_utc_whole_seconds() -> None:
     assert rfc3339(moment) == "2024-01-02T04:04:05Z"
     with pytest.raises(ValueError):
         rfc3339(datetime(2024, 1, 2))
+
+
+@contextmanager
+def _serving(handle: Any) -> Iterator[tuple[str, list[tuple[str, str, dict[str, str]]]]]:
+    """Serve HTTP on a free port with `handle(handler)`; yield its URL and the requests seen
+    (method, path as sent, headers by lower-case name)."""
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            seen.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+            handle(self)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _forward(handler: BaseHTTPRequestHandler) -> None:
+    """A plain HTTP proxy: send the absolute-form request on to its origin, answer with its
+    answer."""
+    target = urlsplit(handler.path)
+    length = int(handler.headers.get("Content-Length") or 0)
+    body = handler.rfile.read(length) if length else None
+    headers = {k: v for k, v in handler.headers.items() if not k.lower().startswith("proxy-")}
+    upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=5)
+    try:
+        upstream.request(handler.command, target.path, body=body, headers=headers)
+        answer = upstream.getresponse()
+        data = answer.read()
+    finally:
+        upstream.close()
+    handler.send_response(answer.status)
+    handler.send_header("Content-Type", answer.getheader("Content-Type") or "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@pytest.fixture
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An environment naming no proxy (a test then names its own)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def test_the_environments_proxy_carries_the_calls_unless_no_proxy_names_the_host(
+    emulator: Any, no_proxy_environment: pytest.MonkeyPatch
+) -> None:
+    emulator.reset()
+    with _serving(_forward) as (proxy, seen):
+        host = proxy.removeprefix("http://")
+        no_proxy_environment.setenv("HTTP_PROXY", f"http://user:p%40ss@{host}")
+        cf = CloudflareImages(emulator.api_base, emulator.account_id, emulator.api_token)
+        try:
+            assert cf.stats().allowed > 0
+            draft = cf.direct_upload(creator="u", expiry=_in(30), metadata={"k": "v"})
+            assert cf.get_image(draft.id, priority=Priority.BACKGROUND).meta == {"k": "v"}
+        finally:
+            cf.close()
+        assert [(method, path.startswith(emulator.api_base)) for method, path, _ in seen] == [
+            ("GET", True),
+            ("POST", True),
+            ("GET", True),
+        ]
+        credentials = base64.b64encode(b"user:p@ss").decode()
+        assert all(h.get("proxy-authorization") == f"Basic {credentials}" for *_, h in seen)
+        assert emulator.counters()["stats"] == 1
+
+        for no_proxy in ("127.0.0.1", "example.com, 10.0.0.0/8,127.0.0.0/8", "*"):
+            no_proxy_environment.setenv("NO_PROXY", no_proxy)
+            direct = CloudflareImages(emulator.api_base, emulator.account_id, emulator.api_token)
+            try:
+                assert direct.stats().allowed > 0
+            finally:
+                direct.close()
+        assert len(seen) == 3 and emulator.counters()["stats"] == 4
+
+
+def test_a_redirect_is_never_followed(emulator: Any, sleeps: list[float]) -> None:
+    """An answer is Cloudflare's own: a 3xx pointing elsewhere is refused, not followed."""
+    emulator.reset()
+
+    def redirect(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", f"{emulator.api_base}/accounts/x/images/v1/stats")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with _serving(redirect) as (url, seen):
+        cf = CloudflareImages(f"{url}/client/v4", "a", "t", sleep=sleeps.append)
+        try:
+            with pytest.raises(CloudflareUnavailable) as exc:
+                cf.stats()
+        finally:
+            cf.close()
+    assert exc.value.status == 502
+    assert emulator.counters().get("stats", 0) == 0
+    assert len(seen) == cf.max_retries + 1  # a 502 of an idempotent call is retried, in place
+
+
+def test_form_fields_arrive_as_sent(cf: CloudflareImages) -> None:
+    """Text with quotes, line breaks and non-ASCII letters reaches Cloudflare unchanged."""
+    creator = 'Zoë "q"\r\nContent-Disposition: x'
+    metadata = {"note": "a\r\n--b", "name": "名前"}
+    draft = cf.direct_upload(creator=creator, expiry=_in(30), metadata=metadata)
+    image = cf.get_image(draft.id)
+    assert (image.creator, image.meta) == (creator, metadata)
+    uploaded = cf.upload_image(file=_png(), filename="c.png", creator=creator)
+    assert (uploaded.filename, uploaded.creator) == ("c.png", creator)
+    assert cf.get_blob(uploaded.id) == _png()
