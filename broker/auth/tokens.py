@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import hmac
 import logging
@@ -49,6 +48,8 @@ PREFIX = "brk_"
 DEFAULT_TTL = timedelta(days=90)
 # last_used_at is written at most this often, so each API call does not cost a write.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+# session.info key: a last-used stamp is written in this transaction (for the caller to commit).
+STAMPED = "api_token_stamped"
 # Longer than any secret we issue: refused before it is even hashed.
 MAX_SECRET_LENGTH = 200
 # How long a process trusts what it kept about a token when nothing moved the version: a bound
@@ -160,11 +161,34 @@ def authenticate(
         token = cache.find(session, secret)
     if token is None or not is_usable(token, now) or not token.user.is_active:
         return None
-    if stamp_used(token, now) and cache is not None:
-        if sa.inspect(token).detached:
-            session.add(token)  # the stamp is to be written: the request's session begins
-        cache.remember(token)
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        _stamp(session, token, now)
+        if cache is not None:
+            cache.remember(token)
     return token
+
+
+def _stamp(session: Session, token: ApiToken, now: datetime) -> None:
+    """Write that `token` was used now, unless a process wrote it less than LAST_USED_RESOLUTION
+    ago: the condition is in the UPDATE, since each process's kept copy of the stamp is its own
+    (with two processes, each would otherwise write it once a minute)."""
+    if sa.inspect(token).detached:
+        session.add(token)  # the stamp is to be written: the request's session begins
+    session.execute(
+        sa.update(ApiToken)
+        .where(
+            ApiToken.id == token.id,
+            sa.or_(
+                ApiToken.last_used_at.is_(None),
+                ApiToken.last_used_at <= now - LAST_USED_RESOLUTION,
+            ),
+        )
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    # Not written again by the view's flush; this process asks again in a minute either way.
+    attributes.set_committed_value(token, "last_used_at", now)
+    session.info[STAMPED] = True
 
 
 def refusal_reason(session: Session, secret: str, now: datetime | None = None) -> str:
@@ -182,13 +206,12 @@ def _columns(model: type[Any]) -> tuple[str, ...]:
     return tuple(attr.key for attr in sa.inspect(model).column_attrs)
 
 
-def _attach(session: Session, model: type[Any], values: dict[str, Any]) -> Any:
+def _attach(session: Session, model: type[Any], values: dict[str, Any], key: Any) -> Any:
     """Return the row of `model` with these column values in `session`, with no SELECT."""
-    key = _identity(model, values["id"])
     present = session.identity_map.get(key)
     if present is not None:
         return present
-    row = _row(model, values)
+    row = _row(model, values, key)
     session.add(row)  # detached with its identity: adding it makes it persistent
     return row
 
@@ -200,18 +223,11 @@ def _started(session: Session) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=2 * CACHE_SIZE)
-def _identity(model: type[Any], row_id: int) -> Any:
-    """Return the identity-map key of `model`'s row `row_id` (the same for as long as it is kept:
-    worked out once, not on every request)."""
-    return sa.orm.util.identity_key(model, row_id)
-
-
-def _row(model: type[Any], values: dict[str, Any]) -> Any:
+def _row(model: type[Any], values: dict[str, Any], key: Any) -> Any:
     """Return a detached row of `model` with these loaded column values (no session, no SELECT)."""
     row = sa.orm.instrumentation.manager_of_class(model).new_instance()
     row.__dict__.update(values)  # loaded values, no history: as a SELECT would leave them
-    attributes.instance_state(row).key = _identity(model, values["id"])
+    attributes.instance_state(row).key = key
     return row
 
 
@@ -220,8 +236,8 @@ def _detached(kept: _Kept) -> ApiToken:
     as soon as that session begins (`_join_waiting`), so that whatever the view changes on them
     is written by its commit, as before. Making a session and adding two rows to it was half of
     an authenticated request's cost on a route that needs no database at all."""
-    token = _row(ApiToken, kept.token)
-    attributes.set_committed_value(token, "user", _row(User, kept.user))
+    token = _row(ApiToken, kept.token, kept.token_key)
+    attributes.set_committed_value(token, "user", _row(User, kept.user, kept.user_key))
     g._detached_token = token  # the app context is the request session's scope: both end together
     return cast(ApiToken, token)
 
@@ -245,11 +261,14 @@ def _join_waiting(session: OrmSession, transaction: Any) -> None:
 
 @dataclass(frozen=True)
 class _Kept:
-    """What a process keeps about a checked token: its row's and its user's columns."""
+    """What a process keeps about a checked token: its row's and its user's columns, and their
+    identity-map keys (worked out once, not on every request)."""
 
     token: dict[str, Any]
     user: dict[str, Any]
     kept_at: float
+    token_key: Any
+    user_key: Any
 
 
 class TokenCache:
@@ -296,8 +315,8 @@ class TokenCache:
         if kept is not None and self.clock() - kept.kept_at < self.ttl:
             if not _started(session):  # the request has no session yet: none is made for this
                 return _detached(kept)
-            token = _attach(session, ApiToken, kept.token)
-            user = _attach(session, User, kept.user)
+            token = _attach(session, ApiToken, kept.token, kept.token_key)
+            user = _attach(session, User, kept.user, kept.user_key)
             attributes.set_committed_value(token, "user", user)
             return cast(ApiToken, token)
         token = find_by_secret(session, ApiToken, secret, PREFIX)
@@ -359,6 +378,8 @@ class TokenCache:
             {name: getattr(token, name) for name in self._token_columns},
             {name: getattr(token.user, name) for name in self._user_columns},
             self.clock(),
+            sa.orm.util.identity_key(ApiToken, token.id),
+            sa.orm.util.identity_key(User, token.user.id),
         )
         with self._lock:
             if generation != self._generation:

@@ -140,6 +140,27 @@ def test_the_last_used_stamp_is_written_at_most_once_a_minute(app, client, make_
     assert stamped_after(61) == start + timedelta(seconds=61)
 
 
+def test_two_processes_write_the_last_used_stamp_once_a_minute_between_them(
+    make_app: Callable[..., Flask], make_user: Any
+) -> None:
+    one, other = make_app(), make_app()
+    make_user("alice")
+    token_id, auth = _issue(one, "alice")
+    start = utcnow()
+
+    def use(app: Flask, seconds: float) -> Any:
+        with time_machine.travel(start + timedelta(seconds=seconds), tick=False):
+            assert app.test_client().get("/api/v1/uploads", headers=auth).status_code == 200
+        with one.app_context():
+            return db.session.get(ApiToken, token_id).last_used_at  # type: ignore[union-attr]
+
+    assert use(other, 0) == start  # kept there with this stamp
+    assert use(one, 61) == start + timedelta(seconds=61)  # read there: a minute old, written
+    # The other's kept stamp is a minute old too, but the row's is not: nothing is written.
+    assert use(other, 62) == start + timedelta(seconds=61)
+    assert use(other, 122) == start + timedelta(seconds=122)  # it asks again a minute later
+
+
 def test_a_kept_token_is_refused_once_it_expires(app, client, make_user) -> None:
     make_user("alice")
     _, auth = _issue(app, "alice", ttl=timedelta(minutes=5))
