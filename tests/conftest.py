@@ -167,7 +167,7 @@ def make_app(
     yield factory
     for app in apps:
         app.extensions["budget"].engine.dispose()  # the budget's own pool (broker/budget.py)
-        app.extensions["tokens"].stamp.close()  # the token cache's own connection
+        app.extensions["tokens"].close()  # the token cache's own connections (and thread)
     if apps:
         _empty_tables(apps[0])
         for app in apps[1:]:

@@ -5,11 +5,15 @@ copy of the database cannot be replayed; lookups go by that hash (an index hit t
 nothing about the secret), and the match is confirmed with a constant-time comparison.
 
 A web process keeps the tokens it checked (`TokenCache`, keyed by the hash, at most CACHE_TTL
-seconds) so a request costs one primary-key read of `auth_versions` instead of the token and its
-user. Any change to a token or an account through the ORM (revoking, deactivating, a new
-password, new limits; not the last-used and last-login stamps) moves that version in the same
-transaction (`watch_sessions`), so every process sees it on its next request. Expiry is checked on
-every request against the kept expiry.
+seconds). Any change to a token or an account through the ORM (revoking, deactivating, a new
+password, new limits; not the last-used and last-login stamps) moves the version in
+`auth_versions` in the same transaction (`watch_sessions`); its commit drops what this process
+keeps at once and, with Redis configured, tells every other process through Redis
+(`broker.auth.changes`). A process that follows Redis trusts what it keeps with no statement at
+all; one that does not (no Redis, or its subscription is not confirmed live) reads the version
+on every request (one primary-key read) and drops what it keeps when it moved. Either way the
+next request refuses a revoked token. Expiry is checked on every request against the kept
+expiry.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from flask import g, has_app_context
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import attributes, scoped_session
 
+from broker.auth import changes
 from broker.auth.models import ApiToken, AuthVersion, ServiceKey, User
-from broker.platform.db import Session, utcnow
+from broker.platform.db import Session, upsert_insert, utcnow
 
 log = logging.getLogger("broker.auth")
 
@@ -43,6 +48,8 @@ PREFIX = "brk_"
 DEFAULT_TTL = timedelta(days=90)
 # last_used_at is written at most this often, so each API call does not cost a write.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+# session.info key: a last-used stamp is written in this transaction (for the caller to commit).
+STAMPED = "api_token_stamped"
 # Longer than any secret we issue: refused before it is even hashed.
 MAX_SECRET_LENGTH = 200
 # How long a process trusts what it kept about a token when nothing moved the version: a bound
@@ -54,6 +61,9 @@ CACHE_SIZE = 10_000
 # them all: usable or not, and what the request reads, such as a user's limits), but these
 # stamps, written on every login and once a minute per token.
 _UNWATCHED = {ApiToken: {"last_used_at"}, User: {"last_login_at"}}
+
+# session.info key: the version this transaction moved the tokens to, told of at its commit.
+_MOVED = "auth_version_moved"
 
 # What is looked up by its secret's hash: API tokens and service keys.
 _Hashed = TypeVar("_Hashed", ApiToken, ServiceKey)
@@ -151,11 +161,34 @@ def authenticate(
         token = cache.find(session, secret)
     if token is None or not is_usable(token, now) or not token.user.is_active:
         return None
-    if stamp_used(token, now) and cache is not None:
-        if sa.inspect(token).detached:
-            session.add(token)  # the stamp is to be written: the request's session begins
-        cache.remember(token)
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        _stamp(session, token, now)
+        if cache is not None:
+            cache.remember(token)
     return token
+
+
+def _stamp(session: Session, token: ApiToken, now: datetime) -> None:
+    """Write that `token` was used now, unless a process wrote it less than LAST_USED_RESOLUTION
+    ago: the condition is in the UPDATE, since each process's kept copy of the stamp is its own
+    (with two processes, each would otherwise write it once a minute)."""
+    if sa.inspect(token).detached:
+        session.add(token)  # the stamp is to be written: the request's session begins
+    session.execute(
+        sa.update(ApiToken)
+        .where(
+            ApiToken.id == token.id,
+            sa.or_(
+                ApiToken.last_used_at.is_(None),
+                ApiToken.last_used_at <= now - LAST_USED_RESOLUTION,
+            ),
+        )
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    # Not written again by the view's flush; this process asks again in a minute either way.
+    attributes.set_committed_value(token, "last_used_at", now)
+    session.info[STAMPED] = True
 
 
 def refusal_reason(session: Session, secret: str, now: datetime | None = None) -> str:
@@ -173,13 +206,12 @@ def _columns(model: type[Any]) -> tuple[str, ...]:
     return tuple(attr.key for attr in sa.inspect(model).column_attrs)
 
 
-def _attach(session: Session, model: type[Any], values: dict[str, Any]) -> Any:
+def _attach(session: Session, model: type[Any], values: dict[str, Any], key: Any) -> Any:
     """Return the row of `model` with these column values in `session`, with no SELECT."""
-    key = sa.orm.util.identity_key(model, values["id"])
     present = session.identity_map.get(key)
     if present is not None:
         return present
-    row = _row(model, values)
+    row = _row(model, values, key)
     session.add(row)  # detached with its identity: adding it makes it persistent
     return row
 
@@ -191,11 +223,11 @@ def _started(session: Session) -> bool:
     )
 
 
-def _row(model: type[Any], values: dict[str, Any]) -> Any:
+def _row(model: type[Any], values: dict[str, Any], key: Any) -> Any:
     """Return a detached row of `model` with these loaded column values (no session, no SELECT)."""
     row = sa.orm.instrumentation.manager_of_class(model).new_instance()
     row.__dict__.update(values)  # loaded values, no history: as a SELECT would leave them
-    sa.inspect(row).key = sa.orm.util.identity_key(model, values["id"])
+    attributes.instance_state(row).key = key
     return row
 
 
@@ -204,8 +236,8 @@ def _detached(kept: _Kept) -> ApiToken:
     as soon as that session begins (`_join_waiting`), so that whatever the view changes on them
     is written by its commit, as before. Making a session and adding two rows to it was half of
     an authenticated request's cost on a route that needs no database at all."""
-    token = _row(ApiToken, kept.token)
-    attributes.set_committed_value(token, "user", _row(User, kept.user))
+    token = _row(ApiToken, kept.token, kept.token_key)
+    attributes.set_committed_value(token, "user", _row(User, kept.user, kept.user_key))
     g._detached_token = token  # the app context is the request session's scope: both end together
     return cast(ApiToken, token)
 
@@ -229,16 +261,24 @@ def _join_waiting(session: OrmSession, transaction: Any) -> None:
 
 @dataclass(frozen=True)
 class _Kept:
-    """What a process keeps about a checked token: its row's and its user's columns."""
+    """What a process keeps about a checked token: its row's and its user's columns, and their
+    identity-map keys (worked out once, not on every request)."""
 
     token: dict[str, Any]
     user: dict[str, Any]
     kept_at: float
+    token_key: Any
+    user_key: Any
 
 
 class TokenCache:
-    """Token hash → the token's and its user's columns, per process, while `auth_versions`
-    stays where it was (and at most CACHE_TTL seconds)."""
+    """Token hash → the token's and its user's columns, per process, while nothing moved the
+    version (and at most CACHE_TTL seconds).
+
+    Every drop starts a new generation; a token read from the database is kept only if no drop
+    happened since the request began, so a row read before a change's commit never outlives
+    the news of it.
+    """
 
     def __init__(
         self,
@@ -246,40 +286,84 @@ class TokenCache:
         ttl: float = CACHE_TTL,
         size: int = CACHE_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        redis_url: str | None = None,
     ) -> None:
         self.stamp, self.ttl, self.size, self.clock = stamp, ttl, size, clock
         self._kept: dict[str, _Kept] = {}
-        self._version: int | None = None
+        self._version: int | None = None  # every change up to it is in what is kept
+        self._generation = 0
         self._lock = threading.Lock()
         self._token_columns = _columns(ApiToken)
         self._user_columns = _columns(User)
+        self.feed: changes.Feed | None = None
+        self.publisher: changes.Publisher | None = None
+        if redis_url is not None:
+            self.feed = changes.Feed(
+                redis_url, read_version=stamp.read, resynced=self.resynced, moved=self.moved
+            )
+            self.publisher = changes.Publisher(redis_url)
 
     def find(self, session: Session, secret: str) -> ApiToken | None:
         """Return the token stored for `secret` (kept, or read and kept), else None."""
         if not secret.startswith(PREFIX) or len(secret) > MAX_SECRET_LENGTH:
             return None
         hashed = digest(secret)
-        # Read before the token: a token read after a revocation's commit is never kept under
-        # the version from before it.
-        version = self.stamp.read()
-        if version is None:  # the stamp cannot be read: trust nothing kept
+        generation = self._trusted()
+        if generation is None:  # the version cannot be read: trust nothing kept
             return find_by_secret(session, ApiToken, secret, PREFIX)
-        if version != self._version:
-            with self._lock:
-                self._kept.clear()
-                self._version = version
         kept = self._kept.get(hashed)
         if kept is not None and self.clock() - kept.kept_at < self.ttl:
             if not _started(session):  # the request has no session yet: none is made for this
                 return _detached(kept)
-            token = _attach(session, ApiToken, kept.token)
-            user = _attach(session, User, kept.user)
+            token = _attach(session, ApiToken, kept.token, kept.token_key)
+            user = _attach(session, User, kept.user, kept.user_key)
             attributes.set_committed_value(token, "user", user)
             return cast(ApiToken, token)
         token = find_by_secret(session, ApiToken, secret, PREFIX)
         if token is not None:
-            self._keep(token, version)
+            self._keep(token, generation)
         return token
+
+    def _trusted(self) -> int | None:
+        """Return the generation what is kept may be trusted under now (None: trust nothing).
+
+        Following Redis, with every notice that arrived applied: no statement. Otherwise the
+        version is read (before the token: a token read after a change's commit is never kept
+        under the version from before it), and what is kept dropped when it moved.
+        """
+        if self.feed is not None and self.feed.current():
+            return self._generation
+        version = self.stamp.read()
+        if version is None:
+            return None
+        with self._lock:
+            if version != self._version:
+                self._drop(version)
+            return self._generation
+
+    def moved(self, version: int) -> None:
+        """Drop what is kept unless it already holds every change up to `version`."""
+        with self._lock:
+            if self._version is None or version > self._version:
+                self._drop(version)
+
+    def resynced(self, version: int) -> None:
+        """Drop what is kept unless it was kept under `version` (read after subscribing)."""
+        with self._lock:
+            if version != self._version:
+                self._drop(version)
+
+    def changed(self, version: int) -> None:
+        """A commit moved the version to `version`: drop what this process keeps, tell the
+        others (with Redis)."""
+        self.moved(version)
+        if self.publisher is not None:
+            self.publisher.publish(version)
+
+    def _drop(self, version: int) -> None:
+        self._kept.clear()
+        self._version = version
+        self._generation += 1
 
     def remember(self, token: ApiToken) -> None:
         """Note `token`'s new last-used stamp in what is kept (if it still is)."""
@@ -289,19 +373,29 @@ class TokenCache:
                 stamped = {**kept.token, "last_used_at": token.last_used_at}
                 self._kept[token.token_hash] = dataclasses.replace(kept, token=stamped)
 
-    def _keep(self, token: ApiToken, version: int | None) -> None:
+    def _keep(self, token: ApiToken, generation: int) -> None:
         kept = _Kept(
             {name: getattr(token, name) for name in self._token_columns},
             {name: getattr(token.user, name) for name in self._user_columns},
             self.clock(),
+            sa.orm.util.identity_key(ApiToken, token.id),
+            sa.orm.util.identity_key(User, token.user.id),
         )
         with self._lock:
-            if version != self._version:
-                return  # read under a version that has moved on since: not to be trusted
+            if generation != self._generation:
+                return  # something was dropped since this was read: not to be trusted
             if len(self._kept) >= self.size:
                 for stale in list(self._kept)[: self.size // 2]:
                     del self._kept[stale]
             self._kept[token.token_hash] = kept
+
+    def close(self) -> None:
+        """Stop following Redis and close the connections of its own."""
+        if self.feed is not None:
+            self.feed.close()
+        if self.publisher is not None:
+            self.publisher.close()
+        self.stamp.close()
 
 
 class VersionStamp:
@@ -377,27 +471,27 @@ def _close_connection(conn: Any, engine: sa.Engine) -> None:
 
 
 def move_version(session: Session | OrmSession) -> None:
-    """Move the version in `session`'s transaction: every process drops the tokens it kept.
+    """Move the version in `session`'s transaction: every process drops the tokens it kept
+    (this one and, with Redis, the others once it commits; the others otherwise on their next
+    read of the version).
 
     Once per transaction, and before the rows it is about: every such transaction locks the
     version's row first, so two of them never wait on each other's rows (no deadlock).
     """
-    if session.info.get("auth_version_moved"):
+    own: OrmSession = session() if isinstance(session, scoped_session) else session
+    if own.info.get(_MOVED) is not None:
         return
-    session.info["auth_version_moved"] = True
-    conn = session.connection()
+    conn = own.connection()
     table = AuthVersion.__table__
-    insert: Any
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = insert(table).values(id=1, version=1)
-    conn.execute(
+    statement = upsert_insert(conn.dialect.name)(table).values(id=1, version=1)
+    moved = conn.execute(
         statement.on_conflict_do_update(
             index_elements=[table.c.id], set_={"version": table.c.version + 1}
-        )
-    )
+        ).returning(table.c.version)
+    ).scalar_one()
+    # With the savepoint it was moved in (None: the transaction itself), which takes it along
+    # if rolled back.
+    own.info[_MOVED] = (int(moved), own.get_nested_transaction())
 
 
 def _before_flush(session: OrmSession, _context: Any, _instances: Any) -> None:
@@ -417,18 +511,45 @@ def _before_flush(session: OrmSession, _context: Any, _instances: Any) -> None:
             return
 
 
-def _transaction_ended(session: OrmSession, *_: Any) -> None:
-    session.info.pop("auth_version_moved", None)
+def _rolled_back(session: OrmSession) -> None:
+    """Forget the move with the transaction (a savepoint's: `_savepoint_rolled_back` decides)."""
+    if not session.in_nested_transaction():
+        session.info.pop(_MOVED, None)
+
+
+def _savepoint_rolled_back(session: OrmSession, previous: Any) -> None:
+    """Forget the move when the savepoint rolled back took it with it: moved again if needed."""
+    moved = session.info.get(_MOVED)
+    savepoint = moved[1] if moved is not None else None
+    while savepoint is not None and savepoint is not previous:
+        savepoint = savepoint.parent
+    if moved is not None and (savepoint is previous or not previous.nested):
+        del session.info[_MOVED]
+
+
+def _committed(session: OrmSession) -> None:
+    """Tell this process's cache (and, with Redis, every process) of the version the commit
+    moved; a savepoint's release waits for the transaction's own commit."""
+    if session.in_nested_transaction():
+        return
+    moved = session.info.pop(_MOVED, None)
+    if moved is None or not has_app_context():
+        return
+    from flask import current_app
+
+    cache = current_app.extensions.get("tokens")
+    if isinstance(cache, TokenCache):
+        cache.changed(moved[0])
 
 
 def watch_sessions() -> None:
     """Move the version from every ORM session's flush that revokes, deactivates or re-keys."""
     if not sa.event.contains(OrmSession, "before_flush", _before_flush):
         sa.event.listen(OrmSession, "before_flush", _before_flush)
-        sa.event.listen(OrmSession, "after_commit", _transaction_ended)
-        sa.event.listen(OrmSession, "after_rollback", _transaction_ended)
+        sa.event.listen(OrmSession, "after_commit", _committed)
+        sa.event.listen(OrmSession, "after_rollback", _rolled_back)
         # A savepoint rolled back may have taken the move with it: move again when needed.
-        sa.event.listen(OrmSession, "after_soft_rollback", _transaction_ended)
+        sa.event.listen(OrmSession, "after_soft_rollback", _savepoint_rolled_back)
     if not sa.event.contains(OrmSession, "after_transaction_create", _join_waiting):
         sa.event.listen(OrmSession, "after_transaction_create", _join_waiting)
 
@@ -496,9 +617,12 @@ def revoke_all(session: Session, user: User, now: datetime | None = None) -> int
 
 
 def cache_for(app: Any) -> TokenCache:
-    """Return the token cache of `app`, reading the version from `app`'s database."""
+    """Return the token cache of `app`, reading the version from `app`'s database and following
+    its Redis when the rate-limit storage is one."""
+    from broker.platform.config import settings_of
     from broker.platform.db import db
 
     with app.app_context():
         url = db.engine.url
-    return TokenCache(VersionStamp(url))
+    redis_url = changes.redis_url(settings_of(app).ratelimit_storage_uri)
+    return TokenCache(VersionStamp(url), redis_url=redis_url)

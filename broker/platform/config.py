@@ -208,7 +208,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RATELIMIT_STORAGE_URI",
         "memory://",
-        "Flask-Limiter storage; use `redis://…` when several instances run.",
+        "Flask-Limiter storage; use `redis://…` when several instances run. On Redis (`redis://`, `rediss://`, `redis+unix://`) it also carries token and account changes to every web process, which then authenticate a kept token with no database statement.",
     ),
     Setting(
         "UPSTREAM_BUDGET",

@@ -4,7 +4,7 @@ request once something did: in this process and in two other web processes at on
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +21,7 @@ from broker.auth import tokens, users
 from broker.auth.models import ApiToken, User
 from broker.platform.db import db, utcnow
 from tests.factories import production_env
-from tests.system.topology import BIN, listening_socket, topology, wait_http
+from tests.system.topology import BIN, Process, listening_socket, topology, wait_http
 
 ME = "/api/v1/auth/tokens"
 
@@ -48,6 +48,36 @@ def _issue(app: Flask, username: str, **kwargs: Any) -> tuple[int, dict[str, str
         issued = tokens.issue(db.session, user, "device", **kwargs)
         db.session.commit()
         return issued.token.id, {"Authorization": f"Bearer {issued.secret}"}
+
+
+def change(app: Flask, how: str, username: str = "", token_id: int = 0) -> None:
+    """Refuse a user's tokens as an operator's process does: `deactivate` or a new `password`
+    for `username`, or `expire` the token `token_id` early (an administrator cut it short)."""
+    with app.app_context():
+        if how == "expire":
+            token = db.session.get(ApiToken, token_id)
+            token.expires_at = utcnow() - timedelta(seconds=1)  # type: ignore[union-attr]
+        elif how == "revoke":
+            tokens.revoke(db.session.get(ApiToken, token_id))  # type: ignore[arg-type]
+        else:
+            user = users.find_user(db.session, username)
+            assert user is not None
+            if how == "deactivate":
+                users.deactivate(db.session, user)
+            else:
+                users.set_password(db.session, user, "a brand new password")
+        db.session.commit()
+
+
+def refuse_every_way(
+    app: Flask, check: Callable[[dict[str, str]], Any], refused: Any, issued: dict[str, Any]
+) -> None:
+    """Deactivate bob, give carol a new password, expire dave's token early (in `app`, as an
+    operator's process does); after each, `check` of that token must answer `refused`."""
+    for how, name in (("deactivate", "bob"), ("password", "carol"), ("expire", "dave")):
+        token_id, auth = issued[name]
+        change(app, how, name, token_id)
+        assert check(auth) == refused, how
 
 
 def test_a_kept_token_costs_no_statement_on_the_pool(app, client, make_user) -> None:
@@ -110,6 +140,27 @@ def test_the_last_used_stamp_is_written_at_most_once_a_minute(app, client, make_
     assert stamped_after(61) == start + timedelta(seconds=61)
 
 
+def test_two_processes_write_the_last_used_stamp_once_a_minute_between_them(
+    make_app: Callable[..., Flask], make_user: Any
+) -> None:
+    one, other = make_app(), make_app()
+    make_user("alice")
+    token_id, auth = _issue(one, "alice")
+    start = utcnow()
+
+    def use(app: Flask, seconds: float) -> Any:
+        with time_machine.travel(start + timedelta(seconds=seconds), tick=False):
+            assert app.test_client().get("/api/v1/uploads", headers=auth).status_code == 200
+        with one.app_context():
+            return db.session.get(ApiToken, token_id).last_used_at  # type: ignore[union-attr]
+
+    assert use(other, 0) == start  # kept there with this stamp
+    assert use(one, 61) == start + timedelta(seconds=61)  # read there: a minute old, written
+    # The other's kept stamp is a minute old too, but the row's is not: nothing is written.
+    assert use(other, 62) == start + timedelta(seconds=61)
+    assert use(other, 122) == start + timedelta(seconds=122)  # it asks again a minute later
+
+
 def test_a_kept_token_is_refused_once_it_expires(app, client, make_user) -> None:
     make_user("alice")
     _, auth = _issue(app, "alice", ttl=timedelta(minutes=5))
@@ -142,17 +193,14 @@ def test_a_change_outside_the_orm_is_picked_up_within_the_ttl(make_app, make_use
         stamp.close()
 
 
-def test_two_web_processes_refuse_on_the_next_request(
-    migrated: str, app: Flask, make_user: Any, tmp_path: Path
-) -> None:
-    for name in ("alice", "bob", "carol", "dave"):
-        make_user(name)
-    _, alice = _issue(app, "alice")
-    _, bob = _issue(app, "bob")
-    _, carol = _issue(app, "carol")
-    dave_token, dave = _issue(app, "dave")
+@contextmanager
+def two_webs(
+    tmp_path: Path, env: dict[str, str]
+) -> Iterator[tuple[Callable[[dict[str, str]], list[int]], list[Process], list[str]]]:
+    """Run two gunicorn web processes with `env`; yield what each answers a bearer on the API
+    (`statuses(auth)`), the processes and their base URLs."""
     socks = [listening_socket(), listening_socket()]
-    with socks[0], socks[1], topology(tmp_path, production_env(migrated, str(tmp_path))) as topo:
+    with socks[0], socks[1], topology(tmp_path, env) as topo:
         gunicorn = [str(BIN / "gunicorn"), "--workers=1", "--threads=4", "wsgi:app"]
         webs = [topo.start_web(gunicorn, sock) for sock in socks]
         bases = [f"http://127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
@@ -162,32 +210,30 @@ def test_two_web_processes_refuse_on_the_next_request(
         def statuses(auth: dict[str, str]) -> list[int]:
             return [requests.get(base + ME, headers=auth, timeout=10).status_code for base in bases]
 
-        for auth in (alice, bob, carol, dave, alice, bob, carol, dave):  # warm both caches
+        yield statuses, webs, bases
+
+
+def test_two_web_processes_refuse_on_the_next_request(
+    migrated: str, app: Flask, make_user: Any, tmp_path: Path
+) -> None:
+    for name in ("alice", "bob", "carol", "dave"):
+        make_user(name)
+    _, alice = _issue(app, "alice")
+    bob = _issue(app, "bob")
+    carol = _issue(app, "carol")
+    dave = _issue(app, "dave")
+    with two_webs(tmp_path, production_env(migrated, str(tmp_path))) as (statuses, _, bases):
+        for auth in (alice, bob[1], carol[1], dave[1]) * 2:  # warm both caches
             assert statuses(auth) == [200, 200]
 
         # Revoked through one process (the device logs out): both refuse the next request.
         first = requests.delete(bases[0] + ME + "/current", headers=alice, timeout=10)
         assert first.status_code == 204
         assert statuses(alice) == [401, 401]
-        assert statuses(bob) == [200, 200]  # the others' tokens still work
+        assert statuses(bob[1]) == [200, 200]  # the others' tokens still work
 
-        # Deactivated and a new password, by an operator in a third process (this one).
-        with app.app_context():
-            users.deactivate(db.session, users.find_user(db.session, "bob"))  # type: ignore[arg-type]
-            db.session.commit()
-        assert statuses(bob) == [401, 401]
-        with app.app_context():
-            user = users.find_user(db.session, "carol")
-            users.set_password(db.session, user, "a brand new password")  # type: ignore[arg-type]
-            db.session.commit()
-        assert statuses(carol) == [401, 401]
-
-        # Expired early (an administrator cut the token's life short).
-        with app.app_context():
-            token = db.session.get(ApiToken, dave_token)
-            token.expires_at = utcnow() - timedelta(seconds=1)  # type: ignore[union-attr]
-            db.session.commit()
-        assert statuses(dave) == [401, 401]
+        # Deactivated, a new password, expired early: by an operator in a third process (this one).
+        refuse_every_way(app, statuses, [401, 401], {"bob": bob, "carol": carol, "dave": dave})
 
 
 @pytest.mark.parametrize("change", ["revoke", "deactivate"])

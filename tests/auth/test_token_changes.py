@@ -1,0 +1,306 @@
+"""With Redis, a change to a token or an account reaches every web process through pub/sub: a
+process whose subscription is live checks a kept token with no database statement at all, and
+still refuses a revoked, expired, deactivated or re-passworded user's token on the very next
+request. A process that is not (or no longer) subscribed reads the version instead, so Redis
+stopping, hanging or restarting never lets a refused token through.
+
+Two apps on one database stand for two web processes here (each has its cache, its
+subscription and its own connections); tests/auth/test_token_cache.py and the last test below
+run real gunicorn processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from flask import Flask
+
+from broker.auth import changes, tokens
+from broker.auth.models import ApiToken
+from broker.platform.db import db
+from tests.auth.test_token_cache import (
+    ME,
+    _issue,
+    change,
+    counted,
+    refuse_every_way,
+    two_webs,
+)
+from tests.factories import production_env
+from tests.support.redis_server import RedisServer, redis_server
+from tests.system.topology import wait_for
+
+BARE = "/bare"
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (stopped and started again by some tests)."""
+    with redis_server(tmp_path) as server:
+        yield server
+
+
+def _web(make_app: Callable[..., Flask], redis: RedisServer | None, heartbeat: float) -> Flask:
+    """An app as a web process runs it, with a route that needs no database."""
+    app = make_app(RATELIMIT_STORAGE_URI=redis.uri) if redis else make_app()
+    app.add_url_rule(BARE, "bare", lambda: "ok")
+    feed = _cache(app).feed
+    if feed is not None:
+        feed.heartbeat = heartbeat  # before its thread starts (at the first request)
+    return app
+
+
+def _cache(app: Flask) -> tokens.TokenCache:
+    cache = app.extensions["tokens"]
+    assert isinstance(cache, tokens.TokenCache)
+    return cache
+
+
+def _live(app: Flask, *auths: dict[str, str]) -> None:
+    """Warm `app`'s cache with these tokens once its subscription is live."""
+    client = app.test_client()
+    for auth in auths:  # the first request starts the subscriber
+        assert client.get(BARE, headers=auth).status_code == 200
+    feed = _cache(app).feed
+    assert feed is not None and feed.subscribed.wait(10), "never subscribed"
+    for auth in auths:
+        assert client.get(BARE, headers=auth).status_code == 200
+
+
+@contextmanager
+def no_version_read(app: Flask) -> Iterator[None]:
+    """Fail unless `app` made no read of the version inside the block."""
+    stamp = _cache(app).stamp
+    reads = stamp.reads
+    yield
+    assert stamp.reads == reads, "the version was read: the subscription was not trusted"
+
+
+def _pair(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer, heartbeat: float
+) -> tuple[Flask, Flask, int, dict[str, str]]:
+    """Two web processes on `redis`, alice's token (its id, its header) kept by the second."""
+    make_user("alice")
+    one, other = (_web(make_app, redis, heartbeat=heartbeat) for _ in "ab")
+    token_id, alice = _issue(one, "alice")
+    _live(other, alice)
+    return one, other, token_id, alice
+
+
+def _status(app: Flask, auth: dict[str, str]) -> int:
+    """Return the status of an authenticated route (the bare one answers anyone)."""
+    return app.test_client().get(ME, headers=auth).status_code
+
+
+@pytest.mark.parametrize("with_redis", [True, False])
+def test_statements_per_authenticated_request(
+    make_app: Callable[..., Flask], make_user: Any, tmp_path: Path, with_redis: bool
+) -> None:
+    """0 with the subscription live (the cache is trusted as it is), 1 without Redis (the
+    version), on a route that makes none of its own."""
+    make_user("alice")
+    with redis_server(tmp_path) as redis:
+        app = _web(make_app, redis if with_redis else None, heartbeat=3600)
+        _, auth = _issue(app, "alice")
+        if with_redis:
+            _live(app, auth)
+        else:
+            assert _status(app, auth) == 200  # read, kept, stamped
+        stamp = _cache(app).stamp
+        reads = stamp.reads
+        with app.app_context(), counted(db.engine) as seen:
+            for _ in range(5):
+                assert app.test_client().get(BARE, headers=auth).status_code == 200
+        assert seen == []  # nothing on the request's pool: token and user come from memory
+        assert stamp.reads - reads == (0 if with_redis else 5)
+
+
+def test_every_change_reaches_the_other_process_before_its_next_request(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    for name in ("alice", "bob", "carol", "dave"):
+        make_user(name)
+    one, other = (_web(make_app, redis, heartbeat=3600) for _ in "ab")
+    issued = {name: _issue(one, name) for name in ("alice", "bob", "carol", "dave")}
+    alice_id, alice = issued.pop("alice")
+    auths = [alice, *(auth for _, auth in issued.values())]
+    _live(one, *auths)
+    _live(other, *auths)
+
+    with no_version_read(other):
+        # The device logs out through one process: the other refuses its next request.
+        assert one.test_client().delete(ME + "/current", headers=alice).status_code == 204
+        assert _status(other, alice) == 401
+        assert _status(other, issued["bob"][1]) == 200  # the others' tokens still work
+        refuse_every_way(one, lambda auth: _status(other, auth), 401, issued)
+    with other.app_context():
+        assert db.session.get(ApiToken, alice_id).revoked_at is not None  # type: ignore[union-attr]
+
+
+def test_a_move_before_a_rolled_back_savepoint_is_still_told(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    one, other, token_id, alice = _pair(make_app, make_user, redis, heartbeat=3600)
+    with one.app_context():
+        tokens.revoke(db.session.get(ApiToken, token_id))  # type: ignore[arg-type]
+        db.session.flush()  # the version moves here, in the transaction itself
+        savepoint = db.session.begin_nested()
+        savepoint.rollback()  # takes nothing of the move with it
+        with no_version_read(other):
+            assert _status(other, alice) == 200  # not committed yet: nobody was told
+        db.session.commit()
+    with no_version_read(other):
+        assert _status(other, alice) == 401
+
+
+def test_with_redis_stopped_the_next_request_reads_the_version(
+    make_app: Callable[..., Flask],
+    make_user: Any,
+    redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for name in ("alice", "bob", "carol"):
+        make_user(name)
+    one, other = (_web(make_app, redis, heartbeat=3600) for _ in "ab")
+    _, alice = _issue(one, "alice")
+    bob_id, bob = _issue(one, "bob")
+    carol_id, carol = _issue(one, "carol")
+    _live(one, alice, bob, carol)
+    _live(other, alice, bob, carol)
+    caplog.set_level(logging.INFO, logger="broker.auth")
+
+    redis.stop()  # mid-way: nobody hears of the next change through Redis
+    assert one.test_client().delete(ME + "/current", headers=alice).status_code == 204
+    assert any("cannot publish" in r.message for r in caplog.records)
+    stamp = _cache(other).stamp
+    reads = stamp.reads
+    assert _status(other, alice) == 401  # the subscription's end was seen: the version read
+    assert stamp.reads > reads
+    assert _status(other, bob) == 200
+    assert stamp.reads > reads + 1  # and read on every request until subscribed again
+
+    # Changed while the other is not subscribed; it makes no request before it is again.
+    change(one, "revoke", token_id=bob_id)
+    feed = _cache(other).feed
+    assert feed is not None
+    subscriptions = feed.subscriptions
+    redis.start()
+    wait_for(lambda: feed.subscriptions > subscriptions, 15, "the subscription again", 0.01)
+    with no_version_read(other):  # re-synced when it subscribed: the change is in
+        assert _status(other, bob) == 401
+        assert _status(other, carol) == 200
+    # And notices travel again.
+    change(one, "revoke", token_id=carol_id)
+    with no_version_read(other):
+        assert _status(other, carol) == 401
+    lost = [r for r in caplog.records if "not subscribed to Redis" in r.message]
+    assert len(lost) == 2, lost  # once per process and outage, not per request
+
+
+def test_a_redis_that_stops_answering_is_given_up_within_a_heartbeat(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    one, other, _, alice = _pair(make_app, make_user, redis, heartbeat=0.05)
+    feed = _cache(other).feed
+    assert feed is not None and redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # hangs: connections stay open, nothing answers
+    try:
+        wait_for(lambda: not feed.subscribed.is_set(), 15, "the ping to go unanswered", 0.01)
+        assert one.test_client().delete(ME + "/current", headers=alice).status_code == 204
+        assert _status(other, alice) == 401
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+
+
+def test_a_change_never_published_is_picked_up_within_a_heartbeat(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    make_user("alice")
+    other = _web(make_app, redis, heartbeat=0.05)
+    operator = _web(make_app, None, heartbeat=0)  # a command run without the Redis setting
+    token_id, alice = _issue(other, "alice")
+    _live(other, alice)
+    change(operator, "revoke", token_id=token_id)
+    wait_for(lambda: _status(other, alice) == 401, 15, "the heartbeat's read of the version", 0.01)
+    assert _cache(other).feed.subscribed.is_set()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("uri", "url"),
+    [
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("rediss://cache:6380", "rediss://cache:6380"),
+        ("redis+unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("memory://", None),
+        ("redis+sentinel://cache:26379/main", None),
+    ],
+)
+def test_which_storage_carries_the_notices(uri: str, url: str | None) -> None:
+    assert changes.redis_url(uri) == url
+
+
+def test_two_web_processes_hear_of_changes_through_redis(
+    migrated: str, make_app: Callable[..., Flask], make_user: Any, tmp_path: Path
+) -> None:
+    for name in ("alice", "bob", "carol", "dave", "erin"):
+        make_user(name)
+    with redis_server(tmp_path) as redis:
+        operator = make_app(RATELIMIT_STORAGE_URI=redis.uri)  # a third process: the CLI's
+        issued = {name: _issue(operator, name) for name in ("alice", "bob", "carol", "dave")}
+        alice, bob = issued["alice"][1], issued["bob"][1]
+        erin_id, erin = _issue(operator, "erin")
+        env = production_env(migrated, str(tmp_path), BROKER_RATELIMIT_STORAGE_URI=redis.uri)
+        with two_webs(tmp_path, env) as (statuses, webs, bases):
+            statuses(alice)  # the first bearer request starts each process's subscriber
+            for web in webs:
+                wait_for(lambda web=web: "through Redis" in web.output(), 30, "the subscription")
+            for _, auth in (*issued.values(), (erin_id, erin)):  # warm both caches
+                assert statuses(auth) == [200, 200]
+
+            first = requests.delete(bases[0] + ME + "/current", headers=alice, timeout=10)
+            assert first.status_code == 204
+            assert statuses(alice) == [401, 401]
+            assert statuses(bob) == [200, 200]
+            refuse_every_way(operator, statuses, [401, 401], issued)
+            assert all("not subscribed to Redis" not in web.output() for web in webs)
+
+            redis.stop()  # mid-way: the next change is published to nobody
+            change(operator, "revoke", token_id=erin_id)
+            assert statuses(erin) == [401, 401]
+            for web in webs:
+                assert "not subscribed to Redis" in web.output()
+        with operator.app_context():  # nothing was written outside a transaction's rules
+            assert db.session.scalar(sa.select(sa.func.count()).select_from(ApiToken)) == 5
+
+
+def test_a_redis_never_reached_leaves_every_request_reading_the_version(
+    make_app: Callable[..., Flask],
+    make_user: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    make_user("alice")
+    caplog.set_level(logging.WARNING, logger="broker.auth")
+    app = make_app(RATELIMIT_STORAGE_URI=f"redis+unix://{tmp_path}/nobody.sock")
+    token_id, alice = _issue(app, "alice")
+    stamp = _cache(app).stamp
+    for _ in range(3):
+        reads = stamp.reads
+        assert _status(app, alice) == 200
+        assert stamp.reads == reads + 1
+    change(app, "revoke", token_id=token_id)
+    assert _status(app, alice) == 401
+    wait_for(
+        lambda: any("not subscribed to Redis" in r.message for r in caplog.records),
+        15,
+        "the subscriber's warning",
+        0.01,
+    )
