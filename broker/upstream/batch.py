@@ -608,7 +608,9 @@ class BatchRoute:
         lifetime = expires - fetched
         return expires - min(REFRESH_BEFORE, lifetime / 4)
 
-    def _read(self, slot: _Slot) -> _Token | None:
+    def _read(self, slot: _Slot | None = None) -> _Token | None:
+        """Slot `slot`'s token as stored (the first slot's when None), or None."""
+        slot = slot or self.slots[0]
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(
@@ -749,8 +751,8 @@ def metric_lines(session: object) -> list[str]:
         ),
         *health.gauge(
             "broker_upstream_batch_rate_shared",
-            "1 while the batch token's per-second rate counts in the shared storage, 0 while "
-            "this process counts on its own because Redis is unreachable.",
+            "1 while the batch tokens' per-second rates count in the shared storage, 0 while "
+            "this process counts them on its own because Redis is unreachable.",
             1 if route.shared else 0,
         ),
     ]
