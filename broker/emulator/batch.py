@@ -6,8 +6,11 @@ count toward the global limit; each token allows 200 requests per second. The em
 batch host under `/batch` on its own port (`/batch/images/v1/…`) and keeps its counters apart
 (`batch.<endpoint>`).
 
+Every call of `batch_token` mints a new, distinct token; an account may hold several at once,
+each with its own 200 calls per second (a sliding one-second window per token).
+
 Controls (see `control.py`) make chosen endpoints answer `{"code": 103, "message": "forbidden
-endpoint"}` on the batch host, as some accounts have reported, and revoke every token.
+endpoint"}` on the batch host, as some accounts have reported, and revoke every token or one.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class BatchHost:
         self.rate_limit = self._default_rate = rate_limit
         self._tokens: dict[str, datetime] = {}
         self._calls: dict[str, deque[float]] = {}
+        # Per token: calls let through in all, and the most in any one-second window.
+        self._use: dict[str, list[int]] = {}
         self._forbidden: set[str] = set()
         self._lock = threading.Lock()
 
@@ -64,6 +69,24 @@ class BatchHost:
             self._tokens.clear()
             self._calls.clear()
 
+    def revoke(self, token: str) -> bool:
+        """Make one issued token fail authentication (a control); False when it is unknown."""
+        with self._lock:
+            self._calls.pop(token, None)
+            return self._tokens.pop(token, None) is not None
+
+    def use(self) -> list[dict[str, int]]:
+        """Per token used, in the order first used: calls let through and the most in any
+        one-second window."""
+        with self._lock:
+            return [{"calls": calls, "peak": peak} for calls, peak in self._use.values()]
+
+    def use_of(self, token: str) -> tuple[int, int]:
+        """Calls let through with `token`, and the most in any one-second window."""
+        with self._lock:
+            calls, peak = self._use.get(token, [0, 0])
+            return calls, peak
+
     def hit(self, token: str, now: float) -> int | None:
         """Count a call of `token` in its one-second window; Retry-After seconds when over."""
         with self._lock:
@@ -73,6 +96,9 @@ class BatchHost:
             if len(calls) >= self.rate_limit:
                 return max(1, math.ceil(calls[0] + 1.0 - now))
             calls.append(now)
+            use = self._use.setdefault(token, [0, 0])
+            use[0] += 1
+            use[1] = max(use[1], len(calls))
             return None
 
     def forbid(self, endpoints: set[str]) -> None:
@@ -93,6 +119,7 @@ class BatchHost:
                 "rate_limit": self.rate_limit,
                 "token_ttl": self.token_ttl,
                 "tokens": len(self._tokens),
+                "use": [{"calls": calls, "peak": peak} for calls, peak in self._use.values()],
             }
 
     def reset(self) -> None:
@@ -101,4 +128,5 @@ class BatchHost:
             self.token_ttl, self.rate_limit = self._default_ttl, self._default_rate
             self._tokens.clear()
             self._calls.clear()
+            self._use.clear()
             self._forbidden.clear()

@@ -418,11 +418,12 @@ def get_batch() -> Any:
 
 @bp.post("/batch")
 def set_batch() -> Any:
-    """Refuse endpoints with code 103 (`forbidden`), set `rate_limit`/`token_ttl`, `revoke`."""
+    """Refuse endpoints with code 103 (`forbidden`), set `rate_limit`/`token_ttl`, `revoke`
+    every token or `revoke_token` one."""
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
         raise CfError(5400, "Body must be a JSON object")
-    unknown = set(data) - {"forbidden", "rate_limit", "token_ttl", "revoke"}
+    unknown = set(data) - {"forbidden", "rate_limit", "token_ttl", "revoke", "revoke_token"}
     if unknown:
         raise CfError(5400, f"Unknown fields: {sorted(unknown)}")
     host = _batch_host()
@@ -440,6 +441,9 @@ def set_batch() -> Any:
         raise CfError(5400, "rate_limit and token_ttl must be numbers") from exc
     if data.get("revoke"):
         host.revoke_all()
+    one = data.get("revoke_token")
+    if one is not None and (not isinstance(one, str) or not host.revoke(one)):
+        raise CfError(5404, "revoke_token names no batch token issued here")
     return jsonify(host.state())
 
 

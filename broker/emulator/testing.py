@@ -214,6 +214,15 @@ class EmulatorServer:
         """Make every batch token issued so far fail authentication."""
         self.emulator.batch.revoke_all()
 
+    def revoke_batch_token(self, token: str) -> None:
+        """Make one batch token fail authentication (the others keep working)."""
+        assert self.emulator.batch.revoke(token), "no such batch token"
+
+    def batch_token_use(self, token: str) -> tuple[int, int]:
+        """Return the calls the batch host let through with `token`, and the most in any
+        one-second window."""
+        return self.emulator.batch.use_of(token)
+
     def reset(self) -> None:
         """Clear counters, faults, rate-limit state, batch host state and clock offset."""
         self.emulator.controls.reset()

@@ -130,18 +130,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CLOUDFLARE_BATCH_RATE",
         200,
-        "Batch API requests per second per token, shared by all processes (Cloudflare allows 200).",
+        "Batch API requests per second in all, shared by all processes. Up to `BROKER_CLOUDFLARE_BATCH_TOKEN_RATE` one batch token carries them; above it the broker holds as many tokens as that takes (400 → 2), splits the rate between them and spreads the calls over them, each token's calls counted on their own, each token renewed on its own.",
+        minimum=1,
+    ),
+    Setting(
+        "CLOUDFLARE_BATCH_TOKEN_RATE",
+        200,
+        "Batch API requests per second one batch token allows (Cloudflare: 200); no token is sent more.",
         minimum=1,
     ),
     Setting(
         "CLOUDFLARE_BATCH_RATE_SCOPE",
         "shared",
-        "Where the batch API's per-token rate is counted. `shared`: in Redis when `BROKER_RATELIMIT_STORAGE_URI` is Redis, else in the database (one statement a call), right for any number of processes; `process`: in this process's memory (no statement at all), right only when this one process calls Cloudflare (one web process with `BROKER_WORKER_INLINE` and no other worker): several processes would each allow the full rate.",
+        "Where the batch API's per-token rates are counted. `shared`: in Redis when `BROKER_RATELIMIT_STORAGE_URI` is Redis, else in the database (one statement a call), right for any number of processes; `process`: in this process's memory (no statement at all), right only when this one process calls Cloudflare (one web process with `BROKER_WORKER_INLINE` and no other worker): several processes would each allow the full rate.",
     ),
     Setting(
         "CLOUDFLARE_BATCH_COOLDOWN",
         600,
-        "Seconds an endpoint the batch host refused (code 103, token refused, repeated errors) stays on the global API.",
+        "Seconds an endpoint the batch host refused (code 103, replacement tokens refused too, repeated errors) stays on the global API; a token refused once (expired, revoked) is only replaced.",
     ),
     Setting(
         "REGISTRATION",
@@ -586,6 +592,7 @@ class Settings:
     cloudflare_batch: Literal["auto", "off"]
     cloudflare_batch_base: str | None  # derived from the API base unless set; None when off
     cloudflare_batch_rate: int
+    cloudflare_batch_token_rate: int
     cloudflare_batch_rate_scope: Literal["shared", "process"]
     cloudflare_batch_cooldown: float
     registration: bool

@@ -1,4 +1,4 @@
-"""The Images batch API: one batch token for every process, and when not to use it.
+"""The Images batch API: the batch tokens every process shares, and when not to use them.
 
 Calls to Cloudflare's batch host (`https://batch.imagedelivery.net/images/…`, with a batch token
 from `GET …/images/v1/batch_token`) do not count toward the global limit of 1200 calls per
@@ -6,28 +6,39 @@ from `GET …/images/v1/batch_token`) do not count toward the global limit of 12
 sends the six endpoints the batch host serves — direct upload, details, list v2, delete, update
 and v1 upload — through `BatchRoute` while it says so, and everything else to the global API.
 
-- The token is fetched once for all processes: it lives in `upstream_batch_tokens` with its
-  expiry, and is refreshed before it expires by whichever process wins a short lease on that row
-  (the others keep using the old token meanwhile). Each process also keeps it in memory, so a
-  call reads the database only around a refresh.
-- The 200 calls per second of a token are shared by every process that calls Cloudflare:
-  counted in Redis when `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database
+- `BROKER_CLOUDFLARE_BATCH_RATE` is the calls per second in all. Up to what one token allows
+  (`BROKER_CLOUDFLARE_BATCH_TOKEN_RATE`, 200) one token carries them; above it the route holds
+  ceil(rate / token rate) tokens ("slots"), the rate split between them, and each call takes
+  the first slot with room this second, starting at the next slot in turn: the calls spread
+  over the tokens and none is ever sent past its own share.
+- Each token is fetched once for all processes: it lives in `upstream_batch_tokens` (one row a
+  slot: `cloudflare`, `cloudflare.1`, …) with its expiry, and is refreshed before it expires by
+  whichever process wins a short lease on that row (the others keep using the old token
+  meanwhile), each slot on its own. Each process also keeps them in memory, so a call reads
+  the database only around a refresh. A token the batch host refuses (401/403: expired,
+  revoked) is dropped for every process and its call sent to the global API at once; the next
+  call on that slot fetches another. Only when more tokens are refused than the route holds
+  without a batch call succeeding in between (replacements refused too) does the endpoint fall
+  back as below.
+- Each token's calls per second are shared by every process that calls Cloudflare, counted
+  per token: in Redis when `BROKER_RATELIMIT_STORAGE_URI` is `redis://…`, else in the database
   (`DatabaseRate`: 100 ms slices, one statement a call that counts it and reads the window, so
   no lock is held across round trips), or, with `BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process`,
   in this process's memory (`MemoryRate`: no statement at all; right only when this process is
   the only one calling Cloudflare, which nothing at start can tell, hence a setting).
 - A batch host that refuses an endpoint (code 103 "forbidden endpoint", as some accounts see for
-  `/images/v2/…`), refuses the token, or fails `ERRORS_BEFORE_FALLBACK` times in a row sends that
-  endpoint back to the global API for `BROKER_CLOUDFLARE_BATCH_COOLDOWN` seconds, for every
-  process (`upstream_batch_fallbacks`), logged once, shown in `/metrics`.
+  `/images/v2/…`), refuses the replacement tokens too, or fails `ERRORS_BEFORE_FALLBACK` times
+  in a row sends that endpoint back to the global API for `BROKER_CLOUDFLARE_BATCH_COOLDOWN`
+  seconds, for every process (`upstream_batch_fallbacks`), logged once, shown in `/metrics`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
@@ -132,7 +143,7 @@ class MemoryRate(_PerSecondRate):
 
 
 class RedisRate(_PerSecondRate):
-    """200 calls per second per token, counted in Redis (a moving window, `limits`).
+    """One token's calls per second, counted in Redis (a moving window, `limits`).
 
     With Redis unreachable the calls are counted in this process instead (the same window, in
     memory: each process then allows the full rate on its own), logged once; Redis is asked
@@ -142,11 +153,17 @@ class RedisRate(_PerSecondRate):
     RECHECK = 30.0
 
     def __init__(
-        self, uri: str, per_second: int, *, clock: Callable[[], float] = time.time
+        self,
+        uri: str,
+        per_second: int,
+        *,
+        key: str = SCOPE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         from limits import RateLimitItemPerSecond, storage, strategies
 
         self._item = RateLimitItemPerSecond(per_second)
+        self._key = key  # each token's calls are counted under a key of their own
         # A call must not wait on a Redis that does not answer.
         redis = storage.storage_from_string(
             uri, socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT
@@ -172,7 +189,7 @@ class RedisRate(_PerSecondRate):
         if down_until is not None and self.clock() < down_until:
             return self._local.hit()
         try:
-            counted = self._limiter.hit(self._item, "broker-batch", SCOPE)
+            counted = self._limiter.hit(self._item, "broker-batch", self._key)
         except Exception as exc:  # any storage failure: Redis down, timed out, refusing
             with self._lock:
                 if self._down_until is None:
@@ -285,6 +302,28 @@ class _Token:
     value: str
     expires_at: datetime
     refresh_at: datetime
+    fetched_at: datetime
+
+
+class _Slot:
+    """One batch token's place: its row, its own per-second rate, the token as last read."""
+
+    def __init__(self, index: int, rate: Budget) -> None:
+        self.index = index
+        self.scope = SCOPE if index == 0 else f"{SCOPE}.{index}"
+        self.rate = rate
+        self.token: _Token | None = None
+
+    def __repr__(self) -> str:
+        return f"<batch token slot {self.index} {self.rate!r}>"
+
+
+class _Held(threading.local):
+    """The slot (and token) of this thread's batch call, and whether its first attempt is paid."""
+
+    slot: _Slot | None = None
+    token: _Token | None = None
+    paid: bool = False
 
 
 class BatchRoute:
@@ -294,7 +333,7 @@ class BatchRoute:
         self,
         engine: Engine,
         base: str,
-        rate: Budget,
+        rate: Budget | Sequence[Budget],
         *,
         keyring: Keyring,
         cooldown: float = 600.0,
@@ -302,32 +341,51 @@ class BatchRoute:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.engine = engine
-        self.keyring = keyring  # the token is stored encrypted, like every secret at rest
+        self.keyring = keyring  # the tokens are stored encrypted, like every secret at rest
         self.base = base.rstrip("/")
-        self.rate = rate
+        # One per-second rate per token: one slot each.
+        rates = list(rate) if isinstance(rate, Sequence) else [rate]
+        if not rates:
+            raise ValueError("the batch route needs at least one token's rate")
+        self.slots = [_Slot(index, each) for index, each in enumerate(rates)]
         self.cooldown = cooldown
         self.clock = clock
         self._sleep = sleep
-        self._token: _Token | None = None
+        self._turn = itertools.count()  # which slot a call tries first: each in turn
+        self._held = _Held()
         self._fallbacks: dict[str, datetime] = {}
         self._fallbacks_read = float("-inf")
         self._errors: dict[str, int] = {}
+        # Tokens refused since the last batch call that succeeded (slot, when fetched).
+        self._refused: set[tuple[int, datetime]] = set()
         self._lock = threading.Lock()
         self.owner = f"{id(self):x}"
 
     def __repr__(self) -> str:
-        return f"<BatchRoute {self.base}>"
+        return f"<BatchRoute {self.base} {len(self.slots)} token(s)>"
+
+    @property
+    def rate(self) -> Budget:
+        """The first token's per-second rate (what the create path may prepay: it never
+        spends inside a caller's transaction, so nothing is prepaid)."""
+        return self.slots[0].rate
+
+    @property
+    def shared(self) -> bool:
+        """False while some token's rate counts in this process because Redis is unreachable."""
+        return all(not isinstance(s.rate, RedisRate) or s.rate.shared for s in self.slots)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     def warm_up(self) -> None:
-        """Read the fall-backs and the stored token now, before a first request waits on them
+        """Read the fall-backs and the stored tokens now, before a first request waits on them
         (never fetches a token: that is the first call's or the worker's job)."""
         self._reload_fallbacks()
-        stored = self._read()
-        if stored is not None and self._now() < stored.refresh_at:
-            self._token = stored
+        for slot in self.slots:
+            stored = self._read(slot)
+            if stored is not None and self._now() < stored.refresh_at:
+                slot.token = stored
 
     # -- which endpoints ---------------------------------------------------------------------
 
@@ -393,8 +451,7 @@ class BatchRoute:
             self.fall_back(endpoint, "forbidden endpoint (code 103)")
             return True
         if isinstance(error, CloudflareAuthError):
-            self.forget_token()
-            self.fall_back(endpoint, f"batch token refused ({error.status})")
+            self._token_refused(endpoint, error)
             return True
         if not isinstance(error, CloudflareUnavailable):
             self.succeeded(endpoint)
@@ -406,19 +463,59 @@ class BatchRoute:
         # A connection that never opened carried nothing: the global API may take the call.
         return isinstance(error, CloudflareUnreachable)
 
+    def _token_refused(self, endpoint: str, error: CloudflareError) -> None:
+        """Drop the refused token (its slot fetches another); fall back only when more tokens
+        were refused than the route holds, with no batch call succeeding in between."""
+        slot, refused = self._held.slot, self._held.token
+        if slot is None or refused is None:
+            self.forget_token()
+            self.fall_back(endpoint, f"batch token refused ({error.status})")
+            return
+        self.forget_token(slot.index, refused)
+        with self._lock:
+            self._refused.add((slot.index, refused.fetched_at))
+            count = len(self._refused)
+        if count > len(self.slots):
+            self.fall_back(endpoint, f"batch token refused ({error.status}), replacements too")
+        else:
+            log.warning(
+                "batch API: token %d refused (%s): its next call fetches another",
+                slot.index,
+                error.status,
+            )
+
     def succeeded(self, endpoint: str) -> None:
-        """Reset the endpoint's run of errors."""
-        if self._errors.get(endpoint):
+        """Reset the endpoint's run of errors (and the run of refused tokens)."""
+        if self._errors.get(endpoint) or self._refused:
             with self._lock:
                 self._errors.pop(endpoint, None)
+                self._refused.clear()
 
-    def spend(self) -> None:
-        """Take one call of the token's per-second rate, waiting up to RATE_WAIT for it."""
+    # -- the per-token rates -----------------------------------------------------------------
+
+    def _take(self, first: int, *, only: bool = False) -> _Slot:
+        """Count one call on the first slot with room this second, trying slot `first` first
+        (only that one with `only`); BudgetExhausted when every one tried is full."""
+        count = len(self.slots)
+        soonest: BudgetExhausted | None = None
+        for step in range(1 if only else count):
+            slot = self.slots[(first + step) % count]
+            try:
+                slot.rate.acquire(Priority.INTERACTIVE)
+            except BudgetExhausted as exc:
+                if soonest is None or (exc.retry_after or 1.0) < (soonest.retry_after or 1.0):
+                    soonest = exc
+                continue
+            return slot
+        assert soonest is not None
+        raise soonest
+
+    def _waiting(self, take: Callable[[], _Slot]) -> _Slot:
+        """Run `take`, waiting up to RATE_WAIT while every token it may use is full."""
         waited = 0.0
         while True:
             try:
-                self.rate.acquire(Priority.INTERACTIVE)
-                return
+                return take()
             except BudgetExhausted as exc:
                 pause = min(max(0.05, float(exc.retry_after or 1) / 4), 0.25)
                 if waited + pause > RATE_WAIT:
@@ -426,56 +523,84 @@ class BatchRoute:
                 self._sleep(pause)
                 waited += pause
 
-    # -- the token ---------------------------------------------------------------------------
+    def spend(self) -> None:
+        """Take one call of the per-second rate of the token this thread's call carries
+        (its first attempt was counted when `token` chose it), waiting up to RATE_WAIT."""
+        held = self._held
+        if held.paid:
+            held.paid = False
+            return
+        slot = held.slot or self.slots[0]
+        self._waiting(lambda: self._take(slot.index, only=True))
 
-    def forget_token(self) -> None:
-        """Drop the token everywhere (the batch host refused it); the next call fetches one."""
+    # -- the tokens --------------------------------------------------------------------------
+
+    def forget_token(self, slot: int | None = None, refused: _Token | None = None) -> None:
+        """Drop slot `slot`'s token (every slot's when None) everywhere, the batch host having
+        refused it; a newer one another process already stored stays. The next call fetches."""
+        slots = self.slots if slot is None else [self.slots[slot]]
         with self._lock:
-            self._token = None
-        with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(UpstreamBatchToken)
-                .where(UpstreamBatchToken.scope == SCOPE)
-                .values(token=None, expires_at=None)
+            for each in slots:
+                if refused is None or (each.token is not None and each.token == refused):
+                    each.token = None
+        table = cast(sa.Table, UpstreamBatchToken.__table__)
+        which: sa.ColumnElement[bool] = table.c.scope.in_([each.scope for each in slots])
+        if refused is not None:
+            which = sa.and_(
+                which,
+                sa.or_(table.c.fetched_at.is_(None), table.c.fetched_at <= refused.fetched_at),
             )
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(table).where(which).values(token=None, expires_at=None))
 
     def token(self, source: TokenSource, priority: Priority) -> str | None:
-        """Return a valid batch token (fetching or refreshing it when due), or None."""
+        """Return a valid batch token for one call, its call counted on that token's rate (the
+        first token with room this second, each in turn first), or None when there is none.
+        Fetches or refreshes the token when due; BudgetExhausted when every token stays full.
+        """
+        held = self._held
+        held.slot, held.token, held.paid = None, None, False
+        slot = self._waiting(lambda: self._take(next(self._turn) % len(self.slots)))
+        held.slot, held.paid = slot, True
+        held.token = self._token_of(slot, source, priority)
+        return held.token.value if held.token is not None else None
+
+    def _token_of(self, slot: _Slot, source: TokenSource, priority: Priority) -> _Token | None:
+        """Slot `slot`'s valid token, fetched or refreshed when due (by one process for all)."""
         now = self._now()
-        cached = self._token
+        cached = slot.token
         if cached is not None and now < cached.refresh_at:
-            return cached.value
-        stored = self._read()
+            return cached
+        stored = self._read(slot)
         if stored is not None and now < stored.refresh_at:
-            self._token = stored
-            return stored.value
-        if self._claim_refresh(now):
+            slot.token = stored
+            return stored
+        if self._claim_refresh(slot, now):
             # Another process may have stored a fresh token between our read and our claim.
-            latest = self._read()
+            latest = self._read(slot)
             if latest is not None and now < latest.refresh_at:
-                self._release_refresh()
-                self._token = latest
-                return latest.value
+                self._release_refresh(slot)
+                slot.token = latest
+                return latest
             try:
                 value, expires = source.fetch_batch_token(priority)
             except Exception:
-                self._release_refresh()
+                self._release_refresh(slot)
                 log.warning("batch API: token fetch failed", exc_info=True)
-                return stored.value if stored and now < stored.expires_at else None
-            fresh = self._store(value, _aware(expires) or now, now)
-            self._token = fresh
-            return fresh.value
+                return stored if stored and now < stored.expires_at else None
+            slot.token = self._store(slot, value, _aware(expires) or now, now)
+            return slot.token
         if stored is not None and now < stored.expires_at:
-            return stored.value  # another process is refreshing it: the old one still works
-        # Another process is fetching the first token: wait a little for it.
+            return stored  # another process is refreshing it: the old one still works
+        # Another process is fetching this slot's first token: wait a little for it.
         waited = 0.0
         while waited < WAIT_FOR_FETCH:
             self._sleep(0.05)
             waited += 0.05
-            stored = self._read()
+            stored = self._read(slot)
             if stored is not None and self._now() < stored.expires_at:
-                self._token = stored
-                return stored.value
+                slot.token = stored
+                return stored
         return None
 
     @staticmethod
@@ -483,66 +608,70 @@ class BatchRoute:
         lifetime = expires - fetched
         return expires - min(REFRESH_BEFORE, lifetime / 4)
 
-    def _read(self) -> _Token | None:
+    def _read(self, slot: _Slot | None = None) -> _Token | None:
+        """Slot `slot`'s token as stored (the first slot's when None), or None."""
+        slot = slot or self.slots[0]
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(
                     _STORED_TOKEN,
                     UpstreamBatchToken.expires_at,
                     UpstreamBatchToken.fetched_at,
-                ).where(UpstreamBatchToken.scope == SCOPE)
+                ).where(UpstreamBatchToken.scope == slot.scope)
             ).first()
         if row is None or not row.token or row.expires_at is None:
             return None
         expires = _aware(row.expires_at) or self._now()
         fetched = _aware(row.fetched_at) or expires
         value = self.keyring.decrypt(row.token)
-        return _Token(value, expires, self._refresh_at(expires, fetched))
+        return _Token(value, expires, self._refresh_at(expires, fetched), fetched)
 
-    def _claim_refresh(self, now: datetime) -> bool:
-        """Take the refresh lease (committed), so one process fetches for all."""
+    def _claim_refresh(self, slot: _Slot, now: datetime) -> bool:
+        """Take the slot's refresh lease (committed), so one process fetches for all."""
         table = cast(sa.Table, UpstreamBatchToken.__table__)
         until = now + REFRESH_LEASE
         with self.engine.begin() as conn:
             won = conn.execute(
                 sa.update(table)
                 .where(
-                    table.c.scope == SCOPE,
+                    table.c.scope == slot.scope,
                     sa.or_(table.c.lease_until.is_(None), table.c.lease_until <= now),
                 )
                 .values(lease_until=until, lease_owner=self.owner)
             )
             if won.rowcount:
                 return True
-            exists = conn.execute(sa.select(table.c.scope).where(table.c.scope == SCOPE)).first()
+            exists = conn.execute(
+                sa.select(table.c.scope).where(table.c.scope == slot.scope)
+            ).first()
             if exists is not None:
                 return False
             try:
                 with conn.begin_nested():
                     conn.execute(
                         sa.insert(table).values(
-                            scope=SCOPE, lease_until=until, lease_owner=self.owner
+                            scope=slot.scope, lease_until=until, lease_owner=self.owner
                         )
                     )
             except IntegrityError:
                 return False
             return True
 
-    def _release_refresh(self) -> None:
+    def _release_refresh(self, slot: _Slot) -> None:
         table = cast(sa.Table, UpstreamBatchToken.__table__)
         with self.engine.begin() as conn:
             conn.execute(
                 sa.update(table)
-                .where(table.c.scope == SCOPE, table.c.lease_owner == self.owner)
+                .where(table.c.scope == slot.scope, table.c.lease_owner == self.owner)
                 .values(lease_until=None, lease_owner=None)
             )
 
-    def _store(self, value: str, expires: datetime, now: datetime) -> _Token:
+    def _store(self, slot: _Slot, value: str, expires: datetime, now: datetime) -> _Token:
         table = cast(sa.Table, UpstreamBatchToken.__table__)
         with self.engine.begin() as conn:
             conn.execute(
                 sa.update(table)
-                .where(table.c.scope == SCOPE)
+                .where(table.c.scope == slot.scope)
                 .values(
                     # Encrypted here, so stored as it is (not again by the column's type).
                     token=sa.type_coerce(self.keyring.encrypt(value), sa.Text),
@@ -552,8 +681,8 @@ class BatchRoute:
                     lease_owner=None,
                 )
             )
-        log.info("batch API: new token, valid until %s", expires.isoformat())
-        return _Token(value, expires, self._refresh_at(expires, now))
+        log.info("batch API: new token %d, valid until %s", slot.index, expires.isoformat())
+        return _Token(value, expires, self._refresh_at(expires, now), now)
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -567,23 +696,32 @@ class BatchRoute:
         }
 
 
+def token_shares(rate: int, per_token: int) -> list[int]:
+    """Split `rate` calls per second over the fewest tokens allowing `per_token` each."""
+    count = -(-rate // per_token)
+    return [rate // count + (1 if index < rate % count else 0) for index in range(count)]
+
+
 def route_from_settings(engine: Engine, settings: Settings, keyring: Keyring) -> BatchRoute | None:
     """Build the batch route from BROKER_CLOUDFLARE_BATCH*, or None when it is off."""
     if settings.cloudflare_batch != "auto" or settings.cloudflare_batch_base is None:
         return None
-    per_second = settings.cloudflare_batch_rate
     uri = settings.ratelimit_storage_uri
-    rate: Budget
-    if settings.cloudflare_batch_rate_scope == "process":
-        rate = MemoryRate(per_second)
-    elif uri.startswith(("redis://", "rediss://", "redis+")):
-        rate = RedisRate(uri, per_second)
-    else:
-        rate = DatabaseRate(engine, per_second)
+    rates: list[Budget] = []
+    for index, share in enumerate(
+        token_shares(settings.cloudflare_batch_rate, settings.cloudflare_batch_token_rate)
+    ):
+        # Each token's calls counted apart (the first under the names one token always had).
+        if settings.cloudflare_batch_rate_scope == "process":
+            rates.append(MemoryRate(share))
+        elif uri.startswith(("redis://", "rediss://", "redis+")):
+            rates.append(RedisRate(uri, share, key=f"{SCOPE}.{index}" if index else SCOPE))
+        else:
+            rates.append(DatabaseRate(engine, share, scope=f"batch.{index}" if index else "batch"))
     return BatchRoute(
         engine,
         settings.cloudflare_batch_base,
-        rate,
+        rates,
         keyring=keyring,
         cooldown=settings.cloudflare_batch_cooldown,
     )
@@ -613,8 +751,8 @@ def metric_lines(session: object) -> list[str]:
         ),
         *health.gauge(
             "broker_upstream_batch_rate_shared",
-            "1 while the batch token's per-second rate counts in the shared storage, 0 while "
-            "this process counts on its own because Redis is unreachable.",
-            0 if isinstance(route.rate, RedisRate) and not route.rate.shared else 1,
+            "1 while the batch tokens' per-second rates count in the shared storage, 0 while "
+            "this process counts them on its own because Redis is unreachable.",
+            1 if route.shared else 0,
         ),
     ]

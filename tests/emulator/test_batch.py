@@ -155,3 +155,32 @@ def test_forbidden_endpoint_control_answers_code_103(
     assert http.get(control, timeout=10).json()["forbidden"] == ["direct_upload", "list_v2"]
     assert http.post(f"{emulator.url}/_emulator/reset", json={}, timeout=10).ok
     assert http.get(control, timeout=10).json()["forbidden"] == []
+
+
+def test_each_token_is_distinct_and_can_be_revoked_alone(
+    tmp_path: Any, http: requests.Session
+) -> None:
+    """An account holds several batch tokens at once: revoking one leaves the others working,
+    and the control reports each token's calls and its busiest second."""
+    frozen = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with EmulatorServer(tmp_path, {"CLOCK": lambda: frozen}) as emulator, emulator.client() as api:
+        values = [_batch_token(api)["token"] for _ in range(3)]
+        assert len(set(values)) == 3
+        clients = [BatchClient(emulator, value, http) for value in values]
+        for batch in clients:
+            assert batch.call("GET", "/v2").status_code == 200
+        control = f"{emulator.url}/_emulator/batch"
+        revoked = http.post(control, json={"revoke_token": values[1]}, timeout=10)
+        assert revoked.status_code == 200 and revoked.json()["tokens"] == 2
+        refused = clients[1].call("GET", "/v2")
+        assert refused.status_code == 401 and _code(refused) == 10000
+        assert clients[0].call("GET", "/v2").status_code == 200
+        assert clients[2].call("GET", "/v2").status_code == 200
+        assert emulator.batch_token_use(values[0]) == (2, 2)
+        assert http.get(control, timeout=10).json()["use"] == [
+            {"calls": 2, "peak": 2},
+            {"calls": 1, "peak": 1},
+            {"calls": 2, "peak": 2},
+        ]
+        unknown = http.post(control, json={"revoke_token": "nope"}, timeout=10)
+        assert unknown.status_code == 404

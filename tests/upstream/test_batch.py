@@ -105,10 +105,10 @@ def test_a_process_that_read_before_another_stored_the_token_does_not_fetch_agai
     reads: list[object] = []
     real_read = late._read
 
-    def read() -> object:
+    def read(slot: Any) -> object:
         reads.append(None)
         # Its first read happened before the first process stored the token.
-        return None if len(reads) == 1 else real_read()
+        return None if len(reads) == 1 else real_read(slot)
 
     monkeypatch.setattr(late, "_read", read)
     with first.app_context():
