@@ -12,6 +12,8 @@ import ctypes
 import ctypes.util
 import os
 import tempfile
+import threading
+import time
 
 # The work is I/O-bound (the database, Cloudflare): threads, not more processes.
 worker_class = "gthread"
@@ -50,19 +52,48 @@ def on_starting(server):
 
 # glibc's mallopt option for the number of malloc arenas (malloc.h).
 M_ARENA_MAX = -8
+# How often a web process that served requests since gives its freed heap pages back.
+TRIM_INTERVAL = 1.0
+
+
+def _libc():
+    """Return the C library when it is glibc's (mallopt, malloc_trim), else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:  # no C library by that name
+        return None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        return None  # not glibc: its allocator is left as it is
+    return libc
 
 
 def post_fork(server, worker):
     """Cap the process's malloc arenas at two before its threads start: glibc otherwise gives
     each request thread an arena of its own as they contend, and a web process's memory grows
-    by megabytes over its first busy minutes for no gain (the GIL runs one thread at a time)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(M_ARENA_MAX, 2)
-    except OSError:  # no C library by that name (not glibc): its allocator is left as it is
-        pass
+    by megabytes over its first busy minutes for no gain (the GIL runs one thread at a time).
+    Then start the thread that gives freed heap pages back after requests."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_ARENA_MAX, 2)
+        threading.Thread(
+            target=_trim_after_requests, args=(worker, libc), name="heap-trim", daemon=True
+        ).start()
+
+
+def _trim_after_requests(worker, libc, interval=TRIM_INTERVAL):
+    """Once a second, if the process served requests since, hand the heap's free pages back.
+
+    Sixteen threads allocating at once leave free holes between live blocks that glibc keeps
+    (it returns only the top of the heap by itself): a process grew by 5-10 MB over a run of
+    32 clients, most of it free. malloc_trim releases every free page (well under a
+    millisecond, without the GIL), so a process's size after a run is what it holds."""
+    seen = worker.nr
+    while worker.alive:
+        time.sleep(interval)
+        if worker.nr != seen:
+            seen = worker.nr
+            libc.malloc_trim(0)
 
 
 def post_worker_init(worker):
