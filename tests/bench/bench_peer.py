@@ -190,35 +190,37 @@ def start_broker(
     return f"http://127.0.0.1:{port}", secret, proc
 
 
+def process_memory(pid: int | str) -> dict[str, float]:
+    """Return a process's memory (MB) from /proc/PID/smaps_rollup: `rss` (resident, what `ps`
+    and the peer's figure show: shared pages counted in every process that maps them), `pss`
+    (shared pages split between the processes that map them) and `private` (pages this process
+    alone holds: what one more process costs)."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, value = line.partition(":")
+        fields[name] = int(value.split()[0])
+    private = fields["Private_Clean"] + fields["Private_Dirty"]
+    return {"rss": fields["Rss"] / 1024, "pss": fields["Pss"] / 1024, "private": private / 1024}
+
+
 def worker_memory(master: subprocess.Popen[bytes]) -> list[dict[str, float]]:
-    """Return each worker's memory (MB) of a gunicorn master, from /proc/PID/smaps_rollup:
-    `rss` (resident, what `ps` and the peer's figure show: shared library pages counted in
-    every process that maps them), `pss` (shared pages split between the processes that map
-    them) and `private` (pages this process alone holds: what one more worker costs)."""
+    """Return the memory of each worker of a gunicorn master, then the master's own."""
     children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
-    sizes = []
-    for pid in children:
-        fields: dict[str, int] = {}
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-            name, _, value = line.partition(":")
-            fields[name] = int(value.split()[0])
-        private = fields["Private_Clean"] + fields["Private_Dirty"]
-        sizes.append(
-            {"rss": fields["Rss"] / 1024, "pss": fields["Pss"] / 1024, "private": private / 1024}
-        )
-    return sizes
+    return [process_memory(pid) for pid in children] + [process_memory(master.pid)]
 
 
 def memory_line(name: str, warm: list[dict[str, float]], after: list[dict[str, float]]) -> str:
-    """Render one side's worker memory, warm and after the run, RSS first."""
+    """Render one side's worker memory, warm and after the run, RSS first; then its master."""
 
     def sizes(measured: list[dict[str, float]], kind: str) -> str:
-        return "/".join(f"{m[kind]:.0f}" for m in measured)
+        return "/".join(f"{m[kind]:.0f}" for m in measured[:-1])
 
+    master = after[-1]
     return (
         f"RSS per worker, {name}: warm {sizes(warm, 'rss')} MB, after the run "
         f"{sizes(after, 'rss')} MB (PSS {sizes(warm, 'pss')} → {sizes(after, 'pss')}, "
-        f"private {sizes(warm, 'private')} → {sizes(after, 'private')})"
+        f"private {sizes(warm, 'private')} → {sizes(after, 'private')}; master RSS "
+        f"{master['rss']:.0f}, PSS {master['pss']:.0f}, private {master['private']:.0f})"
     )
 
 
