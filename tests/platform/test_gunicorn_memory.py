@@ -49,10 +49,16 @@ def test_the_master_loads_the_app_once_and_hands_no_connection_to_its_children(
     with budget_engine.connect() as conn:
         conn.execute(sa.text("SELECT 1"))
     assert main_pool.checkedin() == 1 and budget_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    warmed: list[int] = []
+    warm_up = app.extensions["warm_up"]
+    app.extensions["warm_up"] = lambda connections: (
+        warmed.append(connections) or warm_up(connections=connections)
+    )
     application = _Application(lambda: app)
     try:
         _hooks()["on_starting"](SimpleNamespace(cfg=SimpleNamespace(threads=4), app=application))
         assert application.callable is app  # the web processes get this one, loaded once
+        assert warmed == [1]  # what the warm-up compiles is shared too
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
