@@ -151,7 +151,20 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     worker.init_app(app)
     # Called by gunicorn.conf.py's post_worker_init, before a web process takes requests.
     app.extensions["warm_up"] = functools.partial(warmup.warm_up, app)
+    # Called by gunicorn.conf.py in the master, which loads the app before forking.
+    app.extensions["release_connections"] = functools.partial(_release_connections, app)
     return app
+
+
+def _release_connections(app: Flask) -> None:
+    """Close every pooled database connection of `app` (a process about to fork must hand
+    none of them to its children: two processes on one connection corrupt each other)."""
+    from broker.platform.db import db
+
+    with app.app_context():
+        for engine in db.engines.values():
+            engine.dispose()
+    app.extensions["budget"].engine.dispose()
 
 
 def _instance_in_install(instance_path: str | None) -> bool:

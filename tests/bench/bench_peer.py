@@ -10,9 +10,9 @@ emulator and, against it, under gunicorn 2 x 16 gthread:
   as the user's id;
 
 then prints creates/s ÷ the emulator's at 1/8/32 clients, p99 added over the emulator, the
-workers' resident memory (warm, and after the run), a bare route's CPU with a bearer ÷ without
-(in process), and the statements one create runs. Options: --clients 1,8,32 --seconds 3
---baseline REV --databases sqlite,postgresql.
+workers' memory (warm, and after the run: RSS, PSS and private), a bare route's CPU with a
+bearer ÷ without (in process), and the statements one create runs. Options: --clients 1,8,32
+--seconds 3 --baseline REV --databases sqlite,postgresql.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -191,16 +190,38 @@ def start_broker(
     return f"http://127.0.0.1:{port}", secret, proc
 
 
-def worker_rss(master: subprocess.Popen[bytes]) -> list[float]:
-    """Return the resident memory (MB) of each worker of a gunicorn master."""
+def process_memory(pid: int | str) -> dict[str, float]:
+    """Return a process's memory (MB) from /proc/PID/smaps_rollup: `rss` (resident, what `ps`
+    and the peer's figure show: shared pages counted in every process that maps them), `pss`
+    (shared pages split between the processes that map them) and `private` (pages this process
+    alone holds: what one more process costs)."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, value = line.partition(":")
+        fields[name] = int(value.split()[0])
+    private = fields["Private_Clean"] + fields["Private_Dirty"]
+    return {"rss": fields["Rss"] / 1024, "pss": fields["Pss"] / 1024, "private": private / 1024}
+
+
+def worker_memory(master: subprocess.Popen[bytes]) -> list[dict[str, float]]:
+    """Return the memory of each worker of a gunicorn master, then the master's own."""
     children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
-    sizes = []
-    for pid in children:
-        status = Path(f"/proc/{pid}/status").read_text()
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
-        if match:
-            sizes.append(int(match.group(1)) / 1024)
-    return sizes
+    return [process_memory(pid) for pid in children] + [process_memory(master.pid)]
+
+
+def memory_line(name: str, warm: list[dict[str, float]], after: list[dict[str, float]]) -> str:
+    """Render one side's worker memory, warm and after the run, RSS first; then its master."""
+
+    def sizes(measured: list[dict[str, float]], kind: str) -> str:
+        return "/".join(f"{m[kind]:.0f}" for m in measured[:-1])
+
+    master = after[-1]
+    return (
+        f"RSS per worker, {name}: warm {sizes(warm, 'rss')} MB, after the run "
+        f"{sizes(after, 'rss')} MB (PSS {sizes(warm, 'pss')} → {sizes(after, 'pss')}, "
+        f"private {sizes(warm, 'private')} → {sizes(after, 'private')}; master RSS "
+        f"{master['rss']:.0f}, PSS {master['pss']:.0f}, private {master['private']:.0f})"
+    )
 
 
 def statements_per_create(settings: dict[str, Any]) -> str:
@@ -334,7 +355,7 @@ def measure(
     calls.update({name: poster(url, h, b) for name, (url, h, b, _) in targets.items()})
     for call in calls.values():
         up.run_load(call, 4, 1.0)  # warm every process, thread and pool
-    warm = {name: worker_rss(proc) for name, (*_, proc) in targets.items()}
+    warm = {name: worker_memory(proc) for name, (*_, proc) in targets.items()}
 
     print(f"\n{label}: gunicorn 2 x 16 gthread each; {opts.seconds:g} s per row")
     names = list(calls)
@@ -355,12 +376,10 @@ def measure(
         line += " " + " ".join(f"{rate[n] / rate['emulator']:>14.0%}" for n in names[1:])
         line += " " + " ".join(f"{p99[n] - p99['emulator']:>11.0f} ms" for n in names[1:])
         print(line, flush=True)
-    after = {name: worker_rss(proc) for name, (*_, proc) in targets.items()}
+    time.sleep(1.5)  # the run's last requests finish (and freed heap pages go back)
+    after = {name: worker_memory(proc) for name, (*_, proc) in targets.items()}
     for name in targets:
-        print(
-            f"RSS per worker, {name}: warm {'/'.join(f'{m:.0f}' for m in warm[name])} MB, "
-            f"after the run {'/'.join(f'{m:.0f}' for m in after[name])} MB"
-        )
+        print(memory_line(name, warm[name], after[name]))
     counting = fresh_database(stack, postgres, tmp, f"{label}_count")
     count_settings = {**up.broker_settings(tmp / "count", emulator_url, counting)}
     count_settings["CLOUDFLARE_BATCH"] = "auto"

@@ -1,0 +1,115 @@
+"""gunicorn.conf.py's memory: the master loads the app once for its web processes to share
+(closing the connections the load opened, and leaving a refused load to the web processes), and
+a web process hands its freed heap pages back after it served requests."""
+
+from __future__ import annotations
+
+import gc
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from broker.platform.db import db
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _hooks() -> dict[str, Any]:
+    return runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+
+
+class _Application:
+    """gunicorn's application object: `wsgi()` loads the app once and keeps it."""
+
+    def __init__(self, load: Any) -> None:
+        self.callable: Any = None
+        self._load = load
+
+    def wsgi(self) -> Any:
+        if self.callable is None:
+            self.callable = self._load()
+        return self.callable
+
+
+def test_the_master_loads_the_app_once_and_hands_no_connection_to_its_children(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BROKER_DB_POOL_SIZE", raising=False)  # on_starting sets it
+    budget_engine = app.extensions["budget"].engine
+    with app.app_context():
+        db.session.execute(sa.text("SELECT 1"))
+        db.session.remove()
+        main_pool = db.engine.pool
+    with budget_engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    assert main_pool.checkedin() == 1 and budget_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    warmed: list[int] = []
+    warm_up = app.extensions["warm_up"]
+    app.extensions["warm_up"] = lambda connections: (
+        warmed.append(connections) or warm_up(connections=connections)
+    )
+    application = _Application(lambda: app)
+    try:
+        _hooks()["on_starting"](SimpleNamespace(cfg=SimpleNamespace(threads=4), app=application))
+        assert application.callable is app  # the web processes get this one, loaded once
+        assert warmed == [1]  # what the warm-up compiles is shared too
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    with app.app_context():
+        assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert budget_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_a_load_the_master_cannot_do_is_left_to_the_web_processes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BROKER_DB_POOL_SIZE", raising=False)  # on_starting sets it
+
+    def refused() -> None:
+        sys.stderr.write("upload broker refuses to start: BROKER_SECRET_KEY is missing\n")
+        raise SystemExit(4)
+
+    application = _Application(refused)
+    _hooks()["on_starting"](SimpleNamespace(cfg=SimpleNamespace(threads=4), app=application))
+    assert application.callable is None  # each web process loads it, and reports the refusal
+    assert capsys.readouterr().err == ""  # once per web process, as before, not once more
+
+
+class _Worker:
+    """A gunicorn worker whose request count (`nr`) follows `counts`, one per look."""
+
+    def __init__(self, counts: list[int]) -> None:
+        self.nr = 0
+        self._counts = iter(counts)
+
+    @property
+    def alive(self) -> bool:
+        try:
+            self.nr = next(self._counts)
+        except StopIteration:
+            return False
+        return True
+
+
+class _Libc:
+    def __init__(self) -> None:
+        self.trims: list[int] = []
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trims.append(pad)
+        return 1
+
+
+def test_the_heap_is_trimmed_once_per_interval_that_served_requests() -> None:
+    trim_after_requests = runpy.run_path(str(ROOT / "gunicorn.conf.py"))["_trim_after_requests"]
+    libc = _Libc()
+    # Idle, then 3 requests, idle, 2 more, idle: two intervals served requests.
+    trim_after_requests(_Worker([0, 3, 3, 5, 5]), libc, interval=0)
+    assert libc.trims == [0, 0]
