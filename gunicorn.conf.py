@@ -13,8 +13,10 @@ import ctypes
 import ctypes.util
 import gc
 import io
+import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -107,12 +109,16 @@ def _load_before_fork(application):
     one) and freezes the objects it holds, so no collection in a web process writes to (and so
     copies) their pages. A load that fails here is left to the web processes, which
     report it as they always did (one line, and gunicorn stops)."""
+    captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(captured):
             app = application.wsgi()
     except (Exception, SystemExit):
         application.callable = None
         return
+    finally:
+        _write_to_stderr(captured)
+    sys.stderr.write(captured.getvalue())  # loaded: what the load logged is for the log
     extensions = getattr(app, "extensions", {})
     if "warm_up" in extensions:
         extensions["warm_up"](connections=1)  # what it compiles and caches is shared too
@@ -121,6 +127,17 @@ def _load_before_fork(application):
         release()
     gc.collect()
     gc.freeze()
+
+
+def _write_to_stderr(captured):
+    """Point every log handler the load built on `captured` at the real stderr: the broker's
+    handler takes the stream current when the app is made, and would otherwise write every
+    later line of this process and of each web process into `captured`, unseen."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is captured:
+                handler.setStream(sys.stderr)
 
 
 # glibc's mallopt option for the number of malloc arenas (malloc.h).

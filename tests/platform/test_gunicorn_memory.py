@@ -1,10 +1,13 @@
 """gunicorn.conf.py's memory: the master loads the app once for its web processes to share
-(closing the connections the load opened, and leaving a refused load to the web processes), and
-a web process hands its freed heap pages back after it served requests."""
+(closing the connections the load opened, leaving a refused load to the web processes, and
+its log lines on stderr), and a web process hands its freed heap pages back after
+it served requests."""
 
 from __future__ import annotations
 
 import gc
+import json
+import logging
 import runpy
 import sys
 from pathlib import Path
@@ -12,10 +15,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import requests
 import sqlalchemy as sa
 from flask import Flask
 
 from broker.platform.db import db
+from tests.factories import production_env
+from tests.system.topology import BIN, listening_socket, topology, wait_for, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,6 +86,52 @@ def test_a_load_the_master_cannot_do_is_left_to_the_web_processes(
     _hooks()["on_starting"](SimpleNamespace(cfg=SimpleNamespace(threads=4), app=application))
     assert application.callable is None  # each web process loads it, and reports the refusal
     assert capsys.readouterr().err == ""  # once per web process, as before, not once more
+
+
+def test_what_a_load_logs_and_everything_logged_after_reach_stderr(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BROKER_DB_POOL_SIZE", raising=False)  # on_starting sets it
+    logger = logging.getLogger("broker.test_load")
+    handlers: list[logging.Handler] = []
+
+    def load() -> Flask:
+        handlers.append(logging.StreamHandler(sys.stderr))  # as the broker's: today's stderr
+        logger.addHandler(handlers[0])
+        logger.warning("said while loading")
+        return Flask(__name__)
+
+    try:
+        _hooks()["on_starting"](
+            SimpleNamespace(cfg=SimpleNamespace(threads=4), app=_Application(load))
+        )
+        logger.warning("said after the fork")
+    finally:
+        gc.unfreeze()
+        logger.removeHandler(handlers[0])
+    assert capsys.readouterr().err == "said while loading\nsaid after the fork\n"
+
+
+def test_under_gunicorn_the_broker_logs_to_stderr(migrated: str, tmp_path: Path) -> None:
+    env = production_env(migrated, str(tmp_path), BROKER_LOG_FORMAT="json")
+    gunicorn = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--workers=1", "wsgi:app"]
+    with listening_socket() as sock, topology(tmp_path, env) as topo:
+        web = topo.start_web(gunicorn, sock)
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        wait_http(f"{base}/livez", process=web)
+        answer = requests.get(
+            f"{base}/livez", headers={"X-Request-ID": "seen-on-stderr"}, timeout=10
+        )
+        assert answer.status_code == 200
+
+        def request_line() -> dict[str, Any] | None:
+            for line in web.output().splitlines():
+                if line.startswith("{") and "seen-on-stderr" in line:
+                    return json.loads(line)  # type: ignore[no-any-return]
+            return None
+
+        line = wait_for(request_line, 30, "the request's JSON line on stderr")
+        assert line["logger"] == "broker.request" and line["request_id"] == "seen-on-stderr"
 
 
 class _Worker:
