@@ -104,11 +104,11 @@ def _load_before_fork(application):
 
     Loaded in each process instead, every one held its own copy of everything imported (62 MB
     private of 89 MB resident); forked from a master that holds it, a process starts with about
-    17 MB of its own. The master warms the app up once (the statements it compiles are shared
-    too), closes the connections the load and the warm-up opened (no two processes may share
-    one) and freezes the objects it holds, so no collection in a web process writes to (and so
-    copies) their pages. A load that fails here is left to the web processes, which
-    report it as they always did (one line, and gunicorn stops)."""
+    17 MB of its own. The master closes the connections the load opened (no two processes may
+    share one) and freezes the objects it holds, so no collection in a web process writes to
+    (and so copies) their pages. It starts no thread: each web process warms itself up
+    (post_worker_init). A load that fails here is left to the web processes, which report it
+    as they always did (one line, and gunicorn stops)."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -119,10 +119,9 @@ def _load_before_fork(application):
     finally:
         _write_to_stderr(captured)
     sys.stderr.write(captured.getvalue())  # loaded: what the load logged is for the log
-    extensions = getattr(app, "extensions", {})
-    if "warm_up" in extensions:
-        extensions["warm_up"](connections=1)  # what it compiles and caches is shared too
-    release = extensions.get("release_connections")
+    # No warm-up here: it serves a request, and a request starts threads (the token feed, the
+    # inline worker) and opens connections that must be each web process's own.
+    release = getattr(app, "extensions", {}).get("release_connections")
     if release is not None:
         release()
     gc.collect()

@@ -157,7 +157,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 
 def _release_connections(app: Flask) -> None:
-    """Close every pooled database connection of `app` (a process about to fork must hand
+    """Close every database and Redis connection of `app` (a process about to fork must hand
     none of them to its children: two processes on one connection corrupt each other)."""
     from broker.platform.db import db
 
@@ -165,6 +165,7 @@ def _release_connections(app: Flask) -> None:
         for engine in db.engines.values():
             engine.dispose()
     app.extensions["budget"].engine.dispose()
+    app.extensions["tokens"].close()  # the version stamp's connection, Redis's
 
 
 def _instance_in_install(instance_path: str | None) -> bool:

@@ -139,6 +139,7 @@ class Feed:
         self._pid = 0
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._closed_in = 0  # the process that closed it
         self._awaiting_pong = False
         self._told = False  # the outage under way was logged
         self.subscribed = threading.Event()  # set while live, for tests and the metric
@@ -163,6 +164,11 @@ class Feed:
         with self._lock:
             if self._pid == os.getpid():
                 return
+            if self._closed.is_set():
+                if self._closed_in == os.getpid():
+                    self._pid = os.getpid()  # closed here: stays closed
+                    return
+                self._closed = threading.Event()  # a parent's close (before forking) is its own
             self._pid = os.getpid()
             self._live, self._conn, self._fd = False, None, None  # a parent's, if forked
             self.subscribed.clear()
@@ -264,7 +270,9 @@ class Feed:
             )
 
     def close(self) -> None:
-        """Stop following: the thread ends, the connection is closed."""
+        """Stop following: the thread ends, the connection is closed (a process forked from
+        this one after that follows of its own again)."""
+        self._closed_in = os.getpid()
         self._closed.set()
         with self._lock:
             self._live, self._fd = False, None

@@ -1,6 +1,6 @@
 """gunicorn.conf.py's memory: the master loads the app once for its web processes to share
-(closing the connections the load opened, leaving a refused load to the web processes, and
-its log lines on stderr), and a web process hands its freed heap pages back after
+(closing the connections the load opened, starting no thread, leaving a refused load to the web
+processes, and its log lines on stderr), and a web process hands its freed heap pages back after
 it served requests."""
 
 from __future__ import annotations
@@ -8,8 +8,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 import runpy
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +24,7 @@ from flask import Flask
 
 from broker.platform.db import db
 from tests.factories import production_env
+from tests.support.redis_server import redis_server
 from tests.system.topology import BIN, listening_socket, topology, wait_for, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +68,7 @@ def test_the_master_loads_the_app_once_and_hands_no_connection_to_its_children(
     try:
         _hooks()["on_starting"](SimpleNamespace(cfg=SimpleNamespace(threads=4), app=application))
         assert application.callable is app  # the web processes get this one, loaded once
-        assert warmed == [1]  # what the warm-up compiles is shared too
+        assert warmed == []  # each web process warms itself up: a request starts threads
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
@@ -86,6 +90,25 @@ def test_a_load_the_master_cannot_do_is_left_to_the_web_processes(
     _hooks()["on_starting"](SimpleNamespace(cfg=SimpleNamespace(threads=4), app=application))
     assert application.callable is None  # each web process loads it, and reports the refusal
     assert capsys.readouterr().err == ""  # once per web process, as before, not once more
+
+
+def test_the_master_forks_with_no_thread_and_no_connection_of_the_app(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("BROKER_DB_POOL_SIZE", raising=False)  # on_starting sets it
+    before = set(threading.enumerate())
+    with redis_server(tmp_path) as redis:
+        app = make_app(RATELIMIT_STORAGE_URI=redis.uri, WORKER_INLINE=True)
+        cache = app.extensions["tokens"]
+        try:
+            _hooks()["on_starting"](
+                SimpleNamespace(cfg=SimpleNamespace(threads=4), app=_Application(lambda: app))
+            )
+        finally:
+            gc.unfreeze()
+        assert set(threading.enumerate()) == before  # no token feed, no inline worker
+        assert cache.stamp._conn is None and cache.publisher._conn is None
+        assert app.before_request_funcs[None]  # the inline worker's hook is the children's
 
 
 def test_what_a_load_logs_and_everything_logged_after_reach_stderr(
@@ -112,8 +135,12 @@ def test_what_a_load_logs_and_everything_logged_after_reach_stderr(
     assert capsys.readouterr().err == "said while loading\nsaid after the fork\n"
 
 
-def test_under_gunicorn_the_broker_logs_to_stderr(migrated: str, tmp_path: Path) -> None:
-    env = production_env(migrated, str(tmp_path), BROKER_LOG_FORMAT="json")
+def test_under_gunicorn_the_broker_logs_to_stderr_and_a_web_process_runs_the_inline_worker(
+    migrated: str, tmp_path: Path
+) -> None:
+    env = production_env(
+        migrated, str(tmp_path), BROKER_LOG_FORMAT="json", BROKER_WORKER_INLINE="1"
+    )
     gunicorn = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--workers=1", "wsgi:app"]
     with listening_socket() as sock, topology(tmp_path, env) as topo:
         web = topo.start_web(gunicorn, sock)
@@ -132,6 +159,12 @@ def test_under_gunicorn_the_broker_logs_to_stderr(migrated: str, tmp_path: Path)
 
         line = wait_for(request_line, 30, "the request's JSON line on stderr")
         assert line["logger"] == "broker.request" and line["request_id"] == "seen-on-stderr"
+        started = wait_for(
+            lambda: re.search(r"worker [^:\s]+:(\d+):\d+ started", web.output()),
+            30,
+            "the inline worker's start",
+        )
+        assert int(started.group(1)) != web.popen.pid  # a web process's, not the master's
 
 
 class _Worker:
