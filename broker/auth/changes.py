@@ -76,31 +76,33 @@ class Publisher:
         self.failures = 0
 
     def publish(self, version: int) -> bool:
-        """Publish `version` on CHANNEL; tell whether Redis took it."""
+        """Publish `version` on CHANNEL; tell whether Redis took it.
+
+        One attempt: a commit that changed a token waits on Redis at most one timeout (a hung
+        Redis would make it wait on each try). A notice lost to a connection Redis dropped since
+        is caught by each process's heartbeat; the next one goes on a new connection."""
         with self._lock:
-            for attempt in range(2):  # a connection Redis dropped since: once more, on a new one
-                try:
-                    if self._conn is None or self._pid != os.getpid():
-                        self._conn, self._pid = _connection(self._url), os.getpid()
-                    self._conn.send_command("PUBLISH", CHANNEL, str(version))
-                    self._conn.read_response()
-                    # Redis writes a notice to every subscriber before it reads another command:
-                    # once this answers, each one has it, so the caller's next request anywhere
-                    # comes after it.
-                    self._conn.send_command("PING")
-                    self._conn.read_response()
-                    return True
-                except Exception as exc:
-                    self._drop()
-                    if attempt:
-                        self.failures += 1
-                        log.warning(
-                            "token cache: cannot publish a change to Redis (%s): other "
-                            "processes see it within %ss",
-                            type(exc).__name__,
-                            HEARTBEAT,
-                        )
-            return False
+            try:
+                if self._conn is None or self._pid != os.getpid():
+                    self._conn, self._pid = _connection(self._url), os.getpid()
+                self._conn.send_command("PUBLISH", CHANNEL, str(version))
+                self._conn.read_response()
+                # Redis writes a notice to every subscriber before it reads another command:
+                # once this answers, it is on its way to each one (in the socket of a process
+                # on this host), so the caller's next request there comes after it.
+                self._conn.send_command("PING")
+                self._conn.read_response()
+                return True
+            except Exception as exc:
+                self._drop()
+                self.failures += 1
+                log.warning(
+                    "token cache: cannot publish a change to Redis (%s): other "
+                    "processes see it within %ss",
+                    type(exc).__name__,
+                    HEARTBEAT,
+                )
+                return False
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

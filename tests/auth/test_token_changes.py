@@ -220,6 +220,27 @@ def test_a_redis_that_stops_answering_is_given_up_within_a_heartbeat(
         os.kill(redis.proc.pid, signal.SIGCONT)
 
 
+def test_a_hung_redis_holds_a_commit_up_for_one_attempt_only(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = changes.redis_url(redis.uri)
+    assert url is not None and redis.proc is not None
+    publisher = changes.Publisher(url)
+    opened: list[Any] = []
+    connection = changes._connection
+    monkeypatch.setattr(changes, "_connection", lambda u: opened.append(u) or connection(u))
+    assert publisher.publish(1)
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # hangs: the connection stays open, nothing answers
+    try:
+        assert not publisher.publish(2)  # one timeout, not one more on a new connection
+        assert len(opened) == 1 and publisher.failures == 1
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    assert publisher.publish(3)  # the next commit's notice goes on a new connection
+    assert len(opened) == 2
+    publisher.close()
+
+
 def test_a_change_never_published_is_picked_up_within_a_heartbeat(
     make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
 ) -> None:
