@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -359,10 +361,20 @@ class BatchRoute:
         # Tokens refused since the last batch call that succeeded (slot, when fetched).
         self._refused: set[tuple[int, datetime]] = set()
         self._lock = threading.Lock()
-        self.owner = f"{id(self):x}"
+        self._owner = ("", -1)  # (owner, pid it was drawn in)
 
     def __repr__(self) -> str:
         return f"<BatchRoute {self.base} {len(self.slots)} token(s)>"
+
+    @property
+    def owner(self) -> str:
+        """This process's name on a refresh lease: drawn anew after a fork, since every web
+        process forked from the master holds this same object (and id(self))."""
+        owner, pid = self._owner
+        if pid != os.getpid():
+            owner = uuid.uuid4().hex
+            self._owner = (owner, os.getpid())
+        return owner
 
     @property
     def rate(self) -> Budget:

@@ -5,6 +5,7 @@ tokens / repeated errors, the per-token rate shared across processes."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,6 +120,26 @@ def test_a_process_that_read_before_another_stored_the_token_does_not_fetch_agai
         assert late.token(get_client(), Priority.INTERACTIVE) == token
     assert len(reads) == 2  # the stale read, then the one after winning the lease
     assert emulator.counters().get("batch_token") == 1
+
+
+def test_a_forked_process_cannot_release_another_processs_refresh_lease(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Web processes forked from the master share the route object: each names itself anew,
+    so one's release never clears the lease another holds."""
+    app = _batch_app(make_app)
+    route = _route(app)
+    slot = route.slots[0]
+    holder = route.owner
+    assert route.owner == holder  # stable within one process
+    assert route._claim_refresh(slot, route._now())
+    parent = os.getpid()
+    monkeypatch.setattr("broker.upstream.batch.os.getpid", lambda: parent + 1)  # the fork
+    assert route.owner != holder
+    route._release_refresh(slot)
+    with app.app_context():
+        row = db.session.get(UpstreamBatchToken, slot.scope)
+        assert row is not None and row.lease_owner == holder and row.lease_until is not None
 
 
 def test_token_is_refreshed_before_it_expires(
