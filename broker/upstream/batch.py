@@ -537,7 +537,7 @@ class BatchRoute:
 
     def spend(self) -> None:
         """Take one call of the per-second rate of the token this thread's call carries
-        (its first attempt was counted when `token` chose it), waiting up to RATE_WAIT."""
+        (nothing for a first attempt `token` counted), waiting up to RATE_WAIT."""
         held = self._held
         if held.paid:
             held.paid = False
@@ -574,7 +574,12 @@ class BatchRoute:
         held.slot, held.token, held.paid = None, None, False
         slot = self._waiting(lambda: self._take(next(self._turn) % len(self.slots)))
         held.slot, held.paid = slot, True
+        cached = slot.token
         held.token = self._token_of(slot, source, priority)
+        if held.token is None or held.token is not cached:
+            # Not the token in memory: a fetch or a wait may have taken seconds since the count,
+            # so the send counts again (twice errs on the safe side; past the share does not).
+            held.paid = False
         return held.token.value if held.token is not None else None
 
     def _token_of(self, slot: _Slot, source: TokenSource, priority: Priority) -> _Token | None:

@@ -188,10 +188,13 @@ class BatchRouting(Protocol):
         """Tell whether `endpoint` goes to the batch host now."""
 
     def token(self, source: CloudflareImages, priority: Priority) -> str | None:
-        """Return a valid batch token, fetching it when due; None when there is none."""
+        """Return a valid batch token, fetching it when due, with the call's first attempt
+        counted on that token's rate; None when there is none; BudgetExhausted when every
+        token stays full."""
 
     def spend(self) -> None:
-        """Take one call of the token's per-second rate (waits briefly when it is full)."""
+        """Count one retry on the token's per-second rate (waits briefly when it is full);
+        nothing for a first attempt `token` counted just before."""
 
     def failed(self, endpoint: str, error: CloudflareError) -> bool:
         """Record a batch-host failure; True when the call may go to the global API now."""
@@ -387,8 +390,7 @@ _HEADERS = {
 
 def _never_sent(exc: TransportError) -> bool:
     """Tell whether a transport error happened before any byte of the request left."""
-    # NewConnectionError (refused, no such name) is a ConnectTimeoutError to urllib3 too.
-    return isinstance(exc, ConnectTimeoutError)
+    return isinstance(exc, (ConnectTimeoutError, NewConnectionError))
 
 
 def _no_answer(timeout: float) -> CloudflareTimeout:
@@ -590,7 +592,9 @@ class CloudflareImages:
         self.backoff_cap = backoff_cap
         self._sleep = sleep
         self._token = api_token
-        self._random = random.Random()
+        # Drawn from the OS: a Random() seeded in the gunicorn master would give every forked
+        # web process the same jitter, and their retries would land together.
+        self._random = random.SystemRandom()
         self._origins = _Origins(pool_size)
         # The environment's proxy for each origin the client calls, read now, not per call.
         self._origins.opener(self.api_base)
@@ -662,8 +666,10 @@ class CloudflareImages:
             token = route.token(self, priority)
             if token is not None:
                 try:
+                    # Never the caller's prepayment (that was the global budget): token() counted
+                    # the first attempt on the token's rate, spend() counts each retry.
                     result = send(
-                        f"{route.base}/images{path}", token, _BatchSpend(route), prepaid, True
+                        f"{route.base}/images{path}", token, _BatchSpend(route), False, True
                     )
                 except CloudflareError as err:
                     if not route.failed(batch, err):
@@ -678,8 +684,7 @@ class CloudflareImages:
                 else:
                     route.succeeded(batch)
                     return result
-            # The batch route's rate was what got prepaid, if anything.
-            prepaid = False
+            # The batch host spent none of the global budget: a prepayment still covers this.
         return send(f"{self.images_base}{path}", self._token, self.budget, prepaid, False)
 
     def budget_for(self, batch: str | None) -> Budget | None:
