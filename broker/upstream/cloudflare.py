@@ -52,7 +52,7 @@ from urllib3.fields import RequestField
 from urllib3.util import create_urllib3_context, make_headers
 
 from broker.platform import outages
-from broker.platform.config import Settings, settings_of
+from broker.platform.config import ConfigError, Settings, settings_of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -401,10 +401,27 @@ def _connection_failed(exc: Exception, cls: type[CloudflareError]) -> Cloudflare
     return cls(0, None, f"connection to Cloudflare failed ({type(exc).__name__})")
 
 
+def _tls_context() -> ssl.SSLContext:
+    """A context verifying certificates against the bundle REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE names (a file or a directory), else certifi's, as `requests` does;
+    ConfigError naming the variable when its bundle cannot be read."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        bundle = os.environ.get(name)
+        if bundle:
+            try:
+                return _verifying(bundle)
+            except (OSError, ssl.SSLError) as exc:
+                # Refused at start, in one line: a bad bundle would fail every call later.
+                reason = getattr(exc, "strerror", None) or exc
+                raise ConfigError(
+                    f"{name}={bundle}: cannot read this CA bundle ({reason})"
+                ) from None
+    return _verifying(None)
+
+
 @functools.cache
-def _tls_context(bundle: str | None) -> ssl.SSLContext:
-    """A context verifying certificates against `bundle` (a file or a directory), else
-    certifi's bundle as `requests` does; built once per process, on the first HTTPS origin."""
+def _verifying(bundle: str | None) -> ssl.SSLContext:
+    """A context verifying against `bundle`, else certifi's; built once per process."""
     context = create_urllib3_context()
     if bundle and os.path.isdir(bundle):
         context.load_verify_locations(capath=bundle)
@@ -474,8 +491,7 @@ class _Origins:
     def _build(self, origin: str) -> Any:
         kw: dict[str, Any] = {"maxsize": self._pool_size}
         if origin.lower().startswith("https:"):
-            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            kw["ssl_context"] = _tls_context(bundle)
+            kw["ssl_context"] = _tls_context()
         proxy = _proxy_for(origin)
         if proxy is None:
             # One origin, one pool: urlopen on it skips a manager's URL parsing and lookup.
@@ -491,6 +507,10 @@ class _Origins:
             manager = SOCKSProxyManager(proxy, username=username, password=password, **kw)
         else:
             auth = make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
+            if parts.scheme == "https":
+                # The proxy's own certificate is checked against the same bundle, as `requests`
+                # did (ssl_context covers only the origin's, through the tunnel).
+                kw["proxy_ssl_context"] = _tls_context()
             manager = urllib3.ProxyManager(proxy, proxy_headers=auth, **kw)
         self._closers.append(manager.clear)
         return manager.urlopen
