@@ -757,8 +757,9 @@ class CloudflareImages:
         elif json_body is not None:
             body = json.dumps(json_body, allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
-        if params:
-            url = f"{url}?{urlencode({k: v for k, v in params.items() if v is not None})}"
+        query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        if query:
+            url = f"{url}?{query}"
         urlopen, target = self._origins.opener(url)
         attempt = 0
         while True:

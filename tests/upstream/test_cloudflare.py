@@ -455,3 +455,19 @@ def test_an_https_proxys_own_certificate_is_checked_against_the_bundle(
         assert manager.proxy_ssl_context.verify_mode == ssl.CERT_REQUIRED
     finally:
         cf.close()
+
+
+def test_params_that_are_all_none_leave_no_bare_question_mark(
+    emulator: Any, no_proxy_environment: pytest.MonkeyPatch
+) -> None:
+    """A None param is left out; with every one None the URL has no query at all."""
+    emulator.reset()
+    with _serving(_forward) as (proxy, seen):
+        no_proxy_environment.setenv("HTTP_PROXY", proxy)
+        cf = CloudflareImages(emulator.api_base, emulator.account_id, emulator.api_token)
+        try:
+            cf.request("GET", "/v1/stats", params={"page": None})
+            cf.request("GET", "/v1/stats", params={"page": None, "x": 2})
+        finally:
+            cf.close()
+    assert [path.rsplit("/", 1)[1] for _, path, _ in seen] == ["stats", "stats?x=2"]
