@@ -471,3 +471,34 @@ def test_params_that_are_all_none_leave_no_bare_question_mark(
         finally:
             cf.close()
     assert [path.rsplit("/", 1)[1] for _, path, _ in seen] == ["stats", "stats?x=2"]
+
+
+FORKED_JITTER = """
+import os, sys
+from broker.upstream.cloudflare import CloudflareImages
+
+client = CloudflareImages("http://127.0.0.1:9/client/v4", "a", "t", backoff_cap=1e9)
+readers = []
+for _ in range(2):  # two web processes forked from the master that built the client
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.write(write, repr([client._backoff(30, None) for _ in range(4)]).encode())
+        os._exit(0)
+    os.close(write)
+    readers.append(read)
+for read in readers:
+    print(os.read(read, 4096).decode())
+    os.close(read)
+    os.wait()
+"""
+
+
+def test_forked_processes_draw_their_own_backoff_jitter(tmp_path: Path) -> None:
+    """The client is built in the gunicorn master: its forked web processes must not all
+    retry after the same delays."""
+    script = tmp_path / "forked_jitter.py"
+    script.write_text(FORKED_JITTER)
+    done = run([sys.executable, str(script)])
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first != second
