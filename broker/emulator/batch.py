@@ -79,7 +79,11 @@ class BatchHost:
         """Per token used, in the order first used: calls let through and the most in any
         one-second window."""
         with self._lock:
-            return [{"calls": calls, "peak": peak} for calls, peak in self._use.values()]
+            return self._uses()
+
+    def _uses(self) -> list[dict[str, int]]:
+        """`use`'s answer, with the lock held by the caller."""
+        return [{"calls": calls, "peak": peak} for calls, peak in self._use.values()]
 
     def use_of(self, token: str) -> tuple[int, int]:
         """Calls let through with `token`, and the most in any one-second window."""
@@ -119,7 +123,7 @@ class BatchHost:
                 "rate_limit": self.rate_limit,
                 "token_ttl": self.token_ttl,
                 "tokens": len(self._tokens),
-                "use": [{"calls": calls, "peak": peak} for calls, peak in self._use.values()],
+                "use": self._uses(),
             }
 
     def reset(self) -> None:

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -359,10 +361,20 @@ class BatchRoute:
         # Tokens refused since the last batch call that succeeded (slot, when fetched).
         self._refused: set[tuple[int, datetime]] = set()
         self._lock = threading.Lock()
-        self.owner = f"{id(self):x}"
+        self._owner = ("", -1)  # (owner, pid it was drawn in)
 
     def __repr__(self) -> str:
         return f"<BatchRoute {self.base} {len(self.slots)} token(s)>"
+
+    @property
+    def owner(self) -> str:
+        """This process's name on a refresh lease: drawn anew after a fork, since every web
+        process forked from the master holds this same object (and id(self))."""
+        owner, pid = self._owner
+        if pid != os.getpid():
+            owner = uuid.uuid4().hex
+            self._owner = (owner, os.getpid())
+        return owner
 
     @property
     def rate(self) -> Budget:
@@ -525,7 +537,7 @@ class BatchRoute:
 
     def spend(self) -> None:
         """Take one call of the per-second rate of the token this thread's call carries
-        (its first attempt was counted when `token` chose it), waiting up to RATE_WAIT."""
+        (nothing for a first attempt `token` counted), waiting up to RATE_WAIT."""
         held = self._held
         if held.paid:
             held.paid = False
@@ -562,7 +574,12 @@ class BatchRoute:
         held.slot, held.token, held.paid = None, None, False
         slot = self._waiting(lambda: self._take(next(self._turn) % len(self.slots)))
         held.slot, held.paid = slot, True
+        cached = slot.token
         held.token = self._token_of(slot, source, priority)
+        if held.token is None or held.token is not cached:
+            # Not the token in memory: a fetch or a wait may have taken seconds since the count,
+            # so the send counts again (twice errs on the safe side; past the share does not).
+            held.paid = False
         return held.token.value if held.token is not None else None
 
     def _token_of(self, slot: _Slot, source: TokenSource, priority: Priority) -> _Token | None:

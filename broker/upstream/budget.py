@@ -232,6 +232,10 @@ class UpstreamBudget:
         now = self.clock()
 
         def work(conn: Connection) -> None:
+            # On SQLite the spend's own write lock serialises it (as in `acquire_in`): the
+            # state row is written only when it is missing.
+            if conn.dialect.name == "sqlite" and self._spend(conn, now, priority):
+                return
             self._lock(conn)  # creates the row when missing, so the spend below always counts
             self._spend(conn, now, priority)
 

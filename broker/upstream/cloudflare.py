@@ -52,7 +52,7 @@ from urllib3.fields import RequestField
 from urllib3.util import create_urllib3_context, make_headers
 
 from broker.platform import outages
-from broker.platform.config import Settings, settings_of
+from broker.platform.config import ConfigError, Settings, settings_of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -188,10 +188,13 @@ class BatchRouting(Protocol):
         """Tell whether `endpoint` goes to the batch host now."""
 
     def token(self, source: CloudflareImages, priority: Priority) -> str | None:
-        """Return a valid batch token, fetching it when due; None when there is none."""
+        """Return a valid batch token, fetching it when due, with the call's first attempt
+        counted on that token's rate; None when there is none; BudgetExhausted when every
+        token stays full."""
 
     def spend(self) -> None:
-        """Take one call of the token's per-second rate (waits briefly when it is full)."""
+        """Count one retry on the token's per-second rate (waits briefly when it is full);
+        nothing for a first attempt `token` counted just before."""
 
     def failed(self, endpoint: str, error: CloudflareError) -> bool:
         """Record a batch-host failure; True when the call may go to the global API now."""
@@ -387,8 +390,7 @@ _HEADERS = {
 
 def _never_sent(exc: TransportError) -> bool:
     """Tell whether a transport error happened before any byte of the request left."""
-    # NewConnectionError (refused, no such name) is a ConnectTimeoutError to urllib3 too.
-    return isinstance(exc, ConnectTimeoutError)
+    return isinstance(exc, (ConnectTimeoutError, NewConnectionError))
 
 
 def _no_answer(timeout: float) -> CloudflareTimeout:
@@ -399,10 +401,27 @@ def _connection_failed(exc: Exception, cls: type[CloudflareError]) -> Cloudflare
     return cls(0, None, f"connection to Cloudflare failed ({type(exc).__name__})")
 
 
+def _tls_context() -> ssl.SSLContext:
+    """A context verifying certificates against the bundle REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE names (a file or a directory), else certifi's, as `requests` does;
+    ConfigError naming the variable when its bundle cannot be read."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        bundle = os.environ.get(name)
+        if bundle:
+            try:
+                return _verifying(bundle)
+            except (OSError, ssl.SSLError) as exc:
+                # Refused at start, in one line: a bad bundle would fail every call later.
+                reason = getattr(exc, "strerror", None) or exc
+                raise ConfigError(
+                    f"{name}={bundle}: cannot read this CA bundle ({reason})"
+                ) from None
+    return _verifying(None)
+
+
 @functools.cache
-def _tls_context(bundle: str | None) -> ssl.SSLContext:
-    """A context verifying certificates against `bundle` (a file or a directory), else
-    certifi's bundle as `requests` does; built once per process, on the first HTTPS origin."""
+def _verifying(bundle: str | None) -> ssl.SSLContext:
+    """A context verifying against `bundle`, else certifi's; built once per process."""
     context = create_urllib3_context()
     if bundle and os.path.isdir(bundle):
         context.load_verify_locations(capath=bundle)
@@ -472,8 +491,7 @@ class _Origins:
     def _build(self, origin: str) -> Any:
         kw: dict[str, Any] = {"maxsize": self._pool_size}
         if origin.lower().startswith("https:"):
-            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            kw["ssl_context"] = _tls_context(bundle)
+            kw["ssl_context"] = _tls_context()
         proxy = _proxy_for(origin)
         if proxy is None:
             # One origin, one pool: urlopen on it skips a manager's URL parsing and lookup.
@@ -489,6 +507,10 @@ class _Origins:
             manager = SOCKSProxyManager(proxy, username=username, password=password, **kw)
         else:
             auth = make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
+            if parts.scheme == "https":
+                # The proxy's own certificate is checked against the same bundle, as `requests`
+                # did (ssl_context covers only the origin's, through the tunnel).
+                kw["proxy_ssl_context"] = _tls_context()
             manager = urllib3.ProxyManager(proxy, proxy_headers=auth, **kw)
         self._closers.append(manager.clear)
         return manager.urlopen
@@ -590,7 +612,9 @@ class CloudflareImages:
         self.backoff_cap = backoff_cap
         self._sleep = sleep
         self._token = api_token
-        self._random = random.Random()
+        # Drawn from the OS: a Random() seeded in the gunicorn master would give every forked
+        # web process the same jitter, and their retries would land together.
+        self._random = random.SystemRandom()
         self._origins = _Origins(pool_size)
         # The environment's proxy for each origin the client calls, read now, not per call.
         self._origins.opener(self.api_base)
@@ -662,8 +686,10 @@ class CloudflareImages:
             token = route.token(self, priority)
             if token is not None:
                 try:
+                    # Never the caller's prepayment (that was the global budget): token() counted
+                    # the first attempt on the token's rate, spend() counts each retry.
                     result = send(
-                        f"{route.base}/images{path}", token, _BatchSpend(route), prepaid, True
+                        f"{route.base}/images{path}", token, _BatchSpend(route), False, True
                     )
                 except CloudflareError as err:
                     if not route.failed(batch, err):
@@ -678,8 +704,7 @@ class CloudflareImages:
                 else:
                     route.succeeded(batch)
                     return result
-            # The batch route's rate was what got prepaid, if anything.
-            prepaid = False
+            # The batch host spent none of the global budget: a prepayment still covers this.
         return send(f"{self.images_base}{path}", self._token, self.budget, prepaid, False)
 
     def budget_for(self, batch: str | None) -> Budget | None:
@@ -732,8 +757,9 @@ class CloudflareImages:
         elif json_body is not None:
             body = json.dumps(json_body, allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
-        if params:
-            url = f"{url}?{urlencode({k: v for k, v in params.items() if v is not None})}"
+        query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        if query:
+            url = f"{url}?{query}"
         urlopen, target = self._origins.opener(url)
         attempt = 0
         while True:

@@ -338,6 +338,7 @@ def measure(
     client = CloudflareImages(
         f"{emulator_url}/client/v4", up.ACCOUNT, up.TOKEN, timeout=30, max_retries=0, pool_size=64
     )
+    stack.callback(client.close)
 
     def direct(session: requests.Session) -> None:
         expiry = datetime.now(UTC) + timedelta(minutes=30)

@@ -224,11 +224,13 @@ def main() -> None:
         wait_until_up(broker_url + "/livez")
 
         cf = CloudflareImages(f"{emulator_url}/client/v4", ACCOUNT, TOKEN, timeout=30)
+        stack.callback(cf.close)
 
         # One client for every load thread: its connection pool is shared and thread-safe.
         cf_call = CloudflareImages(
             cf.api_base, ACCOUNT, TOKEN, timeout=30, max_retries=0, pool_size=64
         )
+        stack.callback(cf_call.close)
 
         def direct(session: requests.Session) -> None:
             expiry = datetime.now(UTC) + timedelta(minutes=30)

@@ -5,7 +5,9 @@ tokens / repeated errors, the per-token rate shared across processes."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from broker.platform.db import db
 from broker.uploads.models import Upload
 from broker.upstream.batch import ERRORS_BEFORE_FALLBACK, BatchRoute, MemoryRate, RedisRate
 from broker.upstream.budget import BudgetExhausted
-from broker.upstream.cloudflare import Priority
+from broker.upstream.cloudflare import CloudflareNotFound, Priority
 from broker.upstream.models import UpstreamBatchToken
 from broker.worker import run_once
 from tests.support.redis_server import redis_server
@@ -119,6 +121,90 @@ def test_a_process_that_read_before_another_stored_the_token_does_not_fetch_agai
         assert late.token(get_client(), Priority.INTERACTIVE) == token
     assert len(reads) == 2  # the stale read, then the one after winning the lease
     assert emulator.counters().get("batch_token") == 1
+
+
+def test_a_forked_process_cannot_release_another_processs_refresh_lease(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Web processes forked from the master share the route object: each names itself anew,
+    so one's release never clears the lease another holds."""
+    app = _batch_app(make_app)
+    route = _route(app)
+    slot = route.slots[0]
+    holder = route.owner
+    assert route.owner == holder  # stable within one process
+    assert route._claim_refresh(slot, route._now())
+    parent = os.getpid()
+    monkeypatch.setattr("broker.upstream.batch.os.getpid", lambda: parent + 1)  # the fork
+    assert route.owner != holder
+    route._release_refresh(slot)
+    with app.app_context():
+        row = db.session.get(UpstreamBatchToken, slot.scope)
+        assert row is not None and row.lease_owner == holder and row.lease_until is not None
+
+
+class _Counting:
+    """A per-second rate that records the moment of each call it counts."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.counted: list[float] = []
+
+    def acquire(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        self.counted.append(self.clock())
+
+
+def test_a_call_that_waited_for_its_token_is_counted_again_when_sent(
+    make_app: Callable[..., Flask], emulator: EmulatorServer
+) -> None:
+    """token() counts the call before it may fetch a token (seconds, with retries): the send
+    then counts again, in the second it really leaves; a token in memory is counted once."""
+    app = _batch_app(make_app)
+    now = [1_000_000.0]
+    rate = _Counting(lambda: now[0])
+    shared = _route(app)
+    route = BatchRoute(shared.engine, shared.base, rate, keyring=shared.keyring, clock=rate.clock)
+
+    class SlowSource:
+        def fetch_batch_token(self, priority: Priority) -> tuple[str, Any]:
+            with app.app_context():
+                from broker.upstream.cloudflare import get_client
+
+                answer = get_client().fetch_batch_token(priority)
+            now[0] += 2.5  # the fetch took seconds
+            return answer
+
+    assert route.token(SlowSource(), Priority.INTERACTIVE)
+    route.spend()  # the first attempt, as the client's send counts it
+    assert rate.counted == [1_000_000.0, 1_000_002.5]
+    assert route.token(SlowSource(), Priority.INTERACTIVE)  # now in memory
+    route.spend()
+    assert rate.counted == [1_000_000.0, 1_000_002.5, 1_000_002.5]
+    route.spend()  # a retry counts
+    assert len(rate.counted) == 4
+
+
+def test_a_call_prepaid_on_the_global_budget_counts_each_batch_attempt(
+    make_app: Callable[..., Flask], emulator: EmulatorServer
+) -> None:
+    """The caller prepaid the global budget, then the endpoint went to the batch host: the
+    batch token's rate still counts the first attempt and the retry."""
+    app = _batch_app(make_app)
+    rate = _Counting(time.time)
+    shared = _route(app)
+    route = BatchRoute(shared.engine, shared.base, rate, keyring=shared.keyring)
+    with app.app_context():
+        from broker.upstream.cloudflare import get_client
+
+        client = get_client()
+        route.token(client, Priority.INTERACTIVE)  # the token in memory: counted once a call
+        rate.counted.clear()
+        client.batch_route, client._sleep = route, lambda _: None
+        emulator.inject_fault("batch.image_details", status=503, count=1)
+        with pytest.raises(CloudflareNotFound):
+            client.request("GET", "/v1/not-there", prepaid=True, batch="image_details")
+    assert emulator.counters().get("batch.image_details") == 2
+    assert len(rate.counted) == 2
 
 
 def test_token_is_refreshed_before_it_expires(
@@ -473,6 +559,9 @@ def test_with_redis_down_the_batch_rate_is_counted_in_the_process(
         redis.stop()
         caplog.set_level(logging.WARNING, logger="broker.batch")
         with time_machine.travel(1_800_000_000.5, tick=False) as traveller:
+            # The token has expired by then: this call fetches another, so it counts twice.
+            _create(app, auth)
+            traveller.shift(1)
             for _ in range(3):
                 _create(app, auth)
             # The rate still holds, counted here: a fourth call this second is refused.
@@ -486,7 +575,7 @@ def test_with_redis_down_the_batch_rate_is_counted_in_the_process(
             _create(app, auth)
             assert shared() == "1"
         assert any("answers again" in r.getMessage() for r in caplog.records)
-    assert emulator.counters().get("batch.direct_upload") == 5
+    assert emulator.counters().get("batch.direct_upload") == 6
 
 
 def test_one_process_counts_the_per_token_rate_in_memory(make_app: Callable[..., Flask]) -> None:

@@ -85,8 +85,9 @@ def test_the_rate_is_split_over_the_fewest_tokens() -> None:
 def test_a_rate_of_400_spreads_calls_over_two_tokens_none_past_200(
     make_app: Callable[..., Flask], emulator: EmulatorServer
 ) -> None:
-    """Every call in one stopped second: 400 go through, 200 on each token (the emulator's own
-    count, never a 429), taken in turn; the 401st waits for a token with room, then gives up."""
+    """Every call in one stopped second (the tokens fetched before it): 400 go through, 200
+    on each token (the emulator's own count, never a 429), taken in turn; the 401st waits for
+    a token with room, then gives up."""
     app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
     route = _route(app)
     rates = [slot.rate for slot in route.slots]
@@ -94,29 +95,33 @@ def test_a_rate_of_400_spreads_calls_over_two_tokens_none_past_200(
     assert [rate.limit for rate in rates if isinstance(rate, DatabaseRate)] == [200, 200]
     pauses: list[float] = []
     route._sleep = pauses.append
+    with time_machine.travel(NOW - 2, tick=False):
+        # Each fetches its token first, so it is counted twice: in a second of its own.
+        _details(app)
+        _details(app)
+    first, second = _tokens(route)
+    assert first != second
     with time_machine.travel(NOW, tick=False):
         for _ in range(10):
             _details(app)
-        first, second = _tokens(route)
-        assert first != second
         # Taken in turn, not one filled before the other.
-        assert emulator.batch_token_use(first) == emulator.batch_token_use(second) == (5, 5)
+        assert emulator.batch_token_use(first) == emulator.batch_token_use(second) == (6, 5)
         for _ in range(390):
             _details(app)
-        assert emulator.batch_token_use(first) == (200, 200)
-        assert emulator.batch_token_use(second) == (200, 200)
+        assert emulator.batch_token_use(first) == (201, 200)
+        assert emulator.batch_token_use(second) == (201, 200)
         assert pauses == []
         with app.app_context(), pytest.raises(BudgetExhausted):
             get_client().get_image("not-there")
         assert 0 < sum(pauses) <= RATE_WAIT  # waited (without sleeping), then gave up
     counters = emulator.counters()
     assert counters["batch_token"] == 2
-    assert counters["batch.image_details"] == 400 and "image_details" not in counters
+    assert counters["batch.image_details"] == 402 and "image_details" not in counters
     assert emulator.kinds()["throttled"] == 0
     assert _stored(app) == {"cloudflare": True, "cloudflare.1": True}
     with time_machine.travel(NOW + 1.1, tick=False):
         _details(app)  # the second has passed: a token has room again
-    assert emulator.counters()["batch.image_details"] == 401
+    assert emulator.counters()["batch.image_details"] == 403
 
 
 def test_each_token_is_renewed_on_its_own_before_it_expires(

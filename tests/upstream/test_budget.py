@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 
 from broker.platform.db import db
@@ -276,3 +277,32 @@ def test_spends_inside_callers_transactions_never_exceed_either_side(
     assert len(granted[Priority.INTERACTIVE]) + background == 40
     assert first.status().used == second.status().used == 40
     assert first.status().background == background
+
+
+def test_on_sqlite_a_spend_writes_the_state_row_only_to_create_it(app: Flask) -> None:
+    """SQLite serialises the spend's own write: the scope's state row is written once (when
+    missing), not on every call; PostgreSQL locks it on every call."""
+    clock = Clock()
+    budget = _budget(app, clock)
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    sa.event.listen(budget.engine, "before_cursor_execute", seen)
+    try:
+        for _ in range(3):
+            budget.acquire(Priority.INTERACTIVE)
+    finally:
+        sa.event.remove(budget.engine, "before_cursor_execute", seen)
+    state = [
+        s
+        for s in statements
+        if s.split()[:3] in (["UPDATE", "upstream_budget_state", "SET"],)
+        or s.startswith("INSERT INTO upstream_budget_state ")
+    ]
+    # Creating the row tries to update it first, then inserts it; PostgreSQL then locks it
+    # by writing it on every call, SQLite never writes it again.
+    sqlite = budget.engine.dialect.name == "sqlite"
+    assert len(state) == (2 if sqlite else 2 + 2)
+    assert budget.status().used == 3

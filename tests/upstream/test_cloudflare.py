@@ -7,11 +7,15 @@ import base64
 import http.client
 import io
 import logging
+import os
+import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +37,7 @@ from broker.upstream.cloudflare import (
     parse_retry_after,
     rfc3339,
 )
+from tests.support.guide import run
 
 
 class RecordingBudget:
@@ -404,3 +409,96 @@ def test_form_fields_arrive_as_sent(cf: CloudflareImages) -> None:
     uploaded = cf.upload_image(file=_png(), filename="c.png", creator=creator)
     assert (uploaded.filename, uploaded.creator) == ("c.png", creator)
     assert cf.get_blob(uploaded.id) == _png()
+
+
+def test_a_ca_bundle_that_is_not_there_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    """REQUESTS_CA_BUNDLE naming a missing file: the app refuses to start, saying which
+    variable and path, not with a traceback (every call would fail later)."""
+    missing = tmp_path / "no-such-ca.pem"
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("BROKER_", "FLASK_"))
+    }
+    env.pop("CURL_CA_BUNDLE", None)
+    env.update(
+        BROKER_ENV="testing",
+        BROKER_INSTANCE_PATH=str(tmp_path),
+        BROKER_DATABASE_URL=f"sqlite:///{tmp_path / 'broker.db'}",
+        BROKER_CLOUDFLARE_API_BASE="https://api.cloudflare.com/client/v4",
+        BROKER_CLOUDFLARE_ACCOUNT_ID="account",
+        BROKER_CLOUDFLARE_API_TOKEN="token",
+        REQUESTS_CA_BUNDLE=str(missing),
+    )
+    done = run(
+        [str(Path(sys.executable).parent / "flask"), "--app", "broker", "db", "current"], env
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"Error: REQUESTS_CA_BUNDLE={missing}: cannot read this CA bundle" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_https_proxys_own_certificate_is_checked_against_the_bundle(
+    tmp_path: Path, no_proxy_environment: pytest.MonkeyPatch
+) -> None:
+    """An https:// proxy is verified with the configured CA bundle, not only the origin."""
+    import certifi
+
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(Path(certifi.where()).read_text())
+    no_proxy_environment.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    no_proxy_environment.setenv("HTTPS_PROXY", "https://proxy.example.test:3129")
+    cf = CloudflareImages("https://api.cloudflare.com/client/v4", "account", "token")
+    try:
+        opener, _ = cf._origins.opener(cf.api_base)
+        manager = opener.__self__
+        assert manager.proxy.scheme == "https"
+        assert manager.proxy_ssl_context is manager.connection_pool_kw["ssl_context"]
+        assert manager.proxy_ssl_context.verify_mode == ssl.CERT_REQUIRED
+    finally:
+        cf.close()
+
+
+def test_params_that_are_all_none_leave_no_bare_question_mark(
+    emulator: Any, no_proxy_environment: pytest.MonkeyPatch
+) -> None:
+    """A None param is left out; with every one None the URL has no query at all."""
+    emulator.reset()
+    with _serving(_forward) as (proxy, seen):
+        no_proxy_environment.setenv("HTTP_PROXY", proxy)
+        cf = CloudflareImages(emulator.api_base, emulator.account_id, emulator.api_token)
+        try:
+            cf.request("GET", "/v1/stats", params={"page": None})
+            cf.request("GET", "/v1/stats", params={"page": None, "x": 2})
+        finally:
+            cf.close()
+    assert [path.rsplit("/", 1)[1] for _, path, _ in seen] == ["stats", "stats?x=2"]
+
+
+FORKED_JITTER = """
+import os, sys
+from broker.upstream.cloudflare import CloudflareImages
+
+client = CloudflareImages("http://127.0.0.1:9/client/v4", "a", "t", backoff_cap=1e9)
+readers = []
+for _ in range(2):  # two web processes forked from the master that built the client
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.write(write, repr([client._backoff(30, None) for _ in range(4)]).encode())
+        os._exit(0)
+    os.close(write)
+    readers.append(read)
+for read in readers:
+    print(os.read(read, 4096).decode())
+    os.close(read)
+    os.wait()
+"""
+
+
+def test_forked_processes_draw_their_own_backoff_jitter(tmp_path: Path) -> None:
+    """The client is built in the gunicorn master: its forked web processes must not all
+    retry after the same delays."""
+    script = tmp_path / "forked_jitter.py"
+    script.write_text(FORKED_JITTER)
+    done = run([sys.executable, str(script)])
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first != second
