@@ -157,8 +157,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 
 def _release_connections(app: Flask) -> None:
-    """Close every database and Redis connection of `app` (a process about to fork must hand
-    none of them to its children: two processes on one connection corrupt each other)."""
+    """Close every database, Redis and Cloudflare connection of `app` (a process about to fork
+    must hand none of them to its children: two processes on one connection corrupt each
+    other)."""
     from broker.platform.db import db
 
     with app.app_context():
@@ -166,6 +167,7 @@ def _release_connections(app: Flask) -> None:
             engine.dispose()
     app.extensions["budget"].engine.dispose()
     app.extensions["tokens"].close()  # the version stamp's connection, Redis's
+    app.extensions["cloudflare"].close()  # its pools; each process builds its own on first use
 
 
 def _instance_in_install(instance_path: str | None) -> bool:

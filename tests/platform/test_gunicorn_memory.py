@@ -59,6 +59,8 @@ def test_the_master_loads_the_app_once_and_hands_no_connection_to_its_children(
     with budget_engine.connect() as conn:
         conn.execute(sa.text("SELECT 1"))
     assert main_pool.checkedin() == 1 and budget_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    origins = app.extensions["cloudflare"]._origins
+    assert origins._openers  # the client builds its API pool when it is made
     warmed: list[int] = []
     warm_up = app.extensions["warm_up"]
     app.extensions["warm_up"] = lambda connections: (
@@ -75,6 +77,7 @@ def test_the_master_loads_the_app_once_and_hands_no_connection_to_its_children(
     with app.app_context():
         assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
     assert budget_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert not origins._openers  # no Cloudflare pool is shared with the web processes
 
 
 def test_a_load_the_master_cannot_do_is_left_to_the_web_processes(
