@@ -33,6 +33,7 @@ from broker.auth.middleware import (
     fast_session_token,
     session_user_clause,
 )
+from broker.platform import health
 from broker.platform.config import settings_of
 from broker.platform.extensions import login_manager
 
@@ -57,6 +58,7 @@ def init_app(app: Flask) -> None:
         oidc.init_app(app)
     app.extensions["tokens"] = tokens.cache_for(app)
     tokens.watch_sessions()
+    health.register_metrics(app, tokens.metric_lines)
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in to see that page."
     login_manager.login_message_category = "info"

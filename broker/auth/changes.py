@@ -78,31 +78,41 @@ class Publisher:
     def publish(self, version: int) -> bool:
         """Publish `version` on CHANNEL; tell whether Redis took it.
 
-        One attempt: a commit that changed a token waits on Redis at most one timeout (a hung
-        Redis would make it wait on each try). A notice lost to a connection Redis dropped since
-        is caught by each process's heartbeat; the next one goes on a new connection."""
+        One attempt, and a second on a new connection only when the first failed at once on a
+        connection opened before (Redis restarted since and closed it): a commit that changed
+        a token waits on Redis at most one timeout (a hung Redis would make it wait on each
+        try), and the first change after a restart still reaches the processes subscribed
+        again. A notice lost all the same is caught by each process's heartbeat."""
         with self._lock:
-            try:
-                if self._conn is None or self._pid != os.getpid():
-                    self._conn, self._pid = _connection(self._url), os.getpid()
-                self._conn.send_command("PUBLISH", CHANNEL, str(version))
-                self._conn.read_response()
-                # Redis writes a notice to every subscriber before it reads another command:
-                # once this answers, it is on its way to each one (in the socket of a process
-                # on this host), so the caller's next request there comes after it.
-                self._conn.send_command("PING")
-                self._conn.read_response()
-                return True
-            except Exception as exc:
-                self._drop()
-                self.failures += 1
-                log.warning(
-                    "token cache: cannot publish a change to Redis (%s): other "
-                    "processes see it within %ss",
-                    type(exc).__name__,
-                    HEARTBEAT,
-                )
-                return False
+            for attempt in (1, 2):
+                reused = self._conn is not None and self._pid == os.getpid()
+                try:
+                    self._send(version)
+                    return True
+                except Exception as exc:
+                    self._drop()
+                    if attempt == 1 and reused and not _timed_out(exc):
+                        continue
+                    self.failures += 1
+                    log.warning(
+                        "token cache: cannot publish a change to Redis (%s): other "
+                        "processes see it within %ss",
+                        type(exc).__name__,
+                        HEARTBEAT,
+                    )
+                    return False
+            raise AssertionError("unreachable")
+
+    def _send(self, version: int) -> None:
+        if self._conn is None or self._pid != os.getpid():
+            self._conn, self._pid = _connection(self._url), os.getpid()
+        self._conn.send_command("PUBLISH", CHANNEL, str(version))
+        self._conn.read_response()
+        # Redis writes a notice to every subscriber before it reads another command: once
+        # this answers, it is on its way to each one (in the socket of a process on this
+        # host), so the caller's next request there comes after it.
+        self._conn.send_command("PING")
+        self._conn.read_response()
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -125,14 +135,14 @@ class Feed:
         url: str,
         *,
         read_version: Callable[[], int | None],
-        resynced: Callable[[int], None],
-        moved: Callable[[int], None],
+        moved: Callable[[int, bool], object],
         heartbeat: float = HEARTBEAT,
     ) -> None:
         self._url = url
         self._read_version = read_version  # the database's version, None: cannot be read
-        self._resynced = resynced  # subscribed: drop what is kept unless this is its version
-        self._moved = moved  # a notice: drop what is kept
+        # Drop what is kept unless it holds every change up to this version (a notice), or,
+        # given True, unless it was kept under this very version (read after subscribing).
+        self._moved = moved
         self.heartbeat = heartbeat
         self._lock = threading.Lock()  # held by whoever reads the subscription
         self._live = False
@@ -208,7 +218,7 @@ class Feed:
             if self._closed.is_set() or self._conn is not conn:
                 conn.disconnect()  # closed meanwhile
                 return
-            self._resynced(version)
+            self._moved(version, True)
             self._fd, self._live, self._awaiting_pong = fd, True, False
             self.subscriptions += 1
             self.subscribed.set()
@@ -234,7 +244,7 @@ class Feed:
             self._awaiting_pong = True
         version = self._read_version()
         if version is not None:
-            self._moved(version)  # only drops what is kept when the version moved past it
+            self._moved(version, False)  # only drops what is kept when the version moved past it
 
     def _drain(self) -> None:
         """Apply every notice received (the caller holds the lock); lose the subscription on
@@ -247,7 +257,7 @@ class Feed:
                 reply = conn.read_response(push_request=True)
                 kind = _kind(reply)
                 if kind == "message":
-                    self._moved(int(reply[2]))
+                    self._moved(int(reply[2]), False)
                 elif kind == "pong":
                     self._awaiting_pong = False
         except Exception as exc:
@@ -286,6 +296,13 @@ class Feed:
         thread = self._thread
         if thread is not None and self._pid == os.getpid():
             thread.join(5 * TIMEOUT + self.heartbeat)
+
+
+def _timed_out(exc: Exception) -> bool:
+    """Tell whether a Redis call failed by waiting out its timeout (a hung Redis)."""
+    import redis
+
+    return isinstance(exc, redis.exceptions.TimeoutError | TimeoutError)
 
 
 def _readable(fd: int | None, seconds: float) -> bool:

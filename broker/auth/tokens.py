@@ -34,12 +34,13 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
-from flask import g, has_app_context
+from flask import current_app, g, has_app_context
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import attributes, scoped_session
 
 from broker.auth import changes
 from broker.auth.models import ApiToken, AuthVersion, ServiceKey, User
+from broker.platform import health
 from broker.platform.db import Session, upsert_insert, utcnow
 
 log = logging.getLogger("broker.auth")
@@ -298,9 +299,7 @@ class TokenCache:
         self.feed: changes.Feed | None = None
         self.publisher: changes.Publisher | None = None
         if redis_url is not None:
-            self.feed = changes.Feed(
-                redis_url, read_version=stamp.read, resynced=self.resynced, moved=self.moved
-            )
+            self.feed = changes.Feed(redis_url, read_version=stamp.read, moved=self.moved)
             self.publisher = changes.Publisher(redis_url)
 
     def find(self, session: Session, secret: str) -> ApiToken | None:
@@ -336,22 +335,18 @@ class TokenCache:
         version = self.stamp.read()
         if version is None:
             return None
+        return self.moved(version, read=True)
+
+    def moved(self, version: int, read: bool = False) -> int:
+        """Drop what is kept unless it already holds every change up to `version` (a notice, a
+        commit); return the generation. `read`: the version as just read from the database
+        (a request, a new subscription), which what is kept must match exactly: a lower one
+        means the database went back (a restore), so what was kept since is not trusted."""
         with self._lock:
-            if version != self._version:
+            kept = self._version
+            if kept is None or (version != kept if read else version > kept):
                 self._drop(version)
             return self._generation
-
-    def moved(self, version: int) -> None:
-        """Drop what is kept unless it already holds every change up to `version`."""
-        with self._lock:
-            if self._version is None or version > self._version:
-                self._drop(version)
-
-    def resynced(self, version: int) -> None:
-        """Drop what is kept unless it was kept under `version` (read after subscribing)."""
-        with self._lock:
-            if version != self._version:
-                self._drop(version)
 
     def changed(self, version: int) -> None:
         """A commit moved the version to `version`: drop what this process keeps, tell the
@@ -626,3 +621,14 @@ def cache_for(app: Any) -> TokenCache:
         url = db.engine.url
     redis_url = changes.redis_url(settings_of(app).ratelimit_storage_uri)
     return TokenCache(VersionStamp(url), redis_url=redis_url)
+
+
+def metric_lines(_session: Session) -> list[str]:
+    """The token cache's gauge: whether this process follows token changes through Redis."""
+    feed = cast(TokenCache, current_app.extensions["tokens"]).feed
+    return health.gauge(
+        "broker_token_changes_subscribed",
+        "1 while this process hears of token and account changes through Redis (a kept token "
+        "costs no statement), 0 while it reads the token version on every request",
+        int(feed is not None and feed.current()),
+    )

@@ -37,6 +37,7 @@ from tests.auth.test_token_cache import (
 from tests.factories import production_env
 from tests.support.redis_server import RedisServer, redis_server
 from tests.system.topology import wait_for
+from tests.test_operations import TOKEN, scrape
 
 BARE = "/bare"
 
@@ -203,6 +204,51 @@ def test_with_redis_stopped_the_next_request_reads_the_version(
         assert _status(other, carol) == 401
     lost = [r for r in caplog.records if "not subscribed to Redis" in r.message]
     assert len(lost) == 2, lost  # once per process and outage, not per request
+
+
+def test_the_first_change_after_a_redis_restart_reaches_the_others_at_once(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    """The publisher's connection from before the restart is dead: the notice goes again on a
+    new one at once, so the others (subscribed again) refuse on their next request without
+    reading the version and without waiting for a heartbeat."""
+    make_user("bob")
+    one, other, _, alice = _pair(make_app, make_user, redis, heartbeat=3600)
+    bob_id, bob = _issue(one, "bob")
+    _live(other, bob)
+    publisher = _cache(one).publisher
+    feed = _cache(other).feed
+    assert publisher is not None and feed is not None
+    change(one, "revoke", token_id=bob_id)  # the publisher's connection is open from here on
+    assert _status(other, bob) == 401
+    failures, subscriptions = publisher.failures, feed.subscriptions
+
+    redis.stop()
+    redis.start()
+    wait_for(lambda: feed.subscriptions > subscriptions, 15, "the subscription again", 0.01)
+    with no_version_read(other):
+        assert _status(other, alice) == 200  # subscribed again and trusted
+        assert one.test_client().delete(ME + "/current", headers=alice).status_code == 204
+        assert _status(other, alice) == 401
+    assert publisher.failures == failures
+
+
+def test_each_process_shows_whether_it_follows_redis(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    make_user("alice")
+    alone = make_app(METRICS_TOKEN=TOKEN)
+    app = make_app(RATELIMIT_STORAGE_URI=redis.uri, METRICS_TOKEN=TOKEN)
+    feed = _cache(app).feed
+    assert feed is not None
+    _, alice = _issue(app, "alice")
+    subscribed = "broker_token_changes_subscribed "
+    assert f"{subscribed}0" in scrape(alone).splitlines()  # no Redis: the version every time
+    assert app.test_client().get(ME, headers=alice).status_code == 200  # starts the subscriber
+    wait_for(feed.subscribed.is_set, 15, "the subscription", 0.01)
+    assert f"{subscribed}1" in scrape(app).splitlines()
+    redis.stop()
+    assert f"{subscribed}0" in scrape(app).splitlines()  # its end is seen by the scrape itself
 
 
 def test_a_redis_that_stops_answering_is_given_up_within_a_heartbeat(
