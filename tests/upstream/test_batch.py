@@ -27,27 +27,8 @@ from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import CloudflareNotFound, Priority
 from broker.upstream.models import UpstreamBatchToken
 from broker.worker import run_once
+from tests.support.batch import METRICS, URL, batch_app, batch_route, create
 from tests.support.redis_server import redis_server
-
-URL = "/api/v1/uploads"
-METRICS = "scrape-me-0123456789"
-
-
-def _batch_app(make_app: Callable[..., Flask], **overrides: Any) -> Flask:
-    return make_app(CLOUDFLARE_BATCH="auto", METRICS_TOKEN=METRICS, **overrides)
-
-
-def _route(app: Flask) -> BatchRoute:
-    route = app.extensions["batch_route"]
-    assert isinstance(route, BatchRoute)
-    return route
-
-
-def _create(app: Flask, auth: dict[str, str]) -> dict[str, Any]:
-    response = app.test_client().post(URL, json={}, headers=auth)
-    assert response.status_code == 201, response.get_json()
-    body: dict[str, Any] = response.get_json()
-    return body
 
 
 def _send_file(body: dict[str, Any]) -> None:
@@ -67,21 +48,15 @@ def _drafts(emulator: EmulatorServer, user: User) -> int:
     return int(rows[0][0])
 
 
-@pytest.fixture
-def alice(make_user: Callable[..., User]) -> User:
-    """A user who uploads."""
-    return make_user("alice")
-
-
 def test_processes_share_one_token_and_creates_skip_the_global_api(
     make_app: Callable[..., Flask],
     alice: User,
     bearer: Callable[..., dict[str, str]],
     emulator: EmulatorServer,
 ) -> None:
-    first, second = _batch_app(make_app), _batch_app(make_app)  # two processes' apps
+    first, second = batch_app(make_app), batch_app(make_app)  # two processes' apps
     auth = bearer(first, alice)
-    bodies = [_create(app, auth) for app in (first, second, first, second)]
+    bodies = [create(app, auth) for app in (first, second, first, second)]
     counters = emulator.counters()
     assert counters.get("batch_token") == 1  # fetched once, for both
     assert counters.get("batch.direct_upload") == 4
@@ -102,8 +77,8 @@ def test_a_process_that_read_before_another_stored_the_token_does_not_fetch_agai
 ) -> None:
     """The race two processes starting at once ran into: the second read "no token" just before
     the first stored one (and released the lease), then won the lease itself."""
-    first, second = _batch_app(make_app), _batch_app(make_app)
-    late = _route(second)
+    first, second = batch_app(make_app), batch_app(make_app)
+    late = batch_route(second)
     reads: list[object] = []
     real_read = late._read
 
@@ -116,7 +91,7 @@ def test_a_process_that_read_before_another_stored_the_token_does_not_fetch_agai
     with first.app_context():
         from broker.upstream.cloudflare import get_client
 
-        token = _route(first).token(get_client(), Priority.INTERACTIVE)
+        token = batch_route(first).token(get_client(), Priority.INTERACTIVE)
     with second.app_context():
         assert late.token(get_client(), Priority.INTERACTIVE) == token
     assert len(reads) == 2  # the stale read, then the one after winning the lease
@@ -128,8 +103,8 @@ def test_a_forked_process_cannot_release_another_processs_refresh_lease(
 ) -> None:
     """Web processes forked from the master share the route object: each names itself anew,
     so one's release never clears the lease another holds."""
-    app = _batch_app(make_app)
-    route = _route(app)
+    app = batch_app(make_app)
+    route = batch_route(app)
     slot = route.slots[0]
     holder = route.owner
     assert route.owner == holder  # stable within one process
@@ -159,10 +134,10 @@ def test_a_call_that_waited_for_its_token_is_counted_again_when_sent(
 ) -> None:
     """token() counts the call before it may fetch a token (seconds, with retries): the send
     then counts again, in the second it really leaves; a token in memory is counted once."""
-    app = _batch_app(make_app)
+    app = batch_app(make_app)
     now = [1_000_000.0]
     rate = _Counting(lambda: now[0])
-    shared = _route(app)
+    shared = batch_route(app)
     route = BatchRoute(shared.engine, shared.base, rate, keyring=shared.keyring, clock=rate.clock)
 
     class SlowSource:
@@ -189,9 +164,9 @@ def test_a_call_prepaid_on_the_global_budget_counts_each_batch_attempt(
 ) -> None:
     """The caller prepaid the global budget, then the endpoint went to the batch host: the
     batch token's rate still counts the first attempt and the retry."""
-    app = _batch_app(make_app)
+    app = batch_app(make_app)
     rate = _Counting(time.time)
-    shared = _route(app)
+    shared = batch_route(app)
     route = BatchRoute(shared.engine, shared.base, rate, keyring=shared.keyring)
     with app.app_context():
         from broker.upstream.cloudflare import get_client
@@ -213,18 +188,18 @@ def test_token_is_refreshed_before_it_expires(
     bearer: Callable[..., dict[str, str]],
     emulator: EmulatorServer,
 ) -> None:
-    app, other = _batch_app(make_app), _batch_app(make_app)
+    app, other = batch_app(make_app), batch_app(make_app)
     auth = bearer(app, alice)
-    _create(app, auth)
+    create(app, auth)
     with app.app_context():
         old = db.session.get(UpstreamBatchToken, "cloudflare")
         assert old is not None and old.expires_at is not None
         old_token, expires = old.token, old.expires_at.timestamp()
     # 4 minutes before expiry (refresh starts 5 minutes before): one process refreshes.
     for each in (app, other):
-        _route(each).clock = lambda: expires - 240
-    _create(app, auth)
-    _create(other, auth)
+        batch_route(each).clock = lambda: expires - 240
+    create(app, auth)
+    create(other, auth)
     assert emulator.counters().get("batch_token") == 2
     with app.app_context():
         new = db.session.get(UpstreamBatchToken, "cloudflare")
@@ -239,10 +214,10 @@ def test_endpoints_are_routed_to_the_batch_host_or_the_global_api(
     bearer: Callable[..., dict[str, str]],
     emulator: EmulatorServer,
 ) -> None:
-    app = _batch_app(make_app)
+    app = batch_app(make_app)
     auth = bearer(app, alice)
     client = app.test_client()
-    done, silent, quiet = _create(app, auth), _create(app, auth), _create(app, auth)
+    done, silent, quiet = create(app, auth), create(app, auth), create(app, auth)
     _send_file(done)
     # A cooperative client: verified inline through the batch host (one details call).
     completed = client.post(f"{URL}/{done['id']}/complete", headers=auth)
@@ -284,14 +259,14 @@ def test_forbidden_endpoint_falls_back_once_without_double_creates(
     emulator: EmulatorServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    app, other = _batch_app(make_app), _batch_app(make_app)
+    app, other = batch_app(make_app), batch_app(make_app)
     auth = bearer(app, alice)
     emulator.forbid_batch("direct_upload")
     caplog.set_level(logging.WARNING, logger="broker.batch")
-    bodies = [_create(app, auth), _create(app, auth)]
+    bodies = [create(app, auth), create(app, auth)]
     # Another process learns of the fall-back from the database (after its reload interval).
-    _route(other)._fallbacks_read = float("-inf")
-    bodies.append(_create(other, auth))
+    batch_route(other)._fallbacks_read = float("-inf")
+    bodies.append(create(other, auth))
     counters = emulator.counters()
     assert counters["batch.direct_upload"] == 1  # refused once with 103, never again
     assert counters["direct_upload"] == 3
@@ -318,11 +293,11 @@ def test_refused_token_sends_the_call_to_the_global_api(
     bearer: Callable[..., dict[str, str]],
     emulator: EmulatorServer,
 ) -> None:
-    app = _batch_app(make_app)
+    app = batch_app(make_app)
     auth = bearer(app, alice)
-    first = _create(app, auth)
+    first = create(app, auth)
     emulator.revoke_batch_tokens()
-    second = _create(app, auth)
+    second = create(app, auth)
     counters = emulator.counters()
     assert counters["batch.direct_upload"] == 2  # the second one refused with 401
     assert counters["direct_upload"] == 1
@@ -338,7 +313,7 @@ def test_repeated_errors_fall_back_but_a_post_is_never_resent(
     bearer: Callable[..., dict[str, str]],
     emulator: EmulatorServer,
 ) -> None:
-    app = _batch_app(make_app)
+    app = batch_app(make_app)
     auth = bearer(app, alice)
     client = app.test_client()
     emulator.inject_fault("batch.direct_upload", status=500)
@@ -357,10 +332,10 @@ def test_repeated_errors_fall_back_but_a_post_is_never_resent(
 
 
 def test_the_per_token_rate_is_shared_across_processes(make_app: Callable[..., Flask]) -> None:
-    first = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5)
-    second = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5)
+    first = batch_app(make_app, CLOUDFLARE_BATCH_RATE=5)
+    second = batch_app(make_app, CLOUDFLARE_BATCH_RATE=5)
     now = [1_800_000_000.5]
-    rates = [_route(app).rate for app in (first, second)]
+    rates = [batch_route(app).rate for app in (first, second)]
     for rate in rates:
         rate.clock = lambda: now[0]  # type: ignore[attr-defined]
     for i in range(5):
@@ -377,8 +352,8 @@ def test_the_per_token_rate_holds_under_concurrent_callers(make_app: Callable[..
     never more than the limit is let through within one second, a refused call gives its count
     back, and the next second is free again."""
     limit = 20
-    apps = [_batch_app(make_app, CLOUDFLARE_BATCH_RATE=limit) for _ in range(2)]
-    rates = [_route(app).rate for app in apps]
+    apps = [batch_app(make_app, CLOUDFLARE_BATCH_RATE=limit) for _ in range(2)]
+    rates = [batch_route(app).rate for app in apps]
     now = [1_800_000_000.05]
     for rate in rates:
         rate.clock = lambda: now[0]  # type: ignore[attr-defined]
@@ -422,7 +397,7 @@ def test_the_per_token_rate_counts_any_second_not_whole_seconds(
     """Calls spread over time: in no window of one second (wherever it starts) do more than
     the limit pass, while a steady caller still gets most of it."""
     limit = 10
-    rates = [_route(_batch_app(make_app, CLOUDFLARE_BATCH_RATE=limit)).rate for _ in range(2)]
+    rates = [batch_route(batch_app(make_app, CLOUDFLARE_BATCH_RATE=limit)).rate for _ in range(2)]
     now = [1_800_000_000.0]
     for rate in rates:
         rate.clock = lambda: now[0]  # type: ignore[attr-defined]
@@ -447,15 +422,8 @@ def test_batch_off_uses_only_the_global_api(
 ) -> None:
     app = make_app(CLOUDFLARE_BATCH="off")
     assert app.extensions["batch_route"] is None
-    _create(app, bearer(app, alice))
+    create(app, bearer(app, alice))
     assert emulator.kinds()["batch"] == 0 and emulator.counters()["direct_upload"] == 1
-
-
-@pytest.fixture
-def redis_uri(tmp_path: Path) -> Iterator[str]:
-    """A redis-server of this test's own, on a unix socket (no TCP port at all)."""
-    with redis_server(tmp_path) as server:
-        yield server.uri
 
 
 def test_the_per_token_rate_is_shared_through_redis(
@@ -463,10 +431,10 @@ def test_the_per_token_rate_is_shared_through_redis(
 ) -> None:
     """Two apps (as two processes would) with RATELIMIT_STORAGE_URI on Redis share the rate."""
     apps = [
-        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5, RATELIMIT_STORAGE_URI=redis_uri)
+        batch_app(make_app, CLOUDFLARE_BATCH_RATE=5, RATELIMIT_STORAGE_URI=redis_uri)
         for _ in range(2)
     ]
-    rates = [_route(app).rate for app in apps]
+    rates = [batch_route(app).rate for app in apps]
     assert all(isinstance(rate, RedisRate) for rate in rates)
     with time_machine.travel(1_800_000_000.5, tick=False) as traveller:
         for i in range(5):
@@ -487,9 +455,9 @@ def test_the_batch_base_follows_an_api_base_that_is_not_cloudflares(
 ) -> None:
     """Pointed at the emulator without BROKER_CLOUDFLARE_BATCH_BASE, creates go to the
     emulator's batch host, not to Cloudflare's (which would refuse every one with 502)."""
-    app = _batch_app(make_app, CLOUDFLARE_BATCH_BASE=None)
-    assert _route(app).base == emulator.batch_base
-    _create(app, bearer(app, alice))
+    app = batch_app(make_app, CLOUDFLARE_BATCH_BASE=None)
+    assert batch_route(app).base == emulator.batch_base
+    create(app, bearer(app, alice))
     counters = emulator.counters()
     assert counters["batch.direct_upload"] == 1 and "direct_upload" not in counters
 
@@ -514,20 +482,20 @@ def test_a_create_the_batch_host_never_received_goes_to_the_global_api_at_once(
 ) -> None:
     """Connection refused: nothing was sent, so the global API takes every create (no 502),
     and after ERRORS_BEFORE_FALLBACK of them the endpoint stays there for the cool-down."""
-    app = _batch_app(make_app, CLOUDFLARE_BATCH_BASE=f"http://127.0.0.1:{refusing_port}/batch")
+    app = batch_app(make_app, CLOUDFLARE_BATCH_BASE=f"http://127.0.0.1:{refusing_port}/batch")
     auth = bearer(app, alice)
     caplog.set_level(logging.WARNING, logger="broker.batch")
     with app.app_context():
-        _route(app).forget_token()  # a token of its own, fetched from the global API
+        batch_route(app).forget_token()  # a token of its own, fetched from the global API
     for _ in range(ERRORS_BEFORE_FALLBACK):
-        _create(app, auth)
+        create(app, auth)
     assert emulator.counters()["direct_upload"] == ERRORS_BEFORE_FALLBACK
     assert "batch.direct_upload" not in emulator.counters()
     assert [r.getMessage() for r in caplog.records] == [
         "batch API: direct_upload goes to the global API for 600s (5 errors in a row (0))"
     ]
-    assert not _route(app).uses_batch("direct_upload")
-    _create(app, auth)
+    assert not batch_route(app).uses_batch("direct_upload")
+    create(app, auth)
     assert emulator.counters()["direct_upload"] == ERRORS_BEFORE_FALLBACK + 1
 
 
@@ -552,27 +520,27 @@ def test_with_redis_down_the_batch_rate_is_counted_in_the_process(
         return line.split()[1]
 
     with redis_server(tmp_path) as redis:
-        app = _batch_app(make_app, RATELIMIT_STORAGE_URI=redis.uri, CLOUDFLARE_BATCH_RATE=3)
+        app = batch_app(make_app, RATELIMIT_STORAGE_URI=redis.uri, CLOUDFLARE_BATCH_RATE=3)
         auth = bearer(app, alice)
-        _create(app, auth)
+        create(app, auth)
         assert shared() == "1"
         redis.stop()
         caplog.set_level(logging.WARNING, logger="broker.batch")
         with time_machine.travel(1_800_000_000.5, tick=False) as traveller:
             # The token has expired by then: this call fetches another, so it counts twice.
-            _create(app, auth)
+            create(app, auth)
             traveller.shift(1)
             for _ in range(3):
-                _create(app, auth)
+                create(app, auth)
             # The rate still holds, counted here: a fourth call this second is refused.
             with pytest.raises(BudgetExhausted):
-                _route(app).rate.acquire(Priority.INTERACTIVE)
+                batch_route(app).rate.acquire(Priority.INTERACTIVE)
             assert shared() == "0"
             down = [r for r in caplog.records if "rate storage unreachable" in r.getMessage()]
             assert len(down) == 1  # once, not per call
             redis.start()
             traveller.shift(RedisRate.RECHECK + 1)
-            _create(app, auth)
+            create(app, auth)
             assert shared() == "1"
         assert any("answers again" in r.getMessage() for r in caplog.records)
     assert emulator.counters().get("batch.direct_upload") == 6
@@ -581,8 +549,8 @@ def test_with_redis_down_the_batch_rate_is_counted_in_the_process(
 def test_one_process_counts_the_per_token_rate_in_memory(make_app: Callable[..., Flask]) -> None:
     """BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process: the rate is this process's own, counted
     without a statement; it still holds within any second and frees as the second passes."""
-    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=5, CLOUDFLARE_BATCH_RATE_SCOPE="process")
-    rate = _route(app).rate
+    app = batch_app(make_app, CLOUDFLARE_BATCH_RATE=5, CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    rate = batch_route(app).rate
     assert isinstance(rate, MemoryRate)
     seen: list[str] = []
 
@@ -590,7 +558,7 @@ def test_one_process_counts_the_per_token_rate_in_memory(make_app: Callable[...,
         seen.append(args[2])
 
     with app.app_context():
-        engines = {db.engine, _route(app).engine}
+        engines = {db.engine, batch_route(app).engine}
     for engine in engines:
         sa.event.listen(engine, "before_cursor_execute", on_execute)
     try:

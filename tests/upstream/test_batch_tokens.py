@@ -5,9 +5,7 @@ per-token counts are shared by processes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -27,26 +25,9 @@ from broker.upstream.batch import (
 from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import CloudflareNotFound, Priority, get_client
 from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
-from tests.support.redis_server import redis_server
+from tests.support.batch import batch_app, batch_route, create
 
-URL = "/api/v1/uploads"
 NOW = 1_800_000_000.25
-
-
-def _batch_app(make_app: Callable[..., Flask], **overrides: Any) -> Flask:
-    return make_app(CLOUDFLARE_BATCH="auto", **overrides)
-
-
-def _route(app: Flask) -> BatchRoute:
-    route = app.extensions["batch_route"]
-    assert isinstance(route, BatchRoute)
-    return route
-
-
-def _create(app: Flask, auth: dict[str, str]) -> str:
-    response = app.test_client().post(URL, json={}, headers=auth)
-    assert response.status_code == 201, response.get_json()
-    return str(response.get_json()["image_id"])
 
 
 def _details(app: Flask) -> None:
@@ -68,12 +49,6 @@ def _stored(app: Flask) -> dict[str, bool]:
         return {scope: token is not None for scope, token in rows}
 
 
-@pytest.fixture
-def alice(make_user: Callable[..., User]) -> User:
-    """A user who uploads."""
-    return make_user("alice")
-
-
 def test_the_rate_is_split_over_the_fewest_tokens() -> None:
     assert token_shares(200, 200) == [200]
     assert token_shares(150, 200) == [150]
@@ -88,8 +63,8 @@ def test_a_rate_of_400_spreads_calls_over_two_tokens_none_past_200(
     """Every call in one stopped second (the tokens fetched before it): 400 go through, 200
     on each token (the emulator's own count, never a 429), taken in turn; the 401st waits for
     a token with room, then gives up."""
-    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
-    route = _route(app)
+    app = batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
+    route = batch_route(app)
     rates = [slot.rate for slot in route.slots]
     assert all(isinstance(rate, DatabaseRate) for rate in rates)
     assert [rate.limit for rate in rates if isinstance(rate, DatabaseRate)] == [200, 200]
@@ -129,8 +104,8 @@ def test_each_token_is_renewed_on_its_own_before_it_expires(
 ) -> None:
     """Two tokens fetched 20 minutes apart: 4 minutes before the first expires, only the first
     is fetched again; the second is renewed later, when its own time comes."""
-    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
-    route = _route(app)
+    app = batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
+    route = batch_route(app)
     with time_machine.travel(NOW, tick=False):
         _details(app)  # the first token
     with time_machine.travel(NOW + 1200, tick=False):
@@ -161,11 +136,11 @@ def test_a_rate_one_token_carries_keeps_exactly_one_token(
     emulator: EmulatorServer,
     rate: int,
 ) -> None:
-    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=rate)
-    assert len(_route(app).slots) == 1
+    app = batch_app(make_app, CLOUDFLARE_BATCH_RATE=rate)
+    assert len(batch_route(app).slots) == 1
     auth = bearer(app, alice)
     for _ in range(4):
-        _create(app, auth)
+        create(app, auth)
     for _ in range(4):
         _details(app)
     counters = emulator.counters()
@@ -188,16 +163,18 @@ def test_a_token_revoked_at_the_emulator_is_replaced_without_failing_a_create(
     global API at once (201), that token alone is fetched again, and the batch host keeps the
     endpoint (no fall-back for the cool-down)."""
     app, other = (
-        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400),
-        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400),
+        batch_app(make_app, CLOUDFLARE_BATCH_RATE=400),
+        batch_app(make_app, CLOUDFLARE_BATCH_RATE=400),
     )
-    route = _route(app)
+    route = batch_route(app)
     auth = bearer(app, alice)
-    _create(app, auth)
-    _create(app, auth)
+    create(app, auth)
+    create(app, auth)
     first, second = _tokens(route)
     emulator.revoke_batch_token(second)
-    images = [_create(app, auth) for _ in range(4)]  # slot 0, slot 1 (refused), 0, 1 (new)
+    images = [
+        create(app, auth)["image_id"] for _ in range(4)
+    ]  # slot 0, slot 1 (refused), 0, 1 (new)
     assert len(set(images)) == 4
     counters = emulator.counters()
     assert counters["batch_token"] == 3  # the revoked one replaced, the other kept
@@ -210,9 +187,9 @@ def test_a_token_revoked_at_the_emulator_is_replaced_without_failing_a_create(
     assert kept == first and replaced not in (first, second)
     assert emulator.batch_token_use(replaced)[0] == 1
     # Another process reads the replacement from the database: no fetch of its own.
-    _create(other, auth)
-    _create(other, auth)
-    assert sorted(_tokens(_route(other))) == sorted([first, replaced])
+    create(other, auth)
+    create(other, auth)
+    assert sorted(_tokens(batch_route(other))) == sorted([first, replaced])
     assert emulator.counters()["batch_token"] == 3
 
 
@@ -225,22 +202,15 @@ def test_when_replacement_tokens_are_refused_too_the_endpoint_falls_back(
     """A batch host that refuses every token (as some accounts report): the first refusal is
     taken for a revoked token and replaced; the replacement refused too, the endpoint goes to
     the global API for the cool-down. No create fails meanwhile."""
-    app = _batch_app(make_app)
+    app = batch_app(make_app)
     auth = bearer(app, alice)
     emulator.inject_fault("batch.direct_upload", status=401)
     for _ in range(3):
-        _create(app, auth)
+        create(app, auth)
     counters = emulator.counters()
     assert counters["batch_token"] == 2
     assert counters["batch.direct_upload"] == 2 and counters["direct_upload"] == 3
-    assert not _route(app).uses_batch("direct_upload")
-
-
-@pytest.fixture
-def redis_uri(tmp_path: Path) -> Iterator[str]:
-    """A redis-server of this test's own, on a unix socket."""
-    with redis_server(tmp_path) as server:
-        yield server.uri
+    assert not batch_route(app).uses_batch("direct_upload")
 
 
 @pytest.mark.parametrize("storage", ["database", "redis"])
@@ -258,10 +228,10 @@ def test_processes_share_each_tokens_count_apart(
         else {}
     )
     apps = [
-        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=10, CLOUDFLARE_BATCH_TOKEN_RATE=5, **extra)
+        batch_app(make_app, CLOUDFLARE_BATCH_RATE=10, CLOUDFLARE_BATCH_TOKEN_RATE=5, **extra)
         for _ in range(2)
     ]
-    routes = [_route(app) for app in apps]
+    routes = [batch_route(app) for app in apps]
     kind = RedisRate if storage == "redis" else DatabaseRate
     assert all(len(r.slots) == 2 and isinstance(r.slots[1].rate, kind) for r in routes)
     for route in routes:
