@@ -99,6 +99,18 @@ def on_starting(server):
         _load_before_fork(application)
 
 
+def when_ready(server):
+    """Before forking a web process, stop in one line (as wsgi.py does) when the app's
+    settings cannot run as many web processes as gunicorn is about to fork: the app cannot
+    tell by itself how many run."""
+    app = getattr(getattr(server, "app", None), "callable", None)  # loaded in on_starting
+    check = getattr(app, "extensions", {}).get("web_processes_problem")
+    problem = check(server.cfg.workers) if check is not None else None
+    if problem:
+        sys.stderr.write(f"upload broker refuses to start: {problem}\n")
+        raise SystemExit(1)
+
+
 def _load_before_fork(application):
     """Load the app in the master, so each web process forked from it shares its pages.
 

@@ -34,6 +34,7 @@ and v1 upload — through `BatchRoute` while it says so, and everything else to 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -70,6 +71,8 @@ from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, Up
 log = logging.getLogger("broker.batch")
 
 EXTENSION_KEY = "batch_route"
+# app.extensions key: what stops this many web processes from running (gunicorn.conf.py asks).
+WEB_PROCESSES_KEY = "web_processes_problem"
 SCOPE = "cloudflare"
 # The endpoints Cloudflare documents on the batch host, by the client's names for them.
 ENDPOINTS = (
@@ -747,9 +750,27 @@ def route_from_settings(engine: Engine, settings: Settings, keyring: Keyring) ->
 def init_app(app: Flask) -> None:
     """Create the app's batch route (after the budget, whose small engine it shares)."""
     budget: UpstreamBudget = app.extensions[BUDGET_KEY]
+    settings = settings_of(app)
     app.extensions[EXTENSION_KEY] = route_from_settings(
-        budget.engine, settings_of(app), app.extensions[KEYRING_KEY]
+        budget.engine, settings, app.extensions[KEYRING_KEY]
     )
+    # Called by gunicorn.conf.py in the master, which knows how many web processes it runs.
+    app.extensions[WEB_PROCESSES_KEY] = functools.partial(web_processes_problem, settings)
+
+
+def web_processes_problem(settings: Settings, processes: int) -> str | None:
+    """Say why `processes` web processes cannot run with these settings, else None: with the
+    per-token rates counted in each process's memory, each would allow the whole rate."""
+    in_memory = settings.cloudflare_batch_rate_scope == "process"
+    if in_memory and settings.cloudflare_batch == "auto" and processes > 1:
+        return (
+            f"BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process counts the batch API's rate in each "
+            f"process, and {processes} web processes would each allow the whole "
+            f"BROKER_CLOUDFLARE_BATCH_RATE ({settings.cloudflare_batch_rate}/s; Cloudflare "
+            f"answers the excess with 429): run one (WEB_CONCURRENCY=1) or count it in the "
+            f"shared storage (BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=shared)"
+        )
+    return None
 
 
 def metric_lines(session: object) -> list[str]:

@@ -27,8 +27,10 @@ from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import CloudflareNotFound, Priority
 from broker.upstream.models import UpstreamBatchToken
 from broker.worker import run_once
+from tests.factories import production_env
 from tests.support.batch import METRICS, URL, batch_app, batch_route, create
 from tests.support.redis_server import redis_server
+from tests.system.topology import BIN, listening_socket, topology, wait_http
 
 
 def _send_file(body: dict[str, Any]) -> None:
@@ -573,3 +575,26 @@ def test_one_process_counts_the_per_token_rate_in_memory(make_app: Callable[...,
         for engine in engines:
             sa.event.remove(engine, "before_cursor_execute", on_execute)
     assert seen == []
+
+
+def test_gunicorn_refuses_several_web_processes_counting_the_rate_in_memory(
+    migrated: str, tmp_path: Path
+) -> None:
+    """Two web processes with BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process would each allow the
+    whole rate: the master refuses to start, in one line; one web process starts."""
+    env = production_env(migrated, str(tmp_path), BROKER_CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    gunicorn = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"]
+    with listening_socket() as sock, topology(tmp_path, env) as topo:
+        two = topo.start_web(gunicorn, sock, env={"WEB_CONCURRENCY": "2"})
+        assert two.popen.wait(60) != 0
+        refusal = [line for line in two.output().splitlines() if "refuses to start" in line]
+        assert refusal == [
+            "upload broker refuses to start: BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process counts "
+            "the batch API's rate in each process, and 2 web processes would each allow the "
+            "whole BROKER_CLOUDFLARE_BATCH_RATE (200/s; Cloudflare answers the excess with "
+            "429): run one (WEB_CONCURRENCY=1) or count it in the shared storage "
+            "(BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=shared)"
+        ]
+        assert "Traceback" not in two.output()
+        one = topo.start_web(gunicorn, sock, env={"WEB_CONCURRENCY": "1"})
+        wait_http(f"http://127.0.0.1:{sock.getsockname()[1]}/livez", process=one)
