@@ -510,14 +510,16 @@ def set_upload_limits(public_id: str, body: UserLimits) -> UserLimitsOut:
 
 
 # Seconds a client waits before asking `/complete` again: 1, 2, 4 … up to the worker's cap,
-# growing with each time Cloudflare said "no file yet", and never past the URL's expiry (when
-# the answer becomes final).
+# growing with each time Cloudflare said "no file yet" since the client first said it was sent
+# (the checks before it, while the person picked a file, say nothing of it), and never past the
+# URL's expiry (when the answer becomes final).
 RETRY_FIRST = 1
 
 
 def retry_after(upload: Upload, now: datetime) -> int:
     """Return when to ask again about a pending upload (grows while no file arrives)."""
-    grown: int = RETRY_FIRST * 2 ** min(max((upload.check_attempts or 0) - 1, 0), 8)
+    late = completion.checks_since_completed(upload)
+    grown: int = RETRY_FIRST * 2 ** min(max(late - 1, 0), 8)
     until_expiry = math.ceil((upload.expires_at - now).total_seconds())
     return max(1, min(grown, completion.CHECK_CAP, until_expiry))
 
@@ -550,6 +552,7 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
     settings = current_settings()
     profile = profiles.profiles_of(settings).find(upload.profile)
     now = utcnow()
+    checked = upload.check_attempts  # before this call's own check, which counts as late
     if now >= upload.expires_at:
         # No file can arrive through a dead URL: settle it now (ready if one came just in
         # time, else expired), not after the worker's grace period.
@@ -565,6 +568,7 @@ def complete_upload(upload_id: str) -> tuple[UploadOut, int, dict[str, str]] | R
     if upload.status != lifecycle.PENDING:
         return UploadOut.of(upload, now=now), 200, {}
     completion.hint(upload)  # also wakes an in-process worker
+    completion.client_completed(upload, checked)
     wait = retry_after(upload, now)
     return UploadOut.of(upload, now=now), 202, {"Retry-After": str(wait)}
 

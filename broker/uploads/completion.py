@@ -98,6 +98,18 @@ def hint(upload: Upload, *, now: datetime | None = None) -> bool:
     return True
 
 
+def client_completed(upload: Upload, checked: int | None) -> None:
+    """Note the client's first `/complete`, made after `checked` checks: those counted from
+    there on say its file is late (the ones before, while a person picked it, do not)."""
+    if upload.checks_before_complete is None:
+        upload.checks_before_complete = checked or 0
+
+
+def checks_since_completed(upload: Upload) -> int:
+    """Return how many checks found no file since the client's first `/complete`."""
+    return max(0, (upload.check_attempts or 0) - (upload.checks_before_complete or 0))
+
+
 def hint_all(session: Session, *, now: datetime | None = None) -> int:
     """Make every pending upload due now (a notification said some upload finished)."""
     now = now or utcnow()

@@ -86,6 +86,9 @@ class Upload(Model):
     # When the worker should next ask Cloudflare whether the file arrived.
     next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     check_attempts: Mapped[int] = mapped_column(default=0)
+    # check_attempts when the client first called `/complete` (None: not yet): its Retry-After
+    # grows with the checks after it, not with those made before the file was sent.
+    checks_before_complete: Mapped[int | None] = mapped_column()
     # When Cloudflare last said "still a draft": later than the client's file POST means the
     # file never arrived (rather than "not verified yet").
     last_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

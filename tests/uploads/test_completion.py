@@ -66,6 +66,27 @@ def test_complete_then_worker_verifies_and_delivers(setup, receiver, emulator):
     assert body["data"]["upload"]["filename"] == "cat.png"
 
 
+def test_completes_wait_grows_from_the_clients_first_call_not_from_creation(setup, emulator):
+    """The worker checked four times while the person picked the file (no /complete yet):
+    the first /complete still says 1 s, then the wait grows with the checks after it."""
+    app, client, auth = setup
+    up = create_upload(client, auth)
+    for n in range(1, 5):
+        worker.run_once(app, now=later(60 * n))
+    assert load_upload(app, up["id"]).check_attempts == 4
+    complete = f"/api/v1/uploads/{up['id']}/complete"
+    waits = []
+    for n in range(5, 9):  # the file does not come: each check after a call finds none
+        response = client.post(complete, headers=auth)
+        assert response.status_code == 202
+        waits.append(int(response.headers["Retry-After"]))
+        worker.run_once(app, now=later(60 * n))
+    assert waits == [1, 1, 2, 4]
+    send_file(up)
+    worker.run_once(app, now=later(60 * 9))
+    assert client.post(complete, headers=auth).status_code == 200
+
+
 def test_complete_is_owner_only(setup, make_user, bearer):
     app, client, auth = setup
     up = create_upload(client, auth)
