@@ -21,6 +21,7 @@ The caller's unit of work commits the row; nothing here commits itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,32 +167,48 @@ _STORED = (
 
 
 def _store(session: Session, upload: Upload) -> None:
-    """Insert the row of `upload` in place of its reservation (same id).
+    """Insert the row of `upload` in place of its reservation (same id), in one statement.
 
-    Core, not the ORM: the answer needs nothing a flush would give back, and the object stays
-    out of the session. On PostgreSQL one statement (the reservation's DELETE as a CTE of the
-    INSERT); SQLite's statements cannot carry a DELETE, so there it is two.
+    Core on the session's connection, not the ORM: the answer needs nothing a flush would give
+    back, and the object stays out of the session. On PostgreSQL the reservation's DELETE is a
+    CTE of the INSERT; on SQLite, whose statements cannot carry a DELETE, a trigger on
+    `uploads` deletes it (migration b3f1d8e2c6a4), so the write lock is held for one statement.
     """
-    uploads = cast(sa.Table, Upload.__table__)
-    reservations = cast(sa.Table, UploadReservation.__table__)
+    conn = session.connection()
     values = {name: getattr(upload, name) for name in _STORED}
-    gone = sa.delete(reservations).where(reservations.c.id == upload.id)
-    insert = sa.insert(uploads).values(values)
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(insert.add_cte(gone.cte("reservation_gone")))
-    else:
-        session.execute(gone)
-        session.execute(insert)
+    conn.execute(_storing(conn.dialect.name), values)
+
+
+@functools.cache
+def _storing(dialect: str) -> sa.Insert:
+    """The INSERT of an upload row (`_STORED`'s columns), built once per dialect: building a
+    statement costs more than running this one."""
+    uploads = cast(sa.Table, Upload.__table__)
+    insert = sa.insert(uploads).values({name: sa.bindparam(name) for name in _STORED})
+    if dialect != "postgresql":
+        return insert
+    reservations = cast(sa.Table, UploadReservation.__table__)
+    gone = sa.delete(reservations).where(reservations.c.id == sa.bindparam("id"))
+    return insert.add_cte(gone.cte("reservation_gone"))
 
 
 def _take_custom_id(session: Session, image_id: str) -> None:
     """Cloudflare gave out `image_id` again: the finished uploads that held it never touch it
     upstream any more (a postponed draft deletion would delete the new image)."""
-    session.execute(
-        sa.update(Upload)
-        .where(Upload.image_id == image_id, Upload.status.notin_((PENDING, READY)))
+    session.connection().execute(_taking_custom_id(), {"taken_id": image_id})
+
+
+@functools.cache
+def _taking_custom_id() -> sa.Update:
+    """The UPDATE of `_take_custom_id`, built once."""
+    uploads = cast(sa.Table, Upload.__table__)
+    return (
+        sa.update(uploads)
+        .where(
+            uploads.c.image_id == sa.bindparam("taken_id"),
+            uploads.c.status.notin_((PENDING, READY)),
+        )
         .values(draft_delete_at=None)
-        .execution_options(synchronize_session=False)
     )
 
 

@@ -115,7 +115,9 @@ class UploadReservation(Model):
     Taken under the user's lock before the upstream call and replaced by the Upload row (same
     id) in the transaction that stores it, or removed when the call fails: concurrent creates
     cannot overshoot the limits, and no lock is held while Cloudflare answers. A reservation
-    left by a killed process stops counting at `expires_at`.
+    left by a killed process stops counting at `expires_at`. On SQLite the Upload row's INSERT
+    deletes it (the trigger `uploads_take_reservation`, migration b3f1d8e2c6a4); on PostgreSQL
+    that INSERT carries the DELETE (`broker.uploads.create`).
     """
 
     __tablename__ = "upload_reservations"

@@ -34,6 +34,8 @@ from broker.uploads.lifecycle import PENDING, READY
 from broker.uploads.models import Upload, UploadReservation
 from broker.uploads.policy import UploadError
 from broker.uploads.profiles import DEFAULT, Profile, profiles_of
+from broker.upstream import budget as budget_statements
+from broker.upstream.budget import UpstreamBudget
 from broker.upstream.cloudflare import Budget, Priority
 
 DAY = timedelta(hours=24)
@@ -96,18 +98,42 @@ def _reserving() -> sa.Insert:
     """One statement storing the reservation `own` and returning the user's usage with it
     (`_usage_query`'s columns): the write comes first, so SQLite's write lock is taken before
     anything is counted, and the whole step is one round trip after the user's lock."""
+    return _reservation().returning(*_usage_query().selected_columns)
+
+
+@functools.cache
+def _reserving_paid() -> sa.Insert:
+    """`_reserving` that also spends the global budget's call (PostgreSQL, after `_locking`
+    took the scope's lock): the bucket's upsert as a CTE, its new count returned last."""
+    upsert = cast(sa.Insert, budget_statements.spending("postgresql", Priority.INTERACTIVE))
+    spend = upsert.cte("budget_spend")
+    calls = sa.select(spend.c.calls).scalar_subquery()
+    return _reservation().add_cte(spend).returning(*_usage_query().selected_columns, calls)
+
+
+def _reservation() -> sa.Insert:
     table = cast(sa.Table, UploadReservation.__table__)
-    return (
-        sa.insert(table)
-        .values(
-            id=sa.bindparam("own", type_=sa.String),
-            user_id=sa.bindparam("user_id", type_=sa.Integer),
-            profile=sa.bindparam("profile", type_=sa.String),
-            created_at=sa.bindparam("now", type_=UTCDateTime()),
-            expires_at=sa.bindparam("until", type_=UTCDateTime()),
-        )
-        .returning(*_usage_query().selected_columns)
+    return sa.insert(table).values(
+        id=sa.bindparam("own", type_=sa.String),
+        user_id=sa.bindparam("user_id", type_=sa.Integer),
+        profile=sa.bindparam("profile", type_=sa.String),
+        created_at=sa.bindparam("now", type_=UTCDateTime()),
+        expires_at=sa.bindparam("until", type_=UTCDateTime()),
     )
+
+
+@functools.cache
+def _locking() -> sa.Update:
+    """The user's row lock, then the global budget's (its state row; nothing when that row is
+    missing), in one statement (PostgreSQL): in this order, as every create takes them."""
+    users = cast(sa.Table, User.__table__)
+    user = (
+        sa.select(users.c.id)
+        .where(users.c.id == sa.bindparam("user_id", type_=sa.Integer))
+        .with_for_update(key_share=True)
+        .cte("user_lock")
+    )
+    return budget_statements.locking().where(sa.exists(sa.select(user.c.id)))
 
 
 @functools.cache
@@ -285,22 +311,53 @@ def reserve_slot(
     possible (one write instead of two per create); returns whether it was (BudgetExhausted
     when it is spent: nothing is reserved then, once the caller rolls back).
     """
-    if session.get_bind().dialect.name != "sqlite":
-        # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
-        # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
-        # (On SQLite the INSERT below takes the database's write lock.)
-        session.execute(
-            sa.select(User.id).where(User.id == user_id).with_for_update(key_share=True)
-        )
-    usage = session.execute(_reserving(), _usage(quotas, user_id, upload_id, now)).one()
+    conn = session.connection()
+    params = _usage(quotas, user_id, upload_id, now)
+    if conn.dialect.name == "sqlite":
+        # The INSERT takes the database's write lock, which serialises the whole step.
+        usage = conn.execute(_reserving(), params).one()
+        _check(session, user_id, quotas, now, usage, own_reservation=upload_id)
+        return budget is not None and budget.acquire_in(conn, Priority.INTERACTIVE)
+    if isinstance(budget, UpstreamBudget) and budget.shares(conn):
+        # Both locks in one round trip, then the reservation, the usage and the budget's spend
+        # in one statement, which reads the rows committed before the locks were granted.
+        moment = budget.clock()
+        if conn.execute(_locking(), {"user_id": user_id, "locked_scope": budget.scope}).first():
+            spend = budget.spending_params(moment, Priority.INTERACTIVE)
+            row = conn.execute(_reserving_paid(), {**params, **spend}).one()
+            _check(session, user_id, quotas, now, row[:4], own_reservation=upload_id)
+            return budget.settle(conn, row[4], moment, Priority.INTERACTIVE)
+        # The budget's state row does not exist yet (its first call): as below.
+    # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
+    # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
+    conn.execute(_user_lock(), {"user_id": user_id})
+    usage = conn.execute(_reserving(), params).one()
     _check(session, user_id, quotas, now, usage, own_reservation=upload_id)
-    # Last: on PostgreSQL the budget's row lock is shared by every process; hold it briefly.
-    return budget is not None and budget.acquire_in(session.connection(), Priority.INTERACTIVE)
+    # Last: the budget's row lock is shared by every process; hold it briefly.
+    return budget is not None and budget.acquire_in(conn, Priority.INTERACTIVE)
+
+
+@functools.cache
+def _user_lock() -> sa.Select[tuple[int]]:
+    """The user's row lock (PostgreSQL) taken before counting, built once."""
+    users = cast(sa.Table, User.__table__)
+    return (
+        sa.select(users.c.id)
+        .where(users.c.id == sa.bindparam("user_id", type_=sa.Integer))
+        .with_for_update(key_share=True)
+    )
 
 
 def release_slot(session: Session, upload_id: str) -> None:
     """Give back the slot of a create that failed (it expires anyway; the caller commits)."""
-    session.execute(sa.delete(UploadReservation).where(UploadReservation.id == upload_id))
+    session.connection().execute(_releasing(), {"upload_id": upload_id})
+
+
+@functools.cache
+def _releasing() -> sa.Delete:
+    """The DELETE of `release_slot`, built once."""
+    table = cast(sa.Table, UploadReservation.__table__)
+    return sa.delete(table).where(table.c.id == sa.bindparam("upload_id", type_=sa.String))
 
 
 def _seconds_until(moment: datetime | None, now: datetime) -> int:

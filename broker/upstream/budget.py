@@ -137,12 +137,7 @@ class UpstreamBudget:
         One round trip (UPDATE … RETURNING, PostgreSQL and SQLite ≥ 3.35): the row is locked
         until the transaction ends, so every statement saved here is time others do not wait.
         """
-        paused = conn.execute(
-            sa.update(_state)
-            .where(_state.c.scope == self.scope)
-            .values(seq=_state.c.seq + 1)
-            .returning(_state.c.paused_until_ms)
-        ).first()
+        paused = conn.execute(_locking(), {"locked_scope": self.scope}).first()
         return None if paused is None else int(paused[0] or 0)
 
     def _lock(self, conn: Connection) -> int:
@@ -172,29 +167,50 @@ class UpstreamBudget:
     def _spend(self, conn: Connection, now: float, priority: Priority) -> bool:
         """Record one call in the current bucket (serialised: see the module), or raise
         BudgetExhausted; False (nothing recorded) when the scope's state row is missing."""
-        first = self._window_start(now)
-        background = priority == Priority.BACKGROUND
-        current = int((now * self.unit) // self.bucket) * self.bucket
         spent = conn.execute(
-            _spending(conn.dialect.name, background),
-            {
-                "scope": self.scope,
-                "start": current,
-                "first": first,
-                "now_ms": math.floor(now * 1000),
-                "limit": self.limit,
-                "cap": self.limit - (self.reserve if background else self.background_share),
-                "background": int(background),
-            },
+            _spending(conn.dialect.name, priority == Priority.BACKGROUND),
+            self.spending_params(now, priority),
         ).first()
-        if spent is None:
+        return self._settle(conn, None if spent is None else spent[0], now, priority)
+
+    def spending_params(self, now: float, priority: Priority) -> dict[str, Any]:
+        """The parameters of `_spending` (and of `spending`) for a call at `now`."""
+        background = priority == Priority.BACKGROUND
+        return {
+            "scope": self.scope,
+            "start": int((now * self.unit) // self.bucket) * self.bucket,
+            "first": self._window_start(now),
+            "now_ms": math.floor(now * 1000),
+            "limit": self.limit,
+            "cap": self.limit - (self.reserve if background else self.background_share),
+            "background": int(background),
+        }
+
+    def settle(self, conn: Connection, calls: int | None, now: float, priority: Priority) -> bool:
+        """After `spending` ran in a caller's statement, under the scope's lock (`locking`):
+        True when it recorded the call (`calls`, the bucket's new count); else False when the
+        state row is missing, or BudgetExhausted saying when to retry."""
+        try:
+            return self._settle(conn, calls, now, priority)
+        except BudgetExhausted as exc:
+            self._refused(exc, priority)
+            raise
+
+    def _settle(self, conn: Connection, calls: int | None, now: float, priority: Priority) -> bool:
+        first = self._window_start(now)
+        if calls is None:
             return self._why_not(conn, now, first, priority)
-        if spent[0] == 1:
+        if calls == 1:
             # A new bucket is rare (once per slice): a good moment to drop expired ones.
             conn.execute(
                 sa.delete(_buckets).where(_buckets.c.scope == self.scope, _buckets.c.start < first)
             )
         return True
+
+    def shares(self, conn: Connection) -> bool:
+        """Tell whether this budget is kept in the database of `conn` (so a caller's own
+        statements may spend it: `locking` and `spending`)."""
+        return conn.engine.url == self.engine.url
 
     def _why_not(self, conn: Connection, now: float, first: int, priority: Priority) -> bool:
         """After `_spending` recorded nothing: False when the state row is missing, else raise
@@ -253,7 +269,7 @@ class UpstreamBudget:
         until then, so commit promptly. False (nothing spent) when `conn` is on another database
         or the scope's row does not exist yet: then use `acquire`. BudgetExhausted as `acquire`.
         """
-        if conn.engine.url != self.engine.url:
+        if not self.shares(conn):
             return False
         now = self.clock()
         # On SQLite the spend's own write lock serialises it: no statement to take a lock.
@@ -321,6 +337,33 @@ class UpstreamBudget:
             background=sum(int(bg or 0) for _, _, bg in rows),
             pace=math.ceil(recent * self.window / span),
         )
+
+
+def locking() -> sa.Update:
+    """The statement taking a scope's lock (`locked_scope`): its state row, written; returns its
+    pause.
+
+    For a caller that takes it with locks of its own in one statement (PostgreSQL), then spends
+    in a later statement (`spending`), whose snapshot then starts after the lock was granted.
+    """
+    return _locking()
+
+
+@functools.cache
+def _locking() -> sa.Update:
+    return (
+        sa.update(_state)
+        .where(_state.c.scope == sa.bindparam("locked_scope", type_=sa.String))
+        .values(seq=_state.c.seq + 1)
+        .returning(_state.c.paused_until_ms)
+    )
+
+
+def spending(dialect: str, priority: Priority) -> sa.Executable:
+    """The statement spending one call of `priority` (`spending_params`'s parameters), for a
+    caller that runs it as part of a statement of its own after `locking`; returns the
+    bucket's new count, nothing when refused (pass that to `UpstreamBudget.settle`)."""
+    return _spending(dialect, priority == Priority.BACKGROUND)
 
 
 @functools.cache

@@ -1,0 +1,35 @@
+"""an upload row takes its reservation's slot by itself on SQLite
+
+Revision ID: b3f1d8e2c6a4
+Revises: e2b7c9d4a1f6
+Create Date: 2026-12-07 02:20:00.000000
+
+"""
+from alembic import op
+
+
+# revision identifiers, used by Alembic.
+revision = 'b3f1d8e2c6a4'
+down_revision = 'e2b7c9d4a1f6'
+branch_labels = None
+depends_on = None
+
+# SQLite only: there one statement cannot both insert and delete, and each statement of the
+# create's second transaction holds the database's one write lock. PostgreSQL carries the
+# DELETE as a CTE of the INSERT (broker.uploads.create), with no trigger function to keep.
+TRIGGER = 'uploads_take_reservation'
+
+
+def upgrade():
+    if op.get_bind().dialect.name != 'sqlite':
+        return
+    op.execute(
+        f'CREATE TRIGGER {TRIGGER} AFTER INSERT ON uploads '
+        'BEGIN DELETE FROM upload_reservations WHERE id = NEW.id; END'
+    )
+
+
+def downgrade():
+    if op.get_bind().dialect.name != 'sqlite':
+        return
+    op.execute(f'DROP TRIGGER IF EXISTS {TRIGGER}')
