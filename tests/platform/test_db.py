@@ -12,6 +12,7 @@ from flask import Flask
 
 from broker import create_app
 from broker.platform.db import MIGRATIONS_DIR, SQLITE_CACHE_KIB, db
+from broker.uploads.models import Upload
 from tests.conftest import base_config
 
 
@@ -33,6 +34,16 @@ def test_a_sqlite_connection_keeps_a_page_cache_of_its_own_bounded(tmp_path) -> 
             for conn in (first, second):
                 assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -SQLITE_CACHE_KIB
         db.engine.dispose()
+
+
+def test_a_partial_index_gets_its_condition_in_the_terms_of_the_database_in_use(app):
+    """The live-image-id index is partial on SQLite and PostgreSQL alike, though the models
+    name no dialect (only the one in use is loaded)."""
+    index = next(i for i in Upload.__table__.indexes if i.name == "uq_uploads_live_image_id")
+    with app.app_context():
+        ddl = str(sa.schema.CreateIndex(index).compile(dialect=db.engine.dialect))
+    assert ddl.startswith("CREATE UNIQUE INDEX uq_uploads_live_image_id ON uploads (image_id)")
+    assert ddl.endswith("WHERE status IN ('pending', 'ready')")
 
 
 def test_single_migration_head():
