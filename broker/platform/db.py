@@ -268,8 +268,8 @@ def ping_when_idle(engine: sa.Engine, *, clock: Callable[[], float] = time.monot
 # connection per thread: a process that had read 2 MiB through each of its 16 held 32 MiB more
 # than at start, for good. Under WAL a connection drops its whole cache whenever another one has
 # committed since, so between writes from every thread a large cache is rarely hit anyway; the
-# operating system's file cache serves the rereads. 512 KiB holds a request's pages many times.
-SQLITE_CACHE_KIB = 512
+# operating system's file cache serves the rereads. 64 pages hold a create's or a listing's.
+SQLITE_CACHE_KIB = 256
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
