@@ -148,9 +148,35 @@ IN_LIST_SIZE = 400
 
 def upsert_insert(dialect: str) -> Callable[..., Any]:
     """Return the dialect's `insert` construct, the one with ON CONFLICT (PostgreSQL or SQLite)."""
-    from sqlalchemy.dialects import postgresql, sqlite
+    # Only the dialect in use is imported: the other is megabytes of a process's memory.
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
 
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
+
+
+# The key of a partial index's condition in its `info` (see partial_index).
+PARTIAL_WHERE = "partial_where"
+
+
+def partial_index(name: str, *columns: str, where: str, unique: bool = False) -> sa.Index:
+    """Return an index of the rows where `where` (SQL) holds, on SQLite and PostgreSQL alike."""
+    # The condition reaches the database in use when an app binds it (init_app). Given to both
+    # dialects here, SQLAlchemy would load both to check the options: its PostgreSQL dialect is
+    # 2.3 MB of every SQLite process (and its SQLite one 0.7 MB of every PostgreSQL process).
+    return sa.Index(name, *columns, unique=unique, info={PARTIAL_WHERE: where})
+
+
+def _bind_partial_indexes(metadata: sa.MetaData, dialect: str) -> None:
+    """Give each partial index of `metadata` its condition in `dialect`'s terms."""
+    for table in metadata.tables.values():
+        for index in table.indexes:
+            where = index.info.get(PARTIAL_WHERE)
+            if where is not None:
+                index.dialect_kwargs[f"{dialect}_where"] = sa.text(where)
 
 
 def in_chunks(items: Sequence[T]) -> Iterator[list[T]]:
@@ -238,8 +264,16 @@ def ping_when_idle(engine: sa.Engine, *, clock: Callable[[], float] = time.monot
             raise
 
 
+# Each SQLite connection keeps its own page cache (2 MiB by default), and a web process keeps a
+# connection per thread: a process that had read 2 MiB through each of its 16 held 32 MiB more
+# than at start, for good. Under WAL a connection drops its whole cache whenever another one has
+# committed since, so between writes from every thread a large cache is rarely hit anyway; the
+# operating system's file cache serves the rereads. 64 pages hold a create's or a listing's.
+SQLITE_CACHE_KIB = 256
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """Turn on WAL and foreign keys for every SQLite connection."""
+    """Turn on WAL and foreign keys for every SQLite connection, and bound its page cache."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     # Under WAL, NORMAL stays consistent after a crash and halves the cost of each commit;
@@ -247,6 +281,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cursor.close()
 
 
@@ -262,6 +297,7 @@ def init_app(app: Flask) -> None:
     # values: webhook secrets, signing-key values, password and token hashes.
     options.setdefault("hide_parameters", True)
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+    _bind_partial_indexes(db.metadata, sa.make_url(url).get_backend_name())
     db.init_app(app)
     app.extensions["migrate"] = _Migrations(app)
     app.cli.add_command(_MigrationCommands())

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from broker.auth.models import User
 from broker.platform.columns import StrEnumText
-from broker.platform.db import Model, UTCDateTime, utcnow
+from broker.platform.db import Model, UTCDateTime, partial_index, utcnow
 
 
 def _upload_id() -> str:
@@ -54,12 +54,11 @@ class Upload(Model):
         sa.Index("ix_uploads_user_profile_status", "user_id", "profile", "status"),
         # A custom id is Cloudflare's to give out again once its image is gone: only live
         # uploads (a draft waiting, or an image kept) hold their image id.
-        sa.Index(
+        partial_index(
             "uq_uploads_live_image_id",
             "image_id",
             unique=True,
-            sqlite_where=sa.text("status IN ('pending', 'ready')"),
-            postgresql_where=sa.text("status IN ('pending', 'ready')"),
+            where="status IN ('pending', 'ready')",
         ),
     )
 

@@ -10,7 +10,10 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from flask import Flask
 
-from broker.platform.db import MIGRATIONS_DIR, db
+from broker import create_app
+from broker.platform.db import MIGRATIONS_DIR, SQLITE_CACHE_KIB, db
+from broker.uploads.models import Upload
+from tests.conftest import base_config
 
 
 def test_migrations_match_models(app):
@@ -20,6 +23,27 @@ def test_migrations_match_models(app):
         )
         diff = compare_metadata(context, db.metadata)
     assert diff == []
+
+
+def test_a_sqlite_connection_keeps_a_page_cache_of_its_own_bounded(tmp_path) -> None:
+    """Every pooled SQLite connection (one per request thread) caches at most
+    SQLITE_CACHE_KIB of pages, not SQLite's 2 MiB: a web process's memory stays flat."""
+    app = create_app(base_config(f"sqlite:///{tmp_path}/cache.sqlite3", str(tmp_path)))
+    with app.app_context():
+        with db.engine.connect() as first, db.engine.connect() as second:
+            for conn in (first, second):
+                assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -SQLITE_CACHE_KIB
+        db.engine.dispose()
+
+
+def test_a_partial_index_gets_its_condition_in_the_terms_of_the_database_in_use(app):
+    """The live-image-id index is partial on SQLite and PostgreSQL alike, though the models
+    name no dialect (only the one in use is loaded)."""
+    index = next(i for i in Upload.__table__.indexes if i.name == "uq_uploads_live_image_id")
+    with app.app_context():
+        ddl = str(sa.schema.CreateIndex(index).compile(dialect=db.engine.dialect))
+    assert ddl.startswith("CREATE UNIQUE INDEX uq_uploads_live_image_id ON uploads (image_id)")
+    assert ddl.endswith("WHERE status IN ('pending', 'ready')")
 
 
 def test_single_migration_head():

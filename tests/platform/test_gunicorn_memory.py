@@ -80,6 +80,18 @@ def test_the_master_loads_the_app_once_and_hands_no_connection_to_its_children(
     assert not origins._openers  # no Cloudflare pool is shared with the web processes
 
 
+def test_the_master_hands_its_free_heap_pages_back_before_it_forks(app: Flask) -> None:
+    load_before_fork = _hooks()["_load_before_fork"]
+    libc = _Libc()
+    load_before_fork.__globals__["_libc"] = lambda: libc
+    try:
+        load_before_fork(_Application(lambda: app))
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert libc.trims == [0]  # everything free, not only the top of the heap
+
+
 def test_a_load_the_master_cannot_do_is_left_to_the_web_processes(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,6 +1,7 @@
 """A web process loads only what serving requests needs: the migration tooling (Alembic, Mako,
 Pygments), the emulator, Pillow, PyJWT (OpenID Connect only) and jsonschema (a profile with a
-metadata schema only) wait until something asks for them."""
+metadata schema only) wait until something asks for them; of SQLAlchemy's dialects only the
+database's own is loaded."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import sqlalchemy as sa
 
 from tests.factories import production_env
 
@@ -49,6 +52,23 @@ def _run(args: list[str], database_url: str, tmp_path: Path, **env_overrides: st
 def test_a_web_process_leaves_the_tooling_unloaded(migrated: str, tmp_path: Path) -> None:
     out = _run([sys.executable, "-c", PROBE], migrated, tmp_path)
     assert json.loads(out.splitlines()[-1]) == []
+
+
+def test_a_web_process_loads_the_sqlalchemy_dialect_of_its_database_only(
+    migrated: str, tmp_path: Path
+) -> None:
+    name = sa.make_url(migrated).get_backend_name()
+    other = {"sqlite": "postgresql", "postgresql": "sqlite"}[name]
+    # The warm-up runs the create path's statements; upsert_insert builds its ON CONFLICT ones.
+    probe = (
+        "import sys, wsgi\n"
+        "from broker.platform.db import upsert_insert\n"
+        "wsgi.app.extensions['warm_up'](connections=1)\n"
+        f"upsert_insert({name!r})\n"
+        f"print(sorted(m for m in sys.modules if m.startswith('sqlalchemy.dialects.{other}')))\n"
+    )
+    out = _run([sys.executable, "-c", probe], migrated, tmp_path)
+    assert out.splitlines()[-1] == "[]"
 
 
 def test_what_a_setting_asks_for_is_loaded_at_start(migrated: str, tmp_path: Path) -> None:
