@@ -10,6 +10,13 @@ writers of *different* processes still meet in SQLite's busy handler.
 `gate_sqlite_writes(engine)` makes an engine's connections `GatedConnection`s: the gate is
 taken before a connection's first data-changing statement and released when its transaction
 ends (commit, rollback, close, or a statement that ended it).
+
+Checkpoints run outside the gate. By default the commit that makes the write-ahead log pass
+1000 pages copies the log back into the database file and syncs it, a few to tens of
+milliseconds, all of it inside `commit()` and so with the gate still held: every queued writer
+of the process waited for it. Gated connections turn SQLite's automatic checkpoint off and run
+a passive one (it never waits for, nor blocks, readers or writers) every CHECKPOINT_EVERY
+commits of the process, after the gate was let go.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import sqlalchemy as sa
 log = logging.getLogger("broker.sqlite_writes")
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+# A create's write transaction adds a few pages to the log: this keeps it near SQLite's default
+# size (1000 pages) between two checkpoints.
+CHECKPOINT_EVERY = 200
 
 
 class WriteGate:
@@ -33,6 +43,7 @@ class WriteGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.owner_thread: int | None = None
+        self._commits = 0
 
     def acquire(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds; False when the caller must go on without the gate."""
@@ -50,6 +61,12 @@ class WriteGate:
         """Let the next writer in."""
         self.owner_thread = None
         self._lock.release()
+
+    def checkpoint_due(self) -> bool:
+        """Count a commit; True on every CHECKPOINT_EVERY-th of the process."""
+        # Under the GIL; a count lost to a race only moves one checkpoint by a commit.
+        self._commits += 1
+        return self._commits % CHECKPOINT_EVERY == 0
 
 
 # Keyed by database path: SQLite's lock is per file, and every engine of the process (the
@@ -105,6 +122,8 @@ class GatedConnection(sqlite3.Connection):
         self._holding = False
         # Wait on the gate as long as SQLite itself would wait for its lock.
         self._gate_timeout = float(kwargs.get("timeout", 5.0))
+        # Checkpoints are run by `commit`, after the gate is let go.
+        super().execute("PRAGMA wal_autocheckpoint=0")
 
     def cursor(self, factory: Any = GatedCursor) -> Any:
         """Return a cursor that gates writes."""
@@ -129,11 +148,21 @@ class GatedConnection(sqlite3.Connection):
             self._gate.release()
 
     def commit(self) -> None:
-        """Commit, then let the next writer in."""
+        """Commit, let the next writer in, then checkpoint when one is due."""
+        wrote = self.in_transaction
         try:
             super().commit()
         finally:
             self._release()
+        if wrote and self._gate.checkpoint_due():
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy what the log holds back into the database file, waiting for nobody."""
+        try:
+            super().execute("PRAGMA wal_checkpoint(PASSIVE)").close()
+        except sqlite3.Error as exc:  # the commit stands; the next checkpoint due tries again
+            log.warning("SQLite checkpoint failed: %s", exc)
 
     def rollback(self) -> None:
         """Roll back, then let the next writer in."""

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from broker.platform import sqlite_writes
 from broker.platform.sqlite_writes import GatedConnection, gate_for, gate_sqlite_writes
 
 THREADS = 8
@@ -109,3 +110,42 @@ def test_a_thread_writing_on_two_connections_fails_instead_of_deadlocking(
         first.close()
         second.close()
     assert gate_for(str(path)).owner_thread is None
+
+
+def test_checkpoints_run_every_so_many_commits_after_the_gate_is_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_writes, "CHECKPOINT_EVERY", 3)
+    path = tmp_path / "checkpoint.sqlite3"
+    setup = sqlite3.connect(path)  # not gated: no commit of this process counted yet
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE counter (id INTEGER PRIMARY KEY, n)")
+    setup.execute("INSERT INTO counter VALUES (1, 0)")
+    setup.commit()
+    setup.close()  # the last connection: its log is checkpointed
+    holders: list[int | None] = []
+
+    class Probe(GatedConnection):
+        def checkpoint(self) -> None:
+            holders.append(self._gate.owner_thread)
+            super().checkpoint()
+
+    conn = sqlite3.connect(path, factory=Probe)
+    try:
+        # SQLite's own checkpoint (inside commit, with the gate held) is off.
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        size = path.stat().st_size
+        for n in range(1, 4):
+            conn.execute("INSERT INTO counter (n) VALUES (?)", (n,))
+            conn.execute("UPDATE counter SET n = zeroblob(20000) WHERE id = 1")
+            conn.commit()
+            if n < 3:  # the rows sit in the log; the database file is as it was
+                assert (holders, path.stat().st_size) == ([], size)
+        # The third commit of the process checkpointed, the gate free by then.
+        assert holders == [None]
+        assert path.stat().st_size > size
+        conn.execute("SELECT n FROM counter").fetchall()  # reads take no gate
+        conn.commit()
+        assert holders == [None]
+    finally:
+        conn.close()
