@@ -1,7 +1,7 @@
 """an upload row takes its reservation's slot by itself on SQLite
 
 Revision ID: b3f1d8e2c6a4
-Revises: e2b7c9d4a1f6
+Revises: b3f9d2e6a815
 Create Date: 2026-12-07 02:20:00.000000
 
 """
@@ -10,7 +10,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = 'b3f1d8e2c6a4'
-down_revision = 'e2b7c9d4a1f6'
+down_revision = 'b3f9d2e6a815'
 branch_labels = None
 depends_on = None
 
