@@ -57,6 +57,8 @@ from broker.platform.config import ConfigError, Settings, settings_of
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
+    from broker.upstream.batch import BatchCall
+
 log = logging.getLogger("broker.cloudflare")
 
 EXTENSION_KEY = "cloudflare"
@@ -187,31 +189,32 @@ class BatchRouting(Protocol):
     def uses_batch(self, endpoint: str) -> bool:
         """Tell whether `endpoint` goes to the batch host now."""
 
-    def token(self, source: CloudflareImages, priority: Priority) -> str | None:
-        """Return a valid batch token, fetching it when due, with the call's first attempt
-        counted on that token's rate; None when there is none; BudgetExhausted when every
-        token stays full."""
+    def token(self, source: CloudflareImages, priority: Priority) -> BatchCall | None:
+        """Return a valid batch token for one call, fetching it when due, with the call's first
+        attempt counted on that token's rate; None when there is none; BudgetExhausted when
+        every token stays full."""
 
-    def spend(self) -> None:
-        """Count one retry on the token's per-second rate (waits briefly when it is full);
+    def spend(self, call: BatchCall | None = None) -> None:
+        """Count one retry on `call`'s token's per-second rate (waits briefly when it is full);
         nothing for a first attempt `token` counted just before."""
 
-    def failed(self, endpoint: str, error: CloudflareError) -> bool:
-        """Record a batch-host failure; True when the call may go to the global API now."""
+    def failed(self, endpoint: str, error: CloudflareError, call: BatchCall | None = None) -> bool:
+        """Record a batch-host failure of `call`; True when the call may go to the global API
+        now."""
 
     def succeeded(self, endpoint: str) -> None:
         """Reset the endpoint's run of errors."""
 
 
 class _BatchSpend:
-    """The batch route's per-token rate, spent as a budget (waiting briefly when full)."""
+    """One call's batch token's rate, spent as a budget (waiting briefly when full)."""
 
-    def __init__(self, route: BatchRouting) -> None:
-        self.route = route
+    def __init__(self, route: BatchRouting, call: BatchCall) -> None:
+        self.route, self.call = route, call
 
     def acquire(self, priority: Priority) -> None:
         """Take one call of the per-second rate."""
-        self.route.spend()
+        self.route.spend(self.call)
 
     def acquire_in(self, conn: Connection, priority: Priority) -> bool:
         """The rate is counted on its own (waiting briefly): never inside a caller's work."""
@@ -683,16 +686,20 @@ class CloudflareImages:
 
         route = self.batch_route
         if batch is not None and route is not None and route.uses_batch(batch):
-            token = route.token(self, priority)
-            if token is not None:
+            call = route.token(self, priority)
+            if call is not None:
                 try:
                     # Never the caller's prepayment (that was the global budget): token() counted
                     # the first attempt on the token's rate, spend() counts each retry.
                     result = send(
-                        f"{route.base}/images{path}", token, _BatchSpend(route), False, True
+                        f"{route.base}/images{path}",
+                        call.value,
+                        _BatchSpend(route, call),
+                        False,
+                        True,
                     )
                 except CloudflareError as err:
-                    if not route.failed(batch, err):
+                    if not route.failed(batch, err, call):
                         raise
                     # Refused or never received (103, token refused, no connection): the
                     # global API may take it.

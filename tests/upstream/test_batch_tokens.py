@@ -16,6 +16,7 @@ from flask import Flask
 
 from broker.auth.models import User
 from broker.emulator.testing import EmulatorServer
+from broker.platform.config import ConfigError
 from broker.platform.db import db
 from broker.upstream.batch import (
     RATE_WAIT,
@@ -80,6 +81,14 @@ def test_the_rate_is_split_over_the_fewest_tokens() -> None:
     assert token_shares(400, 200) == [200, 200]
     assert token_shares(201, 200) == [101, 100]
     assert token_shares(1000, 300) == [250, 250, 250, 250]
+
+
+def test_the_broker_holds_at_most_sixteen_batch_tokens(make_app: Callable[..., Flask]) -> None:
+    """Sixteen tokens' worth of rate builds sixteen slots; a rate that would take a
+    seventeenth stops the start, naming the setting (not thousands of rows and fetches)."""
+    assert len(_route(_batch_app(make_app, CLOUDFLARE_BATCH_RATE=3200)).slots) == 16
+    with pytest.raises(ConfigError, match="BROKER_CLOUDFLARE_BATCH_RATE must be at most 16"):
+        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=161, CLOUDFLARE_BATCH_TOKEN_RATE=10)
 
 
 def test_a_rate_of_400_spreads_calls_over_two_tokens_none_past_200(
