@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import quote, unquote, urlencode, urlsplit
 from urllib.request import getproxies_environment
 
@@ -56,8 +56,6 @@ from broker.platform.config import ConfigError, Settings, settings_of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
-
-    from broker.upstream.batch import BatchCall
 
 log = logging.getLogger("broker.cloudflare")
 
@@ -180,7 +178,19 @@ class Budget(Protocol):
         """Return a snapshot of the window, or None for a budget that keeps none."""
 
 
-class BatchRouting(Protocol):
+class TokenCall(Protocol):
+    """One call's batch token as the batch route hands it out (broker.upstream.batch.BatchCall):
+    the client sends its value and gives it back to the route's `spend` and `failed`."""
+
+    @property
+    def value(self) -> str:
+        """The token to send."""
+
+
+Call = TypeVar("Call", bound=TokenCall)
+
+
+class BatchRouting(Protocol[Call]):
     """What the client needs from the batch route (see broker.upstream.batch)."""
 
     base: str
@@ -189,16 +199,16 @@ class BatchRouting(Protocol):
     def uses_batch(self, endpoint: str) -> bool:
         """Tell whether `endpoint` goes to the batch host now."""
 
-    def token(self, source: CloudflareImages, priority: Priority) -> BatchCall | None:
+    def token(self, source: CloudflareImages, priority: Priority) -> Call | None:
         """Return a valid batch token for one call, fetching it when due, with the call's first
         attempt counted on that token's rate; None when there is none; BudgetExhausted when
         every token stays full."""
 
-    def spend(self, call: BatchCall | None = None) -> None:
+    def spend(self, call: Call | None = None) -> None:
         """Count one retry on `call`'s token's per-second rate (waits briefly when it is full);
         nothing for a first attempt `token` counted just before."""
 
-    def failed(self, endpoint: str, error: CloudflareError, call: BatchCall | None = None) -> bool:
+    def failed(self, endpoint: str, error: CloudflareError, call: Call | None = None) -> bool:
         """Record a batch-host failure of `call`; True when the call may go to the global API
         now."""
 
@@ -206,10 +216,10 @@ class BatchRouting(Protocol):
         """Reset the endpoint's run of errors."""
 
 
-class _BatchSpend:
+class _BatchSpend(Generic[Call]):
     """One call's batch token's rate, spent as a budget (waiting briefly when full)."""
 
-    def __init__(self, route: BatchRouting, call: BatchCall) -> None:
+    def __init__(self, route: BatchRouting[Call], call: Call) -> None:
         self.route, self.call = route, call
 
     def acquire(self, priority: Priority) -> None:
@@ -602,7 +612,7 @@ class CloudflareImages:
         account_hash: str | None = None,
         delivery_base: str = "https://imagedelivery.net",
         pool_size: int = 32,
-        batch_route: BatchRouting | None = None,
+        batch_route: BatchRouting[Any] | None = None,
     ) -> None:
         self.api_base = api_base.rstrip("/")
         self.account_id = account_id
@@ -1125,7 +1135,7 @@ def _path(segment: str) -> str:
 
 
 def client_from_settings(
-    settings: Settings, budget: Budget | None = None, batch_route: BatchRouting | None = None
+    settings: Settings, budget: Budget | None = None, batch_route: BatchRouting[Any] | None = None
 ) -> CloudflareImages:
     """Build a client from the app's BROKER_CLOUDFLARE_* settings."""
     return CloudflareImages(
