@@ -26,7 +26,12 @@ from broker.upstream.batch import (
     token_shares,
 )
 from broker.upstream.budget import BudgetExhausted
-from broker.upstream.cloudflare import CloudflareNotFound, Priority, get_client
+from broker.upstream.cloudflare import (
+    CloudflareAuthError,
+    CloudflareNotFound,
+    Priority,
+    get_client,
+)
 from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
 from tests.support.redis_server import redis_server
 
@@ -223,6 +228,27 @@ def test_a_token_revoked_at_the_emulator_is_replaced_without_failing_a_create(
     _create(other, auth)
     assert sorted(_tokens(_route(other))) == sorted([first, replaced])
     assert emulator.counters()["batch_token"] == 3
+
+
+def test_a_refusal_drops_the_token_of_the_call_it_answered(
+    make_app: Callable[..., Flask], alice: User, bearer: Callable[..., dict[str, str]]
+) -> None:
+    """Two calls' tokens taken on one thread, the first refused afterwards: the refusal names
+    its own call, so the first call's token goes and the second's stays (a thread-local
+    pairing would have dropped whichever token this thread took last)."""
+    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
+    route = _route(app)
+    auth = bearer(app, alice)
+    _create(app, auth)
+    _create(app, auth)  # both slots hold a token
+    with app.app_context():
+        first = route.token(get_client(), Priority.INTERACTIVE)
+        second = route.token(get_client(), Priority.INTERACTIVE)
+    assert first is not None and second is not None and first.slot is not second.slot
+    assert route.failed("direct_upload", CloudflareAuthError(401, None, "refused"), first)
+    assert first.slot.token is None
+    assert second.slot.token is second.token
+    assert _stored(app) == {first.slot.scope: False, second.slot.scope: True}
 
 
 def test_when_replacement_tokens_are_refused_too_the_endpoint_falls_back(
