@@ -372,8 +372,7 @@ def rfc3339(moment: datetime) -> str:
     """Format a timezone-aware moment as Cloudflare expects it (`2024-01-02T03:04:05Z`)."""
     if moment.tzinfo is None:
         raise ValueError("naive datetime")
-    # isoformat, not strftime: the same text at a tenth of the cost (once every create).
-    return moment.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
