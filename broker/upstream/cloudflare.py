@@ -49,7 +49,7 @@ from urllib3.exceptions import (
 )
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.fields import RequestField
-from urllib3.util import create_urllib3_context, make_headers
+from urllib3.util import Retry, create_urllib3_context, make_headers
 
 from broker.platform import outages
 from broker.platform.config import ConfigError, Settings, settings_of
@@ -394,6 +394,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
 
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE"})
+# What urllib3 makes of `retries=False, redirect=False` on every call (3 µs), made once.
+_NO_RETRIES = Retry(False, redirect=False)
 _HEADERS = {
     "Accept": "application/json",
     "Accept-Encoding": "gzip, deflate",
@@ -793,7 +795,7 @@ class CloudflareImages:
                     timeout=self.timeout,
                     preload_content=not stream,
                     redirect=False,
-                    retries=False,  # the retries are ours (above), so the errors come raw
+                    retries=_NO_RETRIES,  # the retries are ours (above): the errors come raw
                 )
             except ReadTimeoutError:
                 # A read timeout: the request was sent and may have been processed.
