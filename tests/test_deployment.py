@@ -144,3 +144,35 @@ def test_the_configured_logger_writes_gunicorns_own_access_line():
     assert mine.endswith('"agent \\"quoted\\"/1.0"')
     mine, gunicorns = both('%(h)s "%(r)s" %(s)s %(D)s %({x-request-id}o)s %(L)s %(U)s %(t)s')
     assert mine == gunicorns and " r-1 " in mine
+
+
+def test_the_date_header_is_gunicorns_rendered_once_a_second():
+    """gunicorn.conf.py renders the `Date` header of every response once a second: the same
+    text as gunicorn's own rendering at every moment, the next second's once it turns."""
+    import email.utils
+
+    import gunicorn.util
+    import time_machine
+
+    runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    http_date = gunicorn.util.http_date
+    assert http_date.rendered is not http_date  # type: ignore[attr-defined]
+    with time_machine.travel(1_800_000_000.25, tick=False) as traveller:
+        first = http_date()
+        assert first == email.utils.formatdate(1_800_000_000.25, usegmt=True)
+        traveller.shift(0.5)
+        assert http_date() is first  # the same second: not rendered again
+        traveller.shift(0.5)
+        assert http_date() == email.utils.formatdate(1_800_000_001, usegmt=True) != first
+    assert http_date(1_000_000_000) == email.utils.formatdate(1_000_000_000, usegmt=True)
+
+
+def test_the_access_lines_time_is_gunicorns():
+    """The access line's time atom, rendered once a second, reads as gunicorn renders it."""
+    import time_machine
+    from gunicorn.config import Config
+
+    ours, theirs, _ = _loggers()
+    for moment in (1_800_000_000.5, 1_800_000_001.0, 1_800_086_400.9):
+        with time_machine.travel(moment, tick=False):
+            assert ours(Config()).now() == theirs(Config()).now(), moment

@@ -168,7 +168,7 @@ def load_user_from_request(req: Any) -> User | None:
     # Authentication is a unit of work of its own: the last-used stamp must not wait on (or be
     # rolled back with) whatever the view does next. A token kept in memory makes no session.
     if db.session.registry.has():
-        stamped = db.session.info.pop(tokens.STAMPED, 0)  # popped whether or not it decides
+        stamped = db.session.info.pop(tokens.STAMPED, False)  # popped whether or not it decides
         if db.session.dirty or stamped:
             db.session.commit()
     return user

@@ -395,7 +395,13 @@ class TokenCache:
 
 class VersionStamp:
     """Reads `auth_versions` on a connection of its own: one per process, autocommit, outside
-    the request's session and its pool, so a request whose token is kept checks out nothing."""
+    the request's session and its pool, so a request whose token is kept checks out nothing.
+
+    Without Redis the read is a statement of its own, not folded into the batch API's per-token
+    rate statement: it must come before the request writes anything (a revoked token's create
+    must not reserve a slot), while the rate counts a call in the second it leaves, after the
+    create's reservation is committed. One round trip for both would count the call early (or
+    for a create refused before its call) or trust the token through the reservation."""
 
     SQL = "SELECT version FROM auth_versions WHERE id = 1"
 

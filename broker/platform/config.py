@@ -130,7 +130,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CLOUDFLARE_BATCH_RATE",
         200,
-        "Batch API requests per second in all, shared by all processes. Up to `BROKER_CLOUDFLARE_BATCH_TOKEN_RATE` one batch token carries them; above it the broker holds as many tokens as that takes (400 → 2), splits the rate between them and spreads the calls over them, each token's calls counted on their own, each token renewed on its own.",
+        "Batch API requests per second in all, shared by all processes. Up to `BROKER_CLOUDFLARE_BATCH_TOKEN_RATE` one batch token carries them; above it the broker holds as many tokens as that takes (400 → 2), splits the rate between them and spreads the calls over them, each token's calls counted on their own, each token renewed on its own. At most 16 tokens: a rate that would take more stops the start.",
         minimum=1,
     ),
     Setting(
@@ -376,6 +376,11 @@ DEV_EMULATOR_FILE = "dev-emulator.json"
 MIN_SECRET_KEY_LENGTH = 32
 
 
+# Batch tokens the broker holds at most (each fetched, stored and renewed on its own): a bound
+# on the rows, leases and fetches a mistyped BROKER_CLOUDFLARE_BATCH_RATE could cause.
+MAX_BATCH_TOKENS = 16
+
+
 class ConfigError(click.ClickException):
     """The configuration cannot run safely; the message says which setting to fix.
 
@@ -422,6 +427,19 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
                 )
     except ConfigError as exc:
         problems.append(exc.message)
+    try:
+        rate = _coerce("CLOUDFLARE_BATCH_RATE", config["CLOUDFLARE_BATCH_RATE"], int)
+        per_token = _coerce(
+            "CLOUDFLARE_BATCH_TOKEN_RATE", config["CLOUDFLARE_BATCH_TOKEN_RATE"], int
+        )
+        if per_token >= 1 and -(-rate // per_token) > MAX_BATCH_TOKENS:
+            problems.append(
+                f"BROKER_CLOUDFLARE_BATCH_RATE must be at most {MAX_BATCH_TOKENS} times "
+                f"BROKER_CLOUDFLARE_BATCH_TOKEN_RATE ({MAX_BATCH_TOKENS * per_token}): "
+                f"the broker holds at most {MAX_BATCH_TOKENS} batch tokens"
+            )
+    except ConfigError:
+        pass  # not a number: said once, with the minimums below
     for setting in SETTINGS:
         if setting.minimum is None:
             continue

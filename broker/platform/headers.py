@@ -1,20 +1,19 @@
 """Security headers on every response: a strict CSP, nosniff, referrer policy, HSTS.
 
-`SecurityHeaders` is a WSGI middleware around the app, so every response kind carries them —
-pages, API answers, error pages, static files, redirects — and they cost one pass over the
-response's header list: the values are built once, when the app is created.
+The request log's WSGI middleware (broker.platform.logs.RequestLog) adds them, so every response
+kind carries them — pages, API answers, error pages, static files, redirects — and they cost
+one pass over the response's header list in the layer already there: the values are built
+once, when the app is created.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask
 
 from broker.platform.config import settings_of
-from broker.platform.logs import StartResponse, WSGIApp
+from broker.platform.logs import RequestLog
 
 
 def origin_of(url: str | None) -> str | None:
@@ -46,27 +45,6 @@ def content_security_policy(upload_origin: str | None, delivery_origin: str | No
     return "; ".join(f"{name} {value}" for name, value in directives.items())
 
 
-class SecurityHeaders:
-    """WSGI middleware: add the fixed security headers a response does not set itself."""
-
-    def __init__(self, app: WSGIApp, fixed: list[tuple[str, str]]) -> None:
-        self.app = app
-        self.fixed = fixed
-        self.names = frozenset(name.lower() for name, _ in fixed)
-
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        """Serve the request through the app; its response leaves with the headers added."""
-        fixed, names = self.fixed, self.names
-
-        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            # A view that set one of them itself (a page with its own policy) keeps its own.
-            own = {name.lower() for name, _ in headers} & names
-            headers.extend([pair for pair in fixed if pair[0].lower() not in own] if own else fixed)
-            return start_response(status, headers, exc_info)
-
-        return self.app(environ, start)
-
-
 def init_app(app: Flask) -> None:
     """Add the security headers to every response of the app."""
     settings = settings_of(app)
@@ -83,4 +61,7 @@ def init_app(app: Flask) -> None:
     ]
     if settings.env == "production":
         fixed.append(("Strict-Transport-Security", "max-age=63072000; includeSubDomains"))
-    app.wsgi_app = SecurityHeaders(app.wsgi_app, fixed)  # type: ignore[method-assign]
+    middleware = app.wsgi_app
+    if not isinstance(middleware, RequestLog):
+        raise RuntimeError("broker.platform.logs.init_app must run before headers.init_app")
+    middleware.add_headers(fixed)

@@ -221,10 +221,19 @@ def request_id() -> str | None:
 
 
 class RequestLog:
-    """WSGI middleware: give each request an id, echo it as `X-Request-ID`, log one line."""
+    """WSGI middleware: give each request an id, echo it as `X-Request-ID`, log one line; and
+    add the fixed headers every response carries (`add_headers`, broker.platform.headers), in
+    the same pass: one layer around the app, not one per concern."""
 
     def __init__(self, app: WSGIApp) -> None:
         self.app = app
+        self.fixed: list[tuple[str, str]] = []
+        self.names: frozenset[str] = frozenset()
+
+    def add_headers(self, fixed: list[tuple[str, str]]) -> None:
+        """Add `fixed` to every response that does not set one of those headers itself."""
+        self.fixed = [*self.fixed, *fixed]
+        self.names = frozenset(name.lower() for name, _ in self.fixed)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """Serve the request through the app, then log it (once its status is known)."""
@@ -234,12 +243,17 @@ class RequestLog:
         rid = incoming if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()
         environ[REQUEST_ID_KEY] = rid
         status = ""
+        fixed, names = self.fixed, self.names
 
         def start(status_line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             nonlocal status
             status = status_line
+            # A view that set one of the fixed ones itself (a page with its own policy) keeps
+            # its own.
+            own = {name.lower() for name, _ in headers} & names
             # Appended, not set: no view names its own X-Request-ID, so none is replaced.
             headers.append(("X-Request-ID", rid))
+            headers.extend([pair for pair in fixed if pair[0].lower() not in own] if own else fixed)
             return start_response(status_line, headers, exc_info)
 
         body = self.app(environ, start)

@@ -323,12 +323,16 @@ class _Slot:
         return f"<batch token slot {self.index} {self.rate!r}>"
 
 
-class _Held(threading.local):
-    """The slot (and token) of this thread's batch call, and whether its first attempt is paid."""
+@dataclass
+class BatchCall:
+    """One call's batch token: the slot it came from, the token, and whether its first attempt
+    is counted already. `token` hands it out; the client passes it back to `spend` and `failed`.
+    """
 
-    slot: _Slot | None = None
-    token: _Token | None = None
-    paid: bool = False
+    value: str
+    slot: _Slot
+    token: _Token
+    paid: bool
 
 
 class BatchRoute:
@@ -357,7 +361,6 @@ class BatchRoute:
         self.clock = clock
         self._sleep = sleep
         self._turn = itertools.count()  # which slot a call tries first: each in turn
-        self._held = _Held()
         self._fallbacks: dict[str, datetime] = {}
         self._fallbacks_read = float("-inf")
         self._errors: dict[str, int] = {}
@@ -452,7 +455,7 @@ class BatchRoute:
             "batch API: %s goes to the global API for %.0fs (%s)", endpoint, self.cooldown, reason
         )
 
-    def failed(self, endpoint: str, error: CloudflareError) -> bool:
+    def failed(self, endpoint: str, error: CloudflareError, call: BatchCall | None = None) -> bool:
         """Record a batch-host failure; return True when the call may go to the global API.
 
         A refusal (code 103, or the token refused) or a connection that never opened means
@@ -466,7 +469,7 @@ class BatchRoute:
             self.fall_back(endpoint, "forbidden endpoint (code 103)")
             return True
         if isinstance(error, CloudflareAuthError):
-            self._token_refused(endpoint, error)
+            self._token_refused(endpoint, error, call)
             return True
         if not isinstance(error, CloudflareUnavailable):
             self.succeeded(endpoint)
@@ -478,14 +481,14 @@ class BatchRoute:
         # A connection that never opened carried nothing: the global API may take the call.
         return isinstance(error, CloudflareUnreachable)
 
-    def _token_refused(self, endpoint: str, error: CloudflareError) -> None:
+    def _token_refused(self, endpoint: str, error: CloudflareError, call: BatchCall | None) -> None:
         """Drop the refused token (its slot fetches another); fall back only when more tokens
         were refused than the route holds, with no batch call succeeding in between."""
-        slot, refused = self._held.slot, self._held.token
-        if slot is None or refused is None:
+        if call is None:  # which token was refused is unknown: every one goes
             self.forget_token()
             self.fall_back(endpoint, f"batch token refused ({error.status})")
             return
+        slot, refused = call.slot, call.token
         self.forget_token(slot.index, refused)
         with self._lock:
             self._refused.add((slot.index, refused.fetched_at))
@@ -538,14 +541,13 @@ class BatchRoute:
                 self._sleep(pause)
                 waited += pause
 
-    def spend(self) -> None:
-        """Take one call of the per-second rate of the token this thread's call carries
-        (nothing for a first attempt `token` counted), waiting up to RATE_WAIT."""
-        held = self._held
-        if held.paid:
-            held.paid = False
+    def spend(self, call: BatchCall | None = None) -> None:
+        """Take one call of the per-second rate of the token `call` carries (the first token's
+        without one; nothing for a first attempt `token` counted), waiting up to RATE_WAIT."""
+        if call is not None and call.paid:
+            call.paid = False
             return
-        slot = held.slot or self.slots[0]
+        slot = call.slot if call is not None else self.slots[0]
         self._waiting(lambda: self._take(slot.index, only=True))
 
     # -- the tokens --------------------------------------------------------------------------
@@ -568,22 +570,19 @@ class BatchRoute:
         with self.engine.begin() as conn:
             conn.execute(sa.update(table).where(which).values(token=None, expires_at=None))
 
-    def token(self, source: TokenSource, priority: Priority) -> str | None:
+    def token(self, source: TokenSource, priority: Priority) -> BatchCall | None:
         """Return a valid batch token for one call, its call counted on that token's rate (the
         first token with room this second, each in turn first), or None when there is none.
         Fetches or refreshes the token when due; BudgetExhausted when every token stays full.
         """
-        held = self._held
-        held.slot, held.token, held.paid = None, None, False
         slot = self._waiting(lambda: self._take(next(self._turn) % len(self.slots)))
-        held.slot, held.paid = slot, True
         cached = slot.token
-        held.token = self._token_of(slot, source, priority)
-        if held.token is None or held.token is not cached:
-            # Not the token in memory: a fetch or a wait may have taken seconds since the count,
-            # so the send counts again (twice errs on the safe side; past the share does not).
-            held.paid = False
-        return held.token.value if held.token is not None else None
+        token = self._token_of(slot, source, priority)
+        if token is None:
+            return None
+        # Not the token in memory: a fetch or a wait may have taken seconds since the count, so
+        # the send counts again (twice errs on the safe side; past the share does not).
+        return BatchCall(token.value, slot, token, paid=token is cached)
 
     def _token_of(self, slot: _Slot, source: TokenSource, priority: Priority) -> _Token | None:
         """Slot `slot`'s valid token, fetched or refreshed when due (by one process for all)."""

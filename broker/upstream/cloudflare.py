@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 from urllib.parse import quote, unquote, urlencode, urlsplit
 from urllib.request import getproxies_environment
 
@@ -49,7 +49,7 @@ from urllib3.exceptions import (
 )
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.fields import RequestField
-from urllib3.util import create_urllib3_context, make_headers
+from urllib3.util import Retry, create_urllib3_context, make_headers
 
 from broker.platform import outages
 from broker.platform.config import ConfigError, Settings, settings_of
@@ -178,7 +178,19 @@ class Budget(Protocol):
         """Return a snapshot of the window, or None for a budget that keeps none."""
 
 
-class BatchRouting(Protocol):
+class TokenCall(Protocol):
+    """One call's batch token as the batch route hands it out (broker.upstream.batch.BatchCall):
+    the client sends its value and gives it back to the route's `spend` and `failed`."""
+
+    @property
+    def value(self) -> str:
+        """The token to send."""
+
+
+Call = TypeVar("Call", bound=TokenCall)
+
+
+class BatchRouting(Protocol[Call]):
     """What the client needs from the batch route (see broker.upstream.batch)."""
 
     base: str
@@ -187,31 +199,32 @@ class BatchRouting(Protocol):
     def uses_batch(self, endpoint: str) -> bool:
         """Tell whether `endpoint` goes to the batch host now."""
 
-    def token(self, source: CloudflareImages, priority: Priority) -> str | None:
-        """Return a valid batch token, fetching it when due, with the call's first attempt
-        counted on that token's rate; None when there is none; BudgetExhausted when every
-        token stays full."""
+    def token(self, source: CloudflareImages, priority: Priority) -> Call | None:
+        """Return a valid batch token for one call, fetching it when due, with the call's first
+        attempt counted on that token's rate; None when there is none; BudgetExhausted when
+        every token stays full."""
 
-    def spend(self) -> None:
-        """Count one retry on the token's per-second rate (waits briefly when it is full);
+    def spend(self, call: Call | None = None) -> None:
+        """Count one retry on `call`'s token's per-second rate (waits briefly when it is full);
         nothing for a first attempt `token` counted just before."""
 
-    def failed(self, endpoint: str, error: CloudflareError) -> bool:
-        """Record a batch-host failure; True when the call may go to the global API now."""
+    def failed(self, endpoint: str, error: CloudflareError, call: Call | None = None) -> bool:
+        """Record a batch-host failure of `call`; True when the call may go to the global API
+        now."""
 
     def succeeded(self, endpoint: str) -> None:
         """Reset the endpoint's run of errors."""
 
 
-class _BatchSpend:
-    """The batch route's per-token rate, spent as a budget (waiting briefly when full)."""
+class _BatchSpend(Generic[Call]):
+    """One call's batch token's rate, spent as a budget (waiting briefly when full)."""
 
-    def __init__(self, route: BatchRouting) -> None:
-        self.route = route
+    def __init__(self, route: BatchRouting[Call], call: Call) -> None:
+        self.route, self.call = route, call
 
     def acquire(self, priority: Priority) -> None:
         """Take one call of the per-second rate."""
-        self.route.spend()
+        self.route.spend(self.call)
 
     def acquire_in(self, conn: Connection, priority: Priority) -> bool:
         """The rate is counted on its own (waiting briefly): never inside a caller's work."""
@@ -381,6 +394,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
 
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE"})
+# What urllib3 makes of `retries=False, redirect=False` on every call (3 µs), made once.
+_NO_RETRIES = Retry(False, redirect=False)
 _HEADERS = {
     "Accept": "application/json",
     "Accept-Encoding": "gzip, deflate",
@@ -598,7 +613,7 @@ class CloudflareImages:
         account_hash: str | None = None,
         delivery_base: str = "https://imagedelivery.net",
         pool_size: int = 32,
-        batch_route: BatchRouting | None = None,
+        batch_route: BatchRouting[Any] | None = None,
     ) -> None:
         self.api_base = api_base.rstrip("/")
         self.account_id = account_id
@@ -683,16 +698,20 @@ class CloudflareImages:
 
         route = self.batch_route
         if batch is not None and route is not None and route.uses_batch(batch):
-            token = route.token(self, priority)
-            if token is not None:
+            call = route.token(self, priority)
+            if call is not None:
                 try:
                     # Never the caller's prepayment (that was the global budget): token() counted
                     # the first attempt on the token's rate, spend() counts each retry.
                     result = send(
-                        f"{route.base}/images{path}", token, _BatchSpend(route), False, True
+                        f"{route.base}/images{path}",
+                        call.value,
+                        _BatchSpend(route, call),
+                        False,
+                        True,
                     )
                 except CloudflareError as err:
-                    if not route.failed(batch, err):
+                    if not route.failed(batch, err, call):
                         raise
                     # Refused or never received (103, token refused, no connection): the
                     # global API may take it.
@@ -776,7 +795,7 @@ class CloudflareImages:
                     timeout=self.timeout,
                     preload_content=not stream,
                     redirect=False,
-                    retries=False,  # the retries are ours (above), so the errors come raw
+                    retries=_NO_RETRIES,  # the retries are ours (above): the errors come raw
                 )
             except ReadTimeoutError:
                 # A read timeout: the request was sent and may have been processed.
@@ -1117,7 +1136,7 @@ def _path(segment: str) -> str:
 
 
 def client_from_settings(
-    settings: Settings, budget: Budget | None = None, batch_route: BatchRouting | None = None
+    settings: Settings, budget: Budget | None = None, batch_route: BatchRouting[Any] | None = None
 ) -> CloudflareImages:
     """Build a client from the app's BROKER_CLOUDFLARE_* settings."""
     return CloudflareImages(

@@ -169,6 +169,7 @@ def test_typed_settings_read_strings_as_their_types() -> None:
         ("ERASURE_LEASE", 0, "at least 1"),
         ("ERASURE_LEASE", "soon", "a number"),
         ("CLOUDFLARE_BATCH_RATE", 0, "at least 1"),
+        ("CLOUDFLARE_BATCH_RATE", 3201, "at most 16 times BROKER_CLOUDFLARE_BATCH_TOKEN_RATE"),
     ],
 )
 def test_typed_settings_refuse_a_bad_value_naming_it(

@@ -93,9 +93,10 @@ def test_a_process_that_read_before_another_stored_the_token_does_not_fetch_agai
     with first.app_context():
         from broker.upstream.cloudflare import get_client
 
-        token = batch_route(first).token(get_client(), Priority.INTERACTIVE)
+        call = batch_route(first).token(get_client(), Priority.INTERACTIVE)
     with second.app_context():
-        assert late.token(get_client(), Priority.INTERACTIVE) == token
+        late_call = late.token(get_client(), Priority.INTERACTIVE)
+    assert call is not None and late_call is not None and late_call.value == call.value
     assert len(reads) == 2  # the stale read, then the one after winning the lease
     assert emulator.counters().get("batch_token") == 1
 
@@ -151,13 +152,15 @@ def test_a_call_that_waited_for_its_token_is_counted_again_when_sent(
             now[0] += 2.5  # the fetch took seconds
             return answer
 
-    assert route.token(SlowSource(), Priority.INTERACTIVE)
-    route.spend()  # the first attempt, as the client's send counts it
+    call = route.token(SlowSource(), Priority.INTERACTIVE)
+    assert call is not None and not call.paid
+    route.spend(call)  # the first attempt, as the client's send counts it
     assert rate.counted == [1_000_000.0, 1_000_002.5]
-    assert route.token(SlowSource(), Priority.INTERACTIVE)  # now in memory
-    route.spend()
+    call = route.token(SlowSource(), Priority.INTERACTIVE)  # now in memory
+    assert call is not None and call.paid
+    route.spend(call)
     assert rate.counted == [1_000_000.0, 1_000_002.5, 1_000_002.5]
-    route.spend()  # a retry counts
+    route.spend(call)  # a retry counts
     assert len(rate.counted) == 4
 
 

@@ -14,6 +14,7 @@ from flask import Flask
 
 from broker.auth.models import User
 from broker.emulator.testing import EmulatorServer
+from broker.platform.config import ConfigError
 from broker.platform.db import db
 from broker.upstream.batch import (
     RATE_WAIT,
@@ -23,7 +24,12 @@ from broker.upstream.batch import (
     token_shares,
 )
 from broker.upstream.budget import BudgetExhausted
-from broker.upstream.cloudflare import CloudflareNotFound, Priority, get_client
+from broker.upstream.cloudflare import (
+    CloudflareAuthError,
+    CloudflareNotFound,
+    Priority,
+    get_client,
+)
 from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
 from tests.support.batch import batch_app, batch_route, create
 
@@ -55,6 +61,14 @@ def test_the_rate_is_split_over_the_fewest_tokens() -> None:
     assert token_shares(400, 200) == [200, 200]
     assert token_shares(201, 200) == [101, 100]
     assert token_shares(1000, 300) == [250, 250, 250, 250]
+
+
+def test_the_broker_holds_at_most_sixteen_batch_tokens(make_app: Callable[..., Flask]) -> None:
+    """Sixteen tokens' worth of rate builds sixteen slots; a rate that would take a
+    seventeenth stops the start, naming the setting (not thousands of rows and fetches)."""
+    assert len(_route(_batch_app(make_app, CLOUDFLARE_BATCH_RATE=3200)).slots) == 16
+    with pytest.raises(ConfigError, match="BROKER_CLOUDFLARE_BATCH_RATE must be at most 16"):
+        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=161, CLOUDFLARE_BATCH_TOKEN_RATE=10)
 
 
 def test_a_rate_of_400_spreads_calls_over_two_tokens_none_past_200(
@@ -191,6 +205,27 @@ def test_a_token_revoked_at_the_emulator_is_replaced_without_failing_a_create(
     create(other, auth)
     assert sorted(_tokens(batch_route(other))) == sorted([first, replaced])
     assert emulator.counters()["batch_token"] == 3
+
+
+def test_a_refusal_drops_the_token_of_the_call_it_answered(
+    make_app: Callable[..., Flask], alice: User, bearer: Callable[..., dict[str, str]]
+) -> None:
+    """Two calls' tokens taken on one thread, the first refused afterwards: the refusal names
+    its own call, so the first call's token goes and the second's stays (a thread-local
+    pairing would have dropped whichever token this thread took last)."""
+    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
+    route = _route(app)
+    auth = bearer(app, alice)
+    _create(app, auth)
+    _create(app, auth)  # both slots hold a token
+    with app.app_context():
+        first = route.token(get_client(), Priority.INTERACTIVE)
+        second = route.token(get_client(), Priority.INTERACTIVE)
+    assert first is not None and second is not None and first.slot is not second.slot
+    assert route.failed("direct_upload", CloudflareAuthError(401, None, "refused"), first)
+    assert first.slot.token is None
+    assert second.slot.token is second.token
+    assert _stored(app) == {first.slot.scope: False, second.slot.scope: True}
 
 
 def test_when_replacement_tokens_are_refused_too_the_endpoint_falls_back(
