@@ -66,9 +66,9 @@ def test_the_rate_is_split_over_the_fewest_tokens() -> None:
 def test_the_broker_holds_at_most_sixteen_batch_tokens(make_app: Callable[..., Flask]) -> None:
     """Sixteen tokens' worth of rate builds sixteen slots; a rate that would take a
     seventeenth stops the start, naming the setting (not thousands of rows and fetches)."""
-    assert len(_route(_batch_app(make_app, CLOUDFLARE_BATCH_RATE=3200)).slots) == 16
+    assert len(batch_route(batch_app(make_app, CLOUDFLARE_BATCH_RATE=3200)).slots) == 16
     with pytest.raises(ConfigError, match="BROKER_CLOUDFLARE_BATCH_RATE must be at most 16"):
-        _batch_app(make_app, CLOUDFLARE_BATCH_RATE=161, CLOUDFLARE_BATCH_TOKEN_RATE=10)
+        batch_app(make_app, CLOUDFLARE_BATCH_RATE=161, CLOUDFLARE_BATCH_TOKEN_RATE=10)
 
 
 def test_a_rate_of_400_spreads_calls_over_two_tokens_none_past_200(
@@ -213,11 +213,11 @@ def test_a_refusal_drops_the_token_of_the_call_it_answered(
     """Two calls' tokens taken on one thread, the first refused afterwards: the refusal names
     its own call, so the first call's token goes and the second's stays (a thread-local
     pairing would have dropped whichever token this thread took last)."""
-    app = _batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
-    route = _route(app)
+    app = batch_app(make_app, CLOUDFLARE_BATCH_RATE=400)
+    route = batch_route(app)
     auth = bearer(app, alice)
-    _create(app, auth)
-    _create(app, auth)  # both slots hold a token
+    create(app, auth)
+    create(app, auth)  # both slots hold a token
     with app.app_context():
         first = route.token(get_client(), Priority.INTERACTIVE)
         second = route.token(get_client(), Priority.INTERACTIVE)
