@@ -54,6 +54,18 @@ errorlog = "-"
 access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 
 
+_UNSAFE_IN_ATOM = re.compile('[\\\\"\x00-\x1f\x7f-\x9f]')
+
+
+def _safe_atom(value):
+    """Return an access-line value with `\\`, `"` and control characters backslash-escaped."""
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return value
+    return _UNSAFE_IN_ATOM.sub(
+        lambda m: "\\" + m.group() if m.group() in '\\"' else repr(m.group())[1:-1], value
+    )
+
+
 class AccessLineLogger(Logger):
     """gunicorn's logger, computing only the atoms the access line shows. gunicorn's own makes
     an atom of every request header, response header and environ entry (some 60) on every
@@ -82,9 +94,11 @@ class AccessLineLogger(Logger):
         if not self.access_log_enabled or not log.isEnabledFor(logging.INFO):
             return None
         try:
-            # As gunicorn's SafeAtoms: a quote in a value (a user agent) cannot end its field.
+            # A quote in a value (a user agent) cannot end its field, as with gunicorn's
+            # SafeAtoms; a backslash cannot make the closing quote look escaped, and a byte that
+            # terminals act on (C0/C1 controls: 0x9b starts an escape sequence) is shown escaped.
             atoms = {
-                name: value.replace('"', '\\"') if isinstance(value, str) else value
+                name: _safe_atom(value) if isinstance(value, str) else value
                 for name, value in self.atoms(resp, req, environ, request_time).items()
             }
             line = self.line_format % atoms

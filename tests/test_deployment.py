@@ -146,6 +146,23 @@ def test_the_configured_logger_writes_gunicorns_own_access_line():
     assert mine == gunicorns and " r-1 " in mine
 
 
+def test_the_access_line_escapes_what_could_forge_a_field_or_drive_a_terminal():
+    """A backslash cannot make a field's closing quote look escaped, and a tab or a C1 control
+    (0x9b starts a terminal escape sequence) is written as a visible escape."""
+    ours, _, fmt = _loggers()
+    environ = {
+        "REMOTE_ADDR": "10.0.0.1",
+        "REQUEST_METHOD": "GET",
+        "RAW_URI": "/livez",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_REFERER": "r\\",
+        "HTTP_USER_AGENT": 'a\x9b[2J\tb" "forged',
+    }
+    line = _access_line(ours, fmt, environ, [])
+    assert line.endswith('"r\\\\" "a\\x9b[2J\\tb\\" \\"forged"')
+    assert "\x9b" not in line and "\t" not in line
+
+
 def test_the_date_header_is_gunicorns_rendered_once_a_second():
     """gunicorn.conf.py renders the `Date` header of every response once a second: the same
     text as gunicorn's own rendering at every moment, the next second's once it turns."""
