@@ -321,8 +321,10 @@ def reserve_slot(
     if isinstance(budget, UpstreamBudget) and budget.shares(conn):
         # Both locks in one round trip, then the reservation, the usage and the budget's spend
         # in one statement, which reads the rows committed before the locks were granted.
-        moment = budget.clock()
         if conn.execute(_locking(), {"user_id": user_id, "locked_scope": budget.scope}).first():
+            # Read once both locks are held: a create that waited for them past a bucket's end
+            # is counted in the bucket it is sent in, not in one the window may already leave.
+            moment = budget.clock()
             spend = budget.spending_params(moment, Priority.INTERACTIVE)
             row = conn.execute(_reserving_paid(), {**params, **spend}).one()
             _check(session, user_id, quotas, now, row[:4], own_reservation=upload_id)
