@@ -4,8 +4,15 @@ SQLite has a single write lock per database file. When it is taken, other connec
 through SQLite's busy handler, which *sleeps* between attempts (1, 2, 5, … up to 100 ms) and
 serves nobody in order: under a few dozen request threads a waiter can lose again and again,
 which is where the broker's multi-second p99 on SQLite came from. Threads of one process
-therefore queue on an in-process lock first (woken the moment the writer finishes); only
-writers of *different* processes still meet in SQLite's busy handler.
+therefore queue on an in-process lock first (woken the moment the writer finishes), and the
+one thread that holds it then takes an exclusive `flock` on a file beside the database
+(`<database>-writers`), so that the writers of *different* processes (gunicorn's web
+processes, the worker, a `flask` command) queue in the kernel too instead of meeting in
+SQLite's busy handler. The kernel drops a flock when its holder dies, however it dies.
+
+Both waits end after the connection's busy timeout: a writer that cannot have the gate (say,
+an open `flask shell` that never commits holds the file lock) goes on without it and SQLite's
+own busy handling decides, as it would with no gate at all.
 
 `gate_sqlite_writes(engine)` makes an engine's connections `GatedConnection`s: the gate is
 taken before a connection's first data-changing statement and released when its transaction
@@ -21,10 +28,12 @@ commits of the process, after the gate was let go.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
 import threading
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,10 +46,115 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 CHECKPOINT_EVERY = 200
 
 
+class FileLock:
+    """An exclusive flock on one file, shared by the writers of every process of the host."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.held = False
+        self._pid = -1  # the process the descriptor and waiter below belong to
+        self._fd = -1
+
+    def _reset(self) -> None:
+        # A forked child's inherited descriptor is the parent's open file description, whose
+        # lock is the parent's: it opens its own (and has none of the parent's threads).
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self._pid = os.getpid()
+        self.held = False
+        self._mutex = threading.Lock()  # orders the waiter's result with a caller's timeout
+        self._request = threading.Event()  # set: the waiter must take the lock
+        self._granted = threading.Event()  # set: the waiter took it for a caller still there
+        self._pending = False  # the waiter is (about to be) blocked in flock
+        self._wanted = False  # a caller is waiting for the waiter's result
+        self._waiter: threading.Thread | None = None
+        # Read-only is enough to flock, so a user who may only read the database can still
+        # queue; the file holds nothing.
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:  # e.g. a directory this user may not write in
+            log.warning("SQLite writers' lock %s not opened, not taken: %s", self.path, exc)
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the lock within `timeout` seconds; False when the caller must go on without it."""
+        if self._pid != os.getpid():
+            self._reset()
+        if self._fd < 0:  # SQLite's busy handler decides, as it would with no file lock
+            return False
+        with self._mutex:
+            if not self._pending:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    # Held by another process. A blocking flock cannot time out in a thread
+                    # that is not the main one, so a waiter thread blocks in the kernel while
+                    # the caller waits on an event with a timeout.
+                    self._pending = True
+                    if self._waiter is None:
+                        self._waiter = threading.Thread(
+                            target=self._wait, name="sqlite-writers-flock", daemon=True
+                        )
+                        self._waiter.start()
+                    self._request.set()
+                else:
+                    self.held = True
+                    return True
+            # A waiter left blocked by a caller that timed out is reused, never doubled.
+            self._wanted = True
+            self._granted.clear()
+        if not self._granted.wait(timeout):
+            with self._mutex:
+                if not self._granted.is_set():
+                    self._wanted = False  # the waiter gives the lock back when it gets it
+                    log.warning(
+                        "SQLite writers' lock %s held by another process for %.0fs;"
+                        " going on without it",
+                        self.path,
+                        timeout,
+                    )
+                    return False
+        self.held = True
+        return True
+
+    def _wait(self) -> None:
+        # Only the thread holding the in-process gate ever asks, so one waiter per process.
+        while True:
+            self._request.wait()
+            self._request.clear()
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except OSError as exc:  # the caller times out and goes on without the lock
+                log.warning("SQLite writers' lock %s not taken: %s", self.path, exc)
+                with self._mutex:
+                    self._pending = False
+                continue
+            with self._mutex:
+                self._pending = False
+                if self._wanted:
+                    self._wanted = False
+                    self._granted.set()
+                else:  # its caller gave up: nobody in this process may keep others waiting
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        """Let the writers of other processes in."""
+        if self.held and self._pid == os.getpid():
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self.held = False
+
+
 class WriteGate:
     """A lock that knows its holder, so a thread never waits for a transaction of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: str = "") -> None:
+        # Only a file has a name that other processes can share; `:memory:`, a temporary
+        # database ("") and `file:` URIs are one process's alone or not a plain path.
+        self.files = (
+            FileLock(database + "-writers")
+            if database and database != ":memory:" and not database.startswith("file:")
+            else None
+        )
         self._lock = threading.Lock()
         self.owner_thread: int | None = None
         self._commits = 0
@@ -51,16 +165,26 @@ class WriteGate:
             # This thread already writes through another connection: waiting here would
             # deadlock; SQLite's own busy handling decides, as it would without the gate.
             return False
+        deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=timeout):
             log.warning("SQLite write gate not free after %.0fs; going on without it", timeout)
             return False
         self.owner_thread = threading.get_ident()
+        if self.files is not None:
+            try:
+                self.files.acquire(max(0.0, deadline - time.monotonic()))
+            except OSError as exc:  # e.g. no locks on this file system: SQLite's handler decides
+                log.warning("SQLite writers' lock %s not taken: %s", self.files.path, exc)
         return True
 
     def release(self) -> None:
         """Let the next writer in."""
         self.owner_thread = None
-        self._lock.release()
+        try:
+            if self.files is not None:
+                self.files.release()
+        finally:
+            self._lock.release()
 
     def checkpoint_due(self) -> bool:
         """Count a commit; True on every CHECKPOINT_EVERY-th of the process."""
@@ -78,7 +202,9 @@ _gates_lock = threading.Lock()
 def gate_for(database: str) -> WriteGate:
     """Return the process's write gate of one database file."""
     with _gates_lock:
-        return _gates.setdefault(database, WriteGate())
+        if database not in _gates:
+            _gates[database] = WriteGate(database)
+        return _gates[database]
 
 
 def _file_key(database: Any) -> str:
@@ -86,7 +212,7 @@ def _file_key(database: Any) -> str:
     name: str | bytes = os.fspath(database)
     if isinstance(name, bytes):
         name = name.decode()
-    if name == ":memory:" or name.startswith("file:"):
+    if name in ("", ":memory:") or name.startswith("file:"):
         return name
     return os.path.realpath(name)
 

@@ -1,8 +1,14 @@
-"""The in-process SQLite write gate: threads queue for the write lock instead of polling it."""
+"""The SQLite write gate: threads and processes queue for the write lock instead of polling it."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from broker.platform import sqlite_writes
-from broker.platform.sqlite_writes import GatedConnection, gate_for, gate_sqlite_writes
+from broker.platform.sqlite_writes import FileLock, GatedConnection, gate_for, gate_sqlite_writes
 
 THREADS = 8
 TRANSACTIONS = 25
@@ -149,3 +155,182 @@ def test_checkpoints_run_every_so_many_commits_after_the_gate_is_let_go(
         assert holders == [None]
     finally:
         conn.close()
+
+
+# Writers of other processes queue on a flock of `<database>-writers`. The processes below are
+# real ones; they report over their stdout and wait for their orders on their stdin.
+CHILD = """
+import fcntl, json, os, sqlite3, sys, time
+from broker.platform.sqlite_writes import GatedConnection
+
+role, path = sys.argv[1], sys.argv[2]
+conn = sqlite3.connect(path, timeout=30, factory=GatedConnection)
+conn.execute("PRAGMA busy_timeout=0")  # contention the gate lets through fails at once
+if role == "writer":
+    sys.stdin.readline()  # go
+    held, times = 0, []
+    for n in range(int(sys.argv[3])):
+        conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        start = time.monotonic_ns()  # system-wide: comparable between processes
+        held += conn._gate.files.held
+        conn.execute("INSERT INTO counter (n) VALUES (?)", (n,))
+        times.append((start, time.monotonic_ns()))
+        conn.commit()
+    print(json.dumps({"held": held, "times": times}), flush=True)
+else:  # holder: takes the gate and keeps it until told
+    conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+    print("holding", conn._gate.files.held, flush=True)
+    sys.stdin.readline()
+    conn.commit()
+    # Blocks until every other process of the host has given the file lock back.
+    fcntl.flock(os.open(path + "-writers", os.O_RDONLY), fcntl.LOCK_EX)
+    print("retaken", flush=True)
+    sys.stdin.readline()
+conn.close()
+"""
+
+
+def _child(*args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _holder(path: Path) -> subprocess.Popen[str]:
+    holder = _child("holder", path)
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == "holding True\n"
+    return holder
+
+
+def _tell(proc: subprocess.Popen[str], order: str) -> str:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(order + "\n")
+    proc.stdin.flush()
+    return proc.stdout.readline()
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    try:
+        proc.communicate(timeout=60)
+    finally:
+        if proc.returncode is None:  # stuck: it must not outlive the test
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+
+
+def test_writers_of_two_processes_take_turns_on_the_file_lock(tmp_path: Path) -> None:
+    path = tmp_path / "processes.sqlite3"
+    _engine(path).dispose()
+    writers = [_child("writer", path, TRANSACTIONS) for _ in range(2)]
+    out = [w.communicate("go\n", timeout=60)[0] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0]  # not one "database is locked"
+    reports = [json.loads(o) for o in out]
+    assert [r["held"] for r in reports] == [TRANSACTIONS, TRANSACTIONS]
+    intervals = sorted(tuple(t) for r in reports for t in r["times"])
+    for (_, end), (start, _) in itertools.pairwise(intervals):
+        assert end <= start  # one process's transaction never overlaps the other's
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT n FROM counter WHERE id = 1").fetchone() == (2 * TRANSACTIONS,)
+    conn.close()
+    assert (tmp_path / "processes.sqlite3-writers").exists()
+
+
+def test_a_holder_killed_mid_transaction_does_not_block_the_next_writer(tmp_path: Path) -> None:
+    path = tmp_path / "killed.sqlite3"
+    _engine(path).dispose()
+    holder = _holder(path)
+    try:
+        lock = FileLock(f"{path}-writers")
+        assert lock.acquire(0) is False
+    finally:
+        holder.kill()
+        holder.communicate(timeout=60)
+    assert holder.returncode == -signal.SIGKILL
+    # The kernel dropped the dead process's flock (and SQLite's own lock): a writer goes on.
+    conn = sqlite3.connect(path, timeout=30, factory=GatedConnection)
+    try:
+        conn.execute("PRAGMA busy_timeout=0")
+        conn.execute("UPDATE counter SET n = 7 WHERE id = 1")
+        assert conn._gate.files is not None and conn._gate.files.held
+        conn.commit()
+        assert not conn._gate.files.held
+        assert conn.execute("SELECT n FROM counter WHERE id = 1").fetchone() == (7,)
+    finally:
+        conn.close()
+    assert lock.acquire(30) is True
+    lock.release()
+
+
+def test_a_holder_that_never_lets_go_blocks_writers_only_for_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stuck.sqlite3"
+    _engine(path).dispose()
+    holder = _holder(path)
+    try:
+        gate = gate_for(str(path))
+        assert gate.files is not None
+        # Past its timeout the writer goes on without the file lock; SQLite decides.
+        assert gate.acquire(0) is True
+        assert not gate.files.held
+        gate.release()
+        # When the holder lets go, the lock the waiter thread obtains for nobody goes back at
+        # once: the holder, blocking for it, gets it again.
+        assert _tell(holder, "commit") == "retaken\n"
+        # A writer that waits long enough has it once the holder is gone, whether the waiter
+        # thread is still blocked from the last timeout or not.
+        assert gate.files.acquire(0) is False
+        holder.stdin.write("exit\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+        assert gate.files.acquire(30) is True
+        gate.files.release()
+    finally:
+        _end(holder)
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
+def test_a_forked_child_has_a_lock_of_its_own(tmp_path: Path) -> None:
+    lock = FileLock(str(tmp_path / "fork.sqlite3-writers"))
+    assert lock.acquire(0) is True
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            lock.release()  # inherited `held`: must not let go of the parent's lock
+            code = 0 if lock.acquire(0) is False else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    # Still the parent's: another open file description of this process cannot take it.
+    assert FileLock(lock.path).acquire(0) is False
+    lock.release()
+    assert FileLock(lock.path).acquire(0) is True
+
+
+def test_in_memory_and_uri_databases_take_no_file_lock(tmp_path: Path) -> None:
+    memory = sqlite3.connect(":memory:", factory=GatedConnection)
+    uri = sqlite3.connect(
+        f"file:{tmp_path}/uri.sqlite3?mode=rwc", uri=True, factory=GatedConnection
+    )
+    try:
+        for conn in (memory, uri):
+            conn.execute("CREATE TABLE t (n)")
+            conn.execute("INSERT INTO t VALUES (1)")
+            assert conn._gate.files is None
+            conn.commit()
+    finally:
+        memory.close()
+        uri.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uri.sqlite3"]
+
+
+def test_a_lock_file_that_cannot_be_opened_leaves_the_writer_to_sqlite(tmp_path: Path) -> None:
+    lock = FileLock(str(tmp_path / "missing" / "db.sqlite3-writers"))
+    assert lock.acquire(30) is False  # at once: nothing to wait for
+    assert not lock.held
+    lock.release()
