@@ -44,6 +44,8 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 # A create's write transaction adds a few pages to the log: this keeps it near SQLite's default
 # size (1000 pages) between two checkpoints.
 CHECKPOINT_EVERY = 200
+# SQLite checkpoints inside a commit once the log holds this many pages (about 40 MB).
+BACKSTOP_PAGES = 10_000
 
 
 class FileLock:
@@ -248,8 +250,10 @@ class GatedConnection(sqlite3.Connection):
         self._holding = False
         # Wait on the gate as long as SQLite itself would wait for its lock.
         self._gate_timeout = float(kwargs.get("timeout", 5.0))
-        # Checkpoints are run by `commit`, after the gate is let go.
-        super().execute("PRAGMA wal_autocheckpoint=0")
+        # Checkpoints are run by `commit`, after the gate is let go. SQLite's own stays as a
+        # backstop far above their interval: writes outside a transaction (autocommit, such as
+        # the batch API's per-second rate) are not counted, and alone would grow the log.
+        super().execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
 
     def cursor(self, factory: Any = GatedCursor) -> Any:
         """Return a cursor that gates writes."""
