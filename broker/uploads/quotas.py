@@ -318,18 +318,21 @@ def reserve_slot(
         usage = conn.execute(_reserving(), params).one()
         _check(session, user_id, quotas, now, usage, own_reservation=upload_id)
         return budget is not None and budget.acquire_in(conn, Priority.INTERACTIVE)
-    if isinstance(budget, UpstreamBudget) and budget.shares(conn):
-        # Both locks in one round trip, then the reservation, the usage and the budget's spend
-        # in one statement, which reads the rows committed before the locks were granted.
-        if conn.execute(_locking(), {"user_id": user_id, "locked_scope": budget.scope}).first():
-            # Read once both locks are held: a create that waited for them past a bucket's end
-            # is counted in the bucket it is sent in, not in one the window may already leave.
-            moment = budget.clock()
-            spend = budget.spending_params(moment, Priority.INTERACTIVE)
-            row = conn.execute(_reserving_paid(), {**params, **spend}).one()
-            _check(session, user_id, quotas, now, row[:4], own_reservation=upload_id)
-            return budget.settle(conn, row[4], moment, Priority.INTERACTIVE)
-        # The budget's state row does not exist yet (its first call): as below.
+    # Both locks in one round trip, then the reservation, the usage and the budget's spend in
+    # one statement, which reads the rows committed before the locks were granted. Without the
+    # budget's state row (its first call), as below.
+    if (
+        isinstance(budget, UpstreamBudget)
+        and budget.shares(conn)
+        and conn.execute(_locking(), {"user_id": user_id, "locked_scope": budget.scope}).first()
+    ):
+        # Read once both locks are held: a create that waited for them past a bucket's end is
+        # counted in the bucket it is sent in, not in one the window may already leave.
+        moment = budget.clock()
+        spend = budget.spending_params(moment, Priority.INTERACTIVE)
+        row = conn.execute(_reserving_paid(), {**params, **spend}).one()
+        _check(session, user_id, quotas, now, row[:4], own_reservation=upload_id)
+        return budget.settle(conn, row[4], moment, Priority.INTERACTIVE)
     # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
     # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
     conn.execute(_user_lock(), {"user_id": user_id})
