@@ -21,9 +21,10 @@ ends (commit, rollback, close, or a statement that ended it).
 Checkpoints run outside the gate. By default the commit that makes the write-ahead log pass
 1000 pages copies the log back into the database file and syncs it, a few to tens of
 milliseconds, all of it inside `commit()` and so with the gate still held: every queued writer
-of the process waited for it. Gated connections turn SQLite's automatic checkpoint off and run
-a passive one (it never waits for, nor blocks, readers or writers) every CHECKPOINT_EVERY
-commits of the process, after the gate was let go.
+of the process waited for it. Gated connections run a passive one (it never waits for, nor
+blocks, readers or writers) every CHECKPOINT_EVERY commits of the process, after the gate was
+let go; SQLite's own stays only as a backstop far above that (BACKSTOP_PAGES), for writes made
+outside a transaction, which are not counted.
 """
 
 from __future__ import annotations

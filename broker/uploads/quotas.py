@@ -126,13 +126,7 @@ def _reservation() -> sa.Insert:
 def _locking() -> sa.Update:
     """The user's row lock, then the global budget's (its state row; nothing when that row is
     missing), in one statement (PostgreSQL): in this order, as every create takes them."""
-    users = cast(sa.Table, User.__table__)
-    user = (
-        sa.select(users.c.id)
-        .where(users.c.id == sa.bindparam("user_id", type_=sa.Integer))
-        .with_for_update(key_share=True)
-        .cte("user_lock")
-    )
+    user = _user_lock().cte("user_lock")
     return budget_statements.locking().where(sa.exists(sa.select(user.c.id)))
 
 
