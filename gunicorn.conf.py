@@ -66,6 +66,27 @@ def _safe_atom(value):
     )
 
 
+def _once_a_second(render):
+    """Return a function giving `render(second)` of the current second, rendered once a second
+    (the access line's time and the `Date` header show whole seconds)."""
+    stamp = (-1, "")
+
+    def current():
+        nonlocal stamp
+        second = int(time.time())
+        now = stamp  # one tuple, read and replaced whole: safe across threads
+        if now[0] != second:
+            now = stamp = (second, render(second))
+        return now[1]
+
+    return current
+
+
+_log_time = _once_a_second(
+    lambda second: time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
+)
+
+
 class AccessLineLogger(Logger):
     """gunicorn's logger, computing only the atoms the access line shows. gunicorn's own makes
     an atom of every request header, response header and environ entry (some 60) on every
@@ -77,7 +98,6 @@ class AccessLineLogger(Logger):
     shows), the time atom rendered once a second, the format read once."""
 
     PLAIN = frozenset("hltrsbfa")
-    _stamp = (-1, "")
 
     def setup(self, cfg):
         """Note whether the configured format uses only the plain atoms built here."""
@@ -109,12 +129,7 @@ class AccessLineLogger(Logger):
 
     def now(self):
         """Return the time in Apache's Common Log Format (gunicorn's), rendered once a second."""
-        second = int(time.time())
-        stamp = self._stamp  # one tuple, read and replaced whole: safe across threads
-        if stamp[0] != second:
-            stamp = (second, time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second)))
-            self._stamp = stamp
-        return stamp[1]
+        return _log_time()
 
     def atoms(self, resp, req, environ, request_time):
         """Return the access line's atoms (gunicorn's values, see Logger.atoms)."""
@@ -143,17 +158,10 @@ def _http_date_once_a_second(render=gunicorn.util.http_date):
     """Return gunicorn's `http_date` (the `Date` header of every response) rendering the
     current time once a second: the header shows whole seconds, and email.utils' formatting of
     it on every response cost ≈ 1 % of a create's CPU."""
-    stamp = (-1, "")
+    current = _once_a_second(render)
 
     def http_date(timestamp=None):
-        nonlocal stamp
-        if timestamp is not None:
-            return render(timestamp)
-        second = int(time.time())
-        current = stamp  # one tuple, read and replaced whole: safe across threads
-        if current[0] != second:
-            current = stamp = (second, render(second))
-        return current[1]
+        return current() if timestamp is None else render(timestamp)
 
     http_date.rendered = render
     return http_date
