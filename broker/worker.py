@@ -200,17 +200,14 @@ def _replace_uploads(worker: Worker, now: datetime) -> int:
 
 
 def _deliver_webhooks(worker: Worker, now: datetime) -> int:
+    if not worker.looping:
+        # Driven pass by pass (tests, --once): the pass ends with its attempts done.
+        return sending.deliver_due(
+            db.session, worker.worker_id, worker.app.config, now=now, stop=worker.stop
+        )
     if worker.webhook_lanes is None:
         worker.webhook_lanes = sending.Lanes(worker.app, worker.worker_id, stop=worker.stop)
-    lanes = worker.webhook_lanes
-    claimed = lanes.dispatch(db.session, now)
-    if worker.looping:
-        return claimed  # work found; the loop claims again when a lane ends
-    # Driven pass by pass (tests, --once): the pass ends with its attempts done.
-    worker.webhook_lanes = None
-    attempted = lanes.wait()
-    lanes.close()
-    return attempted
+    return worker.webhook_lanes.dispatch(db.session, now)  # the loop claims again when a lane ends
 
 
 def _erase_users(worker: Worker, now: datetime) -> int:

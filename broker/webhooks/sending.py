@@ -47,6 +47,9 @@ from broker.webhooks.signing import signature_header, signing_secrets
 log = logging.getLogger("broker.webhooks")
 
 LEASE_SECONDS = 120  # longer than one attempt (15 s timeout) with a wide margin
+# What one pass driven step by step (`flask worker --once` from cron, tests) sends at most per
+# endpoint lane: as many as a single claim took before deliveries went out in lanes.
+PASS_SHARE = 20
 USER_AGENT = "upload-broker-webhooks/1"
 
 
@@ -383,6 +386,17 @@ class Lanes:
             attempted, self._attempted = self._attempted, 0
         return attempted
 
+    def run_pass(self, session: Session, now: datetime) -> int:
+        """Claim and send, waiting for every lane, until nothing due is left or each lane slot
+        has sent a pass's share (a pass driven step by step); return the attempts made."""
+        attempted = 0
+        for _ in range(math.ceil(PASS_SHARE / self.length)):
+            if not self.dispatch(session, now):
+                break
+            # As the looping worker claims again when a lane ends: a pass is not one lane long.
+            attempted += self.wait()
+        return attempted
+
     def close(self) -> None:
         """Wait for the running lanes (told to stop, they give back what they have not
         started) and end their threads."""
@@ -405,7 +419,6 @@ def deliver_due(
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     lanes = Lanes(app, holder, config=config, stop=stop)
     try:
-        lanes.dispatch(session, now)
-        return lanes.wait()
+        return lanes.run_pass(session, now)
     finally:
         lanes.close()

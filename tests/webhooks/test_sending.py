@@ -266,3 +266,19 @@ def test_lanes_are_bounded_per_endpoint_and_per_worker(make_app):
         )
         expected = [(ids[0], 2), (ids[0], 2), (ids[1], 1), (ids[2], 1)]
         assert [(e, len(batch)) for e, batch in lanes] == expected
+
+
+def test_a_pass_driven_step_by_step_sends_past_one_lane(wh_app, receiver):
+    """One endpoint with more deliveries due than a lane takes: a pass (`flask worker --once`
+    from cron, the worker driven by tests) claims again as its lanes end, as the looping worker
+    does, up to a pass's share; the next pass sends the rest, in order."""
+    add_webhook_endpoint(wh_app, receiver.url, now=START)
+    length = sending.lane_length(float(wh_app.config["WEBHOOK_TIMEOUT"]))
+    assert length < sending.PASS_SHARE  # else one lane is a pass and this shows nothing
+    queue_events(wh_app, sending.PASS_SHARE + 3)
+    with time_machine.travel(START, tick=False):
+        assert worker.run_once(wh_app, now=START)["deliver_webhooks"] == sending.PASS_SHARE
+        assert _deliver(wh_app) == 3
+        assert _deliver(wh_app) == 0
+    sent = [json.loads(r.body)["data"]["n"] for r in receiver.requests]
+    assert sent == list(range(sending.PASS_SHARE + 3))
