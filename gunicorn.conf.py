@@ -185,12 +185,31 @@ def when_ready(server):
     """Before forking a web process, stop in one line (as wsgi.py does) when the app's
     settings cannot run as many web processes as gunicorn is about to fork: the app cannot
     tell by itself how many run."""
-    app = getattr(getattr(server, "app", None), "callable", None)  # loaded in on_starting
-    check = getattr(app, "extensions", {}).get("web_processes_problem")
-    problem = check(server.cfg.workers) if check is not None else None
+    problem = _web_processes_problem(server, server.cfg.workers)
     if problem:
         sys.stderr.write(f"upload broker refuses to start: {problem}\n")
         raise SystemExit(1)
+
+
+def nworkers_changed(server, new_value, old_value):
+    """Keep the web processes at their number, in one log line, when SIGTTIN, `gunicornc
+    worker add` or a reload asks for more than the app's settings can run: checked at the
+    start only, a process added later would go unrefused."""
+    if old_value is None or new_value <= old_value:  # the start (when_ready) or fewer
+        return
+    problem = _web_processes_problem(server, new_value)
+    if problem:
+        server.log.error("upload broker refuses another web process: %s", problem)
+        server.num_workers = old_value  # gunicorn forks up to this number, after this hook
+        server.cfg.set("workers", old_value)  # a reload forks this many before it settles
+
+
+def _web_processes_problem(server, processes):
+    """Return why the app loaded in the master cannot run `processes` web processes, else None
+    (also when it is not loaded there: each process then loads its own)."""
+    app = getattr(getattr(server, "app", None), "callable", None)  # loaded in on_starting
+    check = getattr(app, "extensions", {}).get("web_processes_problem")
+    return check(processes) if check is not None else None
 
 
 def _load_before_fork(application):

@@ -13,7 +13,7 @@ a notice), reads the version on every request as without Redis, until it has sub
 and re-read the version after that (notices missed meanwhile are in it). Every HEARTBEAT seconds
 the subscriber pings Redis (a connection that stopped answering counts as lost) and re-reads the
 version, so a notice that was never published (its writer could not reach Redis, or was not
-configured with it) is picked up within HEARTBEAT seconds.
+configured with it), or a version gone back (a restore), is picked up within HEARTBEAT seconds.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class Feed:
         self._url = url
         self._read_version = read_version  # the database's version, None: cannot be read
         # Drop what is kept unless it holds every change up to this version (a notice), or,
-        # given True, unless it was kept under this very version (read after subscribing).
+        # given True, unless it was kept under this very version (a read of the database's).
         self._moved = moved
         self.heartbeat = heartbeat
         self._lock = threading.Lock()  # held by whoever reads the subscription
@@ -244,7 +244,9 @@ class Feed:
             self._awaiting_pong = True
         version = self._read_version()
         if version is not None:
-            self._moved(version, False)  # only drops what is kept when the version moved past it
+            # A read, not a notice: a version lower than the one kept means the database went
+            # back (a restore), so what was kept since is dropped now, not at the cache's TTL.
+            self._moved(version, True)
 
     def _drain(self) -> None:
         """Apply every notice received (the caller holds the lock); lose the subscription on

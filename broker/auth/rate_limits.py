@@ -24,6 +24,7 @@ from flask import after_this_request, current_app, g, request
 from flask_limiter.util import get_remote_address
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from limits.strategies import FixedWindowRateLimiter
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
 from broker.platform.config import current_settings
@@ -47,10 +48,15 @@ def _requested_username() -> str | None:
     """Return the casefolded username the request names (form or JSON body), else None."""
     from broker.auth.users import username_key
 
-    name: Any = request.form.get("username")
-    if name is None:
-        data = request.get_json(silent=True)
-        name = data.get("username") if isinstance(data, dict) else None
+    try:
+        name: Any = request.form.get("username")
+        if name is None:
+            data = request.get_json(silent=True)
+            name = data.get("username") if isinstance(data, dict) else None
+    except RequestEntityTooLarge:
+        # The view answers it (413); raised here, inside the limiter, it would be taken for
+        # the rate-limit storage failing.
+        return None
     if not isinstance(name, str) or not name.strip():
         return None
     return username_key(name.strip()[:64])

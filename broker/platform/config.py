@@ -142,7 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CLOUDFLARE_BATCH_RATE_SCOPE",
         "shared",
-        "Where the batch API's per-token rates are counted. `shared`: in Redis when `BROKER_RATELIMIT_STORAGE_URI` is Redis, else in the database (one statement a call), right for any number of processes; `process`: in this process's memory (no statement at all), right only when this one process calls Cloudflare (one web process with `BROKER_WORKER_INLINE` and no other worker): several processes would each allow the full rate (gunicorn refuses to start more than one web process with it).",
+        "Where the batch API's per-token rates are counted. `shared`: in Redis when `BROKER_RATELIMIT_STORAGE_URI` is Redis, else in the database (one statement a call), right for any number of processes; `process`: in this process's memory (no statement at all), right only when this one process calls Cloudflare (one web process with `BROKER_WORKER_INLINE` and no other worker): several processes would each allow the full rate (gunicorn refuses to start more than one web process with it, or to add one later).",
     ),
     Setting(
         "CLOUDFLARE_BATCH_COOLDOWN",

@@ -107,7 +107,9 @@ class _RunAgain(Exception):
 def _request_g() -> Any:
     """Return the current request's `g`, or None outside a request: read from Flask's context
     variables, not through werkzeug's proxies (2.5 µs a look, and every commit and upstream
-    call of a request asks)."""
+    call of a request asks). Flask's public way to the same object, `has_request_context()`
+    then `g._get_current_object()`, took longer in every run measured (1.1 to 3 times, about
+    1.7 typically: 285-646 against 161-297 ns a look in a request)."""
     if _cv_request.get(None) is None:
         return None
     return _cv_app.get().g

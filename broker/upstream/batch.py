@@ -455,7 +455,7 @@ class BatchRoute:
             "batch API: %s goes to the global API for %.0fs (%s)", endpoint, self.cooldown, reason
         )
 
-    def failed(self, endpoint: str, error: CloudflareError, call: BatchCall | None = None) -> bool:
+    def failed(self, endpoint: str, error: CloudflareError, call: BatchCall) -> bool:
         """Record a batch-host failure; return True when the call may go to the global API.
 
         A refusal (code 103, or the token refused) or a connection that never opened means
@@ -481,13 +481,9 @@ class BatchRoute:
         # A connection that never opened carried nothing: the global API may take the call.
         return isinstance(error, CloudflareUnreachable)
 
-    def _token_refused(self, endpoint: str, error: CloudflareError, call: BatchCall | None) -> None:
+    def _token_refused(self, endpoint: str, error: CloudflareError, call: BatchCall) -> None:
         """Drop the refused token (its slot fetches another); fall back only when more tokens
         were refused than the route holds, with no batch call succeeding in between."""
-        if call is None:  # which token was refused is unknown: every one goes
-            self.forget_token()
-            self.fall_back(endpoint, f"batch token refused ({error.status})")
-            return
         slot, refused = call.slot, call.token
         self.forget_token(slot.index, refused)
         with self._lock:
@@ -541,14 +537,13 @@ class BatchRoute:
                 self._sleep(pause)
                 waited += pause
 
-    def spend(self, call: BatchCall | None = None) -> None:
-        """Take one call of the per-second rate of the token `call` carries (the first token's
-        without one; nothing for a first attempt `token` counted), waiting up to RATE_WAIT."""
-        if call is not None and call.paid:
+    def spend(self, call: BatchCall) -> None:
+        """Take one call of the per-second rate of the token `call` carries (nothing for a first
+        attempt `token` counted), waiting up to RATE_WAIT."""
+        if call.paid:
             call.paid = False
             return
-        slot = call.slot if call is not None else self.slots[0]
-        self._waiting(lambda: self._take(slot.index, only=True))
+        self._waiting(lambda: self._take(call.slot.index, only=True))
 
     # -- the tokens --------------------------------------------------------------------------
 

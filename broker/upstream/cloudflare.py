@@ -204,11 +204,11 @@ class BatchRouting(Protocol[Call]):
         attempt counted on that token's rate; None when there is none; BudgetExhausted when
         every token stays full."""
 
-    def spend(self, call: Call | None = None) -> None:
+    def spend(self, call: Call) -> None:
         """Count one retry on `call`'s token's per-second rate (waits briefly when it is full);
         nothing for a first attempt `token` counted just before."""
 
-    def failed(self, endpoint: str, error: CloudflareError, call: Call | None = None) -> bool:
+    def failed(self, endpoint: str, error: CloudflareError, call: Call) -> bool:
         """Record a batch-host failure of `call`; True when the call may go to the global API
         now."""
 

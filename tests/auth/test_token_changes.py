@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from flask import Flask
 
 from broker.auth import changes, tokens
-from broker.auth.models import ApiToken
-from broker.platform.db import db
+from broker.auth.models import ApiToken, AuthVersion
+from broker.platform.db import db, utcnow
 from tests.auth.test_token_cache import (
     ME,
     _issue,
@@ -298,6 +298,34 @@ def test_a_change_never_published_is_picked_up_within_a_heartbeat(
     change(operator, "revoke", token_id=token_id)
     wait_for(lambda: _status(other, alice) == 401, 15, "the heartbeat's read of the version", 0.01)
     assert _cache(other).feed.subscribed.is_set()  # type: ignore[union-attr]
+
+
+def test_a_version_gone_back_under_a_live_subscription_drops_what_is_kept_at_the_next_beat(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    """A restore takes the version back below what a running process keeps; its next heartbeat
+    must drop the cache (a lower version is no notice of a newer change, but the database is
+    not the one the tokens were kept from), not trust it until the cache's TTL."""
+    make_user("alice")
+    other = _web(make_app, redis, heartbeat=0.05)
+    operator = _web(make_app, None, heartbeat=0)  # a restore, done under the processes
+    with operator.app_context():
+        db.session.merge(AuthVersion(id=1, version=5))
+        db.session.commit()
+    token_id, alice = _issue(other, "alice")
+    _live(other, alice)  # kept under version 5 (read when it subscribed)
+    with operator.app_context():  # the backup: alice's token revoked, the version lower
+        db.session.execute(
+            sa.update(ApiToken).where(ApiToken.id == token_id).values(revoked_at=utcnow())
+        )
+        db.session.execute(sa.update(AuthVersion).values(version=2))
+        db.session.commit()
+    stamp = _cache(other).stamp
+    restored = stamp.reads
+    # The second read after the restore begins once the beat of the first has applied it.
+    wait_for(lambda: stamp.reads >= restored + 2, 15, "a heartbeat after the restore", 0.01)
+    assert _cache(other).feed.subscribed.is_set()  # type: ignore[union-attr]
+    assert _status(other, alice) == 401
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,15 @@ parameters."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from flask import Flask
+from flask_migrate import upgrade
 
 from broker import create_app
 from broker.platform.db import MIGRATIONS_DIR, SQLITE_CACHE_KIB, db
@@ -16,13 +19,62 @@ from broker.uploads.models import Upload
 from tests.conftest import base_config
 
 
+def _migrations_sqlite_triggers() -> set[str]:
+    """The SQLite triggers the revisions leave at head: each names the one it creates in
+    `TRIGGER` (and one it drops for good in `DROPS_TRIGGER`)."""
+    modules = [rev.module for rev in ScriptDirectory(MIGRATIONS_DIR).walk_revisions()]
+    created = {module.TRIGGER for module in modules if hasattr(module, "TRIGGER")}
+    return created - {
+        module.DROPS_TRIGGER for module in modules if hasattr(module, "DROPS_TRIGGER")
+    }
+
+
+def _triggers(conn: sa.Connection) -> set[str]:
+    """The triggers the database on `conn` holds."""
+    if conn.dialect.name == "sqlite":
+        query = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    else:
+        query = (
+            "SELECT DISTINCT trigger_name FROM information_schema.triggers "
+            "WHERE trigger_schema = current_schema()"
+        )
+    return set(conn.execute(sa.text(query)).scalars())
+
+
+def drift(conn: sa.Connection) -> list[Any]:
+    """What the schema on `conn` differs in from the models, and from the triggers the
+    migrations create (which autogenerate does not compare): a SQLite `batch_alter_table`
+    recreates its table without them, and the create path relies on `uploads_take_reservation`
+    there. Call inside the app's context."""
+    context = MigrationContext.configure(conn, opts={"compare_type": True, "render_as_batch": True})
+    diff: list[Any] = list(compare_metadata(context, db.metadata))
+    expected = _migrations_sqlite_triggers() if conn.dialect.name == "sqlite" else set()
+    present = _triggers(conn)
+    diff += [("missing_trigger", name) for name in sorted(expected - present)]
+    diff += [("unexpected_trigger", name) for name in sorted(present - expected)]
+    return diff
+
+
 def test_migrations_match_models(app):
     with app.app_context(), db.engine.connect() as conn:
-        context = MigrationContext.configure(
-            conn, opts={"compare_type": True, "render_as_batch": True}
-        )
-        diff = compare_metadata(context, db.metadata)
-    assert diff == []
+        assert drift(conn) == []
+
+
+def test_the_drift_check_reports_a_trigger_a_migration_lost(tmp_path) -> None:
+    """A SQLite database whose `uploads_take_reservation` is gone (as a later
+    `batch_alter_table('uploads')` would leave it) fails the check, naming the trigger."""
+    app = create_app(base_config(f"sqlite:///{tmp_path}/drift.sqlite3", str(tmp_path)))
+    with app.app_context():
+        upgrade()
+        with db.engine.connect() as conn:
+            assert drift(conn) == []
+            conn.execute(sa.text("DROP TRIGGER uploads_take_reservation"))
+            assert drift(conn) == [("missing_trigger", "uploads_take_reservation")]
+            conn.execute(
+                sa.text("CREATE TRIGGER stray AFTER DELETE ON uploads BEGIN SELECT 1; END")
+            )
+            assert drift(conn)[-1] == ("unexpected_trigger", "stray")
+        db.engine.dispose()
 
 
 def test_a_sqlite_connection_keeps_a_page_cache_of_its_own_bounded(tmp_path) -> None:

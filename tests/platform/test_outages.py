@@ -87,6 +87,27 @@ def test_rate_limits_fall_back_to_the_process_while_redis_is_down(
         assert any("answers again" in r.message for r in caplog.records)
 
 
+def test_an_oversized_body_is_413_not_a_rate_limit_storage_outage(
+    make_app: Callable[..., Flask], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The per-username limit reads the username from the body: a body over the cap must be
+    the caller's 413, not an error inside the limiter that it takes for its storage failing
+    (a false outage in the log and the metrics, and rate limits counted per process)."""
+    with redis_server(tmp_path) as redis:
+        app = make_app(RATELIMIT_STORAGE_URI=redis.uri, METRICS_TOKEN="metrics-secret")
+        fallbacks = _metric(app, "broker_ratelimit_fallbacks")
+        caplog.set_level(logging.WARNING, logger="broker.outages")
+        big = b'{"username": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+        response = app.test_client().post(
+            "/api/v1/auth/tokens", data=big, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.get_json()["error"]["code"] == "request_entity_too_large"
+        assert _metric(app, "broker_ratelimit_storage_up") == 1
+        assert _metric(app, "broker_ratelimit_fallbacks") == fallbacks
+        assert [r.message for r in caplog.records if r.name == "broker.outages"] == []
+
+
 def _closed_port() -> int:
     """A loopback port nothing listens on (bound, then closed)."""
     with socket.socket() as probe:

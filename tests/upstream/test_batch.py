@@ -4,8 +4,11 @@ tokens / repeated errors, the per-token rate shared across processes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +33,7 @@ from broker.worker import run_once
 from tests.factories import production_env
 from tests.support.batch import METRICS, URL, batch_app, batch_route, create
 from tests.support.redis_server import redis_server
-from tests.system.topology import BIN, listening_socket, topology, wait_http
+from tests.system.topology import BIN, ROOT, listening_socket, topology, wait_for, wait_http
 
 
 def _send_file(body: dict[str, Any]) -> None:
@@ -601,3 +604,64 @@ def test_gunicorn_refuses_several_web_processes_counting_the_rate_in_memory(
         assert "Traceback" not in two.output()
         one = topo.start_web(gunicorn, sock, env={"WEB_CONCURRENCY": "1"})
         wait_http(f"http://127.0.0.1:{sock.getsockname()[1]}/livez", process=one)
+
+
+def test_gunicorn_refuses_a_web_process_added_later_counting_the_rate_in_memory(
+    migrated: str, tmp_path: Path
+) -> None:
+    """One web process counting the rate in memory starts; a second asked for later (SIGTTIN,
+    `gunicornc worker add`, a reload whose settings ask for two) would allow the whole rate
+    again: each is refused in one log line and one process serves on."""
+    env = production_env(migrated, str(tmp_path), BROKER_CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    control = str(tmp_path / "web.ctl")
+    wanted = tmp_path / "workers"
+    wanted.write_text("1")
+    config = tmp_path / "gunicorn.conf.py"  # the real one, with the number of processes read
+    config.write_text(  # from a file at each (re)load, as an operator edits theirs
+        f"exec(compile(open({str(ROOT / 'gunicorn.conf.py')!r}).read(), 'gunicorn.conf.py', "
+        f"'exec'))\nworkers = int(open({str(wanted)!r}).read())\n"
+    )
+    gunicorn = [str(BIN / "gunicorn"), "-c", str(config), "wsgi:app"]
+
+    def gunicornc(command: str) -> Any:
+        done = subprocess.run(
+            [str(BIN / "gunicornc"), "-s", control, "-j", "-c", command],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return json.loads(done.stdout)
+
+    def refusals() -> list[str]:
+        return [line for line in web.output().splitlines() if "another web process" in line]
+
+    def ages() -> list[int]:
+        return sorted(worker["age"] for worker in gunicornc("show workers")["workers"])
+
+    with listening_socket() as sock, topology(tmp_path, env) as topo:
+        web = topo.start_web(gunicorn, sock, env={"GUNICORN_CONTROL_SOCKET": control})
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/livez"
+        wait_http(url, process=web)
+        assert gunicornc("worker add")["total"] == 1
+        web.popen.send_signal(signal.SIGTTIN)
+        wait_for(lambda: len(refusals()) == 2, 15, "SIGTTIN's process refused", 0.05)
+        assert ages() == [1]
+        wanted.write_text("2")
+        web.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(refusals()) == 3, 15, "the reload's second process refused", 0.05)
+        wait_for(lambda: 1 not in ages(), 30, "the reload's new process alone", 0.05)
+        assert ages() == [2]  # one process forked by the reload, not two
+        wait_http(url, process=web)
+        assert all(
+            line.endswith(
+                "[ERROR] upload broker refuses another web process: "
+                "BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=process counts the batch API's rate in each "
+                "process, and 2 web processes would each allow the whole "
+                "BROKER_CLOUDFLARE_BATCH_RATE (200/s; Cloudflare answers the excess with 429): "
+                "run one (WEB_CONCURRENCY=1) or count it in the shared storage "
+                "(BROKER_CLOUDFLARE_BATCH_RATE_SCOPE=shared)"
+            )
+            for line in refusals()
+        )
+        assert "Traceback" not in web.output()

@@ -17,6 +17,8 @@ depends_on = None
 # SQLite only: there one statement cannot both insert and delete, and each statement of the
 # create's second transaction holds the database's one write lock. PostgreSQL carries the
 # DELETE as a CTE of the INSERT (broker.uploads.create), with no trigger function to keep.
+# Named in TRIGGER for the drift check (tests/platform/test_db.py), which fails when a later
+# revision loses it: a SQLite batch_alter_table('uploads') recreates the table without it.
 TRIGGER = 'uploads_take_reservation'
 
 
