@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +336,141 @@ def test_a_lock_file_that_cannot_be_opened_leaves_the_writer_to_sqlite(tmp_path:
     assert lock.acquire(30) is False  # at once: nothing to wait for
     assert not lock.held
     lock.release()
+
+
+def _until(condition: Any) -> None:
+    """Wait, yielding the CPU, until another thread made `condition()` true."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "the other thread never got there"
+        os.sched_yield()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_gate_goes_to_its_waiters_in_the_order_they_came(tmp_path: Path) -> None:
+    gate = gate_for(str(tmp_path / "order.sqlite3"))
+    assert gate.acquire(30) is True
+    descriptors = _open_descriptors()
+    order: list[int] = []
+
+    def writer(n: int) -> None:
+        assert gate.acquire(30) is True
+        assert gate.owner_thread == threading.get_ident()
+        order.append(n)
+        gate.release()
+
+    threads = []
+    for n in range(5):
+        threads.append(threading.Thread(target=writer, args=(n,)))
+        threads[-1].start()
+        _until(lambda n=n: len(gate._waiters) == n + 1)  # queued before the next one comes
+    assert _open_descriptors() == descriptors + 2 * 5  # a pipe per waiter
+    gate.release()  # handed to the first, which hands it on
+    for t in threads:
+        t.join(30)
+    assert order == [0, 1, 2, 3, 4]
+    assert gate.owner_thread is None and gate.acquire(0) is True  # free again
+    gate.release()
+    assert _open_descriptors() == descriptors  # every waiter's pipe closed
+
+
+def test_a_writer_that_times_out_leaves_the_queue(tmp_path: Path) -> None:
+    gate = gate_for(str(tmp_path / "timeout.sqlite3"))
+    assert gate.acquire(30) is True
+    descriptors = _open_descriptors()
+    answers: list[bool] = []
+    waiter = threading.Thread(target=lambda: answers.append(gate.acquire(0)))
+    waiter.start()
+    waiter.join(30)
+    assert answers == [False]  # went on without it
+    assert len(gate._waiters) == 0 and _open_descriptors() == descriptors
+    gate.release()  # nobody to hand it to: free
+    assert gate.acquire(0) is True
+    gate.release()
+
+
+@pytest.mark.parametrize("ending", ["timeout", "interrupt"])
+def test_a_gate_handed_over_as_the_wait_ends_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    gate = gate_for(str(tmp_path / f"{ending}.sqlite3"))
+    assert gate.acquire(30) is True
+    descriptors = _open_descriptors()
+
+    class Late(sqlite_writes.Wakeup):
+        def wait(self, timeout: float | None) -> bool:
+            if timeout is None:
+                return super().wait(None)
+            gate.release()  # the holder lets go just as the waiter's wait ends
+            if ending == "interrupt":  # e.g. Ctrl-C in a command's main thread
+                raise KeyboardInterrupt
+            return False
+
+    monkeypatch.setattr(sqlite_writes, "Wakeup", Late)
+    answers: list[object] = []
+
+    def waiter() -> None:
+        try:
+            answers.append(gate.acquire(30))
+        except KeyboardInterrupt:
+            answers.append("interrupted")
+        answers.append(gate.owner_thread == threading.get_ident())
+        if answers[0] is True:
+            gate.release()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    thread.join(30)
+    # Timed out: it had been handed the gate, so it writes with it. Interrupted: it passed the
+    # gate on rather than leave it held by nobody.
+    assert answers == ([True, True] if ending == "timeout" else ["interrupted", False])
+    assert len(gate._waiters) == 0 and gate.acquire(0) is True
+    assert _open_descriptors() == descriptors
+    gate.release()
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
+def test_a_forked_child_finds_the_gate_its_parent_held_free(tmp_path: Path) -> None:
+    gate = gate_for(str(tmp_path / "forked.sqlite3"))
+    assert gate.acquire(30) is True
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            child = gate_for(str(tmp_path / "forked.sqlite3"))
+            code = 0 if child.owner_thread is None and child.acquire(0) is True else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert gate.owner_thread == threading.get_ident()  # the parent's still
+    gate.release()
+
+
+def test_a_stuck_holder_is_logged_once_until_the_lock_is_taken_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "logged.sqlite3"
+    _engine(path).dispose()
+    lock = FileLock(f"{path}-writers")
+    caplog.set_level("WARNING", logger="broker.sqlite_writes")
+    for episode in range(2):
+        holder = _holder(path)
+        try:
+            for _ in range(3):  # three writes while it is stuck: one warning
+                assert lock.acquire(0) is False
+        finally:
+            holder.stdin.write("commit\nexit\n")  # type: ignore[union-attr]
+            holder.stdin.flush()  # type: ignore[union-attr]
+            _end(holder)
+        assert lock.acquire(30) is True  # the holder is gone
+        lock.release()
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 2 * (episode + 1)
+        assert "held by another process for 0s" in messages[-2]
+        assert messages[-1] == f"SQLite writers' lock {path}-writers taken again"
+        assert lock.acquire(0) is True  # not stuck: nothing more logged
+        lock.release()
+        assert len(caplog.records) == 2 * (episode + 1)
