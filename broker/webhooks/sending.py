@@ -48,7 +48,7 @@ log = logging.getLogger("broker.webhooks")
 
 LEASE_SECONDS = 120  # longer than one attempt (15 s timeout) with a wide margin
 # What one pass driven step by step (`flask worker --once` from cron, tests) sends at most per
-# endpoint lane: as many as a single claim took before deliveries went out in lanes.
+# lane slot: as many as a single claim took before deliveries went out in lanes.
 PASS_SHARE = 20
 USER_AGENT = "upload-broker-webhooks/1"
 
@@ -390,11 +390,14 @@ class Lanes:
         """Claim and send, waiting for every lane, until nothing due is left or each lane slot
         has sent a pass's share (a pass driven step by step); return the attempts made."""
         attempted = 0
-        for _ in range(math.ceil(PASS_SHARE / self.length)):
+        for _ in range(max(1, PASS_SHARE // self.length)):
             if not self.dispatch(session, now):
                 break
             # As the looping worker claims again when a lane ends: a pass is not one lane long.
             attempted += self.wait()
+            # Lanes may have run to their timeouts: the next claim's leases, signatures and
+            # retry times start from the clock, not from the pass's start.
+            now = max(now, utcnow())
         return attempted
 
     def close(self) -> None:

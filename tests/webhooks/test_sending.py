@@ -282,3 +282,31 @@ def test_a_pass_driven_step_by_step_sends_past_one_lane(wh_app, receiver):
         assert _deliver(wh_app) == 0
     sent = [json.loads(r.body)["data"]["n"] for r in receiver.requests]
     assert sent == list(range(sending.PASS_SHARE + 3))
+
+
+def test_each_claim_of_a_pass_leases_from_the_clock(wh_app, receiver, monkeypatch):
+    """A pass whose lanes take long (receivers at their timeout) claims its next lane with a
+    lease from the time of that claim, not from the pass's start: another worker must not
+    find those deliveries claimable (and send them twice) while this pass still holds them."""
+    add_webhook_endpoint(wh_app, receiver.url, now=START)
+    length = sending.lane_length(float(wh_app.config["WEBHOOK_TIMEOUT"]))
+    queue_events(wh_app, 2 * length)
+    leased: list[datetime] = []
+    original = sending.deliver_claimed
+    with time_machine.travel(START, tick=False) as clock:
+
+        def slow_lane(session, holder, config, ids, **kwargs):
+            rows = session.scalars(sa.select(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
+            leased.extend(_utc(r.lease_until) for r in rows)
+            done = original(session, holder, config, ids, **kwargs)
+            clock.shift(timedelta(seconds=sending.LEASE_SECONDS))  # the lane took a lease's time
+            return done
+
+        monkeypatch.setattr(sending, "deliver_claimed", slow_lane)
+        assert _deliver(wh_app) == 2 * length
+    lease = timedelta(seconds=sending.LEASE_SECONDS)
+    assert leased == [START + lease] * length + [START + 2 * lease] * length
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
