@@ -14,7 +14,9 @@ Rules it enforces, the API's half of the transaction rule in `broker.platform.db
   transaction so far is ended first, committed with whatever it wrote (on PostgreSQL each
   statement reads the latest committed rows, so the transaction simply goes on, without a
   round trip to end it). A step's commits keep the objects the request loaded as they were
-  (its user is not read again);
+  (its user is not read again). Core work (the create's reservation) runs as a
+  `step_on_connection` instead: on a connection of its own, committed there, without the ORM
+  session's commit around a few statements; what the request had begun is ended first;
 - work done outside the database (a draft made at Cloudflare) and steps already committed
   register their undo with `on_failure`; when the request fails they run newest first after
   the rollback, each in a transaction of its own, best effort: an undo that fails is logged
@@ -60,6 +62,25 @@ class UnitOfWork:
         _commit_keeping_objects(session)
         return result
 
+    def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
+        """Run Core `work` on a connection of its own, committed before this returns."""
+        session = self.session
+        bind = session.get_bind()
+        if not isinstance(bind, sa.Engine):
+            # Bound to a caller's connection (the warm-up's, in a transaction it rolls back):
+            # the step stays inside it.
+            return self.step(lambda: work(session.connection()))
+        if _in_transaction(session):
+            # What the request began is ended first, keeping its writes, as `step` does: the
+            # step then starts from the latest snapshot and never waits for the request's locks.
+            _commit_keeping_objects(session)
+        # Engine-level, not through the ORM session: the session's commit (flush check, state
+        # bookkeeping, a new session transaction after it) cost more than the step's statements.
+        with bind.connect() as conn:
+            result = work(conn)  # a failure: leaving the block rolls back
+            conn.commit()
+        return result
+
     def on_failure(self, undo: Callable[[], None]) -> None:
         """Register how to undo work done so far should the unit of work fail."""
         self._undos.append(undo)
@@ -91,6 +112,13 @@ class UnitOfWork:
             except Exception:  # best effort: never mask the request's own error
                 self.session.rollback()
                 log.warning("could not undo part of a failed request", exc_info=True)
+
+
+def _in_transaction(session: Session) -> bool:
+    """Tell whether `session` has begun a transaction (a request's may not exist yet)."""
+    if isinstance(session, scoped_session):
+        return session.registry.has() and session().in_transaction()
+    return session.in_transaction()
 
 
 def _commit_keeping_objects(session: Session) -> None:

@@ -54,8 +54,8 @@ T = TypeVar("T")
 class UnitOfWork(Protocol):
     """The transaction a create runs in (a request's: `broker.api.unit_of_work`)."""
 
-    def step(self, work: Callable[[], T]) -> T:
-        """Run `work` as a transaction of its own, committed before this returns."""
+    def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
+        """Run Core `work` on a connection of its own, committed before this returns."""
 
     def on_failure(self, undo: Callable[[], None]) -> None:
         """Register how to undo work done so far should the unit of work fail."""
@@ -108,8 +108,8 @@ def create_upload(
     user_id, creator = user.id, user.public_id
     limits = quotas.quotas_for(user, settings, profile)
     budget = client.budget_for("direct_upload")
-    prepaid = work.step(
-        lambda: quotas.reserve_slot(session, user_id, limits, upload_id, now, budget=budget)
+    prepaid = work.step_on_connection(
+        lambda conn: quotas.reserve_slot(conn, user_id, limits, upload_id, now, budget=budget)
     )
     work.on_failure(lambda: quotas.release_slot(session, upload_id))
     draft = client.direct_upload(

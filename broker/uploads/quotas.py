@@ -196,7 +196,7 @@ def _usage(quotas: Quotas, user_id: int, own: str, now: datetime) -> dict[str, A
 
 
 def _check(
-    session: Session,
+    conn: sa.Connection,
     user_id: int,
     quotas: Quotas,
     now: datetime,
@@ -212,7 +212,7 @@ def _check(
     if pending + others >= quotas.pending:
         # A slot frees for sure when the oldest live draft's URL (or a reservation) expires.
         first_expiry = _earliest(
-            session,
+            conn,
             Upload.expires_at,
             sa.and_(Upload.status == PENDING, Upload.expires_at > now),
             UploadReservation.expires_at,
@@ -230,7 +230,7 @@ def _check(
         )
     if today + others >= quotas.daily:
         oldest = _earliest(
-            session,
+            conn,
             Upload.created_at,
             Upload.created_at > since,
             UploadReservation.created_at,
@@ -255,7 +255,7 @@ def _check(
 
 
 def _earliest(
-    session: Session,
+    conn: sa.Connection,
     column: Any,
     condition: sa.ColumnElement[bool],
     reservation_column: Any,
@@ -272,7 +272,7 @@ def _earliest(
         .union_all(_live_reservations(user_id, now, reservation_column, own_reservation, profile))
         .subquery()
     )
-    earliest: datetime | None = session.scalar(sa.select(sa.func.min(moments.c.moment)))
+    earliest: datetime | None = conn.scalar(sa.select(sa.func.min(moments.c.moment)))
     return earliest
 
 
@@ -290,7 +290,7 @@ def _live_reservations(
 
 
 def reserve_slot(
-    session: Session,
+    conn: sa.Connection,
     user_id: int,
     quotas: Quotas,
     upload_id: str,
@@ -300,17 +300,16 @@ def reserve_slot(
 ) -> bool:
     """Hold one slot of the user's quotas for `upload_id`, or raise UploadError 429.
 
-    Run it as a transaction of its own (see the module's rules); the caller commits it. With
-    `budget` the upstream call is paid for in the same transaction when
-    possible (one write instead of two per create); returns whether it was (BudgetExhausted
-    when it is spent: nothing is reserved then, once the caller rolls back).
+    Run it as a transaction of its own on `conn` (see the module's rules); the caller commits
+    it. With `budget` the upstream call is paid for in the same transaction when possible (one
+    write instead of two per create); returns whether it was (BudgetExhausted when it is
+    spent: nothing is reserved then, once the caller rolls back).
     """
-    conn = session.connection()
     params = _usage(quotas, user_id, upload_id, now)
     if conn.dialect.name == "sqlite":
         # The INSERT takes the database's write lock, which serialises the whole step.
         usage = conn.execute(_reserving(), params).one()
-        _check(session, user_id, quotas, now, usage, own_reservation=upload_id)
+        _check(conn, user_id, quotas, now, usage, own_reservation=upload_id)
         return budget is not None and budget.acquire_in(conn, Priority.INTERACTIVE)
     # Both locks in one round trip, then the reservation, the usage and the budget's spend in
     # one statement, which reads the rows committed before the locks were granted. Without the
@@ -325,13 +324,13 @@ def reserve_slot(
         moment = budget.clock()
         spend = budget.spending_params(moment, Priority.INTERACTIVE)
         row = conn.execute(_reserving_paid(), {**params, **spend}).one()
-        _check(session, user_id, quotas, now, row[:4], own_reservation=upload_id)
+        _check(conn, user_id, quotas, now, row[:4], own_reservation=upload_id)
         return budget.settle(conn, row[4], moment, Priority.INTERACTIVE)
     # FOR NO KEY UPDATE: serialises this user's reservations without blocking the foreign
     # key checks (KEY SHARE) of the user's other creates inserting their rows meanwhile.
     conn.execute(_user_lock(), {"user_id": user_id})
     usage = conn.execute(_reserving(), params).one()
-    _check(session, user_id, quotas, now, usage, own_reservation=upload_id)
+    _check(conn, user_id, quotas, now, usage, own_reservation=upload_id)
     # Last: the budget's row lock is shared by every process; hold it briefly.
     return budget is not None and budget.acquire_in(conn, Priority.INTERACTIVE)
 

@@ -102,7 +102,26 @@ def test_a_step_commits_what_was_pending_instead_of_dropping_it(app, make_user) 
     assert _user(app, added.id).max_pending_uploads == 5
 
 
-def test_a_failed_step_is_rolled_back(app, make_user) -> None:
+def test_a_step_on_its_own_connection_commits_what_was_pending_first(app, make_user) -> None:
+    """A Core step on a connection of its own ends the request's transaction first, keeping
+    its writes (it would otherwise wait for the request's own locks), and commits its own."""
+    user = make_user("erin")
+    with app.app_context():
+        work = UnitOfWork(db.session)
+        db.session.get_one(User, user.id).max_pending_uploads = 6  # pending, not flushed
+
+        def write(conn: sa.Connection) -> int:
+            bump = sa.update(User).where(User.id == user.id).values(max_uploads_per_day=7)
+            return conn.execute(bump).rowcount
+
+        assert work.step_on_connection(write) == 1
+        work.fail()  # a later failure cannot take back what was committed before or in it
+    kept = _user(app, user.id)
+    assert (kept.max_pending_uploads, kept.max_uploads_per_day) == (6, 7)
+
+
+@pytest.mark.parametrize("own_connection", [False, True], ids=["session", "own-connection"])
+def test_a_failed_step_is_rolled_back(app, make_user, own_connection: bool) -> None:
     user = make_user("carol")
 
     def half_done() -> None:
@@ -110,10 +129,17 @@ def test_a_failed_step_is_rolled_back(app, make_user) -> None:
         db.session.flush()
         raise RuntimeError("injected: the step fails after writing")
 
+    def half_done_on(conn: sa.Connection) -> None:
+        conn.execute(sa.update(User).where(User.id == user.id).values(max_uploads_per_day=9))
+        raise RuntimeError("injected: the step fails after writing")
+
     with app.app_context():
         work = UnitOfWork(db.session)
         with pytest.raises(RuntimeError):
-            work.step(half_done)
+            if own_connection:
+                work.step_on_connection(half_done_on)
+            else:
+                work.step(half_done)
         work.commit()
     assert _user(app, user.id).max_uploads_per_day is None
 

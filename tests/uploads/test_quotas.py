@@ -209,8 +209,8 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         work = UnitOfWork(db.session)
 
         def reserve(upload_id: str, moment: datetime) -> bool:
-            return work.step(
-                lambda: quotas.reserve_slot(db.session, user_id, limits, upload_id, moment)
+            return work.step_on_connection(
+                lambda conn: quotas.reserve_slot(conn, user_id, limits, upload_id, moment)
             )
 
         reserve("first", now)  # never finished or released
