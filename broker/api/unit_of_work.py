@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from flask import g
 from sqlalchemy.orm import scoped_session
 
+from broker.platform import outages
 from broker.platform.db import Session, db
 
 log = logging.getLogger("broker.api")
@@ -63,7 +64,8 @@ class UnitOfWork:
         return result
 
     def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
-        """Run Core `work` on a connection of its own, committed before this returns."""
+        """Run Core `work` on a connection of its own, committed before this returns (`work`
+        returns plain values: the connection is closed by then)."""
         session = self.session
         bind = session.get_bind()
         if not isinstance(bind, sa.Engine):
@@ -79,6 +81,7 @@ class UnitOfWork:
         with bind.connect() as conn:
             result = work(conn)  # a failure: leaving the block rolls back
             conn.commit()
+        outages.note_commit()  # not through the session: its commit hook does not see it
         return result
 
     def on_failure(self, undo: Callable[[], None]) -> None:
@@ -115,10 +118,9 @@ class UnitOfWork:
 
 
 def _in_transaction(session: Session) -> bool:
-    """Tell whether `session` has begun a transaction (a request's may not exist yet)."""
-    if isinstance(session, scoped_session):
-        return session.registry.has() and session().in_transaction()
-    return session.in_transaction()
+    """Tell whether `session` has begun a transaction."""
+    own = session() if isinstance(session, scoped_session) else session
+    return own.in_transaction()
 
 
 def _commit_keeping_objects(session: Session) -> None:

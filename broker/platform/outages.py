@@ -123,10 +123,17 @@ def note_upstream_call() -> None:
         setattr(flags, _UPSTREAM, True)
 
 
-def _note_commit(session: OrmSession) -> None:
+def note_commit() -> None:
+    """Note that this request's view committed work (it is not run again after a dropped
+    database connection: the work would be done twice). The ORM session's commits are noted
+    by themselves; work committed on a connection of its own says so with this."""
     flags = _request_g()
     if flags is not None and getattr(flags, _IN_VIEW, False):
         setattr(flags, _COMMITTED, True)
+
+
+def _note_commit(session: OrmSession) -> None:
+    note_commit()
 
 
 def _may_run_again(exc: Exception) -> bool:

@@ -108,7 +108,8 @@ def test_a_step_on_its_own_connection_commits_what_was_pending_first(app, make_u
     user = make_user("erin")
     with app.app_context():
         work = UnitOfWork(db.session)
-        db.session.get_one(User, user.id).max_pending_uploads = 6  # pending, not flushed
+        db.session.get_one(User, user.id).max_pending_uploads = 6
+        db.session.flush()  # written: on SQLite the session now holds the write lock
 
         def write(conn: sa.Connection) -> int:
             bump = sa.update(User).where(User.id == user.id).values(max_uploads_per_day=7)

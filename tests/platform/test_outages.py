@@ -251,3 +251,39 @@ def test_a_create_whose_connection_drops_before_it_wrote_is_run_again_once(
         assert len(db.session.scalars(sa.select(Upload)).all()) == 1
     with app.app_context():  # once the session gave its connection back, or it is never closed
         db.engine.dispose()
+
+
+def test_a_create_whose_connection_drops_after_its_reservation_is_not_run_again(
+    dead_connections_collected: None, app: Flask, make_user: Callable[..., Any], database_url: str
+) -> None:
+    """The reservation is committed on a connection of its own, then the next statement meets
+    a dropped connection before anything went to Cloudflare: 503, not a second run (which
+    would hold a second reservation of the user's quota)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends: runs in the PostgreSQL pass")
+    from broker.upstream.cloudflare import CloudflareImages
+
+    user = make_user("ana")
+    bearer = factories.issue_token(app, user)
+    client = app.test_client()
+    # The first request stamps the token's last use (a commit of the view's, once a minute).
+    assert client.post("/api/v1/uploads", json={}, headers=bearer).status_code == 201
+    calls: list[str] = []
+    real = CloudflareImages.direct_upload
+
+    def drop_before_cloudflare(self: CloudflareImages, *args: Any, **kwargs: Any) -> Any:
+        calls.append("direct_upload")
+        if len(calls) == 1:
+            _terminate_backends(database_url)
+            db.session.execute(sa.text("select 1"))  # meets the dropped connection
+        return real(self, *args, **kwargs)
+
+    CloudflareImages.direct_upload = drop_before_cloudflare  # type: ignore[method-assign]
+    try:
+        refused = client.post("/api/v1/uploads", json={}, headers=bearer)
+    finally:
+        CloudflareImages.direct_upload = real  # type: ignore[method-assign]
+    assert refused.status_code == 503, refused.get_json()
+    assert calls == ["direct_upload"]  # run once
+    with app.app_context():
+        db.engine.dispose()
