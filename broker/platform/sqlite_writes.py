@@ -124,13 +124,7 @@ class FileLock:
         # A forked child's inherited descriptors are the parent's open file descriptions (the
         # flock is the parent's, the pipes its threads'): it opens its own (and has none of the
         # parent's threads).
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-        if self._signals is not None:
-            signals, self._signals = self._signals, None
-            for signal in signals:
-                signal.close()
+        self._close_descriptors()
         self._pid = os.getpid()
         self.held = False
         self._mutex = threading.Lock()  # orders the waiter's result with a caller's timeout
@@ -141,6 +135,7 @@ class FileLock:
         # the mutex: two writers that race may both log the same episode; nothing else differs.
         self._stuck = False
         self._waiter: threading.Thread | None = None
+        self._closing = False  # the waiter thread ends at its next request
         # Read-only is enough to flock, so a user who may only read the database can still
         # queue; the file holds nothing.
         try:
@@ -226,6 +221,8 @@ class FileLock:
         assert signals is not None
         while True:
             signals[0].wait(None)
+            if self._closing:
+                return
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             except OSError as exc:  # the caller times out and goes on without the lock
@@ -247,6 +244,28 @@ class FileLock:
         if self.held and self._pid == os.getpid():
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self.held = False
+
+    def close(self) -> None:
+        """End the waiter thread and close the descriptors; waits while its flock is pending."""
+        if self._pid != os.getpid():
+            return  # nothing opened in this process
+        if self._waiter is not None and self._signals is not None:
+            self._closing = True
+            self._signals[0].set()
+            self._waiter.join()
+        self.release()
+        self._close_descriptors()
+        self._pid = -1  # a later acquire opens everything again
+
+    def _close_descriptors(self) -> None:
+        # Each is forgotten before it is closed: a failure never leaves one to be closed twice.
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        if self._signals is not None:
+            signals, self._signals = self._signals, None
+            for signal in signals:
+                signal.close()
 
 
 class WriteGate:

@@ -267,7 +267,7 @@ def test_a_holder_killed_mid_transaction_does_not_block_the_next_writer(tmp_path
     finally:
         conn.close()
     assert lock.acquire(30) is True
-    lock.release()
+    lock.close()
 
 
 def test_a_holder_that_never_lets_go_blocks_writers_only_for_the_busy_timeout(
@@ -295,6 +295,7 @@ def test_a_holder_that_never_lets_go_blocks_writers_only_for_the_busy_timeout(
         gate.files.release()
     finally:
         _end(holder)
+    gate.files.close()
 
 
 @pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
@@ -311,9 +312,13 @@ def test_a_forked_child_has_a_lock_of_its_own(tmp_path: Path) -> None:
             os._exit(code)
     assert os.waitpid(pid, 0)[1] == 0
     # Still the parent's: another open file description of this process cannot take it.
-    assert FileLock(lock.path).acquire(0) is False
-    lock.release()
-    assert FileLock(lock.path).acquire(0) is True
+    other = FileLock(lock.path)
+    assert other.acquire(0) is False
+    lock.close()
+    free = FileLock(lock.path)  # not `other`, whose flock thread may take it back for nobody
+    assert free.acquire(0) is True
+    free.close()
+    other.close()
 
 
 def test_in_memory_and_uri_databases_take_no_file_lock(tmp_path: Path) -> None:
@@ -472,6 +477,7 @@ def test_a_stuck_holder_is_logged_once_until_the_lock_is_taken_again(
 ) -> None:
     path = tmp_path / "logged.sqlite3"
     _engine(path).dispose()
+    descriptors, threads = _open_descriptors(), threading.active_count()
     lock = FileLock(f"{path}-writers")
     caplog.set_level("INFO", logger="broker.sqlite_writes")
     for episode in range(2):
@@ -493,6 +499,8 @@ def test_a_stuck_holder_is_logged_once_until_the_lock_is_taken_again(
         assert lock.acquire(0) is True  # not stuck: nothing more logged
         lock.release()
         assert len(caplog.records) == 2 * (episode + 1)
+    lock.close()  # its flock thread ends, its descriptors are closed
+    assert (_open_descriptors(), threading.active_count()) == (descriptors, threads)
 
 
 def test_a_collection_at_a_waiters_allocation_may_release_the_gate(
@@ -679,3 +687,5 @@ def test_an_interrupted_file_lock_wait_leaves_the_lock_to_others(
         holder.stdin.write("exit\n")  # type: ignore[union-attr]
         holder.stdin.flush()  # type: ignore[union-attr]
         _end(holder)
+    monkeypatch.undo()
+    lock.close()
