@@ -87,6 +87,29 @@ class Wakeup:
         os.close(self._write)
 
 
+class Turn(Wakeup):
+    """A waiter's place in the gate's queue: `granted` is the hand-off, the pipe only wakes it.
+
+    The gate sets `granted` and writes the wake-up byte together under its mutex, so a waiter
+    whose wait ended some other way (a timeout, Ctrl-C) learns from `granted`, under the same
+    mutex, whether the gate is its own, and never waits for a byte it may already have read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.granted = False
+
+
+def _signal_pair() -> tuple[Wakeup, Wakeup]:
+    """Open a FileLock's request and answer pipes, none left open when the second fails."""
+    first = Wakeup()
+    try:
+        return first, Wakeup()
+    except BaseException:
+        first.close()
+        raise
+
+
 class FileLock:
     """An exclusive flock on one file, shared by the writers of every process of the host."""
 
@@ -101,21 +124,18 @@ class FileLock:
         # A forked child's inherited descriptors are the parent's open file descriptions (the
         # flock is the parent's, the pipes its threads'): it opens its own (and has none of the
         # parent's threads).
-        if self._fd >= 0:
-            os.close(self._fd)
-        if self._signals is not None:
-            for signal in self._signals:
-                signal.close()
-        self._fd = -1
+        self._close_descriptors()
         self._pid = os.getpid()
         self.held = False
         self._mutex = threading.Lock()  # orders the waiter's result with a caller's timeout
-        self._request, self._granted = self._signals = (Wakeup(), Wakeup())
-        self._given = False  # the waiter took the lock for the caller waiting on `_granted`
+        self._given = False  # the waiter took the lock for the caller waiting for its answer
         self._pending = False  # the waiter is (about to be) blocked in flock
         self._wanted = False  # a caller is waiting for the waiter's result
-        self._stuck = False  # a caller went on without the lock since it was last taken
+        # A caller went on without the lock since it was last taken. Read and written without
+        # the mutex: two writers that race may both log the same episode; nothing else differs.
+        self._stuck = False
         self._waiter: threading.Thread | None = None
+        self._closing = False  # the waiter thread ends at its next request
         # Read-only is enough to flock, so a user who may only read the database can still
         # queue; the file holds nothing.
         try:
@@ -137,33 +157,51 @@ class FileLock:
                     # Held by another process. A blocking flock cannot time out in a thread
                     # that is not the main one, so a waiter thread blocks in the kernel while
                     # the caller waits for its answer with a timeout.
+                    if self._signals is None:  # the first wait of this process
+                        self._signals = _signal_pair()
                     self._pending = True
                     if self._waiter is None:
                         self._waiter = threading.Thread(
                             target=self._wait, name="sqlite-writers-flock", daemon=True
                         )
                         self._waiter.start()
-                    self._request.set()
+                    self._signals[0].set()
                 else:
                     return self._taken()
             # A waiter left blocked by a caller that timed out is reused, never doubled.
             self._wanted = True
-        if not self._granted.wait(timeout):
+        return self._await_waiter(time.monotonic() + timeout, timeout)
+
+    def _await_waiter(self, deadline: float, timeout: float) -> bool:
+        # `_given`, under the mutex, says whether the lock is the caller's; the answer's byte
+        # only wakes it (one left unread by an interrupted or timed-out caller wakes the next
+        # caller early, which then finds `_given` false and waits on).
+        signals = self._signals
+        assert signals is not None
+        try:
+            while True:
+                signals[1].wait(deadline - time.monotonic())
+                with self._mutex:
+                    if self._given:
+                        self._given = False
+                        return self._taken()
+                    if time.monotonic() >= deadline:
+                        self._wanted = False  # the waiter gives the lock back when it gets it
+                        self.not_taken(f"held by another process for {timeout:.0f}s")
+                        return False
+        except BaseException:  # e.g. Ctrl-C: nobody is left to use or give back the lock
             with self._mutex:
-                if not self._given:
-                    self._wanted = False  # the waiter gives the lock back when it gets it
-                    self.not_taken(f"held by another process for {timeout:.0f}s")
-                    return False
-            self._granted.wait(None)  # given as the caller timed out: its signal is written
-        with self._mutex:
-            self._given = False
-            return self._taken()
+                self._wanted = False
+                if self._given:
+                    self._given = False
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            raise
 
     def _taken(self) -> bool:
         self.held = True
         if self._stuck:
             self._stuck = False
-            log.warning("SQLite writers' lock %s taken again", self.path)
+            log.info("SQLite writers' lock %s taken again", self.path)
         return True
 
     def not_taken(self, reason: object) -> None:
@@ -179,8 +217,12 @@ class FileLock:
 
     def _wait(self) -> None:
         # Only the thread holding the in-process gate ever asks, so one waiter per process.
+        signals = self._signals
+        assert signals is not None
         while True:
-            self._request.wait(None)
+            signals[0].wait(None)
+            if self._closing:
+                return
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             except OSError as exc:  # the caller times out and goes on without the lock
@@ -193,7 +235,7 @@ class FileLock:
                 if self._wanted:
                     self._wanted = False
                     self._given = True
-                    self._granted.set()
+                    signals[1].set()
                 else:  # its caller gave up: nobody in this process may keep others waiting
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -202,6 +244,28 @@ class FileLock:
         if self.held and self._pid == os.getpid():
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self.held = False
+
+    def close(self) -> None:
+        """End the waiter thread and close the descriptors; waits while its flock is pending."""
+        if self._pid != os.getpid():
+            return  # nothing opened in this process
+        if self._waiter is not None and self._signals is not None:
+            self._closing = True
+            self._signals[0].set()
+            self._waiter.join()
+        self.release()
+        self._close_descriptors()
+        self._pid = -1  # a later acquire opens everything again
+
+    def _close_descriptors(self) -> None:
+        # Each is forgotten before it is closed: a failure never leaves one to be closed twice.
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        if self._signals is not None:
+            signals, self._signals = self._signals, None
+            for signal in signals:
+                signal.close()
 
 
 class WriteGate:
@@ -225,10 +289,16 @@ class WriteGate:
 
     def _reset(self) -> None:
         # Also in a forked child, where the holder and the waiters were the parent's threads.
-        self._mutex = threading.Lock()  # held only to read and change the three fields below
+        # The mutex is held only to read and change the fields below, and nothing is allocated
+        # while it is held: a garbage collection there could run the clean-up of a leaked
+        # connection that holds the gate, whose `release` would wait for this same mutex.
+        self._mutex = threading.Lock()
         self._held = False
-        self._waiters: deque[Wakeup] = deque()
+        self._waiters: deque[Turn] = deque()
         self.owner_thread: int | None = None
+        # Set while pipes cannot be opened (EMFILE): logged once per episode. Unlocked: two
+        # writers that race may both log it.
+        self._no_pipes = False
 
     def acquire(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds; False when the caller must go on without the gate."""
@@ -237,48 +307,69 @@ class WriteGate:
             # deadlock; SQLite's own busy handling decides, as it would without the gate.
             return False
         deadline = time.monotonic() + timeout
-        with self._mutex:
-            turn = None
-            if self._held:
-                turn = Wakeup()
-                self._waiters.append(turn)
-            self._held = True
-        if turn is not None:
-            try:
-                if not self._wait_for(turn, timeout):
-                    log.warning(
-                        "SQLite write gate not free after %.0fs; going on without it", timeout
-                    )
-                    return False
-            finally:
-                turn.close()
+        turn: Turn | None = None
+        queued = taken = False
+        try:
+            while not (queued or taken):
+                with self._mutex:
+                    if not self._held:
+                        self._held = taken = True
+                    elif turn is not None:
+                        self._waiters.append(turn)
+                        queued = True
+                if not (queued or taken):
+                    if timeout <= 0:  # no wait: no pipe either
+                        return self._not_free(timeout)
+                    turn = self._new_turn()  # outside the mutex, then look again
+                    if turn is None:
+                        return False
+            if turn is not None and queued and not self._wait_for(turn, deadline):
+                return self._not_free(timeout)
+        except BaseException:  # e.g. Ctrl-C in a command's main thread
+            if taken or (turn is not None and self._leave(turn)):
+                self.release()  # the next writer must not wait for a gate nobody holds
+            raise
+        finally:
+            if turn is not None:
+                turn.close()  # also one made for a gate that was free by then
         self.owner_thread = threading.get_ident()
         if self.files is not None:
             try:
                 self.files.acquire(max(0.0, deadline - time.monotonic()))
             except OSError as exc:  # e.g. no locks on this file system: SQLite's handler decides
                 self.files.not_taken(exc)
+            except BaseException:  # e.g. Ctrl-C: the next writer must not wait for nobody
+                self.release()
+                raise
         return True
 
-    def _wait_for(self, turn: Wakeup, timeout: float) -> bool:
-        try:
-            handed = turn.wait(timeout)
-        except BaseException:  # e.g. Ctrl-C in a command's main thread
-            if self._leave(turn):
-                self.release()  # handed over meanwhile: the next writer must not wait for it
-            raise
-        return handed or self._leave(turn)
+    def _not_free(self, timeout: float) -> bool:
+        log.warning("SQLite write gate not free after %.0fs; going on without it", timeout)
+        return False
 
-    def _leave(self, turn: Wakeup) -> bool:
-        # True when the gate was handed over as the wait ended: `turn` may not be closed before
-        # the hand-off has written to it (the descriptor could be another file's by then).
+    def _new_turn(self) -> Turn | None:
+        try:
+            turn = Turn()
+        except OSError as exc:  # e.g. EMFILE: SQLite's busy handler decides, as on a timeout
+            if not self._no_pipes:
+                self._no_pipes = True
+                log.warning("SQLite write gate cannot queue (%s); writers go on without it", exc)
+            return None
+        self._no_pipes = False
+        return turn
+
+    def _wait_for(self, turn: Turn, deadline: float) -> bool:
+        # True when the gate is the caller's. A wait that returned True read the byte that
+        # `release` writes after granting; a timeout is decided by `granted`, read under the
+        # mutex (so is an interrupt, by `acquire`, which may come after the byte was read).
+        return turn.wait(deadline - time.monotonic()) or self._leave(turn)
+
+    def _leave(self, turn: Turn) -> bool:
+        # True when the gate was handed to `turn`; otherwise `turn` is out of the queue.
         with self._mutex:
-            handed = turn not in self._waiters
-            if not handed:
+            if not turn.granted and turn in self._waiters:
                 self._waiters.remove(turn)
-        if handed:
-            turn.wait(None)
-        return handed
+            return turn.granted
 
     def release(self) -> None:
         """Hand the gate to the writer that has waited longest, or leave it free."""
@@ -288,10 +379,19 @@ class WriteGate:
                 self.files.release()
         finally:
             with self._mutex:
-                turn = self._waiters.popleft() if self._waiters else None
-                self._held = turn is not None
-            if turn is not None:
-                turn.set()
+                if not self._waiters:
+                    self._held = False
+                else:
+                    # Granted before it leaves the queue and woken under the mutex, so that a
+                    # waiter whose wait ends otherwise finds it granted only once its pipe was
+                    # written to (it may close it then), and an interrupt between these lines
+                    # cannot leave it out of the queue yet never granted nor woken.
+                    turn = self._waiters[0]
+                    turn.granted = True
+                    try:
+                        self._waiters.popleft()
+                    finally:
+                        turn.set()
 
     def checkpoint_due(self) -> bool:
         """Count a commit; True on every CHECKPOINT_EVERY-th of the process."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import gc
 import itertools
 import json
 import os
@@ -10,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +267,7 @@ def test_a_holder_killed_mid_transaction_does_not_block_the_next_writer(tmp_path
     finally:
         conn.close()
     assert lock.acquire(30) is True
-    lock.release()
+    lock.close()
 
 
 def test_a_holder_that_never_lets_go_blocks_writers_only_for_the_busy_timeout(
@@ -293,6 +295,7 @@ def test_a_holder_that_never_lets_go_blocks_writers_only_for_the_busy_timeout(
         gate.files.release()
     finally:
         _end(holder)
+    gate.files.close()
 
 
 @pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
@@ -309,9 +312,13 @@ def test_a_forked_child_has_a_lock_of_its_own(tmp_path: Path) -> None:
             os._exit(code)
     assert os.waitpid(pid, 0)[1] == 0
     # Still the parent's: another open file description of this process cannot take it.
-    assert FileLock(lock.path).acquire(0) is False
-    lock.release()
-    assert FileLock(lock.path).acquire(0) is True
+    other = FileLock(lock.path)
+    assert other.acquire(0) is False
+    lock.close()
+    free = FileLock(lock.path)  # not `other`, whose flock thread may take it back for nobody
+    assert free.acquire(0) is True
+    free.close()
+    other.close()
 
 
 def test_in_memory_and_uri_databases_take_no_file_lock(tmp_path: Path) -> None:
@@ -338,12 +345,27 @@ def test_a_lock_file_that_cannot_be_opened_leaves_the_writer_to_sqlite(tmp_path:
     lock.release()
 
 
-def _until(condition: Any) -> None:
-    """Wait, yielding the CPU, until another thread made `condition()` true."""
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "the other thread never got there"
-        os.sched_yield()
+class _Queue(deque[Any]):
+    """A gate's waiter queue that lets a test wait, without spinning, until it holds so many."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grew = threading.Condition()
+
+    def append(self, item: Any) -> None:
+        with self.grew:
+            super().append(item)
+            self.grew.notify_all()
+
+    def reach(self, length: int) -> None:
+        with self.grew:
+            assert self.grew.wait_for(lambda: len(self) >= length, 30), "nobody queued"
+
+
+def _watched(gate: sqlite_writes.WriteGate) -> _Queue:
+    queue = _Queue()
+    gate._waiters = queue
+    return queue
 
 
 def _open_descriptors() -> int:
@@ -352,6 +374,7 @@ def _open_descriptors() -> int:
 
 def test_the_gate_goes_to_its_waiters_in_the_order_they_came(tmp_path: Path) -> None:
     gate = gate_for(str(tmp_path / "order.sqlite3"))
+    queue = _watched(gate)
     assert gate.acquire(30) is True
     descriptors = _open_descriptors()
     order: list[int] = []
@@ -366,7 +389,7 @@ def test_the_gate_goes_to_its_waiters_in_the_order_they_came(tmp_path: Path) -> 
     for n in range(5):
         threads.append(threading.Thread(target=writer, args=(n,)))
         threads[-1].start()
-        _until(lambda n=n: len(gate._waiters) == n + 1)  # queued before the next one comes
+        queue.reach(n + 1)  # queued before the next one comes
     assert _open_descriptors() == descriptors + 2 * 5  # a pipe per waiter
     gate.release()  # handed to the first, which hands it on
     for t in threads:
@@ -392,24 +415,24 @@ def test_a_writer_that_times_out_leaves_the_queue(tmp_path: Path) -> None:
     gate.release()
 
 
-@pytest.mark.parametrize("ending", ["timeout", "interrupt"])
+@pytest.mark.parametrize("ending", ["timeout", "interrupt", "interrupt after the wake-up"])
 def test_a_gate_handed_over_as_the_wait_ends_is_not_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
 ) -> None:
-    gate = gate_for(str(tmp_path / f"{ending}.sqlite3"))
+    gate = gate_for(str(tmp_path / f"{ending.replace(' ', '-')}.sqlite3"))
     assert gate.acquire(30) is True
     descriptors = _open_descriptors()
 
-    class Late(sqlite_writes.Wakeup):
+    class Late(sqlite_writes.Turn):
         def wait(self, timeout: float | None) -> bool:
-            if timeout is None:
-                return super().wait(None)
             gate.release()  # the holder lets go just as the waiter's wait ends
-            if ending == "interrupt":  # e.g. Ctrl-C in a command's main thread
+            if ending == "interrupt after the wake-up":
+                super().wait(timeout)  # the hand-off's byte is read, then Ctrl-C comes
+            if ending.startswith("interrupt"):  # e.g. Ctrl-C in a command's main thread
                 raise KeyboardInterrupt
             return False
 
-    monkeypatch.setattr(sqlite_writes, "Wakeup", Late)
+    monkeypatch.setattr(sqlite_writes, "Turn", Late)
     answers: list[object] = []
 
     def waiter() -> None:
@@ -454,8 +477,9 @@ def test_a_stuck_holder_is_logged_once_until_the_lock_is_taken_again(
 ) -> None:
     path = tmp_path / "logged.sqlite3"
     _engine(path).dispose()
+    descriptors, threads = _open_descriptors(), threading.active_count()
     lock = FileLock(f"{path}-writers")
-    caplog.set_level("WARNING", logger="broker.sqlite_writes")
+    caplog.set_level("INFO", logger="broker.sqlite_writes")
     for episode in range(2):
         holder = _holder(path)
         try:
@@ -470,7 +494,198 @@ def test_a_stuck_holder_is_logged_once_until_the_lock_is_taken_again(
         messages = [r.getMessage() for r in caplog.records]
         assert len(messages) == 2 * (episode + 1)
         assert "held by another process for 0s" in messages[-2]
+        assert [r.levelname for r in caplog.records[-2:]] == ["WARNING", "INFO"]
         assert messages[-1] == f"SQLite writers' lock {path}-writers taken again"
         assert lock.acquire(0) is True  # not stuck: nothing more logged
         lock.release()
         assert len(caplog.records) == 2 * (episode + 1)
+    lock.close()  # its flock thread ends, its descriptors are closed
+    assert (_open_descriptors(), threading.active_count()) == (descriptors, threads)
+
+
+def test_a_collection_at_a_waiters_allocation_may_release_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection leaked while it writes (in a reference cycle) is rolled back by SQLAlchemy's
+    # clean-up when the garbage collector finds it, which releases the gate, on whatever thread
+    # the collection ran: here the one that allocates as it queues for that very gate.
+    path = tmp_path / "collected.sqlite3"
+    engine = _engine(path)
+    gate = gate_for(str(path))
+    gc.disable()
+    try:
+
+        def leak() -> None:
+            conn = engine.connect()
+            conn.exec_driver_sql("UPDATE counter SET n = 1")
+            cycle: list[Any] = [conn]
+            cycle.append(cycle)
+
+        leak()
+        assert gate.owner_thread == threading.get_ident()
+        real_pipe = os.pipe
+
+        def pipe() -> tuple[int, int]:
+            gc.collect()  # stands for an automatic collection triggered by this allocation
+            return real_pipe()
+
+        monkeypatch.setattr(os, "pipe", pipe)
+        answers: list[bool] = []
+        writer = threading.Thread(target=lambda: answers.append(gate.acquire(30)), daemon=True)
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive(), "the writer deadlocked on the gate's own mutex"
+    finally:
+        gc.enable()
+    assert answers == [True]  # the leaked writer's gate, let go by the collection, is its own
+    gate.release()
+    _assert_free(gate)
+    engine.dispose()
+
+
+def _in_thread(call: Any) -> list[object]:
+    """Run `call` in another thread to its end; its answer, or the exception it raised."""
+    answers: list[object] = []
+
+    def run() -> None:
+        try:
+            answers.append(call())
+        except BaseException as exc:  # collected: the caller's assertion shows it
+            answers.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    return answers
+
+
+def _assert_free(gate: sqlite_writes.WriteGate) -> None:
+    assert gate.acquire(0) is True
+    gate.release()
+
+
+def _no_pipes(monkeypatch: pytest.MonkeyPatch, after: int = 0) -> None:
+    """Make every os.pipe fail as it does when the process has no descriptor left."""
+    real_pipe, calls = os.pipe, itertools.count()
+
+    def pipe() -> tuple[int, int]:
+        if next(calls) >= after:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_pipe()
+
+    monkeypatch.setattr(os, "pipe", pipe)
+
+
+def test_a_writer_that_cannot_open_a_pipe_goes_on_without_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = gate_for(str(tmp_path / "emfile.sqlite3"))
+    assert gate.acquire(30) is True
+    _no_pipes(monkeypatch)
+    assert _in_thread(lambda: gate.acquire(0)) == [False]  # gives up at once: needs no pipe
+    assert not [r for r in caplog.records if "cannot queue" in r.getMessage()]
+    answers = [*_in_thread(lambda: gate.acquire(30)), *_in_thread(lambda: gate.acquire(30))]
+    assert answers == [False, False]  # SQLite's busy handler decides, as after a timeout
+    assert [r.getMessage() for r in caplog.records if "cannot queue" in r.getMessage()] == [
+        "SQLite write gate cannot queue ([Errno 24] Too many open files); writers go on without it"
+    ]  # once per episode
+    assert len(gate._waiters) == 0
+    gate.release()
+    _assert_free(gate)
+
+
+def test_a_file_lock_without_pipes_lets_its_writer_through_and_is_not_left_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "emfile-files.sqlite3"
+    _engine(path).dispose()
+    holder = _holder(path)  # the file lock is busy: a writer of this process would wait
+    try:
+        descriptors = _open_descriptors()
+        gate = gate_for(str(path))
+        assert gate.files is not None
+        _no_pipes(monkeypatch, after=1)  # the request pipe opens, the answer's does not
+        assert gate.acquire(30) is True  # with the gate, without the file lock: SQLite decides
+        assert not gate.files.held and gate.files._signals is None
+        assert _open_descriptors() == descriptors  # no pipe left open
+        gate.release()
+        assert _in_thread(lambda: gate.acquire(0)) == [True]  # not left held by nobody
+        gate.release()
+    finally:
+        holder.stdin.write("commit\nexit\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+        _end(holder)
+
+
+class _Interrupting(_Queue):
+    """A queue whose next popleft is interrupted (Ctrl-C) just after it took the waiter out."""
+
+    def popleft(self) -> Any:
+        super().popleft()
+        raise KeyboardInterrupt
+
+
+def test_a_release_interrupted_mid_hand_off_still_hands_the_gate_over(tmp_path: Path) -> None:
+    gate = gate_for(str(tmp_path / "handoff.sqlite3"))
+    queue = _Interrupting()
+    gate._waiters = queue
+    assert gate.acquire(30) is True
+    answers: list[bool] = []
+
+    def writer() -> None:
+        answers.append(gate.acquire(30))
+        gate._waiters = _Queue()  # the next release is not interrupted
+        gate.release()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    queue.reach(1)
+    with pytest.raises(KeyboardInterrupt):
+        gate.release()
+    thread.join(30)
+    assert answers == [True]  # woken with the gate, not left waiting for nobody
+    _assert_free(gate)
+
+
+def test_an_interrupt_while_the_file_lock_is_awaited_releases_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = gate_for(str(tmp_path / "interrupted.sqlite3"))
+    assert gate.files is not None
+
+    def interrupted(timeout: float) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gate.files, "acquire", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gate.acquire(30)
+    assert gate.owner_thread is None and not gate._held
+
+
+def test_an_interrupted_file_lock_wait_leaves_the_lock_to_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "flock-interrupt.sqlite3"
+    _engine(path).dispose()
+    holder = _holder(path)
+    try:
+        lock = FileLock(f"{path}-writers")
+        assert lock.acquire(0) is False  # the waiter thread now blocks in flock
+        assert lock._signals is not None
+
+        def interrupted(timeout: float | None) -> bool:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(lock._signals[1], "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire(30)
+        assert not lock._wanted and not lock.held
+        # The waiter gets the lock when the holder lets go, and gives it back at once: the
+        # holder, blocking for it, has it again.
+        assert _tell(holder, "commit") == "retaken\n"
+    finally:
+        holder.stdin.write("exit\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+        _end(holder)
+    monkeypatch.undo()
+    lock.close()
