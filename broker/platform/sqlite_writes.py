@@ -29,6 +29,7 @@ outside a transaction, which are not counted.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
@@ -289,10 +290,12 @@ class WriteGate:
 
     def _reset(self) -> None:
         # Also in a forked child, where the holder and the waiters were the parent's threads.
-        # The mutex is held only to read and change the fields below, and nothing is allocated
-        # while it is held: a garbage collection there could run the clean-up of a leaked
-        # connection that holds the gate, whose `release` would wait for this same mutex.
-        self._mutex = threading.Lock()
+        # The mutex is held only to read and change the fields below. Re-entrant: a garbage
+        # collection while a waiter holds it (Python 3.12+ runs one at any call, not only at an
+        # allocation) may run the clean-up of a leaked connection that holds the gate, whose
+        # `release` takes this mutex again on the same thread; each section is correct with a
+        # whole release run inside it (`_leave` finds its turn granted and popped).
+        self._mutex = threading.RLock()
         self._held = False
         self._waiters: deque[Turn] = deque()
         self.owner_thread: int | None = None
@@ -367,8 +370,9 @@ class WriteGate:
     def _leave(self, turn: Turn) -> bool:
         # True when the gate was handed to `turn`; otherwise `turn` is out of the queue.
         with self._mutex:
-            if not turn.granted and turn in self._waiters:
-                self._waiters.remove(turn)
+            if not turn.granted:
+                with contextlib.suppress(ValueError):  # popped by a release run inside this
+                    self._waiters.remove(turn)
             return turn.granted
 
     def release(self) -> None:

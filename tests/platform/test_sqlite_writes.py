@@ -689,3 +689,40 @@ def test_an_interrupted_file_lock_wait_leaves_the_lock_to_others(
         _end(holder)
     monkeypatch.undo()
     lock.close()
+
+
+class _ReleasingOnAppend(deque[Any]):
+    """A gate's queue whose first append runs a release, as a garbage collection could while
+    the waiter holds the gate's mutex: the clean-up of a leaked connection holding the gate."""
+
+    def __init__(self, gate: sqlite_writes.WriteGate) -> None:
+        super().__init__()
+        self.gate = gate
+        self.fired = False
+
+    def append(self, turn: Any) -> None:
+        super().append(turn)
+        if not self.fired:
+            self.fired = True
+            self.gate.release()
+
+
+def test_a_release_run_inside_the_gates_own_section_goes_through(tmp_path: Path) -> None:
+    """Python 3.12+ may collect at any call, so such a release can come while the waiter's
+    thread holds the gate's mutex: it goes through (no self-deadlock), and the gate goes to
+    that waiter."""
+    gate = gate_for(str(tmp_path / "reentrant.sqlite3"))
+    assert gate.acquire(30) is True  # the leaked connection's
+    gate._waiters = _ReleasingOnAppend(gate)
+    answers: list[bool] = []
+
+    def writer() -> None:
+        answers.append(gate.acquire(30))
+        gate._waiters = deque()
+        gate.release()
+
+    thread = threading.Thread(target=writer, daemon=True)  # a deadlock must not hang the suite
+    thread.start()
+    thread.join(30)
+    assert answers == [True]
+    _assert_free(gate)
