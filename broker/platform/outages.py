@@ -151,7 +151,10 @@ def _database_unavailable(exc: Exception) -> ResponseReturnValue:
     """Answer a request the database could not serve with 503 and when to try again (or run
     it again at once when its connection was dropped before it did anything lasting)."""
     if _may_run_again(exc):
-        db.session.rollback()  # gives the dead connection back; the next one is new
+        # The run again starts from a new session, as a new request would: the dead connection
+        # goes back, and nothing the first run put in the session (the token kept in memory
+        # and attached to it, its user) can meet what the second run attaches.
+        db.session.remove()
         raise _RunAgain from exc
     log.warning("database unavailable: %s", type(getattr(exc, "orig", exc)).__name__)
     db.session.rollback()  # SQLAlchemy drops a connection that died with the transaction

@@ -287,3 +287,36 @@ def test_a_create_whose_connection_drops_after_its_reservation_is_not_run_again(
     assert calls == ["direct_upload"]  # run once
     with app.app_context():
         db.engine.dispose()
+
+
+def test_a_create_run_again_with_the_token_cache_warm_is_created(
+    dead_connections_collected: None, app: Flask, make_user: Callable[..., Any], database_url: str
+) -> None:
+    """The token kept in memory joins the request's session; the reservation's connection is
+    dropped: the create runs again on a fresh session (201), not into the first run's."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends: runs in the PostgreSQL pass")
+    from broker.uploads import quotas
+
+    user = make_user("ana")
+    bearer = factories.issue_token(app, user)
+    client = app.test_client()
+    assert client.post("/api/v1/uploads", json={}, headers=bearer).status_code == 201  # warm
+    real = quotas.reserve_slot
+    drops: list[str] = []
+
+    def drop_once(conn: sa.Connection, *args: Any, **kwargs: Any) -> Any:
+        if not drops:
+            drops.append("reserve_slot")
+            _terminate_backends(database_url)
+        return real(conn, *args, **kwargs)
+
+    quotas.reserve_slot = drop_once  # type: ignore[assignment]
+    try:
+        created = client.post("/api/v1/uploads", json={}, headers=bearer)
+    finally:
+        quotas.reserve_slot = real  # type: ignore[assignment]
+    assert drops == ["reserve_slot"]
+    assert created.status_code == 201, created.get_json()
+    with app.app_context():
+        db.engine.dispose()
