@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,19 +299,28 @@ def test_a_holder_that_never_lets_go_blocks_writers_only_for_the_busy_timeout(
     gate.files.close()
 
 
+def _in_a_forked_child(check: Callable[[], bool]) -> bool:
+    """Run `check` in a forked child (which never returns into pytest); return its answer."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if check() else 2
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1] == 0
+
+
 @pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
 def test_a_forked_child_has_a_lock_of_its_own(tmp_path: Path) -> None:
     lock = FileLock(str(tmp_path / "fork.sqlite3-writers"))
     assert lock.acquire(0) is True
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            lock.release()  # inherited `held`: must not let go of the parent's lock
-            code = 0 if lock.acquire(0) is False else 2
-        finally:
-            os._exit(code)
-    assert os.waitpid(pid, 0)[1] == 0
+
+    def still_the_parents() -> bool:
+        lock.release()  # inherited `held`: must not let go of the parent's lock
+        return lock.acquire(0) is False
+
+    assert _in_a_forked_child(still_the_parents)
     # Still the parent's: another open file description of this process cannot take it.
     other = FileLock(lock.path)
     assert other.acquire(0) is False
@@ -459,15 +469,12 @@ def test_a_gate_handed_over_as_the_wait_ends_is_not_lost(
 def test_a_forked_child_finds_the_gate_its_parent_held_free(tmp_path: Path) -> None:
     gate = gate_for(str(tmp_path / "forked.sqlite3"))
     assert gate.acquire(30) is True
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            child = gate_for(str(tmp_path / "forked.sqlite3"))
-            code = 0 if child.owner_thread is None and child.acquire(0) is True else 2
-        finally:
-            os._exit(code)
-    assert os.waitpid(pid, 0)[1] == 0
+
+    def free_in_the_child() -> bool:
+        child = gate_for(str(tmp_path / "forked.sqlite3"))
+        return child.owner_thread is None and child.acquire(0) is True
+
+    assert _in_a_forked_child(free_in_the_child)
     assert gate.owner_thread == threading.get_ident()  # the parent's still
     gate.release()
 
