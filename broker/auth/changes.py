@@ -153,6 +153,7 @@ class Feed:
         self._closed = threading.Event()
         self._closed_in = 0  # the process that closed it
         self._awaiting_pong = False
+        self._notices = 0  # notices applied, so a read can tell whether one came during it
         self._told = False  # the outage under way was logged
         self.subscribed = threading.Event()  # set while live, for tests and the metric
         self.subscriptions = 0  # how often it subscribed (again)
@@ -242,11 +243,18 @@ class Feed:
                 raise ConnectionError("Redis did not answer a ping")
             self._conn.send_command("PING")
             self._awaiting_pong = True
-        version = self._read_version()
-        if version is not None:
+            notices = self._notices
+        version = self._read_version()  # outside the lock: requests apply notices meanwhile
+        if version is None:
+            return
+        with self._lock:
+            self._drain()  # a notice that arrived while it was read is applied first
             # A read, not a notice: a version lower than the one kept means the database went
             # back (a restore), so what was kept since is dropped now, not at the cache's TTL.
-            self._moved(version, True)
+            # Unless a notice was applied while it was read: the read may predate that change,
+            # so it only counts as a notice (it can move the kept version on, never back); the
+            # next beat looks for a restore again.
+            self._moved(version, self._notices == notices)
 
     def _drain(self) -> None:
         """Apply every notice received (the caller holds the lock); lose the subscription on
@@ -260,6 +268,7 @@ class Feed:
                 kind = _kind(reply)
                 if kind == "message":
                     self._moved(int(reply[2]), False)
+                    self._notices += 1
                 elif kind == "pong":
                     self._awaiting_pong = False
         except Exception as exc:

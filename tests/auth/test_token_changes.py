@@ -399,3 +399,46 @@ def test_a_redis_never_reached_leaves_every_request_reading_the_version(
         "the subscriber's warning",
         0.01,
     )
+
+
+def test_a_heartbeats_read_taken_before_a_notice_does_not_move_the_kept_version_back(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    """The heartbeat reads the version outside the feed's lock: a notice of a newer change
+    applied meanwhile (by a request) must not be undone by that older read, which would drop
+    what is kept for nothing and leave the kept version behind the database's."""
+    make_user("alice")
+    other = _web(make_app, redis, heartbeat=3600)  # beats only when the test says so
+    _, alice = _issue(other, "alice")
+    _live(other, alice)
+    cache = _cache(other)
+    feed = cache.feed
+    assert feed is not None and cache._version is not None
+    before = cache._version
+    publisher = changes.Publisher(changes.redis_url(redis.uri) or "")
+    reading = feed._read_version
+
+    def read_then_a_notice_lands() -> int | None:
+        version = reading()  # the read, taken before the change below
+        assert publisher.publish(before + 1)  # a change commits elsewhere and is told
+        assert feed.current()  # a request applies the notice
+        return version
+
+    try:
+        assert cache._version == before
+        generation = cache._generation
+        feed._read_version = read_then_a_notice_lands
+        feed._beat()
+        # One drop, the notice's; the older read moved nothing back.
+        assert (cache._version, cache._generation) == (before + 1, generation + 1)
+        wait_for(lambda: not feed._awaiting_pong, 15, "the beat's pong", 0.01)
+
+        def restored() -> int | None:
+            return before  # a later read lower than what is kept: a restore
+
+        feed._read_version = restored
+        feed._beat()
+        assert (cache._version, cache._generation) == (before, generation + 2)
+    finally:
+        feed._read_version = reading
+        publisher.close()
