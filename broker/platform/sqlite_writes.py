@@ -51,6 +51,8 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 CHECKPOINT_EVERY = 200
 # SQLite checkpoints inside a commit once the log holds this many pages (about 40 MB).
 BACKSTOP_PAGES = 10_000
+# The longest wait one poll takes, in milliseconds (a C int: about 24.8 days).
+MAX_POLL_MS = 2**31 - 1
 
 
 class Wakeup:
@@ -77,15 +79,26 @@ class Wakeup:
         """Wait up to `timeout` seconds (None: for ever) for `set`; True when it came."""
         poll = select.poll()
         poll.register(self._read, select.POLLIN)
-        if not poll.poll(None if timeout is None else math.ceil(max(0.0, timeout) * 1000)):
+        wait = None
+        if timeout is not None:
+            # poll takes a C int of milliseconds: a longer wait (weeks, for ever) is capped.
+            wait = (
+                MAX_POLL_MS if timeout * 1000 >= MAX_POLL_MS else math.ceil(max(0, timeout) * 1000)
+            )
+        if not poll.poll(wait):
             return False
         os.read(self._read, 1)
         return True
 
     def close(self) -> None:
-        """Close both ends of the pipe."""
-        os.close(self._read)
-        os.close(self._write)
+        """Close both ends of the pipe (again: nothing; each end is forgotten as it closes)."""
+        read, write, self._read, self._write = self._read, self._write, -1, -1
+        try:
+            if read >= 0:
+                os.close(read)
+        finally:
+            if write >= 0:
+                os.close(write)
 
 
 class Turn(Wakeup):
@@ -160,12 +173,20 @@ class FileLock:
                     # the caller waits for its answer with a timeout.
                     if self._signals is None:  # the first wait of this process
                         self._signals = _signal_pair()
-                    self._pending = True
                     if self._waiter is None:
-                        self._waiter = threading.Thread(
+                        waiter = threading.Thread(
                             target=self._wait, name="sqlite-writers-flock", daemon=True
                         )
-                        self._waiter.start()
+                        try:
+                            waiter.start()
+                        except RuntimeError as exc:  # no thread to be had: as without pipes
+                            self.not_taken(exc)
+                            return False
+                        self._waiter = waiter  # only one that runs: the next caller's request
+                    # Pending only once a waiter will see the request: a flag left set with
+                    # none would send every later writer to wait for an answer that never
+                    # comes.
+                    self._pending = True
                     self._signals[0].set()
                 else:
                     return self._taken()
@@ -184,6 +205,9 @@ class FileLock:
                 signals[1].wait(deadline - time.monotonic())
                 with self._mutex:
                     if self._given:
+                        # Held before no longer given: an interrupt between the two leaves the
+                        # lock to the handler below, or to the gate's release, never to nobody.
+                        self.held = True
                         self._given = False
                         return self._taken()
                     if time.monotonic() >= deadline:
@@ -194,7 +218,7 @@ class FileLock:
             with self._mutex:
                 self._wanted = False
                 if self._given:
-                    self._given = False
+                    self._given = self.held = False
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
             raise
 
@@ -311,8 +335,12 @@ class WriteGate:
             return False
         deadline = time.monotonic() + timeout
         turn: Turn | None = None
-        queued = taken = False
+        taken = False  # the gate is this caller's: taken free, or handed to its turn
+        # One handler over all of it (e.g. Ctrl-C in a command's main thread, wherever it
+        # comes): a gate taken or handed over is given back, and a turn closed only once it
+        # is out of the queue, so no release writes to its closed pipe.
         try:
+            queued = False
             while not (queued or taken):
                 with self._mutex:
                     if not self._held:
@@ -326,25 +354,42 @@ class WriteGate:
                     turn = self._new_turn()  # outside the mutex, then look again
                     if turn is None:
                         return False
-            if turn is not None and queued and not self._wait_for(turn, deadline):
+            if turn is not None:
+                if queued:
+                    taken = self._wait_for(turn, deadline)  # out of the queue either way
+                turn.close()  # also one made for a gate that was free by then
+            if not taken:
                 return self._not_free(timeout)
-        except BaseException:  # e.g. Ctrl-C in a command's main thread
-            if taken or (turn is not None and self._leave(turn)):
-                self.release()  # the next writer must not wait for a gate nobody holds
+            self.owner_thread = threading.get_ident()
+            if self.files is not None:
+                try:
+                    self.files.acquire(max(0.0, deadline - time.monotonic()))
+                except OSError as exc:  # e.g. no locks on this file system: SQLite decides
+                    self.files.not_taken(exc)
+            return True
+        except BaseException:
+            self._give_up(turn, taken)
             raise
+
+    def _give_up(self, turn: Turn | None, taken: bool) -> None:
+        # An acquire cut short: its turn out of the queue (a second interrupt meanwhile waits
+        # until that is done: a turn left queued would be handed the gate with nobody to use
+        # it), the gate given back if it was this caller's, the turn's pipe closed.
+        later: BaseException | None = None
+        while turn is not None:
+            try:
+                taken = self._leave(turn) or taken
+                break
+            except BaseException as exc:  # _leave again: it only removes what is still there
+                later = exc
+        try:
+            if taken:
+                self.release()  # the next writer must not wait for a gate nobody holds
         finally:
             if turn is not None:
-                turn.close()  # also one made for a gate that was free by then
-        self.owner_thread = threading.get_ident()
-        if self.files is not None:
-            try:
-                self.files.acquire(max(0.0, deadline - time.monotonic()))
-            except OSError as exc:  # e.g. no locks on this file system: SQLite's handler decides
-                self.files.not_taken(exc)
-            except BaseException:  # e.g. Ctrl-C: the next writer must not wait for nobody
-                self.release()
-                raise
-        return True
+                turn.close()
+        if later is not None:
+            raise later
 
     def _not_free(self, timeout: float) -> bool:
         log.warning("SQLite write gate not free after %.0fs; going on without it", timeout)
@@ -423,6 +468,10 @@ def _after_fork_in_child() -> None:
     global _gates_lock
     _gates_lock = threading.Lock()
     for gate in _gates.values():
+        # The queued turns' pipes are the parent's waiters': the child closes its copies.
+        for turn in gate._waiters:
+            with contextlib.suppress(OSError):
+                turn.close()
         gate._reset()
 
 
@@ -485,7 +534,16 @@ class GatedConnection(sqlite3.Connection):
 
     def _before(self, sql: str) -> None:
         if not self._holding and sql.lstrip()[:7].upper().startswith(_WRITES):
-            self._holding = self._gate.acquire(self._gate_timeout)
+            before = self._gate.owner_thread
+            try:
+                self._holding = self._gate.acquire(self._gate_timeout)
+            except BaseException:
+                # An interrupt as `acquire` returned, before `_holding` said so: a gate taken
+                # for this connection (not one this thread held before) is given back here.
+                mine = threading.get_ident()
+                if not self._holding and before != mine and self._gate.owner_thread == mine:
+                    self._gate.release()
+                raise
 
     def _after(self) -> None:
         # A failed first write, or SQL that ended the transaction itself, must not keep it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import itertools
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -733,3 +734,181 @@ def test_a_release_run_inside_the_gates_own_section_goes_through(tmp_path: Path)
     thread.join(30)
     assert answers == [True]
     _assert_free(gate)
+
+
+def test_a_wait_longer_than_one_poll_can_take_is_capped() -> None:
+    """poll takes a C int of milliseconds: a busy timeout of a month must not overflow it."""
+    wakeup = sqlite_writes.Wakeup()
+    try:
+        wakeup.set()
+        assert wakeup.wait(30 * 86400.0) is True
+    finally:
+        wakeup.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
+def test_a_forked_child_closes_the_pipes_of_its_parents_waiters(tmp_path: Path) -> None:
+    gate = gate_for(str(tmp_path / "fork-turns.sqlite3"))
+    queue = _watched(gate)
+    assert gate.acquire(30) is True
+    waiter = threading.Thread(target=lambda: gate.acquire(30) and gate.release())
+    waiter.start()
+    queue.reach(1)
+    turn = gate._waiters[0]
+    pipe = (turn._read, turn._write)
+
+    def all_closed() -> bool:
+        for fd in pipe:
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            return False
+        return True
+
+    assert _in_a_forked_child(all_closed)
+    gate.release()
+    waiter.join(30)
+    _assert_free(gate)
+
+
+@contextlib.contextmanager
+def _held_by_another_process(path: Path) -> Iterator[None]:
+    """A new database at `path` whose writers' lock another process holds inside the block."""
+    _engine(path).dispose()
+    holder = _holder(path)
+    try:
+        yield
+    finally:
+        holder.stdin.write("commit\nexit\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+        _end(holder)
+
+
+def test_a_flock_waiter_that_cannot_start_leaves_no_request_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "no-thread.sqlite3"
+    lock = FileLock(f"{path}-writers")
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with _held_by_another_process(path):
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        assert lock.acquire(30) is False  # at once: the writer goes on, SQLite decides
+        monkeypatch.undo()
+        assert not lock._pending and lock._waiter is None
+    # The holder is gone: the next writer takes the lock at once, not after waiting for the
+    # answer of a waiter that never ran.
+    assert lock.acquire(0) is True
+    lock.close()
+
+
+def test_an_interrupt_as_the_flock_waiter_hands_over_leaves_the_lock_to_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "given.sqlite3-writers")
+    blocker = FileLock(path)  # another open file description: as another process's
+    assert blocker.acquire(0) is True
+    lock = FileLock(path)
+    assert lock.acquire(0) is False  # the waiter thread now blocks in flock
+    with lock._mutex:
+        lock._wanted = True  # a caller waits for its answer
+    blocker.release()  # the waiter takes the lock and hands it to that caller
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt  # Ctrl-C as the caller takes what it was handed
+
+    monkeypatch.setattr(lock, "_taken", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock._await_waiter(float("inf"), 30)
+    # Held, so the gate's handler lets it go: not left locked by nobody.
+    lock.release()
+    assert blocker.acquire(0) is True
+    blocker.close()
+    monkeypatch.undo()
+    lock.close()
+
+
+def _held_and_watched(path: Path) -> tuple[sqlite_writes.WriteGate, _Queue, int]:
+    """The gate of `path`, held by this thread, its queue watched; the descriptors open now."""
+    gate = gate_for(str(path))
+    queue = _watched(gate)
+    assert gate.acquire(30) is True
+    return gate, queue, _open_descriptors()
+
+
+def test_an_interrupt_as_a_granted_turn_is_closed_still_passes_the_gate_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, queue, descriptors = _held_and_watched(tmp_path / "close.sqlite3")
+    interrupted: list[bool] = []
+
+    class Closing(sqlite_writes.Turn):
+        def close(self) -> None:
+            super().close()
+            if not interrupted:  # Ctrl-C as the waiter closes its pipe, the gate its own
+                interrupted.append(True)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqlite_writes, "Turn", Closing)
+    answers: list[object] = []
+    waiter = threading.Thread(target=lambda: answers.extend(_in_thread(lambda: gate.acquire(30))))
+    waiter.start()
+    queue.reach(1)
+    gate.release()
+    waiter.join(30)
+    assert len(answers) == 1 and isinstance(answers[0], KeyboardInterrupt)
+    _assert_free(gate)  # given back, not held by nobody
+    assert _open_descriptors() == descriptors
+
+
+def test_a_second_interrupt_while_leaving_the_queue_leaves_no_turn_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, queue, descriptors = _held_and_watched(tmp_path / "twice.sqlite3")
+
+    class Interrupted(sqlite_writes.Turn):
+        def wait(self, timeout: float | None) -> bool:
+            raise KeyboardInterrupt  # Ctrl-C while waiting
+
+    leave, leaves = gate._leave, itertools.count()
+
+    def interrupted_leave(turn: sqlite_writes.Turn) -> bool:
+        if next(leaves) == 0:
+            raise KeyboardInterrupt  # a second Ctrl-C as the first is handled
+        return leave(turn)
+
+    monkeypatch.setattr(sqlite_writes, "Turn", Interrupted)
+    monkeypatch.setattr(gate, "_leave", interrupted_leave)
+    answers = _in_thread(lambda: gate.acquire(30))
+    assert len(answers) == 1 and isinstance(answers[0], KeyboardInterrupt)
+    assert len(queue) == 0  # out of the queue: no release writes to its closed pipe
+    gate.release()
+    _assert_free(gate)
+    assert _open_descriptors() == descriptors
+
+
+def test_an_interrupt_as_the_gate_is_taken_for_a_connection_gives_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "holding.sqlite3"
+    _engine(path).dispose()
+    conn = sqlite3.connect(path, timeout=30, factory=GatedConnection)
+    try:
+        gate = conn._gate
+        acquire = gate.acquire
+
+        def interrupted(timeout: float) -> bool:
+            acquire(timeout)
+            raise KeyboardInterrupt  # after `acquire` returned, before the connection noted it
+
+        monkeypatch.setattr(gate, "acquire", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        monkeypatch.undo()
+        assert gate.owner_thread is None
+        assert _in_thread(lambda: gate.acquire(0) and gate.release() is None) == [True]
+    finally:
+        conn.close()
