@@ -165,9 +165,13 @@ class FileLock:
             return False
         with self._mutex:
             if not self._pending:
+                # Held before it is taken: an interrupt as the flock returns leaves it to the
+                # gate's release (which lets go of a lock not taken harmlessly), not to nobody.
+                self.held = True
                 try:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    self.held = False
                     # Held by another process. A blocking flock cannot time out in a thread
                     # that is not the main one, so a waiter thread blocks in the kernel while
                     # the caller waits for its answer with a timeout.
@@ -184,10 +188,15 @@ class FileLock:
                             return False
                         self._waiter = waiter  # only one that runs: the next caller's request
                     # Pending only once a waiter will see the request: a flag left set with
-                    # none would send every later writer to wait for an answer that never
-                    # comes.
+                    # none (no thread, or an interrupt before the byte went out) would send
+                    # every later writer to wait for an answer that never comes. A byte that
+                    # went out all the same is skipped by the waiter, which finds none pending.
                     self._pending = True
-                    self._signals[0].set()
+                    try:
+                        self._signals[0].set()
+                    except BaseException:
+                        self._pending = False
+                        raise
                 else:
                     return self._taken()
             # A waiter left blocked by a caller that timed out is reused, never doubled.
@@ -248,6 +257,12 @@ class FileLock:
             signals[0].wait(None)
             if self._closing:
                 return
+            with self._mutex:
+                # A byte left by an interrupted request, or one whose flock this thread already
+                # answered: a flock now could take the lock a caller holds through the same
+                # descriptor, and the unlock of an unwanted answer would let it go under it.
+                if not self._pending:
+                    continue
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             except OSError as exc:  # the caller times out and goes on without the lock
@@ -320,14 +335,18 @@ class WriteGate:
         # `release` takes this mutex again on the same thread; each section is correct with a
         # whole release run inside it (`_leave` finds its turn granted and popped).
         self._mutex = threading.RLock()
-        self._held = False
+        # Who holds the gate (None: nobody): the `holder` its `acquire` was given, or the turn
+        # it was handed to until that caller notes itself. One store changes it, so a holder's
+        # `release` cut short by an interrupt can be run again: it is finished, or, once the
+        # gate went on, does nothing.
+        self._holder: object = None
         self._waiters: deque[Turn] = deque()
         self.owner_thread: int | None = None
         # Set while pipes cannot be opened (EMFILE): logged once per episode. Unlocked: two
         # writers that race may both log it.
         self._no_pipes = False
 
-    def acquire(self, timeout: float) -> bool:
+    def acquire(self, timeout: float, holder: object = True) -> bool:
         """Wait up to `timeout` seconds; False when the caller must go on without the gate."""
         if self.owner_thread == threading.get_ident():
             # This thread already writes through another connection: waiting here would
@@ -343,8 +362,8 @@ class WriteGate:
             queued = False
             while not (queued or taken):
                 with self._mutex:
-                    if not self._held:
-                        self._held = taken = True
+                    if self._holder is None:
+                        self._holder, taken = holder, True
                     elif turn is not None:
                         self._waiters.append(turn)
                         queued = True
@@ -357,6 +376,8 @@ class WriteGate:
             if turn is not None:
                 if queued:
                     taken = self._wait_for(turn, deadline)  # out of the queue either way
+                    if taken:
+                        self._holder = holder
                 turn.close()  # also one made for a gate that was free by then
             if not taken:
                 return self._not_free(timeout)
@@ -420,8 +441,10 @@ class WriteGate:
                     self._waiters.remove(turn)
             return turn.granted
 
-    def release(self) -> None:
+    def release(self, holder: object = None) -> None:
         """Hand the gate to the writer that has waited longest, or leave it free."""
+        if holder is not None and self._holder is not holder:
+            return  # released before (by a release cut short as it returned): maybe another's now
         self.owner_thread = None
         try:
             if self.files is not None:
@@ -429,7 +452,7 @@ class WriteGate:
         finally:
             with self._mutex:
                 if not self._waiters:
-                    self._held = False
+                    self._holder = None
                 else:
                     # Granted before it leaves the queue and woken under the mutex, so that a
                     # waiter whose wait ends otherwise finds it granted only once its pipe was
@@ -438,6 +461,9 @@ class WriteGate:
                     turn = self._waiters[0]
                     turn.granted = True
                     try:
+                        # After `granted`: a release run again before this line hands the gate
+                        # to the same first turn again, which changes nothing.
+                        self._holder = turn
                         self._waiters.popleft()
                     finally:
                         turn.set()
@@ -536,7 +562,7 @@ class GatedConnection(sqlite3.Connection):
         if not self._holding and sql.lstrip()[:7].upper().startswith(_WRITES):
             before = self._gate.owner_thread
             try:
-                self._holding = self._gate.acquire(self._gate_timeout)
+                self._holding = self._gate.acquire(self._gate_timeout, self)
             except BaseException:
                 # An interrupt as `acquire` returned, before `_holding` said so: a gate taken
                 # for this connection (not one this thread held before) is given back here.
@@ -551,9 +577,11 @@ class GatedConnection(sqlite3.Connection):
             self._release()
 
     def _release(self) -> None:
+        # Not holding only once the release returned: one cut short (Ctrl-C) is run again by
+        # the connection's next commit, rollback or close; the gate knows whether it is done.
         if self._holding:
+            self._gate.release(self)
             self._holding = False
-            self._gate.release()
 
     def commit(self) -> None:
         """Commit, let the next writer in, then checkpoint when one is due."""

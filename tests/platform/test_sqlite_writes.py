@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import itertools
 import json
@@ -13,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import types
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -667,7 +669,7 @@ def test_an_interrupt_while_the_file_lock_is_awaited_releases_the_gate(
     monkeypatch.setattr(gate.files, "acquire", interrupted)
     with pytest.raises(KeyboardInterrupt):
         gate.acquire(30)
-    assert gate.owner_thread is None and not gate._held
+    assert gate.owner_thread is None and gate._holder is None
 
 
 def test_an_interrupted_file_lock_wait_leaves_the_lock_to_others(
@@ -900,8 +902,8 @@ def test_an_interrupt_as_the_gate_is_taken_for_a_connection_gives_it_back(
         gate = conn._gate
         acquire = gate.acquire
 
-        def interrupted(timeout: float) -> bool:
-            acquire(timeout)
+        def interrupted(timeout: float, holder: object) -> bool:
+            acquire(timeout, holder)
             raise KeyboardInterrupt  # after `acquire` returned, before the connection noted it
 
         monkeypatch.setattr(gate, "acquire", interrupted)
@@ -910,5 +912,141 @@ def test_an_interrupt_as_the_gate_is_taken_for_a_connection_gives_it_back(
         monkeypatch.undo()
         assert gate.owner_thread is None
         assert _in_thread(lambda: gate.acquire(0) and gate.release() is None) == [True]
+    finally:
+        conn.close()
+
+
+def _flock_free(path: str) -> bool:
+    """Tell whether nobody holds the flock of `path`, trying it on an open file of its own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _with_idle_waiter(path: str) -> tuple[FileLock, FileLock]:
+    """A lock on `path` held by `blocker` (as by another process) and `lock`, whose flock
+    waiter thread runs, answered, and waits for its next request."""
+    blocker = FileLock(path)  # another open file description: as another process's
+    assert blocker.acquire(0) is True
+    lock = FileLock(path)
+    assert lock.acquire(0) is False  # the waiter thread now blocks in flock
+    blocker.release()
+    assert lock.acquire(30) is True  # the waiter's answer, or at once once it gave it back
+    lock.release()
+    assert blocker.acquire(0) is True
+    assert not lock._pending and lock._waiter is not None and lock._signals is not None
+    return blocker, lock
+
+
+def test_an_interrupt_as_a_flock_request_is_sent_leaves_none_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker, lock = _with_idle_waiter(str(tmp_path / "request.sqlite3-writers"))
+    assert lock._signals is not None
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt  # Ctrl-C before the request's byte is written
+
+    monkeypatch.setattr(lock._signals[0], "set", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire(30)
+    monkeypatch.undo()
+    blocker.release()
+    # Nothing pending: the next writer takes the free lock at once, not after its busy timeout
+    # spent waiting for an answer to a request the waiter never saw.
+    assert lock.acquire(0) is True
+    lock.close()
+    blocker.close()
+
+
+def test_a_stale_flock_request_is_not_answered_under_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "stale.sqlite3-writers")
+    blocker, lock = _with_idle_waiter(path)
+    blocker.release()
+    assert lock.acquire(0) is True  # taken at once by this process's writer
+    assert lock._signals is not None
+    request = lock._signals[0]
+    waited = threading.Event()
+    wait = request.wait
+
+    def next_wait(timeout: float | None) -> bool:
+        waited.set()  # the waiter is done with the byte below and waits for the next one
+        return wait(timeout)
+
+    monkeypatch.setattr(request, "wait", next_wait)
+    # The byte a request leaves when Ctrl-C comes right after it was written (the caller
+    # took its request back): the waiter must not flock for nobody through the descriptor
+    # the holder's lock is on, then let it go under the holder.
+    request.set()
+    assert waited.wait(30)
+    assert not _flock_free(path)  # still the holder's
+    lock.release()
+    assert _flock_free(path)
+    monkeypatch.undo()
+    lock.close()
+    blocker.close()
+
+
+def test_an_interrupt_right_after_the_flock_is_taken_leaves_it_to_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = gate_for(str(tmp_path / "taken.sqlite3"))
+    assert gate.files is not None
+    flock = fcntl.flock
+
+    def interrupted(fd: int, operation: int) -> None:
+        flock(fd, operation)
+        if operation == fcntl.LOCK_EX | fcntl.LOCK_NB:
+            raise KeyboardInterrupt  # Ctrl-C as the flock returns, taken
+
+    names = ("LOCK_EX", "LOCK_NB", "LOCK_UN")
+    fake = types.SimpleNamespace(flock=interrupted, **{n: getattr(fcntl, n) for n in names})
+    monkeypatch.setattr(sqlite_writes, "fcntl", fake)
+    with pytest.raises(KeyboardInterrupt):
+        gate.acquire(30)
+    monkeypatch.undo()
+    assert _flock_free(gate.files.path)  # the gate's handler let it go: not held by nobody
+    _assert_free(gate)
+
+
+@pytest.mark.parametrize("when", ["as it begins", "as it returns"])
+def test_an_interrupted_release_of_a_connections_gate_is_finished_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    path = tmp_path / "release.sqlite3"
+    _engine(path).dispose()
+    conn = sqlite3.connect(path, timeout=30, factory=GatedConnection)
+    gate = conn._gate
+    release = gate.release
+
+    def interrupted(*args: object) -> None:
+        monkeypatch.undo()  # once
+        if when == "as it returns":
+            release(*args)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    try:
+        conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        monkeypatch.setattr(gate, "release", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            conn.commit()
+        if when == "as it begins":
+            conn.close()  # the connection still holds the gate: its close gives it back
+            _assert_free(gate)
+        else:  # released: the gate is another writer's now, and stays so
+            assert _in_thread(lambda: gate.acquire(0)) == [True]
+            conn.close()
+            assert _in_thread(lambda: gate.acquire(0)) == [False]
+            gate.release()
+            _assert_free(gate)
     finally:
         conn.close()
