@@ -38,6 +38,7 @@ import select
 import sqlite3
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -112,6 +113,12 @@ class Turn(Wakeup):
     def __init__(self) -> None:
         super().__init__()
         self.granted = False
+        _turns.add(self)  # only when a writer must queue: an uncontended write makes no turn
+
+
+# Every turn not yet collected, queued or not (one is made outside the gate's mutex): a forked
+# child closes its copies of their pipes, which belong to the parent's threads.
+_turns: weakref.WeakSet[Turn] = weakref.WeakSet()
 
 
 def _signal_pair() -> tuple[Wakeup, Wakeup]:
@@ -181,12 +188,18 @@ class FileLock:
                         waiter = threading.Thread(
                             target=self._wait, name="sqlite-writers-flock", daemon=True
                         )
+                        # Noted before it runs: one started by a start cut short (Ctrl-C)
+                        # stays the only one, never doubled by the next caller's.
+                        self._waiter = waiter
                         try:
                             waiter.start()
-                        except RuntimeError as exc:  # no thread to be had: as without pipes
-                            self.not_taken(exc)
+                        except BaseException as exc:
+                            if not waiter.is_alive():  # never ran: the next caller starts one
+                                self._waiter = None
+                            if not isinstance(exc, RuntimeError):
+                                raise
+                            self.not_taken(exc)  # no thread to be had: as without pipes
                             return False
-                        self._waiter = waiter  # only one that runs: the next caller's request
                     # Pending only once a waiter will see the request: a flag left set with
                     # none (no thread, or an interrupt before the byte went out) would send
                     # every later writer to wait for an answer that never comes. A byte that
@@ -493,11 +506,10 @@ def _after_fork_in_child() -> None:
     # Only the forking thread lives on: a gate held or waited for by another is free here.
     global _gates_lock
     _gates_lock = threading.Lock()
+    for turn in list(_turns):
+        with contextlib.suppress(OSError):
+            turn.close()
     for gate in _gates.values():
-        # The queued turns' pipes are the parent's waiters': the child closes its copies.
-        for turn in gate._waiters:
-            with contextlib.suppress(OSError):
-                turn.close()
         gate._reset()
 
 

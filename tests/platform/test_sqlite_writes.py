@@ -748,6 +748,22 @@ def test_a_wait_longer_than_one_poll_can_take_is_capped() -> None:
         wakeup.close()
 
 
+def _closed_here(turn: sqlite_writes.Turn) -> Callable[[], bool]:
+    """A check that both ends of `turn`'s pipe (as numbered now) are closed where it runs."""
+    pipe = (turn._read, turn._write)
+
+    def closed() -> bool:
+        for fd in pipe:
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            return False
+        return True
+
+    return closed
+
+
 @pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
 def test_a_forked_child_closes_the_pipes_of_its_parents_waiters(tmp_path: Path) -> None:
     gate = gate_for(str(tmp_path / "fork-turns.sqlite3"))
@@ -757,18 +773,7 @@ def test_a_forked_child_closes_the_pipes_of_its_parents_waiters(tmp_path: Path) 
     waiter.start()
     queue.reach(1)
     turn = gate._waiters[0]
-    pipe = (turn._read, turn._write)
-
-    def all_closed() -> bool:
-        for fd in pipe:
-            try:
-                os.fstat(fd)
-            except OSError:
-                continue
-            return False
-        return True
-
-    assert _in_a_forked_child(all_closed)
+    assert _in_a_forked_child(_closed_here(turn))
     gate.release()
     waiter.join(30)
     _assert_free(gate)
@@ -807,13 +812,17 @@ def test_a_flock_waiter_that_cannot_start_leaves_no_request_pending(
     lock.close()
 
 
+def _blocked(path: str) -> tuple[FileLock, FileLock]:
+    """`blocker`, holding the lock of `path` as another process would, and a `lock` on it."""
+    blocker = FileLock(path)  # another open file description: as another process's
+    assert blocker.acquire(0) is True
+    return blocker, FileLock(path)
+
+
 def test_an_interrupt_as_the_flock_waiter_hands_over_leaves_the_lock_to_release(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = str(tmp_path / "given.sqlite3-writers")
-    blocker = FileLock(path)  # another open file description: as another process's
-    assert blocker.acquire(0) is True
-    lock = FileLock(path)
+    blocker, lock = _blocked(str(tmp_path / "given.sqlite3-writers"))
     assert lock.acquire(0) is False  # the waiter thread now blocks in flock
     with lock._mutex:
         lock._wanted = True  # a caller waits for its answer
@@ -933,9 +942,7 @@ def _flock_free(path: str) -> bool:
 def _with_idle_waiter(path: str) -> tuple[FileLock, FileLock]:
     """A lock on `path` held by `blocker` (as by another process) and `lock`, whose flock
     waiter thread runs, answered, and waits for its next request."""
-    blocker = FileLock(path)  # another open file description: as another process's
-    assert blocker.acquire(0) is True
-    lock = FileLock(path)
+    blocker, lock = _blocked(path)
     assert lock.acquire(0) is False  # the waiter thread now blocks in flock
     blocker.release()
     assert lock.acquire(30) is True  # the waiter's answer, or at once once it gave it back
@@ -1050,3 +1057,39 @@ def test_an_interrupted_release_of_a_connections_gate_is_finished_once(
             _assert_free(gate)
     finally:
         conn.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
+def test_a_forked_child_closes_the_pipe_of_a_turn_not_queued_yet() -> None:
+    turn = sqlite_writes.Turn()  # a writer's, made outside the gate's mutex, not queued yet
+    try:
+        assert _in_a_forked_child(_closed_here(turn))
+    finally:
+        turn.close()
+
+
+def _flock_waiters() -> int:
+    return sum(thread.name == "sqlite-writers-flock" for thread in threading.enumerate())
+
+
+def test_an_interrupt_as_the_flock_waiter_starts_leaves_one_waiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker, lock = _blocked(str(tmp_path / "started.sqlite3-writers"))
+    start, waiters = threading.Thread.start, _flock_waiters()
+
+    def interrupted(self: threading.Thread) -> None:
+        start(self)
+        raise KeyboardInterrupt  # Ctrl-C as the waiter thread runs, before it was noted
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire(30)
+    monkeypatch.undo()
+    assert lock._waiter is not None and lock._waiter.is_alive()
+    assert lock.acquire(0) is False  # its request goes to that waiter: no second one
+    assert _flock_waiters() == waiters + 1
+    blocker.release()
+    assert lock.acquire(30) is True
+    lock.close()
+    blocker.close()
