@@ -177,8 +177,10 @@ class FileLock:
                 self.held = True
                 try:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    self.held = False
+                except OSError as exc:
+                    self.held = False  # not taken: only an interrupt leaves it to the release
+                    if not isinstance(exc, BlockingIOError):
+                        raise  # e.g. no locks on this file system: SQLite decides
                     # Held by another process. A blocking flock cannot time out in a thread
                     # that is not the main one, so a waiter thread blocks in the kernel while
                     # the caller waits for its answer with a timeout.

@@ -1003,6 +1003,13 @@ def test_a_stale_flock_request_is_not_answered_under_the_holder(
     blocker.close()
 
 
+def _flock_by(monkeypatch: pytest.MonkeyPatch, flock: Callable[[int, int], None]) -> None:
+    """Make the gate's module call `flock` for every flock it makes."""
+    names = ("LOCK_EX", "LOCK_NB", "LOCK_UN")
+    fake = types.SimpleNamespace(flock=flock, **{n: getattr(fcntl, n) for n in names})
+    monkeypatch.setattr(sqlite_writes, "fcntl", fake)
+
+
 def test_an_interrupt_right_after_the_flock_is_taken_leaves_it_to_release(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1015,9 +1022,7 @@ def test_an_interrupt_right_after_the_flock_is_taken_leaves_it_to_release(
         if operation == fcntl.LOCK_EX | fcntl.LOCK_NB:
             raise KeyboardInterrupt  # Ctrl-C as the flock returns, taken
 
-    names = ("LOCK_EX", "LOCK_NB", "LOCK_UN")
-    fake = types.SimpleNamespace(flock=interrupted, **{n: getattr(fcntl, n) for n in names})
-    monkeypatch.setattr(sqlite_writes, "fcntl", fake)
+    _flock_by(monkeypatch, interrupted)
     with pytest.raises(KeyboardInterrupt):
         gate.acquire(30)
     monkeypatch.undo()
@@ -1093,3 +1098,20 @@ def test_an_interrupt_as_the_flock_waiter_starts_leaves_one_waiter(
     assert lock.acquire(30) is True
     lock.close()
     blocker.close()
+
+
+def test_a_file_system_without_locks_leaves_the_writer_to_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = gate_for(str(tmp_path / "nolocks.sqlite3"))
+    assert gate.files is not None
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # e.g. NFS without a lock daemon
+
+    _flock_by(monkeypatch, no_locks)
+    assert gate.acquire(30) is True  # the gate, not the file lock: SQLite decides
+    assert not gate.files.held
+    gate.release()  # lets go of no file lock it does not hold: nothing to fail
+    monkeypatch.undo()
+    _assert_free(gate)
