@@ -135,13 +135,17 @@ class Feed:
         url: str,
         *,
         read_version: Callable[[], int | None],
-        moved: Callable[[int, bool], object],
+        kept: Callable[[], int | None],
+        moved: Callable[[int, bool, int | None], object],
         heartbeat: float = HEARTBEAT,
     ) -> None:
         self._url = url
         self._read_version = read_version  # the database's version, None: cannot be read
+        self._kept = kept  # the version what is kept holds every change up to (None: nothing)
         # Drop what is kept unless it holds every change up to this version (a notice), or,
-        # given True, unless it was kept under this very version (a read of the database's).
+        # given True, unless it was kept under this very version (a read of the database's);
+        # given also the version kept when the read began, a read from that one up to the one
+        # kept now is nothing new (changes were applied while it was read).
         self._moved = moved
         self.heartbeat = heartbeat
         self._lock = threading.Lock()  # held by whoever reads the subscription
@@ -218,7 +222,7 @@ class Feed:
             if self._closed.is_set() or self._conn is not conn:
                 conn.disconnect()  # closed meanwhile
                 return
-            self._moved(version, True)
+            self._moved(version, True, None)
             self._fd, self._live, self._awaiting_pong = fd, True, False
             self.subscriptions += 1
             self.subscribed.set()
@@ -242,11 +246,19 @@ class Feed:
                 raise ConnectionError("Redis did not answer a ping")
             self._conn.send_command("PING")
             self._awaiting_pong = True
+            # Before the read: requests apply notices, and commits here their own changes
+            # (`TokenCache.changed`, without this lock), while it is read.
+            since = self._kept()
         version = self._read_version()
-        if version is not None:
-            # A read, not a notice: a version lower than the one kept means the database went
-            # back (a restore), so what was kept since is dropped now, not at the cache's TTL.
-            self._moved(version, True)
+        if version is None:
+            return
+        with self._lock:
+            self._drain()  # a notice that arrived while it was read is applied first
+            # A read, not a notice: a version lower than the one kept when it began means the
+            # database went back (a restore), so what was kept since is dropped now, not at
+            # the cache's TTL; one higher than the one kept now, a change never told. Between
+            # the two, it predates a change applied meanwhile: nothing new.
+            self._moved(version, True, since)
 
     def _drain(self) -> None:
         """Apply every notice received (the caller holds the lock); lose the subscription on
@@ -259,7 +271,7 @@ class Feed:
                 reply = conn.read_response(push_request=True)
                 kind = _kind(reply)
                 if kind == "message":
-                    self._moved(int(reply[2]), False)
+                    self._moved(int(reply[2]), False, None)
                 elif kind == "pong":
                     self._awaiting_pong = False
         except Exception as exc:

@@ -299,7 +299,9 @@ class TokenCache:
         self.feed: changes.Feed | None = None
         self.publisher: changes.Publisher | None = None
         if redis_url is not None:
-            self.feed = changes.Feed(redis_url, read_version=stamp.read, moved=self.moved)
+            self.feed = changes.Feed(
+                redis_url, read_version=stamp.read, kept=self.version_kept, moved=self.moved
+            )
             self.publisher = changes.Publisher(redis_url)
 
     def find(self, session: Session, secret: str) -> ApiToken | None:
@@ -337,16 +339,30 @@ class TokenCache:
             return None
         return self.moved(version, read=True)
 
-    def moved(self, version: int, read: bool = False) -> int:
+    def moved(self, version: int, read: bool = False, since: int | None = None) -> int:
         """Drop what is kept unless it already holds every change up to `version` (a notice, a
         commit); return the generation. `read`: the version as just read from the database
         (a request, a new subscription), which what is kept must match exactly: a lower one
-        means the database went back (a restore), so what was kept since is not trusted."""
+        means the database went back (a restore), so what was kept since is not trusted.
+        `since`: the version kept when that read began (changes applied meanwhile may be newer
+        than the read): a read below it is a restore, one above what is kept now a change."""
         with self._lock:
             kept = self._version
-            if kept is None or (version != kept if read else version > kept):
+            if kept is None:
+                stale = True
+            elif not read:
+                stale = version > kept
+            elif since is None:
+                stale = version != kept
+            else:
+                stale = version < since or version > kept
+            if stale:
                 self._drop(version)
             return self._generation
+
+    def version_kept(self) -> int | None:
+        """Return the version what is kept holds every change up to (None: nothing kept)."""
+        return self._version
 
     def changed(self, version: int) -> None:
         """A commit moved the version to `version`: drop what this process keeps, tell the

@@ -38,6 +38,7 @@ import select
 import sqlite3
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -51,6 +52,8 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 CHECKPOINT_EVERY = 200
 # SQLite checkpoints inside a commit once the log holds this many pages (about 40 MB).
 BACKSTOP_PAGES = 10_000
+# The longest wait one poll takes, in milliseconds (a C int: about 24.8 days).
+MAX_POLL_MS = 2**31 - 1
 
 
 class Wakeup:
@@ -77,15 +80,26 @@ class Wakeup:
         """Wait up to `timeout` seconds (None: for ever) for `set`; True when it came."""
         poll = select.poll()
         poll.register(self._read, select.POLLIN)
-        if not poll.poll(None if timeout is None else math.ceil(max(0.0, timeout) * 1000)):
+        wait = None
+        if timeout is not None:
+            # poll takes a C int of milliseconds: a longer wait (weeks, for ever) is capped.
+            wait = (
+                MAX_POLL_MS if timeout * 1000 >= MAX_POLL_MS else math.ceil(max(0, timeout) * 1000)
+            )
+        if not poll.poll(wait):
             return False
         os.read(self._read, 1)
         return True
 
     def close(self) -> None:
-        """Close both ends of the pipe."""
-        os.close(self._read)
-        os.close(self._write)
+        """Close both ends of the pipe (again: nothing; each end is forgotten as it closes)."""
+        read, write, self._read, self._write = self._read, self._write, -1, -1
+        try:
+            if read >= 0:
+                os.close(read)
+        finally:
+            if write >= 0:
+                os.close(write)
 
 
 class Turn(Wakeup):
@@ -99,6 +113,12 @@ class Turn(Wakeup):
     def __init__(self) -> None:
         super().__init__()
         self.granted = False
+        _turns.add(self)  # only when a writer must queue: an uncontended write makes no turn
+
+
+# Every turn not yet collected, queued or not (one is made outside the gate's mutex): a forked
+# child closes its copies of their pipes, which belong to the parent's threads.
+_turns: weakref.WeakSet[Turn] = weakref.WeakSet()
 
 
 def _signal_pair() -> tuple[Wakeup, Wakeup]:
@@ -152,21 +172,46 @@ class FileLock:
             return False
         with self._mutex:
             if not self._pending:
+                # Held before it is taken: an interrupt as the flock returns leaves it to the
+                # gate's release (which lets go of a lock not taken harmlessly), not to nobody.
+                self.held = True
                 try:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                except OSError as exc:
+                    self.held = False  # not taken: only an interrupt leaves it to the release
+                    if not isinstance(exc, BlockingIOError):
+                        raise  # e.g. no locks on this file system: SQLite decides
                     # Held by another process. A blocking flock cannot time out in a thread
                     # that is not the main one, so a waiter thread blocks in the kernel while
                     # the caller waits for its answer with a timeout.
                     if self._signals is None:  # the first wait of this process
                         self._signals = _signal_pair()
-                    self._pending = True
                     if self._waiter is None:
-                        self._waiter = threading.Thread(
+                        waiter = threading.Thread(
                             target=self._wait, name="sqlite-writers-flock", daemon=True
                         )
-                        self._waiter.start()
-                    self._signals[0].set()
+                        # Noted before it runs: one started by a start cut short (Ctrl-C)
+                        # stays the only one, never doubled by the next caller's.
+                        self._waiter = waiter
+                        try:
+                            waiter.start()
+                        except BaseException as exc:
+                            if not waiter.is_alive():  # never ran: the next caller starts one
+                                self._waiter = None
+                            if not isinstance(exc, RuntimeError):
+                                raise
+                            self.not_taken(exc)  # no thread to be had: as without pipes
+                            return False
+                    # Pending only once a waiter will see the request: a flag left set with
+                    # none (no thread, or an interrupt before the byte went out) would send
+                    # every later writer to wait for an answer that never comes. A byte that
+                    # went out all the same is skipped by the waiter, which finds none pending.
+                    self._pending = True
+                    try:
+                        self._signals[0].set()
+                    except BaseException:
+                        self._pending = False
+                        raise
                 else:
                     return self._taken()
             # A waiter left blocked by a caller that timed out is reused, never doubled.
@@ -184,6 +229,9 @@ class FileLock:
                 signals[1].wait(deadline - time.monotonic())
                 with self._mutex:
                     if self._given:
+                        # Held before no longer given: an interrupt between the two leaves the
+                        # lock to the handler below, or to the gate's release, never to nobody.
+                        self.held = True
                         self._given = False
                         return self._taken()
                     if time.monotonic() >= deadline:
@@ -194,7 +242,7 @@ class FileLock:
             with self._mutex:
                 self._wanted = False
                 if self._given:
-                    self._given = False
+                    self._given = self.held = False
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
             raise
 
@@ -224,6 +272,12 @@ class FileLock:
             signals[0].wait(None)
             if self._closing:
                 return
+            with self._mutex:
+                # A byte left by an interrupted request, or one whose flock this thread already
+                # answered: a flock now could take the lock a caller holds through the same
+                # descriptor, and the unlock of an unwanted answer would let it go under it.
+                if not self._pending:
+                    continue
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             except OSError as exc:  # the caller times out and goes on without the lock
@@ -296,14 +350,18 @@ class WriteGate:
         # `release` takes this mutex again on the same thread; each section is correct with a
         # whole release run inside it (`_leave` finds its turn granted and popped).
         self._mutex = threading.RLock()
-        self._held = False
+        # Who holds the gate (None: nobody): the `holder` its `acquire` was given, or the turn
+        # it was handed to until that caller notes itself. One store changes it, so a holder's
+        # `release` cut short by an interrupt can be run again: it is finished, or, once the
+        # gate went on, does nothing.
+        self._holder: object = None
         self._waiters: deque[Turn] = deque()
         self.owner_thread: int | None = None
         # Set while pipes cannot be opened (EMFILE): logged once per episode. Unlocked: two
         # writers that race may both log it.
         self._no_pipes = False
 
-    def acquire(self, timeout: float) -> bool:
+    def acquire(self, timeout: float, holder: object = True) -> bool:
         """Wait up to `timeout` seconds; False when the caller must go on without the gate."""
         if self.owner_thread == threading.get_ident():
             # This thread already writes through another connection: waiting here would
@@ -311,12 +369,16 @@ class WriteGate:
             return False
         deadline = time.monotonic() + timeout
         turn: Turn | None = None
-        queued = taken = False
+        taken = False  # the gate is this caller's: taken free, or handed to its turn
+        # One handler over all of it (e.g. Ctrl-C in a command's main thread, wherever it
+        # comes): a gate taken or handed over is given back, and a turn closed only once it
+        # is out of the queue, so no release writes to its closed pipe.
         try:
+            queued = False
             while not (queued or taken):
                 with self._mutex:
-                    if not self._held:
-                        self._held = taken = True
+                    if self._holder is None:
+                        self._holder, taken = holder, True
                     elif turn is not None:
                         self._waiters.append(turn)
                         queued = True
@@ -326,25 +388,44 @@ class WriteGate:
                     turn = self._new_turn()  # outside the mutex, then look again
                     if turn is None:
                         return False
-            if turn is not None and queued and not self._wait_for(turn, deadline):
+            if turn is not None:
+                if queued:
+                    taken = self._wait_for(turn, deadline)  # out of the queue either way
+                    if taken:
+                        self._holder = holder
+                turn.close()  # also one made for a gate that was free by then
+            if not taken:
                 return self._not_free(timeout)
-        except BaseException:  # e.g. Ctrl-C in a command's main thread
-            if taken or (turn is not None and self._leave(turn)):
-                self.release()  # the next writer must not wait for a gate nobody holds
+            self.owner_thread = threading.get_ident()
+            if self.files is not None:
+                try:
+                    self.files.acquire(max(0.0, deadline - time.monotonic()))
+                except OSError as exc:  # e.g. no locks on this file system: SQLite decides
+                    self.files.not_taken(exc)
+            return True
+        except BaseException:
+            self._give_up(turn, taken)
             raise
+
+    def _give_up(self, turn: Turn | None, taken: bool) -> None:
+        # An acquire cut short: its turn out of the queue (a second interrupt meanwhile waits
+        # until that is done: a turn left queued would be handed the gate with nobody to use
+        # it), the gate given back if it was this caller's, the turn's pipe closed.
+        later: BaseException | None = None
+        while turn is not None:
+            try:
+                taken = self._leave(turn) or taken
+                break
+            except BaseException as exc:  # _leave again: it only removes what is still there
+                later = exc
+        try:
+            if taken:
+                self.release()  # the next writer must not wait for a gate nobody holds
         finally:
             if turn is not None:
-                turn.close()  # also one made for a gate that was free by then
-        self.owner_thread = threading.get_ident()
-        if self.files is not None:
-            try:
-                self.files.acquire(max(0.0, deadline - time.monotonic()))
-            except OSError as exc:  # e.g. no locks on this file system: SQLite's handler decides
-                self.files.not_taken(exc)
-            except BaseException:  # e.g. Ctrl-C: the next writer must not wait for nobody
-                self.release()
-                raise
-        return True
+                turn.close()
+        if later is not None:
+            raise later
 
     def _not_free(self, timeout: float) -> bool:
         log.warning("SQLite write gate not free after %.0fs; going on without it", timeout)
@@ -375,8 +456,10 @@ class WriteGate:
                     self._waiters.remove(turn)
             return turn.granted
 
-    def release(self) -> None:
+    def release(self, holder: object = None) -> None:
         """Hand the gate to the writer that has waited longest, or leave it free."""
+        if holder is not None and self._holder is not holder:
+            return  # released before (by a release cut short as it returned): maybe another's now
         self.owner_thread = None
         try:
             if self.files is not None:
@@ -384,7 +467,7 @@ class WriteGate:
         finally:
             with self._mutex:
                 if not self._waiters:
-                    self._held = False
+                    self._holder = None
                 else:
                     # Granted before it leaves the queue and woken under the mutex, so that a
                     # waiter whose wait ends otherwise finds it granted only once its pipe was
@@ -393,6 +476,9 @@ class WriteGate:
                     turn = self._waiters[0]
                     turn.granted = True
                     try:
+                        # After `granted`: a release run again before this line hands the gate
+                        # to the same first turn again, which changes nothing.
+                        self._holder = turn
                         self._waiters.popleft()
                     finally:
                         turn.set()
@@ -422,6 +508,9 @@ def _after_fork_in_child() -> None:
     # Only the forking thread lives on: a gate held or waited for by another is free here.
     global _gates_lock
     _gates_lock = threading.Lock()
+    for turn in list(_turns):
+        with contextlib.suppress(OSError):
+            turn.close()
     for gate in _gates.values():
         gate._reset()
 
@@ -485,7 +574,16 @@ class GatedConnection(sqlite3.Connection):
 
     def _before(self, sql: str) -> None:
         if not self._holding and sql.lstrip()[:7].upper().startswith(_WRITES):
-            self._holding = self._gate.acquire(self._gate_timeout)
+            before = self._gate.owner_thread
+            try:
+                self._holding = self._gate.acquire(self._gate_timeout, self)
+            except BaseException:
+                # An interrupt as `acquire` returned, before `_holding` said so: a gate taken
+                # for this connection (not one this thread held before) is given back here.
+                mine = threading.get_ident()
+                if not self._holding and before != mine and self._gate.owner_thread == mine:
+                    self._gate.release()
+                raise
 
     def _after(self) -> None:
         # A failed first write, or SQL that ended the transaction itself, must not keep it.
@@ -493,9 +591,11 @@ class GatedConnection(sqlite3.Connection):
             self._release()
 
     def _release(self) -> None:
+        # Not holding only once the release returned: one cut short (Ctrl-C) is run again by
+        # the connection's next commit, rollback or close; the gate knows whether it is done.
         if self._holding:
+            self._gate.release(self)
             self._holding = False
-            self._gate.release()
 
     def commit(self) -> None:
         """Commit, let the next writer in, then checkpoint when one is due."""

@@ -399,3 +399,86 @@ def test_a_redis_never_reached_leaves_every_request_reading_the_version(
         "the subscriber's warning",
         0.01,
     )
+
+
+@contextmanager
+def _beats_by_hand(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> Iterator[tuple[tokens.TokenCache, changes.Feed, changes.Publisher]]:
+    """A web process following `redis` (alice's token kept) whose heartbeat runs only when
+    the test calls `_beat_reading`, and a publisher of changes made elsewhere."""
+    make_user("alice")
+    other = _web(make_app, redis, heartbeat=3600)
+    _, alice = _issue(other, "alice")
+    _live(other, alice)
+    cache = _cache(other)
+    feed = cache.feed
+    assert feed is not None and cache._version is not None
+    publisher = changes.Publisher(changes.redis_url(redis.uri) or "")
+    reading = feed._read_version
+    try:
+        yield cache, feed, publisher
+    finally:
+        feed._read_version = reading
+        publisher.close()
+
+
+def _beat_reading(feed: changes.Feed, read: Callable[[], int | None]) -> None:
+    """Run one heartbeat whose read of the version is `read`; wait for its pong."""
+    feed._read_version = read
+    feed._beat()
+    wait_for(lambda: not feed._awaiting_pong, 15, "the beat's pong", 0.01)
+
+
+def test_a_heartbeats_read_taken_before_a_notice_does_not_move_the_kept_version_back(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    """The heartbeat reads the version outside the feed's lock: a notice of a newer change
+    applied meanwhile (by a request) must not be undone by that older read, which would drop
+    what is kept for nothing and leave the kept version behind the database's."""
+    with _beats_by_hand(make_app, make_user, redis) as (cache, feed, publisher):
+        before, generation, reading = cache._version or 0, cache._generation, feed._read_version
+
+        def read_then_a_notice_lands() -> int | None:
+            version = reading()  # the read, taken before the change below
+            assert publisher.publish(before + 1)  # a change commits elsewhere and is told
+            assert feed.current()  # a request applies the notice
+            return version
+
+        _beat_reading(feed, read_then_a_notice_lands)
+        # One drop, the notice's; the older read moved nothing back.
+        assert (cache._version, cache._generation) == (before + 1, generation + 1)
+        _beat_reading(feed, lambda: before)  # a later read lower than what is kept: a restore
+        assert (cache._version, cache._generation) == (before, generation + 2)
+
+
+def test_a_change_committed_here_while_a_beat_reads_is_not_undone_by_that_read(
+    make_app: Callable[..., Flask], make_user: Any, redis: RedisServer
+) -> None:
+    """`changed` moves the kept version before it publishes: when that lands while the beat
+    reads the version, no notice was applied during the read, yet the read predates the
+    change. Taken as an exact read it would move the kept version back (and drop what is kept
+    twice); anything from the version kept when the read began up to the one kept now is
+    nothing new."""
+    with _beats_by_hand(make_app, make_user, redis) as (cache, feed, publisher):
+        before, generation, reading = cache._version or 0, cache._generation, feed._read_version
+
+        def read_then_a_change_here() -> int | None:
+            version = reading()  # the read, taken before the change below
+            cache.moved(before + 1)  # a commit here, as `changed` applies it before publishing
+            return version
+
+        _beat_reading(feed, read_then_a_change_here)
+        assert (cache._version, cache._generation) == (before + 1, generation + 1)
+        _beat_reading(feed, lambda: before + 2)  # a change never told: the version moves on
+        assert (cache._version, cache._generation) == (before + 2, generation + 2)
+
+        def restored_then_a_notice() -> int | None:
+            # A restore (the database's version below the one kept as the read began), then
+            # a change committed and told elsewhere while it was read.
+            assert publisher.publish(before + 3)
+            assert feed.current()  # a request applies the notice
+            return before
+
+        _beat_reading(feed, restored_then_a_notice)  # the restore is seen now, notice or not
+        assert (cache._version, cache._generation) == (before, generation + 4)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import gc
 import itertools
 import json
@@ -12,8 +14,9 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -666,7 +669,7 @@ def test_an_interrupt_while_the_file_lock_is_awaited_releases_the_gate(
     monkeypatch.setattr(gate.files, "acquire", interrupted)
     with pytest.raises(KeyboardInterrupt):
         gate.acquire(30)
-    assert gate.owner_thread is None and not gate._held
+    assert gate.owner_thread is None and gate._holder is None
 
 
 def test_an_interrupted_file_lock_wait_leaves_the_lock_to_others(
@@ -732,4 +735,383 @@ def test_a_release_run_inside_the_gates_own_section_goes_through(tmp_path: Path)
     thread.start()
     thread.join(30)
     assert answers == [True]
+    _assert_free(gate)
+
+
+def test_a_wait_longer_than_one_poll_can_take_is_capped() -> None:
+    """poll takes a C int of milliseconds: a busy timeout of a month must not overflow it."""
+    wakeup = sqlite_writes.Wakeup()
+    try:
+        wakeup.set()
+        assert wakeup.wait(30 * 86400.0) is True
+    finally:
+        wakeup.close()
+
+
+def _closed_here(turn: sqlite_writes.Turn) -> Callable[[], bool]:
+    """A check that both ends of `turn`'s pipe (as numbered now) are closed where it runs."""
+    pipe = (turn._read, turn._write)
+
+    def closed() -> bool:
+        for fd in pipe:
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            return False
+        return True
+
+    return closed
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
+def test_a_forked_child_closes_the_pipes_of_its_parents_waiters(tmp_path: Path) -> None:
+    gate = gate_for(str(tmp_path / "fork-turns.sqlite3"))
+    queue = _watched(gate)
+    assert gate.acquire(30) is True
+    waiter = threading.Thread(target=lambda: gate.acquire(30) and gate.release())
+    waiter.start()
+    queue.reach(1)
+    turn = gate._waiters[0]
+    assert _in_a_forked_child(_closed_here(turn))
+    gate.release()
+    waiter.join(30)
+    _assert_free(gate)
+
+
+@contextlib.contextmanager
+def _held_by_another_process(path: Path) -> Iterator[None]:
+    """A new database at `path` whose writers' lock another process holds inside the block."""
+    _engine(path).dispose()
+    holder = _holder(path)
+    try:
+        yield
+    finally:
+        holder.stdin.write("commit\nexit\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+        _end(holder)
+
+
+def test_a_flock_waiter_that_cannot_start_leaves_no_request_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "no-thread.sqlite3"
+    lock = FileLock(f"{path}-writers")
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with _held_by_another_process(path):
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        assert lock.acquire(30) is False  # at once: the writer goes on, SQLite decides
+        monkeypatch.undo()
+        assert not lock._pending and lock._waiter is None
+    # The holder is gone: the next writer takes the lock at once, not after waiting for the
+    # answer of a waiter that never ran.
+    assert lock.acquire(0) is True
+    lock.close()
+
+
+def _blocked(path: str) -> tuple[FileLock, FileLock]:
+    """`blocker`, holding the lock of `path` as another process would, and a `lock` on it."""
+    blocker = FileLock(path)  # another open file description: as another process's
+    assert blocker.acquire(0) is True
+    return blocker, FileLock(path)
+
+
+def test_an_interrupt_as_the_flock_waiter_hands_over_leaves_the_lock_to_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker, lock = _blocked(str(tmp_path / "given.sqlite3-writers"))
+    assert lock.acquire(0) is False  # the waiter thread now blocks in flock
+    with lock._mutex:
+        lock._wanted = True  # a caller waits for its answer
+    blocker.release()  # the waiter takes the lock and hands it to that caller
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt  # Ctrl-C as the caller takes what it was handed
+
+    monkeypatch.setattr(lock, "_taken", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock._await_waiter(float("inf"), 30)
+    # Held, so the gate's handler lets it go: not left locked by nobody.
+    lock.release()
+    assert blocker.acquire(0) is True
+    blocker.close()
+    monkeypatch.undo()
+    lock.close()
+
+
+def _held_and_watched(path: Path) -> tuple[sqlite_writes.WriteGate, _Queue, int]:
+    """The gate of `path`, held by this thread, its queue watched; the descriptors open now."""
+    gate = gate_for(str(path))
+    queue = _watched(gate)
+    assert gate.acquire(30) is True
+    return gate, queue, _open_descriptors()
+
+
+def test_an_interrupt_as_a_granted_turn_is_closed_still_passes_the_gate_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, queue, descriptors = _held_and_watched(tmp_path / "close.sqlite3")
+    interrupted: list[bool] = []
+
+    class Closing(sqlite_writes.Turn):
+        def close(self) -> None:
+            super().close()
+            if not interrupted:  # Ctrl-C as the waiter closes its pipe, the gate its own
+                interrupted.append(True)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqlite_writes, "Turn", Closing)
+    answers: list[object] = []
+    waiter = threading.Thread(target=lambda: answers.extend(_in_thread(lambda: gate.acquire(30))))
+    waiter.start()
+    queue.reach(1)
+    gate.release()
+    waiter.join(30)
+    assert len(answers) == 1 and isinstance(answers[0], KeyboardInterrupt)
+    _assert_free(gate)  # given back, not held by nobody
+    assert _open_descriptors() == descriptors
+
+
+def test_a_second_interrupt_while_leaving_the_queue_leaves_no_turn_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, queue, descriptors = _held_and_watched(tmp_path / "twice.sqlite3")
+
+    class Interrupted(sqlite_writes.Turn):
+        def wait(self, timeout: float | None) -> bool:
+            raise KeyboardInterrupt  # Ctrl-C while waiting
+
+    leave, leaves = gate._leave, itertools.count()
+
+    def interrupted_leave(turn: sqlite_writes.Turn) -> bool:
+        if next(leaves) == 0:
+            raise KeyboardInterrupt  # a second Ctrl-C as the first is handled
+        return leave(turn)
+
+    monkeypatch.setattr(sqlite_writes, "Turn", Interrupted)
+    monkeypatch.setattr(gate, "_leave", interrupted_leave)
+    answers = _in_thread(lambda: gate.acquire(30))
+    assert len(answers) == 1 and isinstance(answers[0], KeyboardInterrupt)
+    assert len(queue) == 0  # out of the queue: no release writes to its closed pipe
+    gate.release()
+    _assert_free(gate)
+    assert _open_descriptors() == descriptors
+
+
+def test_an_interrupt_as_the_gate_is_taken_for_a_connection_gives_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "holding.sqlite3"
+    _engine(path).dispose()
+    conn = sqlite3.connect(path, timeout=30, factory=GatedConnection)
+    try:
+        gate = conn._gate
+        acquire = gate.acquire
+
+        def interrupted(timeout: float, holder: object) -> bool:
+            acquire(timeout, holder)
+            raise KeyboardInterrupt  # after `acquire` returned, before the connection noted it
+
+        monkeypatch.setattr(gate, "acquire", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        monkeypatch.undo()
+        assert gate.owner_thread is None
+        assert _in_thread(lambda: gate.acquire(0) and gate.release() is None) == [True]
+    finally:
+        conn.close()
+
+
+def _flock_free(path: str) -> bool:
+    """Tell whether nobody holds the flock of `path`, trying it on an open file of its own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _with_idle_waiter(path: str) -> tuple[FileLock, FileLock]:
+    """A lock on `path` held by `blocker` (as by another process) and `lock`, whose flock
+    waiter thread runs, answered, and waits for its next request."""
+    blocker, lock = _blocked(path)
+    assert lock.acquire(0) is False  # the waiter thread now blocks in flock
+    blocker.release()
+    assert lock.acquire(30) is True  # the waiter's answer, or at once once it gave it back
+    lock.release()
+    assert blocker.acquire(0) is True
+    assert not lock._pending and lock._waiter is not None and lock._signals is not None
+    return blocker, lock
+
+
+def test_an_interrupt_as_a_flock_request_is_sent_leaves_none_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker, lock = _with_idle_waiter(str(tmp_path / "request.sqlite3-writers"))
+    assert lock._signals is not None
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt  # Ctrl-C before the request's byte is written
+
+    monkeypatch.setattr(lock._signals[0], "set", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire(30)
+    monkeypatch.undo()
+    blocker.release()
+    # Nothing pending: the next writer takes the free lock at once, not after its busy timeout
+    # spent waiting for an answer to a request the waiter never saw.
+    assert lock.acquire(0) is True
+    lock.close()
+    blocker.close()
+
+
+def test_a_stale_flock_request_is_not_answered_under_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "stale.sqlite3-writers")
+    blocker, lock = _with_idle_waiter(path)
+    blocker.release()
+    assert lock.acquire(0) is True  # taken at once by this process's writer
+    assert lock._signals is not None
+    request = lock._signals[0]
+    waited = threading.Event()
+    wait = request.wait
+
+    def next_wait(timeout: float | None) -> bool:
+        waited.set()  # the waiter is done with the byte below and waits for the next one
+        return wait(timeout)
+
+    monkeypatch.setattr(request, "wait", next_wait)
+    # The byte a request leaves when Ctrl-C comes right after it was written (the caller
+    # took its request back): the waiter must not flock for nobody through the descriptor
+    # the holder's lock is on, then let it go under the holder.
+    request.set()
+    assert waited.wait(30)
+    assert not _flock_free(path)  # still the holder's
+    lock.release()
+    assert _flock_free(path)
+    monkeypatch.undo()
+    lock.close()
+    blocker.close()
+
+
+def _flock_by(monkeypatch: pytest.MonkeyPatch, flock: Callable[[int, int], None]) -> None:
+    """Make the gate's module call `flock` for every flock it makes."""
+    names = ("LOCK_EX", "LOCK_NB", "LOCK_UN")
+    fake = types.SimpleNamespace(flock=flock, **{n: getattr(fcntl, n) for n in names})
+    monkeypatch.setattr(sqlite_writes, "fcntl", fake)
+
+
+def test_an_interrupt_right_after_the_flock_is_taken_leaves_it_to_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = gate_for(str(tmp_path / "taken.sqlite3"))
+    assert gate.files is not None
+    flock = fcntl.flock
+
+    def interrupted(fd: int, operation: int) -> None:
+        flock(fd, operation)
+        if operation == fcntl.LOCK_EX | fcntl.LOCK_NB:
+            raise KeyboardInterrupt  # Ctrl-C as the flock returns, taken
+
+    _flock_by(monkeypatch, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gate.acquire(30)
+    monkeypatch.undo()
+    assert _flock_free(gate.files.path)  # the gate's handler let it go: not held by nobody
+    _assert_free(gate)
+
+
+@pytest.mark.parametrize("when", ["as it begins", "as it returns"])
+def test_an_interrupted_release_of_a_connections_gate_is_finished_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    path = tmp_path / "release.sqlite3"
+    _engine(path).dispose()
+    conn = sqlite3.connect(path, timeout=30, factory=GatedConnection)
+    gate = conn._gate
+    release = gate.release
+
+    def interrupted(*args: object) -> None:
+        monkeypatch.undo()  # once
+        if when == "as it returns":
+            release(*args)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    try:
+        conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        monkeypatch.setattr(gate, "release", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            conn.commit()
+        if when == "as it begins":
+            conn.close()  # the connection still holds the gate: its close gives it back
+            _assert_free(gate)
+        else:  # released: the gate is another writer's now, and stays so
+            assert _in_thread(lambda: gate.acquire(0)) == [True]
+            conn.close()
+            assert _in_thread(lambda: gate.acquire(0)) == [False]
+            gate.release()
+            _assert_free(gate)
+    finally:
+        conn.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # fork with threads, 3.12+
+def test_a_forked_child_closes_the_pipe_of_a_turn_not_queued_yet() -> None:
+    turn = sqlite_writes.Turn()  # a writer's, made outside the gate's mutex, not queued yet
+    try:
+        assert _in_a_forked_child(_closed_here(turn))
+    finally:
+        turn.close()
+
+
+def _flock_waiters() -> int:
+    return sum(thread.name == "sqlite-writers-flock" for thread in threading.enumerate())
+
+
+def test_an_interrupt_as_the_flock_waiter_starts_leaves_one_waiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker, lock = _blocked(str(tmp_path / "started.sqlite3-writers"))
+    start, waiters = threading.Thread.start, _flock_waiters()
+
+    def interrupted(self: threading.Thread) -> None:
+        start(self)
+        raise KeyboardInterrupt  # Ctrl-C as the waiter thread runs, before it was noted
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire(30)
+    monkeypatch.undo()
+    assert lock._waiter is not None and lock._waiter.is_alive()
+    assert lock.acquire(0) is False  # its request goes to that waiter: no second one
+    assert _flock_waiters() == waiters + 1
+    blocker.release()
+    assert lock.acquire(30) is True
+    lock.close()
+    blocker.close()
+
+
+def test_a_file_system_without_locks_leaves_the_writer_to_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = gate_for(str(tmp_path / "nolocks.sqlite3"))
+    assert gate.files is not None
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # e.g. NFS without a lock daemon
+
+    _flock_by(monkeypatch, no_locks)
+    assert gate.acquire(30) is True  # the gate, not the file lock: SQLite decides
+    assert not gate.files.held
+    gate.release()  # lets go of no file lock it does not hold: nothing to fail
+    monkeypatch.undo()
     _assert_free(gate)
