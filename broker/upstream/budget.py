@@ -55,6 +55,9 @@ log = logging.getLogger("broker.budget")
 EXTENSION_KEY = "budget"
 DEFAULT_SCOPE = "cloudflare"
 BUCKETS_PER_WINDOW = 10
+# The pace is never read over less time than the budget's full pace needs for this many calls:
+# that many calls at once read as the whole limit, a handful as a small share of it.
+PACE_MIN_CALLS = 20
 
 _state = sa.table(
     "upstream_budget_state",
@@ -323,11 +326,6 @@ class UpstreamBudget:
             paused = conn.execute(
                 sa.select(_state.c.paused_until_ms).where(_state.c.scope == self.scope)
             ).scalar()
-        # The pace: the calls of the current slice and the one before it, over the time they
-        # span (one to two slices, so a few calls in a quiet second are not read as a flood).
-        since = int((now * self.unit) // self.bucket) * self.bucket - self.bucket
-        recent = sum(int(calls) for start, calls, _ in rows if int(start) >= since)
-        span = max(now - since / self.unit, self.bucket / self.unit)
         return BudgetStatus(
             used=sum(int(calls) for _, calls, _ in rows),
             limit=self.limit,
@@ -335,8 +333,28 @@ class UpstreamBudget:
             window=self.window,
             paused_for=max(0.0, (paused or 0) / 1000 - now),
             background=sum(int(bg or 0) for _, _, bg in rows),
-            pace=math.ceil(recent * self.window / span),
+            pace=self._pace(rows, now),
         )
+
+    def _pace(self, rows: Sequence[Any], now: float) -> int:
+        """The calls a whole window would hold at the recent rate, from the window's `rows`.
+
+        The rate is read from the start of the current slice and from the start of the one
+        before it, and the faster wins: a burst that began after a quiet slice is read over the
+        time since its own slice began, not diluted by the quiet one (which would show headroom
+        for its first half-minute), and a burst that began late in the slice before is read
+        from the current slice alone as soon as that one holds it. Each reading spans at least
+        the time the budget's own pace takes for PACE_MIN_CALLS calls (at most a slice), so a
+        few calls close together read as a small share of the limit, not as a flood.
+        """
+        current = int((now * self.unit) // self.bucket) * self.bucket
+        shortest = min(self.bucket / self.unit, self.window * PACE_MIN_CALLS / self.limit)
+        fastest = 0.0
+        for since in (current, current - self.bucket):
+            calls = sum(int(n) for start, n, _ in rows if int(start) >= since)
+            span = max(now - since / self.unit, shortest)
+            fastest = max(fastest, calls * self.window / span)
+        return math.ceil(fastest)
 
 
 def locking() -> sa.Update:

@@ -200,6 +200,7 @@ def main() -> int:
                 break
             t = round(t + TICK, 6)
         wall = time.perf_counter() - started
+        by_endpoint = {k: v for k, v in sorted(emu.counters().items()) if v}
 
     api_calls = len(hits)
     completed = sum(1 for k in sent_at if receiver.types.get(k) == "upload.completed")
@@ -228,6 +229,7 @@ def main() -> int:
         f"upstream API calls: {api_calls} -> {per_upload:.3f} per completed upload "
         f"(floor 1.000, target <= {TARGET_CALLS})"
     )
+    print("requests by emulator endpoint: " + ", ".join(f"{k} {v}" for k, v in by_endpoint.items()))
     print(
         f"cooperative (/complete): p50 {coop50:.2f} s  p95 {coop95:.2f} s "
         f"(target p95 <= {TARGET_P95_COOPERATIVE} s, n={len(latencies[True])})"

@@ -89,12 +89,51 @@ def test_the_pace_reads_the_last_slices_not_the_whole_window(app: Flask) -> None
         budget.acquire(Priority.BACKGROUND)
     clock.now += 5
     status = budget.status()
-    # The current slice (5 s) and the one before it (10 s): 6 calls in 15 s → 40 per window.
-    assert (status.used, status.background, status.pace) == (10, 6, 40)
-    assert status.projected == 40
+    # Read from the current slice's start (the quiet one before it does not dilute them), over
+    # at least 10 s here (a slice; 20 calls at this budget's full pace take longer): 60.
+    assert (status.used, status.background, status.pace) == (10, 6, 60)
+    assert status.projected == 60
     clock.now += 30  # the burst has left the last two slices; the window still holds it
     status = budget.status()
     assert (status.used, status.pace, status.projected) == (10, 0, 10)
+
+
+def _calls(budget: UpstreamBudget, clock: Clock, seconds: float, per_second: int) -> None:
+    """Spend `per_second` calls a second, evenly, for `seconds` of the budget's clock."""
+    for _ in range(round(seconds * per_second)):
+        budget.acquire(Priority.INTERACTIVE)
+        clock.now += 1 / per_second
+
+
+def test_the_pace_of_a_burst_is_read_from_when_it_began(app: Flask) -> None:
+    """A burst after a quiet slice shows its real pace from its first seconds, not after the
+    quiet slice has left the reading; a few calls close together are not read as a flood."""
+    clock = Clock(1_700_000_000.0)  # a slice (10 s of a 1000-call, 100 s window) starts here
+    budget = _budget(app, clock, limit=1000, reserve=100)
+    budget.acquire()  # the quiet start of the window
+    clock.now += 50  # the slice before this one (40-50 s) saw nothing
+    budget.acquire()
+    budget.acquire()
+    # Two calls at once read over at least the 2 s the budget's full pace takes for 20 calls.
+    assert budget.status().pace == 100
+    _calls(budget, clock, 5, per_second=4)  # the burst: 4 calls a second, 400 per window
+    status = budget.status()
+    assert status.used == 23
+    # 22 calls since the slice began 5 s ago: the burst's own pace, at once (not 22 in the 15 s
+    # since the quiet slice began, 147, as if most of the headroom were still there).
+    assert status.pace == 440
+    _calls(budget, clock, 7, per_second=4)  # on into the next slice, 2 s into it
+    # The 50 calls since 50 s (12 s) read faster than the 8 of the last 2 s: 417.
+    assert budget.status().pace == 417
+
+
+def test_a_burst_begun_late_in_a_slice_is_read_from_the_next_one(app: Flask) -> None:
+    clock = Clock(1_700_000_000.0 + 7)  # 3 s before a slice ends
+    budget = _budget(app, clock, limit=1000, reserve=100)
+    _calls(budget, clock, 3, per_second=4)  # 12 calls late in the slice
+    _calls(budget, clock, 5, per_second=4)  # and 20 in the first 5 s of the next
+    # Since the slice before began (15 s ago): 32 calls → 214; since this one began: 400.
+    assert budget.status().pace == 400
 
 
 def test_background_calls_count_against_their_own_side_only(app: Flask) -> None:
