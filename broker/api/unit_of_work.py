@@ -16,7 +16,10 @@ Rules it enforces, the API's half of the transaction rule in `broker.platform.db
   round trip to end it). A step's commits keep the objects the request loaded as they were
   (its user is not read again). Core work (the create's reservation) runs as a
   `step_on_connection` instead: on a connection of its own, committed there, without the ORM
-  session's commit around a few statements; what the request had begun is ended first;
+  session's commit around a few statements; what the request had begun is ended first. That
+  connection then stays the request's: its later Core writes (`connection`, the create's row)
+  run there and commit with the request, and the session, should the request use it too, is
+  joined to it, so a request never writes on two connections at once;
 - work done outside the database (a draft made at Cloudflare) and steps already committed
   register their undo with `on_failure`; when the request fails they run newest first after
   the rollback, each in a transaction of its own, best effort: an undo that fails is logged
@@ -31,10 +34,11 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from flask import g
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session
 
 from broker.platform import outages
-from broker.platform.db import Session, db
+from broker.platform.db import JOINED_CONNECTION, Session, db
 
 log = logging.getLogger("broker.api")
 
@@ -47,11 +51,19 @@ class UnitOfWork:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._undos: list[Callable[[], None]] = []
+        # The connection a `step_on_connection` opened, kept for the request's Core writes
+        # (`connection`) and committed with the request: one checkout, no ORM transaction.
+        self._conn: sa.Connection | None = None
 
     def step(self, work: Callable[[], T]) -> T:
         """Run `work` as a transaction of its own, committed before this returns."""
         session = self.session
-        if session.get_bind().dialect.name == "sqlite":
+        if self._conn is not None:
+            # The session is joined to the request's own connection, whose transaction the
+            # session's commit would not end: end both, then the step runs on its own.
+            self._end_transaction()
+            self._release()
+        elif session.get_bind().dialect.name == "sqlite":
             # Start from the latest snapshot: end the transaction so far, keeping its writes
             # (with only reads, the authentication's, that commit writes nothing).
             _commit_keeping_objects(session)
@@ -65,24 +77,41 @@ class UnitOfWork:
 
     def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
         """Run Core `work` on a connection of its own, committed before this returns (`work`
-        returns plain values: the connection is closed by then)."""
+        returns plain values: they are read before the request goes on)."""
         session = self.session
-        bind = session.get_bind()
-        if not isinstance(bind, sa.Engine):
-            # Bound to a caller's connection (the warm-up's, in a transaction it rolls back):
-            # the step stays inside it.
-            return self.step(lambda: work(session.connection()))
-        if _in_transaction(session):
+        conn = self._conn
+        if conn is None:
+            engine = session.get_bind()
+            if not isinstance(engine, sa.Engine):
+                # Bound to a caller's connection (the warm-up's, in a transaction it rolls
+                # back): the step stays inside it.
+                return self.step(lambda: work(session.connection()))
             # What the request began is ended first, keeping its writes, as `step` does: the
             # step then starts from the latest snapshot and never waits for the request's locks.
-            _commit_keeping_objects(session)
-        # Engine-level, not through the ORM session: the session's commit (flush check, state
-        # bookkeeping, a new session transaction after it) cost more than the step's statements.
-        with bind.connect() as conn:
-            result = work(conn)  # a failure: leaving the block rolls back
+            self._end_transaction()
+            # Engine-level, not through the ORM session: the session's commit (flush check,
+            # state bookkeeping, a new session transaction after it) cost more than the step's
+            # statements. The connection stays the request's (`connection`), and the session
+            # joins it, should the request use the session too.
+            conn = self._conn = engine.connect()
+            _own(session).info[JOINED_CONNECTION] = conn
+        else:
+            self._end_transaction()
+        try:
+            result = work(conn)
             conn.commit()
+        except BaseException:
+            self._release()  # rolled back
+            raise
         outages.note_commit()  # not through the session: its commit hook does not see it
         return result
+
+    def connection(self) -> sa.Connection:
+        """The connection for the request's Core writes, committed with the unit of work: the
+        one a `step_on_connection` opened (the session joined it), else the session's."""
+        if self._conn is not None:
+            return self._conn
+        return self.session.connection()
 
     def on_failure(self, undo: Callable[[], None]) -> None:
         """Register how to undo work done so far should the unit of work fail."""
@@ -91,15 +120,20 @@ class UnitOfWork:
     def commit(self) -> None:
         """Commit the work; on failure roll back, run the undos, and re-raise."""
         try:
-            self.session.commit()
+            own = _own(self.session)
+            if self._conn is None or own.in_transaction() or _has_changes(own):
+                own.commit()
+            self._end_transaction(session=False)
         except BaseException:
             self.fail()
             raise
         self._undos.clear()
+        self._release()
 
     def fail(self) -> None:
         """Roll the work back and run the undos, newest first, each committed on its own."""
         self.session.rollback()
+        self._release()
         while self._undos:
             undo = self._undos.pop()
             try:
@@ -116,18 +150,48 @@ class UnitOfWork:
                 self.session.rollback()
                 log.warning("could not undo part of a failed request", exc_info=True)
 
+    def _end_transaction(self, *, session: bool = True) -> None:
+        """Commit what the request began so far: the session's transaction (keeping its
+        objects), then what is left open on the request's own connection."""
+        if session and _in_transaction(self.session):
+            # Joined to the request's connection when it has one: its transaction is then the
+            # connection's (committed below), or its own one there (committed here).
+            _commit_keeping_objects(self.session)
+        conn = self._conn
+        if conn is not None and conn.in_transaction():
+            conn.commit()
+            outages.note_commit()
+
+    def _release(self) -> None:
+        """Give the request's own connection back (rolling back what it left open) and take
+        the session off it."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _own(self.session).info.pop(JOINED_CONNECTION, None)
+            conn.close()
+
+
+def _own(session: Session) -> OrmSession:
+    """The Session itself behind `session` (the request's, for the scoped proxy)."""
+    return session() if isinstance(session, scoped_session) else session
+
 
 def _in_transaction(session: Session) -> bool:
     """Tell whether `session` has begun a transaction."""
-    own = session() if isinstance(session, scoped_session) else session
-    return own.in_transaction()
+    return _own(session).in_transaction()
+
+
+def _has_changes(own: OrmSession) -> bool:
+    """Tell whether `own` holds changes a commit would write (an object changed after the
+    transaction that loaded it ended has none to flush them in yet)."""
+    return bool(own.new or own.deleted or own.identity_map.check_modified())
 
 
 def _commit_keeping_objects(session: Session) -> None:
     """Commit without expiring the objects the request loaded (its user): the request goes on
     with them as they were, as it would had the step not committed, instead of reloading each
     on its next touch (a round trip for nothing)."""
-    own = session() if isinstance(session, scoped_session) else session
+    own = _own(session)
     expire, own.expire_on_commit = own.expire_on_commit, False
     try:
         own.commit()

@@ -121,6 +121,72 @@ def test_a_step_on_its_own_connection_commits_what_was_pending_first(app, make_u
     assert (kept.max_pending_uploads, kept.max_uploads_per_day) == (6, 7)
 
 
+def _two_users(make_user) -> tuple[int, int]:
+    return make_user("frank").id, make_user("gina").id
+
+
+def _limits(app, user_id: int) -> tuple[int | None, int | None]:
+    kept = _user(app, user_id)
+    return kept.max_pending_uploads, kept.max_uploads_per_day
+
+
+def _writes_after_a_core_step(work: UnitOfWork, first: int, second: int) -> None:
+    """A Core step, then a Core write of the request, then a change through the session."""
+
+    def bump(conn: sa.Connection) -> None:
+        conn.execute(sa.update(User).where(User.id == first).values(max_uploads_per_day=7))
+
+    work.step_on_connection(bump)
+    conn = work.connection()
+    conn.execute(sa.update(User).where(User.id == first).values(max_pending_uploads=3))
+    # The session joins the request's connection (on SQLite a second one would wait for the
+    # first one's write lock): what it writes is in the same transaction.
+    db.session.get_one(User, second).max_pending_uploads = 5
+    db.session.flush()
+    assert db.session.connection() is conn
+
+
+def test_writes_after_a_core_step_share_its_connection_and_commit_together(app, make_user) -> None:
+    first, second = _two_users(make_user)
+    with app.app_context():
+        work = UnitOfWork(db.session)
+        _writes_after_a_core_step(work, first, second)
+        work.commit()
+        assert db.session.connection() is not None  # the session goes on, on the engine again
+        db.session.rollback()
+    assert _limits(app, first) == (3, 7)
+    assert _limits(app, second) == (5, None)
+
+
+@pytest.mark.parametrize("step_first", [False, True], ids=["fail", "step-then-fail"])
+def test_writes_after_a_core_step_fail_together_unless_a_step_committed_them(
+    app, make_user, step_first: bool
+) -> None:
+    """A failure after the step undoes the request's writes on its connection and in the
+    session (the step's own commit stays; the undo runs on the session afterwards). An ORM
+    step run in between commits them first, with the session's, then runs on its own: the
+    failure then takes back none of it."""
+    first, second = _two_users(make_user)
+    with app.app_context():
+        work = UnitOfWork(db.session)
+        _writes_after_a_core_step(work, first, second)
+
+        def undo() -> None:
+            db.session.get_one(User, first).max_uploads_per_day = 8
+
+        def later() -> None:
+            db.session.get_one(User, second).max_uploads_per_day = 4
+
+        work.on_failure(undo)
+        if step_first:
+            work.step(later)
+        work.fail()
+    if step_first:
+        assert (_limits(app, first), _limits(app, second)) == ((3, 8), (5, 4))
+    else:
+        assert (_limits(app, first), _limits(app, second)) == ((None, 8), (None, None))
+
+
 @pytest.mark.parametrize("own_connection", [False, True], ids=["session", "own-connection"])
 def test_a_failed_step_is_rolled_back(app, make_user, own_connection: bool) -> None:
     user = make_user("carol")

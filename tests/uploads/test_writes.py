@@ -205,6 +205,38 @@ def test_an_idempotency_key_adds_its_claim_and_its_answer(make_app, make_user, b
     assert words.count("COMMIT") == 3, seen
 
 
+def test_a_create_checks_out_one_connection_and_begins_no_orm_transaction(
+    make_app, make_user, bearer
+) -> None:
+    """The reservation's connection stays the request's for the row and its commit: one pool
+    checkout per create, and no ORM session transaction around the row's one statement."""
+    app = make_app(CLOUDFLARE_BATCH="auto", CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    auth = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    client = app.test_client()
+    assert client.post(URL, json={}, headers=auth).status_code == 201  # fetches the token
+    checkouts: list[object] = []
+    begun: list[object] = []
+
+    def on_checkout(_dbapi: Any, record: Any, _proxy: Any) -> None:
+        checkouts.append(record)
+
+    def on_begin(session: Any, _transaction: Any) -> None:
+        begun.append(session)
+
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "checkout", on_checkout)
+    sa.event.listen(sa.orm.Session, "after_transaction_create", on_begin)
+    try:
+        assert client.post(URL, json={}, headers=auth).status_code == 201
+    finally:
+        sa.event.remove(engine, "checkout", on_checkout)
+        sa.event.remove(sa.orm.Session, "after_transaction_create", on_begin)
+    assert len(checkouts) == 1, checkouts
+    assert begun == [], begun
+
+
 def bearer_of(app: Flask) -> dict[str, str]:
     """The bearer header the test stored on its app."""
     auth: dict[str, str] = app.config["TEST_BEARER"]
