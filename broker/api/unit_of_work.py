@@ -16,14 +16,23 @@ Rules it enforces, the API's half of the transaction rule in `broker.platform.db
   round trip to end it). A step's commits keep the objects the request loaded as they were
   (its user is not read again). Core work (the create's reservation) runs as a
   `step_on_connection` instead: on a connection of its own, committed there, without the ORM
-  session's commit around a few statements; what the request had begun is ended first. That
-  connection then stays the request's: its later Core writes (`connection`, the create's row)
-  run there and commit with the request, and the session, should the request use it too, is
-  joined to it, so a request never writes on two connections at once;
+  session's commit around a few statements; what the request had begun is ended first, and
+  the connection goes back to the pool before the request goes on (none is held while
+  Cloudflare answers);
+- the request's later Core writes (the create's row) run on `connection`: one of the unit of
+  work's own, opened when first asked for and committed with the request, without an ORM
+  transaction around it. The request's session (a `RequestSession`) is joined to it, should
+  the request use the session too, so a request never writes on two connections at once (on
+  SQLite the second would wait for the first one's write lock). An ORM `step` after such
+  writes commits them first, on both databases; a session that had already begun keeps its
+  own connection, and `connection` hands that out instead;
 - work done outside the database (a draft made at Cloudflare) and steps already committed
   register their undo with `on_failure`; when the request fails they run newest first after
   the rollback, each in a transaction of its own, best effort: an undo that fails is logged
   and never masks the request's own error.
+
+A `UnitOfWork` must be ended, by `commit` or `fail` (`run` does both), even when nothing was
+written: until then the connection `connection` opened stays checked out of the pool.
 """
 
 from __future__ import annotations
@@ -33,12 +42,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from flask import g
+from flask import g, has_app_context
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session
 
 from broker.platform import outages
-from broker.platform.db import JOINED_CONNECTION, Session, db
+from broker.platform.db import JOINED_CONNECTION, RequestSession, Session, db
 
 log = logging.getLogger("broker.api")
 
@@ -51,16 +60,16 @@ class UnitOfWork:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._undos: list[Callable[[], None]] = []
-        # The connection a `step_on_connection` opened, kept for the request's Core writes
-        # (`connection`) and committed with the request: one checkout, no ORM transaction.
+        # The connection `connection` opened for the request's Core writes, committed with the
+        # request: no ORM transaction around them.
         self._conn: sa.Connection | None = None
 
     def step(self, work: Callable[[], T]) -> T:
         """Run `work` as a transaction of its own, committed before this returns."""
         session = self.session
         if self._conn is not None:
-            # The session is joined to the request's own connection, whose transaction the
-            # session's commit would not end: end both, then the step runs on its own.
+            # The request's Core writes (and the session's, joined to them) are committed
+            # first, and the session taken off that connection: the step runs on its own.
             self._end_transaction()
             self._release()
         elif session.get_bind().dialect.name == "sqlite":
@@ -79,39 +88,48 @@ class UnitOfWork:
         """Run Core `work` on a connection of its own, committed before this returns (`work`
         returns plain values: they are read before the request goes on)."""
         session = self.session
-        conn = self._conn
-        if conn is None:
-            engine = session.get_bind()
-            if not isinstance(engine, sa.Engine):
-                # Bound to a caller's connection (the warm-up's, in a transaction it rolls
-                # back): the step stays inside it.
-                return self.step(lambda: work(session.connection()))
-            # What the request began is ended first, keeping its writes, as `step` does: the
-            # step then starts from the latest snapshot and never waits for the request's locks.
+        if self._conn is not None:
+            # The session is taken off the request's connection (its writes committed first).
             self._end_transaction()
-            # Engine-level, not through the ORM session: the session's commit (flush check,
-            # state bookkeeping, a new session transaction after it) cost more than the step's
-            # statements. The connection stays the request's (`connection`), and the session
-            # joins it, should the request use the session too.
-            conn = self._conn = engine.connect()
-            _own(session).info[JOINED_CONNECTION] = conn
-        else:
-            self._end_transaction()
+            self._release()
+        engine = session.get_bind()
+        if not isinstance(engine, sa.Engine):
+            # Bound to a caller's connection (the warm-up's, in a transaction it rolls back):
+            # the step stays inside it.
+            return self.step(lambda: work(session.connection()))
+        # What the request began is ended first, keeping its writes, as `step` does: the step
+        # then starts from the latest snapshot and never waits for the request's locks.
+        self._end_transaction()
+        # Engine-level, not through the ORM session: the session's commit (flush check, state
+        # bookkeeping, a new session transaction after it) cost more than the step's statements.
+        # The connection goes back at the end: the caller may talk to Cloudflare next, and a
+        # connection held meanwhile would starve the pool (and fail should the database restart).
+        conn = engine.connect()
         try:
             result = work(conn)
             conn.commit()
-        except BaseException:
-            self._release()  # rolled back
-            raise
+        finally:
+            _give_back(conn)  # a failure: rolled back
         outages.note_commit()  # not through the session: its commit hook does not see it
         return result
 
     def connection(self) -> sa.Connection:
-        """The connection for the request's Core writes, committed with the unit of work: the
-        one a `step_on_connection` opened (the session joined it), else the session's."""
+        """Return the connection for the request's Core writes, committed with the unit of work:
+        one of its own (the session joins it), or the session's when that already began."""
         if self._conn is not None:
             return self._conn
-        return self.session.connection()
+        own = _own(self.session)
+        engine = own.get_bind()
+        if not isinstance(own, RequestSession) or not isinstance(engine, sa.Engine):
+            # Only a RequestSession can be joined to it (a plain session writing on a second
+            # connection would wait for this one's SQLite write lock); a caller's connection
+            # (the warm-up's) stays the one.
+            return own.connection()
+        if own.in_transaction():
+            return own.connection()  # its transaction goes on: the writes join it
+        conn = self._conn = engine.connect()
+        own.info[JOINED_CONNECTION] = conn
+        return conn
 
     def on_failure(self, undo: Callable[[], None]) -> None:
         """Register how to undo work done so far should the unit of work fail."""
@@ -132,8 +150,10 @@ class UnitOfWork:
 
     def fail(self) -> None:
         """Roll the work back and run the undos, newest first, each committed on its own."""
-        self.session.rollback()
-        self._release()
+        try:
+            self.session.rollback()
+        finally:
+            self._release()  # even when the rollback failed (the database went away)
         while self._undos:
             undo = self._undos.pop()
             try:
@@ -154,8 +174,8 @@ class UnitOfWork:
         """Commit what the request began so far: the session's transaction (keeping its
         objects), then what is left open on the request's own connection."""
         if session and _in_transaction(self.session):
-            # Joined to the request's connection when it has one: its transaction is then the
-            # connection's (committed below), or its own one there (committed here).
+            # Joined to the request's connection when it has one, the session controls that
+            # connection's transaction ("control_fully"): its commit is the real COMMIT.
             _commit_keeping_objects(self.session)
         conn = self._conn
         if conn is not None and conn.in_transaction():
@@ -168,7 +188,17 @@ class UnitOfWork:
         conn, self._conn = self._conn, None
         if conn is not None:
             _own(self.session).info.pop(JOINED_CONNECTION, None)
-            conn.close()
+            _give_back(conn)
+
+
+def _give_back(conn: sa.Connection) -> None:
+    """Close `conn`, rolling back what it left open, even after a failed COMMIT: SQLAlchemy
+    then counts the transaction as ended and skips the pool's reset, so the connection would
+    go back still in it (on SQLite, holding the write lock)."""
+    try:
+        conn.rollback()
+    finally:
+        conn.close()
 
 
 def _own(session: Session) -> OrmSession:
@@ -183,8 +213,15 @@ def _in_transaction(session: Session) -> bool:
 
 def _has_changes(own: OrmSession) -> bool:
     """Tell whether `own` holds changes a commit would write (an object changed after the
-    transaction that loaded it ended has none to flush them in yet)."""
-    return bool(own.new or own.deleted or own.identity_map.check_modified())
+    transaction that loaded it ended has none to flush them in yet), counting the request's
+    kept token and user that wait outside it until it begins (`broker.auth.tokens`)."""
+    if own.new or own.deleted or own.identity_map.check_modified():
+        return True
+    token = g.get("_detached_token") if has_app_context() else None
+    if token is None:
+        return False
+    user = token.__dict__.get("user")  # loaded with the token: no lazy load here
+    return any(sa.inspect(row).modified for row in (token, user) if row is not None)
 
 
 def _commit_keeping_objects(session: Session) -> None:

@@ -78,7 +78,13 @@ class RequestSession(FlaskSession):
         return super().get_bind(mapper=mapper, clause=clause, bind=bind, **kwargs)
 
 
-db = SQLAlchemy(model_class=Base, session_options={"class_": RequestSession})
+# "control_fully": a session joined to a connection already in a transaction (the unit of work's)
+# commits and rolls back that transaction itself, so its after_commit hooks (the token cache's
+# news, the outage tracker's) run after the real COMMIT, not before it.
+db = SQLAlchemy(
+    model_class=Base,
+    session_options={"class_": RequestSession, "join_transaction_mode": "control_fully"},
+)
 # Any fixed 64-bit number, the same in every broker: migrations/env.py takes PostgreSQL's
 # advisory lock on it for the whole upgrade, so `flask db upgrade` runs one at a time (the
 # Dockerfile migrates at every web container start: replicas starting together would otherwise
