@@ -16,11 +16,23 @@ Rules it enforces, the API's half of the transaction rule in `broker.platform.db
   round trip to end it). A step's commits keep the objects the request loaded as they were
   (its user is not read again). Core work (the create's reservation) runs as a
   `step_on_connection` instead: on a connection of its own, committed there, without the ORM
-  session's commit around a few statements; what the request had begun is ended first;
+  session's commit around a few statements; what the request had begun is ended first, and
+  the connection goes back to the pool before the request goes on (none is held while
+  Cloudflare answers);
+- the request's later Core writes (the create's row) run on `connection`: one of the unit of
+  work's own, opened when first asked for and committed with the request, without an ORM
+  transaction around it. The request's session (a `RequestSession`) is joined to it, should
+  the request use the session too, so a request never writes on two connections at once (on
+  SQLite the second would wait for the first one's write lock). An ORM `step` after such
+  writes commits them first, on both databases; a session that had already begun keeps its
+  own connection, and `connection` hands that out instead;
 - work done outside the database (a draft made at Cloudflare) and steps already committed
   register their undo with `on_failure`; when the request fails they run newest first after
   the rollback, each in a transaction of its own, best effort: an undo that fails is logged
   and never masks the request's own error.
+
+A `UnitOfWork` must be ended, by `commit` or `fail` (`run` does both), even when nothing was
+written: until then the connection `connection` opened stays checked out of the pool.
 """
 
 from __future__ import annotations
@@ -30,11 +42,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from flask import g
+from flask import g, has_app_context
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session
 
 from broker.platform import outages
-from broker.platform.db import Session, db
+from broker.platform.db import JOINED_CONNECTION, RequestSession, Session, db
 
 log = logging.getLogger("broker.api")
 
@@ -47,11 +60,19 @@ class UnitOfWork:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._undos: list[Callable[[], None]] = []
+        # The connection `connection` opened for the request's Core writes, committed with the
+        # request: no ORM transaction around them.
+        self._conn: sa.Connection | None = None
 
     def step(self, work: Callable[[], T]) -> T:
         """Run `work` as a transaction of its own, committed before this returns."""
         session = self.session
-        if session.get_bind().dialect.name == "sqlite":
+        if self._conn is not None:
+            # The request's Core writes (and the session's, joined to them) are committed
+            # first, and the session taken off that connection: the step runs on its own.
+            self._end_transaction()
+            self._release()
+        elif session.get_bind().dialect.name == "sqlite":
             # Start from the latest snapshot: end the transaction so far, keeping its writes
             # (with only reads, the authentication's, that commit writes nothing).
             _commit_keeping_objects(session)
@@ -65,24 +86,50 @@ class UnitOfWork:
 
     def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
         """Run Core `work` on a connection of its own, committed before this returns (`work`
-        returns plain values: the connection is closed by then)."""
+        returns plain values: they are read before the request goes on)."""
         session = self.session
-        bind = session.get_bind()
-        if not isinstance(bind, sa.Engine):
+        if self._conn is not None:
+            # The session is taken off the request's connection (its writes committed first).
+            self._end_transaction()
+            self._release()
+        engine = session.get_bind()
+        if not isinstance(engine, sa.Engine):
             # Bound to a caller's connection (the warm-up's, in a transaction it rolls back):
             # the step stays inside it.
             return self.step(lambda: work(session.connection()))
-        if _in_transaction(session):
-            # What the request began is ended first, keeping its writes, as `step` does: the
-            # step then starts from the latest snapshot and never waits for the request's locks.
-            _commit_keeping_objects(session)
+        # What the request began is ended first, keeping its writes, as `step` does: the step
+        # then starts from the latest snapshot and never waits for the request's locks.
+        self._end_transaction()
         # Engine-level, not through the ORM session: the session's commit (flush check, state
         # bookkeeping, a new session transaction after it) cost more than the step's statements.
-        with bind.connect() as conn:
-            result = work(conn)  # a failure: leaving the block rolls back
+        # The connection goes back at the end: the caller may talk to Cloudflare next, and a
+        # connection held meanwhile would starve the pool (and fail should the database restart).
+        conn = engine.connect()
+        try:
+            result = work(conn)
             conn.commit()
+        finally:
+            _give_back(conn)  # a failure: rolled back
         outages.note_commit()  # not through the session: its commit hook does not see it
         return result
+
+    def connection(self) -> sa.Connection:
+        """Return the connection for the request's Core writes, committed with the unit of work:
+        one of its own (the session joins it), or the session's when that already began."""
+        if self._conn is not None:
+            return self._conn
+        own = _own(self.session)
+        engine = own.get_bind()
+        if not isinstance(own, RequestSession) or not isinstance(engine, sa.Engine):
+            # Only a RequestSession can be joined to it (a plain session writing on a second
+            # connection would wait for this one's SQLite write lock); a caller's connection
+            # (the warm-up's) stays the one.
+            return own.connection()
+        if own.in_transaction():
+            return own.connection()  # its transaction goes on: the writes join it
+        conn = self._conn = engine.connect()
+        own.info[JOINED_CONNECTION] = conn
+        return conn
 
     def on_failure(self, undo: Callable[[], None]) -> None:
         """Register how to undo work done so far should the unit of work fail."""
@@ -91,15 +138,22 @@ class UnitOfWork:
     def commit(self) -> None:
         """Commit the work; on failure roll back, run the undos, and re-raise."""
         try:
-            self.session.commit()
+            own = _own(self.session)
+            if self._conn is None or own.in_transaction() or _has_changes(own):
+                own.commit()
+            self._end_transaction(session=False)
         except BaseException:
             self.fail()
             raise
         self._undos.clear()
+        self._release()
 
     def fail(self) -> None:
         """Roll the work back and run the undos, newest first, each committed on its own."""
-        self.session.rollback()
+        try:
+            self.session.rollback()
+        finally:
+            self._release()  # even when the rollback failed (the database went away)
         while self._undos:
             undo = self._undos.pop()
             try:
@@ -116,18 +170,65 @@ class UnitOfWork:
                 self.session.rollback()
                 log.warning("could not undo part of a failed request", exc_info=True)
 
+    def _end_transaction(self, *, session: bool = True) -> None:
+        """Commit what the request began so far: the session's transaction (keeping its
+        objects), then what is left open on the request's own connection."""
+        if session and _in_transaction(self.session):
+            # Joined to the request's connection when it has one, the session controls that
+            # connection's transaction ("control_fully"): its commit is the real COMMIT.
+            _commit_keeping_objects(self.session)
+        conn = self._conn
+        if conn is not None and conn.in_transaction():
+            conn.commit()
+            outages.note_commit()
+
+    def _release(self) -> None:
+        """Give the request's own connection back (rolling back what it left open) and take
+        the session off it."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _own(self.session).info.pop(JOINED_CONNECTION, None)
+            _give_back(conn)
+
+
+def _give_back(conn: sa.Connection) -> None:
+    """Close `conn`, rolling back what it left open, even after a failed COMMIT: SQLAlchemy
+    then counts the transaction as ended and skips the pool's reset, so the connection would
+    go back still in it (on SQLite, holding the write lock)."""
+    try:
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+def _own(session: Session) -> OrmSession:
+    """The Session itself behind `session` (the request's, for the scoped proxy)."""
+    return session() if isinstance(session, scoped_session) else session
+
 
 def _in_transaction(session: Session) -> bool:
     """Tell whether `session` has begun a transaction."""
-    own = session() if isinstance(session, scoped_session) else session
-    return own.in_transaction()
+    return _own(session).in_transaction()
+
+
+def _has_changes(own: OrmSession) -> bool:
+    """Tell whether `own` holds changes a commit would write (an object changed after the
+    transaction that loaded it ended has none to flush them in yet), counting the request's
+    kept token and user that wait outside it until it begins (`broker.auth.tokens`)."""
+    if own.new or own.deleted or own.identity_map.check_modified():
+        return True
+    token = g.get("_detached_token") if has_app_context() else None
+    if token is None:
+        return False
+    user = token.__dict__.get("user")  # loaded with the token: no lazy load here
+    return any(sa.inspect(row).modified for row in (token, user) if row is not None)
 
 
 def _commit_keeping_objects(session: Session) -> None:
     """Commit without expiring the objects the request loaded (its user): the request goes on
     with them as they were, as it would had the step not committed, instead of reloading each
     on its next touch (a round trip for nothing)."""
-    own = session() if isinstance(session, scoped_session) else session
+    own = _own(session)
     expire, own.expire_on_commit = own.expire_on_commit, False
     try:
         own.commit()

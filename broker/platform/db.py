@@ -28,6 +28,7 @@ import click
 import sqlalchemy as sa
 from flask import Flask, current_app, has_app_context
 from flask_sqlalchemy import SQLAlchemy
+from flask_sqlalchemy.session import Session as FlaskSession
 from sqlalchemy.orm import DeclarativeBase, scoped_session
 from sqlalchemy.orm import Session as OrmSession
 
@@ -52,7 +53,38 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
-db = SQLAlchemy(model_class=Base)
+# The key, in a session's `info`, of the connection its unit of work writes on
+# (`broker.api.unit_of_work`): while it is set, the session's own work runs on that connection,
+# inside its transaction, so a request never writes on two connections at once (on SQLite the
+# second would wait for the first one's write lock, held by the same request).
+JOINED_CONNECTION = "broker_joined_connection"
+
+
+class RequestSession(FlaskSession):
+    """Flask-SQLAlchemy's session, on the connection its unit of work joined it to, if any."""
+
+    def get_bind(
+        self,
+        mapper: Any | None = None,
+        clause: Any | None = None,
+        bind: sa.Engine | sa.Connection | None = None,
+        **kwargs: Any,
+    ) -> sa.Engine | sa.Connection:
+        """Return the joined connection, else the bind Flask-SQLAlchemy picks."""
+        if bind is None:
+            joined: sa.Connection | None = self.info.get(JOINED_CONNECTION)
+            if joined is not None:
+                return joined
+        return super().get_bind(mapper=mapper, clause=clause, bind=bind, **kwargs)
+
+
+# "control_fully": a session joined to a connection already in a transaction (the unit of work's)
+# commits and rolls back that transaction itself, so its after_commit hooks (the token cache's
+# news, the outage tracker's) run after the real COMMIT, not before it.
+db = SQLAlchemy(
+    model_class=Base,
+    session_options={"class_": RequestSession, "join_transaction_mode": "control_fully"},
+)
 # Any fixed 64-bit number, the same in every broker: migrations/env.py takes PostgreSQL's
 # advisory lock on it for the whole upgrade, so `flask db upgrade` runs one at a time (the
 # Dockerfile migrates at every web container start: replicas starting together would otherwise

@@ -57,6 +57,9 @@ class UnitOfWork(Protocol):
     def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
         """Run Core `work` on a connection of its own, committed before this returns."""
 
+    def connection(self) -> sa.Connection:
+        """The connection for Core writes committed with the unit of work."""
+
     def on_failure(self, undo: Callable[[], None]) -> None:
         """Register how to undo work done so far should the unit of work fail."""
 
@@ -136,10 +139,11 @@ def create_upload(
         next_check_at=now + FIRST_CHECK_DELAY,
         check_attempts=0,
     )
+    conn = work.connection()
     if params.custom_id is not None:
-        _take_custom_id(session, draft.id)
+        _take_custom_id(conn, draft.id)
     try:
-        _store(session, upload)
+        _store(conn, upload)
     except sa.exc.IntegrityError:
         if params.custom_id is None:
             raise
@@ -166,15 +170,14 @@ _STORED = (
 )
 
 
-def _store(session: Session, upload: Upload) -> None:
+def _store(conn: sa.Connection, upload: Upload) -> None:
     """Insert the row of `upload` in place of its reservation (same id), in one statement.
 
-    Core on the session's connection, not the ORM: the answer needs nothing a flush would give
-    back, and the object stays out of the session. On PostgreSQL the reservation's DELETE is a
-    CTE of the INSERT; on SQLite, whose statements cannot carry a DELETE, a trigger on
+    Core on the unit of work's connection, not the ORM: the answer needs nothing a flush would
+    give back, and the object stays out of the session. On PostgreSQL the reservation's DELETE
+    is a CTE of the INSERT; on SQLite, whose statements cannot carry a DELETE, a trigger on
     `uploads` deletes it (migration b3f1d8e2c6a4), so the write lock is held for one statement.
     """
-    conn = session.connection()
     values = {name: getattr(upload, name) for name in _STORED}
     conn.execute(_storing(conn.dialect.name), values)
 
@@ -192,10 +195,10 @@ def _storing(dialect: str) -> sa.Insert:
     return insert.add_cte(gone.cte("reservation_gone"))
 
 
-def _take_custom_id(session: Session, image_id: str) -> None:
+def _take_custom_id(conn: sa.Connection, image_id: str) -> None:
     """Cloudflare gave out `image_id` again: the finished uploads that held it never touch it
     upstream any more (a postponed draft deletion would delete the new image)."""
-    session.connection().execute(_taking_custom_id(), {"taken_id": image_id})
+    conn.execute(_taking_custom_id(), {"taken_id": image_id})
 
 
 @functools.cache

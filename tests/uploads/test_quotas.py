@@ -226,3 +226,4 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         assert retention.prune(db.session, settings_of(app), later)["reservations"] == 1
         db.session.commit()
         assert db.session.scalars(sa.select(UploadReservation.id)).all() == ["third"]
+        work.commit()  # every unit of work is ended (see broker.api.unit_of_work)

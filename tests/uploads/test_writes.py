@@ -15,6 +15,8 @@ from broker.auth.models import ApiToken
 from broker.platform.db import db, utcnow
 from broker.uploads.models import UploadReservation
 from broker.upstream.budget import get_budget
+from broker.upstream.cloudflare import CloudflareImages
+from tests.factories import upload_rows
 
 URL = "/api/v1/uploads"
 _WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")  # WITH: a DELETE carried by an INSERT
@@ -203,6 +205,44 @@ def test_an_idempotency_key_adds_its_claim_and_its_answer(make_app, make_user, b
     statements_run = [w for w in words if w not in ("COMMIT", "ROLLBACK")]
     assert len(statements_run) == (5 if _dialect(app) == "postgresql" else 4), seen
     assert words.count("COMMIT") == 3, seen
+
+
+def test_a_create_holds_no_connection_while_cloudflare_answers_and_begins_no_orm_transaction(
+    make_app, make_user, bearer, monkeypatch
+) -> None:
+    """The reservation's connection goes back to the pool before Cloudflare is asked (a slow
+    answer must not starve the pool), and the row's one statement runs on a connection of the
+    unit of work's own, without an ORM session transaction around it."""
+    app = make_app(CLOUDFLARE_BATCH="auto", CLOUDFLARE_BATCH_RATE_SCOPE="process")
+    auth = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    client = app.test_client()
+    assert client.post(URL, json={}, headers=auth).status_code == 201  # fetches the token
+    with app.app_context():
+        engine = db.engine
+    pool: Any = engine.pool
+    held: list[int] = []
+    real = CloudflareImages.direct_upload
+
+    def direct_upload(self: CloudflareImages, *args: Any, **kwargs: Any) -> Any:
+        held.append(pool.checkedout())  # then the real call, to the emulator
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CloudflareImages, "direct_upload", direct_upload)
+    begun: list[object] = []
+
+    def on_begin(session: Any, _transaction: Any) -> None:
+        begun.append(session)
+
+    sa.event.listen(sa.orm.Session, "after_transaction_create", on_begin)
+    try:
+        assert client.post(URL, json={}, headers=auth).status_code == 201
+    finally:
+        sa.event.remove(sa.orm.Session, "after_transaction_create", on_begin)
+    assert held == [0]
+    assert begun == [], begun
+    assert pool.checkedout() == 0
+    assert len(upload_rows(app)) == 2
 
 
 def bearer_of(app: Flask) -> dict[str, str]:
