@@ -48,10 +48,12 @@ class Upload(Model):
 
     __tablename__ = "uploads"
     __table_args__ = (
-        sa.Index("ix_uploads_user_created", "user_id", "created_at", "id"),
+        # The last column of these two is what a create's quota counts filter on besides the
+        # key (broker.uploads.quotas): they count from the index alone, not the table.
+        sa.Index("ix_uploads_user_created", "user_id", "created_at", "id", "profile"),
         sa.Index("ix_uploads_user_status", "user_id", "status"),
         sa.Index("ix_uploads_status_next_check", "status", "next_check_at"),
-        sa.Index("ix_uploads_user_profile_status", "user_id", "profile", "status"),
+        sa.Index("ix_uploads_user_profile_status", "user_id", "profile", "status", "expires_at"),
         # A custom id is Cloudflare's to give out again once its image is gone: only live
         # uploads (a draft waiting, or an image kept) hold their image id.
         partial_index(

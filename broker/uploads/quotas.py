@@ -142,21 +142,23 @@ def _usage_query() -> sa.Select[int, int, int, int]:
     profile = sa.bindparam("profile", type_=sa.String)
     now = sa.bindparam("now", type_=UTCDateTime())
     mine = (Upload.user_id == user_id, Upload.profile == profile)
+    # Each count selects a column its index holds (not the id: SQLite's indexes hold the rowid,
+    # not this text key), so it reads the index alone, never a row of the table.
     pending = (
-        sa.select(Upload.id)
+        sa.select(Upload.user_id)
         .where(*mine, Upload.status == PENDING, Upload.expires_at > now)
         .limit(sa.bindparam("cap_pending", type_=sa.Integer))
         .subquery()
     )
     recent = (
-        sa.select(Upload.id)
+        sa.select(Upload.user_id)
         .where(*mine, Upload.created_at > sa.bindparam("since", type_=UTCDateTime()))
         .limit(sa.bindparam("cap_daily", type_=sa.Integer))
         .subquery()
     )
     # Images kept: ready ones, and drafts still waiting (each may become one).
     stored = (
-        sa.select(Upload.id)
+        sa.select(Upload.user_id)
         .where(
             *mine,
             sa.or_(

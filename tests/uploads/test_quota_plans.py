@@ -1,0 +1,130 @@
+"""The counts behind a create's quota check read indexes only: however many uploads a user
+has, counting them never reads a row of the uploads table (SQLite: a covering index;
+PostgreSQL: an index-only scan, once the table is vacuumed as autovacuum keeps it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Flask
+
+from broker.platform.db import db, utcnow
+from broker.uploads import quotas
+from broker.uploads.lifecycle import PENDING, READY
+from broker.uploads.models import Upload
+
+UPLOADS = 600
+NO_LIMIT = quotas.Quotas(pending=100_000_000, daily=100_000_000, stored=100_000_000)
+
+
+@contextmanager
+def explained(engine: sa.Engine, prefix: str) -> Iterator[None]:
+    """Run every statement on `engine` as `prefix` + the statement (its plan, not its rows)."""
+
+    def on_execute(*args: Any) -> tuple[str, Any]:
+        _conn, _cursor, statement, parameters, *_ = args
+        return prefix + statement, parameters
+
+    sa.event.listen(engine, "before_cursor_execute", on_execute, retval=True)
+    try:
+        yield
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", on_execute)
+
+
+def _uploads(now: datetime, *user_ids: int) -> list[dict[str, Any]]:
+    """UPLOADS rows per user: two profiles, pending and ready, made over two days, expiring
+    over the next and the last half hour."""
+    return [
+        {
+            "id": f"{owner:02d}{n:030d}",
+            "user_id": owner,
+            "image_id": f"image-{owner}-{n}",
+            "profile": ("default", "avatar")[n % 2],
+            "status": (PENDING, READY)[n // 2 % 2],
+            "created_at": now - timedelta(hours=n % 48, minutes=1),
+            "expires_at": now + timedelta(minutes=30 - n % 60, seconds=1),
+            "status_changed_at": now,
+        }
+        for owner in user_ids
+        for n in range(UPLOADS)
+    ]
+
+
+def _store(app: Flask, rows: list[dict[str, Any]]) -> None:
+    with app.app_context():
+        with db.engine.begin() as conn:
+            conn.execute(sa.insert(Upload.__table__), rows)
+        with db.engine.connect() as conn:
+            # PostgreSQL plans an index-only scan only for pages its visibility map knows
+            # all-visible, and needs statistics to prefer an index: what autovacuum keeps.
+            if conn.dialect.name == "postgresql":
+                autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+                autocommit.execute(sa.text("VACUUM ANALYZE uploads"))
+
+
+def _uploads_scans(app: Flask, user_id: int, now: datetime) -> list[str]:
+    """How the plan of the quota counts of `user_id` reads the uploads table: one entry per
+    scan of it."""
+    params = quotas._usage(NO_LIMIT, user_id, "not-a-reservation", now)
+    with app.app_context(), db.engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            with explained(db.engine, "EXPLAIN QUERY PLAN "):
+                rows = conn.execute(quotas._usage_query(), params).all()
+            return [row[-1] for row in rows if str(row[-1]).startswith("SEARCH uploads ")]
+        with explained(db.engine, "EXPLAIN (FORMAT JSON) "):
+            plan = conn.execute(quotas._usage_query(), params).scalar()
+    return [
+        f"{node['Node Type']} {node.get('Index Name')}"
+        for node in _nodes(json.loads(plan) if isinstance(plan, str) else plan)
+        if node.get("Relation Name") == "uploads"
+    ]
+
+
+def _nodes(plan: Any) -> Iterator[dict[str, Any]]:
+    """Every node of a PostgreSQL JSON plan."""
+    if isinstance(plan, list):
+        for item in plan:
+            yield from _nodes(item)
+    elif isinstance(plan, dict):
+        if "Node Type" in plan:
+            yield plan
+        for value in plan.values():
+            yield from _nodes(value)
+
+
+def test_the_quota_counts_read_only_indexes(app, make_user) -> None:
+    now = utcnow()
+    alice, bob, carol = (make_user(name).id for name in ("alice", "bob", "carol"))
+    _store(app, _uploads(now, alice, bob, carol))
+    scans = _uploads_scans(app, alice, now)
+    assert len(scans) == 3, scans  # drafts waiting, the last 24 hours, images kept
+    with app.app_context():
+        sqlite = db.engine.dialect.name == "sqlite"
+    for scan in scans:
+        assert ("USING COVERING INDEX" in scan) if sqlite else scan.startswith("Index Only Scan")
+
+
+def test_the_quota_counts_count_the_users_uploads_of_the_profile(app, make_user) -> None:
+    now = utcnow()
+    alice, bob = (make_user(name).id for name in ("alice", "bob"))
+    rows = _uploads(now, alice, bob)
+    _store(app, rows)
+    mine = [r for r in rows if r["user_id"] == alice and r["profile"] == "default"]
+    live = [r for r in mine if r["status"] == PENDING and r["expires_at"] > now]
+    expected = (
+        len(live),
+        sum(r["created_at"] > now - quotas.DAY for r in mine),
+        0,
+        len(live) + sum(r["status"] == READY for r in mine),
+    )
+    params = quotas._usage(NO_LIMIT, alice, "not-a-reservation", now)
+    with app.app_context(), db.engine.connect() as conn:
+        assert tuple(conn.execute(quotas._usage_query(), params).one()) == expected
+        capped = quotas._usage(quotas.Quotas(pending=5, daily=6, stored=7), alice, "x", now)
+        assert tuple(conn.execute(quotas._usage_query(), capped).one()) == (5, 6, 0, 7)
