@@ -170,53 +170,67 @@ class FileLock:
             self._reset()
         if self._fd < 0:  # SQLite's busy handler decides, as it would with no file lock
             return False
-        with self._mutex:
-            if not self._pending:
-                # Held before it is taken: an interrupt as the flock returns leaves it to the
-                # gate's release (which lets go of a lock not taken harmlessly), not to nobody.
-                self.held = True
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    self.held = False  # not taken: only an interrupt leaves it to the release
-                    if not isinstance(exc, BlockingIOError):
-                        raise  # e.g. no locks on this file system: SQLite decides
-                    # Held by another process. A blocking flock cannot time out in a thread
-                    # that is not the main one, so a waiter thread blocks in the kernel while
-                    # the caller waits for its answer with a timeout.
-                    if self._signals is None:  # the first wait of this process
-                        self._signals = _signal_pair()
-                    if self._waiter is None:
-                        waiter = threading.Thread(
-                            target=self._wait, name="sqlite-writers-flock", daemon=True
-                        )
-                        # Noted before it runs: one started by a start cut short (Ctrl-C)
-                        # stays the only one, never doubled by the next caller's.
-                        self._waiter = waiter
-                        try:
-                            waiter.start()
-                        except BaseException as exc:
-                            if not waiter.is_alive():  # never ran: the next caller starts one
-                                self._waiter = None
-                            if not isinstance(exc, RuntimeError):
-                                raise
-                            self.not_taken(exc)  # no thread to be had: as without pipes
-                            return False
-                    # Pending only once a waiter will see the request: a flag left set with
-                    # none (no thread, or an interrupt before the byte went out) would send
-                    # every later writer to wait for an answer that never comes. A byte that
-                    # went out all the same is skipped by the waiter, which finds none pending.
-                    self._pending = True
+        # One handler from the request to its answer (e.g. Ctrl-C wherever it comes, even
+        # between the two): a lock the waiter took for this caller is given back, never left
+        # held for nobody by a waiter that still thinks it is wanted.
+        try:
+            with self._mutex:
+                if not self._pending:
+                    # Held before it is taken: an interrupt as the flock returns leaves it to the
+                    # gate's release (which lets go of a lock not taken harmlessly), not to nobody.
+                    self.held = True
                     try:
-                        self._signals[0].set()
-                    except BaseException:
-                        self._pending = False
-                        raise
-                else:
-                    return self._taken()
-            # A waiter left blocked by a caller that timed out is reused, never doubled.
-            self._wanted = True
-        return self._await_waiter(time.monotonic() + timeout, timeout)
+                        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError as exc:
+                        self.held = False  # not taken: only an interrupt leaves it to the release
+                        if not isinstance(exc, BlockingIOError):
+                            raise  # e.g. no locks on this file system: SQLite decides
+                        # Held by another process. A blocking flock cannot time out in a thread
+                        # that is not the main one, so a waiter thread blocks in the kernel while
+                        # the caller waits for its answer with a timeout.
+                        if self._signals is None:  # the first wait of this process
+                            self._signals = _signal_pair()
+                        if self._waiter is None:
+                            waiter = threading.Thread(
+                                target=self._wait, name="sqlite-writers-flock", daemon=True
+                            )
+                            # Noted before it runs: one started by a start cut short (Ctrl-C)
+                            # stays the only one, never doubled by the next caller's.
+                            self._waiter = waiter
+                            try:
+                                waiter.start()
+                            except BaseException as exc:
+                                if not waiter.is_alive():  # never ran: the next caller starts one
+                                    self._waiter = None
+                                if not isinstance(exc, RuntimeError):
+                                    raise
+                                self.not_taken(exc)  # no thread to be had: as without pipes
+                                return False
+                        # Pending only once a waiter will see the request: a flag left set with
+                        # none (no thread, or an interrupt before the byte went out) would send
+                        # every later writer to wait for an answer that never comes. A byte that
+                        # went out all the same is skipped by the waiter, which finds none pending.
+                        self._pending = True
+                        try:
+                            self._signals[0].set()
+                        except BaseException:
+                            self._pending = False
+                            raise
+                    else:
+                        # Nothing pending, so an answer not taken is for a caller that is gone: a
+                        # later caller must not take it for a lock it holds.
+                        self._given = False
+                        return self._taken()
+                # A waiter left blocked by a caller that timed out is reused, never doubled.
+                self._wanted = True
+            return self._await_waiter(time.monotonic() + timeout, timeout)
+        except BaseException:
+            with self._mutex:
+                self._wanted = False
+                if self._given:
+                    self._given = self.held = False
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            raise
 
     def _await_waiter(self, deadline: float, timeout: float) -> bool:
         # `_given`, under the mutex, says whether the lock is the caller's; the answer's byte
@@ -224,27 +238,19 @@ class FileLock:
         # caller early, which then finds `_given` false and waits on).
         signals = self._signals
         assert signals is not None
-        try:
-            while True:
-                signals[1].wait(deadline - time.monotonic())
-                with self._mutex:
-                    if self._given:
-                        # Held before no longer given: an interrupt between the two leaves the
-                        # lock to the handler below, or to the gate's release, never to nobody.
-                        self.held = True
-                        self._given = False
-                        return self._taken()
-                    if time.monotonic() >= deadline:
-                        self._wanted = False  # the waiter gives the lock back when it gets it
-                        self.not_taken(f"held by another process for {timeout:.0f}s")
-                        return False
-        except BaseException:  # e.g. Ctrl-C: nobody is left to use or give back the lock
+        while True:
+            signals[1].wait(deadline - time.monotonic())
             with self._mutex:
-                self._wanted = False
                 if self._given:
-                    self._given = self.held = False
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-            raise
+                    # Held before no longer given: an interrupt between the two leaves the
+                    # lock to `acquire`'s handler, or to the gate's release, never to nobody.
+                    self.held = True
+                    self._given = False
+                    return self._taken()
+                if time.monotonic() >= deadline:
+                    self._wanted = False  # the waiter gives the lock back when it gets it
+                    self.not_taken(f"held by another process for {timeout:.0f}s")
+                    return False
 
     def _taken(self) -> bool:
         self.held = True
@@ -392,7 +398,13 @@ class WriteGate:
                 if queued:
                     taken = self._wait_for(turn, deadline)  # out of the queue either way
                     if taken:
-                        self._holder = holder
+                        with self._mutex:
+                            self._holder = holder
+                            # Popped by the release that granted it, unless an interrupt cut
+                            # that release short: a turn left queued would be handed the gate
+                            # again, through the pipe closed below.
+                            if turn in self._waiters:
+                                self._waiters.remove(turn)
                 turn.close()  # also one made for a gate that was free by then
             if not taken:
                 return self._not_free(timeout)
@@ -404,10 +416,10 @@ class WriteGate:
                     self.files.not_taken(exc)
             return True
         except BaseException:
-            self._give_up(turn, taken)
+            self._give_up(turn, taken, holder)
             raise
 
-    def _give_up(self, turn: Turn | None, taken: bool) -> None:
+    def _give_up(self, turn: Turn | None, taken: bool, holder: object) -> None:
         # An acquire cut short: its turn out of the queue (a second interrupt meanwhile waits
         # until that is done: a turn left queued would be handed the gate with nobody to use
         # it), the gate given back if it was this caller's, the turn's pipe closed.
@@ -419,8 +431,15 @@ class WriteGate:
             except BaseException as exc:  # _leave again: it only removes what is still there
                 later = exc
         try:
-            if taken:
-                self.release()  # the next writer must not wait for a gate nobody holds
+            # The next writer must not wait for a gate nobody holds. Released as its holder (or
+            # as the turn it was handed to, before the caller noted itself), so that a release
+            # cut short by a second interrupt is run again, and one that went through is not.
+            while taken:
+                try:
+                    self.release(turn if turn is not None and self._holder is turn else holder)
+                    break
+                except BaseException as exc:
+                    later = exc
         finally:
             if turn is not None:
                 turn.close()
@@ -557,6 +576,9 @@ class GatedConnection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self._gate = gate_for(_file_key(database))
         self._holding = False
+        # Who holds the gate when this connection does: not the connection itself, which the
+        # gate would then keep alive (one object, made here, so a write makes none).
+        self._token = object()
         # Wait on the gate as long as SQLite itself would wait for its lock.
         self._gate_timeout = float(kwargs.get("timeout", 5.0))
         # Checkpoints are run by `commit`, after the gate is let go. SQLite's own stays as a
@@ -574,15 +596,14 @@ class GatedConnection(sqlite3.Connection):
 
     def _before(self, sql: str) -> None:
         if not self._holding and sql.lstrip()[:7].upper().startswith(_WRITES):
-            before = self._gate.owner_thread
             try:
-                self._holding = self._gate.acquire(self._gate_timeout, self)
+                self._holding = self._gate.acquire(self._gate_timeout, self._token)
             except BaseException:
-                # An interrupt as `acquire` returned, before `_holding` said so: a gate taken
-                # for this connection (not one this thread held before) is given back here.
-                mine = threading.get_ident()
-                if not self._holding and before != mine and self._gate.owner_thread == mine:
-                    self._gate.release()
+                # An interrupt as `acquire` returned, before `_holding` said so, or one that cut
+                # short the release of `acquire`'s own handler: a gate still held for this
+                # connection (known by its holder, whatever thread it names) is given back here.
+                if not self._holding and self._gate._holder is self._token:
+                    self._gate.release(self._token)
                 raise
 
     def _after(self) -> None:
@@ -594,7 +615,7 @@ class GatedConnection(sqlite3.Connection):
         # Not holding only once the release returned: one cut short (Ctrl-C) is run again by
         # the connection's next commit, rollback or close; the gate knows whether it is done.
         if self._holding:
-            self._gate.release(self)
+            self._gate.release(self._token)
             self._holding = False
 
     def commit(self) -> None:

@@ -901,28 +901,44 @@ def test_a_second_interrupt_while_leaving_the_queue_leaves_no_turn_behind(
     assert _open_descriptors() == descriptors
 
 
-def test_an_interrupt_as_the_gate_is_taken_for_a_connection_gives_it_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "holding.sqlite3"
+@contextlib.contextmanager
+def _gated_connection(path: Path) -> Iterator[GatedConnection]:
+    """A gated connection to a new database at `path`, closed after the block."""
     _engine(path).dispose()
     conn = sqlite3.connect(path, timeout=30, factory=GatedConnection)
     try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _write_interrupted(conn: GatedConnection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a first write on `conn` that the patched interrupts cut short; then, patches undone,
+    check that the gate is free."""
+    gate = conn._gate
+    with pytest.raises(KeyboardInterrupt):
+        conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+    monkeypatch.undo()
+    assert gate.owner_thread is None
+    assert _in_thread(lambda: gate.acquire(0) and gate.release() is None) == [True]
+
+
+@pytest.mark.parametrize("release_begun", [False, True])
+def test_an_interrupt_as_the_gate_is_taken_for_a_connection_gives_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release_begun: bool
+) -> None:
+    with _gated_connection(tmp_path / "holding.sqlite3") as conn:
         gate = conn._gate
         acquire = gate.acquire
 
         def interrupted(timeout: float, holder: object) -> bool:
             acquire(timeout, holder)
+            if release_begun:  # a release of the gate began (its owner forgotten), cut short
+                gate.owner_thread = None
             raise KeyboardInterrupt  # after `acquire` returned, before the connection noted it
 
         monkeypatch.setattr(gate, "acquire", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
-        monkeypatch.undo()
-        assert gate.owner_thread is None
-        assert _in_thread(lambda: gate.acquire(0) and gate.release() is None) == [True]
-    finally:
-        conn.close()
+        _write_interrupted(conn, monkeypatch)
 
 
 def _flock_free(path: str) -> bool:
@@ -1114,4 +1130,143 @@ def test_a_file_system_without_locks_leaves_the_writer_to_sqlite(
     assert not gate.files.held
     gate.release()  # lets go of no file lock it does not hold: nothing to fail
     monkeypatch.undo()
+    _assert_free(gate)
+
+
+def _next_idle(monkeypatch: pytest.MonkeyPatch, lock: FileLock) -> threading.Event:
+    """An event set when the flock waiter of `lock`, its request pending now, has answered it
+    and waits for the next one."""
+    assert lock._signals is not None and lock._pending
+    request, idle = lock._signals[0], threading.Event()
+    wait = request.wait
+
+    def next_wait(timeout: float | None) -> bool:
+        if not lock._pending:
+            idle.set()
+        return wait(timeout)
+
+    monkeypatch.setattr(request, "wait", next_wait)
+    return idle
+
+
+def test_an_interrupt_before_the_flock_answer_is_awaited_leaves_the_lock_to_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "unawaited.sqlite3-writers")
+    blocker, lock = _with_idle_waiter(path)
+
+    def interrupted(deadline: float, timeout: float) -> bool:
+        raise KeyboardInterrupt  # Ctrl-C after the request went out, before its answer is awaited
+
+    monkeypatch.setattr(lock, "_await_waiter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire(30)
+    idle = _next_idle(monkeypatch, lock)
+    blocker.release()  # the waiter takes the lock: for nobody, so it gives it back
+    assert idle.wait(30)
+    assert _flock_free(path)  # not held by a waiter answering a caller that is gone
+    monkeypatch.undo()
+    lock.close()
+    blocker.close()
+
+
+def test_an_answer_left_for_a_caller_that_is_gone_is_not_taken_by_a_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "stale-answer.sqlite3-writers")
+    blocker, lock = _with_idle_waiter(path)
+    assert lock.acquire(0) is False  # the waiter now blocks in flock for a request
+    with lock._mutex:
+        lock._wanted = True  # a caller that waited for the answer, gone without a word
+    idle = _next_idle(monkeypatch, lock)
+    blocker.release()
+    assert idle.wait(30)  # the lock taken and handed to that caller: nobody
+    assert lock.acquire(0) is True  # the next writer takes it through the same descriptor
+    lock.release()
+    assert _flock_free(path)
+    assert blocker.acquire(0) is True
+    # Held by another again: the old answer must not pass for this writer's.
+    assert lock.acquire(0) is False
+    blocker.release()
+    monkeypatch.undo()
+    lock.close()
+    blocker.close()
+
+
+class _Mutex:
+    """A gate's mutex whose next entry, once armed, is interrupted (Ctrl-C)."""
+
+    def __init__(self, mutex: Any) -> None:
+        self.mutex, self.armed = mutex, False
+
+    def __enter__(self) -> None:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        self.mutex.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.mutex.__exit__(*exc)
+
+
+def test_a_second_interrupt_as_an_interrupted_acquire_gives_the_gate_back_is_survived(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _gated_connection(tmp_path / "give-up.sqlite3") as conn:
+        gate = conn._gate
+        assert gate.files is not None
+        mutex = _Mutex(gate._mutex)
+
+        def interrupted(timeout: float) -> bool:
+            mutex.armed = True  # the second Ctrl-C comes as the gate is handed on
+            raise KeyboardInterrupt  # the first, as the file lock is awaited
+
+        monkeypatch.setattr(gate, "_mutex", mutex)
+        monkeypatch.setattr(gate.files, "acquire", interrupted)
+        _write_interrupted(conn, monkeypatch)
+        assert not mutex.armed  # the second interrupt came
+
+
+def test_the_gate_keeps_no_reference_to_the_connection_holding_it(tmp_path: Path) -> None:
+    with _gated_connection(tmp_path / "referents.sqlite3") as conn:
+        conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        gate = conn._gate
+        assert gate.owner_thread == threading.get_ident()  # held for this connection
+        fields = vars(gate)
+        assert not any(ref is gate or ref is fields for ref in gc.get_referrers(conn))
+        conn.rollback()
+        _assert_free(gate)
+
+
+class _InterruptedBeforePop(_Queue):
+    """A queue whose next popleft is interrupted (Ctrl-C) before it took the waiter out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupt = True
+
+    def popleft(self) -> Any:
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return super().popleft()
+
+
+def test_a_waiter_handed_the_gate_by_a_cut_short_release_leaves_the_queue(
+    tmp_path: Path,
+) -> None:
+    gate = gate_for(str(tmp_path / "unpopped.sqlite3"))
+    queue = _InterruptedBeforePop()
+    gate._waiters = queue
+    assert gate.acquire(30) is True
+    answers: list[bool] = []
+    writer = threading.Thread(target=lambda: answers.append(gate.acquire(30)))
+    writer.start()
+    queue.reach(1)
+    with pytest.raises(KeyboardInterrupt):
+        gate.release()  # granted and woken, but not taken out of the queue
+    writer.join(30)
+    assert answers == [True]
+    assert len(queue) == 0  # no later release hands the gate to its closed pipe
+    gate.release()
     _assert_free(gate)
