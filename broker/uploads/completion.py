@@ -366,9 +366,11 @@ def has_headroom(client: CloudflareImages, settings: Settings) -> bool:
     """Tell whether one details call may be spent now, for a person waiting on `/complete`.
 
     Yes when the batch host carries details calls; else while the global budget is not paused
-    and both its use and its pace (what the window will hold if the last minute's traffic goes
-    on) stay below `COMPLETE_INLINE_BUDGET` of its limit: when creates pick up, the calls they
-    will need are not spent one per upload on checks that a shared listing makes for all.
+    and both its use and its pace (what the window will hold at the rate since the current or
+    the previous slice of the window began, the current one counted once it holds more than
+    one user's pick) stay below `COMPLETE_INLINE_BUDGET` of its limit: when creates pick up, the
+    calls they will need are not spent one per upload on checks that a shared listing makes for
+    all.
     """
     route = client.batch_route
     if route is not None and route.uses_batch("image_details"):

@@ -96,6 +96,7 @@ class UpstreamBudget:
         background_share: int = 0,
         scope: str = DEFAULT_SCOPE,
         clock: Callable[[], float] = time.time,
+        min_burst: int = 0,
     ) -> None:
         if limit < 1 or window < 1 or not 0 <= reserve < limit:
             raise ValueError("budget needs limit ≥ 1, window ≥ 1 and 0 ≤ reserve < limit")
@@ -108,6 +109,9 @@ class UpstreamBudget:
         self.background_share = background_share
         self.scope = scope
         self.clock = clock
+        # The calls one user can spend at once (a pick of files: a create and a complete each):
+        # fewer than that in the current slice alone is no sign that traffic picks up.
+        self.min_burst = min_burst
         # Bucket keys are exact integers on every backend: whole seconds, or milliseconds for a
         # window shorter than BUCKETS_PER_WINDOW seconds (the batch host's one-second rate), so
         # that one still has ten slices and counts at most a tenth of a window too much.
@@ -343,15 +347,19 @@ class UpstreamBudget:
         before it, and the faster wins: a burst that began after a quiet slice is read over the
         time since its own slice began, not diluted by the quiet one (which would show headroom
         for its first half-minute), and a burst that began late in the slice before is read
-        from the current slice alone as soon as that one holds it. Each reading spans at least
+        from the current slice alone as soon as that one holds it. The current slice is read
+        only once it holds `min_burst` calls, more than one user's pick spends at once: one
+        person's files right after a slice begins are not a flood. Each reading spans at least
         the time the budget's own pace takes for PACE_MIN_CALLS calls (at most a slice), so a
-        few calls close together read as a small share of the limit, not as a flood.
+        few calls close together read as a small share of the limit.
         """
         current = int((now * self.unit) // self.bucket) * self.bucket
         shortest = min(self.bucket / self.unit, self.window * PACE_MIN_CALLS / self.limit)
         fastest = 0.0
         for since in (current, current - self.bucket):
             calls = sum(int(n) for start, n, _ in rows if int(start) >= since)
+            if since == current and calls < self.min_burst:
+                continue
             span = max(now - since / self.unit, shortest)
             fastest = max(fastest, calls * self.window / span)
         return math.ceil(fastest)
@@ -426,7 +434,9 @@ def _spending(dialect: str, background: bool) -> sa.Executable:
     return cast(sa.Executable, upsert.returning(_buckets.c.calls))
 
 
-def budget_from_settings(engine: Engine, settings: Settings) -> UpstreamBudget:
+def budget_from_settings(
+    engine: Engine, settings: Settings, clock: Callable[[], float] = time.time
+) -> UpstreamBudget:
     """Build the budget from the app's BROKER_UPSTREAM_* settings."""
     return UpstreamBudget(
         engine,
@@ -434,6 +444,9 @@ def budget_from_settings(engine: Engine, settings: Settings) -> UpstreamBudget:
         window=settings.upstream_budget_window,
         reserve=settings.upstream_background_reserve,
         background_share=settings.upstream_background_share,
+        clock=clock,
+        # One user's pick of as many files as they may hold pending: a create and a complete each.
+        min_burst=2 * settings.max_pending_uploads,
     )
 
 
@@ -466,7 +479,9 @@ def init_app(app: Flask) -> None:
     """Create the app's budget in `app.extensions["budget"]` (before the Cloudflare client)."""
     settings = settings_of(app)
     engine = budget_engine(settings.database_url, app.config)
-    app.extensions[EXTENSION_KEY] = budget_from_settings(engine, settings)
+    # Tests pass their own clock (UPSTREAM_BUDGET_CLOCK, not a setting) to put the window anywhere.
+    clock = app.config.get("UPSTREAM_BUDGET_CLOCK") or time.time
+    app.extensions[EXTENSION_KEY] = budget_from_settings(engine, settings, clock)
 
 
 def get_budget() -> UpstreamBudget:

@@ -388,6 +388,49 @@ def test_complete_falls_back_to_the_worker_when_creates_pick_up(inline, emulator
     assert _api_calls(emulator) == {"list_v2": 1}  # one listing for both
 
 
+@pytest.fixture
+def quiet_slice(make_app, make_user, bearer):
+    """An app at the default budget (1000 calls / 300 s, slices of 30 s, details on the global
+    API) whose budget clock stands at the start of a slice after a quiet one; `now[0]` moves it."""
+    now = [1_800_000_000.0]  # a multiple of 30 s: a slice of the window begins here
+    app = make_app(CLOUDFLARE_BATCH="off", UPSTREAM_BUDGET_CLOCK=lambda: now[0])
+    budget = app.extensions["budget"]
+    assert (budget.limit, budget.window, budget.status().used) == (1000, 300, 0)
+    return app, app.test_client(), bearer(app, make_user("alice")), now
+
+
+def test_one_users_pick_on_a_quiet_account_is_verified_inline(quiet_slice, emulator):
+    """A pick of as many files as a user may hold pending, right after a slice begins: its
+    creates and completes are one person's burst, not traffic picking up; every answer is 200."""
+    app, client, auth, now = quiet_slice
+    ups = [create_upload(client, auth) for _ in range(settings_of(app).max_pending_uploads)]
+    for up in ups:
+        send_file(up)
+    now[0] += 3
+    emulator.reset_counters()
+    answers = [client.post(f"/api/v1/uploads/{u['id']}/complete", headers=auth) for u in ups]
+    assert [a.status_code for a in answers] == [200] * 20
+    assert _api_calls(emulator) == {"image_details": 20}
+
+
+def test_a_real_burst_at_a_slice_start_sends_complete_to_the_worker(quiet_slice, emulator):
+    """More calls in the new slice than one user's pick spends: read at their own pace (45 calls
+    in 6 s, the shortest reading, is 2250 a window), so `/complete` keeps them for creates."""
+    app, client, auth, now = quiet_slice
+    up = create_upload(client, auth)
+    send_file(up)
+    budget = app.extensions["budget"]
+    for _ in range(44):  # other users' calls in the same seconds
+        budget.acquire()
+    now[0] += 3
+    status = budget.status()
+    # Read from the quiet slice's start the same 45 calls would be 409 a window: headroom.
+    assert status.used == 45 and status.pace == 2250
+    emulator.reset_counters()
+    answer = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
+    assert answer.status_code == 202 and _api_calls(emulator) == {}
+
+
 # -- the shared listing turn (silent clients, N workers) ---------------------------------------
 
 

@@ -136,6 +136,25 @@ def test_a_burst_begun_late_in_a_slice_is_read_from_the_next_one(app: Flask) -> 
     assert budget.status().pace == 400
 
 
+def test_the_current_slice_is_read_once_it_holds_more_than_one_users_burst(app: Flask) -> None:
+    clock = Clock(1_700_000_000.0)  # a slice (10 s of a 1000-call, 100 s window) starts here
+    budget = UpstreamBudget(
+        app.extensions["budget"].engine,
+        limit=1000,
+        window=100,
+        reserve=100,
+        clock=clock,
+        min_burst=40,
+    )
+    for _ in range(39):  # one user's pick: fewer calls than min_burst, right after a quiet slice
+        budget.acquire()
+    clock.now += 1
+    # Read from the quiet slice's start (11 s), not over the 2 s floor of this one (1950).
+    assert budget.status().pace == 355
+    budget.acquire()  # 40: more than one user spends at once, read at its own pace
+    assert budget.status().pace == 2000
+
+
 def test_background_calls_count_against_their_own_side_only(app: Flask) -> None:
     clock = Clock()
     budget = _budget(app, clock, limit=20, reserve=4, background_share=5)
