@@ -25,6 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 FLASK = str(Path(sys.executable).parent / "flask")
 
 
+def flask_env(url: str, instance: Path) -> dict[str, str]:
+    """The environment of a `flask --app broker` process on the database at `url`."""
+    return {
+        **os.environ,
+        "BROKER_ENV": "testing",
+        "BROKER_DATABASE_URL": url,
+        "BROKER_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+        "BROKER_INSTANCE_PATH": str(instance),
+    }
+
+
 def _value(column: sa.Column[Any], table: str, related: dict[str, Any]) -> Any:
     """A plausible value of `column`'s type (the referenced row's key for a foreign key)."""
     if column.foreign_keys:
@@ -118,13 +129,7 @@ def test_two_upgrades_started_together_leave_one_schema(
     both wait on the migration lock (held here until both are queued on it), then one migrates
     and the other finds nothing to do; both exit 0."""
     url = new_database(postgres_url)
-    env = {
-        **os.environ,
-        "BROKER_ENV": "testing",
-        "BROKER_DATABASE_URL": url,
-        "BROKER_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
-        "BROKER_INSTANCE_PATH": str(tmp_path),
-    }
+    env = flask_env(url, tmp_path)
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     holder = engine.connect()
     holder.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})

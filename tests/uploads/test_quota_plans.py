@@ -5,18 +5,28 @@ PostgreSQL: an index-only scan, once the table is vacuumed as autovacuum keeps i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask_migrate import upgrade
 
+from broker import create_app
 from broker.platform.db import db, utcnow
 from broker.uploads import quotas
 from broker.uploads.lifecycle import PENDING, READY
 from broker.uploads.models import Upload
+from tests import factories
+from tests.conftest import base_config
+from tests.support import databases
+
+# The scratch-database fixture (tests/support/databases.py) (a module attribute pytest collects).
+new_database = databases.new_database
 
 UPLOADS = 600
 NO_LIMIT = quotas.Quotas(pending=100_000_000, daily=100_000_000, stored=100_000_000)
@@ -56,16 +66,38 @@ def _uploads(now: datetime, *user_ids: int) -> list[dict[str, Any]]:
     ]
 
 
-def _store(app: Flask, rows: list[dict[str, Any]]) -> None:
+@pytest.fixture
+def own_app(
+    database_url: str, new_database: Callable[[str], str], tmp_path: Path
+) -> Iterator[Flask]:
+    """The app on a migrated database of its own: VACUUM marks pages all-visible only when no
+    other transaction of the database is open, as the suite's other connections may be."""
+    app = create_app(base_config(new_database(database_url), str(tmp_path)))
     with app.app_context():
-        with db.engine.begin() as conn:
-            conn.execute(sa.insert(Upload.__table__), rows)
-        with db.engine.connect() as conn:
+        upgrade()
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+def _store(app: Flask, rows: list[dict[str, Any]]) -> None:
+    with app.app_context(), db.engine.begin() as conn:
+        conn.execute(sa.insert(Upload.__table__), rows)
+
+
+def _vacuum(app: Flask) -> None:
+    """Vacuum and analyze uploads on PostgreSQL, leaving every page all-visible."""
+    with app.app_context(), db.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
             # PostgreSQL plans an index-only scan only for pages its visibility map knows
             # all-visible, and needs statistics to prefer an index: what autovacuum keeps.
-            if conn.dialect.name == "postgresql":
-                autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-                autocommit.execute(sa.text("VACUUM ANALYZE uploads"))
+            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+            autocommit.execute(sa.text("VACUUM ANALYZE uploads"))
+            pages = autocommit.execute(
+                sa.text("SELECT relpages, relallvisible FROM pg_class WHERE relname = 'uploads'")
+            ).one()
+            assert pages.relallvisible == pages.relpages > 0, "VACUUM left pages not all-visible"
 
 
 def _uploads_scans(app: Flask, user_id: int, now: datetime) -> list[str]:
@@ -98,13 +130,14 @@ def _nodes(plan: Any) -> Iterator[dict[str, Any]]:
             yield from _nodes(value)
 
 
-def test_the_quota_counts_read_only_indexes(app, make_user) -> None:
+def test_the_quota_counts_read_only_indexes(own_app: Flask) -> None:
     now = utcnow()
-    alice, bob, carol = (make_user(name).id for name in ("alice", "bob", "carol"))
-    _store(app, _uploads(now, alice, bob, carol))
-    scans = _uploads_scans(app, alice, now)
+    alice, bob, carol = (factories.create_user(own_app, n).id for n in ("alice", "bob", "carol"))
+    _store(own_app, _uploads(now, alice, bob, carol))
+    _vacuum(own_app)
+    scans = _uploads_scans(own_app, alice, now)
     assert len(scans) == 3, scans  # drafts waiting, the last 24 hours, images kept
-    with app.app_context():
+    with own_app.app_context():
         sqlite = db.engine.dialect.name == "sqlite"
     for scan in scans:
         assert ("USING COVERING INDEX" in scan) if sqlite else scan.startswith("Index Only Scan")
@@ -114,6 +147,11 @@ def test_the_quota_counts_count_the_users_uploads_of_the_profile(app, make_user)
     now = utcnow()
     alice, bob = (make_user(name).id for name in ("alice", "bob"))
     rows = _uploads(now, alice, bob)
+    # Exactly at the boundaries: a draft expiring now is no longer live; an upload made exactly
+    # a day ago no longer counts in the last 24 hours.
+    edge = {**rows[0], "profile": "default", "status": PENDING, "created_at": now - quotas.DAY}
+    rows.append({**edge, "id": "edge-expired", "image_id": "edge-1", "expires_at": now})
+    rows.append({**edge, "id": "edge-a-day-ago", "image_id": "edge-2"})
     _store(app, rows)
     mine = [r for r in rows if r["user_id"] == alice and r["profile"] == "default"]
     live = [r for r in mine if r["status"] == PENDING and r["expires_at"] > now]

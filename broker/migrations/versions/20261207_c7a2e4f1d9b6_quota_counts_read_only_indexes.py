@@ -29,9 +29,22 @@ NEW = {
 
 
 def _replace(indexes):
+    if op.get_bind().dialect.name != 'postgresql':
+        for name, columns in indexes.items():
+            op.drop_index(name, table_name='uploads')
+            op.create_index(name, 'uploads', columns, unique=False)
+        return
+    # The upgrade is one transaction: a DROP INDEX first would hold ACCESS EXCLUSIVE on uploads
+    # (reads wait too) through both builds. Build under temporary names (SHARE: reads go on,
+    # writes wait), and only then drop and rename. Waiting behind a long transaction for a lock
+    # would queue every request behind this one: fail after 5 s instead, and run it again.
+    op.execute("SET LOCAL lock_timeout = '5s'")
     for name, columns in indexes.items():
+        op.create_index(f'{name}_build', 'uploads', columns, unique=False)
+    for name in indexes:
         op.drop_index(name, table_name='uploads')
-        op.create_index(name, 'uploads', columns, unique=False)
+        op.execute(f'ALTER INDEX {name}_build RENAME TO {name}')
+    op.execute('SET LOCAL lock_timeout TO DEFAULT')
 
 
 def upgrade():
