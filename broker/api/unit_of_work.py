@@ -68,10 +68,7 @@ class UnitOfWork:
         """Run `work` as a transaction of its own, committed before this returns."""
         session = self.session
         if self._conn is not None:
-            # The request's Core writes (and the session's, joined to them) are committed
-            # first, and the session taken off that connection: the step runs on its own.
-            self._end_transaction()
-            self._release()
+            self._leave_own_connection()
         elif session.get_bind().dialect.name == "sqlite":
             # Start from the latest snapshot: end the transaction so far, keeping its writes
             # (with only reads, the authentication's, that commit writes nothing).
@@ -89,9 +86,7 @@ class UnitOfWork:
         returns plain values: they are read before the request goes on)."""
         session = self.session
         if self._conn is not None:
-            # The session is taken off the request's connection (its writes committed first).
-            self._end_transaction()
-            self._release()
+            self._leave_own_connection()
         engine = session.get_bind()
         if not isinstance(engine, sa.Engine):
             # Bound to a caller's connection (the warm-up's, in a transaction it rolls back):
@@ -181,6 +176,12 @@ class UnitOfWork:
         if conn is not None and conn.in_transaction():
             conn.commit()
             outages.note_commit()
+
+    def _leave_own_connection(self) -> None:
+        """Commit the request's Core writes (and the session's, joined to them), give their
+        connection back and take the session off it: a step then runs on its own."""
+        self._end_transaction()
+        self._release()
 
     def _release(self) -> None:
         """Give the request's own connection back (rolling back what it left open) and take
