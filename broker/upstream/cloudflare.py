@@ -53,6 +53,7 @@ from urllib3.util import Retry, create_urllib3_context, make_headers
 
 from broker.platform import outages
 from broker.platform.config import ConfigError, Settings, settings_of
+from broker.upstream import wire
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -780,6 +781,11 @@ class CloudflareImages:
         if query:
             url = f"{url}?{query}"
         urlopen, target = self._origins.opener(url)
+        # A buffered call to an origin of our own pool goes over the wire directly (see
+        # broker.upstream.wire); a stream, or a call through a proxy, through urllib3.
+        pool = getattr(urlopen, "__self__", None)
+        if raw or stream or not isinstance(pool, urllib3.HTTPConnectionPool):
+            pool = None
         attempt = 0
         while True:
             if budget is not None and not (prepaid and attempt == 0):
@@ -787,16 +793,19 @@ class CloudflareImages:
             started = time.monotonic()
             outages.note_upstream_call()  # a dropped database connection: not run again
             try:
-                response = urlopen(
-                    method,
-                    target,
-                    body=body,
-                    headers=headers,
-                    timeout=self.timeout,
-                    preload_content=not stream,
-                    redirect=False,
-                    retries=_NO_RETRIES,  # the retries are ours (above): the errors come raw
-                )
+                if pool is not None:
+                    response: Any = wire.exchange(pool, method, target, body, headers, self.timeout)
+                else:
+                    response = urlopen(
+                        method,
+                        target,
+                        body=body,
+                        headers=headers,
+                        timeout=self.timeout,
+                        preload_content=not stream,
+                        redirect=False,
+                        retries=_NO_RETRIES,  # the retries are ours (above): the errors come raw
+                    )
             except ReadTimeoutError:
                 # A read timeout: the request was sent and may have been processed.
                 log.warning("cloudflare %s %s timed out after %.1fs", method, path, self.timeout)
@@ -846,10 +855,10 @@ class CloudflareImages:
                 self._sleep(wait)
                 attempt += 1
 
-    def _result(self, response: urllib3.BaseHTTPResponse) -> Any:
+    def _result(self, response: urllib3.BaseHTTPResponse | wire.Answer) -> Any:
         """Unwrap the v4 envelope or raise the typed error it carries."""
         status = response.status
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
         try:
             body = json.loads(response.data)
         except ValueError:  # not JSON, or not text
