@@ -11,8 +11,10 @@ the exchange itself, on every create.
 Rules it keeps, as urllib3 and `http.client` did:
 - failures are urllib3's exceptions, as its `urlopen` with `Retry(False)` raised them: the
   connection's own errors from connecting (`NewConnectionError`, `ConnectTimeoutError`,
-  `SSLError`), `ReadTimeoutError` for a timeout once connected, `ProtocolError` for a
-  connection that broke or an answer that is not HTTP, so the caller's retry rules see the same;
+  `SSLError`), `ReadTimeoutError` for a timeout once connected, `SSLError` for TLS failing
+  later, `ProtocolError` for a connection that broke or an answer that is not HTTP,
+  `DecodeError` for a body its encoding does not decode, so the caller's retry rules see the
+  same;
 - a request line or header value holding a control character is refused before anything is
   sent (no header injection through an id or a token);
 - the answer is framed by `Transfer-Encoding: chunked`, else `Content-Length`, else the end of
@@ -33,8 +35,8 @@ from typing import Any, cast
 
 import urllib3
 from urllib3.connection import HTTPConnection
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
 from urllib3.exceptions import HTTPError as TransportError
-from urllib3.exceptions import ProtocolError, ReadTimeoutError, SSLError
 
 # http.client's limits on an answer's header block.
 MAX_LINE = 65536
@@ -76,7 +78,7 @@ def exchange(
     try:
         conn.timeout = timeout
         if conn.sock is None:
-            _connect(conn)
+            _connect(conn, pool, target)
         sock = conn.sock
         assert sock is not None  # connected just above
         answer, reusable = _talk(sock, head + body if body else head, method, timeout, pool, target)
@@ -117,12 +119,17 @@ def _host_header(pool: urllib3.HTTPConnectionPool) -> str:
     return host if pool.port in (None, default) else f"{host}:{pool.port}"
 
 
-def _connect(conn: HTTPConnection) -> None:
-    """Open `conn` (urllib3's errors for a refused, timed-out or TLS-failed connect)."""
+def _connect(conn: HTTPConnection, pool: urllib3.HTTPConnectionPool, target: str) -> None:
+    """Open `conn` (urllib3's errors for a refused, timed-out or TLS-failed connect; a TLS
+    handshake that times out is a read timeout there, as in urllib3's `urlopen`)."""
     try:
         conn.connect()
     except TransportError:
         raise
+    except TimeoutError:
+        raise ReadTimeoutError(
+            pool, target, f"Read timed out. (read timeout={conn.timeout})"
+        ) from None
     except ssl.SSLError as exc:
         raise SSLError(exc) from exc
     except OSError as exc:
@@ -146,7 +153,11 @@ def _talk(
             return _read_answer(reader, method)
     except TimeoutError:
         raise ReadTimeoutError(pool, target, f"Read timed out. (read timeout={timeout})") from None
-    except (_Broken, OSError, zlib.error) as exc:
+    except ssl.SSLError as exc:
+        raise SSLError(exc) from exc
+    except zlib.error as exc:
+        raise DecodeError("the answer's body could not be decoded", exc) from exc
+    except (_Broken, OSError) as exc:
         raise ProtocolError("Connection aborted.", exc) from exc
 
 

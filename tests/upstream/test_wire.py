@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import urllib3
-from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import DecodeError, NewConnectionError, ProtocolError, ReadTimeoutError
 
 from broker.upstream.wire import exchange
 
@@ -191,3 +191,9 @@ def test_nothing_is_sent_that_could_inject_a_header(serve, target, headers) -> N
         exchange(pool, "GET", target, None, headers, timeout=5)
     assert "Bearer t" not in str(refused.value)  # a value (a token) is never repeated
     assert server.requests == []
+
+
+def test_a_body_its_encoding_does_not_decode_is_urllib3s_decode_error(serve) -> None:
+    _, pool = serve(lambda _: answer(b"not gzip", "Content-Length: 8", "Content-Encoding: gzip"))
+    with pytest.raises(DecodeError):
+        exchange(pool, "GET", "/", None, {}, timeout=5)
