@@ -14,7 +14,10 @@ Redirects are never followed (an answer is Cloudflare's or nobody's). The transp
 the pool under `requests`, called directly: `requests` re-read ~150 environment entries for
 proxies, merged cookies, hooks and auth on every call — about 1 ms of CPU per create. What it
 took from the environment is read once per origin instead (`_Origins`): `HTTPS_PROXY`/
-`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY`, and `REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE`.
+`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY`, and `REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE`. A call
+whose answer is read whole goes over a connection of the origin's pool by
+`broker.upstream.wire` (urllib3's own request and response objects cost four times the
+exchange); a stream, or a call through a proxy, through urllib3's `urlopen`.
 
 The app's shared client lives in `app.extensions["cloudflare"]` (see `init_app`/`get_client`).
 """
