@@ -9,9 +9,7 @@ loopback ones. Needs PostgreSQL (BROKER_TEST_POSTGRES_URL), nginx, caddy and red
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
-import ipaddress
 import json
 import os
 import re
@@ -27,11 +25,7 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
-from cryptography import x509
 from cryptography.fernet import Fernet
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from broker import create_app
 from broker.platform.db import db
@@ -39,6 +33,7 @@ from broker.webhooks.models import WebhookEndpoint
 from tests.conftest import base_config, require
 from tests.support import databases as ops_fixtures
 from tests.support.guide import block, run
+from tests.support.tls import self_signed
 from tests.system.topology import (
     BIN,
     compose_commands,
@@ -77,40 +72,6 @@ def run_block(text: str, env: dict[str, str], cwd: Path, stdin: str = "") -> str
     return done.stdout + done.stderr
 
 
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for HOST and 127.0.0.1 and its key, made here (a CA the client trusts)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(HOST), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "fullchain.pem", folder / "privkey.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def nginx_conf(work: Path, web_ports: list[int], http_port: int, https_port: int) -> Path:
     """The guide's site file with loopback addresses, inside a main config of the test's own."""
     site = block(
@@ -118,7 +79,7 @@ def nginx_conf(work: Path, web_ports: list[int], http_port: int, https_port: int
         "/etc/nginx/sites-enabled/",
         "nginx",
     )
-    cert, key = self_signed(work)
+    cert, key = self_signed(work, HOST)
     servers = "".join(f"    server 127.0.0.1:{port};\n" for port in web_ports)
     site, n = re.subn(r"(?m)^    server 10\.0\.0\.\d+:8000;.*\n", "", site)
     assert n == 2
@@ -487,7 +448,7 @@ def test_install_configure_and_run_from_the_guide(
     runs and its health command exits 0, and 1 once the worker has stopped."""
     require(shutil.which("redis-server") is not None, "needs redis-server")
     commands = compose_commands()
-    cert, key = self_signed(work)
+    cert, key = self_signed(work, HOST)
     prefix = work / "prefix"
     env = _base_env(work)
     env["REQUESTS_CA_BUNDLE"] = str(cert)  # the emulator's certificate, as a CA the host trusts
