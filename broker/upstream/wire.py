@@ -11,21 +11,28 @@ the exchange itself, on every create.
 Rules it keeps, as urllib3 and `http.client` did:
 - failures are urllib3's exceptions, as its `urlopen` with `Retry(False)` raised them: the
   connection's own errors from connecting (`NewConnectionError`, `ConnectTimeoutError`,
-  `SSLError`), `ReadTimeoutError` for a timeout once connected, `SSLError` for TLS failing
-  later, `ProtocolError` for a connection that broke or an answer that is not HTTP,
-  `DecodeError` for a body its encoding does not decode, so the caller's retry rules see the
-  same;
+  `SSLError`), `ReadTimeoutError` for a timeout once the request is sent, `SSLError` for TLS
+  failing later, `ProtocolError` for a connection that broke (a timeout while sending
+  included) or an answer that is not HTTP, `DecodeError` for a body its encoding does not
+  decode, so the caller's retry rules see the same;
 - a request line or header value holding a control character is refused before anything is
   sent (no header injection through an id or a token);
-- the answer is framed by `Transfer-Encoding: chunked`, else `Content-Length`, else the end of
-  the connection; a body shorter than announced is an error; `gzip`/`deflate` bodies are
-  decoded (the client asks for them);
-- a connection goes back to the pool only when the answer left it clean for the next call
-  (keep-alive, fully read); otherwise it is closed first.
+- a server that answers early and stops reading (a 413 to a large upload) has its answer read;
+- interim answers (1xx) are skipped to the final one; 101 is refused (no upgrade is asked);
+- the answer is framed by `Transfer-Encoding: chunked`, else `Content-Length` (ASCII digits,
+  repeats equal), else the end of the connection; a body shorter than announced is an error;
+  `gzip` (every member) and `deflate` bodies are decoded (the client asks for them);
+- where readers could disagree on the answer, it is refused: a folded header line,
+  whitespace before a header's colon, any transfer coding but `chunked` alone, bytes after a
+  compressed body; a body over 16 MiB, as sent or decoded, too (before it is allocated);
+- a connection goes back to the pool only when the answer left it clean for the next call:
+  the request sent whole, keep-alive (an HTTP/1.0 answer must say so), fully read, not framed
+  by both `Transfer-Encoding` and `Content-Length`; otherwise it is closed first.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import ssl
@@ -46,6 +53,14 @@ MAX_HEADERS = 100
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _UNSAFE_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NO_BODY = frozenset({204, 304})
+# An answer's body, as sent and decoded (Cloudflare's are a few KiB): a larger one is refused
+# before anything is allocated for it.
+MAX_BODY = 16 * 1024 * 1024
+# The grammar's own characters, ASCII only (str.isdigit takes '²', int() takes '-1' and '1_0').
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([^\r\n]*))?\r?\n")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DIGITS = re.compile(r"[0-9]+")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r?\n")
 
 
 @dataclass(frozen=True)
@@ -146,11 +161,12 @@ def _talk(
 ) -> tuple[Answer, bool]:
     """Send `request` in one write and read its answer; return it and whether the connection
     may carry the next call."""
+    sock.settimeout(timeout)
+    sent = _send(sock, request)
     try:
-        sock.settimeout(timeout)
-        sock.sendall(request)
         with sock.makefile("rb") as reader:
-            return _read_answer(reader, method)
+            answer, keep = _read_answer(reader, method)
+        return answer, keep and sent
     except TimeoutError:
         raise ReadTimeoutError(pool, target, f"Read timed out. (read timeout={timeout})") from None
     except ssl.SSLError as exc:
@@ -161,87 +177,147 @@ def _talk(
         raise ProtocolError("Connection aborted.", exc) from exc
 
 
+def _send(sock: socket.socket, request: bytes) -> bool:
+    """Send `request`; False when the server stopped taking it, having answered early and
+    closed (a 413 to a large upload): its answer is read all the same, as urllib3 did."""
+    try:
+        sock.sendall(request)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    except ssl.SSLError as exc:
+        raise SSLError(exc) from exc
+    except OSError as exc:  # a timeout too: urllib3 left it unnamed while sending
+        if exc.errno == errno.EPROTOTYPE:  # macOS's word for the early close
+            return False
+        raise ProtocolError("Connection aborted.", exc) from exc
+    return True
+
+
 def _read_answer(reader: Any, method: str) -> tuple[Answer, bool]:
-    """Read one answer (after any 100 Continue) from `reader`."""
+    """Read the final answer (after any 1xx interim ones) from `reader`; return it and
+    whether it left the connection clean."""
     while True:
-        version, status, reason = _status_line(reader)
+        status, reason, http11 = _status_line(reader)
         headers = _header_block(reader)
-        if status != 100:
+        if status == 101:
+            raise _Broken("101 Switching Protocols, and no upgrade was asked")
+        if status >= 200:
             break
-    connection = headers.get("connection", "").lower()
-    keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    if method == "HEAD" or status in _NO_BODY or 100 <= status < 200:
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    keep = "close" not in tokens if http11 else "keep-alive" in tokens
+    chunked = "transfer-encoding" in headers
+    if chunked:
+        if headers["transfer-encoding"].strip().lower() != "chunked":
+            raise _Broken(f"Transfer-Encoding {headers['transfer-encoding']!r}")
+        # Both framings announced: whichever the server meant, the next call cannot trust it.
+        keep = keep and "content-length" not in headers
+    if method == "HEAD" or status in _NO_BODY:
         data = b""
-    elif "chunked" in headers.get("transfer-encoding", "").lower():
+    elif chunked:
         data = _chunked(reader)
     elif "content-length" in headers:
-        try:
-            length = int(headers["content-length"])
-        except ValueError:
-            raise _Broken(f"Content-Length {headers['content-length']!r}") from None
-        data = reader.read(length) if length > 0 else b""
-        if len(data) < length:
-            raise _Broken(f"answer ended after {len(data)} of {length} bytes")
+        data = _exactly(reader, _content_length(headers["content-length"]))
     else:
-        data, keep = reader.read(), False  # framed by the end of the connection
+        data, keep = reader.read(MAX_BODY + 1), False  # framed by the end of the connection
+        if len(data) > MAX_BODY:
+            raise _Broken(f"an answer over {MAX_BODY} bytes")
     encoding = headers.get("content-encoding", "").strip().lower()
-    if encoding == "gzip":
-        data = zlib.decompress(data, 16 + zlib.MAX_WBITS) if data else data
-    elif encoding == "deflate" and data:
+    if data and encoding == "gzip":
+        data = _inflate(data, 16 + zlib.MAX_WBITS, members=True)
+    elif data and encoding == "deflate":
         try:
-            data = zlib.decompress(data)
+            data = _inflate(data, zlib.MAX_WBITS, members=False)
         except zlib.error:  # raw deflate, as some servers send it
-            data = zlib.decompress(data, -zlib.MAX_WBITS)
+            data = _inflate(data, -zlib.MAX_WBITS, members=False)
     return Answer(status, reason, headers, data), keep
 
 
-def _status_line(reader: Any) -> tuple[str, int, str]:
+def _line(reader: Any, what: str) -> bytes:
     line = reader.readline(MAX_LINE + 1)
     if not line:
-        raise _Broken("the connection closed before an answer")
+        raise _Broken(f"the connection closed before the {what}")
     if len(line) > MAX_LINE:
-        raise _Broken("status line too long")
-    version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
+        raise _Broken(f"{what} too long")
+    return cast(bytes, line)
+
+
+def _status_line(reader: Any) -> tuple[int, str, bool]:
+    """The status, reason and whether the answer is HTTP/1.1."""
+    line = _line(reader, "status line")
+    match = _STATUS_LINE.fullmatch(line)
+    if match is None:
         raise _Broken(f"not an HTTP status line: {line[:40]!r}")
-    return version, int(code), reason.strip()
+    return int(match[2]), (match[3] or b"").decode("latin-1").strip(), match[1] == b"1"
 
 
 def _header_block(reader: Any) -> dict[str, str]:
     """Read header lines up to the blank one; a repeated header's values joined by `, `."""
     headers: dict[str, str] = {}
     for _ in range(MAX_HEADERS + 1):
-        line = reader.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
-            raise _Broken("header line too long")
+        line = _line(reader, "end of the header block")
         if line in (b"\r\n", b"\n"):
             return headers
-        if not line:
-            raise _Broken("the connection closed inside the header block")
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon:
-            continue  # not a header line (a folded continuation is obsolete): skipped
-        key, value = name.strip().lower(), value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        name, colon, value = line.partition(b":")
+        # A line opening with whitespace (an obsolete fold) or a name followed by whitespace:
+        # read one way here and another by a proxy on the way, refused.
+        if not colon or not _TOKEN.fullmatch(name):
+            raise _Broken(f"not a header line: {line[:40]!r}")
+        key, text = name.decode("ascii").lower(), value.strip(b" \t\r\n").decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
     raise _Broken(f"more than {MAX_HEADERS} headers")
+
+
+def _content_length(value: str) -> int:
+    """The length a Content-Length announces; repeats must agree."""
+    lengths = {part.strip() for part in value.split(",")}
+    if len(lengths) != 1 or not _DIGITS.fullmatch(digits := lengths.pop()):
+        raise _Broken(f"Content-Length {value[:40]!r}")
+    return int(digits)
+
+
+def _exactly(reader: Any, size: int) -> bytes:
+    """Read `size` bytes, refusing a size over the cap before reading any."""
+    if size > MAX_BODY:
+        raise _Broken(f"an answer of {size} bytes, over {MAX_BODY}")
+    data = reader.read(size) if size else b""
+    if len(data) < size:
+        raise _Broken(f"answer ended after {len(data)} of {size} bytes")
+    return cast(bytes, data)
 
 
 def _chunked(reader: Any) -> bytes:
     """Read a chunked body and its trailer."""
     parts: list[bytes] = []
+    total = 0
     while True:
-        size_line = reader.readline(MAX_LINE + 1)
-        if not size_line:
-            raise _Broken("the connection closed inside a chunked body")
-        try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise _Broken(f"chunk size {size_line[:20]!r}") from None
+        line = _line(reader, "chunk size")
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None:
+            raise _Broken(f"chunk size {line[:20]!r}")
+        size = int(match[1], 16)
         if size == 0:
             _header_block(reader)  # the trailer, up to its blank line
             return b"".join(parts)
-        chunk = reader.read(size)
-        if len(chunk) < size or reader.readline(MAX_LINE + 1) not in (b"\r\n", b"\n"):
+        total += size
+        if total > MAX_BODY:
+            raise _Broken(f"a chunked answer over {MAX_BODY} bytes")
+        parts.append(_exactly(reader, size))
+        if reader.readline(3) not in (b"\r\n", b"\n"):
             raise _Broken("a chunk ended early")
-        parts.append(chunk)
+
+
+def _inflate(data: bytes, wbits: int, *, members: bool) -> bytes:
+    """Decompress `data` whole (gzip's `members` one after another), at most MAX_BODY bytes;
+    zlib.error for a stream cut short or bytes after it."""
+    out = bytearray()
+    while data:
+        stream = zlib.decompressobj(wbits)
+        out += stream.decompress(data, MAX_BODY + 1 - len(out))  # never 0: that is no limit
+        if len(out) > MAX_BODY:
+            raise _Broken(f"an answer decoding to over {MAX_BODY} bytes")
+        if not stream.eof:
+            raise zlib.error("the compressed stream ends early")
+        data = stream.unused_data
+        if data and not members:
+            raise zlib.error("bytes after the compressed stream")
+    return bytes(out)
