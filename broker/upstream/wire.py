@@ -48,6 +48,10 @@ from urllib3.exceptions import HTTPError as TransportError
 # http.client's limits on an answer's header block.
 MAX_LINE = 65536
 MAX_HEADERS = 100
+# Interim (1xx) answers skipped before the final one: each read has a timeout, the call none.
+MAX_INTERIM = 10
+# Optional whitespace around a header value or list item (RFC 9110 §5.6.3): spaces and tabs only.
+_OWS = " \t"
 # What may not appear in the request line's target, or in a header name or value (CR, LF and
 # the other control characters http.client refuses).
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
@@ -59,7 +63,7 @@ MAX_BODY = 16 * 1024 * 1024
 # The grammar's own characters, ASCII only (str.isdigit takes '²', int() takes '-1' and '1_0').
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([^\r\n]*))?\r?\n")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_DIGITS = re.compile(r"[0-9]+")
+_DIGITS = re.compile(r"[0-9]{1,18}")  # int() refuses over 4300 digits: a bare ValueError
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r?\n")
 
 
@@ -196,18 +200,20 @@ def _send(sock: socket.socket, request: bytes) -> bool:
 def _read_answer(reader: Any, method: str) -> tuple[Answer, bool]:
     """Read the final answer (after any 1xx interim ones) from `reader`; return it and
     whether it left the connection clean."""
-    while True:
+    for _ in range(MAX_INTERIM + 1):
         status, reason, http11 = _status_line(reader)
         headers = _header_block(reader)
         if status == 101:
             raise _Broken("101 Switching Protocols, and no upgrade was asked")
         if status >= 200:
             break
-    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    else:
+        raise _Broken(f"more than {MAX_INTERIM} interim answers")
+    tokens = {token.strip(_OWS).lower() for token in headers.get("connection", "").split(",")}
     keep = "close" not in tokens if http11 else "keep-alive" in tokens
     chunked = "transfer-encoding" in headers
     if chunked:
-        if headers["transfer-encoding"].strip().lower() != "chunked":
+        if headers["transfer-encoding"].strip(_OWS).lower() != "chunked":
             raise _Broken(f"Transfer-Encoding {headers['transfer-encoding']!r}")
         # Both framings announced: whichever the server meant, the next call cannot trust it.
         keep = keep and "content-length" not in headers
@@ -221,7 +227,7 @@ def _read_answer(reader: Any, method: str) -> tuple[Answer, bool]:
         data, keep = reader.read(MAX_BODY + 1), False  # framed by the end of the connection
         if len(data) > MAX_BODY:
             raise _Broken(f"an answer over {MAX_BODY} bytes")
-    encoding = headers.get("content-encoding", "").strip().lower()
+    encoding = headers.get("content-encoding", "").strip(_OWS).lower()
     if data and encoding == "gzip":
         data = _inflate(data, 16 + zlib.MAX_WBITS, members=True)
     elif data and encoding == "deflate":
@@ -269,7 +275,7 @@ def _header_block(reader: Any) -> dict[str, str]:
 
 def _content_length(value: str) -> int:
     """The length a Content-Length announces; repeats must agree."""
-    lengths = {part.strip() for part in value.split(",")}
+    lengths = {part.strip(_OWS) for part in value.split(",")}
     if len(lengths) != 1 or not _DIGITS.fullmatch(digits := lengths.pop()):
         raise _Broken(f"Content-Length {value[:40]!r}")
     return int(digits)

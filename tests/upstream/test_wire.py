@@ -241,6 +241,14 @@ def test_interim_answers_are_skipped_and_each_call_reads_its_own_answer(serve) -
     assert server.connections == 1
 
 
+def test_endless_interim_answers_are_a_broken_connection(serve) -> None:
+    _, pool = serve(
+        lambda _: b"HTTP/1.1 103 Early Hints\r\n\r\n" * 11 + answer(b"", "Content-Length: 0")
+    )
+    with pytest.raises(ProtocolError):
+        exchange(pool, "GET", "/", None, {}, timeout=5)
+
+
 def test_an_upgrade_no_one_asked_for_is_a_broken_connection(serve) -> None:
     _, pool = serve(lambda _: answer(b"", "Upgrade: h2c", status="101 Switching Protocols"))
     with pytest.raises(ProtocolError):
@@ -301,7 +309,10 @@ def test_a_status_line_outside_the_grammar_is_a_broken_connection(serve, status_
         exchange(pool, "GET", "/", None, {}, timeout=5)
 
 
-@pytest.mark.parametrize("length", ["-1", "+2", "0_2", "2, 3", "2 2", "", "0x2", str(MAX_BODY + 1)])
+@pytest.mark.parametrize(
+    "length",
+    ["-1", "+2", "0_2", "2, 3", "2 2", "", "0x2", str(MAX_BODY + 1), "1" * 5000, "\xa02"],
+)
 def test_a_content_length_outside_the_grammar_is_a_broken_connection(serve, length) -> None:
     raw = f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\nok".encode("latin-1")
     _, pool = serve(lambda _: raw)
