@@ -12,19 +12,26 @@ emulator and, against it, under gunicorn 2 x 16 gthread:
 then prints creates/s ÷ the emulator's at 1/8/32 clients, p99 added over the emulator, the
 workers' memory (warm, and after the run: RSS, PSS and private), a bare route's CPU with a
 bearer ÷ without (in process), and the statements one create runs. Options: --clients 1,8,32
---seconds 3 --baseline REV --databases sqlite,postgresql.
+--seconds 3 --baseline REV --databases sqlite,postgresql --users 256.
+
+The 1/8/32 rows send every create as one user (per-user limits lifted), so that user's quota
+counts grow with the run; one more row, at the most clients, sends each create as the next of
+`--users` users (each side its own, round-robin): many end users with a few drafts each.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +53,21 @@ PEER_PACKAGES = [
     "psycopg[binary]",
 ]
 GUNICORN = ["-w", "2", "-k", "gthread", "--threads", "16"]
+
+Request = tuple[dict[str, str], dict[str, Any]]  # one create's headers and JSON body
+Call = Callable[[requests.Session], None]
+
+
+def in_turn(items: list[Request]) -> Callable[[], Request]:
+    """Return a function giving `items` round-robin, safe to call from every load thread."""
+    ring = itertools.cycle(items)
+    lock = threading.Lock()
+
+    def take() -> Request:
+        with lock:
+            return next(ring)
+
+    return take
 
 
 def peer_python() -> Path:
@@ -84,11 +106,17 @@ from django.urls import include, path
 urlpatterns = [path("cf/", include("django_cloudflareimages_toolkit.urls"))]
 """
 PEER_USER = """
+import sys
 import django; django.setup()
 from django.contrib.auth.models import User
+from django.db import transaction
 from rest_framework.authtoken.models import Token
 user = User.objects.create_user("bench", password="bench password long enough")
 print(user.pk, Token.objects.create(user=user).key)
+with transaction.atomic():  # the many-users row's: token-only users (no password to hash)
+    for n in range(int(sys.argv[1])):
+        user = User.objects.create_user(f"bench{n}")
+        print(user.pk, Token.objects.create(user=user).key)
 """
 
 
@@ -121,9 +149,10 @@ def peer_database(url: str) -> str:
 
 
 def start_peer(
-    stack: ExitStack, folder: Path, emulator_url: str, database_url: str
-) -> tuple[str, str, str, subprocess.Popen[bytes]]:
-    """Set up and up.start the peer; return its URL, token, user id and gunicorn master."""
+    stack: ExitStack, folder: Path, emulator_url: str, database_url: str, users: int
+) -> tuple[str, list[tuple[str, str]], subprocess.Popen[bytes]]:
+    """Set up and up.start the peer; return its URL, (user id, token) of the one-user rows'
+    user and then of `users` more, and its gunicorn master."""
     python = peer_python()
     folder.mkdir(parents=True)
     (folder / "peer_settings.py").write_text(
@@ -139,9 +168,13 @@ def start_peer(
     admin = [str(python), "-m", "django"]
     subprocess.run([*admin, "migrate", "-v", "0"], env=env, cwd=folder, check=True)
     done = subprocess.run(
-        [str(python), "-c", PEER_USER], env=env, cwd=folder, check=True, capture_output=True
+        [str(python), "-c", PEER_USER, str(users)],
+        env=env,
+        cwd=folder,
+        check=True,
+        capture_output=True,
     )
-    user_id, token = done.stdout.decode().split()
+    made = [(pk, key) for pk, key in (line.split() for line in done.stdout.decode().splitlines())]
     port = up.free_port()
     gunicorn = str(python.parent / "gunicorn")
     proc = up.start(
@@ -151,33 +184,38 @@ def start_peer(
         folder / "gunicorn.log",
         cwd=folder,
     )
-    return f"http://127.0.0.1:{port}", token, user_id, proc
+    return f"http://127.0.0.1:{port}", made[-1 - users :], proc
 
 
-def prepare_in(root: Path, settings: dict[str, Any]) -> str:
-    """Migrate and create a user with `root`'s own code (a process there); return its token."""
+def prepare_in(root: Path, settings: dict[str, Any], count: int = 1) -> list[str]:
+    """Migrate and create `count` users with `root`'s own code (one process there); return
+    their tokens."""
     done = subprocess.run(
         [
             sys.executable,
             "-c",
             "import json, sys\n"
             "from tests.bench.bench_uploads import prepare_broker\n"
-            "print(prepare_broker(json.loads(sys.argv[1])))",
+            "settings = json.loads(sys.argv[1])\n"
+            "print(json.dumps([prepare_broker(settings) for _ in range(int(sys.argv[2]))]))",
             json.dumps(settings),
+            str(count),
         ],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         check=True,
         capture_output=True,
     )
-    return done.stdout.decode().split()[-1]
+    tokens: list[str] = json.loads(done.stdout.decode().splitlines()[-1])
+    return tokens
 
 
 def start_broker(
-    stack: ExitStack, root: Path, settings: dict[str, Any], log: Path
-) -> tuple[str, str, subprocess.Popen[bytes]]:
-    """Migrate, add a user and up.start `root`'s broker; return its URL, token and master."""
-    secret = prepare_in(root, settings)
+    stack: ExitStack, root: Path, settings: dict[str, Any], log: Path, users: int
+) -> tuple[str, list[str], subprocess.Popen[bytes]]:
+    """Migrate, add the one-user rows' user and `users` more, and up.start `root`'s broker;
+    return its URL, their tokens (that user's first) and its master."""
+    secrets = prepare_in(root, settings, 1 + users)
     env = {f"BROKER_{k}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
     port = up.free_port()
     proc = up.start(
@@ -187,7 +225,7 @@ def start_broker(
         log,
         cwd=root,
     )
-    return f"http://127.0.0.1:{port}", secret, proc
+    return f"http://127.0.0.1:{port}", secrets, proc
 
 
 def process_memory(pid: int | str) -> dict[str, float]:
@@ -234,7 +272,7 @@ def statements_per_create(settings: dict[str, Any]) -> str:
     from broker.upstream.budget import get_budget
 
     app = create_app(dict(settings))
-    secret = prepare_in(ROOT, settings)
+    secret = prepare_in(ROOT, settings)[0]
     client = app.test_client()
     auth = {"Authorization": f"Bearer {secret}"}
     counted: dict[str, int] = {"main": 0, "budget": 0, "commit": 0}
@@ -312,21 +350,28 @@ def measure(
     roots = {"broker": ROOT}
     if opts.baseline:
         roots["baseline"] = export(opts.baseline, tmp)
-    targets: dict[str, tuple[str, dict[str, str], dict[str, Any], subprocess.Popen[bytes]]] = {}
+    # Per side: its URL, then each user's (headers, body): the one-user rows' user first.
+    targets: dict[str, tuple[str, list[Request], subprocess.Popen[bytes]]] = {}
     for name, root in roots.items():
         database = fresh_database(stack, postgres, tmp, f"{label}_{name}")
         settings = up.broker_settings(tmp / name, emulator_url, database)
-        url, secret, proc = start_broker(stack, root, settings, tmp / f"{name}.log")
+        url, secrets, proc = start_broker(stack, root, settings, tmp / f"{name}.log", opts.users)
         body = {"metadata": {"k": "v"}}
-        targets[name] = (url + "/api/v1/uploads", {"Authorization": f"Bearer {secret}"}, body, proc)
+        sent = [({"Authorization": f"Bearer {secret}"}, body) for secret in secrets]
+        targets[name] = (url + "/api/v1/uploads", sent, proc)
     peer_db = fresh_database(stack, postgres, tmp, f"{label}_peer")
-    peer_url, peer_token, user_id, peer_proc = start_peer(
-        stack, tmp / "peer", emulator_url, peer_db
+    peer_url, peer_users, peer_proc = start_peer(
+        stack, tmp / "peer", emulator_url, peer_db, opts.users
     )
     targets["peer"] = (
         peer_url + "/cf/api/upload-url/",
-        {"Authorization": f"Token {peer_token}"},
-        {"metadata": {"k": "v"}, "creator": f"u_{user_id}", "expiry_minutes": 30},
+        [
+            (
+                {"Authorization": f"Token {token}"},
+                {"metadata": {"k": "v"}, "creator": f"u_{user_id}", "expiry_minutes": 30},
+            )
+            for user_id, token in peer_users
+        ],
         peer_proc,
     )
     for url, *_ in targets.values():
@@ -344,36 +389,49 @@ def measure(
         expiry = datetime.now(UTC) + timedelta(minutes=30)
         client.direct_upload(creator="u_bench", expiry=expiry, metadata={"k": "v"})
 
-    def poster(url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+    def poster(url: str, next_request: Callable[[], Request]) -> Call:
         def call(session: requests.Session) -> None:
+            headers, body = next_request()
             answer = session.post(url, json=body, headers=headers, timeout=30)
             if answer.status_code != 201:
                 raise RuntimeError(f"{answer.status_code}: {answer.text[:200]}")
 
         return call
 
-    calls = {"emulator": direct}
-    calls.update({name: poster(url, h, b) for name, (url, h, b, _) in targets.items()})
-    for call in calls.values():
-        up.run_load(call, 4, 1.0)  # warm every process, thread and pool
+    def one_user(request: Request) -> Callable[[], Request]:
+        return lambda: request
+
+    # The emulator has no users: the many-users row's reference is the same call.
+    calls: dict[str, Call] = {"emulator": direct}
+    calls.update({name: poster(url, one_user(sent[0])) for name, (url, sent, _) in targets.items()})
+    many: dict[str, Call] = {"emulator": direct}
+    many.update({name: poster(url, in_turn(sent[1:])) for name, (url, sent, _) in targets.items()})
+    warming = [*calls.values(), *([many[name] for name in targets] if opts.users else [])]
+    for call in warming:
+        up.run_load(call, 4, 1.0)  # warm every process, thread and pool (and users' tokens)
     warm = {name: worker_memory(proc) for name, (*_, proc) in targets.items()}
 
     print(f"\n{label}: gunicorn 2 x 16 gthread each; {opts.seconds:g} s per row")
     names = list(calls)
-    head = f"{'clients':>7} " + " ".join(f"{n + ' /s':>13}" for n in names)
+    clients = [int(c) for c in opts.clients.split(",")]
+    rows = [(f"{n}", n, calls) for n in clients]
+    if opts.users:
+        rows.append((f"{max(clients)}, {opts.users} users", max(clients), many))
+    width = max(len("clients"), *(len(row) for row, *_ in rows))
+    head = f"{'clients':>{width}} " + " ".join(f"{n + ' /s':>13}" for n in names)
     head += " " + " ".join(f"{n + ' ÷ emu':>14}" for n in names[1:])
     head += " " + " ".join(f"{n + ' +p99':>14}" for n in names[1:])
     print(head)
     print("-" * len(head))
-    for clients in [int(c) for c in opts.clients.split(",")]:
+    for row, count, row_calls in rows:
         rate, p99 = {}, {}
-        for name, call in calls.items():
-            latencies, failed = up.run_load(call, clients, opts.seconds)
+        for name, call in row_calls.items():
+            latencies, failed = up.run_load(call, count, opts.seconds)
             rate[name] = len(latencies) / opts.seconds
             p99[name] = up.percentile(latencies, 99)
             if failed:
                 print(f"  {name}: {failed} failed", file=sys.stderr)
-        line = f"{clients:>7} " + " ".join(f"{rate[n]:>13.0f}" for n in names)
+        line = f"{row:>{width}} " + " ".join(f"{rate[n]:>13.0f}" for n in names)
         line += " " + " ".join(f"{rate[n] / rate['emulator']:>14.0%}" for n in names[1:])
         line += " " + " ".join(f"{p99[n] - p99['emulator']:>11.0f} ms" for n in names[1:])
         print(line, flush=True)
@@ -396,6 +454,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--baseline", default="", help="a commit to measure beside this tree")
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument(
+        "--users", type=int, default=256, help="the many-users row's users (0: no such row)"
+    )
     opts = parser.parse_args()
     postgres = os.environ.get("BENCH_DATABASE_URL")
     wanted = [d.strip() for d in opts.databases.split(",") if d.strip()]
