@@ -144,11 +144,20 @@ class UnitOfWork:
         self._release()
 
     def fail(self) -> None:
-        """Roll the work back and run the undos, newest first, each committed on its own."""
+        """Roll the work back and run the undos, newest first, each committed on its own.
+
+        The undos run even when the rollback failed (the database went away): a draft made at
+        Cloudflare is still deleted. The rollback's error is raised after them."""
         try:
-            self.session.rollback()
+            try:
+                self.session.rollback()
+            finally:
+                self._release()  # even when the rollback failed
         finally:
-            self._release()  # even when the rollback failed (the database went away)
+            self._undo()
+
+    def _undo(self) -> None:
+        """Run the undos, newest first, best effort: one that fails is logged, never raised."""
         while self._undos:
             undo = self._undos.pop()
             try:
@@ -156,13 +165,13 @@ class UnitOfWork:
                 self.session.commit()
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
                 # The database is away (the request failed for it too): one line, no trace.
-                self.session.rollback()
+                _rollback_quietly(self.session)
                 log.warning(
                     "could not undo part of a failed request: database unavailable (%s)",
                     type(getattr(exc, "orig", exc)).__name__,
                 )
             except Exception:  # best effort: never mask the request's own error
-                self.session.rollback()
+                _rollback_quietly(self.session)
                 log.warning("could not undo part of a failed request", exc_info=True)
 
     def _end_transaction(self, *, session: bool = True) -> None:
@@ -200,6 +209,15 @@ def _give_back(conn: sa.Connection) -> None:
         conn.rollback()
     finally:
         conn.close()
+
+
+def _rollback_quietly(session: Session) -> None:
+    """Roll `session` back after a failed undo; a rollback failing too (the database is away)
+    leaves the next undo to run all the same."""
+    try:
+        session.rollback()
+    except Exception:
+        log.debug("rollback after a failed undo failed too", exc_info=True)
 
 
 def _own(session: Session) -> OrmSession:

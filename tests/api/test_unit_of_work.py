@@ -353,6 +353,40 @@ def test_a_failed_rollback_still_gives_the_connection_back(app, make_user) -> No
     assert _limits(app, first) == (None, None)
 
 
+def test_the_undos_run_even_when_the_rollback_fails(app, make_user, caplog) -> None:
+    """A rollback that fails (the database went away) still leaves the undos to run (a draft
+    at Cloudflare is deleted all the same), a failing one logged; then its error is raised."""
+    _, second = _two_users(make_user)
+    ran: list[str] = []
+
+    def undo_outside_the_database() -> None:
+        ran.append("draft deleted")
+
+    def undo_that_fails() -> None:
+        ran.append("fails")
+        raise sa.exc.OperationalError("DELETE", {}, Exception("injected: database away"))
+
+    with app.app_context():
+        work = UnitOfWork(db.session)
+        work.on_failure(undo_outside_the_database)
+        work.on_failure(undo_that_fails)
+        db.session.get_one(User, second).max_pending_uploads = 3  # the request's own work
+
+        def broken(*_args: Any) -> None:
+            raise RuntimeError("injected: the rollback fails")
+
+        sa.event.listen(db.session(), "after_soft_rollback", broken)
+        with (
+            caplog.at_level(logging.WARNING, logger="broker.api"),
+            pytest.raises(RuntimeError, match="the rollback fails"),
+        ):
+            work.fail()
+        assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert ran == ["fails", "draft deleted"]
+    assert "database unavailable (Exception)" in caplog.text
+    assert _limits(app, second) == (None, None)
+
+
 class _Interrupted(BaseException):
     """Not an Exception: what a worker's timeout or a KeyboardInterrupt raises."""
 
