@@ -109,8 +109,8 @@ class UpstreamBudget:
         self.background_share = background_share
         self.scope = scope
         self.clock = clock
-        # The calls one user can spend at once (a pick of files: a create and a complete each):
-        # fewer than that in the current slice alone is no sign that traffic picks up.
+        # The calls one user can spend at once (a pick of files: a create and a complete each;
+        # `one_pick`): fewer than that in the current slice alone is no sign that traffic picks up.
         self.min_burst = min_burst
         # Bucket keys are exact integers on every backend: whole seconds, or milliseconds for a
         # window shorter than BUCKETS_PER_WINDOW seconds (the batch host's one-second rate), so
@@ -445,9 +445,22 @@ def budget_from_settings(
         reserve=settings.upstream_background_reserve,
         background_share=settings.upstream_background_share,
         clock=clock,
-        # One user's pick of as many files as they may hold pending: a create and a complete each.
-        min_burst=2 * settings.max_pending_uploads,
+        min_burst=one_pick(settings),
     )
+
+
+def one_pick(settings: Settings) -> int:
+    """The calls a new slice may hold before its own pace is read (`min_burst`): one user's pick.
+
+    A create and a complete for each file a user may hold pending, but never more than one
+    slice holds at the pace where `/complete` stops verifying inline (`COMPLETE_INLINE_BUDGET`
+    of the limit): past that many calls the slice is over that pace however long it goes on,
+    so they are read whoever made them: a pending limit raised for bulk clients (100,000
+    drafts) must not keep the current slice from ever being read.
+    """
+    pick = 2 * settings.max_pending_uploads
+    at_inline_pace = settings.upstream_budget * settings.complete_inline_budget
+    return min(pick, math.ceil(at_inline_pace / BUCKETS_PER_WINDOW))
 
 
 def budget_engine(url: str, config: Mapping[str, Any] | None = None) -> Engine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 
@@ -9,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from broker.platform.config import settings_of
 from broker.platform.db import db
-from broker.upstream.budget import BudgetExhausted, UpstreamBudget
+from broker.upstream.budget import BudgetExhausted, UpstreamBudget, one_pick
 from broker.upstream.cloudflare import Priority
 
 
@@ -153,6 +155,34 @@ def test_the_current_slice_is_read_once_it_holds_more_than_one_users_burst(app: 
     assert budget.status().pace == 355
     budget.acquire()  # 40: more than one user spends at once, read at its own pace
     assert budget.status().pace == 2000
+
+
+@pytest.mark.parametrize(
+    ("budget", "share", "pending", "pick"),
+    [
+        (1000, 0.5, 20, 40),  # the defaults: a create and a complete for each of 20 files
+        (1000, 0.5, 100_000, 50),  # a bulk client's limit: a slice's calls at 500 a window
+        (1150, 0.5, 100_000, 58),  # bench_completion.py's budget
+        (1000, 0.5, 24, 48),
+        (1000, 0.2, 20, 20),  # inline checks stop sooner: so does the forgiveness
+        (1000, 0.0, 20, 0),  # no inline checks: every slice is read
+    ],
+)
+def test_one_pick_is_a_users_files_up_to_a_slice_at_the_inline_pace(
+    app: Flask, budget: int, share: float, pending: int, pick: int
+) -> None:
+    settings = dataclasses.replace(
+        settings_of(app),
+        upstream_budget=budget,
+        complete_inline_budget=share,
+        max_pending_uploads=pending,
+    )
+    assert one_pick(settings) == pick
+
+
+def test_the_apps_budget_forgives_one_pick(make_app: Callable[..., Flask]) -> None:
+    app = make_app(MAX_PENDING_UPLOADS=100_000, UPSTREAM_BUDGET=1150)
+    assert app.extensions["budget"].min_burst == 58
 
 
 def test_background_calls_count_against_their_own_side_only(app: Flask) -> None:
