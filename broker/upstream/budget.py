@@ -348,17 +348,19 @@ class UpstreamBudget:
         time since its own slice began, not diluted by the quiet one (which would show headroom
         for its first half-minute), and a burst that began late in the slice before is read
         from the current slice alone as soon as that one holds it. The current slice is read
-        only once it holds `min_burst` calls, more than one user's pick spends at once: one
-        person's files right after a slice begins are not a flood. Each reading spans at least
-        the time the budget's own pace takes for PACE_MIN_CALLS calls (at most a slice), so a
-        few calls close together read as a small share of the limit.
+        only once its interactive calls reach `min_burst`, more than one user's pick spends at
+        once: one person's files right after a slice begins are not a flood, nor are the
+        worker's checks of them meanwhile (background calls). Each reading spans at least the
+        time the budget's own pace takes for PACE_MIN_CALLS calls (at most a slice), so a few
+        calls close together read as a small share of the limit.
         """
         current = int((now * self.unit) // self.bucket) * self.bucket
         shortest = min(self.bucket / self.unit, self.window * PACE_MIN_CALLS / self.limit)
         fastest = 0.0
         for since in (current, current - self.bucket):
-            calls = sum(int(n) for start, n, _ in rows if int(start) >= since)
-            if since == current and calls < self.min_burst:
+            recent = [(int(n), int(bg or 0)) for start, n, bg in rows if int(start) >= since]
+            calls = sum(n for n, _ in recent)
+            if since == current and calls - sum(bg for _, bg in recent) < self.min_burst:
                 continue
             span = max(now - since / self.unit, shortest)
             fastest = max(fastest, calls * self.window / span)
@@ -450,7 +452,7 @@ def budget_from_settings(
 
 
 def one_pick(settings: Settings) -> int:
-    """The calls a new slice may hold before its own pace is read (`min_burst`): one user's pick.
+    """The interactive calls a new slice may hold before its pace is read: one user's pick.
 
     A create and a complete for each file a user may hold pending, but never more than one
     slice holds at the pace where `/complete` stops verifying inline (`COMPLETE_INLINE_BUDGET`

@@ -448,6 +448,28 @@ def test_one_users_pick_on_a_quiet_account_is_verified_inline(quiet_slice, emula
     assert calls == {"image_details": 20}
 
 
+def test_a_pick_sent_file_by_file_with_the_worker_running_is_verified_inline(quiet_slice, emulator):
+    """The same pick as its files arrive, one every 0.5 s, each completed at once, while the
+    worker checks the pending ones (a listing each 2 s turn): its listings are not the user's
+    calls, so they do not use up the pick's 40. Counted with them, the last five answers were
+    202 (40 calls in the slice 10 s in: 1230 a window)."""
+    app, client, auth, now = quiet_slice
+    ups = [create_upload(client, auth) for _ in range(20)]
+    start = max(load_upload(app, up["id"]).created_at for up in ups)
+    emulator.reset_counters()
+    answers = []
+    for step, up in enumerate(ups, start=1):
+        now[0] += 0.5
+        worker.run_once(app, now=start + timedelta(seconds=0.5 * step))
+        send_file(up)
+        answers.append(client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth))
+    assert [a.status_code for a in answers] == [200] * 20
+    # One details call per answer, and the worker's checks in the same slice: one a 2 s turn
+    # (a listing, or a details call when a single upload is left to check).
+    calls = _api_calls(emulator)
+    assert set(calls) == {"image_details", "list_v2"} and sum(calls.values()) == 20 + 5
+
+
 def test_a_real_burst_at_a_slice_start_sends_complete_to_the_worker(quiet_slice, emulator):
     """More calls in the new slice than one user's pick spends: read at their own pace (45 calls
     in 6 s, the shortest reading, is 2250 a window), so `/complete` keeps them for creates."""

@@ -138,16 +138,15 @@ def test_a_burst_begun_late_in_a_slice_is_read_from_the_next_one(app: Flask) -> 
     assert budget.status().pace == 400
 
 
+def _forgiving_budget(app: Flask, clock: Clock) -> UpstreamBudget:
+    """A 1000-call, 100 s window that forgives one user's pick of 40 calls in a new slice."""
+    engine = app.extensions["budget"].engine
+    return UpstreamBudget(engine, limit=1000, window=100, reserve=100, clock=clock, min_burst=40)
+
+
 def test_the_current_slice_is_read_once_it_holds_more_than_one_users_burst(app: Flask) -> None:
     clock = Clock(1_700_000_000.0)  # a slice (10 s of a 1000-call, 100 s window) starts here
-    budget = UpstreamBudget(
-        app.extensions["budget"].engine,
-        limit=1000,
-        window=100,
-        reserve=100,
-        clock=clock,
-        min_burst=40,
-    )
+    budget = _forgiving_budget(app, clock)
     for _ in range(39):  # one user's pick: fewer calls than min_burst, right after a quiet slice
         budget.acquire()
     clock.now += 1
@@ -155,6 +154,20 @@ def test_the_current_slice_is_read_once_it_holds_more_than_one_users_burst(app: 
     assert budget.status().pace == 355
     budget.acquire()  # 40: more than one user spends at once, read at its own pace
     assert budget.status().pace == 2000
+
+
+def test_the_workers_calls_meanwhile_are_not_part_of_a_users_burst(app: Flask) -> None:
+    clock = Clock(1_700_000_000.0)  # a slice (10 s of a 1000-call, 100 s window) starts here
+    budget = _forgiving_budget(app, clock)
+    for _ in range(39):  # one user's pick
+        budget.acquire()
+    for _ in range(5):  # the worker checking its uploads (background)
+        budget.acquire(Priority.BACKGROUND)
+    clock.now += 1
+    # 44 calls, 39 of them the user's: read from the quiet slice's start (11 s).
+    assert budget.status().pace == 400
+    budget.acquire()  # the 40th interactive call: the slice is read at its own pace (2 s floor)
+    assert budget.status().pace == 2250
 
 
 @pytest.mark.parametrize(
