@@ -179,6 +179,7 @@ def test_the_workers_calls_meanwhile_are_not_part_of_a_users_burst(app: Flask) -
         (1000, 0.5, 24, 48),
         (1000, 0.2, 20, 20),  # inline checks stop sooner: so does the forgiveness
         (1000, 0.0, 20, 0),  # no inline checks: every slice is read
+        (1800, 0.55, 100_000, 99),  # 99.00000000000001 in floats
     ],
 )
 def test_one_pick_is_a_users_files_up_to_a_slice_at_the_inline_pace(
