@@ -462,7 +462,7 @@ def one_pick(settings: Settings) -> int:
     """
     pick = 2 * settings.max_pending_uploads
     at_inline_pace = settings.upstream_budget * settings.complete_inline_budget
-    # Rounded first: 1800 × 0.55 / 10 is 99.00000000000001 in floats, and 99 is the cap.
+    # Rounded first: 1800 * 0.55 / 10 is 99.00000000000001 in floats, and 99 is the cap.
     return min(pick, math.ceil(round(at_inline_pace / BUCKETS_PER_WINDOW, 9)))
 
 
