@@ -440,6 +440,12 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
             )
     except ConfigError:
         pass  # not a number: said once, with the minimums below
+    try:
+        share = _coerce("COMPLETE_INLINE_BUDGET", config["COMPLETE_INLINE_BUDGET"], float)
+        if not 0 <= share <= 1:  # NaN fails both comparisons
+            problems.append(f"BROKER_COMPLETE_INLINE_BUDGET must be from 0 to 1, not {share}")
+    except ConfigError as exc:
+        problems.append(exc.message)
     for setting in SETTINGS:
         if setting.minimum is None:
             continue

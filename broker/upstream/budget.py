@@ -109,8 +109,8 @@ class UpstreamBudget:
         self.background_share = background_share
         self.scope = scope
         self.clock = clock
-        # The calls one user can spend at once (a pick of files: a create and a complete each):
-        # fewer than that in the current slice alone is no sign that traffic picks up.
+        # The calls one user can spend at once (a pick of files: a create and a complete each;
+        # `one_pick`): fewer than that in the current slice alone is no sign that traffic picks up.
         self.min_burst = min_burst
         # Bucket keys are exact integers on every backend: whole seconds, or milliseconds for a
         # window shorter than BUCKETS_PER_WINDOW seconds (the batch host's one-second rate), so
@@ -348,17 +348,19 @@ class UpstreamBudget:
         time since its own slice began, not diluted by the quiet one (which would show headroom
         for its first half-minute), and a burst that began late in the slice before is read
         from the current slice alone as soon as that one holds it. The current slice is read
-        only once it holds `min_burst` calls, more than one user's pick spends at once: one
-        person's files right after a slice begins are not a flood. Each reading spans at least
-        the time the budget's own pace takes for PACE_MIN_CALLS calls (at most a slice), so a
-        few calls close together read as a small share of the limit.
+        only once its interactive calls reach `min_burst`, more than one user's pick spends at
+        once: one person's files right after a slice begins are not a flood, nor are the
+        worker's checks of them meanwhile (background calls). Each reading spans at least the
+        time the budget's own pace takes for PACE_MIN_CALLS calls (at most a slice), so a few
+        calls close together read as a small share of the limit.
         """
         current = int((now * self.unit) // self.bucket) * self.bucket
         shortest = min(self.bucket / self.unit, self.window * PACE_MIN_CALLS / self.limit)
         fastest = 0.0
         for since in (current, current - self.bucket):
-            calls = sum(int(n) for start, n, _ in rows if int(start) >= since)
-            if since == current and calls < self.min_burst:
+            recent = [(int(n), int(bg or 0)) for start, n, bg in rows if int(start) >= since]
+            calls = sum(n for n, _ in recent)
+            if since == current and calls - sum(bg for _, bg in recent) < self.min_burst:
                 continue
             span = max(now - since / self.unit, shortest)
             fastest = max(fastest, calls * self.window / span)
@@ -445,9 +447,23 @@ def budget_from_settings(
         reserve=settings.upstream_background_reserve,
         background_share=settings.upstream_background_share,
         clock=clock,
-        # One user's pick of as many files as they may hold pending: a create and a complete each.
-        min_burst=2 * settings.max_pending_uploads,
+        min_burst=one_pick(settings),
     )
+
+
+def one_pick(settings: Settings) -> int:
+    """The interactive calls a new slice may hold before its pace is read: one user's pick.
+
+    A create and a complete for each file a user may hold pending, but never more than one
+    slice holds at the pace where `/complete` stops verifying inline (`COMPLETE_INLINE_BUDGET`
+    of the limit): past that many calls the slice is over that pace however long it goes on,
+    so they are read whoever made them: a pending limit raised for bulk clients (100,000
+    drafts) must not keep the current slice from ever being read.
+    """
+    pick = 2 * settings.max_pending_uploads
+    at_inline_pace = settings.upstream_budget * settings.complete_inline_budget
+    # Rounded first: 1800 * 0.55 / 10 is 99.00000000000001 in floats, and 99 is the cap.
+    return min(pick, math.ceil(round(at_inline_pace / BUCKETS_PER_WINDOW, 9)))
 
 
 def budget_engine(url: str, config: Mapping[str, Any] | None = None) -> Engine:

@@ -39,6 +39,14 @@ def test_finalize_lists_every_problem(tmp_path: Path) -> None:
         assert f"  - {part}" in message
 
 
+@pytest.mark.parametrize("share", ["nan", "inf", "-0.5", "1.5"])
+def test_a_share_of_the_budget_outside_0_to_1_is_refused(tmp_path: Path, share: str) -> None:
+    """Not a stack trace from the budget's arithmetic at start: one line naming the setting."""
+    with pytest.raises(ConfigError) as caught:
+        finalize(production_settings(COMPLETE_INLINE_BUDGET=share), str(tmp_path))
+    assert "BROKER_COMPLETE_INLINE_BUDGET must be from 0 to 1" in caught.value.message
+
+
 def test_a_flask_command_prints_them_all_and_exits_1(tmp_path: Path) -> None:
     """`flask --app broker …` in production with nothing set says everything missing at once."""
     env = {

@@ -388,47 +388,116 @@ def test_complete_falls_back_to_the_worker_when_creates_pick_up(inline, emulator
     assert _api_calls(emulator) == {"list_v2": 1}  # one listing for both
 
 
-@pytest.fixture
-def quiet_slice(make_app, make_user, bearer):
+def _at_a_quiet_slice(make_app, make_user, bearer, **overrides):
     """An app at the default budget (1000 calls / 300 s, slices of 30 s, details on the global
     API) whose budget clock stands at the start of a slice after a quiet one; `now[0]` moves it."""
     now = [1_800_000_000.0]  # a multiple of 30 s: a slice of the window begins here
-    app = make_app(CLOUDFLARE_BATCH="off", UPSTREAM_BUDGET_CLOCK=lambda: now[0])
+    app = make_app(CLOUDFLARE_BATCH="off", UPSTREAM_BUDGET_CLOCK=lambda: now[0], **overrides)
     budget = app.extensions["budget"]
     assert (budget.limit, budget.window, budget.status().used) == (1000, 300, 0)
     return app, app.test_client(), bearer(app, make_user("alice")), now
+
+
+@pytest.fixture
+def quiet_slice(make_app, make_user, bearer):
+    """`_at_a_quiet_slice` with the default settings (20 pending uploads a user)."""
+    return _at_a_quiet_slice(make_app, make_user, bearer)
+
+
+@pytest.fixture
+def bulk_quiet_slice(make_app, make_user, bearer):
+    """`_at_a_quiet_slice` with the pending limit raised for bulk clients (100,000 drafts)."""
+    return _at_a_quiet_slice(make_app, make_user, bearer, MAX_PENDING_UPLOADS=100_000)
+
+
+def _complete_a_pick(client, auth, now, emulator, files: int) -> tuple[list[int], dict]:
+    """Create and send `files` uploads in one pick and complete each 3 s later; return the
+    answers' status codes and the upstream calls they made."""
+    ups = [create_upload(client, auth) for _ in range(files)]
+    for up in ups:
+        send_file(up)
+    now[0] += 3
+    emulator.reset_counters()
+    answers = [client.post(f"/api/v1/uploads/{u['id']}/complete", headers=auth) for u in ups]
+    return [a.status_code for a in answers], _api_calls(emulator)
+
+
+def _complete_in_a_burst(app, client, auth, now, emulator, others: int):
+    """Create and send one upload while other clients make `others` calls, then complete it
+    3 s later; return the answer's status code, the budget's status before it and the upstream
+    calls it made."""
+    up = create_upload(client, auth)
+    send_file(up)
+    budget = app.extensions["budget"]
+    for _ in range(others):
+        budget.acquire()
+    now[0] += 3
+    status = budget.status()
+    emulator.reset_counters()
+    answer = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
+    return answer.status_code, status, _api_calls(emulator)
 
 
 def test_one_users_pick_on_a_quiet_account_is_verified_inline(quiet_slice, emulator):
     """A pick of as many files as a user may hold pending, right after a slice begins: its
     creates and completes are one person's burst, not traffic picking up; every answer is 200."""
     app, client, auth, now = quiet_slice
-    ups = [create_upload(client, auth) for _ in range(settings_of(app).max_pending_uploads)]
-    for up in ups:
-        send_file(up)
-    now[0] += 3
+    files = settings_of(app).max_pending_uploads
+    answers, calls = _complete_a_pick(client, auth, now, emulator, files)
+    assert answers == [200] * 20
+    assert calls == {"image_details": 20}
+
+
+def test_a_pick_sent_file_by_file_with_the_worker_running_is_verified_inline(quiet_slice, emulator):
+    """The same pick as its files arrive, one every 0.5 s, each completed at once, while the
+    worker checks the pending ones (a listing each 2 s turn): its listings are not the user's
+    calls, so they do not use up the pick's 40. Counted with them, the last five answers were
+    202 (40 calls in the slice 10 s in: 1230 a window)."""
+    app, client, auth, now = quiet_slice
+    ups = [create_upload(client, auth) for _ in range(20)]
+    start = max(load_upload(app, up["id"]).created_at for up in ups)
     emulator.reset_counters()
-    answers = [client.post(f"/api/v1/uploads/{u['id']}/complete", headers=auth) for u in ups]
+    answers = []
+    for step, up in enumerate(ups, start=1):
+        now[0] += 0.5
+        worker.run_once(app, now=start + timedelta(seconds=0.5 * step))
+        send_file(up)
+        answers.append(client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth))
     assert [a.status_code for a in answers] == [200] * 20
-    assert _api_calls(emulator) == {"image_details": 20}
+    # One details call per answer, and the worker's checks in the same slice: one a 2 s turn
+    # (a listing, or a details call when a single upload is left to check).
+    calls = _api_calls(emulator)
+    assert set(calls) == {"image_details", "list_v2"} and sum(calls.values()) == 20 + 5
 
 
 def test_a_real_burst_at_a_slice_start_sends_complete_to_the_worker(quiet_slice, emulator):
     """More calls in the new slice than one user's pick spends: read at their own pace (45 calls
     in 6 s, the shortest reading, is 2250 a window), so `/complete` keeps them for creates."""
     app, client, auth, now = quiet_slice
-    up = create_upload(client, auth)
-    send_file(up)
-    budget = app.extensions["budget"]
-    for _ in range(44):  # other users' calls in the same seconds
-        budget.acquire()
-    now[0] += 3
-    status = budget.status()
+    answer, status, calls = _complete_in_a_burst(app, client, auth, now, emulator, 44)
     # Read from the quiet slice's start the same 45 calls would be 409 a window: headroom.
     assert status.used == 45 and status.pace == 2250
-    emulator.reset_counters()
-    answer = client.post(f"/api/v1/uploads/{up['id']}/complete", headers=auth)
-    assert answer.status_code == 202 and _api_calls(emulator) == {}
+    assert answer == 202 and calls == {}
+
+
+def test_a_raised_pending_limit_leaves_a_pick_inline_and_a_burst_to_the_worker(
+    bulk_quiet_slice, emulator
+):
+    """A pending limit of 100,000 does not make 200,000 calls "one user's pick": the pace
+    forgives at most what a slice holds at the inline checks' pace (1000 x 0.5 / 10 slices = 50
+    calls), so a 20-file pick is still verified inline and 53 calls in a new slice's first 3 s
+    read at their own pace (2650 a window: 202). Forgiving 200,000, they were read from the
+    quiet slice's start (482 a window, under the 500 of the inline share): 200, a details call
+    spent per `/complete` while a burst began."""
+    app, client, auth, now = bulk_quiet_slice
+    answers, calls = _complete_a_pick(client, auth, now, emulator, 20)
+    assert answers == [200] * 20
+    assert calls == {"image_details": 20}
+
+    now[0] += 57  # a slice begins after a quiet one (the pick's is the one before that)
+    answer, status, calls = _complete_in_a_burst(app, client, auth, now, emulator, 52)
+    assert (status.used, status.pace) == (93, 2650)  # the pick's 40 calls and these 53
+    assert answer == 202 and calls == {}
 
 
 # -- the shared listing turn (silent clients, N workers) ---------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 
@@ -9,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from broker.platform.config import settings_of
 from broker.platform.db import db
-from broker.upstream.budget import BudgetExhausted, UpstreamBudget
+from broker.upstream.budget import BudgetExhausted, UpstreamBudget, one_pick
 from broker.upstream.cloudflare import Priority
 
 
@@ -136,16 +138,15 @@ def test_a_burst_begun_late_in_a_slice_is_read_from_the_next_one(app: Flask) -> 
     assert budget.status().pace == 400
 
 
+def _forgiving_budget(app: Flask, clock: Clock) -> UpstreamBudget:
+    """A 1000-call, 100 s window that forgives one user's pick of 40 calls in a new slice."""
+    engine = app.extensions["budget"].engine
+    return UpstreamBudget(engine, limit=1000, window=100, reserve=100, clock=clock, min_burst=40)
+
+
 def test_the_current_slice_is_read_once_it_holds_more_than_one_users_burst(app: Flask) -> None:
     clock = Clock(1_700_000_000.0)  # a slice (10 s of a 1000-call, 100 s window) starts here
-    budget = UpstreamBudget(
-        app.extensions["budget"].engine,
-        limit=1000,
-        window=100,
-        reserve=100,
-        clock=clock,
-        min_burst=40,
-    )
+    budget = _forgiving_budget(app, clock)
     for _ in range(39):  # one user's pick: fewer calls than min_burst, right after a quiet slice
         budget.acquire()
     clock.now += 1
@@ -153,6 +154,49 @@ def test_the_current_slice_is_read_once_it_holds_more_than_one_users_burst(app: 
     assert budget.status().pace == 355
     budget.acquire()  # 40: more than one user spends at once, read at its own pace
     assert budget.status().pace == 2000
+
+
+def test_the_workers_calls_meanwhile_are_not_part_of_a_users_burst(app: Flask) -> None:
+    clock = Clock(1_700_000_000.0)  # a slice (10 s of a 1000-call, 100 s window) starts here
+    budget = _forgiving_budget(app, clock)
+    for _ in range(39):  # one user's pick
+        budget.acquire()
+    for _ in range(5):  # the worker checking its uploads (background)
+        budget.acquire(Priority.BACKGROUND)
+    clock.now += 1
+    # 44 calls, 39 of them the user's: read from the quiet slice's start (11 s).
+    assert budget.status().pace == 400
+    budget.acquire()  # the 40th interactive call: the slice is read at its own pace (2 s floor)
+    assert budget.status().pace == 2250
+
+
+@pytest.mark.parametrize(
+    ("budget", "share", "pending", "pick"),
+    [
+        (1000, 0.5, 20, 40),  # the defaults: a create and a complete for each of 20 files
+        (1000, 0.5, 100_000, 50),  # a bulk client's limit: a slice's calls at 500 a window
+        (1150, 0.5, 100_000, 58),  # bench_completion.py's budget
+        (1000, 0.5, 24, 48),
+        (1000, 0.2, 20, 20),  # inline checks stop sooner: so does the forgiveness
+        (1000, 0.0, 20, 0),  # no inline checks: every slice is read
+        (1800, 0.55, 100_000, 99),  # 99.00000000000001 in floats
+    ],
+)
+def test_one_pick_is_a_users_files_up_to_a_slice_at_the_inline_pace(
+    app: Flask, budget: int, share: float, pending: int, pick: int
+) -> None:
+    settings = dataclasses.replace(
+        settings_of(app),
+        upstream_budget=budget,
+        complete_inline_budget=share,
+        max_pending_uploads=pending,
+    )
+    assert one_pick(settings) == pick
+
+
+def test_the_apps_budget_forgives_one_pick(make_app: Callable[..., Flask]) -> None:
+    app = make_app(MAX_PENDING_UPLOADS=100_000, UPSTREAM_BUDGET=1150)
+    assert app.extensions["budget"].min_burst == 58
 
 
 def test_background_calls_count_against_their_own_side_only(app: Flask) -> None:
