@@ -147,16 +147,23 @@ def migrated(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> str
     return database_url
 
 
+# Every sequence of the schema (each one an id column's) starts again at 1.
+RESTART_SEQUENCES = sa.text(
+    "SELECT setval(c.oid, 1, false) FROM pg_class c"
+    " WHERE c.relkind = 'S' AND c.relnamespace = current_schema()::regnamespace"
+)
+
+
 def _empty_tables(app: Flask) -> None:
     with app.app_context():
         tables = [t for t in reversed(db.metadata.sorted_tables)]
         with db.engine.begin() as conn:
-            if conn.dialect.name == "postgresql" and tables:
-                names = ", ".join(f'"{t.name}"' for t in tables)
-                conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-            else:
-                for table in tables:
-                    conn.execute(table.delete())
+            for table in tables:
+                conn.execute(table.delete())
+            if conn.dialect.name == "postgresql":
+                # DELETE and restart the ids, not TRUNCATE ... RESTART IDENTITY: a test leaves a
+                # few rows, and TRUNCATE's new files for 24 tables cost ~40 ms more each test.
+                conn.execute(RESTART_SEQUENCES)
         db.session.remove()
         db.engine.dispose()
 
