@@ -61,3 +61,17 @@ def test_csrf_tokens_are_read_by_the_one_helper() -> None:
         if "csrf-token" in line and ".split(" in line
     ]
     assert cutting == []
+
+
+def test_only_the_database_url_fixture_reads_the_test_database_from_the_environment() -> None:
+    """CI's PostgreSQL pass (BROKER_TEST_DATABASE_ONLY=1, tests/conftest.py) runs only the tests
+    that ask for `database_url` or `postgres_url`: a test reading the URL itself would escape it."""
+    readers = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in TESTS.rglob("*.py")
+        if path not in (TESTS / "conftest.py", Path(__file__).resolve())
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if any(name in line for name in ("BROKER_TEST_DATABASE_URL", "BROKER_TEST_POSTGRES_URL"))
+        and ("environ" in line or "getenv" in line)
+    ]
+    assert readers == []

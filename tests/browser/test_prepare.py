@@ -127,7 +127,9 @@ def test_phone_photo_is_resized_upright_and_without_location(
     assert counters.get("upload_url") == 3, counters
 
 
-UPLINK_BITS = 10_000_000
+# The uplink both sends go over: 100 Mbit/s in the suite (the sizes are what is judged), 10 Mbit/s
+# a phone's when `make bench-all` (tests/bench/bench_prepare.py) runs it for its figures.
+UPLINK_BITS = int(os.environ.get("BENCH_PREPARE_UPLINK_BITS", "100000000"))
 
 
 SEND_AS_TAKEN = """async (b64) => {
@@ -183,7 +185,7 @@ def _through_the_page(page: Any, live: Any, emulator: Any, photo: bytes) -> tupl
     return len(_stored(live, emulator, tile.get_attribute("data-upload-id"))), took
 
 
-def test_prepared_photo_against_the_original_on_a_10_mbit_uplink(
+def test_prepared_photo_against_the_original_on_a_throttled_uplink(
     make_app, make_user, emulator, browser
 ):
     """Side by side in one run (figures printed and kept in test-artifacts/, not asserted as
@@ -207,7 +209,8 @@ def test_prepared_photo_against_the_original_on_a_10_mbit_uplink(
     assert figures["as taken"][0] == len(photo)
     assert figures["2048 px rule"][0] < len(photo) / 4
     lines = [
-        f"4032x3024 JPEG with GPS EXIF, {len(photo) / 1e6:.2f} MB, uplink 10 Mbit/s (Chromium CDP)",
+        f"4032x3024 JPEG with GPS EXIF, {len(photo) / 1e6:.2f} MB,"
+        f" uplink {UPLINK_BITS / 1e6:g} Mbit/s (Chromium CDP)",
         *(
             f"{label:>13}: {sent / 1e6:6.2f} MB sent, drop to ready {took:5.1f} s"
             for label, (sent, took) in figures.items()

@@ -37,8 +37,12 @@ def _replace(indexes):
     # The upgrade is one transaction: a DROP INDEX first would hold ACCESS EXCLUSIVE on uploads
     # (reads wait too) through both builds. Build under temporary names (SHARE: reads go on,
     # writes wait), and only then drop and rename. Waiting behind a long transaction for a lock
-    # would queue every request behind this one: fail after 5 s instead, and run it again.
-    op.execute("SET LOCAL lock_timeout = '5s'")
+    # would queue every request behind this one: fail after 5 s instead, and run it again. A
+    # shorter lock_timeout the connection already has (PGOPTIONS, the role's) is kept.
+    op.execute(
+        "SELECT set_config('lock_timeout', '5s', true)"
+        " WHERE current_setting('lock_timeout')::interval NOT BETWEEN '1 ms' AND '5 s'"
+    )
     for name, columns in indexes.items():
         op.create_index(f'{name}_build', 'uploads', columns, unique=False)
     for name in indexes:
