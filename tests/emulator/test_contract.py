@@ -141,8 +141,10 @@ def test_bad_requests_are_refused_as_such(cloudflare: CloudflareImages) -> None:
 @pytest.mark.skipif(LIVE, reason="this test runs `make test-live` itself")
 def test_make_test_live_says_it_skipped_without_credentials(tmp_path: Any) -> None:
     """Without an account in the environment, `make test-live` skips every test and says why."""
-    env = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
-    env.pop("MAKEFLAGS", None)
+    # As a reader runs it from a shell: not with what an outer `make test PYTEST_ARGS=…` exports
+    # to its recipes (its command-line variables too: the inner run would take its test paths).
+    outer_make = {"MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "MAKELEVEL", "PYTEST_ARGS"}
+    env = {k: v for k, v in os.environ.items() if k not in {*CREDENTIALS, *outer_make}}
     done = subprocess.run(
         ["make", "-s", "test-live"],
         cwd=ROOT,
