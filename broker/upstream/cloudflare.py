@@ -493,8 +493,11 @@ class _Origins:
         self._closers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
-    def opener(self, url: str) -> tuple[Callable[..., urllib3.BaseHTTPResponse], str]:
-        """Return what opens `url` and the URL to give it (the path alone for a pool)."""
+    def opener(
+        self, url: str
+    ) -> tuple[Callable[..., urllib3.BaseHTTPResponse], str, urllib3.HTTPConnectionPool | None]:
+        """Return what opens `url`, the URL to give it (the path alone for a pool), and the
+        origin's own pool (None through a proxy)."""
         end = url.find("/", url.find("//") + 2)
         origin = url if end < 0 else url[:end]
         opener = self._openers.get(origin)
@@ -504,8 +507,8 @@ class _Origins:
                 if opener is None:
                     opener = self._openers[origin] = self._build(origin)
         if isinstance(opener, urllib3.HTTPConnectionPool):
-            return opener.urlopen, url[len(origin) :] or "/"
-        return opener, url
+            return opener.urlopen, url[len(origin) :] or "/", opener
+        return opener, url, None
 
     def _build(self, origin: str) -> Any:
         kw: dict[str, Any] = {"maxsize": self._pool_size}
@@ -783,11 +786,10 @@ class CloudflareImages:
         query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
         if query:
             url = f"{url}?{query}"
-        urlopen, target = self._origins.opener(url)
+        urlopen, target, pool = self._origins.opener(url)
         # A buffered call to an origin of our own pool goes over the wire directly (see
         # broker.upstream.wire); a stream, or a call through a proxy, through urllib3.
-        pool = getattr(urlopen, "__self__", None)
-        if raw or stream or not isinstance(pool, urllib3.HTTPConnectionPool):
+        if raw or stream:
             pool = None
         attempt = 0
         while True:

@@ -448,7 +448,7 @@ def test_an_https_proxys_own_certificate_is_checked_against_the_bundle(
     no_proxy_environment.setenv("HTTPS_PROXY", "https://proxy.example.test:3129")
     cf = CloudflareImages("https://api.cloudflare.com/client/v4", "account", "token")
     try:
-        opener, _ = cf._origins.opener(cf.api_base)
+        opener, _, _ = cf._origins.opener(cf.api_base)
         manager = opener.__self__
         assert manager.proxy.scheme == "https"
         assert manager.proxy_ssl_context is manager.connection_pool_kw["ssl_context"]
