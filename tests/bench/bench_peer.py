@@ -407,13 +407,17 @@ def measure(
     many: dict[str, Call] = {"emulator": direct}
     many.update({name: poster(url, in_turn(sent[1:])) for name, (url, sent, _) in targets.items()})
     warming = [*calls.values(), *([many[name] for name in targets] if opts.users else [])]
+    clients = [int(c) for c in opts.clients.split(",")]
     for call in warming:
-        up.run_load(call, 4, 1.0)  # warm every process, thread and pool (and users' tokens)
+        # As many clients as the busiest row: every process and thread serves, every pool
+        # connection opens (and each user's token is read) before "warm" memory is taken. Four
+        # clients often reached one of the two processes only, whose first-run pages then read
+        # as growth over the run.
+        up.run_load(call, max(clients), 1.0)
     warm = {name: worker_memory(proc) for name, (*_, proc) in targets.items()}
 
     print(f"\n{label}: gunicorn 2 x 16 gthread each; {opts.seconds:g} s per row")
     names = list(calls)
-    clients = [int(c) for c in opts.clients.split(",")]
     rows = [(f"{n}", n, calls) for n in clients]
     if opts.users:
         rows.append((f"{max(clients)}, {opts.users} users", max(clients), many))
