@@ -69,7 +69,6 @@ def _pipelined(
         raw.isolation_level is None and raw.read_only is None and raw.deferrable is None
     )
     cursors: list[Any] = []
-    sql, values = sent[0]
     try:
         if own_begin:
             raw.autocommit = True
@@ -83,7 +82,6 @@ def _pipelined(
                     listener(conn, cursor, sql, values, None, False)
                 cursor.execute(sql, values)
             # A statement of the pipeline, not psycopg's commit(), which would sync once more.
-            sql, values = "COMMIT", {}
             raw.execute("COMMIT")
         return [
             [tuple(row) for row in cursor.fetchall()] if cursor.description else []
@@ -93,9 +91,10 @@ def _pipelined(
         invalidated = conn.dialect.is_disconnect(cast(Any, exc), raw, None)
         if invalidated:
             conn.invalidate(exc)
+        # Any statement's error arrives at the one Sync: the pipeline is named whole.
         raise sa.exc.DBAPIError.instance(
-            sql,
-            values,
+            "; ".join([*(sql for sql, _ in sent), "COMMIT"]),
+            None,
             exc,
             psycopg.Error,
             connection_invalidated=invalidated,
