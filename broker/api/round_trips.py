@@ -4,13 +4,12 @@ Offers `commit_in_one_round_trip`, for the unit of work that owns the transactio
 (`broker.api.unit_of_work`, its only caller: nothing else commits, `broker.platform.db`'s
 rule). A step's work hands it its `broker.platform.db.Statement`s through a `Finish`.
 
-On PostgreSQL the BEGIN, the statements and the COMMIT go in psycopg's pipeline mode, all sent
-before a single wait for the answers. The server runs each as soon as the one before it ended,
-each reading the rows committed before it starts (READ COMMITTED), so a statement after a lock
-still sees everything the lock's previous holder committed; a lock the first one takes is held
-while the server runs the others and commits, not across round trips and turns of this process
-(GIL turns behind its other threads). Elsewhere (SQLite), one `execute` after the other, then
-the commit.
+On PostgreSQL the BEGIN, the statements and the COMMIT go as one message, one wait for the
+answer. The server runs each as soon as the one before it ended, each reading the rows
+committed before it starts (READ COMMITTED), so a statement after a lock still sees everything
+the lock's previous holder committed; a lock the first one takes is held while the server runs
+the others and commits, never across a round trip or a turn of this process (a GIL turn behind
+its other threads). Elsewhere (SQLite), one `execute` after the other, then the commit.
 """
 
 from __future__ import annotations
@@ -30,85 +29,101 @@ def commit_in_one_round_trip(
     """Run `statements` one after the other in `conn`'s transaction and commit it, all in one
     round trip where the driver can (PostgreSQL); return each statement's rows.
 
-    Errors arrive as `execute` raises them: SQLAlchemy's, the connection invalidated when it
-    dropped, nothing committed. `before_cursor_execute` listeners see each statement.
+    Errors arrive as `execute` raises them (SQLAlchemy's, through its own error handling: a
+    dropped connection invalidated, the pool's older ones with it), nothing committed.
+    `before_cursor_execute` listeners see each statement. Rows come back as the driver gives
+    them (the callers read integers and strings).
     """
     if conn.dialect.name == "postgresql":
         import psycopg  # PostgreSQL only: a SQLite process never loads it
 
         raw = conn.connection.driver_connection
-        if isinstance(raw, psycopg.Connection) and psycopg.Pipeline.is_supported():
+        if isinstance(raw, psycopg.Connection):
             if not conn.in_transaction():
-                conn.begin()  # SQLAlchemy's bookkeeping (psycopg sends its BEGIN in the pipeline)
-            rows = _pipelined(conn, raw, statements)
+                conn.begin()  # SQLAlchemy's bookkeeping (the message carries the BEGIN)
+            rows = _in_one_message(conn, raw, statements)
             # Already committed on the server: psycopg sends nothing more; SQLAlchemy ends its
             # transaction and runs its commit events.
             conn.commit()
             return rows
-    results = [_rows(conn.execute(statement, params)) for statement, params in statements]
+    results = run_in_transaction(conn, statements)
     conn.commit()
     return results
+
+
+def run_in_transaction(
+    conn: sa.Connection, statements: Sequence[Statement]
+) -> list[list[tuple[Any, ...]]]:
+    """`statements` one `execute` after the other in `conn`'s transaction, committing nothing
+    (a caller's transaction: the warm-up's, rolled back); each one's rows. Each statement is
+    also compiled as `commit_in_one_round_trip` sends it, so a warmed-up process compiles
+    nothing on its first create."""
+    for statement, _ in statements:
+        _compiled(statement, conn.dialect)
+    return [_rows(conn.execute(statement, params)) for statement, params in statements]
 
 
 def _rows(result: sa.CursorResult[Any]) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in result] if result.returns_rows else []
 
 
-def _pipelined(
+def _in_one_message(
     conn: sa.Connection, raw: Any, statements: Sequence[Statement]
 ) -> list[list[tuple[Any, ...]]]:
-    """`commit_in_one_round_trip` on `raw`, the psycopg connection of `conn`: the statements
-    and a COMMIT queued in one pipeline, whose one Sync is the only wait."""
+    """`commit_in_one_round_trip` on `raw`, the psycopg connection of `conn`: BEGIN, the
+    statements and COMMIT in one message of PostgreSQL's simple query protocol.
+
+    One message, not psycopg's pipeline mode: a pipeline flushes each statement as it is
+    queued, and between two of them this thread may wait for the GIL behind the process's
+    others while the server already holds the first statement's lock. Sent as one message, the
+    server has every statement before it takes any lock. The simple protocol takes no
+    parameters: psycopg's own client-side binding (`ClientCursor.mogrify`, its literal quoting
+    for each value's type) writes them into the text. If a statement fails, the server skips
+    the rest and the transaction stays open in error: it is rolled back here.
+    """
     import psycopg
 
     sent = [_driver_statement(conn.dialect, statement, params) for statement, params in statements]
-    # psycopg syncs after the BEGIN it adds in a pipeline (a round trip of its own): when none
-    # has begun, the BEGIN is the pipeline's first statement instead, sent in autocommit mode
-    # (psycopg then adds none). Not with a session characteristic psycopg's BEGIN would carry.
+    # psycopg would send its own BEGIN first, a round trip of its own: the message carries it
+    # instead, sent in autocommit mode (psycopg then adds none). Not with a session
+    # characteristic psycopg's BEGIN would carry, nor inside a transaction already begun.
     own_begin = raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE and (
         raw.isolation_level is None and raw.read_only is None and raw.deferrable is None
     )
-    cursors: list[Any] = []
+    cursor = psycopg.ClientCursor(raw)
     try:
+        texts = []
+        for sql, values in sent:
+            for listener in conn.dispatch.before_cursor_execute:
+                listener(conn, cursor, sql, values, None, False)
+            texts.append(cursor.mogrify(sql, values))  # a value it cannot write raises here
         if own_begin:
             raw.autocommit = True
-        with raw.pipeline():
-            if own_begin:
-                raw.execute("BEGIN")
-            for sql, values in sent:
-                cursor = raw.cursor()
-                cursors.append(cursor)
-                for listener in conn.dispatch.before_cursor_execute:
-                    listener(conn, cursor, sql, values, None, False)
-                cursor.execute(sql, values)
-            # A statement of the pipeline, not psycopg's commit(), which would sync once more.
-            raw.execute("COMMIT")
-        return [
-            [tuple(row) for row in cursor.fetchall()] if cursor.description else []
-            for cursor in cursors
-        ]
+        cursor.execute(";\n".join([*(["BEGIN"] if own_begin else []), *texts, "COMMIT"]))
+        results = []
+        if own_begin:
+            cursor.nextset()  # the BEGIN's
+        for _ in texts:
+            results.append([tuple(row) for row in cursor.fetchall()] if cursor.description else [])
+            cursor.nextset()
+        return results
     except psycopg.Error as exc:
-        invalidated = conn.dialect.is_disconnect(cast(Any, exc), raw, None)
-        if invalidated:
-            conn.invalidate(exc)
-        # Any statement's error arrives at the one Sync: the pipeline is named whole.
-        raise sa.exc.DBAPIError.instance(
-            "; ".join([*(sql for sql, _ in sent), "COMMIT"]),
-            None,
-            exc,
-            psycopg.Error,
-            connection_invalidated=invalidated,
-            dialect=conn.dialect,
-        ) from exc
+        # SQLAlchemy's own handling, as `execute` has it: a disconnect invalidates this
+        # connection and the pool's older ones, `handle_error` listeners run, and the error is
+        # raised as SQLAlchemy's. Named by the statements' SQL (any of them may have failed),
+        # not by the message, which holds their values: `hide_parameters` keeps those out of
+        # errors and logs.
+        named = ";\n".join([sql for sql, _ in sent] + ["COMMIT"])
+        conn._handle_dbapi_exception(exc, named, {}, cast(Any, cursor), None)
+        raise  # pragma: no cover (the line above raises)
     finally:
-        for cursor in cursors:
-            cursor.close()
+        cursor.close()
         if own_begin and not raw.closed:
             _leave_autocommit(raw)
 
 
 def _leave_autocommit(raw: Any) -> None:
-    """Turn `raw`'s autocommit off again, ending first what a failed pipeline left open (psycopg
+    """Turn `raw`'s autocommit off again, ending first what a failed message left open (psycopg
     refuses the change inside a transaction)."""
     import psycopg
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -49,9 +49,9 @@ from flask import g, has_app_context
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session
 
-from broker.api.round_trips import commit_in_one_round_trip
+from broker.api.round_trips import commit_in_one_round_trip, run_in_transaction
 from broker.platform import outages
-from broker.platform.db import JOINED_CONNECTION, Finish, RequestSession, Session, Statement, db
+from broker.platform.db import JOINED_CONNECTION, Finish, RequestSession, Session, db
 
 log = logging.getLogger("broker.api")
 
@@ -104,7 +104,10 @@ class UnitOfWork:
             # Bound to a caller's connection (the warm-up's, in a transaction it rolls back):
             # the step stays inside it, so `finish` runs the statements without committing.
             return self.step(
-                lambda: work(session.connection(), functools.partial(_run, session.connection()))
+                lambda: work(
+                    session.connection(),
+                    functools.partial(run_in_transaction, session.connection()),
+                )
             )
         # What the request began is ended first, keeping its writes, as `step` does: the step
         # then starts from the latest snapshot and never waits for the request's locks.
@@ -213,11 +216,6 @@ class UnitOfWork:
         if conn is not None:
             _own(self.session).info.pop(JOINED_CONNECTION, None)
             _give_back(conn)
-
-
-def _run(conn: sa.Connection, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
-    """`finish` inside a caller's transaction: the statements one after the other, their rows."""
-    return [[tuple(row) for row in conn.execute(stmt, params)] for stmt, params in statements]
 
 
 def _give_back(conn: sa.Connection) -> None:

@@ -435,18 +435,36 @@ def _reserved() -> sa.Exists:
     return sa.exists().where(table.c.id == sa.bindparam("own", type_=sa.String))
 
 
+# Set (for the transaction only) by the budget's lock statement when it locked the state row:
+# the spend after it runs only then. Without it, a state row that another process created
+# between the two statements (the very first calls) would be spent without its lock.
+_LOCKED = "broker.budget_locked"
+
+
 @functools.cache
 def _locking_if_reserved() -> sa.Update:
-    """The budget's lock (`budget.locking`), taken only when the reservation `own` exists."""
-    return budget_statements.locking().where(_reserved())
+    """The budget's lock (`budget.locking`), taken only when the reservation `own` exists;
+    marks the transaction as holding it (`_LOCKED`)."""
+    mark = sa.func.set_config(_LOCKED, sa.bindparam("locked_scope", type_=sa.String), True)
+    return budget_statements.locking().where(_reserved()).returning(mark)
+
+
+@functools.cache
+def _holding_the_lock() -> sa.ColumnElement[bool]:
+    """Whether this transaction's `_locking_if_reserved` locked the scope `scope`'s row."""
+    setting = sa.func.current_setting(_LOCKED, True)
+    return sa.and_(_reserved(), setting == sa.bindparam("scope", type_=sa.String))
 
 
 @functools.cache
 def _spending_or_unreserving() -> sa.Select[tuple[int | None, int]]:
-    """The budget's spend (`budget.spending`), only when the reservation `own` exists, and the
-    reservation's deletion when that spend recorded nothing; returns the bucket's new count
-    (None: refused) and whether the reservation was deleted."""
-    upsert = budget_statements.spending("postgresql", Priority.INTERACTIVE, when=_reserved())
+    """The budget's spend (`budget.spending`), only when the reservation `own` exists and this
+    transaction holds the budget's lock (`_holding_the_lock`), and the reservation's deletion
+    when that spend recorded nothing; returns the bucket's new count (None: refused) and
+    whether the reservation was deleted."""
+    upsert = budget_statements.spending(
+        "postgresql", Priority.INTERACTIVE, when=_holding_the_lock()
+    )
     spend = cast(sa.Insert, upsert).cte("budget_spend")
     table = cast(sa.Table, UploadReservation.__table__)
     gone = (

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, current_app
 from sqlalchemy.orm import Session
 
 from broker.api.unit_of_work import UnitOfWork
@@ -36,6 +36,7 @@ from broker.platform.db import db
 from broker.uploads import create
 from broker.uploads.policy import UploadParams
 from broker.upstream import batch
+from broker.upstream.budget import BudgetExhausted
 from broker.upstream.cloudflare import Budget, DirectUpload
 from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
 
@@ -43,10 +44,15 @@ log = logging.getLogger("broker.warmup")
 
 
 class _StandIn:
-    """Answers the create path's one upstream call without leaving the process."""
+    """Answers the create path's one upstream call without leaving the process; its budget is
+    the app's, so the create path runs its spend's statements too (in the warm-up's
+    transaction: rolled back, nothing spent)."""
+
+    def __init__(self, budget: Budget | None) -> None:
+        self.budget = budget
 
     def budget_for(self, batch: str | None) -> Budget | None:
-        return None  # nothing is spent: nothing is sent
+        return self.budget
 
     def direct_upload(self, **_: Any) -> DirectUpload:
         return DirectUpload(id=f"warm-up-{secrets.token_hex(8)}", upload_url="")
@@ -150,6 +156,9 @@ def _create_path(conn: sa.Connection, settings: Settings) -> None:
             raise RuntimeError("the warm-up's own token did not authenticate")
         user = token.user
         session.flush()
-        create.create_upload(
-            session, user, UploadParams(), _StandIn(), settings, UnitOfWork(session)
-        )
+        stand_in = _StandIn(current_app.extensions.get("budget"))
+        # Spent or paused now: its statements ran all the same.
+        with contextlib.suppress(BudgetExhausted):
+            create.create_upload(
+                session, user, UploadParams(), stand_in, settings, UnitOfWork(session)
+            )

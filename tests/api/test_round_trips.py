@@ -1,5 +1,5 @@
 """`commit_in_one_round_trip`: statements and their COMMIT in one wait for the server on
-PostgreSQL (psycopg's pipeline), as `execute` would run them: the bound types' conversions,
+PostgreSQL (one message), as `execute` would run them: the bound types' conversions,
 the listeners, SQLAlchemy's errors, nothing committed on failure, the connection left as it
 was (not in autocommit) for the pool."""
 
@@ -105,7 +105,7 @@ def test_a_failing_statement_commits_nothing_and_leaves_the_connection_as_it_was
 def test_a_dropped_connection_is_sqlalchemys_error_and_invalidated(
     engine: sa.Engine, database_url: str
 ) -> None:
-    """The server ends the connection before the pipeline: OperationalError, the connection
+    """The server ends the connection before the message: OperationalError, the connection
     invalidated (the pool replaces it), as `execute` would have it."""
     if not database_url.startswith("postgresql"):
         pytest.skip("terminates a PostgreSQL backend: runs in the PostgreSQL pass")
@@ -121,3 +121,52 @@ def test_a_dropped_connection_is_sqlalchemys_error_and_invalidated(
         conn.rollback()
     with engine.connect() as fresh:
         assert fresh.scalar(_count) == 0
+
+
+def test_a_value_the_driver_cannot_write_is_sqlalchemys_error_and_stays_hidden(
+    app, database_url: str
+) -> None:
+    """A value refused before anything is sent (text with a NUL): SQLAlchemy's error, and the
+    app's `hide_parameters` keeps the value out of it, as `execute` does."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("psycopg's own refusal: runs in the PostgreSQL pass")
+    statement = sa.select(sa.bindparam("secret", type_=sa.String))
+    with app.app_context():
+        from broker.platform.db import db
+
+        engine = db.engine
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.StatementError) as refused:
+            commit_in_one_round_trip(conn, [(statement, {"secret": "hunter2\x00"})])
+        conn.rollback()
+        assert conn.scalar(sa.select(sa.literal(1))) == 1  # usable again
+    assert "hunter2" not in str(refused.value)
+
+
+def test_a_drop_replaces_the_pools_older_connections_too(database_url: str) -> None:
+    """After a restart every pooled connection is dead. Meeting the drop, the step does what
+    `execute` does: the pool's older connections are replaced too, so the next checkouts (the
+    request run again, another request) get live ones."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends: runs in the PostgreSQL pass")
+    engine = sa.create_engine(database_url, pool_size=2, pool_use_lifo=True)  # as the app's
+    killing = sa.create_engine(database_url)
+    try:
+        first, second = engine.connect(), engine.connect()
+        pids = [c.scalar(sa.text("SELECT pg_backend_pid()")) for c in (first, second)]
+        first.commit()
+        second.close()  # back in the pool, as a busy process's other connections are
+        with killing.connect() as killer:
+            for pid in pids:
+                killer.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        with pytest.raises(sa.exc.OperationalError) as dropped:
+            commit_in_one_round_trip(first, [(sa.select(sa.literal(1)), {})])
+        assert dropped.value.connection_invalidated
+        first.rollback()
+        first.close()
+        with engine.connect() as again, engine.connect() as other:
+            assert again.scalar(sa.text("SELECT 1")) == 1
+            assert other.scalar(sa.text("SELECT 1")) == 1
+    finally:
+        engine.dispose()
+        killing.dispose()

@@ -188,6 +188,45 @@ def test_concurrent_creates_of_many_users_never_overspend_the_budget(
     assert emulator.counters().get("direct_upload") == 5
 
 
+def test_a_budget_row_made_between_its_lock_and_the_spend_is_not_spent_without_the_lock(
+    app, make_user, database_url
+) -> None:
+    """The server runs the step's statements one after the other, each reading what was
+    committed before it starts: the budget's state row, missing when the lock statement ran
+    (it locked nothing), may be committed by another process's first call before the spend
+    statement. The spend must not count a call then (it would without the lock); the step
+    goes one statement at a time instead. Replayed on one connection, the other process's
+    commit between the two statements."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the one-round-trip step is PostgreSQL's")
+    with app.app_context():
+        budget = get_budget()
+        engine = db.engine
+        user_id = db.session.merge(make_user("race")).id
+    with engine.connect() as conn:
+
+        def finish(statements: Any) -> list[list[tuple[Any, ...]]]:
+            rows = [[tuple(r) for r in conn.execute(s, p)] for s, p in statements[:3]]
+            assert rows[2] == []  # the lock statement found no row
+            budget.acquire()  # another process's first call: creates the row, commits
+            rows += [[tuple(r) for r in conn.execute(s, p)] for s, p in statements[3:]]
+            conn.commit()
+            return rows
+
+        limits = quotas.Quotas(pending=10, daily=10)
+        paid = quotas.reserve_slot(
+            conn, user_id, limits, "race-0001", utcnow(), budget=budget, finish=finish
+        )
+        conn.commit()
+    # Before: the spend counted a call without the lock and kept the reservation, then the
+    # step went on one statement at a time and inserted it again: a duplicate key (a 500).
+    assert paid
+    with app.app_context():
+        reserved = db.session.scalar(sa.select(sa.func.count()).select_from(UploadReservation))
+        assert reserved == 1
+        assert get_budget().status().used == 2  # the other process's call and this one
+
+
 @pytest.mark.parametrize("refusal", ["spent", "paused"])
 def test_a_budget_refusal_leaves_no_reservation_and_says_when_to_retry(
     make_app, make_user, bearer, emulator, refusal

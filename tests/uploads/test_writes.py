@@ -213,6 +213,49 @@ def test_the_reservation_step_is_one_round_trip_on_postgresql(
     assert len(upload_rows(app)) == 2
 
 
+def test_the_budgets_lock_is_free_until_the_whole_step_is_sent(
+    app, make_user, bearer, database_url
+) -> None:
+    """One round trip is not enough: the step's statements must reach the server together,
+    or the lock statement runs while this thread still has the spend and the COMMIT to send,
+    which wait for the GIL behind the process's other threads (psycopg's pipeline mode sent
+    each statement as it was queued). Probed as the spend is about to go: another
+    connection takes the budget's state row at once."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the one-round-trip step is PostgreSQL's")
+    auth = bearer(app, make_user("probe"))
+    client = app.test_client()
+    assert client.post(URL, json={}, headers=auth).status_code == 201  # the budget's row
+    with app.app_context():
+        engine = db.engine
+        scope = get_budget().scope
+    other_engine = sa.create_engine(database_url)
+    seen: list[str] = []
+
+    def on_execute(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.startswith("WITH budget_spend"):
+            return
+        with other_engine.connect() as other:
+            other.execute(sa.text("SET lock_timeout = '300ms'"))
+            try:
+                other.execute(
+                    sa.text("SELECT 1 FROM upstream_budget_state WHERE scope = :s FOR UPDATE"),
+                    {"s": scope},
+                )
+                seen.append("free")
+            except sa.exc.OperationalError as exc:
+                seen.append(type(exc.orig).__name__)
+            other.rollback()
+
+    sa.event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        assert client.post(URL, json={}, headers=auth).status_code == 201
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", on_execute)
+        other_engine.dispose()
+    assert seen == ["free"], seen
+
+
 def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, bearer) -> None:
     """With the batch API on, a create never touches the global budget's state row, and the
     per-token rate is counted outside the reservation's transaction (no row every create of
