@@ -18,7 +18,9 @@ Rules it enforces, the API's half of the transaction rule in `broker.platform.db
   `step_on_connection` instead: on a connection of its own, committed there, without the ORM
   session's commit around a few statements; what the request had begun is ended first, and
   the connection goes back to the pool before the request goes on (none is held while
-  Cloudflare answers);
+  Cloudflare answers). `step_in_one_round_trip` lets such work end with statements sent with
+  the step's COMMIT in one round trip (PostgreSQL), so the locks they take are held while the
+  server works, never while this process turns around; the COMMIT stays the unit of work's;
 - the request's later Core writes (the create's row) run on `connection`: one of the unit of
   work's own, opened when first asked for and committed with the request, without an ORM
   transaction around it. The request's session (a `RequestSession`) is joined to it, should
@@ -37,6 +39,7 @@ written: until then the connection `connection` opened stays checked out of the 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -46,8 +49,9 @@ from flask import g, has_app_context
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session
 
+from broker.api.round_trips import commit_in_one_round_trip, run_in_transaction
 from broker.platform import outages
-from broker.platform.db import JOINED_CONNECTION, RequestSession, Session, db
+from broker.platform.db import JOINED_CONNECTION, Finish, RequestSession, Session, db
 
 log = logging.getLogger("broker.api")
 
@@ -84,14 +88,27 @@ class UnitOfWork:
     def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
         """Run Core `work` on a connection of its own, committed before this returns (`work`
         returns plain values: they are read before the request goes on)."""
+        return self.step_in_one_round_trip(lambda conn, _finish: work(conn))
+
+    def step_in_one_round_trip(self, work: Callable[[sa.Connection, Finish], T]) -> T:
+        """Run Core `work` as `step_on_connection` does, where `work` may end the step's
+        transaction by `finish(statements)`: they and the COMMIT go in one round trip
+        (`broker.api.round_trips`), their rows are returned. What `work` runs after that
+        is a transaction of its own, committed before this returns too (rolled back when `work`
+        raises: what `finish` committed stays)."""
         session = self.session
         if self._conn is not None:
             self._leave_own_connection()
         engine = session.get_bind()
         if not isinstance(engine, sa.Engine):
             # Bound to a caller's connection (the warm-up's, in a transaction it rolls back):
-            # the step stays inside it.
-            return self.step(lambda: work(session.connection()))
+            # the step stays inside it, so `finish` runs the statements without committing.
+            return self.step(
+                lambda: work(
+                    session.connection(),
+                    functools.partial(run_in_transaction, session.connection()),
+                )
+            )
         # What the request began is ended first, keeping its writes, as `step` does: the step
         # then starts from the latest snapshot and never waits for the request's locks.
         self._end_transaction()
@@ -101,7 +118,7 @@ class UnitOfWork:
         # connection held meanwhile would starve the pool (and fail should the database restart).
         conn = engine.connect()
         try:
-            result = work(conn)
+            result = work(conn, functools.partial(commit_in_one_round_trip, conn))
             conn.commit()
         finally:
             _give_back(conn)  # a failure: rolled back

@@ -172,6 +172,12 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
 
 T = TypeVar("T")
 
+# A statement with its parameters.
+Statement: TypeAlias = tuple[sa.Executable, Mapping[str, Any]]
+# How a unit of work's step ends its transaction in one round trip
+# (`broker.api.unit_of_work`): the statements it sends with the COMMIT; returns each one's rows.
+Finish: TypeAlias = Callable[[Sequence[Statement]], list[list[tuple[Any, ...]]]]
+
 # Ids per SQL IN (…) list: older SQLite builds allow 999 parameters per statement, and a
 # statement may carry a second list beside one (a listing's claim: "these images, not those
 # uploads").

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from broker.auth.models import User
 from broker.platform.config import Settings
-from broker.platform.db import Session, utcnow
+from broker.platform.db import Finish, Session, utcnow
 from broker.uploads import quotas
 from broker.uploads.lifecycle import PENDING, READY
 from broker.uploads.models import Upload, UploadReservation, _upload_id
@@ -54,8 +54,10 @@ T = TypeVar("T")
 class UnitOfWork(Protocol):
     """The transaction a create runs in (a request's: `broker.api.unit_of_work`)."""
 
-    def step_on_connection(self, work: Callable[[sa.Connection], T]) -> T:
-        """Run Core `work` on a connection of its own, committed before this returns."""
+    def step_in_one_round_trip(self, work: Callable[[sa.Connection, Finish], T]) -> T:
+        """Run Core `work` on a connection of its own, committed before this returns; `work`
+        may end its transaction by `finish(statements)`: they and the COMMIT in one round
+        trip."""
 
     def connection(self) -> sa.Connection:
         """The connection for Core writes committed with the unit of work."""
@@ -111,8 +113,10 @@ def create_upload(
     user_id, creator = user.id, user.public_id
     limits = quotas.quotas_for(user, settings, profile)
     budget = client.budget_for("direct_upload")
-    prepaid = work.step_on_connection(
-        lambda conn: quotas.reserve_slot(conn, user_id, limits, upload_id, now, budget=budget)
+    prepaid = work.step_in_one_round_trip(
+        lambda conn, finish: quotas.reserve_slot(
+            conn, user_id, limits, upload_id, now, budget=budget, finish=finish
+        )
     )
     work.on_failure(lambda: quotas.release_slot(session, upload_id))
     draft = client.direct_upload(

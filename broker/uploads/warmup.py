@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, current_app
 from sqlalchemy.orm import Session
 
 from broker.api.unit_of_work import UnitOfWork
@@ -36,17 +36,28 @@ from broker.platform.db import db
 from broker.uploads import create
 from broker.uploads.policy import UploadParams
 from broker.upstream import batch
+from broker.upstream.budget import UpstreamBudget
 from broker.upstream.cloudflare import Budget, DirectUpload
 from broker.upstream.models import UpstreamBatchFallback, UpstreamBatchToken, UpstreamBudgetBucket
 
 log = logging.getLogger("broker.warmup")
 
 
+# The budget scope the warm-up spends in: one with no state row, so the create path runs every
+# statement of its spend and spends nothing.
+WARM_UP_SCOPE = "warm-up"
+
+
 class _StandIn:
-    """Answers the create path's one upstream call without leaving the process."""
+    """Answers the create path's one upstream call without leaving the process; its budget is
+    the app's under a scope of its own (`_warm_up_budget`), so the create path runs its spend's
+    statements too."""
+
+    def __init__(self, budget: Budget | None) -> None:
+        self.budget = budget
 
     def budget_for(self, batch: str | None) -> Budget | None:
-        return None  # nothing is spent: nothing is sent
+        return self.budget
 
     def direct_upload(self, **_: Any) -> DirectUpload:
         return DirectUpload(id=f"warm-up-{secrets.token_hex(8)}", upload_url="")
@@ -150,6 +161,24 @@ def _create_path(conn: sa.Connection, settings: Settings) -> None:
             raise RuntimeError("the warm-up's own token did not authenticate")
         user = token.user
         session.flush()
-        create.create_upload(
-            session, user, UploadParams(), _StandIn(), settings, UnitOfWork(session)
-        )
+        stand_in = _StandIn(_warm_up_budget(current_app.extensions.get("budget")))
+        create.create_upload(session, user, UploadParams(), stand_in, settings, UnitOfWork(session))
+
+
+def _warm_up_budget(budget: Budget | None) -> Budget | None:
+    """The app's budget under `WARM_UP_SCOPE`: the same statements, none of its locks. The
+    warm-up's transaction keeps what it takes until it is rolled back, and with the app's
+    scope every create of every process would wait for a process's warm-up (each of its
+    connections, at each start)."""
+    if not isinstance(budget, UpstreamBudget):
+        return budget
+    return UpstreamBudget(
+        budget.engine,
+        limit=budget.limit,
+        window=budget.window,
+        reserve=budget.reserve,
+        background_share=budget.background_share,
+        scope=WARM_UP_SCOPE,
+        clock=budget.clock,
+        min_burst=budget.min_burst,
+    )

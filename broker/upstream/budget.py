@@ -371,8 +371,9 @@ def locking() -> sa.Update:
     """The statement taking a scope's lock (`locked_scope`): its state row, written; returns its
     pause.
 
-    For a caller that takes it with locks of its own in one statement (PostgreSQL), then spends
-    in a later statement (`spending`), whose snapshot then starts after the lock was granted.
+    For a caller that takes it after locks of its own (PostgreSQL; the user's row first, as
+    every path takes them), then spends in a later statement (`spending`), whose snapshot then
+    starts after the lock was granted (READ COMMITTED).
     """
     return _locking()
 
@@ -387,18 +388,24 @@ def _locking() -> sa.Update:
     )
 
 
-def spending(dialect: str, priority: Priority) -> sa.Executable:
+def spending(
+    dialect: str, priority: Priority, when: sa.ColumnElement[bool] | None = None
+) -> sa.Executable:
     """The statement spending one call of `priority` (`spending_params`'s parameters), for a
     caller that runs it as part of a statement of its own after `locking`; returns the
-    bucket's new count, nothing when refused (pass that to `UpstreamBudget.settle`)."""
-    return _spending(dialect, priority == Priority.BACKGROUND)
+    bucket's new count, nothing when refused (pass that to `UpstreamBudget.settle`). With
+    `when` (a condition built once: it keys the statement's cache), only when that holds too."""
+    return _spending(dialect, priority == Priority.BACKGROUND, when)
 
 
 @functools.cache
-def _spending(dialect: str, background: bool) -> sa.Executable:
+def _spending(
+    dialect: str, background: bool, when: sa.ColumnElement[bool] | None = None
+) -> sa.Executable:
     """One statement recording a call of one side in bucket `start` when the pause is over and
-    the window (buckets from `first` on) has room for it under `limit` and the side's `cap`;
-    returns the bucket's new count, nothing when refused (or the scope's row is missing).
+    the window (buckets from `first` on) has room for it under `limit` and the side's `cap`
+    (and `when` holds); returns the bucket's new count, nothing when refused (or the scope's
+    row is missing).
 
     Built once per dialect and side: building a statement costs more than running this one.
     """
@@ -423,6 +430,8 @@ def _spending(dialect: str, background: bool) -> sa.Executable:
     ).scalar_subquery() <= sa.bindparam("now_ms", type_=sa.BigInteger)
     is_background = sa.bindparam("background", type_=sa.Integer)
     call = sa.select(scope, start, sa.literal(1, sa.Integer), is_background).where(open_, room)
+    if when is not None:
+        call = call.where(when)
     insert = upsert_insert(dialect)(_buckets).from_select(
         ["scope", "start", "calls", "background"], call
     )

@@ -126,6 +126,30 @@ def test_a_step_on_its_own_connection_commits_what_was_pending_first(app, make_u
     assert (kept.max_pending_uploads, kept.max_uploads_per_day) == (6, 7)
 
 
+def test_a_step_in_one_round_trip_keeps_what_finish_committed_and_drops_the_rest(
+    app, make_user
+) -> None:
+    """`finish` commits its statements with the step's COMMIT; what the work writes after it
+    is a transaction of its own, rolled back when the work then raises (a refusal read after
+    the round trip): the step never commits on the work's behalf past `finish`."""
+    user = make_user("ivan")
+    with app.app_context():
+        work = UnitOfWork(db.session)
+
+        def set_limit(column: Any, value: int) -> tuple[sa.Update, dict[str, Any]]:
+            return sa.update(User).where(User.id == user.id).values({column: value}), {}
+
+        def refused(conn: sa.Connection, finish: Any) -> None:
+            assert finish([set_limit(User.max_pending_uploads, 8)]) == [[]]
+            conn.execute(*set_limit(User.max_uploads_per_day, 9))
+            raise LookupError("refused after the round trip")
+
+        with pytest.raises(LookupError):
+            work.step_in_one_round_trip(refused)
+        work.fail()
+    assert _limits(app, user.id) == (8, None)
+
+
 def _two_users(make_user) -> tuple[int, int]:
     return make_user("frank").id, make_user("gina").id
 

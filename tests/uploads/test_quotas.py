@@ -4,6 +4,7 @@ behind: no Upload row, no reservation, no draft at Cloudflare."""
 
 from __future__ import annotations
 
+import math
 import threading
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from broker.platform.db import db, utcnow
 from broker.uploads import quotas
 from broker.uploads.models import Upload, UploadReservation
 from broker.uploads.policy import UploadError
+from broker.upstream.budget import BudgetExhausted, get_budget
 from tests.factories import live_server, post_upload
 
 URL = "/api/v1/uploads"
@@ -124,12 +126,18 @@ def _counts(app: Flask) -> tuple[int, int]:
         return int(pending or 0), int(reserved or 0)
 
 
+@pytest.mark.parametrize("budget_row", ["missing", "there"])
 @pytest.mark.parametrize("limit", ["MAX_PENDING_UPLOADS", "MAX_UPLOADS_PER_DAY"])
 def test_concurrent_creates_by_one_user_stop_exactly_at_the_limit(
-    make_app, make_user, bearer, emulator, limit
+    make_app, make_user, bearer, emulator, limit, budget_row
 ) -> None:
+    """Without the budget's state row (the first calls: one statement at a time) and with it
+    (on PostgreSQL the reservation step in one round trip)."""
     app = make_app(**{"MAX_PENDING_UPLOADS": 1000, "MAX_UPLOADS_PER_DAY": 1000, limit: 3})
     auth = bearer(app, make_user("alice"))
+    if budget_row == "there":
+        with app.app_context():
+            get_budget().acquire()
     # Every create waits upstream, so all of them are in flight at once: a check that is not
     # serialised with the reservation would let each of them through.
     emulator.inject_fault("direct_upload", latency_ms=300)
@@ -138,6 +146,124 @@ def test_concurrent_creates_by_one_user_stop_exactly_at_the_limit(
     assert statuses == [201] * 3 + [429] * (IN_FLIGHT - 3)
     assert _counts(app) == (3, 0)
     assert emulator.counters().get("direct_upload") == 3
+
+
+def _creates_of_many_users(url: str, auths: list[dict[str, str]]) -> list[int]:
+    """One create per user in `auths`, all at once; return their statuses, sorted."""
+    gate = threading.Barrier(len(auths))
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one(auth: dict[str, str]) -> None:
+        with requests.Session() as session:
+            gate.wait(30)
+            response = session.post(f"{url}{URL}", json={}, headers=auth, timeout=60)
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=one, args=(auth,)) for auth in auths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(statuses) == len(auths), "a create did not finish"
+    return sorted(statuses)
+
+
+def test_concurrent_creates_of_many_users_never_overspend_the_budget(
+    make_app, make_user, bearer, emulator
+) -> None:
+    """12 users create at once with 4 calls left in the budget: 4 are created, the others
+    refused (503) leaving no reservation behind, and the budget counts exactly its limit."""
+    app = make_app(UPSTREAM_BUDGET=5, UPSTREAM_BACKGROUND_RESERVE=0, UPSTREAM_BACKGROUND_SHARE=0)
+    auths = [bearer(app, make_user(f"user{n}")) for n in range(IN_FLIGHT)]
+    assert post_upload(app.test_client(), auths[0]).status_code == 201  # the budget's row
+    emulator.inject_fault("direct_upload", latency_ms=100)
+    with live_server(app) as url:
+        statuses = _creates_of_many_users(url, auths)
+    assert statuses == [201] * 4 + [503] * (IN_FLIGHT - 4)
+    assert _counts(app) == (5, 0)
+    with app.app_context():
+        assert get_budget().status().used == 5
+    assert emulator.counters().get("direct_upload") == 5
+
+
+def test_a_budget_row_made_between_its_lock_and_the_spend_is_not_spent_without_the_lock(
+    app, make_user, database_url
+) -> None:
+    """The server runs the step's statements one after the other, each reading what was
+    committed before it starts: the budget's state row, missing when the lock statement ran
+    (it locked nothing), may be committed by another process's first call before the spend
+    statement. The spend must not count a call then (it would without the lock); the step
+    goes one statement at a time instead. Replayed on one connection, the other process's
+    commit between the two statements."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the one-round-trip step is PostgreSQL's")
+    with app.app_context():
+        budget = get_budget()
+        engine = db.engine
+        user_id = db.session.merge(make_user("race")).id
+    with engine.connect() as conn:
+
+        def finish(statements: Any) -> list[list[tuple[Any, ...]]]:
+            rows = [[tuple(r) for r in conn.execute(s, p)] for s, p in statements[:3]]
+            assert rows[2] == []  # the lock statement found no row
+            budget.acquire()  # another process's first call: creates the row, commits
+            rows += [[tuple(r) for r in conn.execute(s, p)] for s, p in statements[3:]]
+            conn.commit()
+            return rows
+
+        limits = quotas.Quotas(pending=10, daily=10)
+        paid = quotas.reserve_slot(
+            conn, user_id, limits, "race-0001", utcnow(), budget=budget, finish=finish
+        )
+        conn.commit()
+    # Before: the spend counted a call without the lock and kept the reservation, then the
+    # step went on one statement at a time and inserted it again: a duplicate key (a 500).
+    assert paid
+    with app.app_context():
+        reserved = db.session.scalar(sa.select(sa.func.count()).select_from(UploadReservation))
+        assert reserved == 1
+        assert get_budget().status().used == 2  # the other process's call and this one
+
+
+@pytest.mark.parametrize("refusal", ["spent", "paused"])
+def test_a_budget_refusal_leaves_no_reservation_and_says_when_to_retry(
+    make_app, make_user, bearer, emulator, refusal
+) -> None:
+    """The create refused by the budget (spent, or paused after a 429) answers 503 with the
+    Retry-After the budget itself gives, and keeps no reservation (it was deleted with the
+    refused spend, in the same round trip)."""
+    clock = [1_700_000_000.0]
+    app = make_app(
+        UPSTREAM_BUDGET=2,
+        UPSTREAM_BACKGROUND_RESERVE=0,
+        UPSTREAM_BACKGROUND_SHARE=0,
+        UPSTREAM_BUDGET_CLOCK=lambda: clock[0],
+    )
+    client = app.test_client()
+    auth = bearer(app, make_user("hank"))
+    assert post_upload(client, auth).status_code == 201
+    clock[0] += 45
+    if refusal == "spent":
+        assert post_upload(client, auth).status_code == 201
+    else:
+        with app.app_context():
+            get_budget().pause(100)
+    clock[0] += 10
+    refused = post_upload(client, auth)
+    assert refused.status_code == 503, refused.get_json()
+    assert refused.get_json()["error"]["details"]["reason"] == (
+        "budget" if refusal == "spent" else "paused"
+    )
+    with app.app_context(), pytest.raises(BudgetExhausted) as expected:
+        get_budget().acquire()
+    # The window (300 s) frees the first call 300 s after its bucket: 255 s from now; the
+    # pause ends 90 s from now.
+    assert int(refused.headers["Retry-After"]) == math.ceil(expected.value.retry_after)
+    assert int(refused.headers["Retry-After"]) == (255 if refusal == "spent" else 90)
+    assert _counts(app) == (2 if refusal == "spent" else 1, 0)
+    assert emulator.counters()["direct_upload"] == (2 if refusal == "spent" else 1)
 
 
 @pytest.mark.parametrize("quota", ["max_pending", "max_per_day", "max_stored"])

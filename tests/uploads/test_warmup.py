@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.engine.default import CACHE_MISS
 
+from broker.api import round_trips
 from broker.auth.models import ApiToken, User
 from broker.platform.db import db
 from broker.uploads.models import Upload, UploadReservation
@@ -56,7 +58,11 @@ def test_after_the_warm_up_a_create_compiles_none_of_its_upload_statements(
     assert _create_compiles(make_app(), auth)
     warm = make_app()
     warm.extensions["warm_up"](connections=2)
+    # Nor any statement of the reservation step sent in one round trip (PostgreSQL), the
+    # budget's spend among them: the warm-up runs it with the app's budget.
+    before = round_trips._compiled.cache_info().misses
     assert _create_compiles(warm, auth) == []
+    assert round_trips._compiled.cache_info().misses == before
 
 
 def _counts(app: Flask) -> dict[str, int]:
@@ -139,3 +145,30 @@ def test_gunicorn_leaves_an_app_without_a_warm_up_alone() -> None:
     )
     _gunicorn_config().post_worker_init(worker)
     assert logged == []
+
+
+def test_the_warm_up_takes_no_lock_the_apps_creates_wait_for(app, make_user, bearer) -> None:
+    """The warm-up runs the create path with a budget of its own scope: while another
+    transaction holds the app's budget state row (as a create spending does, for a moment),
+    the warm-up runs through instead of waiting for it; and its transaction (rolled back at
+    the end) never held that row, which every create of every process takes."""
+    with app.app_context():
+        engine = db.engine
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's row locks (SQLite's write lock is the database's)")
+    auth = bearer(app, make_user("alice"))
+    assert app.test_client().post(URL, json={}, headers=auth).status_code == 201  # its row
+    done = threading.Event()
+
+    def warm() -> None:
+        app.extensions["warm_up"](connections=1)
+        done.set()
+
+    with engine.connect() as holder:
+        holder.execute(sa.text("SELECT 1 FROM upstream_budget_state FOR UPDATE"))
+        worker = threading.Thread(target=warm)
+        worker.start()
+        finished = done.wait(20)
+        holder.rollback()
+    worker.join(30)
+    assert finished, "the warm-up waited for the app's budget row"

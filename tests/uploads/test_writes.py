@@ -3,11 +3,14 @@ pay for the upstream call, then store the row), and exactly one budget call per 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from flask import Flask
 
@@ -123,9 +126,9 @@ def test_the_global_budget_is_spent_in_one_statement_last_in_the_reservation(
 ) -> None:
     """With the batch API off, the create pays for its call in the reservation's transaction:
     on SQLite one conditional upsert of the budget's bucket (the reservation's write lock
-    serialises it); on PostgreSQL the user's and the scope's row locks in one statement, then
-    the reservation with that upsert as its CTE, then the commit, so the lock every create of
-    every process shares is held for one round trip and the commit."""
+    serialises it); on PostgreSQL the user's lock, the reservation, the scope's lock, the
+    spend and the commit, sent together, so the lock every create of every process shares is
+    held while the server runs the spend and commits, never across a round trip."""
     app.config["TEST_BEARER"] = bearer(app, make_user("alice"))
     _quiet_token(app)
     seen = _count_one_create(app)
@@ -135,7 +138,15 @@ def test_the_global_budget_is_spent_in_one_statement_last_in_the_reservation(
     row = words[len(reservation) :]
     budget = ["UPDATE upstream_budget_state SET", "INSERT INTO upstream_budget_buckets"]
     if _dialect(app) == "postgresql":
-        assert reservation == ["WITH user_lock AS", "WITH budget_spend AS", "COMMIT"], seen
+        # The user's lock, the reservation when there is room, the scope's lock when reserved,
+        # the spend (unreserving when refused), the commit: one round trip (below).
+        assert reservation == [
+            "SELECT pg_advisory_xact_lock(%(param_1)s::INTEGER, %(user_id)s::INTEGER) AS",
+            "WITH usage AS",
+            budget[0],
+            "WITH budget_spend AS",
+            "COMMIT",
+        ], seen
         assert [w.split()[0] for w in row] == ["WITH", "COMMIT"], seen
     else:
         assert reservation[0].startswith("INSERT INTO upload_reservations"), seen
@@ -144,6 +155,105 @@ def test_the_global_budget_is_spent_in_one_statement_last_in_the_reservation(
         assert [w.split()[0] for w in row] == ["INSERT", "COMMIT"], seen
     with app.app_context():
         assert get_budget().status().used == 2
+
+
+@contextmanager
+def wire_traces(engine: sa.Engine, folder: Path) -> Iterator[list[Path]]:
+    """Trace what psycopg sends and receives (libpq's trace) on `engine`'s connections, one
+    file per checkout from its pool, listed in order."""
+    from psycopg import pq
+
+    files: list[Path] = []
+
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        path = folder / f"checkout-{len(files)}.trace"
+        files.append(path)
+        with path.open("w") as out:
+            dbapi_connection.pgconn.trace(os.dup(out.fileno()))  # libpq closes its copy
+        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+
+    def on_checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None and not dbapi_connection.closed:
+            dbapi_connection.pgconn.untrace()
+
+    sa.event.listen(engine, "checkout", on_checkout)
+    sa.event.listen(engine, "checkin", on_checkin)
+    try:
+        yield files
+    finally:
+        sa.event.remove(engine, "checkout", on_checkout)
+        sa.event.remove(engine, "checkin", on_checkin)
+
+
+def test_the_reservation_step_is_one_round_trip_on_postgresql(
+    app, make_user, bearer, database_url, tmp_path
+) -> None:
+    """On PostgreSQL the reservation's step (the user's lock, the reservation, the scope's
+    lock, the spend, the commit) waits for the server once: its locks are held while the
+    server works, never while this process turns around (counted on the wire, BEGIN and
+    COMMIT included)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("psycopg's wire: runs in the PostgreSQL pass")
+    app.config["TEST_BEARER"] = bearer(app, make_user("alice"))
+    _quiet_token(app)
+    client = app.test_client()
+    auth = bearer_of(app)
+    assert client.post(URL, json={}, headers=auth).status_code == 201  # creates the budget row
+    with app.app_context():
+        engine = db.engine
+    with wire_traces(engine, tmp_path) as files:
+        assert client.post(URL, json={}, headers=auth).status_code == 201
+    traces = [path.read_text() for path in files]
+    steps = [t for t in traces if "upstream_budget_state" in t]
+    assert len(steps) == 1, traces
+    assert "INSERT INTO upload_reservations" in steps[0] and "COMMIT" in steps[0], steps
+    assert steps[0].count("\tReadyForQuery") == 1, steps[0]  # one wait for the server
+    with app.app_context():
+        assert get_budget().status().used == 2
+    assert len(upload_rows(app)) == 2
+
+
+def test_the_budgets_lock_is_free_until_the_whole_step_is_sent(
+    app, make_user, bearer, database_url
+) -> None:
+    """One round trip is not enough: the step's statements must reach the server together,
+    or the lock statement runs while this thread still has the spend and the COMMIT to send,
+    which wait for the GIL behind the process's other threads (psycopg's pipeline mode sent
+    each statement as it was queued). Probed as the spend is about to go: another
+    connection takes the budget's state row at once."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the one-round-trip step is PostgreSQL's")
+    auth = bearer(app, make_user("probe"))
+    client = app.test_client()
+    assert client.post(URL, json={}, headers=auth).status_code == 201  # the budget's row
+    with app.app_context():
+        engine = db.engine
+        scope = get_budget().scope
+    other_engine = sa.create_engine(database_url)
+    seen: list[str] = []
+
+    def on_execute(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.startswith("WITH budget_spend"):
+            return
+        with other_engine.connect() as other:
+            other.execute(sa.text("SET lock_timeout = '300ms'"))
+            try:
+                other.execute(
+                    sa.text("SELECT 1 FROM upstream_budget_state WHERE scope = :s FOR UPDATE"),
+                    {"s": scope},
+                )
+                seen.append("free")
+            except sa.exc.OperationalError as exc:
+                seen.append(type(exc.orig).__name__)
+            other.rollback()
+
+    sa.event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        assert client.post(URL, json={}, headers=auth).status_code == 201
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", on_execute)
+        other_engine.dispose()
+    assert seen == ["free"], seen
 
 
 def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, bearer) -> None:
@@ -160,12 +270,13 @@ def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, be
     assert [s for s in reservation if s[0] == "a"] == reservation, seen  # no rate inside it
     main = [w for e, w in seen if e == "a" and w not in ("COMMIT", "ROLLBACK")]
     rate = [w for e, w in seen if e == "b" and w not in ("COMMIT", "ROLLBACK")]
-    # [the user's lock on PostgreSQL]; the reservation, returning the usage; then the row in
-    # place of the reservation, one statement (PostgreSQL: the DELETE a CTE of the INSERT;
-    # SQLite: the INSERT, whose trigger deletes the reservation).
+    # [the user's lock on PostgreSQL, sent with the reservation and the commit]; the
+    # reservation, returning the usage (PostgreSQL: inserted only when there is room); then
+    # the row in place of the reservation, one statement (PostgreSQL: the DELETE a CTE of the
+    # INSERT; SQLite: the INSERT, whose trigger deletes the reservation).
     # No second load of the user for the answer, no stale-reservation sweep.
     if _dialect(app) == "postgresql":
-        assert [w.split()[0] for w in main] == ["SELECT", "INSERT", "WITH"], main
+        assert [w.split()[0] for w in main] == ["SELECT", "WITH", "WITH"], main
     else:
         assert [w.split()[0] for w in main] == ["INSERT", "INSERT"], main
     assert not [w for w in main if w.startswith("SELECT users.id, users.public_id")], main
