@@ -141,7 +141,7 @@ def test_the_global_budget_is_spent_in_one_statement_last_in_the_reservation(
         # The user's lock, the reservation when there is room, the scope's lock when reserved,
         # the spend (unreserving when refused), the commit: one round trip (below).
         assert reservation == [
-            "SELECT pg_advisory_xact_lock(%(param_1)s::INTEGER, %(user_id)s::INTEGER) AS",
+            "SELECT pg_advisory_xact_lock(%(param_1)s::INTEGER, %(user_id)s::INTEGER)",
             "WITH usage AS",
             budget[0],
             "WITH budget_spend AS",
