@@ -2,7 +2,8 @@
 
 Offers `commit_in_one_round_trip`, for the unit of work that owns the transaction
 (`broker.api.unit_of_work`, its only caller: nothing else commits, `broker.platform.db`'s
-rule). A step's work hands it its `broker.platform.db.Statement`s through a `Finish`.
+rule), and `run_in_transaction`, the same statements inside a caller's transaction. A step's
+work hands them its `broker.platform.db.Statement`s through a `Finish`.
 
 On PostgreSQL the BEGIN, the statements and the COMMIT go as one message, one wait for the
 answer. The server runs each as soon as the one before it ended, each reading the rows
@@ -58,8 +59,9 @@ def run_in_transaction(
     (a caller's transaction: the warm-up's, rolled back); each one's rows. Each statement is
     also compiled as `commit_in_one_round_trip` sends it, so a warmed-up process compiles
     nothing on its first create."""
-    for statement, _ in statements:
-        _compiled(statement, conn.dialect)
+    if conn.dialect.name == "postgresql":
+        for statement, _ in statements:
+            _compiled(statement, conn.dialect)
     return [_rows(conn.execute(statement, params)) for statement, params in statements]
 
 

@@ -333,7 +333,8 @@ def _reserve_in_one_round_trip(
     state row lock, taken only when the reservation exists (after the counts, so the lock every
     create shares is not held while a user's history is counted); the spend, only when the
     reservation exists and the budget has room, deleting the reservation when refused. Lock
-    order: user row, then the budget's row, as everywhere. A refusal so leaves nothing behind;
+    order: the user's lock, then the budget's row, as everywhere. A refusal so leaves nothing
+    behind;
     its Retry-After is read afterwards. None (nothing reserved) when the budget's state row is
     missing: the caller goes one statement at a time then.
     """
@@ -341,13 +342,13 @@ def _reserve_in_one_round_trip(
         (_user_lock(), {"user_id": user_id}),
         (_reserving_if_room(), {**params, **_limits(quotas)}),
     ]
-    shared = isinstance(budget, UpstreamBudget) and budget.shares(conn)
-    if shared:
-        assert isinstance(budget, UpstreamBudget)  # for the type checker
-        moment = budget.clock()
-        spend = budget.spending_params(moment, Priority.INTERACTIVE)
+    # The budget spent in this database's statements, if it is kept there.
+    shared = budget if isinstance(budget, UpstreamBudget) and budget.shares(conn) else None
+    if shared is not None:
+        moment = shared.clock()
+        spend = shared.spending_params(moment, Priority.INTERACTIVE)
         statements += [
-            (_locking_if_reserved(), {"locked_scope": budget.scope, "own": params["own"]}),
+            (_locking_if_reserved(), {"locked_scope": shared.scope, "own": params["own"]}),
             (_spending_or_unreserving(), {**spend, "own": params["own"]}),
         ]
     rows = finish(statements)
@@ -355,21 +356,20 @@ def _reserve_in_one_round_trip(
     if not reserved:
         _check(conn, user_id, quotas, params["now"], usage, own_reservation=params["own"])
         raise AssertionError("the reservation's room and `_check` disagree")  # pragma: no cover
-    if not shared:
+    if shared is None:
         return False  # the client pays for its call itself (`acquire`)
-    assert isinstance(budget, UpstreamBudget)
     calls = rows[3][0][0]
     if not rows[2]:
         return None  # the state row is missing: the spend recorded nothing, unreserved
     if (
         calls is not None
-        and budget.spending_params(budget.clock(), Priority.INTERACTIVE)["start"] != spend["start"]
+        and shared.spending_params(shared.clock(), Priority.INTERACTIVE)["start"] != spend["start"]
     ):
         # The locks were awaited past the bucket's end: counted in the bucket before, the
         # call could leave the window early. Not paid: the client counts it again in the
         # bucket it is sent in (once too many, never too few).
         return False
-    if budget.settle(conn, calls, moment, Priority.INTERACTIVE):
+    if shared.settle(conn, calls, moment, Priority.INTERACTIVE):
         return True
     return None  # the state row went missing meanwhile: nothing paid, nothing reserved
 
@@ -494,8 +494,8 @@ def _user_lock() -> sa.Select[Any]:
     Not the user's row: a row lock just released goes to whichever backend asks first, and a
     create arriving then went ahead of those already waiting (one user's creates at 32 clients:
     p99 +81 / +108 ms over the emulator's, +52 / +62 with this lock). The lock manager hands an
-    advisory lock to its waiters in turn. Nor does it touch the row, whose
-    foreign key checks (the reservation's, the upload's) take their own share of it."""
+    advisory lock to its waiters in turn. Nor does it touch the row, whose foreign key checks
+    (the reservation's, the upload's) take their own share of it."""
     return sa.select(
         sa.func.pg_advisory_xact_lock(
             sa.literal(USER_LOCKS, sa.Integer), sa.bindparam("user_id", type_=sa.Integer)

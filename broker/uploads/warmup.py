@@ -170,15 +170,4 @@ def _warm_up_budget(budget: Budget | None) -> Budget | None:
     warm-up's transaction keeps what it takes until it is rolled back, and with the app's
     scope every create of every process would wait for a process's warm-up (each of its
     connections, at each start)."""
-    if not isinstance(budget, UpstreamBudget):
-        return budget
-    return UpstreamBudget(
-        budget.engine,
-        limit=budget.limit,
-        window=budget.window,
-        reserve=budget.reserve,
-        background_share=budget.background_share,
-        scope=WARM_UP_SCOPE,
-        clock=budget.clock,
-        min_burst=budget.min_burst,
-    )
+    return budget.in_scope(WARM_UP_SCOPE) if isinstance(budget, UpstreamBudget) else budget

@@ -27,6 +27,7 @@ writer).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -214,6 +215,12 @@ class UpstreamBudget:
             )
         return True
 
+    def in_scope(self, scope: str) -> UpstreamBudget:
+        """This budget, its limits and clock, kept under `scope` instead."""
+        other = copy.copy(self)
+        other.scope = scope
+        return other
+
     def shares(self, conn: Connection) -> bool:
         """Tell whether this budget is kept in the database of `conn` (so a caller's own
         statements may spend it: `locking` and `spending`)."""
@@ -371,7 +378,7 @@ def locking() -> sa.Update:
     """The statement taking a scope's lock (`locked_scope`): its state row, written; returns its
     pause.
 
-    For a caller that takes it after locks of its own (PostgreSQL; the user's row first, as
+    For a caller that takes it after locks of its own (PostgreSQL; the user's lock first, as
     every path takes them), then spends in a later statement (`spending`), whose snapshot then
     starts after the lock was granted (READ COMMITTED).
     """
