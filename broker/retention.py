@@ -10,7 +10,10 @@ process left behind. `prune` deletes, in batches of at most BATCH rows per kind 
 - `expired` and `deleted` uploads whose status changed `BROKER_RETENTION_UPLOADS_DAYS` ago
   (30), unless their draft still waits to be deleted at Cloudflare or a worker holds them.
   `ready` uploads are the images themselves and stay; so do `pending` and `rejected` ones;
-- reservations and remember-me tokens past their expiry.
+- reservations and remember-me tokens past their expiry;
+- the hourly upload counts older than a day (the daily quota reads the last 24 hours), after
+  folding in the usage changes of users who created nothing since (PostgreSQL;
+  broker.uploads.quotas).
 A setting of 0 keeps that kind for ever. Domain code: the caller (the worker) commits.
 """
 
@@ -24,7 +27,8 @@ import sqlalchemy as sa
 from broker.auth.models import RememberToken
 from broker.platform.config import Settings
 from broker.platform.db import Model, Session
-from broker.uploads.models import Upload, UploadReservation, UploadStatus
+from broker.uploads import quotas
+from broker.uploads.models import Upload, UploadReservation, UploadStatus, UploadUsageHour
 from broker.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookEvent
 
 # Rows of one kind deleted per pass: keeps each transaction short after a long pause.
@@ -95,4 +99,10 @@ def prune(session: Session, settings: Settings, now: datetime) -> dict[str, int]
     done["remember_tokens"] = _delete(
         session, RememberToken, RememberToken.id, RememberToken.expires_at <= now
     )
+    # Bookkeeping, not forgetting: the counts stay whole, so not counted among what went.
+    quotas.fold_usage_changes(session.connection())
+    old_hours = sa.delete(UploadUsageHour).where(
+        UploadUsageHour.hour < quotas.hour_of(now - quotas.DAY)
+    )
+    done["usage_hours"] = int(cast(sa.CursorResult[Any], session.execute(old_hours)).rowcount or 0)
     return done

@@ -130,6 +130,57 @@ class UploadReservation(Model):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class UploadUsage(Model):
+    """A user's uploads in one profile by status, kept by triggers on `uploads` (migration
+    d5e1a7c3b9f2), so a create's quota check reads one row instead of walking the user's
+    history: `pending` drafts (live or not: the check subtracts those past their expiry) and
+    `ready` images. On PostgreSQL it lags by the user's `UploadUsageChange` rows, which a
+    create folds in (broker.uploads.quotas). No foreign key: a user's deletion deletes its
+    uploads, whose triggers bring these counts to zero."""
+
+    __tablename__ = "upload_usage"
+
+    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    profile: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    pending: Mapped[int] = mapped_column(default=0)
+    ready: Mapped[int] = mapped_column(default=0)
+
+
+class UploadUsageHour(Model):
+    """How many uploads a user created in one profile in one hour (`hour`: whole hours since
+    the epoch), kept like `UploadUsage`: the daily quota sums the hours inside the last 24 and
+    counts the one it starts in exactly. Hours older than a day are pruned (broker.retention)."""
+
+    __tablename__ = "upload_usage_hours"
+
+    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    profile: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    hour: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    created: Mapped[int] = mapped_column(default=0)
+
+
+class UploadUsageChange(Model):
+    """One change to `UploadUsage` and `UploadUsageHour` not folded in yet (PostgreSQL).
+
+    There the triggers on `uploads` append these instead of updating the counts: an update
+    would hold the counts' row lock until the write commits, and every write of the user would
+    wait for it. The user's next create folds them in (broker.uploads.quotas); readers add the
+    ones left. Unused on SQLite, whose one writer at a time updates the counts directly."""
+
+    __tablename__ = "upload_usage_changes"
+    __table_args__ = (sa.Index("ix_upload_usage_changes_user_profile", "user_id", "profile"),)
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column()
+    profile: Mapped[str] = mapped_column(sa.String(32))
+    hour: Mapped[int] = mapped_column(sa.BigInteger)
+    pending: Mapped[int] = mapped_column(default=0)
+    ready: Mapped[int] = mapped_column(default=0)
+    created: Mapped[int] = mapped_column(default=0)
+
+
 class VerifyTurn(Model):
     """When the next listing for silent clients may be made, shared by every worker.
 

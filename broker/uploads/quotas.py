@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as upsert
 
 from broker.auth.models import User
 from broker.platform.config import Settings
 from broker.platform.db import Finish, Session, Statement, UTCDateTime
 from broker.platform.errors import Kind, Refusal
-from broker.uploads.lifecycle import PENDING, READY
-from broker.uploads.models import Upload, UploadReservation
+from broker.uploads.lifecycle import PENDING
+from broker.uploads.models import (
+    Upload,
+    UploadReservation,
+    UploadUsage,
+    UploadUsageChange,
+    UploadUsageHour,
+)
 from broker.uploads.policy import UploadError
 from broker.uploads.profiles import DEFAULT, Profile, profiles_of
 from broker.upstream import budget as budget_statements
@@ -115,55 +122,95 @@ def _reservation() -> sa.Insert:
     )
 
 
-@functools.cache
-def _usage_query() -> sa.Select[int, int, int, int]:
-    """One statement counting a user's live drafts, last-24-h uploads and live reservations
-    other than `own` (the caller's, counted as the one asked for).
+_USER = sa.bindparam("user_id", type_=sa.Integer)
+_PROFILE = sa.bindparam("profile", type_=sa.String)
+_NOW = sa.bindparam("now", type_=UTCDateTime())
+_SINCE_HOUR = sa.bindparam("since_hour", type_=sa.BigInteger)
 
-    Built once: constructing SQLAlchemy statements costs more than running this one. Upload
-    counts stop at `cap_*` so they stay cheap however many rows a user has.
+
+@functools.cache
+def _usage_query(unfolded: bool = False) -> sa.Select[int, int, int, int]:
+    """One statement reading a user's live drafts, last-24-h uploads and images kept in the
+    profile, and counting live reservations other than `own` (the caller's, counted as the one
+    asked for); with `unfolded`, the usage changes not folded in yet added (PostgreSQL: SQLite
+    has none).
+
+    The uploads are not walked: triggers keep their counts (`UploadUsage`, `UploadUsageHour`).
+    Built once: constructing SQLAlchemy statements costs more than running this one.
     """
-    user_id = sa.bindparam("user_id", type_=sa.Integer)
-    profile = sa.bindparam("profile", type_=sa.String)
-    now = sa.bindparam("now", type_=UTCDateTime())
-    mine = (Upload.user_id == user_id, Upload.profile == profile)
-    # Each count selects a column its index holds (not the id: SQLite's indexes hold the rowid,
-    # not this text key), so it reads the index alone, never a row of the table.
-    pending = (
-        sa.select(Upload.user_id)
-        .where(*mine, Upload.status == PENDING, Upload.expires_at > now)
-        .limit(sa.bindparam("cap_pending", type_=sa.Integer))
-        .subquery()
+    usage, hours, changes = _usage_tables()
+
+    def total(column: str, *, hourly: bool = False) -> Any:
+        """`column` summed over the user's rows of the counts (and of the changes)."""
+        kept = _sum((hours if hourly else usage).c[column], hourly=hourly)
+        return kept + _sum(changes.c[column], hourly=hourly) if unfolded else kept
+
+    pending, today, others, stored = _usage_columns(
+        total("pending"), total("ready"), total("created", hourly=True)
     )
-    recent = (
-        sa.select(Upload.user_id)
-        .where(*mine, Upload.created_at > sa.bindparam("since", type_=UTCDateTime()))
-        .limit(sa.bindparam("cap_daily", type_=sa.Integer))
-        .subquery()
-    )
+    return sa.select(pending, today, others, stored)
+
+
+def _sum(column: Any, *, hourly: bool = False, mine: bool = True) -> Any:
+    """The sum of `column` over its table's rows (those of the user in the profile when
+    `mine`; of the hours after the one the last 24 hours start in when `hourly`); 0 when there
+    are none."""
+    table = column.table
+    where = [table.c.user_id == _USER, table.c.profile == _PROFILE] if mine else []
+    if hourly:
+        where.append(table.c.hour > _SINCE_HOUR)
+    return sa.func.coalesce(sa.select(sa.func.sum(column)).where(*where).scalar_subquery(), 0)
+
+
+def _usage_columns(
+    kept_pending: Any, kept_ready: Any, created: Any, parts: dict[str, Any] | None = None
+) -> tuple[Any, Any, Any, Any]:
+    """A user's live drafts, last-24-h uploads, other live reservations and images kept, from
+    the counts (`kept_pending`, `kept_ready`, and `created` in the whole hours after the one
+    the last 24 start in) and `parts` (`_usage_parts`, or columns holding them)."""
+    parts = parts or _usage_parts()
+    pending = kept_pending - parts["stale"]
+    today = created + parts["first_hour"]
     # Images kept: ready ones, and drafts still waiting (each may become one).
-    stored = (
-        sa.select(Upload.user_id)
-        .where(
-            *mine,
-            sa.or_(
-                Upload.status == READY, sa.and_(Upload.status == PENDING, Upload.expires_at > now)
-            ),
+    return pending, today, parts["others"], kept_ready + pending
+
+
+def _usage_parts() -> dict[str, Any]:
+    """What a user's usage reads besides the counts, each a scalar subquery: `stale`, the
+    drafts the counts hold as pending although their URL has expired (the worker has not
+    marked them yet); `first_hour`, the uploads of the hour the last 24 start in, after its
+    start, counted exactly; `others`, the live reservations other than `own`. The first two
+    are bounded ranges of one index of uploads."""
+
+    def uploads(*where: sa.ColumnElement[bool]) -> Any:
+        # A column the index holds (not the id: SQLite's indexes hold the rowid, not this text
+        # key), so the count reads the index alone.
+        rows = sa.select(Upload.user_id).where(
+            Upload.user_id == _USER, Upload.profile == _PROFILE, *where
         )
-        .limit(sa.bindparam("cap_stored", type_=sa.Integer))
-        .subquery()
-    )
-    reserved = sa.select(sa.func.count()).where(
-        UploadReservation.user_id == user_id,
-        UploadReservation.profile == profile,
-        UploadReservation.expires_at > now,
+        return sa.select(sa.func.count()).select_from(rows.subquery()).scalar_subquery()
+
+    others = sa.select(sa.func.count()).where(
+        UploadReservation.user_id == _USER,
+        UploadReservation.profile == _PROFILE,
+        UploadReservation.expires_at > _NOW,
         UploadReservation.id != sa.bindparam("own", type_=sa.String),
     )
-    return sa.select(
-        sa.select(sa.func.count()).select_from(pending).scalar_subquery(),
-        sa.select(sa.func.count()).select_from(recent).scalar_subquery(),
-        reserved.scalar_subquery(),
-        sa.select(sa.func.count()).select_from(stored).scalar_subquery(),
+    return {
+        "stale": uploads(Upload.status == PENDING, Upload.expires_at <= _NOW),
+        "first_hour": uploads(
+            Upload.created_at > sa.bindparam("since", type_=UTCDateTime()),
+            Upload.created_at < sa.bindparam("next_hour", type_=UTCDateTime()),
+        ),
+        "others": others.scalar_subquery(),
+    }
+
+
+def _usage_tables() -> tuple[sa.Table, sa.Table, sa.Table]:
+    """The tables of the counts the triggers on uploads keep: by status, by hour, changes."""
+    return tuple(  # type: ignore[return-value]
+        cast(sa.Table, model.__table__)
+        for model in (UploadUsage, UploadUsageHour, UploadUsageChange)
     )
 
 
@@ -175,11 +222,24 @@ def _usage(quotas: Quotas, user_id: int, own: str, now: datetime) -> dict[str, A
         "own": own,
         "now": now,
         "until": now + RESERVATION_TTL,
-        "since": now - DAY,
-        "cap_pending": max(quotas.pending, 0),
-        "cap_daily": max(quotas.daily, 0),
-        "cap_stored": max(quotas.stored or 0, 0),
+        **_day_before(now),
     }
+
+
+def _day_before(now: datetime) -> dict[str, Any]:
+    """The last 24 hours as `_usage_query` reads them: from `since`; the hour it falls in
+    (`since_hour`, whole hours since the epoch, as the triggers count them) ends at
+    `next_hour`."""
+    since = now - DAY
+    since_hour = hour_of(since)
+    next_hour = datetime.fromtimestamp((since_hour + 1) * 3600, UTC)
+    return {"since": since, "since_hour": since_hour, "next_hour": next_hour}
+
+
+def hour_of(moment: datetime) -> int:
+    """The hour `moment` falls in, as the usage triggers count uploads: whole hours since the
+    epoch."""
+    return int(moment.timestamp() // 3600)
 
 
 def _check(
@@ -308,8 +368,10 @@ def reserve_slot(
         return budget is not None and budget.acquire_in(conn, Priority.INTERACTIVE)
     # The user's lock serialises this user's reservations (`_user_lock`).
     conn.execute(_user_lock(), {"user_id": user_id})
-    usage = conn.execute(_reserving(), params).one()
-    _check(conn, user_id, quotas, now, usage, own_reservation=upload_id)
+    *counts, reserved = conn.execute(_reserving_if_room(), {**params, **_limits(quotas)}).one()
+    if not reserved:
+        _check(conn, user_id, quotas, now, counts, own_reservation=upload_id)
+        raise AssertionError("the reservation's room and `_check` disagree")  # pragma: no cover
     # Last: the budget's row lock is shared by every process; hold it briefly.
     return budget is not None and budget.acquire_in(conn, Priority.INTERACTIVE)
 
@@ -329,7 +391,8 @@ def _reserve_in_one_round_trip(
 
     In order, each reading the rows committed before it starts (READ COMMITTED), so after a
     lock it sees all its previous holder committed: the user's lock; the reservation,
-    inserted only when the quotas leave room, its counts returned either way; the budget's
+    inserted only when the quotas leave room, its counts returned either way; the user's
+    usage changes folded into the counts (`_folding`), so the next create reads few; the budget's
     state row lock, taken only when the reservation exists (after the counts, so the lock every
     create shares is not held while a user's history is counted); the spend, only when the
     reservation exists and the budget has room, deleting the reservation when refused. Lock
@@ -378,8 +441,28 @@ def _reserve_in_one_round_trip(
 def _reserving_if_room() -> sa.Select[Any]:
     """The user's usage (`_usage_query`'s columns) and whether the reservation `own` was
     inserted, which it is only when the quotas (`_limits`) leave room for it, as `_check`
-    counts it: one statement (PostgreSQL, after the user's lock)."""
-    pending, today, others, stored = _usage_query().selected_columns
+    counts it: one statement (PostgreSQL, after the user's lock).
+
+    The user's usage changes are folded into the counts by the same statement (`_fold`), so
+    it reads them on one side or the other, never both, and the next create finds few."""
+    moved, counted, counted_hours = _fold()
+    _usage, hours, _changes = _usage_tables()
+    # The hours as the statement began, and the changes it folds in.
+    created = _sum(hours.c.created, hourly=True) + _sum(moved.c.created, hourly=True, mine=False)
+    # Each part read once, whatever uses it twice.
+    raw = (
+        sa.select(
+            counted.c.pending,
+            counted.c.ready,
+            created.label("created"),
+            *(part.label(name) for name, part in _usage_parts().items()),
+        )
+        .select_from(counted)
+        .cte("usage_parts")
+    )
+    pending, today, others, stored = _usage_columns(
+        raw.c.pending, raw.c.ready, raw.c.created, dict(raw.c.items())
+    )
     counts = sa.select(
         pending.label("pending"),
         today.label("today"),
@@ -397,9 +480,9 @@ def _reserving_if_room() -> sa.Select[Any]:
     table = cast(sa.Table, UploadReservation.__table__)
     row = sa.select(
         sa.bindparam("own", type_=sa.String),
-        sa.bindparam("user_id", type_=sa.Integer),
-        sa.bindparam("profile", type_=sa.String),
-        sa.bindparam("now", type_=UTCDateTime()),
+        _USER,
+        _PROFILE,
+        _NOW,
         sa.bindparam("until", type_=UTCDateTime()),
     ).where(room)
     inserted = (
@@ -414,7 +497,7 @@ def _reserving_if_room() -> sa.Select[Any]:
         counts.c.others,
         counts.c.stored,
         sa.select(sa.func.count()).select_from(inserted).scalar_subquery(),
-    )
+    ).add_cte(counted_hours)
 
 
 def _limits(quotas: Quotas) -> dict[str, Any]:
@@ -501,6 +584,93 @@ def _user_lock() -> sa.Select[Any]:
             sa.literal(USER_LOCKS, sa.Integer), sa.bindparam("user_id", type_=sa.Integer)
         )
     )
+
+
+def recorded_usage(conn: sa.Connection, user_id: int, profile: str, now: datetime) -> Usage:
+    """The user's live drafts, uploads of the last 24 hours and images kept in `profile` at
+    `now`, as a create's quota check reads them (reservations not included)."""
+    params = {"user_id": user_id, "profile": profile, "own": "", "now": now, **_day_before(now)}
+    query = _usage_query(unfolded=conn.dialect.name == "postgresql")
+    pending, today, _reserved, stored = conn.execute(query, params).one()
+    return Usage(pending, today, stored)
+
+
+class Usage(NamedTuple):
+    """What counts against a user's quotas in one profile (`recorded_usage`)."""
+
+    pending: int
+    today: int
+    stored: int
+
+
+def fold_usage_changes(conn: sa.Connection) -> int:
+    """Fold every user's usage changes not folded in yet into the counts (PostgreSQL; the
+    retention job's, for users who create nothing more); return how many there were. Safe
+    beside creates folding theirs: a change goes to exactly one fold."""
+    if conn.dialect.name != "postgresql":
+        return 0
+    changes = cast(sa.Table, UploadUsageChange.__table__)
+    owners = conn.execute(sa.select(changes.c.user_id, changes.c.profile).distinct()).all()
+    moved: list[int] = [
+        conn.execute(_folding(), {"user_id": user_id, "profile": profile}).scalar_one()
+        for user_id, profile in owners
+    ]
+    return sum(moved)
+
+
+@functools.cache
+def _folding() -> sa.Select[int]:
+    """Fold the usage changes of `user_id` in `profile` into its counts (`_fold`); returns how
+    many there were."""
+    moved, counted, counted_hours = _fold()
+    return sa.select(sa.select(sa.func.count()).select_from(moved).scalar_subquery()).add_cte(
+        counted, counted_hours
+    )
+
+
+def _fold() -> tuple[Any, Any, Any]:
+    """The CTEs moving the usage changes of `user_id` in `profile` into its counts
+    (PostgreSQL, where the triggers on uploads append changes): the changes deleted (`moved`),
+    the counts by status upserted with their sums (`counted`, returning the new counts: always
+    one row), the hourly counts upserted (`counted_hours`). In one statement, so a reader sees
+    the changes on one side or the other.
+
+    A change deleted by a concurrent fold is skipped by this one (its DELETE finds it gone
+    once the other commits): each change is counted once."""
+    usage, hours, changes = _usage_tables()
+    moved = (
+        sa.delete(changes)
+        .where(changes.c.user_id == _USER, changes.c.profile == _PROFILE)
+        .returning(changes.c.hour, changes.c.pending, changes.c.ready, changes.c.created)
+        .cte("moved")
+    )
+    adding = upsert(usage).from_select(
+        ["user_id", "profile", "pending", "ready"],
+        sa.select(
+            _USER,
+            _PROFILE,
+            sa.func.coalesce(sa.func.sum(moved.c.pending), 0),
+            sa.func.coalesce(sa.func.sum(moved.c.ready), 0),
+        ).select_from(moved),
+    )
+    totals = adding.on_conflict_do_update(
+        index_elements=[usage.c.user_id, usage.c.profile],
+        set_={
+            "pending": usage.c.pending + adding.excluded.pending,
+            "ready": usage.c.ready + adding.excluded.ready,
+        },
+    ).returning(usage.c.pending, usage.c.ready)
+    per_hour = upsert(hours).from_select(
+        ["user_id", "profile", "hour", "created"],
+        sa.select(_USER, _PROFILE, moved.c.hour, sa.func.sum(moved.c.created))
+        .select_from(moved)
+        .group_by(moved.c.hour),
+    )
+    per_hour = per_hour.on_conflict_do_update(
+        index_elements=[hours.c.user_id, hours.c.profile, hours.c.hour],
+        set_={"created": hours.c.created + per_hour.excluded.created},
+    )
+    return moved, totals.cte("counted"), per_hour.cte("counted_hours")
 
 
 def release_slot(session: Session, upload_id: str) -> None:

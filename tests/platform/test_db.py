@@ -19,11 +19,16 @@ from broker.uploads.models import Upload
 from tests.conftest import base_config
 
 
-def _migrations_sqlite_triggers() -> set[str]:
-    """The SQLite triggers the revisions leave at head: each names the one it creates in
-    `TRIGGER` (and one it drops for good in `DROPS_TRIGGER`)."""
+def _migrations_triggers(dialect: str) -> set[str]:
+    """The triggers the revisions leave at head on `dialect`: a revision names the SQLite one it
+    creates in `TRIGGER` (and one it drops for good in `DROPS_TRIGGER`), or those it creates
+    per dialect in `TRIGGERS`."""
     modules = [rev.module for rev in ScriptDirectory(MIGRATIONS_DIR).walk_revisions()]
-    created = {module.TRIGGER for module in modules if hasattr(module, "TRIGGER")}
+    created = {
+        name for module in modules for name in getattr(module, "TRIGGERS", {}).get(dialect, ())
+    }
+    if dialect == "sqlite":
+        created |= {module.TRIGGER for module in modules if hasattr(module, "TRIGGER")}
     return created - {
         module.DROPS_TRIGGER for module in modules if hasattr(module, "DROPS_TRIGGER")
     }
@@ -45,10 +50,10 @@ def drift(conn: sa.Connection) -> list[Any]:
     """What the schema on `conn` differs in from the models, and from the triggers the
     migrations create (which autogenerate does not compare): a SQLite `batch_alter_table`
     recreates its table without them, and the create path relies on `uploads_take_reservation`
-    there. Call inside the app's context."""
+    there, the quota check on the usage triggers on both. Call inside the app's context."""
     context = MigrationContext.configure(conn, opts={"compare_type": True, "render_as_batch": True})
     diff: list[Any] = list(compare_metadata(context, db.metadata))
-    expected = _migrations_sqlite_triggers() if conn.dialect.name == "sqlite" else set()
+    expected = _migrations_triggers(conn.dialect.name)
     present = _triggers(conn)
     diff += [("missing_trigger", name) for name in sorted(expected - present)]
     diff += [("unexpected_trigger", name) for name in sorted(present - expected)]

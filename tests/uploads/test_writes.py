@@ -138,11 +138,12 @@ def test_the_global_budget_is_spent_in_one_statement_last_in_the_reservation(
     row = words[len(reservation) :]
     budget = ["UPDATE upstream_budget_state SET", "INSERT INTO upstream_budget_buckets"]
     if _dialect(app) == "postgresql":
-        # The user's lock, the reservation when there is room, the scope's lock when reserved,
-        # the spend (unreserving when refused), the commit: one round trip (below).
+        # The user's lock, the reservation when there is room (with the fold of the user's
+        # usage changes), the scope's lock when reserved, the spend (unreserving when
+        # refused), the commit: one round trip (below).
         assert reservation == [
             "SELECT pg_advisory_xact_lock(%(param_1)s::INTEGER, %(user_id)s::INTEGER)",
-            "WITH usage AS",
+            "WITH moved AS",
             budget[0],
             "WITH budget_spend AS",
             "COMMIT",
@@ -271,7 +272,8 @@ def test_a_create_on_the_batch_host_takes_no_shared_lock(make_app, make_user, be
     main = [w for e, w in seen if e == "a" and w not in ("COMMIT", "ROLLBACK")]
     rate = [w for e, w in seen if e == "b" and w not in ("COMMIT", "ROLLBACK")]
     # [the user's lock on PostgreSQL, sent with the reservation and the commit]; the
-    # reservation, returning the usage (PostgreSQL: inserted only when there is room); then
+    # reservation, returning the usage (PostgreSQL: inserted only when there is room, the
+    # user's usage changes folded into the counts by the same statement); then
     # the row in place of the reservation, one statement (PostgreSQL: the DELETE a CTE of the
     # INSERT; SQLite: the INSERT, whose trigger deletes the reservation).
     # No second load of the user for the answer, no stale-reservation sweep.
