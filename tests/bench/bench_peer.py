@@ -187,6 +187,22 @@ def start_peer(
     return f"http://127.0.0.1:{port}", made[-1 - users :], proc
 
 
+def analyze(databases: list[str]) -> None:
+    """Give PostgreSQL's planner the statistics of each database, every side alike: in
+    production autovacuum gathers them within a minute of a table's first rows, and a fresh
+    bench database is younger than that (without them the planner may pick any index that
+    starts with the user's id). SQLite gathers none by itself, so nothing is done there."""
+    import sqlalchemy as sa
+
+    for url in databases:
+        if not url.startswith("postgresql"):
+            continue
+        engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            conn.execute(sa.text("ANALYZE"))
+        engine.dispose()
+
+
 def prepare_in(root: Path, settings: dict[str, Any], count: int = 1) -> list[str]:
     """Migrate and create `count` users with `root`'s own code (one process there); return
     their tokens."""
@@ -352,14 +368,17 @@ def measure(
         roots["baseline"] = export(opts.baseline, tmp)
     # Per side: its URL, then each user's (headers, body): the one-user rows' user first.
     targets: dict[str, tuple[str, list[Request], subprocess.Popen[bytes]]] = {}
+    databases: list[str] = []
     for name, root in roots.items():
         database = fresh_database(stack, postgres, tmp, f"{label}_{name}")
+        databases.append(database)
         settings = up.broker_settings(tmp / name, emulator_url, database)
         url, secrets, proc = start_broker(stack, root, settings, tmp / f"{name}.log", opts.users)
         body = {"metadata": {"k": "v"}}
         sent = [({"Authorization": f"Bearer {secret}"}, body) for secret in secrets]
         targets[name] = (url + "/api/v1/uploads", sent, proc)
     peer_db = fresh_database(stack, postgres, tmp, f"{label}_peer")
+    databases.append(peer_db)
     peer_url, peer_users, peer_proc = start_peer(
         stack, tmp / "peer", emulator_url, peer_db, opts.users
     )
@@ -414,6 +433,7 @@ def measure(
         # clients often reached one of the two processes only, whose first-run pages then read
         # as growth over the run.
         up.run_load(call, max(clients), 1.0)
+    analyze(databases)
     warm = {name: worker_memory(proc) for name, (*_, proc) in targets.items()}
 
     print(f"\n{label}: gunicorn 2 x 16 gthread each; {opts.seconds:g} s per row")
