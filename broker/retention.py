@@ -99,10 +99,11 @@ def prune(session: Session, settings: Settings, now: datetime) -> dict[str, int]
     done["remember_tokens"] = _delete(
         session, RememberToken, RememberToken.id, RememberToken.expires_at <= now
     )
-    # Bookkeeping, not forgetting: the counts stay whole, so not counted among what went.
-    quotas.fold_usage_changes(session.connection())
     old_hours = sa.delete(UploadUsageHour).where(
         UploadUsageHour.hour < quotas.hour_of(now - quotas.DAY)
     )
     done["usage_hours"] = int(cast(sa.CursorResult[Any], session.execute(old_hours)).rowcount or 0)
+    # Last, so the users' locks it takes wait only for the commit: bookkeeping, not forgetting
+    # (the counts stay whole), so not counted among what went.
+    quotas.fold_usage_changes(session.connection())
     return done

@@ -605,17 +605,23 @@ class Usage(NamedTuple):
 
 def fold_usage_changes(conn: sa.Connection) -> int:
     """Fold every user's usage changes not folded in yet into the counts (PostgreSQL; the
-    retention job's, for users who create nothing more); return how many there were. Safe
-    beside creates folding theirs: a change goes to exactly one fold."""
+    retention job's, for users who create nothing more); return how many there were.
+
+    Each user's fold under the user's lock, as a create's: a create's fold may take the counts'
+    rows in another order (the writes of one statement run in no set order), and two folds of
+    one user holding one row each would deadlock. The caller should commit soon after: the
+    locks are the transaction's."""
     if conn.dialect.name != "postgresql":
         return 0
     changes = cast(sa.Table, UploadUsageChange.__table__)
-    owners = conn.execute(sa.select(changes.c.user_id, changes.c.profile).distinct()).all()
-    moved: list[int] = [
-        conn.execute(_folding(), {"user_id": user_id, "profile": profile}).scalar_one()
-        for user_id, profile in owners
-    ]
-    return sum(moved)
+    owners = conn.execute(
+        sa.select(changes.c.user_id, changes.c.profile).distinct().order_by(changes.c.user_id)
+    ).all()
+    moved = 0
+    for user_id, profile in owners:
+        conn.execute(_user_lock(), {"user_id": user_id})
+        moved += conn.execute(_folding(), {"user_id": user_id, "profile": profile}).scalar_one()
+    return moved
 
 
 @functools.cache

@@ -20,7 +20,7 @@ from broker.auth.models import User
 from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import quotas
-from broker.uploads.models import Upload, UploadReservation
+from broker.uploads.models import Upload, UploadReservation, UploadUsage, UploadUsageChange
 from broker.uploads.policy import UploadError
 from broker.upstream.budget import BudgetExhausted, get_budget
 from tests.factories import live_server, post_upload
@@ -353,3 +353,30 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         db.session.commit()
         assert db.session.scalars(sa.select(UploadReservation.id)).all() == ["third"]
         work.commit()  # every unit of work is ended (see broker.api.unit_of_work)
+
+
+def test_retentions_fold_waits_for_the_users_lock_as_a_create_does(
+    app, make_user, database_url
+) -> None:
+    """The retention job folds a user's usage changes under the user's lock: a create's fold
+    (inside its reservation statement) may take the counts' rows in another order, and two
+    folds of one user holding one row each would deadlock. Held by a create's step, the lock
+    makes retention's fold wait (here: fail at once, lock_timeout); released, it folds."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the changes to fold are PostgreSQL's")
+    with app.app_context():
+        user_id = db.session.merge(make_user("folded")).id
+        engine = db.engine
+    change = {"user_id": user_id, "profile": "default", "hour": 1, "pending": 1, "ready": 0}
+    with engine.begin() as conn:
+        conn.execute(sa.insert(UploadUsageChange).values(created=1, **change))
+    with engine.connect() as create_step, engine.connect() as job:
+        create_step.execute(quotas._user_lock(), {"user_id": user_id})
+        job.execute(sa.text("SET lock_timeout = '50ms'"))
+        with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
+            quotas.fold_usage_changes(job)
+        job.rollback()
+        create_step.rollback()
+    with engine.begin() as conn:
+        assert quotas.fold_usage_changes(conn) == 1
+        assert conn.execute(sa.select(UploadUsage.pending)).scalars().all() == [1]
