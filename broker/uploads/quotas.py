@@ -28,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as upsert
 
 from broker.auth.models import User
 from broker.platform.config import Settings
@@ -643,6 +642,9 @@ def _fold() -> tuple[Any, Any, Any]:
 
     A change deleted by a concurrent fold is skipped by this one (its DELETE finds it gone
     once the other commits): each change is counted once."""
+    # PostgreSQL only: a SQLite process never loads the dialect.
+    from sqlalchemy.dialects.postgresql import insert as upsert
+
     usage, hours, changes = _usage_tables()
     moved = (
         sa.delete(changes)
