@@ -11,9 +11,8 @@ process left behind. `prune` deletes, in batches of at most BATCH rows per kind 
   (30), unless their draft still waits to be deleted at Cloudflare or a worker holds them.
   `ready` uploads are the images themselves and stay; so do `pending` and `rejected` ones;
 - reservations and remember-me tokens past their expiry;
-- the hourly upload counts older than a day (the daily quota reads the last 24 hours), after
-  folding in the usage changes of users who created nothing since (PostgreSQL;
-  broker.uploads.quotas).
+- the hourly upload counts older than a day (the daily quota reads the last 24 hours; no fold
+  of usage changes writes one: broker.uploads.quotas).
 A setting of 0 keeps that kind for ever. Domain code: the caller (the worker) commits.
 """
 
@@ -103,7 +102,4 @@ def prune(session: Session, settings: Settings, now: datetime) -> dict[str, int]
         UploadUsageHour.hour < quotas.hour_of(now - quotas.DAY)
     )
     done["usage_hours"] = int(cast(sa.CursorResult[Any], session.execute(old_hours)).rowcount or 0)
-    # Last, so the users' locks it takes wait only for the commit: bookkeeping, not forgetting
-    # (the counts stay whole), so not counted among what went.
-    quotas.fold_usage_changes(session.connection())
     return done

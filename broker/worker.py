@@ -16,6 +16,8 @@ Jobs, in the order one pass runs them (each guarded, so one failing job never st
 - `sync_keys`: mirror Cloudflare's signing keys (broker.images.keys.sync_keys), hourly;
 - `purge_idempotency_keys`: forget `Idempotency-Key` answers past their 24 hours, hourly;
 - `prune`: delete what is past its retention (broker.retention), every 5 minutes;
+- `fold_usage`: fold the usage changes of users who stopped creating into their counts
+  (PostgreSQL; broker.uploads.quotas), a batch a minute;
 - `agree_with_cloudflare`: usage and reconciliation, each on its shared turn (broker.reconcile).
 
 `verify_uploads` to `erase_users` ask the outside world about leased rows and so are leased work
@@ -52,7 +54,7 @@ from broker.platform import wakeup
 from broker.platform.config import current_settings, settings_of
 from broker.platform.db import db, utcnow
 from broker.reconcile import run as reconcile
-from broker.uploads import completion
+from broker.uploads import completion, quotas
 from broker.upstream.cloudflare import get_client
 from broker.webhooks import sending
 
@@ -106,6 +108,7 @@ class Worker:
             Job("sync_keys", _sync_keys, every=keys_every),
             Job("purge_idempotency_keys", _purge_idempotency_keys, every=3600),
             Job("prune", _prune, every=300),
+            Job("fold_usage", _fold_usage, every=60),
             Job("agree_with_cloudflare", _agree_with_cloudflare, every=60),
         ]
 
@@ -229,6 +232,12 @@ def _sync_keys(worker: Worker, now: datetime) -> int:
 def _purge_idempotency_keys(worker: Worker, now: datetime) -> int:
     """Forget Idempotency-Key answers past their 24 hours, so the table does not grow forever."""
     return idempotency.purge_expired(db.session, now)
+
+
+def _fold_usage(worker: Worker, now: datetime) -> int:
+    """Fold the usage changes users who stopped creating left (PostgreSQL), a batch a pass: its
+    own short transaction, since it holds each user's lock until the commit."""
+    return quotas.fold_usage_changes(db.session.connection(), now)
 
 
 def _prune(worker: Worker, now: datetime) -> int:

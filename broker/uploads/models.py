@@ -164,8 +164,9 @@ class UploadUsageChange(Model):
 
     There the triggers on `uploads` append these instead of updating the counts: an update
     would hold the counts' row lock until the write commits, and every write of the user would
-    wait for it. The user's next create folds them in (broker.uploads.quotas); readers add the
-    ones left. Unused on SQLite, whose one writer at a time updates the counts directly."""
+    wait for it. The user's next create folds them in (broker.uploads.quotas), or the worker
+    for users who stopped creating; readers add the ones left. Unused on SQLite, whose one
+    writer at a time updates the counts directly."""
 
     __tablename__ = "upload_usage_changes"
     __table_args__ = (sa.Index("ix_upload_usage_changes_user_profile", "user_id", "profile"),)

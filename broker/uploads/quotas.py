@@ -602,24 +602,37 @@ class Usage(NamedTuple):
     stored: int
 
 
-def fold_usage_changes(conn: sa.Connection) -> int:
-    """Fold every user's usage changes not folded in yet into the counts (PostgreSQL; the
-    retention job's, for users who create nothing more); return how many there were.
+# Users whose changes one background pass folds at most (each holds the user's lock until the
+# pass commits).
+FOLD_BATCH = 100
 
-    Each user's fold under the user's lock, as a create's: a create's fold may take the counts'
-    rows in another order (the writes of one statement run in no set order), and two folds of
-    one user holding one row each would deadlock. The caller should commit soon after: the
-    locks are the transaction's."""
+
+def fold_usage_changes(conn: sa.Connection, now: datetime) -> int:
+    """Fold the usage changes of users who left some (PostgreSQL: users who create nothing more
+    never fold theirs), at most `FOLD_BATCH` users; return how many changes went. The worker's
+    job, committed by it right after.
+
+    Each user's fold under the user's lock, taken in an earlier statement, as a create's: the
+    counts read in a create's statement are exact only if no other fold of the user commits
+    while it runs (it would read the hours as before that fold, and the counts after it), and
+    two folds of one user could take the counts' rows in opposite orders (a statement's writes
+    run in no set order) and deadlock. A user whose lock is held is skipped: that create is
+    folding the user's changes anyway."""
     if conn.dialect.name != "postgresql":
         return 0
     changes = cast(sa.Table, UploadUsageChange.__table__)
     owners = conn.execute(
-        sa.select(changes.c.user_id, changes.c.profile).distinct().order_by(changes.c.user_id)
+        sa.select(changes.c.user_id, changes.c.profile)
+        .distinct()
+        .order_by(changes.c.user_id, changes.c.profile)
+        .limit(FOLD_BATCH)
     ).all()
+    since_hour = hour_of(now - DAY)
     moved = 0
     for user_id, profile in owners:
-        conn.execute(_user_lock(), {"user_id": user_id})
-        moved += conn.execute(_folding(), {"user_id": user_id, "profile": profile}).scalar_one()
+        if conn.execute(_user_try_lock(), {"user_id": user_id}).scalar_one():
+            params = {"user_id": user_id, "profile": profile, "since_hour": since_hour}
+            moved += conn.execute(_folding(), params).scalar_one()
     return moved
 
 
@@ -637,11 +650,14 @@ def _fold() -> tuple[Any, Any, Any]:
     """The CTEs moving the usage changes of `user_id` in `profile` into its counts
     (PostgreSQL, where the triggers on uploads append changes): the changes deleted (`moved`),
     the counts by status upserted with their sums (`counted`, returning the new counts: always
-    one row), the hourly counts upserted (`counted_hours`). In one statement, so a reader sees
-    the changes on one side or the other.
+    one row), the hourly counts upserted (`counted_hours`), only for hours after `since_hour`
+    (the daily count reads no other) and only where they change (a status change adds and
+    takes one in the same hour). In one statement, so a reader sees the changes on one side
+    or the other.
 
-    A change deleted by a concurrent fold is skipped by this one (its DELETE finds it gone
-    once the other commits): each change is counted once."""
+    Run it only under the user's lock (`_user_lock`), taken by an earlier statement: a fold
+    committed by another transaction while this statement runs would be half seen (the hours
+    as before it, the counts as after it)."""
     # PostgreSQL only: a SQLite process never loads the dialect.
     from sqlalchemy.dialects.postgresql import insert as upsert
 
@@ -672,13 +688,25 @@ def _fold() -> tuple[Any, Any, Any]:
         ["user_id", "profile", "hour", "created"],
         sa.select(_USER, _PROFILE, moved.c.hour, sa.func.sum(moved.c.created))
         .select_from(moved)
-        .group_by(moved.c.hour),
+        .where(moved.c.hour > _SINCE_HOUR)
+        .group_by(moved.c.hour)
+        .having(sa.func.sum(moved.c.created) != 0),
     )
     per_hour = per_hour.on_conflict_do_update(
         index_elements=[hours.c.user_id, hours.c.profile, hours.c.hour],
         set_={"created": hours.c.created + per_hour.excluded.created},
     )
     return moved, totals.cte("counted"), per_hour.cte("counted_hours")
+
+
+@functools.cache
+def _user_try_lock() -> sa.Select[Any]:
+    """`_user_lock` if it is free now (PostgreSQL): whether it was taken."""
+    return sa.select(
+        sa.func.pg_try_advisory_xact_lock(
+            sa.literal(USER_LOCKS, sa.Integer), sa.bindparam("user_id", type_=sa.Integer)
+        )
+    )
 
 
 def release_slot(session: Session, upload_id: str) -> None:

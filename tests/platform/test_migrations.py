@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from flask_migrate import upgrade
@@ -172,3 +173,24 @@ def test_two_upgrades_started_together_leave_one_schema(
     tables = set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
     assert tables == set(db.metadata.tables)
     engine.dispose()
+
+
+def test_the_usage_counts_revision_commits_at_once_on_sqlite(tmp_path: Path) -> None:
+    """SQLite's driver runs DDL outside a transaction, each statement committing alone: the
+    revision that adds the usage counts takes the write lock first, so an upload written while
+    it runs can neither be counted twice nor missed, and a failure half way leaves nothing
+    behind. Here its third table is in the way: the first two are gone with it."""
+    url = f"sqlite:///{tmp_path}/broker.sqlite3"
+    app = create_app(base_config(url, str(tmp_path)))
+    with app.app_context():
+        upgrade(revision="c7a2e4f1d9b6")
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE upload_usage_changes (id INTEGER)"))
+        with pytest.raises(sa.exc.OperationalError, match="already exists"):
+            upgrade()
+        with db.engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        db.engine.dispose()
+    assert {"upload_usage", "upload_usage_hours"}.isdisjoint(tables), tables
+    assert version == "c7a2e4f1d9b6"

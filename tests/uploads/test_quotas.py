@@ -20,7 +20,13 @@ from broker.auth.models import User
 from broker.platform.config import settings_of
 from broker.platform.db import db, utcnow
 from broker.uploads import quotas
-from broker.uploads.models import Upload, UploadReservation, UploadUsage, UploadUsageChange
+from broker.uploads.models import (
+    Upload,
+    UploadReservation,
+    UploadUsage,
+    UploadUsageChange,
+    UploadUsageHour,
+)
 from broker.uploads.policy import UploadError
 from broker.upstream.budget import BudgetExhausted, get_budget
 from tests.factories import live_server, post_upload
@@ -355,28 +361,66 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         work.commit()  # every unit of work is ended (see broker.api.unit_of_work)
 
 
-def test_retentions_fold_waits_for_the_users_lock_as_a_create_does(
+def _changes(engine: sa.Engine, *rows: dict[str, Any]) -> None:
+    """Append usage changes as the triggers on uploads would (PostgreSQL)."""
+    base = {"profile": "default", "pending": 0, "ready": 0, "created": 0}
+    with engine.begin() as conn:
+        conn.execute(sa.insert(UploadUsageChange), [{**base, **row} for row in rows])
+
+
+def test_the_workers_fold_skips_a_user_whose_create_holds_the_lock(
     app, make_user, database_url
 ) -> None:
-    """The retention job folds a user's usage changes under the user's lock: a create's fold
-    (inside its reservation statement) may take the counts' rows in another order, and two
-    folds of one user holding one row each would deadlock. Held by a create's step, the lock
-    makes retention's fold wait (here: fail at once, lock_timeout); released, it folds."""
+    """The worker folds the changes of users who stopped creating under each user's lock, as a
+    create's fold: two folds of one user could take the counts' rows in opposite orders and
+    deadlock, and a create's counts are exact only if no other fold of its user commits while
+    it reads. A user whose lock a create holds is skipped (that create folds them), without
+    waiting; the others are folded."""
     if not database_url.startswith("postgresql"):
         pytest.skip("the changes to fold are PostgreSQL's")
+    now = utcnow()
     with app.app_context():
-        user_id = db.session.merge(make_user("folded")).id
+        busy, idle = (db.session.merge(make_user(name)).id for name in ("busy", "idle"))
         engine = db.engine
-    change = {"user_id": user_id, "profile": "default", "hour": 1, "pending": 1, "ready": 0}
-    with engine.begin() as conn:
-        conn.execute(sa.insert(UploadUsageChange).values(created=1, **change))
-    with engine.connect() as create_step, engine.connect() as job:
-        create_step.execute(quotas._user_lock(), {"user_id": user_id})
-        job.execute(sa.text("SET lock_timeout = '50ms'"))
-        with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
-            quotas.fold_usage_changes(job)
-        job.rollback()
+    hour = quotas.hour_of(now)
+    _changes(
+        engine, *({"user_id": u, "hour": hour, "pending": 1, "created": 1} for u in (busy, idle))
+    )
+    with engine.connect() as create_step:
+        create_step.execute(quotas._user_lock(), {"user_id": busy})
+        with engine.begin() as job:
+            job.execute(sa.text("SET LOCAL lock_timeout = '2s'"))  # a wait fails, never hangs
+            assert quotas.fold_usage_changes(job, now) == 1
         create_step.rollback()
-    with engine.begin() as conn:
-        assert quotas.fold_usage_changes(conn) == 1
-        assert conn.execute(sa.select(UploadUsage.pending)).scalars().all() == [1]
+    with engine.begin() as job:
+        assert quotas.fold_usage_changes(job, now) == 1
+        counts = job.execute(sa.select(UploadUsage.user_id, UploadUsage.pending)).all()
+    assert sorted(counts) == sorted([(busy, 1), (idle, 1)])
+
+
+def test_a_fold_writes_only_the_hours_the_daily_count_reads(app, make_user, database_url) -> None:
+    """A fold adds to the hours after the one the last 24 hours start in, and only where the
+    count changes: a status change (one out, one in, same hour) and an old upload's deletion
+    write no hour row. The retention job deletes the old hours; no fold writes one again, so
+    the two never wait on each other's rows."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the changes to fold are PostgreSQL's")
+    now = utcnow()
+    with app.app_context():
+        user_id = db.session.merge(make_user("hours")).id
+        engine = db.engine
+    hour, old = quotas.hour_of(now), quotas.hour_of(now - quotas.DAY)
+    _changes(
+        engine,
+        {"user_id": user_id, "hour": old - 5, "ready": -1, "created": -1},  # an old one deleted
+        {"user_id": user_id, "hour": old, "pending": -1, "created": -1},  # the boundary hour
+        {"user_id": user_id, "hour": hour - 1, "pending": -1, "created": -1},  # completed:
+        {"user_id": user_id, "hour": hour - 1, "ready": 1, "created": 1},  # out, then in
+        {"user_id": user_id, "hour": hour, "pending": 1, "created": 1},  # a new one
+    )
+    with engine.begin() as job:
+        assert quotas.fold_usage_changes(job, now) == 5
+        hours = job.execute(sa.select(UploadUsageHour.hour, UploadUsageHour.created)).all()
+        counts = job.execute(sa.select(UploadUsage.pending, UploadUsage.ready)).one()
+    assert hours == [(hour, 1)]
+    assert tuple(counts) == (-1, 0)

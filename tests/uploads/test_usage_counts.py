@@ -538,9 +538,9 @@ def test_concurrent_creates_completions_and_deletes_leave_exact_counts_on_postgr
 ) -> None:
     """Eight clients create for one user over real HTTP (Cloudflare slow, so they overlap)
     while the worker completes her drafts whose files arrived, a ninth client deletes others,
-    another user creates too, and the retention job folds everyone's changes in again and
-    again (beside the creates' own folds); afterwards the counts equal the recount, before and
-    after a create folds the changes left."""
+    another user creates too, and the retention job prunes and the worker folds everyone's
+    changes in again and again (beside the creates' own folds); afterwards the counts equal
+    the recount, before and after a create folds the changes left."""
     if database_url != postgres_url:
         pytest.skip("the suite runs on SQLite here: PostgreSQL's own pass runs this")
     app = make_app(
@@ -578,7 +578,8 @@ def test_concurrent_creates_completions_and_deletes_leave_exact_counts_on_postgr
         gate.wait(30)
         with app.app_context():
             while not finished.is_set():
-                folds.append(retention.prune(db.session, settings_of(app), utcnow()))
+                retention.prune(db.session, settings_of(app), utcnow())
+                folds.append(quotas.fold_usage_changes(db.session.connection(), utcnow()))
                 db.session.commit()
 
     def deletes() -> None:

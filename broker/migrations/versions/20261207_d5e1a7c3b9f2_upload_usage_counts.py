@@ -59,7 +59,21 @@ def _pg_change(row, sign):
     )
 
 
+def _sqlite_write_lock():
+    """SQLite: hold the database's write lock for the whole revision. Its driver runs DDL
+    outside a transaction, each statement committing alone: an upload written between the
+    triggers' creation and the counting below would be counted twice (by its trigger, then by
+    the count), and a failure half way would leave the tables without the revision recorded.
+    In one transaction from here, Alembic's version stamp included, it commits once."""
+    raw = op.get_bind().connection.driver_connection
+    assert raw is not None
+    if not raw.in_transaction:
+        raw.execute('BEGIN IMMEDIATE')
+
+
 def upgrade():
+    if op.get_bind().dialect.name == 'sqlite':
+        _sqlite_write_lock()
     op.create_table(
         'upload_usage',
         sa.Column('user_id', sa.Integer(), autoincrement=False, nullable=False),
