@@ -1,7 +1,8 @@
 """Upload quotas, per user and profile: drafts waiting, uploads a day, images kept.
 
 Offers `quotas_for` (the profile's quotas; on the `default` profile the user's overrides
-first), `reserve_slot` and `release_slot`, and the refusals (`TOO_MANY_PENDING`,
+first), `reserve_slot` and `release_slot`, `recorded_usage` (what the check reads),
+`fold_usage_changes` (the worker's), and the refusals (`TOO_MANY_PENDING`,
 `DAILY_QUOTA`, both 429 with the seconds until a slot frees for sure, and `STORED_QUOTA`, 403
 until an image is deleted), each naming the profile and the limit.
 
@@ -15,6 +16,10 @@ is counted (the same statement returns the counts), and no lock is held while Cl
 answers.
 On PostgreSQL the step is one round trip (`_reserve_in_one_round_trip`): the locks are held
 while the server runs it and commits, not across this process's turns.
+The check reads counts the triggers on uploads keep (`UploadUsage`, `UploadUsageHour`; on
+PostgreSQL plus the `UploadUsageChange` rows not folded in yet), never the user's history: its
+cost is the same at 100 uploads a day or 100,000. Every fold of a user's changes runs under the
+user's lock.
 A reservation left by a killed process stops counting after `RESERVATION_TTL` (the retention
 job deletes it later). Each profile's uploads count against that profile's quotas only.
 Nothing here commits.
@@ -390,14 +395,13 @@ def _reserve_in_one_round_trip(
 
     In order, each reading the rows committed before it starts (READ COMMITTED), so after a
     lock it sees all its previous holder committed: the user's lock; the reservation,
-    inserted only when the quotas leave room, its counts returned either way; the user's
-    usage changes folded into the counts (`_folding`), so the next create reads few; the budget's
-    state row lock, taken only when the reservation exists (after the counts, so the lock every
-    create shares is not held while a user's history is counted); the spend, only when the
-    reservation exists and the budget has room, deleting the reservation when refused. Lock
-    order: the user's lock, then the budget's row, as everywhere. A refusal so leaves nothing
-    behind;
-    its Retry-After is read afterwards. None (nothing reserved) when the budget's state row is
+    inserted only when the quotas leave room, its counts returned either way (the same
+    statement folds the user's usage changes into the counts, `_fold`); the budget's state row
+    lock, taken only when the reservation exists (after the counts, so the lock every create
+    shares is not held while a user's usage is read); the spend, only when the reservation
+    exists and the budget has room, deleting the reservation when refused. Lock order: the
+    user's lock, then the budget's row, as everywhere. A refusal so leaves nothing behind; its
+    Retry-After is read afterwards. None (nothing reserved) when the budget's state row is
     missing: the caller goes one statement at a time then.
     """
     statements: list[Statement] = [
