@@ -625,10 +625,12 @@ def fold_usage_changes(conn: sa.Connection, now: datetime) -> int:
     if conn.dialect.name != "postgresql":
         return 0
     changes = cast(sa.Table, UploadUsageChange.__table__)
+    # The oldest changes first: an active user always has a recent one (folded by the user's
+    # next create), and must not keep a quiet user's out of the batch.
     owners = conn.execute(
         sa.select(changes.c.user_id, changes.c.profile)
-        .distinct()
-        .order_by(changes.c.user_id, changes.c.profile)
+        .group_by(changes.c.user_id, changes.c.profile)
+        .order_by(sa.func.min(changes.c.id))
         .limit(FOLD_BATCH)
     ).all()
     since_hour = hour_of(now - DAY)

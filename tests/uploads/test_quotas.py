@@ -398,6 +398,29 @@ def test_the_workers_fold_skips_a_user_whose_create_holds_the_lock(
     assert sorted(counts) == sorted([(busy, 1), (idle, 1)])
 
 
+def test_the_workers_fold_takes_the_oldest_changes_first(
+    app, make_user, database_url, monkeypatch
+) -> None:
+    """A batch at a time, the users whose changes waited longest: an active user always has a
+    fresh change waiting (its next create folds it), and must not keep a quiet user's changes
+    out of every batch."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the changes to fold are PostgreSQL's")
+    now = utcnow()
+    with app.app_context():
+        active, quiet = (db.session.merge(make_user(name)).id for name in ("active", "quiet"))
+        engine = db.engine
+    assert active < quiet  # by id, the active user would come first
+    hour = quotas.hour_of(now)
+    _changes(engine, {"user_id": quiet, "hour": hour, "pending": 1, "created": 1})
+    _changes(engine, {"user_id": active, "hour": hour, "pending": 1, "created": 1})
+    monkeypatch.setattr(quotas, "FOLD_BATCH", 1)
+    with engine.begin() as job:
+        assert quotas.fold_usage_changes(job, now) == 1
+        left = job.execute(sa.select(UploadUsageChange.user_id)).scalars().all()
+    assert left == [active]
+
+
 def test_a_fold_writes_only_the_hours_the_daily_count_reads(app, make_user, database_url) -> None:
     """A fold adds to the hours after the one the last 24 hours start in, and only where the
     count changes: a status change (one out, one in, same hour) and an old upload's deletion

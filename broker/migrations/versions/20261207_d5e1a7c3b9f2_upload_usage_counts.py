@@ -17,8 +17,9 @@ depends_on = None
 
 # Triggers on uploads keep the counts (broker.uploads.models.UploadUsage): on SQLite they update
 # them directly (one writer at a time there); on PostgreSQL they append a change row, which the
-# user's next create folds in, so no write of a user waits for another's commit on a count's
-# row lock. Named for the drift check (tests/platform/test_db.py).
+# user's next create folds in (or the worker, for a user who stops creating), so no write of a
+# user waits for another's commit on a count's row lock. Named for the drift check
+# (tests/platform/test_db.py).
 TRIGGERS = {
     'sqlite': ('uploads_usage_insert', 'uploads_usage_update', 'uploads_usage_delete'),
     'postgresql': ('uploads_usage_write', 'uploads_usage_update'),
