@@ -582,11 +582,12 @@ def _user_lock() -> sa.Select[Any]:
     p99 +81 / +108 ms over the emulator's, +52 / +62 with this lock). The lock manager hands an
     advisory lock to its waiters in turn. Nor does it touch the row, whose foreign key checks
     (the reservation's, the upload's) take their own share of it."""
-    return sa.select(
-        sa.func.pg_advisory_xact_lock(
-            sa.literal(USER_LOCKS, sa.Integer), sa.bindparam("user_id", type_=sa.Integer)
-        )
-    )
+    return sa.select(sa.func.pg_advisory_xact_lock(*_user_lock_key()))
+
+
+def _user_lock_key() -> tuple[Any, Any]:
+    """The user's lock among PostgreSQL's advisory locks: (`USER_LOCKS`, the user's id)."""
+    return sa.literal(USER_LOCKS, sa.Integer), _USER
 
 
 def recorded_usage(conn: sa.Connection, user_id: int, profile: str, now: datetime) -> Usage:
@@ -708,11 +709,7 @@ def _fold() -> tuple[Any, Any, Any]:
 @functools.cache
 def _user_try_lock() -> sa.Select[Any]:
     """`_user_lock` if it is free now (PostgreSQL): whether it was taken."""
-    return sa.select(
-        sa.func.pg_try_advisory_xact_lock(
-            sa.literal(USER_LOCKS, sa.Integer), sa.bindparam("user_id", type_=sa.Integer)
-        )
-    )
+    return sa.select(sa.func.pg_try_advisory_xact_lock(*_user_lock_key()))
 
 
 def release_slot(session: Session, upload_id: str) -> None:

@@ -361,6 +361,15 @@ def test_a_killed_creates_reservation_stops_counting_when_it_expires(
         work.commit()  # every unit of work is ended (see broker.api.unit_of_work)
 
 
+def _folding_users(app: Flask, make_user: Any, database_url: str, *names: str) -> Any:
+    """The engine and the ids of new users `names`, for a test of the changes PostgreSQL's
+    triggers leave to fold (skipped elsewhere)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the changes to fold are PostgreSQL's")
+    with app.app_context():
+        return db.engine, [db.session.merge(make_user(name)).id for name in names]
+
+
 def _changes(engine: sa.Engine, *rows: dict[str, Any]) -> None:
     """Append usage changes as the triggers on uploads would (PostgreSQL)."""
     base = {"profile": "default", "pending": 0, "ready": 0, "created": 0}
@@ -376,12 +385,8 @@ def test_the_workers_fold_skips_a_user_whose_create_holds_the_lock(
     deadlock, and a create's counts are exact only if no other fold of its user commits while
     it reads. A user whose lock a create holds is skipped (that create folds them), without
     waiting; the others are folded."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("the changes to fold are PostgreSQL's")
+    engine, (busy, idle) = _folding_users(app, make_user, database_url, "busy", "idle")
     now = utcnow()
-    with app.app_context():
-        busy, idle = (db.session.merge(make_user(name)).id for name in ("busy", "idle"))
-        engine = db.engine
     hour = quotas.hour_of(now)
     _changes(
         engine, *({"user_id": u, "hour": hour, "pending": 1, "created": 1} for u in (busy, idle))
@@ -404,12 +409,8 @@ def test_the_workers_fold_takes_the_oldest_changes_first(
     """A batch at a time, the users whose changes waited longest: an active user always has a
     fresh change waiting (its next create folds it), and must not keep a quiet user's changes
     out of every batch."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("the changes to fold are PostgreSQL's")
+    engine, (active, quiet) = _folding_users(app, make_user, database_url, "active", "quiet")
     now = utcnow()
-    with app.app_context():
-        active, quiet = (db.session.merge(make_user(name)).id for name in ("active", "quiet"))
-        engine = db.engine
     assert active < quiet  # by id, the active user would come first
     hour = quotas.hour_of(now)
     _changes(engine, {"user_id": quiet, "hour": hour, "pending": 1, "created": 1})
@@ -426,12 +427,8 @@ def test_a_fold_writes_only_the_hours_the_daily_count_reads(app, make_user, data
     count changes: a status change (one out, one in, same hour) and an old upload's deletion
     write no hour row. The retention job deletes the old hours; no fold writes one again, so
     the two never wait on each other's rows."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("the changes to fold are PostgreSQL's")
+    engine, (user_id,) = _folding_users(app, make_user, database_url, "hours")
     now = utcnow()
-    with app.app_context():
-        user_id = db.session.merge(make_user("hours")).id
-        engine = db.engine
     hour, old = quotas.hour_of(now), quotas.hour_of(now - quotas.DAY)
     _changes(
         engine,
