@@ -170,3 +170,197 @@ def test_a_drop_replaces_the_pools_older_connections_too(database_url: str) -> N
     finally:
         engine.dispose()
         killing.dispose()
+
+
+def _postgres_only(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's prepared statements: runs in the PostgreSQL pass")
+
+
+def _ours(conn: sa.Connection) -> int:
+    """How many of the step's prepared statements this connection's server session holds."""
+    return conn.scalar(
+        sa.text("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'broker_step_%'")
+    )
+
+
+def test_statements_are_prepared_once_per_connection_then_only_run(
+    engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """The first step on a connection prepares its statements in its one round trip; the next
+    ones only run them (no SQL sent), values written and rows read as `execute` does: a big
+    and a small integer (their types differ: one statement each), None, booleans, text with
+    a %, a parameter used twice; a statement run twice in a step is prepared once."""
+    _postgres_only(database_url)
+    echo = sa.select(
+        sa.bindparam("n", type_=sa.BigInteger),
+        sa.bindparam("text", type_=sa.String),
+        sa.bindparam("flag", type_=sa.Boolean),
+        sa.literal_column("'50%'"),
+        sa.bindparam("n", type_=sa.BigInteger) + 1,
+    )
+    sent = [
+        ({"n": 2**40, "text": "a", "flag": True}, (2**40, "a", True, "50%", 2**40 + 1)),
+        ({"n": 7, "text": None, "flag": False}, (7, None, False, "50%", 8)),
+        ({"n": 2**40 + 5, "text": "é", "flag": False}, (2**40 + 5, "é", False, "50%", 2**40 + 6)),
+    ]
+    with engine.connect() as conn:
+        wires = []
+        for number, (params, row) in enumerate(sent):
+            pgconn = _trace(conn, tmp_path / f"wire{number}")
+            inserts = [(_insert, {"id": 2 * number + i, "at": datetime.now(UTC)}) for i in (0, 1)]
+            rows = commit_in_one_round_trip(conn, [(echo, params), *inserts])
+            pgconn.untrace()
+            assert rows == [[row], [], []]
+            wires.append((tmp_path / f"wire{number}").read_text())
+        assert _ours(conn) == 3  # the echo with an int8 and with an int2 (and a NULL), the insert
+        conn.rollback()
+        assert conn.scalar(_count) == 6
+    for wire in wires:
+        assert wire.count("\tReadyForQuery") == 1
+    assert wires[0].count('Parse\t "broker_step_') == 2  # the insert once, run twice
+    assert wires[1].count('Parse\t "broker_step_') == 1  # the echo's n is an int2 there
+    sent_sql = [line for line in wires[2].splitlines() if line.startswith("F") and "SELECT" in line]
+    assert sent_sql == []
+
+
+def _second_insert_on_the_wire(conn: sa.Connection, path: Path) -> str:
+    """Step: insert the row 2 (the row 1 is there) and count; what went on the wire."""
+    pgconn = _trace(conn, path)
+    rows = commit_in_one_round_trip(
+        conn, [(_insert, {"id": 2, "at": datetime.now(UTC)}), (_count, {})]
+    )
+    pgconn.untrace()
+    assert rows == [[], [(2,)]]
+    assert _ours(conn) == 2
+    conn.rollback()
+    return path.read_text()
+
+
+def test_statements_skipped_after_an_error_are_prepared_next_time(
+    engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """The server skips what follows a failed statement, the preparing of the statements
+    after it too: the next step prepares them, in its one round trip."""
+    _postgres_only(database_url)
+    with engine.connect() as conn:
+        commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
+        with pytest.raises(sa.exc.IntegrityError):
+            commit_in_one_round_trip(
+                conn, [(_insert, {"id": 1, "at": datetime.now(UTC)}), (_count, {})]
+            )
+        conn.rollback()
+        wire = _second_insert_on_the_wire(conn, tmp_path / "wire")
+    assert wire.count("\tReadyForQuery") == 1 and wire.count('Parse\t "broker_step_') == 1
+
+
+def test_statements_psycopg_deallocated_are_prepared_again(
+    engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """psycopg prepares a query it ran five times, and then deallocates everything on the
+    rollback of a transaction (DEALLOCATE ALL: a read-only request's connection returned to
+    the pool). The next step meets its statements gone: it is sent again, in one more round
+    trip, with them prepared anew, and commits once."""
+    _postgres_only(database_url)
+    with engine.connect() as conn:
+        commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
+        assert _ours(conn) == 1
+        for _ in range(6):
+            conn.execute(_count)  # psycopg prepares it on the fifth
+        conn.rollback()
+        assert _ours(conn) == 0  # wiped
+        conn.rollback()
+        wire = _second_insert_on_the_wire(conn, tmp_path / "wire")
+    assert wire.count("\tReadyForQuery") == 2
+    assert wire.count("26000") == 1  # refused once, then done
+    with engine.connect() as other:
+        assert other.scalar(_count) == 2
+
+
+def test_a_statement_found_prepared_already_is_run(
+    engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """Behind a pooler a server session may hold the step's statements prepared by another
+    client (here: this connection's, forgotten): the same name is the same statement, so the
+    step is sent again running it, and commits once."""
+    _postgres_only(database_url)
+    from broker.api import round_trips
+
+    with engine.connect() as conn:
+        commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
+        conn.connection.info.pop(round_trips._PREPARED)
+        wire = _second_insert_on_the_wire(conn, tmp_path / "wire")
+    assert wire.count("\tReadyForQuery") == 2 and wire.count("42P05") == 1
+
+
+def test_statements_deallocated_inside_a_callers_transaction_are_its_error(
+    engine: sa.Engine, database_url: str
+) -> None:
+    """Inside a transaction the caller began, the refusal ended it: not run again (what the
+    caller did before would be lost), SQLAlchemy's error, nothing committed, the connection
+    usable after the rollback."""
+    _postgres_only(database_url)
+    with engine.connect() as conn:
+        commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
+        conn.execute(sa.text("DEALLOCATE ALL"))  # the caller's transaction goes on
+        conn.execute(_insert, {"id": 2, "at": datetime.now(UTC)})
+        with pytest.raises(sa.exc.ProgrammingError, match="does not exist"):
+            commit_in_one_round_trip(conn, [(_insert, {"id": 3, "at": datetime.now(UTC)})])
+        conn.rollback()
+        assert conn.scalar(_count) == 1
+        conn.rollback()
+        commit_in_one_round_trip(conn, [(_insert, {"id": 4, "at": datetime.now(UTC)})])
+    with engine.connect() as other:
+        assert other.scalar(_count) == 2
+
+
+def test_a_statement_failing_once_prepared_leaves_them_prepared(
+    engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """A prepared statement failing (a duplicate key): SQLAlchemy's error named by the SQL,
+    never the values (`hide_parameters`), nothing committed; after the rollback the next step
+    runs the same prepared statements, in one round trip."""
+    _postgres_only(database_url)
+    hiding = sa.create_engine(database_url, hide_parameters=True)
+    try:
+        with hiding.connect() as conn:
+            commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
+            secret = datetime(2031, 4, 5, 6, 7, 8, tzinfo=UTC)
+            with pytest.raises(sa.exc.IntegrityError) as failed:
+                commit_in_one_round_trip(
+                    conn, [(_insert, {"id": 2, "at": secret}), (_insert, {"id": 1, "at": secret})]
+                )
+            assert "INSERT INTO round_trip_probe" in str(failed.value)
+            assert "2031" not in str(failed.value)
+            conn.rollback()
+            pgconn = _trace(conn, tmp_path / "wire")
+            commit_in_one_round_trip(conn, [(_insert, {"id": 3, "at": datetime.now(UTC)})])
+            pgconn.untrace()
+            assert conn.scalar(sa.select(_probe.c.id).order_by(_probe.c.id)) == 1
+            conn.rollback()
+        wire = (tmp_path / "wire").read_text()
+        assert wire.count("\tReadyForQuery") == 1 and 'Parse\t "broker_step_' not in wire
+        with hiding.connect() as other:
+            assert other.scalars(sa.select(_probe.c.id)).all() == [1, 3]
+    finally:
+        hiding.dispose()
+
+
+def test_past_the_bound_statements_run_unprepared(
+    engine: sa.Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection holds a bounded number of prepared statements: past it, one more
+    statement is sent with its SQL each time, in the same round trip, its rows as before."""
+    _postgres_only(database_url)
+    from broker.api import round_trips
+
+    monkeypatch.setattr(round_trips, "_MOST_PREPARED", 1)
+    with engine.connect() as conn:
+        for number in range(2):
+            rows = commit_in_one_round_trip(
+                conn,
+                [(_insert_returning, {"id": number, "at": None}), (_count, {})],
+            )
+            assert rows == [[(number, None)], [(number + 1,)]]
+        assert _ours(conn) == 1
+        conn.rollback()

@@ -192,7 +192,7 @@ def test_the_reservation_step_is_one_round_trip_on_postgresql(
     """On PostgreSQL the reservation's step (the user's lock, the reservation, the scope's
     lock, the spend, the commit) waits for the server once: its locks are held while the
     server works, never while this process turns around (counted on the wire, BEGIN and
-    COMMIT included)."""
+    COMMIT included). Its statements are prepared on the connection once, then only run."""
     if not database_url.startswith("postgresql"):
         pytest.skip("psycopg's wire: runs in the PostgreSQL pass")
     app.config["TEST_BEARER"] = bearer(app, make_user("alice"))
@@ -205,9 +205,12 @@ def test_the_reservation_step_is_one_round_trip_on_postgresql(
     with wire_traces(engine, tmp_path) as files:
         assert client.post(URL, json={}, headers=auth).status_code == 201
     traces = [path.read_text() for path in files]
-    steps = [t for t in traces if "upstream_budget_state" in t]
+    # The first create prepared the step's statements on the connection: this one only runs
+    # them (its lock, the reservation, the budget's lock, the spend).
+    steps = [t for t in traces if '"broker_step_' in t]
     assert len(steps) == 1, traces
-    assert "INSERT INTO upload_reservations" in steps[0] and "COMMIT" in steps[0], steps
+    assert steps[0].count('Bind\t "" "broker_step_') == 4 and "COMMIT" in steps[0], steps
+    assert "INSERT INTO upload_reservations" not in steps[0], steps  # not parsed again
     assert steps[0].count("\tReadyForQuery") == 1, steps[0]  # one wait for the server
     with app.app_context():
         assert get_budget().status().used == 2
