@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -26,6 +27,8 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 
 from broker.platform.db import Statement
+
+log = logging.getLogger("broker.api")
 
 
 def commit_in_one_round_trip(
@@ -47,10 +50,11 @@ def commit_in_one_round_trip(
             if not conn.in_transaction():
                 conn.begin()  # SQLAlchemy's bookkeeping (the message carries the BEGIN)
             idle = raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
-            if idle and not _plain(raw):
+            prepared = _prepared(conn, raw)
+            if prepared is None or (idle and not _plain(raw)):
                 rows = _in_one_message(conn, raw, statements)  # psycopg's BEGIN, its options
             else:
-                rows = _in_pipeline(conn, raw, statements, begin=idle)
+                rows = _in_pipeline(conn, raw, prepared, statements, begin=idle)
             # Already committed on the server: psycopg sends nothing more; SQLAlchemy ends its
             # transaction and runs its commit events.
             conn.commit()
@@ -133,102 +137,278 @@ def _plain(raw: Any) -> bool:
 # emptied when that connection is closed or invalidated (a new server session prepares anew).
 _PREPARED = "broker.round_trips.prepared"
 
-
-# How many times a step is sent at most: once, again after a wipe, again when some survived it.
-_MOST_SENT = 3
-
 # The most statements prepared on one server connection, each holding its plan in the server's
 # memory for the connection's life: the step has four, in a few parameter types each.
 _MOST_PREPARED = 64
 
+# libpq's Close of a prepared statement (PQsendClosePrepared) came with PostgreSQL 17's libpq;
+# psycopg's binary package bundles a newer one. An older libpq keeps the one-message path.
+_LIBPQ_WITH_CLOSE = 170000
+
+# Errors that say a prepared statement is no longer what this connection prepared: gone
+# (26000: a DEALLOCATE, a pooler's other server session), or its plan's result changed since
+# (0A000, "cached plan must not change result type": a migration altered a table under it).
+_STALE = ("26000", "0A000")
+
 
 class _Prepared:
-    """The names of the step's statements prepared on one server connection, and the psycopg
-    adapters that write their parameters and read their rows."""
+    """The names of the step's statements prepared on one server connection, the psycopg
+    adapters that write their parameters and read their rows, and whether the connection
+    keeps what it prepares at all (`kept`)."""
 
-    def __init__(self, transformer: Any) -> None:
-        self.transformer = transformer
+    def __init__(self, raw: Any) -> None:
+        from psycopg.adapt import Transformer
+
+        adapting = raw.cursor()  # its own copy of the connection's adapters, changed below
+        for dumper in _literal_int_dumpers():
+            adapting.adapters.register_dumper(int, dumper)
+        self.transformer = Transformer.from_context(adapting)
         self.names: set[bytes] = set()
+        self.kept = True
 
 
-@functools.lru_cache(maxsize=256)
-def _name(query: bytes, types: tuple[int, ...]) -> bytes:
-    """The prepared statement's name: its SQL's and its parameter types' digest (a
-    parameter's type follows its value: an int's size picks int2, int4 or int8). The same
-    name is the same statement in every process, so a server session where it exists already
-    (behind a pooler, another client's) runs what this one would have prepared."""
-    digest = hashlib.blake2b(query + repr(types).encode(), digest_size=12).hexdigest()
-    return f"broker_step_{digest}".encode()
-
-
-def _in_pipeline(
-    conn: sa.Connection, raw: Any, statements: Sequence[Statement], *, begin: bool
-) -> list[list[tuple[Any, ...]]]:
-    """`commit_in_one_round_trip` on `raw`, the psycopg connection of `conn`: BEGIN (when
-    `begin`: no transaction is open), the statements and COMMIT sent in libpq's pipeline mode
-    as one write, each statement as a named prepared statement (the protocol's, which
-    PgBouncer 1.21+ carries in transaction mode, not SQL's PREPARE), prepared in the same
-    write the first time this server connection runs it, then only bound and executed: no
-    parse, and no plan once the server keeps a generic one (after five custom plans, when it
-    costs no more).
-
-    One write, not psycopg's pipeline: that flushes each statement as it is queued, so the
-    server could take the first statement's lock while this thread still waits for the GIL
-    to send the next. libpq keeps what is queued in its buffer until the sync.
-
-    The statements vanish when psycopg deallocates its own (a rollback of a transaction on a
-    connection where psycopg prepared any: DEALLOCATE ALL): the server then refuses to run
-    them (26000), skips the rest and commits nothing, and the step is sent again with them
-    prepared anew, its ROLLBACK ahead in the same write; a name found prepared already
-    (42P05: a wipe that kept some, another client's session behind a pooler) is the same
-    statement (`_name`), and the step is sent again running it. Not inside a caller's
-    transaction, which the refusal ended (raised then, as any error). If a statement fails,
-    the server skips the rest and the transaction stays open in error for the caller's
-    rollback.
-    """
+def _prepared(conn: sa.Connection, raw: Any) -> _Prepared | None:
+    """`conn`'s `_Prepared`, or None when its statements go as SQL (a libpq without Close, a
+    connection that does not keep prepared statements)."""
     import psycopg
-    from psycopg.adapt import PyFormat, Transformer
 
     info = conn.connection.info
     prepared = info.get(_PREPARED)
     if prepared is None:
-        prepared = info[_PREPARED] = _Prepared(Transformer.from_context(raw))
+        if psycopg.pq.version() < _LIBPQ_WITH_CLOSE:
+            return None
+        prepared = info[_PREPARED] = _Prepared(raw)
+    return prepared if prepared.kept else None
+
+
+@functools.cache
+def _literal_int_dumpers() -> tuple[type, type]:
+    """psycopg's int dumpers (text, binary), an int typed as PostgreSQL types the same number
+    written in the SQL (int4, int8 past it, numeric past that), not int2 when it fits: the
+    statements mean what the one message's literals meant (`1 + $1` of int2s could overflow),
+    and a small and a larger user id run the same prepared statement."""
+    from psycopg.types.numeric import IntBinaryDumper, IntDumper
+
+    class LiteralIntDumper(IntDumper):
+        def upgrade(self, obj: int, format: Any) -> Any:
+            return self._int4_dumper if -(2**15) <= obj < 2**15 else super().upgrade(obj, format)
+
+    class LiteralIntBinaryDumper(IntBinaryDumper):
+        def upgrade(self, obj: int, format: Any) -> Any:
+            return self._int4_dumper if -(2**15) <= obj < 2**15 else super().upgrade(obj, format)
+
+    return LiteralIntDumper, LiteralIntBinaryDumper
+
+
+@functools.lru_cache(maxsize=256)
+def _name(query: bytes, types: tuple[int, ...]) -> bytes:
+    """The prepared statement's name: its SQL's and its parameter types' digest, so one name
+    is one statement wherever it was prepared (a pooler's server session)."""
+    digest = hashlib.blake2b(query + repr(types).encode(), digest_size=12).hexdigest()
+    return f"broker_step_{digest}".encode()
+
+
+class _Call:
+    """One statement as the pipeline sends it: $n SQL, its prepared statement's name, its
+    parameters written by psycopg, their types and formats."""
+
+    __slots__ = ("formats", "name", "params", "query", "types")
+
+    def __init__(
+        self,
+        query: bytes,
+        params: tuple[Any, ...],
+        types: tuple[int, ...],
+        formats: tuple[int, ...],
+    ) -> None:
+        self.query, self.params, self.types, self.formats = query, params, types, formats
+        self.name = _name(query, types)
+
+
+def _in_pipeline(
+    conn: sa.Connection,
+    raw: Any,
+    prepared: _Prepared,
+    statements: Sequence[Statement],
+    *,
+    begin: bool,
+) -> list[list[tuple[Any, ...]]]:
+    """`commit_in_one_round_trip` on `raw`, the psycopg connection of `conn`: BEGIN (when
+    `begin`: no transaction is open), the statements and COMMIT sent in libpq's pipeline mode
+    as one write, one wait, each statement a named prepared statement of the protocol's (not
+    SQL's PREPARE), only bound and run: no parse, and no plan once the server keeps a generic
+    one (after five custom plans, when it costs no more).
+
+    The statements this connection has not prepared yet are prepared first, in a round trip
+    of their own (Close, then Parse: a name left by an earlier session is replaced, never an
+    error). The step's write then carries no SQL: it stays far below the 8 KiB at which libpq
+    starts writing before the sync, so nothing reaches the server before all of it is queued,
+    and no lock the first statement takes waits for this thread to send the rest (psycopg's
+    own pipeline flushes each statement as it is queued; a thread may wait for the GIL
+    between two).
+
+    A statement found stale (`_STALE`) makes the server refuse the step, commit nothing and
+    skip the rest: its statements are prepared again behind a ROLLBACK and the step sent once
+    more. Refused again although just prepared, the connection does not keep prepared
+    statements (a pooler in transaction mode that does not carry them): from then on it sends
+    the step as SQL in one message. Inside a caller's transaction the refusal ended that
+    transaction: raised, as any error. If a statement fails, the server skips the rest and the
+    transaction stays open in error for the caller's rollback.
+    """
+    import psycopg
+
     sent = [_driver_statement(conn.dialect, statement, params) for statement, params in statements]
     cursor = raw.cursor()  # what the listeners and SQLAlchemy's error handling are given
     try:
-        calls = []
-        encoding = raw.info.encoding
-        writer = prepared.transformer
-        for sql, values in sent:
-            for listener in conn.dispatch.before_cursor_execute:
-                listener(conn, cursor, sql, values, None, False)
-            query, names = _numbered(sql, encoding)
-            # psycopg's own dumpers, as its `execute` writes them; a value it cannot write
-            # raises here, before anything is sent.
-            params = writer.dump_sequence(
-                [values[name] for name in names], [PyFormat.AUTO] * len(names)
-            )
-            calls.append(
-                _Call(query, tuple(params), tuple(writer.types or ()), tuple(writer.formats or ()))
-            )
+        calls = [_call(prepared, sql, values, raw.info.encoding) for sql, values in sent]
         with raw.lock:  # psycopg's own, as its `execute` holds it
-            sent_before = 0
-            while True:
+            for again in (False, True):
+                _prepare(raw, prepared, calls, rollback=again)
                 try:
-                    return _pipeline(raw, prepared, calls, begin=begin, rollback=sent_before > 0)
-                except (
-                    psycopg.errors.InvalidSqlStatementName,
-                    psycopg.errors.DuplicatePreparedStatement,
-                ) as exc:
-                    sent_before += 1
-                    if not begin or sent_before == _MOST_SENT:
+                    return _step(conn, raw, prepared, calls, sent, cursor, begin=begin)
+                except psycopg.Error as exc:
+                    if exc.sqlstate not in _STALE:
                         raise
-                    if isinstance(exc, psycopg.errors.InvalidSqlStatementName):
-                        prepared.names.clear()  # wiped: all prepared again
+                    prepared.names.difference_update(call.name for call in calls)
+                    if not begin or (again and exc.sqlstate == "0A000"):
+                        raise  # the caller's transaction; or changed again in between
+            _exchange(raw, [_command(b"ROLLBACK")])
     except psycopg.Error as exc:
         _raise_as_sqlalchemy(conn, exc, sent, cursor)
     finally:
         cursor.close()
+    prepared.kept = False
+    log.warning(
+        "this database connection does not keep prepared statements (a pooler in transaction"
+        " mode without max_prepared_statements?): it sends each create's statements as SQL"
+    )
+    return _in_one_message(conn, raw, statements)
+
+
+def _call(prepared: _Prepared, sql: str, values: Mapping[str, Any], encoding: str) -> _Call:
+    """`sql` (pyformat, as SQLAlchemy writes it for psycopg) and its `values` as the pipeline
+    sends them: psycopg's own dumpers write the values, as its `execute` does; a value it
+    cannot write raises here, before anything is sent."""
+    from psycopg.adapt import PyFormat
+
+    query, names = _numbered(sql, encoding)
+    writer = prepared.transformer
+    params = writer.dump_sequence([values[name] for name in names], [PyFormat.AUTO] * len(names))
+    return _Call(query, tuple(params), tuple(writer.types or ()), tuple(writer.formats or ()))
+
+
+def _prepare(raw: Any, prepared: _Prepared, calls: Sequence[_Call], *, rollback: bool) -> None:
+    """Prepare the statements of `calls` that `raw` has not prepared (at most `_MOST_PREPARED`
+    in all: past that, a statement is sent with its SQL), after a ROLLBACK when `rollback`, in
+    one round trip; nothing is sent when there is nothing to do."""
+    todo: dict[bytes, _Call] = {}
+    for call in calls:
+        if (
+            call.name not in prepared.names
+            and call.name not in todo
+            and len(prepared.names) + len(todo) < _MOST_PREPARED
+        ):
+            todo[call.name] = call
+    if not todo and not rollback:
+        return
+    sends = [_command(b"ROLLBACK")] if rollback else []
+    for call in todo.values():
+        sends.append(functools.partial(_close_and_parse, call))
+    results = _exchange(raw, sends)
+    _raise_first_error(raw, results)
+    prepared.names.update(todo)
+
+
+def _close_and_parse(call: _Call, pgconn: Any) -> None:
+    pgconn.send_close_prepared(call.name)  # not an error when there is none
+    pgconn.send_prepare(call.name, call.query, call.types)
+
+
+def _step(
+    conn: sa.Connection,
+    raw: Any,
+    prepared: _Prepared,
+    calls: Sequence[_Call],
+    sent: Sequence[tuple[str, Any]],
+    cursor: Any,
+    *,
+    begin: bool,
+) -> list[list[tuple[Any, ...]]]:
+    """Send the step in one write: BEGIN when `begin`, each of `calls` (the listeners told of
+    each as it is queued), COMMIT; wait once; each call's rows, or the first error raised."""
+    from psycopg import pq
+
+    def run(call: _Call, sql: str, values: Any, pgconn: Any) -> None:
+        for listener in conn.dispatch.before_cursor_execute:
+            listener(conn, cursor, sql, values, None, False)
+        if call.name in prepared.names:
+            pgconn.send_query_prepared(call.name, call.params, call.formats)
+        else:  # past the bound: parsed and planned each time
+            pgconn.send_query_params(call.query, call.params, call.types, call.formats)
+
+    sends = [_command(b"BEGIN")] if begin else []
+    sends += [
+        functools.partial(run, call, *statement)
+        for call, statement in zip(calls, sent, strict=True)
+    ]
+    sends.append(_command(b"COMMIT"))
+    results = _exchange(raw, sends)
+    _raise_first_error(raw, results)
+    reader = prepared.transformer
+    rows: list[list[tuple[Any, ...]]] = []
+    for result in results[len(results) - len(calls) - 1 : -1]:  # one per call, COMMIT last
+        if result.status == pq.ExecStatus.TUPLES_OK:
+            reader.set_pgresult(result)
+            rows.append(reader.load_rows(0, result.ntuples, tuple))
+        else:
+            rows.append([])
+    return rows
+
+
+def _command(sql: bytes) -> Any:
+    def send(pgconn: Any) -> None:
+        pgconn.send_query_params(sql, None)
+
+    return send
+
+
+def _exchange(raw: Any, sends: Sequence[Any]) -> list[Any]:
+    """Queue `sends` (each queues its messages on the pgconn) in libpq's pipeline mode, sync,
+    write it all and wait for the answers once; return them, one per message, in order (after
+    a failure, the skipped ones' say so)."""
+    import psycopg
+    from psycopg import generators, pq
+
+    pgconn = raw.pgconn
+    results = []
+    pgconn.enter_pipeline_mode()
+    try:
+        for send in sends:
+            send(pgconn)
+        pgconn.pipeline_sync()  # libpq writes what is queued now, all of it
+        raw.wait(generators.send(pgconn))  # the rest, should the socket take part of it
+        while True:
+            got = raw.wait(generators.fetch_many(pgconn))
+            if not got:
+                raise psycopg.OperationalError("the server closed the connection")
+            if got[0].status == pq.ExecStatus.PIPELINE_SYNC:
+                break
+            results.append(got[0])
+    finally:
+        try:
+            pgconn.exit_pipeline_mode()
+        except psycopg.Error:
+            raw.close()  # left mid-pipeline: unusable, the pool replaces a closed connection
+    return results
+
+
+def _raise_first_error(raw: Any, results: Sequence[Any]) -> None:
+    import psycopg
+    from psycopg import pq
+
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result, raw.info.encoding)
 
 
 def _raise_as_sqlalchemy(
@@ -242,93 +422,6 @@ def _raise_as_sqlalchemy(
     named = ";\n".join([sql for sql, _ in sent] + ["COMMIT"])
     conn._handle_dbapi_exception(exc, named, {}, cursor, None)
     raise exc  # pragma: no cover (the line above raises)
-
-
-class _Call:
-    """One statement as the pipeline sends it: $n SQL, its parameters written by psycopg,
-    their types and formats."""
-
-    __slots__ = ("formats", "params", "query", "types")
-
-    def __init__(
-        self,
-        query: bytes,
-        params: tuple[Any, ...],
-        types: tuple[int, ...],
-        formats: tuple[int, ...],
-    ) -> None:
-        self.query, self.params, self.types, self.formats = query, params, types, formats
-
-
-def _pipeline(
-    raw: Any, prepared: _Prepared, calls: Sequence[_Call], *, begin: bool, rollback: bool = False
-) -> list[list[tuple[Any, ...]]]:
-    """Send `calls` in one write of libpq's pipeline mode (after a ROLLBACK when `rollback`,
-    a BEGIN when `begin`), preparing those not yet prepared, then COMMIT and a sync; wait for
-    the answer once and return each call's rows. The first error is raised (psycopg's), the
-    statements the server prepared before it remembered."""
-    import psycopg
-    from psycopg import generators, pq
-
-    pgconn = raw.pgconn
-    # What each result answers: None (BEGIN, COMMIT, ROLLBACK), a call's index, or a prepare.
-    expected: list[int | bytes | None] = []
-    fresh: set[bytes] = set()  # prepared by this write
-    pgconn.enter_pipeline_mode()
-    try:
-        for command in [b"ROLLBACK"] * rollback + [b"BEGIN"] * begin:
-            pgconn.send_query_params(command, None)
-            expected.append(None)
-        for index, call in enumerate(calls):
-            name = _name(call.query, call.types)
-            known = name in prepared.names or name in fresh
-            if not known and len(prepared.names) + len(fresh) < _MOST_PREPARED:
-                fresh.add(name)
-                pgconn.send_prepare(name, call.query, call.types)
-                expected.append(name)
-                known = True
-            if known:
-                pgconn.send_query_prepared(name, call.params, call.formats)
-            else:  # past the bound: parsed and planned each time, as before
-                pgconn.send_query_params(call.query, call.params, call.types, call.formats)
-            expected.append(index)
-        pgconn.send_query_params(b"COMMIT", None)
-        expected.append(None)
-        pgconn.pipeline_sync()  # libpq writes what is queued now, all of it
-        raw.wait(generators.send(pgconn))  # the rest, should the socket take part of it
-        results = []
-        while True:
-            got = raw.wait(generators.fetch_many(pgconn))
-            if not got:
-                raise psycopg.OperationalError("the server closed the connection")
-            if got[0].status == pq.ExecStatus.PIPELINE_SYNC:
-                break
-            results.append(got[0])
-    finally:
-        try:
-            pgconn.exit_pipeline_mode()
-        except psycopg.Error:
-            raw.close()  # left mid-pipeline: unusable, the pool replaces a closed connection
-    error = None
-    rows: list[list[tuple[Any, ...]]] = [[] for _ in calls]
-    reader = prepared.transformer
-    for answers, result in zip(expected, results, strict=True):
-        status = result.status
-        if status == pq.ExecStatus.FATAL_ERROR:
-            failed = psycopg.errors.error_from_result(result, raw.info.encoding)
-            if isinstance(answers, bytes) and isinstance(
-                failed, psycopg.errors.DuplicatePreparedStatement
-            ):
-                prepared.names.add(answers)  # there already: the same statement (`_name`)
-            error = error or failed
-        elif isinstance(answers, bytes) and status == pq.ExecStatus.COMMAND_OK:
-            prepared.names.add(answers)  # not when skipped after an error
-        elif isinstance(answers, int) and status == pq.ExecStatus.TUPLES_OK:
-            reader.set_pgresult(result)
-            rows[answers] = reader.load_rows(0, result.ntuples, tuple)
-    if error is not None:
-        raise error
-    return rows
 
 
 _PLACEHOLDER = re.compile(r"%\((?P<name>[^)]+)\)s|%%")

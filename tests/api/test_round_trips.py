@@ -74,9 +74,13 @@ def test_statements_and_their_commit_wait_for_the_server_once(
     with engine.connect() as other:
         assert other.scalar(sa.select(_probe.c.at)) == paris.astimezone(UTC)
     if postgres:
-        wire = (tmp_path / "wire").read_text()
-        assert wire.count("\tReadyForQuery") == 1  # each wait for the server ends with one
-        assert "BEGIN" in wire and "COMMIT" in wire
+        # Each wait for the server ends with a ReadyForQuery. A connection's first step
+        # prepares its statements in a round trip of their own, taking no lock; the step
+        # itself (BEGIN, the statements, COMMIT) waits once.
+        prepare, step, after = (tmp_path / "wire").read_text().split("\tReadyForQuery")
+        assert "Bind" not in prepare and prepare.count('Parse\t "broker_step_') == 2
+        assert "BEGIN" in step and "COMMIT" in step and 'Parse\t "broker_step_' not in step
+        assert after.strip() == "I"
 
 
 def test_a_failing_statement_commits_nothing_and_leaves_the_connection_as_it_was(
@@ -187,10 +191,11 @@ def _ours(conn: sa.Connection) -> int:
 def test_statements_are_prepared_once_per_connection_then_only_run(
     engine: sa.Engine, database_url: str, tmp_path: Path
 ) -> None:
-    """The first step on a connection prepares its statements in its one round trip; the next
-    ones only run them (no SQL sent), values written and rows read as `execute` does: a big
-    and a small integer (their types differ: one statement each), None, booleans, text with
-    a %, a parameter used twice; a statement run twice in a step is prepared once."""
+    """The first step on a connection prepares its statements first; the next ones only run
+    them (no SQL sent), values written and rows read as `execute` does: a big and a small
+    integer (their types differ: one statement each; typed as the same number written in SQL
+    would be, so a small one and one past int2 share theirs), None, booleans, text with a %,
+    a parameter used twice; a statement run twice in a step is prepared once."""
     _postgres_only(database_url)
     echo = sa.select(
         sa.bindparam("n", type_=sa.BigInteger),
@@ -203,6 +208,7 @@ def test_statements_are_prepared_once_per_connection_then_only_run(
         ({"n": 2**40, "text": "a", "flag": True}, (2**40, "a", True, "50%", 2**40 + 1)),
         ({"n": 7, "text": None, "flag": False}, (7, None, False, "50%", 8)),
         ({"n": 2**40 + 5, "text": "é", "flag": False}, (2**40 + 5, "é", False, "50%", 2**40 + 6)),
+        ({"n": 70000, "text": "b", "flag": True}, (70000, "b", True, "50%", 70001)),
     ]
     with engine.connect() as conn:
         wires = []
@@ -213,15 +219,15 @@ def test_statements_are_prepared_once_per_connection_then_only_run(
             pgconn.untrace()
             assert rows == [[row], [], []]
             wires.append((tmp_path / f"wire{number}").read_text())
-        assert _ours(conn) == 3  # the echo with an int8 and with an int2 (and a NULL), the insert
+        assert _ours(conn) == 3  # the echo with an int8 and with an int4, the insert
         conn.rollback()
-        assert conn.scalar(_count) == 6
-    for wire in wires:
-        assert wire.count("\tReadyForQuery") == 1
+        assert conn.scalar(_count) == 8
+    assert [wire.count("\tReadyForQuery") for wire in wires] == [2, 2, 1, 1]
     assert wires[0].count('Parse\t "broker_step_') == 2  # the insert once, run twice
-    assert wires[1].count('Parse\t "broker_step_') == 1  # the echo's n is an int2 there
-    sent_sql = [line for line in wires[2].splitlines() if line.startswith("F") and "SELECT" in line]
-    assert sent_sql == []
+    assert wires[1].count('Parse\t "broker_step_') == 1  # the echo's n is an int4 there
+    for wire in wires[2:]:
+        sent_sql = [line for line in wire.splitlines() if line.startswith("F") and "SELECT" in line]
+        assert sent_sql == []
 
 
 def _second_insert_on_the_wire(conn: sa.Connection, path: Path) -> str:
@@ -237,11 +243,11 @@ def _second_insert_on_the_wire(conn: sa.Connection, path: Path) -> str:
     return path.read_text()
 
 
-def test_statements_skipped_after_an_error_are_prepared_next_time(
+def test_statements_prepared_before_a_failing_step_stay_prepared(
     engine: sa.Engine, database_url: str, tmp_path: Path
 ) -> None:
-    """The server skips what follows a failed statement, the preparing of the statements
-    after it too: the next step prepares them, in its one round trip."""
+    """A step that fails (a duplicate key) had its statements prepared before it was sent:
+    the next step only runs them, in one round trip."""
     _postgres_only(database_url)
     with engine.connect() as conn:
         commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
@@ -251,7 +257,7 @@ def test_statements_skipped_after_an_error_are_prepared_next_time(
             )
         conn.rollback()
         wire = _second_insert_on_the_wire(conn, tmp_path / "wire")
-    assert wire.count("\tReadyForQuery") == 1 and wire.count('Parse\t "broker_step_') == 1
+    assert wire.count("\tReadyForQuery") == 1 and 'Parse\t "broker_step_' not in wire
 
 
 def test_statements_psycopg_deallocated_are_prepared_again(
@@ -259,38 +265,70 @@ def test_statements_psycopg_deallocated_are_prepared_again(
 ) -> None:
     """psycopg prepares a query it ran five times, and then deallocates everything on the
     rollback of a transaction (DEALLOCATE ALL: a read-only request's connection returned to
-    the pool). The next step meets its statements gone: it is sent again, in one more round
-    trip, with them prepared anew, and commits once."""
+    the pool; the broker's own engines turn that off). The next step meets its statements
+    gone: refused, nothing committed; they are prepared again behind a ROLLBACK and the step
+    sent once more, and it commits once."""
     _postgres_only(database_url)
     with engine.connect() as conn:
-        commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
-        assert _ours(conn) == 1
+        commit_in_one_round_trip(
+            conn, [(_insert, {"id": 1, "at": datetime.now(UTC)}), (_count, {})]
+        )
+        assert _ours(conn) == 2
         for _ in range(6):
             conn.execute(_count)  # psycopg prepares it on the fifth
         conn.rollback()
         assert _ours(conn) == 0  # wiped
         conn.rollback()
         wire = _second_insert_on_the_wire(conn, tmp_path / "wire")
-    assert wire.count("\tReadyForQuery") == 2
-    assert wire.count("26000") == 1  # refused once, then done
+    refused, prepared, step, _ = wire.split("\tReadyForQuery")
+    assert "26000" in refused and "COMMIT" not in refused.split("26000")[1]
+    assert "ROLLBACK" in prepared and prepared.count('Parse\t "broker_step_') == 2
+    assert "COMMIT" in step and 'Parse\t "broker_step_' not in step
     with engine.connect() as other:
         assert other.scalar(_count) == 2
 
 
-def test_a_statement_found_prepared_already_is_run(
+def test_a_name_left_prepared_by_an_earlier_session_is_replaced(
     engine: sa.Engine, database_url: str, tmp_path: Path
 ) -> None:
-    """Behind a pooler a server session may hold the step's statements prepared by another
-    client (here: this connection's, forgotten): the same name is the same statement, so the
-    step is sent again running it, and commits once."""
+    """Behind a pooler a server session may hold a statement of the same name prepared by
+    another client (here: this connection's, forgotten): it is closed before it is prepared
+    again, never an error, and the step commits once."""
     _postgres_only(database_url)
     from broker.api import round_trips
 
     with engine.connect() as conn:
-        commit_in_one_round_trip(conn, [(_insert, {"id": 1, "at": datetime.now(UTC)})])
+        commit_in_one_round_trip(
+            conn, [(_insert, {"id": 1, "at": datetime.now(UTC)}), (_count, {})]
+        )
         conn.connection.info.pop(round_trips._PREPARED)
         wire = _second_insert_on_the_wire(conn, tmp_path / "wire")
-    assert wire.count("\tReadyForQuery") == 2 and wire.count("42P05") == 1
+    assert wire.count("\tReadyForQuery") == 2 and wire.count("Close\t S") == 2
+    assert "ErrorResponse" not in wire
+
+
+def test_a_statement_whose_result_changed_under_it_is_prepared_again(
+    engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """A migration that changes a column a prepared statement returns makes the server refuse
+    it on every connection that prepared it before (0A000, "cached plan must not change result
+    type"): the step is refused, nothing committed, its statements prepared again and the step
+    sent once more, its rows of the new type."""
+    _postgres_only(database_url)
+    with engine.connect() as conn:
+        rows = commit_in_one_round_trip(conn, [(_insert_returning, {"id": 1, "at": None})])
+        assert rows == [[(1, None)]]
+        with engine.connect() as migrating:
+            migrating.execute(sa.text("ALTER TABLE round_trip_probe ALTER COLUMN id TYPE text"))
+            migrating.commit()
+        pgconn = _trace(conn, tmp_path / "wire")
+        rows = commit_in_one_round_trip(conn, [(_insert_returning, {"id": 2, "at": None})])
+        pgconn.untrace()
+        assert rows == [[("2", None)]]
+    wire = (tmp_path / "wire").read_text()
+    assert wire.count("\tReadyForQuery") == 3 and wire.count("0A000") == 1
+    with engine.connect() as other:
+        assert other.scalar(_count) == 2
 
 
 def test_statements_deallocated_inside_a_callers_transaction_are_its_error(
