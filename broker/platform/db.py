@@ -263,14 +263,20 @@ def connections_per_process(config: Mapping[str, Any]) -> int:
 
 
 def server_pool_options(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`create_engine` options of a PostgreSQL engine: pool size, last-in first-out, and the
-    idle-only ping (`ping_when_idle`) in place of a ping on every checkout."""
+    """`create_engine` options of a PostgreSQL engine: pool size, last-in first-out, the
+    idle-only ping (`ping_when_idle`) in place of a ping on every checkout, and psycopg's own
+    prepared statements off (`prepare_threshold`): psycopg deallocates every prepared
+    statement of a connection (DEALLOCATE ALL) when a transaction on it rolls back, which a
+    read-only request's connection does when it goes back to the pool, taking the create
+    step's (`broker.api.round_trips`) with it; and behind PgBouncer in transaction mode
+    before 1.21 psycopg's would be sought on another server session."""
     size, overflow = pool_size(config)
     return {
         "pool_size": size,
         "max_overflow": overflow,
         "pool_pre_ping": False,
         "pool_use_lifo": True,
+        "connect_args": {"prepare_threshold": None},
     }
 
 
