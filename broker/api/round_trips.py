@@ -6,9 +6,9 @@ rule), and `run_in_transaction`, the same statements inside a caller's transacti
 work hands them its `broker.platform.db.Statement`s through a `Finish`.
 
 On PostgreSQL the BEGIN, the statements and the COMMIT go in one write, one wait for the
-answer: libpq's pipeline mode, each statement prepared once per server connection and then only
-executed (`_in_pipeline`): parsing and planning literal SQL every time cost more than running
-it. The server runs each as soon as the one before it ended, each reading the rows committed
+answer: libpq's pipeline mode, each statement prepared once per server connection (in a round
+trip of its own, the first time) and then only executed (`_in_pipeline`): parsing and planning
+literal SQL every time cost more than running it. The server runs each as soon as the one before it ended, each reading the rows committed
 before it starts (READ COMMITTED), so a statement after a lock still sees everything
 the lock's previous holder committed; a lock the first one takes is held while the server runs
 the others and commits, never across a round trip or a turn of this process (a GIL turn behind
