@@ -41,7 +41,7 @@ from sqlalchemy.orm import attributes, scoped_session
 from broker.auth import changes
 from broker.auth.models import ApiToken, AuthVersion, ServiceKey, User
 from broker.platform import health
-from broker.platform.db import Session, upsert_insert, utcnow
+from broker.platform.db import Session, server_connect_args, upsert_insert, utcnow
 
 log = logging.getLogger("broker.auth")
 
@@ -466,8 +466,14 @@ class VersionStamp:
     def _open(self) -> None:
         if self._closer is not None:  # forked: the parent's connection is the parent's to close
             self._closer.detach()
+        # Each read is a transaction of its own: behind PgBouncer in transaction mode (before
+        # 1.21) the statement psycopg would prepare on its fifth read is gone by the sixth.
+        server = self._url.get_backend_name() != "sqlite"
         engine = sa.create_engine(
-            self._url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+            self._url,
+            poolclass=sa.pool.NullPool,
+            isolation_level="AUTOCOMMIT",
+            connect_args=server_connect_args() if server else {},
         )
         self._conn = engine.raw_connection()
         self._pid = os.getpid()

@@ -262,6 +262,12 @@ def connections_per_process(config: Mapping[str, Any]) -> int:
     return ENGINES_PER_PROCESS * (size + overflow)
 
 
+def server_connect_args() -> dict[str, Any]:
+    """`connect_args` of every PostgreSQL connection the broker opens: psycopg's own prepared
+    statements off (see `server_pool_options`)."""
+    return {"prepare_threshold": None}
+
+
 def server_pool_options(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`create_engine` options of a PostgreSQL engine: pool size, last-in first-out, the
     idle-only ping (`ping_when_idle`) in place of a ping on every checkout, and psycopg's own
@@ -276,7 +282,7 @@ def server_pool_options(config: Mapping[str, Any] | None = None) -> dict[str, An
         "max_overflow": overflow,
         "pool_pre_ping": False,
         "pool_use_lifo": True,
-        "connect_args": {"prepare_threshold": None},
+        "connect_args": server_connect_args(),
     }
 
 
