@@ -130,21 +130,35 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def bouncer_url(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """The test database's URL through a pgbouncer of this test's own (transaction mode, every
-    server session reset after each transaction)."""
+def pgbouncer(database_url: str, tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """`pgbouncer(url)`: `url`'s database through a pgbouncer of this test's own (transaction
+    mode, every server session reset after each transaction); each stopped by its PID at the
+    end of the test."""
     if not database_url.startswith("postgresql"):
         pytest.skip("PgBouncer in front of PostgreSQL: runs in the PostgreSQL pass")
     binary = _binary()
     require(binary is not None, "needs pgbouncer (Debian package pgbouncer)")
     assert binary
-    folder = tmp_path / "pgbouncer"
-    folder.mkdir()
-    process, url = _start(binary, folder, sa.make_url(database_url))
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(url: str) -> str:
+        folder = tmp_path / f"pgbouncer{len(started)}"
+        folder.mkdir()
+        process, through = _start(binary, folder, sa.make_url(url))
+        started.append(process)
+        return through
+
     try:
-        yield url
+        yield start
     finally:
-        _stop(process)
+        for process in started:
+            _stop(process)
+
+
+@pytest.fixture
+def bouncer_url(pgbouncer: Callable[[str], str], database_url: str) -> str:
+    """The test database's URL through a pgbouncer of this test's own."""
+    return pgbouncer(database_url)
 
 
 def _not_kept(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -335,3 +349,41 @@ def test_the_token_caches_version_reads_through_a_pooler(
     finally:
         stamp.close()
     assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_migrations_run_through_a_pooler(
+    new_database: Callable[[str], str],
+    pgbouncer: Callable[[str], str],
+    migrated: str,
+    tmp_path: Path,
+) -> None:
+    """`flask db upgrade` through pgbouncer in transaction mode (its lock an advisory lock of
+    the transaction's, its settings SET LOCAL) builds an empty database up to the same head
+    and tables as the one migrated straight on the server. (The suite's own schema is
+    migrated straight on the server; `new_database` first: its database is dropped once the
+    pooler stopped.)"""
+    from flask_migrate import upgrade
+
+    from broker import create_app
+    from tests.conftest import base_config
+
+    scratch = new_database(migrated)
+    app = create_app(base_config(pgbouncer(scratch), str(tmp_path)))
+    try:
+        with app.app_context():
+            upgrade()
+            db.engine.dispose()
+    finally:
+        app.extensions["budget"].engine.dispose()
+        app.extensions["tokens"].close()
+    heads, tables = [], []
+    for url in (scratch, migrated):
+        direct = sa.create_engine(url)
+        try:
+            with direct.connect() as conn:
+                heads.append(conn.scalar(sa.text("SELECT version_num FROM alembic_version")))
+                tables.append(set(sa.inspect(conn).get_table_names()))
+        finally:
+            direct.dispose()
+    assert heads[0] == heads[1] and heads[0]
+    assert tables[0] == tables[1] and "uploads" in tables[0]
