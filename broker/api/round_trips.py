@@ -8,11 +8,12 @@ work hands them its `broker.platform.db.Statement`s through a `Finish`.
 On PostgreSQL the BEGIN, the statements and the COMMIT go in one write, one wait for the
 answer: libpq's pipeline mode, each statement prepared once per server connection (in a round
 trip of its own, the first time) and then only executed (`_in_pipeline`): parsing and planning
-literal SQL every time cost more than running it. The server runs each as soon as the one before it ended, each reading the rows committed
-before it starts (READ COMMITTED), so a statement after a lock still sees everything
-the lock's previous holder committed; a lock the first one takes is held while the server runs
-the others and commits, never across a round trip or a turn of this process (a GIL turn behind
-its other threads). Elsewhere (SQLite), one `execute` after the other, then the commit.
+literal SQL every time cost more than running it. The server runs each as soon as the one
+before it ended, each reading the rows committed before it starts (READ COMMITTED), so a
+statement after a lock still sees everything the lock's previous holder committed; a lock the
+first one takes is held while the server runs the others and commits, never across a round trip
+or a turn of this process (a GIL turn behind its other threads). Elsewhere (SQLite), one
+`execute` after the other, then the commit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import functools
 import hashlib
 import logging
 import re
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -151,10 +154,16 @@ _LIBPQ_WITH_CLOSE = 170000
 _STALE = ("26000", "0A000")
 
 
+# The engines whose connections do not keep prepared statements (a pooler in transaction mode
+# that does not carry them): their steps go as SQL in one message. Found by a connection's first
+# step; the engine's other connections go through the same pooler.
+_SENDING_SQL: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_SENDING_SQL_LOCK = threading.Lock()
+
+
 class _Prepared:
-    """The names of the step's statements prepared on one server connection, the psycopg
-    adapters that write their parameters and read their rows, and whether the connection
-    keeps what it prepares at all (`kept`)."""
+    """The names of the step's statements prepared on one server connection, and the psycopg
+    adapters that write their parameters and read their rows."""
 
     def __init__(self, raw: Any) -> None:
         from psycopg.adapt import Transformer
@@ -164,21 +173,22 @@ class _Prepared:
             adapting.adapters.register_dumper(int, dumper)
         self.transformer = Transformer.from_context(adapting)
         self.names: set[bytes] = set()
-        self.kept = True
 
 
 def _prepared(conn: sa.Connection, raw: Any) -> _Prepared | None:
-    """`conn`'s `_Prepared`, or None when its statements go as SQL (a libpq without Close, a
-    connection that does not keep prepared statements)."""
+    """`conn`'s `_Prepared`, or None when its statements go as SQL (a libpq without Close, an
+    engine whose connections do not keep prepared statements)."""
     import psycopg
 
+    if conn.engine in _SENDING_SQL:
+        return None
     info = conn.connection.info
     prepared = info.get(_PREPARED)
     if prepared is None:
         if psycopg.pq.version() < _LIBPQ_WITH_CLOSE:
             return None
         prepared = info[_PREPARED] = _Prepared(raw)
-    return prepared if prepared.kept else None
+    return prepared
 
 
 @functools.cache
@@ -250,10 +260,11 @@ def _in_pipeline(
     A statement found stale (`_STALE`) makes the server refuse the step, commit nothing and
     skip the rest: its statements are prepared again behind a ROLLBACK and the step sent once
     more. Refused again although just prepared, the connection does not keep prepared
-    statements (a pooler in transaction mode that does not carry them): from then on it sends
-    the step as SQL in one message. Inside a caller's transaction the refusal ended that
-    transaction: raised, as any error. If a statement fails, the server skips the rest and the
-    transaction stays open in error for the caller's rollback.
+    statements (a pooler in transaction mode that does not carry them): from then on every
+    connection of its engine sends the step as SQL in one message. Inside a caller's
+    transaction the refusal ended that transaction: raised, as any error. If a statement fails,
+    the server skips the rest and the transaction stays open in error for the caller's
+    rollback.
     """
     import psycopg
 
@@ -277,11 +288,15 @@ def _in_pipeline(
         _raise_as_sqlalchemy(conn, exc, sent, cursor)
     finally:
         cursor.close()
-    prepared.kept = False
-    log.warning(
-        "this database connection does not keep prepared statements (a pooler in transaction"
-        " mode without max_prepared_statements?): it sends each create's statements as SQL"
-    )
+    with _SENDING_SQL_LOCK:  # said once, however many connections find it at once
+        found = conn.engine not in _SENDING_SQL
+        _SENDING_SQL.add(conn.engine)
+    if found:
+        log.warning(
+            "the database connections do not keep prepared statements (a pooler in"
+            " transaction mode without max_prepared_statements?): each create's statements"
+            " go as SQL"
+        )
     return _in_one_message(conn, raw, statements)
 
 
