@@ -54,8 +54,8 @@ def commit_in_one_round_trip(
                 conn.begin()  # SQLAlchemy's bookkeeping (the message carries the BEGIN)
             idle = raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
             prepared = _prepared(conn, raw)
-            if prepared is None or (idle and not _plain(raw)):
-                rows = _in_one_message(conn, raw, statements)  # psycopg's BEGIN, its options
+            if prepared is None:
+                rows = _in_one_message(conn, raw, statements)
             else:
                 rows = _in_pipeline(conn, raw, prepared, statements, begin=idle)
             # Already committed on the server: psycopg sends nothing more; SQLAlchemy ends its
@@ -102,9 +102,9 @@ def _in_one_message(
 
     sent = [_driver_statement(conn.dialect, statement, params) for statement, params in statements]
     # psycopg would send its own BEGIN first, a round trip of its own: the message carries it
-    # instead, sent in autocommit mode (psycopg then adds none). Not with a session
-    # characteristic psycopg's BEGIN would carry, nor inside a transaction already begun.
-    own_begin = raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE and _plain(raw)
+    # instead (`_begin`), sent in autocommit mode (psycopg then adds none). Not inside a
+    # transaction already begun.
+    own_begin = raw.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
     cursor = psycopg.ClientCursor(raw)
     try:
         texts = []
@@ -114,7 +114,8 @@ def _in_one_message(
             texts.append(cursor.mogrify(sql, values))  # a value it cannot write raises here
         if own_begin:
             raw.autocommit = True
-        cursor.execute(";\n".join([*(["BEGIN"] if own_begin else []), *texts, "COMMIT"]))
+        begin = [_begin(raw).decode()] if own_begin else []
+        cursor.execute(";\n".join([*begin, *texts, "COMMIT"]))
         results = []
         if own_begin:
             cursor.nextset()  # the BEGIN's
@@ -130,10 +131,18 @@ def _in_one_message(
             _leave_autocommit(raw)
 
 
-def _plain(raw: Any) -> bool:
-    """Whether `raw`'s transactions begin with a plain BEGIN (no session characteristic that
-    psycopg's own BEGIN would carry)."""
-    return raw.isolation_level is None and raw.read_only is None and raw.deferrable is None
+def _begin(raw: Any) -> bytes:
+    """The BEGIN psycopg would send on `raw`: with the session characteristics set on it (an
+    isolation level, read only, deferrable; SQLAlchemy's reset of a pooled connection sets
+    its isolation level to the default one, explicitly)."""
+    words = [b"BEGIN"]
+    if raw.isolation_level is not None:
+        words.append(b"ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " ").encode())
+    if raw.read_only is not None:
+        words.append(b"READ ONLY" if raw.read_only else b"READ WRITE")
+    if raw.deferrable is not None:
+        words.append(b"DEFERRABLE" if raw.deferrable else b"NOT DEFERRABLE")
+    return b" ".join(words)
 
 
 # Where a server connection's `_Prepared` is kept: SQLAlchemy's `info` of the DBAPI connection,
@@ -270,34 +279,50 @@ def _in_pipeline(
 
     sent = [_driver_statement(conn.dialect, statement, params) for statement, params in statements]
     cursor = raw.cursor()  # what the listeners and SQLAlchemy's error handling are given
+    stale = None
     try:
-        calls = [_call(prepared, sql, values, raw.info.encoding) for sql, values in sent]
+        calls = []
+        for sql, values in sent:
+            # Told before anything is sent: a listener that raises leaves nothing half sent.
+            for listener in conn.dispatch.before_cursor_execute:
+                listener(conn, cursor, sql, values, None, False)
+            calls.append(_call(prepared, sql, values, raw.info.encoding))
         with raw.lock:  # psycopg's own, as its `execute` holds it
             for again in (False, True):
                 _prepare(raw, prepared, calls, rollback=again)
                 try:
-                    return _step(conn, raw, prepared, calls, sent, cursor, begin=begin)
+                    return _step(raw, prepared, calls, begin=begin)
                 except psycopg.Error as exc:
                     if exc.sqlstate not in _STALE:
                         raise
                     prepared.names.difference_update(call.name for call in calls)
-                    if not begin or (again and exc.sqlstate == "0A000"):
-                        raise  # the caller's transaction; or changed again in between
+                    if not begin:
+                        raise  # the caller's transaction ended: theirs to handle
+                    stale = exc.sqlstate
             _exchange(raw, [_command(b"ROLLBACK")])
     except psycopg.Error as exc:
         _raise_as_sqlalchemy(conn, exc, sent, cursor)
     finally:
         cursor.close()
+    # Refused twice, nothing committed: this step goes as SQL. Gone again although just
+    # prepared (26000), the engine's connections do not keep prepared statements; changed again
+    # (0A000: a pooler's other server session held the old plan too), only this step.
+    if stale == "26000":
+        _sending_sql(conn.engine)
+    return _in_one_message(conn, raw, statements)
+
+
+def _sending_sql(engine: sa.Engine) -> None:
+    """Send `engine`'s steps as SQL from now on, and say so once."""
     with _SENDING_SQL_LOCK:  # said once, however many connections find it at once
-        found = conn.engine not in _SENDING_SQL
-        _SENDING_SQL.add(conn.engine)
+        found = engine not in _SENDING_SQL
+        _SENDING_SQL.add(engine)
     if found:
         log.warning(
             "the database connections do not keep prepared statements (a pooler in"
             " transaction mode without max_prepared_statements?): each create's statements"
             " go as SQL"
         )
-    return _in_one_message(conn, raw, statements)
 
 
 def _call(prepared: _Prepared, sql: str, values: Mapping[str, Any], encoding: str) -> _Call:
@@ -340,32 +365,20 @@ def _close_and_parse(call: _Call, pgconn: Any) -> None:
 
 
 def _step(
-    conn: sa.Connection,
-    raw: Any,
-    prepared: _Prepared,
-    calls: Sequence[_Call],
-    sent: Sequence[tuple[str, Any]],
-    cursor: Any,
-    *,
-    begin: bool,
+    raw: Any, prepared: _Prepared, calls: Sequence[_Call], *, begin: bool
 ) -> list[list[tuple[Any, ...]]]:
-    """Send the step in one write: BEGIN when `begin`, each of `calls` (the listeners told of
-    each as it is queued), COMMIT; wait once; each call's rows, or the first error raised."""
+    """Send the step in one write: BEGIN when `begin`, each of `calls`, COMMIT; wait once;
+    each call's rows, or the first error raised."""
     from psycopg import pq
 
-    def run(call: _Call, sql: str, values: Any, pgconn: Any) -> None:
-        for listener in conn.dispatch.before_cursor_execute:
-            listener(conn, cursor, sql, values, None, False)
+    def run(call: _Call, pgconn: Any) -> None:
         if call.name in prepared.names:
             pgconn.send_query_prepared(call.name, call.params, call.formats)
         else:  # past the bound: parsed and planned each time
             pgconn.send_query_params(call.query, call.params, call.types, call.formats)
 
-    sends = [_command(b"BEGIN")] if begin else []
-    sends += [
-        functools.partial(run, call, *statement)
-        for call, statement in zip(calls, sent, strict=True)
-    ]
+    sends = [_command(_begin(raw))] if begin else []
+    sends += [functools.partial(run, call) for call in calls]
     sends.append(_command(b"COMMIT"))
     results = _exchange(raw, sends)
     _raise_first_error(raw, results)

@@ -331,6 +331,81 @@ def test_a_statement_whose_result_changed_under_it_is_prepared_again(
         assert other.scalar(_count) == 2
 
 
+def test_a_statement_changed_again_before_its_second_sending_goes_as_sql(
+    engine: sa.Engine,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused as changed (0A000) a second time, just prepared again (behind a pooler the
+    next server session may hold the old plan too): that step goes as SQL, commits once, and
+    nothing is said; the next step runs prepared statements again."""
+    _postgres_only(database_url)
+    from broker.api import round_trips
+
+    prepare = round_trips._prepare
+    types = iter(["varchar(20)"])
+
+    def prepare_then_migrate(*args: Any, rollback: bool) -> None:
+        prepare(*args, rollback=rollback)
+        if rollback:  # prepared again: the column changes once more before the step is sent
+            with engine.connect() as migrating:
+                migrating.execute(
+                    sa.text(f"ALTER TABLE round_trip_probe ALTER COLUMN id TYPE {next(types)}")
+                )
+                migrating.commit()
+
+    with engine.connect() as conn:
+        commit_in_one_round_trip(conn, [(_insert_returning, {"id": 1, "at": None})])
+        with engine.connect() as migrating:
+            migrating.execute(sa.text("ALTER TABLE round_trip_probe ALTER COLUMN id TYPE text"))
+            migrating.commit()
+        monkeypatch.setattr(round_trips, "_prepare", prepare_then_migrate)
+        pgconn = _trace(conn, tmp_path / "wire")
+        rows = commit_in_one_round_trip(conn, [(_insert_returning, {"id": 2, "at": None})])
+        pgconn.untrace()
+        assert rows == [[("2", None)]]
+        monkeypatch.setattr(round_trips, "_prepare", prepare)
+        pgconn = _trace(conn, tmp_path / "next")
+        rows = commit_in_one_round_trip(conn, [(_insert_returning, {"id": 3, "at": None})])
+        pgconn.untrace()
+        assert rows == [[("3", None)]]
+    wire = (tmp_path / "wire").read_text()
+    assert wire.count("0A000") == 2 and wire.count("\tQuery\t") == 1
+    assert wire.count("\tReadyForQuery") == 5  # step, prepare, step, ROLLBACK, SQL
+    following = (tmp_path / "next").read_text()
+    assert 'Bind\t "" "broker_step_' in following and "\tQuery\t" not in following
+    assert [r for r in caplog.records if r.name == "broker.api"] == []
+    with engine.connect() as other:
+        assert other.scalar(_count) == 3
+
+
+def test_a_connections_isolation_level_begins_the_step(
+    engine: sa.Engine, database_url: str, tmp_path: Path
+) -> None:
+    """A connection with an isolation level set (SQLAlchemy's reset of a pooled connection
+    sets the default one explicitly) begins the step at that level, its statements prepared
+    as on any other."""
+    _postgres_only(database_url)
+    level = sa.select(sa.func.current_setting("transaction_isolation"))
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="REPEATABLE READ")
+        pgconn = _trace(conn, tmp_path / "repeatable")
+        rows = commit_in_one_round_trip(conn, [(level, {})])
+        pgconn.untrace()
+        assert rows == [[("repeatable read",)]]
+    with engine.connect() as conn:  # the same connection, its level reset to the default
+        pgconn = _trace(conn, tmp_path / "reset")
+        rows = commit_in_one_round_trip(conn, [(level, {})])
+        pgconn.untrace()
+        assert rows == [[("read committed",)]]
+    for wire, begin in [("repeatable", "REPEATABLE READ"), ("reset", "READ COMMITTED")]:
+        sent = (tmp_path / wire).read_text()
+        assert f'"BEGIN ISOLATION LEVEL {begin}"' in sent
+        assert 'Bind\t "" "broker_step_' in sent
+
+
 def test_statements_deallocated_inside_a_callers_transaction_are_its_error(
     engine: sa.Engine, database_url: str
 ) -> None:

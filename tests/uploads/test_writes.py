@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from broker.api import round_trips
 from broker.auth.models import ApiToken
 from broker.platform.db import db, utcnow
 from broker.uploads.models import UploadReservation
@@ -187,7 +188,7 @@ def wire_traces(engine: sa.Engine, folder: Path) -> Iterator[list[Path]]:
 
 
 def test_the_reservation_step_is_one_round_trip_on_postgresql(
-    app, make_user, bearer, database_url, tmp_path
+    app, make_user, bearer, database_url, tmp_path, monkeypatch
 ) -> None:
     """On PostgreSQL the reservation's step (the user's lock, the reservation, the scope's
     lock, the spend, the commit) waits for the server once: its locks are held while the
@@ -212,9 +213,26 @@ def test_the_reservation_step_is_one_round_trip_on_postgresql(
     assert steps[0].count('Bind\t "" "broker_step_') == 4 and "COMMIT" in steps[0], steps
     assert "INSERT INTO upload_reservations" not in steps[0], steps  # not parsed again
     assert steps[0].count("\tReadyForQuery") == 1, steps[0]  # one wait for the server
+    assert _bytes_sent(steps[0]) < 8192  # one write: libpq starts writing at 8 KiB
+    # Past the bound of prepared statements a connection sends their SQL inline: one write still.
+    monkeypatch.setattr(round_trips, "_MOST_PREPARED", 0)
+    engine.dispose()  # new connections: none prepared
+    (tmp_path / "inline").mkdir()
+    with wire_traces(engine, tmp_path / "inline") as files:
+        assert client.post(URL, json={}, headers=auth).status_code == 201
+    inline = [path.read_text() for path in files if "upstream_budget_state" in path.read_text()]
+    assert len(inline) == 1 and inline[0].count("\tReadyForQuery") == 1, inline
+    assert "INSERT INTO upload_reservations" in inline[0] and _bytes_sent(inline[0]) < 8192
     with app.app_context():
-        assert get_budget().status().used == 2
-    assert len(upload_rows(app)) == 2
+        assert get_budget().status().used == 3
+    assert len(upload_rows(app)) == 3
+
+
+def _bytes_sent(trace: str) -> int:
+    """The bytes of the messages libpq's `trace` shows it sending (each: its length field,
+    which counts itself, and a type byte)."""
+    sent = [line.split("\t") for line in trace.splitlines() if line.startswith("F\t")]
+    return sum(int(fields[1]) + 1 for fields in sent)
 
 
 def test_the_budgets_lock_is_free_until_the_whole_step_is_sent(
@@ -223,8 +241,11 @@ def test_the_budgets_lock_is_free_until_the_whole_step_is_sent(
     """One round trip is not enough: the step's statements must reach the server together,
     or the lock statement runs while this thread still has the spend and the COMMIT to send,
     which wait for the GIL behind the process's other threads (psycopg's pipeline mode sent
-    each statement as it was queued). Probed as the spend is about to go: another
-    connection takes the budget's state row at once."""
+    each statement as it was queued). Probed when the listeners are told of the spend, which
+    an implementation sending each statement as it is announced (psycopg's pipeline, one
+    `execute` after the other) would have done with the budget's lock taken: another
+    connection takes the budget's state row at once. (That the queued step then goes in one
+    write is `test_the_reservation_step_is_one_round_trip_on_postgresql`'s bound.)"""
     if not database_url.startswith("postgresql"):
         pytest.skip("the one-round-trip step is PostgreSQL's")
     auth = bearer(app, make_user("probe"))
