@@ -34,11 +34,18 @@ class Setting:
     default: Any
     doc: str
     minimum: int | None = None  # a number below it is refused at start, named with the others
+    maximum: int | None = None  # and one above this
 
 
 CLOUDFLARE_API_BASE = "https://api.cloudflare.com/client/v4"
 CLOUDFLARE_BATCH_BASE = "https://batch.imagedelivery.net"
 API_PATH = "/client/v4"
+
+# The largest quota limits a setting, a profile or an administrator may give (the API's bounds
+# on a user's own limits): a create's quota check counts within them.
+MAX_PENDING_LIMIT = 100_000
+MAX_DAILY_LIMIT = 1_000_000
+MAX_STORED_LIMIT = 2**31 - 1  # the most an SQL integer holds
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -234,8 +241,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("REQUIRE_SIGNED_URLS", True, "Default `requireSignedURLs` for new uploads."),
     Setting("UPLOAD_DEFAULT_EXPIRY", 1800, "Default upload URL lifetime in seconds (120..21600)."),
-    Setting("MAX_PENDING_UPLOADS", 20, "Pending drafts a user may hold at once."),
-    Setting("MAX_UPLOADS_PER_DAY", 500, "Uploads a user may create per 24 hours."),
+    Setting(
+        "MAX_PENDING_UPLOADS",
+        20,
+        "Pending drafts a user may hold at once (at most 100,000).",
+        maximum=MAX_PENDING_LIMIT,
+    ),
+    Setting(
+        "MAX_UPLOADS_PER_DAY",
+        500,
+        "Uploads a user may create per 24 hours (at most 1,000,000).",
+        maximum=MAX_DAILY_LIMIT,
+    ),
     Setting(
         "EXPIRY_GRACE",
         300,
@@ -447,11 +464,14 @@ def finalize(config: dict[str, Any], instance_path: str) -> None:
     except ConfigError as exc:
         problems.append(exc.message)
     for setting in SETTINGS:
-        if setting.minimum is None:
+        if setting.minimum is None and setting.maximum is None:
             continue
         try:
-            if _coerce(setting.name, config[setting.name], float) < setting.minimum:
+            value = _coerce(setting.name, config[setting.name], float)
+            if setting.minimum is not None and value < setting.minimum:
                 problems.append(f"BROKER_{setting.name} must be at least {setting.minimum}")
+            if setting.maximum is not None and value > setting.maximum:
+                problems.append(f"BROKER_{setting.name} must be at most {setting.maximum:,}")
         except ConfigError as exc:
             problems.append(exc.message)
     if config.get("REGISTRATION") is None:

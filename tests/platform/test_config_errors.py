@@ -47,6 +47,21 @@ def test_a_share_of_the_budget_outside_0_to_1_is_refused(tmp_path: Path, share: 
     assert "BROKER_COMPLETE_INLINE_BUDGET must be from 0 to 1" in caught.value.message
 
 
+def test_quota_limits_past_what_a_create_counts_within_are_refused(tmp_path: Path) -> None:
+    """Not a 500 at every create once the count's integer overflows: one line each."""
+    with pytest.raises(ConfigError) as caught:
+        finalize(
+            production_settings(MAX_UPLOADS_PER_DAY=3_000_000_000, MAX_PENDING_UPLOADS="100001"),
+            str(tmp_path),
+        )
+    assert "BROKER_MAX_UPLOADS_PER_DAY must be at most 1,000,000" in caught.value.message
+    assert "BROKER_MAX_PENDING_UPLOADS must be at most 100,000" in caught.value.message
+    finalize(
+        production_settings(MAX_UPLOADS_PER_DAY=1_000_000, MAX_PENDING_UPLOADS=100_000),
+        str(tmp_path),
+    )
+
+
 def test_a_flask_command_prints_them_all_and_exits_1(tmp_path: Path) -> None:
     """`flask --app broker …` in production with nothing set says everything missing at once."""
     env = {

@@ -93,6 +93,8 @@ def test_every_problem_in_the_file_is_reported_at_start(tmp_path, migrated):
     allow = { roles = ["owner"] }
     [profiles.Bad]
     aspect_ratio = "wide"
+    [profiles.bulk]
+    max_per_day = 3_000_000_000
     """
     config = base_config(migrated, str(tmp_path), UPLOAD_PROFILES=_write(tmp_path, bad))
     with pytest.raises(ProfileConfigError) as refused:
@@ -108,9 +110,11 @@ def test_every_problem_in_the_file_is_reported_at_start(tmp_path, migrated):
         "profiles.gallery.allow.roles",
         "profiles.Bad: a name is",
         "profiles.Bad.aspect_ratio",
+        # Not a 500 at every create once the count's integer overflows.
+        "profiles.bulk.max_per_day must be at most 1,000,000, not 3000000000",
     ):
         assert problem in message, problem
-    assert "9 problem(s)" in message
+    assert "10 problem(s)" in message
 
 
 def test_a_missing_file_or_broken_toml_is_refused_with_its_name(tmp_path, migrated):
