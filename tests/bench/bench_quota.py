@@ -87,7 +87,7 @@ def measure_here(url: str, instance: str, repeats: int) -> dict[int, float]:
                 # Where counts are kept, a real history was folded in create by create.
                 fold = getattr(quotas, "fold_usage_changes", None)
                 if fold is not None:
-                    fold(conn)
+                    fold(conn, utcnow())
             made = size
             if engine.dialect.name == "postgresql":
                 with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
