@@ -243,6 +243,25 @@ def _second_insert_on_the_wire(conn: sa.Connection, path: Path) -> str:
     return path.read_text()
 
 
+def test_the_step_runs_its_statements_generic_plan(engine: sa.Engine, database_url: str) -> None:
+    """The server plans a step's statement once, not at every run (its own choice can keep
+    planning at every run once a user's history is large); only in the step's transaction:
+    the connection's next one plans as it would have."""
+    _postgres_only(database_url)
+    with engine.connect() as conn:
+        for number in range(3):
+            commit_in_one_round_trip(conn, [(_insert, {"id": number, "at": None})])
+        plans = conn.execute(
+            sa.text(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE name LIKE 'broker_step_%'"
+            )
+        ).all()
+        assert plans == [(3, 0)]
+        assert conn.scalar(sa.text("SHOW plan_cache_mode")) == "auto"
+        conn.rollback()
+
+
 def test_statements_prepared_before_a_failing_step_stay_prepared(
     engine: sa.Engine, database_url: str, tmp_path: Path
 ) -> None:
