@@ -85,7 +85,7 @@ def _rows(result: sa.CursorResult[Any]) -> list[tuple[Any, ...]]:
 
 
 def _in_one_message(
-    conn: sa.Connection, raw: Any, statements: Sequence[Statement]
+    conn: sa.Connection, raw: Any, statements: Sequence[Statement], *, told: bool = False
 ) -> list[list[tuple[Any, ...]]]:
     """`commit_in_one_round_trip` on `raw`, the psycopg connection of `conn`: BEGIN, the
     statements and COMMIT in one message of PostgreSQL's simple query protocol.
@@ -96,7 +96,9 @@ def _in_one_message(
     server has every statement before it takes any lock. The simple protocol takes no
     parameters: psycopg's own client-side binding (`ClientCursor.mogrify`, its literal quoting
     for each value's type) writes them into the text. If a statement fails, the server skips
-    the rest and the transaction stays open in error: it is rolled back here.
+    the rest and the transaction stays open in error: it is rolled back here. The listeners
+    are told of each statement unless they were `told` already (the same step, refused as
+    prepared statements).
     """
     import psycopg
 
@@ -109,7 +111,7 @@ def _in_one_message(
     try:
         texts = []
         for sql, values in sent:
-            for listener in conn.dispatch.before_cursor_execute:
+            for listener in () if told else conn.dispatch.before_cursor_execute:
                 listener(conn, cursor, sql, values, None, False)
             texts.append(cursor.mogrify(sql, values))  # a value it cannot write raises here
         if own_begin:
@@ -317,7 +319,7 @@ def _in_pipeline(
     # (0A000: a pooler's other server session held the old plan too), only this step.
     if stale == "26000":
         _sending_sql(conn.engine)
-    return _in_one_message(conn, raw, statements)
+    return _in_one_message(conn, raw, statements, told=True)
 
 
 def _sending_sql(engine: sa.Engine) -> None:

@@ -41,11 +41,9 @@ CLOUDFLARE_API_BASE = "https://api.cloudflare.com/client/v4"
 CLOUDFLARE_BATCH_BASE = "https://batch.imagedelivery.net"
 API_PATH = "/client/v4"
 
-# The largest quota limits a setting, a profile or an administrator may give (the API's bounds
-# on a user's own limits): a create's quota check counts within them.
-MAX_PENDING_LIMIT = 100_000
-MAX_DAILY_LIMIT = 1_000_000
-MAX_STORED_LIMIT = 2**31 - 1  # the most an SQL integer holds
+# The largest quota limit a setting or a profile may give: a create's quota check counts within
+# an SQL integer.
+MAX_QUOTA_LIMIT = 2**31 - 1
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -244,14 +242,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "MAX_PENDING_UPLOADS",
         20,
-        "Pending drafts a user may hold at once (at most 100,000).",
-        maximum=MAX_PENDING_LIMIT,
+        "Pending drafts a user may hold at once.",
+        minimum=0,
+        maximum=MAX_QUOTA_LIMIT,
     ),
     Setting(
         "MAX_UPLOADS_PER_DAY",
         500,
-        "Uploads a user may create per 24 hours (at most 1,000,000).",
-        maximum=MAX_DAILY_LIMIT,
+        "Uploads a user may create per 24 hours.",
+        minimum=0,
+        maximum=MAX_QUOTA_LIMIT,
     ),
     Setting(
         "EXPIRY_GRACE",

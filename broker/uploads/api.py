@@ -33,7 +33,7 @@ from broker.api.spec import (
 from broker.api.upstream_errors import CREATE_UPSTREAM, UPSTREAM
 from broker.audit import log as audit
 from broker.auth.models import User
-from broker.platform.config import MAX_DAILY_LIMIT, MAX_PENDING_LIMIT, current_settings
+from broker.platform.config import current_settings
 from broker.platform.db import db, utcnow
 from broker.uploads import completion, create, lifecycle, policy, profiles, queries, quotas
 from broker.uploads.models import Upload
@@ -297,8 +297,8 @@ class UserLimits(BaseModel):
         {"max_pending_uploads": 50, "max_uploads_per_day": None}, forbid_extra=True
     )
 
-    max_pending_uploads: int | None = Field(None, ge=0, le=MAX_PENDING_LIMIT)
-    max_uploads_per_day: int | None = Field(None, ge=0, le=MAX_DAILY_LIMIT)
+    max_pending_uploads: int | None = Field(None, ge=0, le=100_000)
+    max_uploads_per_day: int | None = Field(None, ge=0, le=1_000_000)
 
 
 class UserLimitsOut(UserLimits):

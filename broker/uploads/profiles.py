@@ -29,13 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from broker.platform.config import (
-    MAX_DAILY_LIMIT,
-    MAX_PENDING_LIMIT,
-    MAX_STORED_LIMIT,
-    ConfigError,
-    Settings,
-)
+from broker.platform.config import MAX_QUOTA_LIMIT, ConfigError, Settings
 from broker.platform.errors import Kind, Refusal
 from broker.uploads.policy import UploadError
 
@@ -294,12 +288,8 @@ _INTS = (
     "expires_in",
     "replace_grace",
 )
-# Quota limits are counted within these (the API's bounds on a user's own limits).
-_MOST = {
-    "max_pending": MAX_PENDING_LIMIT,
-    "max_per_day": MAX_DAILY_LIMIT,
-    "max_stored": MAX_STORED_LIMIT,
-}
+# Quota limits: a create counts within an SQL integer.
+_MOST = dict.fromkeys(("max_pending", "max_per_day", "max_stored"), MAX_QUOTA_LIMIT)
 _KEYS = {f.name for f in fields(Profile)} - {"name"} | {"aspect_ratio"}
 _ALLOW_KEYS = {"roles", "scopes", "claims"}
 
@@ -344,7 +334,7 @@ def _read_profile(name: str, table: Any, base: Profile, problems: list[str]) -> 
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 problems.append(f"{where}.{key} must be a whole number ≥ 0, not {value!r}")
             elif top is not None and value > top:
-                problems.append(f"{where}.{key} must be at most {top:,}, not {value!r}")
+                problems.append(f"{where}.{key} must be at most {top:,}, not {value:,}")
             else:
                 values[key] = value
     if "description" in table:

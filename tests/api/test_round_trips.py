@@ -358,8 +358,9 @@ def test_a_statement_changed_again_before_its_second_sending_goes_as_sql(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Refused as changed (0A000) a second time, just prepared again (behind a pooler the
-    next server session may hold the old plan too): that step goes as SQL, commits once, and
-    nothing is said; the next step runs prepared statements again."""
+    next server session may hold the old plan too): that step goes as SQL, commits once, its
+    statement told to the listeners once, and nothing is said; the next step runs prepared
+    statements again."""
     _postgres_only(database_url)
     from broker.api import round_trips
 
@@ -381,9 +382,12 @@ def test_a_statement_changed_again_before_its_second_sending_goes_as_sql(
             migrating.execute(sa.text("ALTER TABLE round_trip_probe ALTER COLUMN id TYPE text"))
             migrating.commit()
         monkeypatch.setattr(round_trips, "_prepare", prepare_then_migrate)
+        told: list[str] = []
+        sa.event.listen(conn, "before_cursor_execute", lambda *a: told.append(a[2].split()[0]))
         pgconn = _trace(conn, tmp_path / "wire")
         rows = commit_in_one_round_trip(conn, [(_insert_returning, {"id": 2, "at": None})])
         pgconn.untrace()
+        assert told == ["INSERT"]
         assert rows == [[("2", None)]]
         monkeypatch.setattr(round_trips, "_prepare", prepare)
         pgconn = _trace(conn, tmp_path / "next")

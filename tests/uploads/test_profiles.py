@@ -111,7 +111,7 @@ def test_every_problem_in_the_file_is_reported_at_start(tmp_path, migrated):
         "profiles.Bad: a name is",
         "profiles.Bad.aspect_ratio",
         # Not a 500 at every create once the count's integer overflows.
-        "profiles.bulk.max_per_day must be at most 1,000,000, not 3000000000",
+        "profiles.bulk.max_per_day must be at most 2,147,483,647, not 3,000,000,000",
     ):
         assert problem in message, problem
     assert "10 problem(s)" in message
