@@ -265,8 +265,8 @@ def _in_pipeline(
     """`commit_in_one_round_trip` on `raw`, the psycopg connection of `conn`: BEGIN (when
     `begin`: no transaction is open), the statements and COMMIT sent in libpq's pipeline mode
     as one write, one wait, each statement a named prepared statement of the protocol's (not
-    SQL's PREPARE), only bound and run: no parse, and no plan once the server keeps a generic
-    one (after five custom plans, when it costs no more).
+    SQL's PREPARE), only bound and run: no parse, and no plan but the first (the step's
+    transaction runs generic plans, `_GENERIC_PLANS`).
 
     The statements this connection has not prepared yet are prepared first, in a round trip
     of their own (Close, then Parse: a name left by an earlier session is replaced, never an
@@ -278,10 +278,11 @@ def _in_pipeline(
 
     A statement found stale (`_STALE`) makes the server refuse the step, commit nothing and
     skip the rest: its statements are prepared again behind a ROLLBACK and the step sent once
-    more. Refused again although just prepared, the connection does not keep prepared
-    statements (a pooler in transaction mode that does not carry them): from then on every
-    connection of its engine sends the step as SQL in one message. Inside a caller's
-    transaction the refusal ended that transaction: raised, as any error. If a statement fails,
+    more. Refused again although just prepared, the step goes as SQL in one message; gone
+    again (26000), the connection does not keep prepared statements (a pooler in transaction
+    mode that does not carry them), and from then on every connection of its engine sends its
+    steps so. Inside a caller's transaction the refusal ended that transaction: raised, as
+    any error. If a statement fails,
     the server skips the rest and the transaction stays open in error for the caller's
     rollback.
     """
