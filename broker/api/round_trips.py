@@ -218,13 +218,17 @@ def _literal_int_dumpers() -> tuple[type, type]:
     and a small and a larger user id run the same prepared statement."""
     from psycopg.types.numeric import IntBinaryDumper, IntDumper
 
-    class LiteralIntDumper(IntDumper):
-        def upgrade(self, obj: int, format: Any) -> Any:
-            return self._int4_dumper if -(2**15) <= obj < 2**15 else super().upgrade(obj, format)
+    class AsLiteral:
+        def upgrade(self: Any, obj: int, format: Any) -> Any:
+            if -(2**15) <= obj < 2**15:
+                return self._int4_dumper
+            return super().upgrade(obj, format)  # type: ignore[misc]  # the dumper's
 
-    class LiteralIntBinaryDumper(IntBinaryDumper):
-        def upgrade(self, obj: int, format: Any) -> Any:
-            return self._int4_dumper if -(2**15) <= obj < 2**15 else super().upgrade(obj, format)
+    class LiteralIntDumper(AsLiteral, IntDumper):
+        pass
+
+    class LiteralIntBinaryDumper(AsLiteral, IntBinaryDumper):
+        pass
 
     return LiteralIntDumper, LiteralIntBinaryDumper
 

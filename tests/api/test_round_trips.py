@@ -1,7 +1,8 @@
 """`commit_in_one_round_trip`: statements and their COMMIT in one wait for the server on
-PostgreSQL (one message), as `execute` would run them: the bound types' conversions,
-the listeners, SQLAlchemy's errors, nothing committed on failure, the connection left as it
-was (not in autocommit) for the pool."""
+PostgreSQL (prepared once per connection, then one write in libpq's pipeline mode; as SQL in
+one message where they are not kept), as `execute` would run them: the bound types'
+conversions, the listeners, SQLAlchemy's errors, nothing committed on failure, the connection
+left as it was (not in autocommit) for the pool."""
 
 from __future__ import annotations
 
